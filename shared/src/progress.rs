@@ -1,0 +1,104 @@
+//! Progress reporting: the engine counts, a [`Progress`] implementation shows.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// What a long job is doing now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Starting,
+    Scanning,
+    Uploading,
+    Committing,
+    Downloading,
+    Verifying,
+    Done,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Scanning => "scanning",
+            Phase::Uploading => "backing up",
+            Phase::Committing => "committing",
+            Phase::Downloading => "restoring",
+            Phase::Verifying => "verifying",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// A point-in-time view of a job's progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub phase: Phase,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Bytes handed to storage (after dedup, compression and encryption).
+    pub bytes_stored: u64,
+}
+
+/// Receives progress. Called often (every few hundred milliseconds and at phase changes):
+/// implementations throttle as they need. Every method has a no-op default.
+pub trait Progress: Send + Sync {
+    fn report(&self, _report: &ProgressReport) {}
+}
+
+/// Shows nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Lock-free counters the engine's threads bump; `report()` reads them.
+#[derive(Default)]
+pub struct Counters {
+    phase: Mutex<Phase>,
+    pub files_done: AtomicU64,
+    pub files_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub bytes_stored: AtomicU64,
+}
+
+impl Counters {
+    pub fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap() = phase;
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn report(&self) -> ProgressReport {
+        ProgressReport {
+            phase: *self.phase.lock().unwrap(),
+            files_done: self.files_done.load(Ordering::Relaxed),
+            files_total: self.files_total.load(Ordering::Relaxed),
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A cancellation flag checked by the engine at safe points (between chunks and files).
+#[derive(Clone, Default)]
+pub struct CancelFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelFlag {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,152 @@
+//! The storage trait: where packs (and the wrapped key) live.
+//!
+//! Storage is deliberately small (put / get a range / list / remove) and knows nothing of
+//! paths, chunks or keys: everything it is handed is already sealed, and every object name is
+//! opaque (`<pack-id>.enc`, `key-<id>.enc`). Encryption is a layer above it, in `pack` and
+//! `crypto`.
+
+mod dir;
+mod memory;
+
+use std::path::Path;
+
+use async_trait::async_trait;
+
+pub use dir::DirStorage;
+pub use memory::MemoryStorage;
+
+use crate::error::StorageError;
+
+/// Where a stored object lives, as the backend wants to remember it (for Telegram: chat and
+/// message id). Opaque to the engine; persisted in the catalog next to the pack.
+pub type Location = String;
+
+/// One object as listed by [`Storage::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+    pub location: Location,
+}
+
+/// A handle to a stored object: its name plus the location the catalog remembered (which may
+/// be empty or stale; backends fall back to looking the name up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub name: String,
+    pub location: Location,
+}
+
+impl ObjectRef {
+    pub fn new(name: impl Into<String>, location: impl Into<String>) -> Self {
+        ObjectRef {
+            name: name.into(),
+            location: location.into(),
+        }
+    }
+}
+
+/// A place to keep sealed objects.
+///
+/// Implementations must be idempotent under retry: putting the same name twice (for example
+/// after a crash between the upload and the catalog commit) must not leave two live objects
+/// the engine can't tell apart. `list` is allowed to be slow (it scans); the engine only uses
+/// it for `verify` and `recover`.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// A short human description, for messages ("dir:/backups", "telegram:saved messages").
+    fn describe(&self) -> String;
+
+    /// Directory where the packer writes a pack before handing it to [`Storage::put_file`].
+    /// The directory store returns a folder on its own file system, so a put is a rename.
+    fn spool_dir(&self) -> &Path;
+
+    /// Store the finished file at `path` under `name`. The file is consumed: on success it no
+    /// longer exists at `path`.
+    async fn put_file(&self, name: &str, path: &Path) -> Result<Location, StorageError>;
+
+    /// Store a small object held in memory (the wrapped key).
+    async fn put_bytes(&self, name: &str, data: Vec<u8>) -> Result<Location, StorageError>;
+
+    /// Read `len` bytes of `obj` starting at `offset`. Reading past the end is an error.
+    async fn get_range(
+        &self,
+        obj: &ObjectRef,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, StorageError>;
+
+    /// Every object in the store.
+    async fn list(&self) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    /// Delete an object; deleting a missing object is not an error.
+    async fn remove(&self, obj: &ObjectRef) -> Result<(), StorageError>;
+}
+
+/// Checks an object name handed to a backend: names are ours (`[A-Za-z0-9._-]`), never a path.
+pub(crate) fn check_name(name: &str) -> Result<(), StorageError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::Fatal(format!("invalid object name {name:?}")))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The behaviour every backend must have, run against each implementation.
+    use super::*;
+
+    pub async fn run(store: &dyn Storage) {
+        let spool = store.spool_dir().to_path_buf();
+        std::fs::create_dir_all(&spool).unwrap();
+        let p = spool.join("upload-test");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let loc = store.put_file("aa.enc", &p).await.unwrap();
+        assert!(!p.exists(), "put_file must consume the spool file");
+        let r = ObjectRef::new("aa.enc", loc.clone());
+        assert_eq!(store.get_range(&r, 0, 10).await.unwrap(), &data[..10]);
+        assert_eq!(store.get_range(&r, 9990, 10).await.unwrap(), &data[9990..]);
+        assert!(
+            store.get_range(&r, 9995, 10).await.is_err(),
+            "read past the end must fail"
+        );
+        // A stale or empty location still finds the object by name.
+        let by_name = ObjectRef::new("aa.enc", "");
+        assert_eq!(
+            store.get_range(&by_name, 100, 5).await.unwrap(),
+            &data[100..105]
+        );
+        store
+            .put_bytes("key-1.enc", b"hello".to_vec())
+            .await
+            .unwrap();
+        let mut names: Vec<_> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.name, o.size))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![("aa.enc".to_string(), 10_000), ("key-1.enc".to_string(), 5)]
+        );
+        store.remove(&r).await.unwrap();
+        store.remove(&r).await.unwrap();
+        let missing = store.get_range(&r, 0, 1).await.unwrap_err();
+        assert!(
+            matches!(missing, StorageError::NotFound { .. }),
+            "{missing:?}"
+        );
+        assert!(store.put_bytes("../x", vec![]).await.is_err());
+    }
+}
