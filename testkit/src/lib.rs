@@ -1,1 +1,6 @@
-//! test support
+//! Loopback Telegram for tests and the demo: a fake Bot API server (`botapi`) and a loopback
+//! MTProto server (`mtproto`) that the real grammers client talks to. Nothing here reaches
+//! the network: every server binds 127.0.0.1.
+
+pub mod botapi;
+pub mod mtproto;

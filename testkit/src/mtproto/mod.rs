@@ -1,0 +1,1 @@
+//! Loopback MTProto server (issue 3).

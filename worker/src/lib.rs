@@ -1,0 +1,4 @@
+//! The storage-host side of T-Storinator: the CLI commands, the job daemon and the Telegram
+//! storage backend. `main.rs` is a thin wrapper over this library.
+
+pub mod telegram;

@@ -1,0 +1,1 @@
+//! Telegram storage on grammers (issue 3).
