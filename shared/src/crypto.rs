@@ -888,11 +888,32 @@ mod tests {
         let e = seal(SealMode::Encrypted(&k), b"x", None);
         assert!(matches!(
             open(Some(&k), &e[..e.len() - 1], 10),
-            Err(CryptoError::MacMismatch)
+            Err(CryptoError::Truncated)
         ));
         assert!(matches!(
             open(Some(&k), &e[..40], 10),
             Err(CryptoError::Truncated)
+        ));
+        let e = seal(SealMode::Encrypted(&k), &[5u8; 100], None);
+        assert!(matches!(
+            open(Some(&k), &e[..e.len() - 1], 100),
+            Err(CryptoError::MacMismatch)
+        ));
+        assert!(matches!(
+            open(Some(&k), &e[..e.len() - 16], 100),
+            Err(CryptoError::MacMismatch)
+        ));
+        let mut bad = e.clone();
+        bad[2] |= 0x80;
+        assert!(matches!(
+            open(Some(&k), &bad, 100),
+            Err(CryptoError::Malformed(_))
+        ));
+        bad[2] = e[2];
+        bad[3] = 1;
+        assert!(matches!(
+            open(Some(&k), &bad, 100),
+            Err(CryptoError::Malformed(_))
         ));
     }
 
