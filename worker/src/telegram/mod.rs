@@ -1,1 +1,62 @@
-//! Telegram storage on grammers (issue 3).
+//! Telegram storage on grammers (issue 3): the storage backend, its rate-aware scheduler,
+//! the session file and the interactive login.
+
+mod login;
+pub mod scheduler;
+pub mod session;
+mod storage;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use login::login_interactive;
+pub use scheduler::{Estimate, Scheduler, SchedulerConfig, SchedulerStats, estimate_with};
+pub use session::FileSession;
+pub use storage::{StorageChat, TelegramStorage, plan_windows, random_id_for};
+
+/// Everything the Telegram backend needs. The CLI fills it from the environment:
+/// `TELEGRAM_API_ID`, `TELEGRAM_API_HASH`, `STORINATOR_TELEGRAM_SESSION` (default
+/// `<data dir>/telegram.session`), `STORINATOR_STORAGE_CHAT` (empty or `me` = Saved Messages,
+/// else a channel as `-100<id>`, `<id>` or its title as known to the session),
+/// `STORINATOR_MESSAGE_RATE` (message-class calls per minute, default 100),
+/// `STORINATOR_PART_CONCURRENCY` (default 4), `STORINATOR_TELEGRAM_TIMEOUT_SECS` (default 60),
+/// `STORINATOR_TELEGRAM_PREMIUM` (`1` lifts the upload limit to 4000 MiB).
+#[derive(Clone, Debug)]
+pub struct TelegramConfig {
+    pub api_id: i32,
+    pub api_hash: String,
+    pub session_path: PathBuf,
+    pub storage_chat: Option<String>,
+    /// Where the engine writes packs before they are uploaded.
+    pub spool_dir: PathBuf,
+    pub message_calls_per_minute: u32,
+    pub part_concurrency: usize,
+    /// Upper bound on any single request (grammers has none of its own).
+    pub request_timeout: Duration,
+    /// Attempts per call for transient failures (flood waits do not count).
+    pub max_attempts: u32,
+    pub premium: bool,
+}
+
+impl TelegramConfig {
+    /// Defaults for everything but the credentials and paths.
+    pub fn new(
+        api_id: i32,
+        api_hash: impl Into<String>,
+        session_path: PathBuf,
+        spool_dir: PathBuf,
+    ) -> Self {
+        TelegramConfig {
+            api_id,
+            api_hash: api_hash.into(),
+            session_path,
+            storage_chat: None,
+            spool_dir,
+            message_calls_per_minute: 100,
+            part_concurrency: 4,
+            request_timeout: Duration::from_secs(60),
+            max_attempts: 8,
+            premium: false,
+        }
+    }
+}
