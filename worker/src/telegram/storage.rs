@@ -176,6 +176,7 @@ pub(crate) struct Inner {
     sched: Scheduler,
     idle_senders: Mutex<Vec<PartSender>>,
     cache: Mutex<HashMap<String, Doc>>,
+    refresh_lock: tokio::sync::Mutex<()>,
 }
 
 /// Telegram as a [`Storage`]: one document per object in the storage chat.
@@ -258,6 +259,7 @@ impl TelegramStorage {
                 sched,
                 idle_senders: Mutex::new(Vec::new()),
                 cache: Mutex::new(HashMap::new()),
+                refresh_lock: tokio::sync::Mutex::new(()),
             }),
         };
         // One cheap call proves the key and the login before any job relies on them.
@@ -729,8 +731,15 @@ impl Inner {
         }
     }
 
-    /// Re-reads the message to get a fresh file reference.
+    /// Re-reads the message to get a fresh file reference. Concurrent window reads that hit
+    /// the same expiry share one refetch.
     async fn refresh(&self, name: &str, old: &Doc) -> Result<Doc, StorageError> {
+        let _one_at_a_time = self.refresh_lock.lock().await;
+        if let Some(d) = self.cache.lock().unwrap().get(name)
+            && d.file_reference != old.file_reference
+        {
+            return Ok(d.clone());
+        }
         self.cache.lock().unwrap().remove(name);
         match self.fetch_message(old.msg_id).await? {
             Some((n, d)) if n == name => {
