@@ -43,7 +43,8 @@ fn arg(name: &str) -> Option<String> {
 async fn main() -> anyhow::Result<()> {
     let mib: u64 = arg("--mib").map_or(512, |v| v.parse().expect("--mib N"));
     let server_bin = arg("--server").unwrap_or_else(|| "target/debug/loopback-telegram".into());
-    let concurrency: usize = arg("--concurrency").map_or(4, |v| v.parse().expect("--concurrency N"));
+    let concurrency: usize =
+        arg("--concurrency").map_or(4, |v| v.parse().expect("--concurrency N"));
     let dir = tempfile::tempdir()?;
     let session = dir.path().join("bench.session");
     let mut server = Command::new(&server_bin)
@@ -56,7 +57,10 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("starting {server_bin}: {e} (build it first)"))?;
     let t0 = Instant::now();
     while !session.exists() {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "server did not start");
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "server did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut cfg = TelegramConfig::new(1, "bench", session, dir.path().join("spool"));

@@ -46,8 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let mut opts = LoopbackOptions {
         data_dir: args.data_dir,
         port: args.port,
-        message_rate: (args.message_rate > 0)
-            .then(|| (args.message_rate, Duration::from_secs(60))),
+        message_rate: (args.message_rate > 0).then(|| (args.message_rate, Duration::from_secs(60))),
         bandwidth: (args.bandwidth > 0).then_some(args.bandwidth),
         ..Default::default()
     };
@@ -66,7 +65,10 @@ async fn main() -> anyhow::Result<()> {
     println!("loopback telegram listening on {}", server.addr());
     println!("session written to {}", args.session.display());
     for c in server.channels() {
-        println!("channel {:?}: STORINATOR_STORAGE_CHAT=-100{}", c.title, c.id);
+        println!(
+            "channel {:?}: STORINATOR_STORAGE_CHAT=-100{}",
+            c.title, c.id
+        );
     }
     tokio::signal::ctrl_c().await?;
     let counters = server.counters().snapshot();

@@ -479,7 +479,7 @@ impl Shared {
         let file = {
             let mut st = self.state.lock().unwrap();
             self.purge_expired(&mut st);
-            if !st.uploads.contains_key(&file_id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = st.uploads.entry(file_id) {
                 let path = self
                     .dir
                     .join("uploads")
@@ -494,17 +494,14 @@ impl Shared {
                     Ok(f) => f,
                     Err(_) => return err(500, "INTERNAL_STORAGE_ERROR"),
                 };
-                st.uploads.insert(
-                    file_id,
-                    Upload {
-                        big,
-                        declared_total: total,
-                        parts: BTreeMap::new(),
-                        file: Arc::new(f),
-                        path,
-                        touched: Instant::now(),
-                    },
-                );
+                slot.insert(Upload {
+                    big,
+                    declared_total: total,
+                    parts: BTreeMap::new(),
+                    file: Arc::new(f),
+                    path,
+                    touched: Instant::now(),
+                });
             }
             let up = st.uploads.get_mut(&file_id).unwrap();
             if up.big != big || up.declared_total != total {
@@ -1149,6 +1146,13 @@ async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
     }
 }
 
+fn input_channel(shared: &Shared, c: &tl::enums::InputChannel) -> Result<ChatKey, Outcome> {
+    match c {
+        tl::enums::InputChannel::Channel(c) => shared.resolve_channel(c.channel_id, c.access_hash),
+        _ => Err(err(400, "CHANNEL_INVALID")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1165,12 +1169,5 @@ mod tests {
             .to_bytes();
             assert_eq!(upload_file_bytes(&data), generated, "len {len}");
         }
-    }
-}
-
-fn input_channel(shared: &Shared, c: &tl::enums::InputChannel) -> Result<ChatKey, Outcome> {
-    match c {
-        tl::enums::InputChannel::Channel(c) => shared.resolve_channel(c.channel_id, c.access_hash),
-        _ => Err(err(400, "CHANNEL_INVALID")),
     }
 }

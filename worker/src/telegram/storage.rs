@@ -960,13 +960,17 @@ fn part_request(file_id: i64, part: i32, total: Option<i32>, bytes: &[u8]) -> Ve
     let mut out = Vec::with_capacity(bytes.len() + 32);
     match total {
         Some(t) => {
-            out.extend_from_slice(&tl::functions::upload::SaveBigFilePart::CONSTRUCTOR_ID.to_le_bytes());
+            out.extend_from_slice(
+                &tl::functions::upload::SaveBigFilePart::CONSTRUCTOR_ID.to_le_bytes(),
+            );
             out.extend_from_slice(&file_id.to_le_bytes());
             out.extend_from_slice(&part.to_le_bytes());
             out.extend_from_slice(&t.to_le_bytes());
         }
         None => {
-            out.extend_from_slice(&tl::functions::upload::SaveFilePart::CONSTRUCTOR_ID.to_le_bytes());
+            out.extend_from_slice(
+                &tl::functions::upload::SaveFilePart::CONSTRUCTOR_ID.to_le_bytes(),
+            );
             out.extend_from_slice(&file_id.to_le_bytes());
             out.extend_from_slice(&part.to_le_bytes());
         }
@@ -1159,13 +1163,21 @@ mod tests {
                 file_total_parts: 9,
                 bytes: bytes.clone(),
             };
-            assert_eq!(part_request(7, 3, Some(9), &bytes), big.to_bytes(), "len {len}");
+            assert_eq!(
+                part_request(7, 3, Some(9), &bytes),
+                big.to_bytes(),
+                "len {len}"
+            );
             let small = tl::functions::upload::SaveFilePart {
                 file_id: 7,
                 file_part: 3,
                 bytes: bytes.clone(),
             };
-            assert_eq!(part_request(7, 3, None, &bytes), small.to_bytes(), "len {len}");
+            assert_eq!(
+                part_request(7, 3, None, &bytes),
+                small.to_bytes(),
+                "len {len}"
+            );
         }
     }
 
