@@ -32,6 +32,10 @@ fn cpu_of(pid: u32) -> f64 {
     (t(11) + t(12)) / ticks
 }
 
+fn cfg_gzip() -> bool {
+    std::env::args().any(|a| a == "--gzip")
+}
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -65,6 +69,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut cfg = TelegramConfig::new(1, "bench", session, dir.path().join("spool"));
     cfg.part_concurrency = concurrency;
+    // `--gzip` uploads the way grammers does by default, to measure what skipping it saves.
+    cfg.compress_parts = std::env::args().any(|a| a == "--gzip");
     let storage = TelegramStorage::connect(cfg).await?;
 
     let size = mib * 1024 * 1024;
@@ -111,7 +117,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.kill();
     let _ = server.wait();
 
-    println!("payload: {mib} MiB in one pack, {concurrency} part streams (checksum {check:x})");
+    println!(
+        "payload: {mib} MiB in one pack, {concurrency} part streams, part gzip {} (checksum {check:x})",
+        if cfg_gzip() { "on" } else { "off" }
+    );
     println!(
         "upload:   {:7.1} MB/s  client {:.2} CPU s/GiB  server {:.2} CPU s/GiB",
         mb / up,

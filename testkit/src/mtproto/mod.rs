@@ -7,6 +7,7 @@
 //! counts, part expiry, random_id de-duplication, paging, getFile alignment), keeps documents
 //! on disk, counts every call by method and can inject faults on demand.
 
+mod ige;
 mod server;
 mod tlbuild;
 pub mod wire;

@@ -89,7 +89,7 @@ pub fn decrypt_from_client<'a>(
     msg_key.copy_from_slice(&packet[8..24]);
     let (aes_key, aes_iv) = calc_key(&key.data, &msg_key, 0);
     let plain = &mut packet[24..];
-    grammers_crypto::aes::ige_decrypt(plain, &aes_key, &aes_iv);
+    super::ige::decrypt(plain, &aes_key, &aes_iv);
     let check = Sha256::new()
         .chain_update(&key.data[88..120])
         .chain_update(&*plain)
@@ -114,7 +114,7 @@ pub fn encrypt_for_client(key: &ServerKey, mut plain: Vec<u8>) -> Vec<u8> {
     let mut msg_key = [0; 16];
     msg_key.copy_from_slice(&large[8..24]);
     let (aes_key, aes_iv) = calc_key(&key.data, &msg_key, 8);
-    grammers_crypto::aes::ige_encrypt(&mut plain, &aes_key, &aes_iv);
+    super::ige::encrypt(&mut plain, &aes_key, &aes_iv);
     let mut out = Vec::with_capacity(24 + plain.len());
     out.extend_from_slice(&key.key_id);
     out.extend_from_slice(&msg_key);

@@ -36,6 +36,9 @@ pub struct TelegramConfig {
     /// Attempts per call for transient failures (flood waits do not count).
     pub max_attempts: u32,
     pub premium: bool,
+    /// Gzip part uploads the way grammers does by default. Off: parts are encrypted data and
+    /// do not compress; this exists to measure what that would cost (see the tg_bench example).
+    pub compress_parts: bool,
 }
 
 impl TelegramConfig {
@@ -57,6 +60,7 @@ impl TelegramConfig {
             request_timeout: Duration::from_secs(60),
             max_attempts: 8,
             premium: false,
+            compress_parts: false,
         }
     }
 }

@@ -329,7 +329,7 @@ impl Inner {
             .home_dc()
             .ok_or("session has no authorization key for its home dc")?;
         let mtp = mtp::Encrypted::build()
-            .compression_threshold(None)
+            .compression_threshold(self.cfg.compress_parts.then_some(512))
             .finish(key);
         let mut sender = Sender::connect(
             transport::Full::new(),
