@@ -68,10 +68,8 @@ mod ni {
             ($i:expr, $rcon:expr) => {
                 t1 = assist1(t1, _mm_aeskeygenassist_si128::<$rcon>(t3));
                 k[$i] = t1;
-                if $i < 14 {
-                    t3 = assist2(t1, t3);
-                    k[$i + 1] = t3;
-                }
+                t3 = assist2(t1, t3);
+                k[$i + 1] = t3;
             };
         }
         round!(2, 0x01);
@@ -80,7 +78,7 @@ mod ni {
         round!(8, 0x08);
         round!(10, 0x10);
         round!(12, 0x20);
-        round!(14, 0x40);
+        k[14] = assist1(t1, _mm_aeskeygenassist_si128::<0x40>(t3));
         k
     }
 
