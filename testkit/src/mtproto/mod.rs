@@ -290,6 +290,15 @@ impl LoopbackTelegram {
         self.shared.self_id
     }
 
+    /// The permanent authorization key sessions must carry to talk to this server.
+    pub fn auth_key(&self) -> [u8; 256] {
+        self.shared.auth_key()
+    }
+
+    pub fn self_access_hash(&self) -> i64 {
+        self.shared.self_access_hash()
+    }
+
     pub fn channels(&self) -> Vec<ChannelInfo> {
         self.shared.channels.clone()
     }

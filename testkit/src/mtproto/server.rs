@@ -172,6 +172,14 @@ impl Shared {
         .to_string()
     }
 
+    pub(crate) fn auth_key(&self) -> [u8; 256] {
+        self.key.data
+    }
+
+    pub(crate) fn self_access_hash(&self) -> i64 {
+        self.self_hash
+    }
+
     pub(crate) fn expire_parts(&self) {
         let mut st = self.state.lock().unwrap();
         for (_, u) in st.uploads.drain() {
