@@ -57,7 +57,15 @@ pub struct LoopbackOptions {
     pub part_ttl: Duration,
     /// Premium accounts may upload 4000 MiB (8000 parts) instead of 2000 MiB.
     pub premium: bool,
+    /// Start signed out: every call but help.getConfig and auth.* answers 401
+    /// AUTH_KEY_UNREGISTERED until auth.signIn with [`LOGIN_CODE`] (any phone number).
+    /// The written session then carries the key but no user. (No 2FA: SRP is not
+    /// implemented.)
+    pub require_login: bool,
 }
+
+/// The login code the loopback server accepts.
+pub const LOGIN_CODE: &str = "12345";
 
 impl Default for LoopbackOptions {
     fn default() -> Self {
@@ -69,6 +77,7 @@ impl Default for LoopbackOptions {
             bandwidth: None,
             part_ttl: Duration::from_secs(3600),
             premium: false,
+            require_login: false,
         }
     }
 }

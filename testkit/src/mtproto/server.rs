@@ -88,6 +88,7 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     pub(crate) drop_all: watch::Sender<u64>,
     rate: Mutex<VecDeque<Instant>>,
+    signed_in: std::sync::atomic::AtomicBool,
     bw_next: Mutex<Option<tokio::time::Instant>>,
     seq: AtomicI64,
 }
@@ -137,6 +138,7 @@ impl Shared {
             })
             .collect();
         Ok(Shared {
+            signed_in: std::sync::atomic::AtomicBool::new(!opts.require_login),
             dir: dir.to_path_buf(),
             opts,
             port,
@@ -166,7 +168,9 @@ impl Shared {
             "version": 1,
             "home_dc": 2,
             "dcs": [{"id": 2, "addr": addr.to_string(), "auth_key": hex::encode(self.key.data)}],
-            "self_user": {"id": self.self_id, "access_hash": self.self_hash},
+            "self_user": self.signed_in.load(Ordering::Relaxed).then(
+                || serde_json::json!({"id": self.self_id, "access_hash": self.self_hash})
+            ),
             "channels": channels,
         })
         .to_string()
@@ -1027,7 +1031,41 @@ async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
         return err(420, format!("FLOOD_WAIT_{secs}"));
     }
     use tl::functions as f;
+    let auth_call = id == f::help::GetConfig::CONSTRUCTOR_ID
+        || id == f::auth::SendCode::CONSTRUCTOR_ID
+        || id == f::auth::SignIn::CONSTRUCTOR_ID;
+    if !auth_call && !shared.signed_in.load(Ordering::Relaxed) {
+        return err(401, "AUTH_KEY_UNREGISTERED");
+    }
     match id {
+        f::auth::SendCode::CONSTRUCTOR_ID => Outcome::Reply(
+            tl::enums::auth::SentCode::Code(tl::types::auth::SentCode {
+                r#type: tl::enums::auth::SentCodeType::App(tl::types::auth::SentCodeTypeApp {
+                    length: super::LOGIN_CODE.len() as i32,
+                }),
+                phone_code_hash: "loopback".into(),
+                next_type: None,
+                timeout: None,
+            })
+            .to_bytes(),
+        ),
+        f::auth::SignIn::CONSTRUCTOR_ID => {
+            let r = decode_or_return!(f::auth::SignIn, q);
+            if r.phone_code.as_deref() != Some(super::LOGIN_CODE) {
+                return err(400, "PHONE_CODE_INVALID");
+            }
+            shared.signed_in.store(true, Ordering::Relaxed);
+            Outcome::Reply(
+                tl::enums::auth::Authorization::Authorization(tl::types::auth::Authorization {
+                    setup_password_required: false,
+                    otherwise_relogin_days: None,
+                    tmp_sessions: None,
+                    future_auth_token: None,
+                    user: tlbuild::self_user(shared.self_id, shared.self_hash),
+                })
+                .to_bytes(),
+            )
+        }
         f::help::GetConfig::CONSTRUCTOR_ID => {
             Outcome::Reply(tlbuild::config(shared.port, now_unix()).to_bytes())
         }

@@ -24,6 +24,15 @@ fn prompt(question: &str) -> anyhow::Result<String> {
 /// terminal for the phone number, the code Telegram sends, and the 2FA password if the
 /// account has one. Returns without asking anything if the session is already signed in.
 pub async fn login_interactive(cfg: &TelegramConfig, session_path: &Path) -> anyhow::Result<()> {
+    login_with(cfg, session_path, &mut prompt).await
+}
+
+/// [`login_interactive`] with the questions answered by `ask` (tests, other front ends).
+pub async fn login_with(
+    cfg: &TelegramConfig,
+    session_path: &Path,
+    ask: &mut (dyn FnMut(&str) -> anyhow::Result<String> + Send),
+) -> anyhow::Result<()> {
     if cfg.api_id == 0 || cfg.api_hash.is_empty() {
         bail!(
             "TELEGRAM_API_ID and TELEGRAM_API_HASH must be set (get them at https://my.telegram.org)"
@@ -46,17 +55,17 @@ pub async fn login_interactive(cfg: &TelegramConfig, session_path: &Path) -> any
             println!("Already signed in ({}).", session_path.display());
             return Ok(());
         }
-        let phone = prompt("Phone number (international format): ")?;
+        let phone = ask("Phone number (international format): ")?;
         let token = client
             .request_login_code(&phone, &cfg.api_hash)
             .await
             .with_context(|| format!("requesting a login code for {phone}"))?;
-        let code = prompt("Login code: ")?;
+        let code = ask("Login code: ")?;
         match client.sign_in(&token, &code).await {
             Ok(_) => {}
             Err(SignInError::PasswordRequired(pw)) => {
                 let hint = pw.hint().unwrap_or("none").to_string();
-                let password = prompt(&format!("2FA password (hint: {hint}): "))?;
+                let password = ask(&format!("2FA password (hint: {hint}): "))?;
                 client
                     .check_password(pw, password.as_bytes())
                     .await

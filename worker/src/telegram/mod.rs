@@ -9,7 +9,7 @@ mod storage;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use login::login_interactive;
+pub use login::{login_interactive, login_with};
 pub use scheduler::{Estimate, Scheduler, SchedulerConfig, SchedulerStats, estimate_with};
 pub use session::FileSession;
 pub use storage::{StorageChat, TelegramStorage, plan_windows, random_id_for};
