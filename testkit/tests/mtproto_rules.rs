@@ -381,3 +381,24 @@ async fn message_class_rate_limit_answers_flood_wait() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_shapes_part_uploads() {
+    bounded(async {
+        let c = connect(LoopbackOptions {
+            bandwidth: Some(4 * 1024 * 1024),
+            ..Default::default()
+        })
+        .await;
+        let t0 = std::time::Instant::now();
+        for p in 0..4 {
+            part(&c.client, 1, p, vec![0; 512 * 1024]).await.unwrap();
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(450),
+            "2 MiB at 4 MiB/s took {took:?}"
+        );
+    })
+    .await;
+}

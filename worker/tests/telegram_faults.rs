@@ -259,3 +259,44 @@ async fn server_rate_limit_answers_flood_wait_and_uploads_complete() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_drops_and_floods_still_round_trip() {
+    bounded(120, async {
+        let f = start_with(LoopbackOptions::default(), true, |c| {
+            c.request_timeout = Duration::from_secs(2);
+            c.max_attempts = 20;
+        })
+        .await;
+        let faults = f.server.faults();
+        faults.with_probability("*", 0.03, 6, Fault::DropConnection);
+        faults.with_probability("upload.saveBigFilePart", 0.05, 3, Fault::flood_wait(1));
+        faults.with_probability("upload.getFile", 0.05, 3, Fault::Hang);
+        let mut packs = Vec::new();
+        for i in 0..3u64 {
+            let name = format!("{i:032x}.enc");
+            let bytes = data(10 * 1024 * 1024 + 4096 * i as usize + 1, 50 + i);
+            let loc = put(&f.storage, &name, &bytes).await;
+            packs.push((name, loc, bytes));
+        }
+        for (name, loc, bytes) in &packs {
+            let got = f
+                .storage
+                .get_range(
+                    &ObjectRef::new(name.as_str(), loc.as_str()),
+                    1000,
+                    bytes.len() as u64 - 2000,
+                )
+                .await
+                .unwrap();
+            assert!(got == bytes[1000..bytes.len() - 1000], "{name} differs");
+        }
+        assert_eq!(f.server.documents().len(), 3);
+        let stats = f.storage.scheduler().stats();
+        assert!(
+            stats.retries + stats.flood_waits > 0,
+            "no fault fired: {stats:?}"
+        );
+    })
+    .await;
+}
