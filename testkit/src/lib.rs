@@ -3,4 +3,5 @@
 //! the network: every server binds 127.0.0.1.
 
 pub mod botapi;
+pub mod fixtures;
 pub mod mtproto;

@@ -1,0 +1,237 @@
+//! The engine's backup and restore through the real grammers client against the loopback
+//! Telegram: Saved Messages and a channel, under injected faults, and the API-call budget of a
+//! many-small-files tree.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use storinator_shared::{
+    BackupOptions, CancelFlag, Catalog, ChunkerParams, EngineSettings, Error, KdfParams,
+    NoProgress, Repo, RestoreOptions, Storage,
+};
+use storinator_testkit::fixtures::{bytes, describe_tree, make_tree, temp_files};
+use storinator_testkit::mtproto::{Fault, LoopbackOptions, LoopbackTelegram};
+use storinator_worker::telegram::{TelegramConfig, TelegramStorage};
+
+const PASS: &str = "loopback passphrase";
+
+struct Env {
+    server: LoopbackTelegram,
+    repo: Repo,
+    dir: tempfile::TempDir,
+}
+
+async fn connect(server: &LoopbackTelegram, dir: &Path, channel: bool) -> Arc<dyn Storage> {
+    let session = dir.join("worker.session");
+    server.write_session(&session).unwrap();
+    let mut cfg = TelegramConfig::new(1, "loopback", session, dir.join("spool"));
+    cfg.request_timeout = Duration::from_secs(3);
+    if channel {
+        cfg.storage_chat = Some(format!("-100{}", server.channels()[0].id));
+    }
+    Arc::new(TelegramStorage::connect(cfg).await.unwrap())
+}
+
+async fn env(opts: LoopbackOptions, channel: bool, pack_size: u64) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let server = LoopbackTelegram::start(opts).await.unwrap();
+    let storage = connect(&server, dir.path(), channel).await;
+    let catalog = Catalog::open_file(&dir.path().join("catalog.db"))
+        .await
+        .unwrap();
+    Repo::init(
+        &catalog,
+        storage.as_ref(),
+        PASS,
+        KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
+    let settings = EngineSettings {
+        pack_size,
+        compression: Some(1),
+        chunker: ChunkerParams::small(),
+        threads: 2,
+        hostname: "test".into(),
+    };
+    let repo = Repo::open(catalog, storage, PASS, settings).await.unwrap();
+    Env { server, repo, dir }
+}
+
+fn backup(src: &Path) -> BackupOptions {
+    BackupOptions {
+        path: src.to_path_buf(),
+        owner: "local".into(),
+        encrypt: true,
+    }
+}
+
+fn restore(src: &Path, to: &Path) -> RestoreOptions {
+    RestoreOptions {
+        path: src.to_string_lossy().into_owned(),
+        to: to.to_path_buf(),
+        snapshot: None,
+        owner: "local".into(),
+        overwrite: false,
+    }
+}
+
+async fn bounded<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("test took too long")
+}
+
+async fn round_trip(channel: bool) {
+    let e = env(LoopbackOptions::default(), channel, 4 << 20).await;
+    let src = e.dir.path().join("src/data");
+    make_tree(&src);
+    std::fs::write(src.join("big.bin"), bytes(12 << 20, 5)).unwrap();
+    let s = e
+        .repo
+        .backup(&backup(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(s.packs >= 3, "{} packs", s.packs);
+    // Every pack is a document named <id>.enc, nothing else about the tree.
+    for (_, _, name, _) in e.server.documents() {
+        assert!(name.ends_with(".enc") && !name.contains("data"), "{name}");
+    }
+    let out = e.dir.path().join("out");
+    e.repo
+        .restore(&restore(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+    let report = e.repo.verify(true, &NoProgress).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    e.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_round_trip_through_saved_messages() {
+    bounded(120, round_trip(false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_round_trip_through_a_channel() {
+    bounded(120, round_trip(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_survive_telegram_faults() {
+    bounded(180, async {
+        let e = env(LoopbackOptions::default(), false, 4 << 20).await;
+        let src = e.dir.path().join("src/data");
+        make_tree(&src);
+        std::fs::write(src.join("big.bin"), bytes(14 << 20, 6)).unwrap();
+        let faults = e.server.faults();
+        faults.on_call("messages.sendMedia", 1, Fault::flood_wait(1));
+        faults.on_call("messages.sendMedia", 3, Fault::flood_premium_wait(1));
+        faults.on_call("upload.saveBigFilePart", 4, Fault::DropConnection);
+        faults.on_call("upload.saveFilePart", 2, Fault::Hang);
+        faults.on_call(
+            "messages.sendMedia",
+            2,
+            Fault::rpc(400, "FILE_PART_0_MISSING"),
+        );
+        e.repo
+            .backup(&backup(&src), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+
+        faults.clear();
+        e.server.expire_file_references();
+        faults.on_call("upload.getFile", 2, Fault::flood_wait(1));
+        faults.on_call("upload.getFile", 5, Fault::DropConnection);
+        faults.on_call("upload.getFile", 7, Fault::Hang);
+        let out = e.dir.path().join("out");
+        e.repo
+            .restore(&restore(&src, &out), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+        e.server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_download_is_named_and_deleted_pack_is_reported() {
+    bounded(120, async {
+        let e = env(LoopbackOptions::default(), false, 4 << 20).await;
+        let src = e.dir.path().join("src/data");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("precious.bin"), bytes(300_000, 8)).unwrap();
+        e.repo.backup(&backup(&src), &NoProgress, &CancelFlag::new()).await.unwrap();
+
+        e.server.faults().with_probability("upload.getFile", 1.0, 1000, Fault::CorruptDownload);
+        let out = e.dir.path().join("out");
+        let err = e.repo.restore(&restore(&src, &out), &NoProgress, &CancelFlag::new()).await.unwrap_err();
+        assert!(matches!(&err, Error::RestoreFailed { failures } if failures[0].0 == "data/precious.bin"), "{err}");
+        assert!(!out.join("data/precious.bin").exists());
+        assert!(temp_files(&out).is_empty());
+        e.server.faults().clear();
+
+        let packs = e.repo.catalog.packs().await.unwrap();
+        let data_pack = packs.iter().max_by_key(|p| p.size).unwrap();
+        assert!(e.server.delete_document_named(&format!("{}.enc", data_pack.id)));
+        let report = e.repo.verify(false, &NoProgress).await.unwrap();
+        assert!(
+            report.problems.iter().any(|p| p.contains("missing") && p.contains("data/precious.bin")),
+            "{:?}",
+            report.problems
+        );
+        e.server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_small_files_cost_calls_by_bytes_not_by_files() {
+    bounded(240, async {
+        let pack_size: u64 = 2 << 20;
+        let e = env(LoopbackOptions::default(), false, pack_size).await;
+        let src = e.dir.path().join("src/many");
+        for i in 0..10_000u64 {
+            let dir = src.join(format!("d{:02}", i % 50));
+            if i < 50 {
+                std::fs::create_dir_all(&dir).unwrap();
+            }
+            std::fs::write(
+                dir.join(format!("f{i:05}.txt")),
+                bytes(600 + (i as usize % 900), i),
+            )
+            .unwrap();
+        }
+        let before = e.server.counters().message_class_calls();
+        let s = e
+            .repo
+            .backup(&backup(&src), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        let calls = e.server.counters().message_class_calls() - before;
+        let stored = s.snapshot.bytes_stored;
+        let packs_by_bytes = stored.div_ceil(pack_size);
+        println!(
+            "10k files: {} bytes stored, {} packs, {} message-class calls, counters {:?}",
+            stored,
+            s.packs,
+            calls,
+            e.server.counters().snapshot()
+        );
+        assert_eq!(s.snapshot.files, 10_000);
+        assert!(
+            s.packs <= packs_by_bytes + 1,
+            "{} packs for {stored} bytes",
+            s.packs
+        );
+        assert!(
+            calls <= 2 * (packs_by_bytes + 1) + 4,
+            "{calls} message-class calls for {packs_by_bytes} packs"
+        );
+        e.server.shutdown().await;
+    })
+    .await;
+}
