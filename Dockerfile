@@ -34,8 +34,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-RUN groupadd --system --gid 10001 storinator \
- && useradd --system --uid 10001 --gid storinator --home-dir /data --no-create-home \
+RUN groupadd --gid 10001 storinator \
+ && useradd --uid 10001 --gid storinator --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin storinator \
  && mkdir -p /data \
  && chown storinator:storinator /data \
