@@ -55,6 +55,8 @@ impl std::fmt::Debug for Secret {
 /// Largest pack Telegram accepts from a non-Premium account is 2000 MiB; packs stay below it
 /// with room for the trailer.
 pub const PACK_SIZE_CEILING: u64 = 2000 * 1024 * 1024 - 1024 * 1024;
+/// The same for Premium accounts (4000 MiB uploads).
+pub const PREMIUM_PACK_SIZE_CEILING: u64 = 4000 * 1024 * 1024 - 1024 * 1024;
 /// Default pack size cap: 1.9 GiB.
 pub const DEFAULT_PACK_SIZE: u64 = 1945 * 1024 * 1024;
 /// Smallest cap we accept (tests use small caps to make files span packs).
@@ -149,6 +151,17 @@ impl Config {
             )?)),
             (None, None) => None,
         };
+        let premium = match var("STORINATOR_TELEGRAM_PREMIUM").as_deref() {
+            None | Some("0") | Some("false") => false,
+            Some("1") | Some("true") => true,
+            Some(v) => {
+                return Err(ConfigError::Invalid {
+                    var: "STORINATOR_TELEGRAM_PREMIUM",
+                    value: v.into(),
+                    reason: "expected 1 or 0".into(),
+                });
+            }
+        };
         let pack_size = match var("STORINATOR_PACK_SIZE") {
             None => DEFAULT_PACK_SIZE,
             Some(v) => {
@@ -157,7 +170,7 @@ impl Config {
                     value: v.clone(),
                     reason,
                 })?;
-                check_pack_size(n).map_err(|reason| ConfigError::Invalid {
+                check_pack_size(n, premium).map_err(|reason| ConfigError::Invalid {
                     var: "STORINATOR_PACK_SIZE",
                     value: v,
                     reason,
@@ -247,17 +260,6 @@ impl Config {
                 }
             },
         };
-        let premium = match var("STORINATOR_TELEGRAM_PREMIUM").as_deref() {
-            None | Some("0") | Some("false") => false,
-            Some("1") | Some("true") => true,
-            Some(v) => {
-                return Err(ConfigError::Invalid {
-                    var: "STORINATOR_TELEGRAM_PREMIUM",
-                    value: v.into(),
-                    reason: "expected 1 or 0".into(),
-                });
-            }
-        };
         let telegram = TelegramSettings {
             api_id,
             api_hash: var("TELEGRAM_API_HASH").map(Secret::new),
@@ -328,11 +330,15 @@ fn parse_list<T>(v: &str, f: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T
         .collect()
 }
 
-/// Checks a pack size cap against Telegram's ceiling.
-pub fn check_pack_size(n: u64) -> Result<u64, String> {
+/// Checks a pack size cap against Telegram's ceiling (higher for Premium accounts).
+pub fn check_pack_size(n: u64, premium: bool) -> Result<u64, String> {
     if n < MIN_PACK_SIZE {
         Err(format!("pack size must be at least {MIN_PACK_SIZE} bytes"))
-    } else if n > PACK_SIZE_CEILING {
+    } else if premium && n > PREMIUM_PACK_SIZE_CEILING {
+        Err(format!(
+            "pack size must not exceed {PREMIUM_PACK_SIZE_CEILING} bytes (Premium's 4000 MiB upload limit less room)"
+        ))
+    } else if !premium && n > PACK_SIZE_CEILING {
         Err(format!(
             "pack size must not exceed {PACK_SIZE_CEILING} bytes (Telegram's 2000 MiB upload limit less room)"
         ))
@@ -451,6 +457,12 @@ mod tests {
             let err = cfg(&[(k, v)]).unwrap_err().to_string();
             assert!(err.contains(k), "{k}: {err}");
         }
+        let premium = cfg(&[
+            ("STORINATOR_PACK_SIZE", "3GiB"),
+            ("STORINATOR_TELEGRAM_PREMIUM", "1"),
+        ])
+        .unwrap();
+        assert_eq!(premium.pack_size, 3 << 30);
         let err = cfg(&[("STORINATOR_PASSPHRASE_FILE", "/nonexistent/pw")])
             .unwrap_err()
             .to_string();
