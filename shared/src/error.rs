@@ -47,3 +47,66 @@ impl StorageError {
         }
     }
 }
+
+/// Errors of the engine (catalog, backup, restore, verify, recover).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("catalog error while {context}: {source}")]
+    Db {
+        context: String,
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+    #[error(transparent)]
+    Pack(#[from] crate::pack::PackError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "no key in the catalog\nhint: run `storinator-worker init` first, or `storinator-worker recover` on a new machine"
+    )]
+    NoKey,
+    #[error("wrong passphrase")]
+    WrongPassphrase,
+    #[error(
+        "a key already exists (id {key_id}); refusing to create another\nhint: use `storinator-worker key passwd` to change the passphrase"
+    )]
+    KeyExists { key_id: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("restore would overwrite {} existing file(s) that differ, first: {}\nhint: pass --overwrite to replace them", paths.len(), paths.first().map(|p| p.display().to_string()).unwrap_or_default())]
+    Conflicts { paths: Vec<PathBuf> },
+    #[error("restore of {} file(s) failed, first: {}: {}", failures.len(), failures[0].0, failures[0].1)]
+    RestoreFailed { failures: Vec<(String, String)> },
+}
+
+impl Error {
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// True when trying the whole job again later may succeed (storage hiccups).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Storage(e) => e.is_retryable(),
+            Error::Db { source, .. } => {
+                matches!(source, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_))
+            }
+            _ => false,
+        }
+    }
+}

@@ -1,4 +1,6 @@
 //! The storage-host side of T-Storinator: the CLI commands, the job daemon and the Telegram
 //! storage backend. `main.rs` is a thin wrapper over this library.
 
+pub mod cli;
 pub mod telegram;
+pub mod ui;

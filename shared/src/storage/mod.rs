@@ -150,3 +150,81 @@ pub(crate) mod conformance {
         assert!(store.put_bytes("../x", vec![]).await.is_err());
     }
 }
+
+/// Attempts for transient failures (dropped connections, timeouts) before giving up.
+const RETRY_ATTEMPTS: u32 = 5;
+/// Longest backoff between transient retries.
+const RETRY_MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs a storage call, retrying what may succeed later: rate limits wait as long as the
+/// server asks (they never fail the job), transient errors back off exponentially a bounded
+/// number of times. This is the one place the engine backs off.
+pub async fn with_retry<T, F, Fut>(what: &str, mut call: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut transient = 0u32;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(StorageError::FloodWait { seconds }) => {
+                tracing::warn!("{what}: rate limited, waiting {seconds}s");
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(seconds))).await;
+            }
+            Err(e) if e.is_retryable() && transient + 1 < RETRY_ATTEMPTS => {
+                let wait = std::time::Duration::from_secs(1 << transient).min(RETRY_MAX_BACKOFF);
+                tracing::warn!("{what}: {e}; retrying in {}s", wait.as_secs());
+                tokio::time::sleep(wait).await;
+                transient += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn flood_waits_are_waited_out_and_transients_bounded() {
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let v = with_retry("test", || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(StorageError::FloodWait { seconds: 42 }),
+                1 => Err(StorageError::Transient("dropped".into())),
+                _ => Ok(7),
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 7);
+        assert!(start.elapsed() >= std::time::Duration::from_secs(43));
+
+        let calls = AtomicU32::new(0);
+        let err = with_retry("test", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(StorageError::Transient("down".into()))
+        })
+        .await
+        .unwrap_err();
+        assert!(err.is_retryable());
+        assert_eq!(calls.load(Ordering::SeqCst), RETRY_ATTEMPTS);
+
+        let calls = AtomicU32::new(0);
+        with_retry("test", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(StorageError::Fatal("no".into()))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "fatal errors are not retried"
+        );
+    }
+}

@@ -1,0 +1,1155 @@
+//! Keys and sealing: the one place where bytes are encrypted, authenticated and compressed.
+//!
+//! Blob format (all sealed objects: chunks, pack trailers, indexes, the wrapped key):
+//!
+//! ```text
+//! header(4) = [0xB5, version=1, flags, 0]      flags: bit0 encrypted, bit1 compressed
+//! encrypted: header | IV(16) | AES-256-CBC/PKCS#7 ciphertext | HMAC-SHA256(mac key, header|IV|ciphertext)(32)
+//! plain:     header | payload | SHA-256(header|payload)(32)
+//! ```
+//!
+//! Compression (zstd) happens before encryption and only when it makes the payload smaller.
+//! `open` checks the MAC (constant time) or checksum before it decrypts or decompresses anything.
+//!
+//! Keys: a random [`MasterSecret`] per user, wrapped under a passphrase with Argon2id
+//! ([`WrappedKey`]); subkeys for encryption, MAC and chunk ids derived with HKDF-SHA256 ([`Keys`]).
+//! No type here prints key bytes in `Debug`, and no error carries secret material.
+
+use std::cell::RefCell;
+use std::fmt;
+
+use aes::Aes256;
+use cbc::cipher::block_padding::Pkcs7;
+use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
+use hkdf::Hkdf;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
+
+type HmacSha256 = Hmac<Sha256>;
+type Aes256CbcEnc = cbc::Encryptor<Aes256>;
+type Aes256CbcDec = cbc::Decryptor<Aes256>;
+
+/// Length of a [`ChunkId`] in bytes.
+pub const ID_LEN: usize = 32;
+
+const MAGIC: u8 = 0xB5;
+const VERSION: u8 = 1;
+const FLAG_ENCRYPTED: u8 = 0b01;
+const FLAG_COMPRESSED: u8 = 0b10;
+const KNOWN_FLAGS: u8 = FLAG_ENCRYPTED | FLAG_COMPRESSED;
+const HEADER_LEN: usize = 4;
+const IV_LEN: usize = 16;
+const BLOCK_LEN: usize = 16;
+const TAG_LEN: usize = 32;
+const KEY_LEN: usize = 32;
+const MASTER_LEN: usize = 32;
+
+const INFO_ENC: &[u8] = b"t-storinator v1 encryption";
+const INFO_MAC: &[u8] = b"t-storinator v1 mac";
+const INFO_ID: &[u8] = b"t-storinator v1 chunk-id";
+
+/// Largest Argon2 memory cost accepted from a stored key object (4 GiB), so a tampered
+/// key object cannot make `unwrap` allocate without bound.
+const MAX_KDF_M_KIB: u32 = 4 * 1024 * 1024;
+
+/// Errors from sealing, opening and key handling. Messages never contain key material.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("blob is truncated")]
+    Truncated,
+    #[error("blob has an unknown format (bad magic)")]
+    BadMagic,
+    #[error("unsupported blob version {0}")]
+    UnsupportedVersion(u8),
+    /// Structurally invalid blob (unknown flags, reserved byte set, bad length or padding).
+    #[error("blob is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("authentication failed: blob was modified or the key is wrong")]
+    MacMismatch,
+    #[error("checksum mismatch: blob is corrupted")]
+    ChecksumMismatch,
+    #[error("blob is encrypted and no key was given")]
+    KeyRequired,
+    #[error("wrong passphrase")]
+    WrongPassphrase,
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    #[error("plaintext exceeds limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("invalid id: {0}")]
+    BadId(String),
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the operating system's random number generator failed");
+    b
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ids
+
+/// 32-byte blob id (keyed HMAC of the plaintext, or SHA-256 for plain blobs).
+/// `Display`/`Debug` and serde use lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; ID_LEN]);
+
+impl ChunkId {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Result<ChunkId, CryptoError> {
+        if s.len() != 2 * ID_LEN {
+            return Err(CryptoError::BadId(format!(
+                "expected {} hex digits, got {}",
+                2 * ID_LEN,
+                s.len()
+            )));
+        }
+        let mut b = [0u8; ID_LEN];
+        hex::decode_to_slice(s, &mut b).map_err(|e| CryptoError::BadId(e.to_string()))?;
+        Ok(ChunkId(b))
+    }
+
+    pub fn from_slice(b: &[u8]) -> Result<ChunkId, CryptoError> {
+        let arr: [u8; ID_LEN] = b
+            .try_into()
+            .map_err(|_| CryptoError::BadId(format!("expected {ID_LEN} bytes, got {}", b.len())))?;
+        Ok(ChunkId(arr))
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 2 * ID_LEN];
+        // Cannot fail: the buffer is exactly twice the input.
+        hex::encode_to_slice(self.0, &mut buf).map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for ChunkId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ChunkId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a 64-digit hex chunk id")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ChunkId, E> {
+                ChunkId::from_hex(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// SHA-256 of the plaintext: ids of blobs stored unencrypted.
+pub fn plain_chunk_id(plaintext: &[u8]) -> ChunkId {
+    ChunkId(Sha256::digest(plaintext).into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys
+
+/// The user's random master secret. Zeroized on drop; `Debug` never shows it.
+pub struct MasterSecret([u8; MASTER_LEN]);
+
+impl MasterSecret {
+    pub fn generate() -> MasterSecret {
+        MasterSecret(random_bytes())
+    }
+}
+
+impl Drop for MasterSecret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for MasterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterSecret(..)")
+    }
+}
+
+/// Subkeys derived from the master secret with HKDF-SHA256. Zeroized on drop.
+#[derive(Clone)]
+pub struct Keys {
+    enc: [u8; KEY_LEN],
+    mac: [u8; KEY_LEN],
+    id: [u8; KEY_LEN],
+}
+
+impl Keys {
+    pub fn derive(master: &MasterSecret) -> Keys {
+        let hk = Hkdf::<Sha256>::new(None, &master.0);
+        let mut k = Keys {
+            enc: [0; KEY_LEN],
+            mac: [0; KEY_LEN],
+            id: [0; KEY_LEN],
+        };
+        // 32 bytes is far below HKDF-SHA256's 255*32 limit: these cannot fail.
+        hk.expand(INFO_ENC, &mut k.enc).expect("hkdf length");
+        hk.expand(INFO_MAC, &mut k.mac).expect("hkdf length");
+        hk.expand(INFO_ID, &mut k.id).expect("hkdf length");
+        k
+    }
+
+    /// HMAC-SHA256 with the chunk-id key over the plaintext.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        let mut m = hmac_sha256(&self.id);
+        m.update(plaintext);
+        ChunkId(m.finalize().into_bytes().into())
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        self.enc.zeroize();
+        self.mac.zeroize();
+        self.id.zeroize();
+    }
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+fn hmac_sha256(key: &[u8; KEY_LEN]) -> HmacSha256 {
+    // HMAC accepts keys of any length; this cannot fail.
+    <HmacSha256 as KeyInit>::new_from_slice(key).expect("hmac takes any key length")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealing
+
+/// How to seal: encrypted with keys, or plain (SHA-256 integrity only).
+#[derive(Clone, Copy)]
+pub enum SealMode<'a> {
+    Encrypted(&'a Keys),
+    Plain,
+}
+
+impl fmt::Debug for SealMode<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SealMode::Encrypted(_) => f.write_str("Encrypted"),
+            SealMode::Plain => f.write_str("Plain"),
+        }
+    }
+}
+
+/// An explicit (encryption, MAC) key pair: what both [`Keys`] and the passphrase KEK seal with.
+struct KeyPair<'a> {
+    enc: &'a [u8; KEY_LEN],
+    mac: &'a [u8; KEY_LEN],
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Appends `plaintext`, zstd-compressed at `level`, to `out` if that is smaller than the
+/// plaintext; returns whether it did. Writes straight into `out`'s spare capacity.
+fn try_compress_into(out: &mut Vec<u8>, plaintext: &[u8], level: i32) -> bool {
+    let body = out.len();
+    out.reserve(zstd::compress_bound(plaintext.len()));
+    let written = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(level).ok();
+        }
+        let comp = c.as_mut()?;
+        comp.set_compression_level(level).ok()?;
+        let mut cur = std::io::Cursor::new(&mut *out);
+        cur.set_position(body as u64);
+        comp.compress_to_buffer(plaintext, &mut cur).ok()
+    });
+    match written {
+        Some(n) if n < plaintext.len() && out.len() == body + n => true,
+        _ => {
+            out.truncate(body);
+            false
+        }
+    }
+}
+
+/// The single implementation of the format's writer.
+fn seal_impl(
+    out: &mut Vec<u8>,
+    keys: Option<KeyPair<'_>>,
+    plaintext: &[u8],
+    compress: Option<i32>,
+) {
+    let start = out.len();
+    let n = plaintext.len();
+    out.reserve(sealed_len_bound(n));
+    let mut flags = 0u8;
+    if keys.is_some() {
+        flags |= FLAG_ENCRYPTED;
+    }
+    out.extend_from_slice(&[MAGIC, VERSION, flags, 0]);
+    let iv: [u8; IV_LEN] = if keys.is_some() {
+        random_bytes()
+    } else {
+        [0; IV_LEN]
+    };
+    if keys.is_some() {
+        out.extend_from_slice(&iv);
+    }
+    let body = out.len();
+    if let Some(level) = compress
+        && try_compress_into(out, plaintext, level)
+    {
+        flags |= FLAG_COMPRESSED;
+        out[start + 2] = flags;
+    } else {
+        out.extend_from_slice(plaintext);
+    }
+    match keys {
+        Some(kp) => {
+            let msg_len = out.len() - body;
+            let padded = (msg_len / BLOCK_LEN + 1) * BLOCK_LEN;
+            out.resize(body + padded, 0);
+            let ct_len = Aes256CbcEnc::new(kp.enc.into(), (&iv).into())
+                .encrypt_padded::<Pkcs7>(&mut out[body..], msg_len)
+                .expect("buffer holds the padded message")
+                .len();
+            debug_assert_eq!(ct_len, padded);
+            let mut m = hmac_sha256(kp.mac);
+            m.update(&out[start..]);
+            let tag = m.finalize().into_bytes();
+            out.extend_from_slice(&tag);
+        }
+        None => {
+            let sum = Sha256::digest(&out[start..]);
+            out.extend_from_slice(&sum);
+        }
+    }
+}
+
+/// Seal `plaintext` into a self-describing blob appended to `out`.
+///
+/// `compress: Some(level)` compresses with zstd first; the compressed form is kept only if it
+/// is smaller (the header's flag says which).
+pub fn seal_into(out: &mut Vec<u8>, mode: SealMode<'_>, plaintext: &[u8], compress: Option<i32>) {
+    let kp = match mode {
+        SealMode::Encrypted(k) => Some(KeyPair {
+            enc: &k.enc,
+            mac: &k.mac,
+        }),
+        SealMode::Plain => None,
+    };
+    seal_impl(out, kp, plaintext, compress);
+}
+
+/// [`seal_into`] a fresh `Vec`.
+pub fn seal(mode: SealMode<'_>, plaintext: &[u8], compress: Option<i32>) -> Vec<u8> {
+    let mut out = Vec::new();
+    seal_into(&mut out, mode, plaintext, compress);
+    out
+}
+
+/// Upper bound on sealed size for `n` plaintext bytes (uncompressed worst case).
+pub fn sealed_len_bound(n: usize) -> usize {
+    HEADER_LEN + IV_LEN + (n / BLOCK_LEN + 1) * BLOCK_LEN + TAG_LEN
+}
+
+/// Parses and checks the header; returns the flags.
+fn parse_header(sealed: &[u8]) -> Result<u8, CryptoError> {
+    if sealed.len() < HEADER_LEN {
+        return Err(CryptoError::Truncated);
+    }
+    if sealed[0] != MAGIC {
+        return Err(CryptoError::BadMagic);
+    }
+    if sealed[1] != VERSION {
+        return Err(CryptoError::UnsupportedVersion(sealed[1]));
+    }
+    let flags = sealed[2];
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(CryptoError::Malformed("unknown flags"));
+    }
+    if sealed[3] != 0 {
+        return Err(CryptoError::Malformed("reserved header byte is set"));
+    }
+    Ok(flags)
+}
+
+/// Flags of a sealed blob without opening it.
+pub fn sealed_is_encrypted(sealed: &[u8]) -> Result<bool, CryptoError> {
+    Ok(parse_header(sealed)? & FLAG_ENCRYPTED != 0)
+}
+
+/// The single implementation of the format's reader. `keys` is consulted only for
+/// encrypted blobs.
+fn open_impl(
+    keys: Option<KeyPair<'_>>,
+    sealed: &[u8],
+    max_plain: usize,
+) -> Result<Vec<u8>, CryptoError> {
+    let flags = parse_header(sealed)?;
+    let compressed = flags & FLAG_COMPRESSED != 0;
+    let payload = if flags & FLAG_ENCRYPTED != 0 {
+        if sealed.len() < HEADER_LEN + IV_LEN + BLOCK_LEN + TAG_LEN {
+            return Err(CryptoError::Truncated);
+        }
+        let kp = keys.ok_or(CryptoError::KeyRequired)?;
+        let (authed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut m = hmac_sha256(kp.mac);
+        m.update(authed);
+        m.verify_slice(tag).map_err(|_| CryptoError::MacMismatch)?;
+        let iv: &[u8; IV_LEN] = authed[HEADER_LEN..HEADER_LEN + IV_LEN]
+            .try_into()
+            .expect("length checked");
+        let ct = &authed[HEADER_LEN + IV_LEN..];
+        if ct.len() % BLOCK_LEN != 0 {
+            return Err(CryptoError::Malformed(
+                "ciphertext is not a whole number of blocks",
+            ));
+        }
+        // Cheap early reject: the padded plaintext is at most one block longer than the data.
+        if !compressed && ct.len() - BLOCK_LEN > max_plain {
+            return Err(CryptoError::TooLarge(max_plain));
+        }
+        let mut buf = ct.to_vec();
+        let pt_len = Aes256CbcDec::new(kp.enc.into(), iv.into())
+            .decrypt_padded::<Pkcs7>(&mut buf)
+            .map_err(|_| CryptoError::Malformed("bad padding"))?
+            .len();
+        buf.truncate(pt_len);
+        buf
+    } else {
+        if sealed.len() < HEADER_LEN + TAG_LEN {
+            return Err(CryptoError::Truncated);
+        }
+        let (body, sum) = sealed.split_at(sealed.len() - TAG_LEN);
+        if Sha256::digest(body).as_slice() != sum {
+            return Err(CryptoError::ChecksumMismatch);
+        }
+        let data = &body[HEADER_LEN..];
+        if compressed {
+            return decompress_limited(data, max_plain);
+        }
+        if data.len() > max_plain {
+            return Err(CryptoError::TooLarge(max_plain));
+        }
+        data.to_vec()
+    };
+    if compressed {
+        decompress_limited(&payload, max_plain)
+    } else if payload.len() > max_plain {
+        Err(CryptoError::TooLarge(max_plain))
+    } else {
+        Ok(payload)
+    }
+}
+
+fn decompress_limited(data: &[u8], max_plain: usize) -> Result<Vec<u8>, CryptoError> {
+    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(data)
+        && size > max_plain as u64
+    {
+        return Err(CryptoError::TooLarge(max_plain));
+    }
+    zstd::bulk::decompress(data, max_plain).map_err(|e| CryptoError::Decompress(e.to_string()))
+}
+
+/// Verify, then decrypt, then decompress (at most `max_plain` bytes of output).
+///
+/// The MAC (constant-time) or checksum is checked before anything else touches the payload.
+/// `keys: None` with an encrypted blob gives [`CryptoError::KeyRequired`].
+pub fn open(keys: Option<&Keys>, sealed: &[u8], max_plain: usize) -> Result<Vec<u8>, CryptoError> {
+    let kp = keys.map(|k| KeyPair {
+        enc: &k.enc,
+        mac: &k.mac,
+    });
+    open_impl(kp, sealed, max_plain)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passphrase wrapping
+
+/// Argon2id parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    pub m_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl KdfParams {
+    /// 64 MiB, 3 passes, 1 lane.
+    pub fn interactive() -> Self {
+        KdfParams {
+            m_kib: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
+    }
+
+    /// The smallest parameters argon2 accepts (8 KiB, 1 pass, 1 lane). Tests only.
+    pub fn fast_for_tests() -> Self {
+        KdfParams {
+            m_kib: argon2::Params::MIN_M_COST,
+            t_cost: 1,
+            p_cost: 1,
+        }
+    }
+}
+
+/// Key-encryption key derived from a passphrase: `enc | mac`. Zeroized on drop.
+struct Kek([u8; 2 * KEY_LEN]);
+
+impl Kek {
+    fn derive(passphrase: &str, salt: &[u8], kdf: KdfParams) -> Result<Kek, CryptoError> {
+        if kdf.m_kib > MAX_KDF_M_KIB {
+            return Err(CryptoError::Kdf(format!(
+                "memory cost {} KiB is above the limit of {MAX_KDF_M_KIB} KiB",
+                kdf.m_kib
+            )));
+        }
+        let params = argon2::Params::new(kdf.m_kib, kdf.t_cost, kdf.p_cost, Some(2 * KEY_LEN))
+            .map_err(|e| CryptoError::Kdf(e.to_string()))?;
+        let a2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut kek = Kek([0; 2 * KEY_LEN]);
+        a2.hash_password_into(passphrase.as_bytes(), salt, &mut kek.0)
+            .map_err(|e| CryptoError::Kdf(e.to_string()))?;
+        Ok(kek)
+    }
+
+    fn pair(&self) -> KeyPair<'_> {
+        let (enc, mac) = self.0.split_at(KEY_LEN);
+        KeyPair {
+            enc: enc.try_into().expect("half of the kek"),
+            mac: mac.try_into().expect("half of the kek"),
+        }
+    }
+}
+
+impl Drop for Kek {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// The master secret wrapped under a passphrase (stored as JSON, also in storage as the key
+/// object). Holds no secret in the clear.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WrappedKey {
+    /// 16 random bytes, hex; stays the same across passphrase changes.
+    pub key_id: String,
+    /// 16 random bytes, fresh for every wrap.
+    pub salt: Vec<u8>,
+    pub kdf: KdfParams,
+    /// The sealed (encrypted, uncompressed) master secret.
+    pub wrapped: Vec<u8>,
+}
+
+impl WrappedKey {
+    /// Argon2id(passphrase, salt, params) → 64 bytes → (enc, mac) pair that seals the master
+    /// secret in the encrypted blob format.
+    pub fn wrap(
+        master: &MasterSecret,
+        passphrase: &str,
+        kdf: KdfParams,
+    ) -> Result<WrappedKey, CryptoError> {
+        let key_id: [u8; 16] = random_bytes();
+        Self::wrap_with_id(master, passphrase, kdf, hex::encode(key_id))
+    }
+
+    fn wrap_with_id(
+        master: &MasterSecret,
+        passphrase: &str,
+        kdf: KdfParams,
+        key_id: String,
+    ) -> Result<WrappedKey, CryptoError> {
+        let salt: [u8; 16] = random_bytes();
+        let kek = Kek::derive(passphrase, &salt, kdf)?;
+        let mut wrapped = Vec::with_capacity(sealed_len_bound(MASTER_LEN));
+        seal_impl(&mut wrapped, Some(kek.pair()), &master.0, None);
+        Ok(WrappedKey {
+            key_id,
+            salt: salt.to_vec(),
+            kdf,
+            wrapped,
+        })
+    }
+
+    /// Same key_id, new salt: re-wrap under a new passphrase (no data re-encryption).
+    pub fn rewrap(&self, old: &str, new: &str, kdf: KdfParams) -> Result<WrappedKey, CryptoError> {
+        let master = self.unwrap(old)?;
+        Self::wrap_with_id(&master, new, kdf, self.key_id.clone())
+    }
+
+    /// Wrong passphrase → [`CryptoError::WrongPassphrase`].
+    pub fn unwrap(&self, passphrase: &str) -> Result<MasterSecret, CryptoError> {
+        if !sealed_is_encrypted(&self.wrapped)? {
+            return Err(CryptoError::Malformed("wrapped key is not encrypted"));
+        }
+        let kek = Kek::derive(passphrase, &self.salt, self.kdf)?;
+        let mut plain =
+            open_impl(Some(kek.pair()), &self.wrapped, MASTER_LEN).map_err(|e| match e {
+                CryptoError::MacMismatch => CryptoError::WrongPassphrase,
+                CryptoError::TooLarge(_) => {
+                    CryptoError::Malformed("wrapped key has the wrong length")
+                }
+                other => other,
+            })?;
+        let result = <[u8; MASTER_LEN]>::try_from(plain.as_slice())
+            .map(MasterSecret)
+            .map_err(|_| CryptoError::Malformed("wrapped key has the wrong length"));
+        plain.zeroize();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn h(s: &str) -> Vec<u8> {
+        hex::decode(s.split_whitespace().collect::<String>()).unwrap()
+    }
+
+    fn keys() -> Keys {
+        Keys::derive(&MasterSecret::generate())
+    }
+
+    // NIST SP 800-38A, F.2.5 / F.2.6 (CBC-AES256).
+    const NIST_KEY: &str = "603deb1015ca71be2b73aef0857d7781 1f352c073b6108d72d9810a30914dff4";
+    const NIST_IV: &str = "000102030405060708090a0b0c0d0e0f";
+    const NIST_PT: &str = "6bc1bee22e409f96e93d7e117393172a ae2d8a571e03ac9c9eb76fac45af8e51
+                           30c81c46a35ce411e5fbc1191a0a52ef f69f2445df4f9b17ad2b417be66c3710";
+    const NIST_CT: &str = "f58c4c04d6e5f1ba779eabfb5f7bfbd6 9cfc4e967edb808d679f777bc6702c7d
+                           39f23369a9d9bacfa530e26304231461 b2eb05e2c39be9fcda6c19078c6a9d1b";
+
+    #[test]
+    fn kat_nist_cbc_aes256_encrypt() {
+        let (key, iv, pt) = (h(NIST_KEY), h(NIST_IV), h(NIST_PT));
+        assert_eq!((key.len(), iv.len(), pt.len()), (32, 16, 64));
+        let key: [u8; 32] = key.try_into().unwrap();
+        let iv: [u8; 16] = iv.try_into().unwrap();
+        let mut buf = pt.clone();
+        let ct = Aes256CbcEnc::new((&key).into(), (&iv).into())
+            .encrypt_padded::<cbc::cipher::block_padding::NoPadding>(&mut buf, 64)
+            .unwrap();
+        assert_eq!(ct, h(NIST_CT).as_slice());
+    }
+
+    #[test]
+    fn kat_nist_cbc_aes256_decrypt() {
+        let key: [u8; 32] = h(NIST_KEY).try_into().unwrap();
+        let iv: [u8; 16] = h(NIST_IV).try_into().unwrap();
+        let mut buf = h(NIST_CT);
+        assert_eq!(buf.len(), 64);
+        let pt = Aes256CbcDec::new((&key).into(), (&iv).into())
+            .decrypt_padded::<cbc::cipher::block_padding::NoPadding>(&mut buf)
+            .unwrap();
+        assert_eq!(pt, h(NIST_PT).as_slice());
+    }
+
+    #[test]
+    fn kat_rfc4231_hmac_sha256() {
+        let aa131 = vec![0xaa; 131];
+        let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
+            (
+                vec![0x0b; 20],
+                b"Hi There".to_vec(),
+                "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
+            ),
+            (
+                b"Jefe".to_vec(),
+                b"what do ya want for nothing?".to_vec(),
+                "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+            ),
+            (
+                vec![0xaa; 20],
+                vec![0xdd; 50],
+                "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe",
+            ),
+            (
+                h("0102030405060708090a0b0c0d0e0f10111213141516171819"),
+                vec![0xcd; 50],
+                "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b",
+            ),
+            (
+                vec![0x0c; 20],
+                b"Test With Truncation".to_vec(),
+                "a3b6167473100ee06e0c796c2955552b",
+            ),
+            (
+                aa131.clone(),
+                b"Test Using Larger Than Block-Size Key - Hash Key First".to_vec(),
+                "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+            ),
+            (
+                aa131,
+                b"This is a test using a larger than block-size key and a larger than \
+                  block-size data. The key needs to be hashed before being used by the \
+                  HMAC algorithm."
+                    .to_vec(),
+                "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2",
+            ),
+        ];
+        assert_eq!(cases[3].0.len(), 25);
+        for (i, (key, data, want)) in cases.iter().enumerate() {
+            let want = h(want);
+            let mut m = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap();
+            m.update(data);
+            let got = m.finalize().into_bytes();
+            assert_eq!(
+                &got[..want.len()],
+                want.as_slice(),
+                "RFC 4231 case {}",
+                i + 1
+            );
+            // The verify path used by `open` agrees (full-length cases only).
+            if want.len() == 32 {
+                let mut m = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap();
+                m.update(data);
+                m.verify_slice(&want).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn kat_rfc5869_hkdf_sha256_case1() {
+        let ikm = vec![0x0b; 22];
+        let salt = h("000102030405060708090a0b0c");
+        let info = h("f0f1f2f3f4f5f6f7f8f9");
+        let (prk, hk) = Hkdf::<Sha256>::extract(Some(&salt), &ikm);
+        assert_eq!(
+            prk.as_slice(),
+            h("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5").as_slice()
+        );
+        let mut okm = [0u8; 42];
+        hk.expand(&info, &mut okm).unwrap();
+        assert_eq!(
+            okm.as_slice(),
+            h("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+                .as_slice()
+        );
+    }
+
+    #[test]
+    fn keys_are_distinct_subkeys() {
+        let k = keys();
+        assert_ne!(k.enc, k.mac);
+        assert_ne!(k.enc, k.id);
+        assert_ne!(k.mac, k.id);
+        // Deterministic from the master.
+        let m = MasterSecret::generate();
+        let (a, b) = (Keys::derive(&m), Keys::derive(&m));
+        assert_eq!((a.enc, a.mac, a.id), (b.enc, b.mac, b.id));
+    }
+
+    fn all_modes(k: &Keys) -> [(SealMode<'_>, Option<i32>); 4] {
+        [
+            (SealMode::Encrypted(k), None),
+            (SealMode::Encrypted(k), Some(3)),
+            (SealMode::Plain, None),
+            (SealMode::Plain, Some(3)),
+        ]
+    }
+
+    #[test]
+    fn seal_open_round_trip() {
+        let k = keys();
+        let compressible = b"abcdefgh".repeat(1000);
+        let random: Vec<u8> = (0..5000).map(|_| random_bytes::<1>()[0]).collect();
+        for data in [&b""[..], b"x", &[7u8; 16][..], &compressible, &random] {
+            for (mode, comp) in all_modes(&k) {
+                let s = seal(mode, data, comp);
+                assert!(s.len() <= sealed_len_bound(data.len()));
+                let enc = matches!(mode, SealMode::Encrypted(_));
+                assert_eq!(sealed_is_encrypted(&s).unwrap(), enc);
+                assert_eq!(s[2] & FLAG_ENCRYPTED != 0, enc);
+                assert_eq!(
+                    open(Some(&k), &s, data.len()).unwrap(),
+                    data,
+                    "{mode:?} {comp:?}"
+                );
+                if !enc {
+                    assert_eq!(open(None, &s, data.len()).unwrap(), data);
+                }
+                // Limit one below the size is refused.
+                if !data.is_empty() {
+                    assert!(open(Some(&k), &s, data.len() - 1).is_err());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compression_flag_set_only_when_smaller() {
+        let k = keys();
+        let compressible = b"abcdefgh".repeat(1000);
+        let random: Vec<u8> = (0..5000).map(|_| random_bytes::<1>()[0]).collect();
+        for mode in [SealMode::Encrypted(&k), SealMode::Plain] {
+            let s = seal(mode, &compressible, Some(3));
+            assert_ne!(s[2] & FLAG_COMPRESSED, 0);
+            assert!(s.len() < 1000);
+            let s = seal(mode, &random, Some(3));
+            assert_eq!(s[2] & FLAG_COMPRESSED, 0);
+            let s = seal(mode, &compressible, None);
+            assert_eq!(s[2] & FLAG_COMPRESSED, 0);
+        }
+    }
+
+    #[test]
+    fn format_layout() {
+        let k = keys();
+        let s = seal(SealMode::Encrypted(&k), b"hello", None);
+        assert_eq!(&s[..4], &[0xB5, 1, 1, 0]);
+        assert_eq!(s.len(), 4 + 16 + 16 + 32);
+        assert_eq!(s.len(), sealed_len_bound(5));
+        let p = seal(SealMode::Plain, b"hello", None);
+        assert_eq!(&p[..4], &[0xB5, 1, 0, 0]);
+        assert_eq!(&p[4..9], b"hello");
+        assert_eq!(&p[9..], Sha256::digest(&p[..9]).as_slice());
+        assert_eq!(sealed_len_bound(0), 4 + 16 + 16 + 32);
+        assert_eq!(sealed_len_bound(16), 4 + 16 + 32 + 32);
+    }
+
+    #[test]
+    fn seal_into_appends() {
+        let k = keys();
+        let mut out = b"prefix".to_vec();
+        seal_into(&mut out, SealMode::Encrypted(&k), b"data", Some(1));
+        let first_end = out.len();
+        seal_into(&mut out, SealMode::Plain, b"more", None);
+        assert_eq!(&out[..6], b"prefix");
+        assert_eq!(open(Some(&k), &out[6..first_end], 100).unwrap(), b"data");
+        assert_eq!(open(None, &out[first_end..], 100).unwrap(), b"more");
+    }
+
+    #[test]
+    fn fresh_iv_per_seal() {
+        let k = keys();
+        let a = seal(SealMode::Encrypted(&k), b"same data", None);
+        let b = seal(SealMode::Encrypted(&k), b"same data", None);
+        assert_ne!(a[4..20], b[4..20]);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn wrong_keys_and_missing_keys() {
+        let (k1, k2) = (keys(), keys());
+        let s = seal(SealMode::Encrypted(&k1), b"secret", None);
+        assert!(matches!(
+            open(Some(&k2), &s, 100),
+            Err(CryptoError::MacMismatch)
+        ));
+        assert!(matches!(open(None, &s, 100), Err(CryptoError::KeyRequired)));
+    }
+
+    #[test]
+    fn format_errors() {
+        let k = keys();
+        assert!(matches!(
+            open(Some(&k), &[], 10),
+            Err(CryptoError::Truncated)
+        ));
+        assert!(matches!(
+            open(Some(&k), &[0xB5, 1], 10),
+            Err(CryptoError::Truncated)
+        ));
+        let mut s = seal(SealMode::Plain, b"x", None);
+        s[0] = 0;
+        assert!(matches!(open(None, &s, 10), Err(CryptoError::BadMagic)));
+        s[0] = 0xB5;
+        s[1] = 2;
+        assert!(matches!(
+            open(None, &s, 10),
+            Err(CryptoError::UnsupportedVersion(2))
+        ));
+        assert!(sealed_is_encrypted(&s).is_err());
+        let e = seal(SealMode::Encrypted(&k), b"x", None);
+        assert!(matches!(
+            open(Some(&k), &e[..e.len() - 1], 10),
+            Err(CryptoError::Truncated)
+        ));
+        assert!(matches!(
+            open(Some(&k), &e[..40], 10),
+            Err(CryptoError::Truncated)
+        ));
+        let e = seal(SealMode::Encrypted(&k), &[5u8; 100], None);
+        assert!(matches!(
+            open(Some(&k), &e[..e.len() - 1], 100),
+            Err(CryptoError::MacMismatch)
+        ));
+        assert!(matches!(
+            open(Some(&k), &e[..e.len() - 16], 100),
+            Err(CryptoError::MacMismatch)
+        ));
+        let mut bad = e.clone();
+        bad[2] |= 0x80;
+        assert!(matches!(
+            open(Some(&k), &bad, 100),
+            Err(CryptoError::Malformed(_))
+        ));
+        bad[2] = e[2];
+        bad[3] = 1;
+        assert!(matches!(
+            open(Some(&k), &bad, 100),
+            Err(CryptoError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn decompression_limit_enforced() {
+        let k = keys();
+        let bomb = vec![0u8; 8 << 20];
+        for mode in [SealMode::Encrypted(&k), SealMode::Plain] {
+            let s = seal(mode, &bomb, Some(3));
+            assert!(s.len() < 4096, "zeros compress well");
+            match open(Some(&k), &s, 1 << 20) {
+                Err(CryptoError::TooLarge(n)) => assert_eq!(n, 1 << 20),
+                Err(CryptoError::Decompress(_)) => {}
+                other => panic!("expected a limit error, got {:?}", other.map(|v| v.len())),
+            }
+            assert_eq!(open(Some(&k), &s, 8 << 20).unwrap().len(), 8 << 20);
+        }
+    }
+
+    #[test]
+    fn decompression_limit_without_recorded_size() {
+        // A zstd frame that does not record its content size (streaming encoder).
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        std::io::Write::write_all(&mut enc, &vec![0u8; 4 << 20]).unwrap();
+        let frame = enc.finish().unwrap();
+        assert!(
+            zstd::zstd_safe::get_frame_content_size(&frame)
+                .map(|s| s.is_none())
+                .unwrap_or(true)
+        );
+        let mut blob = vec![MAGIC, VERSION, FLAG_COMPRESSED, 0];
+        blob.extend_from_slice(&frame);
+        let sum = Sha256::digest(&blob);
+        blob.extend_from_slice(&sum);
+        assert!(matches!(
+            open(None, &blob, 1 << 20),
+            Err(CryptoError::TooLarge(_) | CryptoError::Decompress(_))
+        ));
+        assert_eq!(open(None, &blob, 4 << 20).unwrap().len(), 4 << 20);
+    }
+
+    #[test]
+    fn chunk_id_keyed_and_deterministic() {
+        let (k1, k2) = (keys(), keys());
+        let data = b"some chunk";
+        assert_eq!(k1.chunk_id(data), k1.chunk_id(data));
+        assert_eq!(k1.clone().chunk_id(data), k1.chunk_id(data));
+        assert_ne!(k1.chunk_id(data), k2.chunk_id(data));
+        assert_ne!(k1.chunk_id(data), k1.chunk_id(b"other chunk"));
+        assert_ne!(k1.chunk_id(data), plain_chunk_id(data));
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&k1.id).unwrap();
+        m.update(data);
+        assert_eq!(
+            k1.chunk_id(data).0,
+            <[u8; 32]>::from(m.finalize().into_bytes())
+        );
+        assert_eq!(
+            plain_chunk_id(b"abc").to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn chunk_id_hex_and_serde() {
+        let id = plain_chunk_id(b"abc");
+        let hx = id.to_hex();
+        assert_eq!(format!("{id}"), hx);
+        assert_eq!(format!("{id:?}"), hx);
+        assert_eq!(ChunkId::from_hex(&hx).unwrap(), id);
+        assert_eq!(ChunkId::from_hex(&hx.to_uppercase()).unwrap(), id);
+        assert_eq!(ChunkId::from_slice(&id.0).unwrap(), id);
+        assert!(matches!(
+            ChunkId::from_hex("abc"),
+            Err(CryptoError::BadId(_))
+        ));
+        assert!(matches!(
+            ChunkId::from_hex(&"zz".repeat(32)),
+            Err(CryptoError::BadId(_))
+        ));
+        assert!(matches!(
+            ChunkId::from_slice(&[1, 2]),
+            Err(CryptoError::BadId(_))
+        ));
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{hx}\""));
+        assert_eq!(serde_json::from_str::<ChunkId>(&json).unwrap(), id);
+        let v: ChunkId = serde_json::from_reader(json.as_bytes()).unwrap();
+        assert_eq!(v, id);
+        assert!(serde_json::from_str::<ChunkId>("\"00\"").is_err());
+    }
+
+    #[test]
+    fn wrap_unwrap_round_trip() {
+        let m = MasterSecret::generate();
+        let w = WrappedKey::wrap(&m, "correct horse", KdfParams::fast_for_tests()).unwrap();
+        assert_eq!(w.key_id.len(), 32);
+        assert_eq!(w.salt.len(), 16);
+        assert!(sealed_is_encrypted(&w.wrapped).unwrap());
+        let u = w.unwrap("correct horse").unwrap();
+        assert_eq!(u.0, m.0);
+        assert!(matches!(
+            w.unwrap("wrong horse"),
+            Err(CryptoError::WrongPassphrase)
+        ));
+        // Fresh salt and key id per wrap.
+        let w2 = WrappedKey::wrap(&m, "correct horse", KdfParams::fast_for_tests()).unwrap();
+        assert_ne!(w.salt, w2.salt);
+        assert_ne!(w.key_id, w2.key_id);
+    }
+
+    #[test]
+    fn wrap_depends_on_kdf_params() {
+        let m = MasterSecret::generate();
+        let mut w = WrappedKey::wrap(&m, "pw", KdfParams::fast_for_tests()).unwrap();
+        w.kdf.t_cost = 2;
+        assert!(matches!(w.unwrap("pw"), Err(CryptoError::WrongPassphrase)));
+        w.kdf.t_cost = 1;
+        w.kdf.m_kib = u32::MAX;
+        assert!(matches!(w.unwrap("pw"), Err(CryptoError::Kdf(_))));
+        w.kdf.m_kib = 1;
+        assert!(matches!(w.unwrap("pw"), Err(CryptoError::Kdf(_))));
+    }
+
+    #[test]
+    fn rewrap_keeps_master_and_key_id() {
+        let m = MasterSecret::generate();
+        let p = KdfParams::fast_for_tests();
+        let w = WrappedKey::wrap(&m, "old", p).unwrap();
+        assert!(matches!(
+            w.rewrap("nope", "new", p),
+            Err(CryptoError::WrongPassphrase)
+        ));
+        let w2 = w.rewrap("old", "new", p).unwrap();
+        assert_eq!(w2.key_id, w.key_id);
+        assert_ne!(w2.salt, w.salt);
+        assert_eq!(w2.unwrap("new").unwrap().0, m.0);
+        assert!(matches!(
+            w2.unwrap("old"),
+            Err(CryptoError::WrongPassphrase)
+        ));
+    }
+
+    #[test]
+    fn wrapped_key_json_round_trip() {
+        let m = MasterSecret::generate();
+        let w = WrappedKey::wrap(&m, "pw", KdfParams::fast_for_tests()).unwrap();
+        let json = serde_json::to_string(&w).unwrap();
+        let back: WrappedKey = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.key_id, w.key_id);
+        assert_eq!(back.salt, w.salt);
+        assert_eq!(back.kdf, w.kdf);
+        assert_eq!(back.wrapped, w.wrapped);
+        assert_eq!(back.unwrap("pw").unwrap().0, m.0);
+    }
+
+    #[test]
+    fn kdf_params_presets() {
+        let i = KdfParams::interactive();
+        assert_eq!((i.m_kib, i.t_cost, i.p_cost), (65536, 3, 1));
+        let f = KdfParams::fast_for_tests();
+        assert!(argon2::Params::new(f.m_kib, f.t_cost, f.p_cost, Some(64)).is_ok());
+    }
+
+    #[test]
+    fn debug_never_shows_key_bytes() {
+        let m = MasterSecret::generate();
+        let k = Keys::derive(&m);
+        let dm = format!("{m:?}");
+        let dk = format!("{k:?} {:?}", SealMode::Encrypted(&k));
+        assert_eq!(dm, "MasterSecret(..)");
+        for secret in [&m.0, &k.enc, &k.mac, &k.id] {
+            let hx = hex::encode(secret);
+            for s in [&dm, &dk] {
+                assert!(!s.contains(&hx));
+                assert!(!s.contains(&format!("{:?}", secret)));
+            }
+        }
+        let w = WrappedKey::wrap(&m, "hunter2", KdfParams::fast_for_tests()).unwrap();
+        let dw = format!("{w:?}");
+        assert!(!dw.contains("hunter2"));
+        assert!(!dw.contains(&hex::encode(m.0)));
+    }
+
+    fn mode_strategy() -> impl Strategy<Value = (bool, Option<i32>)> {
+        (
+            any::<bool>(),
+            prop_oneof![Just(None), Just(Some(1)), Just(Some(3))],
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn prop_round_trip(
+            data in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..65536),
+                proptest::collection::vec(0u8..4, 0..65536),
+            ],
+            (encrypted, comp) in mode_strategy(),
+        ) {
+            let k = keys();
+            let mode = if encrypted { SealMode::Encrypted(&k) } else { SealMode::Plain };
+            let s = seal(mode, &data, comp);
+            prop_assert!(s.len() <= sealed_len_bound(data.len()));
+            prop_assert_eq!(sealed_is_encrypted(&s).unwrap(), encrypted);
+            prop_assert_eq!(open(Some(&k), &s, data.len()).unwrap(), data);
+        }
+
+        #[test]
+        fn prop_any_flipped_byte_is_rejected(
+            data in proptest::collection::vec(0u8..8, 0..4096),
+            (encrypted, comp) in mode_strategy(),
+            pos in any::<proptest::sample::Index>(),
+            delta in 1u8..=255,
+        ) {
+            let k = keys();
+            let mode = if encrypted { SealMode::Encrypted(&k) } else { SealMode::Plain };
+            let mut s = seal(mode, &data, comp);
+            let i = pos.index(s.len());
+            s[i] ^= delta;
+            for key in [Some(&k), None] {
+                match open(key, &s, 1 << 20) {
+                    Ok(v) => prop_assert!(false, "tampered blob opened ({} bytes)", v.len()),
+                    Err(
+                        CryptoError::MacMismatch
+                        | CryptoError::ChecksumMismatch
+                        | CryptoError::KeyRequired
+                        | CryptoError::Truncated
+                        | CryptoError::BadMagic
+                        | CryptoError::UnsupportedVersion(_)
+                        | CryptoError::Malformed(_),
+                    ) => {}
+                    Err(e) => prop_assert!(false, "unexpected error: {e}"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! A repository: the catalog, a storage backend and the unlocked keys, with the operations
+//! the CLI, the daemon and the bot call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::{self, BackupOptions, BackupSummary};
+use crate::catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo};
+use crate::chunker::ChunkerParams;
+use crate::config::Config;
+use crate::crypto::{CryptoError, KdfParams, Keys, MasterSecret, WrappedKey};
+use crate::error::Error;
+use crate::progress::{CancelFlag, Progress};
+use crate::restore::{self, RestoreOptions, RestoreSummary};
+use crate::storage::Storage;
+
+/// The catalog's name for the key holder (one key per storage host; chat users are told
+/// apart by snapshot owner).
+pub const KEY_USER: &str = "default";
+
+/// Tunables of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub pack_size: u64,
+    pub compression: Option<i32>,
+    pub chunker: ChunkerParams,
+    /// Worker threads for chunking and sealing (default: the machine's cores).
+    pub threads: usize,
+    pub hostname: String,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            pack_size: crate::config::DEFAULT_PACK_SIZE,
+            compression: None,
+            chunker: ChunkerParams::default(),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            hostname: hostname(),
+        }
+    }
+}
+
+impl EngineSettings {
+    pub fn from_config(cfg: &Config) -> Self {
+        EngineSettings {
+            pack_size: cfg.pack_size,
+            compression: cfg.compression,
+            ..Default::default()
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Name of the key object in storage.
+pub fn key_object_name(key_id: &str) -> String {
+    format!("key-{key_id}.enc")
+}
+
+/// An unlocked repository.
+pub struct Repo {
+    pub catalog: Catalog,
+    pub storage: Arc<dyn Storage>,
+    keys: Keys,
+    pub settings: EngineSettings,
+    root_locks: std::sync::Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Repo {
+    /// Creates the key: a random master secret wrapped under `passphrase`, recorded in the
+    /// catalog and stored (wrapped) in storage so a new machine can recover.
+    pub async fn init(
+        catalog: &Catalog,
+        storage: &dyn Storage,
+        passphrase: &str,
+        kdf: KdfParams,
+    ) -> Result<WrappedKey, Error> {
+        if passphrase.is_empty() {
+            return Err(Error::Invalid("the passphrase is empty".into()));
+        }
+        if let Some(existing) = catalog.user_key(KEY_USER).await? {
+            return Err(Error::KeyExists {
+                key_id: existing.key_id,
+            });
+        }
+        let master = MasterSecret::generate();
+        let wrapped = WrappedKey::wrap(&master, passphrase, kdf)?;
+        let json = serde_json::to_vec(&wrapped).expect("wrapped key serializes");
+        let name = key_object_name(&wrapped.key_id);
+        crate::storage::with_retry("storing the key", || storage.put_bytes(&name, json.clone()))
+            .await?;
+        catalog.put_user_key(KEY_USER, &wrapped).await?;
+        Ok(wrapped)
+    }
+
+    /// Unlocks the repository with `passphrase`.
+    pub async fn open(
+        catalog: Catalog,
+        storage: Arc<dyn Storage>,
+        passphrase: &str,
+        settings: EngineSettings,
+    ) -> Result<Repo, Error> {
+        let wrapped = catalog.user_key(KEY_USER).await?.ok_or(Error::NoKey)?;
+        let master = unwrap_key(&wrapped, passphrase).await?;
+        Ok(Repo::with_keys(
+            catalog,
+            storage,
+            Keys::derive(&master),
+            settings,
+        ))
+    }
+
+    /// A repository with keys already at hand (recover, tests).
+    pub fn with_keys(
+        catalog: Catalog,
+        storage: Arc<dyn Storage>,
+        keys: Keys,
+        settings: EngineSettings,
+    ) -> Repo {
+        Repo {
+            catalog,
+            storage,
+            keys,
+            settings,
+            root_locks: Default::default(),
+        }
+    }
+
+    /// Re-wraps the master secret under a new passphrase (no data is re-encrypted).
+    pub async fn change_passphrase(
+        catalog: &Catalog,
+        storage: &dyn Storage,
+        old: &str,
+        new: &str,
+        kdf: KdfParams,
+    ) -> Result<WrappedKey, Error> {
+        if new.is_empty() {
+            return Err(Error::Invalid("the new passphrase is empty".into()));
+        }
+        let wrapped = catalog.user_key(KEY_USER).await?.ok_or(Error::NoKey)?;
+        let (old, new) = (old.to_string(), new.to_string());
+        let rewrapped = tokio::task::spawn_blocking(move || wrapped.rewrap(&old, &new, kdf))
+            .await
+            .map_err(|e| Error::Invalid(format!("key derivation task failed: {e}")))?
+            .map_err(map_passphrase)?;
+        let json = serde_json::to_vec(&rewrapped).expect("wrapped key serializes");
+        let name = key_object_name(&rewrapped.key_id);
+        crate::storage::with_retry("storing the key", || storage.put_bytes(&name, json.clone()))
+            .await?;
+        catalog.put_user_key(KEY_USER, &rewrapped).await?;
+        Ok(rewrapped)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(crate) async fn lock_root(
+        &self,
+        owner: &str,
+        root: &str,
+    ) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .root_locks
+            .lock()
+            .unwrap()
+            .entry((owner.to_string(), root.to_string()))
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Backs up a folder into a new snapshot.
+    pub async fn backup(
+        &self,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+        cancel: &CancelFlag,
+    ) -> Result<BackupSummary, Error> {
+        backup::run(self, opts, progress, cancel).await
+    }
+
+    /// Restores a path of a snapshot.
+    pub async fn restore(
+        &self,
+        opts: &RestoreOptions,
+        progress: &dyn Progress,
+        cancel: &CancelFlag,
+    ) -> Result<RestoreSummary, Error> {
+        restore::run(self, opts, progress, cancel).await
+    }
+
+    /// Snapshots of `owner`, oldest first; with `path`, only those containing it.
+    pub async fn snapshots(
+        &self,
+        owner: &str,
+        path: Option<&str>,
+    ) -> Result<Vec<SnapshotInfo>, Error> {
+        list_snapshots(&self.catalog, owner, path).await
+    }
+
+    /// Entries at `path` in a snapshot (latest by default): the item itself and, for a
+    /// directory, its children (all descendants when `recursive`).
+    pub async fn ls(
+        &self,
+        owner: &str,
+        path: &str,
+        snapshot: Option<&str>,
+        recursive: bool,
+    ) -> Result<(SnapshotInfo, Vec<EntryRow>), Error> {
+        ls(self, owner, path, snapshot, recursive).await
+    }
+}
+
+/// Snapshots of `owner` (no key needed: the bot calls this too).
+pub async fn list_snapshots(
+    catalog: &Catalog,
+    owner: &str,
+    path: Option<&str>,
+) -> Result<Vec<SnapshotInfo>, Error> {
+    let all = catalog.snapshots(owner, None).await?;
+    Ok(match path {
+        None => all,
+        Some(p) => {
+            let p = p.trim_end_matches('/');
+            all.into_iter()
+                .filter(|s| {
+                    s.root == p
+                        || p.starts_with(&format!("{}/", s.root))
+                        || s.root.starts_with(&format!("{p}/"))
+                })
+                .collect()
+        }
+    })
+}
+
+async fn ls(
+    repo: &Repo,
+    owner: &str,
+    path: &str,
+    snapshot: Option<&str>,
+    recursive: bool,
+) -> Result<(SnapshotInfo, Vec<EntryRow>), Error> {
+    let r = restore::resolve(repo, owner, path, snapshot).await?;
+    let entries = repo
+        .catalog
+        .entries_under(r.root_id, r.snapshot.seq, &r.prefix)
+        .await?;
+    if entries.is_empty() {
+        return Err(Error::NotFound(format!(
+            "{path} is not in snapshot {}",
+            r.snapshot.short_id
+        )));
+    }
+    let depth = r.prefix.matches('/').count();
+    let entries = entries
+        .into_iter()
+        .filter(|e| recursive || e.path.matches('/').count() <= depth + 1)
+        .collect();
+    Ok((r.snapshot, entries))
+}
+
+/// Formats an entry like `ls -l`.
+pub fn format_entry(e: &EntryRow) -> String {
+    let kind = match e.kind {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::File => '-',
+    };
+    let mut perms = String::with_capacity(9);
+    for shift in [6, 3, 0] {
+        let bits = (e.mode >> shift) & 7;
+        perms.push(if bits & 4 != 0 { 'r' } else { '-' });
+        perms.push(if bits & 2 != 0 { 'w' } else { '-' });
+        perms.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    let secs = e.mtime_ns.div_euclid(1_000_000_000);
+    let target = e
+        .target
+        .as_deref()
+        .map(|t| format!(" -> {t}"))
+        .unwrap_or_default();
+    format!(
+        "{kind}{perms} {:>12} {} {}{target}",
+        e.size,
+        format_time(secs * 1000),
+        e.path
+    )
+}
+
+/// `2026-11-24 14:03` (UTC) from Unix milliseconds.
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+fn map_passphrase(e: CryptoError) -> Error {
+    match e {
+        CryptoError::WrongPassphrase => Error::WrongPassphrase,
+        e => Error::Crypto(e),
+    }
+}
+
+/// Argon2 takes a while by design: keep it off the async runtime.
+pub(crate) async fn unwrap_key(
+    wrapped: &WrappedKey,
+    passphrase: &str,
+) -> Result<MasterSecret, Error> {
+    let (w, p) = (wrapped.clone(), passphrase.to_string());
+    tokio::task::spawn_blocking(move || w.unwrap(&p))
+        .await
+        .map_err(|e| Error::Invalid(format!("key derivation task failed: {e}")))?
+        .map_err(map_passphrase)
+}
+
+/// Summary of a `verify` run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub packs_checked: u64,
+    pub blobs_checked: u64,
+    pub bytes_read: u64,
+    /// Problems, each naming the pack and the files it affects.
+    pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_times() {
+        assert_eq!(super::format_time(0), "1970-01-01 00:00");
+        assert_eq!(super::format_time(1_795_000_000_000), "2026-11-18 09:46");
+    }
+}

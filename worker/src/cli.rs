@@ -1,0 +1,451 @@
+//! The `storinator-worker` command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use storinator_shared::{
+    BackupOptions, CancelFlag, Catalog, Config, EngineSettings, Error, KdfParams, Repo,
+    RestoreOptions, Storage, StorageSpec, format_entry, format_time, human_bytes,
+};
+
+use crate::ui::Bar;
+
+/// Encrypted, deduplicated backups of server folders into Telegram.
+///
+/// Settings come from the environment (and a `.env` file): see .env.example. Every command
+/// runs without prompts when STORINATOR_PASSPHRASE (or --passphrase-file) is set.
+#[derive(Parser, Debug)]
+#[command(name = "storinator-worker", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Read the passphrase from the first line of this file (instead of
+    /// STORINATOR_PASSPHRASE or a prompt).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Whose backups to act on: `local` (the CLI's own) or `tg:<telegram user id>`.
+    #[arg(long, global = true, default_value = "local", value_name = "OWNER")]
+    pub owner: String,
+    /// Log more (repeat for even more); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the encryption key (once per storage host).
+    ///
+    /// A random master key is generated and stored wrapped under your passphrase (Argon2id)
+    /// in the catalog and in storage. Keep the passphrase safe: without it nobody, you
+    /// included, can read the backups.
+    Init,
+    /// Back up a folder into a new snapshot.
+    ///
+    /// Stored paths start at the folder's own name (/srv/data -> data/...). Files unchanged
+    /// since the last snapshot (same size, mtime and inode) are not read again; chunks
+    /// already stored are not uploaded again. Exit code 3: the snapshot was saved but some
+    /// files could not be read (listed as warnings).
+    Backup {
+        /// The folder to back up.
+        path: PathBuf,
+        /// Store this snapshot without encryption (SHA-256 integrity only).
+        #[arg(long)]
+        no_encrypt: bool,
+    },
+    /// Restore a folder or file from a snapshot.
+    ///
+    /// PATH is a path as it was backed up (/srv/data/photos) or any folder or file under
+    /// it. The selected item is restored as <DIR>/<its name>. Existing identical files are
+    /// left alone; differing ones stop the restore unless --overwrite is given.
+    Restore {
+        /// What to restore, as it was backed up.
+        path: String,
+        /// Directory to restore into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Snapshot id (or a unique prefix); default: the latest containing PATH.
+        #[arg(long, value_name = "ID")]
+        snapshot: Option<String>,
+        /// Replace existing files whose content differs.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// List snapshots, optionally only those of PATH.
+    Snapshots {
+        path: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the contents of a backed-up folder.
+    Ls {
+        /// A path as it was backed up.
+        path: String,
+        #[arg(long, value_name = "ID")]
+        snapshot: Option<String>,
+        /// List everything below PATH, not just its children.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Check that every pack the catalog references is in storage and intact.
+    ///
+    /// Without --read-data: presence, size and each pack's trailer. With it: every chunk is
+    /// downloaded and authenticated. Exit code 1 when problems are found; each names the
+    /// affected files.
+    Verify {
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Rebuild the catalog from storage alone (a new machine after a disaster).
+    ///
+    /// Needs only the storage settings and the passphrase: reads the wrapped key, every
+    /// pack's trailer and every snapshot from storage.
+    Recover,
+    /// Manage the key.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Change the passphrase (re-wraps the key; no data is re-encrypted).
+    ///
+    /// The new passphrase comes from STORINATOR_NEW_PASSPHRASE or a prompt.
+    Passwd,
+}
+
+/// Exit code for "snapshot saved, but some files were left out".
+pub const EXIT_WARNINGS: u8 = 3;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info,storinator=debug",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Opens the configured storage backend.
+pub async fn open_storage(cfg: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    match &cfg.storage {
+        StorageSpec::Dir(path) => Ok(Arc::new(
+            storinator_shared::DirStorage::open(path)
+                .with_context(|| format!("opening storage dir:{}", path.display()))?,
+        )),
+        StorageSpec::Telegram => crate::telegram::open_storage(cfg).await,
+    }
+}
+
+/// The passphrase: --passphrase-file, then STORINATOR_PASSPHRASE(_FILE), then a prompt.
+fn passphrase(global: &Global, cfg: &Config, confirm: bool) -> anyhow::Result<String> {
+    if let Some(file) = &global.passphrase_file {
+        return Ok(storinator_shared::config::read_passphrase_file(
+            "--passphrase-file",
+            file,
+        )?);
+    }
+    if let Some(p) = &cfg.passphrase {
+        return Ok(p.expose().to_string());
+    }
+    prompt("passphrase", confirm)
+}
+
+fn prompt(what: &str, confirm: bool) -> anyhow::Result<String> {
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "no {what} given\nhint: set STORINATOR_PASSPHRASE or pass --passphrase-file for non-interactive use"
+        );
+    }
+    let p = rpassword::prompt_password(format!("{what}: ")).context("reading the passphrase")?;
+    if p.is_empty() {
+        bail!("the {what} is empty");
+    }
+    if confirm
+        && rpassword::prompt_password(format!("repeat {what}: "))
+            .context("reading the passphrase")?
+            != p
+    {
+        bail!("the two entries differ");
+    }
+    Ok(p)
+}
+
+async fn open_repo(global: &Global, cfg: &Config) -> anyhow::Result<Repo> {
+    let catalog = Catalog::open(&cfg.database_url).await?;
+    let storage = open_storage(cfg).await?;
+    let pass = passphrase(global, cfg, false)?;
+    Ok(Repo::open(catalog, storage, &pass, EngineSettings::from_config(cfg)).await?)
+}
+
+/// Cancels the flag on Ctrl-C so long commands stop at a safe point.
+fn cancel_on_ctrl_c() -> CancelFlag {
+    let cancel = CancelFlag::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: stopping at the next safe point (finished packs are kept)");
+            c.cancel();
+        }
+    });
+    cancel
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = Config::from_env()?;
+    let g = &cli.global;
+    match cli.command {
+        Command::Init => {
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            let storage = open_storage(&cfg).await?;
+            if let Some(existing) = catalog.user_key(storinator_shared::repo::KEY_USER).await? {
+                return Err(Error::KeyExists {
+                    key_id: existing.key_id,
+                }
+                .into());
+            }
+            let pass = passphrase(g, &cfg, true)?;
+            let key = Repo::init(&catalog, storage.as_ref(), &pass, kdf_params()).await?;
+            println!(
+                "created key {} (stored wrapped in the catalog and in {})",
+                key.key_id,
+                storage.describe()
+            );
+            println!("keep your passphrase safe: it is the only way to read these backups");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { path, no_encrypt } => {
+            let repo = open_repo(g, &cfg).await?;
+            let cancel = cancel_on_ctrl_c();
+            let bar = Bar::new(&format!("backing up {}", path.display()));
+            let opts = BackupOptions {
+                path: path.clone(),
+                owner: g.owner.clone(),
+                encrypt: !no_encrypt,
+            };
+            let result = repo.backup(&opts, &bar, &cancel).await;
+            bar.finish();
+            let summary = result.with_context(|| format!("backup of {} failed", path.display()))?;
+            for w in &summary.warnings {
+                eprintln!("warning: {}: {}", w.path, w.message);
+            }
+            println!("{}", summary.line());
+            if summary.warnings.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "snapshot saved, but {} item(s) were left out or changed while read (see warnings)",
+                    summary.warnings.len()
+                );
+                Ok(ExitCode::from(EXIT_WARNINGS))
+            }
+        }
+        Command::Restore {
+            path,
+            to,
+            snapshot,
+            overwrite,
+        } => {
+            let repo = open_repo(g, &cfg).await?;
+            let cancel = cancel_on_ctrl_c();
+            let bar = Bar::new(&format!("restoring {path}"));
+            let opts = RestoreOptions {
+                path: path.clone(),
+                to,
+                snapshot,
+                owner: g.owner.clone(),
+                overwrite,
+            };
+            let result = repo.restore(&opts, &bar, &cancel).await;
+            bar.finish();
+            match result {
+                Ok(summary) => {
+                    println!("{}", summary.line());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(Error::RestoreFailed { failures }) => {
+                    for (p, why) in &failures {
+                        eprintln!("failed: {p}: {why}");
+                    }
+                    Err(anyhow!(
+                        "restore of {path}: {} file(s) could not be restored intact; none of them was written",
+                        failures.len()
+                    ))
+                }
+                Err(e) => Err(anyhow::Error::new(e).context(format!("restore of {path} failed"))),
+            }
+        }
+        Command::Snapshots { path, json } => {
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            let list =
+                storinator_shared::list_snapshots(&catalog, &g.owner, path.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!(
+                    "no snapshots{}",
+                    path.map(|p| format!(" of {p}")).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{:<12}  {:<16}  {:>8}  {:>10}  {:>10}  root",
+                    "id", "time (UTC)", "files", "size", "new"
+                );
+                for s in list {
+                    println!(
+                        "{:<12}  {:<16}  {:>8}  {:>10}  {:>10}  {}{}",
+                        s.short_id,
+                        format_time(s.finished_at),
+                        s.files,
+                        human_bytes(s.bytes),
+                        human_bytes(s.bytes_stored),
+                        s.root,
+                        if s.encrypted { "" } else { " (unencrypted)" }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ls {
+            path,
+            snapshot,
+            recursive,
+        } => {
+            let repo = open_repo(g, &cfg).await?;
+            let (snap, entries) = repo
+                .ls(&g.owner, &path, snapshot.as_deref(), recursive)
+                .await?;
+            println!(
+                "snapshot {} of {} ({})",
+                snap.short_id,
+                snap.root,
+                format_time(snap.finished_at)
+            );
+            for e in &entries {
+                println!("{}", format_entry(e));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { read_data } => {
+            let repo = open_repo(g, &cfg).await?;
+            let bar = Bar::new("verifying");
+            let report = repo.verify(read_data, &bar).await;
+            bar.finish();
+            let report = report?;
+            for p in &report.problems {
+                eprintln!("problem: {p}");
+            }
+            println!(
+                "checked {} packs{} ({} read): {}",
+                report.packs_checked,
+                if read_data {
+                    format!(", {} chunks", report.blobs_checked)
+                } else {
+                    String::new()
+                },
+                human_bytes(report.bytes_read),
+                if report.problems.is_empty() {
+                    "no problems".to_string()
+                } else {
+                    format!("{} problem(s)", report.problems.len())
+                }
+            );
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Recover => {
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            let storage = open_storage(&cfg).await?;
+            let pass = passphrase(g, &cfg, false)?;
+            let bar = Bar::new("recovering");
+            let result = storinator_shared::recover(
+                catalog,
+                storage,
+                &pass,
+                EngineSettings::from_config(&cfg),
+                &bar,
+            )
+            .await;
+            bar.finish();
+            let (_, report) = result?;
+            for p in &report.problems {
+                eprintln!("problem: {p}");
+            }
+            println!(
+                "recovered {} packs ({} chunks) and {} snapshots into {}",
+                report.packs, report.chunks, report.snapshots, cfg.database_url
+            );
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Key {
+            command: KeyCommand::Passwd,
+        } => {
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            let storage = open_storage(&cfg).await?;
+            let old = passphrase(g, &cfg, false)?;
+            let new = match std::env::var("STORINATOR_NEW_PASSPHRASE") {
+                Ok(p) if !p.is_empty() => p,
+                _ => prompt("new passphrase", true)?,
+            };
+            let key = Repo::change_passphrase(&catalog, storage.as_ref(), &old, &new, kdf_params())
+                .await?;
+            println!(
+                "passphrase changed for key {}; remember to update STORINATOR_PASSPHRASE",
+                key.key_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Argon2id cost: interactive strength, unless tests ask for the fast setting.
+fn kdf_params() -> KdfParams {
+    if std::env::var("STORINATOR_INSECURE_FAST_KDF").as_deref() == Ok("1") {
+        KdfParams::fast_for_tests()
+    } else {
+        KdfParams::interactive()
+    }
+}
