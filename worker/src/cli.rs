@@ -111,6 +111,15 @@ pub enum Command {
     /// Needs only the storage settings and the passphrase: reads the wrapped key, every
     /// pack's trailer and every snapshot from storage.
     Recover,
+    /// Run the job daemon: claim the jobs the bot queues and run them until SIGTERM/SIGINT.
+    ///
+    /// On a signal it stops claiming, brings running jobs to a safe point, leaves them
+    /// queued for the next run, and exits 0.
+    Run {
+        /// Jobs run at once.
+        #[arg(long, env = "STORINATOR_WORKER_CONCURRENCY", default_value_t = 2)]
+        concurrency: usize,
+    },
     /// Manage the key.
     Key {
         #[command(subcommand)]
@@ -419,6 +428,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Run { concurrency } => {
+            let repo = open_repo(g, &cfg).await?;
+            let jobs = storinator_shared::Jobs::new(repo.catalog.pool().clone());
+            let daemon_cfg = crate::daemon::DaemonConfig {
+                concurrency,
+                ..Default::default()
+            };
+            crate::daemon::run(
+                Arc::new(repo),
+                jobs,
+                daemon_cfg,
+                crate::daemon::shutdown_signal(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Key {
             command: KeyCommand::Passwd,

@@ -124,6 +124,23 @@ pub async fn run(
     Ok(())
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("signal received");
+}
+
 /// Keeps the engine's latest report; the heartbeat loop writes it to the job table.
 #[derive(Default)]
 struct Latest(Mutex<Option<ProgressReport>>);
