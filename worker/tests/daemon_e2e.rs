@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 const USER: i64 = 7;
+const USER2: i64 = 8;
 const CHAT: i64 = 7;
 const PASS: &str = "correct horse battery staple";
 const WAIT: Duration = Duration::from_secs(60);
@@ -145,7 +146,7 @@ impl World {
         let vars = [
             ("TELOXIDE_TOKEN".to_string(), "123456:E2E".to_string()),
             ("TELOXIDE_API_URL".into(), self.api.url()),
-            ("STORINATOR_ALLOWED_USERS".into(), USER.to_string()),
+            ("STORINATOR_ALLOWED_USERS".into(), format!("{USER},{USER2}")),
             (
                 "STORINATOR_BACKUP_ROOTS".into(),
                 self.root.display().to_string(),
@@ -321,6 +322,33 @@ async fn backup_then_restore_subfolder_through_the_chat() {
     let restored = w.wait_text("Restored").await;
     assert!(restored.contains("Restored 6 files"), "{restored}");
     assert_same_tree(&data.join("photos"), &out.join("photos"));
+
+    // Another allowed user sees none of it and can't restore it.
+    let jobs_before = w.job_count().await;
+    w.api.push_message(
+        USER2,
+        USER2,
+        &format!(
+            "/restore {}/photos to {}/mine",
+            data.display(),
+            w.root.display()
+        ),
+    );
+    w.api
+        .wait_for_bot_text(USER2, "no backup containing", WAIT)
+        .await
+        .expect("refused");
+    w.api.push_message(USER2, USER2, "/snapshots");
+    w.api
+        .wait_for_bot_text(USER2, "No snapshots yet", WAIT)
+        .await
+        .expect("none listed");
+    w.api.push_message(USER2, USER2, "/cancel 1");
+    w.api
+        .wait_for_bot_text(USER2, "no job #1", WAIT)
+        .await
+        .expect("not visible");
+    assert_eq!(w.job_count().await, jobs_before);
 
     w.say("/jobs");
     w.wait_text("Your recent jobs").await;
