@@ -357,9 +357,12 @@ pub(crate) async fn run(
             Ok(v) => v,
             Err(e) => {
                 // Let finished packs land (the next run reuses them), then report the failure.
+                // An upload failure stops the pipeline too: report the cause, not the symptom.
                 drop(pack_tx);
-                let _ = uploader.await;
-                return Err(e);
+                return match uploader.await {
+                    Ok(Err(upload_error)) => Err(upload_error),
+                    _ => Err(e),
+                };
             }
         };
 

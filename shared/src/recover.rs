@@ -125,7 +125,7 @@ pub async fn recover(
         .collect();
     let mut objects_by_time: BTreeMap<(i64, String), (ChunkId, SnapshotObject)> = BTreeMap::new();
     for (id, obj, entry) in snapshot_blobs {
-        if known.contains(&id.0.to_vec()) {
+        if known.contains(id.0.as_slice()) {
             continue;
         }
         match read_blob(storage.as_ref(), &keys, &obj, &entry)

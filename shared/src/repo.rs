@@ -69,13 +69,16 @@ pub fn key_object_name(key_id: &str) -> String {
     format!("key-{key_id}.enc")
 }
 
+/// Serializes backups of one root (snapshot sequence numbers are per root).
+type RootLock = Arc<tokio::sync::Mutex<()>>;
+
 /// An unlocked repository.
 pub struct Repo {
     pub catalog: Catalog,
     pub storage: Arc<dyn Storage>,
     keys: Keys,
     pub settings: EngineSettings,
-    root_locks: std::sync::Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    root_locks: std::sync::Mutex<HashMap<(String, String), RootLock>>,
 }
 
 impl Repo {
@@ -357,6 +360,6 @@ mod tests {
     #[test]
     fn formats_times() {
         assert_eq!(super::format_time(0), "1970-01-01 00:00");
-        assert_eq!(super::format_time(1_795_000_000_000), "2026-11-18 09:46");
+        assert_eq!(super::format_time(1_795_000_000_000), "2026-11-18 11:06");
     }
 }

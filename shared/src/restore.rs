@@ -303,7 +303,7 @@ pub(crate) async fn run(
     {
         let plan_ref = &plan;
         let results = tokio::task::spawn_blocking({
-            let checks: Vec<(PathBuf, EntryKind, u64, Option<[u8; 32]>, Option<String>)> = plan_ref
+            let checks: Vec<ExistingCheck> = plan_ref
                 .iter()
                 .map(|p| {
                     (
@@ -414,6 +414,9 @@ fn mtime_of(ns: i64) -> filetime::FileTime {
         ns.rem_euclid(1_000_000_000) as u32,
     )
 }
+
+/// What to compare an existing path against: destination, kind, size, hash, link target.
+type ExistingCheck = (PathBuf, EntryKind, u64, Option<[u8; 32]>, Option<String>);
 
 enum Existing {
     Absent,
