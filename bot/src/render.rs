@@ -100,14 +100,17 @@ pub fn progress(job: &Job) -> String {
         JobState::Queued if job.attempt == 0 => {
             format!("⏳ {head}\nQueued. Waiting for the worker…")
         }
-        JobState::Queued => {
-            let why = job.error.as_deref().unwrap_or("interrupted");
-            format!(
+        JobState::Queued => match job.error.as_deref() {
+            Some(why) => format!(
                 "⏳ {head}\nWill retry (attempt {} of {}): {why}",
                 job.attempt + 1,
                 job.max_attempts
-            )
-        }
+            ),
+            // Released by a worker that shut down cleanly: nothing failed.
+            None => {
+                format!("⏸ {head}\nPaused: the worker stopped; it resumes when a worker is back.")
+            }
+        },
         JobState::Running => {
             let p = &job.progress;
             let mut lines = vec![format!("🔄 {head}"), format!("Phase: {}", p.phase.as_str())];

@@ -492,6 +492,7 @@ async fn graceful_shutdown_leaves_the_job_resumable() {
     w.stop_worker().await;
     let job = w.latest_job().await;
     assert_eq!(job.state, JobState::Queued, "released, not failed");
+    w.wait_text("Paused").await;
     w.delay_ms.store(0, Ordering::Relaxed);
     w.start_worker("w2").await;
     w.wait_text("Done: snapshot").await;
