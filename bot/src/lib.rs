@@ -135,6 +135,7 @@ pub(crate) async fn send_text(
     text: String,
     markup: Option<InlineKeyboardMarkup>,
 ) -> Result<Message, RequestError> {
+    let text = clip(text);
     let mut tries = 0;
     loop {
         let mut req = bot.send_message(chat, text.clone());
@@ -149,6 +150,20 @@ pub(crate) async fn send_text(
             other => return other,
         }
     }
+}
+
+/// Telegram refuses texts over 4096 characters; long listings are cut with a note.
+pub(crate) fn clip(text: String) -> String {
+    const LIMIT: usize = 4000;
+    if text.chars().count() <= LIMIT {
+        return text;
+    }
+    let mut out: String = text.chars().take(LIMIT).collect();
+    if let Some(nl) = out.rfind('\n') {
+        out.truncate(nl);
+    }
+    out.push_str("\n… (cut: too long for one message)");
+    out
 }
 
 fn owner(user_id: u64) -> String {
@@ -633,4 +648,32 @@ pub async fn run_with(
     result.context("talking to the Bot API")?;
     tracing::info!("bot stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_are_clipped_at_a_line_break() {
+        let long: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        let clipped = clip(long);
+        assert!(clipped.chars().count() <= 4096);
+        assert!(clipped.ends_with("(cut: too long for one message)"));
+        assert_eq!(clip("short".into()), "short");
+    }
+
+    #[test]
+    fn the_command_menu_lists_every_command() {
+        let names: Vec<_> = Command::bot_commands()
+            .into_iter()
+            .map(|c| c.command)
+            .collect();
+        assert_eq!(names.len(), 10);
+        assert!(
+            names
+                .iter()
+                .all(|n| n.starts_with('/') || n.chars().all(|c| c.is_ascii_lowercase()))
+        );
+    }
 }

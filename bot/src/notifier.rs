@@ -87,9 +87,11 @@ impl Notifier {
         if !self.app.may_edit(chat_id) {
             return Edit::Later;
         }
-        let mut req = self
-            .bot
-            .edit_message_text(ChatId(chat_id), MessageId(message_id), text);
+        let mut req = self.bot.edit_message_text(
+            ChatId(chat_id),
+            MessageId(message_id),
+            crate::clip(text.to_string()),
+        );
         if let Some(m) = markup {
             req = req.reply_markup(m);
         }

@@ -539,3 +539,53 @@ async fn failing_job_sends_a_failure_notice() {
     println!("{notice}");
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    w.say(&format!("/backup {}", w.root.join("data").display()));
+    w.wait_text("Done: snapshot").await;
+    // Bot goes down; a job finishes (fails) while it is away.
+    let (tx, task) = w.bot.take().unwrap();
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+    let victim = w.root.join("data/docs");
+    let job = w
+        .jobs
+        .enqueue(
+            USER,
+            CHAT,
+            &storinator_shared::JobArgs::Backup {
+                path: victim.display().to_string(),
+                encrypt: true,
+            },
+        )
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&victim).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while w.jobs.get(job.id).await.unwrap().unwrap().state != JobState::Failed {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sends_before = w.api.calls_of("sendMessage").len();
+    let history_before = w.api.bot_messages(CHAT)[0].history();
+    w.start_bot().await;
+    w.wait_text(&format!("Backup #{} failed", job.id)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Exactly the missed notice went out (progress message + failure notice); nothing about
+    // the first backup was repeated.
+    assert_eq!(
+        w.api.calls_of("sendMessage").len(),
+        sends_before + 2,
+        "{}",
+        w.api.transcript_text(CHAT)
+    );
+    // (The old bot may have been stopped between its last edit and recording it; a repeated
+    // edit then gets "message is not modified" and changes nothing.)
+    assert_eq!(w.api.bot_messages(CHAT)[0].history(), history_before);
+    w.stop().await;
+}
