@@ -196,6 +196,7 @@ pub fn final_text(job: &Job) -> String {
             Some(JobResult::Restore {
                 files,
                 bytes: total,
+                unchanged,
                 errors,
                 duration_ms: d,
             }) => {
@@ -204,6 +205,9 @@ pub fn final_text(job: &Job) -> String {
                     bytes(*total),
                     duration_ms(*d)
                 );
+                if *unchanged > 0 {
+                    s.push_str(&format!("\n{unchanged} files were already up to date"));
+                }
                 if !errors.is_empty() {
                     s.push_str(&format!(
                         "\n⚠️ {} problems:\n{}",

@@ -165,6 +165,9 @@ pub enum JobResult {
     Restore {
         files: u64,
         bytes: u64,
+        /// Files already present with the right content, left untouched.
+        #[serde(default)]
+        unchanged: u64,
         #[serde(default)]
         errors: Vec<String>,
         duration_ms: u64,

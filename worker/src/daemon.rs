@@ -331,6 +331,7 @@ async fn execute(
             Ok(JobResult::Restore {
                 files: s.files,
                 bytes: s.bytes,
+                unchanged: s.unchanged,
                 errors: Vec::new(),
                 duration_ms: s.duration_ms,
             })
