@@ -7,9 +7,11 @@
 pub mod backup;
 pub mod catalog;
 pub mod chunker;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod jobs;
 pub mod pack;
 pub mod progress;
 pub mod recover;
@@ -21,9 +23,14 @@ mod verify;
 pub use backup::{BackupOptions, BackupSummary, Warning, human_bytes};
 pub use catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo};
 pub use chunker::ChunkerParams;
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
 pub use crypto::{ChunkId, KdfParams, Keys, WrappedKey};
 pub use error::{Error, StorageError};
+pub use jobs::{
+    CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult, JobState, Jobs, Lease,
+    Signal,
+};
 pub use progress::{CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport};
 pub use recover::{RecoverReport, recover};
 pub use repo::{EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots};

@@ -117,6 +117,34 @@ pub enum Command {
     /// Needs only the storage settings and the passphrase: reads the wrapped key, every
     /// pack's trailer and every snapshot from storage.
     Recover,
+    /// Run the job daemon: claim the jobs the bot queues and run them until SIGTERM/SIGINT.
+    ///
+    /// On a signal it stops claiming, brings running jobs to a safe point, leaves them
+    /// queued for the next run, and exits 0.
+    Run {
+        /// Jobs run at once.
+        #[arg(long, env = "STORINATOR_WORKER_CONCURRENCY", default_value_t = 2)]
+        concurrency: usize,
+    },
+    /// Watch a full backup and restore from a Telegram chat, on this machine alone.
+    ///
+    /// Starts a loopback Telegram (Bot API and MTProto) in-process, runs the real bot and
+    /// worker against it, creates a sample folder (or uses --path), plays /backup,
+    /// /snapshots and /restore in the chat, prints the chat as it happens, checks the
+    /// restored tree byte for byte and prints a summary. No Telegram account, no network,
+    /// no configuration needed.
+    Demo {
+        /// Back up this folder instead of a generated sample.
+        #[arg(long, value_name = "DIR")]
+        path: Option<PathBuf>,
+        /// Keep the demo's files (sample, catalog, loopback cloud, restore) in DIR.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+        /// Cap the loopback Telegram's bandwidth (MiB/s) to watch progress on a small folder;
+        /// 0 = uncapped.
+        #[arg(long, value_name = "MIB_PER_S", default_value_t = 24)]
+        bandwidth: u64,
+    },
     /// Manage the key.
     Key {
         #[command(subcommand)]
@@ -137,7 +165,9 @@ pub const EXIT_WARNINGS: u8 = 3;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.global.verbose);
+    // The demo prints a chat; only errors should interrupt it.
+    let quiet = matches!(cli.command, Command::Demo { .. }) && cli.global.verbose == 0;
+    init_tracing(if quiet { 0 } else { cli.global.verbose + 1 });
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -156,8 +186,9 @@ pub fn main() -> ExitCode {
 
 fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
-        1 => "info,storinator=debug",
+        0 => "error",
+        1 => "warn",
+        2 => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -234,6 +265,21 @@ fn cancel_on_ctrl_c() -> CancelFlag {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Demo {
+        path,
+        keep,
+        bandwidth,
+    } = cli.command
+    {
+        // The demo needs no configuration: it brings its own loopback Telegram.
+        let opts = crate::demo::DemoOptions {
+            path,
+            workdir: keep,
+            bandwidth: (bandwidth > 0).then_some(bandwidth << 20),
+        };
+        crate::demo::run(opts).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let cfg = Config::from_env()?;
     let g = &cli.global;
     match cli.command {
@@ -432,6 +478,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Demo { .. } => unreachable!("handled above"),
+        Command::Run { concurrency } => {
+            let repo = open_repo(g, &cfg).await?;
+            let jobs = storinator_shared::Jobs::new(repo.catalog.pool().clone());
+            let daemon_cfg = crate::daemon::DaemonConfig {
+                concurrency,
+                ..Default::default()
+            };
+            crate::daemon::run(
+                Arc::new(repo),
+                jobs,
+                daemon_cfg,
+                crate::daemon::shutdown_signal(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Key {
             command: KeyCommand::Passwd,

@@ -2,5 +2,7 @@
 //! storage backend. `main.rs` is a thin wrapper over this library.
 
 pub mod cli;
+pub mod daemon;
+pub mod demo;
 pub mod telegram;
 pub mod ui;

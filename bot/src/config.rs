@@ -1,0 +1,240 @@
+//! The bot's settings, read once from the environment (and `.env`) at start-up.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A configuration problem, naming the variable at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn bad(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// Everything the bot needs to run.
+#[derive(Clone, Debug)]
+pub struct BotConfig {
+    /// `TELOXIDE_TOKEN`.
+    pub token: String,
+    /// `TELOXIDE_API_URL`: a Bot API server other than api.telegram.org (tests, local server).
+    pub api_url: Option<reqwest::Url>,
+    /// `STORINATOR_ALLOWED_USERS`: Telegram user ids that may command the bot.
+    pub allowed_users: BTreeSet<u64>,
+    /// `STORINATOR_BACKUP_ROOTS`, canonicalised: `/backup` only accepts folders inside these.
+    pub backup_roots: Vec<PathBuf>,
+    /// `STORINATOR_RESTORE_ROOTS` (default: the backup roots), canonicalised: where `/restore
+    /// ... to <dir>` may write.
+    pub restore_roots: Vec<PathBuf>,
+    /// `DATABASE_URL` (default `sqlite://<STORINATOR_DATA_DIR>/storinator.db`).
+    pub database_url: String,
+    /// `STORINATOR_BOT_EDIT_INTERVAL_MS` (default 3000): least time between two edits in one
+    /// chat. Telegram allows about one message per second per chat; progress edits stay well
+    /// below that.
+    pub edit_interval: Duration,
+    /// `STORINATOR_BOT_TICK_MS` (default 1000): how often the job table is read for news.
+    pub tick: Duration,
+    /// `STORINATOR_BOT_POLL_TIMEOUT_S` (default 10): long-poll timeout of `getUpdates`. It
+    /// also bounds how long shutdown waits for the poll in flight.
+    pub poll_timeout: Duration,
+}
+
+impl BotConfig {
+    /// Read `.env` (if present) and the process environment.
+    pub fn from_env() -> Result<BotConfig, ConfigError> {
+        let _ = dotenvy::dotenv();
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Build from any variable lookup (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<BotConfig, ConfigError> {
+        let var = |k: &'static str| {
+            get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+
+        let token = var("TELOXIDE_TOKEN").ok_or_else(|| bad("TELOXIDE_TOKEN", "is not set"))?;
+        let api_url = var("TELOXIDE_API_URL")
+            .map(|u| {
+                reqwest::Url::parse(&u)
+                    .map_err(|e| bad("TELOXIDE_API_URL", format!("{u:?} is not a URL: {e}")))
+            })
+            .transpose()?;
+
+        let users = var("STORINATOR_ALLOWED_USERS").ok_or_else(|| {
+            bad(
+                "STORINATOR_ALLOWED_USERS",
+                "is not set (comma-separated Telegram user ids)",
+            )
+        })?;
+        let mut allowed_users = BTreeSet::new();
+        for part in users.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let id = part.parse::<u64>().map_err(|_| {
+                bad(
+                    "STORINATOR_ALLOWED_USERS",
+                    format!("{part:?} is not a Telegram user id"),
+                )
+            })?;
+            allowed_users.insert(id);
+        }
+        if allowed_users.is_empty() {
+            return Err(bad("STORINATOR_ALLOWED_USERS", "lists no user ids"));
+        }
+
+        let roots = |name: &'static str, raw: String| -> Result<Vec<PathBuf>, ConfigError> {
+            let mut out = Vec::new();
+            for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let p = PathBuf::from(part);
+                if !p.is_absolute() {
+                    return Err(bad(name, format!("{part:?} is not an absolute path")));
+                }
+                let canon = p
+                    .canonicalize()
+                    .map_err(|e| bad(name, format!("{part:?}: {e}")))?;
+                if !canon.is_dir() {
+                    return Err(bad(name, format!("{part:?} is not a directory")));
+                }
+                out.push(canon);
+            }
+            if out.is_empty() {
+                return Err(bad(name, "lists no paths"));
+            }
+            Ok(out)
+        };
+        let backup_roots = roots(
+            "STORINATOR_BACKUP_ROOTS",
+            var("STORINATOR_BACKUP_ROOTS").ok_or_else(|| {
+                bad(
+                    "STORINATOR_BACKUP_ROOTS",
+                    "is not set (comma-separated folders)",
+                )
+            })?,
+        )?;
+        let restore_roots = match var("STORINATOR_RESTORE_ROOTS") {
+            Some(raw) => roots("STORINATOR_RESTORE_ROOTS", raw)?,
+            None => backup_roots.clone(),
+        };
+
+        let database_url = match var("DATABASE_URL") {
+            Some(url) => url,
+            None => {
+                let dir = var("STORINATOR_DATA_DIR").unwrap_or_else(|| "data".into());
+                format!("sqlite://{}/storinator.db", dir.trim_end_matches('/'))
+            }
+        };
+
+        let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            match var(name) {
+                None => Ok(Duration::from_millis(default)),
+                Some(v) => v
+                    .parse::<u64>()
+                    .map(Duration::from_millis)
+                    .map_err(|_| bad(name, format!("{v:?} is not a number of milliseconds"))),
+            }
+        };
+        let edit_interval = millis("STORINATOR_BOT_EDIT_INTERVAL_MS", 3000)?;
+        let tick = millis("STORINATOR_BOT_TICK_MS", 1000)?.max(Duration::from_millis(10));
+        let poll_timeout = match var("STORINATOR_BOT_POLL_TIMEOUT_S") {
+            None => Duration::from_secs(10),
+            Some(v) => v.parse::<u64>().map(Duration::from_secs).map_err(|_| {
+                bad(
+                    "STORINATOR_BOT_POLL_TIMEOUT_S",
+                    format!("{v:?} is not a number of seconds"),
+                )
+            })?,
+        };
+
+        Ok(BotConfig {
+            token,
+            api_url,
+            allowed_users,
+            backup_roots,
+            restore_roots,
+            database_url,
+            edit_interval,
+            tick,
+            poll_timeout,
+        })
+    }
+
+    pub fn is_allowed(&self, user_id: u64) -> bool {
+        self.allowed_users.contains(&user_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn reads_a_full_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display().to_string();
+        let cfg = BotConfig::from_lookup(lookup(&[
+            ("TELOXIDE_TOKEN", "1:x"),
+            ("TELOXIDE_API_URL", "http://127.0.0.1:9/"),
+            ("STORINATOR_ALLOWED_USERS", "7, 8"),
+            ("STORINATOR_BACKUP_ROOTS", &root),
+            ("STORINATOR_DATA_DIR", "/var/lib/st/"),
+            ("STORINATOR_BOT_EDIT_INTERVAL_MS", "50"),
+        ]))
+        .unwrap();
+        assert!(cfg.is_allowed(7) && cfg.is_allowed(8) && !cfg.is_allowed(9));
+        assert_eq!(cfg.backup_roots, vec![dir.path().canonicalize().unwrap()]);
+        assert_eq!(cfg.restore_roots, cfg.backup_roots);
+        assert_eq!(cfg.database_url, "sqlite:///var/lib/st/storinator.db");
+        assert_eq!(cfg.edit_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display().to_string();
+        let base = [
+            ("TELOXIDE_TOKEN", "1:x"),
+            ("STORINATOR_ALLOWED_USERS", "7"),
+            ("STORINATOR_BACKUP_ROOTS", root.as_str()),
+        ];
+        let with = |k: &'static str, v: &'static str| {
+            let mut pairs: Vec<(&str, &str)> =
+                base.iter().copied().filter(|(n, _)| *n != k).collect();
+            pairs.push((k, v));
+            BotConfig::from_lookup(lookup(&pairs)).unwrap_err().var
+        };
+        assert_eq!(with("TELOXIDE_TOKEN", ""), "TELOXIDE_TOKEN");
+        assert_eq!(
+            with("STORINATOR_ALLOWED_USERS", "7,bob"),
+            "STORINATOR_ALLOWED_USERS"
+        );
+        assert_eq!(
+            with("STORINATOR_BACKUP_ROOTS", "relative/dir"),
+            "STORINATOR_BACKUP_ROOTS"
+        );
+        assert_eq!(
+            with("STORINATOR_BACKUP_ROOTS", "/no/such/dir/x"),
+            "STORINATOR_BACKUP_ROOTS"
+        );
+        assert_eq!(with("TELOXIDE_API_URL", "not a url"), "TELOXIDE_API_URL");
+        assert_eq!(
+            with("STORINATOR_BOT_EDIT_INTERVAL_MS", "soon"),
+            "STORINATOR_BOT_EDIT_INTERVAL_MS"
+        );
+    }
+}

@@ -1,0 +1,556 @@
+//! The bot against the fake Bot API server, with a scripted worker driving the job table.
+//! Each test runs the real dispatcher and notifier on a real SQLite file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use storinator_bot::{BotConfig, CatalogView, EntryLine, SnapshotLine, SqlCatalogView};
+use storinator_shared::{
+    Job, JobArgs, JobResult, JobState, Jobs, ManualClock, Phase, ProgressReport, Signal,
+};
+use storinator_testkit::botapi::{FakeBotApi, Fault};
+use tokio::sync::oneshot;
+
+const USER: i64 = 7;
+const OTHER_USER: i64 = 8;
+const CHAT: i64 = 70;
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    api: FakeBotApi,
+    jobs: Jobs,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    outside: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+struct StubCatalog(String);
+
+#[async_trait]
+impl CatalogView for StubCatalog {
+    async fn snapshots(
+        &self,
+        owner: &str,
+        _path: Option<&str>,
+    ) -> anyhow::Result<Vec<SnapshotLine>> {
+        Ok(if owner == format!("tg:{USER}") {
+            vec![SnapshotLine {
+                short_id: "ab12cd34".into(),
+                root: self.0.clone(),
+                finished_at_ms: 0,
+                files: 3,
+                bytes: 3000,
+                encrypted: true,
+            }]
+        } else {
+            vec![]
+        })
+    }
+    async fn ls(
+        &self,
+        _o: &str,
+        _p: &str,
+        _s: Option<&str>,
+    ) -> anyhow::Result<Option<Vec<EntryLine>>> {
+        Ok(Some(vec![EntryLine {
+            name: "a.txt".into(),
+            kind: "file".into(),
+            size: 5,
+        }]))
+    }
+}
+
+enum Cat {
+    Sql,
+    Stub,
+}
+
+async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
+    let api = FakeBotApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(root.join("data/sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(root.join("data/a.txt"), b"hello").unwrap();
+    std::fs::write(root.join("file.txt"), b"x").unwrap();
+    let root = root.canonicalize().unwrap();
+    let outside = outside.canonicalize().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("st.db").display());
+    let vars = [
+        ("TELOXIDE_TOKEN".to_string(), "123456:TEST".to_string()),
+        ("TELOXIDE_API_URL".into(), api.url()),
+        (
+            "STORINATOR_ALLOWED_USERS".into(),
+            format!("{USER},{OTHER_USER}"),
+        ),
+        ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),
+        ("DATABASE_URL".into(), db.clone()),
+        ("STORINATOR_BOT_EDIT_INTERVAL_MS".into(), "100".into()),
+        ("STORINATOR_BOT_TICK_MS".into(), "25".into()),
+        ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
+    ];
+    let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        .unwrap();
+    let pool = storinator_bot::db::open(&db).await.unwrap();
+    let mut jobs = Jobs::new(pool.clone());
+    if let Some(c) = clock {
+        jobs = jobs.with_clock(Arc::new(c));
+    }
+    let catalog: Arc<dyn CatalogView> = match cat {
+        Cat::Sql => Arc::new(SqlCatalogView::new(pool)),
+        Cat::Stub => Arc::new(StubCatalog(root.join("data").display().to_string())),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(storinator_bot::run_with(
+        cfg,
+        jobs.clone(),
+        catalog,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // Ready once the menu is set.
+    api.wait_for(WAIT, |a| {
+        (!a.calls_of("getUpdates").is_empty()).then_some(())
+    })
+    .await
+    .expect("bot starts polling");
+    Harness {
+        api,
+        jobs,
+        _dir: dir,
+        root,
+        outside,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl Harness {
+    /// Send a message and wait for the bot's next new message.
+    async fn say(&self, user: i64, text: &str) -> String {
+        let before = self.api.bot_messages(CHAT).len();
+        self.api.push_message(user, CHAT, text);
+        let m = self
+            .api
+            .wait_for(WAIT, |a| a.bot_messages(CHAT).get(before).cloned())
+            .await
+            .unwrap_or_else(|| panic!("no reply to {text:?}"));
+        m.history()[0].clone()
+    }
+
+    async fn job_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(self.jobs.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Wait until the job's progress message text contains `needle`.
+    async fn wait_progress(&self, job: &Job, needle: &str) -> String {
+        let jobs = self.jobs.clone();
+        let id = job.id;
+        let mid = loop {
+            if let Some(m) = jobs.get(id).await.unwrap().unwrap().progress_message_id {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.api
+            .wait_for(WAIT, |a| {
+                a.bot_messages(CHAT)
+                    .into_iter()
+                    .find(|m| m.message_id == mid && m.text.contains(needle))
+                    .map(|m| m.text)
+            })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "progress message never showed {needle:?}:\n{}",
+                    self.api.transcript_text(CHAT)
+                )
+            })
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
+            .await
+            .expect("bot stops within 10s");
+        res.unwrap().unwrap();
+    }
+}
+
+fn report(phase: Phase, done: u64, total: u64) -> ProgressReport {
+    ProgressReport {
+        phase,
+        files_done: done / 100,
+        files_total: total / 100,
+        bytes_done: done,
+        bytes_total: total,
+        bytes_stored: done / 2,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_shows_queued_progress_and_summary() {
+    let h = start(None, Cat::Sql).await;
+    let data = h.root.join("data");
+    let reply = h.say(USER, &format!("/backup {}", data.display())).await;
+    assert!(reply.contains("Queued"), "{reply}");
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    assert_eq!(
+        job.args,
+        JobArgs::Backup {
+            path: data.display().to_string(),
+            encrypt: true
+        }
+    );
+
+    // A scripted worker.
+    let (_, lease) = h.jobs.claim("test-worker").await.unwrap().unwrap();
+    for (done, needle) in [(300, "19%"), (900, "56%"), (1500, "94%")] {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let s = h
+            .jobs
+            .report_progress(&lease, &report(Phase::Uploading, done, 1600))
+            .await
+            .unwrap();
+        assert_eq!(s, Signal::Continue);
+        h.wait_progress(&job, needle).await;
+    }
+    h.jobs
+        .finish(
+            &lease,
+            &JobResult::Backup {
+                snapshot: "ab12cd34".into(),
+                files: 16,
+                dirs: 2,
+                bytes: 1600,
+                bytes_stored: 800,
+                new_chunks: 3,
+                warnings: 0,
+                duration_ms: 1234,
+            },
+        )
+        .await
+        .unwrap();
+    let text = h.wait_progress(&job, "Done: snapshot ab12cd34").await;
+    assert!(text.contains("Dedup ratio: 2.0×"), "{text}");
+    assert!(text.contains("New data stored: 800 B"), "{text}");
+
+    let msgs = h.api.bot_messages(CHAT);
+    assert_eq!(
+        msgs.len(),
+        1,
+        "one progress message per job:\n{}",
+        h.api.transcript_text(CHAT)
+    );
+    let progress_edits = msgs[0]
+        .edits
+        .iter()
+        .filter(|t| t.contains("Phase:"))
+        .count();
+    assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
+    let commands = h.api.commands();
+    assert_eq!(commands.as_array().unwrap().len(), 10);
+    println!("{}", h.api.transcript_text(CHAT));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_user_is_refused_and_nothing_is_queued() {
+    let h = start(None, Cat::Sql).await;
+    let reply = h
+        .say(99, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    assert!(reply.contains("not allowed"), "{reply}");
+    assert!(reply.contains("99"), "{reply}");
+    let reply = h.say(99, "/jobs").await;
+    assert!(reply.contains("not allowed"), "{reply}");
+    assert_eq!(h.job_count().await, 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_paths_are_refused_before_a_job_is_written() {
+    let h = start(None, Cat::Sql).await;
+    std::os::unix::fs::symlink(&h.outside, h.root.join("escape")).unwrap();
+    let cases = [
+        (h.outside.display().to_string(), "outside the folders"),
+        (
+            format!("{}/data/../../outside", h.root.display()),
+            "outside the folders",
+        ),
+        (
+            h.root.join("escape").display().to_string(),
+            "outside the folders",
+        ),
+        (
+            h.root.join("missing dir").display().to_string(),
+            "does not exist",
+        ),
+        (
+            h.root.join("file.txt").display().to_string(),
+            "not a folder",
+        ),
+        ("relative/path".to_string(), "not an absolute path"),
+    ];
+    for (path, expect) in cases {
+        let reply = h.say(USER, &format!("/backup {path}")).await;
+        assert!(reply.contains(expect), "{path}: {reply}");
+    }
+    let reply = h
+        .say(
+            USER,
+            &format!("/restore {}/data to /etc/x", h.root.display()),
+        )
+        .await;
+    assert!(
+        reply.contains("outside the folders I may restore into"),
+        "{reply}"
+    );
+    let reply = h
+        .say(USER, &format!("/restore {}/data", h.root.display()))
+        .await;
+    assert!(reply.contains("no backup containing"), "{reply}");
+    assert_eq!(h.job_count().await, 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_commands_and_bad_arguments_get_usage() {
+    let h = start(None, Cat::Sql).await;
+    for (text, expect) in [
+        ("/frobnicate", "Unknown command"),
+        ("/backup", "which folder"),
+        ("/cancel soon", "not a job id"),
+        ("/restore", "what should I restore"),
+        ("/ls", "Usage: /ls"),
+        ("hello", "only understand commands"),
+        ("/help", "/backup"),
+        ("/jobs", "no jobs yet"),
+        ("/status", "Nothing is running"),
+        ("/snapshots", "No snapshots yet"),
+        ("/cancel 41", "no job #41"),
+    ] {
+        let reply = h.say(USER, text).await;
+        assert!(reply.contains(expect), "{text}: {reply}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_running_job_reaches_the_worker() {
+    let h = start(None, Cat::Sql).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    h.jobs
+        .report_progress(&lease, &report(Phase::Uploading, 100, 1000))
+        .await
+        .unwrap();
+    h.wait_progress(&job, "10%").await;
+
+    // Another user can't see or cancel it.
+    let reply = h.say(OTHER_USER, &format!("/cancel {}", job.id)).await;
+    assert!(reply.contains(&format!("no job #{}", job.id)), "{reply}");
+    let reply = h.say(USER, &format!("/cancel #{}", job.id)).await;
+    assert!(reply.contains("Cancelling"), "{reply}");
+    assert_eq!(h.jobs.heartbeat(&lease).await.unwrap(), Signal::Cancel);
+    h.jobs.cancelled(&lease).await.unwrap();
+    h.wait_progress(&job, "Cancelled").await;
+    let reply = h.say(USER, "/jobs").await;
+    assert!(reply.contains("cancelled"), "{reply}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_on_edit_is_obeyed_and_the_final_text_arrives() {
+    let h = start(None, Cat::Sql).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    h.api
+        .fail_next_call("editMessageText", Fault::RetryAfter(1));
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    h.jobs
+        .report_progress(&lease, &report(Phase::Uploading, 500, 1000))
+        .await
+        .unwrap();
+    h.jobs
+        .finish(
+            &lease,
+            &JobResult::Backup {
+                snapshot: "s1".into(),
+                files: 10,
+                dirs: 1,
+                bytes: 1000,
+                bytes_stored: 1000,
+                new_chunks: 1,
+                warnings: 0,
+                duration_ms: 10,
+            },
+        )
+        .await
+        .unwrap();
+    h.wait_progress(&job, "Done: snapshot s1").await;
+    let edits = h.api.calls_of("editMessageText");
+    let limited = edits
+        .iter()
+        .position(|c| c.fault == Some(Fault::RetryAfter(1)))
+        .unwrap();
+    let next = &edits[limited + 1];
+    assert!(
+        next.at >= edits[limited].at + Duration::from_millis(950),
+        "next edit came {:?} after the 429",
+        next.at - edits[limited].at
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_job_gets_a_separate_notice_with_reason_and_id() {
+    let h = start(None, Cat::Sql).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    let state = h
+        .jobs
+        .fail(&lease, "data/sub: permission denied", None, false)
+        .await
+        .unwrap();
+    assert_eq!(state, JobState::Failed);
+    let notice = h
+        .api
+        .wait_for_bot_text(CHAT, "failed:", WAIT)
+        .await
+        .unwrap();
+    assert!(
+        notice.text.contains("data/sub: permission denied"),
+        "{}",
+        notice.text
+    );
+    assert!(
+        notice.text.contains(&format!("Job id: {}", job.id)),
+        "{}",
+        notice.text
+    );
+    h.wait_progress(&job, "Failed").await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_worker_is_reported_once() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(Some(clock.clone()), Cat::Sql).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    h.jobs
+        .report_progress(&lease, &report(Phase::Uploading, 250, 1000))
+        .await
+        .unwrap();
+    clock.advance(h.jobs.policy().lease_ms + 1);
+    let m = h
+        .api
+        .wait_for_bot_text(CHAT, "stalled", WAIT)
+        .await
+        .unwrap();
+    assert!(m.text.contains("25%"), "{}", m.text);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalls = h
+        .api
+        .bot_messages(CHAT)
+        .iter()
+        .filter(|m| m.text.contains("stalled"))
+        .count();
+    assert_eq!(stalls, 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_conflicts_ask_before_overwriting() {
+    let h = start(None, Cat::Stub).await;
+    let out = h.root.join("out dir");
+    let reply = h
+        .say(
+            USER,
+            &format!(
+                "/restore {}/data/sub to {} snapshot ab12cd34",
+                h.root.display(),
+                out.display()
+            ),
+        )
+        .await;
+    assert!(reply.contains("Queued"), "{reply}");
+    // Another user has no backups there.
+    let reply = h
+        .say(OTHER_USER, &format!("/restore {}/data", h.root.display()))
+        .await;
+    assert!(reply.contains("no backup containing"), "{reply}");
+
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    assert_eq!(
+        job.args,
+        JobArgs::Restore {
+            path: format!("{}/data/sub", h.root.display()),
+            to: Some(out.display().to_string()),
+            snapshot: Some("ab12cd34".into()),
+            overwrite: false,
+        }
+    );
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    let conflicts = JobResult::Conflicts {
+        count: 2,
+        sample: vec!["sub/a.txt".into(), "sub/b.txt".into()],
+    };
+    h.jobs
+        .fail(&lease, "2 existing files differ", Some(&conflicts), false)
+        .await
+        .unwrap();
+    let prompt = h
+        .api
+        .wait_for_bot_text(CHAT, "Overwrite them?", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        prompt.button_data(),
+        vec![format!("ow:{}", job.id), format!("keep:{}", job.id)]
+    );
+
+    // A stranger's tap does nothing.
+    h.api
+        .push_callback(99, CHAT, prompt.message_id, &format!("ow:{}", job.id));
+    h.api
+        .push_callback(USER, CHAT, prompt.message_id, &format!("ow:{}", job.id));
+    let edited = h
+        .api
+        .wait_for_bot_text(CHAT, "overwriting 2 files", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(edited.message_id, prompt.message_id);
+    let new = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    assert_ne!(new.id, job.id);
+    assert!(matches!(
+        new.args,
+        JobArgs::Restore {
+            overwrite: true,
+            ..
+        }
+    ));
+    assert_eq!(h.job_count().await, 2);
+    assert_eq!(h.api.calls_of("answerCallbackQuery").len(), 2);
+    println!("{}", h.api.transcript_text(CHAT));
+    h.stop().await;
+}
+
+#[allow(dead_code)]
+fn _unused(_: &Path) {}

@@ -1,0 +1,1107 @@
+//! The job table: the only channel between the bot (which enqueues jobs and shows their
+//! progress) and the worker (which claims, runs, heartbeats and finishes them).
+//!
+//! Concurrency model:
+//! - Claiming is one `UPDATE ... WHERE id = (SELECT ...) RETURNING *` statement, so two workers
+//!   can never claim the same job: SQLite serialises writers and the sub-select runs inside
+//!   the writer's snapshot.
+//! - A claim hands out a [`Lease`] (owner, attempt). Every later write by the worker is fenced
+//!   by `lease_owner = ? AND attempt = ? AND state = 'running'`: a worker whose lease expired
+//!   and whose job was re-claimed (attempt + 1) gets [`JobError::LeaseLost`] and must stop.
+//! - A running job whose lease expired is claimable again; the attempt counter is the fencing
+//!   token, so it grows on every claim.
+//! - Failures marked retryable go back to `queued` with `not_before` pushed out by a bounded
+//!   exponential backoff, until `max_attempts` claims have been used.
+//! - Cancellation of a queued job is immediate; of a running job it sets `cancel_requested`,
+//!   which the worker sees in the answer to its next heartbeat or progress write.
+//!
+//! All times are Unix milliseconds from an injected [`Clock`](crate::clock::Clock).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqlitePool};
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::progress::{Phase, ProgressReport};
+
+pub type JobId = i64;
+
+/// Errors of the job table.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The worker no longer holds this job: its lease expired and another claim happened, or
+    /// the job was finished by someone else. The worker must stop working on it.
+    #[error("job {job_id}: lease lost (owner {owner}, attempt {attempt})")]
+    LeaseLost {
+        job_id: JobId,
+        owner: String,
+        attempt: i64,
+    },
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("job {job_id}: bad {field} in job table: {message}")]
+    Corrupt {
+        job_id: JobId,
+        field: &'static str,
+        message: String,
+    },
+    #[error("job table: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = JobError> = std::result::Result<T, E>;
+
+/// Lifecycle of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "done" => JobState::Done,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// True for states a job never leaves.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What a job should do. Stored as JSON in `jobs.args`; the `kind` tag is also copied into
+/// `jobs.kind` so the table can be read without parsing JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobArgs {
+    Backup {
+        /// Absolute, canonical path of the folder to back up.
+        path: String,
+        #[serde(default = "yes")]
+        encrypt: bool,
+    },
+    Restore {
+        /// Path as backed up (a root or anything below it).
+        path: String,
+        /// Target directory; `None` lets the worker choose its default restore location.
+        #[serde(default)]
+        to: Option<String>,
+        /// Snapshot short id; `None` means the latest.
+        #[serde(default)]
+        snapshot: Option<String>,
+        /// Overwrite existing differing files (set only after the user confirmed).
+        #[serde(default)]
+        overwrite: bool,
+    },
+    Verify {
+        #[serde(default)]
+        path: Option<String>,
+    },
+}
+
+impl JobArgs {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobArgs::Backup { .. } => "backup",
+            JobArgs::Restore { .. } => "restore",
+            JobArgs::Verify { .. } => "verify",
+        }
+    }
+}
+
+/// What a finished job reports. Stored as JSON in `jobs.result`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobResult {
+    Backup {
+        snapshot: String,
+        files: u64,
+        dirs: u64,
+        bytes: u64,
+        /// Bytes handed to storage after dedup, compression and encryption.
+        bytes_stored: u64,
+        #[serde(default)]
+        new_chunks: u64,
+        #[serde(default)]
+        warnings: u64,
+        duration_ms: u64,
+    },
+    Restore {
+        files: u64,
+        bytes: u64,
+        /// Files already present with the right content, left untouched.
+        #[serde(default)]
+        unchanged: u64,
+        #[serde(default)]
+        errors: Vec<String>,
+        duration_ms: u64,
+    },
+    Verify {
+        #[serde(default)]
+        objects: u64,
+        #[serde(default)]
+        errors: Vec<String>,
+        duration_ms: u64,
+    },
+    /// A restore found existing files that differ from the backup and wrote none of them.
+    /// The job ends `failed` with this result; the bot asks the user to confirm and, if they
+    /// do, enqueues the same restore with `overwrite: true`.
+    Conflicts { count: u64, sample: Vec<String> },
+}
+
+/// One row of the job table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub args: JobArgs,
+    pub user_id: i64,
+    pub chat_id: i64,
+    pub state: JobState,
+    pub progress: ProgressReport,
+    pub estimate: Option<serde_json::Value>,
+    pub result: Option<JobResult>,
+    pub error: Option<String>,
+    pub attempt: i64,
+    pub max_attempts: i64,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<i64>,
+    pub not_before: i64,
+    pub cancel_requested: bool,
+    pub progress_message_id: Option<i32>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+    pub shown_at: i64,
+    pub final_notified: bool,
+    pub stall_notified: bool,
+}
+
+impl Job {
+    fn from_row(row: &SqliteRow) -> Result<Job> {
+        let id: JobId = row.try_get("id")?;
+        let corrupt = |field: &'static str, message: String| JobError::Corrupt {
+            job_id: id,
+            field,
+            message,
+        };
+        let args: String = row.try_get("args")?;
+        let args: JobArgs =
+            serde_json::from_str(&args).map_err(|e| corrupt("args", e.to_string()))?;
+        let state: String = row.try_get("state")?;
+        let state = JobState::parse(&state).ok_or_else(|| corrupt("state", state.clone()))?;
+        let phase: String = row.try_get("phase")?;
+        let phase: Phase = serde_json::from_value(serde_json::Value::String(phase.clone()))
+            .map_err(|_| corrupt("phase", phase))?;
+        let estimate: Option<String> = row.try_get("estimate")?;
+        let estimate = estimate
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| corrupt("estimate", e.to_string()))?;
+        let result: Option<String> = row.try_get("result")?;
+        let result = result
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| corrupt("result", e.to_string()))?;
+        let u = |name: &str| -> Result<u64> { Ok(row.try_get::<i64, _>(name)?.max(0) as u64) };
+        let msg: Option<i64> = row.try_get("progress_message_id")?;
+        Ok(Job {
+            id,
+            args,
+            user_id: row.try_get("user_id")?,
+            chat_id: row.try_get("chat_id")?,
+            state,
+            progress: ProgressReport {
+                phase,
+                files_done: u("files_done")?,
+                files_total: u("files_total")?,
+                bytes_done: u("bytes_done")?,
+                bytes_total: u("bytes_total")?,
+                bytes_stored: u("bytes_stored")?,
+            },
+            estimate,
+            result,
+            error: row.try_get("error")?,
+            attempt: row.try_get("attempt")?,
+            max_attempts: row.try_get("max_attempts")?,
+            lease_owner: row.try_get("lease_owner")?,
+            lease_until: row.try_get("lease_until")?,
+            not_before: row.try_get("not_before")?,
+            cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+            progress_message_id: msg.map(|m| m as i32),
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            updated_at: row.try_get("updated_at")?,
+            finished_at: row.try_get("finished_at")?,
+            shown_at: row.try_get("shown_at")?,
+            final_notified: row.try_get::<i64, _>("final_notified")? != 0,
+            stall_notified: row.try_get::<i64, _>("stall_notified")? != 0,
+        })
+    }
+
+    /// True when the job is running but its worker stopped renewing the lease.
+    pub fn is_stalled(&self, now_ms: i64) -> bool {
+        self.state == JobState::Running && self.lease_until.is_some_and(|t| t < now_ms)
+    }
+}
+
+/// Proof that a worker holds a running job. Every worker-side write is fenced by it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: JobId,
+    pub owner: String,
+    pub attempt: i64,
+}
+
+/// What the worker should do after a heartbeat or progress write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Continue,
+    /// The user asked to cancel: stop at the next safe point and call [`Jobs::cancelled`].
+    Cancel,
+}
+
+/// The answer to a user's cancel request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was still queued and is now cancelled.
+    Cancelled,
+    /// The job is running; the worker will stop at its next safe point.
+    Requested,
+    /// The job had already finished in this state.
+    AlreadyFinished(JobState),
+}
+
+/// Timing knobs of the job table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobPolicy {
+    /// How long a claim or heartbeat keeps the job leased.
+    pub lease_ms: i64,
+    /// Backoff after the first failed attempt; doubles per attempt.
+    pub backoff_base_ms: i64,
+    /// Upper bound of the backoff.
+    pub backoff_max_ms: i64,
+    /// Claims a new job may use (first run + retries + reclaims after lost workers).
+    pub max_attempts: i64,
+}
+
+impl Default for JobPolicy {
+    fn default() -> Self {
+        JobPolicy {
+            lease_ms: 30_000,
+            backoff_base_ms: 5_000,
+            backoff_max_ms: 5 * 60_000,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl JobPolicy {
+    /// Delay before the retry that follows the failure of `attempt` (1-based).
+    pub fn backoff_ms(&self, attempt: i64) -> i64 {
+        let shift = (attempt - 1).clamp(0, 30) as u32;
+        self.backoff_base_ms
+            .saturating_mul(1i64 << shift)
+            .min(self.backoff_max_ms)
+    }
+}
+
+/// The job table over a SQLite pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    pool: SqlitePool,
+    clock: SharedClock,
+    policy: JobPolicy,
+}
+
+const FENCE: &str = "id = ? AND lease_owner = ? AND attempt = ? AND state = 'running'";
+
+impl Jobs {
+    pub fn new(pool: SqlitePool) -> Self {
+        Jobs {
+            pool,
+            clock: Arc::new(SystemClock),
+            policy: JobPolicy::default(),
+        }
+    }
+
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn with_policy(mut self, policy: JobPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn policy(&self) -> &JobPolicy {
+        &self.policy
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    // ---- bot side -------------------------------------------------------------------------
+
+    /// Queue a new job for `user_id`, answering in `chat_id`.
+    pub async fn enqueue(&self, user_id: i64, chat_id: i64, args: &JobArgs) -> Result<Job> {
+        let now = self.now_ms();
+        let json = serde_json::to_string(args).expect("job args serialise");
+        let row = sqlx::query(
+            "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(args.kind())
+        .bind(json)
+        .bind(user_id)
+        .bind(chat_id)
+        .bind(self.policy.max_attempts)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Job::from_row(&row)
+    }
+
+    pub async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Job::from_row).transpose()
+    }
+
+    /// A job by id, only if it belongs to `user_id` (users see only their own jobs).
+    pub async fn get_for_user(&self, id: JobId, user_id: i64) -> Result<Option<Job>> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE id = ? AND user_id = ?")
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Job::from_row).transpose()
+    }
+
+    /// The newest `limit` jobs of a user, newest first.
+    pub async fn list_for_user(&self, user_id: i64, limit: i64) -> Result<Vec<Job>> {
+        let rows = sqlx::query("SELECT * FROM jobs WHERE user_id = ? ORDER BY id DESC LIMIT ?")
+            .bind(user_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(Job::from_row).collect()
+    }
+
+    /// Queued and running jobs of a user, oldest first.
+    pub async fn active_for_user(&self, user_id: i64) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE user_id = ? AND state IN ('queued', 'running') ORDER BY id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Job::from_row).collect()
+    }
+
+    /// Remember the chat message that shows this job's progress.
+    pub async fn set_progress_message(&self, id: JobId, message_id: i32) -> Result<()> {
+        let done = sqlx::query("UPDATE jobs SET progress_message_id = ? WHERE id = ?")
+            .bind(i64::from(message_id))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(JobError::NotFound(id));
+        }
+        Ok(())
+    }
+
+    /// Unfinished jobs whose progress message is older than their last update.
+    pub async fn needing_progress_edit(&self) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE state IN ('queued', 'running')
+               AND progress_message_id IS NOT NULL AND updated_at > shown_at ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Job::from_row).collect()
+    }
+
+    /// Record that the progress message now reflects the job as of `updated_at`.
+    pub async fn mark_shown(&self, id: JobId, updated_at: i64) -> Result<()> {
+        sqlx::query("UPDATE jobs SET shown_at = max(shown_at, ?) WHERE id = ?")
+            .bind(updated_at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Finished jobs whose user has not been told yet.
+    pub async fn finished_unnotified(&self) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE final_notified = 0
+               AND state IN ('done', 'failed', 'cancelled') ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Job::from_row).collect()
+    }
+
+    pub async fn mark_final_notified(&self, id: JobId) -> Result<()> {
+        sqlx::query("UPDATE jobs SET final_notified = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Running jobs whose lease expired (their worker stopped heartbeating) and whose user
+    /// was not told yet.
+    pub async fn stalled_unnotified(&self) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE state = 'running' AND lease_until < ?
+               AND stall_notified = 0 ORDER BY id",
+        )
+        .bind(self.now_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Job::from_row).collect()
+    }
+
+    /// Every running job whose lease expired.
+    pub async fn stalled(&self) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE state = 'running' AND lease_until < ? ORDER BY id",
+        )
+        .bind(self.now_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Job::from_row).collect()
+    }
+
+    pub async fn mark_stall_notified(&self, id: JobId) -> Result<()> {
+        sqlx::query("UPDATE jobs SET stall_notified = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Cancel a job of `user_id`: immediately if queued, at the worker's next safe point if
+    /// running. A job of another user is reported as not found.
+    pub async fn request_cancel(&self, id: JobId, user_id: i64) -> Result<CancelOutcome> {
+        let now = self.now_ms();
+        let queued = sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ?,
+                    updated_at = ?, lease_owner = NULL, lease_until = NULL
+              WHERE id = ? AND user_id = ? AND state = 'queued'",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await?;
+        if queued.rows_affected() == 1 {
+            return Ok(CancelOutcome::Cancelled);
+        }
+        let running = sqlx::query(
+            "UPDATE jobs SET cancel_requested = 1, updated_at = ?
+              WHERE id = ? AND user_id = ? AND state = 'running'",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await?;
+        if running.rows_affected() == 1 {
+            return Ok(CancelOutcome::Requested);
+        }
+        match self.get_for_user(id, user_id).await? {
+            Some(job) if job.state.is_final() => Ok(CancelOutcome::AlreadyFinished(job.state)),
+            // Raced with a state change between the statements: ask again.
+            Some(_) => Box::pin(self.request_cancel(id, user_id)).await,
+            None => Err(JobError::NotFound(id)),
+        }
+    }
+
+    // ---- worker side ----------------------------------------------------------------------
+
+    /// Settle running jobs whose lease expired and that must not run again: cancelled by the
+    /// user, or out of attempts. Called before each claim.
+    async fn sweep_expired(&self, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?,
+                    lease_owner = NULL, lease_until = NULL
+              WHERE state = 'running' AND lease_until < ? AND cancel_requested = 1",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?,
+                    lease_owner = NULL, lease_until = NULL,
+                    error = 'the worker stopped responding ' || attempt || ' times; giving up'
+              WHERE state = 'running' AND lease_until < ? AND attempt >= max_attempts",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Claim the oldest runnable job for `owner`: a queued job whose backoff has passed, or a
+    /// running job whose lease expired (its worker died; the job resumes). One statement.
+    pub async fn claim(&self, owner: &str) -> Result<Option<(Job, Lease)>> {
+        let now = self.now_ms();
+        self.sweep_expired(now).await?;
+        let row = sqlx::query(
+            "UPDATE jobs SET state = 'running', lease_owner = ?, lease_until = ?,
+                    attempt = attempt + 1, started_at = coalesce(started_at, ?),
+                    updated_at = ?, stall_notified = 0
+              WHERE id = (SELECT id FROM jobs
+                           WHERE (state = 'queued' AND not_before <= ?)
+                              OR (state = 'running' AND lease_until < ?
+                                  AND cancel_requested = 0 AND attempt < max_attempts)
+                           ORDER BY id LIMIT 1)
+              RETURNING *",
+        )
+        .bind(owner)
+        .bind(now + self.policy.lease_ms)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let job = Job::from_row(&row)?;
+        let lease = Lease {
+            job_id: job.id,
+            owner: owner.to_string(),
+            attempt: job.attempt,
+        };
+        Ok(Some((job, lease)))
+    }
+
+    fn lost(lease: &Lease) -> JobError {
+        JobError::LeaseLost {
+            job_id: lease.job_id,
+            owner: lease.owner.clone(),
+            attempt: lease.attempt,
+        }
+    }
+
+    fn signal(cancel_requested: i64) -> Signal {
+        if cancel_requested != 0 {
+            Signal::Cancel
+        } else {
+            Signal::Continue
+        }
+    }
+
+    /// Renew the lease. Tells the worker whether the user asked to cancel.
+    pub async fn heartbeat(&self, lease: &Lease) -> Result<Signal> {
+        let now = self.now_ms();
+        let sql = format!(
+            "UPDATE jobs SET lease_until = ?, stall_notified = 0 WHERE {FENCE}
+             RETURNING cancel_requested"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now + self.policy.lease_ms)
+            .bind(lease.job_id)
+            .bind(&lease.owner)
+            .bind(lease.attempt)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(Self::signal(row.try_get(0)?)),
+            None => Err(Self::lost(lease)),
+        }
+    }
+
+    /// Record progress (also renews the lease). Tells the worker whether to cancel.
+    pub async fn report_progress(&self, lease: &Lease, p: &ProgressReport) -> Result<Signal> {
+        let now = self.now_ms();
+        let phase = serde_json::to_value(p.phase).expect("phase serialises");
+        let phase = phase.as_str().unwrap_or("starting").to_string();
+        let sql = format!(
+            "UPDATE jobs SET phase = ?, files_done = ?, files_total = ?, bytes_done = ?,
+                    bytes_total = ?, bytes_stored = ?, updated_at = ?, lease_until = ?,
+                    stall_notified = 0
+              WHERE {FENCE} RETURNING cancel_requested"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(phase)
+            .bind(p.files_done as i64)
+            .bind(p.files_total as i64)
+            .bind(p.bytes_done as i64)
+            .bind(p.bytes_total as i64)
+            .bind(p.bytes_stored as i64)
+            .bind(now)
+            .bind(now + self.policy.lease_ms)
+            .bind(lease.job_id)
+            .bind(&lease.owner)
+            .bind(lease.attempt)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(Self::signal(row.try_get(0)?)),
+            None => Err(Self::lost(lease)),
+        }
+    }
+
+    /// Record the pre-scan estimate (free-form JSON: files, bytes, ...).
+    pub async fn set_estimate(&self, lease: &Lease, estimate: &serde_json::Value) -> Result<()> {
+        let sql = format!("UPDATE jobs SET estimate = ?, updated_at = ? WHERE {FENCE}");
+        self.fenced(lease, sql, |q| q.bind(estimate.to_string()))
+            .await
+    }
+
+    async fn fenced<'a>(
+        &self,
+        lease: &Lease,
+        sql: String,
+        bind: impl FnOnce(
+            sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        )
+            -> sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<()> {
+        let now = self.now_ms();
+        let q = bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+            .bind(now)
+            .bind(lease.job_id)
+            .bind(lease.owner.clone())
+            .bind(lease.attempt);
+        let done = q.execute(&self.pool).await?;
+        if done.rows_affected() == 0 {
+            return Err(Self::lost(lease));
+        }
+        Ok(())
+    }
+
+    /// The job succeeded.
+    pub async fn finish(&self, lease: &Lease, result: &JobResult) -> Result<()> {
+        let json = serde_json::to_string(result).expect("job result serialises");
+        let now = self.now_ms();
+        let sql = format!(
+            "UPDATE jobs SET state = 'done', phase = 'done', result = ?, error = NULL,
+                    finished_at = ?, lease_until = NULL, updated_at = ? WHERE {FENCE}"
+        );
+        self.fenced(lease, sql, |q| q.bind(json).bind(now)).await
+    }
+
+    /// The job stopped on the user's request.
+    pub async fn cancelled(&self, lease: &Lease) -> Result<()> {
+        let now = self.now_ms();
+        let sql = format!(
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_until = NULL,
+                    updated_at = ? WHERE {FENCE}"
+        );
+        self.fenced(lease, sql, |q| q.bind(now)).await
+    }
+
+    /// The job failed. A `retryable` failure goes back to the queue after a backoff while
+    /// attempts remain; otherwise (or when out of attempts) the job ends `failed`. Returns the
+    /// job's new state.
+    pub async fn fail(
+        &self,
+        lease: &Lease,
+        error: &str,
+        result: Option<&JobResult>,
+        retryable: bool,
+    ) -> Result<JobState> {
+        let now = self.now_ms();
+        let result = result.map(|r| serde_json::to_string(r).expect("job result serialises"));
+        let job = self.get(lease.job_id).await?.ok_or(Self::lost(lease))?;
+        let retry = retryable && job.attempt < job.max_attempts && !job.cancel_requested;
+        if retry {
+            let not_before = now + self.policy.backoff_ms(lease.attempt);
+            let sql = format!(
+                "UPDATE jobs SET state = 'queued', error = ?, result = ?, not_before = ?,
+                        lease_owner = NULL, lease_until = NULL, updated_at = ? WHERE {FENCE}"
+            );
+            self.fenced(lease, sql, |q| q.bind(error).bind(result).bind(not_before))
+                .await?;
+            Ok(JobState::Queued)
+        } else {
+            let sql = format!(
+                "UPDATE jobs SET state = 'failed', error = ?, result = ?, finished_at = ?,
+                        lease_until = NULL, updated_at = ? WHERE {FENCE}"
+            );
+            self.fenced(lease, sql, |q| q.bind(error).bind(result).bind(now))
+                .await?;
+            Ok(JobState::Failed)
+        }
+    }
+
+    /// Give the job back without counting this run against its retry budget (graceful
+    /// shutdown: the job was brought to a safe point and another run resumes it). The attempt
+    /// counter stays as it is because it is the fencing token; `max_attempts` grows by one
+    /// instead.
+    pub async fn release(&self, lease: &Lease) -> Result<()> {
+        let sql = format!(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL,
+                    max_attempts = max_attempts + 1, not_before = 0, updated_at = ? WHERE {FENCE}"
+        );
+        self.fenced(lease, sql, |q| q).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    async fn pool(dir: &tempfile::TempDir) -> SqlitePool {
+        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+        let opts = SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .unwrap();
+        sqlx::migrate!("../migrations").run(&pool).await.unwrap();
+        pool
+    }
+
+    async fn setup() -> (tempfile::TempDir, Jobs, ManualClock) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let jobs = Jobs::new(pool(&dir).await)
+            .with_clock(Arc::new(clock.clone()))
+            .with_policy(JobPolicy {
+                lease_ms: 10_000,
+                backoff_base_ms: 1_000,
+                backoff_max_ms: 4_000,
+                max_attempts: 3,
+            });
+        (dir, jobs, clock)
+    }
+
+    fn backup() -> JobArgs {
+        JobArgs::Backup {
+            path: "/srv/data".into(),
+            encrypt: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn enqueue_and_read_back() {
+        let (_d, jobs, _c) = setup().await;
+        let job = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(job.args, backup());
+        assert_eq!(job.attempt, 0);
+        assert_eq!(job.created_at, T0);
+        assert_eq!(jobs.get(job.id).await.unwrap().unwrap(), job);
+        assert!(jobs.get_for_user(job.id, 8).await.unwrap().is_none());
+        assert_eq!(jobs.list_for_user(7, 10).await.unwrap().len(), 1);
+        assert!(jobs.list_for_user(8, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_claimers_get_distinct_jobs() {
+        let (_d, jobs, _c) = setup().await;
+        let job = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        // Many claimers race for one job: exactly one wins.
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let jobs = jobs.clone();
+            tasks.push(tokio::spawn(async move {
+                jobs.claim(&format!("w{i}")).await.unwrap()
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            if let Some((j, lease)) = t.await.unwrap() {
+                winners.push((j, lease));
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one claimer wins");
+        assert_eq!(winners[0].0.id, job.id);
+        assert_eq!(winners[0].1.attempt, 1);
+        assert_eq!(winners[0].0.state, JobState::Running);
+    }
+
+    #[tokio::test]
+    async fn lease_expiry_allows_reclaim_and_fences_the_old_worker() {
+        let (_d, jobs, clock) = setup().await;
+        let job = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        let (_, a) = jobs.claim("a").await.unwrap().unwrap();
+        // Leased: nobody else gets it.
+        assert!(jobs.claim("b").await.unwrap().is_none());
+        clock.advance(5_000);
+        assert_eq!(jobs.heartbeat(&a).await.unwrap(), Signal::Continue);
+        clock.advance(9_000);
+        assert!(
+            jobs.claim("b").await.unwrap().is_none(),
+            "heartbeat renewed"
+        );
+        assert!(jobs.stalled().await.unwrap().is_empty());
+        // Worker a goes silent past its lease.
+        clock.advance(10_001);
+        assert_eq!(jobs.stalled().await.unwrap().len(), 1);
+        let (j, b) = jobs.claim("b").await.unwrap().unwrap();
+        assert_eq!(j.id, job.id);
+        assert_eq!(b.attempt, 2);
+        // a comes back: every write is refused.
+        let p = ProgressReport::default();
+        for r in [
+            jobs.heartbeat(&a).await.map(|_| ()),
+            jobs.report_progress(&a, &p).await.map(|_| ()),
+            jobs.finish(&a, &result()).await,
+            jobs.cancelled(&a).await,
+            jobs.release(&a).await,
+            jobs.fail(&a, "x", None, false).await.map(|_| ()),
+        ] {
+            assert!(matches!(r, Err(JobError::LeaseLost { .. })), "{r:?}");
+        }
+        // b finishes.
+        jobs.finish(&b, &result()).await.unwrap();
+        let j = jobs.get(job.id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Done);
+        assert_eq!(j.result, Some(result()));
+        assert!(
+            jobs.heartbeat(&b).await.is_err(),
+            "a finished job has no lease"
+        );
+    }
+
+    fn result() -> JobResult {
+        JobResult::Backup {
+            snapshot: "abc".into(),
+            files: 1,
+            dirs: 1,
+            bytes: 10,
+            bytes_stored: 5,
+            new_chunks: 1,
+            warnings: 0,
+            duration_ms: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn retryable_failures_back_off_until_attempts_run_out() {
+        let (_d, jobs, clock) = setup().await;
+        let job = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        let mut expected_backoff = [1_000, 2_000].into_iter();
+        for attempt in 1..=3 {
+            let (_, lease) = jobs.claim("w").await.unwrap().unwrap();
+            assert_eq!(lease.attempt, attempt);
+            let state = jobs.fail(&lease, "flaky disk", None, true).await.unwrap();
+            if attempt < 3 {
+                assert_eq!(state, JobState::Queued);
+                let backoff = expected_backoff.next().unwrap();
+                let j = jobs.get(job.id).await.unwrap().unwrap();
+                assert_eq!(j.not_before, clock.now_ms() + backoff);
+                clock.advance(backoff - 1);
+                assert!(
+                    jobs.claim("w").await.unwrap().is_none(),
+                    "still backing off"
+                );
+                clock.advance(1);
+            } else {
+                assert_eq!(state, JobState::Failed);
+            }
+        }
+        let j = jobs.get(job.id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.error.as_deref(), Some("flaky disk"));
+        assert!(jobs.claim("w").await.unwrap().is_none());
+        assert_eq!(jobs.policy().backoff_ms(10), 4_000, "backoff is bounded");
+    }
+
+    #[tokio::test]
+    async fn permanent_failure_is_not_retried() {
+        let (_d, jobs, _c) = setup().await;
+        jobs.enqueue(7, 70, &backup()).await.unwrap();
+        let (_, lease) = jobs.claim("w").await.unwrap().unwrap();
+        let conflicts = JobResult::Conflicts {
+            count: 2,
+            sample: vec!["a".into(), "b".into()],
+        };
+        let state = jobs
+            .fail(&lease, "2 files differ", Some(&conflicts), false)
+            .await
+            .unwrap();
+        assert_eq!(state, JobState::Failed);
+        let j = jobs.get(lease.job_id).await.unwrap().unwrap();
+        assert_eq!(j.result, Some(conflicts));
+        assert_eq!(jobs.finished_unnotified().await.unwrap().len(), 1);
+        jobs.mark_final_notified(j.id).await.unwrap();
+        assert!(jobs.finished_unnotified().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_queued_is_immediate_and_running_is_signalled() {
+        let (_d, jobs, _c) = setup().await;
+        let q = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        assert!(matches!(
+            jobs.request_cancel(q.id, 8).await,
+            Err(JobError::NotFound(_))
+        ));
+        assert_eq!(
+            jobs.request_cancel(q.id, 7).await.unwrap(),
+            CancelOutcome::Cancelled
+        );
+        assert_eq!(
+            jobs.request_cancel(q.id, 7).await.unwrap(),
+            CancelOutcome::AlreadyFinished(JobState::Cancelled)
+        );
+        assert!(jobs.claim("w").await.unwrap().is_none());
+
+        let r = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        let (_, lease) = jobs.claim("w").await.unwrap().unwrap();
+        assert_eq!(
+            jobs.request_cancel(r.id, 7).await.unwrap(),
+            CancelOutcome::Requested
+        );
+        assert_eq!(jobs.heartbeat(&lease).await.unwrap(), Signal::Cancel);
+        assert_eq!(
+            jobs.report_progress(&lease, &ProgressReport::default())
+                .await
+                .unwrap(),
+            Signal::Cancel
+        );
+        // A retryable failure of a job being cancelled does not requeue it.
+        jobs.cancelled(&lease).await.unwrap();
+        assert_eq!(
+            jobs.get(r.id).await.unwrap().unwrap().state,
+            JobState::Cancelled
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_jobs_out_of_attempts_or_cancelled_are_settled() {
+        let (_d, jobs, clock) = setup().await;
+        let a = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        // Three workers in a row die holding the job.
+        for _ in 0..3 {
+            assert!(jobs.claim("w").await.unwrap().is_some());
+            clock.advance(10_001);
+        }
+        assert!(jobs.claim("w").await.unwrap().is_none());
+        let a = jobs.get(a.id).await.unwrap().unwrap();
+        assert_eq!(a.state, JobState::Failed);
+        assert!(a.error.unwrap().contains("stopped responding"));
+
+        let b = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        jobs.claim("w").await.unwrap().unwrap();
+        jobs.request_cancel(b.id, 7).await.unwrap();
+        clock.advance(10_001);
+        assert!(jobs.claim("w").await.unwrap().is_none());
+        assert_eq!(
+            jobs.get(b.id).await.unwrap().unwrap().state,
+            JobState::Cancelled
+        );
+    }
+
+    #[tokio::test]
+    async fn release_requeues_without_spending_an_attempt() {
+        let (_d, jobs, _c) = setup().await;
+        let j = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        let (_, lease) = jobs.claim("w").await.unwrap().unwrap();
+        jobs.release(&lease).await.unwrap();
+        let j = jobs.get(j.id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Queued);
+        assert_eq!(j.max_attempts, 4);
+        let (_, lease2) = jobs.claim("w").await.unwrap().unwrap();
+        assert_eq!(lease2.attempt, 2);
+        assert!(jobs.heartbeat(&lease).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn progress_is_recorded_and_drives_message_edits() {
+        let (_d, jobs, clock) = setup().await;
+        let j = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        jobs.set_progress_message(j.id, 42).await.unwrap();
+        // Fresh job: updated_at > shown_at (0) → the bot renders it once.
+        assert_eq!(jobs.needing_progress_edit().await.unwrap().len(), 1);
+        jobs.mark_shown(j.id, j.updated_at).await.unwrap();
+        assert!(jobs.needing_progress_edit().await.unwrap().is_empty());
+        let (_, lease) = jobs.claim("w").await.unwrap().unwrap();
+        clock.advance(1_000);
+        let p = ProgressReport {
+            phase: Phase::Uploading,
+            files_done: 1,
+            files_total: 2,
+            bytes_done: 100,
+            bytes_total: 200,
+            bytes_stored: 50,
+        };
+        jobs.report_progress(&lease, &p).await.unwrap();
+        let edits = jobs.needing_progress_edit().await.unwrap();
+        assert_eq!(edits.len(), 1);
+        assert_eq!(edits[0].progress, p);
+        assert_eq!(edits[0].progress_message_id, Some(42));
+        jobs.set_estimate(&lease, &serde_json::json!({"files": 2}))
+            .await
+            .unwrap();
+        assert_eq!(
+            jobs.get(j.id).await.unwrap().unwrap().estimate,
+            Some(serde_json::json!({"files": 2}))
+        );
+        // Stall notices: once per stall.
+        clock.advance(10_001);
+        assert_eq!(jobs.stalled_unnotified().await.unwrap().len(), 1);
+        jobs.mark_stall_notified(j.id).await.unwrap();
+        assert!(jobs.stalled_unnotified().await.unwrap().is_empty());
+    }
+}
