@@ -85,6 +85,12 @@ pub struct TelegramSettings {
     pub session_path: PathBuf,
     /// Message-class calls allowed per minute (sendMedia, getMessages, ...).
     pub message_calls_per_minute: u32,
+    /// Upload/download part requests in flight.
+    pub part_concurrency: usize,
+    /// Upper bound on any single Telegram request.
+    pub request_timeout_secs: u64,
+    /// A Premium account may upload 4000 MiB documents.
+    pub premium: bool,
 }
 
 impl Config {
@@ -215,6 +221,43 @@ impl Config {
                 }
             },
         };
+        let part_concurrency = match var("STORINATOR_PART_CONCURRENCY") {
+            None => 4,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=32).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "STORINATOR_PART_CONCURRENCY",
+                        value: v,
+                        reason: "expected 1 to 32 parts in flight".into(),
+                    });
+                }
+            },
+        };
+        let request_timeout_secs = match var("STORINATOR_TELEGRAM_TIMEOUT_SECS") {
+            None => 60,
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=3600).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "STORINATOR_TELEGRAM_TIMEOUT_SECS",
+                        value: v,
+                        reason: "expected seconds, 1 to 3600".into(),
+                    });
+                }
+            },
+        };
+        let premium = match var("STORINATOR_TELEGRAM_PREMIUM").as_deref() {
+            None | Some("0") | Some("false") => false,
+            Some("1") | Some("true") => true,
+            Some(v) => {
+                return Err(ConfigError::Invalid {
+                    var: "STORINATOR_TELEGRAM_PREMIUM",
+                    value: v.into(),
+                    reason: "expected 1 or 0".into(),
+                });
+            }
+        };
         let telegram = TelegramSettings {
             api_id,
             api_hash: var("TELEGRAM_API_HASH").map(Secret::new),
@@ -223,6 +266,9 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| data_dir.join("worker.session")),
             message_calls_per_minute,
+            part_concurrency,
+            request_timeout_secs,
+            premium,
         };
         Ok(Config {
             data_dir,

@@ -106,6 +106,12 @@ pub enum Command {
         #[arg(long)]
         read_data: bool,
     },
+    /// Sign the worker's Telegram account in (phone, code, 2FA password).
+    ///
+    /// Needs TELEGRAM_API_ID and TELEGRAM_API_HASH (from https://my.telegram.org). The
+    /// session is saved with mode 0600 at STORINATOR_SESSION_FILE (default
+    /// <data dir>/worker.session). Run it once, interactively, on the storage host.
+    Login,
     /// Rebuild the catalog from storage alone (a new machine after a disaster).
     ///
     /// Needs only the storage settings and the passphrase: reads the wrapped key, every
@@ -400,6 +406,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Login => {
+            let tcfg = crate::telegram::TelegramConfig::from_config(&cfg)?;
+            let session = tcfg.session_path.clone();
+            crate::telegram::login_interactive(&tcfg, &session).await?;
+            println!("signed in; session saved at {}", session.display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Recover => {
             let catalog = Catalog::open(&cfg.database_url).await?;

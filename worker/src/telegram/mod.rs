@@ -1,12 +1,106 @@
-//! Telegram storage on grammers (issue 3).
+//! Telegram storage on grammers (issue 3): the storage backend, its rate-aware scheduler,
+//! the session file and the interactive login.
 
-use std::sync::Arc;
+mod login;
+pub mod scheduler;
+pub mod session;
+mod storage;
 
-use storinator_shared::{Config, Storage};
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// Opens the Telegram storage backend.
-pub async fn open_storage(_cfg: &Config) -> anyhow::Result<Arc<dyn Storage>> {
-    anyhow::bail!(
-        "STORINATOR_STORAGE=telegram is not available in this build yet\nhint: use STORINATOR_STORAGE=dir:/path"
-    )
+pub use login::{login_interactive, login_with};
+pub use scheduler::{Estimate, Scheduler, SchedulerConfig, SchedulerStats, estimate_with};
+pub use session::FileSession;
+pub use storage::{StorageChat, TelegramStorage, plan_windows, random_id_for};
+
+/// Everything the Telegram backend needs. The CLI fills it from the environment:
+/// `TELEGRAM_API_ID`, `TELEGRAM_API_HASH`, `STORINATOR_TELEGRAM_SESSION` (default
+/// `<data dir>/telegram.session`), `STORINATOR_STORAGE_CHAT` (empty or `me` = Saved Messages,
+/// else a channel as `-100<id>`, `<id>` or its title as known to the session),
+/// `STORINATOR_MESSAGE_RATE` (message-class calls per minute, default 100),
+/// `STORINATOR_PART_CONCURRENCY` (default 4), `STORINATOR_TELEGRAM_TIMEOUT_SECS` (default 60),
+/// `STORINATOR_TELEGRAM_PREMIUM` (`1` lifts the upload limit to 4000 MiB).
+#[derive(Clone, Debug)]
+pub struct TelegramConfig {
+    pub api_id: i32,
+    pub api_hash: String,
+    pub session_path: PathBuf,
+    pub storage_chat: Option<String>,
+    /// Where the engine writes packs before they are uploaded.
+    pub spool_dir: PathBuf,
+    pub message_calls_per_minute: u32,
+    pub part_concurrency: usize,
+    /// Upper bound on any single request (grammers has none of its own).
+    pub request_timeout: Duration,
+    /// Attempts per call for transient failures (flood waits do not count).
+    pub max_attempts: u32,
+    pub premium: bool,
+    /// Gzip part uploads the way grammers does by default. Off: parts are encrypted data and
+    /// do not compress; this exists to measure what that would cost (see the tg_bench example).
+    pub compress_parts: bool,
+}
+
+impl TelegramConfig {
+    /// Defaults for everything but the credentials and paths.
+    pub fn new(
+        api_id: i32,
+        api_hash: impl Into<String>,
+        session_path: PathBuf,
+        spool_dir: PathBuf,
+    ) -> Self {
+        TelegramConfig {
+            api_id,
+            api_hash: api_hash.into(),
+            session_path,
+            storage_chat: None,
+            spool_dir,
+            message_calls_per_minute: 100,
+            part_concurrency: 4,
+            request_timeout: Duration::from_secs(60),
+            max_attempts: 8,
+            premium: false,
+            compress_parts: false,
+        }
+    }
+}
+
+impl TelegramConfig {
+    /// The Telegram settings of the worker's configuration; credentials are required.
+    pub fn from_config(cfg: &storinator_shared::Config) -> anyhow::Result<TelegramConfig> {
+        let t = &cfg.telegram;
+        let api_id = t.api_id.ok_or_else(|| {
+            anyhow::anyhow!(
+                "missing TELEGRAM_API_ID: required when STORINATOR_STORAGE=telegram (get it at https://my.telegram.org)\nhint: every variable is described in .env.example"
+            )
+        })?;
+        let api_hash = t.api_hash.as_ref().map(|h| h.expose().to_string()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "missing TELEGRAM_API_HASH: required when STORINATOR_STORAGE=telegram (get it at https://my.telegram.org)\nhint: every variable is described in .env.example"
+            )
+        })?;
+        let mut c = TelegramConfig::new(api_id, api_hash, t.session_path.clone(), cfg.spool_dir());
+        c.storage_chat = t.storage_chat.clone();
+        c.message_calls_per_minute = t.message_calls_per_minute;
+        c.part_concurrency = t.part_concurrency;
+        c.request_timeout = Duration::from_secs(t.request_timeout_secs);
+        c.premium = t.premium;
+        Ok(c)
+    }
+}
+
+/// Opens the Telegram storage backend configured in `cfg` (the session must be signed in:
+/// `storinator-worker login`).
+pub async fn open_storage(
+    cfg: &storinator_shared::Config,
+) -> anyhow::Result<std::sync::Arc<dyn storinator_shared::Storage>> {
+    let tcfg = TelegramConfig::from_config(cfg)?;
+    if !tcfg.session_path.exists() {
+        anyhow::bail!(
+            "no Telegram session at {}\nhint: run `storinator-worker login` first",
+            tcfg.session_path.display()
+        );
+    }
+    let storage = TelegramStorage::connect(tcfg).await?;
+    Ok(std::sync::Arc::new(storage))
 }

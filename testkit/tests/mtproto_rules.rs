@@ -1,0 +1,404 @@
+//! The loopback server enforces Telegram's rules the way Telegram answers them, checked with
+//! the unmodified grammers client (default settings, so requests of 512 bytes or more arrive
+//! gzip_packed) and raw API calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use grammers_client::Client;
+use grammers_client::sender::{ConnectionParams, NoRetries, SenderPool};
+use grammers_client::session::storages::MemorySession;
+use grammers_client::session::types::{DcOption, PeerAuth, PeerInfo};
+use grammers_client::session::{Session, SessionData};
+use grammers_client::tl;
+use grammers_mtsender::InvocationError;
+use storinator_testkit::mtproto::{LoopbackOptions, LoopbackTelegram};
+
+struct Conn {
+    server: LoopbackTelegram,
+    client: Client,
+    session: Arc<MemorySession>,
+    _runner: tokio::task::JoinHandle<()>,
+}
+
+async fn connect(opts: LoopbackOptions) -> Conn {
+    let server = LoopbackTelegram::start(opts).await.unwrap();
+    let mut data = SessionData::default();
+    let v4 = match server.addr() {
+        std::net::SocketAddr::V4(a) => a,
+        _ => unreachable!(),
+    };
+    data.home_dc = 2;
+    data.dc_options.insert(
+        2,
+        DcOption {
+            id: 2,
+            ipv4: v4,
+            ipv6: std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
+            auth_key: Some(server.auth_key()),
+        },
+    );
+    let me = PeerInfo::User {
+        id: server.self_user_id(),
+        auth: Some(PeerAuth::from_hash(server.self_access_hash())),
+        bot: Some(false),
+        is_self: Some(true),
+    };
+    data.peer_infos.insert(me.id(), me);
+    let session = Arc::new(MemorySession::from(data));
+    let pool = SenderPool::with_configuration(
+        session.clone(),
+        1,
+        ConnectionParams {
+            retry_policy: Box::new(NoRetries),
+            ..Default::default()
+        },
+    );
+    let client = Client::new(pool.handle);
+    let runner = tokio::spawn(pool.runner.run());
+    Conn {
+        server,
+        client,
+        session,
+        _runner: runner,
+    }
+}
+
+fn rpc_name(e: InvocationError) -> String {
+    match e {
+        InvocationError::Rpc(r) => match r.value {
+            Some(v) if r.name.starts_with("FILE_PART") => {
+                format!("{}_{v}_MISSING", r.name.trim_end_matches("_MISSING"))
+            }
+            Some(v) => format!("{}_{v}", r.name),
+            None => r.name,
+        },
+        other => panic!("expected an rpc error, got {other}"),
+    }
+}
+
+fn send(file: tl::enums::InputFile, random_id: i64) -> tl::functions::messages::SendMedia {
+    tl::functions::messages::SendMedia {
+        silent: false,
+        background: false,
+        clear_draft: false,
+        noforwards: false,
+        update_stickersets_order: false,
+        invert_media: false,
+        allow_paid_floodskip: false,
+        peer: tl::enums::InputPeer::PeerSelf,
+        reply_to: None,
+        media: tl::enums::InputMedia::UploadedDocument(tl::types::InputMediaUploadedDocument {
+            nosound_video: false,
+            force_file: true,
+            spoiler: false,
+            file,
+            thumb: None,
+            mime_type: "application/octet-stream".into(),
+            attributes: vec![],
+            stickers: None,
+            video_cover: None,
+            video_timestamp: None,
+            ttl_seconds: None,
+        }),
+        message: String::new(),
+        random_id,
+        reply_markup: None,
+        entities: None,
+        schedule_date: None,
+        schedule_repeat_period: None,
+        send_as: None,
+        quick_reply_shortcut: None,
+        effect: None,
+        allow_paid_stars: None,
+        suggested_post: None,
+    }
+}
+
+fn small(id: i64, parts: i32, name: &str) -> tl::enums::InputFile {
+    tl::enums::InputFile::File(tl::types::InputFile {
+        id,
+        parts,
+        name: name.into(),
+        md5_checksum: String::new(),
+    })
+}
+
+async fn part(
+    c: &Client,
+    file_id: i64,
+    file_part: i32,
+    bytes: Vec<u8>,
+) -> Result<bool, InvocationError> {
+    c.invoke(&tl::functions::upload::SaveFilePart {
+        file_id,
+        file_part,
+        bytes,
+    })
+    .await
+}
+
+fn doc_of(updates: tl::enums::Updates) -> tl::types::Document {
+    let tl::enums::Updates::Updates(u) = updates else {
+        panic!("expected updates")
+    };
+    for up in u.updates {
+        if let tl::enums::Update::NewMessage(n) = up
+            && let tl::enums::Message::Message(m) = n.message
+            && let Some(tl::enums::MessageMedia::Document(d)) = m.media
+            && let Some(tl::enums::Document::Document(d)) = d.document
+        {
+            return d;
+        }
+    }
+    panic!("no document in the answer")
+}
+
+async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test took too long");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_rewrites_dc_options_to_loopback_only() {
+    bounded(async {
+        let c = connect(LoopbackOptions::default()).await;
+        let me = c
+            .client
+            .invoke(&tl::functions::users::GetUsers {
+                id: vec![tl::enums::InputUser::UserSelf],
+            })
+            .await
+            .unwrap();
+        assert_eq!(me.len(), 1);
+        let dc = c.session.dc_option(2).unwrap().unwrap();
+        assert_eq!(std::net::SocketAddr::V4(dc.ipv4), c.server.addr());
+        assert_eq!(c.server.counters().get("help.getConfig"), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_rules() {
+    bounded(async {
+        let c = connect(LoopbackOptions::default()).await;
+        let cl = &c.client;
+        // Parts over 512 KiB are refused outright.
+        let e = part(cl, 1, 0, vec![0; 512 * 1024 + 1024])
+            .await
+            .unwrap_err();
+        assert_eq!(rpc_name(e), "FILE_PART_TOO_BIG");
+        // A missing part is named at send time.
+        part(cl, 2, 0, vec![1; 1024]).await.unwrap();
+        part(cl, 2, 2, vec![1; 10]).await.unwrap();
+        let e = cl.invoke(&send(small(2, 3, "a"), 1)).await.unwrap_err();
+        assert_eq!(rpc_name(e), "FILE_PART_1_MISSING");
+        // Non-final parts must divide 512 KiB and be 1 KiB multiples.
+        part(cl, 3, 0, vec![1; 1000]).await.unwrap();
+        part(cl, 3, 1, vec![1; 10]).await.unwrap();
+        let e = cl.invoke(&send(small(3, 2, "b"), 2)).await.unwrap_err();
+        assert_eq!(rpc_name(e), "FILE_PART_SIZE_INVALID");
+        // More than 4000 parts is refused.
+        let e = cl
+            .invoke(&tl::functions::upload::SaveBigFilePart {
+                file_id: 4,
+                file_part: 0,
+                file_total_parts: 4001,
+                bytes: vec![0; 1024],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(rpc_name(e), "FILE_PARTS_INVALID");
+        // Small-file parts are limited to 10 MiB in total.
+        for p in 0..21 {
+            part(cl, 5, p, vec![7; 512 * 1024]).await.unwrap();
+        }
+        let e = cl.invoke(&send(small(5, 21, "c"), 3)).await.unwrap_err();
+        assert_eq!(rpc_name(e), "FILE_PARTS_INVALID");
+        // A good upload goes through once; the same random_id again is a duplicate.
+        part(cl, 6, 0, vec![9; 2048]).await.unwrap();
+        cl.invoke(&send(small(6, 1, "d"), 4)).await.unwrap();
+        part(cl, 7, 0, vec![9; 2048]).await.unwrap();
+        let e = cl.invoke(&send(small(7, 1, "d"), 4)).await.unwrap_err();
+        assert_eq!(rpc_name(e), "RANDOM_ID_DUPLICATE");
+        // Expired parts are reported as missing.
+        part(cl, 8, 0, vec![9; 2048]).await.unwrap();
+        c.server.expire_uploaded_parts();
+        let e = cl.invoke(&send(small(8, 1, "e"), 5)).await.unwrap_err();
+        assert_eq!(rpc_name(e), "FILE_PART_0_MISSING");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_file_alignment_rules() {
+    bounded(async {
+        let c = connect(LoopbackOptions::default()).await;
+        let cl = &c.client;
+        let size = 2 * 1024 * 1024 + 100;
+        let bytes: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        for (p, chunk) in bytes.chunks(512 * 1024).enumerate() {
+            cl.invoke(&tl::functions::upload::SaveBigFilePart {
+                file_id: 9,
+                file_part: p as i32,
+                file_total_parts: 5,
+                bytes: chunk.to_vec(),
+            })
+            .await
+            .unwrap();
+        }
+        let big = tl::enums::InputFile::Big(tl::types::InputFileBig {
+            id: 9,
+            parts: 5,
+            name: "f".into(),
+        });
+        let doc = doc_of(cl.invoke(&send(big, 6)).await.unwrap());
+        assert_eq!(doc.size, size as i64);
+        let get = |offset: i64, limit: i32| tl::functions::upload::GetFile {
+            precise: false,
+            cdn_supported: false,
+            location: tl::enums::InputFileLocation::InputDocumentFileLocation(
+                tl::types::InputDocumentFileLocation {
+                    id: doc.id,
+                    access_hash: doc.access_hash,
+                    file_reference: doc.file_reference.clone(),
+                    thumb_size: String::new(),
+                },
+            ),
+            offset,
+            limit,
+        };
+        for (offset, limit, want) in [
+            (100, 4096, "OFFSET_INVALID"),
+            (0, 5000, "LIMIT_INVALID"),
+            (0, 3 * 4096, "LIMIT_INVALID"),
+            (1024 * 1024 - 4096, 8192, "LIMIT_INVALID"),
+        ] {
+            let e = cl.invoke(&get(offset, limit)).await.unwrap_err();
+            assert_eq!(rpc_name(e), want, "offset {offset} limit {limit}");
+        }
+        let tl::enums::upload::File::File(f) =
+            cl.invoke(&get(512 * 1024, 512 * 1024)).await.unwrap()
+        else {
+            panic!("cdn")
+        };
+        assert_eq!(f.bytes, &bytes[512 * 1024..1024 * 1024]);
+        // The tail is short; past the end is empty.
+        let tl::enums::upload::File::File(f) =
+            cl.invoke(&get(2 * 1024 * 1024, 4096)).await.unwrap()
+        else {
+            panic!("cdn")
+        };
+        assert_eq!(f.bytes, &bytes[2 * 1024 * 1024..]);
+        c.server.expire_file_references();
+        let e = cl.invoke(&get(0, 4096)).await.unwrap_err();
+        assert_eq!(rpc_name(e), "FILE_REFERENCE_EXPIRED");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_and_rate_limit() {
+    bounded(async {
+        let c = connect(LoopbackOptions {
+            message_rate: Some((1000, Duration::from_secs(60))),
+            ..Default::default()
+        })
+        .await;
+        let cl = &c.client;
+        for i in 0..150i64 {
+            part(cl, 100 + i, 0, vec![1; 16]).await.unwrap();
+            cl.invoke(&send(small(100 + i, 1, &format!("m{i}")), 1000 + i))
+                .await
+                .unwrap();
+        }
+        let page = |offset_id| tl::functions::messages::GetHistory {
+            peer: tl::enums::InputPeer::PeerSelf,
+            offset_id,
+            offset_date: 0,
+            add_offset: 0,
+            limit: 100,
+            max_id: 0,
+            min_id: 0,
+            hash: 0,
+        };
+        let tl::enums::messages::Messages::Slice(first) = cl.invoke(&page(0)).await.unwrap() else {
+            panic!("a partial page is a messagesSlice")
+        };
+        assert_eq!(first.count, 150);
+        assert_eq!(first.messages.len(), 100);
+        let ids = |ms: &[tl::enums::Message]| -> Vec<i32> {
+            ms.iter()
+                .map(|m| match m {
+                    tl::enums::Message::Message(m) => m.id,
+                    _ => 0,
+                })
+                .collect()
+        };
+        let first_ids = ids(&first.messages);
+        assert!(first_ids.windows(2).all(|w| w[0] > w[1]), "newest first");
+        let last = *first_ids.last().unwrap();
+        let rest = match cl.invoke(&page(last)).await.unwrap() {
+            tl::enums::messages::Messages::Slice(s) => s.messages,
+            tl::enums::messages::Messages::Messages(m) => m.messages,
+            _ => panic!("unexpected page"),
+        };
+        assert_eq!(rest.len(), 50);
+        assert!(ids(&rest).iter().all(|i| *i < last));
+        assert_eq!(c.server.counters().get("messages.sendMedia"), 150);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_class_rate_limit_answers_flood_wait() {
+    bounded(async {
+        let c = connect(LoopbackOptions {
+            message_rate: Some((3, Duration::from_secs(30))),
+            ..Default::default()
+        })
+        .await;
+        let q = tl::functions::messages::GetHistory {
+            peer: tl::enums::InputPeer::PeerSelf,
+            offset_id: 0,
+            offset_date: 0,
+            add_offset: 0,
+            limit: 10,
+            max_id: 0,
+            min_id: 0,
+            hash: 0,
+        };
+        for _ in 0..3 {
+            c.client.invoke(&q).await.unwrap();
+        }
+        let e = c.client.invoke(&q).await.unwrap_err();
+        let name = rpc_name(e);
+        let secs: u32 = name.strip_prefix("FLOOD_WAIT_").unwrap().parse().unwrap();
+        assert!((29..=30).contains(&secs), "{name}");
+        // Part transfers are a different budget.
+        part(&c.client, 1, 0, vec![0; 1024]).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_shapes_part_uploads() {
+    bounded(async {
+        let c = connect(LoopbackOptions {
+            bandwidth: Some(4 * 1024 * 1024),
+            ..Default::default()
+        })
+        .await;
+        let t0 = std::time::Instant::now();
+        for p in 0..4 {
+            part(&c.client, 1, p, vec![0; 512 * 1024]).await.unwrap();
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(450),
+            "2 MiB at 4 MiB/s took {took:?}"
+        );
+    })
+    .await;
+}

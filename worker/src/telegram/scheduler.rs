@@ -1,0 +1,320 @@
+//! Rate-aware scheduling of Telegram calls.
+//!
+//! Telegram meters two things separately: message-level calls (sendMedia, getHistory, ...;
+//! about 100 per minute) and file part transfers (paced by FLOOD_WAIT feedback). Message calls
+//! go through a token bucket; both classes can be paused by a FLOOD_WAIT for exactly as long as
+//! the server asked; part transfers run with a concurrency that halves on a flood wait and
+//! grows back after a run of successes. Time comes from `tokio::time`, so tests run under
+//! `start_paused` and finish instantly.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Which budget a call draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallClass {
+    /// sendMedia, getHistory, getMessages, search, deleteMessages.
+    Message,
+    /// saveFilePart, saveBigFilePart, getFile.
+    Transfer,
+}
+
+/// Tunables of the scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Message-class calls allowed per minute (token bucket refill rate and burst).
+    pub message_calls_per_minute: u32,
+    /// Upper bound on concurrent part transfers.
+    pub max_part_concurrency: usize,
+    /// Assumed transfer rate before anything was measured, bytes per second.
+    pub assumed_bytes_per_sec: f64,
+    /// First and largest pause after a dropped connection or timeout.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            message_calls_per_minute: 100,
+            max_part_concurrency: 4,
+            assumed_bytes_per_sec: 4.0 * 1024.0 * 1024.0,
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a job will cost, reported before it starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    pub message_calls: u64,
+    pub part_calls: u64,
+    pub seconds: f64,
+}
+
+/// Counters a job or benchmark can report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub flood_waits: u64,
+    pub flood_wait_seconds: u64,
+    pub reconnects: u64,
+    pub retries: u64,
+    pub upload_restarts: u64,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    bucket: Mutex<Bucket>,
+    paused: Mutex<[Option<Instant>; 2]>,
+    concurrency: AtomicUsize,
+    successes: AtomicUsize,
+    /// Measured transfer rate (bytes/s, EWMA), stored as f64 bits.
+    rate_bits: AtomicU64,
+    stats: Mutex<SchedulerStats>,
+}
+
+pub const PART_SIZE: u64 = 512 * 1024;
+
+fn idx(c: CallClass) -> usize {
+    match c {
+        CallClass::Message => 0,
+        CallClass::Transfer => 1,
+    }
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let burst = f64::from(cfg.message_calls_per_minute.max(1));
+        Scheduler {
+            concurrency: AtomicUsize::new(cfg.max_part_concurrency.max(1)),
+            rate_bits: AtomicU64::new(cfg.assumed_bytes_per_sec.to_bits()),
+            cfg,
+            bucket: Mutex::new(Bucket {
+                tokens: burst,
+                last: Instant::now(),
+            }),
+            paused: Mutex::new([None, None]),
+            successes: AtomicUsize::new(0),
+            stats: Mutex::new(SchedulerStats::default()),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Waits until a call of `class` may go out: past any flood pause and, for message
+    /// calls, holding a token.
+    pub async fn acquire(&self, class: CallClass) {
+        loop {
+            let pause = self.paused.lock().unwrap()[idx(class)];
+            if let Some(until) = pause
+                && until > Instant::now()
+            {
+                tokio::time::sleep_until(until).await;
+                continue;
+            }
+            if class == CallClass::Transfer {
+                return;
+            }
+            let wait = {
+                let mut b = self.bucket.lock().unwrap();
+                let per_sec = f64::from(self.cfg.message_calls_per_minute.max(1)) / 60.0;
+                let burst = f64::from(self.cfg.message_calls_per_minute.max(1));
+                let now = Instant::now();
+                b.tokens =
+                    (b.tokens + now.duration_since(b.last).as_secs_f64() * per_sec).min(burst);
+                b.last = now;
+                if b.tokens >= 1.0 {
+                    b.tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - b.tokens) / per_sec)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The server said FLOOD_WAIT_X: pause the whole class for X seconds.
+    pub fn flood_wait(&self, class: CallClass, seconds: u32) {
+        let until = Instant::now() + Duration::from_secs(u64::from(seconds.max(1)));
+        {
+            let mut p = self.paused.lock().unwrap();
+            let slot = &mut p[idx(class)];
+            *slot = Some(slot.map_or(until, |u| u.max(until)));
+        }
+        if class == CallClass::Transfer {
+            let c = self.concurrency.load(Ordering::Relaxed);
+            self.concurrency.store((c / 2).max(1), Ordering::Relaxed);
+            self.successes.store(0, Ordering::Relaxed);
+        }
+        let mut s = self.stats.lock().unwrap();
+        s.flood_waits += 1;
+        s.flood_wait_seconds += u64::from(seconds);
+    }
+
+    /// A part transfer went through; after enough in a row, allow one more in parallel.
+    pub fn transfer_ok(&self, bytes: u64, took: Duration) {
+        let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
+        let c = self.concurrency.load(Ordering::Relaxed);
+        if n >= 16 * c && c < self.cfg.max_part_concurrency {
+            self.concurrency.store(c + 1, Ordering::Relaxed);
+            self.successes.store(0, Ordering::Relaxed);
+        }
+        let secs = took.as_secs_f64();
+        if secs > 0.0 {
+            // Per-stream rate times streams approximates the aggregate.
+            let sample = bytes as f64 / secs * c as f64;
+            let old = f64::from_bits(self.rate_bits.load(Ordering::Relaxed));
+            let new = old * 0.8 + sample * 0.2;
+            self.rate_bits.store(new.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn part_concurrency(&self) -> usize {
+        self.concurrency.load(Ordering::Relaxed)
+    }
+
+    /// The pause before retry number `attempt` (1-based) after a dropped connection or a
+    /// timeout: exponential, capped, the one place such waits are decided.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .cfg
+            .backoff_base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        exp.min(self.cfg.backoff_max)
+    }
+
+    pub fn note_reconnect(&self) {
+        self.stats.lock().unwrap().reconnects += 1;
+    }
+    pub fn note_retry(&self) {
+        self.stats.lock().unwrap().retries += 1;
+    }
+    pub fn note_upload_restart(&self) {
+        self.stats.lock().unwrap().upload_restarts += 1;
+    }
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    /// API calls and time to upload `bytes` spread over `packs` packs under current limits.
+    pub fn estimate(&self, bytes: u64, packs: u64) -> Estimate {
+        estimate_with(
+            bytes,
+            packs,
+            self.cfg.message_calls_per_minute,
+            f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// The estimator on its own: one sendMedia per pack, one part call per started 512 KiB of
+/// each pack; the time is whichever budget is the bottleneck.
+pub fn estimate_with(
+    bytes: u64,
+    packs: u64,
+    calls_per_minute: u32,
+    bytes_per_sec: f64,
+) -> Estimate {
+    let packs = packs.max(u64::from(bytes > 0));
+    // Each pack's last part is partial, so count whole parts plus at most one per pack.
+    let part_calls = bytes
+        .div_ceil(PART_SIZE)
+        .max(packs)
+        .min(bytes.div_ceil(PART_SIZE) + packs);
+    let message_calls = packs;
+    // The bucket allows a full minute's burst at once.
+    let burst = u64::from(calls_per_minute.max(1));
+    let msg_secs =
+        message_calls.saturating_sub(burst) as f64 * 60.0 / f64::from(calls_per_minute.max(1));
+    let xfer_secs = bytes as f64 / bytes_per_sec.max(1.0);
+    Estimate {
+        message_calls,
+        part_calls,
+        seconds: msg_secs.max(xfer_secs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_limits_message_calls_per_minute() {
+        let s = Scheduler::new(SchedulerConfig {
+            message_calls_per_minute: 60,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        for _ in 0..60 {
+            s.acquire(CallClass::Message).await;
+        }
+        assert!(t0.elapsed() < Duration::from_millis(10), "burst is free");
+        for _ in 0..30 {
+            s.acquire(CallClass::Message).await;
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_secs(29) && took <= Duration::from_secs(31),
+            "30 more calls at 1/s took {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flood_wait_pauses_only_its_class() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        s.flood_wait(CallClass::Message, 42);
+        let t0 = Instant::now();
+        s.acquire(CallClass::Transfer).await;
+        assert!(t0.elapsed() < Duration::from_millis(1));
+        s.acquire(CallClass::Message).await;
+        assert!(t0.elapsed() >= Duration::from_secs(42));
+        assert_eq!(s.stats().flood_waits, 1);
+    }
+
+    #[test]
+    fn transfer_flood_halves_concurrency_and_successes_regrow_it() {
+        let s = Scheduler::new(SchedulerConfig {
+            max_part_concurrency: 8,
+            ..Default::default()
+        });
+        s.flood_wait(CallClass::Transfer, 1);
+        assert_eq!(s.part_concurrency(), 4);
+        for _ in 0..64 {
+            s.transfer_ok(PART_SIZE, Duration::from_millis(10));
+        }
+        assert_eq!(s.part_concurrency(), 5);
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        assert_eq!(s.backoff(1), Duration::from_millis(250));
+        assert_eq!(s.backoff(3), Duration::from_secs(1));
+        assert_eq!(s.backoff(40), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn estimate_counts_calls_and_picks_the_bottleneck() {
+        // 10 GiB in 1.9 GiB packs: 6 sends, 20480 parts (+ partial last parts).
+        let gib = 1024 * 1024 * 1024u64;
+        let e = estimate_with(10 * gib, 6, 100, 10.0 * 1024.0 * 1024.0);
+        assert_eq!(e.message_calls, 6);
+        assert!(e.part_calls >= 20480 && e.part_calls <= 20486, "{e:?}");
+        assert!((e.seconds - 1024.0).abs() < 1.0, "{e:?}");
+        // Many tiny packs: the message budget dominates.
+        let e = estimate_with(1000 * 1024, 1000, 100, 1e9);
+        assert!((e.seconds - 540.0).abs() < 1.0, "{e:?}");
+        assert_eq!(estimate_with(0, 0, 100, 1.0).message_calls, 0);
+    }
+}

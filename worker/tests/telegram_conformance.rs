@@ -1,0 +1,121 @@
+//! The storage conformance checks (mirroring `shared::storage::conformance`) run against the
+//! real grammers client and the loopback Telegram, in Saved Messages and in a channel.
+
+mod telegram_support;
+
+use std::time::Duration;
+
+use storinator_shared::error::StorageError;
+use storinator_shared::storage::{ObjectRef, Storage};
+use storinator_testkit::mtproto::LoopbackOptions;
+use telegram_support::*;
+
+async fn conformance(store: &dyn Storage) {
+    let spool = store.spool_dir().to_path_buf();
+    std::fs::create_dir_all(&spool).unwrap();
+    let p = spool.join("upload-test");
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&p, &data).unwrap();
+    let loc = store.put_file("aa.enc", &p).await.unwrap();
+    assert!(!p.exists(), "put_file must consume the spool file");
+    let r = ObjectRef::new("aa.enc", loc.clone());
+    assert_eq!(store.get_range(&r, 0, 10).await.unwrap(), &data[..10]);
+    assert_eq!(store.get_range(&r, 9990, 10).await.unwrap(), &data[9990..]);
+    assert!(
+        store.get_range(&r, 9995, 10).await.is_err(),
+        "read past the end must fail"
+    );
+    let by_name = ObjectRef::new("aa.enc", "");
+    assert_eq!(
+        store.get_range(&by_name, 100, 5).await.unwrap(),
+        &data[100..105]
+    );
+    store
+        .put_bytes("key-1.enc", b"hello".to_vec())
+        .await
+        .unwrap();
+    let mut names: Vec<_> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.name, o.size))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![("aa.enc".to_string(), 10_000), ("key-1.enc".to_string(), 5)]
+    );
+    store.remove(&r).await.unwrap();
+    store.remove(&r).await.unwrap();
+    let missing = store.get_range(&r, 0, 1).await.unwrap_err();
+    assert!(
+        matches!(missing, StorageError::NotFound { .. }),
+        "{missing:?}"
+    );
+    assert!(store.put_bytes("../x", vec![]).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_in_saved_messages() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let f = start(LoopbackOptions::default(), false).await;
+        conformance(&f.storage).await;
+        assert!(f.server.documents().iter().all(|d| d.0 == "saved"));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_in_a_channel() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let f = start(LoopbackOptions::default(), true).await;
+        conformance(&f.storage).await;
+        let docs = f.server.documents();
+        assert_eq!(docs.len(), 1);
+        assert!(docs[0].0.starts_with("channel:"), "{docs:?}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_location_and_big_pack_round_trip() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let f = start(LoopbackOptions::default(), false).await;
+        // Over 10 MB: saveBigFilePart, 24 parts, last one partial.
+        let bytes = data(12 * 1024 * 1024 + 777, 1);
+        let loc = put(&f.storage, "0123456789abcdef0123456789abcdef.enc", &bytes).await;
+        assert!(f.server.counters().get("upload.saveBigFilePart") >= 25);
+        assert_eq!(f.server.counters().get("upload.saveFilePart"), 0);
+        let name = "0123456789abcdef0123456789abcdef.enc";
+        assert_eq!(
+            get_all(&f.storage, name, &loc, bytes.len() as u64).await,
+            bytes
+        );
+        // A fresh storage (empty cache) with a stale location still finds it by name.
+        let cfg_storage = start_again(&f).await;
+        let got = cfg_storage
+            .get_range(&ObjectRef::new(name, "me:999999"), 5_000_000, 3_000_000)
+            .await
+            .unwrap();
+        assert_eq!(got, &bytes[5_000_000..8_000_000]);
+    })
+    .await
+    .unwrap();
+}
+
+async fn start_again(f: &Fixture) -> storinator_worker::telegram::TelegramStorage {
+    let session = f.dir.path().join("worker2.session");
+    f.server.write_session(&session).unwrap();
+    let cfg = storinator_worker::telegram::TelegramConfig::new(
+        1,
+        "loopback",
+        session,
+        f.dir.path().join("spool2"),
+    );
+    storinator_worker::telegram::TelegramStorage::connect(cfg)
+        .await
+        .unwrap()
+}
