@@ -1,0 +1,120 @@
+//! The whole chain with Telegram storage: chat → bot → job table → worker daemon → engine →
+//! the real grammers client → the loopback MTProto server, and back for a restore.
+
+mod telegram_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use storinator_bot::BotConfig;
+use storinator_shared::{Catalog, ChunkerParams, EngineSettings, Jobs, KdfParams, Repo};
+use storinator_testkit::botapi::FakeBotApi;
+use storinator_testkit::mtproto::LoopbackOptions;
+use storinator_worker::daemon::{self, DaemonConfig};
+use tokio::sync::oneshot;
+
+const USER: i64 = 7;
+const WAIT: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_backup_and_restore_through_loopback_telegram() {
+    let f = telegram_support::start(LoopbackOptions::default(), false).await;
+    let api = FakeBotApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let data = root.join("data");
+    std::fs::create_dir_all(data.join("photos")).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(
+            data.join(format!("photos/p{i}.bin")),
+            telegram_support::data(200 * 1024, i),
+        )
+        .unwrap();
+    }
+    std::fs::write(data.join("notes.txt"), b"remember the milk\n").unwrap();
+    let root = root.canonicalize().unwrap();
+    let data = root.join("data");
+
+    let db_url = format!("sqlite://{}", dir.path().join("st.db").display());
+    let catalog = Catalog::open(&db_url).await.unwrap();
+    let storage = Arc::new(f.storage);
+    Repo::init(
+        &catalog,
+        storage.as_ref(),
+        "pw",
+        KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
+    let settings = EngineSettings {
+        pack_size: 256 * 1024,
+        chunker: ChunkerParams::small(),
+        threads: 1,
+        ..EngineSettings::default()
+    };
+    let jobs = Jobs::new(catalog.pool().clone());
+    let repo = Repo::open(catalog, storage, "pw", settings).await.unwrap();
+
+    let (wtx, wrx) = oneshot::channel::<()>();
+    let worker = tokio::spawn(daemon::run(
+        Arc::new(repo),
+        jobs,
+        DaemonConfig {
+            worker_id: "tg-worker".into(),
+            concurrency: 1,
+            poll_interval: Duration::from_millis(50),
+            progress_interval: Duration::from_millis(100),
+        },
+        async move {
+            let _ = wrx.await;
+        },
+    ));
+
+    let vars = [
+        ("TELOXIDE_TOKEN".to_string(), "1:TG".to_string()),
+        ("TELOXIDE_API_URL".into(), api.url()),
+        ("STORINATOR_ALLOWED_USERS".into(), USER.to_string()),
+        ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),
+        ("DATABASE_URL".into(), db_url.clone()),
+        ("STORINATOR_BOT_EDIT_INTERVAL_MS".into(), "100".into()),
+        ("STORINATOR_BOT_TICK_MS".into(), "50".into()),
+        ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
+    ];
+    let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        .unwrap();
+    let (btx, brx) = oneshot::channel::<()>();
+    let bot = tokio::spawn(storinator_bot::run(cfg, async move {
+        let _ = brx.await;
+    }));
+
+    api.push_message(USER, USER, &format!("/backup {}", data.display()));
+    let done = api.wait_for_bot_text(USER, "Done: snapshot", WAIT).await;
+    assert!(done.is_some(), "{}", api.transcript_text(USER));
+    let docs = f.server.documents();
+    assert!(!docs.is_empty(), "packs went to the loopback Telegram");
+
+    let out = root.join("back");
+    api.push_message(
+        USER,
+        USER,
+        &format!("/restore {}/photos to {}", data.display(), out.display()),
+    );
+    let restored = api.wait_for_bot_text(USER, "Restored", WAIT).await;
+    assert!(restored.is_some(), "{}", api.transcript_text(USER));
+    for i in 0..4u64 {
+        assert_eq!(
+            std::fs::read(out.join(format!("photos/p{i}.bin"))).unwrap(),
+            telegram_support::data(200 * 1024, i)
+        );
+    }
+    println!(
+        "{} documents in the storage chat\n{}",
+        docs.len(),
+        api.transcript_text(USER)
+    );
+
+    let _ = wtx.send(());
+    worker.await.unwrap().unwrap();
+    let _ = btx.send(());
+    bot.await.unwrap().unwrap();
+}
