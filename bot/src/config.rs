@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// A configuration problem, naming the variable at fault.
 #[derive(Debug, thiserror::Error)]
-#[error("{var}: {message}")]
+#[error("invalid {var}: {message}\nhint: every variable is described in .env.example")]
 pub struct ConfigError {
     pub var: &'static str,
     pub message: String,
@@ -123,13 +123,23 @@ impl BotConfig {
             None => backup_roots.clone(),
         };
 
-        let database_url = match var("DATABASE_URL") {
-            Some(url) => url,
-            None => {
-                let dir = var("STORINATOR_DATA_DIR").unwrap_or_else(|| "data".into());
-                format!("sqlite://{}/storinator.db", dir.trim_end_matches('/'))
-            }
-        };
+        // The worker's rules (same defaults, same validation): both must open one database.
+        let database_url = storinator_shared::Config::from_lookup(&get)
+            .map_err(|e| {
+                use storinator_shared::ConfigError as E;
+                let var = match &e {
+                    E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
+                };
+                let text = e.to_string();
+                bad(
+                    var,
+                    text.split_once(": ")
+                        .map(|(_, m)| m)
+                        .unwrap_or(&text)
+                        .to_string(),
+                )
+            })?
+            .database_url;
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match var(name) {
