@@ -43,6 +43,10 @@ fn main() {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
+    let engine_threads: usize = std::env::var("STORINATOR_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(threads);
 
     println!(
         "T-Storinator engine bench: {mib} MiB mixed tree, compression {compression:?}, {threads} threads"
@@ -70,11 +74,12 @@ fn main() {
         let catalog = Catalog::open_file(&base.path().join("catalog.db")).await.unwrap();
         let storage = Arc::new(DirStorage::open(base.path().join("store")).unwrap());
         Repo::init(&catalog, storage.as_ref(), "bench", KdfParams::fast_for_tests()).await.unwrap();
-        let settings = EngineSettings { compression, ..EngineSettings::default() };
+        let settings = EngineSettings { compression, threads: engine_threads, ..EngineSettings::default() };
         let repo = Repo::open(catalog, storage, "bench", settings).await.unwrap();
         let opts = BackupOptions { path: src.clone(), owner: "local".into(), encrypt: true };
 
         reset_peak_rss();
+        let cpu = cpu_seconds();
         let t = Instant::now();
         let first = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await.unwrap();
         let secs = t.elapsed().as_secs_f64();
@@ -87,7 +92,12 @@ fn main() {
             first.snapshot.bytes_stored as f64 / MIB as f64,
             backup_bps / all
         );
-        println!("           peak RSS during first backup: {} MiB", peak_rss_mib());
+        println!(
+            "           CPU {:.2}s ({:.2} cores busy), peak RSS {} MiB",
+            cpu_seconds() - cpu,
+            (cpu_seconds() - cpu) / secs,
+            peak_rss_mib()
+        );
 
         let t = Instant::now();
         let again = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await.unwrap();
@@ -100,6 +110,7 @@ fn main() {
 
         let out = base.path().join("restore");
         reset_peak_rss();
+        let cpu = cpu_seconds();
         let t = Instant::now();
         let r = repo
             .restore(
@@ -125,7 +136,12 @@ fn main() {
             restore_bps / all,
             restore_bps / backup_bps
         );
-        println!("           peak RSS during restore: {} MiB", peak_rss_mib());
+        println!(
+            "           CPU {:.2}s ({:.2} cores busy), peak RSS {} MiB",
+            cpu_seconds() - cpu,
+            (cpu_seconds() - cpu) / secs,
+            peak_rss_mib()
+        );
     });
 }
 
@@ -219,6 +235,16 @@ fn make_tree(root: &Path, total: u64) -> (u64, u64) {
         i += 1;
     }
     (files, bytes)
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Resets the kernel's peak-RSS mark (VmHWM) so each phase is measured on its own.

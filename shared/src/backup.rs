@@ -192,11 +192,16 @@ struct FileData {
     chunks: Vec<ChunkId>,
 }
 
+/// A file's chunk ids in order, filled in by the sealers (which compute the ids).
+type ChunkList = Arc<Mutex<Vec<ChunkId>>>;
+
 /// A chunk on its way to a sealer.
+/// Readers only cut and hash the file; sealers compute the keyed id, decide dedup and seal.
+/// That splits the per-byte work about evenly, so one large file keeps both cores busy.
 struct SealJob {
-    kind: BlobKind,
-    id: ChunkId,
     data: Vec<u8>,
+    list: ChunkList,
+    index: usize,
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
@@ -765,6 +770,8 @@ struct Pipeline {
 }
 
 type FileOutcome = Result<(FileData, Option<Warning>), String>;
+/// A read file before its chunk ids are all known.
+type PendingOutcome = Result<(FileData, ChunkList, Option<Warning>), String>;
 type Packer = Option<PackWriter>;
 
 impl Pipeline {
@@ -797,7 +804,7 @@ impl Pipeline {
         pack_tx: tokio::sync::mpsc::Sender<FinishedPack>,
     ) -> Result<(Vec<FileOutcome>, Packer), Error> {
         let next = AtomicUsize::new(0);
-        let results: Mutex<Vec<Option<FileOutcome>>> =
+        let results: Mutex<Vec<Option<PendingOutcome>>> =
             Mutex::new((0..files.len()).map(|_| None).collect());
         let packer: Mutex<Packer> = Mutex::new(None);
         let fatal: Mutex<Option<Error>> = Mutex::new(None);
@@ -845,13 +852,21 @@ impl Pipeline {
                         if self.failed.load(Ordering::Relaxed) {
                             continue; // drain so readers never block
                         }
+                        let id = self.blob_id(&job.data);
+                        job.list.lock().unwrap()[job.index] = id;
+                        if !self.known.lock().unwrap().insert(id) {
+                            continue; // already stored, or being stored by this run
+                        }
+                        self.new_chunks.fetch_add(1, Ordering::Relaxed);
+                        self.new_bytes
+                            .fetch_add(job.data.len() as u64, Ordering::Relaxed);
                         buf.clear();
                         crypto::seal_into(&mut buf, self.mode(), &job.data, self.compression);
                         let mut guard = packer.lock().unwrap();
                         if let Err(e) = self.append(
                             &mut guard,
-                            job.kind,
-                            job.id,
+                            BlobKind::Data,
+                            id,
                             &buf,
                             job.data.len(),
                             &pack_tx,
@@ -872,11 +887,18 @@ impl Pipeline {
             }
             return Err(e);
         }
+        // Every sealer has finished: each file's chunk list is complete.
         let results = results
             .into_inner()
             .unwrap()
             .into_iter()
-            .map(|r| r.expect("every file was read"))
+            .map(|r| {
+                r.expect("every file was read")
+                    .map(|(mut data, list, warning)| {
+                        data.chunks = std::mem::take(&mut *list.lock().unwrap());
+                        (data, warning)
+                    })
+            })
             .collect();
         Ok((results, packer.into_inner().unwrap()))
     }
@@ -958,7 +980,7 @@ impl Pipeline {
         rel: &str,
         expected: u64,
         seal_tx: &mpsc::SyncSender<SealJob>,
-    ) -> Result<(FileData, Option<Warning>), ReadError> {
+    ) -> Result<(FileData, ChunkList, Option<Warning>), ReadError> {
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 ReadError::Skip("skipped: vanished before it could be read".into())
@@ -970,7 +992,7 @@ impl Pipeline {
             .map_err(|e| ReadError::Skip(format!("skipped: {e}")))?;
         let mut chunker = Chunker::new(&file, self.chunker, self.cdc_seed());
         let mut sha = Sha256::new();
-        let mut chunks = Vec::new();
+        let list: ChunkList = Arc::default();
         let mut size = 0u64;
         loop {
             if self.cancel.is_cancelled() {
@@ -986,21 +1008,19 @@ impl Pipeline {
             };
             sha.update(chunk);
             size += chunk.len() as u64;
-            let id = self.blob_id(chunk);
-            chunks.push(id);
             Counters::add(&self.counters.bytes_done, chunk.len() as u64);
-            if self.known.lock().unwrap().insert(id) {
-                self.new_chunks.fetch_add(1, Ordering::Relaxed);
-                self.new_bytes
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                seal_tx
-                    .send(SealJob {
-                        kind: BlobKind::Data,
-                        id,
-                        data: chunk.to_vec(),
-                    })
-                    .map_err(|_| ReadError::Fatal(Error::Invalid("backup aborted".into())))?;
-            }
+            let index = {
+                let mut l = list.lock().unwrap();
+                l.push(ChunkId([0; 32]));
+                l.len() - 1
+            };
+            seal_tx
+                .send(SealJob {
+                    data: chunk.to_vec(),
+                    list: list.clone(),
+                    index,
+                })
+                .map_err(|_| ReadError::Fatal(Error::Invalid("backup aborted".into())))?;
         }
         let after = std::fs::symlink_metadata(path).ok();
         let changed = size != expected
@@ -1014,8 +1034,9 @@ impl Pipeline {
             FileData {
                 sha256: sha.finalize().into(),
                 size,
-                chunks,
+                chunks: Vec::new(),
             },
+            list,
             warning,
         ))
     }

@@ -9,7 +9,6 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -594,7 +593,7 @@ async fn fetch_and_write(
     }
 
     // The writer thread consumes blobs in file order.
-    let (blob_tx, blob_rx) = mpsc::sync_channel::<BlobResult>(8);
+    let (blob_tx, blob_rx) = tokio::sync::mpsc::channel::<BlobResult>(8);
     let writer = {
         let plan = plan.clone();
         let files = files.to_vec();
@@ -627,12 +626,7 @@ async fn fetch_and_write(
             .await
             .map_err(|e| Error::Invalid(format!("restore task failed: {e}")))?;
         for b in blobs {
-            let tx = blob_tx.clone();
-            // The channel is bounded: hand over without blocking the runtime.
-            let sent = tokio::task::spawn_blocking(move || tx.send(b).is_ok())
-                .await
-                .unwrap_or(false);
-            if !sent {
+            if blob_tx.send(b).await.is_err() {
                 send_failed = true;
                 break;
             }
@@ -721,18 +715,23 @@ fn write_files(
     to: &Path,
     plan: &[Planned],
     files: &[usize],
-    blobs: mpsc::Receiver<BlobResult>,
+    mut blobs: tokio::sync::mpsc::Receiver<BlobResult>,
     counters: &Counters,
     cancel: &CancelFlag,
 ) -> Result<Vec<(String, String)>, Error> {
     let mut failures = Vec::new();
+    let mut ensured: Option<&Path> = None;
     for &i in files {
         let p = &plan[i];
         if cancel.is_cancelled() {
             return Ok(failures);
         }
-        if let Some(parent) = p.dest.parent() {
+        // Files arrive sorted by path: consecutive files usually share their folder.
+        if let Some(parent) = p.dest.parent()
+            && ensured != Some(parent)
+        {
             ensure_dir(to, parent)?;
+            ensured = Some(parent);
         }
         let tmp = temp_name(&p.dest);
         let mut out = OpenOptions::new()
@@ -745,7 +744,7 @@ fn write_files(
         let mut written = 0u64;
         let mut failure: Option<String> = None;
         for _ in &p.chunks {
-            let Ok(blob) = blobs.recv() else {
+            let Some(blob) = blobs.blocking_recv() else {
                 // The fetcher stopped (cancelled or failed): abandon this file.
                 drop(out);
                 let _ = std::fs::remove_file(&tmp);
