@@ -119,3 +119,28 @@ async fn start_again(f: &Fixture) -> storinator_worker::telegram::TelegramStorag
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_are_not_gzipped() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        // Zeros compress well, so grammers' default sender would gzip these parts.
+        let zeros = vec![0u8; 11 * 1024 * 1024];
+        let f = start(LoopbackOptions::default(), false).await;
+        let loc = put(&f.storage, "0a.enc", &zeros).await;
+        assert_eq!(f.server.counters().get("upload.saveBigFilePart"), 22);
+        assert_eq!(f.server.counters().get("gzip:upload.saveBigFilePart"), 0);
+        assert_eq!(
+            get_all(&f.storage, "0a.enc", &loc, zeros.len() as u64).await,
+            zeros
+        );
+        // The counter does see compression when it happens.
+        let g = start_with(LoopbackOptions::default(), false, |c| {
+            c.compress_parts = true
+        })
+        .await;
+        put(&g.storage, "0b.enc", &zeros).await;
+        assert_eq!(g.server.counters().get("gzip:upload.saveBigFilePart"), 22);
+    })
+    .await
+    .unwrap();
+}

@@ -198,7 +198,8 @@ impl Faults {
     }
 }
 
-/// Calls received, by TL method name (e.g. `messages.sendMedia`), plus `connections`.
+/// Calls received, by TL method name (e.g. `messages.sendMedia`), plus `connections`,
+/// `ping`, and `gzip:<method>` for calls that arrived gzip_packed.
 #[derive(Default, Debug)]
 pub struct Counters {
     map: Mutex<BTreeMap<String, u64>>,

@@ -999,7 +999,7 @@ fn handle_message(
             let out = out.clone();
             let kill = kill.clone();
             tokio::spawn(async move {
-                let outcome = dispatch(&shared, &m.body).await;
+                let outcome = dispatch(&shared, &m.body, m.gzipped).await;
                 let result = match outcome {
                     Outcome::Reply(b) => b,
                     Outcome::Error(code, message) => {
@@ -1060,7 +1060,7 @@ macro_rules! decode_or_return {
     };
 }
 
-async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
+async fn dispatch(shared: &Arc<Shared>, body: &[u8], gzipped: bool) -> Outcome {
     let q = match unwrap_query(body) {
         Ok(q) if q.len() >= 4 => q,
         _ => return err(400, "INPUT_REQUEST_INVALID"),
@@ -1068,6 +1068,9 @@ async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
     let id = wire::constructor(q).unwrap();
     let method = tl::name_for_id(id);
     let n = shared.counters.bump(method);
+    if gzipped {
+        shared.counters.bump(&format!("gzip:{method}"));
+    }
     let mut corrupt = false;
     match shared.faults.pick(method, n) {
         None => {}

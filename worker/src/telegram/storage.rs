@@ -444,7 +444,7 @@ impl Inner {
         let next = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let workers = self.sched.part_concurrency().min(parts as usize).max(1);
         let mut set = JoinSet::new();
-        for _ in 0..workers {
+        for worker in 0..workers {
             let me = self.clone();
             let file = file.clone();
             let next = next.clone();
@@ -453,6 +453,10 @@ impl Inner {
                 let mut conn = me.idle_senders.lock().unwrap().pop();
                 let res = async {
                     loop {
+                        // A flood wait halves the allowed streams: extra workers bow out.
+                        if worker > 0 && worker >= me.sched.part_concurrency() {
+                            return Ok(());
+                        }
                         let p = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if p >= parts {
                             return Ok(());
