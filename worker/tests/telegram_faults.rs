@@ -300,3 +300,48 @@ async fn random_drops_and_floods_still_round_trip() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewriting_a_name_replaces_the_object() {
+    bounded(60, async {
+        let f = start(LoopbackOptions::default(), false).await;
+        f.storage
+            .put_bytes("key-1.enc", b"wrapped-v1".to_vec())
+            .await
+            .unwrap();
+        // Same name, new bytes (a passphrase change re-wraps the key).
+        let loc = f
+            .storage
+            .put_bytes("key-1.enc", b"wrapped-v2!".to_vec())
+            .await
+            .unwrap();
+        let got = f
+            .storage
+            .get_range(&ObjectRef::new("key-1.enc", ""), 0, 11)
+            .await
+            .unwrap();
+        assert_eq!(got, b"wrapped-v2!");
+        let listed = f.storage.list().await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].location, loc);
+        // Putting the same bytes again stores nothing new; a third version still replaces.
+        let again = f
+            .storage
+            .put_bytes("key-1.enc", b"wrapped-v2!".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(again, loc);
+        f.storage
+            .put_bytes("key-1.enc", b"wrapped-v3".to_vec())
+            .await
+            .unwrap();
+        let got = f
+            .storage
+            .get_range(&ObjectRef::new("key-1.enc", ""), 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(got, b"wrapped-v3");
+        assert_eq!(f.server.documents().len(), 1);
+    })
+    .await;
+}

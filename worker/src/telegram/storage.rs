@@ -522,6 +522,7 @@ impl Inner {
         }
         let mut salt = 0u32;
         let mut restarts = 0u32;
+        let mut superseded = Vec::new();
         let mut uploaded: Option<(i64, i32)> = None;
         loop {
             let (file_id, parts) = match uploaded {
@@ -598,6 +599,9 @@ impl Inner {
                     })?;
                     let loc = self.location_of(doc.msg_id);
                     self.cache.lock().unwrap().insert(name.to_string(), doc);
+                    if !superseded.is_empty() {
+                        self.delete_messages(superseded).await?;
+                    }
                     return Ok(loc);
                 }
                 Err(CallError::Rpc(e))
@@ -615,18 +619,80 @@ impl Inner {
                     uploaded = None;
                 }
                 Err(CallError::Rpc(e)) if e.name == "RANDOM_ID_DUPLICATE" => {
-                    // An earlier attempt went through (we lost the answer, or crashed).
-                    if let Some(doc) = self.find_by_name(name).await? {
-                        let loc = self.location_of(doc.msg_id);
-                        self.cache.lock().unwrap().insert(name.to_string(), doc);
-                        return Ok(loc);
+                    match self.find_by_name(name).await? {
+                        // An earlier attempt went through (we lost the answer, or crashed).
+                        Some(doc) if self.same_content(name, &doc, path, size).await? => {
+                            let loc = self.location_of(doc.msg_id);
+                            self.cache.lock().unwrap().insert(name.to_string(), doc);
+                            return Ok(loc);
+                        }
+                        // The name holds other bytes (a re-wrapped key): store the new
+                        // object under a new id, then retire the old one.
+                        Some(doc) => superseded.push(doc.msg_id),
+                        // The name was used before and deleted since.
+                        None => {}
                     }
-                    // The name was used before and deleted since: a new id, same parts.
                     salt += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Whether the stored `doc` already holds the file at `path`. Packs are named by random
+    /// ids, so for them equal size is enough; small objects (keys, which are re-written under
+    /// the same name when the passphrase changes) are compared byte for byte.
+    async fn same_content(
+        self: &Arc<Self>,
+        name: &str,
+        doc: &Doc,
+        path: &Path,
+        size: u64,
+    ) -> Result<bool, StorageError> {
+        if doc.size != size {
+            return Ok(false);
+        }
+        if size > 1024 * 1024 {
+            return Ok(true);
+        }
+        let local = std::fs::read(path).map_err(|e| StorageError::io(path, e))?;
+        self.cache
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), doc.clone());
+        let remote = self
+            .get(&ObjectRef::new(name, self.location_of(doc.msg_id)), 0, size)
+            .await?;
+        Ok(remote == local)
+    }
+
+    async fn delete_messages(&self, ids: Vec<i32>) -> Result<(), StorageError> {
+        match &self.chat {
+            StorageChat::SavedMessages => {
+                self.call(
+                    CallClass::Message,
+                    &tl::functions::messages::DeleteMessages {
+                        revoke: true,
+                        id: ids,
+                    },
+                )
+                .await?;
+            }
+            StorageChat::Channel { id, access_hash } => {
+                self.call(
+                    CallClass::Message,
+                    &tl::functions::channels::DeleteMessages {
+                        channel: tl::enums::InputChannel::Channel(tl::types::InputChannel {
+                            channel_id: *id,
+                            access_hash: *access_hash,
+                        }),
+                        id: ids,
+                    },
+                )
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn fetch_message(&self, msg_id: i32) -> Result<Option<(String, Doc)>, StorageError> {
@@ -903,31 +969,7 @@ impl Inner {
             Err(StorageError::NotFound { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
-        match &self.chat {
-            StorageChat::SavedMessages => {
-                self.call(
-                    CallClass::Message,
-                    &tl::functions::messages::DeleteMessages {
-                        revoke: true,
-                        id: vec![doc.msg_id],
-                    },
-                )
-                .await?;
-            }
-            StorageChat::Channel { id, access_hash } => {
-                self.call(
-                    CallClass::Message,
-                    &tl::functions::channels::DeleteMessages {
-                        channel: tl::enums::InputChannel::Channel(tl::types::InputChannel {
-                            channel_id: *id,
-                            access_hash: *access_hash,
-                        }),
-                        id: vec![doc.msg_id],
-                    },
-                )
-                .await?;
-            }
-        }
+        self.delete_messages(vec![doc.msg_id]).await?;
         self.cache.lock().unwrap().remove(&obj.name);
         Ok(())
     }
