@@ -510,6 +510,73 @@ impl Shared {
         }
     }
 
+    /// All dialogs in one answer (the loopback account has a handful): Saved Messages and
+    /// each channel, with their top messages.
+    fn dialogs(&self) -> Vec<u8> {
+        let st = self.state.lock().unwrap();
+        let mut keys = vec![ChatKey::Saved];
+        keys.extend(self.channels.iter().map(|c| ChatKey::Channel(c.id)));
+        let mut dialogs = Vec::new();
+        let mut messages = Vec::new();
+        for k in keys {
+            let top = st
+                .chats
+                .get(&k)
+                .and_then(|c| c.msgs.iter().next_back())
+                .map(|(id, m)| (*id, m));
+            if let Some((id, m)) = top {
+                messages.push(self.render_msg(&st, k, id, m));
+            }
+            dialogs.push(tl::enums::Dialog::Dialog(tl::types::Dialog {
+                pinned: false,
+                unread_mark: false,
+                view_forum_as_messages: false,
+                peer: self.peer_of(k),
+                top_message: top.map_or(0, |(id, _)| id),
+                read_inbox_max_id: 0,
+                read_outbox_max_id: 0,
+                unread_count: 0,
+                unread_mentions_count: 0,
+                unread_reactions_count: 0,
+                unread_poll_votes_count: 0,
+                notify_settings: tl::enums::PeerNotifySettings::Settings(
+                    tl::types::PeerNotifySettings {
+                        show_previews: None,
+                        silent: None,
+                        mute_until: None,
+                        ios_sound: None,
+                        android_sound: None,
+                        other_sound: None,
+                        stories_muted: None,
+                        stories_hide_sender: None,
+                        stories_ios_sound: None,
+                        stories_android_sound: None,
+                        stories_other_sound: None,
+                    },
+                ),
+                pts: match k {
+                    ChatKey::Saved => None,
+                    ChatKey::Channel(_) => Some(st.chats.get(&k).map_or(0, |c| c.pts)),
+                },
+                draft: None,
+                folder_id: None,
+                ttl_period: None,
+            }));
+        }
+        let chats = self
+            .channels
+            .iter()
+            .map(|c| tlbuild::channel(c.id, c.access_hash, &c.title))
+            .collect();
+        tl::enums::messages::Dialogs::Dialogs(tl::types::messages::Dialogs {
+            dialogs,
+            messages,
+            chats,
+            users: self.users(),
+        })
+        .to_bytes()
+    }
+
     fn save_part(
         &self,
         big: bool,
@@ -1240,6 +1307,7 @@ async fn dispatch(shared: &Arc<Shared>, body: &[u8], gzipped: bool) -> Outcome {
                 Err(o) => o,
             }
         }
+        f::messages::GetDialogs::CONSTRUCTOR_ID => Outcome::Reply(shared.dialogs()),
         f::upload::GetFile::CONSTRUCTOR_ID => {
             let r = decode_or_return!(f::upload::GetFile, q);
             shared.get_file(r, corrupt).await

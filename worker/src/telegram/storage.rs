@@ -191,16 +191,22 @@ impl Drop for Inner {
     }
 }
 
-fn resolve_chat(spec: Option<&str>, session: &FileSession) -> Result<StorageChat, StorageError> {
+/// What STORINATOR_STORAGE_CHAT asks for: `None` = Saved Messages, else a channel id (bare
+/// or `-100` bot-API style) or title.
+fn chat_spec(spec: Option<&str>) -> Option<(Option<i64>, String)> {
     let spec = spec.map(str::trim).unwrap_or("");
     if spec.is_empty() || ["me", "self", "saved"].contains(&spec.to_ascii_lowercase().as_str()) {
-        return Ok(StorageChat::SavedMessages);
+        return None;
     }
     let id = spec
         .strip_prefix("-100")
         .unwrap_or(spec)
         .parse::<i64>()
         .ok();
+    Some((id, spec.to_string()))
+}
+
+fn channel_in_session(id: Option<i64>, spec: &str, session: &FileSession) -> Option<StorageChat> {
     session
         .channels()
         .into_iter()
@@ -208,12 +214,6 @@ fn resolve_chat(spec: Option<&str>, session: &FileSession) -> Result<StorageChat
         .map(|c| StorageChat::Channel {
             id: c.id,
             access_hash: c.access_hash,
-        })
-        .ok_or_else(|| {
-            StorageError::Fatal(format!(
-                "storage chat {spec:?} (STORINATOR_STORAGE_CHAT) is not a channel known to session {}",
-                session.path().display()
-            ))
         })
 }
 
@@ -230,7 +230,11 @@ impl TelegramStorage {
                 cfg.session_path.display()
             )));
         }
-        let chat = resolve_chat(cfg.storage_chat.as_deref(), &session)?;
+        let spec = chat_spec(cfg.storage_chat.as_deref());
+        let known = match &spec {
+            None => Some(StorageChat::SavedMessages),
+            Some((id, text)) => channel_in_session(*id, text, &session),
+        };
         std::fs::create_dir_all(&cfg.spool_dir).map_err(|e| StorageError::io(&cfg.spool_dir, e))?;
         let params = ConnectionParams {
             retry_policy: Box::new(NoRetries),
@@ -254,7 +258,8 @@ impl TelegramStorage {
                 pool_task,
                 session,
                 cfg,
-                chat,
+                // Placeholder until the channel is looked up below.
+                chat: known.clone().unwrap_or(StorageChat::SavedMessages),
                 sched,
                 idle_senders: Mutex::new(Vec::new()),
                 cache: Mutex::new(HashMap::new()),
@@ -271,7 +276,17 @@ impl TelegramStorage {
                 },
             )
             .await?;
-        Ok(storage)
+        match (known, spec) {
+            (Some(_), _) | (None, None) => Ok(storage),
+            (None, Some((id, text))) => {
+                let chat = storage.inner.find_channel_in_dialogs(id, &text).await?;
+                let mut storage = storage;
+                Arc::get_mut(&mut storage.inner)
+                    .expect("storage not shared before connect returns")
+                    .chat = chat;
+                Ok(storage)
+            }
+        }
     }
 
     pub fn scheduler(&self) -> &Scheduler {
@@ -321,6 +336,75 @@ impl Inner {
             self.sched.note_retry();
             tokio::time::sleep(self.sched.backoff(attempt)).await;
         }
+    }
+
+    /// Looks the storage channel up in the account's dialogs (the session only knows
+    /// channels it has seen) and remembers it in the session.
+    async fn find_channel_in_dialogs(
+        &self,
+        id: Option<i64>,
+        spec: &str,
+    ) -> Result<StorageChat, StorageError> {
+        let (mut offset_date, mut offset_id) = (0, 0);
+        for _ in 0..50 {
+            let req = tl::functions::messages::GetDialogs {
+                exclude_pinned: false,
+                folder_id: None,
+                offset_date,
+                offset_id,
+                offset_peer: tl::enums::InputPeer::Empty,
+                limit: 100,
+                hash: 0,
+            };
+            let (dialogs, messages, chats, last_page) = match self
+                .call(CallClass::Message, &req)
+                .await?
+            {
+                tl::enums::messages::Dialogs::Dialogs(d) => (d.dialogs, d.messages, d.chats, true),
+                tl::enums::messages::Dialogs::Slice(d) => {
+                    let last = d.dialogs.len() < 100;
+                    (d.dialogs, d.messages, d.chats, last)
+                }
+                tl::enums::messages::Dialogs::NotModified(_) => (vec![], vec![], vec![], true),
+            };
+            for chat in &chats {
+                if let tl::enums::Chat::Channel(c) = chat
+                    && (Some(c.id) == id || c.title == spec)
+                    && let Some(access_hash) = c.access_hash
+                {
+                    let found = super::session::FileChannel {
+                        id: c.id,
+                        access_hash,
+                        title: c.title.clone(),
+                    };
+                    self.session
+                        .remember_channel(&found)
+                        .map_err(|e| StorageError::Fatal(e.to_string()))?;
+                    return Ok(StorageChat::Channel {
+                        id: c.id,
+                        access_hash,
+                    });
+                }
+            }
+            // Next page: older than the oldest top message of this one.
+            let oldest = messages
+                .iter()
+                .filter_map(|m| match m {
+                    tl::enums::Message::Message(m) => Some((m.date, m.id)),
+                    _ => None,
+                })
+                .min();
+            match oldest {
+                Some((date, mid)) if !last_page && !dialogs.is_empty() => {
+                    offset_date = date;
+                    offset_id = mid;
+                }
+                _ => break,
+            }
+        }
+        Err(StorageError::Fatal(format!(
+            "storage chat {spec:?} (STORINATOR_STORAGE_CHAT) is not a channel of this account"
+        )))
     }
 
     async fn open_part_sender(&self) -> Result<PartSender, String> {
