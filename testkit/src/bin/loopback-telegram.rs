@@ -70,7 +70,12 @@ async fn main() -> anyhow::Result<()> {
             c.title, c.id
         );
     }
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C or SIGTERM (docker stop) both end it cleanly, flushing the state file.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     let counters = server.counters().snapshot();
     server.shutdown().await;
     println!("calls: {counters:?}");

@@ -1459,7 +1459,18 @@ mod persist {
             pts: s.state.pts,
         };
         let tmp = dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&f).map_err(std::io::Error::other)?)?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            // It holds the authorization key.
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            out.write_all(&serde_json::to_vec(&f).map_err(std::io::Error::other)?)?;
+        }
         std::fs::rename(tmp, dir.join("state.json"))
     }
 
