@@ -345,3 +345,24 @@ async fn rewriting_a_name_replaces_the_object() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_dropped_while_idle_are_reopened() {
+    bounded(60, async {
+        let f = start(LoopbackOptions::default(), false).await;
+        let bytes = data(11 * 1024 * 1024, 12);
+        let loc = put(&f.storage, PACK, &bytes).await;
+        // Both the client's pool connection and the idle part connections go away.
+        f.server.drop_connections();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
+        f.server.drop_connections();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        put(&f.storage, "key-9.enc", &data(12 * 1024 * 1024, 13)).await;
+        assert_eq!(f.server.documents().len(), 2);
+    })
+    .await;
+}
