@@ -87,6 +87,9 @@ enum CallError {
 impl From<CallError> for StorageError {
     fn from(e: CallError) -> Self {
         match e {
+            CallError::Rpc(r) if r.code == 401 => StorageError::Fatal(format!(
+                "telegram no longer accepts this session ({r}): run `storinator-worker login` again"
+            )),
             CallError::Rpc(r) => StorageError::Fatal(format!("telegram refused the call: {r}")),
             CallError::Storage(s) => s,
         }
