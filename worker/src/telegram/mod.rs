@@ -1,5 +1,20 @@
 //! Telegram storage on grammers (issue 3): the storage backend, its rate-aware scheduler,
 //! the session file and the interactive login.
+//!
+//! Wiring from the CLI:
+//! ```no_run
+//! # async fn f(data_dir: &std::path::Path) -> anyhow::Result<()> {
+//! use storinator_worker::telegram::{TelegramConfig, TelegramStorage, login_interactive};
+//! let cfg = TelegramConfig::from_vars(|k| std::env::var(k).ok(), data_dir)?;
+//! // `storinator-worker login`:
+//! login_interactive(&cfg, &cfg.session_path).await?;
+//! // STORINATOR_STORAGE=telegram:
+//! let storage = TelegramStorage::connect(cfg).await?;
+//! let estimate = storage.estimate(10 << 30, 6); // bytes to upload, packs
+//! # let _ = estimate; Ok(()) }
+//! ```
+//! Against the loopback Telegram (tests, demo): run `loopback-telegram --session <path>`
+//! (storinator-testkit) and point `STORINATOR_TELEGRAM_SESSION` at that path.
 
 mod login;
 pub mod scheduler;
