@@ -91,7 +91,7 @@ async fn hung_calls_time_out_and_are_retried() {
 async fn expired_parts_restart_the_pack() {
     bounded(60, async {
         let opts = LoopbackOptions {
-            part_ttl: Duration::from_millis(300),
+            part_ttl: Duration::from_millis(1500),
             ..Default::default()
         };
         let f = start(opts, false).await;
@@ -99,7 +99,7 @@ async fn expired_parts_restart_the_pack() {
         f.server.faults().on_call(
             "messages.sendMedia",
             1,
-            Fault::Delay(Duration::from_millis(800)),
+            Fault::Delay(Duration::from_millis(2500)),
         );
         let bytes = data(11 * 1024 * 1024 + 100, 5);
         let loc = put(&f.storage, PACK, &bytes).await;
