@@ -46,7 +46,14 @@ fn arg(name: &str) -> Option<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mib: u64 = arg("--mib").map_or(512, |v| v.parse().expect("--mib N"));
-    let server_bin = arg("--server").unwrap_or_else(|| "target/debug/loopback-telegram".into());
+    // Default: the binary of the same build, next to `examples/`.
+    let server_bin = arg("--server").unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| Some(p.parent()?.parent()?.join("loopback-telegram")))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "target/debug/loopback-telegram".into())
+    });
     let concurrency: usize =
         arg("--concurrency").map_or(4, |v| v.parse().expect("--concurrency N"));
     let dir = tempfile::tempdir()?;

@@ -91,7 +91,7 @@ async fn hung_calls_time_out_and_are_retried() {
 async fn expired_parts_restart_the_pack() {
     bounded(60, async {
         let opts = LoopbackOptions {
-            part_ttl: Duration::from_millis(300),
+            part_ttl: Duration::from_millis(1500),
             ..Default::default()
         };
         let f = start(opts, false).await;
@@ -99,7 +99,7 @@ async fn expired_parts_restart_the_pack() {
         f.server.faults().on_call(
             "messages.sendMedia",
             1,
-            Fault::Delay(Duration::from_millis(800)),
+            Fault::Delay(Duration::from_millis(2500)),
         );
         let bytes = data(11 * 1024 * 1024 + 100, 5);
         let loc = put(&f.storage, PACK, &bytes).await;
@@ -297,6 +297,72 @@ async fn random_drops_and_floods_still_round_trip() {
             stats.retries + stats.flood_waits > 0,
             "no fault fired: {stats:?}"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewriting_a_name_replaces_the_object() {
+    bounded(60, async {
+        let f = start(LoopbackOptions::default(), false).await;
+        f.storage
+            .put_bytes("key-1.enc", b"wrapped-v1".to_vec())
+            .await
+            .unwrap();
+        // Same name, new bytes (a passphrase change re-wraps the key).
+        let loc = f
+            .storage
+            .put_bytes("key-1.enc", b"wrapped-v2!".to_vec())
+            .await
+            .unwrap();
+        let got = f
+            .storage
+            .get_range(&ObjectRef::new("key-1.enc", ""), 0, 11)
+            .await
+            .unwrap();
+        assert_eq!(got, b"wrapped-v2!");
+        let listed = f.storage.list().await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].location, loc);
+        // Putting the same bytes again stores nothing new; a third version still replaces.
+        let again = f
+            .storage
+            .put_bytes("key-1.enc", b"wrapped-v2!".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(again, loc);
+        f.storage
+            .put_bytes("key-1.enc", b"wrapped-v3".to_vec())
+            .await
+            .unwrap();
+        let got = f
+            .storage
+            .get_range(&ObjectRef::new("key-1.enc", ""), 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(got, b"wrapped-v3");
+        assert_eq!(f.server.documents().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_dropped_while_idle_are_reopened() {
+    bounded(60, async {
+        let f = start(LoopbackOptions::default(), false).await;
+        let bytes = data(11 * 1024 * 1024, 12);
+        let loc = put(&f.storage, PACK, &bytes).await;
+        // Both the client's pool connection and the idle part connections go away.
+        f.server.drop_connections();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
+        f.server.drop_connections();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        put(&f.storage, "key-9.enc", &data(12 * 1024 * 1024, 13)).await;
+        assert_eq!(f.server.documents().len(), 2);
     })
     .await;
 }

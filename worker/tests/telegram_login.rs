@@ -59,3 +59,29 @@ async fn login_with_code_persists_a_private_session() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_session_says_to_log_in_again() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = LoopbackTelegram::start(LoopbackOptions {
+            require_login: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let session = dir.path().join("tg.session");
+        server.write_session(&session).unwrap();
+        // The file claims a user, but the server does not know the key as signed in.
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&session).unwrap()).unwrap();
+        json["self_user"] = serde_json::json!({"id": server.self_user_id(), "access_hash": 1});
+        std::fs::write(&session, json.to_string()).unwrap();
+        let cfg = TelegramConfig::new(1, "hash", session, dir.path().join("spool"));
+        let err = TelegramStorage::connect(cfg).await.err().unwrap();
+        assert!(matches!(err, StorageError::Fatal(_)), "{err:?}");
+        assert!(err.to_string().contains("login"), "{err}");
+    })
+    .await
+    .unwrap();
+}

@@ -1,10 +1,10 @@
 //! Runs the loopback Telegram on 127.0.0.1 and writes a worker session for it.
 //!
 //! ```text
-//! loopback-telegram --session ./data/telegram.session [--port 0] [--data-dir DIR]
+//! loopback-telegram --session ./data/worker.session [--port 0] [--data-dir DIR]
 //!                   [--channel TITLE]... [--message-rate N] [--bandwidth BYTES_PER_SEC]
 //! ```
-//! Point the worker at it with `STORINATOR_TELEGRAM_SESSION=<session>`; to store in the
+//! Point the worker at it with `STORINATOR_SESSION_FILE=<session>`; to store in the
 //! channel instead of Saved Messages, set `STORINATOR_STORAGE_CHAT` to the printed id.
 
 use std::path::PathBuf;
@@ -70,7 +70,12 @@ async fn main() -> anyhow::Result<()> {
             c.title, c.id
         );
     }
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C or SIGTERM (docker stop) both end it cleanly, flushing the state file.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     let counters = server.counters().snapshot();
     server.shutdown().await;
     println!("calls: {counters:?}");

@@ -41,7 +41,8 @@ pub const MESSAGE_CLASS: &[&str] = &[
 #[derive(Clone, Debug)]
 pub struct LoopbackOptions {
     /// Where documents (and uploads in progress) are kept; `None` = a temporary directory
-    /// removed on shutdown.
+    /// removed on shutdown. With a directory, the key, account and chats persist there
+    /// (`state.json`), so a restart on the same port keeps earlier sessions and data valid.
     pub data_dir: Option<PathBuf>,
     /// Port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
@@ -197,7 +198,8 @@ impl Faults {
     }
 }
 
-/// Calls received, by TL method name (e.g. `messages.sendMedia`), plus `connections`.
+/// Calls received, by TL method name (e.g. `messages.sendMedia`), plus `connections`,
+/// `ping`, and `gzip:<method>` for calls that arrived gzip_packed.
 #[derive(Default, Debug)]
 pub struct Counters {
     map: Mutex<BTreeMap<String, u64>>,
@@ -349,6 +351,7 @@ impl LoopbackTelegram {
 
 impl Drop for LoopbackTelegram {
     fn drop(&mut self) {
+        self.shared.flush();
         let _ = self.stop.send(true);
         self.shared.drop_all.send_modify(|g| *g += 1);
         if let Some(t) = self.task.take() {

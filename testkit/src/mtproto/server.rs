@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     pub(crate) drop_all: watch::Sender<u64>,
     rate: Mutex<VecDeque<Instant>>,
+    persist: bool,
+    dirty: std::sync::atomic::AtomicBool,
     signed_in: std::sync::atomic::AtomicBool,
     bw_next: Mutex<Option<tokio::time::Instant>>,
     seq: AtomicI64,
@@ -127,28 +129,47 @@ impl Shared {
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir.join("docs"))?;
         std::fs::create_dir_all(dir.join("uploads"))?;
-        let channels = opts
-            .channels
-            .iter()
-            .enumerate()
-            .map(|(i, title)| ChannelInfo {
-                id: 1_500_000_000 + i as i64,
-                access_hash: rnd_i64(),
-                title: title.clone(),
-            })
-            .collect();
+        // With a data dir of its own the server keeps its key, account and chats across
+        // restarts (sessions written before stay valid); uploads in progress are lost, as
+        // expired parts would be.
+        let persist = opts.data_dir.is_some();
+        let saved = if persist { persist::load(dir)? } else { None };
+        let mut channels: Vec<ChannelInfo> = saved
+            .as_ref()
+            .map(|s| s.channels.clone())
+            .unwrap_or_default();
+        for title in &opts.channels {
+            if !channels.iter().any(|c| &c.title == title) {
+                channels.push(ChannelInfo {
+                    id: 1_500_000_000 + channels.len() as i64,
+                    access_hash: rnd_i64(),
+                    title: title.clone(),
+                });
+            }
+        }
+        let (key, self_hash, signed_in, state) = match saved {
+            Some(s) => (ServerKey::new(s.key), s.self_hash, s.signed_in, s.state),
+            None => (
+                ServerKey::random(),
+                rnd_i64(),
+                !opts.require_login,
+                State::default(),
+            ),
+        };
         Ok(Shared {
-            signed_in: std::sync::atomic::AtomicBool::new(!opts.require_login),
+            signed_in: std::sync::atomic::AtomicBool::new(signed_in),
+            persist,
+            dirty: std::sync::atomic::AtomicBool::new(true),
             dir: dir.to_path_buf(),
             opts,
             port,
-            key: ServerKey::random(),
+            key,
             self_id: 777_000_123,
-            self_hash: rnd_i64(),
+            self_hash,
             channels,
             faults,
             counters,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             drop_all: watch::channel(0).0,
             rate: Mutex::new(VecDeque::new()),
             bw_next: Mutex::new(None),
@@ -176,6 +197,28 @@ impl Shared {
         .to_string()
     }
 
+    /// Writes the state file if something changed (only with a data dir of our own).
+    pub(crate) fn flush(&self) {
+        if !self.persist || !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let st = self.state.lock().unwrap();
+        let snapshot = persist::Snapshot {
+            key: self.key.data,
+            self_hash: self.self_hash,
+            signed_in: self.signed_in.load(Ordering::Relaxed),
+            channels: self.channels.clone(),
+            state: &st,
+        };
+        if let Err(e) = persist::save(&self.dir, &snapshot) {
+            tracing::warn!(
+                "saving loopback telegram state in {}: {e}",
+                self.dir.display()
+            );
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn auth_key(&self) -> [u8; 256] {
         self.key.data
     }
@@ -196,6 +239,7 @@ impl Shared {
         for d in st.docs.values_mut() {
             d.file_reference = rnd_i64().to_le_bytes().to_vec();
         }
+        self.dirty.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn delete_named(&self, name: &str) -> bool {
@@ -213,6 +257,7 @@ impl Shared {
         match hit {
             Some((k, id)) => {
                 delete_msgs(&mut st, k, &[id]);
+                self.dirty.store(true, Ordering::Relaxed);
                 true
             }
             None => false,
@@ -465,6 +510,73 @@ impl Shared {
         }
     }
 
+    /// All dialogs in one answer (the loopback account has a handful): Saved Messages and
+    /// each channel, with their top messages.
+    fn dialogs(&self) -> Vec<u8> {
+        let st = self.state.lock().unwrap();
+        let mut keys = vec![ChatKey::Saved];
+        keys.extend(self.channels.iter().map(|c| ChatKey::Channel(c.id)));
+        let mut dialogs = Vec::new();
+        let mut messages = Vec::new();
+        for k in keys {
+            let top = st
+                .chats
+                .get(&k)
+                .and_then(|c| c.msgs.iter().next_back())
+                .map(|(id, m)| (*id, m));
+            if let Some((id, m)) = top {
+                messages.push(self.render_msg(&st, k, id, m));
+            }
+            dialogs.push(tl::enums::Dialog::Dialog(tl::types::Dialog {
+                pinned: false,
+                unread_mark: false,
+                view_forum_as_messages: false,
+                peer: self.peer_of(k),
+                top_message: top.map_or(0, |(id, _)| id),
+                read_inbox_max_id: 0,
+                read_outbox_max_id: 0,
+                unread_count: 0,
+                unread_mentions_count: 0,
+                unread_reactions_count: 0,
+                unread_poll_votes_count: 0,
+                notify_settings: tl::enums::PeerNotifySettings::Settings(
+                    tl::types::PeerNotifySettings {
+                        show_previews: None,
+                        silent: None,
+                        mute_until: None,
+                        ios_sound: None,
+                        android_sound: None,
+                        other_sound: None,
+                        stories_muted: None,
+                        stories_hide_sender: None,
+                        stories_ios_sound: None,
+                        stories_android_sound: None,
+                        stories_other_sound: None,
+                    },
+                ),
+                pts: match k {
+                    ChatKey::Saved => None,
+                    ChatKey::Channel(_) => Some(st.chats.get(&k).map_or(0, |c| c.pts)),
+                },
+                draft: None,
+                folder_id: None,
+                ttl_period: None,
+            }));
+        }
+        let chats = self
+            .channels
+            .iter()
+            .map(|c| tlbuild::channel(c.id, c.access_hash, &c.title))
+            .collect();
+        tl::enums::messages::Dialogs::Dialogs(tl::types::messages::Dialogs {
+            dialogs,
+            messages,
+            chats,
+            users: self.users(),
+        })
+        .to_bytes()
+    }
+
     fn save_part(
         &self,
         big: bool,
@@ -648,6 +760,7 @@ impl Shared {
             },
         );
         st.random_ids.insert((k, req.random_id), id);
+        self.dirty.store(true, Ordering::Relaxed);
         let msg = self.render_msg(&st, k, id, &st.chats[&k].msgs[&id]);
         let new = match k {
             ChatKey::Saved => tl::enums::Update::NewMessage(tl::types::UpdateNewMessage {
@@ -684,6 +797,7 @@ impl Shared {
     fn delete(&self, k: ChatKey, ids: &[i32]) -> Outcome {
         let mut st = self.state.lock().unwrap();
         let n = delete_msgs(&mut st, k, ids);
+        self.dirty.store(true, Ordering::Relaxed);
         let pts = match k {
             ChatKey::Saved => {
                 st.pts += n;
@@ -814,9 +928,14 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut flush = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.changed() => {
+                shared.flush();
+                break;
+            }
+            _ = flush.tick() => shared.flush(),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
@@ -947,7 +1066,7 @@ fn handle_message(
             let out = out.clone();
             let kill = kill.clone();
             tokio::spawn(async move {
-                let outcome = dispatch(&shared, &m.body).await;
+                let outcome = dispatch(&shared, &m.body, m.gzipped).await;
                 let result = match outcome {
                     Outcome::Reply(b) => b,
                     Outcome::Error(code, message) => {
@@ -1008,7 +1127,7 @@ macro_rules! decode_or_return {
     };
 }
 
-async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
+async fn dispatch(shared: &Arc<Shared>, body: &[u8], gzipped: bool) -> Outcome {
     let q = match unwrap_query(body) {
         Ok(q) if q.len() >= 4 => q,
         _ => return err(400, "INPUT_REQUEST_INVALID"),
@@ -1016,6 +1135,9 @@ async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
     let id = wire::constructor(q).unwrap();
     let method = tl::name_for_id(id);
     let n = shared.counters.bump(method);
+    if gzipped {
+        shared.counters.bump(&format!("gzip:{method}"));
+    }
     let mut corrupt = false;
     match shared.faults.pick(method, n) {
         None => {}
@@ -1055,6 +1177,7 @@ async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
                 return err(400, "PHONE_CODE_INVALID");
             }
             shared.signed_in.store(true, Ordering::Relaxed);
+            shared.dirty.store(true, Ordering::Relaxed);
             Outcome::Reply(
                 tl::enums::auth::Authorization::Authorization(tl::types::auth::Authorization {
                     setup_password_required: false,
@@ -1184,6 +1307,7 @@ async fn dispatch(shared: &Arc<Shared>, body: &[u8]) -> Outcome {
                 Err(o) => o,
             }
         }
+        f::messages::GetDialogs::CONSTRUCTOR_ID => Outcome::Reply(shared.dialogs()),
         f::upload::GetFile::CONSTRUCTOR_ID => {
             let r = decode_or_return!(f::upload::GetFile, q);
             shared.get_file(r, corrupt).await
@@ -1215,5 +1339,205 @@ mod tests {
             .to_bytes();
             assert_eq!(upload_file_bytes(&data), generated, "len {len}");
         }
+    }
+}
+
+/// The state file (`state.json` in the data dir).
+mod persist {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    pub struct Snapshot<'a> {
+        pub key: [u8; 256],
+        pub self_hash: i64,
+        pub signed_in: bool,
+        pub channels: Vec<ChannelInfo>,
+        pub state: &'a State,
+    }
+
+    pub struct Loaded {
+        pub key: [u8; 256],
+        pub self_hash: i64,
+        pub signed_in: bool,
+        pub channels: Vec<ChannelInfo>,
+        pub state: State,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct File {
+        key: String,
+        self_hash: i64,
+        signed_in: bool,
+        channels: Vec<(i64, i64, String)>,
+        docs: Vec<FileDoc>,
+        chats: Vec<FileChat>,
+        random_ids: Vec<(String, i64, i32)>,
+        user_msg_id: i32,
+        pts: i32,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct FileDoc {
+        id: i64,
+        access_hash: i64,
+        file_reference: String,
+        size: u64,
+        name: String,
+        mime: String,
+        date: i32,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct FileChat {
+        chat: String,
+        pts: i32,
+        next_id: i32,
+        msgs: Vec<(i32, i32, String, Option<i64>)>,
+    }
+
+    fn chat_name(k: ChatKey) -> String {
+        match k {
+            ChatKey::Saved => "saved".into(),
+            ChatKey::Channel(id) => format!("c{id}"),
+        }
+    }
+
+    fn chat_key(s: &str) -> Option<ChatKey> {
+        if s == "saved" {
+            Some(ChatKey::Saved)
+        } else {
+            s.strip_prefix('c')?.parse().ok().map(ChatKey::Channel)
+        }
+    }
+
+    pub fn save(dir: &Path, s: &Snapshot<'_>) -> std::io::Result<()> {
+        let f = File {
+            key: hex::encode(s.key),
+            self_hash: s.self_hash,
+            signed_in: s.signed_in,
+            channels: s
+                .channels
+                .iter()
+                .map(|c| (c.id, c.access_hash, c.title.clone()))
+                .collect(),
+            docs: s
+                .state
+                .docs
+                .iter()
+                .map(|(id, d)| FileDoc {
+                    id: *id,
+                    access_hash: d.access_hash,
+                    file_reference: hex::encode(&d.file_reference),
+                    size: d.size,
+                    name: d.name.clone(),
+                    mime: d.mime.clone(),
+                    date: d.date,
+                })
+                .collect(),
+            chats: s
+                .state
+                .chats
+                .iter()
+                .map(|(k, c)| FileChat {
+                    chat: chat_name(*k),
+                    pts: c.pts,
+                    next_id: c.next_id,
+                    msgs: c
+                        .msgs
+                        .iter()
+                        .map(|(id, m)| (*id, m.date, m.text.clone(), m.doc))
+                        .collect(),
+                })
+                .collect(),
+            random_ids: s
+                .state
+                .random_ids
+                .iter()
+                .map(|((k, r), id)| (chat_name(*k), *r, *id))
+                .collect(),
+            user_msg_id: s.state.user_msg_id,
+            pts: s.state.pts,
+        };
+        let tmp = dir.join("state.json.tmp");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            // It holds the authorization key.
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            out.write_all(&serde_json::to_vec(&f).map_err(std::io::Error::other)?)?;
+        }
+        std::fs::rename(tmp, dir.join("state.json"))
+    }
+
+    pub fn load(dir: &Path) -> std::io::Result<Option<Loaded>> {
+        let bytes = match std::fs::read(dir.join("state.json")) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bad = |what: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {what}", dir.join("state.json").display()),
+            )
+        };
+        let f: File = serde_json::from_slice(&bytes).map_err(|e| bad(&e.to_string()))?;
+        let key: [u8; 256] = hex::decode(&f.key)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| bad("bad key"))?;
+        let mut state = State {
+            user_msg_id: f.user_msg_id,
+            pts: f.pts,
+            ..State::default()
+        };
+        for d in f.docs {
+            state.docs.insert(
+                d.id,
+                Doc {
+                    access_hash: d.access_hash,
+                    file_reference: hex::decode(&d.file_reference)
+                        .map_err(|e| bad(&e.to_string()))?,
+                    size: d.size,
+                    name: d.name,
+                    mime: d.mime,
+                    date: d.date,
+                    path: dir.join("docs").join(d.id.to_string()),
+                },
+            );
+        }
+        for c in f.chats {
+            let k = chat_key(&c.chat).ok_or_else(|| bad("bad chat"))?;
+            let chat = state.chats.entry(k).or_default();
+            chat.pts = c.pts;
+            chat.next_id = c.next_id;
+            for (id, date, text, doc) in c.msgs {
+                chat.msgs.insert(id, Msg { date, text, doc });
+            }
+        }
+        for (k, r, id) in f.random_ids {
+            let k = chat_key(&k).ok_or_else(|| bad("bad chat"))?;
+            state.random_ids.insert((k, r), id);
+        }
+        Ok(Some(Loaded {
+            key,
+            self_hash: f.self_hash,
+            signed_in: f.signed_in,
+            channels: f
+                .channels
+                .into_iter()
+                .map(|(id, access_hash, title)| ChannelInfo {
+                    id,
+                    access_hash,
+                    title,
+                })
+                .collect(),
+            state,
+        }))
     }
 }

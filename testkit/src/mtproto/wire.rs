@@ -184,6 +184,8 @@ pub struct ClientMessage {
     pub msg_id: i64,
     pub seq_no: i32,
     pub body: Vec<u8>,
+    /// Arrived inside gzip_packed (counted, so tests can see what the client compressed).
+    pub gzipped: bool,
 }
 
 /// The decrypted envelope: session id and the top-level message.
@@ -210,6 +212,7 @@ fn read_message(c: &mut Cursor) -> Result<ClientMessage, WireError> {
         msg_id,
         seq_no,
         body,
+        gzipped: false,
     })
 }
 
@@ -239,6 +242,7 @@ pub fn flatten(msg: ClientMessage, out: &mut Vec<ClientMessage>) -> Result<(), W
                     msg_id: msg.msg_id,
                     seq_no: msg.seq_no,
                     body,
+                    gzipped: true,
                 },
                 out,
             )

@@ -1,5 +1,20 @@
 //! Telegram storage on grammers (issue 3): the storage backend, its rate-aware scheduler,
 //! the session file and the interactive login.
+//!
+//! Wiring from the CLI:
+//! ```no_run
+//! # async fn f() -> anyhow::Result<()> {
+//! use storinator_worker::telegram::{TelegramConfig, TelegramStorage, login_interactive};
+//! let cfg = TelegramConfig::from_config(&storinator_shared::Config::from_env()?)?;
+//! // `storinator-worker login`:
+//! login_interactive(&cfg, &cfg.session_path).await?;
+//! // STORINATOR_STORAGE=telegram:
+//! let storage = TelegramStorage::connect(cfg).await?;
+//! let estimate = storage.estimate(10 << 30, 6); // bytes to upload, packs
+//! # let _ = estimate; Ok(()) }
+//! ```
+//! Against the loopback Telegram (tests, demo): run `loopback-telegram --session <path>`
+//! (storinator-testkit) and point `STORINATOR_SESSION_FILE` at that path.
 
 mod login;
 pub mod scheduler;
@@ -15,8 +30,8 @@ pub use session::FileSession;
 pub use storage::{StorageChat, TelegramStorage, plan_windows, random_id_for};
 
 /// Everything the Telegram backend needs. The CLI fills it from the environment:
-/// `TELEGRAM_API_ID`, `TELEGRAM_API_HASH`, `STORINATOR_TELEGRAM_SESSION` (default
-/// `<data dir>/telegram.session`), `STORINATOR_STORAGE_CHAT` (empty or `me` = Saved Messages,
+/// `TELEGRAM_API_ID`, `TELEGRAM_API_HASH`, `STORINATOR_SESSION_FILE` (default
+/// `<data dir>/worker.session`), `STORINATOR_STORAGE_CHAT` (empty or `me` = Saved Messages,
 /// else a channel as `-100<id>`, `<id>` or its title as known to the session),
 /// `STORINATOR_MESSAGE_RATE` (message-class calls per minute, default 100),
 /// `STORINATOR_PART_CONCURRENCY` (default 4), `STORINATOR_TELEGRAM_TIMEOUT_SECS` (default 60),
@@ -103,4 +118,45 @@ pub async fn open_storage(
     }
     let storage = TelegramStorage::connect(tcfg).await?;
     Ok(std::sync::Arc::new(storage))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_comes_from_the_shared_settings_and_names_missing_credentials() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let cfg = storinator_shared::Config::from_lookup(vars(&[
+            ("STORINATOR_DATA_DIR", "/data"),
+            ("TELEGRAM_API_ID", "123"),
+            ("TELEGRAM_API_HASH", "abc"),
+            ("STORINATOR_MESSAGE_RATE", "30"),
+            ("STORINATOR_STORAGE_CHAT", "-1001500000000"),
+            ("STORINATOR_TELEGRAM_PREMIUM", "1"),
+        ]))
+        .unwrap();
+        let t = TelegramConfig::from_config(&cfg).unwrap();
+        assert_eq!((t.api_id, t.api_hash.as_str()), (123, "abc"));
+        assert_eq!(t.message_calls_per_minute, 30);
+        assert_eq!(t.session_path, PathBuf::from("/data/worker.session"));
+        assert_eq!(t.spool_dir, PathBuf::from("/data/spool"));
+        assert_eq!(t.storage_chat.as_deref(), Some("-1001500000000"));
+        assert!(t.premium);
+
+        let cfg =
+            storinator_shared::Config::from_lookup(vars(&[("TELEGRAM_API_HASH", "abc")])).unwrap();
+        let e = TelegramConfig::from_config(&cfg).unwrap_err().to_string();
+        assert!(
+            e.starts_with("missing TELEGRAM_API_ID") && e.contains(".env.example"),
+            "{e}"
+        );
+    }
 }

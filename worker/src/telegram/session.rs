@@ -198,6 +198,24 @@ impl FileSession {
         out
     }
 
+    /// Remembers a channel (found in the dialogs) and saves the session.
+    pub fn remember_channel(&self, c: &FileChannel) -> Result<(), SessionError> {
+        {
+            let mut d = self.data.lock().map_err(|_| SessionError::Poisoned)?;
+            let info = PeerInfo::Channel {
+                id: c.id,
+                auth: Some(PeerAuth::from_hash(c.access_hash)),
+                kind: Some(ChannelKind::Broadcast),
+            };
+            d.peer_infos.insert(info.id(), info);
+            self.titles
+                .lock()
+                .map_err(|_| SessionError::Poisoned)?
+                .insert(c.id, c.title.clone());
+        }
+        self.save()
+    }
+
     /// The home DC's address and authorization key (for dedicated upload connections).
     pub fn home_dc(&self) -> Option<(SocketAddrV4, [u8; 256])> {
         let d = self.data.lock().ok()?;

@@ -87,6 +87,9 @@ enum CallError {
 impl From<CallError> for StorageError {
     fn from(e: CallError) -> Self {
         match e {
+            CallError::Rpc(r) if r.code == 401 => StorageError::Fatal(format!(
+                "telegram no longer accepts this session ({r}): run `storinator-worker login` again"
+            )),
             CallError::Rpc(r) => StorageError::Fatal(format!("telegram refused the call: {r}")),
             CallError::Storage(s) => s,
         }
@@ -191,16 +194,22 @@ impl Drop for Inner {
     }
 }
 
-fn resolve_chat(spec: Option<&str>, session: &FileSession) -> Result<StorageChat, StorageError> {
+/// What STORINATOR_STORAGE_CHAT asks for: `None` = Saved Messages, else a channel id (bare
+/// or `-100` bot-API style) or title.
+fn chat_spec(spec: Option<&str>) -> Option<(Option<i64>, String)> {
     let spec = spec.map(str::trim).unwrap_or("");
     if spec.is_empty() || ["me", "self", "saved"].contains(&spec.to_ascii_lowercase().as_str()) {
-        return Ok(StorageChat::SavedMessages);
+        return None;
     }
     let id = spec
         .strip_prefix("-100")
         .unwrap_or(spec)
         .parse::<i64>()
         .ok();
+    Some((id, spec.to_string()))
+}
+
+fn channel_in_session(id: Option<i64>, spec: &str, session: &FileSession) -> Option<StorageChat> {
     session
         .channels()
         .into_iter()
@@ -208,12 +217,6 @@ fn resolve_chat(spec: Option<&str>, session: &FileSession) -> Result<StorageChat
         .map(|c| StorageChat::Channel {
             id: c.id,
             access_hash: c.access_hash,
-        })
-        .ok_or_else(|| {
-            StorageError::Fatal(format!(
-                "storage chat {spec:?} (STORINATOR_STORAGE_CHAT) is not a channel known to session {}",
-                session.path().display()
-            ))
         })
 }
 
@@ -230,7 +233,11 @@ impl TelegramStorage {
                 cfg.session_path.display()
             )));
         }
-        let chat = resolve_chat(cfg.storage_chat.as_deref(), &session)?;
+        let spec = chat_spec(cfg.storage_chat.as_deref());
+        let known = match &spec {
+            None => Some(StorageChat::SavedMessages),
+            Some((id, text)) => channel_in_session(*id, text, &session),
+        };
         std::fs::create_dir_all(&cfg.spool_dir).map_err(|e| StorageError::io(&cfg.spool_dir, e))?;
         let params = ConnectionParams {
             retry_policy: Box::new(NoRetries),
@@ -254,7 +261,8 @@ impl TelegramStorage {
                 pool_task,
                 session,
                 cfg,
-                chat,
+                // Placeholder until the channel is looked up below.
+                chat: known.clone().unwrap_or(StorageChat::SavedMessages),
                 sched,
                 idle_senders: Mutex::new(Vec::new()),
                 cache: Mutex::new(HashMap::new()),
@@ -271,7 +279,17 @@ impl TelegramStorage {
                 },
             )
             .await?;
-        Ok(storage)
+        match (known, spec) {
+            (Some(_), _) | (None, None) => Ok(storage),
+            (None, Some((id, text))) => {
+                let chat = storage.inner.find_channel_in_dialogs(id, &text).await?;
+                let mut storage = storage;
+                Arc::get_mut(&mut storage.inner)
+                    .expect("storage not shared before connect returns")
+                    .chat = chat;
+                Ok(storage)
+            }
+        }
     }
 
     pub fn scheduler(&self) -> &Scheduler {
@@ -321,6 +339,75 @@ impl Inner {
             self.sched.note_retry();
             tokio::time::sleep(self.sched.backoff(attempt)).await;
         }
+    }
+
+    /// Looks the storage channel up in the account's dialogs (the session only knows
+    /// channels it has seen) and remembers it in the session.
+    async fn find_channel_in_dialogs(
+        &self,
+        id: Option<i64>,
+        spec: &str,
+    ) -> Result<StorageChat, StorageError> {
+        let (mut offset_date, mut offset_id) = (0, 0);
+        for _ in 0..50 {
+            let req = tl::functions::messages::GetDialogs {
+                exclude_pinned: false,
+                folder_id: None,
+                offset_date,
+                offset_id,
+                offset_peer: tl::enums::InputPeer::Empty,
+                limit: 100,
+                hash: 0,
+            };
+            let (dialogs, messages, chats, last_page) = match self
+                .call(CallClass::Message, &req)
+                .await?
+            {
+                tl::enums::messages::Dialogs::Dialogs(d) => (d.dialogs, d.messages, d.chats, true),
+                tl::enums::messages::Dialogs::Slice(d) => {
+                    let last = d.dialogs.len() < 100;
+                    (d.dialogs, d.messages, d.chats, last)
+                }
+                tl::enums::messages::Dialogs::NotModified(_) => (vec![], vec![], vec![], true),
+            };
+            for chat in &chats {
+                if let tl::enums::Chat::Channel(c) = chat
+                    && (Some(c.id) == id || c.title == spec)
+                    && let Some(access_hash) = c.access_hash
+                {
+                    let found = super::session::FileChannel {
+                        id: c.id,
+                        access_hash,
+                        title: c.title.clone(),
+                    };
+                    self.session
+                        .remember_channel(&found)
+                        .map_err(|e| StorageError::Fatal(e.to_string()))?;
+                    return Ok(StorageChat::Channel {
+                        id: c.id,
+                        access_hash,
+                    });
+                }
+            }
+            // Next page: older than the oldest top message of this one.
+            let oldest = messages
+                .iter()
+                .filter_map(|m| match m {
+                    tl::enums::Message::Message(m) => Some((m.date, m.id)),
+                    _ => None,
+                })
+                .min();
+            match oldest {
+                Some((date, mid)) if !last_page && !dialogs.is_empty() => {
+                    offset_date = date;
+                    offset_id = mid;
+                }
+                _ => break,
+            }
+        }
+        Err(StorageError::Fatal(format!(
+            "storage chat {spec:?} (STORINATOR_STORAGE_CHAT) is not a channel of this account"
+        )))
     }
 
     async fn open_part_sender(&self) -> Result<PartSender, String> {
@@ -444,7 +531,7 @@ impl Inner {
         let next = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let workers = self.sched.part_concurrency().min(parts as usize).max(1);
         let mut set = JoinSet::new();
-        for _ in 0..workers {
+        for worker in 0..workers {
             let me = self.clone();
             let file = file.clone();
             let next = next.clone();
@@ -453,6 +540,10 @@ impl Inner {
                 let mut conn = me.idle_senders.lock().unwrap().pop();
                 let res = async {
                     loop {
+                        // A flood wait halves the allowed streams: extra workers bow out.
+                        if worker > 0 && worker >= me.sched.part_concurrency() {
+                            return Ok(());
+                        }
                         let p = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if p >= parts {
                             return Ok(());
@@ -518,6 +609,7 @@ impl Inner {
         }
         let mut salt = 0u32;
         let mut restarts = 0u32;
+        let mut superseded = Vec::new();
         let mut uploaded: Option<(i64, i32)> = None;
         loop {
             let (file_id, parts) = match uploaded {
@@ -594,6 +686,9 @@ impl Inner {
                     })?;
                     let loc = self.location_of(doc.msg_id);
                     self.cache.lock().unwrap().insert(name.to_string(), doc);
+                    if !superseded.is_empty() {
+                        self.delete_messages(superseded).await?;
+                    }
                     return Ok(loc);
                 }
                 Err(CallError::Rpc(e))
@@ -611,18 +706,80 @@ impl Inner {
                     uploaded = None;
                 }
                 Err(CallError::Rpc(e)) if e.name == "RANDOM_ID_DUPLICATE" => {
-                    // An earlier attempt went through (we lost the answer, or crashed).
-                    if let Some(doc) = self.find_by_name(name).await? {
-                        let loc = self.location_of(doc.msg_id);
-                        self.cache.lock().unwrap().insert(name.to_string(), doc);
-                        return Ok(loc);
+                    match self.find_by_name(name).await? {
+                        // An earlier attempt went through (we lost the answer, or crashed).
+                        Some(doc) if self.same_content(name, &doc, path, size).await? => {
+                            let loc = self.location_of(doc.msg_id);
+                            self.cache.lock().unwrap().insert(name.to_string(), doc);
+                            return Ok(loc);
+                        }
+                        // The name holds other bytes (a re-wrapped key): store the new
+                        // object under a new id, then retire the old one.
+                        Some(doc) => superseded.push(doc.msg_id),
+                        // The name was used before and deleted since.
+                        None => {}
                     }
-                    // The name was used before and deleted since: a new id, same parts.
                     salt += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Whether the stored `doc` already holds the file at `path`. Packs are named by random
+    /// ids, so for them equal size is enough; small objects (keys, which are re-written under
+    /// the same name when the passphrase changes) are compared byte for byte.
+    async fn same_content(
+        self: &Arc<Self>,
+        name: &str,
+        doc: &Doc,
+        path: &Path,
+        size: u64,
+    ) -> Result<bool, StorageError> {
+        if doc.size != size {
+            return Ok(false);
+        }
+        if size > 1024 * 1024 {
+            return Ok(true);
+        }
+        let local = std::fs::read(path).map_err(|e| StorageError::io(path, e))?;
+        self.cache
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), doc.clone());
+        let remote = self
+            .get(&ObjectRef::new(name, self.location_of(doc.msg_id)), 0, size)
+            .await?;
+        Ok(remote == local)
+    }
+
+    async fn delete_messages(&self, ids: Vec<i32>) -> Result<(), StorageError> {
+        match &self.chat {
+            StorageChat::SavedMessages => {
+                self.call(
+                    CallClass::Message,
+                    &tl::functions::messages::DeleteMessages {
+                        revoke: true,
+                        id: ids,
+                    },
+                )
+                .await?;
+            }
+            StorageChat::Channel { id, access_hash } => {
+                self.call(
+                    CallClass::Message,
+                    &tl::functions::channels::DeleteMessages {
+                        channel: tl::enums::InputChannel::Channel(tl::types::InputChannel {
+                            channel_id: *id,
+                            access_hash: *access_hash,
+                        }),
+                        id: ids,
+                    },
+                )
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn fetch_message(&self, msg_id: i32) -> Result<Option<(String, Doc)>, StorageError> {
@@ -899,31 +1056,7 @@ impl Inner {
             Err(StorageError::NotFound { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
-        match &self.chat {
-            StorageChat::SavedMessages => {
-                self.call(
-                    CallClass::Message,
-                    &tl::functions::messages::DeleteMessages {
-                        revoke: true,
-                        id: vec![doc.msg_id],
-                    },
-                )
-                .await?;
-            }
-            StorageChat::Channel { id, access_hash } => {
-                self.call(
-                    CallClass::Message,
-                    &tl::functions::channels::DeleteMessages {
-                        channel: tl::enums::InputChannel::Channel(tl::types::InputChannel {
-                            channel_id: *id,
-                            access_hash: *access_hash,
-                        }),
-                        id: vec![doc.msg_id],
-                    },
-                )
-                .await?;
-            }
-        }
+        self.delete_messages(vec![doc.msg_id]).await?;
         self.cache.lock().unwrap().remove(&obj.name);
         Ok(())
     }
