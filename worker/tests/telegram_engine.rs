@@ -235,3 +235,41 @@ async fn ten_thousand_small_files_cost_calls_by_bytes_not_by_files() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_machine_recovers_everything_from_telegram_and_the_passphrase() {
+    bounded(120, async {
+        let e = env(LoopbackOptions::default(), true, 4 << 20).await;
+        let src = e.dir.path().join("src/data");
+        make_tree(&src);
+        e.repo
+            .backup(&backup(&src), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+
+        // The server burned: a new machine has only the Telegram account and the passphrase.
+        let fresh = tempfile::tempdir().unwrap();
+        let storage = connect(&e.server, fresh.path(), true).await;
+        let catalog = Catalog::open_file(&fresh.path().join("catalog.db"))
+            .await
+            .unwrap();
+        let (repo, report) = storinator_shared::recover(
+            catalog,
+            storage,
+            PASS,
+            EngineSettings::default(),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.snapshots, 1);
+        let out = fresh.path().join("out");
+        repo.restore(&restore(&src, &out), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+        e.server.shutdown().await;
+    })
+    .await;
+}
