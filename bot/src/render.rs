@@ -146,6 +146,17 @@ pub fn progress(job: &Job) -> String {
                 }
                 lines.push(line);
             }
+            if let Some(e) = &job.estimate
+                && let (Some(calls), Some(secs)) = (
+                    e.get("message_calls").and_then(|v| v.as_u64()),
+                    e.get("seconds").and_then(|v| v.as_f64()),
+                )
+            {
+                lines.push(format!(
+                    "Estimate: ≤ {calls} Telegram API calls, ~{} at current limits",
+                    duration_ms((secs * 1000.0) as u64)
+                ));
+            }
             if job.cancel_requested {
                 lines.push("Cancelling at the next safe point…".into());
             }

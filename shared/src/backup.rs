@@ -292,6 +292,13 @@ pub(crate) async fn run(
         .store(to_read.iter().map(|(_, s)| *s).sum(), Ordering::Relaxed);
     counters.set_phase(Phase::Uploading);
     progress.report(&counters.report());
+    // Worst case (nothing deduplicates): every byte read is uploaded.
+    let upload_bytes: u64 = to_read.iter().map(|(_, s)| *s).sum();
+    let packs = upload_bytes.div_ceil(repo.settings.pack_size).max(1);
+    if let Some(estimate) = repo.storage.estimate(upload_bytes, packs) {
+        tracing::info!(?estimate, "transfer estimate");
+        progress.estimate(&estimate);
+    }
 
     // Uploader: stores finished packs, then indexes them in the catalog.
     let (pack_tx, pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);

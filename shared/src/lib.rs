@@ -35,7 +35,9 @@ pub use progress::{CancelFlag, Counters, NoProgress, Phase, Progress, ProgressRe
 pub use recover::{RecoverReport, recover};
 pub use repo::{EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots};
 pub use restore::{RestoreOptions, RestoreSummary};
-pub use storage::{DirStorage, Location, MemoryStorage, ObjectInfo, ObjectRef, Storage};
+pub use storage::{
+    DirStorage, Location, MemoryStorage, ObjectInfo, ObjectRef, Storage, TransferEstimate,
+};
 
 impl Repo {
     /// Checks that everything the catalog references is in storage (and, with `read_data`,

@@ -49,6 +49,10 @@ pub struct ProgressReport {
 /// implementations throttle as they need. Every method has a no-op default.
 pub trait Progress: Send + Sync {
     fn report(&self, _report: &ProgressReport) {}
+
+    /// The storage backend's estimate of the transfer ahead, sent once the job knows how
+    /// much it has to move (after scanning).
+    fn estimate(&self, _estimate: &crate::storage::TransferEstimate) {}
 }
 
 /// Shows nothing.

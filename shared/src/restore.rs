@@ -357,6 +357,13 @@ pub(crate) async fn run(
     counters.bytes_total.store(bytes_total, Ordering::Relaxed);
     counters.set_phase(Phase::Downloading);
     progress.report(&counters.report());
+    let packs: std::collections::HashSet<&str> = plan
+        .iter()
+        .flat_map(|p| p.chunks.iter().map(|c| c.pack_id.as_str()))
+        .collect();
+    if let Some(estimate) = repo.storage.estimate(bytes_total, packs.len() as u64) {
+        progress.estimate(&estimate);
+    }
 
     // Directories first (parents before children: the plan is sorted by path).
     let dirs: Vec<usize> = (0..plan.len())

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use storinator_shared::{
     BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, Jobs, Lease, Progress,
-    ProgressReport, Repo, RestoreOptions, Signal,
+    ProgressReport, Repo, RestoreOptions, Signal, TransferEstimate,
 };
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -141,13 +141,20 @@ pub async fn shutdown_signal() {
     tracing::info!("signal received");
 }
 
-/// Keeps the engine's latest report; the heartbeat loop writes it to the job table.
+/// The engine's latest progress, and its transfer estimate until the job table has it.
 #[derive(Default)]
-struct Latest(Mutex<Option<ProgressReport>>);
+struct Latest(
+    Mutex<Option<ProgressReport>>,
+    Mutex<Option<TransferEstimate>>,
+);
 
 impl Progress for Latest {
     fn report(&self, report: &ProgressReport) {
         *self.0.lock().unwrap() = Some(report.clone());
+    }
+
+    fn estimate(&self, estimate: &TransferEstimate) {
+        *self.1.lock().unwrap() = Some(estimate.clone());
     }
 }
 
@@ -196,6 +203,13 @@ async fn run_job(
                         }
                     }
                 }
+                let estimate = latest.1.lock().unwrap().take();
+                if let Some(e) = estimate {
+                    let value = serde_json::to_value(&e).unwrap_or_default();
+                    if let Err(err) = jobs.set_estimate(&lease, &value).await {
+                        tracing::warn!("recording the estimate failed: {err}");
+                    }
+                }
                 let now = latest.0.lock().unwrap().clone();
                 let res = match &now {
                     Some(r) if written.as_ref() != Some(r) => jobs.report_progress(&lease, r).await,
@@ -225,6 +239,15 @@ async fn run_job(
     let outcome = execute(repo, &job.args, &owner, latest.as_ref(), &cancel).await;
     drop(beat);
     let stopped = *reason.lock().unwrap();
+    // A job quicker than one heartbeat still records its estimate.
+    let pending = latest.1.lock().unwrap().take();
+    if let Some(e) = pending
+        && stopped != Some(StopReason::LeaseLost)
+    {
+        let _ = jobs
+            .set_estimate(&lease, &serde_json::to_value(&e).unwrap_or_default())
+            .await;
+    }
 
     let recorded = match (outcome, stopped) {
         (_, Some(StopReason::LeaseLost)) => Ok(()),

@@ -53,6 +53,7 @@ async fn chat_backup_and_restore_through_loopback_telegram() {
         ..EngineSettings::default()
     };
     let jobs = Jobs::new(catalog.pool().clone());
+    let job_view = jobs.clone();
     let repo = Repo::open(catalog, storage, "pw", settings).await.unwrap();
 
     let (wtx, wrx) = oneshot::channel::<()>();
@@ -92,6 +93,16 @@ async fn chat_backup_and_restore_through_loopback_telegram() {
     assert!(done.is_some(), "{}", api.transcript_text(USER));
     let docs = f.server.documents();
     assert!(!docs.is_empty(), "packs went to the loopback Telegram");
+    // The scheduler's estimate was recorded on the job before its transfer.
+    let job = job_view.get(1).await.unwrap().unwrap();
+    let estimate = job
+        .estimate
+        .expect("backup job carries the scheduler's estimate");
+    assert!(
+        estimate["message_calls"].as_u64().unwrap() >= 1,
+        "{estimate}"
+    );
+    assert!(estimate["part_calls"].as_u64().unwrap() >= 1, "{estimate}");
 
     let out = root.join("back");
     api.push_message(

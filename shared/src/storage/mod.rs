@@ -46,6 +46,15 @@ impl ObjectRef {
     }
 }
 
+/// What moving some bytes through a storage backend is expected to cost, under its current
+/// limits (Telegram: message-class calls, part calls and the rate they are allowed at).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TransferEstimate {
+    pub message_calls: u64,
+    pub part_calls: u64,
+    pub seconds: f64,
+}
+
 /// A place to keep sealed objects.
 ///
 /// Implementations must be idempotent under retry: putting the same name twice (for example
@@ -81,6 +90,12 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Delete an object; deleting a missing object is not an error.
     async fn remove(&self, obj: &ObjectRef) -> Result<(), StorageError>;
+
+    /// The expected cost of transferring `bytes` in `objects` objects, for backends with
+    /// rate limits worth announcing before a job starts. Local backends have none.
+    fn estimate(&self, _bytes: u64, _objects: u64) -> Option<TransferEstimate> {
+        None
+    }
 }
 
 /// Checks an object name handed to a backend: names are ours (`[A-Za-z0-9._-]`), never a path.

@@ -1243,6 +1243,15 @@ impl Storage for TelegramStorage {
         self.inner.list_all().await
     }
 
+    fn estimate(&self, bytes: u64, objects: u64) -> Option<storinator_shared::TransferEstimate> {
+        let e = self.inner.sched.estimate(bytes, objects);
+        Some(storinator_shared::TransferEstimate {
+            message_calls: e.message_calls,
+            part_calls: e.part_calls,
+            seconds: e.seconds,
+        })
+    }
+
     async fn remove(&self, obj: &ObjectRef) -> Result<(), StorageError> {
         self.inner.remove_obj(obj).await
     }
