@@ -2,9 +2,25 @@
 //! see `.env.example`.
 
 use anyhow::Context;
+use clap::Parser;
+
+/// T-Storinator chat bot: turns /backup, /restore and friends into jobs for the worker.
+///
+/// Configuration comes from the environment (and a `.env` file in the current directory);
+/// every variable is described in .env.example. Required: TELOXIDE_TOKEN (from @BotFather),
+/// STORINATOR_ALLOWED_USERS (comma-separated Telegram user ids), STORINATOR_BACKUP_ROOTS
+/// (comma-separated folders /backup may name). The bot and `storinator-worker run` share one
+/// SQLite database: set STORINATOR_DATA_DIR (or DATABASE_URL) to the same value for both.
+/// TELOXIDE_API_URL points the bot at another Bot API server (tests, a local server).
+///
+/// Stops cleanly on SIGINT or SIGTERM. Logging: RUST_LOG (default info).
+#[derive(Parser, Debug)]
+#[command(name = "storinator-bot", version, about, long_about)]
+struct Args {}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -19,7 +19,7 @@ use crate::ui::Bar;
 /// Settings come from the environment (and a `.env` file): see .env.example. Every command
 /// runs without prompts when STORINATOR_PASSPHRASE (or --passphrase-file) is set.
 #[derive(Parser, Debug)]
-#[command(name = "storinator-worker", version, about, long_about = None, propagate_version = true)]
+#[command(name = "storinator-worker", version, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
