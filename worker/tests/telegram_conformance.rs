@@ -1,60 +1,15 @@
-//! The storage conformance checks (mirroring `shared::storage::conformance`) run against the
+//! The storage conformance checks (`shared::storage::conformance`) run against the
 //! real grammers client and the loopback Telegram, in Saved Messages and in a channel.
 
 mod telegram_support;
 
 use std::time::Duration;
 
-use storinator_shared::error::StorageError;
 use storinator_shared::storage::{ObjectRef, Storage};
 use storinator_testkit::mtproto::LoopbackOptions;
 use telegram_support::*;
 
-async fn conformance(store: &dyn Storage) {
-    let spool = store.spool_dir().to_path_buf();
-    std::fs::create_dir_all(&spool).unwrap();
-    let p = spool.join("upload-test");
-    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&p, &data).unwrap();
-    let loc = store.put_file("aa.enc", &p).await.unwrap();
-    assert!(!p.exists(), "put_file must consume the spool file");
-    let r = ObjectRef::new("aa.enc", loc.clone());
-    assert_eq!(store.get_range(&r, 0, 10).await.unwrap(), &data[..10]);
-    assert_eq!(store.get_range(&r, 9990, 10).await.unwrap(), &data[9990..]);
-    assert!(
-        store.get_range(&r, 9995, 10).await.is_err(),
-        "read past the end must fail"
-    );
-    let by_name = ObjectRef::new("aa.enc", "");
-    assert_eq!(
-        store.get_range(&by_name, 100, 5).await.unwrap(),
-        &data[100..105]
-    );
-    store
-        .put_bytes("key-1.enc", b"hello".to_vec())
-        .await
-        .unwrap();
-    let mut names: Vec<_> = store
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| (o.name, o.size))
-        .collect();
-    names.sort();
-    assert_eq!(
-        names,
-        vec![("aa.enc".to_string(), 10_000), ("key-1.enc".to_string(), 5)]
-    );
-    store.remove(&r).await.unwrap();
-    store.remove(&r).await.unwrap();
-    let missing = store.get_range(&r, 0, 1).await.unwrap_err();
-    assert!(
-        matches!(missing, StorageError::NotFound { .. }),
-        "{missing:?}"
-    );
-    assert!(store.put_bytes("../x", vec![]).await.is_err());
-}
+use storinator_shared::storage::conformance::run as conformance;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_in_saved_messages() {

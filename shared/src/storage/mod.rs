@@ -99,7 +99,7 @@ pub trait Storage: Send + Sync + 'static {
 }
 
 /// Checks an object name handed to a backend: names are ours (`[A-Za-z0-9._-]`), never a path.
-pub(crate) fn check_name(name: &str) -> Result<(), StorageError> {
+pub fn check_name(name: &str) -> Result<(), StorageError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
@@ -113,11 +113,12 @@ pub(crate) fn check_name(name: &str) -> Result<(), StorageError> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod conformance {
-    //! The behaviour every backend must have, run against each implementation.
+pub mod conformance {
+    //! The behaviour every backend must have: backends (here and in other crates) run this
+    //! against their implementation in a test.
     use super::*;
 
+    /// Panics (like an assertion) on the first behaviour that differs from the contract.
     pub async fn run(store: &dyn Storage) {
         let spool = store.spool_dir().to_path_buf();
         std::fs::create_dir_all(&spool).unwrap();

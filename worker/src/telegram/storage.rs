@@ -21,6 +21,7 @@ use grammers_mtsender::{InvocationError, RpcError, Sender, ServerAddr};
 use grammers_tl_types::{self as tl, RemoteCall};
 use sha2::{Digest, Sha256};
 use storinator_shared::error::StorageError;
+use storinator_shared::storage::check_name;
 use storinator_shared::storage::{Location, ObjectInfo, ObjectRef, Storage};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
@@ -109,21 +110,6 @@ fn is_transient_rpc(e: &RpcError) -> bool {
         || e.code == -503
         || e.name == "RPC_CALL_FAIL"
         || e.name == "TIMEOUT"
-}
-
-/// Object names are ours (`<hex>.enc`, `key-<hex>.enc`); anything else is a caller bug.
-fn check_name(name: &str) -> Result<(), StorageError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(StorageError::Fatal(format!("invalid object name {name:?}")))
-    }
 }
 
 /// The random_id of a send, derived from the object name so that a retried send (even after a
