@@ -402,7 +402,7 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
         f.repo.snapshots("local", None).await.unwrap().is_empty(),
         "no snapshot without all its packs"
     );
-    let stored_before = f.storage.puts();
+    let stored_before = f.storage.put_count();
     assert_eq!(stored_before, 3);
     // Every pack the catalog knows is really in storage.
     let in_storage: Vec<String> = f
@@ -671,7 +671,7 @@ async fn passphrase_change_rewraps_without_touching_data() {
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    let packs_before = f.storage.puts();
+    let packs_before = f.storage.put_count();
     Repo::change_passphrase(
         &f.repo.catalog,
         f.storage.as_ref(),
@@ -681,7 +681,7 @@ async fn passphrase_change_rewraps_without_touching_data() {
     )
     .await
     .unwrap();
-    assert_eq!(f.storage.puts(), packs_before, "no pack is rewritten");
+    assert_eq!(f.storage.put_count(), packs_before, "no pack is rewritten");
     let catalog = Catalog::open_file(&f.path("catalog.db")).await.unwrap();
     assert!(
         Repo::open(catalog.clone(), f.storage.clone(), PASS, settings())

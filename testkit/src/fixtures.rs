@@ -109,3 +109,94 @@ pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
         .map(|e| e.path().to_path_buf())
         .collect()
 }
+
+/// A storage backend wrapped for tests: uploads can be slowed down (so progress is visible)
+/// or made to fail after a number of successes (crash and resume tests), and every upload is
+/// recorded. The counters are `Arc`s so a "restarted" process can share them.
+pub struct InstrumentedStorage<S> {
+    pub inner: S,
+    pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub fail_puts_after: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub puts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl<S> InstrumentedStorage<S> {
+    pub fn new(inner: S) -> Self {
+        InstrumentedStorage {
+            inner,
+            delay_ms: Default::default(),
+            fail_puts_after: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
+            puts: Default::default(),
+        }
+    }
+
+    /// The same instrumentation (delay, failure point, upload log) over another backend.
+    pub fn sharing<T>(inner: S, other: &InstrumentedStorage<T>) -> Self {
+        InstrumentedStorage {
+            inner,
+            delay_ms: other.delay_ms.clone(),
+            fail_puts_after: other.fail_puts_after.clone(),
+            puts: other.puts.clone(),
+        }
+    }
+
+    /// Uploads that succeeded so far.
+    pub fn put_count(&self) -> usize {
+        self.puts.lock().unwrap().len()
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedStorage<S> {
+    fn describe(&self) -> String {
+        format!("instrumented {}", self.inner.describe())
+    }
+    fn spool_dir(&self) -> &Path {
+        self.inner.spool_dir()
+    }
+    async fn put_file(
+        &self,
+        name: &str,
+        path: &Path,
+    ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
+        use std::sync::atomic::Ordering;
+        let delay = self.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        if self.put_count() >= self.fail_puts_after.load(Ordering::SeqCst) {
+            return Err(storinator_shared::StorageError::Fatal(
+                "injected upload failure".into(),
+            ));
+        }
+        let loc = self.inner.put_file(name, path).await?;
+        self.puts.lock().unwrap().push(name.to_string());
+        Ok(loc)
+    }
+    async fn put_bytes(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
+        self.inner.put_bytes(name, data).await
+    }
+    async fn get_range(
+        &self,
+        obj: &storinator_shared::ObjectRef,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, storinator_shared::StorageError> {
+        self.inner.get_range(obj, offset, len).await
+    }
+    async fn list(
+        &self,
+    ) -> Result<Vec<storinator_shared::ObjectInfo>, storinator_shared::StorageError> {
+        self.inner.list().await
+    }
+    async fn remove(
+        &self,
+        obj: &storinator_shared::ObjectRef,
+    ) -> Result<(), storinator_shared::StorageError> {
+        self.inner.remove(obj).await
+    }
+}

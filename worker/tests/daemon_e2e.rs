@@ -7,13 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use storinator_bot::BotConfig;
 use storinator_shared::{
-    Catalog, ChunkerParams, DirStorage, EngineSettings, JobPolicy, JobState, Jobs, KdfParams,
-    Location, ObjectInfo, ObjectRef, Repo, Storage, StorageError,
+    Catalog, ChunkerParams, DirStorage, EngineSettings, JobPolicy, JobState, Jobs, KdfParams, Repo,
 };
 use storinator_testkit::botapi::{FakeBotApi, Fault};
+use storinator_testkit::fixtures::InstrumentedStorage;
 use storinator_worker::daemon::{self, DaemonConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -23,45 +22,6 @@ const USER2: i64 = 8;
 const CHAT: i64 = 7;
 const PASS: &str = "correct horse battery staple";
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A directory store whose uploads take a while, counting them.
-struct SlowStorage {
-    inner: DirStorage,
-    delay_ms: Arc<AtomicU64>,
-    puts: Arc<Mutex<Vec<String>>>,
-}
-
-#[async_trait]
-impl Storage for SlowStorage {
-    fn describe(&self) -> String {
-        format!("slow {}", self.inner.describe())
-    }
-    fn spool_dir(&self) -> &Path {
-        self.inner.spool_dir()
-    }
-    async fn put_file(&self, name: &str, path: &Path) -> Result<Location, StorageError> {
-        tokio::time::sleep(Duration::from_millis(self.delay_ms.load(Ordering::Relaxed))).await;
-        self.puts.lock().unwrap().push(name.to_string());
-        self.inner.put_file(name, path).await
-    }
-    async fn put_bytes(&self, name: &str, data: Vec<u8>) -> Result<Location, StorageError> {
-        self.inner.put_bytes(name, data).await
-    }
-    async fn get_range(
-        &self,
-        obj: &ObjectRef,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, StorageError> {
-        self.inner.get_range(obj, offset, len).await
-    }
-    async fn list(&self) -> Result<Vec<ObjectInfo>, StorageError> {
-        self.inner.list().await
-    }
-    async fn remove(&self, obj: &ObjectRef) -> Result<(), StorageError> {
-        self.inner.remove(obj).await
-    }
-}
 
 struct World {
     api: FakeBotApi,
@@ -175,9 +135,10 @@ impl World {
     /// Start a worker daemon as a fresh process would: its own catalog handle and repo.
     async fn start_worker(&mut self, id: &str) {
         let catalog = Catalog::open(&self.db_url).await.unwrap();
-        let storage = Arc::new(SlowStorage {
+        let storage = Arc::new(InstrumentedStorage {
             inner: DirStorage::open(self.dir.path().join("store")).unwrap(),
             delay_ms: self.delay_ms.clone(),
+            fail_puts_after: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
             puts: self.puts.clone(),
         });
         let settings = EngineSettings {

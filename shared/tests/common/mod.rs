@@ -3,13 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
-use storinator_shared::{
-    Catalog, ChunkerParams, EngineSettings, KdfParams, Location, MemoryStorage, ObjectInfo,
-    ObjectRef, Repo, Storage, StorageError,
-};
+use storinator_shared::{Catalog, ChunkerParams, EngineSettings, KdfParams, MemoryStorage, Repo};
 
 pub const PASS: &str = "correct horse battery staple";
 
@@ -33,7 +28,7 @@ pub fn settings() -> EngineSettings {
 impl Fixture {
     pub async fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Arc::new(CountingStorage::new(MemoryStorage::new(
+        let storage = Arc::new(InstrumentedStorage::new(MemoryStorage::new(
             dir.path().join("spool"),
         )));
         let repo = Fixture::open_repo(dir.path(), storage.clone(), true).await;
@@ -62,58 +57,9 @@ impl Fixture {
     }
 }
 
-/// Storage wrapper that counts puts and can be told to fail after N of them.
-pub struct CountingStorage {
-    pub inner: MemoryStorage,
-    pub puts: AtomicUsize,
-    pub fail_puts_after: AtomicUsize,
-}
+pub use storinator_testkit::fixtures::{
+    InstrumentedStorage, bytes, describe_tree, make_tree, temp_files,
+};
 
-impl CountingStorage {
-    pub fn new(inner: MemoryStorage) -> Self {
-        CountingStorage {
-            inner,
-            puts: AtomicUsize::new(0),
-            fail_puts_after: AtomicUsize::new(usize::MAX),
-        }
-    }
-    pub fn puts(&self) -> usize {
-        self.puts.load(Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl Storage for CountingStorage {
-    fn describe(&self) -> String {
-        "counting".into()
-    }
-    fn spool_dir(&self) -> &Path {
-        self.inner.spool_dir()
-    }
-    async fn put_file(&self, name: &str, path: &Path) -> Result<Location, StorageError> {
-        if self.puts.load(Ordering::SeqCst) >= self.fail_puts_after.load(Ordering::SeqCst) {
-            return Err(StorageError::Fatal("injected upload failure".into()));
-        }
-        self.puts.fetch_add(1, Ordering::SeqCst);
-        self.inner.put_file(name, path).await
-    }
-    async fn put_bytes(&self, name: &str, data: Vec<u8>) -> Result<Location, StorageError> {
-        self.inner.put_bytes(name, data).await
-    }
-    async fn get_range(
-        &self,
-        obj: &ObjectRef,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, StorageError> {
-        self.inner.get_range(obj, offset, len).await
-    }
-    async fn list(&self) -> Result<Vec<ObjectInfo>, StorageError> {
-        self.inner.list().await
-    }
-    async fn remove(&self, obj: &ObjectRef) -> Result<(), StorageError> {
-        self.inner.remove(obj).await
-    }
-}
-
-pub use storinator_testkit::fixtures::{bytes, describe_tree, make_tree, temp_files};
+/// The engine tests' storage: memory, instrumented.
+pub type CountingStorage = InstrumentedStorage<MemoryStorage>;
