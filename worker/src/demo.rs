@@ -212,6 +212,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         restore_secs,
         human_bytes((report.bytes as f64 / restore_secs.max(0.001)) as u64)
     );
+    match opts.bandwidth {
+        Some(b) => println!(
+            "              (the loopback Telegram was capped at {}/s so the progress is visible; --bandwidth 0 lifts the cap)",
+            human_bytes(b)
+        ),
+        None => {
+            println!("              (loopback Telegram uncapped: these figures are this machine's)")
+        }
+    }
     let message_class: u64 = mtproto.counters().message_class_calls();
     println!(
         "  MTProto     {} message-class calls (Telegram allows ~100/min); all calls: {:?}",
