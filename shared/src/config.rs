@@ -16,11 +16,11 @@ pub enum ConfigError {
     },
     #[error("missing {var}: {reason}\nhint: every variable is described in .env.example")]
     Missing { var: &'static str, reason: String },
-    #[error("cannot read {var} file {}: {source}", path.display())]
+    #[error("cannot read {var} file {}: {error}", path.display())]
     File {
         var: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -306,10 +306,10 @@ pub fn sqlite_url(path: &Path) -> String {
 
 /// Reads a passphrase file: the first line, without its line ending.
 pub fn read_passphrase_file(var: &'static str, path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
         var,
         path: path.into(),
-        source,
+        error,
     })?;
     let line = text.lines().next().unwrap_or("").to_string();
     if line.is_empty() {

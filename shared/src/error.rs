@@ -16,18 +16,19 @@ pub enum StorageError {
     Transient(String),
     #[error("storage error: {0}")]
     Fatal(String),
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not `source`: the message already includes it, and error reporters print sources again.
+        error: std::io::Error,
     },
 }
 
 impl StorageError {
-    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<Path>, error: std::io::Error) -> Self {
         StorageError::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            error,
         }
     }
 
@@ -64,10 +65,11 @@ pub enum Error {
     Pack(#[from] crate::pack::PackError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not `source`: the message already includes it, and error reporters print sources again.
+        error: std::io::Error,
     },
     #[error(
         "no key in the catalog\nhint: run `storinator-worker init` first, or `storinator-worker recover` on a new machine"
@@ -92,10 +94,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<Path>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            error,
         }
     }
 
