@@ -58,7 +58,7 @@ pub enum Command {
     Jobs,
     #[command(description = "stop a job: /cancel <job id>")]
     Cancel(String),
-    #[command(description = "check stored data: /verify [path]")]
+    #[command(description = "check that every stored pack is present and intact")]
     Verify(String),
 }
 
@@ -339,8 +339,14 @@ async fn command(
             return Ok(None);
         }
         Command::Verify(raw) => {
-            let path = Some(raw.trim().to_string()).filter(|p| !p.is_empty());
-            start_job(bot, app, uid, chat, JobArgs::Verify { path }).await?;
+            // Verification covers every pack in storage; a path would suggest otherwise.
+            if !raw.trim().is_empty() {
+                return Ok(Some(
+                    "Usage: /verify (no arguments): it checks every stored pack, for all backups."
+                        .into(),
+                ));
+            }
+            start_job(bot, app, uid, chat, JobArgs::Verify { path: None }).await?;
             return Ok(None);
         }
         Command::Snapshots(raw) => {

@@ -338,10 +338,12 @@ async fn unknown_commands_and_bad_arguments_get_usage() {
         ("/status", "Nothing is running"),
         ("/snapshots", "No snapshots yet"),
         ("/cancel 41", "no job #41"),
+        ("/verify /srv/data", "Usage: /verify (no arguments)"),
     ] {
         let reply = h.say(USER, text).await;
         assert!(reply.contains(expect), "{text}: {reply}");
     }
+    assert_eq!(h.job_count().await, 0, "no usage error queues a job");
     h.stop().await;
 }
 
