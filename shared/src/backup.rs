@@ -1079,6 +1079,17 @@ pub(crate) struct NewEntry {
     pub content: NewContent,
 }
 
+/// Ends an entry row's validity at snapshot `seq` (it changed or disappeared there).
+async fn close_entry(tx: &mut sqlx::SqliteConnection, id: i64, seq: i64) -> Result<(), Error> {
+    sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ?")
+        .bind(seq)
+        .bind(id)
+        .execute(tx)
+        .await
+        .map_err(db("committing the snapshot"))?;
+    Ok(())
+}
+
 /// Records a snapshot and its entries in one transaction, writing rows only for what changed
 /// since the root's previous snapshot. Returns the snapshot's sequence number.
 pub(crate) async fn commit_snapshot(
@@ -1169,12 +1180,7 @@ pub(crate) async fn commit_snapshot(
             continue;
         }
         if let Some(p) = prev {
-            sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ?")
-                .bind(seq)
-                .bind(p.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db(ctx))?;
+            close_entry(&mut tx, p.id, seq).await?;
         }
         sqlx::query(
             "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq) \
@@ -1196,12 +1202,7 @@ pub(crate) async fn commit_snapshot(
     }
     for (path, p) in previous {
         if !seen.contains(path.as_str()) {
-            sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ?")
-                .bind(seq)
-                .bind(p.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db(ctx))?;
+            close_entry(&mut tx, p.id, seq).await?;
         }
     }
     sqlx::query(

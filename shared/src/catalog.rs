@@ -401,42 +401,44 @@ impl Catalog {
         }))
     }
 
-    /// The chunk list of a content, in order, with locations.
-    pub async fn content_chunks(&self, content_id: i64) -> Result<Vec<ChunkLoc>, Error> {
+    /// Chunk lists (in order, with locations) of every file content at `prefix` or below it
+    /// in snapshot `seq` of a root: one query for a whole restore.
+    pub async fn content_chunks_under(
+        &self,
+        root_id: i64,
+        seq: i64,
+        prefix: &str,
+    ) -> Result<HashMap<i64, Vec<ChunkLoc>>, Error> {
         let rows = sqlx::query(
-            "SELECT c.id, c.pack_id, p.location, c.offset, c.length, c.raw_length FROM content_chunks cc \
-             JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.id = c.pack_id \
-             WHERE cc.content_id = ? ORDER BY cc.seq",
+            "SELECT cc.content_id, c.id, c.pack_id, p.location, c.offset, c.length, c.raw_length \
+             FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.id = c.pack_id \
+             WHERE cc.content_id IN (SELECT e.content_id FROM entries e WHERE e.root_id = ? \
+             AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
+             AND (e.path = ? OR (e.path >= ? AND e.path < ?)) AND e.content_id IS NOT NULL) \
+             ORDER BY cc.content_id, cc.seq",
         )
-        .bind(content_id)
+        .bind(root_id)
+        .bind(seq)
+        .bind(seq)
+        .bind(prefix)
+        .bind(format!("{prefix}/"))
+        .bind(format!("{prefix}0"))
         .fetch_all(&self.pool)
         .await
-        .map_err(db("loading a file's chunk list"))?;
-        rows.iter()
-            .map(|r| {
-                let id: Vec<u8> = r.get(0);
-                Ok(ChunkLoc {
-                    id: ChunkId::from_slice(&id)?,
-                    pack_id: r.get(1),
-                    location: r.get(2),
-                    offset: r.get::<i64, _>(3) as u64,
-                    length: r.get::<i64, _>(4) as u64,
-                    raw_length: r.get::<i64, _>(5) as u64,
-                })
-            })
-            .collect()
-    }
-
-    /// Chunk ids of a content, in order (no locations).
-    pub async fn content_chunk_ids(&self, content_id: i64) -> Result<Vec<ChunkId>, Error> {
-        let ids: Vec<Vec<u8>> = sqlx::query_scalar(
-            "SELECT chunk_id FROM content_chunks WHERE content_id = ? ORDER BY seq",
-        )
-        .bind(content_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading a file's chunk list"))?;
-        ids.iter().map(|i| Ok(ChunkId::from_slice(i)?)).collect()
+        .map_err(db("loading chunk lists"))?;
+        let mut out: HashMap<i64, Vec<ChunkLoc>> = HashMap::new();
+        for r in &rows {
+            let id: Vec<u8> = r.get(1);
+            out.entry(r.get(0)).or_default().push(ChunkLoc {
+                id: ChunkId::from_slice(&id)?,
+                pack_id: r.get(2),
+                location: r.get(3),
+                offset: r.get::<i64, _>(4) as u64,
+                length: r.get::<i64, _>(5) as u64,
+                raw_length: r.get::<i64, _>(6) as u64,
+            });
+        }
+        Ok(out)
     }
 
     /// Entries (in any snapshot) whose content uses a chunk of `pack_id`: what a lost pack costs.

@@ -343,12 +343,27 @@ pub(crate) async fn run(
     // Chunk lists of the files to fetch.
     let mut bytes_total = 0;
     let mut files_total = 0;
+    let chunk_lists = repo
+        .catalog
+        .content_chunks_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
+        .await?;
     for (i, p) in plan.iter_mut().enumerate() {
         if p.entry.kind == EntryKind::File && !skip[i] {
             let content = p.entry.content_id.ok_or_else(|| {
                 Error::Invalid(format!("catalog entry {} has no content", p.entry.path))
             })?;
-            p.chunks = repo.catalog.content_chunks(content).await?;
+            // A content shared by several files is restored for each of them.
+            p.chunks = match chunk_lists.get(&content) {
+                Some(list) => list.clone(),
+                // An empty file has no chunks.
+                None if p.entry.size == 0 => Vec::new(),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "catalog has no chunk list for {}\nhint: run `storinator-worker verify`",
+                        p.entry.path
+                    )));
+                }
+            };
             bytes_total += p.entry.size;
             files_total += 1;
         }

@@ -112,6 +112,13 @@ fn is_transient_rpc(e: &RpcError) -> bool {
         || e.name == "TIMEOUT"
 }
 
+fn input_channel(channel_id: i64, access_hash: i64) -> tl::enums::InputChannel {
+    tl::enums::InputChannel::Channel(tl::types::InputChannel {
+        channel_id,
+        access_hash,
+    })
+}
+
 /// The random_id of a send, derived from the object name so that a retried send (even after a
 /// crash) carries the same id and Telegram refuses the duplicate. `salt` moves on only when
 /// the name is reused after a delete.
@@ -755,10 +762,7 @@ impl Inner {
                 self.call(
                     CallClass::Message,
                     &tl::functions::channels::DeleteMessages {
-                        channel: tl::enums::InputChannel::Channel(tl::types::InputChannel {
-                            channel_id: *id,
-                            access_hash: *access_hash,
-                        }),
+                        channel: input_channel(*id, *access_hash),
                         id: ids,
                     },
                 )
@@ -784,10 +788,7 @@ impl Inner {
                 self.call(
                     CallClass::Message,
                     &tl::functions::channels::GetMessages {
-                        channel: tl::enums::InputChannel::Channel(tl::types::InputChannel {
-                            channel_id: *id,
-                            access_hash: *access_hash,
-                        }),
+                        channel: input_channel(*id, *access_hash),
                         id: ids,
                     },
                 )
