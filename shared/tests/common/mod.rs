@@ -57,8 +57,10 @@ impl Fixture {
     }
 }
 
+pub use storinator_shared::format::pack::BlobKind;
 pub use storinator_testkit::fixtures::{
-    InstrumentedStorage, bytes, describe_tree, make_tree, temp_files,
+    InstrumentedStorage, bytes, describe_tree, duplicate_data_chunks, make_tree, pack_entries,
+    stored_packs, temp_files,
 };
 
 /// The engine tests' storage: memory, instrumented.
