@@ -602,6 +602,15 @@ async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
     let history_before = w.api.bot_messages(CHAT)[0].history();
     w.start_bot().await;
     w.wait_text(&format!("Backup #{} failed", job.id)).await;
+    // The bot records that it told the user; that record is what keeps it from telling again.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !w.jobs.get(job.id).await.unwrap().unwrap().final_notified {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the notice was never recorded as sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Wait for proof that the bot has looked at the job table again since (a job of another
     // user, finished now, is announced in that user's chat), instead of sleeping.
     let marker = w

@@ -155,7 +155,8 @@ async fn jobs_run_side_by_side_but_one_backup_per_folder_at_a_time() {
     let ja = d.backup(&a).await;
     let jb = d.backup(&b).await;
     for j in [&ja, &jb] {
-        assert_eq!(d.finished(j).await.state, JobState::Done);
+        let j = d.finished(j).await;
+        assert_eq!(j.state, JobState::Done, "{j:?}");
     }
     assert_eq!(
         d.storage.max_in_flight.load(Ordering::SeqCst),
