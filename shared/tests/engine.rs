@@ -1103,3 +1103,139 @@ async fn recover_twice_changes_nothing_the_second_time() {
         .unwrap();
     assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
 }
+
+/// Where the first chunk of `path` (in the current snapshot) is stored: pack id and offset.
+async fn first_chunk_of(f: &Fixture, path: &str) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT c.pack_id, c.offset FROM entries e
+           JOIN content_chunks cc ON cc.content_id = e.content_id AND cc.seq = 0
+           JOIN chunks c ON c.id = cc.chunk_id
+          WHERE e.path = ? AND e.to_seq IS NULL",
+    )
+    .bind(path)
+    .fetch_one(f.repo.catalog.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn one_bad_file_fails_alone_and_the_rest_of_the_restore_goes_on() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("sub/f{i}.bin")), bytes(120_000, 500 + i)).unwrap();
+    }
+    std::fs::write(src.join("note.txt"), b"a small file after the bad one").unwrap();
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // Damage one chunk of one file in the middle of the tree.
+    let (pack, offset) = first_chunk_of(&f, "data/sub/f3.bin").await;
+    assert!(
+        f.storage
+            .inner
+            .corrupt(&format!("{pack}.enc"), offset as usize + 40)
+    );
+    let out = f.path("out");
+    let err = f
+        .repo
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap_err();
+    let Error::RestoreFailed { failures } = &err else {
+        panic!("expected RestoreFailed, got {err}")
+    };
+    assert_eq!(
+        failures.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        vec!["data/sub/f3.bin"],
+        "{failures:?}"
+    );
+    assert!(failures[0].1.contains("authentication failed"), "{failures:?}");
+    // Everything else is there, byte for byte, with its metadata; the bad file is not.
+    let mut want = describe_tree(&src);
+    want.remove("sub/f3.bin");
+    assert_eq!(want, describe_tree(&out.join("data")));
+    assert!(!out.join("data/sub/f3.bin").exists());
+    assert!(temp_files(&out).is_empty());
+}
+
+#[tokio::test]
+async fn content_whose_size_or_sha256_does_not_match_is_rejected() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), bytes(100_000, 1)).unwrap();
+    std::fs::write(src.join("b.bin"), bytes(100_000, 2)).unwrap();
+    std::fs::write(src.join("c.bin"), bytes(150_000, 3)).unwrap();
+    std::fs::write(src.join("d.bin"), bytes(50_000, 4)).unwrap();
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // The recorded values no longer match the (authentic) data: a's SHA-256 and b's size.
+    sqlx::query(
+        "UPDATE contents SET sha256 = zeroblob(32)
+          WHERE id = (SELECT content_id FROM entries WHERE path = 'data/a.bin')",
+    )
+    .execute(f.repo.catalog.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE entries SET size = size + 1 WHERE path = 'data/b.bin'")
+        .execute(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    let out = f.path("out");
+    let err = f
+        .repo
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap_err();
+    let Error::RestoreFailed { failures } = &err else {
+        panic!("expected RestoreFailed, got {err}")
+    };
+    let mut failed: Vec<&str> = failures.iter().map(|(p, _)| p.as_str()).collect();
+    failed.sort();
+    assert_eq!(failed, vec!["data/a.bin", "data/b.bin"], "{failures:?}");
+    for name in ["a.bin", "b.bin"] {
+        assert!(!out.join("data").join(name).exists(), "{name} written");
+    }
+    assert_eq!(std::fs::read(out.join("data/c.bin")).unwrap(), bytes(150_000, 3));
+    assert_eq!(std::fs::read(out.join("data/d.bin")).unwrap(), bytes(50_000, 4));
+    assert!(temp_files(&out).is_empty());
+}
+
+#[tokio::test]
+async fn restore_never_writes_through_a_symlink_it_created_itself() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/file.txt"), b"payload").unwrap();
+    let elsewhere = f.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, src.join("lnk")).unwrap();
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // A crafted listing: the file now lives "under" the symlink the restore creates first.
+    sqlx::query("UPDATE entries SET path = 'data/lnk/file.txt' WHERE path = 'data/sub/file.txt'")
+        .execute(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    for overwrite in [false, true] {
+        let out = f.path(&format!("out-{overwrite}"));
+        let mut o = restore_opts(&src, &out);
+        o.overwrite = overwrite;
+        let res = f.repo.restore(&o, &NoProgress, &CancelFlag::new()).await;
+        assert!(res.is_err(), "the crafted path was restored: {res:?}");
+        assert!(
+            !elsewhere.join("file.txt").exists(),
+            "written through the restored symlink"
+        );
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert!(temp_files(&out).is_empty());
+        assert!(temp_files(&elsewhere).is_empty());
+    }
+}
