@@ -465,12 +465,18 @@ mod tests {
         let err = size(&((1999u64 << 20) + 1).to_string(), false)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("STORINATOR_PACK_SIZE") && err.contains("2000 MiB"), "{err}");
+        assert!(
+            err.contains("STORINATOR_PACK_SIZE") && err.contains("2000 MiB"),
+            "{err}"
+        );
         assert_eq!(size("3999MiB", true).unwrap(), 3999 << 20);
         let err = size(&((3999u64 << 20) + 1).to_string(), true)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("STORINATOR_PACK_SIZE") && err.contains("4000 MiB"), "{err}");
+        assert!(
+            err.contains("STORINATOR_PACK_SIZE") && err.contains("4000 MiB"),
+            "{err}"
+        );
         assert!(size("4000MiB", true).is_err());
     }
 

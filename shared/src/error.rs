@@ -173,7 +173,9 @@ mod tests {
         }
         let fatal = [
             Error::Storage(StorageError::Fatal("chat not found".into())),
-            Error::Storage(StorageError::NotFound { name: "a.enc".into() }),
+            Error::Storage(StorageError::NotFound {
+                name: "a.enc".into(),
+            }),
             Error::Storage(StorageError::io(
                 "/spool/x",
                 std::io::Error::from(std::io::ErrorKind::PermissionDenied),
@@ -183,7 +185,10 @@ mod tests {
             Error::NoKey,
             Error::Cancelled,
             Error::Invalid("cannot back up /x: not a directory".into()),
-            Error::io("/srv/data", std::io::Error::from(std::io::ErrorKind::NotFound)),
+            Error::io(
+                "/srv/data",
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ),
             Error::Conflicts { paths: vec![] },
         ];
         for e in &fatal {

@@ -418,7 +418,10 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
     stored.sort();
     let mut expected = finished.clone();
     expected.sort();
-    assert_eq!(stored, expected, "the catalog's stored packs are the uploaded ones");
+    assert_eq!(
+        stored, expected,
+        "the catalog's stored packs are the uploaded ones"
+    );
     let in_storage: Vec<String> = f
         .storage
         .inner
@@ -449,7 +452,11 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
     let packs = stored_packs(f.storage.as_ref(), Some(f.repo.keys()))
         .await
         .unwrap();
-    assert_eq!(duplicate_data_chunks(&packs), vec![], "chunks uploaded twice");
+    assert_eq!(
+        duplicate_data_chunks(&packs),
+        vec![],
+        "chunks uploaded twice"
+    );
     let names: Vec<&str> = packs.iter().map(|p| p.name.as_str()).collect();
     for n in &finished {
         assert!(names.contains(&n.as_str()), "finished pack {n} is gone");
@@ -588,7 +595,12 @@ async fn special_files_and_non_utf8_names_are_warnings_not_failures() {
     }
     warned("data/bad-\u{fffd}-name.txt", "UTF-8");
     warned("data/link-to-bad-target", "UTF-8");
-    assert_eq!(s.warnings.len(), 4 + usize::from(device), "{:?}", s.warnings);
+    assert_eq!(
+        s.warnings.len(),
+        4 + usize::from(device),
+        "{:?}",
+        s.warnings
+    );
     assert_eq!(s.snapshot.files, 1);
     let out = f.path("out");
     f.repo
@@ -605,7 +617,11 @@ async fn special_files_and_non_utf8_names_are_warnings_not_failures() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     restored.sort();
-    assert_eq!(restored, vec!["loop", "ok.txt"], "skipped items are not restored");
+    assert_eq!(
+        restored,
+        vec!["loop", "ok.txt"],
+        "skipped items are not restored"
+    );
 }
 
 #[tokio::test]
@@ -818,7 +834,12 @@ async fn unencrypted_packs_are_readable_without_any_key() {
             continue;
         }
         let obj = storinator_shared::ObjectRef::new(&name, "");
-        let pack = f.storage.inner.get_range(&obj, 0, size as u64).await.unwrap();
+        let pack = f
+            .storage
+            .inner
+            .get_range(&obj, 0, size as u64)
+            .await
+            .unwrap();
         for e in pack_entries(&name, &pack, None).unwrap() {
             let sealed = &pack[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
             let plain = storinator_shared::format::crypto::open(None, sealed, 16 << 20).unwrap();
@@ -837,7 +858,13 @@ async fn unencrypted_packs_are_readable_without_any_key() {
     let src2 = f.path("src/private");
     std::fs::create_dir_all(&src2).unwrap();
     std::fs::write(src2.join("secret.txt"), b"not for you").unwrap();
-    let before: Vec<String> = f.storage.inner.snapshot().into_iter().map(|(n, _)| n).collect();
+    let before: Vec<String> = f
+        .storage
+        .inner
+        .snapshot()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     f.repo
         .backup(&backup_opts(&src2), &NoProgress, &CancelFlag::new())
         .await
@@ -850,7 +877,12 @@ async fn unencrypted_packs_are_readable_without_any_key() {
         .find(|(n, _)| !before.contains(n))
         .unwrap();
     let obj = storinator_shared::ObjectRef::new(&name, "");
-    let pack = f.storage.inner.get_range(&obj, 0, size as u64).await.unwrap();
+    let pack = f
+        .storage
+        .inner
+        .get_range(&obj, 0, size as u64)
+        .await
+        .unwrap();
     let err = pack_entries(&name, &pack, None).unwrap_err();
     assert!(err.to_string().contains("no key"), "{err}");
 }
@@ -902,7 +934,11 @@ async fn passphrase_change_rewraps_without_touching_data() {
         &NoProgress,
     )
     .await;
-    assert!(matches!(old, Err(Error::WrongPassphrase)), "{:?}", old.err());
+    assert!(
+        matches!(old, Err(Error::WrongPassphrase)),
+        "{:?}",
+        old.err()
+    );
     let (recovered, report) = storinator_shared::recover(
         fresh,
         f.storage.clone(),
@@ -947,7 +983,12 @@ async fn verify_catches_a_pack_of_the_wrong_size_and_a_bad_table_of_contents() {
     assert!(with_data.len() >= 2, "{} packs with data", with_data.len());
     let (longer, damaged) = (with_data[0], with_data[1]);
     let obj = storinator_shared::ObjectRef::new(&longer.name, "");
-    let mut bytes_of = f.storage.inner.get_range(&obj, 0, longer.size).await.unwrap();
+    let mut bytes_of = f
+        .storage
+        .inner
+        .get_range(&obj, 0, longer.size)
+        .await
+        .unwrap();
     bytes_of.push(0);
     f.storage
         .inner
@@ -1072,10 +1113,15 @@ async fn recover_twice_changes_nothing_the_second_time() {
         .await
         .unwrap();
     let fresh = Catalog::open_file(&f.path("new-machine.db")).await.unwrap();
-    let (repo, first) =
-        storinator_shared::recover(fresh.clone(), f.storage.clone(), PASS, settings(), &NoProgress)
-            .await
-            .unwrap();
+    let (repo, first) = storinator_shared::recover(
+        fresh.clone(),
+        f.storage.clone(),
+        PASS,
+        settings(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
     assert!(first.problems.is_empty(), "{:?}", first.problems);
     assert_eq!(first.snapshots, 2);
     let snaps = repo.snapshots("local", None).await.unwrap();
@@ -1095,7 +1141,11 @@ async fn recover_twice_changes_nothing_the_second_time() {
         snaps.iter().map(|s| &s.short_id).collect::<Vec<_>>()
     );
     assert_eq!(repo.catalog.entry_row_count().await.unwrap(), rows);
-    assert_eq!(f.storage.put_count(), puts, "recover writes nothing to storage");
+    assert_eq!(
+        f.storage.put_count(),
+        puts,
+        "recover writes nothing to storage"
+    );
     assert_eq!(f.storage.inner.snapshot(), objects);
     let out = f.path("out");
     repo.restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
@@ -1152,7 +1202,10 @@ async fn one_bad_file_fails_alone_and_the_rest_of_the_restore_goes_on() {
         vec!["data/sub/f3.bin"],
         "{failures:?}"
     );
-    assert!(failures[0].1.contains("authentication failed"), "{failures:?}");
+    assert!(
+        failures[0].1.contains("authentication failed"),
+        "{failures:?}"
+    );
     // Everything else is there, byte for byte, with its metadata; the bad file is not.
     let mut want = describe_tree(&src);
     want.remove("sub/f3.bin");
@@ -1201,8 +1254,14 @@ async fn content_whose_size_or_sha256_does_not_match_is_rejected() {
     for name in ["a.bin", "b.bin"] {
         assert!(!out.join("data").join(name).exists(), "{name} written");
     }
-    assert_eq!(std::fs::read(out.join("data/c.bin")).unwrap(), bytes(150_000, 3));
-    assert_eq!(std::fs::read(out.join("data/d.bin")).unwrap(), bytes(50_000, 4));
+    assert_eq!(
+        std::fs::read(out.join("data/c.bin")).unwrap(),
+        bytes(150_000, 3)
+    );
+    assert_eq!(
+        std::fs::read(out.join("data/d.bin")).unwrap(),
+        bytes(50_000, 4)
+    );
     assert!(temp_files(&out).is_empty());
 }
 

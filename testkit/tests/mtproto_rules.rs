@@ -383,7 +383,10 @@ async fn message_class_rate_limit_answers_flood_wait() {
         let elapsed = first.elapsed().as_secs() as u32;
         let name = rpc_name(e);
         let secs: u32 = name.strip_prefix("FLOOD_WAIT_").unwrap().parse().unwrap();
-        assert!((29 - elapsed.min(28)..=30).contains(&secs), "{name} after {elapsed}s");
+        assert!(
+            (29 - elapsed.min(28)..=30).contains(&secs),
+            "{name} after {elapsed}s"
+        );
         // Part transfers are a different budget.
         part(&c.client, 1, 0, vec![0; 1024]).await.unwrap();
     })

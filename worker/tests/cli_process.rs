@@ -90,7 +90,10 @@ impl Host {
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("STORINATOR_DATA_DIR", &self.data)
-            .env("STORINATOR_STORAGE", format!("dir:{}", self.store.display()))
+            .env(
+                "STORINATOR_STORAGE",
+                format!("dir:{}", self.store.display()),
+            )
             .env("STORINATOR_PASSPHRASE", &self.pass)
             .env("STORINATOR_INSECURE_FAST_KDF", "1")
             .current_dir(self.dir.path());
@@ -171,13 +174,22 @@ fn exit_codes_are_the_documented_ones() {
     let odd = h.path("src/odd");
     sample(&odd);
     let fifo = odd.join("a-fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     let _socket = std::os::unix::net::UnixListener::bind(odd.join("a-socket")).unwrap();
     std::fs::write(odd.join("locked.txt"), b"secret").unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(odd.join("locked.txt"), std::fs::Permissions::from_mode(0))
-            .unwrap();
+        std::fs::set_permissions(
+            odd.join("locked.txt"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
     }
     {
         use std::os::unix::ffi::OsStrExt;
@@ -202,7 +214,10 @@ fn exit_codes_are_the_documented_ones() {
     assert!(o.stderr.contains("snapshot saved"), "{}", o.stderr);
     assert!(o.stdout.contains("snapshot "), "{}", o.stdout);
     let listed = h.expect(0, &["ls", s(&odd), "-r"]).stdout;
-    assert!(listed.contains("a.txt") && listed.contains("b.bin"), "{listed}");
+    assert!(
+        listed.contains("a.txt") && listed.contains("b.bin"),
+        "{listed}"
+    );
     assert!(!listed.contains("locked.txt"), "{listed}");
 
     // Restore: a differing file stops it (1) until --overwrite (0).
@@ -219,7 +234,10 @@ fn exit_codes_are_the_documented_ones() {
         std::fs::read(out.join("data/a.txt")).unwrap(),
         b"local edit\n"
     );
-    assert!(!out.join("data/sub").exists(), "nothing written before asking");
+    assert!(
+        !out.join("data/sub").exists(),
+        "nothing written before asking"
+    );
     h.expect(0, &["restore", s(&src), "--to", s(&out), "--overwrite"]);
     assert_eq!(std::fs::read(out.join("data/a.txt")).unwrap(), b"alpha\n");
     assert_eq!(
@@ -342,23 +360,27 @@ fn recover_on_a_new_machine_is_safe_to_run_twice() {
         .map(|e| e.unwrap().file_name())
         .collect();
     let second = new.expect(0, &["recover"]);
-    assert!(second.stdout.contains("and 0 snapshots"), "{}", second.stdout);
+    assert!(
+        second.stdout.contains("and 0 snapshots"),
+        "{}",
+        second.stdout
+    );
     assert_eq!(snapshot_ids(&new), ids, "nothing doubled");
     let store_after: Vec<_> = std::fs::read_dir(&old.store)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(store_before, store_after, "recover writes nothing to storage");
+    assert_eq!(
+        store_before, store_after,
+        "recover writes nothing to storage"
+    );
 
     // Both snapshots restore on the new machine.
     for (id, want) in [(&ids[0], &b"alpha\n"[..]), (&ids[1], b"alpha, edited\n")] {
         let out = new.path(&format!("out-{id}"));
         std::fs::create_dir_all(&out).unwrap();
         open_up(&out);
-        new.expect(
-            0,
-            &["restore", s(&src), "--to", s(&out), "--snapshot", id],
-        );
+        new.expect(0, &["restore", s(&src), "--to", s(&out), "--snapshot", id]);
         assert_eq!(std::fs::read(out.join("data/a.txt")).unwrap(), want);
     }
     // And the new machine backs up on top of them without storing the data again.

@@ -191,10 +191,7 @@ impl World {
     /// helpers running; a killed process would not).
     fn kill_worker(&mut self) {
         let (_tx, task) = self.worker.take().unwrap();
-        self.worker_alive
-            .take()
-            .unwrap()
-            .store(0, Ordering::SeqCst);
+        self.worker_alive.take().unwrap().store(0, Ordering::SeqCst);
         task.abort();
     }
 
@@ -479,12 +476,20 @@ async fn killed_worker_job_resumes_on_restart_and_completes() {
     // went up again: every data chunk is stored exactly once.
     let after = w.puts.lock().unwrap().clone();
     let packs = w.stored_packs().await;
-    assert_eq!(duplicate_data_chunks(&packs), vec![], "chunks uploaded twice");
+    assert_eq!(
+        duplicate_data_chunks(&packs),
+        vec![],
+        "chunks uploaded twice"
+    );
     let names: Vec<&str> = packs.iter().map(|p| p.name.as_str()).collect();
     for n in &before {
         assert!(names.contains(&n.as_str()), "finished pack {n} is gone");
     }
-    assert_eq!(packs.len(), after.len(), "every upload is in the store, once");
+    assert_eq!(
+        packs.len(),
+        after.len(),
+        "every upload is in the store, once"
+    );
     let Some(storinator_shared::JobResult::Backup { new_chunks, .. }) = job.result else {
         panic!("not a backup result: {:?}", job.result)
     };
@@ -626,7 +631,15 @@ async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + WAIT;
-    while !w.jobs.get(marker.id).await.unwrap().unwrap().state.is_final() {
+    while !w
+        .jobs
+        .get(marker.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+        .is_final()
+    {
         assert!(std::time::Instant::now() < deadline, "marker job never ran");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use storinator_shared::{
-    Catalog, ChunkerParams, Clock, DirStorage, EngineSettings, Job, JobArgs, JobPolicy, JobState, Jobs,
-    KdfParams, ManualClock, Repo,
+    Catalog, ChunkerParams, Clock, DirStorage, EngineSettings, Job, JobArgs, JobPolicy, JobState,
+    Jobs, KdfParams, ManualClock, Repo,
 };
 use storinator_testkit::fixtures::{InjectedFault, InstrumentedStorage, bytes};
 use storinator_worker::daemon::{self, DaemonConfig};
@@ -65,6 +65,8 @@ impl Daemon {
         let repo = Repo::open(catalog, storage.clone(), PASS, settings)
             .await
             .unwrap();
+        // Whatever else the daemon learns to configure keeps its default here.
+        #[allow(clippy::needless_update)]
         let cfg = DaemonConfig {
             worker_id: "w".into(),
             concurrency,
@@ -73,14 +75,9 @@ impl Daemon {
             ..DaemonConfig::default()
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon::run(
-            Arc::new(repo),
-            jobs.clone(),
-            cfg,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let task = tokio::spawn(daemon::run(Arc::new(repo), jobs.clone(), cfg, async move {
+            let _ = stopped.await;
+        }));
         Daemon {
             dir,
             jobs,
@@ -212,7 +209,11 @@ async fn transient_failures_are_retried_after_a_pause_and_fatal_ones_are_not() {
         .await;
     assert_eq!(queued.attempt, 1);
     assert!(
-        queued.error.as_deref().unwrap().contains("injected listing failure"),
+        queued
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("injected listing failure"),
         "{queued:?}"
     );
     assert_eq!(queued.not_before, d.clock.now_ms() + 10_000);
@@ -236,7 +237,11 @@ async fn transient_failures_are_retried_after_a_pause_and_fatal_ones_are_not() {
     assert_eq!(failed.attempt, 1);
     assert!(failed.attempt < failed.max_attempts);
     assert!(
-        failed.error.as_deref().unwrap().contains("injected listing failure"),
+        failed
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("injected listing failure"),
         "{failed:?}"
     );
     d.stop().await;

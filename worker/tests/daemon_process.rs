@@ -124,7 +124,9 @@ fn words(seed: u64, len: usize) -> Vec<u8> {
     let vocab: Vec<String> = (0..2000)
         .map(|_| {
             let n = 2 + (next() % 8) as usize;
-            (0..n).map(|_| (b'a' + (next() % 26) as u8) as char).collect()
+            (0..n)
+                .map(|_| (b'a' + (next() % 26) as u8) as char)
+                .collect()
         })
         .collect();
     let mut out = Vec::with_capacity(len + 16);
@@ -154,7 +156,11 @@ async fn sigterm_mid_job_keeps_finished_packs_and_the_next_run_resumes() {
         c
     };
     let st = worker(dir.path()).arg("init").output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let url = format!(
         "sqlite://{}",
         dir.path().join("data/storinator.db").display()
@@ -267,14 +273,22 @@ async fn sigterm_mid_job_keeps_finished_packs_and_the_next_run_resumes() {
     let packs = stored_packs(repo.storage.as_ref(), Some(repo.keys()))
         .await
         .unwrap();
-    assert_eq!(duplicate_data_chunks(&packs), vec![], "chunks uploaded twice");
+    assert_eq!(
+        duplicate_data_chunks(&packs),
+        vec![],
+        "chunks uploaded twice"
+    );
     let out = dir.path().join("out");
     let st = worker(dir.path())
         .args(["--owner", "tg:7", "restore", src.to_str().unwrap(), "--to"])
         .arg(&out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     for i in 0..12u64 {
         let name = format!("part{i:02}.txt");
         assert_eq!(

@@ -39,14 +39,20 @@ fn spellings(key: &[u8]) -> Vec<Vec<u8>> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let b64 = base64(key, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/");
-    let b64url = base64(key, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_");
+    let b64 = base64(
+        key,
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+    );
+    let b64url = base64(
+        key,
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    );
     vec![
         hex::encode(key).into_bytes(),
         hex::encode_upper(key).into_bytes(),
         // Without the last, padded group: matches with and without padding.
-        b64[..40].as_bytes().to_vec(),
-        b64url[..40].as_bytes().to_vec(),
+        b64.as_bytes()[..40].to_vec(),
+        b64url.as_bytes()[..40].to_vec(),
         debug.into_bytes(),
         key.to_vec(),
     ]
@@ -97,7 +103,10 @@ impl Session {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "trace")
             .env("STORINATOR_DATA_DIR", data)
-            .env("STORINATOR_STORAGE", format!("dir:{}", self.store.display()))
+            .env(
+                "STORINATOR_STORAGE",
+                format!("dir:{}", self.store.display()),
+            )
             .env("STORINATOR_PASSPHRASE", pass)
             .env("STORINATOR_INSECURE_FAST_KDF", "1")
             .current_dir(self.dir.path());
@@ -228,7 +237,10 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
     for (text, is_job) in [
         ("/start".to_string(), false),
         (format!("/backup {}", data_src.display()), true),
-        (format!("/restore {} to {}", data_src.display(), out.display()), true),
+        (
+            format!("/restore {} to {}", data_src.display(), out.display()),
+            true,
+        ),
         ("/verify".to_string(), true),
         ("/snapshots".to_string(), false),
         (format!("/ls {}", data_src.display()), false),
@@ -239,9 +251,11 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
         let before = api.bot_messages(USER).len();
         let jobs_before = jobs.list_for_user(USER, 100).await.unwrap().len();
         said(&text);
-        api.wait_for(WAIT, |a| (a.bot_messages(USER).len() > before).then_some(()))
-            .await
-            .unwrap_or_else(|| panic!("no answer to {text}"));
+        api.wait_for(WAIT, |a| {
+            (a.bot_messages(USER).len() > before).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("no answer to {text}"));
         if is_job {
             let list = jobs.list_for_user(USER, 100).await.unwrap();
             assert_eq!(list.len(), jobs_before + 1, "{text} queued no job");
@@ -249,7 +263,10 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
             assert_eq!(j.state, JobState::Done, "{text}: {j:?}");
         }
     }
-    assert_eq!(std::fs::read(out.join("data/docs/a.txt")).unwrap(), b"alpha");
+    assert_eq!(
+        std::fs::read(out.join("data/docs/a.txt")).unwrap(),
+        b"alpha"
+    );
 
     // The CLI: reads, a refused passphrase, a refused second key, a passphrase change and a
     // recovery on a new machine with the new passphrase.
@@ -259,7 +276,11 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
         (PASS, vec!["backup", src.as_str()], 0),
         (PASS, vec!["snapshots"], 0),
         (PASS, vec!["ls", src.as_str(), "-r"], 0),
-        (PASS, vec!["restore", src.as_str(), "--to", cli_out.as_str()], 0),
+        (
+            PASS,
+            vec!["restore", src.as_str(), "--to", cli_out.as_str()],
+            0,
+        ),
         (PASS, vec!["verify", "--read-data"], 0),
         ("wrong passphrase", vec!["ls", src.as_str()], 1),
         (PASS, vec!["init"], 1),
@@ -274,7 +295,11 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
         ),
         0
     );
-    assert_eq!(s.cli(PASS, &["verify"], &[]), 1, "the old passphrase is refused");
+    assert_eq!(
+        s.cli(PASS, &["verify"], &[]),
+        1,
+        "the old passphrase is refused"
+    );
     let fresh = s.dir.path().join("new-machine");
     std::fs::create_dir_all(&fresh).unwrap();
     let o = s.worker(&fresh, NEW_PASS).arg("recover").output().unwrap();
@@ -292,7 +317,11 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
     );
     assert_eq!(daemon.wait().unwrap().code(), Some(0));
     let _ = stop_bot.send(());
-    tokio::time::timeout(WAIT, bot).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, bot)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 
     let worker_log = std::fs::read(&worker_log).unwrap();
     assert!(
@@ -325,7 +354,8 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
                 .map(String::into_bytes)
                 .or_else(|| row.try_get::<Option<Vec<u8>>, _>(i).ok().flatten())
                 .unwrap_or_default();
-            s.found.add(format!("job table column {}", col.name()), text);
+            s.found
+                .add(format!("job table column {}", col.name()), text);
         }
     }
 

@@ -47,7 +47,10 @@ async fn premium_ceiling_is_refused_before_uploading() {
         let err = f.storage.put_file("ab.enc", &p).await.unwrap_err();
         assert!(matches!(err, StorageError::Fatal(_)), "{err:?}");
         assert!(err.to_string().contains("upload limit"), "{err}");
-        assert!(err.to_string().contains(&(4000u64 << 20).to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&(4000u64 << 20).to_string()),
+            "{err}"
+        );
         assert_eq!(f.server.counters().get("upload.saveBigFilePart"), 0);
     })
     .await
@@ -57,7 +60,9 @@ async fn premium_ceiling_is_refused_before_uploading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_pack_round_trip() {
     let mib = match std::env::var("STORINATOR_TG_BIG_MIB") {
-        Ok(v) => v.parse::<u64>().expect("STORINATOR_TG_BIG_MIB is a number of MiB"),
+        Ok(v) => v
+            .parse::<u64>()
+            .expect("STORINATOR_TG_BIG_MIB is a number of MiB"),
         Err(_) => 24,
     };
     println!("big pack round trip: {mib} MiB (STORINATOR_TG_BIG_MIB sets the size)");

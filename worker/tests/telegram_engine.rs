@@ -152,14 +152,27 @@ async fn backup_and_restore_survive_telegram_faults() {
             .unwrap();
         assert!(s.packs >= 4, "{} packs", s.packs);
         // Each scripted fault fired, and the client dealt with each as Telegram expects.
-        assert_eq!(faults.fired_on("messages.sendMedia"), 3, "{:?}", faults.fired());
-        assert_eq!(faults.fired_on("upload.saveFilePart"), 2, "{:?}", faults.fired());
+        assert_eq!(
+            faults.fired_on("messages.sendMedia"),
+            3,
+            "{:?}",
+            faults.fired()
+        );
+        assert_eq!(
+            faults.fired_on("upload.saveFilePart"),
+            2,
+            "{:?}",
+            faults.fired()
+        );
         assert_eq!(faults.fired().len(), 5);
         assert_eq!(e.server.counters().get("upload.saveBigFilePart"), 0);
         let stats = e.tg.scheduler().stats();
         assert_eq!(stats.flood_waits, 2, "{stats:?}");
         assert_eq!(stats.upload_restarts, 1, "{stats:?}");
-        assert!(stats.retries >= 2, "the hang and the drop were retried: {stats:?}");
+        assert!(
+            stats.retries >= 2,
+            "the hang and the drop were retried: {stats:?}"
+        );
         assert!(stats.reconnects >= 2, "{stats:?}");
 
         faults.clear();

@@ -63,14 +63,29 @@ async fn dropped_connections_are_resumed() {
         let fired: Vec<String> = faults.fired().into_iter().map(|x| x.method).collect();
         assert_eq!(
             fired,
-            ["upload.saveBigFilePart", "messages.sendMedia", "upload.getFile"]
+            [
+                "upload.saveBigFilePart",
+                "messages.sendMedia",
+                "upload.getFile"
+            ]
         );
         let stats = f.storage.scheduler().stats();
         assert!(stats.retries >= 3, "{stats:?}");
-        assert!(stats.reconnects >= 1, "the part connection was reopened: {stats:?}");
+        assert!(
+            stats.reconnects >= 1,
+            "the part connection was reopened: {stats:?}"
+        );
         let c = f.server.counters();
-        assert_eq!(c.get("messages.sendMedia"), 2, "the dropped send went again");
-        assert_eq!(c.get("upload.saveBigFilePart"), 22 + 1, "one part went twice");
+        assert_eq!(
+            c.get("messages.sendMedia"),
+            2,
+            "the dropped send went again"
+        );
+        assert_eq!(
+            c.get("upload.saveBigFilePart"),
+            22 + 1,
+            "one part went twice"
+        );
         assert_eq!(f.server.documents().len(), 1);
     })
     .await;
@@ -103,7 +118,10 @@ async fn hung_calls_time_out_and_are_retried() {
         assert!(stats.retries >= 3, "{stats:?}");
         let c = f.server.counters();
         assert!(c.get("messages.sendMedia") >= 2, "the hung send went again");
-        assert!(c.get("upload.saveFilePart") >= 5, "4 parts + the hung one again");
+        assert!(
+            c.get("upload.saveFilePart") >= 5,
+            "4 parts + the hung one again"
+        );
     })
     .await;
 }

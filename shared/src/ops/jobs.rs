@@ -1049,7 +1049,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(state, JobState::Failed);
-        assert_eq!(jobs.get(s.id).await.unwrap().unwrap().state, JobState::Failed);
+        assert_eq!(
+            jobs.get(s.id).await.unwrap().unwrap().state,
+            JobState::Failed
+        );
         assert!(jobs.claim("w").await.unwrap().is_none(), "not queued again");
     }
 
