@@ -31,7 +31,7 @@ pub use jobs::{
     CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult, JobState, Jobs, Lease,
     Signal,
 };
-pub use progress::{CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport};
+pub use progress::{CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, Throttle};
 pub use recover::{RecoverReport, recover};
 pub use repo::{EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots};
 pub use restore::{RestoreOptions, RestoreSummary};

@@ -185,9 +185,11 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(verbose: u8) {
+    // grammers logs its own connection trouble as warnings; the worker reports what failed
+    // (and what to check) itself, so those only show from -v on.
     let default = match verbose {
         0 => "error",
-        1 => "warn",
+        1 => "warn,grammers_mtsender=error,grammers_mtproto=error,grammers_client=error,grammers_session=error",
         2 => "info",
         _ => "debug",
     };

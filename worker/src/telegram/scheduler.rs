@@ -7,6 +7,7 @@
 //! grows back after a run of successes. Time comes from `tokio::time`, so tests run under
 //! `start_paused` and finish instantly.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -64,6 +65,51 @@ pub struct SchedulerStats {
     pub reconnects: u64,
     pub retries: u64,
     pub upload_restarts: u64,
+    /// FLOOD_PREMIUM_WAIT answers: Telegram slowing a free account's uploads down.
+    pub premium_waits: u64,
+}
+
+/// How long the measured transfer rate looks back.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Bytes moved recently, to measure the rate actually achieved (waits included).
+#[derive(Default)]
+struct Meter {
+    samples: VecDeque<(Instant, u64)>,
+    since: Option<Instant>,
+}
+
+impl Meter {
+    fn add(&mut self, now: Instant, bytes: u64) {
+        self.since.get_or_insert(now);
+        self.samples.push_back((now, bytes));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second over the last minute (or since the first transfer, if sooner).
+    fn rate(&self, now: Instant) -> f64 {
+        let Some(since) = self.since else {
+            return 0.0;
+        };
+        let span = now.duration_since(since).min(RATE_WINDOW).as_secs_f64();
+        let bytes: u64 = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW)
+            .map(|(_, b)| b)
+            .sum();
+        if span <= 0.0 {
+            0.0
+        } else {
+            bytes as f64 / span
+        }
+    }
 }
 
 struct Bucket {
@@ -80,6 +126,9 @@ pub struct Scheduler {
     /// Measured transfer rate (bytes/s, EWMA), stored as f64 bits.
     rate_bits: AtomicU64,
     stats: Mutex<SchedulerStats>,
+    meter: Mutex<Meter>,
+    /// When the last FLOOD_PREMIUM_WAIT came and how long it asked for.
+    premium: Mutex<Option<(Instant, Duration)>>,
 }
 
 pub const PART_SIZE: u64 = 512 * 1024;
@@ -105,6 +154,8 @@ impl Scheduler {
             paused: Mutex::new([None, None]),
             successes: AtomicUsize::new(0),
             stats: Mutex::new(SchedulerStats::default()),
+            meter: Mutex::new(Meter::default()),
+            premium: Mutex::new(None),
         }
     }
 
@@ -162,8 +213,29 @@ impl Scheduler {
         s.flood_wait_seconds += u64::from(seconds);
     }
 
+    /// The server said FLOOD_PREMIUM_WAIT_X: a transfer wait like any other, remembered so
+    /// the job can say that Telegram is slowing this account down.
+    pub fn premium_wait(&self, seconds: u32) {
+        self.flood_wait(CallClass::Transfer, seconds);
+        *self.premium.lock().unwrap() = Some((
+            Instant::now(),
+            Duration::from_secs(u64::from(seconds.max(1))),
+        ));
+        self.stats.lock().unwrap().premium_waits += 1;
+    }
+
+    /// While Telegram throttles this account (a FLOOD_PREMIUM_WAIT within the last two
+    /// minutes, or three of its waits), the transfer rate measured over the last minute.
+    pub fn premium_throttle(&self) -> Option<f64> {
+        let (at, wait) = (*self.premium.lock().unwrap())?;
+        let now = Instant::now();
+        let recent = Duration::from_secs(120).max(wait * 3);
+        (now.duration_since(at) <= recent).then(|| self.meter.lock().unwrap().rate(now))
+    }
+
     /// A part transfer went through; after enough in a row, allow one more in parallel.
     pub fn transfer_ok(&self, bytes: u64, took: Duration) {
+        self.meter.lock().unwrap().add(Instant::now(), bytes);
         let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
         let c = self.concurrency.load(Ordering::Relaxed);
         if n >= 16 * c && c < self.cfg.max_part_concurrency {
@@ -294,6 +366,26 @@ mod tests {
             s.transfer_ok(PART_SIZE, Duration::from_millis(10));
         }
         assert_eq!(s.part_concurrency(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn premium_waits_mark_the_account_throttled_with_the_measured_rate() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        assert_eq!(s.premium_throttle(), None);
+        s.transfer_ok(PART_SIZE, Duration::from_millis(5));
+        s.premium_wait(3);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        s.transfer_ok(PART_SIZE, Duration::from_millis(5));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        s.transfer_ok(PART_SIZE, Duration::from_millis(5));
+        // Three parts in six seconds, waits included.
+        let rate = s.premium_throttle().unwrap();
+        assert!((rate - 3.0 * PART_SIZE as f64 / 6.0).abs() < 1.0, "{rate}");
+        assert_eq!(s.stats().premium_waits, 1);
+        assert_eq!(s.stats().flood_waits, 1);
+        // Long after the last premium wait the account is no longer reported throttled.
+        tokio::time::advance(Duration::from_secs(200)).await;
+        assert_eq!(s.premium_throttle(), None);
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct FileSession {
     path: PathBuf,
     data: Mutex<SessionData>,
     titles: Mutex<HashMap<i64, String>>,
+    /// Held for a whole save (snapshot, write, rename), so saves never interleave and the
+    /// last one to finish holds everything changed before it started.
+    saving: Mutex<()>,
 }
 
 impl FileSession {
@@ -154,6 +157,7 @@ impl FileSession {
             path: path.to_path_buf(),
             data: Mutex::new(data),
             titles: Mutex::new(titles),
+            saving: Mutex::new(()),
         })
     }
 
@@ -223,77 +227,88 @@ impl FileSession {
         Some((dc.ipv4, dc.auth_key?))
     }
 
-    /// Writes the session file atomically with mode 0600 (it holds a login credential).
+    /// Writes the session file atomically with mode 0600 (it holds a login credential): into
+    /// a new file with a random name created exclusively (O_EXCL, never through an existing
+    /// file or symlink) in the same directory, synced, then renamed over the old one. Saves
+    /// are serialised.
     pub fn save(&self) -> Result<(), SessionError> {
         let io = |source| SessionError::Io {
             path: self.path.clone(),
             source,
         };
-        let json = {
-            let d = self.data.lock().map_err(|_| SessionError::Poisoned)?;
-            let titles = self.titles.lock().map_err(|_| SessionError::Poisoned)?;
-            let mut dcs: Vec<FileDc> = d
-                .dc_options
-                .values()
-                .filter(|dc| dc.auth_key.is_some() || dc.id == d.home_dc)
-                .map(|dc| FileDc {
-                    id: dc.id,
-                    addr: dc.ipv4.to_string(),
-                    addr6: Some(dc.ipv6.to_string()),
-                    auth_key: dc.auth_key.map(hex::encode),
-                })
-                .collect();
-            dcs.sort_by_key(|d| d.id);
-            let mut f = FileFormat {
-                version: 1,
-                home_dc: d.home_dc,
-                dcs,
-                ..Default::default()
-            };
-            for p in d.peer_infos.values() {
-                match p {
-                    PeerInfo::User {
-                        id,
-                        auth: Some(a),
-                        bot,
-                        is_self: Some(true),
-                    } => {
-                        f.self_user = Some(FileUser {
-                            id: *id,
-                            access_hash: a.hash(),
-                            bot: bot.unwrap_or(false),
-                        })
-                    }
-                    PeerInfo::Channel {
-                        id, auth: Some(a), ..
-                    } => f.channels.push(FileChannel {
-                        id: *id,
-                        access_hash: a.hash(),
-                        title: titles.get(id).cloned().unwrap_or_default(),
-                    }),
-                    _ => {}
-                }
-            }
-            f.channels.sort_by_key(|c| c.id);
-            serde_json::to_vec_pretty(&f).expect("session serializes")
+        let _one_at_a_time = self.saving.lock().map_err(|_| SessionError::Poisoned)?;
+        let json = self.to_json()?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
         };
-        if let Some(dir) = self.path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let tmp = self.path.with_extension("tmp");
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // tempfile: random name, O_CREAT|O_EXCL, mode 0600.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".session-")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(io)?;
         {
             use std::io::Write;
-            let mut o = std::fs::OpenOptions::new();
-            o.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-            let mut file = o.open(&tmp).map_err(io)?;
-            file.write_all(&json).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            tmp.write_all(&json).map_err(io)?;
+            tmp.as_file().sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        tmp.persist(&self.path).map_err(|e| io(e.error))?;
+        // The rename is durable once the directory is.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    fn to_json(&self) -> Result<Vec<u8>, SessionError> {
+        let d = self.data.lock().map_err(|_| SessionError::Poisoned)?;
+        let titles = self.titles.lock().map_err(|_| SessionError::Poisoned)?;
+        let mut dcs: Vec<FileDc> = d
+            .dc_options
+            .values()
+            .filter(|dc| dc.auth_key.is_some() || dc.id == d.home_dc)
+            .map(|dc| FileDc {
+                id: dc.id,
+                addr: dc.ipv4.to_string(),
+                addr6: Some(dc.ipv6.to_string()),
+                auth_key: dc.auth_key.map(hex::encode),
+            })
+            .collect();
+        dcs.sort_by_key(|d| d.id);
+        let mut f = FileFormat {
+            version: 1,
+            home_dc: d.home_dc,
+            dcs,
+            ..Default::default()
+        };
+        for p in d.peer_infos.values() {
+            match p {
+                PeerInfo::User {
+                    id,
+                    auth: Some(a),
+                    bot,
+                    is_self: Some(true),
+                } => {
+                    f.self_user = Some(FileUser {
+                        id: *id,
+                        access_hash: a.hash(),
+                        bot: bot.unwrap_or(false),
+                    })
+                }
+                PeerInfo::Channel {
+                    id, auth: Some(a), ..
+                } => f.channels.push(FileChannel {
+                    id: *id,
+                    access_hash: a.hash(),
+                    title: titles.get(id).cloned().unwrap_or_default(),
+                }),
+                _ => {}
+            }
+        }
+        f.channels.sort_by_key(|c| c.id);
+        Ok(serde_json::to_vec_pretty(&f).expect("session serializes"))
     }
 }
 
