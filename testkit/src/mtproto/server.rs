@@ -136,8 +136,10 @@ impl Server {
                 KeyAuth::Unauthorized
             });
         }
+        // A restarted server keeps its channels and adds only titles it did not have.
+        let fresh = channels.is_empty();
         for spec in &opts.channels {
-            if !channels.iter().any(|c: &ChannelInfo| c.title == spec.title) {
+            if fresh || !channels.iter().any(|c: &ChannelInfo| c.title == spec.title) {
                 channels.push(ChannelInfo {
                     id: 1_500_000_000 + channels.len() as i64,
                     access_hash: rnd_i64(),

@@ -158,7 +158,8 @@ fn parsed_form(name: &str) -> (String, bool) {
 pub fn known(e: &RpcError) -> Option<&'static Known> {
     KNOWN.iter().find(|k| {
         let (name, has_x) = parsed_form(k.name);
-        name == e.name && (k.code == 0 || k.code == e.code) && has_x == e.value.is_some()
+        // A name may hold digits of its own (MD5_...), which grammers also reads as a value.
+        name == e.name && (k.code == 0 || k.code == e.code) && (!has_x || e.value.is_some())
     })
 }
 
@@ -184,12 +185,17 @@ pub fn classify(e: &RpcError) -> Action {
 
 /// A sentence about `e` for people: its meaning from the table, or what its code says.
 pub fn describe(e: &RpcError) -> String {
+    let row = known(e);
+    let numbered = row.is_none_or(|k| parsed_form(k.name).1);
     let name = match e.value {
-        Some(v) => format!("{} ({v})", e.name),
-        None => e.name.clone(),
+        Some(v) if numbered => format!("{} ({v})", e.name),
+        _ => e.name.clone(),
     };
-    match known(e) {
-        Some(k) => format!("{}: {}", name, k.meaning.replace('X', &e.value.map_or("X".into(), |v| v.to_string()))),
+    match row {
+        Some(k) => {
+            let n = e.value.map_or("X".into(), |v| v.to_string());
+            format!("{}: {}", name, k.meaning.replace(" X", &format!(" {n}")))
+        }
         None if e.code == 420 => format!(
             "{name}: telegram refused with code 420, which is not a wait (only *_WAIT_X errors are)"
         ),
@@ -259,7 +265,12 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for k in KNOWN {
             assert!(seen.insert(k.name), "{} twice", k.name);
-            let message = k.name.replace('X', "3");
+            let message = k
+                .name
+                .split('_')
+                .map(|p| if p == "X" { "3" } else { p })
+                .collect::<Vec<_>>()
+                .join("_");
             let e = rpc(if k.code == 0 { 400 } else { k.code }, &message);
             assert_eq!(
                 known(&e).map(|r| r.name),

@@ -61,7 +61,7 @@ struct FileUser {
 }
 
 /// A channel known to the session (id and access hash), e.g. the storage channel.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct FileChannel {
     pub id: i64,
     pub access_hash: i64,
@@ -406,5 +406,85 @@ impl Session for FileSession {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn channel(i: i64) -> FileChannel {
+        FileChannel {
+            id: 1_000 + i,
+            access_hash: i,
+            title: format!("c{i}"),
+        }
+    }
+
+    #[test]
+    fn save_never_writes_through_a_planted_file_or_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.session");
+        // Someone who can write the directory plants the old predictable temp names: a
+        // symlink to a file of theirs to overwrite, and a world-readable file.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp")).unwrap();
+        let open = dir.path().join("worker.session.tmp");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let s = FileSession::load_or_new(&path).unwrap();
+        s.remember_channel(&channel(1)).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file(), "the session is a file of its own");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let again = FileSession::load_or_new(&path).unwrap();
+        assert_eq!(again.channels(), vec![channel(1)]);
+        // Nothing of ours is left behind besides the session.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".session-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn concurrent_saves_keep_every_change_and_never_tear_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.session");
+        let s = std::sync::Arc::new(FileSession::load_or_new(&path).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        s.remember_channel(&channel(t * 100 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Meanwhile a reader always finds a whole, valid session.
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    if path.exists() {
+                        FileSession::load_or_new(&path).expect("a whole session file");
+                    }
+                }
+            })
+        };
+        for t in threads {
+            t.join().unwrap();
+        }
+        reader.join().unwrap();
+        let saved = FileSession::load_or_new(&path).unwrap().channels();
+        assert_eq!(saved.len(), 40, "the last save holds every channel");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }
