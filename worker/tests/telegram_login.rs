@@ -378,3 +378,41 @@ async fn revoked_session_says_to_log_in_again() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sign_in_error_of_the_table_is_explained_or_followed() {
+    use storinator_worker::telegram::errors::{Action, KNOWN};
+    bounded(async {
+        for k in KNOWN.iter().filter(|k| k.action == Action::Login) {
+            let e = env(LoopbackOptions::default()).await;
+            let message = k
+                .name
+                .split('_')
+                .map(|p| if p == "X" { "4" } else { p })
+                .collect::<Vec<_>>()
+                .join("_");
+            // Errors of the code step come from auth.signIn, the others from auth.sendCode.
+            let at_sign_in = k.name.starts_with("PHONE_CODE") || k.name.contains("PASSWORD");
+            let method = if at_sign_in { "auth.signIn" } else { "auth.sendCode" };
+            e.server
+                .faults()
+                .on_call(method, 1, Fault::rpc(k.code, message));
+            let answers: &[(&str, &str)] = if at_sign_in || k.code == 303 {
+                &[("Phone", PHONE), ("code", LOGIN_CODE)]
+            } else {
+                &[("Phone", PHONE)]
+            };
+            let res = login_with(&e.cfg, &e.session, &mut script(answers)).await;
+            if k.code == 303 {
+                // A move to data centre 4: followed, and the sign-in completes there.
+                res.unwrap_or_else(|err| panic!("{}: {err}", k.name));
+                assert_eq!(e.server.counters().get("dc4:auth.sendCode"), 1, "{}", k.name);
+            } else {
+                let err = res.unwrap_err().to_string();
+                let name = k.name.trim_end_matches("_X");
+                assert!(err.contains(name), "{}: {err}", k.name);
+            }
+        }
+    })
+    .await;
+}

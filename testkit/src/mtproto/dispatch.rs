@@ -72,12 +72,14 @@ pub(crate) async fn run(server: &Server, dc: i32, q: &[u8], gzipped: bool) -> Ou
         server.counters.bump(&format!("gzip:{method}"));
     }
     let mut injected = Injected::default();
+    let mut lose_answer = false;
     match server.faults.pick(method, n) {
         None => {}
         Some(Fault::RpcError { code, message }) => return Outcome::Error(code, message),
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::Hang) => return Outcome::Hang,
         Some(Fault::DropConnection) => return Outcome::Drop,
+        Some(Fault::LoseAnswer) => lose_answer = true,
         Some(Fault::CorruptDownload) => injected.corrupt_download = true,
         Some(Fault::CorruptUpload) => injected.corrupt_upload = true,
         Some(Fault::CdnRedirect) => injected.cdn_redirect = true,
@@ -96,7 +98,11 @@ pub(crate) async fn run(server: &Server, dc: i32, q: &[u8], gzipped: bool) -> Ou
     {
         return err(420, format!("FLOOD_WAIT_{secs}"));
     }
-    route(server, dc, id, q, injected).await
+    let outcome = route(server, dc, id, q, injected).await;
+    if lose_answer {
+        return Outcome::Drop;
+    }
+    outcome
 }
 
 async fn route(server: &Server, dc: i32, id: u32, q: &[u8], injected: Injected) -> Outcome {

@@ -27,6 +27,9 @@ pub enum Fault {
     Hang,
     /// Close the TCP connection instead of answering.
     DropConnection,
+    /// Run the method, then close the connection before the answer goes out: the call took
+    /// effect but the client never learns it (a lost answer).
+    LoseAnswer,
     /// Run the method but flip bytes in the returned file data (upload.getFile only).
     CorruptDownload,
     /// Store the part with one byte flipped, as a client whose file changed under it would

@@ -378,6 +378,14 @@ impl LoopbackTelegram {
         self.server.duplicate_key(dc);
     }
 
+    /// Forget the authorization imported on data centre `dc`: its key answers 401
+    /// AUTH_KEY_UNREGISTERED again until the next auth.importAuthorization.
+    pub fn forget_imported_authorization(&self, dc: i32) {
+        if dc != self.server.home_dc() {
+            self.server.set_key_auth(dc, server::KeyAuth::Unauthorized);
+        }
+    }
+
     /// Freeze the account: writes answer 420 FROZEN_METHOD_INVALID.
     pub fn freeze_account(&self, frozen: bool) {
         self.server
