@@ -129,3 +129,92 @@ async fn chat_backup_and_restore_through_loopback_telegram() {
     let _ = btx.send(());
     bot.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_account_says_so_in_the_progress_message() {
+    use storinator_testkit::mtproto::PremiumThrottle;
+    // Free-account throttling from the first 512 KiB on, at 512 KiB/s.
+    let f = telegram_support::start(
+        LoopbackOptions {
+            premium_throttle: Some(PremiumThrottle {
+                after_bytes: 512 * 1024,
+                bytes_per_sec: 512 * 1024,
+            }),
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let api = FakeBotApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Incompressible, so about 2 MiB go to Telegram.
+    std::fs::write(data.join("big.bin"), telegram_support::data(2 << 20, 9)).unwrap();
+    let root = root.canonicalize().unwrap();
+    let data = root.join("data");
+
+    let db_url = format!("sqlite://{}", dir.path().join("st.db").display());
+    let catalog = Catalog::open(&db_url).await.unwrap();
+    let storage = Arc::new(f.storage);
+    Repo::init(&catalog, storage.as_ref(), "pw", KdfParams::fast_for_tests())
+        .await
+        .unwrap();
+    let settings = EngineSettings {
+        pack_size: 4 << 20,
+        chunker: ChunkerParams::small(),
+        threads: 1,
+        ..EngineSettings::default()
+    };
+    let jobs = Jobs::new(catalog.pool().clone());
+    let repo = Repo::open(catalog, storage, "pw", settings).await.unwrap();
+    let (wtx, wrx) = oneshot::channel::<()>();
+    let worker = tokio::spawn(daemon::run(
+        Arc::new(repo),
+        jobs,
+        DaemonConfig {
+            worker_id: "tg-worker".into(),
+            concurrency: 1,
+            poll_interval: Duration::from_millis(50),
+            progress_interval: Duration::from_millis(100),
+        },
+        async move {
+            let _ = wrx.await;
+        },
+    ));
+    let vars = [
+        ("TELOXIDE_TOKEN".to_string(), "1:TG".to_string()),
+        ("TELOXIDE_API_URL".into(), api.url()),
+        ("STORINATOR_ALLOWED_USERS".into(), USER.to_string()),
+        ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),
+        ("DATABASE_URL".into(), db_url.clone()),
+        ("STORINATOR_BOT_EDIT_INTERVAL_MS".into(), "100".into()),
+        ("STORINATOR_BOT_TICK_MS".into(), "50".into()),
+        ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
+    ];
+    let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        .unwrap();
+    let (btx, brx) = oneshot::channel::<()>();
+    let bot = tokio::spawn(storinator_bot::run(cfg, async move {
+        let _ = brx.await;
+    }));
+
+    api.push_message(USER, USER, &format!("/backup {}", data.display()));
+    let slow = api
+        .wait_for_bot_text(USER, "at this rate", WAIT)
+        .await
+        .unwrap_or_else(|| panic!("{}", api.transcript_text(USER)))
+        .text;
+    println!("{slow}");
+    assert!(slow.contains("limiting this account's upload speed"), "{slow}");
+    assert!(slow.contains("Measured") && slow.contains("/s · ETA"), "{slow}");
+    let done = api.wait_for_bot_text(USER, "Done: snapshot", WAIT).await;
+    assert!(done.is_some(), "{}", api.transcript_text(USER));
+    assert!(f.server.documents().len() >= 1);
+
+    let _ = wtx.send(());
+    worker.await.unwrap().unwrap();
+    let _ = btx.send(());
+    bot.await.unwrap().unwrap();
+}

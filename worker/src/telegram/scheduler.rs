@@ -76,12 +76,10 @@ const RATE_WINDOW: Duration = Duration::from_secs(60);
 #[derive(Default)]
 struct Meter {
     samples: VecDeque<(Instant, u64)>,
-    since: Option<Instant>,
 }
 
 impl Meter {
     fn add(&mut self, now: Instant, bytes: u64) {
-        self.since.get_or_insert(now);
         self.samples.push_back((now, bytes));
         while self
             .samples
@@ -92,23 +90,32 @@ impl Meter {
         }
     }
 
-    /// Bytes per second over the last minute (or since the first transfer, if sooner).
-    fn rate(&self, now: Instant) -> f64 {
-        let Some(since) = self.since else {
-            return 0.0;
-        };
-        let span = now.duration_since(since).min(RATE_WINDOW).as_secs_f64();
+    /// Bytes per second moved since `start` (at most a minute back, at least a second).
+    fn rate_since(&self, start: Instant, now: Instant) -> f64 {
+        let start = start.max(now.checked_sub(RATE_WINDOW).unwrap_or(start));
         let bytes: u64 = self
             .samples
             .iter()
-            .filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW)
+            .filter(|(t, _)| *t >= start)
             .map(|(_, b)| b)
             .sum();
-        if span <= 0.0 {
-            0.0
-        } else {
-            bytes as f64 / span
-        }
+        bytes as f64 / now.duration_since(start).as_secs_f64().max(1.0)
+    }
+}
+
+/// A stretch of FLOOD_PREMIUM_WAIT answers: when it began, when the last came and what it
+/// asked for.
+#[derive(Clone, Copy)]
+struct Episode {
+    first: Instant,
+    last: Instant,
+    wait: Duration,
+}
+
+impl Episode {
+    /// Still throttled: a premium wait within the last two minutes (or three of its waits).
+    fn current(&self, now: Instant) -> bool {
+        now.duration_since(self.last) <= Duration::from_secs(120).max(self.wait * 3)
     }
 }
 
@@ -127,8 +134,7 @@ pub struct Scheduler {
     rate_bits: AtomicU64,
     stats: Mutex<SchedulerStats>,
     meter: Mutex<Meter>,
-    /// When the last FLOOD_PREMIUM_WAIT came and how long it asked for.
-    premium: Mutex<Option<(Instant, Duration)>>,
+    premium: Mutex<Option<Episode>>,
 }
 
 pub const PART_SIZE: u64 = 512 * 1024;
@@ -217,20 +223,32 @@ impl Scheduler {
     /// the job can say that Telegram is slowing this account down.
     pub fn premium_wait(&self, seconds: u32) {
         self.flood_wait(CallClass::Transfer, seconds);
-        *self.premium.lock().unwrap() = Some((
-            Instant::now(),
-            Duration::from_secs(u64::from(seconds.max(1))),
-        ));
+        let now = Instant::now();
+        let wait = Duration::from_secs(u64::from(seconds.max(1)));
+        let mut p = self.premium.lock().unwrap();
+        *p = Some(match *p {
+            Some(e) if e.current(now) => Episode {
+                last: now,
+                wait,
+                ..e
+            },
+            _ => Episode {
+                first: now,
+                last: now,
+                wait,
+            },
+        });
+        drop(p);
         self.stats.lock().unwrap().premium_waits += 1;
     }
 
-    /// While Telegram throttles this account (a FLOOD_PREMIUM_WAIT within the last two
-    /// minutes, or three of its waits), the transfer rate measured over the last minute.
+    /// While Telegram throttles this account, the transfer rate measured since the
+    /// throttling began (over the last minute at most), waits included.
     pub fn premium_throttle(&self) -> Option<f64> {
-        let (at, wait) = (*self.premium.lock().unwrap())?;
+        let e = (*self.premium.lock().unwrap())?;
         let now = Instant::now();
-        let recent = Duration::from_secs(120).max(wait * 3);
-        (now.duration_since(at) <= recent).then(|| self.meter.lock().unwrap().rate(now))
+        e.current(now)
+            .then(|| self.meter.lock().unwrap().rate_since(e.first, now))
     }
 
     /// A part transfer went through; after enough in a row, allow one more in parallel.
