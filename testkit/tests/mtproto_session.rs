@@ -304,6 +304,11 @@ async fn ping_delay_disconnect_closes_a_silent_connection() {
         tl::types::Pong::CONSTRUCTOR_ID
     );
     let started = tokio::time::Instant::now();
+    // Waiting for the deadline costs no CPU (a connection that spun would burn a core).
+    let cpu = cpu_ticks();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let used = cpu_ticks() - cpu;
+    assert!(used < 30, "{used} ticks of CPU while idle");
     let mut buf = [0u8; 1];
     let n = tokio::io::AsyncReadExt::read(&mut raw.stream, &mut buf)
         .await
@@ -314,4 +319,13 @@ async fn ping_delay_disconnect_closes_a_silent_connection() {
         after >= Duration::from_millis(900) && after <= Duration::from_secs(5),
         "closed after {after:?}"
     );
+}
+
+/// User and system CPU time of this process, in clock ticks (/proc/self/stat).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of the line; the name (field 2) was cut, so 11 and 12 here.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }

@@ -79,7 +79,8 @@ async fn connection(stream: TcpStream, server: Arc<Server>, dc: i32) {
     drop(ctx);
 
     loop {
-        let deadline = *deadline_rx.borrow();
+        // The deadline in force (a later ping moves it).
+        let deadline = *deadline_rx.borrow_and_update();
         tokio::select! {
             _ = &mut reader => break,
             _ = kill_rx.changed() => break,
