@@ -45,13 +45,23 @@ pub struct ProgressReport {
     pub bytes_stored: u64,
 }
 
+/// What moving some bytes through a storage backend is expected to cost, under its current
+/// limits (Telegram: message-class calls, part calls and the rate they are allowed at).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TransferEstimate {
+    pub message_calls: u64,
+    pub part_calls: u64,
+    pub seconds: f64,
+}
+
 /// Storage slowed down by its provider for a long while (Telegram's FLOOD_PREMIUM_WAIT on a
 /// free account), as a job's progress shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Throttle {
     /// For people: who limits what ("Telegram is limiting this account's upload speed ...").
     pub reason: String,
-    /// Upload rate measured over the last minute, waits included.
+    /// Upload rate measured since the throttling began (a minute back at most), waits
+    /// included.
     pub bytes_per_sec: f64,
     /// Bytes of uploads under way that are not sent yet.
     pub pending_bytes: u64,
@@ -84,7 +94,7 @@ pub trait Progress: Send + Sync {
 
     /// The storage backend's estimate of the transfer ahead, sent once the job knows how
     /// much it has to move (after scanning).
-    fn estimate(&self, _estimate: &crate::storage::TransferEstimate) {}
+    fn estimate(&self, _estimate: &TransferEstimate) {}
 
     /// The storage is throttled (`Some`, with the measured rate) or no longer is (`None`).
     fn throttled(&self, _throttle: Option<&Throttle>) {}
@@ -142,8 +152,24 @@ impl CancelFlag {
     }
 }
 
+/// `1.5 MiB`-style sizes.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 #[cfg(test)]
-mod tests {
+mod throttle_tests {
     use super::*;
 
     #[test]

@@ -106,7 +106,11 @@ async fn each_round_trip_takes_the_rtt_and_pipelined_calls_overlap() {
     let each: Vec<Duration> = futures_join(calls).await;
     let all = t.elapsed();
     assert!(each.iter().all(|d| *d >= rtt), "{each:?}");
-    assert!(all < rtt * 4, "8 pipelined calls took {all:?}, sequential would be {:?}", rtt * 8);
+    assert!(
+        all < rtt * 4,
+        "8 pipelined calls took {all:?}, sequential would be {:?}",
+        rtt * 8
+    );
 
     // Changed while the connection is open: applies to the next message.
     server.set_net(NetProfile::default());
@@ -135,7 +139,11 @@ async fn jitter_adds_a_bounded_random_delay() {
         took.push(round_trip(&c).await);
     }
     assert!(took.iter().all(|d| *d >= rtt), "{took:?}");
-    assert!(took.iter().all(|d| *d < rtt + jitter * 2 + Duration::from_millis(150)), "{took:?}");
+    assert!(
+        took.iter()
+            .all(|d| *d < rtt + jitter * 2 + Duration::from_millis(150)),
+        "{took:?}"
+    );
     let spread = *took.iter().max().unwrap() - *took.iter().min().unwrap();
     assert!(spread >= Duration::from_millis(5), "no jitter: {took:?}");
 }
@@ -165,7 +173,10 @@ async fn bandwidth_is_capped_per_connection_and_shared_cap_on_top() {
     let (x, y) = tokio::join!(upload(&a, 2, 1), upload(&b, 3, 1));
     let both = t.elapsed();
     assert!(x >= floor && y >= floor, "{x:?} {y:?}");
-    assert!(both < one, "two connections in parallel {both:?} vs one {one:?}");
+    assert!(
+        both < one,
+        "two connections in parallel {both:?} vs one {one:?}"
+    );
 
     // The shared cap of the same rate makes the two connections share it.
     server.set_net(NetProfile::default());

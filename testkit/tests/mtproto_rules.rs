@@ -60,7 +60,8 @@ fn client_for(
         is_self: Some(true),
     };
     data.peer_infos.insert(me.id(), me.clone());
-    data.peer_infos.insert(grammers_client::session::types::PeerId::self_user(), me);
+    data.peer_infos
+        .insert(grammers_client::session::types::PeerId::self_user(), me);
     for c in server.channels() {
         let info = PeerInfo::Channel {
             id: c.id,
@@ -461,8 +462,10 @@ fn pts_of(u: &tl::enums::Updates) -> (i32, bool) {
 }
 
 async fn account_pts(c: &Client) -> i32 {
-    let tl::enums::updates::State::State(s) =
-        c.invoke(&tl::functions::updates::GetState {}).await.unwrap();
+    let tl::enums::updates::State::State(s) = c
+        .invoke(&tl::functions::updates::GetState {})
+        .await
+        .unwrap();
     s.pts
 }
 
@@ -474,8 +477,14 @@ async fn a_client_that_was_away_catches_up_with_get_difference() {
         let c = connect(LoopbackOptions::default()).await;
         let chan = c.server.channels()[0].clone();
         // Where the away client left off: one message in each chat.
-        assert_eq!(pts_of(&post(&c.client, tl::enums::InputPeer::PeerSelf, 1).await), (1, false));
-        assert_eq!(pts_of(&post(&c.client, channel_peer(&chan), 2).await), (1, true));
+        assert_eq!(
+            pts_of(&post(&c.client, tl::enums::InputPeer::PeerSelf, 1).await),
+            (1, false)
+        );
+        assert_eq!(
+            pts_of(&post(&c.client, channel_peer(&chan), 2).await),
+            (1, true)
+        );
         // A channel message moves the channel's pts, not the account's.
         assert_eq!(account_pts(&c.client).await, 1);
         // While it was away: 120 messages and a deletion in Saved Messages (more than one
@@ -503,7 +512,10 @@ async fn a_client_that_was_away_catches_up_with_get_difference() {
                 qts: 0,
                 date: 1,
                 seq: 0,
-                channels: vec![ChannelState { id: chan.id, pts: 1 }],
+                channels: vec![ChannelState {
+                    id: chan.id,
+                    pts: 1,
+                }],
             };
         });
         let mut stream = b
@@ -535,17 +547,29 @@ async fn a_client_that_was_away_catches_up_with_get_difference() {
         // Saved Messages ids 2..=121 came while it was away (the channel counts its own ids);
         // 3 was deleted since.
         let want: Vec<i32> = (2..=121).filter(|i| *i != 3).collect();
-        assert_eq!(ids(&saved), want, "every message since pts 1, in order, but the deleted one");
+        assert_eq!(
+            ids(&saved),
+            want,
+            "every message since pts 1, in order, but the deleted one"
+        );
         assert_eq!(ids(&channel), vec![2, 3]);
         assert_eq!(deleted, vec![3]);
         let cnt = b.server.counters();
-        assert!(cnt.get("updates.getDifference") >= 2, "sliced: {:?}", cnt.snapshot());
+        assert!(
+            cnt.get("updates.getDifference") >= 2,
+            "sliced: {:?}",
+            cnt.snapshot()
+        );
         assert!(cnt.get("updates.getChannelDifference") >= 1);
         stream.sync_update_state().await.unwrap();
         let state = b.session.updates_state().await.unwrap();
         assert_eq!(state.pts, 122);
         assert_eq!(
-            state.channels.iter().find(|s| s.id == chan.id).map(|s| s.pts),
+            state
+                .channels
+                .iter()
+                .find(|s| s.id == chan.id)
+                .map(|s| s.pts),
             Some(3)
         );
     })
@@ -563,16 +587,17 @@ async fn history_offsets_and_dates_page_as_documented() {
             }
             post(&c.client, tl::enums::InputPeer::PeerSelf, n).await;
         }
-        let page = |offset_id, offset_date, add_offset, limit| tl::functions::messages::GetHistory {
-            peer: tl::enums::InputPeer::PeerSelf,
-            offset_id,
-            offset_date,
-            add_offset,
-            limit,
-            max_id: 0,
-            min_id: 0,
-            hash: 0,
-        };
+        let page =
+            |offset_id, offset_date, add_offset, limit| tl::functions::messages::GetHistory {
+                peer: tl::enums::InputPeer::PeerSelf,
+                offset_id,
+                offset_date,
+                add_offset,
+                limit,
+                max_id: 0,
+                min_id: 0,
+                hash: 0,
+            };
         let ids = |m: tl::enums::messages::Messages| -> Vec<i32> {
             let ms = match m {
                 tl::enums::messages::Messages::Messages(m) => m.messages,
@@ -587,19 +612,32 @@ async fn history_offsets_and_dates_page_as_documented() {
                 .collect()
         };
         let cl = &c.client;
-        assert_eq!(ids(cl.invoke(&page(15, 0, 0, 3)).await.unwrap()), vec![14, 13, 12]);
-        assert_eq!(ids(cl.invoke(&page(15, 0, -3, 3)).await.unwrap()), vec![17, 16, 15]);
-        assert_eq!(ids(cl.invoke(&page(15, 0, -2, 4)).await.unwrap()), vec![16, 15, 14, 13]);
+        assert_eq!(
+            ids(cl.invoke(&page(15, 0, 0, 3)).await.unwrap()),
+            vec![14, 13, 12]
+        );
+        assert_eq!(
+            ids(cl.invoke(&page(15, 0, -3, 3)).await.unwrap()),
+            vec![17, 16, 15]
+        );
+        assert_eq!(
+            ids(cl.invoke(&page(15, 0, -2, 4)).await.unwrap()),
+            vec![16, 15, 14, 13]
+        );
         // offset_date: only messages sent before it (the first day's).
         let tl::enums::Message::Message(m11) = ({
             let r = cl
                 .invoke(&tl::functions::messages::GetMessages {
-                    id: vec![tl::enums::InputMessage::Id(tl::types::InputMessageId { id: 11 })],
+                    id: vec![tl::enums::InputMessage::Id(tl::types::InputMessageId {
+                        id: 11,
+                    })],
                 })
                 .await
                 .unwrap();
             match r {
-                tl::enums::messages::Messages::Messages(m) => m.messages.into_iter().next().unwrap(),
+                tl::enums::messages::Messages::Messages(m) => {
+                    m.messages.into_iter().next().unwrap()
+                }
                 _ => panic!("unexpected"),
             }
         }) else {
@@ -644,7 +682,10 @@ async fn md5_empty_media_and_missing_references_are_answered_as_telegram_does() 
 
         let mut empty = send(small(2, 1, "e"), 3);
         empty.media = tl::enums::InputMedia::Empty;
-        assert_eq!(rpc_name(cl.invoke(&empty).await.unwrap_err()), "MEDIA_EMPTY");
+        assert_eq!(
+            rpc_name(cl.invoke(&empty).await.unwrap_err()),
+            "MEDIA_EMPTY"
+        );
 
         let get = tl::functions::upload::GetFile {
             precise: false,
@@ -660,7 +701,10 @@ async fn md5_empty_media_and_missing_references_are_answered_as_telegram_does() 
             offset: 0,
             limit: 4096,
         };
-        assert_eq!(rpc_name(cl.invoke(&get).await.unwrap_err()), "FILEREF_UPGRADE_NEEDED");
+        assert_eq!(
+            rpc_name(cl.invoke(&get).await.unwrap_err()),
+            "FILEREF_UPGRADE_NEEDED"
+        );
     })
     .await;
 }
@@ -688,7 +732,10 @@ async fn documents_live_on_one_data_centre_and_authorizations_are_carried_over()
             offset: 0,
             limit: 4096,
         };
-        assert_eq!(rpc_name(cl.invoke(&get(false)).await.unwrap_err()), "FILE_MIGRATE_4");
+        assert_eq!(
+            rpc_name(cl.invoke(&get(false)).await.unwrap_err()),
+            "FILE_MIGRATE_4"
+        );
         // Data centre 4 does not know this account yet.
         let e = cl.invoke_in_dc(4, &get(false)).await.unwrap_err();
         assert_eq!(rpc_name(e), "AUTH_KEY_UNREGISTERED");
@@ -706,12 +753,16 @@ async fn documents_live_on_one_data_centre_and_authorizations_are_carried_over()
             bytes: x.bytes,
         };
         cl.invoke_in_dc(4, &import).await.unwrap();
-        let tl::enums::upload::File::File(f) = cl.invoke_in_dc(4, &get(false)).await.unwrap() else {
+        let tl::enums::upload::File::File(f) = cl.invoke_in_dc(4, &get(false)).await.unwrap()
+        else {
             panic!("served")
         };
         assert_eq!(f.bytes, vec![1; 4096]);
         // An exported authorization is good for one import.
-        assert_eq!(rpc_name(cl.invoke_in_dc(4, &import).await.unwrap_err()), "AUTH_BYTES_INVALID");
+        assert_eq!(
+            rpc_name(cl.invoke_in_dc(4, &import).await.unwrap_err()),
+            "AUTH_BYTES_INVALID"
+        );
         // CDN: only a client that says it supports CDNs is redirected.
         assert!(c.server.serve_from_cdn("f"));
         assert!(matches!(

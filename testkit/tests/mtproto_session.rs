@@ -193,13 +193,19 @@ async fn salts_sessions_and_sequence_numbers_follow_mtproto() {
     let salts = raw.recv().await;
     let seqs = [created.seq_no, answer.seq_no, pong.seq_no, salts.seq_no];
     assert_eq!(seqs, [1, 3, 5, 7], "odd and increasing");
-    let tl::enums::FutureSalts::Salts(fs) = tl::enums::FutureSalts::from_bytes(&salts.body).unwrap();
+    let tl::enums::FutureSalts::Salts(fs) =
+        tl::enums::FutureSalts::from_bytes(&salts.body).unwrap();
     assert_eq!(fs.req_msg_id, salts_req);
     assert_eq!(fs.salts.0.len(), 3);
     let now = fs.now;
     assert!(fs.salts.0[0].valid_since <= now && now < fs.salts.0[0].valid_until);
     assert_eq!(fs.salts.0[0].salt, raw.salt);
-    assert!(fs.salts.0.windows(2).all(|w| w[0].valid_since < w[1].valid_since));
+    assert!(
+        fs.salts
+            .0
+            .windows(2)
+            .all(|w| w[0].valid_since < w[1].valid_since)
+    );
 
     // New salts: the old one is refused again, with the new one.
     server.rotate_salts();
@@ -224,7 +230,8 @@ async fn calls_need_init_connection_in_the_servers_layer_and_a_sane_msg_id() {
         .await
         .unwrap();
     let mut raw = Raw::connect(&server, server.auth_key()).await;
-    raw.send(&tl::functions::Ping { ping_id: 1 }.to_bytes()).await;
+    raw.send(&tl::functions::Ping { ping_id: 1 }.to_bytes())
+        .await;
     let tl::enums::BadMsgNotification::BadServerSalt(bad) =
         tl::enums::BadMsgNotification::from_bytes(&raw.recv().await.body).unwrap()
     else {
@@ -237,10 +244,16 @@ async fn calls_need_init_connection_in_the_servers_layer_and_a_sane_msg_id() {
         .send(&tl::functions::help::GetConfig {}.to_bytes())
         .await;
     let _created = raw.recv().await;
-    assert_eq!(rpc_error(result_of(&raw.recv().await, req)), "400 CONNECTION_NOT_INITED");
+    assert_eq!(
+        rpc_error(result_of(&raw.recv().await, req)),
+        "400 CONNECTION_NOT_INITED"
+    );
     // A layer the server does not speak.
     let req = raw.send(&init(1)).await;
-    assert_eq!(rpc_error(result_of(&raw.recv().await, req)), "400 CONNECTION_LAYER_INVALID");
+    assert_eq!(
+        rpc_error(result_of(&raw.recv().await, req)),
+        "400 CONNECTION_LAYER_INVALID"
+    );
     assert_eq!(server.counters().get("layer:1"), 1);
     // Its own layer: served, and the session is initialised for what follows.
     let req = raw.send(&init(tl::LAYER)).await;

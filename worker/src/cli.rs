@@ -199,7 +199,9 @@ fn init_tracing(verbose: u8) {
     // (and what to check) itself, so those only show from -v on.
     let default = match verbose {
         0 => "error",
-        1 => "warn,grammers_mtsender=error,grammers_mtproto=error,grammers_client=error,grammers_session=error",
+        1 => {
+            "warn,grammers_mtsender=error,grammers_mtproto=error,grammers_client=error,grammers_session=error"
+        }
         2 => "info",
         _ => "debug",
     };
@@ -307,7 +309,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
-            if let Some(existing) = catalog.user_key(storinator_shared::repo::KEY_USER).await? {
+            if let Some(existing) = catalog
+                .user_key(storinator_shared::engine::repo::KEY_USER)
+                .await?
+            {
                 return Err(Error::KeyExists {
                     key_id: existing.key_id,
                 }

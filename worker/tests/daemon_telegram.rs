@@ -158,9 +158,14 @@ async fn a_throttled_account_says_so_in_the_progress_message() {
     let db_url = format!("sqlite://{}", dir.path().join("st.db").display());
     let catalog = Catalog::open(&db_url).await.unwrap();
     let storage = Arc::new(f.storage);
-    Repo::init(&catalog, storage.as_ref(), "pw", KdfParams::fast_for_tests())
-        .await
-        .unwrap();
+    Repo::init(
+        &catalog,
+        storage.as_ref(),
+        "pw",
+        KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
     let settings = EngineSettings {
         pack_size: 4 << 20,
         chunker: ChunkerParams::small(),
@@ -207,8 +212,14 @@ async fn a_throttled_account_says_so_in_the_progress_message() {
         .unwrap_or_else(|| panic!("{}", api.transcript_text(USER)))
         .text;
     println!("{slow}");
-    assert!(slow.contains("limiting this account's upload speed"), "{slow}");
-    assert!(slow.contains("Measured") && slow.contains("/s · ETA"), "{slow}");
+    assert!(
+        slow.contains("limiting this account's upload speed"),
+        "{slow}"
+    );
+    assert!(
+        slow.contains("Measured") && slow.contains("/s · ETA"),
+        "{slow}"
+    );
     let done = api.wait_for_bot_text(USER, "Done: snapshot", WAIT).await;
     assert!(done.is_some(), "{}", api.transcript_text(USER));
     assert!(f.server.documents().len() >= 1);

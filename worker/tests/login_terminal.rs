@@ -118,7 +118,9 @@ async fn the_password_is_not_echoed() {
         wait_for("Phone number");
         keyboard.write_all(b"+10000000000\n").unwrap();
         wait_for("Login code");
-        keyboard.write_all(format!("{LOGIN_CODE}\n").as_bytes()).unwrap();
+        keyboard
+            .write_all(format!("{LOGIN_CODE}\n").as_bytes())
+            .unwrap();
         wait_for("password");
         // Type only once the program turned echo off (or gave up waiting: then it never
         // will, and the password shows).
@@ -139,7 +141,10 @@ async fn the_password_is_not_echoed() {
     drop(reader);
     assert!(status.success(), "{screen}");
     assert!(screen.contains("Signed in"), "{screen}");
-    assert!(screen.contains("+10000000000"), "the phone number is echoed: {screen}");
+    assert!(
+        screen.contains("+10000000000"),
+        "the phone number is echoed: {screen}"
+    );
     assert!(!screen.contains(PASSWORD), "the password showed:\n{screen}");
 }
 

@@ -20,7 +20,9 @@ async fn connect(
     let mut cfg = TelegramConfig::new(1, "x", session, dir.join("spool"));
     cfg.request_timeout = Duration::from_secs(5);
     cfg.storage_chat = Some(chat.to_string());
-    TelegramStorage::connect(cfg).await.map_err(|e| e.to_string())
+    TelegramStorage::connect(cfg)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +44,10 @@ async fn only_own_channels_named_by_id_or_username_hold_packs() {
         .unwrap();
         let ch = server.channels();
         let (own, team, stranger, news) = (&ch[0], &ch[1], &ch[2], &ch[3]);
-        assert_eq!((own.title.as_str(), stranger.title.as_str()), ("backups", "backups"));
+        assert_eq!(
+            (own.title.as_str(), stranger.title.as_str()),
+            ("backups", "backups")
+        );
 
         // A title is refused outright, whichever channel it would have matched.
         let e = connect(&server, dir.path(), "backups").await.err().unwrap();
@@ -55,7 +60,10 @@ async fn only_own_channels_named_by_id_or_username_hold_packs() {
             .unwrap();
         assert!(e.contains("neither created nor administers"), "{e}");
         // A public channel it follows, by @username: refused.
-        let e = connect(&server, dir.path(), "@some_news").await.err().unwrap();
+        let e = connect(&server, dir.path(), "@some_news")
+            .await
+            .err()
+            .unwrap();
         assert!(e.contains("neither created nor administers"), "{e}");
         let _ = news;
 
@@ -70,7 +78,8 @@ async fn only_own_channels_named_by_id_or_username_hold_packs() {
         let docs = server.documents();
         assert_eq!(docs.len(), 2);
         assert!(
-            docs.iter().all(|d| d.0 != format!("channel:{}", stranger.id)),
+            docs.iter()
+                .all(|d| d.0 != format!("channel:{}", stranger.id)),
             "{docs:?}"
         );
 
@@ -81,7 +90,10 @@ async fn only_own_channels_named_by_id_or_username_hold_packs() {
             .err()
             .unwrap();
         assert!(e.contains("neither created nor administers"), "{e}");
-        let e = connect(&server, dir.path(), "@nobody_here").await.err().unwrap();
+        let e = connect(&server, dir.path(), "@nobody_here")
+            .await
+            .err()
+            .unwrap();
         assert!(e.contains("USERNAME_NOT_OCCUPIED"), "{e}");
     })
     .await

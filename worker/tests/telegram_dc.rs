@@ -11,8 +11,8 @@ use std::time::Duration;
 use storinator_shared::error::StorageError;
 use storinator_shared::storage::{ObjectRef, Storage};
 use storinator_shared::{
-    BackupOptions, CancelFlag, Catalog, ChunkerParams, EngineSettings, KdfParams, NoProgress,
-    Repo, RestoreOptions,
+    BackupOptions, CancelFlag, Catalog, ChunkerParams, EngineSettings, KdfParams, NoProgress, Repo,
+    RestoreOptions,
 };
 use storinator_testkit::fixtures::{describe_tree, make_tree};
 use storinator_testkit::mtproto::{Fault, LoopbackOptions, LoopbackTelegram};
@@ -46,7 +46,10 @@ async fn documents_on_another_data_centre_are_read_there() {
         let c = f.server.counters();
 
         // The storage that uploaded it still thinks it is home: FILE_MIGRATE_4, then DC 4.
-        assert_eq!(get_all(&f.storage, PACK, &loc, bytes.len() as u64).await, bytes);
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
         assert!(c.get("dc2:upload.getFile") >= 1, "{:?}", c.snapshot());
         assert_eq!(c.get("dc2:auth.exportAuthorization"), 1);
         assert_eq!(c.get("dc4:auth.importAuthorization"), 1);
@@ -84,14 +87,21 @@ async fn documents_on_another_data_centre_are_read_there() {
 async fn restore_verify_and_recover_read_packs_from_another_data_centre() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let server = LoopbackTelegram::start(LoopbackOptions::default()).await.unwrap();
+        let server = LoopbackTelegram::start(LoopbackOptions::default())
+            .await
+            .unwrap();
         // As for an account that moved, or packs another account uploaded: on dc 4.
         server.place_documents_on(Some(4));
         let storage: Arc<dyn Storage> = Arc::new(fresh(&server, dir.path(), "a").await);
         let catalog = Catalog::open_file(&dir.path().join("a.db")).await.unwrap();
-        Repo::init(&catalog, storage.as_ref(), "pw", KdfParams::fast_for_tests())
-            .await
-            .unwrap();
+        Repo::init(
+            &catalog,
+            storage.as_ref(),
+            "pw",
+            KdfParams::fast_for_tests(),
+        )
+        .await
+        .unwrap();
         let settings = || EngineSettings {
             pack_size: 1 << 20,
             compression: Some(1),
@@ -99,7 +109,9 @@ async fn restore_verify_and_recover_read_packs_from_another_data_centre() {
             threads: 2,
             hostname: "test".into(),
         };
-        let repo = Repo::open(catalog, storage, "pw", settings()).await.unwrap();
+        let repo = Repo::open(catalog, storage, "pw", settings())
+            .await
+            .unwrap();
         let src = dir.path().join("src/data");
         make_tree(&src);
         repo.backup(
@@ -145,7 +157,11 @@ async fn restore_verify_and_recover_read_packs_from_another_data_centre() {
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         let c = server.counters();
         assert!(c.get("dc4:upload.getFile") > 0);
-        assert_eq!(c.get("dc2:upload.getFile"), 0, "documents were read where they live");
+        assert_eq!(
+            c.get("dc2:upload.getFile"),
+            0,
+            "documents were read where they live"
+        );
     })
     .await;
 }
@@ -159,7 +175,10 @@ async fn cdn_redirects_are_never_asked_for_and_refused_if_sent_anyway() {
         // A popular document Telegram would serve from a CDN to clients that ask for it:
         // storinator does not ask, so it reads it from its data centre as usual.
         assert!(f.server.serve_from_cdn(PACK));
-        assert_eq!(get_all(&f.storage, PACK, &loc, bytes.len() as u64).await, bytes);
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
         // A redirect anyway: a clear error, one call, no loop and no panic.
         f.server
             .faults()

@@ -36,8 +36,15 @@ async fn every_known_error_does_what_the_table_says() {
         if k.action == Action::Login {
             continue; // telegram_login.rs meets these during sign-in.
         }
-        let number = if k.action == Action::MigrateDc { "4" } else { "2" };
-        let fault = Fault::rpc(if k.code == 0 { 500 } else { k.code }, message(k.name, number));
+        let number = if k.action == Action::MigrateDc {
+            "4"
+        } else {
+            "2"
+        };
+        let fault = Fault::rpc(
+            if k.code == 0 { 500 } else { k.code },
+            message(k.name, number),
+        );
         let name = pack(i);
         let stats = f.storage.scheduler().stats();
         let (sends, refetches, dc4_reads) = (
@@ -49,17 +56,21 @@ async fn every_known_error_does_what_the_table_says() {
             Action::Wait | Action::Retry | Action::Reupload | Action::FindEarlierSend => {
                 f.server.faults().on_call("messages.sendMedia", 1, fault);
                 let loc = put(&f.storage, &name, &bytes).await;
-                assert_eq!(get_all(&f.storage, &name, &loc, 70_000).await, bytes, "{}", k.name);
+                assert_eq!(
+                    get_all(&f.storage, &name, &loc, 70_000).await,
+                    bytes,
+                    "{}",
+                    k.name
+                );
                 let now = f.storage.scheduler().stats();
                 match k.action {
-                    Action::Wait => assert_eq!(now.flood_waits, stats.flood_waits + 1, "{}", k.name),
+                    Action::Wait => {
+                        assert_eq!(now.flood_waits, stats.flood_waits + 1, "{}", k.name)
+                    }
                     Action::Retry => assert_eq!(now.retries, stats.retries + 1, "{}", k.name),
-                    Action::Reupload => assert_eq!(
-                        now.upload_restarts,
-                        stats.upload_restarts + 1,
-                        "{}",
-                        k.name
-                    ),
+                    Action::Reupload => {
+                        assert_eq!(now.upload_restarts, stats.upload_restarts + 1, "{}", k.name)
+                    }
                     _ => assert_eq!(c.get("messages.sendMedia"), sends + 2, "{}", k.name),
                 }
             }
@@ -75,8 +86,17 @@ async fn every_known_error_does_what_the_table_says() {
                     Action::AccessLost => "the account lost access to the storage chat",
                     _ => k.meaning,
                 };
-                assert!(text.contains(says) && text.contains(&k.name.replace("_X", "")), "{}: {text}", k.name);
-                assert_eq!(c.get("messages.sendMedia"), sends + 1, "{} is not retried", k.name);
+                assert!(
+                    text.contains(says) && text.contains(&k.name.replace("_X", "")),
+                    "{}: {text}",
+                    k.name
+                );
+                assert_eq!(
+                    c.get("messages.sendMedia"),
+                    sends + 1,
+                    "{} is not retried",
+                    k.name
+                );
             }
             Action::RefreshReference | Action::MigrateDc | Action::NotFound => {
                 let loc = put(&f.storage, &name, &bytes).await;
@@ -136,12 +156,28 @@ async fn a_frozen_account_fails_once_with_an_explanation() {
 async fn revoked_and_duplicated_sessions_say_to_log_in() {
     let f = start(LoopbackOptions::default(), false).await;
     f.server.revoke_sessions();
-    expect_fatal(&f, &pack(1), &["no longer valid", "SESSION_REVOKED", "storinator-worker login"])
-        .await;
+    expect_fatal(
+        &f,
+        &pack(1),
+        &[
+            "no longer valid",
+            "SESSION_REVOKED",
+            "storinator-worker login",
+        ],
+    )
+    .await;
     let f = start(LoopbackOptions::default(), false).await;
     f.server.duplicate_auth_key(2);
-    expect_fatal(&f, &pack(2), &["no longer valid", "AUTH_KEY_DUPLICATED", "storinator-worker login"])
-        .await;
+    expect_fatal(
+        &f,
+        &pack(2),
+        &[
+            "no longer valid",
+            "AUTH_KEY_DUPLICATED",
+            "storinator-worker login",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,9 +185,19 @@ async fn losing_the_storage_channel_is_named_as_such() {
     let f = start(LoopbackOptions::default(), true).await;
     let id = f.server.channels()[0].id;
     f.server.set_channel_role(id, ChannelRole::Member);
-    expect_fatal(&f, &pack(1), &["lost access to the storage chat", "CHAT_WRITE_FORBIDDEN"]).await;
+    expect_fatal(
+        &f,
+        &pack(1),
+        &["lost access to the storage chat", "CHAT_WRITE_FORBIDDEN"],
+    )
+    .await;
     f.server.set_channel_role(id, ChannelRole::Left);
-    expect_fatal(&f, &pack(2), &["lost access to the storage chat", "CHANNEL_PRIVATE"]).await;
+    expect_fatal(
+        &f,
+        &pack(2),
+        &["lost access to the storage chat", "CHANNEL_PRIVATE"],
+    )
+    .await;
 
     // A session whose access hash for the channel is stale: refused at connect.
     let f = start(LoopbackOptions::default(), false).await;
@@ -173,7 +219,10 @@ async fn losing_the_storage_channel_is_named_as_such() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("lost access to the storage chat") && e.contains("CHANNEL_INVALID"), "{e}");
+    assert!(
+        e.contains("lost access to the storage chat") && e.contains("CHANNEL_INVALID"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +258,11 @@ async fn a_lost_answer_with_a_lagging_search_index_uploads_nothing_again() {
     let bytes = data(11 * 1024 * 1024, 5);
     let loc = put(&f.storage, &name, &bytes).await;
     let c = f.server.counters();
-    assert_eq!(c.get("upload.saveBigFilePart"), 22, "the pack was uploaded once");
+    assert_eq!(
+        c.get("upload.saveBigFilePart"),
+        22,
+        "the pack was uploaded once"
+    );
     assert_eq!(c.get("messages.sendMedia"), 2);
     assert!(c.get("messages.search") >= 1 && c.get("messages.getHistory") >= 1);
     assert_eq!(f.server.documents().len(), 1);
@@ -249,13 +302,20 @@ async fn a_throttled_free_account_keeps_going_and_reports_the_rate() {
     let started = tokio::time::Instant::now();
     let loc = put(&f.storage, &pack(1), &bytes).await;
     let took = started.elapsed();
-    assert_eq!(get_all(&f.storage, &pack(1), &loc, bytes.len() as u64).await, bytes);
+    assert_eq!(
+        get_all(&f.storage, &pack(1), &loc, bytes.len() as u64).await,
+        bytes
+    );
     let stats = f.storage.scheduler().stats();
     assert!(stats.premium_waits >= 1, "{stats:?}");
     // 7 MiB over the volume at 1 MiB/s: the upload took about that long, and says so.
     assert!(took >= Duration::from_secs(6), "{took:?}");
     let t = f.storage.throttle().expect("throttled");
-    assert!(t.reason.contains("limiting this account's upload speed"), "{}", t.reason);
+    assert!(
+        t.reason.contains("limiting this account's upload speed"),
+        "{}",
+        t.reason
+    );
     let mib = t.bytes_per_sec / (1024.0 * 1024.0);
     assert!((0.5..=2.0).contains(&mib), "measured {mib} MiB/s");
     assert_eq!(t.pending_bytes, 0);

@@ -98,7 +98,10 @@ async fn login_with_code_persists_a_private_session() {
         let mode = std::fs::metadata(&e.session).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let text = std::fs::read_to_string(&e.session).unwrap();
-        assert!(text.contains(&e.server.self_user_id().to_string()), "{text}");
+        assert!(
+            text.contains(&e.server.self_user_id().to_string()),
+            "{text}"
+        );
 
         // Signed in: a second login asks nothing, and the storage connects.
         login_with(&e.cfg, &e.session, &mut script(&[]))
@@ -292,7 +295,10 @@ async fn every_code_delivery_is_handled_without_panicking() {
                 .await
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains(says) && err.contains("hint:"), "{kind:?}: {err}");
+            assert!(
+                err.contains(says) && err.contains("hint:"),
+                "{kind:?}: {err}"
+            );
         }
         // Signed in straight away: nothing more to ask.
         let e = env(LoopbackOptions {
@@ -319,9 +325,7 @@ async fn no_network_says_which_address_it_could_not_reach() {
         let session = dir.path().join("tg.session");
         std::fs::write(
             &session,
-            format!(
-                r#"{{"version":1,"home_dc":2,"dcs":[{{"id":2,"addr":"127.0.0.1:{port}"}}]}}"#
-            ),
+            format!(r#"{{"version":1,"home_dc":2,"dcs":[{{"id":2,"addr":"127.0.0.1:{port}"}}]}}"#),
         )
         .unwrap();
         let cfg = TelegramConfig::new(1, "hash", session.clone(), dir.path().join("spool"));
@@ -346,9 +350,7 @@ async fn no_network_says_which_address_it_could_not_reach() {
         });
         std::fs::write(
             &session,
-            format!(
-                r#"{{"version":1,"home_dc":2,"dcs":[{{"id":2,"addr":"127.0.0.1:{port}"}}]}}"#
-            ),
+            format!(r#"{{"version":1,"home_dc":2,"dcs":[{{"id":2,"addr":"127.0.0.1:{port}"}}]}}"#),
         )
         .unwrap();
         let err = login_with(&cfg, &session, &mut script(&[]))
@@ -393,7 +395,11 @@ async fn every_sign_in_error_of_the_table_is_explained_or_followed() {
                 .join("_");
             // Errors of the code step come from auth.signIn, the others from auth.sendCode.
             let at_sign_in = k.name.starts_with("PHONE_CODE") || k.name.contains("PASSWORD");
-            let method = if at_sign_in { "auth.signIn" } else { "auth.sendCode" };
+            let method = if at_sign_in {
+                "auth.signIn"
+            } else {
+                "auth.sendCode"
+            };
             e.server
                 .faults()
                 .on_call(method, 1, Fault::rpc(k.code, message));
@@ -406,7 +412,12 @@ async fn every_sign_in_error_of_the_table_is_explained_or_followed() {
             if k.code == 303 {
                 // A move to data centre 4: followed, and the sign-in completes there.
                 res.unwrap_or_else(|err| panic!("{}: {err}", k.name));
-                assert_eq!(e.server.counters().get("dc4:auth.sendCode"), 1, "{}", k.name);
+                assert_eq!(
+                    e.server.counters().get("dc4:auth.sendCode"),
+                    1,
+                    "{}",
+                    k.name
+                );
             } else {
                 let err = res.unwrap_err().to_string();
                 let name = k.name.trim_end_matches("_X");

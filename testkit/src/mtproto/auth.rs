@@ -212,9 +212,7 @@ impl Server {
                 },
             );
         let new_secure_algo = tl::enums::SecurePasswordKdfAlgo::Pbkdf2Hmacsha512iter100000(
-            tl::types::SecurePasswordKdfAlgoPbkdf2Hmacsha512iter100000 {
-                salt: rnd_bytes(8),
-            },
+            tl::types::SecurePasswordKdfAlgoPbkdf2Hmacsha512iter100000 { salt: rnd_bytes(8) },
         );
         let mut login = self.login.lock().unwrap();
         let (current_algo, srp_b, srp_id) = match &self.opts.password {

@@ -122,7 +122,9 @@ async fn route(server: &Server, dc: i32, id: u32, q: &[u8], injected: Injected) 
         f::auth::SendCode::CONSTRUCTOR_ID => {
             server.send_code(dc, decode_or_return!(f::auth::SendCode, q))
         }
-        f::auth::SignIn::CONSTRUCTOR_ID => server.sign_in(dc, decode_or_return!(f::auth::SignIn, q)),
+        f::auth::SignIn::CONSTRUCTOR_ID => {
+            server.sign_in(dc, decode_or_return!(f::auth::SignIn, q))
+        }
         f::account::GetPassword::CONSTRUCTOR_ID => server.get_password(dc),
         f::auth::CheckPassword::CONSTRUCTOR_ID => {
             server.check_password(dc, decode_or_return!(f::auth::CheckPassword, q))
@@ -157,7 +159,15 @@ async fn route(server: &Server, dc: i32, id: u32, q: &[u8], injected: Injected) 
         f::upload::SaveFilePart::CONSTRUCTOR_ID => {
             let req = decode_or_return!(f::upload::SaveFilePart, q);
             server
-                .save_part(dc, false, req.file_id, req.file_part, None, req.bytes, injected)
+                .save_part(
+                    dc,
+                    false,
+                    req.file_id,
+                    req.file_part,
+                    None,
+                    req.bytes,
+                    injected,
+                )
                 .await
         }
         f::upload::SaveBigFilePart::CONSTRUCTOR_ID => {
@@ -217,7 +227,10 @@ async fn route(server: &Server, dc: i32, id: u32, q: &[u8], injected: Injected) 
         f::contacts::ResolveUsername::CONSTRUCTOR_ID => {
             server.resolve_username(decode_or_return!(f::contacts::ResolveUsername, q))
         }
-        _ => err(400, format!("METHOD_NOT_IMPLEMENTED_{}", tl::name_for_id(id))),
+        _ => err(
+            400,
+            format!("METHOD_NOT_IMPLEMENTED_{}", tl::name_for_id(id)),
+        ),
     }
 }
 

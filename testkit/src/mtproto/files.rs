@@ -39,7 +39,8 @@ impl Server {
         if at > now {
             return Some((at - now).as_secs_f64().ceil().max(1.0) as u64);
         }
-        *next = Some(now + Duration::from_secs_f64(bytes as f64 / limit.bytes_per_sec.max(1) as f64));
+        *next =
+            Some(now + Duration::from_secs_f64(bytes as f64 / limit.bytes_per_sec.max(1) as f64));
         None
     }
 
@@ -114,7 +115,10 @@ impl Server {
             st.uploaded_bytes += bytes.len() as u64;
             f
         };
-        if file.write_all_at(&bytes, part as u64 * PART_STRIDE).is_err() {
+        if file
+            .write_all_at(&bytes, part as u64 * PART_STRIDE)
+            .is_err()
+        {
             return err(500, "INTERNAL_STORAGE_ERROR");
         }
         Outcome::Reply(true.to_bytes())

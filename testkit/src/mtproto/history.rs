@@ -64,8 +64,8 @@ impl Server {
             .into_iter()
             .map(|i| self.render_msg(&st, k, matching[i].0, matching[i].1))
             .collect();
-        let offset_id_offset = (p.offset_id > 0 || p.offset_date > 0 || p.add_offset != 0)
-            .then_some(position as i32);
+        let offset_id_offset =
+            (p.offset_id > 0 || p.offset_date > 0 || p.add_offset != 0).then_some(position as i32);
         let users = self.users();
         let chats = self.chats_for(k);
         match k {

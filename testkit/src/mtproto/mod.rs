@@ -258,7 +258,8 @@ impl LoopbackTelegram {
 
     /// Address of the account's home data centre.
     pub fn addr(&self) -> SocketAddr {
-        self.dc_addr(self.server.home_dc()).expect("home dc listens")
+        self.dc_addr(self.server.home_dc())
+            .expect("home dc listens")
     }
 
     /// Address of data centre `dc`.

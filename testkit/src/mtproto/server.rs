@@ -130,11 +130,12 @@ impl Server {
             })
             .collect::<Vec<_>>();
         for d in &dcs {
-            keys.entry(d.id).or_insert(if d.id == home && !opts.require_login {
-                KeyAuth::Authorized
-            } else {
-                KeyAuth::Unauthorized
-            });
+            keys.entry(d.id)
+                .or_insert(if d.id == home && !opts.require_login {
+                    KeyAuth::Authorized
+                } else {
+                    KeyAuth::Unauthorized
+                });
         }
         // A restarted server keeps its channels and adds only titles it did not have.
         let fresh = channels.is_empty();
@@ -347,7 +348,9 @@ impl Server {
 
     pub fn resolve_input_channel(&self, c: &tl::enums::InputChannel) -> Result<ChatKey, Outcome> {
         match c {
-            tl::enums::InputChannel::Channel(c) => self.resolve_channel(c.channel_id, c.access_hash),
+            tl::enums::InputChannel::Channel(c) => {
+                self.resolve_channel(c.channel_id, c.access_hash)
+            }
             _ => Err(err(400, "CHANNEL_INVALID")),
         }
     }
@@ -404,7 +407,11 @@ impl Server {
     pub fn chats_for(&self, k: ChatKey) -> Vec<tl::enums::Chat> {
         match k {
             ChatKey::Saved => vec![],
-            ChatKey::Channel(id) => self.channel(id).map(|c| tlbuild::channel(&c)).into_iter().collect(),
+            ChatKey::Channel(id) => self
+                .channel(id)
+                .map(|c| tlbuild::channel(&c))
+                .into_iter()
+                .collect(),
         }
     }
 

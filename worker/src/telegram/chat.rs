@@ -102,12 +102,22 @@ mod tests {
             parse(Some("-1001500000000")).unwrap(),
             ChatSpec::Id(1_500_000_000)
         );
-        assert_eq!(parse(Some("1500000000")).unwrap(), ChatSpec::Id(1_500_000_000));
+        assert_eq!(
+            parse(Some("1500000000")).unwrap(),
+            ChatSpec::Id(1_500_000_000)
+        );
         assert_eq!(
             parse(Some("@my_backups")).unwrap(),
             ChatSpec::Username("my_backups".into())
         );
-        for bad in ["storinator-storage", "My Backups", "@ab", "@9lives", "-100x", "0"] {
+        for bad in [
+            "storinator-storage",
+            "My Backups",
+            "@ab",
+            "@9lives",
+            "-100x",
+            "0",
+        ] {
             let e = parse(Some(bad)).unwrap_err().to_string();
             assert!(
                 e.contains(&format!("{bad:?}")) && e.contains("titles are not accepted"),

@@ -63,15 +63,30 @@ use Action::*;
 /// Every error the worker knows. Order matters only for readability; names are unique.
 pub const KNOWN: &[Known] = &[
     // Waits (420 with a number).
-    row(420, "FLOOD_WAIT_X", Wait, "too many calls: Telegram asks to wait X seconds"),
+    row(
+        420,
+        "FLOOD_WAIT_X",
+        Wait,
+        "too many calls: Telegram asks to wait X seconds",
+    ),
     row(
         420,
         "FLOOD_PREMIUM_WAIT_X",
         Wait,
         "Telegram is limiting this account's upload speed (free accounts are slowed down after a volume; Premium lifts it): the job goes on, slower",
     ),
-    row(420, "SLOWMODE_WAIT_X", Wait, "slow mode is on in the storage chat"),
-    row(420, "FLOOD_TEST_PHONE_WAIT_X", Wait, "too many calls from a test number"),
+    row(
+        420,
+        "SLOWMODE_WAIT_X",
+        Wait,
+        "slow mode is on in the storage chat",
+    ),
+    row(
+        420,
+        "FLOOD_TEST_PHONE_WAIT_X",
+        Wait,
+        "too many calls from a test number",
+    ),
     // Other 420s are not waits.
     row(
         420,
@@ -81,68 +96,323 @@ pub const KNOWN: &[Known] = &[
     ),
     // Telegram's own trouble.
     row(500, "RPC_CALL_FAIL", Retry, "Telegram failed internally"),
-    row(500, "INTERDC_X_CALL_ERROR", Retry, "Telegram's data centres could not talk to each other"),
+    row(
+        500,
+        "INTERDC_X_CALL_ERROR",
+        Retry,
+        "Telegram's data centres could not talk to each other",
+    ),
     row(-503, "Timeout", Retry, "Telegram did not answer in time"),
     row(0, "TIMEOUT", Retry, "Telegram timed out"),
     // The session.
-    row(401, "AUTH_KEY_UNREGISTERED", SessionInvalid, "the session is not signed in (or was logged out)"),
-    row(401, "SESSION_REVOKED", SessionInvalid, "the session was terminated from another device"),
-    row(401, "SESSION_EXPIRED", SessionInvalid, "the session expired"),
-    row(401, "AUTH_KEY_PERM_EMPTY", SessionInvalid, "the session has no permanent key"),
-    row(401, "SESSION_PASSWORD_NEEDED", SessionInvalid, "the sign-in did not finish (the two-step verification password is due)"),
-    row(406, "AUTH_KEY_DUPLICATED", SessionInvalid, "the same session was used from two places at once and Telegram dropped it"),
-    row(401, "USER_DEACTIVATED", Fatal, "the Telegram account was deleted"),
-    row(401, "USER_DEACTIVATED_BAN", Fatal, "Telegram banned the account"),
+    row(
+        401,
+        "AUTH_KEY_UNREGISTERED",
+        SessionInvalid,
+        "the session is not signed in (or was logged out)",
+    ),
+    row(
+        401,
+        "SESSION_REVOKED",
+        SessionInvalid,
+        "the session was terminated from another device",
+    ),
+    row(
+        401,
+        "SESSION_EXPIRED",
+        SessionInvalid,
+        "the session expired",
+    ),
+    row(
+        401,
+        "AUTH_KEY_PERM_EMPTY",
+        SessionInvalid,
+        "the session has no permanent key",
+    ),
+    row(
+        401,
+        "SESSION_PASSWORD_NEEDED",
+        SessionInvalid,
+        "the sign-in did not finish (the two-step verification password is due)",
+    ),
+    row(
+        406,
+        "AUTH_KEY_DUPLICATED",
+        SessionInvalid,
+        "the same session was used from two places at once and Telegram dropped it",
+    ),
+    row(
+        401,
+        "USER_DEACTIVATED",
+        Fatal,
+        "the Telegram account was deleted",
+    ),
+    row(
+        401,
+        "USER_DEACTIVATED_BAN",
+        Fatal,
+        "Telegram banned the account",
+    ),
     // The storage chat.
-    row(403, "CHAT_WRITE_FORBIDDEN", AccessLost, "the account may no longer post in the storage chat"),
-    row(400, "CHANNEL_PRIVATE", AccessLost, "the account is no longer in the storage channel (left, removed or banned)"),
-    row(400, "CHANNEL_INVALID", AccessLost, "the storage channel is not known to this account (deleted, or the session's access hash is stale)"),
-    row(400, "CHAT_ADMIN_REQUIRED", AccessLost, "the account is no longer an administrator of the storage channel"),
-    row(400, "USER_BANNED_IN_CHANNEL", AccessLost, "the account is banned from posting in the storage channel"),
-    row(403, "MESSAGE_DELETE_FORBIDDEN", AccessLost, "the account may no longer delete in the storage chat"),
-    row(400, "PEER_ID_INVALID", AccessLost, "the storage chat is not known to this account"),
+    row(
+        403,
+        "CHAT_WRITE_FORBIDDEN",
+        AccessLost,
+        "the account may no longer post in the storage chat",
+    ),
+    row(
+        400,
+        "CHANNEL_PRIVATE",
+        AccessLost,
+        "the account is no longer in the storage channel (left, removed or banned)",
+    ),
+    row(
+        400,
+        "CHANNEL_INVALID",
+        AccessLost,
+        "the storage channel is not known to this account (deleted, or the session's access hash is stale)",
+    ),
+    row(
+        400,
+        "CHAT_ADMIN_REQUIRED",
+        AccessLost,
+        "the account is no longer an administrator of the storage channel",
+    ),
+    row(
+        400,
+        "USER_BANNED_IN_CHANNEL",
+        AccessLost,
+        "the account is banned from posting in the storage channel",
+    ),
+    row(
+        403,
+        "MESSAGE_DELETE_FORBIDDEN",
+        AccessLost,
+        "the account may no longer delete in the storage chat",
+    ),
+    row(
+        400,
+        "PEER_ID_INVALID",
+        AccessLost,
+        "the storage chat is not known to this account",
+    ),
     // Uploads.
-    row(400, "FILE_PART_X_MISSING", Reupload, "uploaded parts expired before the pack was sent"),
-    row(400, "MD5_CHECKSUM_INVALID", Reupload, "the uploaded bytes do not match their checksum"),
-    row(400, "MEDIA_EMPTY", Reupload, "Telegram found no usable file in the upload"),
-    row(400, "FILE_PARTS_INVALID", Fatal, "Telegram refused the number of parts of an upload (a storinator bug: retrying would repeat it)"),
-    row(400, "FILE_PART_SIZE_INVALID", Fatal, "Telegram refused the size of an upload's parts (a storinator bug: retrying would repeat it)"),
-    row(400, "FILE_PART_TOO_BIG", Fatal, "an upload part is over 512 KiB (a storinator bug)"),
-    row(400, "FILE_PART_EMPTY", Fatal, "an upload part is empty (a storinator bug)"),
-    row(400, "FILE_PART_INVALID", Fatal, "an upload part number is out of range (a storinator bug)"),
-    row(500, "RANDOM_ID_DUPLICATE", FindEarlierSend, "this pack was sent before (the answer was lost, or the worker restarted)"),
+    row(
+        400,
+        "FILE_PART_X_MISSING",
+        Reupload,
+        "uploaded parts expired before the pack was sent",
+    ),
+    row(
+        400,
+        "MD5_CHECKSUM_INVALID",
+        Reupload,
+        "the uploaded bytes do not match their checksum",
+    ),
+    row(
+        400,
+        "MEDIA_EMPTY",
+        Reupload,
+        "Telegram found no usable file in the upload",
+    ),
+    row(
+        400,
+        "FILE_PARTS_INVALID",
+        Fatal,
+        "Telegram refused the number of parts of an upload (a storinator bug: retrying would repeat it)",
+    ),
+    row(
+        400,
+        "FILE_PART_SIZE_INVALID",
+        Fatal,
+        "Telegram refused the size of an upload's parts (a storinator bug: retrying would repeat it)",
+    ),
+    row(
+        400,
+        "FILE_PART_TOO_BIG",
+        Fatal,
+        "an upload part is over 512 KiB (a storinator bug)",
+    ),
+    row(
+        400,
+        "FILE_PART_EMPTY",
+        Fatal,
+        "an upload part is empty (a storinator bug)",
+    ),
+    row(
+        400,
+        "FILE_PART_INVALID",
+        Fatal,
+        "an upload part number is out of range (a storinator bug)",
+    ),
+    row(
+        500,
+        "RANDOM_ID_DUPLICATE",
+        FindEarlierSend,
+        "this pack was sent before (the answer was lost, or the worker restarted)",
+    ),
     // Downloads.
-    row(303, "FILE_MIGRATE_X", MigrateDc, "the document lives on data centre X"),
-    row(400, "FILE_REFERENCE_EXPIRED", RefreshReference, "the document's file reference expired"),
-    row(400, "FILE_REFERENCE_INVALID", RefreshReference, "the document's file reference is not valid any more"),
-    row(406, "FILEREF_UPGRADE_NEEDED", RefreshReference, "the read carried no file reference"),
-    row(400, "FILE_ID_INVALID", RefreshReference, "the document changed since the message was read"),
-    row(400, "MESSAGE_ID_INVALID", NotFound, "the message holding the object is gone"),
-    row(400, "LOCATION_INVALID", Fatal, "Telegram refused the file location (a storinator bug)"),
-    row(400, "OFFSET_INVALID", Fatal, "Telegram refused a read offset (a storinator bug)"),
-    row(400, "LIMIT_INVALID", Fatal, "Telegram refused a read size (a storinator bug)"),
-    row(400, "DC_ID_INVALID", Fatal, "Telegram does not know the data centre a document claims to be on"),
-    row(400, "AUTH_BYTES_INVALID", Fatal, "Telegram refused to carry the authorization to another data centre"),
+    row(
+        303,
+        "FILE_MIGRATE_X",
+        MigrateDc,
+        "the document lives on data centre X",
+    ),
+    row(
+        400,
+        "FILE_REFERENCE_EXPIRED",
+        RefreshReference,
+        "the document's file reference expired",
+    ),
+    row(
+        400,
+        "FILE_REFERENCE_INVALID",
+        RefreshReference,
+        "the document's file reference is not valid any more",
+    ),
+    row(
+        406,
+        "FILEREF_UPGRADE_NEEDED",
+        RefreshReference,
+        "the read carried no file reference",
+    ),
+    row(
+        400,
+        "FILE_ID_INVALID",
+        RefreshReference,
+        "the document changed since the message was read",
+    ),
+    row(
+        400,
+        "MESSAGE_ID_INVALID",
+        NotFound,
+        "the message holding the object is gone",
+    ),
+    row(
+        400,
+        "LOCATION_INVALID",
+        Fatal,
+        "Telegram refused the file location (a storinator bug)",
+    ),
+    row(
+        400,
+        "OFFSET_INVALID",
+        Fatal,
+        "Telegram refused a read offset (a storinator bug)",
+    ),
+    row(
+        400,
+        "LIMIT_INVALID",
+        Fatal,
+        "Telegram refused a read size (a storinator bug)",
+    ),
+    row(
+        400,
+        "DC_ID_INVALID",
+        Fatal,
+        "Telegram does not know the data centre a document claims to be on",
+    ),
+    row(
+        400,
+        "AUTH_BYTES_INVALID",
+        Fatal,
+        "Telegram refused to carry the authorization to another data centre",
+    ),
     // Connections.
-    row(400, "CONNECTION_LAYER_INVALID", Fatal, "Telegram does not speak this client's API layer: update storinator"),
-    row(400, "CONNECTION_NOT_INITED", Fatal, "a connection was used before it was initialised (a storinator bug)"),
+    row(
+        400,
+        "CONNECTION_LAYER_INVALID",
+        Fatal,
+        "Telegram does not speak this client's API layer: update storinator",
+    ),
+    row(
+        400,
+        "CONNECTION_NOT_INITED",
+        Fatal,
+        "a connection was used before it was initialised (a storinator bug)",
+    ),
     // The storage chat setting.
-    row(400, "USERNAME_NOT_OCCUPIED", Fatal, "no chat has this @username"),
-    row(400, "USERNAME_INVALID", Fatal, "this is not a valid @username"),
+    row(
+        400,
+        "USERNAME_NOT_OCCUPIED",
+        Fatal,
+        "no chat has this @username",
+    ),
+    row(
+        400,
+        "USERNAME_INVALID",
+        Fatal,
+        "this is not a valid @username",
+    ),
     // Signing in (storinator-worker login).
-    row(303, "PHONE_MIGRATE_X", Login, "the phone number belongs to data centre X: sign-in moves there"),
-    row(303, "NETWORK_MIGRATE_X", Login, "sign in through data centre X"),
-    row(303, "USER_MIGRATE_X", Login, "the account lives on data centre X: sign in again to move there"),
+    row(
+        303,
+        "PHONE_MIGRATE_X",
+        Login,
+        "the phone number belongs to data centre X: sign-in moves there",
+    ),
+    row(
+        303,
+        "NETWORK_MIGRATE_X",
+        Login,
+        "sign in through data centre X",
+    ),
+    row(
+        303,
+        "USER_MIGRATE_X",
+        Login,
+        "the account lives on data centre X: sign in again to move there",
+    ),
     row(400, "PHONE_CODE_INVALID", Login, "the login code is wrong"),
-    row(400, "PHONE_CODE_EXPIRED", Login, "the login code expired: request a new one"),
+    row(
+        400,
+        "PHONE_CODE_EXPIRED",
+        Login,
+        "the login code expired: request a new one",
+    ),
     row(400, "PHONE_CODE_EMPTY", Login, "no login code was given"),
-    row(400, "PHONE_CODE_HASH_EMPTY", Login, "the login attempt lost track of its code request"),
-    row(400, "PHONE_NUMBER_INVALID", Login, "the phone number is not valid (international format, with the country code)"),
-    row(400, "PHONE_NUMBER_BANNED", Login, "Telegram banned this phone number"),
-    row(400, "PHONE_NUMBER_UNOCCUPIED", Login, "no Telegram account uses this phone number"),
-    row(400, "PHONE_NUMBER_FLOOD", Login, "too many login codes were requested for this number"),
-    row(400, "PASSWORD_HASH_INVALID", Login, "the two-step verification password is wrong"),
-    row(400, "SRP_ID_INVALID", Login, "the two-step verification attempt expired: try again"),
+    row(
+        400,
+        "PHONE_CODE_HASH_EMPTY",
+        Login,
+        "the login attempt lost track of its code request",
+    ),
+    row(
+        400,
+        "PHONE_NUMBER_INVALID",
+        Login,
+        "the phone number is not valid (international format, with the country code)",
+    ),
+    row(
+        400,
+        "PHONE_NUMBER_BANNED",
+        Login,
+        "Telegram banned this phone number",
+    ),
+    row(
+        400,
+        "PHONE_NUMBER_UNOCCUPIED",
+        Login,
+        "no Telegram account uses this phone number",
+    ),
+    row(
+        400,
+        "PHONE_NUMBER_FLOOD",
+        Login,
+        "too many login codes were requested for this number",
+    ),
+    row(
+        400,
+        "PASSWORD_HASH_INVALID",
+        Login,
+        "the two-step verification password is wrong",
+    ),
+    row(
+        400,
+        "SRP_ID_INVALID",
+        Login,
+        "the two-step verification attempt expired: try again",
+    ),
 ];
 
 /// Telegram's form of a row name as grammers parses it: numbers are taken out (and given as
@@ -222,7 +492,11 @@ mod tests {
         // A wait Telegram adds one day is still a wait.
         assert_eq!(classify(&rpc(420, "SOMETHING_NEW_WAIT_5")), Wait);
         assert_eq!(classify(&rpc(420, "FROZEN_METHOD_INVALID")), Fatal);
-        assert_eq!(classify(&rpc(420, "FLOOD_WAIT")), Fatal, "no number, no wait");
+        assert_eq!(
+            classify(&rpc(420, "FLOOD_WAIT")),
+            Fatal,
+            "no number, no wait"
+        );
         assert_eq!(classify(&rpc(420, "SOMETHING_ELSE")), Fatal);
         assert!(describe(&rpc(420, "SOMETHING_ELSE")).contains("not a wait"));
         assert!(describe(&rpc(420, "FROZEN_METHOD_INVALID")).contains("frozen"));

@@ -127,7 +127,11 @@ impl Login<'_> {
         session_path: &Path,
         ask: &mut (dyn FnMut(&Question) -> anyhow::Result<String> + Send),
     ) -> anyhow::Result<()> {
-        match self.client.invoke(&tl::functions::updates::GetState {}).await {
+        match self
+            .client
+            .invoke(&tl::functions::updates::GetState {})
+            .await
+        {
             Ok(_) => {
                 println!("Already signed in ({}).", session_path.display());
                 return Ok(());
@@ -311,10 +315,9 @@ impl Login<'_> {
                 "the two-step verification password is wrong ({})\nhint: run `storinator-worker login` again",
                 e.name
             ),
-            Err(Failed::Rpc(e)) => bail!(
-                "the two-step verification failed: {}",
-                errors::describe(&e)
-            ),
+            Err(Failed::Rpc(e)) => {
+                bail!("the two-step verification failed: {}", errors::describe(&e))
+            }
         }
     }
 
@@ -350,7 +353,10 @@ fn sent_code(sent: tl::enums::auth::SentCode) -> anyhow::Result<Sent> {
     let code = match sent {
         tl::enums::auth::SentCode::Code(c) => c,
         tl::enums::auth::SentCode::Success(s) => {
-            return Ok(Sent::SignedIn(authorization(s.authorization, "this account")?));
+            return Ok(Sent::SignedIn(authorization(
+                s.authorization,
+                "this account",
+            )?));
         }
         tl::enums::auth::SentCode::PaymentRequired(p) => bail!(
             "telegram asks for a payment ({} {}) before it sends a login code to this number (auth.sentCodePaymentRequired)\nhint: sign in once with an official Telegram app, then run `storinator-worker login` again",
@@ -410,7 +416,9 @@ fn srp_parameters(pw: &tl::types::account::Password) -> anyhow::Result<Srp> {
         Some(A::Unknown) => bail!(
             "telegram uses a two-step verification algorithm this version does not know\nhint: update storinator"
         ),
-        None => bail!("telegram asked for a two-step verification password, but the account has none set"),
+        None => bail!(
+            "telegram asked for a two-step verification password, but the account has none set"
+        ),
     };
     let (Some(g_b), Some(id)) = (pw.srp_b.clone(), pw.srp_id) else {
         bail!("telegram sent two-step verification settings without an SRP challenge");
@@ -488,7 +496,9 @@ mod tests {
         let e = sent_code(code(flash)).err().unwrap().to_string();
         assert!(e.contains("phone call") && e.contains("hint:"), "{e}");
         let sms = T::Sms(tl::types::auth::SentCodeTypeSms { length: 5 });
-        assert!(matches!(sent_code(code(sms)).unwrap(), Sent::Code { how, .. } if how.contains("SMS")));
+        assert!(
+            matches!(sent_code(code(sms)).unwrap(), Sent::Code { how, .. } if how.contains("SMS"))
+        );
         assert_eq!(human_wait(7260), "2h 01m");
     }
 }

@@ -439,7 +439,10 @@ mod tests {
         s.remember_channel(&channel(1)).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         let meta = std::fs::symlink_metadata(&path).unwrap();
-        assert!(meta.file_type().is_file(), "the session is a file of its own");
+        assert!(
+            meta.file_type().is_file(),
+            "the session is a file of its own"
+        );
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let again = FileSession::load_or_new(&path).unwrap();
         assert_eq!(again.channels(), vec![channel(1)]);

@@ -272,12 +272,8 @@ impl Inner {
         }
         let mut first_err = None;
         while let Some(r) = set.join_next().await {
-            let (r, sent) = r.unwrap_or_else(|e| {
-                (
-                    Err(StorageError::Fatal(format!("upload task: {e}"))),
-                    0,
-                )
-            });
+            let (r, sent) =
+                r.unwrap_or_else(|e| (Err(StorageError::Fatal(format!("upload task: {e}"))), 0));
             pending.sent(sent);
             if let Err(e) = r {
                 // Stop the others: the pack will be retried as a whole.
