@@ -16,8 +16,10 @@ use storinator_testkit::mtproto::{LoopbackOptions, LoopbackTelegram, NetProfile}
 
 /// A grammers client with its own connection to `server`.
 fn client(server: &LoopbackTelegram) -> (Client, tokio::task::JoinHandle<()>) {
-    let mut data = SessionData::default();
-    data.home_dc = 2;
+    let mut data = SessionData {
+        home_dc: 2,
+        ..Default::default()
+    };
     let v4 = match server.addr() {
         std::net::SocketAddr::V4(a) => a,
         _ => unreachable!(),

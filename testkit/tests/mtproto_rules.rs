@@ -36,8 +36,10 @@ fn client_for(
     Conn,
     tokio::sync::mpsc::Receiver<grammers_client::session::updates::UpdatesLike>,
 ) {
-    let mut data = SessionData::default();
-    data.home_dc = 2;
+    let mut data = SessionData {
+        home_dc: 2,
+        ..Default::default()
+    };
     for dc in [2, 4] {
         let v4 = match server.dc_addr(dc).unwrap() {
             std::net::SocketAddr::V4(a) => a,

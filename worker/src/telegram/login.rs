@@ -152,7 +152,7 @@ impl Login<'_> {
                 })?;
                 self.sign_in(&phone, &hash, &code, ask).await?
             }
-            Sent::SignedIn(auth) => auth,
+            Sent::SignedIn(auth) => *auth,
         };
         self.adopt(auth).await?;
         self.session.save().context("saving the session")?;
@@ -345,7 +345,7 @@ impl Login<'_> {
 /// What auth.sendCode said.
 enum Sent {
     Code { hash: String, how: String },
-    SignedIn(tl::types::auth::Authorization),
+    SignedIn(Box<tl::types::auth::Authorization>),
 }
 
 fn sent_code(sent: tl::enums::auth::SentCode) -> anyhow::Result<Sent> {
@@ -353,10 +353,8 @@ fn sent_code(sent: tl::enums::auth::SentCode) -> anyhow::Result<Sent> {
     let code = match sent {
         tl::enums::auth::SentCode::Code(c) => c,
         tl::enums::auth::SentCode::Success(s) => {
-            return Ok(Sent::SignedIn(authorization(
-                s.authorization,
-                "this account",
-            )?));
+            let auth = authorization(s.authorization, "this account")?;
+            return Ok(Sent::SignedIn(Box::new(auth)));
         }
         tl::enums::auth::SentCode::PaymentRequired(p) => bail!(
             "telegram asks for a payment ({} {}) before it sends a login code to this number (auth.sentCodePaymentRequired)\nhint: sign in once with an official Telegram app, then run `storinator-worker login` again",
