@@ -193,5 +193,8 @@ fn no_network_names_the_address_without_library_warnings() {
         err.contains(&format!("could not reach Telegram at 127.0.0.1:{port}")),
         "{err}"
     );
-    assert!(!err.contains("WARN") && !err.contains("marking all"), "{err}");
+    assert!(
+        !err.contains("WARN") && !err.contains("marking all"),
+        "{err}"
+    );
 }

@@ -111,28 +111,18 @@ impl Inner {
         Ok(messages_of(res).into_iter().find_map(|m| doc_of(&m)))
     }
 
-    /// The message holding `name`, by messages.search.
-    async fn search_name(&self, name: &str) -> Result<Option<Doc>, StorageError> {
+    /// Pages through `page(offset_id)` (newest first) until a message holds `name`.
+    async fn scan_for<R>(
+        &self,
+        name: &str,
+        page: impl Fn(i32) -> R,
+    ) -> Result<Option<Doc>, StorageError>
+    where
+        R: tl::RemoteCall<Return = tl::enums::messages::Messages>,
+    {
         let mut offset_id = 0;
         loop {
-            let req = tl::functions::messages::Search {
-                peer: self.chat.input_peer(),
-                q: name.into(),
-                from_id: None,
-                saved_peer_id: None,
-                saved_reaction: None,
-                top_msg_id: None,
-                filter: tl::enums::MessagesFilter::InputMessagesFilterDocument,
-                min_date: 0,
-                max_date: 0,
-                offset_id,
-                add_offset: 0,
-                limit: 100,
-                max_id: 0,
-                min_id: 0,
-                hash: 0,
-            };
-            let msgs = messages_of(self.call(CallClass::Message, &req).await?);
+            let msgs = messages_of(self.call(CallClass::Message, &page(offset_id)).await?);
             if msgs.is_empty() {
                 return Ok(None);
             }
@@ -154,37 +144,37 @@ impl Inner {
     /// behind new messages, so a miss is confirmed by reading the history, newest first
     /// (where a send retried moments ago sits).
     pub(super) async fn find_named(&self, name: &str) -> Result<Option<Doc>, StorageError> {
-        if let Some(d) = self.search_name(name).await? {
+        let search = |offset_id| tl::functions::messages::Search {
+            peer: self.chat.input_peer(),
+            q: name.into(),
+            from_id: None,
+            saved_peer_id: None,
+            saved_reaction: None,
+            top_msg_id: None,
+            filter: tl::enums::MessagesFilter::InputMessagesFilterDocument,
+            min_date: 0,
+            max_date: 0,
+            offset_id,
+            add_offset: 0,
+            limit: 100,
+            max_id: 0,
+            min_id: 0,
+            hash: 0,
+        };
+        if let Some(d) = self.scan_for(name, search).await? {
             return Ok(Some(d));
         }
-        let mut offset_id = 0;
-        loop {
-            let req = tl::functions::messages::GetHistory {
-                peer: self.chat.input_peer(),
-                offset_id,
-                offset_date: 0,
-                add_offset: 0,
-                limit: 100,
-                max_id: 0,
-                min_id: 0,
-                hash: 0,
-            };
-            let msgs = messages_of(self.call(CallClass::Message, &req).await?);
-            if msgs.is_empty() {
-                return Ok(None);
-            }
-            if let Some(d) = msgs
-                .iter()
-                .filter_map(doc_of)
-                .find_map(|(n, d)| (n == name).then_some(d))
-            {
-                return Ok(Some(d));
-            }
-            offset_id = msgs.iter().map(msg_id).min().unwrap_or(0);
-            if offset_id <= 1 {
-                return Ok(None);
-            }
-        }
+        let history = |offset_id| tl::functions::messages::GetHistory {
+            peer: self.chat.input_peer(),
+            offset_id,
+            offset_date: 0,
+            add_offset: 0,
+            limit: 100,
+            max_id: 0,
+            min_id: 0,
+            hash: 0,
+        };
+        self.scan_for(name, history).await
     }
 
     async fn locate(&self, obj: &ObjectRef) -> Result<Doc, StorageError> {
