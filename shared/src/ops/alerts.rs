@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::catalog::{AffectedFile, Catalog, OwnerStats, ScrubReport};
-use crate::ops::schedules::{Cadence, HOUR_MS, Result, Schedule, Schedules};
+use crate::ops::schedules::{Cadence, HOUR_MS, Result, Schedule, Schedules, format_local};
 
 /// Days in a week, in milliseconds.
 const WEEK_MS: i64 = 7 * 24 * HOUR_MS;
@@ -75,6 +75,77 @@ pub struct ScheduleStatus {
     pub last_snapshot: Option<(String, i64)>,
     /// The newest job the schedule fired: its state and when it finished.
     pub last_result: Option<(crate::ops::jobs::JobState, Option<i64>)>,
+}
+
+impl ScheduleStatus {
+    /// `#3 /srv/data · daily 03:00 · next Tue 31 Mar 03:00 CEST · last snapshot 1a2b3c4d5e6f
+    /// (Mon 30 Mar 03:01 CEST) · ok`: one line for the CLI and the chat alike.
+    pub fn line(&self, tz: &TimeZone) -> String {
+        let s = &self.schedule;
+        let mut parts = vec![format!("#{} {}", s.id, s.path), s.spec.clone()];
+        if !s.encrypt {
+            parts.push("unencrypted".into());
+        }
+        parts.push(match self.next_run {
+            Some(t) => format!("next {}", format_local(t, tz)),
+            None => "paused".into(),
+        });
+        parts.push(match &self.last_snapshot {
+            Some((id, at)) => format!("last snapshot {id} ({})", format_local(*at, tz)),
+            None => "no snapshot yet".into(),
+        });
+        if let Some((state, at)) = &self.last_result {
+            parts.push(match at {
+                Some(at) => format!("last run {state} {}", format_local(*at, tz)),
+                None => format!("last run {state}"),
+            });
+        }
+        parts.push(self.health.label(tz));
+        if let Some(r) = &s.retention {
+            parts.push(r.to_string());
+        }
+        if s.skipped > 0 {
+            parts.push(format!(
+                "{} slots skipped (previous run still going)",
+                s.skipped
+            ));
+        }
+        if s.missed > 0 {
+            parts.push(format!("{} slots caught up after downtime", s.missed));
+        }
+        parts.join(" · ")
+    }
+}
+
+impl Health {
+    /// `ok`, `late (due since …)`, `failing: 3 times since …: <error>`, `paused`.
+    pub fn label(&self, tz: &TimeZone) -> String {
+        match self {
+            Health::Paused => "paused".into(),
+            Health::Ok => "ok".into(),
+            Health::Late { due_at } => {
+                format!("late (a snapshot was due by {})", format_local(*due_at, tz))
+            }
+            Health::Failing {
+                count,
+                since,
+                last_error,
+            } => format!(
+                "failing: {} since {}: {last_error}",
+                times(*count),
+                format_local(*since, tz)
+            ),
+        }
+    }
+}
+
+/// `once`, `twice`, `3 times`.
+pub fn times(n: u64) -> String {
+    match n {
+        1 => "once".into(),
+        2 => "twice".into(),
+        n => format!("{n} times"),
+    }
 }
 
 /// A failure streak of one schedule.
@@ -137,6 +208,86 @@ pub struct Digest {
     pub missing_packs: u64,
     pub damaged_chunks: u64,
     pub affected_files: Vec<AffectedFile>,
+}
+
+/// Where the scrub's rotation stands (what `/scrub` and `storinator-worker scrub --status`
+/// show).
+#[derive(Clone, Debug)]
+pub struct ScrubStatus {
+    /// Packs in rotation order: the next to be read first.
+    pub packs: Vec<crate::catalog::ScrubPack>,
+    pub bytes_total: u64,
+    /// The daily budget and the cycle it gives: every pack is read within `cycle_days`.
+    pub budget: u64,
+    pub cycle_days: u64,
+    pub last: Option<ScrubReport>,
+}
+
+impl ScrubStatus {
+    /// Reads the rotation from the catalog; `budget` is the configured daily budget.
+    pub async fn load(catalog: &Catalog, budget: u64) -> Result<ScrubStatus> {
+        let packs = catalog.scrub_queue().await?;
+        let bytes_total = packs.iter().map(|p| p.size).sum::<u64>();
+        Ok(ScrubStatus {
+            cycle_days: bytes_total.div_ceil(budget.max(1)).max(1),
+            budget,
+            bytes_total,
+            packs,
+            last: catalog.last_scrub().await?.map(|r| r.report),
+        })
+    }
+
+    /// A summary line, then (up to `max_packs`) one line per pack, the least recently read
+    /// first.
+    pub fn lines(&self, tz: &TimeZone, max_packs: usize) -> Vec<String> {
+        let read = self
+            .packs
+            .iter()
+            .filter(|p| p.last_read_at.is_some())
+            .count();
+        let mut out = vec![format!(
+            "{} packs, {}; {} a day → every pack is read within {} day{}; {read} of {} read at least once",
+            self.packs.len(),
+            crate::progress::human_bytes(self.bytes_total),
+            crate::progress::human_bytes(self.budget),
+            self.cycle_days,
+            if self.cycle_days == 1 { "" } else { "s" },
+            self.packs.len()
+        )];
+        out.push(match &self.last {
+            Some(r) => format!(
+                "last scrub {}: {}",
+                format_local(r.finished_at, tz),
+                r.line()
+            ),
+            None => "no scrub has run yet".into(),
+        });
+        for p in self.packs.iter().take(max_packs) {
+            let when = match p.last_read_at {
+                Some(t) => format!("last read {}", format_local(t, tz)),
+                None => "never read".into(),
+            };
+            let partial = if p.cursor > 0 {
+                format!(", {}% of a pass done", p.cursor * 100 / p.size.max(1))
+            } else {
+                String::new()
+            };
+            let state = if p.state == "stored" {
+                ""
+            } else {
+                " (missing)"
+            };
+            out.push(format!(
+                "{} {}{state}: {when}{partial}",
+                &p.id[..p.id.len().min(12)],
+                crate::progress::human_bytes(p.size)
+            ));
+        }
+        if self.packs.len() > max_packs {
+            out.push(format!("… and {} more", self.packs.len() - max_packs));
+        }
+        out
+    }
 }
 
 /// The alert queries over the schedules and the catalog.
