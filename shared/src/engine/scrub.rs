@@ -4,9 +4,10 @@
 //! Each run first checks every pack's presence and size with one listing of the store (for
 //! Telegram, message-class calls: one per hundred messages), then reads packs in rotation: an
 //! unfinished pass first, then packs never read, then the longest unread, stopping when the
-//! budget is spent and remembering where (a pack larger than a day's budget is read over
-//! several days). At a budget of B bytes a day a store of T bytes is read whole within
-//! ceil(T / B) days: the cycle the report states.
+//! budget is spent (the last chunk read may cross it) and remembering where (a pack larger
+//! than a day's budget is read over several days). Each run reads at least its budget, so at
+//! B bytes a day a store of T bytes is read whole within ceil(T / B) days, the cycle the report
+//! states (packs added meanwhile come first and extend it by their own size).
 //!
 //! Damage (a missing pack, a wrong size, a chunk that fails authentication) is recorded per
 //! chunk. The heal then looks for each damaged data chunk's plaintext on disk: a file of a
@@ -184,12 +185,10 @@ async fn read_rotation(
         let mut i = 0;
         while i < blobs.len() {
             let remaining = opts.budget.saturating_sub(report.bytes_read);
-            // The first window of a run is read even past the budget, so a blob larger than
-            // the budget can't stall the rotation.
-            let j = window_end(&blobs, i, remaining, report.bytes_read == 0);
-            if j == i {
+            if remaining == 0 {
                 break;
             }
+            let j = window_end(&blobs, i, remaining);
             let start = blobs[i].offset;
             let end = blobs[j - 1].offset + blobs[j - 1].length;
             let data = match with_retry("scrubbing a pack", || {
@@ -258,15 +257,17 @@ async fn read_rotation(
     Ok(())
 }
 
-/// The end (exclusive) of the window of blobs starting at `i` that fits both the read window
-/// and the `remaining` budget (at least one blob when `first`).
-fn window_end(blobs: &[BlobRow], i: usize, remaining: u64, first: bool) -> usize {
+/// The end (exclusive) of the window of blobs starting at `i`: blobs are added while the
+/// window fits the read window and the budget is not yet spent, so the last blob of a run may
+/// cross the budget by less than one blob. Every run therefore reads at least its budget (or
+/// everything left), which is what makes the stated cycle hold.
+fn window_end(blobs: &[BlobRow], i: usize, remaining: u64) -> usize {
     let start = blobs[i].offset;
     let mut j = i;
     while j < blobs.len() {
+        let before = blobs[j].offset - start;
         let span = blobs[j].offset + blobs[j].length - start;
-        let fits = span <= READ_WINDOW.min(remaining);
-        if !(fits || (j == i && first)) {
+        if j > i && (before >= remaining || span > READ_WINDOW) {
             break;
         }
         j += 1;
@@ -351,7 +352,12 @@ async fn heal(repo: &Repo, damage: &[Damage], cancel: &CancelFlag) -> Result<Hea
 
     // Packs of the healed chunks: one uploader, a packer per encryption setting.
     let (tx, rx) = mpsc::channel::<FinishedPack>(1);
-    let uploader = tokio::spawn(upload_packs(repo.storage.clone(), repo.catalog.clone(), rx));
+    // Dropped with the scrub (a job stopped hard), the upload stops too.
+    let mut uploader = AbortOnDrop(tokio::spawn(upload_packs(
+        repo.storage.clone(),
+        repo.catalog.clone(),
+        rx,
+    )));
     let keys = repo.keys().clone();
     let settings = (repo.settings.pack_size, repo.settings.compression);
     let spool = repo.storage.spool_dir().to_path_buf();
@@ -419,12 +425,21 @@ async fn heal(repo: &Repo, damage: &[Damage], cancel: &CancelFlag) -> Result<Hea
         .await
         .map_err(|e| Error::Invalid(format!("heal thread failed: {e}")));
     // The packer's senders are gone now: the uploader finishes with the last pack.
-    let packs = uploader
+    let packs = (&mut uploader.0)
         .await
         .map_err(|e| Error::Invalid(format!("uploader failed: {e}")))??;
     let mut healing = healing??;
     healing.packs = packs;
     Ok(healing)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Reads a file whose content should be `t`: the whole file must hash to the recorded
