@@ -289,9 +289,10 @@ async fn a_file_changed_on_disk_is_not_used_to_heal() {
     f.storage
         .inner
         .corrupt(&format!("{pack}.enc"), (offset + length / 2) as usize);
-    // Same size, one byte different, and the chunk the heal needs is the changed part.
+    // Same size, one byte different: the last one, so the chunk the heal needs (the first)
+    // is still intact on disk; only the whole file's SHA-256 tells the file changed.
     let mut changed = bytes(90_000 + 7_000 * 3, 13);
-    changed[10] ^= 0xff;
+    *changed.last_mut().unwrap() ^= 0xff;
     std::fs::write(src.join("photos/p3.bin"), &changed).unwrap();
 
     let r = scrub(&f.repo, u64::MAX / 2, T0, true).await.unwrap();
@@ -322,6 +323,29 @@ async fn a_file_changed_on_disk_is_not_used_to_heal() {
         }
         other => panic!("the damaged file must not restore as good: {other:?}"),
     }
+    // The next full scrub meets the same damage: nothing new to tell, still listed.
+    let again = scrub(&f.repo, u64::MAX / 2, T0 + DAY / 2, true)
+        .await
+        .unwrap();
+    assert!(again.findings.is_empty(), "{:?}", again.findings);
+    assert_eq!(again.unhealed_chunks, 1);
+    assert!(
+        again
+            .affected
+            .iter()
+            .any(|a| a.path == "data/photos/p3.bin" && !a.healed)
+    );
+    let alerts = Alerts::new(
+        Schedules::new(
+            Jobs::new(f.repo.catalog.pool().clone()),
+            jiff::tz::TimeZone::UTC,
+        ),
+        AlertPolicy::default(),
+    );
+    let runs = alerts.scrub_alerts().await.unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].1.len(), 1, "the first finding is told");
+    assert!(runs[1].1.is_empty(), "the same damage is not told again");
     // Putting the original back lets the next scrub heal it.
     std::fs::write(src.join("photos/p3.bin"), bytes(90_000 + 7_000 * 3, 13)).unwrap();
     let r = scrub(&f.repo, 1, T0 + DAY, true).await.unwrap();

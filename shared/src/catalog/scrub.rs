@@ -69,7 +69,7 @@ impl AffectedFile {
     }
 }
 
-/// A pack-level finding of a scrub.
+/// A pack-level finding of a scrub: damage not known before this run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackFinding {
     pub pack_id: String,
@@ -231,7 +231,7 @@ impl Catalog {
     }
 
     /// Records chunks as damaged: `ids`, or with `None` every chunk the catalog places in the
-    /// pack. Returns how many chunks that covers.
+    /// pack. Returns how many of them were not known to be damaged before.
     pub async fn record_damage(
         &self,
         pack_id: &str,
@@ -239,9 +239,12 @@ impl Catalog {
         reason: &str,
         now: i64,
     ) -> Result<u64, Error> {
+        // Damage already known (unhealed, in the same pack) keeps its first finding and
+        // doesn't count: the number returned is what this call newly found.
         const UPSERT: &str = " ON CONFLICT (chunk_id) DO UPDATE SET pack_id = excluded.pack_id,
               reason = excluded.reason, found_at = excluded.found_at, healed_at = NULL,
-              healed_pack = NULL";
+              healed_pack = NULL
+              WHERE damaged_chunks.healed_at IS NOT NULL OR damaged_chunks.pack_id <> excluded.pack_id";
         let mut n = 0;
         match ids {
             None => {

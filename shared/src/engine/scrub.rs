@@ -151,11 +151,13 @@ async fn presence_check(
                 repo.catalog
                     .scrub_progress(&p.id, 0, false, now, &reason)
                     .await?;
-                report.findings.push(PackFinding {
-                    pack_id: p.id.clone(),
-                    reason,
-                    chunks,
-                });
+                if chunks > 0 {
+                    report.findings.push(PackFinding {
+                        pack_id: p.id.clone(),
+                        reason,
+                        chunks,
+                    });
+                }
             }
         }
     }
@@ -235,11 +237,13 @@ async fn read_rotation(
                 .catalog
                 .record_damage(&p.id, Some(&ids), &reason, opts.now_ms)
                 .await?;
-            report.findings.push(PackFinding {
-                pack_id: p.id.clone(),
-                reason,
-                chunks,
-            });
+            if chunks > 0 {
+                report.findings.push(PackFinding {
+                    pack_id: p.id.clone(),
+                    reason,
+                    chunks,
+                });
+            }
         }
         let cursor = blobs.get(i).map(|b| b.offset).unwrap_or(0);
         let result = if bad.is_empty() {

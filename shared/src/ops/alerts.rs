@@ -490,7 +490,9 @@ impl Alerts {
         for run in runs {
             let r = &run.report;
             let mut alerts: Vec<ScrubAlert> = Vec::new();
-            if !r.findings.is_empty() || !r.affected.is_empty() || !r.metadata.is_empty() {
+            // News only: damage found for the first time, or healed. Damage already told
+            // and still unhealed is not repeated every day (/scrub and the digest list it).
+            if !r.findings.is_empty() || r.healed_chunks > 0 {
                 let mut owners: Vec<String> = r.affected.iter().map(|f| f.owner.clone()).collect();
                 owners.sort();
                 owners.dedup();

@@ -442,7 +442,9 @@ impl Jobs {
         self.insert(&self.pool, &new).await
     }
 
-    /// Insert a job row (through `conn`, so a scheduler can do it inside its transaction).
+    /// Insert a job row (through `conn`, so a scheduler can do it inside its transaction). A
+    /// scheduled job gets no per-job final notice (its schedule's alerts speak for it), so it
+    /// is born `final_notified`.
     pub(crate) async fn insert<'c, E>(&self, conn: E, new: &NewJob<'_>) -> Result<Job>
     where
         E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
@@ -451,8 +453,8 @@ impl Jobs {
         let json = serde_json::to_string(new.args).expect("job args serialise");
         let row = sqlx::query(
             "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at,
-                               not_before, schedule_id, owner)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                               not_before, schedule_id, owner, final_notified)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9 IS NOT NULL) RETURNING *",
         )
         .bind(new.args.kind())
         .bind(json)
