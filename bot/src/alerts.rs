@@ -148,8 +148,8 @@ pub fn alert_text(a: &Alert, tz: &TimeZone) -> String {
             streak.last_error
         ),
         AlertKind::Recovered { failures } => format!(
-            "✅ Scheduled backup of {what} works again, after {} failing.",
-            times(*failures)
+            "✅ Scheduled backup of {what} works again, after {failures} failed run{}.",
+            if *failures == 1 { "" } else { "s" }
         ),
     }
 }

@@ -18,7 +18,6 @@ use tokio::sync::oneshot;
 const USER: i64 = 7;
 const OTHER: i64 = 8;
 const WAIT: Duration = Duration::from_secs(15);
-const HOUR: i64 = 3_600_000;
 
 fn at(s: &str) -> i64 {
     let dt: jiff::civil::DateTime = s.parse().unwrap();
