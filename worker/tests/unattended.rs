@@ -309,6 +309,20 @@ async fn the_daily_scrub_runs_as_a_scheduled_job_once_a_day() {
     // Something to scrub.
     let id = w.add("hourly").await;
     let d = w.daemon("a", None, Some((4, 0))).await;
+    // The daemon sets the scrub schedule up as it starts (its first slot: 04:00 today).
+    let pool = w.jobs.pool().clone();
+    tokio::time::timeout(WAIT, async {
+        while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM schedules WHERE kind = 'scrub'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the daemon set up the daily scrub");
     w.clock.set(at("2026-05-04 04:00"));
     // The backup and the scrub both fire at 04:00.
     w.settle(2).await;
