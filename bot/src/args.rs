@@ -127,17 +127,7 @@ pub fn parse_job_id(raw: &str) -> Result<i64, String> {
     })
 }
 
-fn is_within(path: &Path, roots: &[PathBuf]) -> bool {
-    roots.iter().any(|r| path.starts_with(r))
-}
-
-fn roots_list(roots: &[PathBuf]) -> String {
-    roots
-        .iter()
-        .map(|r| r.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+use storinator_shared::ops::rules::{is_within, roots_list};
 
 /// Check a folder the user wants backed up (one implementation with the worker's check when
 /// a schedule fires): absolute, existing, a directory, and inside an allowed root after

@@ -144,24 +144,37 @@ async fn presence_check(
                 if !listed.contains_key(&name) {
                     repo.catalog.set_pack_state(&p.id, "missing").await?;
                 }
-                let chunks = repo
-                    .catalog
-                    .record_damage(&p.id, None, &reason, now)
-                    .await?;
                 repo.catalog
                     .scrub_progress(&p.id, 0, false, now, &reason)
                     .await?;
-                if chunks > 0 {
-                    report.findings.push(PackFinding {
-                        pack_id: p.id.clone(),
-                        reason,
-                        chunks,
-                    });
-                }
+                note_damage(repo, &p.id, None, reason, now, report).await?;
             }
         }
     }
     Ok(readable)
+}
+
+/// Records damage in a pack (`ids`, or all its chunks) and reports it if it is news.
+async fn note_damage(
+    repo: &Repo,
+    pack_id: &str,
+    ids: Option<&[ChunkId]>,
+    reason: String,
+    now: i64,
+    report: &mut ScrubReport,
+) -> Result<(), Error> {
+    let chunks = repo
+        .catalog
+        .record_damage(pack_id, ids, &reason, now)
+        .await?;
+    if chunks > 0 {
+        report.findings.push(PackFinding {
+            pack_id: pack_id.to_string(),
+            reason,
+            chunks,
+        });
+    }
+    Ok(())
 }
 
 /// Reads packs in rotation until the budget is spent.
@@ -233,17 +246,7 @@ async fn read_rotation(
                 p.id,
                 bad[0].1
             );
-            let chunks = repo
-                .catalog
-                .record_damage(&p.id, Some(&ids), &reason, opts.now_ms)
-                .await?;
-            if chunks > 0 {
-                report.findings.push(PackFinding {
-                    pack_id: p.id.clone(),
-                    reason,
-                    chunks,
-                });
-            }
+            note_damage(repo, &p.id, Some(&ids), reason, opts.now_ms, report).await?;
         }
         let cursor = blobs.get(i).map(|b| b.offset).unwrap_or(0);
         let result = if bad.is_empty() {

@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 
-fn is_within(path: &Path, roots: &[PathBuf]) -> bool {
+/// True when `path` lies in one of `roots` (both canonical).
+pub fn is_within(path: &Path, roots: &[PathBuf]) -> bool {
     roots.iter().any(|r| path.starts_with(r))
 }
 
-fn roots_list(roots: &[PathBuf]) -> String {
+/// `/srv, /home`: the roots as messages name them.
+pub fn roots_list(roots: &[PathBuf]) -> String {
     roots
         .iter()
         .map(|r| r.display().to_string())
