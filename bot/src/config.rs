@@ -44,6 +44,10 @@ pub struct BotConfig {
     /// `STORINATOR_BOT_POLL_TIMEOUT_S` (default 10): long-poll timeout of `getUpdates`. It
     /// also bounds how long shutdown waits for the poll in flight.
     pub poll_timeout: Duration,
+    /// `STORINATOR_TIMEZONE` (the worker's rule): schedules and the times shown in chat.
+    pub timezone: jiff::tz::TimeZone,
+    /// `STORINATOR_SCRUB_BYTES_PER_DAY`: the scrub's daily budget, for `/scrub`'s cycle.
+    pub scrub_bytes_per_day: u64,
 }
 
 impl BotConfig {
@@ -123,23 +127,25 @@ impl BotConfig {
             None => backup_roots.clone(),
         };
 
-        // The worker's rules (same defaults, same validation): both must open one database.
-        let database_url = storinator_shared::Config::from_lookup(&get)
-            .map_err(|e| {
-                use storinator_shared::ConfigError as E;
-                let var = match &e {
-                    E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
-                };
-                let text = e.to_string();
-                bad(
-                    var,
-                    text.split_once(": ")
-                        .map(|(_, m)| m)
-                        .unwrap_or(&text)
-                        .to_string(),
-                )
-            })?
-            .database_url;
+        // The worker's rules (same defaults, same validation): both must open one database
+        // and see schedules in one time zone.
+        let shared = storinator_shared::Config::from_lookup(&get).map_err(|e| {
+            use storinator_shared::ConfigError as E;
+            let var = match &e {
+                E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
+            };
+            let text = e.to_string();
+            bad(
+                var,
+                text.split_once(": ")
+                    .map(|(_, m)| m)
+                    .unwrap_or(&text)
+                    .to_string(),
+            )
+        })?;
+        let database_url = shared.database_url;
+        let timezone = shared.unattended.timezone;
+        let scrub_bytes_per_day = shared.unattended.scrub_bytes_per_day;
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match var(name) {
@@ -172,6 +178,8 @@ impl BotConfig {
             edit_interval,
             tick,
             poll_timeout,
+            timezone,
+            scrub_bytes_per_day,
         })
     }
 

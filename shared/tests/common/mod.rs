@@ -57,7 +57,11 @@ impl Fixture {
     }
 }
 
+// Each test crate uses its own subset.
+#[allow(unused_imports)]
 pub use storinator_shared::format::pack::BlobKind;
+// Each test crate uses its own subset.
+#[allow(unused_imports)]
 pub use storinator_testkit::fixtures::{
     InstrumentedStorage, bytes, describe_tree, duplicate_data_chunks, make_tree, pack_entries,
     stored_packs, temp_files,
