@@ -74,6 +74,9 @@ pub struct Config {
     pub compression: Option<i32>,
     pub allowed_users: Vec<i64>,
     pub backup_roots: Vec<PathBuf>,
+    /// `STORINATOR_RESTORE_ROOTS` (default: the backup roots): where restores from the chat
+    /// may write. The worker enforces them on the handle it writes through.
+    pub restore_roots: Vec<PathBuf>,
     pub telegram: TelegramSettings,
 }
 
@@ -197,9 +200,9 @@ impl Config {
                 reason,
             })?,
         };
-        let backup_roots = match var("STORINATOR_BACKUP_ROOTS") {
-            None => Vec::new(),
-            Some(v) => parse_list(&v, |s| {
+        let roots = |name: &'static str| -> Result<Option<Vec<PathBuf>>, ConfigError> {
+            let Some(v) = var(name) else { return Ok(None) };
+            parse_list(&v, |s| {
                 let p = PathBuf::from(s);
                 if p.is_absolute() {
                     Ok(p)
@@ -207,12 +210,16 @@ impl Config {
                     Err(format!("{s:?} is not an absolute path"))
                 }
             })
+            .map(Some)
             .map_err(|reason| ConfigError::Invalid {
-                var: "STORINATOR_BACKUP_ROOTS",
+                var: name,
                 value: v,
                 reason,
-            })?,
+            })
         };
+        let backup_roots = roots("STORINATOR_BACKUP_ROOTS")?.unwrap_or_default();
+        let restore_roots =
+            roots("STORINATOR_RESTORE_ROOTS")?.unwrap_or_else(|| backup_roots.clone());
         let api_id = match var("TELEGRAM_API_ID") {
             None => None,
             Some(v) => Some(v.parse::<i32>().map_err(|_| ConfigError::Invalid {
@@ -281,6 +288,7 @@ impl Config {
             compression,
             allowed_users,
             backup_roots,
+            restore_roots,
             telegram,
         })
     }

@@ -30,6 +30,11 @@ pub struct DaemonConfig {
     /// How often a running job writes progress (or, with nothing new, a heartbeat). Must be
     /// well below the job table's lease time.
     pub progress_interval: Duration,
+    /// Folders restores from the chat may write into (`STORINATOR_RESTORE_ROOTS`, default
+    /// `STORINATOR_BACKUP_ROOTS`). The worker enforces them itself, on the directory handle the
+    /// restore writes through: the bot's check of a path can be outrun by a symlink swapped in
+    /// before the job runs. Empty: restore jobs are refused.
+    pub restore_roots: Vec<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -45,6 +50,7 @@ impl Default for DaemonConfig {
             concurrency: 2,
             poll_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(1),
+            restore_roots: Vec::new(),
         }
     }
 }
@@ -236,7 +242,15 @@ async fn run_job(
     // so the lease expires and another worker resumes the job.
     let beat = AbortOnDrop(beat);
     let owner = format!("tg:{}", job.user_id);
-    let outcome = execute(repo, &job.args, &owner, latest.as_ref(), &cancel).await;
+    let outcome = execute(
+        repo,
+        &job.args,
+        &owner,
+        &cfg.restore_roots,
+        latest.as_ref(),
+        &cancel,
+    )
+    .await;
     drop(beat);
     let stopped = *reason.lock().unwrap();
     // A job quicker than one heartbeat still records its estimate.
@@ -294,6 +308,52 @@ async fn run_job(
     }
 }
 
+/// Where a chat restore writes: `to`, or without it the folder the item came from (differing
+/// files then need the user's confirmation). Both must be absolute and free of `.` and `..`;
+/// the engine then keeps the target inside the restore roots.
+fn restore_target(path: &str, to: Option<&str>, roots: &[PathBuf]) -> Result<PathBuf, Error> {
+    if roots.is_empty() {
+        return Err(Error::Invalid(
+            "this worker has no restore roots, so it refuses restores from the chat\nhint: set STORINATOR_RESTORE_ROOTS (or STORINATOR_BACKUP_ROOTS) in the worker's environment".into(),
+        ));
+    }
+    let plain = |p: &Path| {
+        p.is_absolute()
+            && p.components().all(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            })
+            && !p
+                .as_os_str()
+                .as_encoded_bytes()
+                .windows(2)
+                .any(|w| w == b"/.")
+    };
+    let target = match to {
+        Some(t) => PathBuf::from(t),
+        None => {
+            let p = Path::new(path);
+            if !plain(p) {
+                return Err(Error::Invalid(format!(
+                    "{path:?} is not a plain absolute path: no restore in place"
+                )));
+            }
+            p.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| "/".into())
+        }
+    };
+    if !plain(&target) {
+        return Err(Error::Invalid(format!(
+            "restore target {} is not a plain absolute path (no \".\" or \"..\")",
+            target.display()
+        )));
+    }
+    Ok(target)
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -306,6 +366,7 @@ async fn execute(
     repo: &Repo,
     args: &JobArgs,
     owner: &str,
+    restore_roots: &[PathBuf],
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
@@ -334,23 +395,20 @@ async fn execute(
             snapshot,
             overwrite,
         } => {
-            // Without a target the item goes back where it came from (differing files then
-            // need the user's confirmation).
-            let to = match to {
-                Some(t) => PathBuf::from(t),
-                None => Path::new(path)
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| "/".into()),
-            };
+            let to = restore_target(path, to.as_deref(), restore_roots)?;
             let opts = RestoreOptions {
                 path: path.clone(),
                 to,
                 snapshot: snapshot.clone(),
                 owner: owner.to_string(),
                 overwrite: *overwrite,
+                within: Some(restore_roots.to_vec()),
+                same_owner: None,
             };
             let s = repo.restore(&opts, progress, cancel).await?;
+            for note in s.notes() {
+                tracing::warn!(job = owner, "{note}");
+            }
             Ok(JobResult::Restore {
                 files: s.files,
                 bytes: s.bytes,

@@ -65,6 +65,7 @@ async fn chat_backup_and_restore_through_loopback_telegram() {
             concurrency: 1,
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
+            restore_roots: vec![dir.path().to_path_buf()],
         },
         async move {
             let _ = wrx.await;

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{Row, SqliteConnection};
 
 use super::{
-    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
+    Catalog, ENTRY_COLUMNS, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
     snapshot_from_row,
 };
 use crate::error::Error;
@@ -200,6 +200,7 @@ impl Catalog {
                     && p.inode == item.inode
                     && p.content_id == content_id
                     && p.target == item.target
+                    && p.owner == item.owner
             });
             if same {
                 continue;
@@ -310,8 +311,8 @@ async fn insert_entry(
     content_id: Option<i64>,
 ) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq, \
+         uid, gid, user_name, group_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(root_id)
     .bind(&item.path)
@@ -323,6 +324,10 @@ async fn insert_entry(
     .bind(content_id)
     .bind(&item.target)
     .bind(seq)
+    .bind(item.owner.uid.map(i64::from))
+    .bind(item.owner.gid.map(i64::from))
+    .bind(&item.owner.user)
+    .bind(&item.owner.group)
     .execute(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
@@ -382,6 +387,7 @@ pub struct NewEntry {
     pub mode: u32,
     pub inode: u64,
     pub target: Option<String>,
+    pub owner: Owner,
     pub content: NewContent,
 }
 

@@ -11,4 +11,5 @@ mod pipeline;
 pub mod recover;
 pub mod repo;
 pub mod restore;
+mod target;
 mod verify;
