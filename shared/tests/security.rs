@@ -11,13 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sha2::Digest;
-use storinator_shared::format::pack::{
-    BlobKind, PACK_MAGIC, PackEntry, encode_trailer,
-};
+use storinator_shared::format::pack::{BlobKind, PACK_MAGIC, PackEntry, encode_trailer};
 use storinator_shared::format::snapshot::{ListingEntry, SnapshotObject};
 use storinator_shared::{
-    BackupOptions, CancelFlag, Catalog, ChunkId, Error, NoProgress, Repo,
-    RestoreOptions, Storage, recover,
+    BackupOptions, CancelFlag, Catalog, ChunkId, Error, NoProgress, Repo, RestoreOptions, Storage,
+    recover,
 };
 
 fn backup_opts(path: &Path, owner: &str, encrypt: bool) -> BackupOptions {
@@ -146,7 +144,11 @@ async fn a_forged_pack_in_storage_is_skipped_by_recover_and_never_becomes_a_snap
     let owner = "tg:42";
     let real = f
         .repo
-        .backup(&backup_opts(&src, owner, true), &NoProgress, &CancelFlag::new())
+        .backup(
+            &backup_opts(&src, owner, true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
     let root = real.snapshot.root.clone();
@@ -166,15 +168,9 @@ async fn a_forged_pack_in_storage_is_skipped_by_recover_and_never_becomes_a_snap
 
     // The server burns; recover on a new machine.
     let catalog = Catalog::open_file(&f.path("new-catalog.db")).await.unwrap();
-    let (repo, report) = recover(
-        catalog,
-        f.storage.clone(),
-        PASS,
-        settings(),
-        &NoProgress,
-    )
-    .await
-    .unwrap();
+    let (repo, report) = recover(catalog, f.storage.clone(), PASS, settings(), &NoProgress)
+        .await
+        .unwrap();
     for name in [forged_v1, forged_v2] {
         assert!(
             report.problems.iter().any(|p| p.contains(name)),
@@ -198,9 +194,13 @@ async fn a_forged_pack_in_storage_is_skipped_by_recover_and_never_becomes_a_snap
 
     // The latest snapshot restores the user's file, not the attacker's.
     let out = f.path("out");
-    repo.restore(&restore_opts(Path::new(&root), &out, owner), &NoProgress, &CancelFlag::new())
-        .await
-        .unwrap();
+    repo.restore(
+        &restore_opts(Path::new(&root), &out, owner),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         std::fs::read(out.join("data/real.txt")).unwrap(),
         b"the user's own file\n"
@@ -215,7 +215,11 @@ async fn planted_key_objects_are_skipped_with_a_problem_and_never_stop_recover()
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a"), b"a").unwrap();
     f.repo
-        .backup(&backup_opts(&src, "local", true), &NoProgress, &CancelFlag::new())
+        .backup(
+            &backup_opts(&src, "local", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
     // Names that sort before the real key, so recover meets them first.
@@ -226,8 +230,14 @@ async fn planted_key_objects_are_skipped_with_a_problem_and_never_stop_recover()
     let mut hungry = real.clone();
     hungry.kdf.m_kib = u32::MAX;
     let planted = [
-        ("key-0000000000000000000000000000000a.enc", vec![b'{'; 1 << 20]),
-        ("key-0000000000000000000000000000000b.enc", b"not json".to_vec()),
+        (
+            "key-0000000000000000000000000000000a.enc",
+            vec![b'{'; 1 << 20],
+        ),
+        (
+            "key-0000000000000000000000000000000b.enc",
+            b"not json".to_vec(),
+        ),
         (
             "key-0000000000000000000000000000000c.enc",
             serde_json::to_vec(&costly).unwrap(),
@@ -278,7 +288,11 @@ async fn encrypted_and_unencrypted_snapshots_cut_chunks_with_unrelated_seeds() {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::write(src.join("big"), &content).unwrap();
         f.repo
-            .backup(&backup_opts(&src, "local", encrypt), &NoProgress, &CancelFlag::new())
+            .backup(
+                &backup_opts(&src, "local", encrypt),
+                &NoProgress,
+                &CancelFlag::new(),
+            )
             .await
             .unwrap();
     }
@@ -319,13 +333,19 @@ async fn a_folder_swapped_for_a_symlink_mid_restore_never_leads_outside() {
     }
     std::os::unix::fs::symlink("f0", src.join("a/link")).unwrap();
     std::fs::set_permissions(src.join("a"), std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::set_permissions(src.join("a/f1"), std::fs::Permissions::from_mode(0o4777))
-        .unwrap();
+    std::fs::set_permissions(src.join("a/f1"), std::fs::Permissions::from_mode(0o4777)).unwrap();
     filetime::set_file_mtime(src.join("a"), filetime::FileTime::from_unix_time(1000, 0)).unwrap();
-    filetime::set_file_mtime(src.join("a/f1"), filetime::FileTime::from_unix_time(1000, 0))
-        .unwrap();
+    filetime::set_file_mtime(
+        src.join("a/f1"),
+        filetime::FileTime::from_unix_time(1000, 0),
+    )
+    .unwrap();
     f.repo
-        .backup(&backup_opts(&src, "local", true), &NoProgress, &CancelFlag::new())
+        .backup(
+            &backup_opts(&src, "local", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
 
@@ -334,8 +354,7 @@ async fn a_folder_swapped_for_a_symlink_mid_restore_never_leads_outside() {
     std::fs::create_dir_all(sentinel.join("b")).unwrap();
     std::fs::write(sentinel.join("f1"), b"outside").unwrap();
     std::fs::set_permissions(&sentinel, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::set_permissions(sentinel.join("f1"), std::fs::Permissions::from_mode(0o600))
-        .unwrap();
+    std::fs::set_permissions(sentinel.join("f1"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let before = describe_outside(&sentinel);
 
     let target = f.path("target");
@@ -370,7 +389,11 @@ async fn a_folder_swapped_for_a_symlink_mid_restore_never_leads_outside() {
             overwrite: true,
             ..restore_opts(&src, &target, "local")
         };
-        if f.repo.restore(&opts, &NoProgress, &CancelFlag::new()).await.is_ok() {
+        if f.repo
+            .restore(&opts, &NoProgress, &CancelFlag::new())
+            .await
+            .is_ok()
+        {
             ok += 1;
         }
         runs += 1;
@@ -380,13 +403,22 @@ async fn a_folder_swapped_for_a_symlink_mid_restore_never_leads_outside() {
     swapper.join().unwrap();
     assert_eq!(describe_outside(&sentinel), before);
     assert!(runs >= 20, "only {runs} restores ran");
-    assert!(swaps.load(Ordering::Relaxed) >= 20, "the swapper barely ran");
+    assert!(
+        swaps.load(Ordering::Relaxed) >= 20,
+        "the swapper barely ran"
+    );
     // Without the swapper, the same restore succeeds (remove_dir_all does not follow links).
     std::fs::remove_dir_all(&target).unwrap();
     let opts = restore_opts(&src, &target, "local");
-    f.repo.restore(&opts, &NoProgress, &CancelFlag::new()).await.unwrap();
+    f.repo
+        .restore(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
     assert_eq!(describe_tree(&src), describe_tree(&target.join("data")));
-    eprintln!("{runs} restores ({ok} complete) against {} swaps", swaps.load(Ordering::Relaxed));
+    eprintln!(
+        "{runs} restores ({ok} complete) against {} swaps",
+        swaps.load(Ordering::Relaxed)
+    );
 }
 
 /// Every entry under `dir` with its mode, mtime and content: what must not change.
@@ -422,7 +454,11 @@ async fn a_chat_restore_stays_inside_the_restore_roots() {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("x"), b"x").unwrap();
     f.repo
-        .backup(&backup_opts(&src, "tg:7", true), &NoProgress, &CancelFlag::new())
+        .backup(
+            &backup_opts(&src, "tg:7", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
     let root = f.path("restores");
@@ -454,7 +490,10 @@ async fn a_chat_restore_stays_inside_the_restore_roots() {
         within,
         ..restore_opts(&src, &root.join("new/place"), "tg:7")
     };
-    f.repo.restore(&opts, &NoProgress, &CancelFlag::new()).await.unwrap();
+    f.repo
+        .restore(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(root.join("new/place/data/x")).unwrap(), b"x");
 }
 
@@ -465,7 +504,9 @@ fn is_root() -> bool {
 #[tokio::test]
 async fn owners_are_restored_as_root_and_setuid_bits_only_with_them() {
     if !is_root() {
-        eprintln!("skipped: restoring owners needs root (the non-root path is tested by worker/tests/restore_process.rs)");
+        eprintln!(
+            "skipped: restoring owners needs root (the non-root path is tested by worker/tests/restore_process.rs)"
+        );
         return;
     }
     let f = Fixture::new().await;
@@ -479,10 +520,13 @@ async fn owners_are_restored_as_root_and_setuid_bits_only_with_them() {
     own(&src.join("shared/doc"), 4324, 4323);
     // chown clears the bits: set them after.
     std::fs::set_permissions(src.join("tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
-    std::fs::set_permissions(src.join("shared"), std::fs::Permissions::from_mode(0o2775))
-        .unwrap();
+    std::fs::set_permissions(src.join("shared"), std::fs::Permissions::from_mode(0o2775)).unwrap();
     f.repo
-        .backup(&backup_opts(&src, "local", true), &NoProgress, &CancelFlag::new())
+        .backup(
+            &backup_opts(&src, "local", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
 
@@ -490,15 +534,25 @@ async fn owners_are_restored_as_root_and_setuid_bits_only_with_them() {
     let out = f.path("as-root");
     let r = f
         .repo
-        .restore(&restore_opts(&src, &out, "local"), &NoProgress, &CancelFlag::new())
+        .restore(
+            &restore_opts(&src, &out, "local"),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let m = |p: &Path| std::fs::symlink_metadata(p).unwrap();
     let tool = m(&out.join("data/tool"));
-    assert_eq!((tool.uid(), tool.gid(), tool.mode() & 0o7777), (4321, 4322, 0o4755));
+    assert_eq!(
+        (tool.uid(), tool.gid(), tool.mode() & 0o7777),
+        (4321, 4322, 0o4755)
+    );
     let shared = m(&out.join("data/shared"));
-    assert_eq!((shared.uid(), shared.gid(), shared.mode() & 0o7777), (4321, 4323, 0o2775));
+    assert_eq!(
+        (shared.uid(), shared.gid(), shared.mode() & 0o7777),
+        (4321, 4323, 0o2775)
+    );
     let doc = m(&out.join("data/shared/doc"));
     assert_eq!((doc.uid(), doc.gid()), (4324, 4323));
 
@@ -509,12 +563,20 @@ async fn owners_are_restored_as_root_and_setuid_bits_only_with_them() {
         same_owner: Some(false),
         ..restore_opts(&src, &out, "local")
     };
-    let r = f.repo.restore(&opts, &NoProgress, &CancelFlag::new()).await.unwrap();
+    let r = f
+        .repo
+        .restore(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
     let tool = m(&out.join("data/tool"));
     assert_eq!((tool.uid(), tool.mode() & 0o7777), (0, 0o755));
     assert_eq!(m(&out.join("data/shared")).mode() & 0o7777, 0o775);
     assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
-    assert!(r.warnings.iter().any(|w| w.contains("data/tool") && w.contains("setuid")));
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("data/tool") && w.contains("setuid"))
+    );
 }
 
 #[tokio::test]
@@ -533,12 +595,20 @@ async fn names_of_255_bytes_and_read_only_folders_restore() {
     )
     .unwrap();
     f.repo
-        .backup(&backup_opts(&src, "local", true), &NoProgress, &CancelFlag::new())
+        .backup(
+            &backup_opts(&src, "local", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
     let out = f.path("out");
     f.repo
-        .restore(&restore_opts(&src, &out, "local"), &NoProgress, &CancelFlag::new())
+        .restore(
+            &restore_opts(&src, &out, "local"),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
         .await
         .unwrap();
     assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));

@@ -288,7 +288,28 @@ async fn content_id(
     .fetch_one(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
-    if inserted == 1 {
+    // A content first recorded on format-1 unencrypted blobs (checksums only, which `recover`
+    // won't index) takes the new chunk list, stored authenticated: same bytes, same SHA-256.
+    let on_format1: i64 = if inserted == 0 && !chunks.is_empty() {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM content_chunks cc JOIN chunks ch ON ch.id = cc.chunk_id \
+             WHERE cc.content_id = ? AND ch.flags & 3 = 0",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?
+    } else {
+        0
+    };
+    if on_format1 > 0 {
+        sqlx::query("DELETE FROM content_chunks WHERE content_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(COMMIT))?;
+    }
+    if inserted == 1 || on_format1 > 0 {
         for (i, c) in chunks.iter().enumerate() {
             sqlx::query("INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES (?, ?, ?)")
                 .bind(id)
