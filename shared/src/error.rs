@@ -151,7 +151,7 @@ pub enum Error {
     Cancelled,
     #[error("restore would overwrite {} existing file(s) that differ, first: {}\nhint: pass --overwrite to replace them", paths.len(), paths.first().map(|p| p.display().to_string()).unwrap_or_default())]
     Conflicts { paths: Vec<PathBuf> },
-    #[error("restore of {} file(s) failed, first: {}: {}", failures.len(), failures[0].0, failures[0].1)]
+    #[error("restore of {} item(s) failed (the others were restored), first: {}: {}", failures.len(), failures[0].0, failures[0].1)]
     RestoreFailed { failures: Vec<(String, String)> },
 }
 

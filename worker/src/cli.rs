@@ -372,7 +372,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("failed: {p}: {why}");
                     }
                     Err(anyhow!(
-                        "restore of {path}: {} file(s) could not be restored intact; none of them was written",
+                        "restore of {path}: {} item(s) could not be restored (listed above); the rest was restored, and no file was written unverified",
                         failures.len()
                     ))
                 }

@@ -1274,6 +1274,47 @@ mod tests {
         }
     }
 
+    /// systemd's `RestrictSUIDSGID=yes` (in the shipped units) makes a chmod that sets
+    /// setuid/setgid fail with EPERM: the mode goes on without those bits, with a warning.
+    #[test]
+    fn a_refused_setgid_bit_is_dropped_with_a_warning() {
+        let tried = std::cell::RefCell::new(Vec::new());
+        let restricted = |m: u32| {
+            tried.borrow_mut().push(m);
+            if m & SUID_SGID != 0 {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            } else {
+                Ok(())
+            }
+        };
+        let mut warnings = Vec::new();
+        set_mode(0o2775, restricted, Path::new("/t/shared"), &mut warnings).unwrap();
+        assert_eq!(*tried.borrow(), vec![0o2775, 0o775]);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("/t/shared") && warnings[0].contains("setuid/setgid"));
+        // Other failures, and EPERM without those bits, are errors of the item.
+        let mut warnings = Vec::new();
+        let eperm = |_| Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        assert!(set_mode(0o755, eperm, Path::new("/t/x"), &mut warnings).is_err());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn temp_names_are_short_keyed_and_recognised() {
+        let keys = Keys::derive(&crate::format::crypto::MasterSecret::generate());
+        let long = "n".repeat(255);
+        let t = temp_name(&keys, long.as_bytes());
+        assert_eq!(t.len(), 41);
+        let nonce = temp_nonce(&t).unwrap();
+        assert_eq!(temp_name_with(&keys, &nonce, long.as_bytes()), t);
+        // Another name, another key, or a look-alike are not ours.
+        assert_ne!(temp_name_with(&keys, &nonce, b"other"), t);
+        let other = Keys::derive(&crate::format::crypto::MasterSecret::generate());
+        assert_ne!(temp_name_with(&other, &nonce, long.as_bytes()), t);
+        assert!(temp_nonce(b".storinator-zz-0000000000000000.tmp").is_none());
+        assert!(temp_nonce(b"photo.jpg").is_none());
+    }
+
     #[test]
     fn normalizes_user_paths() {
         assert_eq!(normalize("/srv/data/").unwrap(), "/srv/data");
