@@ -169,6 +169,27 @@ pub fn check_backup_path(path: &str, roots: &[PathBuf]) -> Result<PathBuf, Strin
     Ok(canon)
 }
 
+/// Normalise the path a user asks to restore: absolute, repeated and trailing slashes
+/// collapsed, and no `.` or `..` component (refused rather than resolved: a restore without
+/// `to` writes next to this path, so it must mean exactly what it says).
+pub fn normalize_restore_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} is not an absolute path (it must start with /)"
+        ));
+    }
+    let mut parts = Vec::new();
+    for c in path.split('/').filter(|c| !c.is_empty()) {
+        if c == "." || c == ".." {
+            return Err(format!(
+                "{path}: \".\" and \"..\" are not allowed in a path"
+            ));
+        }
+        parts.push(c);
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
 /// Check a restore target: absolute, no `..`, and inside an allowed root once its nearest
 /// existing ancestor is resolved (the target itself may not exist yet). Returns the path with
 /// that ancestor canonicalised.
@@ -297,6 +318,15 @@ mod tests {
         // A sibling whose name extends the root's is not inside it.
         std::fs::create_dir_all(d.path().join("rootx")).unwrap();
         assert!(check_backup_path(&s(&d.path().join("rootx")), &roots).is_err());
+    }
+
+    #[test]
+    fn restore_paths_are_normalised_and_refuse_dots() {
+        assert_eq!(normalize_restore_path("/srv//data/").unwrap(), "/srv/data");
+        assert_eq!(normalize_restore_path("/").unwrap(), "/");
+        for bad in ["/srv/../etc/x", "/srv/./x", "/..", "srv/x", ""] {
+            assert!(normalize_restore_path(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -428,3 +428,32 @@ async fn execute(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_restore_targets_are_plain_absolute_paths_and_need_roots() {
+        let roots = vec![PathBuf::from("/srv")];
+        assert_eq!(
+            restore_target("/srv/data/photos", None, &roots).unwrap(),
+            PathBuf::from("/srv/data")
+        );
+        assert_eq!(
+            restore_target("/srv/x", Some("/srv/out"), &roots).unwrap(),
+            PathBuf::from("/srv/out")
+        );
+        for (path, to) in [
+            ("/srv/../etc/cron.d/x", None),
+            ("/srv/./x/y", None),
+            ("relative/x", None),
+            ("/srv/x", Some("/srv/out/../../etc")),
+            ("/srv/x", Some("out")),
+        ] {
+            assert!(restore_target(path, to, &roots).is_err(), "{path} {to:?}");
+        }
+        let e = restore_target("/srv/x", Some("/srv/out"), &[]).unwrap_err();
+        assert!(e.to_string().contains("STORINATOR_RESTORE_ROOTS"), "{e}");
+    }
+}

@@ -55,8 +55,11 @@ fn a_restore_killed_mid_file_leaves_temp_files_the_next_restore_removes_and_name
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src/data");
     std::fs::create_dir_all(src.join("sub")).unwrap();
-    std::fs::write(src.join("sub/big.bin"), storinator_testkit::fixtures::bytes(48 << 20, 3))
-        .unwrap();
+    std::fs::write(
+        src.join("sub/big.bin"),
+        storinator_testkit::fixtures::bytes(48 << 20, 3),
+    )
+    .unwrap();
     std::fs::write(src.join("small.txt"), b"small").unwrap();
     repo_with(dir.path(), &src);
 
@@ -96,7 +99,13 @@ fn a_restore_killed_mid_file_leaves_temp_files_the_next_restore_removes_and_name
         std::fs::write(l, b"mine").unwrap();
     }
 
-    let text = run_ok(worker(dir.path()).arg("restore").arg(&src).arg("--to").arg(&out));
+    let text = run_ok(
+        worker(dir.path())
+            .arg("restore")
+            .arg(&src)
+            .arg("--to")
+            .arg(&out),
+    );
     assert!(
         text.contains("removed 1 temporary file(s) left by an interrupted restore"),
         "{text}"
@@ -138,8 +147,7 @@ fn an_unprivileged_restore_strips_setuid_restores_mode_000_folders_and_goes_on_p
     std::fs::write(src.join("blocked/f.txt"), b"f").unwrap();
     std::fs::write(src.join("tool"), b"#!/bin/sh\n").unwrap();
     std::fs::set_permissions(src.join("tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
-    std::fs::set_permissions(src.join("locked"), std::fs::Permissions::from_mode(0o000))
-        .unwrap();
+    std::fs::set_permissions(src.join("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
     repo_with(dir.path(), &src);
     // The unprivileged user may use the repository...
     for p in ["data", "store"] {
@@ -189,11 +197,18 @@ fn an_unprivileged_restore_strips_setuid_restores_mode_000_folders_and_goes_on_p
     // ...and everything else is there, as the backup had it.
     let m = |p: &str| std::fs::symlink_metadata(out.join(p)).unwrap();
     assert_eq!(m("data/locked").mode() & 0o7777, 0o000);
-    assert_eq!(std::fs::read(out.join("data/locked/inner.txt")).unwrap(), b"inner");
+    assert_eq!(
+        std::fs::read(out.join("data/locked/inner.txt")).unwrap(),
+        b"inner"
+    );
     assert_eq!(std::fs::read(out.join("data/sub/ok.txt")).unwrap(), b"ok");
     assert_eq!(m("data/sub/ok.txt").uid(), NOBODY);
     let tool = m("data/tool");
-    assert_eq!((tool.uid(), tool.mode() & 0o7777), (NOBODY, 0o755), "{text}");
+    assert_eq!(
+        (tool.uid(), tool.mode() & 0o7777),
+        (NOBODY, 0o755),
+        "{text}"
+    );
     assert!(
         text.contains("data/tool: setuid/setgid bits not restored"),
         "{text}"
