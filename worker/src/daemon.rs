@@ -319,17 +319,8 @@ fn restore_target(path: &str, to: Option<&str>, roots: &[PathBuf]) -> Result<Pat
     }
     let plain = |p: &Path| {
         p.is_absolute()
-            && p.components().all(|c| {
-                !matches!(
-                    c,
-                    std::path::Component::ParentDir | std::path::Component::CurDir
-                )
-            })
-            && !p
-                .as_os_str()
-                .as_encoded_bytes()
-                .windows(2)
-                .any(|w| w == b"/.")
+            && p.to_str()
+                .is_some_and(|s| s.split('/').all(|c| c != "." && c != ".."))
     };
     let target = match to {
         Some(t) => PathBuf::from(t),
@@ -453,6 +444,7 @@ mod tests {
         ] {
             assert!(restore_target(path, to, &roots).is_err(), "{path} {to:?}");
         }
+        assert!(restore_target("/srv/.config/x", None, &roots).is_ok());
         let e = restore_target("/srv/x", Some("/srv/out"), &[]).unwrap_err();
         assert!(e.to_string().contains("STORINATOR_RESTORE_ROOTS"), "{e}");
     }
