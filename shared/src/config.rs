@@ -113,23 +113,7 @@ impl Config {
                 .filter(|v| !v.is_empty())
         };
 
-        let data_dir = match var("STORINATOR_DATA_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => default_data_dir(var("XDG_DATA_HOME"), var("HOME")),
-        };
-        let database_url = match var("DATABASE_URL") {
-            Some(url) => {
-                if !url.starts_with("sqlite:") {
-                    return Err(ConfigError::Invalid {
-                        var: "DATABASE_URL",
-                        value: url,
-                        reason: "only SQLite is supported (sqlite://path/to/file.db)".into(),
-                    });
-                }
-                url
-            }
-            None => sqlite_url(&data_dir.join("storinator.db")),
-        };
+        let (data_dir, database_url) = database_location(&get)?;
         let storage = match var("STORINATOR_STORAGE").as_deref() {
             None | Some("telegram") => StorageSpec::Telegram,
             Some(s) if s.starts_with("dir:") && s.len() > 4 => {
@@ -298,6 +282,44 @@ impl Config {
         self.data_dir.join("spool")
     }
 }
+
+/// The data directory and the database URL, from `STORINATOR_DATA_DIR` and `DATABASE_URL`
+/// only (the bot derives its database from this too, and reads nothing else of the worker's).
+pub fn database_location(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<(PathBuf, String), ConfigError> {
+    let var = |k: &str| {
+        get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let data_dir = match var("STORINATOR_DATA_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => default_data_dir(var("XDG_DATA_HOME"), var("HOME")),
+    };
+    let database_url = match var("DATABASE_URL") {
+        Some(url) => {
+            if !url.starts_with("sqlite:") {
+                return Err(ConfigError::Invalid {
+                    var: "DATABASE_URL",
+                    value: url,
+                    reason: "only SQLite is supported (sqlite://path/to/file.db)".into(),
+                });
+            }
+            url
+        }
+        None => sqlite_url(&data_dir.join("storinator.db")),
+    };
+    Ok((data_dir, database_url))
+}
+
+/// The worker's secrets: the bot must never hold them (design invariant 9).
+pub const WORKER_SECRETS: &[&str] = &[
+    "STORINATOR_PASSPHRASE",
+    "STORINATOR_PASSPHRASE_FILE",
+    "STORINATOR_NEW_PASSPHRASE",
+    "TELEGRAM_API_HASH",
+];
 
 fn default_data_dir(xdg: Option<String>, home: Option<String>) -> PathBuf {
     match (xdg, home) {
