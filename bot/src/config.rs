@@ -6,7 +6,9 @@ use std::time::Duration;
 
 /// A configuration problem, naming the variable at fault.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {var}: {message}\nhint: every variable of the bot is described in bot.env.example")]
+#[error(
+    "invalid {var}: {message}\nhint: every variable of the bot is described in bot.env.example"
+)]
 pub struct ConfigError {
     pub var: &'static str,
     pub message: String,

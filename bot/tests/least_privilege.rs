@@ -32,9 +32,15 @@ fn the_bot_refuses_to_start_with_the_passphrase_or_api_hash() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        assert!(err.contains(var) && err.contains("only the worker may hold it"), "{err}");
+        assert!(
+            err.contains(var) && err.contains("only the worker may hold it"),
+            "{err}"
+        );
         assert!(!err.contains(value), "{err}");
-        assert!(!dir.path().join("storinator.db").exists(), "it got as far as the database");
+        assert!(
+            !dir.path().join("storinator.db").exists(),
+            "it got as far as the database"
+        );
     }
 }
 
