@@ -104,7 +104,12 @@ fn keyword_at(s: &str, keyword: &str) -> Option<usize> {
     for (i, b) in s.bytes().enumerate() {
         if b == b'"' {
             in_quotes = !in_quotes;
-        } else if !in_quotes && s[i..].starts_with(&needle) && !s[..i].trim().is_empty() {
+        } else if !in_quotes
+            // Bytes, not `s[i..]`: `i` may fall inside a multi-byte character. A match starts
+            // with a space, so `s[..i]` is then cut at a character boundary.
+            && s.as_bytes()[i..].starts_with(needle.as_bytes())
+            && !s[..i].trim().is_empty()
+        {
             found = Some(i);
         }
     }
@@ -278,6 +283,12 @@ mod tests {
         assert_eq!((r.to, r.snapshot), (None, None));
         assert!(parse_restore("").is_err());
         assert!(parse_restore("/srv/x snapshot two words").is_err());
+        // Found by fuzzing: multi-byte characters before a keyword once panicked.
+        let r = parse_restore("/srv/é to /tmp/ü").unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.to.as_deref()),
+            ("/srv/é", Some("/tmp/ü"))
+        );
     }
 
     #[test]

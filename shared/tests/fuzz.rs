@@ -15,10 +15,6 @@
 //!
 //! `STORINATOR_FUZZ_SEED=<n>` replays a run (every failure prints its seed and input).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::panic::AssertUnwindSafe;
-
 use arbitrary::{Arbitrary, Unstructured};
 use storinator_shared::format::crypto::{
     self, ChunkId, KdfParams, Keys, MasterSecret, SealMode, WrappedKey,
@@ -28,196 +24,10 @@ use storinator_shared::format::pack::{
 };
 use storinator_shared::format::snapshot::{ListingEntry, SnapshotObject, decode_listing};
 use storinator_shared::{EntryKind, Error};
-
-// ---------------------------------------------------------------------------------------------
-// The allocation meter
-
-struct Meter;
-
-thread_local! {
-    static METERING: Cell<bool> = const { Cell::new(false) };
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Meter {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        record(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-fn record(size: usize) {
-    // `try_with`: the thread-locals may be gone while a thread shuts down.
-    let _ = METERING.try_with(|m| {
-        if m.get() {
-            let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-        }
-    });
-}
+use storinator_testkit::fuzz::{Meter, SLACK, check, fuzz, metered, mutate};
 
 #[global_allocator]
 static GLOBAL: Meter = Meter;
-
-/// Runs `f` and returns its result with the largest single allocation it made.
-fn metered<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    LARGEST.with(|l| l.set(0));
-    METERING.with(|m| m.set(true));
-    let r = f();
-    METERING.with(|m| m.set(false));
-    (r, LARGEST.with(|l| l.get()))
-}
-
-// ---------------------------------------------------------------------------------------------
-// The driver
-
-fn iterations() -> u64 {
-    std::env::var("STORINATOR_FUZZ_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000)
-}
-
-fn base_seed() -> u64 {
-    std::env::var("STORINATOR_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            let mut b = [0u8; 8];
-            getrandom::fill(&mut b).unwrap();
-            u64::from_le_bytes(b)
-        })
-}
-
-/// xorshift64*: small, fast, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// Mutates a valid encoding: a few of the classic mutations, stacked.
-fn mutate(rng: &mut Rng, mut data: Vec<u8>, other: &[u8]) -> Vec<u8> {
-    let rounds = 1 + rng.below(3);
-    for _ in 0..rounds {
-        match rng.below(9) {
-            0 if !data.is_empty() => {
-                let i = rng.below(data.len());
-                data[i] ^= 1 << rng.below(8);
-            }
-            1 if !data.is_empty() => {
-                let i = rng.below(data.len());
-                data[i] = rng.next() as u8;
-            }
-            2 => {
-                let n = rng.below(data.len() + 1);
-                data.truncate(n);
-            }
-            3 => {
-                let n = rng.below(64);
-                let extra = rng.bytes(n);
-                data.extend(extra);
-            }
-            4 if !data.is_empty() => {
-                // An interesting integer somewhere: lengths and counts live in LE u32s.
-                let v: u32 = [0, 1, 0x7F, 0xFF, 0xFFFF, 0x7FFF_FFFF, u32::MAX][rng.below(7)];
-                let i = rng.below(data.len());
-                for (k, b) in v.to_le_bytes().iter().enumerate() {
-                    if i + k < data.len() {
-                        data[i + k] = *b;
-                    }
-                }
-            }
-            5 if !other.is_empty() => {
-                // Splice a piece of another valid encoding in.
-                let a = rng.below(other.len());
-                let b = a + rng.below(other.len() - a + 1);
-                let at = rng.below(data.len() + 1);
-                data.splice(at..at, other[a..b].iter().copied());
-            }
-            6 if data.len() > 1 => {
-                let a = rng.below(data.len());
-                let b = a + rng.below(data.len() - a);
-                data.drain(a..b);
-            }
-            7 if !data.is_empty() => {
-                // Duplicate a slice (repeated records, repeated JSON members).
-                let a = rng.below(data.len());
-                let b = (a + rng.below(64)).min(data.len());
-                let piece = data[a..b].to_vec();
-                let at = rng.below(data.len() + 1);
-                data.splice(at..at, piece);
-            }
-            _ => {}
-        }
-    }
-    data
-}
-
-/// Runs `target` over `iterations()` inputs: half generated and mutated, a few raw random
-/// bytes, the rest generated and left valid. Returns how many ran.
-fn fuzz(name: &str, target: impl Fn(&mut Rng, &mut Unstructured<'_>) -> Result<(), String>) -> u64 {
-    let seed = base_seed();
-    let n = iterations();
-    for i in 0..n {
-        let case_seed = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-        let mut rng = Rng(case_seed);
-        let n = 256 + rng.below(2048);
-        let raw = rng.bytes(n);
-        let mut u = Unstructured::new(&raw);
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| target(&mut rng, &mut u)));
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                panic!("{name}: case {i} (STORINATOR_FUZZ_SEED={seed}, case seed {case_seed}): {e}")
-            }
-            Err(_) => panic!(
-                "{name}: case {i} panicked (STORINATOR_FUZZ_SEED={seed}, case seed {case_seed})"
-            ),
-        }
-    }
-    eprintln!("fuzz {name}: {n} inputs, seed {seed}");
-    n
-}
-
-/// Checks one decoder call: it returned, and allocated at most `bound` bytes at once.
-fn check<T, E: std::fmt::Debug>(
-    what: &str,
-    input: &[u8],
-    bound: usize,
-    f: impl FnOnce() -> Result<T, E>,
-) -> Result<Option<T>, String> {
-    let (r, largest) = metered(f);
-    if largest > bound {
-        return Err(format!(
-            "{what}: allocated {largest} bytes at once (bound {bound}) for a {}-byte input {}",
-            input.len(),
-            hex::encode(&input[..input.len().min(256)])
-        ));
-    }
-    Ok(r.ok())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Generators of valid values
@@ -335,13 +145,11 @@ fn pack_entry(u: &mut Unstructured<'_>, body_len: u64) -> PackEntry {
 // ---------------------------------------------------------------------------------------------
 // Targets
 
-/// Slack for a decoder's own bookkeeping on top of a format bound.
-const SLACK: usize = 64 * 1024;
-
 #[test]
 fn fuzz_pack_trailers_and_tails() {
     let k = keys();
-    let ran = fuzz("pack trailer", |rng, u| {
+    let ran = fuzz("pack trailer", |rng, raw| {
+        let u = &mut Unstructured::new(raw);
         let body_len = u64::from(u.int_in_range(4096..=1_000_000u32).unwrap_or(4096));
         let encrypted = rng.below(2) == 0;
         let entries: Vec<PackEntry> = (0..u.int_in_range(0..=20usize).unwrap_or(1))
@@ -399,7 +207,8 @@ fn fuzz_pack_trailers_and_tails() {
 fn fuzz_sealed_blobs_and_headers() {
     let k = keys();
     const MAX: usize = 1 << 20;
-    let ran = fuzz("sealed blob", |rng, u| {
+    let ran = fuzz("sealed blob", |rng, raw| {
+        let u = &mut Unstructured::new(raw);
         let len = u.int_in_range(0..=8192usize).unwrap_or(0);
         let plain: Vec<u8> = if rng.below(2) == 0 {
             rng.bytes(len)
@@ -463,7 +272,8 @@ fn fuzz_sealed_blobs_and_headers() {
 
 #[test]
 fn fuzz_listing_lines() {
-    let ran = fuzz("listing", |rng, u| {
+    let ran = fuzz("listing", |rng, raw| {
+        let u = &mut Unstructured::new(raw);
         let mut listing = Vec::new();
         for _ in 0..1 + u.int_in_range(0..=5usize).unwrap_or(0) {
             listing.extend(serde_json::to_vec(&listing_entry(u)).unwrap());
@@ -484,7 +294,8 @@ fn fuzz_listing_lines() {
 
 #[test]
 fn fuzz_snapshot_objects() {
-    let ran = fuzz("snapshot object", |rng, u| {
+    let ran = fuzz("snapshot object", |rng, raw| {
+        let u = &mut Unstructured::new(raw);
         let json = serde_json::to_vec(&snapshot_object(u)).unwrap();
         if let Err(e) = SnapshotObject::decode(&json) {
             return Err(format!("a generated snapshot object was refused: {e}"));
@@ -503,7 +314,8 @@ fn fuzz_key_objects() {
     let master = MasterSecret::generate();
     let valid = WrappedKey::wrap(&master, "pw", KdfParams::fast_for_tests()).unwrap();
     let json = serde_json::to_vec(&valid).unwrap();
-    let ran = fuzz("key object", |rng, u| {
+    let ran = fuzz("key object", |rng, raw| {
+        let u = &mut Unstructured::new(raw);
         let mut w = valid.clone();
         if bool::arbitrary(u).unwrap_or(false) {
             w.kdf = KdfParams {
