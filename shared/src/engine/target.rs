@@ -322,6 +322,8 @@ pub(crate) fn unlink(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    type Resolver = fn(BorrowedFd<'_>, &Path, OFlags, Mode) -> io::Result<OwnedFd>;
+
     fn fd(p: &Path) -> OwnedFd {
         rfs::open(p, dir_flags(), Mode::empty()).unwrap()
     }
@@ -337,10 +339,7 @@ mod tests {
         std::os::unix::fs::symlink("b/f", d.path().join("a/flink")).unwrap();
         let root = fd(d.path());
         let read = OFlags::RDONLY;
-        let resolvers: [(
-            &str,
-            fn(BorrowedFd<'_>, &Path, OFlags, Mode) -> io::Result<OwnedFd>,
-        ); 2] = [
+        let resolvers: [(&str, Resolver); 2] = [
             ("openat2", open_beneath_openat2),
             ("walk", open_beneath_walk),
         ];

@@ -954,8 +954,8 @@ mod tests {
         [
             (SealMode::Encrypted(k), None),
             (SealMode::Encrypted(k), Some(3)),
-            (SealMode::Plain(&k), None),
-            (SealMode::Plain(&k), Some(3)),
+            (SealMode::Plain(k), None),
+            (SealMode::Plain(k), Some(3)),
         ]
     }
 
