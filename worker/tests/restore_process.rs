@@ -3,9 +3,11 @@
 //! to 9, issue 15 item 6).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
+use storinator_testkit::fixtures::temp_files;
 
 fn worker(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_storinator-worker"));
@@ -39,15 +41,6 @@ fn repo_with(dir: &Path, src: &Path) {
     std::fs::create_dir_all(dir.join("store")).unwrap();
     run_ok(worker(dir).arg("init"));
     run_ok(worker(dir).arg("backup").arg(src));
-}
-
-fn temp_files(dir: &Path) -> Vec<PathBuf> {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().contains(".storinator-"))
-        .map(|e| e.path().to_path_buf())
-        .collect()
 }
 
 #[test]
