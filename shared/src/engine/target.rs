@@ -40,15 +40,6 @@ impl Target {
     /// created) without following symlinks, so the target can't be moved out of the roots by a
     /// symlink placed or swapped in between the bot's check and the restore.
     pub(crate) fn open(to: &Path, within: Option<&[PathBuf]>) -> Result<Target, Error> {
-        if to
-            .components()
-            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-        {
-            return Err(Error::Invalid(format!(
-                "restore target {} contains \"..\" or \".\"",
-                to.display()
-            )));
-        }
         let root = match within {
             None => {
                 std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
@@ -118,6 +109,16 @@ fn dir_flags() -> OFlags {
 /// Picks the restore root `to` lies in (as configured or as canonicalised), opens it, and opens
 /// or creates the rest of `to` below it without following symlinks.
 fn open_within(to: &Path, roots: &[PathBuf]) -> Result<OwnedFd, Error> {
+    let plain = to.is_absolute()
+        && to
+            .to_str()
+            .is_some_and(|s| s.split('/').all(|c| c != "." && c != ".."));
+    if !plain {
+        return Err(Error::Invalid(format!(
+            "restore target {} is not a plain absolute path (no \".\" or \"..\")",
+            to.display()
+        )));
+    }
     let mut best: Option<PathBuf> = None;
     for r in roots {
         let forms = [Some(r.clone()), std::fs::canonicalize(r).ok()];
@@ -411,7 +412,12 @@ mod tests {
                 bad.display()
             );
         }
+        assert!(Target::open(&rootp.join("./x"), Some(&roots)).is_err());
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
         assert!(!d.path().join("elsewhere").exists());
+        // The CLI's operator names any folder, relative or with dots, as any tool would.
+        let cli = d.path().join("cli/./sub/../t");
+        assert!(Target::open(&cli, None).is_ok());
+        assert!(d.path().join("cli/t").is_dir());
     }
 }
