@@ -46,6 +46,17 @@ pub struct BotConfig {
     /// `STORINATOR_BOT_POLL_TIMEOUT_S` (default 10): long-poll timeout of `getUpdates`. It
     /// also bounds how long shutdown waits for the poll in flight.
     pub poll_timeout: Duration,
+    /// `STORINATOR_TIMEZONE` (the worker's rule): schedules and the times shown in chat.
+    pub timezone: jiff::tz::TimeZone,
+    /// `STORINATOR_SCRUB_BYTES_PER_DAY`: the scrub's daily budget, for `/scrub`'s cycle.
+    pub scrub_bytes_per_day: u64,
+}
+
+/// A variable by name, trimmed, empty counting as unset.
+fn var_any(get: &impl Fn(&str) -> Option<String>, k: &str) -> Option<String> {
+    get(k)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 /// The bot's own environment file, read from the directory it starts in. Not `.env`: that one
@@ -144,24 +155,31 @@ impl BotConfig {
             None => backup_roots.clone(),
         };
 
-        // The worker's rules (same defaults, same validation): both must open one database.
-        // Only the database variables are read, nothing else of the worker's configuration.
+        // The worker's rules (same defaults, same validation): both must open one database
+        // and see schedules in one time zone. Only those variables are read, nothing else of
+        // the worker's configuration (no passphrase, no passphrase file).
+        let shared_error = |e: storinator_shared::ConfigError| {
+            use storinator_shared::ConfigError as E;
+            let var = match &e {
+                E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
+            };
+            let text = e.to_string();
+            bad(
+                var,
+                text.split_once(": ")
+                    .map(|(_, m)| m)
+                    .unwrap_or(&text)
+                    .to_string(),
+            )
+        };
         let database_url = storinator_shared::config::database_location(&get)
-            .map_err(|e| {
-                use storinator_shared::ConfigError as E;
-                let var = match &e {
-                    E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
-                };
-                let text = e.to_string();
-                bad(
-                    var,
-                    text.split_once(": ")
-                        .map(|(_, m)| m)
-                        .unwrap_or(&text)
-                        .to_string(),
-                )
-            })?
+            .map_err(shared_error)?
             .1;
+        let unattended =
+            storinator_shared::config::unattended_settings(&|k: &str| var_any(&get, k))
+                .map_err(shared_error)?;
+        let timezone = unattended.timezone;
+        let scrub_bytes_per_day = unattended.scrub_bytes_per_day;
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match var(name) {
@@ -194,6 +212,8 @@ impl BotConfig {
             edit_interval,
             tick,
             poll_timeout,
+            timezone,
+            scrub_bytes_per_day,
         })
     }
 

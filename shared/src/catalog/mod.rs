@@ -8,8 +8,12 @@
 
 mod keys;
 mod packs;
+mod scrub;
 mod snapshots;
 
+pub use scrub::{
+    AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
+};
 pub use snapshots::{NewContent, NewEntry};
 
 /// Who owns an entry, as recorded at backup (all `None` for entries from before owners were
