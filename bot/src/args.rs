@@ -104,7 +104,12 @@ fn keyword_at(s: &str, keyword: &str) -> Option<usize> {
     for (i, b) in s.bytes().enumerate() {
         if b == b'"' {
             in_quotes = !in_quotes;
-        } else if !in_quotes && s[i..].starts_with(&needle) && !s[..i].trim().is_empty() {
+        } else if !in_quotes
+            // Bytes, not `s[i..]`: `i` may fall inside a multi-byte character. A match starts
+            // with a space, so `s[..i]` is then cut at a character boundary.
+            && s.as_bytes()[i..].starts_with(needle.as_bytes())
+            && !s[..i].trim().is_empty()
+        {
             found = Some(i);
         }
     }
@@ -133,6 +138,27 @@ use storinator_shared::ops::rules::{is_within, roots_list};
 /// a schedule fires): absolute, existing, a directory, and inside an allowed root after
 /// resolving `..` and symlinks. Returns the canonical path.
 pub use storinator_shared::ops::rules::check_backup_path;
+
+/// Normalise the path a user asks to restore: absolute, repeated and trailing slashes
+/// collapsed, and no `.` or `..` component (refused rather than resolved: a restore without
+/// `to` writes next to this path, so it must mean exactly what it says).
+pub fn normalize_restore_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} is not an absolute path (it must start with /)"
+        ));
+    }
+    let mut parts = Vec::new();
+    for c in path.split('/').filter(|c| !c.is_empty()) {
+        if c == "." || c == ".." {
+            return Err(format!(
+                "{path}: \".\" and \"..\" are not allowed in a path"
+            ));
+        }
+        parts.push(c);
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
 
 /// Check a restore target: absolute, no `..`, and inside an allowed root once its nearest
 /// existing ancestor is resolved (the target itself may not exist yet). Returns the path with
@@ -222,6 +248,12 @@ mod tests {
         assert_eq!((r.to, r.snapshot), (None, None));
         assert!(parse_restore("").is_err());
         assert!(parse_restore("/srv/x snapshot two words").is_err());
+        // Found by fuzzing: multi-byte characters before a keyword once panicked.
+        let r = parse_restore("/srv/é to /tmp/ü").unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.to.as_deref()),
+            ("/srv/é", Some("/tmp/ü"))
+        );
     }
 
     #[test]
@@ -262,6 +294,15 @@ mod tests {
         // A sibling whose name extends the root's is not inside it.
         std::fs::create_dir_all(d.path().join("rootx")).unwrap();
         assert!(check_backup_path(&s(&d.path().join("rootx")), &roots).is_err());
+    }
+
+    #[test]
+    fn restore_paths_are_normalised_and_refuse_dots() {
+        assert_eq!(normalize_restore_path("/srv//data/").unwrap(), "/srv/data");
+        assert_eq!(normalize_restore_path("/").unwrap(), "/");
+        for bad in ["/srv/../etc/x", "/srv/./x", "/..", "srv/x", ""] {
+            assert!(normalize_restore_path(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -318,14 +318,28 @@ async fn command(
                 Ok(a) => a,
                 Err(e) => return Ok(Some(e)),
             };
-            if !a.path.starts_with('/') {
-                return Ok(Some(format!(
-                    "{:?} is not an absolute path. Usage: /restore <path> [to <dir>] [snapshot <id>]",
-                    a.path
-                )));
-            }
+            let path = match args::normalize_restore_path(&a.path) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Ok(Some(format!(
+                        "🚫 {e}. Usage: /restore <path> [to <dir>] [snapshot <id>]"
+                    )));
+                }
+            };
             let to = match &a.to {
-                None => None,
+                // In place: the folder it came from must be one restores may write into.
+                None => {
+                    let parent = std::path::Path::new(&path)
+                        .parent()
+                        .and_then(|p| p.to_str())
+                        .unwrap_or("/");
+                    if let Err(e) = args::check_restore_target(parent, &app.cfg.restore_roots) {
+                        return Ok(Some(format!(
+                            "🚫 Can't restore {path} in place: {e}. Add `to <dir>`."
+                        )));
+                    }
+                    None
+                }
                 Some(dir) => match args::check_restore_target(dir, &app.cfg.restore_roots) {
                     Ok(p) => Some(
                         p.to_str()
@@ -337,7 +351,6 @@ async fn command(
             };
             // Users restore only their own backups: the path must lie in one of their roots.
             // (The worker also restores only from the requesting owner's snapshots.)
-            let path = a.path.trim_end_matches('/').to_string();
             match app.catalog.snapshots(&owner(user_id), Some(&path)).await {
                 Ok(snaps) => {
                     let covered = snaps

@@ -74,6 +74,9 @@ pub struct Config {
     pub compression: Option<i32>,
     pub allowed_users: Vec<i64>,
     pub backup_roots: Vec<PathBuf>,
+    /// `STORINATOR_RESTORE_ROOTS` (default: the backup roots): where restores from the chat
+    /// may write. The worker enforces them on the handle it writes through.
+    pub restore_roots: Vec<PathBuf>,
     pub telegram: TelegramSettings,
     pub unattended: UnattendedSettings,
 }
@@ -145,23 +148,7 @@ impl Config {
                 .filter(|v| !v.is_empty())
         };
 
-        let data_dir = match var("STORINATOR_DATA_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => default_data_dir(var("XDG_DATA_HOME"), var("HOME")),
-        };
-        let database_url = match var("DATABASE_URL") {
-            Some(url) => {
-                if !url.starts_with("sqlite:") {
-                    return Err(ConfigError::Invalid {
-                        var: "DATABASE_URL",
-                        value: url,
-                        reason: "only SQLite is supported (sqlite://path/to/file.db)".into(),
-                    });
-                }
-                url
-            }
-            None => sqlite_url(&data_dir.join("storinator.db")),
-        };
+        let (data_dir, database_url) = database_location(&get)?;
         let storage = match var("STORINATOR_STORAGE").as_deref() {
             None | Some("telegram") => StorageSpec::Telegram,
             Some(s) if s.starts_with("dir:") && s.len() > 4 => {
@@ -232,9 +219,9 @@ impl Config {
                 reason,
             })?,
         };
-        let backup_roots = match var("STORINATOR_BACKUP_ROOTS") {
-            None => Vec::new(),
-            Some(v) => parse_list(&v, |s| {
+        let roots = |name: &'static str| -> Result<Option<Vec<PathBuf>>, ConfigError> {
+            let Some(v) = var(name) else { return Ok(None) };
+            parse_list(&v, |s| {
                 let p = PathBuf::from(s);
                 if p.is_absolute() {
                     Ok(p)
@@ -242,12 +229,16 @@ impl Config {
                     Err(format!("{s:?} is not an absolute path"))
                 }
             })
+            .map(Some)
             .map_err(|reason| ConfigError::Invalid {
-                var: "STORINATOR_BACKUP_ROOTS",
+                var: name,
                 value: v,
                 reason,
-            })?,
+            })
         };
+        let backup_roots = roots("STORINATOR_BACKUP_ROOTS")?.unwrap_or_default();
+        let restore_roots =
+            roots("STORINATOR_RESTORE_ROOTS")?.unwrap_or_else(|| backup_roots.clone());
         let api_id = match var("TELEGRAM_API_ID") {
             None => None,
             Some(v) => Some(v.parse::<i32>().map_err(|_| ConfigError::Invalid {
@@ -317,6 +308,7 @@ impl Config {
             compression,
             allowed_users,
             backup_roots,
+            restore_roots,
             telegram,
             unattended,
         })
@@ -328,8 +320,47 @@ impl Config {
     }
 }
 
-/// Reads the settings of schedules, alerts and the scrub.
-fn unattended_settings(
+/// The data directory and the database URL, from `STORINATOR_DATA_DIR` and `DATABASE_URL`
+/// only (the bot derives its database from this too, and reads nothing else of the worker's).
+pub fn database_location(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<(PathBuf, String), ConfigError> {
+    let var = |k: &str| {
+        get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let data_dir = match var("STORINATOR_DATA_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => default_data_dir(var("XDG_DATA_HOME"), var("HOME")),
+    };
+    let database_url = match var("DATABASE_URL") {
+        Some(url) => {
+            if !url.starts_with("sqlite:") {
+                return Err(ConfigError::Invalid {
+                    var: "DATABASE_URL",
+                    value: url,
+                    reason: "only SQLite is supported (sqlite://path/to/file.db)".into(),
+                });
+            }
+            url
+        }
+        None => sqlite_url(&data_dir.join("storinator.db")),
+    };
+    Ok((data_dir, database_url))
+}
+
+/// The worker's secrets: the bot must never hold them (design invariant 9).
+pub const WORKER_SECRETS: &[&str] = &[
+    "STORINATOR_PASSPHRASE",
+    "STORINATOR_PASSPHRASE_FILE",
+    "STORINATOR_NEW_PASSPHRASE",
+    "TELEGRAM_API_HASH",
+];
+
+/// Reads the settings of schedules, alerts and the scrub (the bot reads them too: none is a
+/// secret).
+pub fn unattended_settings(
     var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<UnattendedSettings, ConfigError> {
     let invalid = |var: &'static str, value: String, reason: String| ConfigError::Invalid {

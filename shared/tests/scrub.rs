@@ -58,6 +58,8 @@ async fn restore(f: &Fixture, src: &std::path::Path, to: &str) -> Result<(), Err
                 snapshot: None,
                 owner: "local".into(),
                 overwrite: false,
+                within: None,
+                same_owner: None,
             },
             &NoProgress,
             &CancelFlag::new(),

@@ -58,7 +58,8 @@ pub enum Command {
     Backup {
         /// The folder to back up.
         path: PathBuf,
-        /// Store this snapshot without encryption (SHA-256 integrity only).
+        /// Store this snapshot without encryption (readable without the key, still
+        /// authenticated with it).
         #[arg(long)]
         no_encrypt: bool,
     },
@@ -79,6 +80,11 @@ pub enum Command {
         /// Replace existing files whose content differs.
         #[arg(long)]
         overwrite: bool,
+        /// Don't restore recorded owners even as root (files then belong to the restoring
+        /// user, and setuid/setgid bits are left out). Without root, owners are never
+        /// restored.
+        #[arg(long)]
+        no_same_owner: bool,
     },
     /// List snapshots, optionally only those of PATH.
     Snapshots {
@@ -409,6 +415,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             to,
             snapshot,
             overwrite,
+            no_same_owner,
         } => {
             let repo = open_repo(g, &cfg).await?;
             let cancel = cancel_on_ctrl_c();
@@ -419,11 +426,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 snapshot,
                 owner: g.owner.clone(),
                 overwrite,
+                // The operator names the target: no roots to keep it in.
+                within: None,
+                same_owner: no_same_owner.then_some(false),
             };
             let result = repo.restore(&opts, &bar, &cancel).await;
             bar.finish();
             match result {
                 Ok(summary) => {
+                    for note in summary.notes() {
+                        eprintln!("{note}");
+                    }
                     println!("{}", summary.line());
                     Ok(ExitCode::SUCCESS)
                 }
@@ -432,7 +445,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("failed: {p}: {why}");
                     }
                     Err(anyhow!(
-                        "restore of {path}: {} file(s) could not be restored intact; none of them was written",
+                        "restore of {path}: {} item(s) could not be restored (listed above); the rest was restored, and no file was written unverified",
                         failures.len()
                     ))
                 }
@@ -561,6 +574,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let jobs = storinator_shared::Jobs::new(repo.catalog.pool().clone());
             let daemon_cfg = crate::daemon::DaemonConfig {
                 concurrency,
+                restore_roots: cfg.restore_roots.clone(),
                 ..Default::default()
             };
             let unattended = crate::daemon::Unattended::from_config(&cfg, &jobs)?;

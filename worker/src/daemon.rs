@@ -39,6 +39,11 @@ pub struct DaemonConfig {
     /// How often a running job writes progress (or, with nothing new, a heartbeat). Must be
     /// well below the job table's lease time.
     pub progress_interval: Duration,
+    /// Folders restores from the chat may write into (`STORINATOR_RESTORE_ROOTS`, default
+    /// `STORINATOR_BACKUP_ROOTS`). The worker enforces them itself, on the directory handle the
+    /// restore writes through: the bot's check of a path can be outrun by a symlink swapped in
+    /// before the job runs. Empty: restore jobs are refused.
+    pub restore_roots: Vec<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -54,6 +59,7 @@ impl Default for DaemonConfig {
             concurrency: 2,
             poll_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(1),
+            restore_roots: Vec::new(),
         }
     }
 }
@@ -135,6 +141,7 @@ pub async fn run_with(
             .as_ref()
             .map(|u| u.scrub_bytes)
             .unwrap_or(storinator_shared::config::DEFAULT_SCRUB_BYTES_PER_DAY),
+        restore_roots: cfg.restore_roots.clone(),
     });
 
     loop {
@@ -230,6 +237,8 @@ struct JobContext {
     healthcheck: Option<Healthcheck>,
     /// The scrub's budget when a scrub job names none.
     scrub_bytes: u64,
+    /// See [`DaemonConfig::restore_roots`].
+    restore_roots: Vec<PathBuf>,
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -458,6 +467,43 @@ async fn run_job(
     }
 }
 
+/// Where a chat restore writes: `to`, or without it the folder the item came from (differing
+/// files then need the user's confirmation). Both must be absolute and free of `.` and `..`;
+/// the engine then keeps the target inside the restore roots.
+fn restore_target(path: &str, to: Option<&str>, roots: &[PathBuf]) -> Result<PathBuf, Error> {
+    if roots.is_empty() {
+        return Err(Error::Invalid(
+            "this worker has no restore roots, so it refuses restores from the chat\nhint: set STORINATOR_RESTORE_ROOTS (or STORINATOR_BACKUP_ROOTS) in the worker's environment".into(),
+        ));
+    }
+    let plain = |p: &Path| {
+        p.is_absolute()
+            && p.to_str()
+                .is_some_and(|s| s.split('/').all(|c| c != "." && c != ".."))
+    };
+    let target = match to {
+        Some(t) => PathBuf::from(t),
+        None => {
+            let p = Path::new(path);
+            if !plain(p) {
+                return Err(Error::Invalid(format!(
+                    "{path:?} is not a plain absolute path: no restore in place"
+                )));
+            }
+            p.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| "/".into())
+        }
+    };
+    if !plain(&target) {
+        return Err(Error::Invalid(format!(
+            "restore target {} is not a plain absolute path (no \".\" or \"..\")",
+            target.display()
+        )));
+    }
+    Ok(target)
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -517,23 +563,20 @@ async fn execute(
             snapshot,
             overwrite,
         } => {
-            // Without a target the item goes back where it came from (differing files then
-            // need the user's confirmation).
-            let to = match to {
-                Some(t) => PathBuf::from(t),
-                None => Path::new(path)
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| "/".into()),
-            };
+            let to = restore_target(path, to.as_deref(), &ctx.restore_roots)?;
             let opts = RestoreOptions {
                 path: path.clone(),
                 to,
                 snapshot: snapshot.clone(),
                 owner: owner.to_string(),
                 overwrite: *overwrite,
+                within: Some(ctx.restore_roots.clone()),
+                same_owner: None,
             };
             let s = repo.restore(&opts, progress, cancel).await?;
+            for note in s.notes() {
+                tracing::warn!(job = owner, "{note}");
+            }
             Ok(JobResult::Restore {
                 files: s.files,
                 bytes: s.bytes,
@@ -551,5 +594,35 @@ async fn execute(
                 duration_ms: started.elapsed().as_millis() as u64,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_restore_targets_are_plain_absolute_paths_and_need_roots() {
+        let roots = vec![PathBuf::from("/srv")];
+        assert_eq!(
+            restore_target("/srv/data/photos", None, &roots).unwrap(),
+            PathBuf::from("/srv/data")
+        );
+        assert_eq!(
+            restore_target("/srv/x", Some("/srv/out"), &roots).unwrap(),
+            PathBuf::from("/srv/out")
+        );
+        for (path, to) in [
+            ("/srv/../etc/cron.d/x", None),
+            ("/srv/./x/y", None),
+            ("relative/x", None),
+            ("/srv/x", Some("/srv/out/../../etc")),
+            ("/srv/x", Some("out")),
+        ] {
+            assert!(restore_target(path, to, &roots).is_err(), "{path} {to:?}");
+        }
+        assert!(restore_target("/srv/.config/x", None, &roots).is_ok());
+        let e = restore_target("/srv/x", Some("/srv/out"), &[]).unwrap_err();
+        assert!(e.to_string().contains("STORINATOR_RESTORE_ROOTS"), "{e}");
     }
 }

@@ -93,6 +93,7 @@ async fn a_schedule_made_in_chat_backs_up_by_itself_through_loopback_telegram() 
             concurrency: 1,
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
+            restore_roots: Vec::new(),
         },
         Some(unattended),
         async move {

@@ -120,6 +120,7 @@ impl World {
             concurrency: 2,
             poll_interval: Duration::from_millis(20),
             progress_interval: Duration::from_millis(50),
+            restore_roots: Vec::new(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run_with(

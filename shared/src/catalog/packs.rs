@@ -50,12 +50,14 @@ impl Catalog {
         .map_err(db("storing a pack"))?;
         for e in entries {
             // A chunk that already lives in another (stored) pack keeps its first home; one
-            // in a pack known to be missing, or found damaged by a scrub, moves here.
+            // in a pack known to be missing, or found damaged by a scrub, moves here, and so
+            // does a format-1 unencrypted one (no MAC, flags 0) when this copy is authenticated.
             sqlx::query(
                 "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset, \
                  length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
                  WHERE (SELECT state FROM packs WHERE id = chunks.pack_id) <> 'stored' \
+                 OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
                  OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
                             AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)",
             )
@@ -127,9 +129,9 @@ impl Catalog {
     }
 
     /// Ids of blobs that are safely stored and can be deduplicated against, with their
-    /// encryption flag (a chunk a scrub found damaged is not: the next backup that meets its
-    /// data stores it again, which heals it).
-    pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, bool)>, Error> {
+    /// trailer flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`); a chunk a scrub found
+    /// damaged is not: the next backup that meets its data stores it again, which heals it.
+    pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, u8)>, Error> {
         let rows = sqlx::query(
             "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE p.state = 'stored' \
              AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id \
@@ -142,7 +144,7 @@ impl Catalog {
             .map(|r| {
                 let id: Vec<u8> = r.get(0);
                 let flags: i64 = r.get(1);
-                Ok((ChunkId::from_slice(&id)?, flags & 1 == 1))
+                Ok((ChunkId::from_slice(&id)?, flags as u8))
             })
             .collect()
     }

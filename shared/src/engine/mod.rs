@@ -12,4 +12,5 @@ pub mod recover;
 pub mod repo;
 pub mod restore;
 pub mod scrub;
+mod target;
 mod verify;
