@@ -308,12 +308,11 @@ pub struct StoredPack {
     pub entries: Vec<PackEntry>,
 }
 
-/// Reads the trailer of every pack in `storage` (with `keys`, or without any key for
-/// unencrypted packs). What a test uses to see what really went to storage: which chunks,
-/// in which packs, how often.
+/// Reads the trailer of every pack in `storage` with `keys`. What a test uses to see what
+/// really went to storage: which chunks, in which packs, how often.
 pub async fn stored_packs(
     storage: &dyn storinator_shared::Storage,
-    keys: Option<&Keys>,
+    keys: &Keys,
 ) -> Result<Vec<StoredPack>, String> {
     let mut out = Vec::new();
     for o in storage.list().await.map_err(|e| e.to_string())? {
@@ -334,18 +333,18 @@ pub async fn stored_packs(
     Ok(out)
 }
 
-/// The trailer entries of a whole pack held in memory.
+/// The trailer entries of a whole pack held in memory, authenticated with `keys`.
 pub fn pack_entries(
     name: &str,
     pack: &[u8],
-    keys: Option<&Keys>,
+    keys: &Keys,
 ) -> Result<Vec<PackEntry>, storinator_shared::format::pack::PackError> {
     use storinator_shared::format::pack::{self, PACK_TAIL_LEN};
     let size = pack.len() as u64;
     let tail_at = size.saturating_sub(PACK_TAIL_LEN) as usize;
     let tlen = pack::decode_tail(name, &pack[tail_at..], size)?;
     let body_len = size - PACK_TAIL_LEN - tlen;
-    pack::open_trailer(keys, name, &pack[body_len as usize..tail_at], body_len)
+    pack::open_trailer(keys, name, &pack[body_len as usize..tail_at], body_len).map(|t| t.entries)
 }
 
 /// Data chunk ids that are stored in more than one place (each listed with its count). A

@@ -203,7 +203,7 @@ impl World {
         let repo = Repo::open(catalog, Arc::new(store), PASS, Self::settings())
             .await
             .unwrap();
-        stored_packs(repo.storage.as_ref(), Some(repo.keys()))
+        stored_packs(repo.storage.as_ref(), repo.keys())
             .await
             .unwrap()
     }
