@@ -91,6 +91,8 @@ impl std::io::Write for Captured {
 
 struct Session {
     dir: tempfile::TempDir,
+    /// The folder chat backups and restores may name.
+    root: PathBuf,
     data: PathBuf,
     store: PathBuf,
     found: Haystack,
@@ -108,6 +110,7 @@ impl Session {
                 format!("dir:{}", self.store.display()),
             )
             .env("STORINATOR_PASSPHRASE", pass)
+            .env("STORINATOR_BACKUP_ROOTS", &self.root)
             .env("STORINATOR_INSECURE_FAST_KDF", "1")
             .current_dir(self.dir.path());
         c
@@ -158,6 +161,7 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
     std::fs::write(data_src.join("docs/a.txt"), b"alpha").unwrap();
     std::fs::write(data_src.join("b.bin"), vec![3u8; 200_000]).unwrap();
     let mut s = Session {
+        root: root.clone(),
         data: dir.path().join("data"),
         store: dir.path().join("store"),
         dir,
@@ -192,7 +196,7 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
         }
     }
 
-    // The bot, given everything the worker has too (as one shared .env would).
+    // The bot refuses to start holding the passphrase, without repeating it.
     let api = FakeBotApi::start().await.unwrap();
     let vars = [
         ("TELOXIDE_TOKEN", "123456:SECRETS".to_string()),
@@ -201,11 +205,19 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
         ("STORINATOR_BACKUP_ROOTS", root.display().to_string()),
         ("DATABASE_URL", db.clone()),
         ("STORINATOR_DATA_DIR", s.data.display().to_string()),
-        ("STORINATOR_PASSPHRASE", PASS.to_string()),
         ("STORINATOR_BOT_EDIT_INTERVAL_MS", "100".into()),
         ("STORINATOR_BOT_TICK_MS", "25".into()),
         ("STORINATOR_BOT_POLL_TIMEOUT_S", "1".into()),
     ];
+    let refused = storinator_bot::BotConfig::from_lookup(|k| {
+        if k == "STORINATOR_PASSPHRASE" {
+            return Some(PASS.to_string());
+        }
+        vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })
+    .err()
+    .expect("the bot refuses the passphrase");
+    s.found.add("the bot's refusal", refused.to_string());
     let cfg = storinator_bot::BotConfig::from_lookup(|k| {
         vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
     })
