@@ -44,6 +44,10 @@ pub struct BotConfig {
     /// `STORINATOR_BOT_POLL_TIMEOUT_S` (default 10): long-poll timeout of `getUpdates`. It
     /// also bounds how long shutdown waits for the poll in flight.
     pub poll_timeout: Duration,
+    /// The message rates the bot keeps to (Telegram's; tests run them faster).
+    pub limits: crate::outbox::Limits,
+    /// A stranger is answered at most once in this time (default 5 minutes).
+    pub stranger_interval: Duration,
 }
 
 impl BotConfig {
@@ -172,6 +176,8 @@ impl BotConfig {
             edit_interval,
             tick,
             poll_timeout,
+            limits: crate::outbox::Limits::telegram(),
+            stranger_interval: Duration::from_secs(300),
         })
     }
 

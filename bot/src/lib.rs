@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod config;
 pub mod db;
 mod notifier;
+pub mod outbox;
 pub mod render;
 
 use std::collections::{HashMap, HashSet};
@@ -17,12 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use teloxide::RequestError;
 use teloxide::dispatching::UpdateHandler;
 use teloxide::error_handlers::LoggingErrorHandler;
-use teloxide::payloads::{EditMessageTextSetters, SendMessageSetters};
 use teloxide::prelude::*;
-use teloxide::types::{InlineKeyboardMarkup, Me, MessageId};
+use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup, Me, MessageId};
 use teloxide::update_listeners::Polling;
 use teloxide::utils::command::{BotCommands, ParseError};
 use tokio::time::Instant;
@@ -31,6 +30,7 @@ use storinator_shared::{CancelOutcome, JobArgs, JobError, JobId, JobResult, JobS
 
 pub use catalog::{CatalogView, EntryLine, SnapshotLine, SqlCatalogView};
 pub use config::{BotConfig, ConfigError};
+pub use outbox::{Limits, Outbox};
 
 // The bot's commands (also the menu set with `setMyCommands`). Not a doc comment: the derive
 // would take it as the help text's heading.
@@ -62,94 +62,47 @@ pub enum Command {
     Verify(String),
 }
 
-/// Per-chat pacing of Telegram calls.
-#[derive(Default, Clone, Copy)]
-struct Pace {
-    next_edit: Option<Instant>,
-    blocked_until: Option<Instant>,
-}
-
 /// State shared by the handlers and the notifier.
 pub(crate) struct App {
     pub(crate) cfg: BotConfig,
     pub(crate) jobs: Jobs,
     catalog: Arc<dyn CatalogView>,
-    pace: Mutex<HashMap<i64, Pace>>,
-    shown: Mutex<HashMap<JobId, String>>,
+    pub(crate) outbox: Outbox,
+    /// When each stranger was last answered (they get one refusal per `stranger_interval`).
+    strangers: Mutex<HashMap<u64, Instant>>,
     /// Conflict prompts already answered (guards against a double tap enqueuing twice).
     answered: Mutex<HashSet<JobId>>,
 }
 
 impl App {
-    fn chat_blocked(&self, chat_id: i64) -> bool {
-        let pace = self.pace.lock().unwrap();
-        pace.get(&chat_id)
-            .and_then(|p| p.blocked_until)
-            .is_some_and(|t| Instant::now() < t)
-    }
-
-    fn may_edit(&self, chat_id: i64) -> bool {
-        let pace = self.pace.lock().unwrap();
-        let p = pace.get(&chat_id).copied().unwrap_or_default();
+    /// Whether a stranger should be answered now (and remember that they were).
+    fn answer_stranger(&self, user_id: u64) -> bool {
         let now = Instant::now();
-        p.blocked_until.is_none_or(|t| now >= t) && p.next_edit.is_none_or(|t| now >= t)
-    }
-
-    fn edited(&self, chat_id: i64) {
-        let mut pace = self.pace.lock().unwrap();
-        pace.entry(chat_id).or_default().next_edit = Some(Instant::now() + self.cfg.edit_interval);
-    }
-
-    /// Remember a failed call: a 429 blocks the chat for `retry_after`, anything else for a
-    /// short while so a persistent error doesn't turn into a hot loop.
-    fn note_error(&self, chat_id: i64, e: &RequestError) {
-        let wait = match e {
-            RequestError::RetryAfter(s) => s.duration(),
-            _ => Duration::from_secs(2),
-        };
-        tracing::warn!(
-            chat_id,
-            "telegram call failed: {e}; pausing this chat for {wait:?}"
-        );
-        let mut pace = self.pace.lock().unwrap();
-        pace.entry(chat_id).or_default().blocked_until = Some(Instant::now() + wait);
-    }
-
-    fn last_shown(&self, job: JobId) -> Option<String> {
-        self.shown.lock().unwrap().get(&job).cloned()
-    }
-
-    fn set_last_shown(&self, job: JobId, text: String) {
-        self.shown.lock().unwrap().insert(job, text);
-    }
-
-    fn forget_shown(&self, job: JobId) {
-        self.shown.lock().unwrap().remove(&job);
+        let interval = self.cfg.stranger_interval;
+        let mut seen = self.strangers.lock().unwrap();
+        // Forget old entries so the map can't grow without bound.
+        if seen.len() > 10_000 {
+            seen.retain(|_, t| now.duration_since(*t) < interval);
+        }
+        match seen.get(&user_id) {
+            Some(t) if now.duration_since(*t) < interval => false,
+            _ => {
+                seen.insert(user_id, now);
+                true
+            }
+        }
     }
 }
 
-/// Send a message, waiting out up to two 429s.
-pub(crate) async fn send_text(
-    bot: &Bot,
-    chat: ChatId,
-    text: String,
-    markup: Option<InlineKeyboardMarkup>,
-) -> Result<Message, RequestError> {
-    let text = clip(text);
-    let mut tries = 0;
-    loop {
-        let mut req = bot.send_message(chat, text.clone());
-        if let Some(m) = &markup {
-            req = req.reply_markup(m.clone());
-        }
-        match req.await {
-            Err(RequestError::RetryAfter(s)) if tries < 2 => {
-                tries += 1;
-                tokio::time::sleep(s.duration()).await;
-            }
-            other => return other,
-        }
-    }
+/// The two buttons under a restore-conflict prompt.
+pub(crate) fn conflict_keyboard(job: JobId, count: u64) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new(vec![vec![
+        InlineKeyboardButton::callback(
+            format!("Overwrite {}", render::plural(count, "file", "files")),
+            format!("ow:{job}"),
+        ),
+        InlineKeyboardButton::callback("Keep existing", format!("keep:{job}")),
+    ]])
 }
 
 /// Telegram refuses texts over 4096 characters; long listings are cut with a note.
@@ -187,68 +140,57 @@ fn handler() -> UpdateHandler<anyhow::Error> {
         .branch(Update::filter_callback_query().endpoint(on_callback))
 }
 
-async fn on_message(bot: Bot, msg: Message, me: Me, app: Arc<App>) -> HandlerResult {
+/// Answers a stranger, at most once per `stranger_interval`, so that nobody outside can
+/// spend the bot's message budget.
+async fn refuse_stranger(app: &App, chat: ChatId, user_id: u64) -> HandlerResult {
+    if !app.answer_stranger(user_id) {
+        return Ok(());
+    }
+    tracing::warn!(
+        user_id,
+        chat_id = chat.0,
+        "refused a message from an unauthorized user (further ones are ignored for {:?})",
+        app.cfg.stranger_interval
+    );
+    app.outbox
+        .text(
+            chat,
+            format!("⛔ Sorry, you are not allowed to use this bot. (Your Telegram user id is {user_id}; the bot's owner can add it to STORINATOR_ALLOWED_USERS.)"),
+            None,
+        )
+        .await?;
+    Ok(())
+}
+
+async fn on_message(msg: Message, me: Me, app: Arc<App>) -> HandlerResult {
     let chat = msg.chat.id;
     let Some(user) = msg.from.as_ref() else {
         return Ok(());
     };
     let user_id = user.id.0;
     if !app.cfg.is_allowed(user_id) {
-        tracing::warn!(
-            user_id,
-            chat_id = chat.0,
-            "refused a message from an unauthorized user"
-        );
-        send_text(
-            &bot,
-            chat,
-            format!("⛔ Sorry, you are not allowed to use this bot. (Your Telegram user id is {user_id}; the bot's owner can add it to STORINATOR_ALLOWED_USERS.)"),
-            None,
-        )
-        .await?;
-        return Ok(());
+        return refuse_stranger(&app, chat, user_id).await;
     }
-    let Some(text) = msg.text() else {
-        send_text(
-            &bot,
-            chat,
-            format!("I only understand commands.\n\n{}", help_text()),
-            None,
-        )
-        .await?;
-        return Ok(());
-    };
-    if !text.starts_with('/') {
-        send_text(
-            &bot,
-            chat,
-            format!("I only understand commands.\n\n{}", help_text()),
-            None,
-        )
-        .await?;
-        return Ok(());
-    }
-    let reply = match Command::parse(text, me.username()) {
-        Ok(cmd) => command(&bot, &app, user_id, chat, cmd).await?,
-        Err(ParseError::UnknownCommand(c)) => {
-            Some(format!("Unknown command {c}.\n\n{}", help_text()))
+    let text = msg.text().unwrap_or("");
+    let reply = if !text.starts_with('/') {
+        Some(render::STRAY_TEXT.to_string())
+    } else {
+        match Command::parse(text, me.username()) {
+            Ok(cmd) => command(&app, user_id, chat, cmd).await?,
+            Err(ParseError::UnknownCommand(c)) => Some(render::unknown_command(&c)),
+            Err(ParseError::WrongBotName(_)) => None,
+            Err(e) => Some(format!(
+                "I couldn't read that command ({e}). /help shows how."
+            )),
         }
-        Err(ParseError::WrongBotName(_)) => None,
-        Err(e) if text.starts_with('/') => Some(format!(
-            "I couldn't read that command ({e}).\n\n{}",
-            help_text()
-        )),
-        Err(_) => Some(format!("I only understand commands.\n\n{}", help_text())),
     };
     if let Some(reply) = reply {
-        send_text(&bot, chat, reply, None).await?;
+        app.outbox.text(chat, reply, None).await?;
     }
     Ok(())
 }
-
 /// Run a command. Returns the text to answer with, if the command did not answer itself.
 async fn command(
-    bot: &Bot,
     app: &Arc<App>,
     user_id: u64,
     chat: ChatId,
@@ -256,11 +198,7 @@ async fn command(
 ) -> anyhow::Result<Option<String>> {
     let uid = user_id as i64;
     Ok(Some(match cmd {
-        Command::Start => format!(
-            "👋 Hi! I back up folders of this server into Telegram, encrypted and deduplicated.\nTry /backup {}\n\n{}",
-            app.cfg.backup_roots[0].display(),
-            help_text()
-        ),
+        Command::Start => render::start(&app.cfg.backup_roots[0].display().to_string()),
         Command::Help => help_text(),
         Command::Backup(raw) => {
             let a = match args::parse_backup(&raw) {
@@ -279,7 +217,6 @@ async fn command(
                 .context("backup path is not UTF-8")?
                 .to_string();
             start_job(
-                bot,
                 app,
                 uid,
                 chat,
@@ -335,7 +272,7 @@ async fn command(
                 snapshot: a.snapshot,
                 overwrite: false,
             };
-            start_job(bot, app, uid, chat, args).await?;
+            start_job(app, uid, chat, args).await?;
             return Ok(None);
         }
         Command::Verify(raw) => {
@@ -346,7 +283,7 @@ async fn command(
                         .into(),
                 ));
             }
-            start_job(bot, app, uid, chat, JobArgs::Verify { path: None }).await?;
+            start_job(app, uid, chat, JobArgs::Verify { path: None }).await?;
             return Ok(None);
         }
         Command::Snapshots(raw) => {
@@ -456,7 +393,6 @@ async fn command(
 
 /// Queue a job and post its progress message.
 async fn start_job(
-    bot: &Bot,
     app: &Arc<App>,
     user_id: i64,
     chat: ChatId,
@@ -465,17 +401,17 @@ async fn start_job(
     let job = app.jobs.enqueue(user_id, chat.0, &args).await?;
     tracing::info!(job = job.id, user_id, kind = args.kind(), "job queued");
     let text = render::progress(&job);
-    let msg = send_text(bot, chat, text.clone(), None).await?;
+    let msg = app.outbox.text(chat, text, None).await?;
     app.jobs.set_progress_message(job.id, msg.id.0).await?;
     app.jobs.mark_shown(job.id, job.updated_at).await?;
-    app.set_last_shown(job.id, text);
     Ok(())
 }
 
 async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult {
     let user_id = q.from.id.0;
     if !app.cfg.is_allowed(user_id) {
-        tracing::warn!(user_id, "refused a button press from an unauthorized user");
+        // Not a message: answering costs none of the message budget.
+        tracing::debug!(user_id, "refused a button press from an unauthorized user");
         bot.answer_callback_query(q.id.clone())
             .text("You are not allowed to use this bot.")
             .await?;
@@ -534,7 +470,7 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
         let new = app.jobs.enqueue(job.user_id, job.chat_id, &args).await?;
         if let Some((c, m)) = prompt {
             edit_quietly(
-                &bot,
+                &app,
                 c,
                 m,
                 format!(
@@ -546,10 +482,9 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
             .await;
         }
         let text = render::progress(&new);
-        let msg = send_text(&bot, chat, text.clone(), None).await?;
+        let msg = app.outbox.text(chat, text, None).await?;
         app.jobs.set_progress_message(new.id, msg.id.0).await?;
         app.jobs.mark_shown(new.id, new.updated_at).await?;
-        app.set_last_shown(new.id, text);
         return Ok(());
     } else {
         format!(
@@ -561,18 +496,14 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
         .text("Kept.")
         .await?;
     if let Some((c, m)) = prompt {
-        edit_quietly(&bot, c, m, answer).await;
+        edit_quietly(&app, c, m, answer).await;
     }
     Ok(())
 }
 
 /// Replace a prompt's text (dropping its buttons); failures only cost a stale prompt.
-async fn edit_quietly(bot: &Bot, chat: ChatId, message: MessageId, text: String) {
-    let res = bot
-        .edit_message_text(chat, message, text)
-        .reply_markup(InlineKeyboardMarkup::new(Vec::<Vec<_>>::new()))
-        .await;
-    if let Err(e) = res {
+async fn edit_quietly(app: &App, chat: ChatId, message: MessageId, text: String) {
+    if let Err(e) = app.outbox.edit(chat, message, text, None).await {
         tracing::warn!("editing a prompt failed: {e}");
     }
 }
@@ -604,14 +535,14 @@ pub async fn run_with(
         .context("setting the command menu (setMyCommands)")?;
 
     let app = Arc::new(App {
+        outbox: Outbox::start(bot.clone(), config.limits),
         cfg: config.clone(),
         jobs,
         catalog,
-        pace: Mutex::default(),
-        shown: Mutex::default(),
+        strangers: Mutex::default(),
         answered: Mutex::default(),
     });
-    let notifier = tokio::spawn(notifier::Notifier::new(bot.clone(), app.clone()).run());
+    let notifier = tokio::spawn(notifier::Notifier::new(app.clone()).run());
 
     let mut dispatcher = Dispatcher::builder(bot.clone(), handler())
         .dependencies(dptree::deps![app.clone()])

@@ -1,41 +1,57 @@
 //! The part of the bot that watches the job table and talks without being asked: progress
-//! edits, completion summaries, failure notices, stall warnings, restore-conflict prompts.
+//! edits, the final edit and a short new message when a job ends (an edit makes no sound; the
+//! new message notifies), stall warnings, restore-conflict prompts.
 //!
 //! Everything it has told the user is recorded in the job table (`shown_at`,
-//! `final_notified`, `stall_notified`), so a restarted bot neither repeats nor misses a notice.
-//! Telegram's limits are respected per chat: at most one edit per `edit_interval`, and after a
-//! 429 nothing is sent to that chat until `retry_after` has passed.
+//! `final_notified`, `stall_notified`), so a restarted bot neither repeats nor misses a
+//! notice. Pacing is the outbox's job; the notifier only keeps each progress message to one
+//! edit per `edit_interval`, and never has two deliveries for one job under way.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use teloxide::ApiError;
 use teloxide::RequestError;
-use teloxide::payloads::EditMessageTextSetters;
 use teloxide::prelude::*;
-use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup, MessageId};
+use teloxide::types::{InlineKeyboardMarkup, MessageId};
+use tokio::time::Instant;
 
-use storinator_shared::{Job, JobResult, JobState};
+use storinator_shared::{Job, JobId, JobResult, JobState};
 
-use crate::{App, render, send_text};
+use crate::outbox::{Out, Persistence};
+use crate::{App, render};
 
-/// How an edit went.
-enum Edit {
-    /// The message shows the text (including "message is not modified").
-    Done,
-    /// Not now (paced, rate limited, or a transient error): try again on a later tick.
-    Later,
-    /// The message is gone or can't be edited: send a new one instead.
-    Gone,
+#[derive(Default)]
+struct State {
+    /// Jobs with a delivery under way.
+    busy: HashSet<JobId>,
+    /// The text each job's progress message shows, as far as this process knows.
+    shown: HashMap<JobId, String>,
+    /// When each job's progress message may be edited again.
+    next_edit: HashMap<JobId, Instant>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Notifier {
-    bot: Bot,
     app: Arc<App>,
+    state: Arc<Mutex<State>>,
+}
+
+/// Frees a job's delivery slot when the delivery task ends, however it ends.
+struct Busy(Arc<Mutex<State>>, JobId);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().busy.remove(&self.1);
+    }
 }
 
 impl Notifier {
-    pub(crate) fn new(bot: Bot, app: Arc<App>) -> Self {
-        Notifier { bot, app }
+    pub(crate) fn new(app: Arc<App>) -> Self {
+        Notifier {
+            app,
+            state: Arc::default(),
+        }
     }
 
     pub(crate) async fn run(self) {
@@ -49,133 +65,166 @@ impl Notifier {
         }
     }
 
-    /// One look at the job table.
+    /// Claims the delivery slot of `job`, unless a delivery is under way.
+    fn claim(&self, job: JobId) -> Option<Busy> {
+        let mut s = self.state.lock().unwrap();
+        s.busy.insert(job).then(|| Busy(self.state.clone(), job))
+    }
+
+    /// One look at the job table; deliveries run as tasks of their own, so one slow chat
+    /// never holds up the others.
     pub(crate) async fn pass(&self) -> anyhow::Result<()> {
         let jobs = &self.app.jobs;
         for job in jobs.finished_unnotified().await? {
-            self.finished(&job).await?;
+            if let Some(busy) = self.claim(job.id) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = me.finished(&job).await {
+                        tracing::warn!(job = job.id, "final notice: {e:#}");
+                    }
+                    drop(busy);
+                });
+            }
         }
+        let now = Instant::now();
         for job in jobs.needing_progress_edit().await? {
-            self.progress(&job).await?;
-        }
-        for job in jobs.stalled_unnotified().await? {
-            if self.app.chat_blocked(job.chat_id) {
+            let due = {
+                let s = self.state.lock().unwrap();
+                s.next_edit.get(&job.id).is_none_or(|t| *t <= now)
+            };
+            if !due {
                 continue;
             }
-            match send_text(
-                &self.bot,
-                ChatId(job.chat_id),
-                render::stall_notice(&job),
-                None,
-            )
-            .await
-            {
-                Ok(_) => jobs.mark_stall_notified(job.id).await?,
-                Err(e) => self.app.note_error(job.chat_id, &e),
+            if let Some(busy) = self.claim(job.id) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = me.progress(&job).await {
+                        tracing::warn!(job = job.id, "progress edit: {e:#}");
+                    }
+                    drop(busy);
+                });
+            }
+        }
+        for job in jobs.stalled_unnotified().await? {
+            if let Some(busy) = self.claim(job.id) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let chat = ChatId(job.chat_id);
+                    let sent = me
+                        .app
+                        .outbox
+                        .send(
+                            chat,
+                            Out::Text {
+                                text: render::stall_notice(&job),
+                                markup: None,
+                            },
+                            Persistence::Normal,
+                        )
+                        .await;
+                    match sent {
+                        Ok(_) => {
+                            if let Err(e) = me.app.jobs.mark_stall_notified(job.id).await {
+                                tracing::warn!(job = job.id, "recording a stall notice: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!(job = job.id, "stall notice: {e}"),
+                    }
+                    drop(busy);
+                });
             }
         }
         Ok(())
     }
 
-    async fn edit(
-        &self,
-        chat_id: i64,
-        message_id: i32,
-        text: &str,
-        markup: Option<InlineKeyboardMarkup>,
-    ) -> Edit {
-        if !self.app.may_edit(chat_id) {
-            return Edit::Later;
-        }
-        let mut req = self.bot.edit_message_text(
-            ChatId(chat_id),
-            MessageId(message_id),
-            crate::clip(text.to_string()),
-        );
-        if let Some(m) = markup {
-            req = req.reply_markup(m);
-        }
-        let res = req.await;
-        self.app.edited(chat_id);
-        match res {
-            Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Edit::Done,
-            Err(RequestError::Api(
-                ApiError::MessageToEditNotFound | ApiError::MessageCantBeEdited,
-            )) => Edit::Gone,
-            Err(e) => {
-                self.app.note_error(chat_id, &e);
-                Edit::Later
-            }
-        }
-    }
-
-    /// Show `text` as the job's progress message: edit it, or send a new one if there is none
-    /// (or it is gone). True when the user now sees the text.
-    async fn show(&self, job: &Job, text: &str) -> anyhow::Result<bool> {
-        if self.app.last_shown(job.id).as_deref() == Some(text) {
+    /// Shows `text` in the job's progress message: an edit, or a new message if there is
+    /// none (or it is gone). `Ok(false)`: not now, try again later.
+    async fn show(&self, job: &Job, text: &str, persistence: Persistence) -> anyhow::Result<bool> {
+        let known = self.state.lock().unwrap().shown.get(&job.id).cloned();
+        if known.as_deref() == Some(text) {
             return Ok(true);
         }
-        let outcome = match job.progress_message_id {
-            Some(mid) => self.edit(job.chat_id, mid, text, None).await,
-            None => Edit::Gone,
-        };
-        match outcome {
-            Edit::Done => {}
-            Edit::Later => return Ok(false),
-            Edit::Gone => {
-                if self.app.chat_blocked(job.chat_id) {
-                    return Ok(false);
-                }
-                match send_text(&self.bot, ChatId(job.chat_id), text.to_string(), None).await {
-                    Ok(m) => self.app.jobs.set_progress_message(job.id, m.id.0).await?,
-                    Err(e) => {
-                        self.app.note_error(job.chat_id, &e);
-                        return Ok(false);
-                    }
+        let chat = ChatId(job.chat_id);
+        let outbox = &self.app.outbox;
+        let edited = match job.progress_message_id {
+            Some(mid) => {
+                let op = Out::Edit {
+                    message: MessageId(mid),
+                    text: crate::clip(text.to_string()),
+                    markup: None,
+                };
+                match outbox.send(chat, op, persistence).await {
+                    Ok(_) => true,
+                    Err(RequestError::Api(
+                        ApiError::MessageToEditNotFound | ApiError::MessageCantBeEdited,
+                    )) => false,
+                    Err(e) => return Err(e.into()),
                 }
             }
+            None => false,
+        };
+        if !edited {
+            let op = Out::Text {
+                text: crate::clip(text.to_string()),
+                markup: None,
+            };
+            if let Some(m) = outbox.send(chat, op, persistence).await? {
+                self.app.jobs.set_progress_message(job.id, m.id.0).await?;
+            }
         }
-        self.app.set_last_shown(job.id, text.to_string());
+        self.state
+            .lock()
+            .unwrap()
+            .shown
+            .insert(job.id, text.to_string());
         Ok(true)
     }
 
     async fn progress(&self, job: &Job) -> anyhow::Result<()> {
-        if self.show(job, &render::progress(job)).await? {
+        self.state
+            .lock()
+            .unwrap()
+            .next_edit
+            .insert(job.id, Instant::now() + self.app.cfg.edit_interval);
+        if self
+            .show(job, &render::progress(job), Persistence::Normal)
+            .await?
+        {
             self.app.jobs.mark_shown(job.id, job.updated_at).await?;
         }
         Ok(())
     }
 
+    /// The final edit, then the short new message; a message Telegram refuses for good (the
+    /// user blocked the bot, the chat is gone) is given up with a warning, anything else is
+    /// retried until it is delivered.
     async fn finished(&self, job: &Job) -> anyhow::Result<()> {
-        if !self.show(job, &render::final_text(job)).await? {
-            return Ok(());
+        let chat = ChatId(job.chat_id);
+        if let Err(e) = self
+            .show(job, &render::final_text(job), Persistence::Final)
+            .await
+        {
+            tracing::warn!(job = job.id, "the final edit was refused: {e:#}");
         }
-        // The progress message now shows the outcome; failures also get a message of their
-        // own so the user is notified (an edit makes no sound).
-        if job.state == JobState::Failed {
-            if self.app.chat_blocked(job.chat_id) {
-                return Ok(());
+        let text = render::final_notice(job);
+        let markup: Option<InlineKeyboardMarkup> = match &job.result {
+            Some(JobResult::Conflicts { count, .. }) if job.state == JobState::Failed => {
+                Some(crate::conflict_keyboard(job.id, *count))
             }
-            let (text, markup) = match &job.result {
-                Some(JobResult::Conflicts { count, sample }) => (
-                    render::conflict_prompt(job, *count, sample),
-                    Some(InlineKeyboardMarkup::new(vec![vec![
-                        InlineKeyboardButton::callback(
-                            format!("Overwrite {count} files"),
-                            format!("ow:{}", job.id),
-                        ),
-                        InlineKeyboardButton::callback("Keep existing", format!("keep:{}", job.id)),
-                    ]])),
-                ),
-                _ => (render::failure_notice(job), None),
-            };
-            if let Err(e) = send_text(&self.bot, ChatId(job.chat_id), text, markup).await {
-                self.app.note_error(job.chat_id, &e);
-                return Ok(());
-            }
+            _ => None,
+        };
+        let sent = self
+            .app
+            .outbox
+            .send(chat, Out::Text { text, markup }, Persistence::Final)
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(job = job.id, "the final notice was refused: {e}");
         }
         self.app.jobs.mark_final_notified(job.id).await?;
-        self.app.forget_shown(job.id);
+        let mut s = self.state.lock().unwrap();
+        s.shown.remove(&job.id);
+        s.next_edit.remove(&job.id);
         Ok(())
     }
 }

@@ -4,20 +4,44 @@
 
 use storinator_shared::{Job, JobArgs, JobResult, JobState};
 
-/// `1.5 MiB`, `812 B`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
+/// `1.5 MiB`, `812 B`: the engine's formatting, so chat and CLI agree.
+pub use storinator_shared::human_bytes as bytes;
+
+/// `1 file`, `2 files`.
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
     } else {
-        format!("{v:.1} {}", UNITS[unit])
+        format!("{n} {many}")
     }
+}
+
+/// TEMPORARY until shared has it.
+fn dedup_figure(bytes: u64, stored: u64) -> String {
+    if stored == 0 {
+        return "everything was already stored".into();
+    }
+    let r = bytes as f64 / stored as f64;
+    if r >= 100.0 {
+        "over 100× (almost nothing new)".into()
+    } else {
+        format!("{r:.2}×")
+    }
+}
+
+/// The answer to `/start`.
+pub fn start(first_root: &str) -> String {
+    format!(
+        "👋 Hi! I back up this server's folders into Telegram, encrypted. Try /backup {first_root}, or /help for everything I can do."
+    )
+}
+
+/// The answer to text that is not a command.
+pub const STRAY_TEXT: &str = "I only understand commands. /help lists them.";
+
+/// The answer to an unknown command.
+pub fn unknown_command(c: &str) -> String {
+    format!("I don't know {c}. /help lists the commands.")
 }
 
 /// `1m 05s`, `3.2s`.
@@ -119,7 +143,11 @@ pub fn progress(job: &Job) -> String {
             }
             let mut counts = Vec::new();
             if p.files_total > 0 {
-                counts.push(format!("{}/{} files", p.files_done, p.files_total));
+                counts.push(format!(
+                    "{}/{}",
+                    p.files_done,
+                    plural(p.files_total, "file", "files")
+                ));
             }
             if p.bytes_total > 0 {
                 counts.push(format!(
@@ -146,15 +174,19 @@ pub fn progress(job: &Job) -> String {
                 }
                 lines.push(line);
             }
+            // The estimate is what Telegram's limits allow; once the job has run longer than
+            // that it says nothing true any more, so it goes (the speed-based ETA stays).
             if let Some(e) = &job.estimate
                 && let (Some(calls), Some(secs)) = (
                     e.get("message_calls").and_then(|v| v.as_u64()),
                     e.get("seconds").and_then(|v| v.as_f64()),
                 )
+                && ((secs * 1000.0) as u64) > elapsed
             {
                 lines.push(format!(
-                    "Estimate: ≤ {calls} Telegram API calls, ~{} at current limits",
-                    duration_ms((secs * 1000.0) as u64)
+                    "Telegram's limits allow this in about {} ({})",
+                    duration_ms((secs * 1000.0) as u64),
+                    plural(calls, "API call", "API calls")
                 ));
             }
             if job.cancel_requested {
@@ -188,19 +220,20 @@ pub fn final_text(job: &Job) -> String {
                 duration_ms: d,
                 ..
             }) => {
-                let ratio = if *bytes_stored > 0 {
-                    format!("{:.1}×", *total as f64 / *bytes_stored as f64)
-                } else {
-                    "∞ (nothing new)".into()
-                };
                 let mut s = format!(
-                    "✅ {head}\nDone: snapshot {snapshot}\nFiles: {files} in {dirs} folders, {}\nNew data stored: {}\nDedup ratio: {ratio}\nDuration: {}",
+                    "✅ {head}\nDone: snapshot {snapshot}\nFiles: {} in {}, {}\nNew data stored: {}\nDedup: {}\nDuration: {}",
+                    plural(*files, "file", "files"),
+                    plural(*dirs, "folder", "folders"),
                     bytes(*total),
                     bytes(*bytes_stored),
+                    dedup_figure(*total, *bytes_stored),
                     duration_ms(*d),
                 );
                 if *warnings > 0 {
-                    s.push_str(&format!("\n⚠️ {warnings} warnings (files skipped)"));
+                    s.push_str(&format!(
+                        "\n⚠️ {} (files skipped)",
+                        plural(*warnings, "warning", "warnings")
+                    ));
                 }
                 s
             }
@@ -212,17 +245,21 @@ pub fn final_text(job: &Job) -> String {
                 duration_ms: d,
             }) => {
                 let mut s = format!(
-                    "✅ {head}\nRestored {files} files, {}\nDuration: {}",
+                    "✅ {head}\nRestored {}, {}\nDuration: {}",
+                    plural(*files, "file", "files"),
                     bytes(*total),
                     duration_ms(*d)
                 );
                 if *unchanged > 0 {
-                    s.push_str(&format!("\n{unchanged} files were already up to date"));
+                    s.push_str(&format!(
+                        "\n{} already up to date",
+                        plural(*unchanged, "file was", "files were")
+                    ));
                 }
                 if !errors.is_empty() {
                     s.push_str(&format!(
-                        "\n⚠️ {} problems:\n{}",
-                        errors.len(),
+                        "\n⚠️ {}:\n{}",
+                        plural(errors.len() as u64, "problem", "problems"),
                         list(errors)
                     ));
                 }
@@ -235,13 +272,15 @@ pub fn final_text(job: &Job) -> String {
             }) => {
                 if errors.is_empty() {
                     format!(
-                        "✅ {head}\nAll {objects} objects verified\nDuration: {}",
+                        "✅ {head}\n{} verified, all intact\nDuration: {}",
+                        plural(*objects, "pack", "packs"),
                         duration_ms(*d)
                     )
                 } else {
                     format!(
-                        "⚠️ {head}\n{} problems in {objects} objects:\n{}",
-                        errors.len(),
+                        "⚠️ {head}\n{} in {}:\n{}",
+                        plural(errors.len() as u64, "problem", "problems"),
+                        plural(*objects, "pack", "packs"),
                         list(errors)
                     )
                 }
@@ -250,7 +289,11 @@ pub fn final_text(job: &Job) -> String {
         },
         JobState::Failed => match &job.result {
             Some(JobResult::Conflicts { count, .. }) => {
-                format!("✋ {head}\n{count} existing files differ; nothing was overwritten.")
+                format!(
+                    "✋ {head}\n{} at the target {} from the backup; nothing was overwritten.",
+                    plural(*count, "existing file", "existing files"),
+                    if *count == 1 { "differs" } else { "differ" }
+                )
             }
             _ => format!("❌ {head}\nFailed{took}"),
         },
@@ -267,6 +310,83 @@ fn list(items: &[String]) -> String {
     out.join("\n")
 }
 
+/// The short new message that ends every job (the final edit of the progress message makes
+/// no sound; this one notifies).
+pub fn final_notice(job: &Job) -> String {
+    match (&job.state, &job.result) {
+        (JobState::Failed, Some(JobResult::Conflicts { count, sample })) => {
+            conflict_prompt(job, *count, sample)
+        }
+        (JobState::Failed, _) => failure_notice(job),
+        (JobState::Cancelled, _) => format!("🛑 {} cancelled.", title(job)),
+        (
+            _,
+            Some(JobResult::Backup {
+                snapshot,
+                files,
+                bytes: total,
+                bytes_stored,
+                warnings,
+                ..
+            }),
+        ) => {
+            let mut s = format!(
+                "✅ {} done: snapshot {snapshot}, {}, {} ({} new).",
+                title(job),
+                plural(*files, "file", "files"),
+                bytes(*total),
+                bytes(*bytes_stored)
+            );
+            if *warnings > 0 {
+                s.push_str(&format!(
+                    " ⚠️ {} skipped.",
+                    plural(*warnings, "item", "items")
+                ));
+            }
+            s
+        }
+        (
+            _,
+            Some(JobResult::Restore {
+                files,
+                bytes: total,
+                errors,
+                ..
+            }),
+        ) => {
+            let mut s = format!(
+                "✅ {} done: {} restored, {}.",
+                title(job),
+                plural(*files, "file", "files"),
+                bytes(*total)
+            );
+            if !errors.is_empty() {
+                s.push_str(&format!(
+                    " ⚠️ {}.",
+                    plural(errors.len() as u64, "problem", "problems")
+                ));
+            }
+            s
+        }
+        (
+            _,
+            Some(JobResult::Verify {
+                objects, errors, ..
+            }),
+        ) if errors.is_empty() => format!(
+            "✅ {} done: {} intact.",
+            title(job),
+            plural(*objects, "pack", "packs")
+        ),
+        (_, Some(JobResult::Verify { errors, .. })) => format!(
+            "⚠️ {} found {} (listed above).",
+            title(job),
+            plural(errors.len() as u64, "problem", "problems")
+        ),
+        _ => format!("✅ {} done.", title(job)),
+    }
+}
+
 /// The separate notice sent when a job fails.
 pub fn failure_notice(job: &Job) -> String {
     let reason = job.error.as_deref().unwrap_or("unknown error");
@@ -281,13 +401,16 @@ pub fn failure_notice(job: &Job) -> String {
 /// The question asked when a restore met existing differing files.
 pub fn conflict_prompt(job: &Job, count: u64, sample: &[String]) -> String {
     let mut s = format!(
-        "✋ {} · {}\n{count} files already exist at the target and differ from the backup:\n{}",
+        "✋ {} · {}\n{} already {} at the target and {} from the backup:\n{}",
         title(job),
         subject(job),
+        plural(count, "file", "files"),
+        if count == 1 { "exists" } else { "exist" },
+        if count == 1 { "differs" } else { "differ" },
         list(sample)
     );
     if (sample.len() as u64) < count {
-        s.push_str(&format!("\n… {} files in all", count));
+        s.push_str(&format!("\n… {} in all", plural(count, "file", "files")));
     }
     s.push_str("\nOverwrite them?");
     s
@@ -329,6 +452,13 @@ pub fn job_line(job: &Job, now_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plurals() {
+        assert_eq!(plural(1, "file", "files"), "1 file");
+        assert_eq!(plural(0, "file", "files"), "0 files");
+        assert_eq!(plural(2, "snapshot", "snapshots"), "2 snapshots");
+    }
 
     #[test]
     fn units() {

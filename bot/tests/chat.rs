@@ -10,7 +10,7 @@ use storinator_bot::{BotConfig, CatalogView, EntryLine, SnapshotLine, SqlCatalog
 use storinator_shared::{
     Job, JobArgs, JobResult, JobState, Jobs, ManualClock, Phase, ProgressReport, Signal,
 };
-use storinator_testkit::botapi::{FakeBotApi, Fault};
+use storinator_testkit::botapi::{self, FakeBotApi, Fault};
 use tokio::sync::oneshot;
 
 const USER: i64 = 7;
@@ -69,8 +69,13 @@ enum Cat {
     Stub,
 }
 
+/// Telegram's limits, five times faster: the tests keep their shape without the waiting.
+const SPEED: u32 = 5;
+
 async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
-    let api = FakeBotApi::start().await.unwrap();
+    let api = FakeBotApi::start_with(botapi::Limits::telegram().faster(SPEED))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let outside = dir.path().join("outside");
@@ -94,8 +99,10 @@ async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
         ("STORINATOR_BOT_TICK_MS".into(), "25".into()),
         ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
     ];
-    let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
-        .unwrap();
+    let mut cfg =
+        BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            .unwrap();
+    cfg.limits = storinator_bot::Limits::telegram().faster(SPEED);
     let pool = storinator_bot::db::open(&db).await.unwrap();
     let mut jobs = Jobs::new(pool.clone());
     if let Some(c) = clock {
@@ -241,14 +248,28 @@ async fn backup_shows_queued_progress_and_summary() {
         .await
         .unwrap();
     let text = h.wait_progress(&job, "Done: snapshot ab12cd34").await;
-    assert!(text.contains("Dedup ratio: 2.0×"), "{text}");
+    assert!(text.contains("Dedup: 2.00×"), "{text}");
     assert!(text.contains("New data stored: 800 B"), "{text}");
+    assert!(text.contains("Files: 16 files in 2 folders"), "{text}");
+    // Besides the (silent) final edit, a short new message notifies.
+    let notice = h
+        .api
+        .wait_for_bot_text(CHAT, "done: snapshot ab12cd34", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        notice.text,
+        format!(
+            "✅ Backup #{} done: snapshot ab12cd34, 16 files, 1.6 KiB (800 B new).",
+            job.id
+        )
+    );
 
     let msgs = h.api.bot_messages(CHAT);
     assert_eq!(
         msgs.len(),
-        1,
-        "one progress message per job:\n{}",
+        2,
+        "one progress message and one final notice per job:\n{}",
         h.api.transcript_text(CHAT)
     );
     let progress_edits = msgs[0]
@@ -271,8 +292,19 @@ async fn unauthorized_user_is_refused_and_nothing_is_queued() {
         .await;
     assert!(reply.contains("not allowed"), "{reply}");
     assert!(reply.contains("99"), "{reply}");
-    let reply = h.say(99, "/jobs").await;
-    assert!(reply.contains("not allowed"), "{reply}");
+    // Further messages within the stranger interval get no answer: nobody outside can spend
+    // the bot's message budget.
+    for _ in 0..5 {
+        h.api.push_message(99, CHAT, "/jobs");
+    }
+    h.say(USER, "/jobs").await;
+    let refusals = h
+        .api
+        .bot_messages(CHAT)
+        .iter()
+        .filter(|m| m.text.contains("not allowed"))
+        .count();
+    assert_eq!(refusals, 1, "{}", h.api.transcript_text(CHAT));
     assert_eq!(h.job_count().await, 0);
     h.stop().await;
 }
@@ -327,12 +359,16 @@ async fn bad_paths_are_refused_before_a_job_is_written() {
 async fn unknown_commands_and_bad_arguments_get_usage() {
     let h = start(None, Cat::Sql).await;
     for (text, expect) in [
-        ("/frobnicate", "Unknown command"),
+        (
+            "/frobnicate",
+            "I don't know /frobnicate. /help lists the commands.",
+        ),
         ("/backup", "which folder"),
         ("/cancel soon", "not a job id"),
         ("/restore", "what should I restore"),
         ("/ls", "Usage: /ls"),
-        ("hello", "only understand commands"),
+        ("hello", "I only understand commands. /help lists them."),
+        ("/start", "👋 Hi!"),
         ("/help", "/backup"),
         ("/jobs", "no jobs yet"),
         ("/status", "Nothing is running"),
