@@ -70,6 +70,9 @@ pub(crate) struct App {
     pub(crate) outbox: Outbox,
     /// When each stranger was last answered (they get one refusal per `stranger_interval`).
     strangers: Mutex<HashMap<u64, Instant>>,
+    /// Jobs whose messages someone is sending right now (a handler posting the progress
+    /// message, the notifier delivering an update): one at a time per job.
+    busy: Mutex<HashSet<JobId>>,
     /// Conflict prompts already answered (guards against a double tap enqueuing twice).
     answered: Mutex<HashSet<JobId>>,
 }
@@ -103,6 +106,26 @@ pub(crate) fn conflict_keyboard(job: JobId, count: u64) -> InlineKeyboardMarkup 
         ),
         InlineKeyboardButton::callback("Keep existing", format!("keep:{job}")),
     ]])
+}
+
+/// The right to send a job's messages, held until dropped.
+pub(crate) struct Busy(Arc<App>, JobId);
+
+impl Busy {
+    /// `None` when someone else is sending this job's messages.
+    pub(crate) fn claim(app: &Arc<App>, job: JobId) -> Option<Busy> {
+        app.busy
+            .lock()
+            .unwrap()
+            .insert(job)
+            .then(|| Busy(app.clone(), job))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.lock().unwrap().remove(&self.1);
+    }
 }
 
 /// Telegram refuses texts over 4096 characters; long listings are cut with a note.
@@ -399,6 +422,9 @@ async fn start_job(
     args: JobArgs,
 ) -> anyhow::Result<()> {
     let job = app.jobs.enqueue(user_id, chat.0, &args).await?;
+    // Taken before anything can await, so the notifier can't post a second message for a
+    // job that finishes before its first message is out.
+    let _busy = Busy::claim(app, job.id);
     tracing::info!(job = job.id, user_id, kind = args.kind(), "job queued");
     let text = render::progress(&job);
     let msg = app.outbox.text(chat, text, None).await?;
@@ -468,6 +494,7 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
             .await?;
         let chat = ChatId(job.chat_id);
         let new = app.jobs.enqueue(job.user_id, job.chat_id, &args).await?;
+        let _busy = Busy::claim(&app, new.id);
         if let Some((c, m)) = prompt {
             edit_quietly(
                 &app,
@@ -540,6 +567,7 @@ pub async fn run_with(
         jobs,
         catalog,
         strangers: Mutex::default(),
+        busy: Mutex::default(),
         answered: Mutex::default(),
     });
     let notifier = tokio::spawn(notifier::Notifier::new(app.clone()).run());

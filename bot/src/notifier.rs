@@ -7,7 +7,7 @@
 //! notice. Pacing is the outbox's job; the notifier only keeps each progress message to one
 //! edit per `edit_interval`, and never has two deliveries for one job under way.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use teloxide::ApiError;
@@ -19,12 +19,10 @@ use tokio::time::Instant;
 use storinator_shared::{Job, JobId, JobResult, JobState};
 
 use crate::outbox::{Out, Persistence};
-use crate::{App, render};
+use crate::{App, Busy, render};
 
 #[derive(Default)]
 struct State {
-    /// Jobs with a delivery under way.
-    busy: HashSet<JobId>,
     /// The text each job's progress message shows, as far as this process knows.
     shown: HashMap<JobId, String>,
     /// When each job's progress message may be edited again.
@@ -35,15 +33,6 @@ struct State {
 pub(crate) struct Notifier {
     app: Arc<App>,
     state: Arc<Mutex<State>>,
-}
-
-/// Frees a job's delivery slot when the delivery task ends, however it ends.
-struct Busy(Arc<Mutex<State>>, JobId);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.lock().unwrap().busy.remove(&self.1);
-    }
 }
 
 impl Notifier {
@@ -65,10 +54,20 @@ impl Notifier {
         }
     }
 
-    /// Claims the delivery slot of `job`, unless a delivery is under way.
     fn claim(&self, job: JobId) -> Option<Busy> {
-        let mut s = self.state.lock().unwrap();
-        s.busy.insert(job).then(|| Busy(self.state.clone(), job))
+        Busy::claim(&self.app, job)
+    }
+
+    /// The job as it is now: the list it came from may predate a delivery that just ended
+    /// on another thread (which recorded the progress message or the notice).
+    async fn fresh(&self, job: &Job) -> Option<Job> {
+        match self.app.jobs.get(job.id).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(job = job.id, "re-reading a job: {e}");
+                None
+            }
+        }
     }
 
     /// One look at the job table; deliveries run as tasks of their own, so one slow chat
@@ -79,7 +78,9 @@ impl Notifier {
             if let Some(busy) = self.claim(job.id) {
                 let me = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = me.finished(&job).await {
+                    if let Some(job) = me.fresh(&job).await.filter(|j| !j.final_notified)
+                        && let Err(e) = me.finished(&job).await
+                    {
                         tracing::warn!(job = job.id, "final notice: {e:#}");
                     }
                     drop(busy);
@@ -98,7 +99,13 @@ impl Notifier {
             if let Some(busy) = self.claim(job.id) {
                 let me = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = me.progress(&job).await {
+                    let job = me
+                        .fresh(&job)
+                        .await
+                        .filter(|j| !j.state.is_final() && j.updated_at > j.shown_at);
+                    if let Some(job) = job
+                        && let Err(e) = me.progress(&job).await
+                    {
                         tracing::warn!(job = job.id, "progress edit: {e:#}");
                     }
                     drop(busy);
@@ -109,6 +116,9 @@ impl Notifier {
             if let Some(busy) = self.claim(job.id) {
                 let me = self.clone();
                 tokio::spawn(async move {
+                    let Some(job) = me.fresh(&job).await.filter(|j| !j.stall_notified) else {
+                        return;
+                    };
                     let chat = ChatId(job.chat_id);
                     let sent = me
                         .app

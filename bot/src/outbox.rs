@@ -289,6 +289,9 @@ impl Runner {
                 Some(d) = done_rx.recv() => self.finished(d),
                 _ = sleep => {}
             }
+            if self.chats.len() > 1000 {
+                self.forget_idle();
+            }
         }
     }
 
@@ -337,9 +340,7 @@ impl Runner {
                 .get_mut(&chat_id)
                 .expect("a chat in turns has a queue");
             if q.items.is_empty() {
-                if !q.in_flight {
-                    self.chats.remove(&chat_id);
-                }
+                // Out of turns; the queue (and its bucket) stays until it is idle and full.
                 continue;
             }
             self.turns.push_back(chat_id);
@@ -383,6 +384,28 @@ impl Runner {
             });
         }
         wake
+    }
+
+    /// Forgets idle chats whose bucket is full again (their state is the default then).
+    fn forget_idle(&mut self) {
+        let now = Instant::now();
+        let l = self.limits;
+        let turns = &self.turns;
+        self.chats.retain(|id, q| {
+            if !q.items.is_empty() || q.in_flight || turns.contains(id) {
+                return true;
+            }
+            if q.blocked_until.is_some_and(|t| t > now) {
+                return true;
+            }
+            match &mut q.bucket {
+                Some(b) => {
+                    b.refill(l.chat_burst, l.chat_interval, now);
+                    b.tokens < f64::from(l.chat_burst.max(1))
+                }
+                None => false,
+            }
+        });
     }
 
     fn finished(&mut self, d: Done) {
