@@ -49,6 +49,45 @@ impl StorageError {
     }
 }
 
+/// Errors from sealing, opening and key handling. Messages never contain key material.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("blob is truncated")]
+    Truncated,
+    #[error("blob has an unknown format (bad magic)")]
+    BadMagic,
+    #[error("unsupported blob version {0}")]
+    UnsupportedVersion(u8),
+    /// Structurally invalid blob (unknown flags, reserved byte set, bad length or padding).
+    #[error("blob is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("authentication failed: blob was modified or the key is wrong")]
+    MacMismatch,
+    #[error("checksum mismatch: blob is corrupted")]
+    ChecksumMismatch,
+    #[error("blob is encrypted and no key was given")]
+    KeyRequired,
+    #[error("wrong passphrase")]
+    WrongPassphrase,
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    #[error("plaintext exceeds limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("invalid id: {0}")]
+    BadId(String),
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+}
+
+/// Errors reading a pack's trailer.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("pack {pack} has no valid trailer: {reason}")]
+    BadTrailer { pack: String, reason: String },
+    #[error("pack {pack} trailer failed authentication: {source}")]
+    Crypto { pack: String, source: CryptoError },
+}
+
 /// Errors of the engine (catalog, backup, restore, verify, recover).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,9 +99,9 @@ pub enum Error {
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
-    Crypto(#[from] crate::crypto::CryptoError),
+    Crypto(#[from] CryptoError),
     #[error(transparent)]
-    Pack(#[from] crate::pack::PackError),
+    Pack(#[from] PackError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("{}: {error}", path.display())]

@@ -1,52 +1,45 @@
-//! The T-Storinator engine, shared by the bot and the worker.
+//! The T-Storinator engine, shared by the bot and the worker. No Telegram client code lives
+//! here.
 //!
-//! One module per concept: `config`, `crypto` (keys, sealing), `chunker`, `pack`, `storage`
-//! (the trait and its local backends), `catalog` (SQLite), `backup`, `restore`, `verify`,
-//! `recover`, `progress`. No Telegram client code lives here.
+//! The crate is layered; a module only imports from its own layer or the ones below it
+//! (`tests/layering.rs` checks this):
+//!
+//! | layer | what it is for |
+//! |---|---|
+//! | `error`, `config`, `clock`, `progress` | the crate's vocabulary: errors, settings, time, progress |
+//! | [`format`] | bytes in, bytes out: crypto, chunking, packs, stored snapshot objects; no I/O beyond a pack file, no database |
+//! | [`storage`], [`catalog`] | where packs live (the storage trait and its backends); the SQLite schema and its queries |
+//! | [`engine`] | the operations on a repository: backup, restore, verify, recover |
+//! | [`ops`] | work between processes: the job table |
 
-pub mod backup;
 pub mod catalog;
-pub mod chunker;
 pub mod clock;
 pub mod config;
-pub mod crypto;
+pub mod engine;
 pub mod error;
-pub mod jobs;
-pub mod pack;
+pub mod format;
+pub mod ops;
 pub mod progress;
-pub mod recover;
-pub mod repo;
-pub mod restore;
 pub mod storage;
-mod verify;
 
-pub use backup::{BackupOptions, BackupSummary, Warning, human_bytes};
 pub use catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo};
-pub use chunker::ChunkerParams;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
-pub use crypto::{ChunkId, KdfParams, Keys, WrappedKey};
+pub use engine::backup::{BackupOptions, BackupSummary, Warning};
+pub use engine::recover::{RecoverReport, recover};
+pub use engine::repo::{
+    EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots,
+};
+pub use engine::restore::{RestoreOptions, RestoreSummary};
 pub use error::{Error, StorageError};
-pub use jobs::{
+pub use format::chunker::ChunkerParams;
+pub use format::crypto::{ChunkId, KdfParams, Keys, WrappedKey};
+pub use ops::jobs::{
     CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult, JobState, Jobs, Lease,
     Signal,
 };
-pub use progress::{CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport};
-pub use recover::{RecoverReport, recover};
-pub use repo::{EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots};
-pub use restore::{RestoreOptions, RestoreSummary};
-pub use storage::{
-    DirStorage, Location, MemoryStorage, ObjectInfo, ObjectRef, Storage, TransferEstimate,
+pub use progress::{
+    CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, TransferEstimate,
+    human_bytes,
 };
-
-impl Repo {
-    /// Checks that everything the catalog references is in storage (and, with `read_data`,
-    /// intact).
-    pub async fn verify(
-        &self,
-        read_data: bool,
-        progress: &dyn Progress,
-    ) -> Result<VerifyReport, Error> {
-        verify::run(self, read_data, progress).await
-    }
-}
+pub use storage::{DirStorage, Location, MemoryStorage, ObjectInfo, ObjectRef, Storage};

@@ -45,6 +45,15 @@ pub struct ProgressReport {
     pub bytes_stored: u64,
 }
 
+/// What moving some bytes through a storage backend is expected to cost, under its current
+/// limits (Telegram: message-class calls, part calls and the rate they are allowed at).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TransferEstimate {
+    pub message_calls: u64,
+    pub part_calls: u64,
+    pub seconds: f64,
+}
+
 /// Receives progress. Called often (every few hundred milliseconds and at phase changes):
 /// implementations throttle as they need. Every method has a no-op default.
 pub trait Progress: Send + Sync {
@@ -52,7 +61,7 @@ pub trait Progress: Send + Sync {
 
     /// The storage backend's estimate of the transfer ahead, sent once the job knows how
     /// much it has to move (after scanning).
-    fn estimate(&self, _estimate: &crate::storage::TransferEstimate) {}
+    fn estimate(&self, _estimate: &TransferEstimate) {}
 }
 
 /// Shows nothing.
@@ -104,5 +113,21 @@ impl CancelFlag {
     }
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// `1.5 MiB`-style sizes.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }

@@ -286,7 +286,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
-            if let Some(existing) = catalog.user_key(storinator_shared::repo::KEY_USER).await? {
+            if let Some(existing) = catalog
+                .user_key(storinator_shared::engine::repo::KEY_USER)
+                .await?
+            {
                 return Err(Error::KeyExists {
                     key_id: existing.key_id,
                 }

@@ -102,7 +102,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let db_url = storinator_shared::config::sqlite_url(&work.join("storinator.db"));
     let catalog = Catalog::open(&db_url).await?;
     if catalog
-        .user_key(storinator_shared::repo::KEY_USER)
+        .user_key(storinator_shared::engine::repo::KEY_USER)
         .await?
         .is_none()
     {

@@ -16,6 +16,7 @@ pub use dir::DirStorage;
 pub use memory::MemoryStorage;
 
 use crate::error::StorageError;
+pub use crate::progress::TransferEstimate;
 
 /// Where a stored object lives, as the backend wants to remember it (for Telegram: chat and
 /// message id). Opaque to the engine; persisted in the catalog next to the pack.
@@ -44,15 +45,6 @@ impl ObjectRef {
             location: location.into(),
         }
     }
-}
-
-/// What moving some bytes through a storage backend is expected to cost, under its current
-/// limits (Telegram: message-class calls, part calls and the rate they are allowed at).
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TransferEstimate {
-    pub message_calls: u64,
-    pub part_calls: u64,
-    pub seconds: f64,
 }
 
 /// A place to keep sealed objects.

@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
 
+pub use crate::error::CryptoError;
+
 type HmacSha256 = Hmac<Sha256>;
 type Aes256CbcEnc = cbc::Encryptor<Aes256>;
 type Aes256CbcDec = cbc::Decryptor<Aes256>;
@@ -53,36 +55,6 @@ const INFO_ID: &[u8] = b"t-storinator v1 chunk-id";
 /// Largest Argon2 memory cost accepted from a stored key object (4 GiB), so a tampered
 /// key object cannot make `unwrap` allocate without bound.
 const MAX_KDF_M_KIB: u32 = 4 * 1024 * 1024;
-
-/// Errors from sealing, opening and key handling. Messages never contain key material.
-#[derive(Debug, thiserror::Error)]
-pub enum CryptoError {
-    #[error("blob is truncated")]
-    Truncated,
-    #[error("blob has an unknown format (bad magic)")]
-    BadMagic,
-    #[error("unsupported blob version {0}")]
-    UnsupportedVersion(u8),
-    /// Structurally invalid blob (unknown flags, reserved byte set, bad length or padding).
-    #[error("blob is malformed: {0}")]
-    Malformed(&'static str),
-    #[error("authentication failed: blob was modified or the key is wrong")]
-    MacMismatch,
-    #[error("checksum mismatch: blob is corrupted")]
-    ChecksumMismatch,
-    #[error("blob is encrypted and no key was given")]
-    KeyRequired,
-    #[error("wrong passphrase")]
-    WrongPassphrase,
-    #[error("decompression failed: {0}")]
-    Decompress(String),
-    #[error("plaintext exceeds limit of {0} bytes")]
-    TooLarge(usize),
-    #[error("invalid id: {0}")]
-    BadId(String),
-    #[error("key derivation failed: {0}")]
-    Kdf(String),
-}
 
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];

@@ -14,12 +14,15 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::crypto::{self, ChunkId, CryptoError, Keys, SealMode};
+pub use crate::error::PackError;
+use crate::format::crypto::{self, ChunkId, Keys, SealMode};
 
 pub const PACK_MAGIC: &[u8; 8] = b"STPACK01";
 /// Bytes after the sealed trailer: its length and the magic.
 pub const PACK_TAIL_LEN: u64 = 4 + 8;
 const ENTRY_LEN: usize = 1 + 1 + 32 + 8 + 4 + 4;
+/// Plaintext cap when opening blobs (largest chunk is 4 MiB; listings are smaller).
+pub const MAX_BLOB: usize = 16 << 20;
 /// Largest trailer we accept when reading (about 1.3 million entries).
 const MAX_TRAILER: usize = 64 << 20;
 
@@ -79,15 +82,6 @@ impl PackId {
         (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             .then(|| PackId(id.to_string()))
     }
-}
-
-/// Errors reading a pack's trailer.
-#[derive(Debug, thiserror::Error)]
-pub enum PackError {
-    #[error("pack {pack} has no valid trailer: {reason}")]
-    BadTrailer { pack: String, reason: String },
-    #[error("pack {pack} trailer failed authentication: {source}")]
-    Crypto { pack: String, source: CryptoError },
 }
 
 /// Serializes trailer entries.
@@ -297,7 +291,7 @@ impl PackWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{MasterSecret, plain_chunk_id};
+    use crate::format::crypto::{MasterSecret, plain_chunk_id};
 
     #[test]
     fn trailer_round_trip_through_a_pack_file() {

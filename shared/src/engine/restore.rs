@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::repo::Repo;
 use crate::catalog::{ChunkLoc, EntryKind, EntryRow, SnapshotInfo};
-use crate::crypto::{self, ChunkId, Keys};
 use crate::error::Error;
+use crate::format::crypto::{self, ChunkId, Keys};
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
-use crate::repo::Repo;
 use crate::storage::{ObjectRef, Storage, with_retry};
 
 /// What to restore, and where.
@@ -55,7 +55,7 @@ impl RestoreSummary {
         format!(
             "restored {} files ({}), {} dirs, {} symlinks from snapshot {} into {}{} in {:.1}s",
             self.files,
-            crate::backup::human_bytes(self.bytes),
+            crate::progress::human_bytes(self.bytes),
             self.dirs,
             self.symlinks,
             self.snapshot.short_id,
@@ -236,21 +236,77 @@ pub(crate) async fn run(
             opts.path, resolved.snapshot.short_id
         )));
     }
-    // The selected item lands at <to>/<its own name>.
-    let selected_parent = match resolved.prefix.rfind('/') {
-        Some(i) => &resolved.prefix[..i + 1],
-        None => "",
-    };
-    std::fs::create_dir_all(&opts.to).map_err(|e| Error::io(&opts.to, e))?;
-    let to = std::fs::canonicalize(&opts.to).map_err(|e| Error::io(&opts.to, e))?;
-    if !to.is_dir() {
-        return Err(Error::Invalid(format!(
-            "restore target {} is not a directory",
-            to.display()
-        )));
+    let to = prepare_target(&opts.to)?;
+    let mut plan = plan_paths(entries, &resolved.prefix, &to)?;
+    let skip = check_existing(&plan, opts.overwrite).await?;
+    let (files_total, bytes_total) = attach_chunk_lists(repo, &resolved, &mut plan, &skip).await?;
+    counters.files_total.store(files_total, Ordering::Relaxed);
+    counters.bytes_total.store(bytes_total, Ordering::Relaxed);
+    counters.set_phase(Phase::Downloading);
+    progress.report(&counters.report());
+    let packs: std::collections::HashSet<&str> = plan
+        .iter()
+        .flat_map(|p| p.chunks.iter().map(|c| c.pack_id.as_str()))
+        .collect();
+    if let Some(estimate) = repo.storage.estimate(bytes_total, packs.len() as u64) {
+        progress.estimate(&estimate);
     }
 
-    // Validate every path before touching the disk.
+    // Directories first (parents before children: the plan is sorted by path).
+    let dirs: Vec<usize> = (0..plan.len())
+        .filter(|&i| plan[i].entry.kind == EntryKind::Dir)
+        .collect();
+    for &i in &dirs {
+        ensure_dir(&to, &plan[i].dest)?;
+    }
+
+    // Files.
+    let files: Vec<usize> = (0..plan.len())
+        .filter(|&i| plan[i].entry.kind == EntryKind::File && !skip[i])
+        .collect();
+    let plan = Arc::new(plan);
+    let failures =
+        fetch_and_write(repo, &to, plan.clone(), &files, &counters, progress, cancel).await?;
+
+    let symlinks = finish_links_and_dirs(&to, &plan, &skip, &dirs)?;
+    if !failures.is_empty() {
+        return Err(Error::RestoreFailed { failures });
+    }
+    counters.set_phase(Phase::Done);
+    progress.report(&counters.report());
+    let unchanged = skip.iter().filter(|s| **s).count() as u64;
+    Ok(RestoreSummary {
+        snapshot: resolved.snapshot,
+        target: to.join(resolved.prefix.rsplit('/').next().unwrap_or("")),
+        files: files.len() as u64,
+        dirs: dirs.len() as u64,
+        symlinks,
+        bytes: counters.bytes_done.load(Ordering::Relaxed),
+        unchanged,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Creates the target directory if needed; returns its canonical path.
+fn prepare_target(to: &Path) -> Result<PathBuf, Error> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    let canonical = std::fs::canonicalize(to).map_err(|e| Error::io(to, e))?;
+    if !canonical.is_dir() {
+        return Err(Error::Invalid(format!(
+            "restore target {} is not a directory",
+            canonical.display()
+        )));
+    }
+    Ok(canonical)
+}
+
+/// Maps every entry to its destination under `to`, validating every path before anything
+/// touches the disk. The selected item (`prefix`) lands at `<to>/<its own name>`.
+fn plan_paths(entries: Vec<EntryRow>, prefix: &str, to: &Path) -> Result<Vec<Planned>, Error> {
+    let selected_parent = match prefix.rfind('/') {
+        Some(i) => &prefix[..i + 1],
+        None => "",
+    };
     let mut plan = Vec::with_capacity(entries.len());
     for entry in entries {
         let rel = entry
@@ -264,7 +320,7 @@ pub(crate) async fn run(
                 ))
             })?;
         let dest = to.join(rel);
-        if !dest.starts_with(&to) {
+        if !dest.starts_with(to) {
             return Err(Error::Invalid(format!(
                 "refusing to restore {:?} outside {}",
                 entry.path,
@@ -294,113 +350,103 @@ pub(crate) async fn run(
             )));
         }
     }
+    Ok(plan)
+}
 
-    // Existing files: identical ones are skipped, differing ones refuse the restore unless
-    // overwriting was asked for. Decided for all before anything is written.
+/// Compares what already exists with the plan: identical items are skipped (`true` in the
+/// result), differing ones refuse the restore unless overwriting was asked for. Decided for
+/// all before anything is written.
+async fn check_existing(plan: &[Planned], overwrite: bool) -> Result<Vec<bool>, Error> {
+    let checks: Vec<ExistingCheck> = plan
+        .iter()
+        .map(|p| {
+            (
+                p.dest.clone(),
+                p.entry.kind,
+                p.entry.size,
+                p.entry.sha256,
+                p.entry.target.clone(),
+            )
+        })
+        .collect();
+    let results = tokio::task::spawn_blocking(move || {
+        checks
+            .into_iter()
+            .map(|(d, k, s, h, t)| existing_state(&d, k, s, h.as_ref(), t.as_deref()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("restore check failed: {e}")))?;
     let mut conflicts = Vec::new();
     let mut skip = vec![false; plan.len()];
-    {
-        let plan_ref = &plan;
-        let results = tokio::task::spawn_blocking({
-            let checks: Vec<ExistingCheck> = plan_ref
-                .iter()
-                .map(|p| {
-                    (
-                        p.dest.clone(),
-                        p.entry.kind,
-                        p.entry.size,
-                        p.entry.sha256,
-                        p.entry.target.clone(),
-                    )
-                })
-                .collect();
-            move || {
-                checks
-                    .into_iter()
-                    .map(|(d, k, s, h, t)| existing_state(&d, k, s, h.as_ref(), t.as_deref()))
-                    .collect::<Vec<_>>()
-            }
-        })
-        .await
-        .map_err(|e| Error::Invalid(format!("restore check failed: {e}")))?;
-        for (i, state) in results.into_iter().enumerate() {
-            match state {
-                Existing::Absent => {}
-                Existing::Same => skip[i] = true,
-                Existing::Differs => {
-                    if plan[i].entry.kind == EntryKind::Dir || !opts.overwrite {
-                        conflicts.push(plan[i].dest.clone());
-                    }
+    for (i, state) in results.into_iter().enumerate() {
+        match state {
+            Existing::Absent => {}
+            Existing::Same => skip[i] = true,
+            Existing::Differs => {
+                if plan[i].entry.kind == EntryKind::Dir || !overwrite {
+                    conflicts.push(plan[i].dest.clone());
                 }
-                Existing::Error(e) => return Err(Error::io(&plan[i].dest, e)),
             }
+            Existing::Error(e) => return Err(Error::io(&plan[i].dest, e)),
         }
     }
     if !conflicts.is_empty() {
         return Err(Error::Conflicts { paths: conflicts });
     }
+    Ok(skip)
+}
 
-    // Chunk lists of the files to fetch.
-    let mut bytes_total = 0;
-    let mut files_total = 0;
+/// Gives every file to fetch its chunk list (one catalog query for the whole restore).
+/// Returns the number of files and bytes to fetch.
+async fn attach_chunk_lists(
+    repo: &Repo,
+    resolved: &Resolved,
+    plan: &mut [Planned],
+    skip: &[bool],
+) -> Result<(u64, u64), Error> {
+    let (mut files_total, mut bytes_total) = (0, 0);
     let chunk_lists = repo
         .catalog
         .content_chunks_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
         .await?;
     for (i, p) in plan.iter_mut().enumerate() {
-        if p.entry.kind == EntryKind::File && !skip[i] {
-            let content = p.entry.content_id.ok_or_else(|| {
-                Error::Invalid(format!("catalog entry {} has no content", p.entry.path))
-            })?;
-            // A content shared by several files is restored for each of them.
-            p.chunks = match chunk_lists.get(&content) {
-                Some(list) => list.clone(),
-                // An empty file has no chunks.
-                None if p.entry.size == 0 => Vec::new(),
-                None => {
-                    return Err(Error::Invalid(format!(
-                        "catalog has no chunk list for {}\nhint: run `storinator-worker verify`",
-                        p.entry.path
-                    )));
-                }
-            };
-            bytes_total += p.entry.size;
-            files_total += 1;
+        if p.entry.kind != EntryKind::File || skip[i] {
+            continue;
         }
+        let content = p.entry.content_id.ok_or_else(|| {
+            Error::Invalid(format!("catalog entry {} has no content", p.entry.path))
+        })?;
+        // A content shared by several files is restored for each of them.
+        p.chunks = match chunk_lists.get(&content) {
+            Some(list) => list.clone(),
+            // An empty file has no chunks.
+            None if p.entry.size == 0 => Vec::new(),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "catalog has no chunk list for {}\nhint: run `storinator-worker verify`",
+                    p.entry.path
+                )));
+            }
+        };
+        bytes_total += p.entry.size;
+        files_total += 1;
     }
-    counters.files_total.store(files_total, Ordering::Relaxed);
-    counters.bytes_total.store(bytes_total, Ordering::Relaxed);
-    counters.set_phase(Phase::Downloading);
-    progress.report(&counters.report());
-    let packs: std::collections::HashSet<&str> = plan
-        .iter()
-        .flat_map(|p| p.chunks.iter().map(|c| c.pack_id.as_str()))
-        .collect();
-    if let Some(estimate) = repo.storage.estimate(bytes_total, packs.len() as u64) {
-        progress.estimate(&estimate);
-    }
+    Ok((files_total, bytes_total))
+}
 
-    // Directories first (parents before children: the plan is sorted by path).
-    let dirs: Vec<usize> = (0..plan.len())
-        .filter(|&i| plan[i].entry.kind == EntryKind::Dir)
-        .collect();
-    for &i in &dirs {
-        ensure_dir(&to, &plan[i].dest)?;
-    }
-
-    // Files.
-    let files: Vec<usize> = (0..plan.len())
-        .filter(|&i| plan[i].entry.kind == EntryKind::File && !skip[i])
-        .collect();
-    let plan = Arc::new(plan);
-    let failures =
-        fetch_and_write(repo, &to, plan.clone(), &files, &counters, progress, cancel).await?;
-
-    // Symlinks, then directory metadata deepest first (writing files touched their mtimes).
+/// Creates the symlinks, then sets directory metadata deepest first (writing files touched
+/// their mtimes). Returns the number of symlinks made.
+fn finish_links_and_dirs(
+    to: &Path,
+    plan: &[Planned],
+    skip: &[bool],
+    dirs: &[usize],
+) -> Result<u64, Error> {
     let mut symlinks = 0;
     for (i, p) in plan.iter().enumerate() {
         if p.entry.kind == EntryKind::Symlink && !skip[i] {
-            restore_symlink(&to, p)?;
+            restore_symlink(to, p)?;
             symlinks += 1;
         }
     }
@@ -411,22 +457,7 @@ pub(crate) async fn run(
         filetime::set_file_mtime(&p.dest, mtime_of(p.entry.mtime_ns))
             .map_err(|e| Error::io(&p.dest, e))?;
     }
-    if !failures.is_empty() {
-        return Err(Error::RestoreFailed { failures });
-    }
-    counters.set_phase(Phase::Done);
-    progress.report(&counters.report());
-    let unchanged = skip.iter().filter(|s| **s).count() as u64;
-    Ok(RestoreSummary {
-        snapshot: resolved.snapshot,
-        target: to.join(resolved.prefix.rsplit('/').next().unwrap_or("")),
-        files: files.len() as u64,
-        dirs: dirs.len() as u64,
-        symlinks,
-        bytes: counters.bytes_done.load(Ordering::Relaxed),
-        unchanged,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
+    Ok(symlinks)
 }
 
 fn mtime_of(ns: i64) -> filetime::FileTime {
@@ -702,8 +733,8 @@ async fn fetch_range(storage: Arc<dyn Storage>, keys: Keys, read: RangeRead) -> 
             .iter()
             .map(|b| {
                 let sealed = &data[b.offset_in_read..b.offset_in_read + b.length];
-                let plain =
-                    crypto::open(Some(&keys), sealed, crate::backup::MAX_BLOB).map_err(|e| {
+                let plain = crypto::open(Some(&keys), sealed, crate::format::pack::MAX_BLOB)
+                    .map_err(|e| {
                         format!(
                             "chunk {} in pack {}: {e}",
                             &b.id.to_hex()[..12],

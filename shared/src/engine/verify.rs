@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use crate::crypto;
+use super::repo::{Repo, VerifyReport};
 use crate::error::Error;
-use crate::pack::{self, PACK_TAIL_LEN};
+use crate::format::crypto;
+use crate::format::pack::{self, PACK_TAIL_LEN};
 use crate::progress::{Counters, Phase, Progress};
-use crate::repo::{Repo, VerifyReport};
 use crate::storage::{ObjectRef, with_retry};
 
 /// Bytes per range read when reading whole packs.
@@ -127,12 +127,11 @@ async fn check_pack(
     report.bytes_read += tlen + PACK_TAIL_LEN;
     // Every blob the catalog places in this pack must be in the trailer, at the same place.
     let pack_id = obj.name.trim_end_matches(".enc");
-    let in_catalog: Vec<(Vec<u8>, i64, i64)> =
-        sqlx::query_as("SELECT id, offset, length FROM chunks WHERE pack_id = ?")
-            .bind(pack_id)
-            .fetch_all(repo.catalog.pool())
-            .await
-            .map_err(|e| err(&e))?;
+    let in_catalog = repo
+        .catalog
+        .blobs_in_pack(pack_id)
+        .await
+        .map_err(|e| err(&e))?;
     let by_id: HashMap<[u8; 32], &pack::PackEntry> = entries.iter().map(|e| (e.id.0, e)).collect();
     for (id, offset, length) in &in_catalog {
         let ok = id
@@ -175,7 +174,7 @@ async fn check_pack(
         for e in &sorted[i..j] {
             let s = (e.offset - start) as usize;
             let sealed = &data[s..s + e.length as usize];
-            let plain = crypto::open(Some(repo.keys()), sealed, crate::backup::MAX_BLOB)
+            let plain = crypto::open(Some(repo.keys()), sealed, crate::format::pack::MAX_BLOB)
                 .map_err(|x| err(&format!("chunk {}: {x}", &e.id.to_hex()[..12])))?;
             let id = if e.flags & pack::FLAG_ENCRYPTED != 0 {
                 repo.keys().chunk_id(&plain)

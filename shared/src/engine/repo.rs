@@ -6,14 +6,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backup::{self, BackupOptions, BackupSummary};
+use super::backup::{self, BackupOptions, BackupSummary};
+use super::restore::{self, RestoreOptions, RestoreSummary};
+use super::verify;
 use crate::catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo};
-use crate::chunker::ChunkerParams;
 use crate::config::Config;
-use crate::crypto::{CryptoError, KdfParams, Keys, MasterSecret, WrappedKey};
-use crate::error::Error;
+use crate::error::{CryptoError, Error};
+use crate::format::chunker::ChunkerParams;
+use crate::format::crypto::{KdfParams, Keys, MasterSecret, WrappedKey};
 use crate::progress::{CancelFlag, Progress};
-use crate::restore::{self, RestoreOptions, RestoreSummary};
 use crate::storage::Storage;
 
 /// The catalog's name for the key holder (one key per storage host; chat users are told
@@ -203,6 +204,16 @@ impl Repo {
         cancel: &CancelFlag,
     ) -> Result<RestoreSummary, Error> {
         restore::run(self, opts, progress, cancel).await
+    }
+
+    /// Checks that everything the catalog references is in storage (and, with `read_data`,
+    /// intact).
+    pub async fn verify(
+        &self,
+        read_data: bool,
+        progress: &dyn Progress,
+    ) -> Result<VerifyReport, Error> {
+        verify::run(self, read_data, progress).await
     }
 
     /// Snapshots of `owner`, oldest first; with `path`, only those containing it.

@@ -5,15 +5,14 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backup::{
-    ListingEntry, MAX_BLOB, NewContent, NewEntry, SnapshotObject, commit_snapshot,
-};
-use crate::catalog::{Catalog, EntryKind, SnapshotInfo};
-use crate::crypto::{self, ChunkId, Keys, WrappedKey};
+use super::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
+use crate::catalog::{Catalog, NewContent, NewEntry, SnapshotInfo};
 use crate::error::Error;
-use crate::pack::{self, BlobKind, PACK_TAIL_LEN, PackId};
+use crate::format::EntryKind;
+use crate::format::crypto::{self, ChunkId, Keys, WrappedKey};
+use crate::format::pack::{self, BlobKind, MAX_BLOB, PACK_TAIL_LEN, PackId};
+use crate::format::snapshot::{ListingEntry, SnapshotObject};
 use crate::progress::{Counters, Phase, Progress};
-use crate::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
 use crate::storage::{ObjectRef, Storage, with_retry};
 
 /// What `recover` found.
@@ -117,12 +116,7 @@ pub async fn recover(
     }
 
     // Snapshots: oldest first per root, each committed like a fresh backup would.
-    let known: HashSet<Vec<u8>> = sqlx::query_scalar::<_, Vec<u8>>("SELECT blob_id FROM snapshots")
-        .fetch_all(catalog.pool())
-        .await
-        .map_err(crate::catalog::db("listing snapshots"))?
-        .into_iter()
-        .collect();
+    let known: HashSet<Vec<u8>> = catalog.snapshot_blob_ids().await?.into_iter().collect();
     let mut objects_by_time: BTreeMap<(i64, String), (ChunkId, SnapshotObject)> = BTreeMap::new();
     for (id, obj, entry) in snapshot_blobs {
         if known.contains(id.0.as_slice()) {
@@ -226,7 +220,9 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
         bytes_stored: s.bytes_stored,
         warnings: s.warnings,
     };
-    commit_snapshot(repo, &info, id, &items, &previous).await?;
+    repo.catalog
+        .commit_snapshot(&info, id, &items, &previous)
+        .await?;
     Ok(())
 }
 

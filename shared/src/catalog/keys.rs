@@ -1,0 +1,52 @@
+//! The wrapped master key, by holder name.
+
+use sqlx::Row;
+
+use super::{Catalog, db, now_ms};
+use crate::error::Error;
+use crate::format::crypto::{KdfParams, WrappedKey};
+
+impl Catalog {
+    pub async fn user_key(&self, name: &str) -> Result<Option<WrappedKey>, Error> {
+        let row = sqlx::query(
+            "SELECT key_id, kdf_salt, kdf_m_kib, kdf_t_cost, kdf_p_cost, wrapped_key FROM users WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading the key"))?;
+        Ok(row.map(|r| WrappedKey {
+            key_id: r.get(0),
+            salt: r.get(1),
+            kdf: KdfParams {
+                m_kib: r.get::<i64, _>(2) as u32,
+                t_cost: r.get::<i64, _>(3) as u32,
+                p_cost: r.get::<i64, _>(4) as u32,
+            },
+            wrapped: r.get(5),
+        }))
+    }
+
+    /// Stores (or replaces, for a passphrase change) the wrapped key of `name`.
+    pub async fn put_user_key(&self, name: &str, key: &WrappedKey) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO users (name, key_id, kdf_salt, kdf_m_kib, kdf_t_cost, kdf_p_cost, wrapped_key, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, kdf_salt = excluded.kdf_salt, \
+             kdf_m_kib = excluded.kdf_m_kib, kdf_t_cost = excluded.kdf_t_cost, kdf_p_cost = excluded.kdf_p_cost, \
+             wrapped_key = excluded.wrapped_key",
+        )
+        .bind(name)
+        .bind(&key.key_id)
+        .bind(&key.salt)
+        .bind(i64::from(key.kdf.m_kib))
+        .bind(i64::from(key.kdf.t_cost))
+        .bind(i64::from(key.kdf.p_cost))
+        .bind(&key.wrapped)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(db("storing the key"))?;
+        Ok(())
+    }
+}

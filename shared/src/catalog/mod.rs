@@ -1,0 +1,198 @@
+//! The catalog layer: the schema and its queries. SQLite holds the wrapped key, packs,
+//! chunks, snapshots and their entries (and the job table, see `ops::jobs`). It is a cache of
+//! what storage holds; `engine::recover` rebuilds it from storage.
+//!
+//! Layer rules: the catalog may import `format` and the crate-level foundation modules
+//! (`error`, `config`, `clock`, `progress`), never `engine` or `ops`. Every SQL statement of
+//! the engine lives here, so a second database backend has one place to change.
+
+mod keys;
+mod packs;
+mod snapshots;
+
+pub use snapshots::{NewContent, NewEntry};
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::error::Error;
+pub use crate::format::EntryKind;
+use crate::format::crypto::ChunkId;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn db(context: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
+    move |source| Error::Db {
+        context: context.to_string(),
+        source,
+    }
+}
+
+/// Opens (creating if needed) the SQLite database at `url`, in WAL mode with a busy
+/// timeout and foreign keys on, and brings its schema up to date.
+pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
+    let opts = SqliteConnectOptions::from_str(url)
+        .map_err(|e| Error::Invalid(format!("invalid DATABASE_URL {url:?}: {e}")))?;
+    if let Some(parent) = opts
+        .get_filename()
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let opts = opts
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(30))
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(opts)
+        .await
+        .map_err(|source| Error::Db {
+            context: format!("opening {url}"),
+            source,
+        })?;
+    sqlx::migrate!("../migrations")
+        .run(&pool)
+        .await
+        .map_err(|e| Error::Invalid(format!("migrating the catalog at {url}: {e}")))?;
+    Ok(pool)
+}
+
+/// One entry of a snapshot as the catalog holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryRow {
+    pub id: i64,
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub inode: u64,
+    pub content_id: Option<i64>,
+    pub sha256: Option<[u8; 32]>,
+    pub target: Option<String>,
+}
+
+/// A snapshot as listed to users.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub short_id: String,
+    pub owner: String,
+    pub root: String,
+    pub seq: i64,
+    pub hostname: String,
+    pub encrypted: bool,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub bytes_read: u64,
+    pub new_chunks: u64,
+    pub bytes_stored: u64,
+    pub warnings: u64,
+}
+
+/// A pack row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackRow {
+    pub id: String,
+    pub state: String,
+    pub size: u64,
+    pub encrypted: bool,
+    pub location: String,
+}
+
+/// Where a chunk lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub id: ChunkId,
+    pub pack_id: String,
+    pub location: String,
+    pub offset: u64,
+    pub length: u64,
+    pub raw_length: u64,
+}
+
+/// The catalog.
+#[derive(Clone)]
+pub struct Catalog {
+    pool: SqlitePool,
+}
+
+pub(crate) const SNAPSHOT_COLUMNS: &str = "s.short_id, r.owner, r.path, s.seq, s.hostname, s.encrypted, s.started_at, \
+     s.finished_at, s.files, s.dirs, s.bytes, s.bytes_read, s.new_chunks, s.bytes_stored, s.warnings";
+
+pub(crate) fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotInfo {
+    SnapshotInfo {
+        short_id: r.get(0),
+        owner: r.get(1),
+        root: r.get(2),
+        seq: r.get(3),
+        hostname: r.get(4),
+        encrypted: r.get(5),
+        started_at: r.get(6),
+        finished_at: r.get(7),
+        files: r.get::<i64, _>(8) as u64,
+        dirs: r.get::<i64, _>(9) as u64,
+        bytes: r.get::<i64, _>(10) as u64,
+        bytes_read: r.get::<i64, _>(11) as u64,
+        new_chunks: r.get::<i64, _>(12) as u64,
+        bytes_stored: r.get::<i64, _>(13) as u64,
+        warnings: r.get::<i64, _>(14) as u64,
+    }
+}
+
+pub(crate) const ENTRY_COLUMNS: &str =
+    "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target";
+
+pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
+    let sha: Option<Vec<u8>> = r.get(8);
+    EntryRow {
+        id: r.get(0),
+        path: r.get(1),
+        kind: EntryKind::parse(r.get::<&str, _>(2)).unwrap_or(EntryKind::File),
+        size: r.get::<i64, _>(3) as u64,
+        mtime_ns: r.get(4),
+        mode: r.get::<i64, _>(5) as u32,
+        inode: r.get::<i64, _>(6) as u64,
+        content_id: r.get(7),
+        sha256: sha.and_then(|s| s.try_into().ok()),
+        target: r.get(9),
+    }
+}
+
+impl Catalog {
+    pub async fn open(url: &str) -> Result<Catalog, Error> {
+        Ok(Catalog {
+            pool: open_pool(url).await?,
+        })
+    }
+
+    /// Opens a catalog in a file (tests, tools).
+    pub async fn open_file(path: &Path) -> Result<Catalog, Error> {
+        Catalog::open(&crate::config::sqlite_url(path)).await
+    }
+
+    pub fn from_pool(pool: SqlitePool) -> Catalog {
+        Catalog { pool }
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}

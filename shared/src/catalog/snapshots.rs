@@ -1,0 +1,397 @@
+//! Backup roots, snapshots and their entries (a temporal table: each row is valid from one
+//! snapshot of its root until the one where the entry changed).
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{Row, SqliteConnection};
+
+use super::{
+    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
+    snapshot_from_row,
+};
+use crate::error::Error;
+use crate::format::EntryKind;
+use crate::format::crypto::ChunkId;
+
+impl Catalog {
+    pub async fn root_id(&self, owner: &str, path: &str) -> Result<Option<i64>, Error> {
+        sqlx::query_scalar("SELECT id FROM roots WHERE owner = ? AND path = ?")
+            .bind(owner)
+            .bind(path)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("looking up a backup root"))
+    }
+
+    /// Roots of an owner, as (id, absolute path).
+    pub async fn roots(&self, owner: &str) -> Result<Vec<(i64, String)>, Error> {
+        let rows = sqlx::query("SELECT id, path FROM roots WHERE owner = ? ORDER BY path")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing backup roots"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Highest committed snapshot sequence number of a root (0 if none).
+    pub async fn latest_seq(&self, root_id: i64) -> Result<i64, Error> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM snapshots WHERE root_id = ?")
+                .bind(root_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("reading the latest snapshot"))?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// Snapshots of `owner`, oldest first, optionally only those of the root at `root`.
+    pub async fn snapshots(
+        &self,
+        owner: &str,
+        root: Option<&str>,
+    ) -> Result<Vec<SnapshotInfo>, Error> {
+        let sql = format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN roots r ON r.id = s.root_id \
+             WHERE r.owner = ? AND (? IS NULL OR r.path = ?) ORDER BY s.finished_at, s.id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(root)
+            .bind(root)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing snapshots"))?;
+        Ok(rows.iter().map(snapshot_from_row).collect())
+    }
+
+    /// A snapshot of `owner` by its short id (or a unique prefix of it), with its root id.
+    pub async fn snapshot_by_id(
+        &self,
+        owner: &str,
+        short_id: &str,
+    ) -> Result<Option<(i64, SnapshotInfo)>, Error> {
+        if short_id.is_empty() || !short_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT {SNAPSHOT_COLUMNS}, s.root_id FROM snapshots s JOIN roots r ON r.id = s.root_id \
+             WHERE r.owner = ? AND s.short_id LIKE ? || '%' LIMIT 2"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(short_id.to_ascii_lowercase())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("looking up a snapshot"))?;
+        match rows.len() {
+            1 => Ok(Some((rows[0].get(15), snapshot_from_row(&rows[0])))),
+            0 => Ok(None),
+            _ => Err(Error::Invalid(format!(
+                "snapshot id {short_id:?} is ambiguous: give more digits"
+            ))),
+        }
+    }
+
+    /// The current (latest) entries of a root, by path.
+    pub async fn current_entries(&self, root_id: i64) -> Result<HashMap<String, EntryRow>, Error> {
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE e.root_id = ? AND e.to_seq IS NULL"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(root_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("loading the previous snapshot"))?;
+        Ok(rows
+            .iter()
+            .map(entry_from_row)
+            .map(|e| (e.path.clone(), e))
+            .collect())
+    }
+
+    /// Entries of snapshot `seq` of a root at `prefix` or below it, sorted by path.
+    pub async fn entries_under(
+        &self,
+        root_id: i64,
+        seq: i64,
+        prefix: &str,
+    ) -> Result<Vec<EntryRow>, Error> {
+        // `prefix/` .. `prefix0` is every path below prefix ('0' follows '/' in byte order).
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE e.root_id = ? AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
+             AND (e.path = ? OR (e.path >= ? AND e.path < ?)) ORDER BY e.path"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(root_id)
+            .bind(seq)
+            .bind(seq)
+            .bind(prefix)
+            .bind(format!("{prefix}/"))
+            .bind(format!("{prefix}0"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing snapshot entries"))?;
+        Ok(rows.iter().map(entry_from_row).collect())
+    }
+
+    /// Number of entry rows (tests and the schema's promise: unchanged trees add none).
+    pub async fn entry_row_count(&self) -> Result<i64, Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM entries")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting entries"))
+    }
+
+    /// Chunk lists of the contents current in a root (to list unchanged files without reading).
+    /// Ids of the snapshot objects the catalog holds.
+    pub async fn snapshot_blob_ids(&self) -> Result<Vec<Vec<u8>>, Error> {
+        sqlx::query_scalar("SELECT blob_id FROM snapshots")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing snapshots"))
+    }
+
+    pub async fn current_content_chunks(
+        &self,
+        root_id: i64,
+    ) -> Result<HashMap<i64, Vec<ChunkId>>, Error> {
+        let rows = sqlx::query(
+            "SELECT cc.content_id, cc.chunk_id FROM content_chunks cc WHERE cc.content_id IN \
+             (SELECT content_id FROM entries WHERE root_id = ? AND to_seq IS NULL AND content_id IS NOT NULL) \
+             ORDER BY cc.content_id, cc.seq",
+        )
+        .bind(root_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("loading chunk lists"))?;
+        let mut out: HashMap<i64, Vec<ChunkId>> = HashMap::new();
+        for r in rows {
+            let id: Vec<u8> = r.get(1);
+            out.entry(r.get(0))
+                .or_default()
+                .push(ChunkId::from_slice(&id)?);
+        }
+        Ok(out)
+    }
+
+    /// Records a snapshot and its entries in one transaction, writing rows only for what changed
+    /// since the root's previous snapshot. Returns the snapshot's sequence number.
+    pub async fn commit_snapshot(
+        &self,
+        info: &SnapshotInfo,
+        blob_id: &ChunkId,
+        items: &[NewEntry],
+        previous: &HashMap<String, EntryRow>,
+    ) -> Result<i64, Error> {
+        let mut tx = self.pool.begin().await.map_err(db(COMMIT))?;
+        let (root_id, seq) = root_and_next_seq(&mut tx, &info.owner, &info.root).await?;
+        let mut seen: HashSet<&str> = HashSet::with_capacity(items.len());
+        for item in items {
+            seen.insert(&item.path);
+            let content_id = content_id(&mut tx, &item.content, info.encrypted).await?;
+            let prev = previous.get(&item.path);
+            let same = prev.is_some_and(|p| {
+                p.kind == item.kind
+                    && p.size == item.size
+                    && p.mtime_ns == item.mtime_ns
+                    && p.mode == item.mode
+                    && p.inode == item.inode
+                    && p.content_id == content_id
+                    && p.target == item.target
+            });
+            if same {
+                continue;
+            }
+            if let Some(p) = prev {
+                close_entry(&mut tx, p.id, seq).await?;
+            }
+            insert_entry(&mut tx, root_id, seq, item, content_id).await?;
+        }
+        for (path, p) in previous {
+            if !seen.contains(path.as_str()) {
+                close_entry(&mut tx, p.id, seq).await?;
+            }
+        }
+        insert_snapshot(&mut tx, root_id, seq, info, blob_id).await?;
+        tx.commit().await.map_err(db(COMMIT))?;
+        Ok(seq)
+    }
+}
+
+const COMMIT: &str = "committing the snapshot";
+
+/// The root's id (creating the root) and the sequence number its next snapshot gets.
+async fn root_and_next_seq(
+    tx: &mut SqliteConnection,
+    owner: &str,
+    root: &str,
+) -> Result<(i64, i64), Error> {
+    sqlx::query(
+        "INSERT INTO roots (owner, path) VALUES (?, ?) ON CONFLICT (owner, path) DO NOTHING",
+    )
+    .bind(owner)
+    .bind(root)
+    .execute(&mut *tx)
+    .await
+    .map_err(db(COMMIT))?;
+    let root_id: i64 = sqlx::query_scalar("SELECT id FROM roots WHERE owner = ? AND path = ?")
+        .bind(owner)
+        .bind(root)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?;
+    let seq: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots WHERE root_id = ?")
+            .bind(root_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(COMMIT))?;
+    Ok((root_id, seq))
+}
+
+/// The content row of an entry: an existing one, or a new one with its chunk list (shared
+/// with identical files, which keep the first chunk list recorded).
+async fn content_id(
+    tx: &mut SqliteConnection,
+    content: &NewContent,
+    encrypted: bool,
+) -> Result<Option<i64>, Error> {
+    let (sha256, size, chunks) = match content {
+        NewContent::None => return Ok(None),
+        NewContent::Existing(id) => return Ok(Some(*id)),
+        NewContent::New {
+            sha256,
+            size,
+            chunks,
+        } => (sha256, size, chunks),
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO contents (sha256, size, encrypted) VALUES (?, ?, ?) \
+         ON CONFLICT (sha256, size, encrypted) DO NOTHING",
+    )
+    .bind(&sha256[..])
+    .bind(*size as i64)
+    .bind(encrypted)
+    .execute(&mut *tx)
+    .await
+    .map_err(db(COMMIT))?
+    .rows_affected();
+    let id: i64 = sqlx::query_scalar(
+        "SELECT id FROM contents WHERE sha256 = ? AND size = ? AND encrypted = ?",
+    )
+    .bind(&sha256[..])
+    .bind(*size as i64)
+    .bind(encrypted)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db(COMMIT))?;
+    if inserted == 1 {
+        for (i, c) in chunks.iter().enumerate() {
+            sqlx::query("INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES (?, ?, ?)")
+                .bind(id)
+                .bind(i as i64)
+                .bind(&c.0[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(db(COMMIT))?;
+        }
+    }
+    Ok(Some(id))
+}
+
+/// A new entry row, valid from snapshot `seq` on.
+async fn insert_entry(
+    tx: &mut SqliteConnection,
+    root_id: i64,
+    seq: i64,
+    item: &NewEntry,
+    content_id: Option<i64>,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(root_id)
+    .bind(&item.path)
+    .bind(item.kind.as_str())
+    .bind(item.size as i64)
+    .bind(item.mtime_ns)
+    .bind(i64::from(item.mode))
+    .bind(item.inode as i64)
+    .bind(content_id)
+    .bind(&item.target)
+    .bind(seq)
+    .execute(&mut *tx)
+    .await
+    .map_err(db(COMMIT))?;
+    Ok(())
+}
+
+async fn insert_snapshot(
+    tx: &mut SqliteConnection,
+    root_id: i64,
+    seq: i64,
+    info: &SnapshotInfo,
+    blob_id: &ChunkId,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO snapshots (root_id, seq, short_id, blob_id, hostname, encrypted, started_at, finished_at, \
+         files, dirs, bytes, bytes_read, new_chunks, bytes_stored, warnings) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(root_id)
+    .bind(seq)
+    .bind(&info.short_id)
+    .bind(&blob_id.0[..])
+    .bind(&info.hostname)
+    .bind(info.encrypted)
+    .bind(info.started_at)
+    .bind(info.finished_at)
+    .bind(info.files as i64)
+    .bind(info.dirs as i64)
+    .bind(info.bytes as i64)
+    .bind(info.bytes_read as i64)
+    .bind(info.new_chunks as i64)
+    .bind(info.bytes_stored as i64)
+    .bind(info.warnings as i64)
+    .execute(&mut *tx)
+    .await
+    .map_err(db(COMMIT))?;
+    Ok(())
+}
+
+/// Content of an entry to commit.
+pub enum NewContent {
+    None,
+    Existing(i64),
+    New {
+        sha256: [u8; 32],
+        size: u64,
+        chunks: Vec<ChunkId>,
+    },
+}
+
+/// An entry to commit.
+pub struct NewEntry {
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub inode: u64,
+    pub target: Option<String>,
+    pub content: NewContent,
+}
+
+/// Ends an entry row's validity at snapshot `seq` (it changed or disappeared there).
+async fn close_entry(tx: &mut SqliteConnection, id: i64, seq: i64) -> Result<(), Error> {
+    sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ?")
+        .bind(seq)
+        .bind(id)
+        .execute(tx)
+        .await
+        .map_err(db(COMMIT))?;
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! The engine layer: the operations on a repository. `repo` (an unlocked repository: catalog,
+//! storage, keys), `backup` (walk and commit) with its `pipeline` (read, chunk, seal) and
+//! `packer` (fill, finish and upload packs), `restore`, `verify` and `recover`.
+//!
+//! Layer rules: the engine may import `catalog`, `storage`, `format` and the foundation
+//! modules (`error`, `config`, `clock`, `progress`), never `ops`.
+
+pub mod backup;
+mod packer;
+mod pipeline;
+pub mod recover;
+pub mod repo;
+pub mod restore;
+mod verify;

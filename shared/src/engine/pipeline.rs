@@ -1,0 +1,354 @@
+//! The CPU side of a backup: read, chunk, seal.
+//!
+//! Threads: `readers` threads each take whole files (read with aligned buffers, cut into
+//! chunks, hash the file), `sealers` threads compute keyed chunk ids, decide dedup,
+//! compress/encrypt/MAC new chunks and append them to the current pack. That splits the
+//! per-byte work about evenly, so one large file keeps both cores busy.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use sha2::{Digest, Sha256};
+
+use super::backup::{Warning, mtime_ns};
+use super::packer::Packer;
+use super::repo::Repo;
+use crate::error::Error;
+use crate::format::chunker::{Chunker, ChunkerParams};
+use crate::format::crypto::{self, ChunkId, Keys, SealMode};
+use crate::format::pack::BlobKind;
+use crate::format::snapshot::{LISTING_CHUNKS, META_COMPRESSION};
+use crate::progress::{CancelFlag, Counters};
+
+/// What reading a file produced.
+pub(super) struct FileData {
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub chunks: Vec<ChunkId>,
+}
+
+/// A file's outcome: its data and perhaps a warning, or why it was left out.
+pub(super) type FileOutcome = Result<(FileData, Option<Warning>), String>;
+
+/// A file's chunk ids in order, filled in by the sealers (which compute the ids).
+type ChunkList = Arc<Mutex<Vec<ChunkId>>>;
+
+/// A read file before its chunk ids are all known.
+type PendingOutcome = Result<(FileData, ChunkList, Option<Warning>), String>;
+
+/// A chunk on its way to a sealer.
+struct SealJob {
+    data: Vec<u8>,
+    list: ChunkList,
+    index: usize,
+}
+
+enum ReadError {
+    /// The file is left out of the snapshot (reported as a warning).
+    Skip(String),
+    /// The whole backup stops.
+    Fatal(Error),
+}
+
+/// The CPU side of a backup.
+pub(super) struct Pipeline {
+    pub keys: Keys,
+    pub encrypt: bool,
+    pub compression: Option<i32>,
+    pub chunker: ChunkerParams,
+    pub threads: usize,
+    /// Ids already stored, or being stored by this run.
+    pub known: Mutex<HashSet<ChunkId>>,
+    pub counters: Arc<Counters>,
+    pub cancel: CancelFlag,
+    pub failed: AtomicBool,
+    pub new_chunks: AtomicU64,
+    pub new_bytes: AtomicU64,
+}
+
+/// The state the reader and sealer threads share during [`Pipeline::read_all`].
+struct Shared<'a> {
+    files: &'a [(PathBuf, String, u64)],
+    next: AtomicUsize,
+    results: Mutex<Vec<Option<PendingOutcome>>>,
+    packer: Mutex<Packer>,
+    fatal: Mutex<Option<Error>>,
+}
+
+impl Pipeline {
+    pub(super) fn new(
+        repo: &Repo,
+        encrypt: bool,
+        stored: HashSet<ChunkId>,
+        counters: &Arc<Counters>,
+        cancel: &CancelFlag,
+    ) -> Pipeline {
+        Pipeline {
+            keys: repo.keys().clone(),
+            encrypt,
+            compression: repo.settings.compression,
+            chunker: repo.settings.chunker,
+            threads: repo.settings.threads.max(1),
+            known: Mutex::new(stored),
+            counters: counters.clone(),
+            cancel: cancel.clone(),
+            failed: AtomicBool::new(false),
+            new_chunks: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn mode(&self) -> SealMode<'_> {
+        if self.encrypt {
+            SealMode::Encrypted(&self.keys)
+        } else {
+            SealMode::Plain
+        }
+    }
+
+    pub(super) fn blob_id(&self, data: &[u8]) -> ChunkId {
+        if self.encrypt {
+            self.keys.chunk_id(data)
+        } else {
+            crypto::plain_chunk_id(data)
+        }
+    }
+
+    fn cdc_seed(&self) -> u64 {
+        // Derived from the id key: boundaries differ per repository (see chunker).
+        let id = self.keys.chunk_id(b"t-storinator fastcdc gear seed");
+        u64::from_le_bytes(id.0[..8].try_into().unwrap())
+    }
+
+    fn fail(&self, shared: &Shared<'_>, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        shared.fatal.lock().unwrap().get_or_insert(e);
+    }
+
+    /// Reads every file, returning per-file outcomes in order and the packer with the pack
+    /// still open (the listing and snapshot object go in after).
+    pub(super) fn read_all(
+        self: Arc<Self>,
+        files: Vec<(PathBuf, String, u64)>,
+        packer: Packer,
+    ) -> Result<(Vec<FileOutcome>, Packer), Error> {
+        let shared = Shared {
+            files: &files,
+            next: AtomicUsize::new(0),
+            results: Mutex::new((0..files.len()).map(|_| None).collect()),
+            packer: Mutex::new(packer),
+            fatal: Mutex::new(None),
+        };
+        let (seal_tx, seal_rx) = mpsc::sync_channel::<SealJob>(self.threads * 2);
+        let seal_rx = Mutex::new(seal_rx);
+        std::thread::scope(|s| {
+            let readers: Vec<_> = (0..self.threads)
+                .map(|_| {
+                    let seal_tx = seal_tx.clone();
+                    s.spawn(|| self.reader(&shared, seal_tx))
+                })
+                .collect();
+            drop(seal_tx);
+            for _ in 0..self.threads {
+                s.spawn(|| self.sealer(&shared, &seal_rx));
+            }
+            for r in readers {
+                let _ = r.join();
+            }
+        });
+        let Shared {
+            results,
+            packer,
+            fatal,
+            ..
+        } = shared;
+        let packer = packer.into_inner().unwrap();
+        if let Some(e) = fatal.into_inner().unwrap() {
+            packer.discard();
+            return Err(e);
+        }
+        // Every sealer has finished: each file's chunk list is complete.
+        let results = results
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                r.expect("every file was read")
+                    .map(|(mut data, list, warning)| {
+                        data.chunks = std::mem::take(&mut *list.lock().unwrap());
+                        (data, warning)
+                    })
+            })
+            .collect();
+        Ok((results, packer))
+    }
+
+    /// A reader thread: takes the next file until none are left or the backup failed.
+    fn reader(&self, shared: &Shared<'_>, seal_tx: mpsc::SyncSender<SealJob>) {
+        loop {
+            if self.failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let i = shared.next.fetch_add(1, Ordering::Relaxed);
+            let Some((path, rel, size)) = shared.files.get(i) else {
+                break;
+            };
+            match self.read_file(path, rel, *size, &seal_tx) {
+                Err(ReadError::Fatal(e)) => {
+                    self.fail(shared, e);
+                    break;
+                }
+                Err(ReadError::Skip(msg)) => shared.results.lock().unwrap()[i] = Some(Err(msg)),
+                Ok(v) => shared.results.lock().unwrap()[i] = Some(Ok(v)),
+            }
+            Counters::add(&self.counters.files_done, 1);
+        }
+    }
+
+    /// A sealer thread: ids, dedups, seals and packs chunks until the readers are done.
+    fn sealer(&self, shared: &Shared<'_>, seal_rx: &Mutex<mpsc::Receiver<SealJob>>) {
+        let mut buf = Vec::new();
+        loop {
+            let job = match seal_rx.lock().unwrap().recv() {
+                Ok(j) => j,
+                Err(_) => break,
+            };
+            if self.failed.load(Ordering::Relaxed) {
+                continue; // drain so readers never block
+            }
+            let id = self.blob_id(&job.data);
+            job.list.lock().unwrap()[job.index] = id;
+            if !self.known.lock().unwrap().insert(id) {
+                continue; // already stored, or being stored by this run
+            }
+            self.new_chunks.fetch_add(1, Ordering::Relaxed);
+            self.new_bytes
+                .fetch_add(job.data.len() as u64, Ordering::Relaxed);
+            buf.clear();
+            crypto::seal_into(&mut buf, self.mode(), &job.data, self.compression);
+            let mut packer = shared.packer.lock().unwrap();
+            if let Err(e) = self.append(&mut packer, BlobKind::Data, id, &buf, job.data.len()) {
+                self.fail(shared, e);
+            }
+        }
+    }
+
+    /// Appends a sealed blob to the current pack and counts it.
+    fn append(
+        &self,
+        packer: &mut Packer,
+        kind: BlobKind,
+        id: ChunkId,
+        sealed: &[u8],
+        raw_len: usize,
+    ) -> Result<(), Error> {
+        packer.append(self.mode(), kind, id, sealed, raw_len)?;
+        Counters::add(&self.counters.bytes_stored, sealed.len() as u64);
+        Ok(())
+    }
+
+    /// Seals and packs one metadata blob unless it is already known.
+    pub(super) fn add_blob(
+        &self,
+        packer: &mut Packer,
+        kind: BlobKind,
+        id: ChunkId,
+        data: &[u8],
+    ) -> Result<(), Error> {
+        if !self.known.lock().unwrap().insert(id) {
+            return Ok(());
+        }
+        let sealed = crypto::seal(self.mode(), data, Some(META_COMPRESSION));
+        self.append(packer, kind, id, &sealed, data.len())
+    }
+
+    /// Chunks `data` (a listing) into blobs; returns their ids in order.
+    pub(super) fn store_bytes(
+        &self,
+        packer: &mut Packer,
+        data: &[u8],
+        kind: BlobKind,
+    ) -> Result<Vec<ChunkId>, Error> {
+        let mut ids = Vec::new();
+        let mut chunker = Chunker::new(data, LISTING_CHUNKS, self.cdc_seed());
+        while let Some(chunk) = chunker
+            .next_chunk()
+            .map_err(|e| Error::Invalid(format!("chunking listing: {e}")))?
+        {
+            let id = self.blob_id(chunk);
+            self.add_blob(packer, kind, id, chunk)?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    fn read_file(
+        &self,
+        path: &Path,
+        rel: &str,
+        expected: u64,
+        seal_tx: &mpsc::SyncSender<SealJob>,
+    ) -> Result<(FileData, ChunkList, Option<Warning>), ReadError> {
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                ReadError::Skip("skipped: vanished before it could be read".into())
+            }
+            _ => ReadError::Skip(format!("skipped: cannot open: {e}")),
+        })?;
+        let before = file
+            .metadata()
+            .map_err(|e| ReadError::Skip(format!("skipped: {e}")))?;
+        let mut chunker = Chunker::new(&file, self.chunker, self.cdc_seed());
+        let mut sha = Sha256::new();
+        let list: ChunkList = Arc::default();
+        let mut size = 0u64;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(ReadError::Fatal(Error::Cancelled));
+            }
+            if self.failed.load(Ordering::Relaxed) {
+                return Err(ReadError::Fatal(Error::Invalid("backup aborted".into())));
+            }
+            let chunk = match chunker.next_chunk() {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => return Err(ReadError::Skip(format!("skipped: read error: {e}"))),
+            };
+            sha.update(chunk);
+            size += chunk.len() as u64;
+            Counters::add(&self.counters.bytes_done, chunk.len() as u64);
+            let index = {
+                let mut l = list.lock().unwrap();
+                l.push(ChunkId([0; 32]));
+                l.len() - 1
+            };
+            seal_tx
+                .send(SealJob {
+                    data: chunk.to_vec(),
+                    list: list.clone(),
+                    index,
+                })
+                .map_err(|_| ReadError::Fatal(Error::Invalid("backup aborted".into())))?;
+        }
+        let after = std::fs::symlink_metadata(path).ok();
+        let changed = size != expected
+            || after.is_none_or(|a| a.len() != before.len() || mtime_ns(&a) != mtime_ns(&before));
+        let warning = changed.then(|| Warning {
+            path: rel.to_string(),
+            message: "changed while being read: stored as read; the next backup will read it again"
+                .into(),
+        });
+        Ok((
+            FileData {
+                sha256: sha.finalize().into(),
+                size,
+                chunks: Vec::new(),
+            },
+            list,
+            warning,
+        ))
+    }
+}
