@@ -6,6 +6,7 @@
 //! (`error`, `config`, `clock`, `progress`), never `engine` or `ops`. Every SQL statement of
 //! the engine lives here, so a second database backend has one place to change.
 
+pub mod browse;
 mod keys;
 mod packs;
 mod snapshots;

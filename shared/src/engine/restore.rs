@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::repo::Repo;
-use crate::catalog::{ChunkLoc, EntryKind, EntryRow, SnapshotInfo};
+use crate::catalog::{Catalog, ChunkLoc, EntryKind, EntryRow, SnapshotInfo};
 use crate::error::Error;
 use crate::format::crypto::{self, ChunkId, Keys};
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
@@ -79,24 +79,20 @@ pub struct Resolved {
     pub prefix: String,
 }
 
-/// Finds the snapshot and entry prefix that `path` names for `owner`.
+/// Finds the snapshot and entry prefix that `path` names for `owner`. Needs no key: the bot's
+/// queries and the CLI's resolve paths through this one function.
 pub async fn resolve(
-    repo: &Repo,
+    catalog: &Catalog,
     owner: &str,
     path: &str,
     snapshot: Option<&str>,
 ) -> Result<Resolved, Error> {
     let path = normalize(path).ok_or_else(|| Error::Invalid(format!("invalid path {path:?}")))?;
-    let roots = repo.catalog.roots(owner).await?;
+    let roots = catalog.roots(owner).await?;
     let pinned = match snapshot {
-        Some(id) => Some(
-            repo.catalog
-                .snapshot_by_id(owner, id)
-                .await?
-                .ok_or_else(|| {
-                    Error::NotFound(format!("no snapshot {id:?}\nhint: `snapshots` lists them"))
-                })?,
-        ),
+        Some(id) => Some(catalog.snapshot_by_id(owner, id).await?.ok_or_else(|| {
+            Error::NotFound(format!("no snapshot {id:?}\nhint: `snapshots` lists them"))
+        })?),
         None => None,
     };
     // Candidate roots: the pinned snapshot's, or all of the owner's.
@@ -136,7 +132,7 @@ pub async fn resolve(
     let snapshot = match pinned {
         Some((_, info)) => info,
         None => {
-            let all = repo.catalog.snapshots(owner, Some(&root)).await?;
+            let all = catalog.snapshots(owner, Some(&root)).await?;
             all.into_iter()
                 .max_by_key(|s| s.seq)
                 .ok_or_else(|| Error::NotFound(format!("no snapshot of {root}")))?
@@ -225,7 +221,13 @@ pub(crate) async fn run(
     counters.set_phase(Phase::Scanning);
     progress.report(&counters.report());
 
-    let resolved = resolve(repo, &opts.owner, &opts.path, opts.snapshot.as_deref()).await?;
+    let resolved = resolve(
+        &repo.catalog,
+        &opts.owner,
+        &opts.path,
+        opts.snapshot.as_deref(),
+    )
+    .await?;
     let entries = repo
         .catalog
         .entries_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
