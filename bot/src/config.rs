@@ -44,6 +44,9 @@ pub struct BotConfig {
     /// `STORINATOR_BOT_POLL_TIMEOUT_S` (default 10): long-poll timeout of `getUpdates`. It
     /// also bounds how long shutdown waits for the poll in flight.
     pub poll_timeout: Duration,
+    /// Where the worker leaves files restored for `/get` (`<STORINATOR_DATA_DIR>/outbox`): the
+    /// bot sends only files from there, and deletes them once sent.
+    pub outbox_dir: PathBuf,
     /// The message rates the bot keeps to (Telegram's; tests run them faster).
     pub limits: crate::outbox::Limits,
     /// A stranger is answered at most once in this time (default 5 minutes).
@@ -128,7 +131,7 @@ impl BotConfig {
         };
 
         // The worker's rules (same defaults, same validation): both must open one database.
-        let database_url = storinator_shared::Config::from_lookup(&get)
+        let shared = storinator_shared::Config::from_lookup(&get)
             .map_err(|e| {
                 use storinator_shared::ConfigError as E;
                 let var = match &e {
@@ -142,8 +145,8 @@ impl BotConfig {
                         .unwrap_or(&text)
                         .to_string(),
                 )
-            })?
-            .database_url;
+            })?;
+        let (database_url, outbox_dir) = (shared.database_url.clone(), shared.outbox_dir());
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match var(name) {
@@ -176,6 +179,7 @@ impl BotConfig {
             edit_interval,
             tick,
             poll_timeout,
+            outbox_dir,
             limits: crate::outbox::Limits::telegram(),
             stranger_interval: Duration::from_secs(300),
         })

@@ -5,9 +5,9 @@
 //! the fake Bot API server (`TELOXIDE_API_URL` / [`BotConfig::api_url`]).
 
 pub mod args;
-pub mod catalog;
 pub mod config;
 pub mod db;
+mod browse;
 mod notifier;
 pub mod outbox;
 pub mod render;
@@ -26,9 +26,10 @@ use teloxide::update_listeners::Polling;
 use teloxide::utils::command::{BotCommands, ParseError};
 use tokio::time::Instant;
 
-use storinator_shared::{CancelOutcome, JobArgs, JobError, JobId, JobResult, JobState, Jobs};
-
-pub use catalog::{CatalogView, EntryLine, SnapshotLine, SqlCatalogView};
+use storinator_shared::{
+    Answer, AnswerOutcome, CancelOutcome, Catalog, Error as EngineError, JobArgs, JobError,
+    JobId, Jobs, list_snapshots, plural,
+};
 pub use config::{BotConfig, ConfigError};
 pub use outbox::{Limits, Outbox};
 
@@ -52,6 +53,12 @@ pub enum Command {
     Snapshots(String),
     #[command(description = "list a backed-up folder: /ls <path> [snapshot <id>]")]
     Ls(String),
+    #[command(description = "look around a snapshot with buttons: /browse [path] [snapshot <id>]")]
+    Browse(String),
+    #[command(description = "send me one file: /get <path> [snapshot <id>]")]
+    Get(String),
+    #[command(description = "every version of a file: /versions <path>")]
+    Versions(String),
     #[command(description = "what is running now")]
     Status,
     #[command(description = "your recent jobs")]
@@ -66,15 +73,13 @@ pub enum Command {
 pub(crate) struct App {
     pub(crate) cfg: BotConfig,
     pub(crate) jobs: Jobs,
-    catalog: Arc<dyn CatalogView>,
+    pub(crate) catalog: Catalog,
     pub(crate) outbox: Outbox,
     /// When each stranger was last answered (they get one refusal per `stranger_interval`).
     strangers: Mutex<HashMap<u64, Instant>>,
     /// Jobs whose messages someone is sending right now (a handler posting the progress
     /// message, the notifier delivering an update): one at a time per job.
     busy: Mutex<HashSet<JobId>>,
-    /// Conflict prompts already answered (guards against a double tap enqueuing twice).
-    answered: Mutex<HashSet<JobId>>,
 }
 
 impl App {
@@ -142,7 +147,7 @@ pub(crate) fn clip(text: String) -> String {
     out
 }
 
-fn owner(user_id: u64) -> String {
+pub(crate) fn owner(user_id: u64) -> String {
     format!("tg:{user_id}")
 }
 
@@ -276,7 +281,7 @@ async fn command(
             // Users restore only their own backups: the path must lie in one of their roots.
             // (The worker also restores only from the requesting owner's snapshots.)
             let path = a.path.trim_end_matches('/').to_string();
-            match app.catalog.snapshots(&owner(user_id), Some(&path)).await {
+            match list_snapshots(&app.catalog, &owner(user_id), Some(&path)).await {
                 Ok(snaps) => {
                     let covered = snaps
                         .iter()
@@ -311,64 +316,44 @@ async fn command(
         }
         Command::Snapshots(raw) => {
             let path = Some(raw.trim().trim_end_matches('/')).filter(|p| !p.is_empty());
-            let snaps = app.catalog.snapshots(&owner(user_id), path).await?;
-            if snaps.is_empty() {
-                match path {
-                    Some(p) => format!("No snapshots of {p} yet. /backup {p} makes one."),
-                    None => "No snapshots yet. /backup <path> makes one.".into(),
-                }
-            } else {
-                let mut lines = vec![format!("📚 {} snapshots:", snaps.len())];
-                for s in snaps {
-                    lines.push(format!(
-                        "• {} · {} · {} files, {}{}",
-                        s.short_id,
-                        s.root,
-                        s.files,
-                        render::bytes(s.bytes),
-                        if s.encrypted { "" } else { " · unencrypted" }
-                    ));
-                }
-                lines.join("\n")
-            }
+            let mut snaps = list_snapshots(&app.catalog, &owner(user_id), path).await?;
+            snaps.reverse();
+            render::snapshots(path, &snaps)
         }
         Command::Ls(raw) => {
             let (path, snapshot) = match args::parse_restore(&raw) {
                 Ok(a) if a.to.is_none() => (a.path, a.snapshot),
                 _ => return Ok(Some("Usage: /ls <path> [snapshot <id>]".into())),
             };
-            match app
-                .catalog
-                .ls(&owner(user_id), &path, snapshot.as_deref())
-                .await?
+            match storinator_shared::ls(
+                &app.catalog,
+                &owner(user_id),
+                &path,
+                snapshot.as_deref(),
+                false,
+            )
+            .await
             {
-                None => format!("You have no backup containing {path}. /snapshots lists yours."),
-                Some(entries) if entries.is_empty() => {
-                    format!("{path} is empty (or not a folder) in that snapshot.")
-                }
-                Some(entries) => {
-                    let mut lines = vec![format!("📂 {path}:")];
-                    for e in entries.iter().take(100) {
-                        lines.push(match e.kind.as_str() {
-                            "dir" => format!("📁 {}/", e.name),
-                            "symlink" => format!("🔗 {}", e.name),
-                            _ => format!("📄 {} · {}", e.name, render::bytes(e.size)),
-                        });
-                    }
-                    if entries.len() > 100 {
-                        lines.push(format!("… and {} more", entries.len() - 100));
-                    }
-                    lines.join("\n")
-                }
+                Ok((snap, entries)) => render::listing(&path, &snap, &entries),
+                Err(EngineError::NotFound(_) | EngineError::Invalid(_)) => format!(
+                    "You have no backup containing {path}. /snapshots lists yours."
+                ),
+                Err(e) => return Err(e.into()),
             }
         }
+        Command::Browse(raw) => return browse::command(app, user_id, chat, &raw).await,
+        Command::Get(raw) => return browse::get_command(app, user_id, chat, &raw).await,
+        Command::Versions(raw) => return browse::versions_command(app, user_id, chat, &raw).await,
         Command::Status => {
             let active = app.jobs.active_for_user(uid).await?;
             if active.is_empty() {
                 "Nothing is running. /jobs lists your recent jobs.".into()
             } else {
                 let now = app.jobs.now_ms();
-                let mut lines = vec![format!("{} active jobs:", active.len())];
+                let mut lines = vec![format!(
+                    "{}:",
+                    plural(active.len() as u64, "active job", "active jobs")
+                )];
                 lines.extend(
                     active
                         .iter()
@@ -415,7 +400,7 @@ async fn command(
 }
 
 /// Queue a job and post its progress message.
-async fn start_job(
+pub(crate) async fn start_job(
     app: &Arc<App>,
     user_id: i64,
     chat: ChatId,
@@ -435,97 +420,73 @@ async fn start_job(
 
 async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult {
     let user_id = q.from.id.0;
-    if !app.cfg.is_allowed(user_id) {
+    let answer = if !app.cfg.is_allowed(user_id) {
         // Not a message: answering costs none of the message budget.
         tracing::debug!(user_id, "refused a button press from an unauthorized user");
-        bot.answer_callback_query(q.id.clone())
-            .text("You are not allowed to use this bot.")
-            .await?;
-        return Ok(());
-    }
-    let data = q.data.clone().unwrap_or_default();
-    let (action, id) = match data.split_once(':').map(|(a, i)| (a, i.parse::<JobId>())) {
-        Some((a @ ("ow" | "keep"), Ok(id))) => (a.to_string(), id),
-        _ => {
-            bot.answer_callback_query(q.id.clone())
-                .text("Unknown button.")
-                .await?;
-            return Ok(());
+        Some("You are not allowed to use this bot.".to_string())
+    } else {
+        let data = q.data.clone().unwrap_or_default();
+        let at = q.regular_message().map(|m| (m.chat.id, m.id));
+        match data.split_once(':') {
+            Some(("ow", id)) => conflict_answer(&app, user_id, id, Answer::Overwrite, at).await?,
+            Some(("keep", id)) => conflict_answer(&app, user_id, id, Answer::Keep, at).await?,
+            _ => match at {
+                Some((chat, message)) => {
+                    browse::on_button(&app, user_id, chat, message, &data).await?
+                }
+                None => Some(browse::STALE.to_string()),
+            },
         }
+    };
+    let mut req = bot.answer_callback_query(q.id.clone());
+    if let Some(text) = answer {
+        req = req.text(text);
+    }
+    req.await?;
+    Ok(())
+}
+
+/// The answer to a restore-conflict prompt, acted on once (the job table keeps it).
+async fn conflict_answer(
+    app: &Arc<App>,
+    user_id: u64,
+    id: &str,
+    answer: Answer,
+    prompt: Option<(ChatId, MessageId)>,
+) -> anyhow::Result<Option<String>> {
+    let Ok(id) = id.parse::<JobId>() else {
+        return Ok(Some(browse::STALE.into()));
     };
     let job = app.jobs.get_for_user(id, user_id as i64).await?;
-    let conflicted = job.filter(|j| {
-        j.state == JobState::Failed
-            && matches!(j.result, Some(JobResult::Conflicts { .. }))
-            && matches!(j.args, JobArgs::Restore { .. })
-    });
-    let Some(job) = conflicted else {
-        bot.answer_callback_query(q.id.clone())
-            .text("That restore is not waiting for an answer.")
-            .await?;
-        return Ok(());
-    };
-    if !app.answered.lock().unwrap().insert(job.id) {
-        bot.answer_callback_query(q.id.clone())
-            .text("Already answered.")
-            .await?;
-        return Ok(());
-    }
-    let count = match job.result {
-        Some(JobResult::Conflicts { count, .. }) => count,
-        _ => 0,
-    };
-    let prompt = q.regular_message().map(|m| (m.chat.id, m.id));
-    let answer = if action == "ow" {
-        let JobArgs::Restore {
-            path, to, snapshot, ..
-        } = job.args.clone()
-        else {
-            unreachable!("checked above")
-        };
-        let args = JobArgs::Restore {
-            path,
-            to,
-            snapshot,
-            overwrite: true,
-        };
-        bot.answer_callback_query(q.id.clone())
-            .text("Overwriting.")
-            .await?;
-        let chat = ChatId(job.chat_id);
-        let new = app.jobs.enqueue(job.user_id, job.chat_id, &args).await?;
-        let _busy = Busy::claim(&app, new.id);
-        if let Some((c, m)) = prompt {
-            edit_quietly(
-                &app,
-                c,
-                m,
-                format!(
-                    "✋ {}: overwriting {count} files — restore #{} queued.",
-                    render::title(&job),
-                    new.id
-                ),
-            )
-            .await;
+    let outcome = app.jobs.answer_conflict(id, user_id as i64, answer).await?;
+    let title = job.as_ref().map(render::title).unwrap_or_default();
+    let (toast, text) = match outcome {
+        AnswerOutcome::NotWaiting => {
+            return Ok(Some("That restore is not waiting for an answer.".into()));
         }
-        let text = render::progress(&new);
-        let msg = app.outbox.text(chat, text, None).await?;
-        app.jobs.set_progress_message(new.id, msg.id.0).await?;
-        app.jobs.mark_shown(new.id, new.updated_at).await?;
-        return Ok(());
-    } else {
-        format!(
-            "✋ {}: kept the existing files; nothing was overwritten.",
-            render::title(&job)
-        )
+        AnswerOutcome::AlreadyAnswered => return Ok(Some("Already answered.".into())),
+        AnswerOutcome::Kept => (
+            "Kept.",
+            format!("✋ {title}: kept the existing files; nothing was overwritten."),
+        ),
+        AnswerOutcome::Overwriting(new) => {
+            let _busy = Busy::claim(app, new.id);
+            let msg = app
+                .outbox
+                .text(ChatId(new.chat_id), render::progress(&new), None)
+                .await?;
+            app.jobs.set_progress_message(new.id, msg.id.0).await?;
+            app.jobs.mark_shown(new.id, new.updated_at).await?;
+            (
+                "Overwriting.",
+                format!("✋ {title}: overwriting — restore #{} queued.", new.id),
+            )
+        }
     };
-    bot.answer_callback_query(q.id.clone())
-        .text("Kept.")
-        .await?;
     if let Some((c, m)) = prompt {
-        edit_quietly(&app, c, m, answer).await;
+        edit_quietly(app, c, m, text).await;
     }
-    Ok(())
+    Ok(Some(toast.into()))
 }
 
 /// Replace a prompt's text (dropping its buttons); failures only cost a stale prompt.
@@ -542,15 +503,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let pool = db::open(&config.database_url).await?;
-    let catalog = Arc::new(SqlCatalogView::new(pool.clone()));
-    run_with(config, Jobs::new(pool), catalog, shutdown).await
+    run_with(config, Jobs::new(pool), shutdown).await
 }
 
-/// [`run`] with the job table and catalog view supplied (tests inject a clock or a stub).
+/// [`run`] with the job table supplied (tests inject a clock).
 pub async fn run_with(
     config: BotConfig,
     jobs: Jobs,
-    catalog: Arc<dyn CatalogView>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let mut bot = Bot::new(config.token.clone());
@@ -564,11 +523,10 @@ pub async fn run_with(
     let app = Arc::new(App {
         outbox: Outbox::start(bot.clone(), config.limits),
         cfg: config.clone(),
+        catalog: Catalog::from_pool(jobs.pool().clone()),
         jobs,
-        catalog,
         strangers: Mutex::default(),
         busy: Mutex::default(),
-        answered: Mutex::default(),
     });
     let notifier = tokio::spawn(notifier::Notifier::new(app.clone()).run());
 
@@ -634,7 +592,7 @@ mod tests {
             .into_iter()
             .map(|c| c.command)
             .collect();
-        assert_eq!(names.len(), 10);
+        assert_eq!(names.len(), 13);
         assert!(
             names
                 .iter()

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use sha2::Digest;
 use teloxide::ApiError;
 use teloxide::RequestError;
 use teloxide::prelude::*;
@@ -205,6 +206,48 @@ impl Notifier {
         Ok(())
     }
 
+    /// Checks a file the worker left for `/get`: inside the outbox, a regular file (not a
+    /// link), with the content the restore verified.
+    fn outgoing_file(&self, file: &str, sha256: &str) -> Result<std::path::PathBuf, String> {
+        let path = std::path::PathBuf::from(file);
+        let outbox = &self.app.cfg.outbox_dir;
+        if !path.starts_with(outbox) || path.components().any(|c| c.as_os_str() == "..") {
+            return Err(format!("it is not in {}", outbox.display()));
+        }
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| e.to_string())?;
+        if !meta.file_type().is_file() {
+            return Err("it is not a regular file".into());
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        if hex::encode(hasher.finalize()) != sha256 {
+            return Err("its SHA-256 differs from the backup's".into());
+        }
+        Ok(path)
+    }
+
+    /// Deletes a sent (or refused) file and the job's folder in the outbox.
+    fn remove_outgoing(&self, file: &str) {
+        let path = std::path::Path::new(file);
+        let outbox = &self.app.cfg.outbox_dir;
+        let Some(dir) = path.parent().filter(|d| d.starts_with(outbox) && *d != outbox) else {
+            return;
+        };
+        if let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+    }
+
     /// The final edit, then the short new message; a message Telegram refuses for good (the
     /// user blocked the bot, the chat is gone) is given up with a warning, anything else is
     /// retried until it is delivered.
@@ -223,11 +266,35 @@ impl Notifier {
             }
             _ => None,
         };
-        let sent = self
-            .app
-            .outbox
-            .send(chat, Out::Text { text, markup }, Persistence::Final)
-            .await;
+        let op = match &job.result {
+            Some(JobResult::Get {
+                name,
+                sha256,
+                file: Some(file),
+                ..
+            }) if job.state == JobState::Done => match self.outgoing_file(file, sha256) {
+                Ok(path) => Out::Document {
+                    path,
+                    name: name.clone(),
+                    caption: text,
+                },
+                Err(why) => {
+                    tracing::warn!(job = job.id, "not sending {file}: {why}");
+                    Out::Text {
+                        text: format!(
+                            "❌ {}: the restored copy of {name} did not pass its check ({why}); nothing was sent.",
+                            render::title(job)
+                        ),
+                        markup: None,
+                    }
+                }
+            },
+            _ => Out::Text { text, markup },
+        };
+        let sent = self.app.outbox.send(chat, op, Persistence::Final).await;
+        if let Some(JobResult::Get { file: Some(f), .. }) = &job.result {
+            self.remove_outgoing(f);
+        }
         if let Err(e) = sent {
             tracing::warn!(job = job.id, "the final notice was refused: {e}");
         }

@@ -2,31 +2,77 @@
 //! [`Job`], so the same job state always renders the same text (and an unchanged job never
 //! causes an edit).
 
-use storinator_shared::{Job, JobArgs, JobResult, JobState};
+use storinator_shared::{
+    EntryKind, EntryRow, Job, JobArgs, JobResult, JobState, SnapshotInfo, format_time,
+};
 
 /// `1.5 MiB`, `812 B`: the engine's formatting, so chat and CLI agree.
 pub use storinator_shared::human_bytes as bytes;
 
-/// `1 file`, `2 files`.
-pub fn plural(n: u64, one: &str, many: &str) -> String {
-    if n == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{n} {many}")
+pub use storinator_shared::{dedup_figure, plural};
+
+/// `/snapshots`: newest first, at most 30.
+pub fn snapshots(path: Option<&str>, snaps: &[SnapshotInfo]) -> String {
+    if snaps.is_empty() {
+        return match path {
+            Some(p) => format!("No snapshots of {p} yet. /backup {p} makes one."),
+            None => "No snapshots yet. /backup <path> makes one.".into(),
+        };
+    }
+    let mut lines = vec![format!(
+        "📚 {}:",
+        plural(snaps.len() as u64, "snapshot", "snapshots")
+    )];
+    for s in snaps.iter().take(30) {
+        lines.push(format!(
+            "• {} · {} · {} · {}, {}{}",
+            s.short_id,
+            s.root,
+            format_time(s.finished_at),
+            plural(s.files, "file", "files"),
+            bytes(s.bytes),
+            if s.encrypted { "" } else { " · unencrypted" }
+        ));
+    }
+    if snaps.len() > 30 {
+        lines.push(format!("… and {} older", snaps.len() - 30));
+    }
+    lines.join("\n")
+}
+
+/// One entry as a line of `/ls`.
+pub fn entry_line(e: &EntryRow) -> String {
+    let name = e.path.rsplit('/').next().unwrap_or(&e.path);
+    match e.kind {
+        EntryKind::Dir => format!("📁 {name}/"),
+        EntryKind::Symlink => format!(
+            "🔗 {name} → {}",
+            e.target.as_deref().unwrap_or("?")
+        ),
+        EntryKind::File => format!("📄 {name} · {}", bytes(e.size)),
     }
 }
 
-/// TEMPORARY until shared has it.
-fn dedup_figure(bytes: u64, stored: u64) -> String {
-    if stored == 0 {
-        return "everything was already stored".into();
+/// `/ls`: the entries at a path (the item itself comes first and is left out for a folder).
+pub fn listing(path: &str, snap: &SnapshotInfo, entries: &[EntryRow]) -> String {
+    let children: Vec<&EntryRow> = match entries.first() {
+        Some(first) if first.kind == EntryKind::Dir => entries[1..].iter().collect(),
+        _ => entries.iter().collect(),
+    };
+    let mut lines = vec![format!("📂 {path} (snapshot {}):", snap.short_id)];
+    if children.is_empty() {
+        lines.push("(empty)".into());
     }
-    let r = bytes as f64 / stored as f64;
-    if r >= 100.0 {
-        "over 100× (almost nothing new)".into()
-    } else {
-        format!("{r:.2}×")
+    for e in children.iter().take(100) {
+        lines.push(entry_line(e));
     }
+    if children.len() > 100 {
+        lines.push(format!(
+            "… and {} more (/browse pages through them)",
+            children.len() - 100
+        ));
+    }
+    lines.join("\n")
 }
 
 /// The answer to `/start`.
@@ -70,6 +116,7 @@ pub fn title(job: &Job) -> String {
         JobArgs::Backup { .. } => "Backup",
         JobArgs::Restore { .. } => "Restore",
         JobArgs::Verify { .. } => "Verify",
+        JobArgs::Get { .. } => "File",
     };
     format!("{kind} #{}", job.id)
 }
@@ -103,6 +150,10 @@ pub fn subject(job: &Job) -> String {
             s
         }
         JobArgs::Verify { path } => path.clone().unwrap_or_else(|| "all backups".into()),
+        JobArgs::Get { path, snapshot } => match snapshot {
+            Some(id) => format!("{path} (snapshot {id})"),
+            None => path.clone(),
+        },
     }
 }
 
@@ -285,6 +336,15 @@ pub fn final_text(job: &Job) -> String {
                     )
                 }
             }
+            Some(JobResult::Get {
+                name, size, file, ..
+            }) => match file {
+                Some(_) => format!("✅ {head}\n{name} ({}) restored and verified; sent below.", bytes(*size)),
+                None => format!(
+                    "✅ {head}\n{name} ({}) restored and verified; sent to Saved Messages.",
+                    bytes(*size)
+                ),
+            },
             Some(JobResult::Conflicts { .. }) | None => format!("✅ {head}\nDone{took}"),
         },
         JobState::Failed => match &job.result {
@@ -314,7 +374,7 @@ fn list(items: &[String]) -> String {
 /// no sound; this one notifies).
 pub fn final_notice(job: &Job) -> String {
     match (&job.state, &job.result) {
-        (JobState::Failed, Some(JobResult::Conflicts { count, sample })) => {
+        (JobState::Failed, Some(JobResult::Conflicts { count, sample, .. })) => {
             conflict_prompt(job, *count, sample)
         }
         (JobState::Failed, _) => failure_notice(job),
@@ -383,6 +443,13 @@ pub fn final_notice(job: &Job) -> String {
             title(job),
             plural(errors.len() as u64, "problem", "problems")
         ),
+        (_, Some(JobResult::Get { name, size, snapshot, file: None, .. })) => format!(
+            "📨 {name} ({}, snapshot {snapshot}) is over the Bot API's 50 MB, so the worker's own Telegram account sent it to its Saved Messages: look there.",
+            bytes(*size)
+        ),
+        (_, Some(JobResult::Get { name, size, snapshot, .. })) => {
+            format!("📄 {name} · {} · snapshot {snapshot}", bytes(*size))
+        }
         _ => format!("✅ {} done.", title(job)),
     }
 }

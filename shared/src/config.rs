@@ -286,6 +286,11 @@ impl Config {
     }
 
     /// Where packs wait before upload when the storage backend has no spool of its own.
+    /// Where files restored for the chat (`/get`) wait until the bot has sent them.
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.data_dir.join("outbox")
+    }
+
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
     }

@@ -36,7 +36,7 @@ pub use error::{Error, StorageError};
 pub use format::chunker::ChunkerParams;
 pub use format::crypto::{ChunkId, KdfParams, Keys, WrappedKey};
 pub use ops::jobs::{
-    Answer, AnswerOutcome, CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult,
+    Answer, AnswerOutcome, BOT_UPLOAD_LIMIT, CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult,
     JobState, Jobs, Lease, Signal,
 };
 pub use progress::{

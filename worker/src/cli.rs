@@ -402,10 +402,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot,
             recursive,
         } => {
-            let repo = open_repo(g, &cfg).await?;
-            let (snap, entries) = repo
-                .ls(&g.owner, &path, snapshot.as_deref(), recursive)
-                .await?;
+            // A listing needs no key: the catalog answers, as it does for the chat's /ls.
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            let (snap, entries) =
+                storinator_shared::ls(&catalog, &g.owner, &path, snapshot.as_deref(), recursive)
+                    .await?;
             println!(
                 "snapshot {} of {} ({})",
                 snap.short_id,
@@ -484,10 +485,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { .. } => unreachable!("handled above"),
         Command::Run { concurrency } => {
-            let repo = open_repo(g, &cfg).await?;
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            // With Telegram storage the same account also sends `/get` files over the Bot
+            // API's 50 MB to its Saved Messages.
+            let (storage, courier): (Arc<dyn Storage>, Option<Arc<dyn crate::daemon::Courier>>) =
+                match &cfg.storage {
+                    StorageSpec::Telegram => {
+                        let tcfg = crate::telegram::TelegramConfig::from_config(&cfg)?;
+                        let tg = crate::telegram::TelegramStorage::connect(tcfg).await?;
+                        (Arc::new(tg.clone()), Some(Arc::new(tg)))
+                    }
+                    StorageSpec::Dir(_) => (open_storage(&cfg).await?, None),
+                };
+            let pass = passphrase(g, &cfg, false)?;
+            let repo =
+                Repo::open(catalog, storage, &pass, EngineSettings::from_config(&cfg)).await?;
             let jobs = storinator_shared::Jobs::new(repo.catalog.pool().clone());
             let daemon_cfg = crate::daemon::DaemonConfig {
                 concurrency,
+                outbox_dir: cfg.outbox_dir(),
+                courier,
                 ..Default::default()
             };
             crate::daemon::run(

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use storinator_shared::engine::restore::resolve;
 use storinator_shared::{
     BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, Jobs, Lease, Progress,
     ProgressReport, Repo, RestoreOptions, Signal, TransferEstimate,
@@ -19,7 +20,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// Daemon tunables.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DaemonConfig {
     /// Lease owner name; unique per process so leases of a dead process are recognisable.
     pub worker_id: String,
@@ -30,6 +31,34 @@ pub struct DaemonConfig {
     /// How often a running job writes progress (or, with nothing new, a heartbeat). Must be
     /// well below the job table's lease time.
     pub progress_interval: Duration,
+    /// Where files restored for `/get` wait (0700) until the bot has sent them.
+    pub outbox_dir: PathBuf,
+    /// Sends files over the Bot API's limit through the worker's own Telegram account
+    /// (`None` with directory storage: such files are refused with a hint).
+    pub courier: Option<Arc<dyn Courier>>,
+}
+
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("worker_id", &self.worker_id)
+            .field("concurrency", &self.concurrency)
+            .field("outbox_dir", &self.outbox_dir)
+            .field("courier", &self.courier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends a file through the worker's own Telegram account, to its Saved Messages: the way
+/// `/get` delivers files over the Bot API's 50 MB.
+#[async_trait::async_trait]
+pub trait Courier: Send + Sync {
+    async fn send_to_saved_messages(
+        &self,
+        path: &Path,
+        name: &str,
+        caption: &str,
+    ) -> Result<(), storinator_shared::StorageError>;
 }
 
 impl Default for DaemonConfig {
@@ -45,6 +74,8 @@ impl Default for DaemonConfig {
             concurrency: 2,
             poll_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(1),
+            outbox_dir: std::env::temp_dir().join("storinator-outbox"),
+            courier: None,
         }
     }
 }
@@ -236,7 +267,7 @@ async fn run_job(
     // so the lease expires and another worker resumes the job.
     let beat = AbortOnDrop(beat);
     let owner = format!("tg:{}", job.user_id);
-    let outcome = execute(repo, &job.args, &owner, latest.as_ref(), &cancel).await;
+    let outcome = execute(repo, cfg, &job, &owner, latest.as_ref(), &cancel).await;
     drop(beat);
     let stopped = *reason.lock().unwrap();
     // A job quicker than one heartbeat still records its estimate.
@@ -251,6 +282,15 @@ async fn run_job(
 
     let recorded = match (outcome, stopped) {
         (_, Some(StopReason::LeaseLost)) => Ok(()),
+        (Ok(result @ JobResult::Conflicts { .. }), _) => {
+            let JobResult::Conflicts { count, .. } = &result else {
+                unreachable!("matched above")
+            };
+            let msg = format!("{count} existing files differ from the backup");
+            jobs.fail(&lease, &msg, Some(&result), false)
+                .await
+                .map(|_| ())
+        }
         (Ok(result), _) => {
             tracing::info!(job = job.id, "job done");
             jobs.finish(&lease, &result).await
@@ -265,21 +305,6 @@ async fn run_job(
                 "job stopped for shutdown; released for the next run"
             );
             jobs.release(&lease).await
-        }
-        (Err(Error::Conflicts { paths }), _) => {
-            let sample = paths
-                .iter()
-                .take(10)
-                .map(|p| p.display().to_string())
-                .collect();
-            let result = JobResult::Conflicts {
-                count: paths.len() as u64,
-                sample,
-            };
-            let msg = format!("{} existing files differ from the backup", paths.len());
-            jobs.fail(&lease, &msg, Some(&result), false)
-                .await
-                .map(|_| ())
         }
         (Err(e), _) => {
             let retry = e.is_retryable();
@@ -304,12 +329,13 @@ impl Drop for AbortOnDrop {
 
 async fn execute(
     repo: &Repo,
-    args: &JobArgs,
+    cfg: &DaemonConfig,
+    job: &Job,
     owner: &str,
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
-    match args {
+    match &job.args {
         JobArgs::Backup { path, encrypt } => {
             let opts = BackupOptions {
                 path: PathBuf::from(path),
@@ -334,6 +360,12 @@ async fn execute(
             snapshot,
             overwrite,
         } => {
+            // Pin the snapshot first: a conflict prompt must overwrite with what it asked
+            // about, not with whatever is latest when the user answers.
+            let pinned = resolve(&repo.catalog, owner, path, snapshot.as_deref())
+                .await?
+                .snapshot
+                .short_id;
             // Without a target the item goes back where it came from (differing files then
             // need the user's confirmation).
             let to = match to {
@@ -346,18 +378,29 @@ async fn execute(
             let opts = RestoreOptions {
                 path: path.clone(),
                 to,
-                snapshot: snapshot.clone(),
+                snapshot: Some(pinned.clone()),
                 owner: owner.to_string(),
                 overwrite: *overwrite,
             };
-            let s = repo.restore(&opts, progress, cancel).await?;
-            Ok(JobResult::Restore {
-                files: s.files,
-                bytes: s.bytes,
-                unchanged: s.unchanged,
-                errors: Vec::new(),
-                duration_ms: s.duration_ms,
-            })
+            match repo.restore(&opts, progress, cancel).await {
+                Ok(s) => Ok(JobResult::Restore {
+                    files: s.files,
+                    bytes: s.bytes,
+                    unchanged: s.unchanged,
+                    errors: Vec::new(),
+                    duration_ms: s.duration_ms,
+                }),
+                Err(Error::Conflicts { paths }) => Ok(JobResult::Conflicts {
+                    count: paths.len() as u64,
+                    sample: paths
+                        .iter()
+                        .take(10)
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                    snapshot: Some(pinned),
+                }),
+                Err(e) => Err(e),
+            }
         }
         JobArgs::Verify { .. } => {
             let started = std::time::Instant::now();
@@ -367,6 +410,10 @@ async fn execute(
                 errors: r.problems,
                 duration_ms: started.elapsed().as_millis() as u64,
             })
+        }
+        JobArgs::Get { path, snapshot } => {
+            crate::get::run(repo, cfg, job.id, owner, path, snapshot.as_deref(), progress, cancel)
+                .await
         }
     }
 }

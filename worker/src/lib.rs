@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod daemon;
+mod get;
 pub mod demo;
 pub mod telegram;
 pub mod ui;

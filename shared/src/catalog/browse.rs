@@ -101,6 +101,27 @@ impl Catalog {
         Ok(row.as_ref().map(entry_from_row))
     }
 
+    /// The entry at `path` in snapshot `seq` of the root.
+    pub async fn entry_at(
+        &self,
+        root_id: i64,
+        seq: i64,
+        path: &str,
+    ) -> Result<Option<EntryRow>, Error> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE e.root_id = ?1 AND e.path = ?3 AND e.from_seq <= ?2 \
+             AND (e.to_seq IS NULL OR e.to_seq > ?2)"
+        )))
+        .bind(root_id)
+        .bind(seq)
+        .bind(path)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db("looking up an entry"))?;
+        Ok(row.as_ref().map(entry_from_row))
+    }
+
     /// Every version of the entry at `path` in a root, newest first. Versions whose
     /// snapshots are all gone are left out.
     pub async fn versions(&self, root_id: i64, path: &str) -> Result<Vec<Version>, Error> {

@@ -28,6 +28,10 @@ use crate::progress::{Phase, ProgressReport};
 
 pub type JobId = i64;
 
+/// Largest document a bot may upload through the Bot API (50 MB). `/get` sends larger files
+/// through the worker's own account.
+pub const BOT_UPLOAD_LIMIT: u64 = 50 * 1024 * 1024;
+
 /// Errors of the job table.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {

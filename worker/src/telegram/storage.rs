@@ -1244,6 +1244,88 @@ impl Storage for TelegramStorage {
     }
 }
 
+/// `/get` for files over the Bot API's 50 MB: the worker's own account sends the restored
+/// file to its Saved Messages under its real name. Uploaded like a pack (parts, flood waits,
+/// retries), sent once: a fresh random id per call, since each `/get` is a new message.
+#[async_trait]
+impl crate::daemon::Courier for TelegramStorage {
+    async fn send_to_saved_messages(
+        &self,
+        path: &Path,
+        name: &str,
+        caption: &str,
+    ) -> Result<(), StorageError> {
+        let inner = &self.inner;
+        let size = std::fs::metadata(path)
+            .map_err(|e| StorageError::io(path, e))?
+            .len();
+        let max = if inner.cfg.premium { 8000 } else { 4000 } * PART_SIZE;
+        if size == 0 || size > max {
+            return Err(StorageError::Fatal(format!(
+                "{name} is {size} bytes: telegram accepts documents of 1 to {max} bytes"
+            )));
+        }
+        let file_id = random_i64();
+        let parts = inner.upload_parts(path, size, file_id).await?;
+        let file = if size > SMALL_FILE_MAX {
+            tl::enums::InputFile::Big(tl::types::InputFileBig {
+                id: file_id,
+                parts,
+                name: name.into(),
+            })
+        } else {
+            tl::enums::InputFile::File(tl::types::InputFile {
+                id: file_id,
+                parts,
+                name: name.into(),
+                md5_checksum: String::new(),
+            })
+        };
+        let media = tl::types::InputMediaUploadedDocument {
+            nosound_video: false,
+            force_file: true,
+            spoiler: false,
+            file,
+            thumb: None,
+            mime_type: "application/octet-stream".into(),
+            attributes: vec![tl::enums::DocumentAttribute::Filename(
+                tl::types::DocumentAttributeFilename {
+                    file_name: name.into(),
+                },
+            )],
+            stickers: None,
+            video_cover: None,
+            video_timestamp: None,
+            ttl_seconds: None,
+        };
+        let req = tl::functions::messages::SendMedia {
+            silent: false,
+            background: false,
+            clear_draft: false,
+            noforwards: false,
+            update_stickersets_order: false,
+            invert_media: false,
+            allow_paid_floodskip: false,
+            peer: tl::enums::InputPeer::PeerSelf,
+            reply_to: None,
+            media: tl::enums::InputMedia::UploadedDocument(media),
+            message: caption.into(),
+            random_id: random_i64(),
+            reply_markup: None,
+            entities: None,
+            schedule_date: None,
+            schedule_repeat_period: None,
+            send_as: None,
+            quick_reply_shortcut: None,
+            effect: None,
+            allow_paid_stars: None,
+            suggested_post: None,
+        };
+        inner.call(CallClass::Message, &req).await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
