@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use storinator_bot::{BotConfig, CatalogView, EntryLine, SnapshotLine, SqlCatalogView};
+use storinator_bot::BotConfig;
+use storinator_shared::engine::repo::KEY_USER;
 use storinator_shared::{
-    Job, JobArgs, JobResult, JobState, Jobs, ManualClock, Phase, ProgressReport, Signal,
+    BackupOptions, CancelFlag, Catalog, DirStorage, EngineSettings, Job, JobArgs, JobResult,
+    JobState, Jobs, KdfParams, ManualClock, NoProgress, Phase, ProgressReport, Repo, Signal,
 };
 use storinator_testkit::botapi::{self, FakeBotApi, Fault};
 use tokio::sync::oneshot;
@@ -28,51 +29,34 @@ struct Harness {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-struct StubCatalog(String);
-
-#[async_trait]
-impl CatalogView for StubCatalog {
-    async fn snapshots(
-        &self,
-        owner: &str,
-        _path: Option<&str>,
-    ) -> anyhow::Result<Vec<SnapshotLine>> {
-        Ok(if owner == format!("tg:{USER}") {
-            vec![SnapshotLine {
-                short_id: "ab12cd34".into(),
-                root: self.0.clone(),
-                finished_at_ms: 0,
-                files: 3,
-                bytes: 3000,
-                encrypted: true,
-            }]
-        } else {
-            vec![]
-        })
+/// A real snapshot of `root/data` for `owner`, in the bot's database (directory storage).
+async fn backup_as(pool: &sqlx::SqlitePool, dir: &Path, root: &Path, owner: &str) -> String {
+    let catalog = Catalog::from_pool(pool.clone());
+    let store = DirStorage::open(dir.join("store")).unwrap();
+    if catalog.user_key(KEY_USER).await.unwrap().is_none() {
+        Repo::init(&catalog, &store, "pw", KdfParams::fast_for_tests())
+            .await
+            .unwrap();
     }
-    async fn ls(
-        &self,
-        _o: &str,
-        _p: &str,
-        _s: Option<&str>,
-    ) -> anyhow::Result<Option<Vec<EntryLine>>> {
-        Ok(Some(vec![EntryLine {
-            name: "a.txt".into(),
-            kind: "file".into(),
-            size: 5,
-        }]))
-    }
-}
-
-enum Cat {
-    Sql,
-    Stub,
+    let repo = Repo::open(catalog, Arc::new(store), "pw", EngineSettings::default())
+        .await
+        .unwrap();
+    let opts = BackupOptions {
+        path: root.join("data"),
+        owner: owner.into(),
+        encrypt: true,
+    };
+    repo.backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap()
+        .snapshot
+        .short_id
 }
 
 /// Telegram's limits, five times faster: the tests keep their shape without the waiting.
 const SPEED: u32 = 5;
 
-async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
+async fn start(clock: Option<ManualClock>) -> Harness {
     let api = FakeBotApi::start_with(botapi::Limits::telegram().faster(SPEED))
         .await
         .unwrap();
@@ -108,15 +92,10 @@ async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
     if let Some(c) = clock {
         jobs = jobs.with_clock(Arc::new(c));
     }
-    let catalog: Arc<dyn CatalogView> = match cat {
-        Cat::Sql => Arc::new(SqlCatalogView::new(pool)),
-        Cat::Stub => Arc::new(StubCatalog(root.join("data").display().to_string())),
-    };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(storinator_bot::run_with(
         cfg,
         jobs.clone(),
-        catalog,
         async move {
             let _ = stopped.await;
         },
@@ -206,7 +185,7 @@ fn report(phase: Phase, done: u64, total: u64) -> ProgressReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_shows_queued_progress_and_summary() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     let data = h.root.join("data");
     let reply = h.say(USER, &format!("/backup {}", data.display())).await;
     assert!(reply.contains("Queued"), "{reply}");
@@ -279,14 +258,14 @@ async fn backup_shows_queued_progress_and_summary() {
         .count();
     assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
     let commands = h.api.commands();
-    assert_eq!(commands.as_array().unwrap().len(), 10);
+    assert_eq!(commands.as_array().unwrap().len(), 13);
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorized_user_is_refused_and_nothing_is_queued() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     let reply = h
         .say(99, &format!("/backup {}", h.root.join("data").display()))
         .await;
@@ -311,7 +290,7 @@ async fn unauthorized_user_is_refused_and_nothing_is_queued() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_paths_are_refused_before_a_job_is_written() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     std::os::unix::fs::symlink(&h.outside, h.root.join("escape")).unwrap();
     let cases = [
         (h.outside.display().to_string(), "outside the folders"),
@@ -357,7 +336,7 @@ async fn bad_paths_are_refused_before_a_job_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_commands_and_bad_arguments_get_usage() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     for (text, expect) in [
         (
             "/frobnicate",
@@ -385,7 +364,7 @@ async fn unknown_commands_and_bad_arguments_get_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_of_a_running_job_reaches_the_worker() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
@@ -411,7 +390,7 @@ async fn cancel_of_a_running_job_reaches_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_on_edit_is_obeyed_and_the_final_text_arrives() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
@@ -455,7 +434,7 @@ async fn retry_after_on_edit_is_obeyed_and_the_final_text_arrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_job_gets_a_separate_notice_with_reason_and_id() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
@@ -488,7 +467,7 @@ async fn failed_job_gets_a_separate_notice_with_reason_and_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_worker_is_reported_once() {
     let clock = ManualClock::new(1_700_000_000_000);
-    let h = start(Some(clock.clone()), Cat::Sql).await;
+    let h = start(Some(clock.clone())).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
@@ -516,13 +495,14 @@ async fn stalled_worker_is_reported_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_conflicts_ask_before_overwriting() {
-    let h = start(None, Cat::Stub).await;
+    let h = start(None).await;
+    let snap = backup_as(h.jobs.pool(), h._dir.path(), &h.root, &format!("tg:{USER}")).await;
     let out = h.root.join("out dir");
     let reply = h
         .say(
             USER,
             &format!(
-                "/restore {}/data/sub to {} snapshot ab12cd34",
+                "/restore {}/data/sub to {} snapshot {snap}",
                 h.root.display(),
                 out.display()
             ),
@@ -541,7 +521,7 @@ async fn restore_conflicts_ask_before_overwriting() {
         JobArgs::Restore {
             path: format!("{}/data/sub", h.root.display()),
             to: Some(out.display().to_string()),
-            snapshot: Some("ab12cd34".into()),
+            snapshot: Some(snap.clone()),
             overwrite: false,
         }
     );
@@ -549,6 +529,7 @@ async fn restore_conflicts_ask_before_overwriting() {
     let conflicts = JobResult::Conflicts {
         count: 2,
         sample: vec!["sub/a.txt".into(), "sub/b.txt".into()],
+        snapshot: Some(snap.clone()),
     };
     h.jobs
         .fail(&lease, "2 existing files differ", Some(&conflicts), false)
@@ -564,31 +545,46 @@ async fn restore_conflicts_ask_before_overwriting() {
         vec![format!("ow:{}", job.id), format!("keep:{}", job.id)]
     );
 
-    // A stranger's tap does nothing.
-    h.api
-        .push_callback(99, CHAT, prompt.message_id, &format!("ow:{}", job.id));
-    h.api
-        .push_callback(USER, CHAT, prompt.message_id, &format!("ow:{}", job.id));
+    // A stranger's tap and another user's tap do nothing; the user's double tap acts once.
+    let data = format!("ow:{}", job.id);
+    let stranger = h.api.push_callback(99, CHAT, prompt.message_id, &data);
+    let other = h.api.push_callback(OTHER_USER, CHAT, prompt.message_id, &data);
+    let first = h.api.push_callback(USER, CHAT, prompt.message_id, &data);
+    let second = h.api.push_callback(USER, CHAT, prompt.message_id, &data);
     let edited = h
         .api
-        .wait_for_bot_text(CHAT, "overwriting 2 files", WAIT)
+        .wait_for_bot_text(CHAT, "overwriting — restore #", WAIT)
         .await
         .unwrap();
     assert_eq!(edited.message_id, prompt.message_id);
+    h.api
+        .wait_for(WAIT, |a| a.callback_answer(&second))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.api.callback_answer(&stranger).unwrap(),
+        "You are not allowed to use this bot."
+    );
+    assert_eq!(
+        h.api.callback_answer(&other).unwrap(),
+        "That restore is not waiting for an answer."
+    );
+    assert_eq!(h.api.callback_answer(&first).unwrap(), "Overwriting.");
+    assert_eq!(h.api.callback_answer(&second).unwrap(), "Already answered.");
     let new = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
     assert_ne!(new.id, job.id);
-    assert!(matches!(
+    // Pinned to the snapshot the conflict was found in.
+    assert_eq!(
         new.args,
         JobArgs::Restore {
+            path: format!("{}/data/sub", h.root.display()),
+            to: Some(out.display().to_string()),
+            snapshot: Some(snap.clone()),
             overwrite: true,
-            ..
         }
-    ));
+    );
     assert_eq!(h.job_count().await, 2);
-    assert_eq!(h.api.calls_of("answerCallbackQuery").len(), 2);
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
 
-#[allow(dead_code)]
-fn _unused(_: &Path) {}

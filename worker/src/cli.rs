@@ -126,25 +126,6 @@ pub enum Command {
         #[arg(long, env = "STORINATOR_WORKER_CONCURRENCY", default_value_t = 2)]
         concurrency: usize,
     },
-    /// Watch a full backup and restore from a Telegram chat, on this machine alone.
-    ///
-    /// Starts a loopback Telegram (Bot API and MTProto) in-process, runs the real bot and
-    /// worker against it, creates a sample folder (or uses --path), plays /backup,
-    /// /snapshots and /restore in the chat, prints the chat as it happens, checks the
-    /// restored tree byte for byte and prints a summary. No Telegram account, no network,
-    /// no configuration needed.
-    Demo {
-        /// Back up this folder instead of a generated sample.
-        #[arg(long, value_name = "DIR")]
-        path: Option<PathBuf>,
-        /// Keep the demo's files (sample, catalog, loopback cloud, restore) in DIR.
-        #[arg(long, value_name = "DIR")]
-        keep: Option<PathBuf>,
-        /// Cap the loopback Telegram's bandwidth (MiB/s) to watch progress on a small folder;
-        /// 0 = uncapped.
-        #[arg(long, value_name = "MIB_PER_S", default_value_t = 24)]
-        bandwidth: u64,
-    },
     /// Manage the key.
     Key {
         #[command(subcommand)]
@@ -165,9 +146,7 @@ pub const EXIT_WARNINGS: u8 = 3;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints a chat; only errors should interrupt it.
-    let quiet = matches!(cli.command, Command::Demo { .. }) && cli.global.verbose == 0;
-    init_tracing(if quiet { 0 } else { cli.global.verbose + 1 });
+    init_tracing(cli.global.verbose + 1);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -265,21 +244,6 @@ fn cancel_on_ctrl_c() -> CancelFlag {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Demo {
-        path,
-        keep,
-        bandwidth,
-    } = cli.command
-    {
-        // The demo needs no configuration: it brings its own loopback Telegram.
-        let opts = crate::demo::DemoOptions {
-            path,
-            workdir: keep,
-            bandwidth: (bandwidth > 0).then_some(bandwidth << 20),
-        };
-        crate::demo::run(opts).await?;
-        return Ok(ExitCode::SUCCESS);
-    }
     let cfg = Config::from_env()?;
     let g = &cli.global;
     match cli.command {
@@ -483,7 +447,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Demo { .. } => unreachable!("handled above"),
         Command::Run { concurrency } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             // With Telegram storage the same account also sends `/get` files over the Bot

@@ -4,6 +4,5 @@
 pub mod cli;
 pub mod daemon;
 mod get;
-pub mod demo;
 pub mod telegram;
 pub mod ui;
