@@ -103,7 +103,13 @@ async fn folder_view(
     let page = if page >= pages {
         listing = app
             .catalog
-            .children(p.root_id, p.snap.seq, &p.entry.path, (pages - 1) * PAGE, PAGE)
+            .children(
+                p.root_id,
+                p.snap.seq,
+                &p.entry.path,
+                (pages - 1) * PAGE,
+                PAGE,
+            )
             .await?;
         pages - 1
     } else {
@@ -156,11 +162,7 @@ async fn folder_view(
 async fn card_view(app: &App, p: &Place) -> anyhow::Result<(String, InlineKeyboardMarkup)> {
     let snap = &p.snap.short_id;
     let e = &p.entry;
-    let mut text = format!(
-        "{}\n{}",
-        render::entry_line(e),
-        absolute(&p.snap, &e.path)
-    );
+    let mut text = format!("{}\n{}", render::entry_line(e), absolute(&p.snap, &e.path));
     let mut rows = Vec::new();
     if e.kind == EntryKind::File {
         text.push_str(&format!(
@@ -176,16 +178,16 @@ async fn card_view(app: &App, p: &Place) -> anyhow::Result<(String, InlineKeyboa
         rows.push(vec![button("🕘 Versions", format!("v:{snap}:{}", e.id))]);
     }
     if let Some(up) = parent_id(app, p).await? {
-        rows.push(vec![button("⬆️ Back to the folder", format!("b:{snap}:{up}:0"))]);
+        rows.push(vec![button(
+            "⬆️ Back to the folder",
+            format!("b:{snap}:{up}:0"),
+        )]);
     }
     Ok((text, InlineKeyboardMarkup::new(rows)))
 }
 
 /// Every version of the file at `p`, newest first, each with Send and Restore buttons.
-async fn versions_view(
-    app: &App,
-    p: &Place,
-) -> anyhow::Result<(String, InlineKeyboardMarkup)> {
+async fn versions_view(app: &App, p: &Place) -> anyhow::Result<(String, InlineKeyboardMarkup)> {
     let versions = app.catalog.versions(p.root_id, &p.entry.path).await?;
     let path = absolute(&p.snap, &p.entry.path);
     let mut lines = vec![format!(
@@ -260,7 +262,9 @@ pub(crate) async fn on_button(
 ) -> anyhow::Result<Option<String>> {
     let parts: Vec<&str> = data.split(':').collect();
     if parts == ["x", ""] {
-        app.outbox.edit(chat, message, "Nothing was sent.", None).await?;
+        app.outbox
+            .edit(chat, message, "Nothing was sent.", None)
+            .await?;
         return Ok(None);
     }
     let (kind, snap, entry) = match parts.as_slice() {

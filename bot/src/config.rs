@@ -131,21 +131,20 @@ impl BotConfig {
         };
 
         // The worker's rules (same defaults, same validation): both must open one database.
-        let shared = storinator_shared::Config::from_lookup(&get)
-            .map_err(|e| {
-                use storinator_shared::ConfigError as E;
-                let var = match &e {
-                    E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
-                };
-                let text = e.to_string();
-                bad(
-                    var,
-                    text.split_once(": ")
-                        .map(|(_, m)| m)
-                        .unwrap_or(&text)
-                        .to_string(),
-                )
-            })?;
+        let shared = storinator_shared::Config::from_lookup(&get).map_err(|e| {
+            use storinator_shared::ConfigError as E;
+            let var = match &e {
+                E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
+            };
+            let text = e.to_string();
+            bad(
+                var,
+                text.split_once(": ")
+                    .map(|(_, m)| m)
+                    .unwrap_or(&text)
+                    .to_string(),
+            )
+        })?;
         let (database_url, outbox_dir) = (shared.database_url.clone(), shared.outbox_dir());
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {

@@ -5,9 +5,9 @@
 //! the fake Bot API server (`TELOXIDE_API_URL` / [`BotConfig::api_url`]).
 
 pub mod args;
+mod browse;
 pub mod config;
 pub mod db;
-mod browse;
 mod notifier;
 pub mod outbox;
 pub mod render;
@@ -26,12 +26,12 @@ use teloxide::update_listeners::Polling;
 use teloxide::utils::command::{BotCommands, ParseError};
 use tokio::time::Instant;
 
-use storinator_shared::{
-    Answer, AnswerOutcome, CancelOutcome, Catalog, Error as EngineError, JobArgs, JobError,
-    JobId, Jobs, list_snapshots, plural,
-};
 pub use config::{BotConfig, ConfigError};
 pub use outbox::{Limits, Outbox};
+use storinator_shared::{
+    Answer, AnswerOutcome, CancelOutcome, Catalog, Error as EngineError, JobArgs, JobError, JobId,
+    Jobs, list_snapshots, plural,
+};
 
 // The bot's commands (also the menu set with `setMyCommands`). Not a doc comment: the derive
 // would take it as the help text's heading.
@@ -335,9 +335,9 @@ async fn command(
             .await
             {
                 Ok((snap, entries)) => render::listing(&path, &snap, &entries),
-                Err(EngineError::NotFound(_) | EngineError::Invalid(_)) => format!(
-                    "You have no backup containing {path}. /snapshots lists yours."
-                ),
+                Err(EngineError::NotFound(_) | EngineError::Invalid(_)) => {
+                    format!("You have no backup containing {path}. /snapshots lists yours.")
+                }
                 Err(e) => return Err(e.into()),
             }
         }

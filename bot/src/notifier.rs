@@ -238,7 +238,10 @@ impl Notifier {
     fn remove_outgoing(&self, file: &str) {
         let path = std::path::Path::new(file);
         let outbox = &self.app.cfg.outbox_dir;
-        let Some(dir) = path.parent().filter(|d| d.starts_with(outbox) && *d != outbox) else {
+        let Some(dir) = path
+            .parent()
+            .filter(|d| d.starts_with(outbox) && *d != outbox)
+        else {
             return;
         };
         if let Err(e) = std::fs::remove_dir_all(dir)

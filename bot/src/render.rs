@@ -45,10 +45,7 @@ pub fn entry_line(e: &EntryRow) -> String {
     let name = e.path.rsplit('/').next().unwrap_or(&e.path);
     match e.kind {
         EntryKind::Dir => format!("📁 {name}/"),
-        EntryKind::Symlink => format!(
-            "🔗 {name} → {}",
-            e.target.as_deref().unwrap_or("?")
-        ),
+        EntryKind::Symlink => format!("🔗 {name} → {}", e.target.as_deref().unwrap_or("?")),
         EntryKind::File => format!("📄 {name} · {}", bytes(e.size)),
     }
 }
@@ -339,7 +336,10 @@ pub fn final_text(job: &Job) -> String {
             Some(JobResult::Get {
                 name, size, file, ..
             }) => match file {
-                Some(_) => format!("✅ {head}\n{name} ({}) restored and verified; sent below.", bytes(*size)),
+                Some(_) => format!(
+                    "✅ {head}\n{name} ({}) restored and verified; sent below.",
+                    bytes(*size)
+                ),
                 None => format!(
                     "✅ {head}\n{name} ({}) restored and verified; sent to Saved Messages.",
                     bytes(*size)
@@ -443,11 +443,28 @@ pub fn final_notice(job: &Job) -> String {
             title(job),
             plural(errors.len() as u64, "problem", "problems")
         ),
-        (_, Some(JobResult::Get { name, size, snapshot, file: None, .. })) => format!(
+        (
+            _,
+            Some(JobResult::Get {
+                name,
+                size,
+                snapshot,
+                file: None,
+                ..
+            }),
+        ) => format!(
             "📨 {name} ({}, snapshot {snapshot}) is over the Bot API's 50 MB, so the worker's own Telegram account sent it to its Saved Messages: look there.",
             bytes(*size)
         ),
-        (_, Some(JobResult::Get { name, size, snapshot, .. })) => {
+        (
+            _,
+            Some(JobResult::Get {
+                name,
+                size,
+                snapshot,
+                ..
+            }),
+        ) => {
             format!("📄 {name} · {} · snapshot {snapshot}", bytes(*size))
         }
         _ => format!("✅ {} done.", title(job)),

@@ -93,13 +93,9 @@ async fn start(clock: Option<ManualClock>) -> Harness {
         jobs = jobs.with_clock(Arc::new(c));
     }
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(storinator_bot::run_with(
-        cfg,
-        jobs.clone(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let task = tokio::spawn(storinator_bot::run_with(cfg, jobs.clone(), async move {
+        let _ = stopped.await;
+    }));
     // Ready once the menu is set.
     api.wait_for(WAIT, |a| {
         (!a.calls_of("getUpdates").is_empty()).then_some(())
@@ -548,7 +544,9 @@ async fn restore_conflicts_ask_before_overwriting() {
     // A stranger's tap and another user's tap do nothing; the user's double tap acts once.
     let data = format!("ow:{}", job.id);
     let stranger = h.api.push_callback(99, CHAT, prompt.message_id, &data);
-    let other = h.api.push_callback(OTHER_USER, CHAT, prompt.message_id, &data);
+    let other = h
+        .api
+        .push_callback(OTHER_USER, CHAT, prompt.message_id, &data);
     let first = h.api.push_callback(USER, CHAT, prompt.message_id, &data);
     let second = h.api.push_callback(USER, CHAT, prompt.message_id, &data);
     let edited = h
@@ -587,4 +585,3 @@ async fn restore_conflicts_ask_before_overwriting() {
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
-

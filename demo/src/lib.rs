@@ -237,11 +237,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     println!(
         "  MTProto     {} (Telegram allows about 100 a minute), {} in all:",
         plural(message_class, "message-class call", "message-class calls"),
-        plural(
-            report.mtproto_calls.values().sum(),
-            "call",
-            "calls"
-        )
+        plural(report.mtproto_calls.values().sum(), "call", "calls")
     );
     for (method, n) in &report.mtproto_calls {
         println!("                {n:>6}  {method}");

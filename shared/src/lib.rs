@@ -36,8 +36,8 @@ pub use error::{Error, StorageError};
 pub use format::chunker::ChunkerParams;
 pub use format::crypto::{ChunkId, KdfParams, Keys, WrappedKey};
 pub use ops::jobs::{
-    Answer, AnswerOutcome, BOT_UPLOAD_LIMIT, CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult,
-    JobState, Jobs, Lease, Signal,
+    Answer, AnswerOutcome, BOT_UPLOAD_LIMIT, CancelOutcome, Job, JobArgs, JobError, JobId,
+    JobPolicy, JobResult, JobState, Jobs, Lease, Signal,
 };
 pub use progress::{
     CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, TransferEstimate,

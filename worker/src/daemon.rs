@@ -412,8 +412,17 @@ async fn execute(
             })
         }
         JobArgs::Get { path, snapshot } => {
-            crate::get::run(repo, cfg, job.id, owner, path, snapshot.as_deref(), progress, cancel)
-                .await
+            crate::get::run(
+                repo,
+                cfg,
+                job.id,
+                owner,
+                path,
+                snapshot.as_deref(),
+                progress,
+                cancel,
+            )
+            .await
         }
     }
 }

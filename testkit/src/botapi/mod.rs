@@ -947,7 +947,13 @@ fn send_document(shared: &Arc<Shared>, params: &Value, uploads: Vec<Upload>) -> 
     let Some(chat_id) = int_param(params, "chat_id") else {
         return bad_request("chat_id is required");
     };
-    let Some(upload) = uploads.into_iter().find(|u| u.field == "document") else {
+    // The file comes as the `document` part, or as another part that `document` names as
+    // `attach://<part>` (teloxide's way).
+    let part = match params.get("document").and_then(Value::as_str) {
+        Some(d) if d.starts_with("attach://") => d["attach://".len()..].to_string(),
+        _ => "document".to_string(),
+    };
+    let Some(upload) = uploads.into_iter().find(|u| u.field == part) else {
         // A file id or URL names a file this server never saw.
         return match params.get("document") {
             Some(_) => bad_request("wrong file identifier/HTTP URL specified"),
