@@ -6,16 +6,44 @@ use std::time::Duration;
 
 /// A configuration problem, naming the variable at fault.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {var}: {message}\nhint: every variable is described in .env.example")]
+#[error("{} {var}: {message}\nhint: every variable is described in .env.example", if *missing { "missing" } else { "invalid" })]
 pub struct ConfigError {
     pub var: &'static str,
     pub message: String,
+    /// Not set at all (rather than set to something wrong).
+    pub missing: bool,
 }
 
 fn bad(var: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
         message: message.into(),
+        missing: false,
+    }
+}
+
+fn missing(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+        missing: true,
+    }
+}
+
+/// The engine's configuration errors, in the bot's words.
+fn shared(e: storinator_shared::ConfigError) -> ConfigError {
+    use storinator_shared::ConfigError as E;
+    let (missing, message) = match &e {
+        E::Missing { reason, .. } => (true, reason.clone()),
+        E::Invalid { reason, value, .. } if value == "(hidden)" => (false, reason.clone()),
+        E::Invalid { reason, value, .. } => (false, format!("{value:?}: {reason}")),
+        E::File { path, error, .. } => (false, format!("{}: {error}", path.display())),
+        E::EnvFile { .. } => (false, e.to_string()),
+    };
+    ConfigError {
+        var: e.var(),
+        message,
+        missing,
     }
 }
 
@@ -56,7 +84,7 @@ pub struct BotConfig {
 impl BotConfig {
     /// Read `.env` (if present) and the process environment.
     pub fn from_env() -> Result<BotConfig, ConfigError> {
-        let _ = dotenvy::dotenv();
+        storinator_shared::config::load_dotenv().map_err(shared)?;
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
@@ -68,7 +96,9 @@ impl BotConfig {
                 .filter(|v| !v.is_empty())
         };
 
-        let token = var("TELOXIDE_TOKEN").ok_or_else(|| bad("TELOXIDE_TOKEN", "is not set"))?;
+        let token = var("TELOXIDE_TOKEN")
+            .ok_or_else(|| missing("TELOXIDE_TOKEN", "the bot's token from @BotFather"))?;
+        storinator_shared::config::check_bot_token(&token).map_err(shared)?;
         let api_url = var("TELOXIDE_API_URL")
             .map(|u| {
                 reqwest::Url::parse(&u)
@@ -77,9 +107,9 @@ impl BotConfig {
             .transpose()?;
 
         let users = var("STORINATOR_ALLOWED_USERS").ok_or_else(|| {
-            bad(
+            missing(
                 "STORINATOR_ALLOWED_USERS",
-                "is not set (comma-separated Telegram user ids)",
+                "comma-separated Telegram user ids",
             )
         })?;
         let mut allowed_users = BTreeSet::new();
@@ -118,12 +148,8 @@ impl BotConfig {
         };
         let backup_roots = roots(
             "STORINATOR_BACKUP_ROOTS",
-            var("STORINATOR_BACKUP_ROOTS").ok_or_else(|| {
-                bad(
-                    "STORINATOR_BACKUP_ROOTS",
-                    "is not set (comma-separated folders)",
-                )
-            })?,
+            var("STORINATOR_BACKUP_ROOTS")
+                .ok_or_else(|| missing("STORINATOR_BACKUP_ROOTS", "comma-separated folders"))?,
         )?;
         let restore_roots = match var("STORINATOR_RESTORE_ROOTS") {
             Some(raw) => roots("STORINATOR_RESTORE_ROOTS", raw)?,
@@ -131,20 +157,7 @@ impl BotConfig {
         };
 
         // The worker's rules (same defaults, same validation): both must open one database.
-        let shared = storinator_shared::Config::from_lookup(&get).map_err(|e| {
-            use storinator_shared::ConfigError as E;
-            let var = match &e {
-                E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
-            };
-            let text = e.to_string();
-            bad(
-                var,
-                text.split_once(": ")
-                    .map(|(_, m)| m)
-                    .unwrap_or(&text)
-                    .to_string(),
-            )
-        })?;
+        let shared = storinator_shared::Config::from_lookup(&get).map_err(shared)?;
         let (database_url, outbox_dir) = (shared.database_url.clone(), shared.outbox_dir());
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
@@ -202,12 +215,26 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
+    const TOKEN: &str = "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+
+    #[test]
+    fn a_missing_token_says_missing() {
+        let e = BotConfig::from_lookup(lookup(&[])).unwrap_err();
+        assert!(e.to_string().starts_with("missing TELOXIDE_TOKEN: "), "{e}");
+        let e = BotConfig::from_lookup(lookup(&[(
+            "TELOXIDE_TOKEN",
+            "123456789:AAExampleExampleExampleExampleExample",
+        )]))
+        .unwrap_err();
+        assert!(e.to_string().contains("example value"), "{e}");
+    }
+
     #[test]
     fn reads_a_full_config() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().display().to_string();
         let cfg = BotConfig::from_lookup(lookup(&[
-            ("TELOXIDE_TOKEN", "1:x"),
+            ("TELOXIDE_TOKEN", TOKEN),
             ("TELOXIDE_API_URL", "http://127.0.0.1:9/"),
             ("STORINATOR_ALLOWED_USERS", "7, 8"),
             ("STORINATOR_BACKUP_ROOTS", &root),
@@ -227,7 +254,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().display().to_string();
         let base = [
-            ("TELOXIDE_TOKEN", "1:x"),
+            ("TELOXIDE_TOKEN", TOKEN),
             ("STORINATOR_ALLOWED_USERS", "7"),
             ("STORINATOR_BACKUP_ROOTS", root.as_str()),
         ];
@@ -238,6 +265,7 @@ mod tests {
             BotConfig::from_lookup(lookup(&pairs)).unwrap_err().var
         };
         assert_eq!(with("TELOXIDE_TOKEN", ""), "TELOXIDE_TOKEN");
+        assert_eq!(with("TELOXIDE_TOKEN", "123456:TEST"), "TELOXIDE_TOKEN");
         assert_eq!(
             with("STORINATOR_ALLOWED_USERS", "7,bob"),
             "STORINATOR_ALLOWED_USERS"

@@ -71,7 +71,10 @@ async fn start(clock: Option<ManualClock>) -> Harness {
     let outside = outside.canonicalize().unwrap();
     let db = format!("sqlite://{}", dir.path().join("st.db").display());
     let vars = [
-        ("TELOXIDE_TOKEN".to_string(), "123456:TEST".to_string()),
+        (
+            "TELOXIDE_TOKEN".to_string(),
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL".into(), api.url()),
         (
             "STORINATOR_ALLOWED_USERS".into(),

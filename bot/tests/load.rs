@@ -68,7 +68,10 @@ async fn every_final_message_arrives_within_telegram_rates_under_load() {
     let db = format!("sqlite://{}", dir.path().join("st.db").display());
     let users: Vec<String> = USERS.iter().map(|u| u.to_string()).collect();
     let vars = [
-        ("TELOXIDE_TOKEN", "123456:LOAD".to_string()),
+        (
+            "TELOXIDE_TOKEN",
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL", api.url()),
         ("STORINATOR_ALLOWED_USERS", users.join(",")),
         ("STORINATOR_BACKUP_ROOTS", root.display().to_string()),

@@ -29,16 +29,27 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Read the passphrase from the first line of this file (instead of
-    /// STORINATOR_PASSPHRASE or a prompt).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub passphrase_file: Option<PathBuf>,
-    /// Whose backups to act on: `local` (the CLI's own) or `tg:<telegram user id>`.
-    #[arg(long, global = true, default_value = "local", value_name = "OWNER")]
-    pub owner: String,
     /// Log more (repeat for even more); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// For the commands that unlock the key.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Pass {
+    /// Read the passphrase from the first line of this file (instead of
+    /// STORINATOR_PASSPHRASE or a prompt).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// For the commands that act on one owner's backups.
+#[derive(Args, Debug, Clone)]
+pub struct Owner {
+    /// Whose backups to act on: `local` (the CLI's own) or `tg:<telegram user id>` (a chat
+    /// user's).
+    #[arg(long, default_value = "local", value_name = "OWNER")]
+    pub owner: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,7 +59,10 @@ pub enum Command {
     /// A random master key is generated and stored wrapped under your passphrase (Argon2id)
     /// in the catalog and in storage. Keep the passphrase safe: without it nobody, you
     /// included, can read the backups.
-    Init,
+    Init {
+        #[command(flatten)]
+        pass: Pass,
+    },
     /// Back up a folder into a new snapshot.
     ///
     /// Stored paths start at the folder's own name (/srv/data -> data/...). Files unchanged
@@ -61,6 +75,10 @@ pub enum Command {
         /// Store this snapshot without encryption (SHA-256 integrity only).
         #[arg(long)]
         no_encrypt: bool,
+        #[command(flatten)]
+        owner: Owner,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// Restore a folder or file from a snapshot.
     ///
@@ -79,23 +97,33 @@ pub enum Command {
         /// Replace existing files whose content differs.
         #[arg(long)]
         overwrite: bool,
+        #[command(flatten)]
+        owner: Owner,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// List snapshots, optionally only those of PATH.
     Snapshots {
+        /// Only snapshots of this backed-up folder, or of folders above or below it.
         path: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        owner: Owner,
     },
-    /// List the contents of a backed-up folder.
+    /// List the contents of a backed-up folder (no passphrase needed).
     Ls {
         /// A path as it was backed up.
         path: String,
+        /// Snapshot id (or a unique prefix); default: the latest containing PATH.
         #[arg(long, value_name = "ID")]
         snapshot: Option<String>,
         /// List everything below PATH, not just its children.
         #[arg(short, long)]
         recursive: bool,
+        #[command(flatten)]
+        owner: Owner,
     },
     /// Check that every pack the catalog references is in storage and intact.
     ///
@@ -103,8 +131,11 @@ pub enum Command {
     /// downloaded and authenticated. Exit code 1 when problems are found; each names the
     /// affected files.
     Verify {
+        /// Also download every chunk and authenticate it (reads all stored data).
         #[arg(long)]
         read_data: bool,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// Sign the worker's Telegram account in (phone, code, 2FA password).
     ///
@@ -116,7 +147,10 @@ pub enum Command {
     ///
     /// Needs only the storage settings and the passphrase: reads the wrapped key, every
     /// pack's trailer and every snapshot from storage.
-    Recover,
+    Recover {
+        #[command(flatten)]
+        pass: Pass,
+    },
     /// Run the job daemon: claim the jobs the bot queues and run them until SIGTERM/SIGINT.
     ///
     /// On a signal it stops claiming, brings running jobs to a safe point, leaves them
@@ -125,6 +159,8 @@ pub enum Command {
         /// Jobs run at once.
         #[arg(long, env = "STORINATOR_WORKER_CONCURRENCY", default_value_t = 2)]
         concurrency: usize,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// Manage the key.
     Key {
@@ -138,7 +174,10 @@ pub enum KeyCommand {
     /// Change the passphrase (re-wraps the key; no data is re-encrypted).
     ///
     /// The new passphrase comes from STORINATOR_NEW_PASSPHRASE or a prompt.
-    Passwd,
+    Passwd {
+        #[command(flatten)]
+        pass: Pass,
+    },
 }
 
 /// Exit code for "snapshot saved, but some files were left out".
@@ -172,9 +211,11 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only for a person at a terminal; journald and log files get plain text.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -190,8 +231,8 @@ pub async fn open_storage(cfg: &Config) -> anyhow::Result<Arc<dyn Storage>> {
 }
 
 /// The passphrase: --passphrase-file, then STORINATOR_PASSPHRASE(_FILE), then a prompt.
-fn passphrase(global: &Global, cfg: &Config, confirm: bool) -> anyhow::Result<String> {
-    if let Some(file) = &global.passphrase_file {
+fn passphrase(pass: &Pass, cfg: &Config, confirm: bool) -> anyhow::Result<String> {
+    if let Some(file) = &pass.passphrase_file {
         return Ok(storinator_shared::config::read_passphrase_file(
             "--passphrase-file",
             file,
@@ -223,10 +264,10 @@ fn prompt(what: &str, confirm: bool) -> anyhow::Result<String> {
     Ok(p)
 }
 
-async fn open_repo(global: &Global, cfg: &Config) -> anyhow::Result<Repo> {
+async fn open_repo(pass: &Pass, cfg: &Config) -> anyhow::Result<Repo> {
     let catalog = Catalog::open(&cfg.database_url).await?;
     let storage = open_storage(cfg).await?;
-    let pass = passphrase(global, cfg, false)?;
+    let pass = passphrase(pass, cfg, false)?;
     Ok(Repo::open(catalog, storage, &pass, EngineSettings::from_config(cfg)).await?)
 }
 
@@ -245,9 +286,8 @@ fn cancel_on_ctrl_c() -> CancelFlag {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cfg = Config::from_env()?;
-    let g = &cli.global;
     match cli.command {
-        Command::Init => {
+        Command::Init { pass } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
             if let Some(existing) = catalog
@@ -259,7 +299,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 .into());
             }
-            let pass = passphrase(g, &cfg, true)?;
+            let pass = passphrase(&pass, &cfg, true)?;
             let key = Repo::init(&catalog, storage.as_ref(), &pass, kdf_params()).await?;
             println!(
                 "created key {} (stored wrapped in the catalog and in {})",
@@ -269,13 +309,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("keep your passphrase safe: it is the only way to read these backups");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Backup { path, no_encrypt } => {
-            let repo = open_repo(g, &cfg).await?;
+        Command::Backup {
+            path,
+            no_encrypt,
+            owner,
+            pass,
+        } => {
+            let repo = open_repo(&pass, &cfg).await?;
             let cancel = cancel_on_ctrl_c();
             let bar = Bar::new(&format!("backing up {}", path.display()));
             let opts = BackupOptions {
                 path: path.clone(),
-                owner: g.owner.clone(),
+                owner: owner.owner.clone(),
                 encrypt: !no_encrypt,
             };
             let result = repo.backup(&opts, &bar, &cancel).await;
@@ -300,15 +345,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             to,
             snapshot,
             overwrite,
+            owner,
+            pass,
         } => {
-            let repo = open_repo(g, &cfg).await?;
+            let repo = open_repo(&pass, &cfg).await?;
             let cancel = cancel_on_ctrl_c();
             let bar = Bar::new(&format!("restoring {path}"));
             let opts = RestoreOptions {
                 path: path.clone(),
                 to,
                 snapshot,
-                owner: g.owner.clone(),
+                owner: owner.owner.clone(),
                 overwrite,
             };
             let result = repo.restore(&opts, &bar, &cancel).await;
@@ -330,10 +377,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(anyhow::Error::new(e).context(format!("restore of {path} failed"))),
             }
         }
-        Command::Snapshots { path, json } => {
+        Command::Snapshots { path, json, owner } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let list =
-                storinator_shared::list_snapshots(&catalog, &g.owner, path.as_deref()).await?;
+                storinator_shared::list_snapshots(&catalog, &owner.owner, path.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {
@@ -365,12 +412,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             path,
             snapshot,
             recursive,
+            owner,
         } => {
             // A listing needs no key: the catalog answers, as it does for the chat's /ls.
             let catalog = Catalog::open(&cfg.database_url).await?;
-            let (snap, entries) =
-                storinator_shared::ls(&catalog, &g.owner, &path, snapshot.as_deref(), recursive)
-                    .await?;
+            let (snap, entries) = storinator_shared::ls(
+                &catalog,
+                &owner.owner,
+                &path,
+                snapshot.as_deref(),
+                recursive,
+            )
+            .await?;
             println!(
                 "snapshot {} of {} ({})",
                 snap.short_id,
@@ -382,8 +435,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { read_data } => {
-            let repo = open_repo(g, &cfg).await?;
+        Command::Verify { read_data, pass } => {
+            let repo = open_repo(&pass, &cfg).await?;
             let bar = Bar::new("verifying");
             let report = repo.verify(read_data, &bar).await;
             bar.finish();
@@ -419,10 +472,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("signed in; session saved at {}", session.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Recover => {
+        Command::Recover { pass } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
-            let pass = passphrase(g, &cfg, false)?;
+            let pass = passphrase(&pass, &cfg, false)?;
             let bar = Bar::new("recovering");
             let result = storinator_shared::recover(
                 catalog,
@@ -447,7 +500,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Run { concurrency } => {
+        Command::Run { concurrency, pass } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             // With Telegram storage the same account also sends `/get` files over the Bot
             // API's 50 MB to its Saved Messages.
@@ -460,7 +513,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     StorageSpec::Dir(_) => (open_storage(&cfg).await?, None),
                 };
-            let pass = passphrase(g, &cfg, false)?;
+            let pass = passphrase(&pass, &cfg, false)?;
             let repo =
                 Repo::open(catalog, storage, &pass, EngineSettings::from_config(&cfg)).await?;
             let jobs = storinator_shared::Jobs::new(repo.catalog.pool().clone());
@@ -480,11 +533,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Key {
-            command: KeyCommand::Passwd,
+            command: KeyCommand::Passwd { pass },
         } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
-            let old = passphrase(g, &cfg, false)?;
+            let old = passphrase(&pass, &cfg, false)?;
             let new = match std::env::var("STORINATOR_NEW_PASSPHRASE") {
                 Ok(p) if !p.is_empty() => p,
                 _ => prompt("new passphrase", true)?,

@@ -108,7 +108,10 @@ impl World {
 
     async fn start_bot(&mut self) {
         let vars = [
-            ("TELOXIDE_TOKEN".to_string(), "123456:E2E".to_string()),
+            (
+                "TELOXIDE_TOKEN".to_string(),
+                "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+            ),
             ("TELOXIDE_API_URL".into(), self.api.url()),
             ("STORINATOR_ALLOWED_USERS".into(), format!("{USER},{USER2}")),
             (

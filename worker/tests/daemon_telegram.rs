@@ -84,7 +84,10 @@ async fn chat_backup_and_restore_through_loopback_telegram() {
     ));
 
     let vars = [
-        ("TELOXIDE_TOKEN".to_string(), "1:TG".to_string()),
+        (
+            "TELOXIDE_TOKEN".to_string(),
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL".into(), api.url()),
         ("STORINATOR_ALLOWED_USERS".into(), USER.to_string()),
         ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),

@@ -840,7 +840,8 @@ fn write_files(
             Some(reason) => {
                 drop(out);
                 let _ = std::fs::remove_file(&tmp);
-                tracing::error!("restore of {} failed: {reason}", p.entry.path);
+                // Reported once, through the error every caller shows (not logged as well).
+                tracing::debug!("restore of {} failed: {reason}", p.entry.path);
                 failures.push((p.entry.path.clone(), reason));
             }
         }
