@@ -588,3 +588,50 @@ async fn restore_conflicts_ask_before_overwriting() {
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_notice_survives_repeated_429s() {
+    let h = start(None).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    // The next three sends are refused with retry_after (more than the old give-up of two).
+    let n = h.api.calls_of("sendMessage").len();
+    for i in 1..=3 {
+        h.api
+            .fail_call("sendMessage", n + i, Fault::RetryAfter(1));
+    }
+    h.jobs
+        .finish(
+            &lease,
+            &JobResult::Backup {
+                snapshot: "5eed".into(),
+                files: 1,
+                dirs: 1,
+                bytes: 10,
+                bytes_stored: 10,
+                new_chunks: 1,
+                warnings: 0,
+                duration_ms: 5,
+            },
+        )
+        .await
+        .unwrap();
+    let notice = h
+        .api
+        .wait_for_bot_text(CHAT, "done: snapshot 5eed", WAIT)
+        .await;
+    assert!(notice.is_some(), "{}", h.api.transcript_text(CHAT));
+    let refused: Vec<_> = h
+        .api
+        .calls_of("sendMessage")
+        .into_iter()
+        .filter(|c| c.fault == Some(Fault::RetryAfter(1)))
+        .collect();
+    assert_eq!(refused.len(), 3);
+    // Each retry waited out the second it was asked to.
+    for pair in h.api.calls_of("sendMessage")[n..].windows(2) {
+        assert!(pair[1].at >= pair[0].at + Duration::from_millis(950));
+    }
+    h.stop().await;
+}
