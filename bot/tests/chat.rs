@@ -598,8 +598,7 @@ async fn a_final_notice_survives_repeated_429s() {
     // The next three sends are refused with retry_after (more than the old give-up of two).
     let n = h.api.calls_of("sendMessage").len();
     for i in 1..=3 {
-        h.api
-            .fail_call("sendMessage", n + i, Fault::RetryAfter(1));
+        h.api.fail_call("sendMessage", n + i, Fault::RetryAfter(1));
     }
     h.jobs
         .finish(
