@@ -738,8 +738,9 @@ fn rate_check(inner: &mut Inner, chat_id: i64) -> Option<u32> {
     }
 }
 
-/// Telegram refuses inline buttons whose `callback_data` is empty or over 64 bytes.
-fn check_markup(markup: &Option<Value>) -> Result<(), Response> {
+/// Telegram refuses inline buttons whose `callback_data` is empty or over 64 bytes: the
+/// refusal, if any.
+fn check_markup(markup: &Option<Value>) -> Option<Response> {
     let rows = markup
         .as_ref()
         .and_then(|m| m.get("inline_keyboard"))
@@ -749,12 +750,12 @@ fn check_markup(markup: &Option<Value>) -> Result<(), Response> {
             if let Some(d) = b.get("callback_data") {
                 let len = d.as_str().map(str::len).unwrap_or(0);
                 if len == 0 || len > MAX_CALLBACK_DATA {
-                    return Err(bad_request("BUTTON_DATA_INVALID"));
+                    return Some(bad_request("BUTTON_DATA_INVALID"));
                 }
             }
         }
     }
-    Ok(())
+    None
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Response {
@@ -918,8 +919,8 @@ fn send_message(shared: &Arc<Shared>, params: &Value) -> Response {
         return bad_request("message is too long");
     }
     let markup = markup_param(params);
-    if let Err(r) = check_markup(&markup) {
-        return r;
+    if let Some(refused) = check_markup(&markup) {
+        return refused;
     }
     let mut inner = shared.inner.lock().unwrap();
     let message_id = inner.next_message_id;
@@ -975,8 +976,8 @@ fn send_document(shared: &Arc<Shared>, params: &Value, uploads: Vec<Upload>) -> 
         return bad_request("message caption is too long");
     }
     let markup = markup_param(params);
-    if let Err(r) = check_markup(&markup) {
-        return r;
+    if let Some(refused) = check_markup(&markup) {
+        return refused;
     }
     let mut inner = shared.inner.lock().unwrap();
     let message_id = inner.next_message_id;
@@ -1029,8 +1030,8 @@ fn edit_message(shared: &Arc<Shared>, params: &Value, with_text: bool) -> Respon
         }
     }
     let markup = markup_param(params);
-    if let Err(r) = check_markup(&markup) {
-        return r;
+    if let Some(refused) = check_markup(&markup) {
+        return refused;
     }
     let mut inner = shared.inner.lock().unwrap();
     let Some(m) = inner
