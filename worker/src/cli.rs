@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use storinator_shared::{
     BackupOptions, CancelFlag, Catalog, Config, EngineSettings, Error, KdfParams, Repo,
-    RestoreOptions, Storage, StorageSpec, format_entry, format_time, human_bytes,
+    RestoreOptions, Storage, StorageSpec, format_entry, format_time, human_bytes, plural,
 };
 
 use crate::ui::Bar;
@@ -333,9 +333,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if summary.warnings.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {
+                let n = summary.warnings.len() as u64;
                 eprintln!(
-                    "snapshot saved, but {} item(s) were left out or changed while read (see warnings)",
-                    summary.warnings.len()
+                    "snapshot saved, but {} left out or changed while read (see warnings)",
+                    plural(n, "item was", "items were")
                 );
                 Ok(ExitCode::from(EXIT_WARNINGS))
             }
@@ -370,8 +371,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("failed: {p}: {why}");
                     }
                     Err(anyhow!(
-                        "restore of {path}: {} file(s) could not be restored intact; none of them was written",
-                        failures.len()
+                        "restore of {path}: {} could not be restored intact; none of them was written",
+                        plural(failures.len() as u64, "file", "files")
                     ))
                 }
                 Err(e) => Err(anyhow::Error::new(e).context(format!("restore of {path} failed"))),
@@ -445,10 +446,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("problem: {p}");
             }
             println!(
-                "checked {} packs{} ({} read): {}",
-                report.packs_checked,
+                "checked {}{} ({} read): {}",
+                plural(report.packs_checked, "pack", "packs"),
                 if read_data {
-                    format!(", {} chunks", report.blobs_checked)
+                    format!(", {}", plural(report.blobs_checked, "chunk", "chunks"))
                 } else {
                     String::new()
                 },
@@ -456,7 +457,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if report.problems.is_empty() {
                     "no problems".to_string()
                 } else {
-                    format!("{} problem(s)", report.problems.len())
+                    plural(report.problems.len() as u64, "problem", "problems")
                 }
             );
             Ok(if report.problems.is_empty() {
@@ -491,8 +492,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("problem: {p}");
             }
             println!(
-                "recovered {} packs ({} chunks) and {} snapshots into {}",
-                report.packs, report.chunks, report.snapshots, cfg.database_url
+                "recovered {} ({}) and {} into {}",
+                plural(report.packs, "pack", "packs"),
+                plural(report.chunks, "chunk", "chunks"),
+                plural(report.snapshots, "snapshot", "snapshots"),
+                cfg.database_url
             );
             Ok(if report.problems.is_empty() {
                 ExitCode::SUCCESS

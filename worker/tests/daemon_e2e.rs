@@ -446,8 +446,7 @@ async fn restore_over_differing_files_asks_first_then_overwrites() {
     w.start_bot().await;
     w.start_worker("w1").await;
     let data = w.root.join("data");
-    w.say(&format!("/backup {}", data.display()));
-    w.wait_text("Done: snapshot").await;
+    w.backup(0).await;
     // The user changes a file, then restores the folder in place.
     std::fs::write(data.join("docs/note1.txt"), b"changed since the backup").unwrap();
     w.say(&format!("/restore {}/docs", data.display()));
@@ -457,6 +456,9 @@ async fn restore_over_differing_files_asks_first_then_overwrites() {
         std::fs::read(data.join("docs/note1.txt")).unwrap(),
         b"changed since the backup"
     );
+    // A newer backup (with the changed file) is made before the user answers: Overwrite
+    // must restore the snapshot the question was about, not the newest one.
+    w.backup(1).await;
     let m = w
         .api
         .bot_messages(CHAT)

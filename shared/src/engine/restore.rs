@@ -53,11 +53,11 @@ pub struct RestoreSummary {
 impl RestoreSummary {
     pub fn line(&self) -> String {
         format!(
-            "restored {} files ({}), {} dirs, {} symlinks from snapshot {} into {}{} in {:.1}s",
-            self.files,
+            "restored {} ({}), {}, {} from snapshot {} into {}{} in {:.1}s",
+            crate::progress::plural(self.files, "file", "files"),
             crate::progress::human_bytes(self.bytes),
-            self.dirs,
-            self.symlinks,
+            crate::progress::plural(self.dirs, "dir", "dirs"),
+            crate::progress::plural(self.symlinks, "symlink", "symlinks"),
             self.snapshot.short_id,
             self.target.display(),
             if self.unchanged > 0 {
