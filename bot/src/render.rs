@@ -232,7 +232,7 @@ pub fn progress(job: &Job) -> String {
                 && ((secs * 1000.0) as u64) > elapsed
             {
                 lines.push(format!(
-                    "Telegram's limits allow this in about {} ({})",
+                    "Estimate: up to {} within Telegram's limits ({})",
                     duration_ms((secs * 1000.0) as u64),
                     plural(calls, "API call", "API calls")
                 ));
@@ -536,6 +536,54 @@ pub fn job_line(job: &Job, now_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_estimate_goes_once_the_job_ran_longer() {
+        let job = |elapsed_ms: i64| Job {
+            id: 1,
+            args: JobArgs::Backup {
+                path: "/srv".into(),
+                encrypt: true,
+            },
+            user_id: 7,
+            chat_id: 7,
+            state: JobState::Running,
+            progress: storinator_shared::ProgressReport {
+                phase: storinator_shared::Phase::Uploading,
+                files_done: 1,
+                files_total: 2,
+                bytes_done: 10,
+                bytes_total: 20,
+                bytes_stored: 5,
+            },
+            estimate: Some(
+                serde_json::json!({"message_calls": 3, "part_calls": 9, "seconds": 10.0}),
+            ),
+            result: None,
+            error: None,
+            attempt: 1,
+            max_attempts: 3,
+            lease_owner: None,
+            lease_until: None,
+            not_before: 0,
+            cancel_requested: false,
+            progress_message_id: None,
+            created_at: 0,
+            started_at: Some(0),
+            updated_at: elapsed_ms,
+            finished_at: None,
+            shown_at: 0,
+            final_notified: false,
+            stall_notified: false,
+        };
+        let early = progress(&job(2_000));
+        assert!(
+            early.contains("Estimate: up to 10.0s within Telegram's limits (3 API calls)"),
+            "{early}"
+        );
+        let late = progress(&job(12_000));
+        assert!(!late.contains("Estimate"), "{late}");
+    }
 
     #[test]
     fn plurals() {

@@ -277,7 +277,7 @@ async fn play(
     let backup_secs = t.elapsed().as_secs_f64();
 
     say(api, chat, &format!("/snapshots {}", source.display())).await;
-    wait_text(api, chat, "napshot", Duration::from_secs(20)).await?;
+    wait_text(api, chat, "📚", Duration::from_secs(20)).await?;
 
     let sub = source.display().to_string();
     let t = Instant::now();
@@ -339,7 +339,8 @@ async fn wait_done(
         chat.flush(api);
         let msgs = api.bot_messages(USER);
         if let Some(m) = msgs.iter().rev().find(|m| m.text.contains(title)) {
-            if m.text.starts_with('✅') {
+            // Done once the short notice that ends every job has arrived.
+            if m.text.starts_with('✅') && m.text.contains(" done: ") {
                 return Ok(());
             }
             if m.text.starts_with('❌') || m.text.starts_with('✋') || m.text.starts_with('🛑')
