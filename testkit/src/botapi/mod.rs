@@ -64,13 +64,17 @@ const MESSAGE_METHODS: &[&str] = &[
 /// `global_burst` at once and one more every `global_interval`. A message beyond them is
 /// answered 429 with `retry_after` (whole seconds, at least 1, as Telegram sends it).
 /// Telegram documents "about one message per second" in a chat and "about 30 per second"
-/// overall, with short bursts allowed: [`Limits::telegram`].
+/// overall, with short bursts allowed: [`Limits::telegram`]. `jitter` is how much earlier than
+/// its token a message may arrive and still pass: a client can pace its sends but not their
+/// arrival (a new connection delays one request more than the next), and Telegram's limits
+/// are no more exact than that.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     pub chat_burst: u32,
     pub chat_interval: Duration,
     pub global_burst: u32,
     pub global_interval: Duration,
+    pub jitter: Duration,
 }
 
 impl Limits {
@@ -81,6 +85,7 @@ impl Limits {
             chat_interval: Duration::from_secs(1),
             global_burst: 30,
             global_interval: Duration::from_secs(1) / 30,
+            jitter: Duration::from_millis(50),
         }
     }
 
@@ -100,6 +105,7 @@ impl Limits {
             chat_interval: Duration::ZERO,
             global_burst: u32::MAX,
             global_interval: Duration::ZERO,
+            jitter: Duration::ZERO,
         }
     }
 }
@@ -123,6 +129,7 @@ impl Bucket {
         slot: &mut Option<Bucket>,
         burst: u32,
         interval: Duration,
+        jitter: Duration,
         now: Instant,
     ) -> Result<(), Duration> {
         if interval.is_zero() {
@@ -136,7 +143,8 @@ impl Bucket {
         let refill = now.saturating_duration_since(b.at).as_secs_f64() / interval.as_secs_f64();
         b.tokens = (b.tokens + refill).min(cap);
         b.at = now;
-        if b.tokens >= 1.0 {
+        let slack = jitter.as_secs_f64() / interval.as_secs_f64();
+        if b.tokens + slack >= 1.0 {
             b.tokens -= 1.0;
             Ok(())
         } else {
@@ -716,6 +724,7 @@ fn rate_check(inner: &mut Inner, chat_id: i64) -> Option<u32> {
         &mut chat_probe,
         limits.chat_burst,
         limits.chat_interval,
+        limits.jitter,
         now,
     );
     let mut global_probe = inner.global_bucket;
@@ -723,6 +732,7 @@ fn rate_check(inner: &mut Inner, chat_id: i64) -> Option<u32> {
         &mut global_probe,
         limits.global_burst,
         limits.global_interval,
+        limits.jitter,
         now,
     );
     match (chat_res, global_res) {
