@@ -27,11 +27,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/storinator-bot /out/storinator-bot
 
 # ---------------------------------------------------------------------------------------------
-# Runtime stage: a small Debian with CA certificates and an unprivileged user.
+# Runtime stage: a small Debian with CA certificates, the time zone database (schedules are
+# evaluated in STORINATOR_TIMEZONE) and an unprivileged user.
 FROM debian:bookworm-slim AS runtime
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates tzdata \
  && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --gid 10001 storinator \

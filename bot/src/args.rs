@@ -127,47 +127,12 @@ pub fn parse_job_id(raw: &str) -> Result<i64, String> {
     })
 }
 
-fn is_within(path: &Path, roots: &[PathBuf]) -> bool {
-    roots.iter().any(|r| path.starts_with(r))
-}
+use storinator_shared::ops::rules::{is_within, roots_list};
 
-fn roots_list(roots: &[PathBuf]) -> String {
-    roots
-        .iter()
-        .map(|r| r.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Check a folder the user wants backed up: absolute, existing, a directory, and inside an
-/// allowed root after resolving `..` and symlinks. Returns the canonical path.
-pub fn check_backup_path(path: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
-    let p = Path::new(path);
-    if !p.is_absolute() {
-        return Err(format!(
-            "{path:?} is not an absolute path (it must start with /)"
-        ));
-    }
-    let canon = match p.canonicalize() {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("{path} does not exist"));
-        }
-        Err(e) => return Err(format!("{path}: {e}")),
-    };
-    // The root check is made on the canonical path, so `..` and symlinks can't leave a root;
-    // it comes before the kind checks so nothing is revealed about paths outside the roots.
-    if !is_within(&canon, roots) {
-        return Err(format!(
-            "{path} is outside the folders I may back up ({})",
-            roots_list(roots)
-        ));
-    }
-    if !canon.is_dir() {
-        return Err(format!("{path} is not a folder"));
-    }
-    Ok(canon)
-}
+/// Check a folder the user wants backed up (one implementation with the worker's check when
+/// a schedule fires): absolute, existing, a directory, and inside an allowed root after
+/// resolving `..` and symlinks. Returns the canonical path.
+pub use storinator_shared::ops::rules::check_backup_path;
 
 /// Check a restore target: absolute, no `..`, and inside an allowed root once its nearest
 /// existing ancestor is resolved (the target itself may not exist yet). Returns the path with

@@ -79,6 +79,10 @@ pub struct BotConfig {
     pub limits: crate::outbox::Limits,
     /// A stranger is answered at most once in this time (default 5 minutes).
     pub stranger_interval: Duration,
+    /// `STORINATOR_TIMEZONE` (the worker's rule): schedules and the times shown in chat.
+    pub timezone: jiff::tz::TimeZone,
+    /// `STORINATOR_SCRUB_BYTES_PER_DAY`: the scrub's daily budget, for `/scrub`'s cycle.
+    pub scrub_bytes_per_day: u64,
 }
 
 impl BotConfig {
@@ -156,9 +160,12 @@ impl BotConfig {
             None => backup_roots.clone(),
         };
 
-        // The worker's rules (same defaults, same validation): both must open one database.
+        // The worker's rules (same defaults, same validation): both must open one database
+        // and see schedules in one time zone.
         let shared = storinator_shared::Config::from_lookup(&get).map_err(shared)?;
         let (database_url, outbox_dir) = (shared.database_url.clone(), shared.outbox_dir());
+        let timezone = shared.unattended.timezone;
+        let scrub_bytes_per_day = shared.unattended.scrub_bytes_per_day;
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match var(name) {
@@ -194,6 +201,8 @@ impl BotConfig {
             outbox_dir,
             limits: crate::outbox::Limits::telegram(),
             stranger_interval: Duration::from_secs(300),
+            timezone,
+            scrub_bytes_per_day,
         })
     }
 

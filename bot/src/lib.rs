@@ -4,6 +4,7 @@
 //! `main.rs` is a thin wrapper over [`run`]; tests and the demo run the bot in-process against
 //! the fake Bot API server (`TELOXIDE_API_URL` / [`BotConfig::api_url`]).
 
+pub mod alerts;
 pub mod args;
 mod browse;
 pub mod config;
@@ -28,6 +29,9 @@ use tokio::time::Instant;
 
 pub use config::{BotConfig, ConfigError};
 pub use outbox::{Limits, Outbox};
+use storinator_shared::Schedules;
+use storinator_shared::ops::alerts::{AlertPolicy, Alerts, ScrubStatus};
+use storinator_shared::ops::schedules::{NewSchedule, ScheduleError, format_local};
 use storinator_shared::{
     Answer, AnswerOutcome, CancelOutcome, Catalog, Error as EngineError, JobArgs, JobError, JobId,
     Jobs, list_snapshots, plural,
@@ -67,6 +71,22 @@ pub enum Command {
     Cancel(String),
     #[command(description = "check that every stored pack is present and intact")]
     Verify(String),
+    #[command(
+        description = "back up on a schedule: /schedule <path> <when> [keep daily 7 weekly 4] — when: hourly, daily [HH:MM], weekly <day> [HH:MM], every <N>h, \"<cron>\""
+    )]
+    Schedule(String),
+    #[command(description = "your schedules: next run, last result, last snapshot")]
+    Schedules,
+    #[command(description = "remove a schedule: /unschedule <id>")]
+    Unschedule(String),
+    #[command(description = "pause a schedule: /pause <id>")]
+    Pause(String),
+    #[command(description = "resume a schedule: /resume <id>")]
+    Resume(String),
+    #[command(description = "the weekly digest: /digest (show it now), /digest off, /digest on")]
+    Digest(String),
+    #[command(description = "the scrub: when each pack was last read back (/scrub now runs one)")]
+    Scrub(String),
 }
 
 /// State shared by the handlers and the notifier.
@@ -80,6 +100,7 @@ pub(crate) struct App {
     /// Jobs whose messages someone is sending right now (a handler posting the progress
     /// message, the notifier delivering an update): one at a time per job.
     busy: Mutex<HashSet<JobId>>,
+    pub(crate) alerts: Alerts,
 }
 
 impl App {
@@ -312,8 +333,108 @@ async fn command(
                 ));
             }
             start_job(app, uid, chat, JobArgs::Verify { path: None }).await?;
-            return Ok(None);
+            // The continuous check's state, while the full one runs.
+            let status = ScrubStatus::load(&app.catalog, app.cfg.scrub_bytes_per_day).await?;
+            let lines = status.lines(app.alerts.tz(), 0);
+            format!("🧽 Scrub: {}\n{}", lines[1], lines[0])
         }
+        Command::Schedule(raw) => schedule(app, user_id, chat, &raw).await?,
+        Command::Schedules => {
+            let list = app.alerts.statuses(&owner(user_id)).await?;
+            if list.is_empty() {
+                "You have no schedules. /schedule <path> daily 03:00 adds one.".into()
+            } else {
+                let tz = app.alerts.tz();
+                let mut lines = vec![format!("🗓 Your schedules ({}):", list.len())];
+                lines.extend(list.iter().map(|st| alerts::schedule_line(st, tz)));
+                lines.join("\n")
+            }
+        }
+        Command::Unschedule(raw) => {
+            schedule_change(app, user_id, &raw, "unschedule", |s, id, o| {
+                Box::pin(async move { s.remove(id, &o).await })
+            })
+            .await?
+        }
+        Command::Pause(raw) => {
+            schedule_change(app, user_id, &raw, "pause", |s, id, o| {
+                Box::pin(async move { s.set_paused(id, &o, true).await })
+            })
+            .await?
+        }
+        Command::Resume(raw) => {
+            schedule_change(app, user_id, &raw, "resume", |s, id, o| {
+                Box::pin(async move { s.set_paused(id, &o, false).await })
+            })
+            .await?
+        }
+        Command::Digest(raw) => match raw.trim() {
+            "off" => {
+                app.alerts
+                    .set_digest(&owner(user_id), chat.0, false)
+                    .await?;
+                "📰 Weekly digest off. /digest on brings it back.".into()
+            }
+            "on" => {
+                app.alerts.set_digest(&owner(user_id), chat.0, true).await?;
+                "📰 Weekly digest on: every Monday at 09:00.".into()
+            }
+            "" => {
+                let o = owner(user_id);
+                let now = app.jobs.now_ms();
+                let d = app
+                    .alerts
+                    .digest(&o, chat.0, now, now - 7 * 86_400_000)
+                    .await?;
+                let on = app.alerts.digest_on(&o).await?;
+                format!(
+                    "{}\n({})",
+                    alerts::digest_text(&d, app.alerts.tz()),
+                    if on {
+                        "sent every Monday at 09:00"
+                    } else {
+                        "the weekly digest is off"
+                    }
+                )
+            }
+            other => format!("Usage: /digest, /digest off or /digest on (not {other:?})."),
+        },
+        Command::Scrub(raw) => match raw.trim() {
+            "now" => {
+                start_job(app, uid, chat, JobArgs::Scrub { bytes: None }).await?;
+                return Ok(None);
+            }
+            "" => {
+                let status = ScrubStatus::load(
+                    &storinator_shared::Catalog::from_pool(app.jobs.pool().clone()),
+                    app.cfg.scrub_bytes_per_day,
+                )
+                .await?;
+                let mut lines = vec!["🧽 Scrub (packs are read back in rotation):".to_string()];
+                lines.extend(status.lines(app.alerts.tz(), 30));
+                if let Some(r) = &status.last
+                    && !r.affected.is_empty()
+                {
+                    let mine: Vec<_> = r
+                        .affected
+                        .iter()
+                        .filter(|f| f.owner == owner(user_id))
+                        .collect();
+                    if !mine.is_empty() {
+                        lines.push("Your files the last scrub found damaged:".into());
+                        lines.extend(mine.iter().take(20).map(|f| {
+                            format!(
+                                "• {} ({})",
+                                f.disk_path(),
+                                if f.healed { "healed" } else { "not healed" }
+                            )
+                        }));
+                    }
+                }
+                lines.join("\n")
+            }
+            other => format!("Usage: /scrub or /scrub now (not {other:?})."),
+        },
         Command::Snapshots(raw) => {
             let path = Some(raw.trim().trim_end_matches('/')).filter(|p| !p.is_empty());
             let mut snaps = list_snapshots(&app.catalog, &owner(user_id), path).await?;
@@ -397,6 +518,100 @@ async fn command(
             }
         }
     }))
+}
+
+/// `/schedule <path> <when> [keep ...] [unencrypted]`.
+async fn schedule(app: &Arc<App>, user_id: u64, chat: ChatId, raw: &str) -> anyhow::Result<String> {
+    let req = match storinator_shared::ops::schedules::parse_schedule_request(raw) {
+        Ok(r) => r,
+        Err(e) => return Ok(format!("🗓 {e}")),
+    };
+    let path = match args::check_backup_path(&req.path, &app.cfg.backup_roots) {
+        Ok(p) => p,
+        Err(e) => return Ok(format!("🚫 Can't schedule: {e}")),
+    };
+    let path = path
+        .to_str()
+        .context("backup path is not UTF-8")?
+        .to_string();
+    let s = app
+        .alerts
+        .schedules()
+        .create(&NewSchedule {
+            owner: owner(user_id),
+            user_id: user_id as i64,
+            chat_id: chat.0,
+            path,
+            when: req.when,
+            encrypt: req.encrypt,
+            retention: req.retention,
+        })
+        .await?;
+    let tz = app.alerts.tz();
+    let mut text = format!(
+        "🗓 Schedule #{}: {} · {}{} ({}).\nFirst run: {}.",
+        s.id,
+        s.path,
+        s.spec,
+        if s.encrypt { "" } else { " · unencrypted" },
+        tz.iana_name().unwrap_or("UTC"),
+        format_local(s.next_slot, tz)
+    );
+    if let Some(r) = &s.retention {
+        text.push_str(&format!("\nRetention policy stored: {r}."));
+    }
+    text.push_str("\nI'll tell you if a backup is missed or fails. /schedules lists yours.");
+    Ok(text)
+}
+
+/// `/unschedule`, `/pause`, `/resume`: one schedule of the user's, by id.
+async fn schedule_change<F>(
+    app: &Arc<App>,
+    user_id: u64,
+    raw: &str,
+    verb: &str,
+    change: F,
+) -> anyhow::Result<String>
+where
+    F: FnOnce(
+        Schedules,
+        i64,
+        String,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<storinator_shared::Schedule, ScheduleError>> + Send>,
+    >,
+{
+    let id = match raw.trim().trim_start_matches('#').parse::<i64>() {
+        Ok(id) if id > 0 => id,
+        _ => {
+            return Ok(format!(
+                "{:?} is not a schedule id. Usage: /{verb} <id> (see /schedules)",
+                raw.trim()
+            ));
+        }
+    };
+    let tz = app.alerts.tz().clone();
+    match change(app.alerts.schedules().clone(), id, owner(user_id)).await {
+        Ok(s) => Ok(match verb {
+            "unschedule" => format!("🗑 Schedule #{} removed ({} · {}).", s.id, s.path, s.spec),
+            "pause" => format!(
+                "⏸ Schedule #{} paused ({} · {}). /resume {} starts it again.",
+                s.id, s.path, s.spec, s.id
+            ),
+            _ => format!(
+                "▶️ Schedule #{} resumed ({} · {}). Next run: {}.",
+                s.id,
+                s.path,
+                s.spec,
+                format_local(s.next_slot, &tz)
+            ),
+        }),
+        // Someone else's schedule is reported exactly like a missing one.
+        Err(ScheduleError::NotFound(_)) => Ok(format!(
+            "You have no schedule #{id}. /schedules lists yours."
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Queue a job and post its progress message.
@@ -520,6 +735,10 @@ pub async fn run_with(
         .await
         .context("setting the command menu (setMyCommands)")?;
 
+    let alerts = Alerts::new(
+        Schedules::new(jobs.clone(), config.timezone.clone()),
+        AlertPolicy::default(),
+    );
     let app = Arc::new(App {
         outbox: Outbox::start(bot.clone(), config.limits),
         cfg: config.clone(),
@@ -527,8 +746,10 @@ pub async fn run_with(
         jobs,
         strangers: Mutex::default(),
         busy: Mutex::default(),
+        alerts,
     });
     let notifier = tokio::spawn(notifier::Notifier::new(app.clone()).run());
+    let alert_sender = tokio::spawn(alerts::AlertSender::new(app.clone()).run());
 
     let mut dispatcher = Dispatcher::builder(bot.clone(), handler())
         .dependencies(dptree::deps![app.clone()])
@@ -568,6 +789,7 @@ pub async fn run_with(
         }
     };
     notifier.abort();
+    alert_sender.abort();
     result.context("talking to the Bot API")?;
     tracing::info!("bot stopped");
     Ok(())
@@ -592,7 +814,7 @@ mod tests {
             .into_iter()
             .map(|c| c.command)
             .collect();
-        assert_eq!(names.len(), 13);
+        assert_eq!(names.len(), 20);
         assert!(
             names
                 .iter()

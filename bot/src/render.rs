@@ -114,6 +114,7 @@ pub fn title(job: &Job) -> String {
         JobArgs::Restore { .. } => "Restore",
         JobArgs::Verify { .. } => "Verify",
         JobArgs::Get { .. } => "File",
+        JobArgs::Scrub { .. } => "Scrub",
     };
     format!("{kind} #{}", job.id)
 }
@@ -150,6 +151,10 @@ pub fn subject(job: &Job) -> String {
         JobArgs::Get { path, snapshot } => match snapshot {
             Some(id) => format!("{path} (snapshot {id})"),
             None => path.clone(),
+        },
+        JobArgs::Scrub { bytes: b } => match b {
+            Some(b) => format!("read back up to {}", bytes(*b)),
+            None => "read back today's share of the packs".into(),
         },
     }
 }
@@ -213,7 +218,20 @@ pub fn progress(job: &Job) -> String {
                 .started_at
                 .map(|s| (job.updated_at - s).max(0) as u64)
                 .unwrap_or(0);
-            if elapsed > 0 && p.bytes_done > 0 {
+            if let Some(t) = &job.throttle {
+                // The average since the start would promise far too soon: say who slows the
+                // job down, the rate it gets now and the ETA at that rate.
+                lines.push(format!("🐢 {}", t.reason));
+                if t.bytes_per_sec >= 1.0 {
+                    let mut line = format!("Measured {}/s", bytes(t.bytes_per_sec as u64));
+                    if let Some(eta) = t.eta_secs {
+                        line.push_str(&format!(" · ETA {} at this rate", duration_ms(eta * 1000)));
+                    }
+                    lines.push(line);
+                } else {
+                    lines.push("Measuring the rate it allows…".into());
+                }
+            } else if elapsed > 0 && p.bytes_done > 0 {
                 let speed = p.bytes_done as f64 * 1000.0 / elapsed as f64;
                 let mut line = format!("Speed {}/s", bytes(speed as u64));
                 if p.bytes_total > p.bytes_done && speed > 0.0 {
@@ -345,6 +363,26 @@ pub fn final_text(job: &Job) -> String {
                     bytes(*size)
                 ),
             },
+            Some(JobResult::Scrub {
+                bytes_read,
+                chunks_checked,
+                damaged,
+                healed,
+                unhealed,
+                duration_ms: d,
+            }) => {
+                let icon = if *unhealed > 0 { "⚠️" } else { "✅" };
+                let damage = if *damaged == 0 {
+                    "no damage".to_string()
+                } else {
+                    format!("{damaged} damaged chunks: {healed} healed, {unhealed} not")
+                };
+                format!(
+                    "{icon} {head}\nRead {} ({chunks_checked} chunks): {damage}\nDuration: {}",
+                    bytes(*bytes_read),
+                    duration_ms(*d)
+                )
+            }
             Some(JobResult::Conflicts { .. }) | None => format!("✅ {head}\nDone{took}"),
         },
         JobState::Failed => match &job.result {
@@ -575,6 +613,9 @@ mod tests {
             shown_at: 0,
             final_notified: false,
             stall_notified: false,
+            throttle: None,
+            schedule_id: None,
+            owner: None,
         };
         let early = progress(&job(2_000));
         assert!(

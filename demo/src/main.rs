@@ -26,6 +26,16 @@ struct Args {
     /// 0 = uncapped.
     #[arg(long, value_name = "MIB_PER_S", default_value_t = 24)]
     bandwidth: u64,
+    /// Round-trip time of each loopback connection, in milliseconds (Telegram is 50 to
+    /// 150 ms away).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    rtt_ms: u64,
+    /// Extra random delay per message, up to this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    jitter_ms: u64,
+    /// Bandwidth cap of each loopback connection, in megabits per second (0 = none).
+    #[arg(long, value_name = "MBIT_PER_S", default_value_t = 0.0)]
+    conn_mbps: f64,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +60,12 @@ fn main() -> ExitCode {
         path: args.path,
         workdir: args.keep,
         bandwidth: (args.bandwidth > 0).then_some(args.bandwidth << 20),
+        net: storinator_testkit::mtproto::NetProfile {
+            rtt: std::time::Duration::from_millis(args.rtt_ms),
+            jitter: std::time::Duration::from_millis(args.jitter_ms),
+            conn_bytes_per_sec: (args.conn_mbps > 0.0)
+                .then(|| storinator_testkit::mtproto::NetProfile::mbps(args.conn_mbps)),
+        },
     };
     match rt.block_on(storinator_demo::run(opts)) {
         Ok(_) => ExitCode::SUCCESS,

@@ -168,7 +168,42 @@ pub struct Config {
     pub allowed_users: Vec<i64>,
     pub backup_roots: Vec<PathBuf>,
     pub telegram: TelegramSettings,
+    pub unattended: UnattendedSettings,
 }
+
+/// Schedules, alerts and the scrub.
+#[derive(Clone, Debug)]
+pub struct UnattendedSettings {
+    /// `STORINATOR_TIMEZONE` (IANA name; default the host's zone): schedules and the times
+    /// shown in chat are in this zone.
+    pub timezone: jiff::tz::TimeZone,
+    /// `STORINATOR_SCHEDULE_JITTER` (a duration like `10m`; default none): a scheduled job
+    /// waits a random time up to this long after its slot, to spread load.
+    pub jitter_ms: i64,
+    /// `STORINATOR_HEALTHCHECK_URL`: pinged (HTTP GET) after each scheduled backup, with
+    /// `/fail` appended after a failure (healthchecks.io and Uptime Kuma push monitors).
+    pub healthcheck_url: Option<String>,
+    /// `STORINATOR_SCRUB_BYTES_PER_DAY` (default 1 GiB): pack bytes the daily scrub reads.
+    pub scrub_bytes_per_day: u64,
+    /// `STORINATOR_SCRUB_AT` (`HH:MM`, default `04:00`; `off` disables): when the daily scrub
+    /// runs, in the schedule time zone.
+    pub scrub_at: Option<(u8, u8)>,
+}
+
+impl Default for UnattendedSettings {
+    fn default() -> Self {
+        UnattendedSettings {
+            timezone: jiff::tz::TimeZone::UTC,
+            jitter_ms: 0,
+            healthcheck_url: None,
+            scrub_bytes_per_day: DEFAULT_SCRUB_BYTES_PER_DAY,
+            scrub_at: Some((4, 0)),
+        }
+    }
+}
+
+/// The daily scrub's default budget: 1 GiB.
+pub const DEFAULT_SCRUB_BYTES_PER_DAY: u64 = 1 << 30;
 
 /// Telegram settings of the worker (the userbot).
 #[derive(Clone, Debug, Default)]
@@ -391,6 +426,7 @@ impl Config {
             request_timeout_secs,
             premium,
         };
+        let unattended = unattended_settings(&var)?;
         Ok(Config {
             data_dir,
             database_url,
@@ -401,6 +437,7 @@ impl Config {
             allowed_users,
             backup_roots,
             telegram,
+            unattended,
         })
     }
 
@@ -413,6 +450,103 @@ impl Config {
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
     }
+}
+
+/// Reads the settings of schedules, alerts and the scrub.
+fn unattended_settings(
+    var: &dyn Fn(&str) -> Option<String>,
+) -> Result<UnattendedSettings, ConfigError> {
+    let invalid = |var: &'static str, value: String, reason: String| ConfigError::Invalid {
+        var,
+        value,
+        reason,
+    };
+    let timezone = match var("STORINATOR_TIMEZONE") {
+        None => jiff::tz::TimeZone::system(),
+        Some(name) => jiff::tz::TimeZone::get(&name).map_err(|e| {
+            invalid(
+                "STORINATOR_TIMEZONE",
+                name.clone(),
+                format!("not a time zone this host knows ({e}); expected an IANA name like Europe/Berlin"),
+            )
+        })?,
+    };
+    let jitter_ms = match var("STORINATOR_SCHEDULE_JITTER") {
+        None => 0,
+        Some(v) => parse_duration_ms(&v)
+            .map_err(|r| invalid("STORINATOR_SCHEDULE_JITTER", v.clone(), r))?,
+    };
+    let healthcheck_url = match var("STORINATOR_HEALTHCHECK_URL") {
+        None => None,
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+        Some(u) => {
+            return Err(invalid(
+                "STORINATOR_HEALTHCHECK_URL",
+                u,
+                "expected an http:// or https:// URL".into(),
+            ));
+        }
+    };
+    let scrub_bytes_per_day = match var("STORINATOR_SCRUB_BYTES_PER_DAY") {
+        None => DEFAULT_SCRUB_BYTES_PER_DAY,
+        Some(v) => match parse_size(&v) {
+            Ok(n) if n > 0 => n,
+            Ok(_) => {
+                return Err(invalid(
+                    "STORINATOR_SCRUB_BYTES_PER_DAY",
+                    v,
+                    "the budget must be more than 0 bytes".into(),
+                ));
+            }
+            Err(r) => return Err(invalid("STORINATOR_SCRUB_BYTES_PER_DAY", v, r)),
+        },
+    };
+    let scrub_at = match var("STORINATOR_SCRUB_AT").as_deref() {
+        None => Some((4, 0)),
+        Some("off") => None,
+        Some(v) => {
+            Some(parse_hh_mm(v).map_err(|r| invalid("STORINATOR_SCRUB_AT", v.to_string(), r))?)
+        }
+    };
+    Ok(UnattendedSettings {
+        timezone,
+        jitter_ms,
+        healthcheck_url,
+        scrub_bytes_per_day,
+        scrub_at,
+    })
+}
+
+/// Parses `HH:MM` (24-hour clock).
+pub fn parse_hh_mm(v: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("{v:?} is not a time of day; expected HH:MM, like 03:30");
+    let (h, m) = v.trim().split_once(':').ok_or_else(bad)?;
+    let h: u8 = h.parse().map_err(|_| bad())?;
+    let m: u8 = m.parse().map_err(|_| bad())?;
+    if h > 23 || m > 59 || v.trim().len() > 5 {
+        return Err(bad());
+    }
+    Ok((h, m))
+}
+
+/// Parses durations like `90s`, `10m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration_ms(v: &str) -> Result<i64, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{v:?} is not a duration; expected something like 90s, 10m or 2h"))?;
+    let unit_ms = match unit.trim() {
+        "" | "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown duration unit {other:?}; use s, m, h or d")),
+    };
+    n.checked_mul(unit_ms)
+        .filter(|ms| *ms <= 7 * 86_400_000)
+        .ok_or_else(|| format!("{v:?} is too long (at most 7 days)"))
 }
 
 fn default_data_dir(xdg: Option<String>, home: Option<String>) -> PathBuf {
@@ -652,6 +786,48 @@ mod tests {
     fn passphrase_never_debug_printed() {
         let c = cfg(&[("STORINATOR_PASSPHRASE", "hunter2")]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn unattended_settings_are_read_and_checked() {
+        let c = cfg(&[
+            ("STORINATOR_TIMEZONE", "Europe/Berlin"),
+            ("STORINATOR_SCHEDULE_JITTER", "10m"),
+            ("STORINATOR_HEALTHCHECK_URL", "http://127.0.0.1:9/ping/abc"),
+            ("STORINATOR_SCRUB_BYTES_PER_DAY", "64MiB"),
+            ("STORINATOR_SCRUB_AT", "05:30"),
+        ])
+        .unwrap();
+        let u = &c.unattended;
+        assert_eq!(u.timezone.iana_name(), Some("Europe/Berlin"));
+        assert_eq!(u.jitter_ms, 600_000);
+        assert_eq!(
+            u.healthcheck_url.as_deref(),
+            Some("http://127.0.0.1:9/ping/abc")
+        );
+        assert_eq!(u.scrub_bytes_per_day, 64 << 20);
+        assert_eq!(u.scrub_at, Some((5, 30)));
+        let d = cfg(&[]).unwrap().unattended;
+        assert_eq!(d.scrub_bytes_per_day, 1 << 30);
+        assert_eq!(d.jitter_ms, 0);
+        assert_eq!(
+            cfg(&[("STORINATOR_SCRUB_AT", "off")])
+                .unwrap()
+                .unattended
+                .scrub_at,
+            None
+        );
+        for (k, v) in [
+            ("STORINATOR_TIMEZONE", "Mars/Olympus_Mons"),
+            ("STORINATOR_SCHEDULE_JITTER", "soon"),
+            ("STORINATOR_SCHEDULE_JITTER", "30d"),
+            ("STORINATOR_HEALTHCHECK_URL", "ftp://x"),
+            ("STORINATOR_SCRUB_BYTES_PER_DAY", "0"),
+            ("STORINATOR_SCRUB_AT", "25:00"),
+        ] {
+            let err = cfg(&[(k, v)]).unwrap_err().to_string();
+            assert!(err.contains(k) && err.contains(v), "{k}: {err}");
+        }
     }
 
     #[test]

@@ -167,6 +167,60 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Backups that run themselves: add, list, remove, pause and resume schedules.
+    ///
+    /// Schedules are fired by `storinator-worker run` (exactly once per slot, one catch-up
+    /// after downtime), in STORINATOR_TIMEZONE. They belong to --owner (default `local`).
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+        #[command(flatten)]
+        owner: Owner,
+    },
+    /// Read packs back within a budget, authenticate every chunk, heal damage from the files
+    /// on disk.
+    ///
+    /// The daily scrub of `run` does the same with STORINATOR_SCRUB_BYTES_PER_DAY. Exit code
+    /// 1 when damage remains that could not be healed; each affected file is named.
+    Scrub {
+        /// Bytes to read (like 512MiB or 2GiB); default STORINATOR_SCRUB_BYTES_PER_DAY.
+        #[arg(long, value_name = "SIZE")]
+        bytes: Option<String>,
+        /// Only show the rotation: when every pack was last read.
+        #[arg(long)]
+        status: bool,
+        #[command(flatten)]
+        pass: Pass,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Add a schedule: `schedule add /srv/data daily 03:00 --keep "daily 7 weekly 4"`.
+    ///
+    /// WHEN is hourly, daily [HH:MM], weekly <day> [HH:MM], every <N>h, or a cron expression
+    /// (quote it: "0 3 * * 1-5").
+    Add {
+        /// The folder to back up.
+        path: PathBuf,
+        /// When to back it up.
+        #[arg(required = true, num_args = 1..)]
+        when: Vec<String>,
+        /// Retention policy kept with the schedule, like "daily 7 weekly 4 monthly 12".
+        #[arg(long, value_name = "POLICY")]
+        keep: Option<String>,
+        /// Store the snapshots without encryption.
+        #[arg(long)]
+        no_encrypt: bool,
+    },
+    /// List the schedules with their next run, last result and last snapshot.
+    List,
+    /// Remove a schedule.
+    Rm { id: i64 },
+    /// Pause a schedule (its slots pass without a backup and without alerts).
+    Pause { id: i64 },
+    /// Resume a paused schedule from its next slot.
+    Resume { id: i64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,9 +257,13 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(verbose: u8) {
+    // grammers logs its own connection trouble as warnings; the worker reports what failed
+    // (and what to check) itself, so those only show from -v on.
     let default = match verbose {
         0 => "error",
-        1 => "warn",
+        1 => {
+            "warn,grammers_mtsender=error,grammers_mtproto=error,grammers_client=error,grammers_session=error"
+        }
         2 => "info",
         _ => "debug",
     };
@@ -264,7 +322,7 @@ fn prompt(what: &str, confirm: bool) -> anyhow::Result<String> {
     Ok(p)
 }
 
-async fn open_repo(pass: &Pass, cfg: &Config) -> anyhow::Result<Repo> {
+pub(crate) async fn open_repo(pass: &Pass, cfg: &Config) -> anyhow::Result<Repo> {
     let catalog = Catalog::open(&cfg.database_url).await?;
     let storage = open_storage(cfg).await?;
     let pass = passphrase(pass, cfg, false)?;
@@ -527,15 +585,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 courier,
                 ..Default::default()
             };
-            crate::daemon::run(
+            let unattended = crate::daemon::Unattended::from_config(&cfg, &jobs)?;
+            crate::daemon::run_with(
                 Arc::new(repo),
                 jobs,
                 daemon_cfg,
+                Some(unattended),
                 crate::daemon::shutdown_signal(),
             )
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Schedule { command, owner } => {
+            crate::schedule_cli::run(&owner.owner, &cfg, command).await
+        }
+        Command::Scrub {
+            bytes,
+            status,
+            pass,
+        } => crate::schedule_cli::scrub(&pass, &cfg, bytes.as_deref(), status).await,
         Command::Key {
             command: KeyCommand::Passwd { pass },
         } => {

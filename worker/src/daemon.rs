@@ -5,6 +5,10 @@
 //! Shutdown (SIGTERM/SIGINT → the `shutdown` future): no new claims; running jobs are told to
 //! stop at their next safe point (finished packs are kept) and are released back to the queue
 //! without spending a retry, so the next run resumes them.
+//!
+//! With [`Unattended`] settings the daemon also fires due schedules (each slot exactly once,
+//! whatever the number of daemons: see `ops::schedules`), runs the daily scrub as a scheduled
+//! job, and pings the healthcheck URL after each scheduled backup.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -12,10 +16,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use storinator_shared::engine::restore::resolve;
+use storinator_shared::ops::rules::FireRules;
+use storinator_shared::ops::schedules::RunOutcome;
 use storinator_shared::{
-    BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, Jobs, Lease, Progress,
-    ProgressReport, Repo, RestoreOptions, Signal, TransferEstimate,
+    BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, JobState, Jobs, Lease,
+    Progress, ProgressReport, Repo, RestoreOptions, Schedules, ScrubOptions, Signal, Storage,
+    Throttle, TransferEstimate,
 };
+
+use crate::healthcheck::Healthcheck;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -80,11 +89,57 @@ impl Default for DaemonConfig {
     }
 }
 
+/// What the daemon does unattended: schedules, the daily scrub, the healthcheck push.
+#[derive(Clone)]
+pub struct Unattended {
+    /// The schedules table (its job table's clock and the schedule time zone).
+    pub schedules: Schedules,
+    /// What a schedule must still satisfy when it fires.
+    pub rules: FireRules,
+    /// How often due schedules are looked for.
+    pub tick: Duration,
+    /// Pinged after each scheduled backup (`/fail` appended after a failure).
+    pub healthcheck: Option<Healthcheck>,
+    /// When the daily scrub runs (`None`: never), and how many bytes it reads.
+    pub scrub_at: Option<(u8, u8)>,
+    pub scrub_bytes: u64,
+}
+
+impl Unattended {
+    /// The settings of `cfg` over the job table `jobs`.
+    pub fn from_config(cfg: &storinator_shared::Config, jobs: &Jobs) -> anyhow::Result<Self> {
+        let u = &cfg.unattended;
+        Ok(Unattended {
+            schedules: Schedules::new(jobs.clone(), u.timezone.clone()),
+            rules: FireRules::from_config(cfg),
+            tick: Duration::from_secs(5),
+            healthcheck: u
+                .healthcheck_url
+                .as_deref()
+                .map(Healthcheck::new)
+                .transpose()?,
+            scrub_at: u.scrub_at,
+            scrub_bytes: u.scrub_bytes_per_day,
+        })
+    }
+}
+
 /// Run the daemon until `shutdown` completes and every running job reached a safe point.
 pub async fn run(
     repo: Arc<Repo>,
     jobs: Jobs,
     cfg: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(repo, jobs, cfg, None, shutdown).await
+}
+
+/// [`run`], also firing schedules and running the scrub when `unattended` is given.
+pub async fn run_with(
+    repo: Arc<Repo>,
+    jobs: Jobs,
+    cfg: DaemonConfig,
+    unattended: Option<Unattended>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
@@ -96,6 +151,22 @@ pub async fn run(
         concurrency = cfg.concurrency,
         "worker daemon started"
     );
+    let scheduler = match &unattended {
+        Some(u) => {
+            if let Err(e) = u.schedules.ensure_scrub(u.scrub_at).await {
+                tracing::warn!("setting up the daily scrub failed: {e}");
+            }
+            Some(AbortOnDrop(tokio::spawn(fire_schedules(u.clone()))))
+        }
+        None => None,
+    };
+    let ctx = Arc::new(JobContext {
+        healthcheck: unattended.as_ref().and_then(|u| u.healthcheck.clone()),
+        scrub_bytes: unattended
+            .as_ref()
+            .map(|u| u.scrub_bytes)
+            .unwrap_or(storinator_shared::config::DEFAULT_SCRUB_BYTES_PER_DAY),
+    });
 
     loop {
         // Reap finished job tasks so the set doesn't grow.
@@ -116,10 +187,15 @@ pub async fn run(
                     kind = job.args.kind(),
                     "claimed job"
                 );
-                let (repo, jobs, cfg, stop) =
-                    (repo.clone(), jobs.clone(), cfg.clone(), stop_rx.clone());
+                let (repo, jobs, cfg, stop, ctx) = (
+                    repo.clone(),
+                    jobs.clone(),
+                    cfg.clone(),
+                    stop_rx.clone(),
+                    ctx.clone(),
+                );
                 running.spawn(async move {
-                    run_job(&repo, &jobs, &cfg, job, lease, stop).await;
+                    run_job(&repo, &jobs, &cfg, &ctx, job, lease, stop).await;
                     drop(permit);
                 });
             }
@@ -141,6 +217,7 @@ pub async fn run(
         }
     }
 
+    drop(scheduler);
     tracing::info!(
         running = running.len(),
         "shutting down: stopping running jobs at a safe point"
@@ -153,6 +230,37 @@ pub async fn run(
     }
     tracing::info!("worker daemon stopped");
     Ok(())
+}
+
+/// Fires due schedules every tick until aborted. Errors are logged and retried next tick.
+async fn fire_schedules(u: Unattended) {
+    let mut tick = tokio::time::interval(u.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match u.schedules.fire_due(&u.rules).await {
+            Ok(fired) => {
+                for f in fired.iter().filter(|f| f.outcome == RunOutcome::Refused) {
+                    tracing::warn!(
+                        schedule = f.schedule_id,
+                        "scheduled backup refused: {}",
+                        f.detail.as_deref().unwrap_or("")
+                    );
+                    if let Some(h) = &u.healthcheck {
+                        h.ping(false).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("firing schedules failed: {e}"),
+        }
+    }
+}
+
+/// What jobs need besides the repository and the job table.
+struct JobContext {
+    healthcheck: Option<Healthcheck>,
+    /// The scrub's budget when a scrub job names none.
+    scrub_bytes: u64,
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -172,11 +280,13 @@ pub async fn shutdown_signal() {
     tracing::info!("signal received");
 }
 
-/// The engine's latest progress, and its transfer estimate until the job table has it.
+/// The engine's latest progress, its transfer estimate until the job table has it, and
+/// whether storage is throttling the job.
 #[derive(Default)]
 struct Latest(
     Mutex<Option<ProgressReport>>,
     Mutex<Option<TransferEstimate>>,
+    Mutex<Option<Throttle>>,
 );
 
 impl Progress for Latest {
@@ -187,6 +297,17 @@ impl Progress for Latest {
     fn estimate(&self, estimate: &TransferEstimate) {
         *self.1.lock().unwrap() = Some(estimate.clone());
     }
+
+    fn throttled(&self, throttle: Option<&Throttle>) {
+        *self.2.lock().unwrap() = throttle.cloned();
+    }
+}
+
+/// Storage's throttle as the job sees it: the ETA recomputed for what the job has left.
+fn job_throttle(storage: &dyn Storage, progress: Option<&ProgressReport>) -> Option<Throttle> {
+    let mut t = storage.throttle()?;
+    t.eta_secs = progress.and_then(|p| t.eta_for(p));
+    Some(t)
 }
 
 /// Why the engine was asked to stop.
@@ -201,6 +322,7 @@ async fn run_job(
     repo: &Repo,
     jobs: &Jobs,
     cfg: &DaemonConfig,
+    ctx: &JobContext,
     job: Job,
     lease: Lease,
     mut stop: watch::Receiver<bool>,
@@ -211,16 +333,18 @@ async fn run_job(
 
     // Heartbeat + progress writer, and the watcher for cancel / shutdown / lost lease.
     let beat = {
-        let (jobs, lease, cancel, latest, reason) = (
+        let (jobs, lease, cancel, latest, reason, storage) = (
             jobs.clone(),
             lease.clone(),
             cancel.clone(),
             latest.clone(),
             reason.clone(),
+            repo.storage.clone(),
         );
         let interval = cfg.progress_interval;
         tokio::spawn(async move {
             let mut written: Option<ProgressReport> = None;
+            let mut throttle_written: Option<Throttle> = None;
             let stop_with = |r: StopReason| {
                 reason.lock().unwrap().get_or_insert(r);
                 cancel.cancel();
@@ -242,6 +366,25 @@ async fn run_job(
                     }
                 }
                 let now = latest.0.lock().unwrap().clone();
+                latest.throttled(job_throttle(storage.as_ref(), now.as_ref()).as_ref());
+                let throttle = latest.2.lock().unwrap().clone();
+                if throttle != throttle_written {
+                    if throttle_written.is_none()
+                        && let Some(t) = &throttle
+                    {
+                        tracing::warn!(
+                            job = lease.job_id,
+                            rate = t.bytes_per_sec,
+                            eta_secs = t.eta_secs,
+                            "{}",
+                            t.reason
+                        );
+                    }
+                    match jobs.set_throttle(&lease, throttle.as_ref()).await {
+                        Ok(()) => throttle_written = throttle,
+                        Err(err) => tracing::warn!("recording the throttle failed: {err}"),
+                    }
+                }
                 let res = match &now {
                     Some(r) if written.as_ref() != Some(r) => jobs.report_progress(&lease, r).await,
                     _ => jobs.heartbeat(&lease).await,
@@ -266,8 +409,19 @@ async fn run_job(
     // If this task is dropped mid-job (runtime shutdown, abort), the heartbeat must stop too,
     // so the lease expires and another worker resumes the job.
     let beat = AbortOnDrop(beat);
-    let owner = format!("tg:{}", job.user_id);
-    let outcome = execute(repo, cfg, &job, &owner, latest.as_ref(), &cancel).await;
+    let owner = job.owner_name();
+    let now_ms = jobs.now_ms();
+    let outcome = execute(
+        repo,
+        cfg,
+        ctx,
+        &job,
+        &owner,
+        now_ms,
+        latest.as_ref(),
+        &cancel,
+    )
+    .await;
     drop(beat);
     let stopped = *reason.lock().unwrap();
     // A job quicker than one heartbeat still records its estimate.
@@ -281,7 +435,7 @@ async fn run_job(
     }
 
     let recorded = match (outcome, stopped) {
-        (_, Some(StopReason::LeaseLost)) => Ok(()),
+        (_, Some(StopReason::LeaseLost)) => Ok(None),
         (Ok(result @ JobResult::Conflicts { .. }), _) => {
             let JobResult::Conflicts { count, .. } = &result else {
                 unreachable!("matched above")
@@ -289,33 +443,44 @@ async fn run_job(
             let msg = format!("{count} existing files differ from the backup");
             jobs.fail(&lease, &msg, Some(&result), false)
                 .await
-                .map(|_| ())
+                .map(Some)
         }
         (Ok(result), _) => {
             tracing::info!(job = job.id, "job done");
-            jobs.finish(&lease, &result).await
+            jobs.finish(&lease, &result)
+                .await
+                .map(|_| Some(JobState::Done))
         }
         (Err(Error::Cancelled), Some(StopReason::User)) => {
             tracing::info!(job = job.id, "job cancelled by its user");
-            jobs.cancelled(&lease).await
+            jobs.cancelled(&lease).await.map(|_| None)
         }
         (Err(Error::Cancelled), _) => {
             tracing::info!(
                 job = job.id,
                 "job stopped for shutdown; released for the next run"
             );
-            jobs.release(&lease).await
+            jobs.release(&lease).await.map(|_| None)
         }
         (Err(e), _) => {
             let retry = e.is_retryable();
             tracing::warn!(job = job.id, retry, "job failed: {e}");
             jobs.fail(&lease, &e.to_string(), None, retry)
                 .await
-                .map(|_| ())
+                .map(Some)
         }
     };
-    if let Err(e) = recorded {
-        tracing::warn!(job = job.id, "recording the outcome failed: {e}");
+    match recorded {
+        Err(e) => tracing::warn!(job = job.id, "recording the outcome failed: {e}"),
+        // A scheduled backup's final outcome goes to the monitor (a retry is not final).
+        Ok(Some(state @ (JobState::Done | JobState::Failed)))
+            if job.schedule_id.is_some() && matches!(job.args, JobArgs::Backup { .. }) =>
+        {
+            if let Some(h) = &ctx.healthcheck {
+                h.ping(state == JobState::Done).await;
+            }
+        }
+        Ok(_) => {}
     }
 }
 
@@ -327,15 +492,35 @@ impl Drop for AbortOnDrop {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the job, its context and the engine hooks, each used
 async fn execute(
     repo: &Repo,
     cfg: &DaemonConfig,
+    ctx: &JobContext,
     job: &Job,
     owner: &str,
+    now_ms: i64,
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
     match &job.args {
+        JobArgs::Scrub { bytes } => {
+            let started = std::time::Instant::now();
+            let opts = ScrubOptions {
+                budget: bytes.unwrap_or(ctx.scrub_bytes),
+                now_ms,
+                heal: true,
+            };
+            let r = repo.scrub(&opts, progress, cancel).await?;
+            Ok(JobResult::Scrub {
+                bytes_read: r.bytes_read,
+                chunks_checked: r.chunks_checked,
+                damaged: r.healed_chunks + r.unhealed_chunks,
+                healed: r.healed_chunks,
+                unhealed: r.unhealed_chunks,
+                duration_ms: started.elapsed().as_millis() as u64,
+            })
+        }
         JobArgs::Backup { path, encrypt } => {
             let opts = BackupOptions {
                 path: PathBuf::from(path),

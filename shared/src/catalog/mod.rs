@@ -9,8 +9,12 @@
 pub mod browse;
 mod keys;
 mod packs;
+mod scrub;
 mod snapshots;
 
+pub use scrub::{
+    AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
+};
 pub use snapshots::{NewContent, NewEntry};
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
