@@ -39,7 +39,11 @@ struct Harness {
 }
 
 async fn start(start_ms: i64) -> Harness {
-    let api = FakeBotApi::start().await.unwrap();
+    // Telegram's message rates, ten times faster (bot and fake alike): the bot paces every
+    // message, so alerts arrive within the harness's settling time.
+    let api = FakeBotApi::start_with(storinator_testkit::botapi::Limits::telegram().faster(10))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     for sub in ["data", "docs"] {
@@ -61,8 +65,10 @@ async fn start(start_ms: i64) -> Harness {
         ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
         ("STORINATOR_TIMEZONE".into(), "Europe/Berlin".into()),
     ];
-    let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
-        .unwrap();
+    let mut cfg =
+        BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            .unwrap();
+    cfg.limits = storinator_bot::Limits::telegram().faster(10);
     let pool = storinator_bot::db::open(&db).await.unwrap();
     let clock = ManualClock::new(start_ms);
     let jobs = Jobs::new(pool.clone()).with_clock(Arc::new(clock.clone()));
