@@ -280,7 +280,7 @@ async fn sigterm_mid_job_keeps_finished_packs_and_the_next_run_resumes() {
     );
     let out = dir.path().join("out");
     let st = worker(dir.path())
-        .args(["--owner", "tg:7", "restore", src.to_str().unwrap(), "--to"])
+        .args(["restore", "--owner", "tg:7", src.to_str().unwrap(), "--to"])
         .arg(&out)
         .output()
         .unwrap();

@@ -199,7 +199,10 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
     // The bot refuses to start holding the passphrase, without repeating it.
     let api = FakeBotApi::start().await.unwrap();
     let vars = [
-        ("TELOXIDE_TOKEN", "123456:SECRETS".to_string()),
+        (
+            "TELOXIDE_TOKEN",
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL", api.url()),
         ("STORINATOR_ALLOWED_USERS", USER.to_string()),
         ("STORINATOR_BACKUP_ROOTS", root.display().to_string()),
