@@ -8,8 +8,10 @@
 
 mod keys;
 mod packs;
+mod runs;
 mod snapshots;
 
+pub use runs::RunRow;
 pub use snapshots::{NewContent, NewEntry};
 
 use std::path::Path;
@@ -70,6 +72,29 @@ pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
         .await
         .map_err(|e| Error::Invalid(format!("migrating the catalog at {url}: {e}")))?;
     Ok(pool)
+}
+
+/// Checks an owner name: `local` (the CLI's own backups) or `tg:<Telegram user id>` (a chat
+/// user's), the id a positive decimal number. Every entry point (command line, job, engine)
+/// checks it, so the catalog never holds an owner nobody can name again.
+pub fn check_owner(owner: &str) -> Result<(), Error> {
+    if owner == "local" {
+        return Ok(());
+    }
+    let valid_id = owner.strip_prefix("tg:").is_some_and(|id| {
+        !id.is_empty()
+            && id.len() <= 19
+            && id.bytes().all(|b| b.is_ascii_digit())
+            && !id.starts_with('0')
+            && id.parse::<i64>().is_ok()
+    });
+    if valid_id {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid owner {owner:?}: owners are `local` or `tg:<numeric Telegram user id>`\nhint: a chat user's backups are `tg:123456789` (the id the bot shows)"
+        )))
+    }
 }
 
 /// One entry of a snapshot as the catalog holds it.

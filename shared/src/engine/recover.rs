@@ -6,13 +6,14 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
+use super::run::{Run, lock_root};
 use crate::catalog::{Catalog, NewContent, NewEntry, SnapshotInfo};
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::{self, ChunkId, Keys, WrappedKey};
 use crate::format::pack::{self, BlobKind, MAX_BLOB, PACK_TAIL_LEN, PackId};
 use crate::format::snapshot::{ListingEntry, SnapshotObject};
-use crate::progress::{Counters, Phase, Progress};
+use crate::progress::{CancelFlag, Counters, Phase, Progress};
 use crate::storage::{ObjectRef, Storage, with_retry};
 
 /// What `recover` found.
@@ -136,8 +137,10 @@ pub async fn recover(
     }
     let repo = Repo::with_keys(catalog, storage, keys, settings);
     counters.set_phase(Phase::Committing);
+    // Committing snapshots is writing to their roots: as a run, under each root's lock.
+    let run = Run::start(&repo).await?;
     for (_, (id, s)) in objects_by_time {
-        match restore_snapshot(&repo, &id, &s).await {
+        match restore_snapshot(&repo, &run, &id, &s).await {
             Ok(()) => report.snapshots += 1,
             Err(e) => report.problems.push(format!(
                 "snapshot {} of {}: {e}",
@@ -146,12 +149,18 @@ pub async fn recover(
             )),
         }
     }
+    run.finish(&repo).await?;
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     Ok((repo, report))
 }
 
-async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Result<(), Error> {
+async fn restore_snapshot(
+    repo: &Repo,
+    run: &Run,
+    id: &ChunkId,
+    s: &SnapshotObject,
+) -> Result<(), Error> {
     let mut listing = Vec::new();
     for chunk in &s.listing {
         let loc = repo.catalog.chunk(chunk).await?.ok_or_else(|| {
@@ -198,11 +207,6 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
             content,
         });
     }
-    let root_id = repo.catalog.root_id(&s.owner, &s.root).await?;
-    let previous = match root_id {
-        Some(r) => repo.catalog.current_entries(r).await?,
-        None => Default::default(),
-    };
     let info = SnapshotInfo {
         short_id: id.to_hex()[..12].to_string(),
         owner: s.owner.clone(),
@@ -220,10 +224,13 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
         bytes_stored: s.bytes_stored,
         warnings: s.warnings,
     };
-    repo.catalog
-        .commit_snapshot(&info, id, &items, &previous)
-        .await?;
-    Ok(())
+    lock_root(repo, run, &s.owner, &s.root, true, &CancelFlag::new()).await?;
+    let committed = repo
+        .catalog
+        .commit_snapshot(&run.id, &info, id, &s.listing, &items)
+        .await;
+    repo.catalog.unlock_root(&s.owner, &s.root, &run.id).await?;
+    committed.map(|_| ())
 }
 
 async fn read_trailer(
