@@ -22,7 +22,7 @@ pub mod ops;
 pub mod progress;
 pub mod storage;
 
-pub use catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo};
+pub use catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo, check_owner};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
 pub use engine::backup::{BackupOptions, BackupSummary, Warning};

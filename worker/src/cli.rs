@@ -34,7 +34,7 @@ pub struct Global {
     #[arg(long, global = true, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
     /// Whose backups to act on: `local` (the CLI's own) or `tg:<telegram user id>`.
-    #[arg(long, global = true, default_value = "local", value_name = "OWNER")]
+    #[arg(long, global = true, default_value = "local", value_name = "OWNER", value_parser = parse_owner)]
     pub owner: String,
     /// Log more (repeat for even more); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -158,6 +158,12 @@ pub enum KeyCommand {
     ///
     /// The new passphrase comes from STORINATOR_NEW_PASSPHRASE or a prompt.
     Passwd,
+}
+
+fn parse_owner(s: &str) -> Result<String, String> {
+    storinator_shared::check_owner(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Exit code for "snapshot saved, but some files were left out".
@@ -306,7 +312,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backup { path, no_encrypt } => {
-            let repo = open_repo(g, &cfg).await?;
+            // Another run backing up the same folder (the daemon, another cron job): say so
+            // and stop, rather than queue up behind it.
+            let repo = open_repo(g, &cfg).await?.with_lock_wait(false);
             let cancel = cancel_on_ctrl_c();
             let bar = Bar::new(&format!("backing up {}", path.display()));
             let opts = BackupOptions {

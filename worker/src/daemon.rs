@@ -309,6 +309,8 @@ async fn execute(
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
+    // The job table names users by number; a row written by anything but the bot may not.
+    storinator_shared::check_owner(owner)?;
     match args {
         JobArgs::Backup { path, encrypt } => {
             let opts = BackupOptions {

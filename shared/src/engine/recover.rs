@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
-use super::run::{Run, lock_root};
+use super::run::{Run, lock_root, reclaim};
 use crate::catalog::{Catalog, NewContent, NewEntry, SnapshotInfo};
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -139,6 +139,8 @@ pub async fn recover(
     counters.set_phase(Phase::Committing);
     // Committing snapshots is writing to their roots: as a run, under each root's lock.
     let run = Run::start(&repo).await?;
+    // A recover killed before this one left its spool (and perhaps its registration).
+    reclaim(&repo, &run.id).await?;
     for (_, (id, s)) in objects_by_time {
         match restore_snapshot(&repo, &run, &id, &s).await {
             Ok(()) => report.snapshots += 1,
