@@ -74,6 +74,11 @@ pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
     Ok(pool)
 }
 
+/// The packs whose chunks may be deduplicated against and referenced by a new snapshot, as a
+/// condition on `packs p`. One definition: the backup's dedup set and the commit's guard
+/// (invariant 1) must agree, and a later state (a pack condemned by prune) changes it here.
+pub(crate) const USABLE_PACK: &str = "p.state = 'stored'";
+
 /// Checks an owner name: `local` (the CLI's own backups) or `tg:<Telegram user id>` (a chat
 /// user's), the id a positive decimal number. Every entry point (command line, job, engine)
 /// checks it, so the catalog never holds an owner nobody can name again.
@@ -198,6 +203,34 @@ pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
         content_id: r.get(7),
         sha256: sha.and_then(|s| s.try_into().ok()),
         target: r.get(9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn owners_are_local_or_tg_and_a_positive_number() {
+        for ok in ["local", "tg:1", "tg:123456789", "tg:9223372036854775807"] {
+            assert!(super::check_owner(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Local",
+            "tg:",
+            "tg:bob",
+            "tg:0",
+            "tg:007",
+            "tg:-1",
+            "tg:+1",
+            "tg:1 ",
+            " tg:1",
+            "tg:9223372036854775808",
+            "tg:1/2",
+            "telegram:1",
+        ] {
+            let e = super::check_owner(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("invalid owner {bad:?}")), "{e}");
+        }
     }
 }
 

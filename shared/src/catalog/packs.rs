@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use sqlx::{Row, SqliteConnection};
 
-use super::{Catalog, ChunkLoc, PackRow, db, now_ms};
+use super::{Catalog, ChunkLoc, PackRow, USABLE_PACK, db, now_ms};
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
 use crate::format::pack::PackEntry;
@@ -191,12 +191,13 @@ impl Catalog {
     /// Ids of blobs that are safely stored and can be deduplicated against, with their
     /// encryption flag.
     pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, bool)>, Error> {
-        let rows = sqlx::query(
-            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE p.state = 'stored'",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading the chunk index"))?;
+        let sql = format!(
+            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE {USABLE_PACK}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("loading the chunk index"))?;
         rows.iter()
             .map(|r| {
                 let id: Vec<u8> = r.get(0);

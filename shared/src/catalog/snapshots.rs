@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{Row, SqliteConnection};
 
 use super::{
-    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
-    snapshot_from_row,
+    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db,
+    entry_from_row, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -260,12 +260,13 @@ struct Unusable {
 
 impl Unusable {
     async fn load(tx: &mut SqliteConnection) -> Result<Unusable, Error> {
-        let ids: Vec<Vec<u8>> = sqlx::query_scalar(
-            "SELECT id FROM chunks WHERE pack_id IN (SELECT id FROM packs WHERE state <> 'stored')",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db(COMMIT))?;
+        let sql = format!(
+            "SELECT id FROM chunks WHERE pack_id IN (SELECT p.id FROM packs p WHERE NOT ({USABLE_PACK}))"
+        );
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(COMMIT))?;
         let chunks = ids
             .iter()
             .map(|id| ChunkId::from_slice(id))

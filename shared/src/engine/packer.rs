@@ -58,11 +58,9 @@ impl Packer {
             self.current =
                 Some(PackWriter::create(&self.spool).map_err(|e| Error::io(&self.spool, e))?);
         }
-        self.current
-            .as_mut()
-            .expect("a pack is open")
-            .add(kind, id, sealed, raw_len, self.encrypt)
-            .map_err(|e| Error::io(&self.spool, e))
+        let w = self.current.as_mut().expect("a pack is open");
+        w.add(kind, id, sealed, raw_len, self.encrypt)
+            .map_err(|e| Error::io(w.path(), e))
     }
 
     /// Finishes the open pack, if any, and hands it to the uploader. Called from blocking
@@ -71,7 +69,8 @@ impl Packer {
         let Some(w) = self.current.take() else {
             return Ok(());
         };
-        let done = w.finish(mode).map_err(|e| Error::io(&self.spool, e))?;
+        let path = w.path().to_path_buf();
+        let done = w.finish(mode).map_err(|e| Error::io(&path, e))?;
         self.uploader
             .blocking_send(done)
             .map_err(|_| Error::Invalid("pack upload failed".into()))

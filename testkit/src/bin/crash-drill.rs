@@ -404,7 +404,8 @@ impl Drill {
             attempts += 1;
             self.cycle += 1;
             (op.prepare)(self)?;
-            let delay = Duration::from_micros(self.next() % (tally.clean_ms * 1200).max(1));
+            let delay = Duration::from_micros(self.next() % (tally.clean_ms * 1000));
+            let failures_before = tally.failures.len();
             let mut child = self
                 .command(&(op.command)(self))
                 .stdout(Stdio::null())
@@ -421,14 +422,14 @@ impl Drill {
                     self.backup_kills += 1;
                 }
             }
-            if let Err(e) = run_to_end(self.command(&(op.command)(self)), op.success) {
-                tally
+            match run_to_end(self.command(&(op.command)(self)), op.success) {
+                Ok(()) => self.check_all(op, &mut tally, self.cycle)?,
+                Err(e) => tally
                     .failures
-                    .push(format!("cycle {}: resumed {}: {e:#}", self.cycle, op.name));
-                continue;
+                    .push(format!("cycle {}: resumed {}: {e:#}", self.cycle, op.name)),
             }
-            self.check_all(op, &mut tally, self.cycle)?;
-            print!("{}", if tally.failures.is_empty() { "." } else { "x" });
+            let failed = tally.failures.len() > failures_before;
+            print!("{}", if failed { "x" } else { "." });
             use std::io::Write;
             let _ = std::io::stdout().flush();
         }
