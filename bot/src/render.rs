@@ -137,7 +137,20 @@ pub fn progress(job: &Job) -> String {
                 .started_at
                 .map(|s| (job.updated_at - s).max(0) as u64)
                 .unwrap_or(0);
-            if elapsed > 0 && p.bytes_done > 0 {
+            if let Some(t) = &job.throttle {
+                // The average since the start would promise far too soon: say who slows the
+                // job down, the rate it gets now and the ETA at that rate.
+                lines.push(format!("🐢 {}", t.reason));
+                if t.bytes_per_sec >= 1.0 {
+                    let mut line = format!("Measured {}/s", bytes(t.bytes_per_sec as u64));
+                    if let Some(eta) = t.eta_secs {
+                        line.push_str(&format!(" · ETA {} at this rate", duration_ms(eta * 1000)));
+                    }
+                    lines.push(line);
+                } else {
+                    lines.push("Measuring the rate it allows…".into());
+                }
+            } else if elapsed > 0 && p.bytes_done > 0 {
                 let speed = p.bytes_done as f64 * 1000.0 / elapsed as f64;
                 let mut line = format!("Speed {}/s", bytes(speed as u64));
                 if p.bytes_total > p.bytes_done && speed > 0.0 {

@@ -39,7 +39,7 @@ pub use ops::jobs::{
     Signal,
 };
 pub use progress::{
-    CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, TransferEstimate,
+    CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, Throttle, TransferEstimate,
     human_bytes,
 };
 pub use storage::{DirStorage, Location, MemoryStorage, ObjectInfo, ObjectRef, Storage};

@@ -54,6 +54,39 @@ pub struct TransferEstimate {
     pub seconds: f64,
 }
 
+/// Storage slowed down by its provider for a long while (Telegram's FLOOD_PREMIUM_WAIT on a
+/// free account), as a job's progress shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Throttle {
+    /// For people: who limits what ("Telegram is limiting this account's upload speed ...").
+    pub reason: String,
+    /// Upload rate measured since the throttling began (a minute back at most), waits
+    /// included.
+    pub bytes_per_sec: f64,
+    /// Bytes of uploads under way that are not sent yet.
+    pub pending_bytes: u64,
+    /// Seconds left for the job at the measured rate (see [`Throttle::eta_for`]).
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
+}
+
+impl Throttle {
+    /// Seconds until a job reporting `p` is done at the measured rate: what is being sent plus
+    /// what is left to read, scaled by how much of what it read so far needed storing.
+    pub fn eta_for(&self, p: &ProgressReport) -> Option<u64> {
+        if self.bytes_per_sec <= 0.0 {
+            return None;
+        }
+        let stored_per_read = if p.bytes_done > 0 {
+            p.bytes_stored as f64 / p.bytes_done as f64
+        } else {
+            1.0
+        };
+        let left = p.bytes_total.saturating_sub(p.bytes_done) as f64 * stored_per_read;
+        Some(((self.pending_bytes as f64 + left) / self.bytes_per_sec).ceil() as u64)
+    }
+}
+
 /// Receives progress. Called often (every few hundred milliseconds and at phase changes):
 /// implementations throttle as they need. Every method has a no-op default.
 pub trait Progress: Send + Sync {
@@ -62,6 +95,9 @@ pub trait Progress: Send + Sync {
     /// The storage backend's estimate of the transfer ahead, sent once the job knows how
     /// much it has to move (after scanning).
     fn estimate(&self, _estimate: &TransferEstimate) {}
+
+    /// The storage is throttled (`Some`, with the measured rate) or no longer is (`None`).
+    fn throttled(&self, _throttle: Option<&Throttle>) {}
 }
 
 /// Shows nothing.
@@ -129,5 +165,33 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn throttle_eta_counts_what_is_in_flight_and_what_is_left() {
+        let t = Throttle {
+            reason: "slow".into(),
+            bytes_per_sec: 1000.0,
+            pending_bytes: 5000,
+            eta_secs: None,
+        };
+        // Half of what was read needed storing: 20 000 left to read is 10 000 to send.
+        let p = ProgressReport {
+            bytes_done: 40_000,
+            bytes_total: 60_000,
+            bytes_stored: 20_000,
+            ..Default::default()
+        };
+        assert_eq!(t.eta_for(&p), Some(15));
+        let stopped = Throttle {
+            bytes_per_sec: 0.0,
+            ..t
+        };
+        assert_eq!(stopped.eta_for(&p), None);
     }
 }

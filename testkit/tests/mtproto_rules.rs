@@ -23,28 +23,56 @@ struct Conn {
 
 async fn connect(opts: LoopbackOptions) -> Conn {
     let server = LoopbackTelegram::start(opts).await.unwrap();
-    let mut data = SessionData::default();
-    let v4 = match server.addr() {
-        std::net::SocketAddr::V4(a) => a,
-        _ => unreachable!(),
+    let (conn, _updates) = client_for(server, |_| {});
+    conn
+}
+
+/// A grammers client on `server` with every data centre's key and the self user in its
+/// session; `tweak` adjusts the session first. Returns its updates too.
+fn client_for(
+    server: LoopbackTelegram,
+    tweak: impl FnOnce(&mut SessionData),
+) -> (
+    Conn,
+    tokio::sync::mpsc::Receiver<grammers_client::session::updates::UpdatesLike>,
+) {
+    let mut data = SessionData {
+        home_dc: 2,
+        ..Default::default()
     };
-    data.home_dc = 2;
-    data.dc_options.insert(
-        2,
-        DcOption {
-            id: 2,
-            ipv4: v4,
-            ipv6: std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
-            auth_key: Some(server.auth_key()),
-        },
-    );
+    for dc in [2, 4] {
+        let v4 = match server.dc_addr(dc).unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        data.dc_options.insert(
+            dc,
+            DcOption {
+                id: dc,
+                ipv4: v4,
+                ipv6: std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
+                auth_key: server.auth_key_of(dc),
+            },
+        );
+    }
     let me = PeerInfo::User {
         id: server.self_user_id(),
         auth: Some(PeerAuth::from_hash(server.self_access_hash())),
         bot: Some(false),
         is_self: Some(true),
     };
-    data.peer_infos.insert(me.id(), me);
+    data.peer_infos.insert(me.id(), me.clone());
+    data.peer_infos
+        .insert(grammers_client::session::types::PeerId::self_user(), me);
+    for c in server.channels() {
+        let info = PeerInfo::Channel {
+            id: c.id,
+            auth: Some(PeerAuth::from_hash(c.access_hash)),
+            kind: Some(grammers_client::session::types::ChannelKind::Broadcast),
+        };
+        data.peer_infos.insert(info.id(), info);
+    }
+    tweak(&mut data);
     let session = Arc::new(MemorySession::from(data));
     let pool = SenderPool::with_configuration(
         session.clone(),
@@ -56,12 +84,15 @@ async fn connect(opts: LoopbackOptions) -> Conn {
     );
     let client = Client::new(pool.handle);
     let runner = tokio::spawn(pool.runner.run());
-    Conn {
-        server,
-        client,
-        session,
-        _runner: runner,
-    }
+    (
+        Conn {
+            server,
+            client,
+            session,
+            _runner: runner,
+        },
+        pool.updates,
+    )
 }
 
 fn rpc_name(e: InvocationError) -> String {
@@ -399,6 +430,351 @@ async fn bandwidth_cap_shapes_part_uploads() {
             took >= Duration::from_millis(450),
             "2 MiB at 4 MiB/s took {took:?}"
         );
+    })
+    .await;
+}
+
+fn channel_peer(c: &storinator_testkit::mtproto::ChannelInfo) -> tl::enums::InputPeer {
+    tl::enums::InputPeer::Channel(tl::types::InputPeerChannel {
+        channel_id: c.id,
+        access_hash: c.access_hash,
+    })
+}
+
+/// Uploads a one-part document and sends it to `peer`.
+async fn post(c: &Client, peer: tl::enums::InputPeer, n: i64) -> tl::enums::Updates {
+    part(c, 9000 + n, 0, vec![n as u8; 64]).await.unwrap();
+    let mut req = send(small(9000 + n, 1, &format!("d{n}")), 50_000 + n);
+    req.peer = peer;
+    c.invoke(&req).await.unwrap()
+}
+
+fn pts_of(u: &tl::enums::Updates) -> (i32, bool) {
+    let tl::enums::Updates::Updates(u) = u else {
+        panic!("updates")
+    };
+    u.updates
+        .iter()
+        .find_map(|up| match up {
+            tl::enums::Update::NewMessage(m) => Some((m.pts, false)),
+            tl::enums::Update::NewChannelMessage(m) => Some((m.pts, true)),
+            _ => None,
+        })
+        .unwrap()
+}
+
+async fn account_pts(c: &Client) -> i32 {
+    let tl::enums::updates::State::State(s) = c
+        .invoke(&tl::functions::updates::GetState {})
+        .await
+        .unwrap();
+    s.pts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_was_away_catches_up_with_get_difference() {
+    use grammers_client::session::types::{ChannelState, UpdatesState};
+    use grammers_mtsender::UpdatesConfiguration;
+    bounded(async {
+        let c = connect(LoopbackOptions::default()).await;
+        let chan = c.server.channels()[0].clone();
+        // Where the away client left off: one message in each chat.
+        assert_eq!(
+            pts_of(&post(&c.client, tl::enums::InputPeer::PeerSelf, 1).await),
+            (1, false)
+        );
+        assert_eq!(
+            pts_of(&post(&c.client, channel_peer(&chan), 2).await),
+            (1, true)
+        );
+        // A channel message moves the channel's pts, not the account's.
+        assert_eq!(account_pts(&c.client).await, 1);
+        // While it was away: 120 messages and a deletion in Saved Messages (more than one
+        // difference holds), two channel messages.
+        for n in 3..123 {
+            post(&c.client, tl::enums::InputPeer::PeerSelf, n).await;
+        }
+        c.client
+            .invoke(&tl::functions::messages::DeleteMessages {
+                revoke: true,
+                id: vec![3],
+            })
+            .await
+            .unwrap();
+        for n in 123..125 {
+            assert!(pts_of(&post(&c.client, channel_peer(&chan), n).await).1);
+        }
+        assert_eq!(account_pts(&c.client).await, 122);
+
+        // The away client comes back with the state it had saved.
+        let server = c.server;
+        let (b, updates) = client_for(server, |d| {
+            d.updates_state = UpdatesState {
+                pts: 1,
+                qts: 0,
+                date: 1,
+                seq: 0,
+                channels: vec![ChannelState {
+                    id: chan.id,
+                    pts: 1,
+                }],
+            };
+        });
+        let mut stream = b
+            .client
+            .stream_updates(updates, UpdatesConfiguration { catch_up: true })
+            .await
+            .unwrap();
+        let (mut saved, mut channel, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
+        while saved.len() < 119 || channel.len() < 2 || deleted.is_empty() {
+            let (u, _, _) = tokio::time::timeout(Duration::from_secs(10), stream.next_raw())
+                .await
+                .expect("caught up")
+                .unwrap();
+            match u {
+                tl::enums::Update::NewMessage(m) => saved.push(m.message),
+                tl::enums::Update::NewChannelMessage(m) => channel.push(m.message),
+                tl::enums::Update::DeleteMessages(d) => deleted.extend(d.messages),
+                _ => {}
+            }
+        }
+        let ids = |ms: &[tl::enums::Message]| -> Vec<i32> {
+            ms.iter()
+                .map(|m| match m {
+                    tl::enums::Message::Message(m) => m.id,
+                    _ => 0,
+                })
+                .collect()
+        };
+        // Saved Messages ids 2..=121 came while it was away (the channel counts its own ids);
+        // 3 was deleted since.
+        let want: Vec<i32> = (2..=121).filter(|i| *i != 3).collect();
+        assert_eq!(
+            ids(&saved),
+            want,
+            "every message since pts 1, in order, but the deleted one"
+        );
+        assert_eq!(ids(&channel), vec![2, 3]);
+        assert_eq!(deleted, vec![3]);
+        let cnt = b.server.counters();
+        assert!(
+            cnt.get("updates.getDifference") >= 2,
+            "sliced: {:?}",
+            cnt.snapshot()
+        );
+        assert!(cnt.get("updates.getChannelDifference") >= 1);
+        stream.sync_update_state().await.unwrap();
+        let state = b.session.updates_state().await.unwrap();
+        assert_eq!(state.pts, 122);
+        assert_eq!(
+            state
+                .channels
+                .iter()
+                .find(|s| s.id == chan.id)
+                .map(|s| s.pts),
+            Some(3)
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_offsets_and_dates_page_as_documented() {
+    bounded(async {
+        let c = connect(LoopbackOptions::default()).await;
+        // Ids 1..=10 sent at t, 11..=20 a day later.
+        for n in 1..=20 {
+            if n == 11 {
+                c.server.advance_clock(Duration::from_secs(86_400));
+            }
+            post(&c.client, tl::enums::InputPeer::PeerSelf, n).await;
+        }
+        let page =
+            |offset_id, offset_date, add_offset, limit| tl::functions::messages::GetHistory {
+                peer: tl::enums::InputPeer::PeerSelf,
+                offset_id,
+                offset_date,
+                add_offset,
+                limit,
+                max_id: 0,
+                min_id: 0,
+                hash: 0,
+            };
+        let ids = |m: tl::enums::messages::Messages| -> Vec<i32> {
+            let ms = match m {
+                tl::enums::messages::Messages::Messages(m) => m.messages,
+                tl::enums::messages::Messages::Slice(m) => m.messages,
+                _ => panic!("unexpected"),
+            };
+            ms.iter()
+                .map(|m| match m {
+                    tl::enums::Message::Message(m) => m.id,
+                    _ => 0,
+                })
+                .collect()
+        };
+        let cl = &c.client;
+        assert_eq!(
+            ids(cl.invoke(&page(15, 0, 0, 3)).await.unwrap()),
+            vec![14, 13, 12]
+        );
+        assert_eq!(
+            ids(cl.invoke(&page(15, 0, -3, 3)).await.unwrap()),
+            vec![17, 16, 15]
+        );
+        assert_eq!(
+            ids(cl.invoke(&page(15, 0, -2, 4)).await.unwrap()),
+            vec![16, 15, 14, 13]
+        );
+        // offset_date: only messages sent before it (the first day's).
+        let tl::enums::Message::Message(m11) = ({
+            let r = cl
+                .invoke(&tl::functions::messages::GetMessages {
+                    id: vec![tl::enums::InputMessage::Id(tl::types::InputMessageId {
+                        id: 11,
+                    })],
+                })
+                .await
+                .unwrap();
+            match r {
+                tl::enums::messages::Messages::Messages(m) => {
+                    m.messages.into_iter().next().unwrap()
+                }
+                _ => panic!("unexpected"),
+            }
+        }) else {
+            panic!("message 11")
+        };
+        assert_eq!(
+            ids(cl.invoke(&page(0, m11.date, 0, 4)).await.unwrap()),
+            vec![10, 9, 8, 7]
+        );
+        let tl::enums::messages::Messages::Slice(s) = cl.invoke(&page(15, 0, -3, 3)).await.unwrap()
+        else {
+            panic!("a slice")
+        };
+        assert_eq!((s.count, s.offset_id_offset), (20, Some(3)));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_empty_media_and_missing_references_are_answered_as_telegram_does() {
+    bounded(async {
+        let c = connect(LoopbackOptions::default()).await;
+        let cl = &c.client;
+        let bytes = vec![5u8; 3000];
+        let md5 = |b: &[u8]| format!("{:x}", md5::compute(b));
+        let with_md5 = |id, sum: String| {
+            tl::enums::InputFile::File(tl::types::InputFile {
+                id,
+                parts: 1,
+                name: "m".into(),
+                md5_checksum: sum,
+            })
+        };
+        part(cl, 1, 0, bytes.clone()).await.unwrap();
+        let e = cl
+            .invoke(&send(with_md5(1, md5(b"other bytes")), 1))
+            .await
+            .unwrap_err();
+        // grammers reads the 5 of MD5 as the error's number.
+        assert_eq!(rpc_name(e), "MD5_CHECKSUM_INVALID_5");
+        let doc = doc_of(cl.invoke(&send(with_md5(1, md5(&bytes)), 2)).await.unwrap());
+
+        let mut empty = send(small(2, 1, "e"), 3);
+        empty.media = tl::enums::InputMedia::Empty;
+        assert_eq!(
+            rpc_name(cl.invoke(&empty).await.unwrap_err()),
+            "MEDIA_EMPTY"
+        );
+
+        let get = tl::functions::upload::GetFile {
+            precise: false,
+            cdn_supported: false,
+            location: tl::enums::InputFileLocation::InputDocumentFileLocation(
+                tl::types::InputDocumentFileLocation {
+                    id: doc.id,
+                    access_hash: doc.access_hash,
+                    file_reference: vec![],
+                    thumb_size: String::new(),
+                },
+            ),
+            offset: 0,
+            limit: 4096,
+        };
+        assert_eq!(
+            rpc_name(cl.invoke(&get).await.unwrap_err()),
+            "FILEREF_UPGRADE_NEEDED"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_live_on_one_data_centre_and_authorizations_are_carried_over() {
+    bounded(async {
+        let c = connect(LoopbackOptions::default()).await;
+        let cl = &c.client;
+        part(cl, 1, 0, vec![1; 5000]).await.unwrap();
+        let doc = doc_of(cl.invoke(&send(small(1, 1, "f"), 1)).await.unwrap());
+        assert_eq!(doc.dc_id, 2);
+        assert!(c.server.move_document("f", 4));
+        let get = |cdn_supported| tl::functions::upload::GetFile {
+            precise: false,
+            cdn_supported,
+            location: tl::enums::InputFileLocation::InputDocumentFileLocation(
+                tl::types::InputDocumentFileLocation {
+                    id: doc.id,
+                    access_hash: doc.access_hash,
+                    file_reference: doc.file_reference.clone(),
+                    thumb_size: String::new(),
+                },
+            ),
+            offset: 0,
+            limit: 4096,
+        };
+        assert_eq!(
+            rpc_name(cl.invoke(&get(false)).await.unwrap_err()),
+            "FILE_MIGRATE_4"
+        );
+        // Data centre 4 does not know this account yet.
+        let e = cl.invoke_in_dc(4, &get(false)).await.unwrap_err();
+        assert_eq!(rpc_name(e), "AUTH_KEY_UNREGISTERED");
+        let e = cl
+            .invoke(&tl::functions::auth::ExportAuthorization { dc_id: 2 })
+            .await
+            .unwrap_err();
+        assert_eq!(rpc_name(e), "DC_ID_INVALID");
+        let tl::enums::auth::ExportedAuthorization::Authorization(x) = cl
+            .invoke(&tl::functions::auth::ExportAuthorization { dc_id: 4 })
+            .await
+            .unwrap();
+        let import = tl::functions::auth::ImportAuthorization {
+            id: x.id,
+            bytes: x.bytes,
+        };
+        cl.invoke_in_dc(4, &import).await.unwrap();
+        let tl::enums::upload::File::File(f) = cl.invoke_in_dc(4, &get(false)).await.unwrap()
+        else {
+            panic!("served")
+        };
+        assert_eq!(f.bytes, vec![1; 4096]);
+        // An exported authorization is good for one import.
+        assert_eq!(
+            rpc_name(cl.invoke_in_dc(4, &import).await.unwrap_err()),
+            "AUTH_BYTES_INVALID"
+        );
+        // CDN: only a client that says it supports CDNs is redirected.
+        assert!(c.server.serve_from_cdn("f"));
+        assert!(matches!(
+            cl.invoke_in_dc(4, &get(false)).await.unwrap(),
+            tl::enums::upload::File::File(_)
+        ));
+        assert!(matches!(
+            cl.invoke_in_dc(4, &get(true)).await.unwrap(),
+            tl::enums::upload::File::CdnRedirect(_)
+        ));
     })
     .await;
 }

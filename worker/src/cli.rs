@@ -144,6 +144,16 @@ pub enum Command {
         /// 0 = uncapped.
         #[arg(long, value_name = "MIB_PER_S", default_value_t = 24)]
         bandwidth: u64,
+        /// Round-trip time of each loopback connection, in milliseconds (Telegram is 50 to
+        /// 150 ms away).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        rtt_ms: u64,
+        /// Extra random delay per message, up to this many milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        jitter_ms: u64,
+        /// Bandwidth cap of each loopback connection, in megabits per second (0 = none).
+        #[arg(long, value_name = "MBIT_PER_S", default_value_t = 0.0)]
+        conn_mbps: f64,
     },
     /// Manage the key.
     Key {
@@ -191,9 +201,13 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(verbose: u8) {
+    // grammers logs its own connection trouble as warnings; the worker reports what failed
+    // (and what to check) itself, so those only show from -v on.
     let default = match verbose {
         0 => "error",
-        1 => "warn",
+        1 => {
+            "warn,grammers_mtsender=error,grammers_mtproto=error,grammers_client=error,grammers_session=error"
+        }
         2 => "info",
         _ => "debug",
     };
@@ -275,6 +289,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         path,
         keep,
         bandwidth,
+        rtt_ms,
+        jitter_ms,
+        conn_mbps,
     } = cli.command
     {
         // The demo needs no configuration: it brings its own loopback Telegram.
@@ -282,6 +299,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             path,
             workdir: keep,
             bandwidth: (bandwidth > 0).then_some(bandwidth << 20),
+            net: storinator_testkit::mtproto::NetProfile {
+                rtt: std::time::Duration::from_millis(rtt_ms),
+                jitter: std::time::Duration::from_millis(jitter_ms),
+                conn_bytes_per_sec: (conn_mbps > 0.0)
+                    .then(|| storinator_testkit::mtproto::NetProfile::mbps(conn_mbps)),
+            },
         };
         crate::demo::run(opts).await?;
         return Ok(ExitCode::SUCCESS);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use storinator_shared::{
     BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, Jobs, Lease, Progress,
-    ProgressReport, Repo, RestoreOptions, Signal, TransferEstimate,
+    ProgressReport, Repo, RestoreOptions, Signal, Storage, Throttle, TransferEstimate,
 };
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -141,11 +141,13 @@ pub async fn shutdown_signal() {
     tracing::info!("signal received");
 }
 
-/// The engine's latest progress, and its transfer estimate until the job table has it.
+/// The engine's latest progress, its transfer estimate until the job table has it, and
+/// whether storage is throttling the job.
 #[derive(Default)]
 struct Latest(
     Mutex<Option<ProgressReport>>,
     Mutex<Option<TransferEstimate>>,
+    Mutex<Option<Throttle>>,
 );
 
 impl Progress for Latest {
@@ -156,6 +158,17 @@ impl Progress for Latest {
     fn estimate(&self, estimate: &TransferEstimate) {
         *self.1.lock().unwrap() = Some(estimate.clone());
     }
+
+    fn throttled(&self, throttle: Option<&Throttle>) {
+        *self.2.lock().unwrap() = throttle.cloned();
+    }
+}
+
+/// Storage's throttle as the job sees it: the ETA recomputed for what the job has left.
+fn job_throttle(storage: &dyn Storage, progress: Option<&ProgressReport>) -> Option<Throttle> {
+    let mut t = storage.throttle()?;
+    t.eta_secs = progress.and_then(|p| t.eta_for(p));
+    Some(t)
 }
 
 /// Why the engine was asked to stop.
@@ -180,16 +193,18 @@ async fn run_job(
 
     // Heartbeat + progress writer, and the watcher for cancel / shutdown / lost lease.
     let beat = {
-        let (jobs, lease, cancel, latest, reason) = (
+        let (jobs, lease, cancel, latest, reason, storage) = (
             jobs.clone(),
             lease.clone(),
             cancel.clone(),
             latest.clone(),
             reason.clone(),
+            repo.storage.clone(),
         );
         let interval = cfg.progress_interval;
         tokio::spawn(async move {
             let mut written: Option<ProgressReport> = None;
+            let mut throttle_written: Option<Throttle> = None;
             let stop_with = |r: StopReason| {
                 reason.lock().unwrap().get_or_insert(r);
                 cancel.cancel();
@@ -211,6 +226,25 @@ async fn run_job(
                     }
                 }
                 let now = latest.0.lock().unwrap().clone();
+                latest.throttled(job_throttle(storage.as_ref(), now.as_ref()).as_ref());
+                let throttle = latest.2.lock().unwrap().clone();
+                if throttle != throttle_written {
+                    if throttle_written.is_none()
+                        && let Some(t) = &throttle
+                    {
+                        tracing::warn!(
+                            job = lease.job_id,
+                            rate = t.bytes_per_sec,
+                            eta_secs = t.eta_secs,
+                            "{}",
+                            t.reason
+                        );
+                    }
+                    match jobs.set_throttle(&lease, throttle.as_ref()).await {
+                        Ok(()) => throttle_written = throttle,
+                        Err(err) => tracing::warn!("recording the throttle failed: {err}"),
+                    }
+                }
                 let res = match &now {
                     Some(r) if written.as_ref() != Some(r) => jobs.report_progress(&lease, r).await,
                     _ => jobs.heartbeat(&lease).await,

@@ -29,6 +29,8 @@ pub struct DemoOptions {
     pub workdir: Option<PathBuf>,
     /// Loopback bandwidth cap in bytes per second (None: as fast as the machine goes).
     pub bandwidth: Option<u64>,
+    /// Round-trip time, jitter and per-connection bandwidth of the loopback's network.
+    pub net: storinator_testkit::mtproto::NetProfile,
 }
 
 /// What the demo measured.
@@ -81,6 +83,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let mtproto = LoopbackTelegram::start(LoopbackOptions {
         data_dir: Some(work.join("telegram-cloud")),
         bandwidth: opts.bandwidth,
+        net: opts.net,
         ..Default::default()
     })
     .await
@@ -184,7 +187,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         stored: snaps.iter().map(|s| s.bytes_stored).sum(),
         backup_secs,
         restore_secs,
-        mtproto_calls: mtproto.counters().snapshot(),
+        // API methods only (not the per-data-centre and session-level tallies).
+        mtproto_calls: mtproto
+            .counters()
+            .snapshot()
+            .into_iter()
+            .filter(|(k, _)| k.contains('.') && !k.contains(':'))
+            .collect(),
         bot_api_calls: botapi.calls().len(),
         transcript: botapi.transcript_text(USER),
     };
@@ -217,9 +226,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             "              (the loopback Telegram was capped at {}/s so the progress is visible; --bandwidth 0 lifts the cap)",
             human_bytes(b)
         ),
-        None => {
+        None if opts.net.rtt.is_zero() && opts.net.conn_bytes_per_sec.is_none() => {
             println!("              (loopback Telegram uncapped: these figures are this machine's)")
         }
+        None => {}
+    }
+    if opts.net != storinator_testkit::mtproto::NetProfile::default() {
+        let n = opts.net;
+        println!(
+            "              (network: {} ms round trip, {} ms jitter, {} per connection)",
+            n.rtt.as_millis(),
+            n.jitter.as_millis(),
+            n.conn_bytes_per_sec
+                .map_or("no cap".into(), |b| format!("{}/s", human_bytes(b)))
+        );
     }
     let message_class: u64 = mtproto.counters().message_class_calls();
     println!(

@@ -124,11 +124,11 @@ async fn channel_not_in_the_session_is_found_in_dialogs() {
             session.clone(),
             f.dir.path().join("spool-d"),
         );
-        cfg.storage_chat = Some("backups".into());
+        let want = f.server.channels()[1].id;
+        cfg.storage_chat = Some(format!("-100{want}"));
         let s = storinator_worker::telegram::TelegramStorage::connect(cfg.clone())
             .await
             .unwrap();
-        let want = f.server.channels()[1].id;
         assert_eq!(s.describe(), format!("telegram:channel -100{want}"));
         put(&s, "ab.enc", b"x").await;
         assert!(f.server.documents()[0].0.ends_with(&want.to_string()));

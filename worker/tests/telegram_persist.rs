@@ -23,7 +23,7 @@ async fn restart_keeps_sessions_and_documents() {
         let session = dir.path().join("tg.session");
         server.write_session(&session).unwrap();
         let mut cfg = TelegramConfig::new(1, "x", session, dir.path().join("spool"));
-        cfg.storage_chat = Some(server.channels()[0].title.clone());
+        cfg.storage_chat = Some(format!("-100{}", server.channels()[0].id));
         let bytes = data(700_000, 11);
         let loc = {
             let storage = TelegramStorage::connect(cfg.clone()).await.unwrap();

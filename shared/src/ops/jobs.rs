@@ -24,7 +24,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::progress::{Phase, ProgressReport};
+use crate::progress::{Phase, ProgressReport, Throttle};
 
 pub type JobId = i64;
 
@@ -195,6 +195,8 @@ pub struct Job {
     pub state: JobState,
     pub progress: ProgressReport,
     pub estimate: Option<serde_json::Value>,
+    /// The storage provider is slowing this job down (see [`Throttle`]).
+    pub throttle: Option<Throttle>,
     pub result: Option<JobResult>,
     pub error: Option<String>,
     pub attempt: i64,
@@ -234,6 +236,11 @@ impl Job {
             .map(|s| serde_json::from_str(&s))
             .transpose()
             .map_err(|e| corrupt("estimate", e.to_string()))?;
+        let throttle: Option<String> = row.try_get("throttle")?;
+        let throttle = throttle
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| corrupt("throttle", e.to_string()))?;
         let result: Option<String> = row.try_get("result")?;
         let result = result
             .map(|s| serde_json::from_str(&s))
@@ -256,6 +263,7 @@ impl Job {
                 bytes_stored: u("bytes_stored")?,
             },
             estimate,
+            throttle,
             result,
             error: row.try_get("error")?,
             attempt: row.try_get("attempt")?,
@@ -604,7 +612,7 @@ impl Jobs {
         let row = sqlx::query(
             "UPDATE jobs SET state = 'running', lease_owner = ?, lease_until = ?,
                     attempt = attempt + 1, started_at = coalesce(started_at, ?),
-                    updated_at = ?, stall_notified = 0
+                    updated_at = ?, stall_notified = 0, throttle = NULL
               WHERE id = (SELECT id FROM jobs
                            WHERE (state = 'queued' AND not_before <= ?)
                               OR (state = 'running' AND lease_until < ?
@@ -702,6 +710,13 @@ impl Jobs {
         let sql = format!("UPDATE jobs SET estimate = ?, updated_at = ? WHERE {FENCE}");
         self.fenced(lease, sql, |q| q.bind(estimate.to_string()))
             .await
+    }
+
+    /// Record that storage is throttling the job (`None`: no longer).
+    pub async fn set_throttle(&self, lease: &Lease, throttle: Option<&Throttle>) -> Result<()> {
+        let json = throttle.map(|t| serde_json::to_string(t).expect("throttle serialises"));
+        let sql = format!("UPDATE jobs SET throttle = ?, updated_at = ? WHERE {FENCE}");
+        self.fenced(lease, sql, |q| q.bind(json)).await
     }
 
     async fn fenced<'a>(
@@ -1098,6 +1113,16 @@ mod tests {
             jobs.get(j.id).await.unwrap().unwrap().estimate,
             Some(serde_json::json!({"files": 2}))
         );
+        let slow = Throttle {
+            reason: "slowed down".into(),
+            bytes_per_sec: 1234.5,
+            pending_bytes: 7,
+            eta_secs: Some(99),
+        };
+        jobs.set_throttle(&lease, Some(&slow)).await.unwrap();
+        assert_eq!(jobs.get(j.id).await.unwrap().unwrap().throttle, Some(slow));
+        jobs.set_throttle(&lease, None).await.unwrap();
+        assert_eq!(jobs.get(j.id).await.unwrap().unwrap().throttle, None);
         // Stall notices: once per stall.
         clock.advance(10_001);
         assert_eq!(jobs.stalled_unnotified().await.unwrap().len(), 1);

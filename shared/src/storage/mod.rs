@@ -88,6 +88,12 @@ pub trait Storage: Send + Sync + 'static {
     fn estimate(&self, _bytes: u64, _objects: u64) -> Option<TransferEstimate> {
         None
     }
+
+    /// Whether the backend is being slowed down by its provider right now (Telegram
+    /// throttling a free account), with the rate it measures. Jobs show it in their progress.
+    fn throttle(&self) -> Option<crate::progress::Throttle> {
+        None
+    }
 }
 
 /// Checks an object name handed to a backend: names are ours (`[A-Za-z0-9._-]`), never a path.

@@ -3,6 +3,7 @@
 //! ```text
 //! loopback-telegram --session ./data/worker.session [--port 0] [--data-dir DIR]
 //!                   [--channel TITLE]... [--message-rate N] [--bandwidth BYTES_PER_SEC]
+//!                   [--rtt-ms MS] [--jitter-ms MS] [--conn-mbps MBIT_PER_SEC]
 //! ```
 //! Point the worker at it with `STORINATOR_SESSION_FILE=<session>`; to store in the
 //! channel instead of Saved Messages, set `STORINATOR_STORAGE_CHAT` to the printed id.
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use storinator_testkit::mtproto::{LoopbackOptions, LoopbackTelegram};
+use storinator_testkit::mtproto::{LoopbackOptions, LoopbackTelegram, NetProfile};
 
 #[derive(Parser)]
 #[command(about = "A loopback Telegram (MTProto) for the storinator worker")]
@@ -32,9 +33,28 @@ struct Args {
     /// Message-class calls allowed per minute before FLOOD_WAIT (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     message_rate: u32,
-    /// Cap on part/download bytes per second (0 = unlimited).
+    /// Cap on part/download bytes per second across all connections (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     bandwidth: u64,
+    /// Round-trip time of every connection, in milliseconds (real Telegram: 50 to 150).
+    #[arg(long, default_value_t = 0)]
+    rtt_ms: u64,
+    /// Extra one-way delay drawn per message from [0, jitter], in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Bandwidth cap of each connection, each direction, in megabits per second (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    conn_mbps: f64,
+}
+
+impl Args {
+    fn net(&self) -> NetProfile {
+        NetProfile {
+            rtt: Duration::from_millis(self.rtt_ms),
+            jitter: Duration::from_millis(self.jitter_ms),
+            conn_bytes_per_sec: (self.conn_mbps > 0.0).then(|| NetProfile::mbps(self.conn_mbps)),
+        }
+    }
 }
 
 #[tokio::main]
@@ -44,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let mut opts = LoopbackOptions {
+        net: args.net(),
         data_dir: args.data_dir,
         port: args.port,
         message_rate: (args.message_rate > 0).then(|| (args.message_rate, Duration::from_secs(60))),
@@ -51,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     if !args.channels.is_empty() {
-        opts.channels = args.channels;
+        opts.channels = args.channels.into_iter().map(Into::into).collect();
     }
     let server = LoopbackTelegram::start(opts)
         .await
@@ -63,6 +84,11 @@ async fn main() -> anyhow::Result<()> {
         .write_session(&args.session)
         .with_context(|| format!("writing session {}", args.session.display()))?;
     println!("loopback telegram listening on {}", server.addr());
+    for dc in [2, 4] {
+        if let Some(a) = server.dc_addr(dc) {
+            println!("  data centre {dc}: {a}");
+        }
+    }
     println!("session written to {}", args.session.display());
     for c in server.channels() {
         println!(
@@ -80,4 +106,34 @@ async fn main() -> anyhow::Result<()> {
     server.shutdown().await;
     println!("calls: {counters:?}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_flags_make_the_profile() {
+        let a = Args::parse_from([
+            "loopback-telegram",
+            "--session",
+            "s",
+            "--rtt-ms",
+            "80",
+            "--jitter-ms",
+            "10",
+            "--conn-mbps",
+            "40",
+        ]);
+        assert_eq!(
+            a.net(),
+            NetProfile {
+                rtt: Duration::from_millis(80),
+                jitter: Duration::from_millis(10),
+                conn_bytes_per_sec: Some(5_000_000),
+            }
+        );
+        let a = Args::parse_from(["loopback-telegram", "--session", "s"]);
+        assert_eq!(a.net(), NetProfile::default());
+    }
 }

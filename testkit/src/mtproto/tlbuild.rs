@@ -59,10 +59,34 @@ pub fn self_user(id: i64, access_hash: i64) -> tl::enums::User {
     })
 }
 
-pub fn channel(id: i64, access_hash: i64, title: &str) -> tl::enums::Chat {
+pub fn channel(c: &super::ChannelInfo) -> tl::enums::Chat {
+    use super::ChannelRole;
+    let admin_rights = matches!(c.role, ChannelRole::Creator | ChannelRole::Admin).then(|| {
+        tl::enums::ChatAdminRights::Rights(tl::types::ChatAdminRights {
+            change_info: true,
+            post_messages: true,
+            edit_messages: true,
+            delete_messages: true,
+            ban_users: true,
+            invite_users: true,
+            pin_messages: true,
+            add_admins: c.role == ChannelRole::Creator,
+            anonymous: false,
+            manage_call: true,
+            other: true,
+            manage_topics: false,
+            post_stories: false,
+            edit_stories: false,
+            delete_stories: false,
+            manage_direct_messages: false,
+            manage_ranks: false,
+            manage_linked_peers: false,
+            manage_welcome_messages: false,
+        })
+    });
     tl::enums::Chat::Channel(tl::types::Channel {
-        creator: true,
-        left: false,
+        creator: c.role == ChannelRole::Creator,
+        left: c.role == ChannelRole::Left,
         broadcast: true,
         verified: false,
         megagroup: false,
@@ -89,14 +113,14 @@ pub fn channel(id: i64, access_hash: i64, title: &str) -> tl::enums::Chat {
         broadcast_messages_allowed: false,
         monoforum: false,
         forum_tabs: false,
-        id,
-        access_hash: Some(access_hash),
-        title: title.into(),
-        username: None,
+        id: c.id,
+        access_hash: Some(c.access_hash),
+        title: c.title.clone(),
+        username: c.username.clone(),
         photo: tl::enums::ChatPhoto::Empty,
         date: 0,
         restriction_reason: None,
-        admin_rights: None,
+        admin_rights,
         banned_rights: None,
         default_banned_rights: None,
         participants_count: None,
@@ -122,6 +146,7 @@ pub struct DocFields<'a> {
     pub size: i64,
     pub name: &'a str,
     pub mime: &'a str,
+    pub dc: i32,
 }
 
 pub fn message(
@@ -148,7 +173,7 @@ pub fn message(
                 size: d.size,
                 thumbs: None,
                 video_thumbs: None,
-                dc_id: 2,
+                dc_id: d.dc,
                 attributes: vec![tl::enums::DocumentAttribute::Filename(
                     tl::types::DocumentAttributeFilename {
                         file_name: d.name.into(),
@@ -214,8 +239,9 @@ pub fn message(
     })
 }
 
-pub fn config(port: u16, now: i32) -> tl::enums::Config {
-    let option = |id| {
+/// help.getConfig as served by data centre `this_dc`, listing every data centre.
+pub fn config(this_dc: i32, dcs: &[(i32, u16)], now: i32) -> tl::enums::Config {
+    let option = |(id, port): &(i32, u16)| {
         tl::enums::DcOption::Option(tl::types::DcOption {
             ipv6: false,
             media_only: false,
@@ -223,9 +249,9 @@ pub fn config(port: u16, now: i32) -> tl::enums::Config {
             cdn: false,
             r#static: true,
             this_port_only: false,
-            id,
+            id: *id,
             ip_address: "127.0.0.1".into(),
-            port: i32::from(port),
+            port: i32::from(*port),
             secret: None,
         })
     };
@@ -238,8 +264,8 @@ pub fn config(port: u16, now: i32) -> tl::enums::Config {
         date: now,
         expires: now + 3600,
         test_mode: false,
-        this_dc: 2,
-        dc_options: vec![option(2)],
+        this_dc,
+        dc_options: dcs.iter().map(option).collect(),
         dc_txt_domain_name: "loopback".into(),
         chat_size_max: 200,
         megagroup_size_max: 200_000,
@@ -271,11 +297,45 @@ pub fn config(port: u16, now: i32) -> tl::enums::Config {
         static_maps_provider: None,
         caption_length_max: 1024,
         message_length_max: 4096,
-        webfile_dc_id: 2,
+        webfile_dc_id: this_dc,
         suggested_lang_code: None,
         lang_pack_version: None,
         base_lang_pack_version: None,
         reactions_default: None,
         autologin_token: None,
+    })
+}
+
+/// A dialog entry for messages.getDialogs.
+pub fn dialog(peer: tl::enums::Peer, top_message: i32, pts: Option<i32>) -> tl::enums::Dialog {
+    tl::enums::Dialog::Dialog(tl::types::Dialog {
+        pinned: false,
+        unread_mark: false,
+        view_forum_as_messages: false,
+        peer,
+        top_message,
+        read_inbox_max_id: 0,
+        read_outbox_max_id: 0,
+        unread_count: 0,
+        unread_mentions_count: 0,
+        unread_reactions_count: 0,
+        unread_poll_votes_count: 0,
+        notify_settings: tl::enums::PeerNotifySettings::Settings(tl::types::PeerNotifySettings {
+            show_previews: None,
+            silent: None,
+            mute_until: None,
+            ios_sound: None,
+            android_sound: None,
+            other_sound: None,
+            stories_muted: None,
+            stories_hide_sender: None,
+            stories_ios_sound: None,
+            stories_android_sound: None,
+            stories_other_sound: None,
+        }),
+        pts,
+        draft: None,
+        folder_id: None,
+        ttl_period: None,
     })
 }

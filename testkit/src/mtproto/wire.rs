@@ -188,14 +188,14 @@ pub struct ClientMessage {
     pub gzipped: bool,
 }
 
-/// The decrypted envelope: session id and the top-level message.
-pub fn parse_plaintext(plain: &[u8]) -> Result<(i64, ClientMessage), WireError> {
+/// The decrypted envelope: server salt, session id and the top-level message.
+pub fn parse_plaintext(plain: &[u8]) -> Result<(i64, i64, ClientMessage), WireError> {
     let bad = |e: grammers_tl_types::deserialize::Error| WireError::BadMessage(e.to_string());
     let mut c = Cursor::from_slice(plain);
-    let _salt = i64::deserialize(&mut c).map_err(bad)?;
+    let salt = i64::deserialize(&mut c).map_err(bad)?;
     let session_id = i64::deserialize(&mut c).map_err(bad)?;
     let msg = read_message(&mut c)?;
-    Ok((session_id, msg))
+    Ok((salt, session_id, msg))
 }
 
 fn read_message(c: &mut Cursor) -> Result<ClientMessage, WireError> {

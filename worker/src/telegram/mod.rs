@@ -16,15 +16,19 @@
 //! Against the loopback Telegram (tests, demo): run `loopback-telegram --session <path>`
 //! (storinator-testkit) and point `STORINATOR_SESSION_FILE` at that path.
 
+mod chat;
+mod download;
+pub mod errors;
 mod login;
 pub mod scheduler;
 pub mod session;
 mod storage;
+mod upload;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use login::{login_interactive, login_with};
+pub use login::{Question, login_interactive, login_with};
 pub use scheduler::{Estimate, Scheduler, SchedulerConfig, SchedulerStats, estimate_with};
 pub use session::FileSession;
 pub use storage::{StorageChat, TelegramStorage, plan_windows, random_id_for};
@@ -32,7 +36,8 @@ pub use storage::{StorageChat, TelegramStorage, plan_windows, random_id_for};
 /// Everything the Telegram backend needs. The CLI fills it from the environment:
 /// `TELEGRAM_API_ID`, `TELEGRAM_API_HASH`, `STORINATOR_SESSION_FILE` (default
 /// `<data dir>/worker.session`), `STORINATOR_STORAGE_CHAT` (empty or `me` = Saved Messages,
-/// else a channel as `-100<id>`, `<id>` or its title as known to the session),
+/// else a channel the account created or administers, as `-100<id>`, `<id>` or `@username`;
+/// never a title),
 /// `STORINATOR_MESSAGE_RATE` (message-class calls per minute, default 100),
 /// `STORINATOR_PART_CONCURRENCY` (default 4), `STORINATOR_TELEGRAM_TIMEOUT_SECS` (default 60),
 /// `STORINATOR_TELEGRAM_PREMIUM` (`1` lifts the upload limit to 4000 MiB).

@@ -7,6 +7,7 @@
 //! grows back after a run of successes. Time comes from `tokio::time`, so tests run under
 //! `start_paused` and finish instantly.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -64,6 +65,58 @@ pub struct SchedulerStats {
     pub reconnects: u64,
     pub retries: u64,
     pub upload_restarts: u64,
+    /// FLOOD_PREMIUM_WAIT answers: Telegram slowing a free account's uploads down.
+    pub premium_waits: u64,
+}
+
+/// How long the measured transfer rate looks back.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Bytes moved recently, to measure the rate actually achieved (waits included).
+#[derive(Default)]
+struct Meter {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl Meter {
+    fn add(&mut self, now: Instant, bytes: u64) {
+        self.samples.push_back((now, bytes));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second moved since `start` (at most a minute back, at least a second).
+    fn rate_since(&self, start: Instant, now: Instant) -> f64 {
+        let start = start.max(now.checked_sub(RATE_WINDOW).unwrap_or(start));
+        let bytes: u64 = self
+            .samples
+            .iter()
+            .filter(|(t, _)| *t >= start)
+            .map(|(_, b)| b)
+            .sum();
+        bytes as f64 / now.duration_since(start).as_secs_f64().max(1.0)
+    }
+}
+
+/// A stretch of FLOOD_PREMIUM_WAIT answers: when it began, when the last came and what it
+/// asked for.
+#[derive(Clone, Copy)]
+struct Episode {
+    first: Instant,
+    last: Instant,
+    wait: Duration,
+}
+
+impl Episode {
+    /// Still throttled: a premium wait within the last two minutes (or three of its waits).
+    fn current(&self, now: Instant) -> bool {
+        now.duration_since(self.last) <= Duration::from_secs(120).max(self.wait * 3)
+    }
 }
 
 struct Bucket {
@@ -80,6 +133,8 @@ pub struct Scheduler {
     /// Measured transfer rate (bytes/s, EWMA), stored as f64 bits.
     rate_bits: AtomicU64,
     stats: Mutex<SchedulerStats>,
+    meter: Mutex<Meter>,
+    premium: Mutex<Option<Episode>>,
 }
 
 pub const PART_SIZE: u64 = 512 * 1024;
@@ -105,6 +160,8 @@ impl Scheduler {
             paused: Mutex::new([None, None]),
             successes: AtomicUsize::new(0),
             stats: Mutex::new(SchedulerStats::default()),
+            meter: Mutex::new(Meter::default()),
+            premium: Mutex::new(None),
         }
     }
 
@@ -162,8 +219,41 @@ impl Scheduler {
         s.flood_wait_seconds += u64::from(seconds);
     }
 
+    /// The server said FLOOD_PREMIUM_WAIT_X: a transfer wait like any other, remembered so
+    /// the job can say that Telegram is slowing this account down.
+    pub fn premium_wait(&self, seconds: u32) {
+        self.flood_wait(CallClass::Transfer, seconds);
+        let now = Instant::now();
+        let wait = Duration::from_secs(u64::from(seconds.max(1)));
+        let mut p = self.premium.lock().unwrap();
+        *p = Some(match *p {
+            Some(e) if e.current(now) => Episode {
+                last: now,
+                wait,
+                ..e
+            },
+            _ => Episode {
+                first: now,
+                last: now,
+                wait,
+            },
+        });
+        drop(p);
+        self.stats.lock().unwrap().premium_waits += 1;
+    }
+
+    /// While Telegram throttles this account, the transfer rate measured since the
+    /// throttling began (over the last minute at most), waits included.
+    pub fn premium_throttle(&self) -> Option<f64> {
+        let e = (*self.premium.lock().unwrap())?;
+        let now = Instant::now();
+        e.current(now)
+            .then(|| self.meter.lock().unwrap().rate_since(e.first, now))
+    }
+
     /// A part transfer went through; after enough in a row, allow one more in parallel.
     pub fn transfer_ok(&self, bytes: u64, took: Duration) {
+        self.meter.lock().unwrap().add(Instant::now(), bytes);
         let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
         let c = self.concurrency.load(Ordering::Relaxed);
         if n >= 16 * c && c < self.cfg.max_part_concurrency {
@@ -294,6 +384,26 @@ mod tests {
             s.transfer_ok(PART_SIZE, Duration::from_millis(10));
         }
         assert_eq!(s.part_concurrency(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn premium_waits_mark_the_account_throttled_with_the_measured_rate() {
+        let s = Scheduler::new(SchedulerConfig::default());
+        assert_eq!(s.premium_throttle(), None);
+        s.transfer_ok(PART_SIZE, Duration::from_millis(5));
+        s.premium_wait(3);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        s.transfer_ok(PART_SIZE, Duration::from_millis(5));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        s.transfer_ok(PART_SIZE, Duration::from_millis(5));
+        // Three parts in six seconds, waits included.
+        let rate = s.premium_throttle().unwrap();
+        assert!((rate - 3.0 * PART_SIZE as f64 / 6.0).abs() < 1.0, "{rate}");
+        assert_eq!(s.stats().premium_waits, 1);
+        assert_eq!(s.stats().flood_waits, 1);
+        // Long after the last premium wait the account is no longer reported throttled.
+        tokio::time::advance(Duration::from_secs(200)).await;
+        assert_eq!(s.premium_throttle(), None);
     }
 
     #[test]

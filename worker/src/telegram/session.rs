@@ -61,7 +61,7 @@ struct FileUser {
 }
 
 /// A channel known to the session (id and access hash), e.g. the storage channel.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct FileChannel {
     pub id: i64,
     pub access_hash: i64,
@@ -73,6 +73,9 @@ pub struct FileSession {
     path: PathBuf,
     data: Mutex<SessionData>,
     titles: Mutex<HashMap<i64, String>>,
+    /// Held for a whole save (snapshot, write, rename), so saves never interleave and the
+    /// last one to finish holds everything changed before it started.
+    saving: Mutex<()>,
 }
 
 impl FileSession {
@@ -154,6 +157,7 @@ impl FileSession {
             path: path.to_path_buf(),
             data: Mutex::new(data),
             titles: Mutex::new(titles),
+            saving: Mutex::new(()),
         })
     }
 
@@ -223,77 +227,88 @@ impl FileSession {
         Some((dc.ipv4, dc.auth_key?))
     }
 
-    /// Writes the session file atomically with mode 0600 (it holds a login credential).
+    /// Writes the session file atomically with mode 0600 (it holds a login credential): into
+    /// a new file with a random name created exclusively (O_EXCL, never through an existing
+    /// file or symlink) in the same directory, synced, then renamed over the old one. Saves
+    /// are serialised.
     pub fn save(&self) -> Result<(), SessionError> {
         let io = |source| SessionError::Io {
             path: self.path.clone(),
             source,
         };
-        let json = {
-            let d = self.data.lock().map_err(|_| SessionError::Poisoned)?;
-            let titles = self.titles.lock().map_err(|_| SessionError::Poisoned)?;
-            let mut dcs: Vec<FileDc> = d
-                .dc_options
-                .values()
-                .filter(|dc| dc.auth_key.is_some() || dc.id == d.home_dc)
-                .map(|dc| FileDc {
-                    id: dc.id,
-                    addr: dc.ipv4.to_string(),
-                    addr6: Some(dc.ipv6.to_string()),
-                    auth_key: dc.auth_key.map(hex::encode),
-                })
-                .collect();
-            dcs.sort_by_key(|d| d.id);
-            let mut f = FileFormat {
-                version: 1,
-                home_dc: d.home_dc,
-                dcs,
-                ..Default::default()
-            };
-            for p in d.peer_infos.values() {
-                match p {
-                    PeerInfo::User {
-                        id,
-                        auth: Some(a),
-                        bot,
-                        is_self: Some(true),
-                    } => {
-                        f.self_user = Some(FileUser {
-                            id: *id,
-                            access_hash: a.hash(),
-                            bot: bot.unwrap_or(false),
-                        })
-                    }
-                    PeerInfo::Channel {
-                        id, auth: Some(a), ..
-                    } => f.channels.push(FileChannel {
-                        id: *id,
-                        access_hash: a.hash(),
-                        title: titles.get(id).cloned().unwrap_or_default(),
-                    }),
-                    _ => {}
-                }
-            }
-            f.channels.sort_by_key(|c| c.id);
-            serde_json::to_vec_pretty(&f).expect("session serializes")
+        let _one_at_a_time = self.saving.lock().map_err(|_| SessionError::Poisoned)?;
+        let json = self.to_json()?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
         };
-        if let Some(dir) = self.path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let tmp = self.path.with_extension("tmp");
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // tempfile: random name, O_CREAT|O_EXCL, mode 0600.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".session-")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(io)?;
         {
             use std::io::Write;
-            let mut o = std::fs::OpenOptions::new();
-            o.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-            let mut file = o.open(&tmp).map_err(io)?;
-            file.write_all(&json).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            tmp.write_all(&json).map_err(io)?;
+            tmp.as_file().sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        tmp.persist(&self.path).map_err(|e| io(e.error))?;
+        // The rename is durable once the directory is.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    fn to_json(&self) -> Result<Vec<u8>, SessionError> {
+        let d = self.data.lock().map_err(|_| SessionError::Poisoned)?;
+        let titles = self.titles.lock().map_err(|_| SessionError::Poisoned)?;
+        let mut dcs: Vec<FileDc> = d
+            .dc_options
+            .values()
+            .filter(|dc| dc.auth_key.is_some() || dc.id == d.home_dc)
+            .map(|dc| FileDc {
+                id: dc.id,
+                addr: dc.ipv4.to_string(),
+                addr6: Some(dc.ipv6.to_string()),
+                auth_key: dc.auth_key.map(hex::encode),
+            })
+            .collect();
+        dcs.sort_by_key(|d| d.id);
+        let mut f = FileFormat {
+            version: 1,
+            home_dc: d.home_dc,
+            dcs,
+            ..Default::default()
+        };
+        for p in d.peer_infos.values() {
+            match p {
+                PeerInfo::User {
+                    id,
+                    auth: Some(a),
+                    bot,
+                    is_self: Some(true),
+                } => {
+                    f.self_user = Some(FileUser {
+                        id: *id,
+                        access_hash: a.hash(),
+                        bot: bot.unwrap_or(false),
+                    })
+                }
+                PeerInfo::Channel {
+                    id, auth: Some(a), ..
+                } => f.channels.push(FileChannel {
+                    id: *id,
+                    access_hash: a.hash(),
+                    title: titles.get(id).cloned().unwrap_or_default(),
+                }),
+                _ => {}
+            }
+        }
+        f.channels.sort_by_key(|c| c.id);
+        Ok(serde_json::to_vec_pretty(&f).expect("session serializes"))
     }
 }
 
@@ -391,5 +406,88 @@ impl Session for FileSession {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn channel(i: i64) -> FileChannel {
+        FileChannel {
+            id: 1_000 + i,
+            access_hash: i,
+            title: format!("c{i}"),
+        }
+    }
+
+    #[test]
+    fn save_never_writes_through_a_planted_file_or_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.session");
+        // Someone who can write the directory plants the old predictable temp names: a
+        // symlink to a file of theirs to overwrite, and a world-readable file.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, path.with_extension("tmp")).unwrap();
+        let open = dir.path().join("worker.session.tmp");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let s = FileSession::load_or_new(&path).unwrap();
+        s.remember_channel(&channel(1)).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(
+            meta.file_type().is_file(),
+            "the session is a file of its own"
+        );
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let again = FileSession::load_or_new(&path).unwrap();
+        assert_eq!(again.channels(), vec![channel(1)]);
+        // Nothing of ours is left behind besides the session.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".session-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn concurrent_saves_keep_every_change_and_never_tear_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.session");
+        let s = std::sync::Arc::new(FileSession::load_or_new(&path).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        s.remember_channel(&channel(t * 100 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Meanwhile a reader always finds a whole, valid session.
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    if path.exists() {
+                        FileSession::load_or_new(&path).expect("a whole session file");
+                    }
+                }
+            })
+        };
+        for t in threads {
+            t.join().unwrap();
+        }
+        reader.join().unwrap();
+        let saved = FileSession::load_or_new(&path).unwrap().channels();
+        assert_eq!(saved.len(), 40, "the last save holds every channel");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }
