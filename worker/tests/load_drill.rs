@@ -146,6 +146,8 @@ async fn forty_backups_from_four_users_on_two_daemons_all_succeed_exactly_once()
     let dir = dir.path();
     init(dir);
     let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let src = src.canonicalize().unwrap();
     let users = [11_i64, 22, 33, 44];
     let mut folders = Vec::new();
     for u in users {
@@ -215,7 +217,7 @@ async fn forty_backups_from_four_users_on_two_daemons_all_succeed_exactly_once()
     let out = dir.join("restored");
     let mut restores = Vec::new();
     for (u, path) in &folders {
-        let to = out.join(path.strip_prefix(&src.canonicalize().unwrap()).unwrap());
+        let to = out.join(path.strip_prefix(&src).unwrap());
         let args = JobArgs::Restore {
             path: path.display().to_string(),
             to: Some(to.parent().unwrap().display().to_string()),
@@ -228,7 +230,7 @@ async fn forty_backups_from_four_users_on_two_daemons_all_succeed_exactly_once()
         assert_eq!((j.state, j.attempt), (JobState::Done, 1), "{j:?}");
     }
     for (_, path) in &folders {
-        let to = out.join(path.strip_prefix(&src.canonicalize().unwrap()).unwrap());
+        let to = out.join(path.strip_prefix(&src).unwrap());
         assert_eq!(
             describe_tree(path),
             describe_tree(&to),

@@ -206,6 +206,27 @@ pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
     }
 }
 
+impl Catalog {
+    pub async fn open(url: &str) -> Result<Catalog, Error> {
+        Ok(Catalog {
+            pool: open_pool(url).await?,
+        })
+    }
+
+    /// Opens a catalog in a file (tests, tools).
+    pub async fn open_file(path: &Path) -> Result<Catalog, Error> {
+        Catalog::open(&crate::config::sqlite_url(path)).await
+    }
+
+    pub fn from_pool(pool: SqlitePool) -> Catalog {
+        Catalog { pool }
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -231,26 +252,5 @@ mod tests {
             let e = super::check_owner(bad).unwrap_err().to_string();
             assert!(e.starts_with(&format!("invalid owner {bad:?}")), "{e}");
         }
-    }
-}
-
-impl Catalog {
-    pub async fn open(url: &str) -> Result<Catalog, Error> {
-        Ok(Catalog {
-            pool: open_pool(url).await?,
-        })
-    }
-
-    /// Opens a catalog in a file (tests, tools).
-    pub async fn open_file(path: &Path) -> Result<Catalog, Error> {
-        Catalog::open(&crate::config::sqlite_url(path)).await
-    }
-
-    pub fn from_pool(pool: SqlitePool) -> Catalog {
-        Catalog { pool }
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
     }
 }
