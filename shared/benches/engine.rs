@@ -120,6 +120,8 @@ fn main() {
                     snapshot: None,
                     owner: "local".into(),
                     overwrite: false,
+                    within: None,
+                    same_owner: None,
                 },
                 &NoProgress,
                 &CancelFlag::new(),

@@ -27,6 +27,8 @@ fn restore_opts(path: &std::path::Path, to: &std::path::Path) -> RestoreOptions 
         snapshot: None,
         owner: "local".into(),
         overwrite: false,
+        within: None,
+        same_owner: None,
     }
 }
 
@@ -534,6 +536,7 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
         mode: file.mode,
         inode: file.inode,
         target: None,
+        owner: file.owner.clone(),
         content: NewContent::Existing(file.content_id.unwrap()),
     };
     let blob = storinator_shared::ChunkId::from_slice(&snapshot_blob).unwrap();

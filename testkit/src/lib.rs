@@ -4,4 +4,5 @@
 
 pub mod botapi;
 pub mod fixtures;
+pub mod fuzz;
 pub mod mtproto;

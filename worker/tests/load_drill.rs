@@ -34,6 +34,8 @@ fn worker(dir: &Path) -> Command {
         )
         .env("STORINATOR_PASSPHRASE", PASS)
         .env("STORINATOR_INSECURE_FAST_KDF", "1")
+        // The chat's restores write only below the restore roots.
+        .env("STORINATOR_RESTORE_ROOTS", dir.join("restored"))
         // Small packs: every backup writes several, so the spools are busy.
         .env("STORINATOR_PACK_SIZE", "65536")
         .current_dir(dir);
@@ -42,6 +44,7 @@ fn worker(dir: &Path) -> Command {
 
 fn init(dir: &Path) {
     std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::create_dir_all(dir.join("restored")).unwrap();
     let out = worker(dir).arg("init").output().unwrap();
     assert!(
         out.status.success(),
@@ -318,6 +321,7 @@ async fn the_command_line_refuses_a_folder_the_daemon_is_backing_up_naming_its_r
             concurrency: 2,
             poll_interval: Duration::from_millis(20),
             progress_interval: Duration::from_millis(100),
+            restore_roots: Vec::new(),
         },
         async move {
             let _ = stop_rx.await;

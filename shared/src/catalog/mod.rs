@@ -9,10 +9,24 @@
 mod keys;
 mod packs;
 mod runs;
+mod scrub;
 mod snapshots;
 
 pub use runs::RunRow;
+pub use scrub::{
+    AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
+};
 pub use snapshots::{NewContent, NewEntry};
+
+/// Who owns an entry, as recorded at backup (all `None` for entries from before owners were
+/// recorded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
 
 use std::path::Path;
 use std::str::FromStr;
@@ -78,6 +92,9 @@ pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
 /// condition on `packs p`. One definition: the backup's dedup set and the commit's guard
 /// (invariant 1) must agree, and a later state (a pack condemned by prune) changes it here.
 pub(crate) const USABLE_PACK: &str = "p.state = 'stored'";
+/// A chunk `c` whose copy a scrub found damaged (`damaged_chunks d` with `d.chunk_id = c.id`)
+/// and that was not stored again since: not usable either, wherever its pack is.
+pub(crate) const DAMAGED_CHUNK: &str = "d.pack_id = c.pack_id AND d.healed_at IS NULL";
 
 /// Checks an owner name: `local` (the CLI's own backups) or `tg:<Telegram user id>` (a chat
 /// user's), the id a positive decimal number. Every entry point (command line, job, engine)
@@ -115,6 +132,7 @@ pub struct EntryRow {
     pub content_id: Option<i64>,
     pub sha256: Option<[u8; 32]>,
     pub target: Option<String>,
+    pub owner: Owner,
 }
 
 /// A snapshot as listed to users.
@@ -187,8 +205,8 @@ pub(crate) fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotInfo {
     }
 }
 
-pub(crate) const ENTRY_COLUMNS: &str =
-    "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target";
+pub(crate) const ENTRY_COLUMNS: &str = "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target, \
+     e.uid, e.gid, e.user_name, e.group_name";
 
 pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
     let sha: Option<Vec<u8>> = r.get(8);
@@ -203,6 +221,12 @@ pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
         content_id: r.get(7),
         sha256: sha.and_then(|s| s.try_into().ok()),
         target: r.get(9),
+        owner: Owner {
+            uid: r.get::<Option<i64>, _>(10).map(|v| v as u32),
+            gid: r.get::<Option<i64>, _>(11).map(|v| v as u32),
+            user: r.get(12),
+            group: r.get(13),
+        },
     }
 }
 

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{Row, SqliteConnection};
 
 use super::{
-    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db,
-    entry_from_row, snapshot_from_row,
+    Catalog, DAMAGED_CHUNK, ENTRY_COLUMNS, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo,
+    USABLE_PACK, db, entry_from_row, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -231,6 +231,7 @@ impl Catalog {
                     && p.inode == item.inode
                     && p.content_id == content_id
                     && p.target == item.target
+                    && p.owner == item.owner
             });
             if same {
                 continue;
@@ -261,7 +262,8 @@ struct Unusable {
 impl Unusable {
     async fn load(tx: &mut SqliteConnection) -> Result<Unusable, Error> {
         let sql = format!(
-            "SELECT id FROM chunks WHERE pack_id IN (SELECT p.id FROM packs p WHERE NOT ({USABLE_PACK}))"
+            "SELECT id FROM chunks WHERE pack_id IN (SELECT p.id FROM packs p WHERE NOT ({USABLE_PACK})) \
+             UNION SELECT c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
         );
         let ids: Vec<Vec<u8>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .fetch_all(&mut *tx)
@@ -377,10 +379,27 @@ async fn content_id(
     .fetch_one(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
+    // A content whose recorded chunk list uses unusable chunks (lost or damaged) takes the
+    // list just stored.
     let repair = inserted == 0
         && unusable.contents.contains(&id)
         && !chunks.iter().any(|c| unusable.chunks.contains(c));
-    if repair {
+    // A content first recorded on format-1 unencrypted blobs (checksums only, which `recover`
+    // won't index) takes the new chunk list, stored authenticated: same bytes, same SHA-256.
+    let on_format1: i64 = if inserted == 0 && !chunks.is_empty() {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM content_chunks cc JOIN chunks ch ON ch.id = cc.chunk_id \
+             WHERE cc.content_id = ? AND ch.flags & 3 = 0",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?
+    } else {
+        0
+    };
+    let replace = repair || on_format1 > 0;
+    if replace {
         sqlx::query("DELETE FROM content_chunks WHERE content_id = ?")
             .bind(id)
             .execute(&mut *tx)
@@ -388,7 +407,7 @@ async fn content_id(
             .map_err(db(COMMIT))?;
         unusable.contents.remove(&id);
     }
-    if inserted == 1 || repair {
+    if inserted == 1 || replace {
         for (i, c) in chunks.iter().enumerate() {
             sqlx::query("INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES (?, ?, ?)")
                 .bind(id)
@@ -411,8 +430,8 @@ async fn insert_entry(
     content_id: Option<i64>,
 ) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq, \
+         uid, gid, user_name, group_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(root_id)
     .bind(&item.path)
@@ -424,6 +443,10 @@ async fn insert_entry(
     .bind(content_id)
     .bind(&item.target)
     .bind(seq)
+    .bind(item.owner.uid.map(i64::from))
+    .bind(item.owner.gid.map(i64::from))
+    .bind(&item.owner.user)
+    .bind(&item.owner.group)
     .execute(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
@@ -483,6 +506,7 @@ pub struct NewEntry {
     pub mode: u32,
     pub inode: u64,
     pub target: Option<String>,
+    pub owner: Owner,
     pub content: NewContent,
 }
 

@@ -23,12 +23,12 @@ use super::packer::{Packer, upload_packs};
 use super::pipeline::{FileData, FileOutcome, Pipeline};
 use super::repo::Repo;
 use super::run::{Run, lock_root, reclaim};
-use crate::catalog::{EntryRow, NewContent, NewEntry, SnapshotInfo, check_owner, now_ms};
+use crate::catalog::{EntryRow, NewContent, NewEntry, Owner, SnapshotInfo, check_owner, now_ms};
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
-use crate::format::pack::{BlobKind, FinishedPack};
-use crate::format::snapshot::{ListingEntry, SnapshotObject};
+use crate::format::pack::{self, BlobKind, FinishedPack};
+use crate::format::snapshot::{ListingEntry, SNAPSHOT_VERSION, SnapshotObject};
 use crate::progress::{CancelFlag, Counters, Phase, Progress, human_bytes};
 /// What to back up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,6 +102,7 @@ struct Item {
     mode: u32,
     inode: u64,
     target: Option<String>,
+    owner: Owner,
     content: Content,
 }
 
@@ -169,11 +170,7 @@ struct Known {
     previous: Arc<HashMap<String, EntryRow>>,
     /// Chunk lists of the previous snapshot's contents, to list unchanged files unread.
     prev_chunks: HashMap<i64, Vec<ChunkId>>,
-    /// Contents of the previous snapshot whose every chunk is stored: only these may be
-    /// reused unread. A file whose chunks were lost (a pack known to be missing) is read and
-    /// stored again, unchanged or not (invariant 1).
-    intact: Arc<HashSet<i64>>,
-    /// Chunks already stored with this encryption setting (dedup).
+    /// Chunks already stored with this encryption setting and authenticated (dedup).
     stored: HashSet<ChunkId>,
 }
 
@@ -187,23 +184,22 @@ impl Known {
             ),
             None => (HashMap::new(), HashMap::new()),
         };
-        let stored: HashSet<ChunkId> = repo
+        let stored = repo
             .catalog
             .stored_chunk_ids()
             .await?
             .into_iter()
-            .filter(|(_, enc)| *enc == opts.encrypt)
+            // A format-1 unencrypted blob is not authenticated: `recover` would not index it,
+            // so a new snapshot must not rely on it (its data is stored again, authenticated).
+            .filter(|(_, flags)| {
+                (flags & pack::FLAG_ENCRYPTED != 0) == opts.encrypt
+                    && pack::flags_authenticated(*flags)
+            })
             .map(|(id, _)| id)
-            .collect();
-        let intact = prev_chunks
-            .iter()
-            .filter(|(_, chunks)| chunks.iter().all(|c| stored.contains(c)))
-            .map(|(id, _)| *id)
             .collect();
         Ok(Known {
             previous: Arc::new(previous),
             prev_chunks,
-            intact: Arc::new(intact),
             stored,
         })
     }
@@ -285,7 +281,8 @@ async fn run_locked(
         tracing::info!(packs = ?reclaimed.packs, "deleted unfinished packs of runs that died");
     }
     let known = Known::load(repo, opts, &source.root).await?;
-    let mut scan = scan(source, &known, cancel).await?;
+    let mut scan = scan(source, &known.previous, cancel).await?;
+    reread_unstored(&mut scan, &known);
     announce(repo, &scan, &counters, progress);
 
     // Uploader: stores finished packs, then indexes them in the catalog.
@@ -327,7 +324,7 @@ async fn run_locked(
     let listing = build_listing(&scan.items, &file_data, &known.prev_chunks)?;
     let bytes_read: u64 = file_data.iter().flatten().map(|d| d.size).sum();
     let object = SnapshotObject {
-        version: 1,
+        version: SNAPSHOT_VERSION,
         owner: opts.owner.clone(),
         root: source.root.clone(),
         hostname: repo.settings.hostname.clone(),
@@ -386,6 +383,26 @@ impl Drop for Uploader {
     }
 }
 
+/// An unchanged file is listed with its previous chunk list only if every chunk of it is
+/// among the stored ones this backup may rely on; otherwise (a chunk of a pack known to be
+/// missing, one a scrub found damaged, a format-1 unencrypted chunk) it is read and stored
+/// again, unchanged or not (invariant 1).
+fn reread_unstored(scan: &mut Scan, known: &Known) {
+    for (i, item) in scan.items.iter_mut().enumerate() {
+        let Content::Reused { content_id, .. } = item.content else {
+            continue;
+        };
+        let stored = known
+            .prev_chunks
+            .get(&content_id)
+            .is_some_and(|c| c.iter().all(|id| known.stored.contains(id)));
+        if !stored && item.size > 0 {
+            scan.to_read.push((i, item.size));
+            item.content = Content::Read(scan.to_read.len() - 1);
+        }
+    }
+}
+
 /// The catalog's view of a snapshot whose object is stored.
 fn snapshot_info(id: &ChunkId, object: SnapshotObject, bytes_stored: u64) -> SnapshotInfo {
     SnapshotInfo {
@@ -408,11 +425,14 @@ fn snapshot_info(id: &ChunkId, object: SnapshotObject, bytes_stored: u64) -> Sna
 }
 
 /// Walks the tree (blocking I/O, off the runtime).
-async fn scan(source: &Source, known: &Known, cancel: &CancelFlag) -> Result<Scan, Error> {
+async fn scan(
+    source: &Source,
+    previous: &Arc<HashMap<String, EntryRow>>,
+    cancel: &CancelFlag,
+) -> Result<Scan, Error> {
     let (src, name) = (source.path.clone(), source.name.clone());
-    let cancel = cancel.clone();
-    let (previous, intact) = (known.previous.clone(), known.intact.clone());
-    tokio::task::spawn_blocking(move || walk(&src, &name, &previous, &intact, &cancel))
+    let (cancel, previous) = (cancel.clone(), previous.clone());
+    tokio::task::spawn_blocking(move || walk(&src, &name, &previous, &cancel))
         .await
         .map_err(|e| Error::Invalid(format!("walker failed: {e}")))?
 }
@@ -561,6 +581,10 @@ fn build_listing(
             sha256: sha,
             chunks,
             target: item.target.clone(),
+            uid: item.owner.uid,
+            gid: item.owner.gid,
+            user: item.owner.user.clone(),
+            group: item.owner.group.clone(),
         };
         serde_json::to_writer(&mut listing.json, &line).expect("listing entries serialize");
         listing.json.push(b'\n');
@@ -619,6 +643,7 @@ fn new_entries(items: &[Item], kept: &[usize], file_data: &[Option<FileData>]) -
                 mode: item.mode,
                 inode: item.inode,
                 target: item.target.clone(),
+                owner: item.owner.clone(),
                 content,
             }
         })
@@ -630,7 +655,6 @@ fn walk(
     src: &Path,
     name: &str,
     previous: &HashMap<String, EntryRow>,
-    intact: &HashSet<i64>,
     cancel: &CancelFlag,
 ) -> Result<Scan, Error> {
     let mut scan = Scan {
@@ -638,6 +662,7 @@ fn walk(
         to_read: Vec::new(),
         warnings: Vec::new(),
     };
+    let mut names = OwnerNames::default();
     let walker = walkdir::WalkDir::new(src)
         .follow_links(false)
         .sort_by_file_name();
@@ -665,14 +690,14 @@ fn walk(
                 continue;
             }
         };
-        let index = scan.items.len();
         match walked_item(
             src,
             name,
             &entry,
-            (previous, intact),
+            previous,
             &mut scan.to_read,
-            index,
+            scan.items.len(),
+            &mut names,
         ) {
             Ok(item) => scan.items.push(item),
             Err(w) => scan.warnings.push(w),
@@ -682,15 +707,15 @@ fn walk(
 }
 
 /// One walked entry as an item of the snapshot, or the warning that leaves it out. A file
-/// that needs reading is queued on `to_read` (as item number `index`): anything but a file
-/// unchanged since the previous snapshot whose content is `intact`.
+/// that needs reading is queued on `to_read` (as item number `index`).
 fn walked_item(
     src: &Path,
     name: &str,
     entry: &walkdir::DirEntry,
-    (previous, intact): (&HashMap<String, EntryRow>, &HashSet<i64>),
+    previous: &HashMap<String, EntryRow>,
     to_read: &mut Vec<(usize, u64)>,
     index: usize,
+    names: &mut OwnerNames,
 ) -> Result<Item, Warning> {
     let rel = rel_path(src, name, entry.path()).ok_or_else(|| Warning {
         path: rel_display(src, name, entry.path()),
@@ -718,8 +743,7 @@ fn walked_item(
                     && p.size == size
                     && p.mtime_ns == mtime
                     && p.inode == inode
-                    && p.content_id
-                        .is_some_and(|c| p.size == 0 || intact.contains(&c))
+                    && p.content_id.is_some()
                     && p.sha256.is_some() =>
             {
                 Content::Reused {
@@ -744,8 +768,48 @@ fn walked_item(
         mode: meta.permissions().mode() & 0o7777,
         inode,
         target,
+        owner: names.owner(meta.uid(), meta.gid()),
         content,
     })
+}
+
+/// User and group names by id, looked up once each (the system's user database, through
+/// NSS).
+#[derive(Default)]
+struct OwnerNames {
+    users: HashMap<u32, Option<String>>,
+    groups: HashMap<u32, Option<String>>,
+}
+
+impl OwnerNames {
+    fn owner(&mut self, uid: u32, gid: u32) -> Owner {
+        let user = self
+            .users
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .clone();
+        let group = self
+            .groups
+            .entry(gid)
+            .or_insert_with(|| {
+                nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name)
+            })
+            .clone();
+        Owner {
+            uid: Some(uid),
+            gid: Some(gid),
+            user,
+            group,
+        }
+    }
 }
 
 /// The kind of a walked path (and a symlink's target), or why it is skipped.

@@ -105,7 +105,7 @@ impl Pipeline {
         if self.encrypt {
             SealMode::Encrypted(&self.keys)
         } else {
-            SealMode::Plain
+            SealMode::Plain(&self.keys)
         }
     }
 
@@ -118,9 +118,9 @@ impl Pipeline {
     }
 
     fn cdc_seed(&self) -> u64 {
-        // Derived from the id key: boundaries differ per repository (see chunker).
-        let id = self.keys.chunk_id(b"t-storinator fastcdc gear seed");
-        u64::from_le_bytes(id.0[..8].try_into().unwrap())
+        // Secret per repository and per kind of snapshot: the cut points of unencrypted packs
+        // are visible and must tell nothing about encrypted ones (see `Keys::chunker_seed`).
+        self.keys.chunker_seed(self.encrypt)
     }
 
     fn fail(&self, shared: &Shared<'_>, e: Error) {
