@@ -815,9 +815,13 @@ mod tests {
     #[test]
     fn long_texts_are_clipped_at_a_line_break() {
         let long: String = (0..1000).map(|i| format!("line {i}\n")).collect();
-        let clipped = clip(long);
+        let clipped = clip(long.clone());
         assert!(clipped.chars().count() <= 4096);
-        assert!(clipped.ends_with("(cut: too long for one message)"));
+        let (kept, marker) = clipped.rsplit_once('\n').unwrap();
+        assert_eq!(marker, "… (cut: too long for one message)");
+        // Whole lines only: what is kept is the text's first lines, up to a line break.
+        assert!(long.starts_with(&format!("{kept}\n")), "{kept}");
+        assert!(kept.lines().count() > 100);
         assert_eq!(clip("short".into()), "short");
     }
 
