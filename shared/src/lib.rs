@@ -23,10 +23,15 @@ pub mod progress;
 pub mod storage;
 
 pub use catalog::browse::{Page, Version};
-pub use catalog::{AffectedFile, Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo};
+pub use catalog::{
+    AffectedFile, Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo, check_owner,
+};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
 pub use engine::backup::{BackupOptions, BackupSummary, Warning};
+pub use engine::forget::{ForgetOptions, ForgetReport};
+pub use engine::policy::KeepPolicy;
+pub use engine::prune::{PruneOptions, PruneReport};
 pub use engine::recover::{RecoverReport, recover};
 pub use engine::repo::{
     EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots, ls,

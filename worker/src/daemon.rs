@@ -549,6 +549,8 @@ async fn execute(
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
+    // The job table names users by number; a row written by anything but the bot may not.
+    storinator_shared::check_owner(owner)?;
     match &job.args {
         JobArgs::Scrub { bytes } => {
             let started = std::time::Instant::now();
