@@ -331,7 +331,7 @@ async fn repack(
     let condemned = repo.catalog.condemn_unused_packs(&ids).await?;
     for p in done_sources.iter().filter(|p| condemned.contains(&p.id)) {
         report.repacked_packs += 1;
-        report.repacked_freed += p.size;
+        report.repacked_freed += p.size - p.live_bytes;
     }
     Ok(())
 }
