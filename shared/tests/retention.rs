@@ -446,7 +446,6 @@ async fn a_backup_running_while_prune_deletes_its_reused_data_stores_it_again() 
     }
     let r = f.repo.prune(&no_repack(), &CancelFlag::new()).await.unwrap();
     assert!(r.deleted_objects >= 1, "the old x packs go: {r:?}");
-    assert!(r.recent_packs >= 1, "the running backup's packs are left alone: {r:?}");
     f.storage.delay_ms.store(0, Ordering::SeqCst);
     let summary = backup_task.await.unwrap().unwrap();
     trees.insert(summary.snapshot.short_id.clone(), expected);
