@@ -322,6 +322,8 @@ async fn the_command_line_refuses_a_folder_the_daemon_is_backing_up_naming_its_r
             poll_interval: Duration::from_millis(20),
             progress_interval: Duration::from_millis(100),
             restore_roots: Vec::new(),
+            outbox_dir: dir.join("outbox"),
+            courier: None,
         },
         async move {
             let _ = stop_rx.await;

@@ -284,6 +284,30 @@ impl Catalog {
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
+    #[test]
+    fn owners_are_local_or_tg_and_a_positive_number() {
+        for ok in ["local", "tg:1", "tg:123456789", "tg:9223372036854775807"] {
+            assert!(super::check_owner(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Local",
+            "tg:",
+            "tg:bob",
+            "tg:0",
+            "tg:007",
+            "tg:-1",
+            "tg:+1",
+            "tg:1 ",
+            " tg:1",
+            "tg:9223372036854775808",
+            "tg:1/2",
+            "telegram:1",
+        ] {
+            let e = super::check_owner(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("invalid owner {bad:?}")), "{e}");
+        }
+    }
     #[tokio::test]
     async fn the_data_dir_and_catalog_are_private() {
         let d = tempfile::tempdir().unwrap();
@@ -318,30 +342,5 @@ mod tests {
         )
         .to_string();
         assert!(denied.contains("STORINATOR_DATA_DIR"), "{denied}");
-    }
-
-    #[test]
-    fn owners_are_local_or_tg_and_a_positive_number() {
-        for ok in ["local", "tg:1", "tg:123456789", "tg:9223372036854775807"] {
-            assert!(super::check_owner(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "Local",
-            "tg:",
-            "tg:bob",
-            "tg:0",
-            "tg:007",
-            "tg:-1",
-            "tg:+1",
-            "tg:1 ",
-            " tg:1",
-            "tg:9223372036854775808",
-            "tg:1/2",
-            "telegram:1",
-        ] {
-            let e = super::check_owner(bad).unwrap_err().to_string();
-            assert!(e.starts_with(&format!("invalid owner {bad:?}")), "{e}");
-        }
     }
 }

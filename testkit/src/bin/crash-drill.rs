@@ -125,6 +125,26 @@ struct Tally {
     excess_bytes: i64,
     seconds: f64,
     clean_ms: u64,
+    /// Killed cycles after whose resume the latest snapshot restored identical (and, for a
+    /// restore, the resumed restore's own target too).
+    identical: u64,
+    /// What the kills left that the resumes reclaimed (checked gone by `check_orphans` and
+    /// `check_no_temp_files`).
+    left: Leftovers,
+}
+
+/// What a killed run left behind, counted right after the kill.
+#[derive(Default, Clone, Copy)]
+struct Leftovers {
+    /// Unfinished packs the catalog records for the dead run.
+    packs: u64,
+    /// Of those, the ones whose object had reached storage: orphans without the record
+    /// (directory store only: the loopback's chat is checked by `verify`).
+    objects: u64,
+    /// Spool folders of dead runs.
+    spools: u64,
+    /// Restore temporaries (`.NAME.storinator-*.tmp`).
+    temps: u64,
 }
 
 struct Drill {
@@ -275,7 +295,11 @@ impl Drill {
                         session.display().to_string(),
                     ),
                     ("TELEGRAM_API_ID".into(), "1".into()),
-                    ("TELEGRAM_API_HASH".into(), "loopback".into()),
+                    // Well-formed (the worker checks the form); the loopback accepts any.
+                    (
+                        "TELEGRAM_API_HASH".into(),
+                        "00112233445566778899aabbccddeeff".into(),
+                    ),
                 ]);
                 (None, Some(KillOnDrop(child)), data.join("spool"))
             }
@@ -421,18 +445,29 @@ impl Drill {
                 .stderr(Stdio::null())
                 .spawn()?;
             std::thread::sleep(delay);
-            if child.try_wait()?.is_some() {
-                tally.missed += 1;
-            } else {
+            let killed = child.try_wait()?.is_none();
+            if killed {
                 child.kill()?;
                 child.wait()?;
                 tally.kills += 1;
                 if op.name == "backup" {
                     self.backup_kills += 1;
                 }
+                let left = self.leftovers()?;
+                tally.left.packs += left.packs;
+                tally.left.objects += left.objects;
+                tally.left.spools += left.spools;
+                tally.left.temps += left.temps;
+            } else {
+                tally.missed += 1;
             }
             match run_to_end(self.command(&(op.command)(self)), op.success) {
-                Ok(()) => self.check_all(op, &mut tally, self.cycle)?,
+                Ok(()) => {
+                    let identical = self.check_all(op, &mut tally, self.cycle)?;
+                    if killed && identical {
+                        tally.identical += 1;
+                    }
+                }
                 Err(e) => tally
                     .failures
                     .push(format!("cycle {}: resumed {}: {e:#}", self.cycle, op.name)),
@@ -451,9 +486,11 @@ impl Drill {
     }
 
     /// The operation's own check and the common ones; failures are recorded, not fatal.
-    fn check_all(&mut self, op: &Op, tally: &mut Tally, cycle: u64) -> Result<()> {
+    /// True when the operation's check and the restore of the latest snapshot held.
+    fn check_all(&mut self, op: &Op, tally: &mut Tally, cycle: u64) -> Result<bool> {
         let mut checks: Vec<(&str, Result<()>)> = vec![(op.name, (op.check)(self))];
         checks.push(("restore identical", self.check_latest_restores()));
+        let identical = checks.iter().all(|(_, r)| r.is_ok());
         checks.push(("verify --read-data", self.check_verify()));
         checks.push(("no orphans", self.check_orphans()));
         checks.push(("no temporary files", self.check_no_temp_files()));
@@ -484,7 +521,37 @@ impl Drill {
                     .push(format!("{} cycle {cycle}: {what}: {e:#}", op.name));
             }
         }
-        Ok(())
+        Ok(identical)
+    }
+
+    /// What the process just killed left for the resume to reclaim.
+    fn leftovers(&self) -> Result<Leftovers> {
+        let url = format!("sqlite://{}", self.database.display());
+        let unfinished = if self.database.exists() {
+            block_on(async {
+                let c = storinator_shared::Catalog::open(&url).await?;
+                Ok(c.unfinished_packs().await?)
+            })?
+        } else {
+            Vec::new()
+        };
+        let objects = match &self.dir_store {
+            Some(store) => unfinished
+                .iter()
+                .filter(|(id, _)| store.join(format!("{id}.enc")).exists())
+                .count(),
+            None => 0,
+        };
+        let spools = match std::fs::read_dir(&self.spool) {
+            Ok(rd) => rd.flatten().count(),
+            Err(_) => 0,
+        };
+        Ok(Leftovers {
+            packs: unfinished.len() as u64,
+            objects: objects as u64,
+            spools: spools as u64,
+            temps: temp_files(&self.work).len() as u64,
+        })
     }
 
     fn check_latest_restores(&self) -> Result<()> {
@@ -815,21 +882,42 @@ fn print_summary(store: &str, results: &[(String, u64, Tally)], pack_size: u64) 
         pack_size / 1024
     );
     println!(
-        "{:<9} {:>6} {:>7} {:>9} {:>11} {:>14} {:>9}",
-        "operation", "kills", "missed", "clean ms", "failures", "excess bytes", "seconds"
+        "{:<9} {:>6} {:>7} {:>9} {:>6} {:>7} {:>6} {:>6} {:>9} {:>8} {:>13} {:>8}",
+        "operation",
+        "kills",
+        "missed",
+        "identical",
+        "packs",
+        "objects",
+        "spools",
+        "temps",
+        "clean ms",
+        "failures",
+        "excess bytes",
+        "seconds"
     );
     for (name, _, t) in results {
         println!(
-            "{:<9} {:>6} {:>7} {:>9} {:>11} {:>14} {:>9.1}",
+            "{:<9} {:>6} {:>7} {:>9} {:>6} {:>7} {:>6} {:>6} {:>9} {:>8} {:>13} {:>8.1}",
             name,
             t.kills,
             t.missed,
+            t.identical,
+            t.left.packs,
+            t.left.objects,
+            t.left.spools,
+            t.left.temps,
             t.clean_ms,
             t.failures.len(),
             t.excess_bytes,
             t.seconds
         );
     }
+    println!(
+        "identical: killed cycles whose resume restored identical; packs (objects), spools, \
+         temps: unfinished packs (of them, with an object in storage), spool entries and \
+         restore temporaries the kills left, all gone after the resumes (else a failure)"
+    );
     for (_, _, t) in results {
         for f in &t.failures {
             println!("FAILED {f}");
