@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use storinator_shared::{
-    BackupOptions, CancelFlag, Catalog, ForgetOptions, KeepPolicy, NoProgress,
-    PruneOptions, Repo, RestoreOptions, Storage,
+    BackupOptions, CancelFlag, Catalog, ForgetOptions, KeepPolicy, NoProgress, PruneOptions, Repo,
+    RestoreOptions, Storage,
 };
 
 fn backup_opts(path: &Path) -> BackupOptions {
@@ -68,7 +68,11 @@ fn write_files(dir: &Path, prefix: &str, n: u64, size: usize, seed: u64) {
 }
 
 /// Every remaining snapshot restores to exactly the tree it was taken of.
-async fn assert_all_restore(f: &Fixture, src: &Path, trees: &BTreeMap<String, BTreeMap<String, String>>) {
+async fn assert_all_restore(
+    f: &Fixture,
+    src: &Path,
+    trees: &BTreeMap<String, BTreeMap<String, String>>,
+) {
     let snaps = f.repo.snapshots("local", None).await.unwrap();
     assert!(!snaps.is_empty());
     for s in snaps {
@@ -156,17 +160,29 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
     trees.insert(s3.clone(), describe_tree(&src));
 
     // Nothing is unused before a forget: a prune deletes nothing.
-    let r = f.repo.prune(&no_repack(), &CancelFlag::new()).await.unwrap();
+    let r = f
+        .repo
+        .prune(&no_repack(), &CancelFlag::new())
+        .await
+        .unwrap();
     assert_eq!((r.unused_packs, r.deleted_objects), (0, 0), "{r:?}");
 
     // Keep the last: the first two go (their own files with them).
     let mut opts = forget_opts(&src, keep_last(1));
     opts.dry_run = true;
     let plan = f.repo.forget(&opts, &CancelFlag::new()).await.unwrap();
-    let gone: Vec<&str> = plan.remove.iter().map(|i| i.snapshot.short_id.as_str()).collect();
+    let gone: Vec<&str> = plan
+        .remove
+        .iter()
+        .map(|i| i.snapshot.short_id.as_str())
+        .collect();
     assert_eq!(gone, vec![s1.as_str(), s2.as_str()]);
     assert_eq!(plan.keep[0].reasons, vec!["last"]);
-    assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 3, "a dry run forgets nothing");
+    assert_eq!(
+        f.repo.snapshots("local", None).await.unwrap().len(),
+        3,
+        "a dry run forgets nothing"
+    );
     opts.dry_run = false;
     let done = f.repo.forget(&opts, &CancelFlag::new()).await.unwrap();
     assert!(done.tombstone.is_some());
@@ -194,11 +210,18 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
         )
         .await
         .unwrap();
-    assert!(dry.unused_packs >= 3, "the old and mid files' packs: {dry:?}");
+    assert!(
+        dry.unused_packs >= 3,
+        "the old and mid files' packs: {dry:?}"
+    );
     let before = stored_packs(f.storage.as_ref()).await;
     assert_eq!(before, catalog_packs(&f.repo.catalog).await);
 
-    let r = f.repo.prune(&no_repack(), &CancelFlag::new()).await.unwrap();
+    let r = f
+        .repo
+        .prune(&no_repack(), &CancelFlag::new())
+        .await
+        .unwrap();
     assert_eq!(r.unused_packs, dry.unused_packs);
     assert_eq!(r.deleted_objects, r.unused_packs);
     let after = stored_packs(f.storage.as_ref()).await;
@@ -213,7 +236,11 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
     assert_all_restore(&f, &src, &trees).await;
 
     // Prune again: nothing left to do.
-    let again = f.repo.prune(&no_repack(), &CancelFlag::new()).await.unwrap();
+    let again = f
+        .repo
+        .prune(&no_repack(), &CancelFlag::new())
+        .await
+        .unwrap();
     assert_eq!(again.deleted_objects, 0, "{again:?}");
 
     // Recover from storage alone: the forgotten snapshots stay forgotten.
@@ -294,14 +321,20 @@ async fn forget_never_empties_a_root_unless_asked() {
     assert!(e.contains("--allow-empty"), "{e}");
     let e = f
         .repo
-        .forget(&forget_opts(&src, KeepPolicy::default()), &CancelFlag::new())
+        .forget(
+            &forget_opts(&src, KeepPolicy::default()),
+            &CancelFlag::new(),
+        )
         .await
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("no keep rule given"), "{e}");
     let e = f
         .repo
-        .forget(&forget_opts(&f.path("elsewhere"), keep_last(1)), &CancelFlag::new())
+        .forget(
+            &forget_opts(&f.path("elsewhere"), keep_last(1)),
+            &CancelFlag::new(),
+        )
         .await
         .unwrap_err()
         .to_string();
@@ -313,7 +346,11 @@ async fn forget_never_empties_a_root_unless_asked() {
     assert_eq!(r.remove.len(), 1);
     assert!(f.repo.snapshots("local", None).await.unwrap().is_empty());
     // Everything is unused now; the next backup of the root starts afresh and restores.
-    let p = f.repo.prune(&no_repack(), &CancelFlag::new()).await.unwrap();
+    let p = f
+        .repo
+        .prune(&no_repack(), &CancelFlag::new())
+        .await
+        .unwrap();
     assert!(p.deleted_objects >= 1);
     assert!(stored_packs(f.storage.as_ref()).await.is_empty());
     let s = backup(&f.repo, &src).await;
@@ -386,9 +423,14 @@ async fn repack_rewrites_sparse_packs_within_the_budget() {
     assert_eq!(r.sparse_left, 0, "{r:?}");
     let usage = f.repo.catalog.pack_usage(i64::MAX).await.unwrap();
     let stored_after: u64 = usage.iter().map(|p| p.size).sum();
-    assert!(stored_after * 2 < stored_before, "{stored_before} -> {stored_after}");
     assert!(
-        usage.iter().all(|p| p.live_bytes * 2 >= p.size || p.live_chunks == 0),
+        stored_after * 2 < stored_before,
+        "{stored_before} -> {stored_after}"
+    );
+    assert!(
+        usage
+            .iter()
+            .all(|p| p.live_bytes * 2 >= p.size || p.live_chunks == 0),
         "{usage:?}"
     );
     assert_consistent(&f).await;
@@ -431,7 +473,8 @@ async fn a_backup_running_while_prune_deletes_its_reused_data_stores_it_again() 
     f.storage.delay_ms.store(150, Ordering::SeqCst);
     let puts = f.storage.put_count();
     let backup_task = {
-        let repo = std::sync::Arc::new(Fixture::open_repo(f.dir.path(), f.storage.clone(), false).await);
+        let repo =
+            std::sync::Arc::new(Fixture::open_repo(f.dir.path(), f.storage.clone(), false).await);
         let src = src.clone();
         tokio::spawn(async move {
             repo.backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
@@ -441,10 +484,17 @@ async fn a_backup_running_while_prune_deletes_its_reused_data_stores_it_again() 
     // Once the backup uploads, its index is loaded: prune now.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while f.storage.put_count() == puts {
-        assert!(std::time::Instant::now() < deadline, "the backup never uploaded");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup never uploaded"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let r = f.repo.prune(&no_repack(), &CancelFlag::new()).await.unwrap();
+    let r = f
+        .repo
+        .prune(&no_repack(), &CancelFlag::new())
+        .await
+        .unwrap();
     assert!(r.deleted_objects >= 1, "the old x packs go: {r:?}");
     f.storage.delay_ms.store(0, Ordering::SeqCst);
     let summary = backup_task.await.unwrap().unwrap();
@@ -452,7 +502,11 @@ async fn a_backup_running_while_prune_deletes_its_reused_data_stores_it_again() 
     assert_consistent(&f).await;
     assert_all_restore(&f, &src, &trees).await;
     // And a later prune finds nothing in use to delete.
-    let again = f.repo.prune(&no_repack(), &CancelFlag::new()).await.unwrap();
+    let again = f
+        .repo
+        .prune(&no_repack(), &CancelFlag::new())
+        .await
+        .unwrap();
     assert_consistent(&f).await;
     assert_all_restore(&f, &src, &trees).await;
     let _ = again;

@@ -57,7 +57,7 @@ impl Lcg {
 fn change_tree(src: &Path, cycle: u64) {
     std::fs::create_dir_all(src).unwrap();
     for i in 0..30u64 {
-        if cycle == 0 || (i + cycle) % 3 == 0 {
+        if cycle == 0 || (i + cycle).is_multiple_of(3) {
             std::fs::write(
                 src.join(format!("f{i:02}.bin")),
                 bytes(6_000 + (i as usize * 997) % 20_000, cycle * 100 + i),
@@ -65,7 +65,11 @@ fn change_tree(src: &Path, cycle: u64) {
             .unwrap();
         }
     }
-    std::fs::write(src.join(format!("new{cycle:02}.bin")), bytes(70_000, 9_000 + cycle)).unwrap();
+    std::fs::write(
+        src.join(format!("new{cycle:02}.bin")),
+        bytes(70_000, 9_000 + cycle),
+    )
+    .unwrap();
     if cycle > 1 {
         let _ = std::fs::remove_file(src.join(format!("new{:02}.bin", cycle - 2)));
     }
@@ -113,10 +117,19 @@ async fn prune_killed_at_random_points_never_damages_a_snapshot_and_the_next_one
     let (mut kills, mut finished) = (0u32, 0u32);
     let mut cycle = 0u64;
     while kills < 20 {
-        assert!(cycle < 80, "only {kills} prunes were killed in {cycle} cycles");
+        assert!(
+            cycle < 80,
+            "only {kills} prunes were killed in {cycle} cycles"
+        );
         change_tree(&src, cycle);
         run_ok(worker(d).arg("backup").arg(&src));
-        run_ok(worker(d).arg("forget").arg(&src).arg("--keep-last").arg("1"));
+        run_ok(
+            worker(d)
+                .arg("forget")
+                .arg(&src)
+                .arg("--keep-last")
+                .arg("1"),
+        );
         let delay = Duration::from_millis(rng.next() % window_ms.max(1));
         let started = Instant::now();
         let mut child = worker(d)
@@ -144,7 +157,9 @@ async fn prune_killed_at_random_points_never_damages_a_snapshot_and_the_next_one
     let text = run_ok(worker(d).arg("prune"));
     println!("{text}");
     run_ok(worker(d).arg("prune"));
-    let catalog = Catalog::open_file(&d.join("data/storinator.db")).await.unwrap();
+    let catalog = Catalog::open_file(&d.join("data/storinator.db"))
+        .await
+        .unwrap();
     let in_catalog: BTreeSet<String> = catalog
         .packs()
         .await
@@ -157,7 +172,10 @@ async fn prune_killed_at_random_points_never_damages_a_snapshot_and_the_next_one
         .collect();
     assert_eq!(store_packs(d), in_catalog, "storage and catalog agree");
     let usage = catalog.pack_usage(i64::MAX).await.unwrap();
-    assert!(usage.iter().all(|p| p.live_chunks > 0), "no unused pack is left: {usage:?}");
+    assert!(
+        usage.iter().all(|p| p.live_chunks > 0),
+        "no unused pack is left: {usage:?}"
+    );
     let verify = run_ok(worker(d).arg("verify").arg("--read-data"));
     assert!(verify.contains("no problems"), "{verify}");
     restore_matches(d, &src, "after the last prune");

@@ -29,9 +29,14 @@ async fn repo(server: &LoopbackTelegram, dir: &Path, channel: bool) -> Repo {
     }
     let storage: Arc<dyn Storage> = Arc::new(TelegramStorage::connect(cfg).await.unwrap());
     let catalog = Catalog::open_file(&dir.join("catalog.db")).await.unwrap();
-    Repo::init(&catalog, storage.as_ref(), PASS, KdfParams::fast_for_tests())
-        .await
-        .unwrap();
+    Repo::init(
+        &catalog,
+        storage.as_ref(),
+        PASS,
+        KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
     let settings = EngineSettings {
         pack_size: 16 * 1024,
         compression: None,
@@ -45,7 +50,11 @@ async fn repo(server: &LoopbackTelegram, dir: &Path, channel: bool) -> Repo {
 fn write_files(dir: &Path, n: u64, size: usize, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..n {
-        std::fs::write(dir.join(format!("f{i:03}.bin")), bytes(size, seed * 1000 + i)).unwrap();
+        std::fs::write(
+            dir.join(format!("f{i:03}.bin")),
+            bytes(size, seed * 1000 + i),
+        )
+        .unwrap();
     }
 }
 

@@ -14,11 +14,11 @@ mod runs;
 mod scrub;
 mod snapshots;
 
+pub use retention::{ForgetOutcome, LiveBlob, PackUsage};
 pub use runs::RunRow;
 pub use scrub::{
     AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
 };
-pub use retention::{ForgetOutcome, LiveBlob, PackUsage};
 pub use snapshots::{NewContent, NewEntry};
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};

@@ -345,7 +345,7 @@ async fn index_blobs(
 ) -> Result<(), Error> {
     // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
     let sql = format!(
-            "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
+        "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset, \
              length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
              WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = chunks.pack_id AND {USABLE_PACK}) \
@@ -355,16 +355,16 @@ async fn index_blobs(
     );
     for e in entries {
         sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-        .bind(&e.id.0[..])
-        .bind(pack_id)
-        .bind(e.offset as i64)
-        .bind(i64::from(e.length))
-        .bind(i64::from(e.raw_length))
-        .bind(e.kind as u8 as i64)
-        .bind(i64::from(e.flags))
-        .execute(&mut *tx)
-        .await
-        .map_err(db("indexing a pack"))?;
+            .bind(&e.id.0[..])
+            .bind(pack_id)
+            .bind(e.offset as i64)
+            .bind(i64::from(e.length))
+            .bind(i64::from(e.raw_length))
+            .bind(e.kind as u8 as i64)
+            .bind(i64::from(e.flags))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("indexing a pack"))?;
     }
     sqlx::query(
         "UPDATE damaged_chunks SET healed_at = ?, healed_pack = ? \

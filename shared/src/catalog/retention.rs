@@ -124,13 +124,14 @@ impl Catalog {
             .ok_or_else(|| Error::NotFound(format!("no backups of {root} (owner {owner})")))?;
         let mut out = ForgetOutcome::default();
         for id in short_ids {
-            out.snapshots += sqlx::query("DELETE FROM snapshots WHERE root_id = ? AND short_id = ?")
-                .bind(root_id)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db(WHAT))?
-                .rows_affected();
+            out.snapshots +=
+                sqlx::query("DELETE FROM snapshots WHERE root_id = ? AND short_id = ?")
+                    .bind(root_id)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(WHAT))?
+                    .rows_affected();
         }
         // Entry rows valid in no remaining snapshot of the root. (The newest snapshot is
         // only forgotten with everything else, so current rows go only when the root is
@@ -178,11 +179,7 @@ impl Catalog {
 
     /// Records the listing chunks of an existing snapshot (read from its object).
     pub async fn set_listing(&self, snapshot_id: i64, listing: &[ChunkId]) -> Result<(), Error> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(db("recording a listing"))?;
+        let mut tx = self.pool.begin().await.map_err(db("recording a listing"))?;
         insert_listing(&mut tx, snapshot_id, listing).await?;
         tx.commit().await.map_err(db("recording a listing"))
     }
@@ -291,9 +288,8 @@ impl Catalog {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db(WHAT))?;
-        let check = format!(
-            "SELECT COUNT(*) FROM chunks WHERE pack_id = ? AND id IN ({LIVE_CHUNKS})"
-        );
+        let check =
+            format!("SELECT COUNT(*) FROM chunks WHERE pack_id = ? AND id IN ({LIVE_CHUNKS})");
         let mut out = Vec::new();
         for p in packs {
             let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(check.clone()))

@@ -98,10 +98,7 @@ pub async fn forget(
         if report.remove.is_empty() {
             return Ok(report);
         }
-        let ids = repo
-            .catalog
-            .snapshot_object_ids(&opts.owner, &root)
-            .await?;
+        let ids = repo.catalog.snapshot_object_ids(&opts.owner, &root).await?;
         let forgotten: Vec<ChunkId> = report
             .remove
             .iter()
@@ -111,8 +108,7 @@ pub async fn forget(
                     .map(|(_, id)| *id)
             })
             .collect();
-        report.tombstone =
-            Some(store_tombstone(repo, &opts.owner, &root, &forgotten).await?);
+        report.tombstone = Some(store_tombstone(repo, &opts.owner, &root, &forgotten).await?);
         let short: Vec<String> = report
             .remove
             .iter()

@@ -270,7 +270,10 @@ mod tests {
     /// Unix ms of a civil time in `tz`.
     fn at(s: &str, tz: &TimeZone) -> i64 {
         let dt: jiff::civil::DateTime = s.parse().unwrap();
-        dt.to_zoned(tz.clone()).unwrap().timestamp().as_millisecond()
+        dt.to_zoned(tz.clone())
+            .unwrap()
+            .timestamp()
+            .as_millisecond()
     }
 
     fn kept(policy: &KeepPolicy, times: &[i64], tz: &TimeZone) -> Vec<usize> {
@@ -312,10 +315,18 @@ mod tests {
         let table: Vec<(&str, KeepPolicy, Vec<usize>)> = vec![
             ("last 1", p(|p| p.last = Some(1)), vec![6]),
             ("last 3", p(|p| p.last = Some(3)), vec![4, 5, 6]),
-            ("last more than exist", p(|p| p.last = Some(50)), (0..7).collect()),
+            (
+                "last more than exist",
+                p(|p| p.last = Some(50)),
+                (0..7).collect(),
+            ),
             // Newest per hour: 08:50 stands for 08:xx, 08:10 goes.
             ("hourly 5", p(|p| p.hourly = Some(5)), vec![2, 3, 4, 5, 6]),
-            ("hourly 10", p(|p| p.hourly = Some(10)), vec![0, 2, 3, 4, 5, 6]),
+            (
+                "hourly 10",
+                p(|p| p.hourly = Some(10)),
+                vec![0, 2, 3, 4, 5, 6],
+            ),
             // Newest per day: the latest of 2024-01-01 (09:05) stands for the day.
             ("daily 3", p(|p| p.daily = Some(3)), vec![4, 5, 6]),
             ("daily 5", p(|p| p.daily = Some(5)), vec![0, 3, 4, 5, 6]),
@@ -327,9 +338,21 @@ mod tests {
             ("yearly 1", p(|p| p.yearly = Some(1)), vec![6]),
             ("yearly 2", p(|p| p.yearly = Some(2)), vec![0, 6]),
             // Within is measured from the newest snapshot, not from now.
-            ("within 32d", p(|p| p.within_ms = Some(32 * 86_400_000)), vec![5, 6]),
-            ("within 39d", p(|p| p.within_ms = Some(39 * 86_400_000)), vec![4, 5, 6]),
-            ("within 40d", p(|p| p.within_ms = Some(40 * 86_400_000)), (0..7).collect()),
+            (
+                "within 32d",
+                p(|p| p.within_ms = Some(32 * 86_400_000)),
+                vec![5, 6],
+            ),
+            (
+                "within 39d",
+                p(|p| p.within_ms = Some(39 * 86_400_000)),
+                vec![4, 5, 6],
+            ),
+            (
+                "within 40d",
+                p(|p| p.within_ms = Some(40 * 86_400_000)),
+                (0..7).collect(),
+            ),
             // A snapshot kept by any rule is kept: the union.
             (
                 "last 1 + daily 2 + yearly 2",
@@ -450,7 +473,10 @@ mod tests {
     fn days_are_the_schedule_time_zone_s_days() {
         let berlin = TimeZone::get("Europe/Berlin").unwrap();
         // 23:30 and 00:30 Berlin time are one UTC day but two Berlin days.
-        let t = [at("2024-03-01T23:30", &berlin), at("2024-03-02T00:30", &berlin)];
+        let t = [
+            at("2024-03-01T23:30", &berlin),
+            at("2024-03-02T00:30", &berlin),
+        ];
         let policy = KeepPolicy {
             daily: Some(2),
             ..Default::default()
@@ -473,8 +499,16 @@ mod tests {
         assert_eq!(p.monthly, Some(12));
         assert_eq!(p.within_ms, Some(30 * 86_400_000));
         assert_eq!(p.to_string(), "keep daily 7 weekly 4 monthly 12 within 30d");
-        assert!(KeepPolicy::parse("keep").unwrap_err().starts_with("keep what?"));
-        assert!(KeepPolicy::parse("keep fortnightly 2").unwrap_err().contains("\"fortnightly\""));
+        assert!(
+            KeepPolicy::parse("keep")
+                .unwrap_err()
+                .starts_with("keep what?")
+        );
+        assert!(
+            KeepPolicy::parse("keep fortnightly 2")
+                .unwrap_err()
+                .contains("\"fortnightly\"")
+        );
         assert!(KeepPolicy::parse("daily x").unwrap_err().contains("\"x\""));
         assert!(parse_duration("1y2m3d4h").is_ok());
         assert!(parse_duration("10").is_err());

@@ -246,7 +246,9 @@ async fn learn_listings(repo: &Repo) -> Result<u64, Error> {
         .await?;
         let opened = crypto::open_chunk(repo.keys(), &sealed, MAX_BLOB, blob)?;
         let object = SnapshotObject::decode(&opened.plaintext)?;
-        repo.catalog.set_listing(*snapshot_id, &object.listing).await?;
+        repo.catalog
+            .set_listing(*snapshot_id, &object.listing)
+            .await?;
     }
     Ok(missing.len() as u64)
 }
@@ -311,7 +313,8 @@ async fn repack(
             let refill = match open.entry(encrypted) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => v.insert(Refill {
-                    writer: PackWriter::create(run.spool()).map_err(|e| Error::io(run.spool(), e))?,
+                    writer: PackWriter::create(run.spool())
+                        .map_err(|e| Error::io(run.spool(), e))?,
                     sources: Vec::new(),
                 }),
             };
@@ -350,7 +353,10 @@ async fn upload_refill(
         SealMode::Plain(repo.keys())
     };
     let path = refill.writer.path().to_path_buf();
-    let finished = refill.writer.finish(mode).map_err(|e| Error::io(&path, e))?;
+    let finished = refill
+        .writer
+        .finish(mode)
+        .map_err(|e| Error::io(&path, e))?;
     let new_id = finished.id.0.clone();
     let moves: Vec<(String, PackEntry)> = refill
         .sources
@@ -364,7 +370,13 @@ async fn upload_refill(
         .await
         .map_err(|_| Error::Invalid("pack upload failed".into()))?;
     drop(tx);
-    upload_packs(repo.storage.clone(), repo.catalog.clone(), run.id.clone(), rx).await?;
+    upload_packs(
+        repo.storage.clone(),
+        repo.catalog.clone(),
+        run.id.clone(),
+        rx,
+    )
+    .await?;
     repo.catalog.repoint_chunks(&new_id, &moves).await?;
     report.new_packs += 1;
     Ok(())

@@ -179,7 +179,13 @@ pub mod conformance {
             .map(|n| ObjectRef::new(*n, ""))
             .collect();
         store.remove_many(&batch).await.unwrap();
-        let left: Vec<String> = store.list().await.unwrap().into_iter().map(|o| o.name).collect();
+        let left: Vec<String> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
         assert_eq!(left, vec!["key-1.enc".to_string()]);
         let missing = store.get_range(&r, 0, 1).await.unwrap_err();
         assert!(

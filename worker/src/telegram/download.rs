@@ -454,9 +454,9 @@ impl Inner {
             }
         }
         for o in unresolved {
-            match self.find_named(&o.name).await? {
-                Some(d) => ids.push(d.msg_id),
-                None => {} // already gone
+            // Not found: already gone.
+            if let Some(d) = self.find_named(&o.name).await? {
+                ids.push(d.msg_id);
             }
         }
         for batch in ids.chunks(DELETE_BATCH) {
