@@ -198,6 +198,35 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
         .collect();
     assert_eq!(left, vec![s3.clone()]);
 
+    // `stats` says what a prune would free, without the key.
+    let usage = storinator_shared::engine::prune::usage(
+        &f.repo.catalog,
+        Some("local"),
+        settings().pack_size,
+    )
+    .await
+    .unwrap();
+    let default_dry = f
+        .repo
+        .prune(
+            &PruneOptions {
+                dry_run: true,
+                ..Default::default()
+            },
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(usage.prune_would_free, default_dry.freed());
+    assert_eq!(usage.unused_packs, default_dry.unused_packs);
+    assert_eq!(usage.roots.len(), 1);
+    assert_eq!(usage.roots[0].snapshots, 1);
+    assert_eq!(usage.listings_unknown, 0);
+    assert!(
+        usage.prune_would_free > 0 && usage.dedup_ratio > 0.0,
+        "{usage:?}"
+    );
+
     // A dry run says what would go and changes nothing.
     let dry = f
         .repo

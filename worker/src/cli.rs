@@ -160,6 +160,16 @@ pub enum Command {
         #[command(flatten)]
         pass: Pass,
     },
+    /// Show what the repository stores: bytes and packs, per backed-up folder, the dedup
+    /// ratio and what a prune would free now (no passphrase needed).
+    Stats {
+        /// Only this owner's folders (`local` or `tg:<id>`); default: everyone's.
+        #[arg(long, value_name = "OWNER", value_parser = parse_owner)]
+        owner: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that every pack the catalog references is in storage and intact.
     ///
     /// Without --read-data: presence, size and each pack's trailer. With it: every chunk is
@@ -564,6 +574,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Prune { args, pass } => crate::retention_cli::prune(&cfg, &pass, &args).await,
+        Command::Stats { owner, json } => {
+            crate::retention_cli::stats(&cfg, owner.as_deref(), json).await
+        }
         Command::Verify { read_data, pass } => {
             let repo = open_repo(&pass, &cfg).await?;
             let bar = Bar::new("verifying");

@@ -199,3 +199,45 @@ pub async fn prune(cfg: &Config, pass: &Pass, args: &PruneArgs) -> anyhow::Resul
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// `storinator-worker stats`: stored bytes and packs, per folder, dedup, what prune would free.
+pub async fn stats(cfg: &Config, owner: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let catalog = storinator_shared::Catalog::open(&cfg.database_url).await?;
+    let u = storinator_shared::engine::prune::usage(&catalog, owner, cfg.pack_size).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&u)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "stored: {} in {} (one message each)",
+        human_bytes(u.stored_bytes),
+        plural(u.packs, "pack", "packs")
+    );
+    println!(
+        "dedup ratio: {:.2}x (all snapshots in full / stored)",
+        u.dedup_ratio
+    );
+    for r in &u.roots {
+        println!(
+            "{} (owner {}): {}, latest {}, {} added by its backups",
+            r.root,
+            r.owner,
+            plural(r.snapshots, "snapshot", "snapshots"),
+            human_bytes(r.latest_bytes),
+            human_bytes(r.added_bytes)
+        );
+    }
+    println!(
+        "prune would free {} ({} unused, {} to rewrite)",
+        human_bytes(u.prune_would_free),
+        plural(u.unused_packs, "pack", "packs"),
+        plural(u.sparse_packs, "sparse pack", "sparse packs")
+    );
+    if u.listings_unknown > 0 {
+        println!(
+            "note: {} from an older version; the figure is exact after the next prune",
+            plural(u.listings_unknown, "snapshot", "snapshots")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

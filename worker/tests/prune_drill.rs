@@ -153,6 +153,11 @@ async fn prune_killed_at_random_points_never_damages_a_snapshot_and_the_next_one
     }
     println!("{kills} prunes killed, {finished} finished, in {cycle} cycles");
 
+    // `stats` (no key) says what the next prune frees.
+    let stats = run_ok(worker(d).arg("stats").arg("--json"));
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["roots"].as_array().unwrap().len(), 1, "{stats}");
+
     // The next prune finishes the work: nothing unused, nothing unknown, nothing damaged.
     let text = run_ok(worker(d).arg("prune"));
     println!("{text}");
@@ -179,6 +184,8 @@ async fn prune_killed_at_random_points_never_damages_a_snapshot_and_the_next_one
     let verify = run_ok(worker(d).arg("verify").arg("--read-data"));
     assert!(verify.contains("no problems"), "{verify}");
     restore_matches(d, &src, "after the last prune");
+    let stats = run_ok(worker(d).arg("stats"));
+    assert!(stats.contains("prune would free 0 B"), "{stats}");
     let snapshots = run_ok(worker(d).arg("snapshots").arg("--json"));
     let n: Vec<serde_json::Value> = serde_json::from_str(&snapshots).unwrap();
     assert_eq!(n.len(), 1, "{snapshots}");

@@ -391,3 +391,54 @@ impl Catalog {
             .collect()
     }
 }
+
+/// One backed-up folder's share of the repository.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RootUsage {
+    pub owner: String,
+    pub root: String,
+    pub snapshots: u64,
+    /// Size of the newest snapshot's files.
+    pub latest_bytes: u64,
+    /// Sum of the file sizes over all its snapshots (what storing each in full would take).
+    pub logical_bytes: u64,
+    /// Bytes its backups added to storage (new chunks, at the time).
+    pub added_bytes: u64,
+}
+
+impl Catalog {
+    /// Per backed-up folder: snapshots, sizes, and what its backups added.
+    pub async fn usage_by_root(&self) -> Result<Vec<RootUsage>, Error> {
+        let rows = sqlx::query(
+            "SELECT r.owner, r.path, COUNT(s.id), \
+             COALESCE((SELECT s2.bytes FROM snapshots s2 WHERE s2.root_id = r.id \
+                       ORDER BY s2.seq DESC LIMIT 1), 0), \
+             COALESCE(SUM(s.bytes), 0), COALESCE(SUM(s.bytes_stored), 0) \
+             FROM roots r LEFT JOIN snapshots s ON s.root_id = r.id \
+             GROUP BY r.id ORDER BY r.owner, r.path",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("measuring backed-up folders"))?;
+        Ok(rows
+            .iter()
+            .map(|r| RootUsage {
+                owner: r.get(0),
+                root: r.get(1),
+                snapshots: r.get::<i64, _>(2) as u64,
+                latest_bytes: r.get::<i64, _>(3) as u64,
+                logical_bytes: r.get::<i64, _>(4) as u64,
+                added_bytes: r.get::<i64, _>(5) as u64,
+            })
+            .collect())
+    }
+
+    /// Snapshots whose listing chunks are not recorded yet (prune learns them).
+    pub async fn snapshots_without_listing_count(&self) -> Result<u64, Error> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE listing_known = 0")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting snapshots"))?;
+        Ok(n as u64)
+    }
+}

@@ -401,3 +401,59 @@ async fn delete_condemned(repo: &Repo, report: &mut PruneReport) -> Result<u64, 
     }
     Ok(packs.len() as u64)
 }
+
+/// What the repository stores, per backed-up folder, and what a prune would free now
+/// (`storinator-worker stats`; the chat's `/usage` answers from here too). Needs no key.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UsageReport {
+    /// Packs (one stored object, one Telegram message, each) and their bytes.
+    pub packs: u64,
+    pub stored_bytes: u64,
+    /// Per backed-up folder (only `owner`'s when asked for one owner).
+    pub roots: Vec<crate::catalog::RootUsage>,
+    /// Sum of every snapshot's file sizes over the stored bytes: what deduplication and
+    /// incremental backups save (repository-wide).
+    pub dedup_ratio: f64,
+    /// What `prune` with default options would delete and rewrite now, and free.
+    pub unused_packs: u64,
+    pub sparse_packs: u64,
+    pub prune_would_free: u64,
+    /// Snapshots from before listings were recorded: until a prune learns their listings
+    /// (reading their objects), the figure above may count those listings as unused.
+    pub listings_unknown: u64,
+}
+
+/// Measures the repository for `stats` / `/usage`; `owner` limits the per-folder list.
+pub async fn usage(
+    catalog: &crate::catalog::Catalog,
+    owner: Option<&str>,
+    pack_size: u64,
+) -> Result<UsageReport, Error> {
+    let packs = catalog.pack_usage(i64::MAX).await?;
+    let all_roots = catalog.usage_by_root().await?;
+    let logical: u64 = all_roots.iter().map(|r| r.logical_bytes).sum();
+    let plan = Plan::new(&packs, &PruneOptions::default(), pack_size);
+    let stored_bytes: u64 = packs.iter().map(|p| p.size).sum();
+    Ok(UsageReport {
+        packs: packs.len() as u64,
+        stored_bytes,
+        roots: all_roots
+            .into_iter()
+            .filter(|r| owner.is_none_or(|o| r.owner == o))
+            .collect(),
+        dedup_ratio: if stored_bytes == 0 {
+            0.0
+        } else {
+            logical as f64 / stored_bytes as f64
+        },
+        unused_packs: plan.unused.len() as u64,
+        sparse_packs: plan.sparse.len() as u64,
+        prune_would_free: plan.unused.iter().map(|p| p.size).sum::<u64>()
+            + plan
+                .sparse
+                .iter()
+                .map(|p| p.size - p.live_bytes)
+                .sum::<u64>(),
+        listings_unknown: catalog.snapshots_without_listing_count().await?,
+    })
+}
