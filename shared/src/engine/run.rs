@@ -265,12 +265,17 @@ pub(crate) async fn reclaim(repo: &Repo, me: &str) -> Result<Reclaimed, Error> {
     let now = now_ms();
     let host = &repo.settings.hostname;
     let mut out = Reclaimed::default();
+    // The packs first, then the runs: a run registers before it creates a pack, so every
+    // pack listed here belongs to a run in the list read next, unless that run has ended
+    // (then the pack is truly left over). Read the other way round, a run starting between
+    // the two reads would look dead and lose the pack it is uploading.
+    let unfinished = repo.catalog.unfinished_packs().await?;
     let runs = repo.catalog.runs().await?;
     let (live, dead): (Vec<RunRow>, Vec<RunRow>) = runs
         .into_iter()
         .partition(|r| r.id == me || is_alive(r, host, now));
     let live: HashSet<String> = live.into_iter().map(|r| r.id).collect();
-    for (pack, run) in repo.catalog.unfinished_packs().await? {
+    for (pack, run) in unfinished {
         if run.as_deref().is_some_and(|r| live.contains(r)) {
             continue;
         }
