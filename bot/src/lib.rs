@@ -839,7 +839,7 @@ mod tests {
             .into_iter()
             .map(|c| c.command)
             .collect();
-        assert_eq!(names.len(), 20);
+        assert_eq!(names.len(), 21);
         assert!(
             names
                 .iter()
