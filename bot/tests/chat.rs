@@ -271,7 +271,7 @@ async fn backup_shows_queued_progress_and_summary() {
         .count();
     assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
     let commands = h.api.commands();
-    assert_eq!(commands.as_array().unwrap().len(), 20);
+    assert_eq!(commands.as_array().unwrap().len(), 21);
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
@@ -368,6 +368,7 @@ async fn unknown_commands_and_bad_arguments_get_usage() {
         ("/jobs", "no jobs yet"),
         ("/status", "Nothing is running"),
         ("/snapshots", "No snapshots yet"),
+        ("/usage", "No backups yet"),
         ("/cancel 41", "no job #41"),
         ("/verify /srv/data", "Usage: /verify (no arguments)"),
     ] {
@@ -903,5 +904,22 @@ async fn a_final_notice_survives_repeated_429s() {
     for pair in h.api.calls_of("sendMessage")[n..].windows(2) {
         assert!(pair[1].at >= pair[0].at + Duration::from_millis(950));
     }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_shows_the_users_own_folders_and_what_a_prune_would_free() {
+    let h = start(None).await;
+    backup_as(h.jobs.pool(), h._dir.path(), &h.root, &format!("tg:{USER}")).await;
+    let reply = h.say(USER, "/usage").await;
+    let root = h.root.join("data");
+    assert!(
+        reply.contains(&format!("• {}: 1 snapshot", root.display())),
+        "{reply}"
+    );
+    assert!(reply.contains("A prune would free 0 B now."), "{reply}");
+    // Another user's backups are not shown.
+    let reply = h.say(OTHER_USER, "/usage").await;
+    assert!(reply.contains("No backups yet"), "{reply}");
     h.stop().await;
 }
