@@ -19,9 +19,9 @@ use storinator_shared::engine::restore::resolve;
 use storinator_shared::ops::rules::FireRules;
 use storinator_shared::ops::schedules::RunOutcome;
 use storinator_shared::{
-    BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, JobState, Jobs, Lease,
-    Progress, ProgressReport, Repo, RestoreOptions, Schedules, ScrubOptions, Signal, Storage,
-    Throttle, TransferEstimate,
+    BackupOptions, CancelFlag, Error, ForgetOptions, Job, JobArgs, JobError, JobResult, JobState,
+    Jobs, KeepPolicy, Lease, Progress, ProgressReport, Repo, RestoreOptions, Schedules,
+    ScrubOptions, Signal, Storage, Throttle, TransferEstimate,
 };
 
 use crate::healthcheck::Healthcheck;
@@ -173,6 +173,10 @@ pub async fn run_with(
             .map(|u| u.scrub_bytes)
             .unwrap_or(storinator_shared::config::DEFAULT_SCRUB_BYTES_PER_DAY),
         restore_roots: cfg.restore_roots.clone(),
+        tz: unattended
+            .as_ref()
+            .map(|u| u.schedules.tz().clone())
+            .unwrap_or(jiff::tz::TimeZone::UTC),
     });
 
     loop {
@@ -270,6 +274,9 @@ struct JobContext {
     scrub_bytes: u64,
     /// See [`DaemonConfig::restore_roots`].
     restore_roots: Vec<PathBuf>,
+    /// The schedules' time zone: keep policies count days and weeks in it (UTC without
+    /// unattended settings).
+    tz: jiff::tz::TimeZone,
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -646,6 +653,11 @@ async fn execute(
                 duration_ms: started.elapsed().as_millis() as u64,
             })
         }
+        JobArgs::Forget {
+            path,
+            policy,
+            snapshots,
+        } => forget(repo, ctx, owner, path, policy, snapshots, cancel).await,
         JobArgs::Get { path, snapshot } => {
             crate::get::run(
                 repo,
@@ -660,6 +672,34 @@ async fn execute(
             .await
         }
     }
+}
+
+/// A forget confirmed in the chat: the policy of the prompt, forgetting at most the snapshots
+/// the user saw. Never the last snapshot of a root (no `allow_empty` from the chat).
+async fn forget(
+    repo: &Repo,
+    ctx: &JobContext,
+    owner: &str,
+    path: &str,
+    policy: &str,
+    snapshots: &[String],
+    cancel: &CancelFlag,
+) -> Result<JobResult, Error> {
+    let opts = ForgetOptions {
+        owner: owner.to_string(),
+        path: path.to_string(),
+        policy: KeepPolicy::parse(policy).map_err(Error::Invalid)?,
+        tz: ctx.tz.clone(),
+        dry_run: false,
+        allow_empty: false,
+        only: Some(snapshots.to_vec()),
+    };
+    let r = repo.forget(&opts, cancel).await?;
+    Ok(JobResult::Forget {
+        forgotten: r.remove.len() as u64,
+        kept: r.keep.len() as u64,
+        tombstone: r.tombstone,
+    })
 }
 
 #[cfg(test)]
