@@ -104,7 +104,12 @@ fn keyword_at(s: &str, keyword: &str) -> Option<usize> {
     for (i, b) in s.bytes().enumerate() {
         if b == b'"' {
             in_quotes = !in_quotes;
-        } else if !in_quotes && s[i..].starts_with(&needle) && !s[..i].trim().is_empty() {
+        } else if !in_quotes
+            // Bytes, not `s[i..]`: `i` may fall inside a multi-byte character. A match starts
+            // with a space, so `s[..i]` is then cut at a character boundary.
+            && s.as_bytes()[i..].starts_with(needle.as_bytes())
+            && !s[..i].trim().is_empty()
+        {
             found = Some(i);
         }
     }
@@ -127,46 +132,32 @@ pub fn parse_job_id(raw: &str) -> Result<i64, String> {
     })
 }
 
-fn is_within(path: &Path, roots: &[PathBuf]) -> bool {
-    roots.iter().any(|r| path.starts_with(r))
-}
+use storinator_shared::ops::rules::{is_within, roots_list};
 
-fn roots_list(roots: &[PathBuf]) -> String {
-    roots
-        .iter()
-        .map(|r| r.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+/// Check a folder the user wants backed up (one implementation with the worker's check when
+/// a schedule fires): absolute, existing, a directory, and inside an allowed root after
+/// resolving `..` and symlinks. Returns the canonical path.
+pub use storinator_shared::ops::rules::check_backup_path;
 
-/// Check a folder the user wants backed up: absolute, existing, a directory, and inside an
-/// allowed root after resolving `..` and symlinks. Returns the canonical path.
-pub fn check_backup_path(path: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
-    let p = Path::new(path);
-    if !p.is_absolute() {
+/// Normalise the path a user asks to restore: absolute, repeated and trailing slashes
+/// collapsed, and no `.` or `..` component (refused rather than resolved: a restore without
+/// `to` writes next to this path, so it must mean exactly what it says).
+pub fn normalize_restore_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
         return Err(format!(
             "{path:?} is not an absolute path (it must start with /)"
         ));
     }
-    let canon = match p.canonicalize() {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("{path} does not exist"));
+    let mut parts = Vec::new();
+    for c in path.split('/').filter(|c| !c.is_empty()) {
+        if c == "." || c == ".." {
+            return Err(format!(
+                "{path}: \".\" and \"..\" are not allowed in a path"
+            ));
         }
-        Err(e) => return Err(format!("{path}: {e}")),
-    };
-    // The root check is made on the canonical path, so `..` and symlinks can't leave a root;
-    // it comes before the kind checks so nothing is revealed about paths outside the roots.
-    if !is_within(&canon, roots) {
-        return Err(format!(
-            "{path} is outside the folders I may back up ({})",
-            roots_list(roots)
-        ));
+        parts.push(c);
     }
-    if !canon.is_dir() {
-        return Err(format!("{path} is not a folder"));
-    }
-    Ok(canon)
+    Ok(format!("/{}", parts.join("/")))
 }
 
 /// Check a restore target: absolute, no `..`, and inside an allowed root once its nearest
@@ -257,6 +248,12 @@ mod tests {
         assert_eq!((r.to, r.snapshot), (None, None));
         assert!(parse_restore("").is_err());
         assert!(parse_restore("/srv/x snapshot two words").is_err());
+        // Found by fuzzing: multi-byte characters before a keyword once panicked.
+        let r = parse_restore("/srv/é to /tmp/ü").unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.to.as_deref()),
+            ("/srv/é", Some("/tmp/ü"))
+        );
     }
 
     #[test]
@@ -297,6 +294,15 @@ mod tests {
         // A sibling whose name extends the root's is not inside it.
         std::fs::create_dir_all(d.path().join("rootx")).unwrap();
         assert!(check_backup_path(&s(&d.path().join("rootx")), &roots).is_err());
+    }
+
+    #[test]
+    fn restore_paths_are_normalised_and_refuse_dots() {
+        assert_eq!(normalize_restore_path("/srv//data/").unwrap(), "/srv/data");
+        assert_eq!(normalize_restore_path("/").unwrap(), "/");
+        for bad in ["/srv/../etc/x", "/srv/./x", "/..", "srv/x", ""] {
+            assert!(normalize_restore_path(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

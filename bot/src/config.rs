@@ -6,7 +6,9 @@ use std::time::Duration;
 
 /// A configuration problem, naming the variable at fault.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {var}: {message}\nhint: every variable is described in .env.example")]
+#[error(
+    "invalid {var}: {message}\nhint: every variable of the bot is described in bot.env.example"
+)]
 pub struct ConfigError {
     pub var: &'static str,
     pub message: String,
@@ -44,12 +46,31 @@ pub struct BotConfig {
     /// `STORINATOR_BOT_POLL_TIMEOUT_S` (default 10): long-poll timeout of `getUpdates`. It
     /// also bounds how long shutdown waits for the poll in flight.
     pub poll_timeout: Duration,
+    /// `STORINATOR_TIMEZONE` (the worker's rule): schedules and the times shown in chat.
+    pub timezone: jiff::tz::TimeZone,
+    /// `STORINATOR_SCRUB_BYTES_PER_DAY`: the scrub's daily budget, for `/scrub`'s cycle.
+    pub scrub_bytes_per_day: u64,
 }
 
+/// A variable by name, trimmed, empty counting as unset.
+fn var_any(get: &impl Fn(&str) -> Option<String>, k: &str) -> Option<String> {
+    get(k)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The bot's own environment file, read from the directory it starts in. Not `.env`: that one
+/// is the worker's and holds its secrets.
+pub const BOT_ENV_FILE: &str = "bot.env";
+
 impl BotConfig {
-    /// Read `.env` (if present) and the process environment.
+    /// Read `bot.env` (if present in the current directory) and the process environment.
     pub fn from_env() -> Result<BotConfig, ConfigError> {
-        let _ = dotenvy::dotenv();
+        match dotenvy::from_filename(BOT_ENV_FILE) {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(bad("bot.env", format!("cannot read {BOT_ENV_FILE}: {e}"))),
+        }
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
@@ -61,6 +82,17 @@ impl BotConfig {
                 .filter(|v| !v.is_empty())
         };
 
+        // Least privilege (design invariant 9): an internet-facing bot that is handed the
+        // passphrase or the Telegram API hash is a deployment mistake; refuse to start rather
+        // than hold them.
+        for secret in storinator_shared::config::WORKER_SECRETS {
+            if var(secret).is_some() {
+                return Err(bad(
+                    secret,
+                    "is set in the bot's environment, but only the worker may hold it; the bot gets its token, the allowed users, the roots and the database, from an environment file of its own (see bot.env.example)",
+                ));
+            }
+        }
         let token = var("TELOXIDE_TOKEN").ok_or_else(|| bad("TELOXIDE_TOKEN", "is not set"))?;
         let api_url = var("TELOXIDE_API_URL")
             .map(|u| {
@@ -123,23 +155,31 @@ impl BotConfig {
             None => backup_roots.clone(),
         };
 
-        // The worker's rules (same defaults, same validation): both must open one database.
-        let database_url = storinator_shared::Config::from_lookup(&get)
-            .map_err(|e| {
-                use storinator_shared::ConfigError as E;
-                let var = match &e {
-                    E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
-                };
-                let text = e.to_string();
-                bad(
-                    var,
-                    text.split_once(": ")
-                        .map(|(_, m)| m)
-                        .unwrap_or(&text)
-                        .to_string(),
-                )
-            })?
-            .database_url;
+        // The worker's rules (same defaults, same validation): both must open one database
+        // and see schedules in one time zone. Only those variables are read, nothing else of
+        // the worker's configuration (no passphrase, no passphrase file).
+        let shared_error = |e: storinator_shared::ConfigError| {
+            use storinator_shared::ConfigError as E;
+            let var = match &e {
+                E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
+            };
+            let text = e.to_string();
+            bad(
+                var,
+                text.split_once(": ")
+                    .map(|(_, m)| m)
+                    .unwrap_or(&text)
+                    .to_string(),
+            )
+        };
+        let database_url = storinator_shared::config::database_location(&get)
+            .map_err(shared_error)?
+            .1;
+        let unattended =
+            storinator_shared::config::unattended_settings(&|k: &str| var_any(&get, k))
+                .map_err(shared_error)?;
+        let timezone = unattended.timezone;
+        let scrub_bytes_per_day = unattended.scrub_bytes_per_day;
 
         let millis = |name: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match var(name) {
@@ -172,6 +212,8 @@ impl BotConfig {
             edit_interval,
             tick,
             poll_timeout,
+            timezone,
+            scrub_bytes_per_day,
         })
     }
 
@@ -211,6 +253,52 @@ mod tests {
         assert_eq!(cfg.restore_roots, cfg.backup_roots);
         assert_eq!(cfg.database_url, "sqlite:///var/lib/st/storinator.db");
         assert_eq!(cfg.edit_interval, Duration::from_millis(50));
+    }
+
+    /// Design invariant 9: the bot never holds the passphrase or the API hash. Handed one, it
+    /// refuses to start and names it; and it reads no passphrase file.
+    #[test]
+    fn the_worker_secrets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display().to_string();
+        let pass_file = dir.path().join("passphrase");
+        std::fs::write(&pass_file, "secret\n").unwrap();
+        let pass_file = pass_file.display().to_string();
+        for secret in storinator_shared::config::WORKER_SECRETS {
+            let value = if secret.ends_with("_FILE") {
+                pass_file.as_str()
+            } else {
+                "hunter2"
+            };
+            let e = BotConfig::from_lookup(lookup(&[
+                ("TELOXIDE_TOKEN", "1:x"),
+                ("STORINATOR_ALLOWED_USERS", "7"),
+                ("STORINATOR_BACKUP_ROOTS", &root),
+                (secret, value),
+            ]))
+            .unwrap_err();
+            assert_eq!(e.var, *secret);
+            assert!(e.to_string().contains("only the worker may hold it"), "{e}");
+            assert!(!e.to_string().contains("hunter2") && !e.to_string().contains("secret\n"));
+        }
+        // The lookup is asked for nothing else of the worker's.
+        let asked = std::sync::Mutex::new(Vec::new());
+        BotConfig::from_lookup(|k| {
+            asked.lock().unwrap().push(k.to_string());
+            match k {
+                "TELOXIDE_TOKEN" => Some("1:x".into()),
+                "STORINATOR_ALLOWED_USERS" => Some("7".into()),
+                "STORINATOR_BACKUP_ROOTS" => Some(root.clone()),
+                _ => None,
+            }
+        })
+        .unwrap();
+        for k in asked.lock().unwrap().iter() {
+            assert!(
+                !k.contains("STORAGE") && !k.contains("API_ID") && !k.contains("SESSION"),
+                "the bot asked for {k}"
+            );
+        }
     }
 
     #[test]

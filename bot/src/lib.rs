@@ -4,6 +4,7 @@
 //! `main.rs` is a thin wrapper over [`run`]; tests and the demo run the bot in-process against
 //! the fake Bot API server (`TELOXIDE_API_URL` / [`BotConfig::api_url`]).
 
+pub mod alerts;
 pub mod args;
 pub mod catalog;
 pub mod config;
@@ -27,7 +28,11 @@ use teloxide::update_listeners::Polling;
 use teloxide::utils::command::{BotCommands, ParseError};
 use tokio::time::Instant;
 
-use storinator_shared::{CancelOutcome, JobArgs, JobError, JobId, JobResult, JobState, Jobs};
+use storinator_shared::ops::alerts::{AlertPolicy, Alerts, ScrubStatus};
+use storinator_shared::ops::schedules::{NewSchedule, ScheduleError, format_local};
+use storinator_shared::{
+    CancelOutcome, JobArgs, JobError, JobId, JobResult, JobState, Jobs, Schedules,
+};
 
 pub use catalog::{CatalogView, EntryLine, SnapshotLine, SqlCatalogView};
 pub use config::{BotConfig, ConfigError};
@@ -60,6 +65,22 @@ pub enum Command {
     Cancel(String),
     #[command(description = "check that every stored pack is present and intact")]
     Verify(String),
+    #[command(
+        description = "back up on a schedule: /schedule <path> <when> [keep daily 7 weekly 4] — when: hourly, daily [HH:MM], weekly <day> [HH:MM], every <N>h, \"<cron>\""
+    )]
+    Schedule(String),
+    #[command(description = "your schedules: next run, last result, last snapshot")]
+    Schedules,
+    #[command(description = "remove a schedule: /unschedule <id>")]
+    Unschedule(String),
+    #[command(description = "pause a schedule: /pause <id>")]
+    Pause(String),
+    #[command(description = "resume a schedule: /resume <id>")]
+    Resume(String),
+    #[command(description = "the weekly digest: /digest (show it now), /digest off, /digest on")]
+    Digest(String),
+    #[command(description = "the scrub: when each pack was last read back (/scrub now runs one)")]
+    Scrub(String),
 }
 
 /// Per-chat pacing of Telegram calls.
@@ -73,6 +94,7 @@ struct Pace {
 pub(crate) struct App {
     pub(crate) cfg: BotConfig,
     pub(crate) jobs: Jobs,
+    pub(crate) alerts: Alerts,
     catalog: Arc<dyn CatalogView>,
     pace: Mutex<HashMap<i64, Pace>>,
     shown: Mutex<HashMap<JobId, String>>,
@@ -296,14 +318,28 @@ async fn command(
                 Ok(a) => a,
                 Err(e) => return Ok(Some(e)),
             };
-            if !a.path.starts_with('/') {
-                return Ok(Some(format!(
-                    "{:?} is not an absolute path. Usage: /restore <path> [to <dir>] [snapshot <id>]",
-                    a.path
-                )));
-            }
+            let path = match args::normalize_restore_path(&a.path) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Ok(Some(format!(
+                        "🚫 {e}. Usage: /restore <path> [to <dir>] [snapshot <id>]"
+                    )));
+                }
+            };
             let to = match &a.to {
-                None => None,
+                // In place: the folder it came from must be one restores may write into.
+                None => {
+                    let parent = std::path::Path::new(&path)
+                        .parent()
+                        .and_then(|p| p.to_str())
+                        .unwrap_or("/");
+                    if let Err(e) = args::check_restore_target(parent, &app.cfg.restore_roots) {
+                        return Ok(Some(format!(
+                            "🚫 Can't restore {path} in place: {e}. Add `to <dir>`."
+                        )));
+                    }
+                    None
+                }
                 Some(dir) => match args::check_restore_target(dir, &app.cfg.restore_roots) {
                     Ok(p) => Some(
                         p.to_str()
@@ -315,7 +351,6 @@ async fn command(
             };
             // Users restore only their own backups: the path must lie in one of their roots.
             // (The worker also restores only from the requesting owner's snapshots.)
-            let path = a.path.trim_end_matches('/').to_string();
             match app.catalog.snapshots(&owner(user_id), Some(&path)).await {
                 Ok(snaps) => {
                     let covered = snaps
@@ -347,8 +382,112 @@ async fn command(
                 ));
             }
             start_job(bot, app, uid, chat, JobArgs::Verify { path: None }).await?;
-            return Ok(None);
+            // The continuous check's state, while the full one runs.
+            let status = ScrubStatus::load(
+                &storinator_shared::Catalog::from_pool(app.jobs.pool().clone()),
+                app.cfg.scrub_bytes_per_day,
+            )
+            .await?;
+            let lines = status.lines(app.alerts.tz(), 0);
+            format!("🧽 Scrub: {}\n{}", lines[1], lines[0])
         }
+        Command::Schedule(raw) => schedule(app, user_id, chat, &raw).await?,
+        Command::Schedules => {
+            let list = app.alerts.statuses(&owner(user_id)).await?;
+            if list.is_empty() {
+                "You have no schedules. /schedule <path> daily 03:00 adds one.".into()
+            } else {
+                let tz = app.alerts.tz();
+                let mut lines = vec![format!("🗓 Your schedules ({}):", list.len())];
+                lines.extend(list.iter().map(|st| alerts::schedule_line(st, tz)));
+                lines.join("\n")
+            }
+        }
+        Command::Unschedule(raw) => {
+            schedule_change(app, user_id, &raw, "unschedule", |s, id, o| {
+                Box::pin(async move { s.remove(id, &o).await })
+            })
+            .await?
+        }
+        Command::Pause(raw) => {
+            schedule_change(app, user_id, &raw, "pause", |s, id, o| {
+                Box::pin(async move { s.set_paused(id, &o, true).await })
+            })
+            .await?
+        }
+        Command::Resume(raw) => {
+            schedule_change(app, user_id, &raw, "resume", |s, id, o| {
+                Box::pin(async move { s.set_paused(id, &o, false).await })
+            })
+            .await?
+        }
+        Command::Digest(raw) => match raw.trim() {
+            "off" => {
+                app.alerts
+                    .set_digest(&owner(user_id), chat.0, false)
+                    .await?;
+                "📰 Weekly digest off. /digest on brings it back.".into()
+            }
+            "on" => {
+                app.alerts.set_digest(&owner(user_id), chat.0, true).await?;
+                "📰 Weekly digest on: every Monday at 09:00.".into()
+            }
+            "" => {
+                let o = owner(user_id);
+                let now = app.jobs.now_ms();
+                let d = app
+                    .alerts
+                    .digest(&o, chat.0, now, now - 7 * 86_400_000)
+                    .await?;
+                let on = app.alerts.digest_on(&o).await?;
+                format!(
+                    "{}\n({})",
+                    alerts::digest_text(&d, app.alerts.tz()),
+                    if on {
+                        "sent every Monday at 09:00"
+                    } else {
+                        "the weekly digest is off"
+                    }
+                )
+            }
+            other => format!("Usage: /digest, /digest off or /digest on (not {other:?})."),
+        },
+        Command::Scrub(raw) => match raw.trim() {
+            "now" => {
+                start_job(bot, app, uid, chat, JobArgs::Scrub { bytes: None }).await?;
+                return Ok(None);
+            }
+            "" => {
+                let status = ScrubStatus::load(
+                    &storinator_shared::Catalog::from_pool(app.jobs.pool().clone()),
+                    app.cfg.scrub_bytes_per_day,
+                )
+                .await?;
+                let mut lines = vec!["🧽 Scrub (packs are read back in rotation):".to_string()];
+                lines.extend(status.lines(app.alerts.tz(), 30));
+                if let Some(r) = &status.last
+                    && !r.affected.is_empty()
+                {
+                    let mine: Vec<_> = r
+                        .affected
+                        .iter()
+                        .filter(|f| f.owner == owner(user_id))
+                        .collect();
+                    if !mine.is_empty() {
+                        lines.push("Your files the last scrub found damaged:".into());
+                        lines.extend(mine.iter().take(20).map(|f| {
+                            format!(
+                                "• {} ({})",
+                                f.disk_path(),
+                                if f.healed { "healed" } else { "not healed" }
+                            )
+                        }));
+                    }
+                }
+                lines.join("\n")
+            }
+            other => format!("Usage: /scrub or /scrub now (not {other:?})."),
+        },
         Command::Snapshots(raw) => {
             let path = Some(raw.trim().trim_end_matches('/')).filter(|p| !p.is_empty());
             let snaps = app.catalog.snapshots(&owner(user_id), path).await?;
@@ -452,6 +591,100 @@ async fn command(
             }
         }
     }))
+}
+
+/// `/schedule <path> <when> [keep ...] [unencrypted]`.
+async fn schedule(app: &Arc<App>, user_id: u64, chat: ChatId, raw: &str) -> anyhow::Result<String> {
+    let req = match storinator_shared::ops::schedules::parse_schedule_request(raw) {
+        Ok(r) => r,
+        Err(e) => return Ok(format!("🗓 {e}")),
+    };
+    let path = match args::check_backup_path(&req.path, &app.cfg.backup_roots) {
+        Ok(p) => p,
+        Err(e) => return Ok(format!("🚫 Can't schedule: {e}")),
+    };
+    let path = path
+        .to_str()
+        .context("backup path is not UTF-8")?
+        .to_string();
+    let s = app
+        .alerts
+        .schedules()
+        .create(&NewSchedule {
+            owner: owner(user_id),
+            user_id: user_id as i64,
+            chat_id: chat.0,
+            path,
+            when: req.when,
+            encrypt: req.encrypt,
+            retention: req.retention,
+        })
+        .await?;
+    let tz = app.alerts.tz();
+    let mut text = format!(
+        "🗓 Schedule #{}: {} · {}{} ({}).\nFirst run: {}.",
+        s.id,
+        s.path,
+        s.spec,
+        if s.encrypt { "" } else { " · unencrypted" },
+        tz.iana_name().unwrap_or("UTC"),
+        format_local(s.next_slot, tz)
+    );
+    if let Some(r) = &s.retention {
+        text.push_str(&format!("\nRetention policy stored: {r}."));
+    }
+    text.push_str("\nI'll tell you if a backup is missed or fails. /schedules lists yours.");
+    Ok(text)
+}
+
+/// `/unschedule`, `/pause`, `/resume`: one schedule of the user's, by id.
+async fn schedule_change<F>(
+    app: &Arc<App>,
+    user_id: u64,
+    raw: &str,
+    verb: &str,
+    change: F,
+) -> anyhow::Result<String>
+where
+    F: FnOnce(
+        Schedules,
+        i64,
+        String,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<storinator_shared::Schedule, ScheduleError>> + Send>,
+    >,
+{
+    let id = match raw.trim().trim_start_matches('#').parse::<i64>() {
+        Ok(id) if id > 0 => id,
+        _ => {
+            return Ok(format!(
+                "{:?} is not a schedule id. Usage: /{verb} <id> (see /schedules)",
+                raw.trim()
+            ));
+        }
+    };
+    let tz = app.alerts.tz().clone();
+    match change(app.alerts.schedules().clone(), id, owner(user_id)).await {
+        Ok(s) => Ok(match verb {
+            "unschedule" => format!("🗑 Schedule #{} removed ({} · {}).", s.id, s.path, s.spec),
+            "pause" => format!(
+                "⏸ Schedule #{} paused ({} · {}). /resume {} starts it again.",
+                s.id, s.path, s.spec, s.id
+            ),
+            _ => format!(
+                "▶️ Schedule #{} resumed ({} · {}). Next run: {}.",
+                s.id,
+                s.path,
+                s.spec,
+                format_local(s.next_slot, &tz)
+            ),
+        }),
+        // Someone else's schedule is reported exactly like a missing one.
+        Err(ScheduleError::NotFound(_)) => Ok(format!(
+            "You have no schedule #{id}. /schedules lists yours."
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Queue a job and post its progress message.
@@ -603,15 +836,21 @@ pub async fn run_with(
         .await
         .context("setting the command menu (setMyCommands)")?;
 
+    let alerts = Alerts::new(
+        Schedules::new(jobs.clone(), config.timezone.clone()),
+        AlertPolicy::default(),
+    );
     let app = Arc::new(App {
         cfg: config.clone(),
         jobs,
+        alerts,
         catalog,
         pace: Mutex::default(),
         shown: Mutex::default(),
         answered: Mutex::default(),
     });
     let notifier = tokio::spawn(notifier::Notifier::new(bot.clone(), app.clone()).run());
+    let alert_sender = tokio::spawn(alerts::AlertSender::new(bot.clone(), app.clone()).run());
 
     let mut dispatcher = Dispatcher::builder(bot.clone(), handler())
         .dependencies(dptree::deps![app.clone()])
@@ -651,6 +890,7 @@ pub async fn run_with(
         }
     };
     notifier.abort();
+    alert_sender.abort();
     result.context("talking to the Bot API")?;
     tracing::info!("bot stopped");
     Ok(())
@@ -675,7 +915,7 @@ mod tests {
             .into_iter()
             .map(|c| c.command)
             .collect();
-        assert_eq!(names.len(), 10);
+        assert_eq!(names.len(), 17);
         assert!(
             names
                 .iter()

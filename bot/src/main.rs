@@ -1,13 +1,15 @@
-//! `storinator-bot`: the chat front end. Configuration comes from the environment (and `.env`);
-//! see `.env.example`.
+//! `storinator-bot`: the chat front end. Configuration comes from the environment (and
+//! `bot.env`); see `bot.env.example`.
 
 use anyhow::Context;
 use clap::Parser;
 
 /// T-Storinator chat bot: turns /backup, /restore and friends into jobs for the worker.
 ///
-/// Configuration comes from the environment (and a `.env` file in the current directory);
-/// every variable is described in .env.example. Required: TELOXIDE_TOKEN (from @BotFather),
+/// Configuration comes from the environment (and a `bot.env` file in the current directory,
+/// never the worker's `.env`); every variable is described in bot.env.example. The bot refuses
+/// to start if the worker's secrets (STORINATOR_PASSPHRASE, TELEGRAM_API_HASH, ...) are in its
+/// environment. Required: TELOXIDE_TOKEN (from @BotFather),
 /// STORINATOR_ALLOWED_USERS (comma-separated Telegram user ids), STORINATOR_BACKUP_ROOTS
 /// (comma-separated folders /backup may name). The bot and `storinator-worker run` share one
 /// SQLite database: set STORINATOR_DATA_DIR (or DATABASE_URL) to the same value for both.

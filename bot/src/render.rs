@@ -46,6 +46,7 @@ pub fn title(job: &Job) -> String {
         JobArgs::Backup { .. } => "Backup",
         JobArgs::Restore { .. } => "Restore",
         JobArgs::Verify { .. } => "Verify",
+        JobArgs::Scrub { .. } => "Scrub",
     };
     format!("{kind} #{}", job.id)
 }
@@ -79,6 +80,10 @@ pub fn subject(job: &Job) -> String {
             s
         }
         JobArgs::Verify { path } => path.clone().unwrap_or_else(|| "all backups".into()),
+        JobArgs::Scrub { bytes: b } => match b {
+            Some(b) => format!("read back up to {}", bytes(*b)),
+            None => "read back today's share of the packs".into(),
+        },
     }
 }
 
@@ -258,6 +263,26 @@ pub fn final_text(job: &Job) -> String {
                         list(errors)
                     )
                 }
+            }
+            Some(JobResult::Scrub {
+                bytes_read,
+                chunks_checked,
+                damaged,
+                healed,
+                unhealed,
+                duration_ms: d,
+            }) => {
+                let icon = if *unhealed > 0 { "⚠️" } else { "✅" };
+                let damage = if *damaged == 0 {
+                    "no damage".to_string()
+                } else {
+                    format!("{damaged} damaged chunks: {healed} healed, {unhealed} not")
+                };
+                format!(
+                    "{icon} {head}\nRead {} ({chunks_checked} chunks): {damage}\nDuration: {}",
+                    bytes(*bytes_read),
+                    duration_ms(*d)
+                )
             }
             Some(JobResult::Conflicts { .. }) | None => format!("✅ {head}\nDone{took}"),
         },

@@ -119,6 +119,8 @@ fn main() {
                     snapshot: None,
                     owner: "local".into(),
                     overwrite: false,
+                    within: None,
+                    same_owner: None,
                 },
                 &NoProgress,
                 &CancelFlag::new(),

@@ -74,8 +74,46 @@ pub struct Config {
     pub compression: Option<i32>,
     pub allowed_users: Vec<i64>,
     pub backup_roots: Vec<PathBuf>,
+    /// `STORINATOR_RESTORE_ROOTS` (default: the backup roots): where restores from the chat
+    /// may write. The worker enforces them on the handle it writes through.
+    pub restore_roots: Vec<PathBuf>,
     pub telegram: TelegramSettings,
+    pub unattended: UnattendedSettings,
 }
+
+/// Schedules, alerts and the scrub.
+#[derive(Clone, Debug)]
+pub struct UnattendedSettings {
+    /// `STORINATOR_TIMEZONE` (IANA name; default the host's zone): schedules and the times
+    /// shown in chat are in this zone.
+    pub timezone: jiff::tz::TimeZone,
+    /// `STORINATOR_SCHEDULE_JITTER` (a duration like `10m`; default none): a scheduled job
+    /// waits a random time up to this long after its slot, to spread load.
+    pub jitter_ms: i64,
+    /// `STORINATOR_HEALTHCHECK_URL`: pinged (HTTP GET) after each scheduled backup, with
+    /// `/fail` appended after a failure (healthchecks.io and Uptime Kuma push monitors).
+    pub healthcheck_url: Option<String>,
+    /// `STORINATOR_SCRUB_BYTES_PER_DAY` (default 1 GiB): pack bytes the daily scrub reads.
+    pub scrub_bytes_per_day: u64,
+    /// `STORINATOR_SCRUB_AT` (`HH:MM`, default `04:00`; `off` disables): when the daily scrub
+    /// runs, in the schedule time zone.
+    pub scrub_at: Option<(u8, u8)>,
+}
+
+impl Default for UnattendedSettings {
+    fn default() -> Self {
+        UnattendedSettings {
+            timezone: jiff::tz::TimeZone::UTC,
+            jitter_ms: 0,
+            healthcheck_url: None,
+            scrub_bytes_per_day: DEFAULT_SCRUB_BYTES_PER_DAY,
+            scrub_at: Some((4, 0)),
+        }
+    }
+}
+
+/// The daily scrub's default budget: 1 GiB.
+pub const DEFAULT_SCRUB_BYTES_PER_DAY: u64 = 1 << 30;
 
 /// Telegram settings of the worker (the userbot).
 #[derive(Clone, Debug, Default)]
@@ -110,23 +148,7 @@ impl Config {
                 .filter(|v| !v.is_empty())
         };
 
-        let data_dir = match var("STORINATOR_DATA_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => default_data_dir(var("XDG_DATA_HOME"), var("HOME")),
-        };
-        let database_url = match var("DATABASE_URL") {
-            Some(url) => {
-                if !url.starts_with("sqlite:") {
-                    return Err(ConfigError::Invalid {
-                        var: "DATABASE_URL",
-                        value: url,
-                        reason: "only SQLite is supported (sqlite://path/to/file.db)".into(),
-                    });
-                }
-                url
-            }
-            None => sqlite_url(&data_dir.join("storinator.db")),
-        };
+        let (data_dir, database_url) = database_location(&get)?;
         let storage = match var("STORINATOR_STORAGE").as_deref() {
             None | Some("telegram") => StorageSpec::Telegram,
             Some(s) if s.starts_with("dir:") && s.len() > 4 => {
@@ -197,9 +219,9 @@ impl Config {
                 reason,
             })?,
         };
-        let backup_roots = match var("STORINATOR_BACKUP_ROOTS") {
-            None => Vec::new(),
-            Some(v) => parse_list(&v, |s| {
+        let roots = |name: &'static str| -> Result<Option<Vec<PathBuf>>, ConfigError> {
+            let Some(v) = var(name) else { return Ok(None) };
+            parse_list(&v, |s| {
                 let p = PathBuf::from(s);
                 if p.is_absolute() {
                     Ok(p)
@@ -207,12 +229,16 @@ impl Config {
                     Err(format!("{s:?} is not an absolute path"))
                 }
             })
+            .map(Some)
             .map_err(|reason| ConfigError::Invalid {
-                var: "STORINATOR_BACKUP_ROOTS",
+                var: name,
                 value: v,
                 reason,
-            })?,
+            })
         };
+        let backup_roots = roots("STORINATOR_BACKUP_ROOTS")?.unwrap_or_default();
+        let restore_roots =
+            roots("STORINATOR_RESTORE_ROOTS")?.unwrap_or_else(|| backup_roots.clone());
         let api_id = match var("TELEGRAM_API_ID") {
             None => None,
             Some(v) => Some(v.parse::<i32>().map_err(|_| ConfigError::Invalid {
@@ -272,6 +298,7 @@ impl Config {
             request_timeout_secs,
             premium,
         };
+        let unattended = unattended_settings(&var)?;
         Ok(Config {
             data_dir,
             database_url,
@@ -281,7 +308,9 @@ impl Config {
             compression,
             allowed_users,
             backup_roots,
+            restore_roots,
             telegram,
+            unattended,
         })
     }
 
@@ -289,6 +318,142 @@ impl Config {
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
     }
+}
+
+/// The data directory and the database URL, from `STORINATOR_DATA_DIR` and `DATABASE_URL`
+/// only (the bot derives its database from this too, and reads nothing else of the worker's).
+pub fn database_location(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<(PathBuf, String), ConfigError> {
+    let var = |k: &str| {
+        get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let data_dir = match var("STORINATOR_DATA_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => default_data_dir(var("XDG_DATA_HOME"), var("HOME")),
+    };
+    let database_url = match var("DATABASE_URL") {
+        Some(url) => {
+            if !url.starts_with("sqlite:") {
+                return Err(ConfigError::Invalid {
+                    var: "DATABASE_URL",
+                    value: url,
+                    reason: "only SQLite is supported (sqlite://path/to/file.db)".into(),
+                });
+            }
+            url
+        }
+        None => sqlite_url(&data_dir.join("storinator.db")),
+    };
+    Ok((data_dir, database_url))
+}
+
+/// The worker's secrets: the bot must never hold them (design invariant 9).
+pub const WORKER_SECRETS: &[&str] = &[
+    "STORINATOR_PASSPHRASE",
+    "STORINATOR_PASSPHRASE_FILE",
+    "STORINATOR_NEW_PASSPHRASE",
+    "TELEGRAM_API_HASH",
+];
+
+/// Reads the settings of schedules, alerts and the scrub (the bot reads them too: none is a
+/// secret).
+pub fn unattended_settings(
+    var: &dyn Fn(&str) -> Option<String>,
+) -> Result<UnattendedSettings, ConfigError> {
+    let invalid = |var: &'static str, value: String, reason: String| ConfigError::Invalid {
+        var,
+        value,
+        reason,
+    };
+    let timezone = match var("STORINATOR_TIMEZONE") {
+        None => jiff::tz::TimeZone::system(),
+        Some(name) => jiff::tz::TimeZone::get(&name).map_err(|e| {
+            invalid(
+                "STORINATOR_TIMEZONE",
+                name.clone(),
+                format!("not a time zone this host knows ({e}); expected an IANA name like Europe/Berlin"),
+            )
+        })?,
+    };
+    let jitter_ms = match var("STORINATOR_SCHEDULE_JITTER") {
+        None => 0,
+        Some(v) => parse_duration_ms(&v)
+            .map_err(|r| invalid("STORINATOR_SCHEDULE_JITTER", v.clone(), r))?,
+    };
+    let healthcheck_url = match var("STORINATOR_HEALTHCHECK_URL") {
+        None => None,
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+        Some(u) => {
+            return Err(invalid(
+                "STORINATOR_HEALTHCHECK_URL",
+                u,
+                "expected an http:// or https:// URL".into(),
+            ));
+        }
+    };
+    let scrub_bytes_per_day = match var("STORINATOR_SCRUB_BYTES_PER_DAY") {
+        None => DEFAULT_SCRUB_BYTES_PER_DAY,
+        Some(v) => match parse_size(&v) {
+            Ok(n) if n > 0 => n,
+            Ok(_) => {
+                return Err(invalid(
+                    "STORINATOR_SCRUB_BYTES_PER_DAY",
+                    v,
+                    "the budget must be more than 0 bytes".into(),
+                ));
+            }
+            Err(r) => return Err(invalid("STORINATOR_SCRUB_BYTES_PER_DAY", v, r)),
+        },
+    };
+    let scrub_at = match var("STORINATOR_SCRUB_AT").as_deref() {
+        None => Some((4, 0)),
+        Some("off") => None,
+        Some(v) => {
+            Some(parse_hh_mm(v).map_err(|r| invalid("STORINATOR_SCRUB_AT", v.to_string(), r))?)
+        }
+    };
+    Ok(UnattendedSettings {
+        timezone,
+        jitter_ms,
+        healthcheck_url,
+        scrub_bytes_per_day,
+        scrub_at,
+    })
+}
+
+/// Parses `HH:MM` (24-hour clock).
+pub fn parse_hh_mm(v: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("{v:?} is not a time of day; expected HH:MM, like 03:30");
+    let (h, m) = v.trim().split_once(':').ok_or_else(bad)?;
+    let h: u8 = h.parse().map_err(|_| bad())?;
+    let m: u8 = m.parse().map_err(|_| bad())?;
+    if h > 23 || m > 59 || v.trim().len() > 5 {
+        return Err(bad());
+    }
+    Ok((h, m))
+}
+
+/// Parses durations like `90s`, `10m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration_ms(v: &str) -> Result<i64, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{v:?} is not a duration; expected something like 90s, 10m or 2h"))?;
+    let unit_ms = match unit.trim() {
+        "" | "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown duration unit {other:?}; use s, m, h or d")),
+    };
+    n.checked_mul(unit_ms)
+        .filter(|ms| *ms <= 7 * 86_400_000)
+        .ok_or_else(|| format!("{v:?} is too long (at most 7 days)"))
 }
 
 fn default_data_dir(xdg: Option<String>, home: Option<String>) -> PathBuf {
@@ -476,6 +641,48 @@ mod tests {
     fn passphrase_never_debug_printed() {
         let c = cfg(&[("STORINATOR_PASSPHRASE", "hunter2")]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn unattended_settings_are_read_and_checked() {
+        let c = cfg(&[
+            ("STORINATOR_TIMEZONE", "Europe/Berlin"),
+            ("STORINATOR_SCHEDULE_JITTER", "10m"),
+            ("STORINATOR_HEALTHCHECK_URL", "http://127.0.0.1:9/ping/abc"),
+            ("STORINATOR_SCRUB_BYTES_PER_DAY", "64MiB"),
+            ("STORINATOR_SCRUB_AT", "05:30"),
+        ])
+        .unwrap();
+        let u = &c.unattended;
+        assert_eq!(u.timezone.iana_name(), Some("Europe/Berlin"));
+        assert_eq!(u.jitter_ms, 600_000);
+        assert_eq!(
+            u.healthcheck_url.as_deref(),
+            Some("http://127.0.0.1:9/ping/abc")
+        );
+        assert_eq!(u.scrub_bytes_per_day, 64 << 20);
+        assert_eq!(u.scrub_at, Some((5, 30)));
+        let d = cfg(&[]).unwrap().unattended;
+        assert_eq!(d.scrub_bytes_per_day, 1 << 30);
+        assert_eq!(d.jitter_ms, 0);
+        assert_eq!(
+            cfg(&[("STORINATOR_SCRUB_AT", "off")])
+                .unwrap()
+                .unattended
+                .scrub_at,
+            None
+        );
+        for (k, v) in [
+            ("STORINATOR_TIMEZONE", "Mars/Olympus_Mons"),
+            ("STORINATOR_SCHEDULE_JITTER", "soon"),
+            ("STORINATOR_SCHEDULE_JITTER", "30d"),
+            ("STORINATOR_HEALTHCHECK_URL", "ftp://x"),
+            ("STORINATOR_SCRUB_BYTES_PER_DAY", "0"),
+            ("STORINATOR_SCRUB_AT", "25:00"),
+        ] {
+            let err = cfg(&[(k, v)]).unwrap_err().to_string();
+            assert!(err.contains(k) && err.contains(v), "{k}: {err}");
+        }
     }
 
     #[test]

@@ -65,8 +65,16 @@ pub enum CryptoError {
     MacMismatch,
     #[error("checksum mismatch: blob is corrupted")]
     ChecksumMismatch,
-    #[error("blob is encrypted and no key was given")]
-    KeyRequired,
+    /// A format-1 unencrypted blob (a bare checksum, which anyone can compute) where nothing
+    /// authenticated vouches for its content.
+    #[error(
+        "blob is unauthenticated (format 1, unencrypted: a checksum anyone can forge) and nothing authenticated vouches for it"
+    )]
+    Unauthenticated,
+    #[error("blob holds other data than its id says")]
+    WrongId,
+    #[error("key object is malformed: {0}")]
+    BadKeyObject(String),
     #[error("wrong passphrase")]
     WrongPassphrase,
     #[error("decompression failed: {0}")]
@@ -86,6 +94,19 @@ pub enum PackError {
     BadTrailer { pack: String, reason: String },
     #[error("pack {pack} trailer failed authentication: {source}")]
     Crypto { pack: String, source: CryptoError },
+    #[error(
+        "pack {pack} is unauthenticated (format 1, unencrypted): its table of contents carries only a checksum anyone can forge"
+    )]
+    Unauthenticated { pack: String },
+}
+
+/// A stored snapshot object or listing line that does not decode or breaks the format's rules.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("snapshot object is malformed: {0}")]
+    Snapshot(String),
+    #[error("listing line {line} is malformed: {reason}")]
+    Listing { line: usize, reason: String },
 }
 
 /// Errors of the engine (catalog, backup, restore, verify, recover).
@@ -102,6 +123,8 @@ pub enum Error {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Pack(#[from] PackError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("{}: {error}", path.display())]
@@ -128,7 +151,7 @@ pub enum Error {
     Cancelled,
     #[error("restore would overwrite {} existing file(s) that differ, first: {}\nhint: pass --overwrite to replace them", paths.len(), paths.first().map(|p| p.display().to_string()).unwrap_or_default())]
     Conflicts { paths: Vec<PathBuf> },
-    #[error("restore of {} file(s) failed, first: {}: {}", failures.len(), failures[0].0, failures[0].1)]
+    #[error("restore of {} item(s) failed (the others were restored), first: {}: {}", failures.len(), failures[0].0, failures[0].1)]
     RestoreFailed { failures: Vec<(String, String)> },
 }
 

@@ -10,7 +10,7 @@
 //! | [`format`] | bytes in, bytes out: crypto, chunking, packs, stored snapshot objects; no I/O beyond a pack file, no database |
 //! | [`storage`], [`catalog`] | where packs live (the storage trait and its backends); the SQLite schema and its queries |
 //! | [`engine`] | the operations on a repository: backup, restore, verify, recover |
-//! | [`ops`] | work between processes: the job table |
+//! | [`ops`] | work between processes: the job table, schedules, alerts and the digest |
 
 pub mod catalog;
 pub mod clock;
@@ -22,7 +22,7 @@ pub mod ops;
 pub mod progress;
 pub mod storage;
 
-pub use catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo};
+pub use catalog::{AffectedFile, Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
 pub use engine::backup::{BackupOptions, BackupSummary, Warning};
@@ -31,6 +31,7 @@ pub use engine::repo::{
     EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots,
 };
 pub use engine::restore::{RestoreOptions, RestoreSummary};
+pub use engine::scrub::ScrubOptions;
 pub use error::{Error, StorageError};
 pub use format::chunker::ChunkerParams;
 pub use format::crypto::{ChunkId, KdfParams, Keys, WrappedKey};
@@ -38,6 +39,7 @@ pub use ops::jobs::{
     CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult, JobState, Jobs, Lease,
     Signal,
 };
+pub use ops::schedules::{Schedule, ScheduleError, Schedules};
 pub use progress::{
     CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, Throttle, TransferEstimate,
     human_bytes,

@@ -24,6 +24,8 @@ fn restore_opts(path: &std::path::Path, to: &std::path::Path) -> RestoreOptions 
         snapshot: None,
         owner: "local".into(),
         overwrite: false,
+        within: None,
+        same_owner: None,
     }
 }
 

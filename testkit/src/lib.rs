@@ -5,5 +5,6 @@
 
 pub mod botapi;
 pub mod fixtures;
+pub mod fuzz;
 pub mod mtproto;
 pub mod trees;

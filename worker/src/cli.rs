@@ -58,7 +58,8 @@ pub enum Command {
     Backup {
         /// The folder to back up.
         path: PathBuf,
-        /// Store this snapshot without encryption (SHA-256 integrity only).
+        /// Store this snapshot without encryption (readable without the key, still
+        /// authenticated with it).
         #[arg(long)]
         no_encrypt: bool,
     },
@@ -79,6 +80,11 @@ pub enum Command {
         /// Replace existing files whose content differs.
         #[arg(long)]
         overwrite: bool,
+        /// Don't restore recorded owners even as root (files then belong to the restoring
+        /// user, and setuid/setgid bits are left out). Without root, owners are never
+        /// restored.
+        #[arg(long)]
+        no_same_owner: bool,
     },
     /// List snapshots, optionally only those of PATH.
     Snapshots {
@@ -160,6 +166,56 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Backups that run themselves: add, list, remove, pause and resume schedules.
+    ///
+    /// Schedules are fired by `storinator-worker run` (exactly once per slot, one catch-up
+    /// after downtime), in STORINATOR_TIMEZONE. They belong to --owner (default `local`).
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
+    /// Read packs back within a budget, authenticate every chunk, heal damage from the files
+    /// on disk.
+    ///
+    /// The daily scrub of `run` does the same with STORINATOR_SCRUB_BYTES_PER_DAY. Exit code
+    /// 1 when damage remains that could not be healed; each affected file is named.
+    Scrub {
+        /// Bytes to read (like 512MiB or 2GiB); default STORINATOR_SCRUB_BYTES_PER_DAY.
+        #[arg(long, value_name = "SIZE")]
+        bytes: Option<String>,
+        /// Only show the rotation: when every pack was last read.
+        #[arg(long)]
+        status: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Add a schedule: `schedule add /srv/data daily 03:00 --keep "daily 7 weekly 4"`.
+    ///
+    /// WHEN is hourly, daily [HH:MM], weekly <day> [HH:MM], every <N>h, or a cron expression
+    /// (quote it: "0 3 * * 1-5").
+    Add {
+        /// The folder to back up.
+        path: PathBuf,
+        /// When to back it up.
+        #[arg(required = true, num_args = 1..)]
+        when: Vec<String>,
+        /// Retention policy kept with the schedule, like "daily 7 weekly 4 monthly 12".
+        #[arg(long, value_name = "POLICY")]
+        keep: Option<String>,
+        /// Store the snapshots without encryption.
+        #[arg(long)]
+        no_encrypt: bool,
+    },
+    /// List the schedules with their next run, last result and last snapshot.
+    List,
+    /// Remove a schedule.
+    Rm { id: i64 },
+    /// Pause a schedule (its slots pass without a backup and without alerts).
+    Pause { id: i64 },
+    /// Resume a paused schedule from its next slot.
+    Resume { id: i64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,7 +314,7 @@ fn prompt(what: &str, confirm: bool) -> anyhow::Result<String> {
     Ok(p)
 }
 
-async fn open_repo(global: &Global, cfg: &Config) -> anyhow::Result<Repo> {
+pub(crate) async fn open_repo(global: &Global, cfg: &Config) -> anyhow::Result<Repo> {
     let catalog = Catalog::open(&cfg.database_url).await?;
     let storage = open_storage(cfg).await?;
     let pass = passphrase(global, cfg, false)?;
@@ -359,6 +415,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             to,
             snapshot,
             overwrite,
+            no_same_owner,
         } => {
             let repo = open_repo(g, &cfg).await?;
             let cancel = cancel_on_ctrl_c();
@@ -369,11 +426,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 snapshot,
                 owner: g.owner.clone(),
                 overwrite,
+                // The operator names the target: no roots to keep it in.
+                within: None,
+                same_owner: no_same_owner.then_some(false),
             };
             let result = repo.restore(&opts, &bar, &cancel).await;
             bar.finish();
             match result {
                 Ok(summary) => {
+                    for note in summary.notes() {
+                        eprintln!("{note}");
+                    }
                     println!("{}", summary.line());
                     Ok(ExitCode::SUCCESS)
                 }
@@ -382,7 +445,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("failed: {p}: {why}");
                     }
                     Err(anyhow!(
-                        "restore of {path}: {} file(s) could not be restored intact; none of them was written",
+                        "restore of {path}: {} item(s) could not be restored (listed above); the rest was restored, and no file was written unverified",
                         failures.len()
                     ))
                 }
@@ -511,16 +574,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let jobs = storinator_shared::Jobs::new(repo.catalog.pool().clone());
             let daemon_cfg = crate::daemon::DaemonConfig {
                 concurrency,
+                restore_roots: cfg.restore_roots.clone(),
                 ..Default::default()
             };
-            crate::daemon::run(
+            let unattended = crate::daemon::Unattended::from_config(&cfg, &jobs)?;
+            crate::daemon::run_with(
                 Arc::new(repo),
                 jobs,
                 daemon_cfg,
+                Some(unattended),
                 crate::daemon::shutdown_signal(),
             )
             .await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Schedule { command } => crate::schedule_cli::run(g, &cfg, command).await,
+        Command::Scrub { bytes, status } => {
+            crate::schedule_cli::scrub(g, &cfg, bytes.as_deref(), status).await
         }
         Command::Key {
             command: KeyCommand::Passwd,

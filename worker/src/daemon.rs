@@ -5,16 +5,25 @@
 //! Shutdown (SIGTERM/SIGINT → the `shutdown` future): no new claims; running jobs are told to
 //! stop at their next safe point (finished packs are kept) and are released back to the queue
 //! without spending a retry, so the next run resumes them.
+//!
+//! With [`Unattended`] settings the daemon also fires due schedules (each slot exactly once,
+//! whatever the number of daemons: see `ops::schedules`), runs the daily scrub as a scheduled
+//! job, and pings the healthcheck URL after each scheduled backup.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use storinator_shared::ops::rules::FireRules;
+use storinator_shared::ops::schedules::RunOutcome;
 use storinator_shared::{
-    BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, Jobs, Lease, Progress,
-    ProgressReport, Repo, RestoreOptions, Signal, Storage, Throttle, TransferEstimate,
+    BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, JobState, Jobs, Lease,
+    Progress, ProgressReport, Repo, RestoreOptions, Schedules, ScrubOptions, Signal, Storage,
+    Throttle, TransferEstimate,
 };
+
+use crate::healthcheck::Healthcheck;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -30,6 +39,11 @@ pub struct DaemonConfig {
     /// How often a running job writes progress (or, with nothing new, a heartbeat). Must be
     /// well below the job table's lease time.
     pub progress_interval: Duration,
+    /// Folders restores from the chat may write into (`STORINATOR_RESTORE_ROOTS`, default
+    /// `STORINATOR_BACKUP_ROOTS`). The worker enforces them itself, on the directory handle the
+    /// restore writes through: the bot's check of a path can be outrun by a symlink swapped in
+    /// before the job runs. Empty: restore jobs are refused.
+    pub restore_roots: Vec<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -45,7 +59,43 @@ impl Default for DaemonConfig {
             concurrency: 2,
             poll_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(1),
+            restore_roots: Vec::new(),
         }
+    }
+}
+
+/// What the daemon does unattended: schedules, the daily scrub, the healthcheck push.
+#[derive(Clone)]
+pub struct Unattended {
+    /// The schedules table (its job table's clock and the schedule time zone).
+    pub schedules: Schedules,
+    /// What a schedule must still satisfy when it fires.
+    pub rules: FireRules,
+    /// How often due schedules are looked for.
+    pub tick: Duration,
+    /// Pinged after each scheduled backup (`/fail` appended after a failure).
+    pub healthcheck: Option<Healthcheck>,
+    /// When the daily scrub runs (`None`: never), and how many bytes it reads.
+    pub scrub_at: Option<(u8, u8)>,
+    pub scrub_bytes: u64,
+}
+
+impl Unattended {
+    /// The settings of `cfg` over the job table `jobs`.
+    pub fn from_config(cfg: &storinator_shared::Config, jobs: &Jobs) -> anyhow::Result<Self> {
+        let u = &cfg.unattended;
+        Ok(Unattended {
+            schedules: Schedules::new(jobs.clone(), u.timezone.clone()),
+            rules: FireRules::from_config(cfg),
+            tick: Duration::from_secs(5),
+            healthcheck: u
+                .healthcheck_url
+                .as_deref()
+                .map(Healthcheck::new)
+                .transpose()?,
+            scrub_at: u.scrub_at,
+            scrub_bytes: u.scrub_bytes_per_day,
+        })
     }
 }
 
@@ -54,6 +104,17 @@ pub async fn run(
     repo: Arc<Repo>,
     jobs: Jobs,
     cfg: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(repo, jobs, cfg, None, shutdown).await
+}
+
+/// [`run`], also firing schedules and running the scrub when `unattended` is given.
+pub async fn run_with(
+    repo: Arc<Repo>,
+    jobs: Jobs,
+    cfg: DaemonConfig,
+    unattended: Option<Unattended>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
@@ -65,6 +126,23 @@ pub async fn run(
         concurrency = cfg.concurrency,
         "worker daemon started"
     );
+    let scheduler = match &unattended {
+        Some(u) => {
+            if let Err(e) = u.schedules.ensure_scrub(u.scrub_at).await {
+                tracing::warn!("setting up the daily scrub failed: {e}");
+            }
+            Some(AbortOnDrop(tokio::spawn(fire_schedules(u.clone()))))
+        }
+        None => None,
+    };
+    let ctx = Arc::new(JobContext {
+        healthcheck: unattended.as_ref().and_then(|u| u.healthcheck.clone()),
+        scrub_bytes: unattended
+            .as_ref()
+            .map(|u| u.scrub_bytes)
+            .unwrap_or(storinator_shared::config::DEFAULT_SCRUB_BYTES_PER_DAY),
+        restore_roots: cfg.restore_roots.clone(),
+    });
 
     loop {
         // Reap finished job tasks so the set doesn't grow.
@@ -85,10 +163,15 @@ pub async fn run(
                     kind = job.args.kind(),
                     "claimed job"
                 );
-                let (repo, jobs, cfg, stop) =
-                    (repo.clone(), jobs.clone(), cfg.clone(), stop_rx.clone());
+                let (repo, jobs, cfg, stop, ctx) = (
+                    repo.clone(),
+                    jobs.clone(),
+                    cfg.clone(),
+                    stop_rx.clone(),
+                    ctx.clone(),
+                );
                 running.spawn(async move {
-                    run_job(&repo, &jobs, &cfg, job, lease, stop).await;
+                    run_job(&repo, &jobs, &cfg, &ctx, job, lease, stop).await;
                     drop(permit);
                 });
             }
@@ -110,6 +193,7 @@ pub async fn run(
         }
     }
 
+    drop(scheduler);
     tracing::info!(
         running = running.len(),
         "shutting down: stopping running jobs at a safe point"
@@ -122,6 +206,39 @@ pub async fn run(
     }
     tracing::info!("worker daemon stopped");
     Ok(())
+}
+
+/// Fires due schedules every tick until aborted. Errors are logged and retried next tick.
+async fn fire_schedules(u: Unattended) {
+    let mut tick = tokio::time::interval(u.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match u.schedules.fire_due(&u.rules).await {
+            Ok(fired) => {
+                for f in fired.iter().filter(|f| f.outcome == RunOutcome::Refused) {
+                    tracing::warn!(
+                        schedule = f.schedule_id,
+                        "scheduled backup refused: {}",
+                        f.detail.as_deref().unwrap_or("")
+                    );
+                    if let Some(h) = &u.healthcheck {
+                        h.ping(false).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("firing schedules failed: {e}"),
+        }
+    }
+}
+
+/// What jobs need besides the repository and the job table.
+struct JobContext {
+    healthcheck: Option<Healthcheck>,
+    /// The scrub's budget when a scrub job names none.
+    scrub_bytes: u64,
+    /// See [`DaemonConfig::restore_roots`].
+    restore_roots: Vec<PathBuf>,
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -183,6 +300,7 @@ async fn run_job(
     repo: &Repo,
     jobs: &Jobs,
     cfg: &DaemonConfig,
+    ctx: &JobContext,
     job: Job,
     lease: Lease,
     mut stop: watch::Receiver<bool>,
@@ -269,8 +387,18 @@ async fn run_job(
     // If this task is dropped mid-job (runtime shutdown, abort), the heartbeat must stop too,
     // so the lease expires and another worker resumes the job.
     let beat = AbortOnDrop(beat);
-    let owner = format!("tg:{}", job.user_id);
-    let outcome = execute(repo, &job.args, &owner, latest.as_ref(), &cancel).await;
+    let owner = job.owner_name();
+    let now_ms = jobs.now_ms();
+    let outcome = execute(
+        repo,
+        ctx,
+        &job.args,
+        &owner,
+        now_ms,
+        latest.as_ref(),
+        &cancel,
+    )
+    .await;
     drop(beat);
     let stopped = *reason.lock().unwrap();
     // A job quicker than one heartbeat still records its estimate.
@@ -284,21 +412,23 @@ async fn run_job(
     }
 
     let recorded = match (outcome, stopped) {
-        (_, Some(StopReason::LeaseLost)) => Ok(()),
+        (_, Some(StopReason::LeaseLost)) => Ok(None),
         (Ok(result), _) => {
             tracing::info!(job = job.id, "job done");
-            jobs.finish(&lease, &result).await
+            jobs.finish(&lease, &result)
+                .await
+                .map(|_| Some(JobState::Done))
         }
         (Err(Error::Cancelled), Some(StopReason::User)) => {
             tracing::info!(job = job.id, "job cancelled by its user");
-            jobs.cancelled(&lease).await
+            jobs.cancelled(&lease).await.map(|_| None)
         }
         (Err(Error::Cancelled), _) => {
             tracing::info!(
                 job = job.id,
                 "job stopped for shutdown; released for the next run"
             );
-            jobs.release(&lease).await
+            jobs.release(&lease).await.map(|_| None)
         }
         (Err(Error::Conflicts { paths }), _) => {
             let sample = paths
@@ -313,19 +443,65 @@ async fn run_job(
             let msg = format!("{} existing files differ from the backup", paths.len());
             jobs.fail(&lease, &msg, Some(&result), false)
                 .await
-                .map(|_| ())
+                .map(Some)
         }
         (Err(e), _) => {
             let retry = e.is_retryable();
             tracing::warn!(job = job.id, retry, "job failed: {e}");
             jobs.fail(&lease, &e.to_string(), None, retry)
                 .await
-                .map(|_| ())
+                .map(Some)
         }
     };
-    if let Err(e) = recorded {
-        tracing::warn!(job = job.id, "recording the outcome failed: {e}");
+    match recorded {
+        Err(e) => tracing::warn!(job = job.id, "recording the outcome failed: {e}"),
+        // A scheduled backup's final outcome goes to the monitor (a retry is not final).
+        Ok(Some(state @ (JobState::Done | JobState::Failed)))
+            if job.schedule_id.is_some() && matches!(job.args, JobArgs::Backup { .. }) =>
+        {
+            if let Some(h) = &ctx.healthcheck {
+                h.ping(state == JobState::Done).await;
+            }
+        }
+        Ok(_) => {}
     }
+}
+
+/// Where a chat restore writes: `to`, or without it the folder the item came from (differing
+/// files then need the user's confirmation). Both must be absolute and free of `.` and `..`;
+/// the engine then keeps the target inside the restore roots.
+fn restore_target(path: &str, to: Option<&str>, roots: &[PathBuf]) -> Result<PathBuf, Error> {
+    if roots.is_empty() {
+        return Err(Error::Invalid(
+            "this worker has no restore roots, so it refuses restores from the chat\nhint: set STORINATOR_RESTORE_ROOTS (or STORINATOR_BACKUP_ROOTS) in the worker's environment".into(),
+        ));
+    }
+    let plain = |p: &Path| {
+        p.is_absolute()
+            && p.to_str()
+                .is_some_and(|s| s.split('/').all(|c| c != "." && c != ".."))
+    };
+    let target = match to {
+        Some(t) => PathBuf::from(t),
+        None => {
+            let p = Path::new(path);
+            if !plain(p) {
+                return Err(Error::Invalid(format!(
+                    "{path:?} is not a plain absolute path: no restore in place"
+                )));
+            }
+            p.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| "/".into())
+        }
+    };
+    if !plain(&target) {
+        return Err(Error::Invalid(format!(
+            "restore target {} is not a plain absolute path (no \".\" or \"..\")",
+            target.display()
+        )));
+    }
+    Ok(target)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -338,12 +514,31 @@ impl Drop for AbortOnDrop {
 
 async fn execute(
     repo: &Repo,
+    ctx: &JobContext,
     args: &JobArgs,
     owner: &str,
+    now_ms: i64,
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
     match args {
+        JobArgs::Scrub { bytes } => {
+            let started = std::time::Instant::now();
+            let opts = ScrubOptions {
+                budget: bytes.unwrap_or(ctx.scrub_bytes),
+                now_ms,
+                heal: true,
+            };
+            let r = repo.scrub(&opts, progress, cancel).await?;
+            Ok(JobResult::Scrub {
+                bytes_read: r.bytes_read,
+                chunks_checked: r.chunks_checked,
+                damaged: r.healed_chunks + r.unhealed_chunks,
+                healed: r.healed_chunks,
+                unhealed: r.unhealed_chunks,
+                duration_ms: started.elapsed().as_millis() as u64,
+            })
+        }
         JobArgs::Backup { path, encrypt } => {
             let opts = BackupOptions {
                 path: PathBuf::from(path),
@@ -368,23 +563,20 @@ async fn execute(
             snapshot,
             overwrite,
         } => {
-            // Without a target the item goes back where it came from (differing files then
-            // need the user's confirmation).
-            let to = match to {
-                Some(t) => PathBuf::from(t),
-                None => Path::new(path)
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| "/".into()),
-            };
+            let to = restore_target(path, to.as_deref(), &ctx.restore_roots)?;
             let opts = RestoreOptions {
                 path: path.clone(),
                 to,
                 snapshot: snapshot.clone(),
                 owner: owner.to_string(),
                 overwrite: *overwrite,
+                within: Some(ctx.restore_roots.clone()),
+                same_owner: None,
             };
             let s = repo.restore(&opts, progress, cancel).await?;
+            for note in s.notes() {
+                tracing::warn!(job = owner, "{note}");
+            }
             Ok(JobResult::Restore {
                 files: s.files,
                 bytes: s.bytes,
@@ -402,5 +594,35 @@ async fn execute(
                 duration_ms: started.elapsed().as_millis() as u64,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_restore_targets_are_plain_absolute_paths_and_need_roots() {
+        let roots = vec![PathBuf::from("/srv")];
+        assert_eq!(
+            restore_target("/srv/data/photos", None, &roots).unwrap(),
+            PathBuf::from("/srv/data")
+        );
+        assert_eq!(
+            restore_target("/srv/x", Some("/srv/out"), &roots).unwrap(),
+            PathBuf::from("/srv/out")
+        );
+        for (path, to) in [
+            ("/srv/../etc/cron.d/x", None),
+            ("/srv/./x/y", None),
+            ("relative/x", None),
+            ("/srv/x", Some("/srv/out/../../etc")),
+            ("/srv/x", Some("out")),
+        ] {
+            assert!(restore_target(path, to, &roots).is_err(), "{path} {to:?}");
+        }
+        assert!(restore_target("/srv/.config/x", None, &roots).is_ok());
+        let e = restore_target("/srv/x", Some("/srv/out"), &[]).unwrap_err();
+        assert!(e.to_string().contains("STORINATOR_RESTORE_ROOTS"), "{e}");
     }
 }

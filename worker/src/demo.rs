@@ -136,6 +136,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         Jobs::new(catalog.pool().clone()),
         crate::daemon::DaemonConfig {
             poll_interval: Duration::from_millis(200),
+            restore_roots: vec![restore_to.clone()],
             ..Default::default()
         },
         stopped(stop_rx.clone()),

@@ -4,5 +4,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod demo;
+pub mod healthcheck;
+pub mod schedule_cli;
 pub mod telegram;
 pub mod ui;

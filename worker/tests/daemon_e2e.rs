@@ -153,6 +153,7 @@ impl World {
             concurrency: 2,
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
+            restore_roots: vec![self.root.clone()],
         };
         let (tx, rx) = oneshot::channel::<()>();
         let jobs = self.jobs.clone();

@@ -55,6 +55,7 @@ async fn chain(
             concurrency: 1,
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
+            restore_roots: vec![dir.to_path_buf()],
         },
         async move {
             let _ = wrx.await;

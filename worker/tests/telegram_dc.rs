@@ -146,6 +146,8 @@ async fn restore_verify_and_recover_read_packs_from_another_data_centre() {
                 snapshot: None,
                 owner: "local".into(),
                 overwrite: false,
+                within: None,
+                same_owner: None,
             },
             &NoProgress,
             &CancelFlag::new(),

@@ -74,6 +74,8 @@ fn restore(src: &Path, to: &Path) -> RestoreOptions {
         snapshot: None,
         owner: "local".into(),
         overwrite: false,
+        within: None,
+        same_owner: None,
     }
 }
 

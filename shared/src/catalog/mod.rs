@@ -8,9 +8,23 @@
 
 mod keys;
 mod packs;
+mod scrub;
 mod snapshots;
 
+pub use scrub::{
+    AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
+};
 pub use snapshots::{NewContent, NewEntry};
+
+/// Who owns an entry, as recorded at backup (all `None` for entries from before owners were
+/// recorded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
 
 use std::path::Path;
 use std::str::FromStr;
@@ -85,6 +99,7 @@ pub struct EntryRow {
     pub content_id: Option<i64>,
     pub sha256: Option<[u8; 32]>,
     pub target: Option<String>,
+    pub owner: Owner,
 }
 
 /// A snapshot as listed to users.
@@ -157,8 +172,8 @@ pub(crate) fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotInfo {
     }
 }
 
-pub(crate) const ENTRY_COLUMNS: &str =
-    "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target";
+pub(crate) const ENTRY_COLUMNS: &str = "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target, \
+     e.uid, e.gid, e.user_name, e.group_name";
 
 pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
     let sha: Option<Vec<u8>> = r.get(8);
@@ -173,6 +188,12 @@ pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
         content_id: r.get(7),
         sha256: sha.and_then(|s| s.try_into().ok()),
         target: r.get(9),
+        owner: Owner {
+            uid: r.get::<Option<i64>, _>(10).map(|v| v as u32),
+            gid: r.get::<Option<i64>, _>(11).map(|v| v as u32),
+            user: r.get(12),
+            group: r.get(13),
+        },
     }
 }
 

@@ -50,12 +50,16 @@ impl Catalog {
         .map_err(db("storing a pack"))?;
         for e in entries {
             // A chunk that already lives in another (stored) pack keeps its first home; one
-            // in a pack known to be missing moves here.
+            // in a pack known to be missing, or found damaged by a scrub, moves here, and so
+            // does a format-1 unencrypted one (no MAC, flags 0) when this copy is authenticated.
             sqlx::query(
                 "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset, \
                  length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
-                 WHERE (SELECT state FROM packs WHERE id = chunks.pack_id) <> 'stored'",
+                 WHERE (SELECT state FROM packs WHERE id = chunks.pack_id) <> 'stored' \
+                 OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
+                 OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
+                            AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)",
             )
             .bind(&e.id.0[..])
             .bind(id)
@@ -68,6 +72,17 @@ impl Catalog {
             .await
             .map_err(db("indexing a pack"))?;
         }
+        // Damaged chunks that now live here are healed.
+        sqlx::query(
+            "UPDATE damaged_chunks SET healed_at = ?, healed_pack = ? \
+             WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_id = ?)",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording healed chunks"))?;
         tx.commit().await.map_err(db("storing a pack"))?;
         Ok(())
     }
@@ -114,10 +129,13 @@ impl Catalog {
     }
 
     /// Ids of blobs that are safely stored and can be deduplicated against, with their
-    /// encryption flag.
-    pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, bool)>, Error> {
+    /// trailer flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`); a chunk a scrub found
+    /// damaged is not: the next backup that meets its data stores it again, which heals it.
+    pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, u8)>, Error> {
         let rows = sqlx::query(
-            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE p.state = 'stored'",
+            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE p.state = 'stored' \
+             AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id \
+                             AND d.pack_id = c.pack_id AND d.healed_at IS NULL)",
         )
         .fetch_all(&self.pool)
         .await
@@ -126,7 +144,7 @@ impl Catalog {
             .map(|r| {
                 let id: Vec<u8> = r.get(0);
                 let flags: i64 = r.get(1);
-                Ok((ChunkId::from_slice(&id)?, flags & 1 == 1))
+                Ok((ChunkId::from_slice(&id)?, flags as u8))
             })
             .collect()
     }

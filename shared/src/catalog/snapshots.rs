@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{Row, SqliteConnection};
 
 use super::{
-    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
+    Catalog, ENTRY_COLUMNS, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
     snapshot_from_row,
 };
 use crate::error::Error;
@@ -200,6 +200,7 @@ impl Catalog {
                     && p.inode == item.inode
                     && p.content_id == content_id
                     && p.target == item.target
+                    && p.owner == item.owner
             });
             if same {
                 continue;
@@ -287,7 +288,28 @@ async fn content_id(
     .fetch_one(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
-    if inserted == 1 {
+    // A content first recorded on format-1 unencrypted blobs (checksums only, which `recover`
+    // won't index) takes the new chunk list, stored authenticated: same bytes, same SHA-256.
+    let on_format1: i64 = if inserted == 0 && !chunks.is_empty() {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM content_chunks cc JOIN chunks ch ON ch.id = cc.chunk_id \
+             WHERE cc.content_id = ? AND ch.flags & 3 = 0",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?
+    } else {
+        0
+    };
+    if on_format1 > 0 {
+        sqlx::query("DELETE FROM content_chunks WHERE content_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(COMMIT))?;
+    }
+    if inserted == 1 || on_format1 > 0 {
         for (i, c) in chunks.iter().enumerate() {
             sqlx::query("INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES (?, ?, ?)")
                 .bind(id)
@@ -310,8 +332,8 @@ async fn insert_entry(
     content_id: Option<i64>,
 ) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq, \
+         uid, gid, user_name, group_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(root_id)
     .bind(&item.path)
@@ -323,6 +345,10 @@ async fn insert_entry(
     .bind(content_id)
     .bind(&item.target)
     .bind(seq)
+    .bind(item.owner.uid.map(i64::from))
+    .bind(item.owner.gid.map(i64::from))
+    .bind(&item.owner.user)
+    .bind(&item.owner.group)
     .execute(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
@@ -382,6 +408,7 @@ pub struct NewEntry {
     pub mode: u32,
     pub inode: u64,
     pub target: Option<String>,
+    pub owner: Owner,
     pub content: NewContent,
 }
 

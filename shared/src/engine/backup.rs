@@ -22,12 +22,12 @@ use tokio::sync::mpsc;
 use super::packer::{Packer, upload_packs};
 use super::pipeline::{FileData, FileOutcome, Pipeline};
 use super::repo::Repo;
-use crate::catalog::{EntryRow, NewContent, NewEntry, SnapshotInfo, now_ms};
+use crate::catalog::{EntryRow, NewContent, NewEntry, Owner, SnapshotInfo, now_ms};
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
-use crate::format::pack::{BlobKind, FinishedPack};
-use crate::format::snapshot::{ListingEntry, SnapshotObject};
+use crate::format::pack::{self, BlobKind, FinishedPack};
+use crate::format::snapshot::{ListingEntry, SNAPSHOT_VERSION, SnapshotObject};
 use crate::progress::{CancelFlag, Counters, Phase, Progress, human_bytes};
 /// What to back up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -101,6 +101,7 @@ struct Item {
     mode: u32,
     inode: u64,
     target: Option<String>,
+    owner: Owner,
     content: Content,
 }
 
@@ -168,7 +169,7 @@ struct Known {
     previous: Arc<HashMap<String, EntryRow>>,
     /// Chunk lists of the previous snapshot's contents, to list unchanged files unread.
     prev_chunks: HashMap<i64, Vec<ChunkId>>,
-    /// Chunks already stored with this encryption setting (dedup).
+    /// Chunks already stored with this encryption setting and authenticated (dedup).
     stored: HashSet<ChunkId>,
 }
 
@@ -187,7 +188,12 @@ impl Known {
             .stored_chunk_ids()
             .await?
             .into_iter()
-            .filter(|(_, enc)| *enc == opts.encrypt)
+            // A format-1 unencrypted blob is not authenticated: `recover` would not index it,
+            // so a new snapshot must not rely on it (its data is stored again, authenticated).
+            .filter(|(_, flags)| {
+                (flags & pack::FLAG_ENCRYPTED != 0) == opts.encrypt
+                    && pack::flags_authenticated(*flags)
+            })
             .map(|(id, _)| id)
             .collect();
         Ok(Known {
@@ -240,6 +246,7 @@ pub(crate) async fn run(
     clean_spool(repo.storage.spool_dir());
     let known = Known::load(repo, opts, &source.root).await?;
     let mut scan = scan(&source, &known.previous, cancel).await?;
+    reread_unstored(&mut scan, &known);
     announce(repo, &scan, &counters, progress);
 
     // Uploader: stores finished packs, then indexes them in the catalog.
@@ -280,7 +287,7 @@ pub(crate) async fn run(
     let listing = build_listing(&scan.items, &file_data, &known.prev_chunks)?;
     let bytes_read: u64 = file_data.iter().flatten().map(|d| d.size).sum();
     let object = SnapshotObject {
-        version: 1,
+        version: SNAPSHOT_VERSION,
         owner: opts.owner.clone(),
         root: source.root.clone(),
         hostname: repo.settings.hostname.clone(),
@@ -321,6 +328,25 @@ pub(crate) async fn run(
         duration_ms: started.elapsed().as_millis() as u64,
         warnings: scan.warnings,
     })
+}
+
+/// An unchanged file is listed with its previous chunk list only if every chunk of it is
+/// among the stored ones this backup may rely on; otherwise (a format-1 unencrypted chunk) it
+/// is read and stored again.
+fn reread_unstored(scan: &mut Scan, known: &Known) {
+    for (i, item) in scan.items.iter_mut().enumerate() {
+        let Content::Reused { content_id, .. } = item.content else {
+            continue;
+        };
+        let stored = known
+            .prev_chunks
+            .get(&content_id)
+            .is_some_and(|c| c.iter().all(|id| known.stored.contains(id)));
+        if !stored && item.size > 0 {
+            scan.to_read.push((i, item.size));
+            item.content = Content::Read(scan.to_read.len() - 1);
+        }
+    }
 }
 
 /// The catalog's view of a snapshot whose object is stored.
@@ -501,6 +527,10 @@ fn build_listing(
             sha256: sha,
             chunks,
             target: item.target.clone(),
+            uid: item.owner.uid,
+            gid: item.owner.gid,
+            user: item.owner.user.clone(),
+            group: item.owner.group.clone(),
         };
         serde_json::to_writer(&mut listing.json, &line).expect("listing entries serialize");
         listing.json.push(b'\n');
@@ -559,6 +589,7 @@ fn new_entries(items: &[Item], kept: &[usize], file_data: &[Option<FileData>]) -
                 mode: item.mode,
                 inode: item.inode,
                 target: item.target.clone(),
+                owner: item.owner.clone(),
                 content,
             }
         })
@@ -589,6 +620,7 @@ fn walk(
         to_read: Vec::new(),
         warnings: Vec::new(),
     };
+    let mut names = OwnerNames::default();
     let walker = walkdir::WalkDir::new(src)
         .follow_links(false)
         .sort_by_file_name();
@@ -623,6 +655,7 @@ fn walk(
             previous,
             &mut scan.to_read,
             scan.items.len(),
+            &mut names,
         ) {
             Ok(item) => scan.items.push(item),
             Err(w) => scan.warnings.push(w),
@@ -640,6 +673,7 @@ fn walked_item(
     previous: &HashMap<String, EntryRow>,
     to_read: &mut Vec<(usize, u64)>,
     index: usize,
+    names: &mut OwnerNames,
 ) -> Result<Item, Warning> {
     let rel = rel_path(src, name, entry.path()).ok_or_else(|| Warning {
         path: rel_display(src, name, entry.path()),
@@ -692,8 +726,48 @@ fn walked_item(
         mode: meta.permissions().mode() & 0o7777,
         inode,
         target,
+        owner: names.owner(meta.uid(), meta.gid()),
         content,
     })
+}
+
+/// User and group names by id, looked up once each (the system's user database, through
+/// NSS).
+#[derive(Default)]
+struct OwnerNames {
+    users: HashMap<u32, Option<String>>,
+    groups: HashMap<u32, Option<String>>,
+}
+
+impl OwnerNames {
+    fn owner(&mut self, uid: u32, gid: u32) -> Owner {
+        let user = self
+            .users
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .clone();
+        let group = self
+            .groups
+            .entry(gid)
+            .or_insert_with(|| {
+                nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name)
+            })
+            .clone();
+        Owner {
+            uid: Some(uid),
+            gid: Some(gid),
+            user,
+            group,
+        }
+    }
 }
 
 /// The kind of a walked path (and a symlink's target), or why it is skipped.

@@ -70,13 +70,6 @@ pub(super) struct Pipeline {
     pub new_bytes: AtomicU64,
 }
 
-/// The chunker's gear seed, derived from the id key: boundaries differ per repository (see
-/// chunker).
-fn cdc_seed(keys: &Keys) -> u64 {
-    let id = keys.chunk_id(b"t-storinator fastcdc gear seed");
-    u64::from_le_bytes(id.0[..8].try_into().unwrap())
-}
-
 /// The state the reader and sealer threads share during [`Pipeline::read_all`].
 struct Shared<'a> {
     files: &'a [(PathBuf, String, u64)],
@@ -98,7 +91,7 @@ impl Pipeline {
             keys: repo.keys().clone(),
             encrypt,
             compression: repo.settings.compression,
-            cutter: Cutter::new(repo.settings.chunker, cdc_seed(repo.keys())),
+            cutter: Cutter::new(repo.settings.chunker, repo.keys().chunker_seed(encrypt)),
             threads: repo.settings.threads.max(1),
             known: Mutex::new(stored),
             counters: counters.clone(),
@@ -113,7 +106,7 @@ impl Pipeline {
         if self.encrypt {
             SealMode::Encrypted(&self.keys)
         } else {
-            SealMode::Plain
+            SealMode::Plain(&self.keys)
         }
     }
 
@@ -123,6 +116,12 @@ impl Pipeline {
         } else {
             crypto::plain_chunk_id(data)
         }
+    }
+
+    fn cdc_seed(&self) -> u64 {
+        // Secret per repository and per kind of snapshot: the cut points of unencrypted packs
+        // are visible and must tell nothing about encrypted ones (see `Keys::chunker_seed`).
+        self.keys.chunker_seed(self.encrypt)
     }
 
     fn fail(&self, shared: &Shared<'_>, e: Error) {
@@ -277,7 +276,7 @@ impl Pipeline {
         kind: BlobKind,
     ) -> Result<Vec<ChunkId>, Error> {
         let mut ids = Vec::new();
-        let cutter = Cutter::new(LISTING_CHUNKS, cdc_seed(&self.keys));
+        let cutter = Cutter::new(LISTING_CHUNKS, self.cdc_seed());
         let mut chunker = Chunker::new(data, &cutter, ChunkBuf::new(&cutter));
         while let Some(chunk) = chunker
             .next_chunk()

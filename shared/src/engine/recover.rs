@@ -6,12 +6,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
-use crate::catalog::{Catalog, NewContent, NewEntry, SnapshotInfo};
+use crate::catalog::{Catalog, NewContent, NewEntry, Owner, SnapshotInfo};
 use crate::error::Error;
 use crate::format::EntryKind;
-use crate::format::crypto::{self, ChunkId, Keys, WrappedKey};
-use crate::format::pack::{self, BlobKind, MAX_BLOB, PACK_TAIL_LEN, PackId};
-use crate::format::snapshot::{ListingEntry, SnapshotObject};
+use crate::format::crypto::{self, ChunkId, Keys, MasterSecret, WrappedKey};
+use crate::format::pack::{self, BlobKind, MAX_BLOB, MAX_SEALED_BLOB, PACK_TAIL_LEN, PackId};
+use crate::format::snapshot::{SnapshotObject, decode_listing};
 use crate::progress::{Counters, Phase, Progress};
 use crate::storage::{ObjectRef, Storage, with_retry};
 
@@ -27,6 +27,11 @@ pub struct RecoverReport {
 
 /// Rebuilds the catalog from storage: the wrapped key, every pack trailer, every snapshot
 /// object and its listing. Safe to run again: what is already known is kept.
+///
+/// Storage is hostile until authenticated (invariant 6): only packs whose trailer is
+/// authenticated with the key are indexed, every snapshot object and listing chunk is opened
+/// against the id an authenticated source gives for it, and anything else (a forged pack, a
+/// format-1 unencrypted pack, a planted key object) is skipped with a problem naming it.
 pub async fn recover(
     catalog: Catalog,
     storage: Arc<dyn Storage>,
@@ -40,46 +45,14 @@ pub async fn recover(
     let objects = storage.list().await?;
     let mut report = RecoverReport::default();
 
-    // The key: the catalog's if it has one, else one from storage that the passphrase opens.
-    let master = match catalog.user_key(KEY_USER).await? {
-        Some(w) => unwrap_key(&w, passphrase).await?,
-        None => {
-            let mut found = None;
-            let mut wrong = false;
-            for o in objects.iter().filter(|o| o.name.starts_with("key-")) {
-                let obj = ObjectRef::new(&o.name, o.location.clone());
-                let bytes =
-                    with_retry("reading the key", || storage.get_range(&obj, 0, o.size)).await?;
-                let Ok(w) = serde_json::from_slice::<WrappedKey>(&bytes) else {
-                    report
-                        .problems
-                        .push(format!("{} is not a key object", o.name));
-                    continue;
-                };
-                match unwrap_key(&w, passphrase).await {
-                    Ok(m) => {
-                        found = Some((w, m));
-                        break;
-                    }
-                    Err(Error::WrongPassphrase) => wrong = true,
-                    Err(e) => return Err(e),
-                }
-            }
-            match found {
-                Some((w, m)) => {
-                    catalog.put_user_key(KEY_USER, &w).await?;
-                    m
-                }
-                None if wrong => return Err(Error::WrongPassphrase),
-                None => {
-                    return Err(Error::NotFound(format!(
-                        "no key object in {}",
-                        storage.describe()
-                    )));
-                }
-            }
-        }
-    };
+    let master = find_key(
+        &catalog,
+        storage.as_ref(),
+        &objects,
+        passphrase,
+        &mut report,
+    )
+    .await?;
     let keys = Keys::derive(&master);
 
     // Packs: index every trailer.
@@ -94,22 +67,23 @@ pub async fn recover(
     let mut snapshot_blobs: Vec<(ChunkId, ObjectRef, pack::PackEntry)> = Vec::new();
     for o in pack_objects {
         let obj = ObjectRef::new(&o.name, o.location.clone());
+        // Only a trailer authenticated with the key is indexed: a pack anyone could have
+        // posted (a forged or format-1 unencrypted one) is skipped whole, named in the report.
         match read_trailer(storage.as_ref(), &keys, &obj, o.size).await {
-            Ok(entries) => {
+            Ok(trailer) => {
                 let id = o.name.trim_end_matches(".enc");
-                let encrypted = entries
-                    .first()
-                    .is_none_or(|e| e.flags & pack::FLAG_ENCRYPTED != 0);
                 catalog
-                    .pack_stored(id, o.size, encrypted, &o.location, &entries)
+                    .pack_stored(id, o.size, trailer.encrypted, &o.location, &trailer.entries)
                     .await?;
                 report.packs += 1;
-                report.chunks += entries.len() as u64;
-                for e in entries.into_iter().filter(|e| e.kind == BlobKind::Snapshot) {
-                    snapshot_blobs.push((e.id, obj.clone(), e));
+                report.chunks += trailer.entries.len() as u64;
+                for e in trailer.entries {
+                    if e.kind == BlobKind::Snapshot {
+                        snapshot_blobs.push((e.id, obj.clone(), e));
+                    }
                 }
             }
-            Err(e) => report.problems.push(e),
+            Err(e) => problem(&mut report, format!("{e}; skipped")),
         }
         Counters::add(&counters.files_done, 1);
         progress.report(&counters.report());
@@ -122,16 +96,11 @@ pub async fn recover(
         if known.contains(id.0.as_slice()) {
             continue;
         }
-        match read_blob(storage.as_ref(), &keys, &obj, &entry)
-            .await
-            .and_then(|b| {
-                serde_json::from_slice::<SnapshotObject>(&b)
-                    .map_err(|e| format!("snapshot {}: {e}", id.to_hex()))
-            }) {
+        match read_snapshot_object(storage.as_ref(), &keys, &obj, &entry).await {
             Ok(s) => {
                 objects_by_time.insert((s.finished_at, id.to_hex()), (id, s));
             }
-            Err(e) => report.problems.push(e),
+            Err(e) => problem(&mut report, format!("{e}; skipped")),
         }
     }
     let repo = Repo::with_keys(catalog, storage, keys, settings);
@@ -139,11 +108,14 @@ pub async fn recover(
     for (_, (id, s)) in objects_by_time {
         match restore_snapshot(&repo, &id, &s).await {
             Ok(()) => report.snapshots += 1,
-            Err(e) => report.problems.push(format!(
-                "snapshot {} of {}: {e}",
-                &id.to_hex()[..12],
-                s.root
-            )),
+            Err(e) => problem(
+                &mut report,
+                format!(
+                    "snapshot {} of {}: {e}; skipped",
+                    &id.to_hex()[..12],
+                    s.root
+                ),
+            ),
         }
     }
     counters.set_phase(Phase::Done);
@@ -161,16 +133,28 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
             ))
         })?;
         let obj = ObjectRef::new(format!("{}.enc", loc.pack_id), loc.location.clone());
+        if loc.length > MAX_SEALED_BLOB {
+            return Err(Error::Invalid(format!(
+                "listing chunk {} is larger than a blob may be",
+                &chunk.to_hex()[..12]
+            )));
+        }
         let sealed = with_retry("reading a listing", || {
             repo.storage.get_range(&obj, loc.offset, loc.length)
         })
         .await?;
-        listing.extend(crypto::open(Some(repo.keys()), &sealed, MAX_BLOB)?);
+        // The authenticated snapshot object vouches for the listing chunk's id.
+        let opened = crypto::open_chunk(repo.keys(), &sealed, MAX_BLOB, chunk)?;
+        if s.encrypted && !opened.encrypted {
+            return Err(Error::Invalid(format!(
+                "listing chunk {} of an encrypted snapshot is not encrypted",
+                &chunk.to_hex()[..12]
+            )));
+        }
+        listing.extend(opened.plaintext);
     }
     let mut items = Vec::new();
-    for line in listing.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let e: ListingEntry = serde_json::from_slice(line)
-            .map_err(|e| Error::Invalid(format!("listing of snapshot is damaged: {e}")))?;
+    for e in decode_listing(&listing)? {
         let content = match (e.kind, &e.sha256) {
             (EntryKind::File, Some(h)) => {
                 let sha: [u8; 32] = hex::decode(h)
@@ -195,6 +179,12 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
             mode: e.mode,
             inode: e.inode,
             target: e.target,
+            owner: Owner {
+                uid: e.uid,
+                gid: e.gid,
+                user: e.user,
+                group: e.group,
+            },
             content,
         });
     }
@@ -226,12 +216,70 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
     Ok(())
 }
 
+/// Records a problem (it names the object) and logs it.
+fn problem(report: &mut RecoverReport, message: String) {
+    tracing::warn!("recover: {message}");
+    report.problems.push(message);
+}
+
+/// The master secret: unwrapped from the catalog's key if it has one, else from the first key
+/// object in storage that the passphrase opens. A key object that is too large, malformed or
+/// out of bounds is skipped with a problem naming it: a planted one must not stop `recover`.
+async fn find_key(
+    catalog: &Catalog,
+    storage: &dyn Storage,
+    objects: &[crate::storage::ObjectInfo],
+    passphrase: &str,
+    report: &mut RecoverReport,
+) -> Result<MasterSecret, Error> {
+    if let Some(w) = catalog.user_key(KEY_USER).await? {
+        return unwrap_key(&w, passphrase).await;
+    }
+    let mut wrong = false;
+    for o in objects.iter().filter(|o| o.name.starts_with("key-")) {
+        if o.size > crypto::MAX_KEY_OBJECT {
+            problem(
+                report,
+                format!(
+                    "{} is {} bytes, too large for a key object; skipped",
+                    o.name, o.size
+                ),
+            );
+            continue;
+        }
+        let obj = ObjectRef::new(&o.name, o.location.clone());
+        let bytes = with_retry("reading the key", || storage.get_range(&obj, 0, o.size)).await?;
+        let w = match WrappedKey::decode(&bytes) {
+            Ok(w) => w,
+            Err(e) => {
+                problem(report, format!("{}: {e}; skipped", o.name));
+                continue;
+            }
+        };
+        match unwrap_key(&w, passphrase).await {
+            Ok(m) => {
+                catalog.put_user_key(KEY_USER, &w).await?;
+                return Ok(m);
+            }
+            Err(Error::WrongPassphrase) => wrong = true,
+            Err(e) => problem(report, format!("{}: {e}; skipped", o.name)),
+        }
+    }
+    if wrong {
+        return Err(Error::WrongPassphrase);
+    }
+    Err(Error::NotFound(format!(
+        "no key object in {}",
+        storage.describe()
+    )))
+}
+
 async fn read_trailer(
     storage: &dyn Storage,
     keys: &Keys,
     obj: &ObjectRef,
     size: u64,
-) -> Result<Vec<pack::PackEntry>, String> {
+) -> Result<pack::Trailer, String> {
     let err = |e: &dyn std::fmt::Display| format!("pack {}: {e}", obj.name);
     if size < PACK_TAIL_LEN {
         return Err(err(&"too small to be a pack"));
@@ -246,19 +294,33 @@ async fn read_trailer(
     let sealed = with_retry("reading a pack", || storage.get_range(obj, body_len, tlen))
         .await
         .map_err(|e| err(&e))?;
-    pack::open_trailer(Some(keys), &obj.name, &sealed, body_len).map_err(|e| e.to_string())
+    pack::open_trailer(keys, &obj.name, &sealed, body_len).map_err(|e| e.to_string())
 }
 
-async fn read_blob(
+/// Reads, authenticates and decodes a snapshot object; its id (from the authenticated
+/// trailer) is checked against its content, and its `encrypted` claim against its blob.
+async fn read_snapshot_object(
     storage: &dyn Storage,
     keys: &Keys,
     obj: &ObjectRef,
     e: &pack::PackEntry,
-) -> Result<Vec<u8>, String> {
+) -> Result<SnapshotObject, String> {
+    let what = |x: &dyn std::fmt::Display| {
+        format!(
+            "snapshot {} in pack {}: {x}",
+            &e.id.to_hex()[..12],
+            obj.name
+        )
+    };
     let sealed = with_retry("reading a blob", || {
         storage.get_range(obj, e.offset, u64::from(e.length))
     })
     .await
-    .map_err(|x| format!("pack {}: {x}", obj.name))?;
-    crypto::open(Some(keys), &sealed, MAX_BLOB).map_err(|x| format!("pack {}: {x}", obj.name))
+    .map_err(|x| what(&x))?;
+    let opened = crypto::open_chunk(keys, &sealed, MAX_BLOB, &e.id).map_err(|x| what(&x))?;
+    let s = SnapshotObject::decode(&opened.plaintext).map_err(|x| what(&x))?;
+    if s.encrypted != opened.encrypted {
+        return Err(what(&"its encryption differs from what it claims"));
+    }
+    Ok(s)
 }

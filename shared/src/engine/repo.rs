@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::backup::{self, BackupOptions, BackupSummary};
 use super::restore::{self, RestoreOptions, RestoreSummary};
+use super::scrub::{self, ScrubOptions};
 use super::verify;
-use crate::catalog::{Catalog, EntryKind, EntryRow, SnapshotInfo};
+use crate::catalog::{Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo};
 use crate::config::Config;
 use crate::error::{CryptoError, Error};
 use crate::format::chunker::ChunkerParams;
@@ -214,6 +215,17 @@ impl Repo {
         progress: &dyn Progress,
     ) -> Result<VerifyReport, Error> {
         verify::run(self, read_data, progress).await
+    }
+
+    /// Reads packs back within a budget, authenticating every chunk, and heals damaged chunks
+    /// from the files on disk. The report is also recorded in the catalog.
+    pub async fn scrub(
+        &self,
+        opts: &ScrubOptions,
+        progress: &dyn Progress,
+        cancel: &CancelFlag,
+    ) -> Result<ScrubReport, Error> {
+        scrub::run(self, opts, progress, cancel).await
     }
 
     /// Snapshots of `owner`, oldest first; with `path`, only those containing it.

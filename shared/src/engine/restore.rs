@@ -1,23 +1,30 @@
 //! The restore engine: resolve a path in a snapshot, check the target, fetch only the needed
 //! ranges, verify and decrypt, write each file under a temporary name and rename it only once
-//! its SHA-256 matches (invariant 3); never write outside the target (invariant 4).
+//! its SHA-256 matches (invariant 3); never write outside the target (invariant 4): everything
+//! is created, renamed, chmod'ed and touched through directory handles opened beneath the
+//! target that never follow symlinks (see `target`).
 
-use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use rustix::fs::{AtFlags, OFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::repo::Repo;
-use crate::catalog::{ChunkLoc, EntryKind, EntryRow, SnapshotInfo};
+use super::target::{self, Target};
+use crate::catalog::{ChunkLoc, EntryKind, EntryRow, Owner, SnapshotInfo};
 use crate::error::Error;
 use crate::format::crypto::{self, ChunkId, Keys};
+use crate::format::pack::MAX_BLOB;
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
 use crate::storage::{ObjectRef, Storage, with_retry};
 
@@ -34,6 +41,15 @@ pub struct RestoreOptions {
     pub owner: String,
     /// Replace existing files that differ (otherwise the restore refuses before writing).
     pub overwrite: bool,
+    /// Jobs from the chat: `to` must lie in one of these folders (the worker's restore
+    /// roots), checked on the directory handle the restore writes through. `None`: the CLI,
+    /// whose operator names any folder.
+    #[serde(default)]
+    pub within: Option<Vec<PathBuf>>,
+    /// Restore the recorded owners (default: when running as root, like tar). Without them,
+    /// setuid and setgid bits are not restored either.
+    #[serde(default)]
+    pub same_owner: Option<bool>,
 }
 
 /// The outcome of a restore.
@@ -48,6 +64,12 @@ pub struct RestoreSummary {
     /// Files already present with the right content, left untouched.
     pub unchanged: u64,
     pub duration_ms: u64,
+    /// What was restored differently from the backup (setuid/setgid bits left out, ...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Temporary files of an interrupted restore into this target, removed first.
+    #[serde(default)]
+    pub removed_temp: Vec<PathBuf>,
 }
 
 impl RestoreSummary {
@@ -67,6 +89,24 @@ impl RestoreSummary {
             },
             self.duration_ms as f64 / 1000.0
         )
+    }
+
+    /// Lines for a person about what was cleaned up or restored differently.
+    pub fn notes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.removed_temp.is_empty() {
+            out.push(format!(
+                "removed {} temporary file(s) left by an interrupted restore: {}",
+                self.removed_temp.len(),
+                self.removed_temp
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        out.extend(self.warnings.iter().map(|w| format!("warning: {w}")));
+        out
     }
 }
 
@@ -208,9 +248,30 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 /// One planned item.
 struct Planned {
     entry: EntryRow,
-    dest: PathBuf,
+    /// Where it goes, relative to the target (a plain relative path).
+    rel: PathBuf,
     /// For files: the chunk list (empty for empty files).
     chunks: Vec<ChunkLoc>,
+}
+
+/// Per-item problems of a restore: what failed (the restore goes on with the rest) and what
+/// was done differently from the backup.
+#[derive(Default)]
+struct Outcome {
+    failures: Vec<(String, String)>,
+    warnings: Vec<String>,
+}
+
+impl Outcome {
+    fn fail(&mut self, path: &str, reason: impl std::fmt::Display) {
+        tracing::error!("restore of {path} failed: {reason}");
+        self.failures.push((path.to_string(), reason.to_string()));
+    }
+
+    fn merge(&mut self, other: Outcome) {
+        self.failures.extend(other.failures);
+        self.warnings.extend(other.warnings);
+    }
 }
 
 /// Runs a restore. Called through [`Repo::restore`].
@@ -236,9 +297,12 @@ pub(crate) async fn run(
             opts.path, resolved.snapshot.short_id
         )));
     }
-    let to = prepare_target(&opts.to)?;
-    let mut plan = plan_paths(entries, &resolved.prefix, &to)?;
-    let skip = check_existing(&plan, opts.overwrite).await?;
+    let target = {
+        let (to, within) = (opts.to.clone(), opts.within.clone());
+        Arc::new(blocking(move || Target::open(&to, within.as_deref())).await??)
+    };
+    let mut plan = plan_paths(entries, &resolved.prefix)?;
+    let skip = check_existing(&target, &plan, opts.overwrite).await?;
     let (files_total, bytes_total) = attach_chunk_lists(repo, &resolved, &mut plan, &skip).await?;
     counters.files_total.store(files_total, Ordering::Relaxed);
     counters.bytes_total.store(bytes_total, Ordering::Relaxed);
@@ -252,57 +316,100 @@ pub(crate) async fn run(
         progress.estimate(&estimate);
     }
 
-    // Directories first (parents before children: the plan is sorted by path).
-    let dirs: Vec<usize> = (0..plan.len())
-        .filter(|&i| plan[i].entry.kind == EntryKind::Dir)
-        .collect();
-    for &i in &dirs {
-        ensure_dir(&to, &plan[i].dest)?;
-    }
+    let plan = Arc::new(plan);
+    let skip = Arc::new(skip);
+    let same_owner = opts.same_owner.unwrap_or_else(running_as_root);
+    let keys = repo.keys().clone();
 
-    // Files.
+    // Before writing: the leftovers of an interrupted restore into this target (exactly its
+    // own temporary files), then the folders, created writable.
+    let (removed_temp, mut outcome) = {
+        let (target, plan, keys) = (target.clone(), plan.clone(), keys.clone());
+        blocking(move || {
+            let removed = remove_own_temp_files(&target, &plan, &keys);
+            let mut outcome = Outcome::default();
+            make_dirs(&target, &plan, &mut outcome);
+            (removed, outcome)
+        })
+        .await?
+    };
+
     let files: Vec<usize> = (0..plan.len())
         .filter(|&i| plan[i].entry.kind == EntryKind::File && !skip[i])
         .collect();
-    let plan = Arc::new(plan);
-    let failures =
-        fetch_and_write(repo, &to, plan.clone(), &files, &counters, progress, cancel).await?;
+    let write = WriteContext {
+        target: target.clone(),
+        plan: plan.clone(),
+        keys: keys.clone(),
+        same_owner,
+        counters: counters.clone(),
+        cancel: cancel.clone(),
+    };
+    let encrypted = resolved.snapshot.encrypted;
+    outcome.merge(fetch_and_write(repo, write, &files, encrypted, progress).await?);
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
 
-    let symlinks = finish_links_and_dirs(&to, &plan, &skip, &dirs)?;
-    if !failures.is_empty() {
-        return Err(Error::RestoreFailed { failures });
+    // Symlinks, then the folders' recorded owners, modes and times, deepest first (writing
+    // into a folder changes its time; a read-only folder must get its contents first).
+    let (symlinks, finish) = {
+        let (target, plan, skip, keys) = (target.clone(), plan.clone(), skip.clone(), keys);
+        blocking(move || {
+            let mut outcome = Outcome::default();
+            let mut owners = Owners::new(same_owner);
+            let links = make_symlinks(&target, &plan, &skip, &keys, &mut owners, &mut outcome);
+            finish_dirs(&target, &plan, &mut owners, &mut outcome);
+            (links, outcome)
+        })
+        .await?
+    };
+    outcome.merge(finish);
+    for w in &outcome.warnings {
+        tracing::warn!("restore: {w}");
+    }
+    if !outcome.failures.is_empty() {
+        return Err(Error::RestoreFailed {
+            failures: outcome.failures,
+        });
     }
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     let unchanged = skip.iter().filter(|s| **s).count() as u64;
+    let dirs = plan
+        .iter()
+        .filter(|p| p.entry.kind == EntryKind::Dir)
+        .count() as u64;
     Ok(RestoreSummary {
         snapshot: resolved.snapshot,
-        target: to.join(resolved.prefix.rsplit('/').next().unwrap_or("")),
+        target: target
+            .path()
+            .join(resolved.prefix.rsplit('/').next().unwrap_or("")),
         files: files.len() as u64,
-        dirs: dirs.len() as u64,
+        dirs,
         symlinks,
         bytes: counters.bytes_done.load(Ordering::Relaxed),
         unchanged,
         duration_ms: started.elapsed().as_millis() as u64,
+        warnings: outcome.warnings,
+        removed_temp: removed_temp.iter().map(|r| target.display(r)).collect(),
     })
 }
 
-/// Creates the target directory if needed; returns its canonical path.
-fn prepare_target(to: &Path) -> Result<PathBuf, Error> {
-    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
-    let canonical = std::fs::canonicalize(to).map_err(|e| Error::io(to, e))?;
-    if !canonical.is_dir() {
-        return Err(Error::Invalid(format!(
-            "restore target {} is not a directory",
-            canonical.display()
-        )));
-    }
-    Ok(canonical)
+/// Runs blocking file system work off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("restore task failed: {e}")))
 }
 
-/// Maps every entry to its destination under `to`, validating every path before anything
+fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Maps every entry to its path below the target, validating every path before anything
 /// touches the disk. The selected item (`prefix`) lands at `<to>/<its own name>`.
-fn plan_paths(entries: Vec<EntryRow>, prefix: &str, to: &Path) -> Result<Vec<Planned>, Error> {
+fn plan_paths(entries: Vec<EntryRow>, prefix: &str) -> Result<Vec<Planned>, Error> {
     let selected_parent = match prefix.rfind('/') {
         Some(i) => &prefix[..i + 1],
         None => "",
@@ -319,17 +426,9 @@ fn plan_paths(entries: Vec<EntryRow>, prefix: &str, to: &Path) -> Result<Vec<Pla
                     entry.path
                 ))
             })?;
-        let dest = to.join(rel);
-        if !dest.starts_with(to) {
-            return Err(Error::Invalid(format!(
-                "refusing to restore {:?} outside {}",
-                entry.path,
-                to.display()
-            )));
-        }
         plan.push(Planned {
             entry,
-            dest,
+            rel,
             chunks: Vec::new(),
         });
     }
@@ -356,27 +455,29 @@ fn plan_paths(entries: Vec<EntryRow>, prefix: &str, to: &Path) -> Result<Vec<Pla
 /// Compares what already exists with the plan: identical items are skipped (`true` in the
 /// result), differing ones refuse the restore unless overwriting was asked for. Decided for
 /// all before anything is written.
-async fn check_existing(plan: &[Planned], overwrite: bool) -> Result<Vec<bool>, Error> {
+async fn check_existing(
+    target: &Arc<Target>,
+    plan: &[Planned],
+    overwrite: bool,
+) -> Result<Vec<bool>, Error> {
     let checks: Vec<ExistingCheck> = plan
         .iter()
-        .map(|p| {
-            (
-                p.dest.clone(),
-                p.entry.kind,
-                p.entry.size,
-                p.entry.sha256,
-                p.entry.target.clone(),
-            )
+        .map(|p| ExistingCheck {
+            rel: p.rel.clone(),
+            kind: p.entry.kind,
+            size: p.entry.size,
+            sha256: p.entry.sha256,
+            target: p.entry.target.clone(),
         })
         .collect();
-    let results = tokio::task::spawn_blocking(move || {
+    let t = target.clone();
+    let results = blocking(move || {
         checks
-            .into_iter()
-            .map(|(d, k, s, h, t)| existing_state(&d, k, s, h.as_ref(), t.as_deref()))
+            .iter()
+            .map(|c| existing_state(&t, c))
             .collect::<Vec<_>>()
     })
-    .await
-    .map_err(|e| Error::Invalid(format!("restore check failed: {e}")))?;
+    .await?;
     let mut conflicts = Vec::new();
     let mut skip = vec![false; plan.len()];
     for (i, state) in results.into_iter().enumerate() {
@@ -385,10 +486,10 @@ async fn check_existing(plan: &[Planned], overwrite: bool) -> Result<Vec<bool>, 
             Existing::Same => skip[i] = true,
             Existing::Differs => {
                 if plan[i].entry.kind == EntryKind::Dir || !overwrite {
-                    conflicts.push(plan[i].dest.clone());
+                    conflicts.push(target.display(&plan[i].rel));
                 }
             }
-            Existing::Error(e) => return Err(Error::io(&plan[i].dest, e)),
+            Existing::Error(e) => return Err(Error::io(target.display(&plan[i].rel), e)),
         }
     }
     if !conflicts.is_empty() {
@@ -435,40 +536,245 @@ async fn attach_chunk_lists(
     Ok((files_total, bytes_total))
 }
 
-/// Creates the symlinks, then sets directory metadata deepest first (writing files touched
-/// their mtimes). Returns the number of symlinks made.
-fn finish_links_and_dirs(
-    to: &Path,
-    plan: &[Planned],
-    skip: &[bool],
-    dirs: &[usize],
-) -> Result<u64, Error> {
-    let mut symlinks = 0;
-    for (i, p) in plan.iter().enumerate() {
-        if p.entry.kind == EntryKind::Symlink && !skip[i] {
-            restore_symlink(to, p)?;
-            symlinks += 1;
+/// Creates the planned folders (0700 until their recorded modes are applied at the end).
+/// A folder that can't be made is a failure of that folder; the rest goes on.
+fn make_dirs(target: &Target, plan: &[Planned], outcome: &mut Outcome) {
+    for p in plan.iter().filter(|p| p.entry.kind == EntryKind::Dir) {
+        if let Err(e) = target.make_dirs(&p.rel) {
+            outcome.fail(&p.entry.path, dir_error(target, &p.rel, e));
         }
     }
-    for &i in dirs.iter().rev() {
-        let p = &plan[i];
-        std::fs::set_permissions(&p.dest, std::fs::Permissions::from_mode(p.entry.mode))
-            .map_err(|e| Error::io(&p.dest, e))?;
-        filetime::set_file_mtime(&p.dest, mtime_of(p.entry.mtime_ns))
-            .map_err(|e| Error::io(&p.dest, e))?;
-    }
-    Ok(symlinks)
 }
 
-fn mtime_of(ns: i64) -> filetime::FileTime {
-    filetime::FileTime::from_unix_time(
-        ns.div_euclid(1_000_000_000),
-        ns.rem_euclid(1_000_000_000) as u32,
+fn dir_error(target: &Target, rel: &Path, e: std::io::Error) -> String {
+    if target::is_not_a_dir(&e) {
+        format!(
+            "refusing to restore through a symlink or a file on the way to {}",
+            target.display(rel).display()
+        )
+    } else {
+        format!("{}: {e}", target.display(rel).display())
+    }
+}
+
+/// Creates the symlinks (each under a temporary name, renamed into place). Returns how many
+/// were made.
+fn make_symlinks(
+    target: &Target,
+    plan: &[Planned],
+    skip: &[bool],
+    keys: &Keys,
+    owners: &mut Owners,
+    outcome: &mut Outcome,
+) -> u64 {
+    let mut made = 0;
+    for (i, p) in plan.iter().enumerate() {
+        if p.entry.kind != EntryKind::Symlink || skip[i] {
+            continue;
+        }
+        match restore_symlink(target, p, keys, owners) {
+            Ok(()) => made += 1,
+            Err(e) => outcome.fail(&p.entry.path, e),
+        }
+    }
+    made
+}
+
+fn restore_symlink(
+    target: &Target,
+    p: &Planned,
+    keys: &Keys,
+    owners: &mut Owners,
+) -> Result<(), String> {
+    let (parent, name) = split_rel(&p.rel);
+    let (dir, _) = target
+        .make_dirs(parent)
+        .map_err(|e| dir_error(target, parent, e))?;
+    let link_target = p.entry.target.as_deref().unwrap_or("");
+    let tmp = temp_name(keys, name.as_bytes());
+    let tmp = OsStr::from_bytes(&tmp);
+    let shown = || target.display(&p.rel).display().to_string();
+    rustix::fs::symlinkat(link_target, &dir, tmp).map_err(|e| format!("{}: {e}", shown()))?;
+    let result = (|| -> std::io::Result<()> {
+        if let Some((uid, gid)) = owners.ids(&p.entry.owner) {
+            rustix::fs::chownat(&dir, tmp, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        rustix::fs::utimensat(
+            &dir,
+            tmp,
+            &times(p.entry.mtime_ns),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        rustix::fs::renameat(&dir, tmp, &dir, name)?;
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = rustix::fs::unlinkat(&dir, tmp, AtFlags::empty());
+        format!("{}: {e}", shown())
+    })
+}
+
+/// Applies the folders' recorded owners, modes and times, deepest first.
+fn finish_dirs(target: &Target, plan: &[Planned], owners: &mut Owners, outcome: &mut Outcome) {
+    let mut dirs: Vec<&Planned> = plan
+        .iter()
+        .filter(|p| p.entry.kind == EntryKind::Dir)
+        .collect();
+    dirs.sort_by_key(|p| std::cmp::Reverse(p.rel.components().count()));
+    for p in dirs {
+        let result = target
+            .dir(&p.rel)
+            .map_err(|e| dir_error(target, &p.rel, e))
+            .and_then(|fd| {
+                apply_metadata(
+                    fd.as_fd(),
+                    &p.entry,
+                    owners,
+                    &target.display(&p.rel),
+                    &mut outcome.warnings,
+                )
+                .map_err(|e| format!("{}: {e}", target.display(&p.rel).display()))
+            });
+        if let Err(e) = result {
+            outcome.fail(&p.entry.path, e);
+        }
+    }
+}
+
+/// The parent (relative, possibly empty) and the name of a planned path.
+fn split_rel(rel: &Path) -> (&Path, &OsStr) {
+    (
+        rel.parent().unwrap_or(Path::new("")),
+        rel.file_name().expect("planned paths have a name"),
     )
 }
 
-/// What to compare an existing path against: destination, kind, size, hash, link target.
-type ExistingCheck = (PathBuf, EntryKind, u64, Option<[u8; 32]>, Option<String>);
+fn times(ns: i64) -> rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: ns.div_euclid(1_000_000_000),
+            tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+        },
+    }
+}
+
+/// Whose files these become. As root (or with `same_owner`), the recorded owner: the user and
+/// group by name where this system knows the name, else by number (as tar does). Otherwise
+/// nobody's but the restoring user's.
+struct Owners {
+    restore: bool,
+    users: HashMap<String, Option<u32>>,
+    groups: HashMap<String, Option<u32>>,
+}
+
+impl Owners {
+    fn new(restore: bool) -> Owners {
+        Owners {
+            restore,
+            users: HashMap::new(),
+            groups: HashMap::new(),
+        }
+    }
+
+    fn ids(&mut self, owner: &Owner) -> Option<(rustix::fs::Uid, rustix::fs::Gid)> {
+        if !self.restore {
+            return None;
+        }
+        let uid = match &owner.user {
+            Some(name) => *self.users.entry(name.clone()).or_insert_with(|| {
+                nix::unistd::User::from_name(name)
+                    .ok()
+                    .flatten()
+                    .map(|u| u.uid.as_raw())
+            }),
+            None => None,
+        }
+        .or(owner.uid)?;
+        let gid = match &owner.group {
+            Some(name) => *self.groups.entry(name.clone()).or_insert_with(|| {
+                nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid.as_raw())
+            }),
+            None => None,
+        }
+        .or(owner.gid)?;
+        Some((
+            rustix::fs::Uid::from_raw(uid),
+            rustix::fs::Gid::from_raw(gid),
+        ))
+    }
+}
+
+/// Owner, then mode, then time, on an open handle (ownership first: `chown` clears the
+/// setuid and setgid bits). setuid/setgid bits are restored only with the recorded owner: a
+/// user's setuid file must not become a setuid file of the restoring user (root).
+fn apply_metadata(
+    fd: BorrowedFd<'_>,
+    entry: &EntryRow,
+    owners: &mut Owners,
+    shown: &Path,
+    warnings: &mut Vec<String>,
+) -> std::io::Result<()> {
+    let mut mode = entry.mode & 0o7777;
+    match owners.ids(&entry.owner) {
+        Some((uid, gid)) => rustix::fs::fchown(fd, Some(uid), Some(gid))?,
+        None if mode & SUID_SGID != 0 => {
+            mode &= !SUID_SGID;
+            warnings.push(format!(
+                "{}: setuid/setgid bits not restored: its owner was not restored (only root restores owners)",
+                shown.display()
+            ));
+        }
+        None => {}
+    }
+    set_mode(
+        mode,
+        |m| rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(m)).map_err(Into::into),
+        shown,
+        warnings,
+    )?;
+    rustix::fs::futimens(fd, &times(entry.mtime_ns))?;
+    Ok(())
+}
+
+const SUID_SGID: u32 = 0o6000;
+
+/// Sets `mode` through `chmod`. Where the system refuses setuid/setgid bits (systemd's
+/// `RestrictSUIDSGID=yes` makes such a chmod fail with EPERM), the rest of the mode is set
+/// without them and a warning says so, instead of failing the item.
+fn set_mode(
+    mode: u32,
+    chmod: impl Fn(u32) -> std::io::Result<()>,
+    shown: &Path,
+    warnings: &mut Vec<String>,
+) -> std::io::Result<()> {
+    match chmod(mode) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && mode & SUID_SGID != 0 => {
+            chmod(mode & !SUID_SGID)?;
+            warnings.push(format!(
+                "{}: setuid/setgid bits refused by the system ({e}); restored without them",
+                shown.display()
+            ));
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// What to compare an existing path against.
+struct ExistingCheck {
+    rel: PathBuf,
+    kind: EntryKind,
+    size: u64,
+    sha256: Option<[u8; 32]>,
+    target: Option<String>,
+}
 
 enum Existing {
     Absent,
@@ -477,36 +783,52 @@ enum Existing {
     Error(std::io::Error),
 }
 
-/// What is at `dest` already, compared with the entry to restore.
-fn existing_state(
-    dest: &Path,
-    kind: EntryKind,
-    size: u64,
-    sha: Option<&[u8; 32]>,
-    target: Option<&str>,
-) -> Existing {
-    let meta = match std::fs::symlink_metadata(dest) {
-        Ok(m) => m,
+/// What is at `rel` already, compared with the entry to restore. Looked at through handles
+/// that never follow symlinks: a symlink or a file where a folder should be on the way makes
+/// the item differ (a conflict), never a path to look through.
+fn existing_state(target: &Target, c: &ExistingCheck) -> Existing {
+    let (parent, name) = split_rel(&c.rel);
+    let dir = match target.dir_path(parent) {
+        Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Existing::Absent,
+        Err(e) if target::is_not_a_dir(&e) => return Existing::Differs,
         Err(e) => return Existing::Error(e),
     };
-    match kind {
-        EntryKind::Dir if meta.is_dir() => Existing::Same,
-        EntryKind::Symlink if meta.file_type().is_symlink() => match std::fs::read_link(dest) {
-            Ok(t) if Some(t.as_os_str()) == target.map(std::ffi::OsStr::new) => Existing::Same,
-            _ => Existing::Differs,
-        },
-        EntryKind::File if meta.is_file() && meta.len() == size => match (sha, sha256_file(dest)) {
-            (Some(want), Ok(have)) if &have == want => Existing::Same,
-            (_, Err(e)) => Existing::Error(e),
-            _ => Existing::Differs,
-        },
+    let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Existing::Absent,
+        Err(e) => return Existing::Error(e.into()),
+    };
+    let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    match c.kind {
+        EntryKind::Dir if ft == rustix::fs::FileType::Directory => Existing::Same,
+        EntryKind::Symlink if ft == rustix::fs::FileType::Symlink => {
+            match rustix::fs::readlinkat(&dir, name, Vec::new()) {
+                Ok(t) if Some(t.as_bytes()) == c.target.as_deref().map(str::as_bytes) => {
+                    Existing::Same
+                }
+                _ => Existing::Differs,
+            }
+        }
+        EntryKind::File
+            if ft == rustix::fs::FileType::RegularFile && st.st_size as u64 == c.size =>
+        {
+            match target.open_regular(&c.rel) {
+                Ok(Some(f)) => match sha256_file(f) {
+                    Ok(have) if Some(have) == c.sha256 => Existing::Same,
+                    Ok(_) => Existing::Differs,
+                    Err(e) => Existing::Error(e),
+                },
+                Ok(None) => Existing::Differs,
+                Err(e) if target::is_not_a_dir(&e) => Existing::Differs,
+                Err(e) => Existing::Error(e),
+            }
+        }
         _ => Existing::Differs,
     }
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    let mut f = File::open(path)?;
+fn sha256_file(mut f: File) -> std::io::Result<[u8; 32]> {
     let mut sha = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -519,59 +841,80 @@ fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
     Ok(sha.finalize().into())
 }
 
-/// Creates `dest` (a directory under `to`) and any missing parents, refusing to pass
-/// through symlinks or to replace files.
-fn ensure_dir(to: &Path, dest: &Path) -> Result<(), Error> {
-    let rel = dest
-        .strip_prefix(to)
-        .map_err(|_| Error::Invalid(format!("{} is outside {}", dest.display(), to.display())))?;
-    let mut cur = to.to_path_buf();
-    for c in rel.components() {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(Error::Invalid(format!(
-                    "refusing to restore through the symlink {}",
-                    cur.display()
-                )));
+/// Temporary names: `.storinator-<nonce>-<tag>.tmp`, 41 bytes whatever the final name (so a
+/// name of any length the backup accepted fits NAME_MAX), where the tag is a keyed hash of the
+/// nonce and the final name. A later restore recognises exactly the temporary files that a
+/// restore with this key made for a name it restores again, and removes only those.
+const TEMP_PREFIX: &str = ".storinator-";
+const TEMP_SUFFIX: &str = ".tmp";
+const TEMP_LABEL: &[u8] = b"restore temporary";
+
+fn temp_name_with(keys: &Keys, nonce: &[u8; 4], name: &[u8]) -> Vec<u8> {
+    let tag = keys.temp_tag(&[TEMP_LABEL, nonce, name]);
+    format!(
+        "{TEMP_PREFIX}{}-{}{TEMP_SUFFIX}",
+        hex::encode(nonce),
+        hex::encode(&tag[..8])
+    )
+    .into_bytes()
+}
+
+fn temp_name(keys: &Keys, name: &[u8]) -> Vec<u8> {
+    let mut nonce = [0u8; 4];
+    getrandom::fill(&mut nonce).expect("operating system random source failed");
+    temp_name_with(keys, &nonce, name)
+}
+
+/// The nonce of a name shaped like a temporary one.
+fn temp_nonce(name: &[u8]) -> Option<[u8; 4]> {
+    let s = std::str::from_utf8(name).ok()?;
+    let inner = s.strip_prefix(TEMP_PREFIX)?.strip_suffix(TEMP_SUFFIX)?;
+    let (nonce, tag) = inner.split_once('-')?;
+    if tag.len() != 16 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 4];
+    hex::decode_to_slice(nonce, &mut out).ok()?;
+    Some(out)
+}
+
+/// Removes the temporary files an interrupted restore left for the names this restore
+/// writes, in the folders it writes to. Returns their paths (relative to the target).
+fn remove_own_temp_files(target: &Target, plan: &[Planned], keys: &Keys) -> Vec<PathBuf> {
+    let mut by_dir: HashMap<&Path, Vec<&[u8]>> = HashMap::new();
+    for p in plan.iter().filter(|p| p.entry.kind != EntryKind::Dir) {
+        let (parent, name) = split_rel(&p.rel);
+        by_dir.entry(parent).or_default().push(name.as_bytes());
+    }
+    let mut removed = Vec::new();
+    for (dir_rel, names) in by_dir {
+        let Ok(dir) = target.dir(dir_rel) else {
+            continue; // not there yet: nothing left in it
+        };
+        let Ok(present) = target::list_dir(&dir) else {
+            continue;
+        };
+        for entry in present {
+            let Some(nonce) = temp_nonce(&entry) else {
+                continue;
+            };
+            let ours = names
+                .iter()
+                .any(|n| temp_name_with(keys, &nonce, n) == entry);
+            if ours && target::unlink(&dir, &entry).is_ok() {
+                removed.push(dir_rel.join(OsStr::from_bytes(&entry)));
             }
-            Ok(_) => return Err(Error::Conflicts { paths: vec![cur] }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&cur).map_err(|e| Error::io(&cur, e))?;
-            }
-            Err(e) => return Err(Error::io(&cur, e)),
         }
     }
-    Ok(())
-}
-
-fn temp_name(dest: &Path) -> PathBuf {
-    let mut r = [0u8; 6];
-    getrandom::fill(&mut r).expect("operating system random source failed");
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.storinator-{}.tmp", hex::encode(r)))
-}
-
-fn restore_symlink(to: &Path, p: &Planned) -> Result<(), Error> {
-    if let Some(parent) = p.dest.parent() {
-        ensure_dir(to, parent)?;
+    removed.sort();
+    if !removed.is_empty() {
+        tracing::warn!(
+            "removed {} temporary file(s) left by an interrupted restore into {}",
+            removed.len(),
+            target.path().display()
+        );
     }
-    let target = p.entry.target.as_deref().unwrap_or("");
-    let tmp = temp_name(&p.dest);
-    std::os::unix::fs::symlink(target, &tmp).map_err(|e| Error::io(&tmp, e))?;
-    let _ = filetime::set_symlink_file_times(
-        &tmp,
-        mtime_of(p.entry.mtime_ns),
-        mtime_of(p.entry.mtime_ns),
-    );
-    std::fs::rename(&tmp, &p.dest).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(&p.dest, e)
-    })
+    removed
 }
 
 /// Largest single range read: adjacent blobs are fetched together up to this size.
@@ -600,21 +943,18 @@ struct RangeRead {
 /// A decrypted blob (or why it could not be had), in file order.
 type BlobResult = Result<Vec<u8>, String>;
 
-/// Fetches every file's chunks in file order and writes the files on a writer thread.
-/// Returns the paths that failed, with reasons.
-async fn fetch_and_write(
-    repo: &Repo,
-    to: &Path,
-    plan: Arc<Vec<Planned>>,
-    files: &[usize],
-    counters: &Arc<Counters>,
-    progress: &dyn Progress,
-    cancel: &CancelFlag,
-) -> Result<Vec<(String, String)>, Error> {
-    // Plan range reads over the blobs in file order, merging neighbours in the same pack.
+/// Plans range reads over the blobs of `files` in file order, merging neighbours in the same
+/// pack.
+fn plan_reads(plan: &[Planned], files: &[usize]) -> Vec<RangeRead> {
     let mut reads: Vec<RangeRead> = Vec::new();
     for &i in files {
         for c in &plan[i].chunks {
+            let slot = BlobSlot {
+                id: c.id,
+                offset_in_read: 0,
+                length: c.length as usize,
+                raw_length: c.raw_length as usize,
+            };
             let slot_end = c.offset + c.length;
             if let Some(r) = reads.last_mut()
                 && r.obj.name == format!("{}.enc", c.pack_id)
@@ -623,10 +963,8 @@ async fn fetch_and_write(
                 && slot_end - r.offset <= MAX_READ
             {
                 r.blobs.push(BlobSlot {
-                    id: c.id,
                     offset_in_read: (c.offset - r.offset) as usize,
-                    length: c.length as usize,
-                    raw_length: c.raw_length as usize,
+                    ..slot
                 });
                 r.len = slot_end - r.offset;
                 continue;
@@ -635,30 +973,42 @@ async fn fetch_and_write(
                 obj: ObjectRef::new(format!("{}.enc", c.pack_id), c.location.clone()),
                 offset: c.offset,
                 len: c.length,
-                blobs: vec![BlobSlot {
-                    id: c.id,
-                    offset_in_read: 0,
-                    length: c.length as usize,
-                    raw_length: c.raw_length as usize,
-                }],
+                blobs: vec![slot],
             });
         }
     }
+    reads
+}
 
-    // The writer thread consumes blobs in file order.
+/// What the writer thread needs.
+struct WriteContext {
+    target: Arc<Target>,
+    plan: Arc<Vec<Planned>>,
+    keys: Keys,
+    same_owner: bool,
+    counters: Arc<Counters>,
+    cancel: CancelFlag,
+}
+
+/// Fetches every file's chunks in file order and writes the files on a writer thread.
+/// Returns the files that failed, with reasons, and warnings.
+async fn fetch_and_write(
+    repo: &Repo,
+    ctx: WriteContext,
+    files: &[usize],
+    encrypted_snapshot: bool,
+    progress: &dyn Progress,
+) -> Result<Outcome, Error> {
+    let reads = plan_reads(&ctx.plan, files);
     let (blob_tx, blob_rx) = tokio::sync::mpsc::channel::<BlobResult>(8);
+    let counters = ctx.counters.clone();
+    let cancel = ctx.cancel.clone();
+    let keys = ctx.keys.clone();
     let writer = {
-        let plan = plan.clone();
         let files = files.to_vec();
-        let counters = counters.clone();
-        let to = to.to_path_buf();
-        let cancel = cancel.clone();
-        tokio::task::spawn_blocking(move || {
-            write_files(&to, &plan, &files, blob_rx, &counters, &cancel)
-        })
+        tokio::task::spawn_blocking(move || write_files(&ctx, &files, blob_rx))
     };
 
-    let keys = repo.keys().clone();
     let mut inflight: VecDeque<tokio::task::JoinHandle<Vec<BlobResult>>> = VecDeque::new();
     let mut pending = reads.into_iter();
     let mut last_report = Instant::now();
@@ -670,6 +1020,7 @@ async fn fetch_and_write(
                 repo.storage.clone(),
                 keys.clone(),
                 read,
+                encrypted_snapshot,
             )));
         }
         let Some(handle) = inflight.pop_front() else {
@@ -696,17 +1047,20 @@ async fn fetch_and_write(
         h.abort();
     }
     drop(blob_tx);
-    let failures = writer
+    writer
         .await
-        .map_err(|e| Error::Invalid(format!("restore writer failed: {e}")))??;
-    if cancel.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
-    Ok(failures)
+        .map_err(|e| Error::Invalid(format!("restore writer failed: {e}")))
 }
 
-/// Reads one range and opens its blobs (checking each MAC and id).
-async fn fetch_range(storage: Arc<dyn Storage>, keys: Keys, read: RangeRead) -> Vec<BlobResult> {
+/// Reads one range and opens its blobs (checking each MAC and id: the catalog, which holds
+/// only what authenticated sources said, vouches for the ids). An encrypted snapshot takes no
+/// unencrypted blob.
+async fn fetch_range(
+    storage: Arc<dyn Storage>,
+    keys: Keys,
+    read: RangeRead,
+    encrypted_snapshot: bool,
+) -> Vec<BlobResult> {
     let what = format!("reading {}", read.obj.name);
     let data = with_retry(&what, || {
         storage.get_range(&read.obj, read.offset, read.len)
@@ -733,28 +1087,19 @@ async fn fetch_range(storage: Arc<dyn Storage>, keys: Keys, read: RangeRead) -> 
             .iter()
             .map(|b| {
                 let sealed = &data[b.offset_in_read..b.offset_in_read + b.length];
-                let plain = crypto::open(Some(&keys), sealed, crate::format::pack::MAX_BLOB)
-                    .map_err(|e| {
-                        format!(
-                            "chunk {} in pack {}: {e}",
-                            &b.id.to_hex()[..12],
-                            read.obj.name
-                        )
-                    })?;
-                let encrypted = crypto::sealed_is_encrypted(sealed).unwrap_or(true);
-                let id = if encrypted {
-                    keys.chunk_id(&plain)
-                } else {
-                    crypto::plain_chunk_id(&plain)
-                };
-                if id != b.id || plain.len() != b.raw_length {
+                let shown = || format!("chunk {} in pack {}", &b.id.to_hex()[..12], read.obj.name);
+                let opened = crypto::open_chunk(&keys, sealed, MAX_BLOB, &b.id)
+                    .map_err(|e| format!("{}: {e}", shown()))?;
+                if opened.plaintext.len() != b.raw_length {
+                    return Err(format!("{} holds the wrong data", shown()));
+                }
+                if encrypted_snapshot && !opened.encrypted {
                     return Err(format!(
-                        "chunk {} in pack {} holds the wrong data",
-                        &b.id.to_hex()[..12],
-                        read.obj.name
+                        "{} is not encrypted, in an encrypted snapshot",
+                        shown()
                     ));
                 }
-                Ok(plain)
+                Ok(opened.plaintext)
             })
             .collect()
     })
@@ -762,105 +1107,150 @@ async fn fetch_range(storage: Arc<dyn Storage>, keys: Keys, read: RangeRead) -> 
     .unwrap_or_else(|e| vec![Err(format!("decrypt task failed: {e}"))])
 }
 
-/// Writes files from blobs arriving in file order. Each file goes to a temporary name and is
-/// renamed only once its size and SHA-256 match.
+/// The writer's handle on the folder of the file being written: consecutive files (sorted by
+/// path) usually share it.
+struct ParentCache {
+    rel: Option<PathBuf>,
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// Writes files from blobs arriving in file order. Each file goes to a temporary name in its
+/// folder (opened beneath the target, never through a symlink) and is renamed there only once
+/// its size and SHA-256 match. A file that fails is reported and the others go on.
 fn write_files(
-    to: &Path,
-    plan: &[Planned],
+    ctx: &WriteContext,
     files: &[usize],
     mut blobs: tokio::sync::mpsc::Receiver<BlobResult>,
-    counters: &Counters,
-    cancel: &CancelFlag,
-) -> Result<Vec<(String, String)>, Error> {
-    let mut failures = Vec::new();
-    let mut ensured: Option<&Path> = None;
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    let mut owners = Owners::new(ctx.same_owner);
+    let mut parent = ParentCache {
+        rel: None,
+        fd: None,
+    };
     for &i in files {
-        let p = &plan[i];
-        if cancel.is_cancelled() {
-            return Ok(failures);
+        let p = &ctx.plan[i];
+        if ctx.cancel.is_cancelled() {
+            return outcome;
         }
-        // Files arrive sorted by path: consecutive files usually share their folder.
-        if let Some(parent) = p.dest.parent()
-            && ensured != Some(parent)
-        {
-            ensure_dir(to, parent)?;
-            ensured = Some(parent);
+        let result = write_one(ctx, p, &mut parent, &mut blobs, &mut owners, &mut outcome);
+        match result {
+            Ok(()) => {}
+            Err(WriteError::Failed(reason)) => outcome.fail(&p.entry.path, reason),
+            // The fetcher stopped (cancelled or failed): abandon the rest.
+            Err(WriteError::Stopped) => return outcome,
         }
-        let tmp = temp_name(&p.dest);
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?;
-        let mut sha = Sha256::new();
-        let mut written = 0u64;
-        let mut failure: Option<String> = None;
-        for _ in &p.chunks {
-            let Some(blob) = blobs.blocking_recv() else {
-                // The fetcher stopped (cancelled or failed): abandon this file.
-                drop(out);
-                let _ = std::fs::remove_file(&tmp);
-                return Ok(failures);
-            };
-            match blob {
-                Ok(data) if failure.is_none() => {
-                    sha.update(&data);
-                    if let Err(e) = out.write_all(&data) {
-                        failure = Some(format!("writing {}: {e}", tmp.display()));
-                    }
-                    written += data.len() as u64;
-                    Counters::add(&counters.bytes_done, data.len() as u64);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
+        Counters::add(&ctx.counters.files_done, 1);
+    }
+    outcome
+}
+
+enum WriteError {
+    Failed(String),
+    Stopped,
+}
+
+/// Receives the blobs of one file (all of them, whatever happens, so the next file starts at
+/// its own first blob) and writes them to a temporary file that becomes the file.
+fn write_one(
+    ctx: &WriteContext,
+    p: &Planned,
+    parent: &mut ParentCache,
+    blobs: &mut tokio::sync::mpsc::Receiver<BlobResult>,
+    owners: &mut Owners,
+    outcome: &mut Outcome,
+) -> Result<(), WriteError> {
+    let (parent_rel, name) = split_rel(&p.rel);
+    let mut failure: Option<String> = None;
+    if parent.rel.as_deref() != Some(parent_rel) {
+        parent.fd = None;
+        parent.rel = Some(parent_rel.to_path_buf());
+        match ctx.target.make_dirs(parent_rel) {
+            Ok((fd, _)) => parent.fd = Some(fd),
+            Err(e) => failure = Some(dir_error(&ctx.target, parent_rel, e)),
+        }
+    } else if parent.fd.is_none() {
+        failure = Some(format!(
+            "its folder {} could not be opened",
+            ctx.target.display(parent_rel).display()
+        ));
+    }
+    let tmp = temp_name(&ctx.keys, name.as_bytes());
+    let tmp = OsStr::from_bytes(&tmp);
+    let mut out: Option<File> = None;
+    if failure.is_none() {
+        let dir = parent.fd.as_ref().expect("opened above");
+        match rustix::fs::openat(
+            dir,
+            tmp,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => out = Some(File::from(fd)),
+            Err(e) => {
+                failure = Some(format!(
+                    "{}: {e}",
+                    ctx.target.display(&parent_rel.join(tmp)).display()
+                ))
             }
         }
-        let digest: [u8; 32] = sha.finalize().into();
-        if failure.is_none() && (written != p.entry.size || Some(digest) != p.entry.sha256) {
-            failure = Some("content does not match its recorded SHA-256".into());
-        }
-        let finish = |out: File| -> std::io::Result<()> {
-            out.set_permissions(std::fs::Permissions::from_mode(p.entry.mode))?;
-            out.set_modified(mtime_of(p.entry.mtime_ns).into_system_time())?;
-            drop(out);
-            std::fs::rename(&tmp, &p.dest)
+    }
+    let mut sha = Sha256::new();
+    let mut written = 0u64;
+    for _ in &p.chunks {
+        let Some(blob) = blobs.blocking_recv() else {
+            if let (Some(dir), Some(_)) = (&parent.fd, &out) {
+                let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::empty());
+            }
+            return Err(WriteError::Stopped);
         };
-        match failure {
-            None => {
-                if let Err(e) = finish(out) {
-                    let _ = std::fs::remove_file(&tmp);
-                    failures.push((p.entry.path.clone(), e.to_string()));
+        match blob {
+            Ok(data) if failure.is_none() => {
+                sha.update(&data);
+                if let Some(f) = out.as_mut()
+                    && let Err(e) = f.write_all(&data)
+                {
+                    failure = Some(format!(
+                        "writing {}: {e}",
+                        ctx.target.display(&p.rel).display()
+                    ));
                 }
+                written += data.len() as u64;
+                Counters::add(&ctx.counters.bytes_done, data.len() as u64);
             }
-            Some(reason) => {
-                drop(out);
-                let _ = std::fs::remove_file(&tmp);
-                tracing::error!("restore of {} failed: {reason}", p.entry.path);
-                failures.push((p.entry.path.clone(), reason));
+            Ok(_) => {}
+            Err(e) => {
+                failure.get_or_insert(e);
             }
         }
-        Counters::add(&counters.files_done, 1);
     }
-    Ok(failures)
-}
-
-trait IntoSystemTime {
-    fn into_system_time(self) -> std::time::SystemTime;
-}
-
-impl IntoSystemTime for filetime::FileTime {
-    fn into_system_time(self) -> std::time::SystemTime {
-        let base = std::time::UNIX_EPOCH;
-        if self.unix_seconds() >= 0 {
-            base + Duration::new(self.unix_seconds() as u64, self.nanoseconds())
-        } else {
-            base - Duration::from_secs(self.unix_seconds().unsigned_abs())
-                + Duration::from_nanos(u64::from(self.nanoseconds()))
-        }
+    let digest: [u8; 32] = sha.finalize().into();
+    if failure.is_none() && (written != p.entry.size || Some(digest) != p.entry.sha256) {
+        failure = Some("content does not match its recorded SHA-256".into());
     }
+    let (Some(dir), Some(out)) = (parent.fd.as_ref(), out) else {
+        return Err(WriteError::Failed(failure.unwrap_or_default()));
+    };
+    let finish = || -> std::io::Result<()> {
+        apply_metadata(
+            out.as_fd(),
+            &p.entry,
+            owners,
+            &ctx.target.display(&p.rel),
+            &mut outcome.warnings,
+        )?;
+        drop(out);
+        rustix::fs::renameat(dir, tmp, dir, name)?;
+        Ok(())
+    };
+    let result = match failure {
+        None => finish().map_err(|e| format!("{}: {e}", ctx.target.display(&p.rel).display())),
+        Some(reason) => Err(reason),
+    };
+    result.map_err(|reason| {
+        let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::empty());
+        WriteError::Failed(reason)
+    })
 }
 
 #[cfg(test)]
@@ -882,6 +1272,47 @@ mod tests {
         ] {
             assert!(safe_relative(bad).is_none(), "{bad:?}");
         }
+    }
+
+    /// systemd's `RestrictSUIDSGID=yes` (in the shipped units) makes a chmod that sets
+    /// setuid/setgid fail with EPERM: the mode goes on without those bits, with a warning.
+    #[test]
+    fn a_refused_setgid_bit_is_dropped_with_a_warning() {
+        let tried = std::cell::RefCell::new(Vec::new());
+        let restricted = |m: u32| {
+            tried.borrow_mut().push(m);
+            if m & SUID_SGID != 0 {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            } else {
+                Ok(())
+            }
+        };
+        let mut warnings = Vec::new();
+        set_mode(0o2775, restricted, Path::new("/t/shared"), &mut warnings).unwrap();
+        assert_eq!(*tried.borrow(), vec![0o2775, 0o775]);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("/t/shared") && warnings[0].contains("setuid/setgid"));
+        // Other failures, and EPERM without those bits, are errors of the item.
+        let mut warnings = Vec::new();
+        let eperm = |_| Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        assert!(set_mode(0o755, eperm, Path::new("/t/x"), &mut warnings).is_err());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn temp_names_are_short_keyed_and_recognised() {
+        let keys = Keys::derive(&crate::format::crypto::MasterSecret::generate());
+        let long = "n".repeat(255);
+        let t = temp_name(&keys, long.as_bytes());
+        assert_eq!(t.len(), 41);
+        let nonce = temp_nonce(&t).unwrap();
+        assert_eq!(temp_name_with(&keys, &nonce, long.as_bytes()), t);
+        // Another name, another key, or a look-alike are not ours.
+        assert_ne!(temp_name_with(&keys, &nonce, b"other"), t);
+        let other = Keys::derive(&crate::format::crypto::MasterSecret::generate());
+        assert_ne!(temp_name_with(&other, &nonce, long.as_bytes()), t);
+        assert!(temp_nonce(b".storinator-zz-0000000000000000.tmp").is_none());
+        assert!(temp_nonce(b"photo.jpg").is_none());
     }
 
     #[test]

@@ -1,19 +1,27 @@
 //! Keys and sealing: the one place where bytes are encrypted, authenticated and compressed.
 //!
-//! Blob format (all sealed objects: chunks, pack trailers, indexes, the wrapped key):
+//! Blob format (all sealed objects: chunks, pack trailers, listings, snapshot objects, the
+//! wrapped key):
 //!
 //! ```text
-//! header(4) = [0xB5, version=1, flags, 0]      flags: bit0 encrypted, bit1 compressed
-//! encrypted: header | IV(16) | AES-256-CBC/PKCS#7 ciphertext | HMAC-SHA256(mac key, header|IV|ciphertext)(32)
-//! plain:     header | payload | SHA-256(header|payload)(32)
+//! header(4) = [0xB5, version, flags, 0]      flags: bit0 encrypted, bit1 compressed
+//! encrypted:   header | IV(16) | AES-256-CBC/PKCS#7 ciphertext | HMAC-SHA256(mac key, header|IV|ciphertext)(32)
+//! unencrypted: header | payload | HMAC-SHA256(mac key, header|payload)(32)          (version 2)
 //! ```
 //!
+//! Version 2 is written. Version 1 is still read: its encrypted blobs are the same as version
+//! 2's, but its unencrypted blobs end in a bare SHA-256 of `header|payload`, which anyone can
+//! compute. Such a blob proves nothing about who wrote it, so [`open`] refuses it
+//! ([`CryptoError::Unauthenticated`]); only [`open_chunk`] accepts one, when the caller holds
+//! the blob's id from an authenticated source and the content hashes to that id.
+//!
 //! Compression (zstd) happens before encryption and only when it makes the payload smaller.
-//! `open` checks the MAC (constant time) or checksum before it decrypts or decompresses anything.
+//! `open` checks the MAC (constant time) before it decrypts or decompresses anything.
 //!
 //! Keys: a random [`MasterSecret`] per user, wrapped under a passphrase with Argon2id
-//! ([`WrappedKey`]); subkeys for encryption, MAC and chunk ids derived with HKDF-SHA256 ([`Keys`]).
-//! No type here prints key bytes in `Debug`, and no error carries secret material.
+//! ([`WrappedKey`]); subkeys for encryption, MAC, chunk ids, the two chunker seeds and restore
+//! temporary names derived with HKDF-SHA256 ([`Keys`]). No type here prints key bytes in
+//! `Debug`, and no error carries secret material.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -37,7 +45,10 @@ type Aes256CbcDec = cbc::Decryptor<Aes256>;
 pub const ID_LEN: usize = 32;
 
 const MAGIC: u8 = 0xB5;
-const VERSION: u8 = 1;
+/// The format written.
+const VERSION: u8 = 2;
+/// The first format: as 2, except that unencrypted blobs carry only a SHA-256 checksum.
+const VERSION_1: u8 = 1;
 const FLAG_ENCRYPTED: u8 = 0b01;
 const FLAG_COMPRESSED: u8 = 0b10;
 const KNOWN_FLAGS: u8 = FLAG_ENCRYPTED | FLAG_COMPRESSED;
@@ -51,10 +62,20 @@ const MASTER_LEN: usize = 32;
 const INFO_ENC: &[u8] = b"t-storinator v1 encryption";
 const INFO_MAC: &[u8] = b"t-storinator v1 mac";
 const INFO_ID: &[u8] = b"t-storinator v1 chunk-id";
+// Format 2: one chunker seed per kind of snapshot. The cut points of unencrypted packs are
+// visible, so their seed can be solved for; it must tell nothing about the encrypted one.
+const INFO_SEED_ENCRYPTED: &[u8] = b"t-storinator v2 chunker seed, encrypted snapshots";
+const INFO_SEED_UNENCRYPTED: &[u8] = b"t-storinator v2 chunker seed, unencrypted snapshots";
+const INFO_TEMP: &[u8] = b"t-storinator v2 restore temporary names";
 
-/// Largest Argon2 memory cost accepted from a stored key object (4 GiB), so a tampered
-/// key object cannot make `unwrap` allocate without bound.
-const MAX_KDF_M_KIB: u32 = 4 * 1024 * 1024;
+/// Bounds on the Argon2id parameters of a stored key object, so that a planted or tampered
+/// key object costs at most about a second or two and 1 GiB to try (the parameters written
+/// are 64 MiB, 3 passes, 1 lane).
+pub const MAX_KDF_M_KIB: u32 = 1024 * 1024;
+pub const MAX_KDF_T_COST: u32 = 8;
+pub const MAX_KDF_P_COST: u32 = 4;
+/// Largest key object read from storage (a real one is about 500 bytes).
+pub const MAX_KEY_OBJECT: u64 = 4096;
 
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
@@ -168,6 +189,9 @@ pub struct Keys {
     enc: [u8; KEY_LEN],
     mac: [u8; KEY_LEN],
     id: [u8; KEY_LEN],
+    temp: [u8; KEY_LEN],
+    seed_encrypted: u64,
+    seed_unencrypted: u64,
 }
 
 impl Keys {
@@ -177,11 +201,23 @@ impl Keys {
             enc: [0; KEY_LEN],
             mac: [0; KEY_LEN],
             id: [0; KEY_LEN],
+            temp: [0; KEY_LEN],
+            seed_encrypted: 0,
+            seed_unencrypted: 0,
         };
         // 32 bytes is far below HKDF-SHA256's 255*32 limit: these cannot fail.
         hk.expand(INFO_ENC, &mut k.enc).expect("hkdf length");
         hk.expand(INFO_MAC, &mut k.mac).expect("hkdf length");
         hk.expand(INFO_ID, &mut k.id).expect("hkdf length");
+        hk.expand(INFO_TEMP, &mut k.temp).expect("hkdf length");
+        let mut seed = [0u8; 8];
+        hk.expand(INFO_SEED_ENCRYPTED, &mut seed)
+            .expect("hkdf length");
+        k.seed_encrypted = u64::from_le_bytes(seed);
+        hk.expand(INFO_SEED_UNENCRYPTED, &mut seed)
+            .expect("hkdf length");
+        k.seed_unencrypted = u64::from_le_bytes(seed);
+        seed.zeroize();
         k
     }
 
@@ -191,6 +227,27 @@ impl Keys {
         m.update(plaintext);
         ChunkId(m.finalize().into_bytes().into())
     }
+
+    /// The gear-table seed of the content-defined chunker: one for encrypted snapshots and an
+    /// unrelated one for unencrypted snapshots, whose cut points storage can see.
+    pub fn chunker_seed(&self, encrypted: bool) -> u64 {
+        if encrypted {
+            self.seed_encrypted
+        } else {
+            self.seed_unencrypted
+        }
+    }
+
+    /// A keyed tag of `parts` (HMAC-SHA256 under the restore-temporary key, each part
+    /// length-prefixed): lets a restore recognise the temporary files it made itself.
+    pub fn temp_tag(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = hmac_sha256(&self.temp);
+        for p in parts {
+            m.update(&(p.len() as u64).to_le_bytes());
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
 }
 
 impl Drop for Keys {
@@ -198,6 +255,9 @@ impl Drop for Keys {
         self.enc.zeroize();
         self.mac.zeroize();
         self.id.zeroize();
+        self.temp.zeroize();
+        self.seed_encrypted.zeroize();
+        self.seed_unencrypted.zeroize();
     }
 }
 
@@ -215,18 +275,25 @@ fn hmac_sha256(key: &[u8; KEY_LEN]) -> HmacSha256 {
 // ---------------------------------------------------------------------------------------------
 // Sealing
 
-/// How to seal: encrypted with keys, or plain (SHA-256 integrity only).
+/// How to seal: encrypted, or unencrypted (readable without the key, still authenticated by
+/// an HMAC under the MAC key).
 #[derive(Clone, Copy)]
 pub enum SealMode<'a> {
     Encrypted(&'a Keys),
-    Plain,
+    Plain(&'a Keys),
+}
+
+impl SealMode<'_> {
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, SealMode::Encrypted(_))
+    }
 }
 
 impl fmt::Debug for SealMode<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SealMode::Encrypted(_) => f.write_str("Encrypted"),
-            SealMode::Plain => f.write_str("Plain"),
+            SealMode::Plain(_) => f.write_str("Plain"),
         }
     }
 }
@@ -235,6 +302,15 @@ impl fmt::Debug for SealMode<'_> {
 struct KeyPair<'a> {
     enc: &'a [u8; KEY_LEN],
     mac: &'a [u8; KEY_LEN],
+}
+
+impl Keys {
+    fn pair(&self) -> KeyPair<'_> {
+        KeyPair {
+            enc: &self.enc,
+            mac: &self.mac,
+        }
+    }
 }
 
 thread_local! {
@@ -266,27 +342,23 @@ fn try_compress_into(out: &mut Vec<u8>, plaintext: &[u8], level: i32) -> bool {
     }
 }
 
-/// The single implementation of the format's writer.
+/// The single implementation of the format's writer (always the current version).
 fn seal_impl(
     out: &mut Vec<u8>,
-    keys: Option<KeyPair<'_>>,
+    kp: KeyPair<'_>,
+    encrypt: bool,
     plaintext: &[u8],
     compress: Option<i32>,
 ) {
     let start = out.len();
-    let n = plaintext.len();
-    out.reserve(sealed_len_bound(n));
+    out.reserve(sealed_len_bound(plaintext.len()));
     let mut flags = 0u8;
-    if keys.is_some() {
+    if encrypt {
         flags |= FLAG_ENCRYPTED;
     }
     out.extend_from_slice(&[MAGIC, VERSION, flags, 0]);
-    let iv: [u8; IV_LEN] = if keys.is_some() {
-        random_bytes()
-    } else {
-        [0; IV_LEN]
-    };
-    if keys.is_some() {
+    let iv: [u8; IV_LEN] = if encrypt { random_bytes() } else { [0; IV_LEN] };
+    if encrypt {
         out.extend_from_slice(&iv);
     }
     let body = out.len();
@@ -298,26 +370,21 @@ fn seal_impl(
     } else {
         out.extend_from_slice(plaintext);
     }
-    match keys {
-        Some(kp) => {
-            let msg_len = out.len() - body;
-            let padded = (msg_len / BLOCK_LEN + 1) * BLOCK_LEN;
-            out.resize(body + padded, 0);
-            let ct_len = Aes256CbcEnc::new(kp.enc.into(), (&iv).into())
-                .encrypt_padded::<Pkcs7>(&mut out[body..], msg_len)
-                .expect("buffer holds the padded message")
-                .len();
-            debug_assert_eq!(ct_len, padded);
-            let mut m = hmac_sha256(kp.mac);
-            m.update(&out[start..]);
-            let tag = m.finalize().into_bytes();
-            out.extend_from_slice(&tag);
-        }
-        None => {
-            let sum = Sha256::digest(&out[start..]);
-            out.extend_from_slice(&sum);
-        }
+    if encrypt {
+        let msg_len = out.len() - body;
+        let padded = (msg_len / BLOCK_LEN + 1) * BLOCK_LEN;
+        out.resize(body + padded, 0);
+        let ct_len = Aes256CbcEnc::new(kp.enc.into(), (&iv).into())
+            .encrypt_padded::<Pkcs7>(&mut out[body..], msg_len)
+            .expect("buffer holds the padded message")
+            .len();
+        debug_assert_eq!(ct_len, padded);
     }
+    // Encrypt-then-MAC; an unencrypted blob is authenticated the same way.
+    let mut m = hmac_sha256(kp.mac);
+    m.update(&out[start..]);
+    let tag = m.finalize().into_bytes();
+    out.extend_from_slice(&tag);
 }
 
 /// Seal `plaintext` into a self-describing blob appended to `out`.
@@ -325,14 +392,11 @@ fn seal_impl(
 /// `compress: Some(level)` compresses with zstd first; the compressed form is kept only if it
 /// is smaller (the header's flag says which).
 pub fn seal_into(out: &mut Vec<u8>, mode: SealMode<'_>, plaintext: &[u8], compress: Option<i32>) {
-    let kp = match mode {
-        SealMode::Encrypted(k) => Some(KeyPair {
-            enc: &k.enc,
-            mac: &k.mac,
-        }),
-        SealMode::Plain => None,
+    let (keys, encrypt) = match mode {
+        SealMode::Encrypted(k) => (k, true),
+        SealMode::Plain(k) => (k, false),
     };
-    seal_impl(out, kp, plaintext, compress);
+    seal_impl(out, keys.pair(), encrypt, plaintext, compress);
 }
 
 /// [`seal_into`] a fresh `Vec`.
@@ -347,15 +411,30 @@ pub fn sealed_len_bound(n: usize) -> usize {
     HEADER_LEN + IV_LEN + (n / BLOCK_LEN + 1) * BLOCK_LEN + TAG_LEN
 }
 
-/// Parses and checks the header; returns the flags.
-fn parse_header(sealed: &[u8]) -> Result<u8, CryptoError> {
+/// A parsed blob header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u8,
+    pub encrypted: bool,
+    pub compressed: bool,
+}
+
+impl Header {
+    /// A format-1 unencrypted blob: integrity by a bare checksum, no authentication.
+    pub fn is_unauthenticated(&self) -> bool {
+        self.version == VERSION_1 && !self.encrypted
+    }
+}
+
+/// Parses and checks a blob's header.
+pub fn parse_header(sealed: &[u8]) -> Result<Header, CryptoError> {
     if sealed.len() < HEADER_LEN {
         return Err(CryptoError::Truncated);
     }
     if sealed[0] != MAGIC {
         return Err(CryptoError::BadMagic);
     }
-    if sealed[1] != VERSION {
+    if sealed[1] != VERSION && sealed[1] != VERSION_1 {
         return Err(CryptoError::UnsupportedVersion(sealed[1]));
     }
     let flags = sealed[2];
@@ -365,53 +444,40 @@ fn parse_header(sealed: &[u8]) -> Result<u8, CryptoError> {
     if sealed[3] != 0 {
         return Err(CryptoError::Malformed("reserved header byte is set"));
     }
-    Ok(flags)
+    Ok(Header {
+        version: sealed[1],
+        encrypted: flags & FLAG_ENCRYPTED != 0,
+        compressed: flags & FLAG_COMPRESSED != 0,
+    })
 }
 
-/// Flags of a sealed blob without opening it.
+/// Whether a sealed blob is encrypted, without opening it.
 pub fn sealed_is_encrypted(sealed: &[u8]) -> Result<bool, CryptoError> {
-    Ok(parse_header(sealed)? & FLAG_ENCRYPTED != 0)
+    Ok(parse_header(sealed)?.encrypted)
 }
 
-/// The single implementation of the format's reader. `keys` is consulted only for
-/// encrypted blobs.
+/// What the reader accepts besides blobs authenticated with the key.
+#[derive(Clone, Copy)]
+enum Accept {
+    /// Only authenticated blobs.
+    Authenticated,
+    /// Also a format-1 unencrypted blob, whose checksum is verified; the caller must then
+    /// check its content against something authenticated.
+    Format1Checksum,
+}
+
+/// The single implementation of the format's reader.
 fn open_impl(
-    keys: Option<KeyPair<'_>>,
+    kp: KeyPair<'_>,
     sealed: &[u8],
     max_plain: usize,
-) -> Result<Vec<u8>, CryptoError> {
-    let flags = parse_header(sealed)?;
-    let compressed = flags & FLAG_COMPRESSED != 0;
-    let payload = if flags & FLAG_ENCRYPTED != 0 {
-        if sealed.len() < HEADER_LEN + IV_LEN + BLOCK_LEN + TAG_LEN {
-            return Err(CryptoError::Truncated);
+    accept: Accept,
+) -> Result<(Header, Vec<u8>), CryptoError> {
+    let header = parse_header(sealed)?;
+    if header.is_unauthenticated() {
+        if matches!(accept, Accept::Authenticated) {
+            return Err(CryptoError::Unauthenticated);
         }
-        let kp = keys.ok_or(CryptoError::KeyRequired)?;
-        let (authed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
-        let mut m = hmac_sha256(kp.mac);
-        m.update(authed);
-        m.verify_slice(tag).map_err(|_| CryptoError::MacMismatch)?;
-        let iv: &[u8; IV_LEN] = authed[HEADER_LEN..HEADER_LEN + IV_LEN]
-            .try_into()
-            .expect("length checked");
-        let ct = &authed[HEADER_LEN + IV_LEN..];
-        if ct.len() % BLOCK_LEN != 0 {
-            return Err(CryptoError::Malformed(
-                "ciphertext is not a whole number of blocks",
-            ));
-        }
-        // Cheap early reject: the padded plaintext is at most one block longer than the data.
-        if !compressed && ct.len() - BLOCK_LEN > max_plain {
-            return Err(CryptoError::TooLarge(max_plain));
-        }
-        let mut buf = ct.to_vec();
-        let pt_len = Aes256CbcDec::new(kp.enc.into(), iv.into())
-            .decrypt_padded::<Pkcs7>(&mut buf)
-            .map_err(|_| CryptoError::Malformed("bad padding"))?
-            .len();
-        buf.truncate(pt_len);
-        buf
-    } else {
         if sealed.len() < HEADER_LEN + TAG_LEN {
             return Err(CryptoError::Truncated);
         }
@@ -419,22 +485,66 @@ fn open_impl(
         if Sha256::digest(body).as_slice() != sum {
             return Err(CryptoError::ChecksumMismatch);
         }
-        let data = &body[HEADER_LEN..];
-        if compressed {
-            return decompress_limited(data, max_plain);
-        }
-        if data.len() > max_plain {
-            return Err(CryptoError::TooLarge(max_plain));
-        }
-        data.to_vec()
-    };
-    if compressed {
-        decompress_limited(&payload, max_plain)
-    } else if payload.len() > max_plain {
-        Err(CryptoError::TooLarge(max_plain))
-    } else {
-        Ok(payload)
+        return finish_open(header, &body[HEADER_LEN..], max_plain);
     }
+    let min = if header.encrypted {
+        HEADER_LEN + IV_LEN + BLOCK_LEN + TAG_LEN
+    } else {
+        HEADER_LEN + TAG_LEN
+    };
+    if sealed.len() < min {
+        return Err(CryptoError::Truncated);
+    }
+    let (authed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+    let mut m = hmac_sha256(kp.mac);
+    m.update(authed);
+    m.verify_slice(tag).map_err(|_| CryptoError::MacMismatch)?;
+    if !header.encrypted {
+        return finish_open(header, &authed[HEADER_LEN..], max_plain);
+    }
+    let iv: &[u8; IV_LEN] = authed[HEADER_LEN..HEADER_LEN + IV_LEN]
+        .try_into()
+        .expect("length checked");
+    let ct = &authed[HEADER_LEN + IV_LEN..];
+    if ct.len() % BLOCK_LEN != 0 {
+        return Err(CryptoError::Malformed(
+            "ciphertext is not a whole number of blocks",
+        ));
+    }
+    // Cheap early reject: the padded plaintext is at most one block longer than the data.
+    if !header.compressed && ct.len() - BLOCK_LEN > max_plain {
+        return Err(CryptoError::TooLarge(max_plain));
+    }
+    let mut buf = ct.to_vec();
+    let pt_len = Aes256CbcDec::new(kp.enc.into(), iv.into())
+        .decrypt_padded::<Pkcs7>(&mut buf)
+        .map_err(|_| CryptoError::Malformed("bad padding"))?
+        .len();
+    buf.truncate(pt_len);
+    if header.compressed {
+        let out = decompress_limited(&buf, max_plain);
+        buf.zeroize();
+        return Ok((header, out?));
+    }
+    if buf.len() > max_plain {
+        return Err(CryptoError::TooLarge(max_plain));
+    }
+    Ok((header, buf))
+}
+
+/// Decompresses (or copies) an unencrypted payload within the limit.
+fn finish_open(
+    header: Header,
+    data: &[u8],
+    max_plain: usize,
+) -> Result<(Header, Vec<u8>), CryptoError> {
+    if header.compressed {
+        return Ok((header, decompress_limited(data, max_plain)?));
+    }
+    if data.len() > max_plain {
+        return Err(CryptoError::TooLarge(max_plain));
+    }
+    Ok((header, data.to_vec()))
 }
 
 fn decompress_limited(data: &[u8], max_plain: usize) -> Result<Vec<u8>, CryptoError> {
@@ -448,14 +558,63 @@ fn decompress_limited(data: &[u8], max_plain: usize) -> Result<Vec<u8>, CryptoEr
 
 /// Verify, then decrypt, then decompress (at most `max_plain` bytes of output).
 ///
-/// The MAC (constant-time) or checksum is checked before anything else touches the payload.
-/// `keys: None` with an encrypted blob gives [`CryptoError::KeyRequired`].
-pub fn open(keys: Option<&Keys>, sealed: &[u8], max_plain: usize) -> Result<Vec<u8>, CryptoError> {
-    let kp = keys.map(|k| KeyPair {
-        enc: &k.enc,
-        mac: &k.mac,
-    });
-    open_impl(kp, sealed, max_plain)
+/// Only blobs authenticated with `keys` are opened: the MAC (constant time) is checked before
+/// anything else touches the payload. A format-1 unencrypted blob, which carries only a
+/// checksum, gives [`CryptoError::Unauthenticated`].
+pub fn open(keys: &Keys, sealed: &[u8], max_plain: usize) -> Result<Vec<u8>, CryptoError> {
+    open_impl(keys.pair(), sealed, max_plain, Accept::Authenticated).map(|(_, p)| p)
+}
+
+/// A blob opened by [`open_chunk`].
+#[derive(Debug)]
+pub struct Opened {
+    pub plaintext: Vec<u8>,
+    /// The blob was encrypted (its id is keyed) rather than unencrypted (its id is SHA-256).
+    pub encrypted: bool,
+}
+
+/// Opens the blob that holds the content with id `id`, and checks that it does: the keyed id
+/// of an encrypted blob's plaintext, the SHA-256 of an unencrypted one's.
+///
+/// `id` must come from an authenticated source (the catalog, an authenticated trailer, an
+/// authenticated listing or snapshot object). That source then vouches for the content, so a
+/// format-1 unencrypted blob (checksum only) is accepted too when it hashes to `id`.
+pub fn open_chunk(
+    keys: &Keys,
+    sealed: &[u8],
+    max_plain: usize,
+    id: &ChunkId,
+) -> Result<Opened, CryptoError> {
+    let (header, plaintext) = open_impl(keys.pair(), sealed, max_plain, Accept::Format1Checksum)?;
+    let actual = if header.encrypted {
+        keys.chunk_id(&plaintext)
+    } else {
+        plain_chunk_id(&plaintext)
+    };
+    if actual != *id {
+        return Err(CryptoError::WrongId);
+    }
+    Ok(Opened {
+        plaintext,
+        encrypted: header.encrypted,
+    })
+}
+
+/// Opens a format-1 unencrypted blob by its checksum alone. Nothing authenticates it: use the
+/// result only to compare with something trusted (`verify` compares a format-1 unencrypted
+/// pack's trailer with the catalog that recorded the pack).
+pub fn open_format1_unencrypted(sealed: &[u8], max_plain: usize) -> Result<Vec<u8>, CryptoError> {
+    let header = parse_header(sealed)?;
+    if !header.is_unauthenticated() {
+        return Err(CryptoError::Malformed("not a format-1 unencrypted blob"));
+    }
+    // No key is consulted on this path.
+    let unused = [0u8; KEY_LEN];
+    let kp = KeyPair {
+        enc: &unused,
+        mac: &unused,
+    };
+    open_impl(kp, sealed, max_plain, Accept::Format1Checksum).map(|(_, p)| p)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,6 +646,26 @@ impl KdfParams {
             p_cost: 1,
         }
     }
+
+    /// Refuses parameters beyond the bounds (a key object from storage is hostile until its
+    /// passphrase opens it).
+    pub fn check(&self) -> Result<(), CryptoError> {
+        let over = |what: &str, v: u32, max: u32| {
+            Err(CryptoError::Kdf(format!(
+                "{what} {v} is above the limit of {max}"
+            )))
+        };
+        if self.m_kib > MAX_KDF_M_KIB {
+            return over("memory cost (KiB)", self.m_kib, MAX_KDF_M_KIB);
+        }
+        if self.t_cost > MAX_KDF_T_COST {
+            return over("time cost", self.t_cost, MAX_KDF_T_COST);
+        }
+        if self.p_cost > MAX_KDF_P_COST {
+            return over("parallelism", self.p_cost, MAX_KDF_P_COST);
+        }
+        Ok(())
+    }
 }
 
 /// Key-encryption key derived from a passphrase: `enc | mac`. Zeroized on drop.
@@ -494,12 +673,7 @@ struct Kek([u8; 2 * KEY_LEN]);
 
 impl Kek {
     fn derive(passphrase: &str, salt: &[u8], kdf: KdfParams) -> Result<Kek, CryptoError> {
-        if kdf.m_kib > MAX_KDF_M_KIB {
-            return Err(CryptoError::Kdf(format!(
-                "memory cost {} KiB is above the limit of {MAX_KDF_M_KIB} KiB",
-                kdf.m_kib
-            )));
-        }
+        kdf.check()?;
         let params = argon2::Params::new(kdf.m_kib, kdf.t_cost, kdf.p_cost, Some(2 * KEY_LEN))
             .map_err(|e| CryptoError::Kdf(e.to_string()))?;
         let a2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -558,7 +732,7 @@ impl WrappedKey {
         let salt: [u8; 16] = random_bytes();
         let kek = Kek::derive(passphrase, &salt, kdf)?;
         let mut wrapped = Vec::with_capacity(sealed_len_bound(MASTER_LEN));
-        seal_impl(&mut wrapped, Some(kek.pair()), &master.0, None);
+        seal_impl(&mut wrapped, kek.pair(), true, &master.0, None);
         Ok(WrappedKey {
             key_id,
             salt: salt.to_vec(),
@@ -573,14 +747,54 @@ impl WrappedKey {
         Self::wrap_with_id(&master, new, kdf, self.key_id.clone())
     }
 
+    /// Reads a key object (as stored in storage), checking every field against the format's
+    /// bounds before anything is derived from it.
+    pub fn decode(bytes: &[u8]) -> Result<WrappedKey, CryptoError> {
+        if bytes.len() as u64 > MAX_KEY_OBJECT {
+            return Err(CryptoError::BadKeyObject(format!(
+                "{} bytes, more than the {MAX_KEY_OBJECT} a key object may have",
+                bytes.len()
+            )));
+        }
+        let w: WrappedKey =
+            serde_json::from_slice(bytes).map_err(|e| CryptoError::BadKeyObject(e.to_string()))?;
+        w.check()?;
+        Ok(w)
+    }
+
+    /// Checks the fields against the format: a 32-digit hex id, a 16 to 64 byte salt,
+    /// bounded KDF parameters, and an encrypted blob of exactly a wrapped master key's size.
+    pub fn check(&self) -> Result<(), CryptoError> {
+        let bad = |m: &str| Err(CryptoError::BadKeyObject(m.to_string()));
+        if self.key_id.len() != 32
+            || !self
+                .key_id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return bad("key id is not 32 lowercase hex digits");
+        }
+        if !(16..=64).contains(&self.salt.len()) {
+            return bad("salt is not 16 to 64 bytes");
+        }
+        self.kdf.check()?;
+        if self.wrapped.len() != sealed_len_bound(MASTER_LEN) {
+            return bad("wrapped key has the wrong length");
+        }
+        let h = parse_header(&self.wrapped)?;
+        if !h.encrypted || h.compressed {
+            return bad("wrapped key is not an encrypted, uncompressed blob");
+        }
+        Ok(())
+    }
+
     /// Wrong passphrase → [`CryptoError::WrongPassphrase`].
     pub fn unwrap(&self, passphrase: &str) -> Result<MasterSecret, CryptoError> {
-        if !sealed_is_encrypted(&self.wrapped)? {
-            return Err(CryptoError::Malformed("wrapped key is not encrypted"));
-        }
+        self.check()?;
         let kek = Kek::derive(passphrase, &self.salt, self.kdf)?;
-        let mut plain =
-            open_impl(Some(kek.pair()), &self.wrapped, MASTER_LEN).map_err(|e| match e {
+        let mut plain = open_impl(kek.pair(), &self.wrapped, MASTER_LEN, Accept::Authenticated)
+            .map(|(_, p)| p)
+            .map_err(|e| match e {
                 CryptoError::MacMismatch => CryptoError::WrongPassphrase,
                 CryptoError::TooLarge(_) => {
                     CryptoError::Malformed("wrapped key has the wrong length")
@@ -740,8 +954,8 @@ mod tests {
         [
             (SealMode::Encrypted(k), None),
             (SealMode::Encrypted(k), Some(3)),
-            (SealMode::Plain, None),
-            (SealMode::Plain, Some(3)),
+            (SealMode::Plain(k), None),
+            (SealMode::Plain(k), Some(3)),
         ]
     }
 
@@ -757,20 +971,157 @@ mod tests {
                 let enc = matches!(mode, SealMode::Encrypted(_));
                 assert_eq!(sealed_is_encrypted(&s).unwrap(), enc);
                 assert_eq!(s[2] & FLAG_ENCRYPTED != 0, enc);
-                assert_eq!(
-                    open(Some(&k), &s, data.len()).unwrap(),
-                    data,
-                    "{mode:?} {comp:?}"
-                );
+                assert_eq!(open(&k, &s, data.len()).unwrap(), data, "{mode:?} {comp:?}");
                 if !enc {
-                    assert_eq!(open(None, &s, data.len()).unwrap(), data);
+                    // Unencrypted data is in the clear, but another key does not authenticate it.
+                    assert!(matches!(
+                        open(&keys(), &s, data.len()),
+                        Err(CryptoError::MacMismatch)
+                    ));
                 }
                 // Limit one below the size is refused.
                 if !data.is_empty() {
-                    assert!(open(Some(&k), &s, data.len() - 1).is_err());
+                    assert!(open(&k, &s, data.len() - 1).is_err());
                 }
             }
         }
+    }
+
+    /// A format-1 blob as the first writer made it: encrypted ones as now (MAC), unencrypted
+    /// ones with a bare SHA-256.
+    fn seal_format1(keys: Option<&Keys>, plaintext: &[u8]) -> Vec<u8> {
+        match keys {
+            Some(k) => {
+                let mut s = seal(SealMode::Encrypted(k), plaintext, None);
+                s[1] = VERSION_1;
+                let body = s.len() - TAG_LEN;
+                let mut m = hmac_sha256(&k.mac);
+                m.update(&s[..body]);
+                let tag = m.finalize().into_bytes();
+                s[body..].copy_from_slice(&tag);
+                s
+            }
+            None => {
+                let mut s = vec![MAGIC, VERSION_1, 0, 0];
+                s.extend_from_slice(plaintext);
+                let sum = Sha256::digest(&s);
+                s.extend_from_slice(&sum);
+                s
+            }
+        }
+    }
+
+    #[test]
+    fn format1_encrypted_blobs_still_open() {
+        let k = keys();
+        let s = seal_format1(Some(&k), b"old secret");
+        assert_eq!(parse_header(&s).unwrap().version, 1);
+        assert_eq!(open(&k, &s, 100).unwrap(), b"old secret");
+        let o = open_chunk(&k, &s, 100, &k.chunk_id(b"old secret")).unwrap();
+        assert!(o.encrypted);
+        assert!(matches!(
+            open(&keys(), &s, 100),
+            Err(CryptoError::MacMismatch)
+        ));
+    }
+
+    #[test]
+    fn format1_unencrypted_blobs_open_only_when_an_authenticated_id_vouches() {
+        let k = keys();
+        let s = seal_format1(None, b"old public data");
+        // Anyone can make this blob: on its own it is refused.
+        assert!(matches!(
+            open(&k, &s, 100),
+            Err(CryptoError::Unauthenticated)
+        ));
+        // With the id an authenticated source recorded, its content is checked against it.
+        let id = plain_chunk_id(b"old public data");
+        let o = open_chunk(&k, &s, 100, &id).unwrap();
+        assert_eq!(o.plaintext, b"old public data");
+        assert!(!o.encrypted);
+        assert!(matches!(
+            open_chunk(&k, &s, 100, &plain_chunk_id(b"something else")),
+            Err(CryptoError::WrongId)
+        ));
+        let mut bad = s.clone();
+        bad[5] ^= 1;
+        assert!(matches!(
+            open_chunk(&k, &bad, 100, &id),
+            Err(CryptoError::ChecksumMismatch)
+        ));
+        assert_eq!(
+            open_format1_unencrypted(&s, 100).unwrap(),
+            b"old public data"
+        );
+        let new = seal(SealMode::Plain(&k), b"x", None);
+        assert!(open_format1_unencrypted(&new, 100).is_err());
+    }
+
+    #[test]
+    fn open_chunk_checks_ids_of_both_kinds() {
+        let k = keys();
+        let e = seal(SealMode::Encrypted(&k), b"chunk", Some(3));
+        let p = seal(SealMode::Plain(&k), b"chunk", Some(3));
+        assert!(
+            open_chunk(&k, &e, 100, &k.chunk_id(b"chunk"))
+                .unwrap()
+                .encrypted
+        );
+        assert!(
+            !open_chunk(&k, &p, 100, &plain_chunk_id(b"chunk"))
+                .unwrap()
+                .encrypted
+        );
+        // An encrypted blob's id is keyed; an unencrypted one's is SHA-256: never swapped.
+        assert!(matches!(
+            open_chunk(&k, &e, 100, &plain_chunk_id(b"chunk")),
+            Err(CryptoError::WrongId)
+        ));
+        assert!(matches!(
+            open_chunk(&k, &p, 100, &k.chunk_id(b"chunk")),
+            Err(CryptoError::WrongId)
+        ));
+    }
+
+    #[test]
+    fn chunker_seeds_are_separate_and_temp_tags_keyed() {
+        let (k1, k2) = (keys(), keys());
+        assert_ne!(k1.chunker_seed(true), k1.chunker_seed(false));
+        assert_ne!(k1.chunker_seed(true), k2.chunker_seed(true));
+        let m = MasterSecret::generate();
+        let (a, b) = (Keys::derive(&m), Keys::derive(&m));
+        assert_eq!(a.chunker_seed(false), b.chunker_seed(false));
+        assert_eq!(a.temp_tag(&[b"n", b"x"]), b.temp_tag(&[b"n", b"x"]));
+        assert_ne!(a.temp_tag(&[b"n", b"x"]), a.temp_tag(&[b"nx"]));
+        assert_ne!(a.temp_tag(&[b"n"]), k1.temp_tag(&[b"n"]));
+    }
+
+    #[test]
+    fn key_objects_are_checked_before_use() {
+        let m = MasterSecret::generate();
+        let w = WrappedKey::wrap(&m, "pw", KdfParams::fast_for_tests()).unwrap();
+        let json = serde_json::to_vec(&w).unwrap();
+        assert!(WrappedKey::decode(&json).is_ok());
+        assert!(matches!(
+            WrappedKey::decode(&vec![b' '; 5000]),
+            Err(CryptoError::BadKeyObject(_))
+        ));
+        assert!(matches!(
+            WrappedKey::decode(b"{}"),
+            Err(CryptoError::BadKeyObject(_))
+        ));
+        let mutate = |f: &dyn Fn(&mut WrappedKey)| {
+            let mut v = w.clone();
+            f(&mut v);
+            WrappedKey::decode(&serde_json::to_vec(&v).unwrap())
+        };
+        assert!(mutate(&|v| v.key_id = "ZZ".repeat(16)).is_err());
+        assert!(mutate(&|v| v.salt = vec![0; 4]).is_err());
+        assert!(mutate(&|v| v.salt = vec![0; 4096]).is_err());
+        assert!(mutate(&|v| v.kdf.t_cost = 1000).is_err());
+        assert!(mutate(&|v| v.kdf.m_kib = MAX_KDF_M_KIB + 1).is_err());
+        assert!(mutate(&|v| v.wrapped.push(0)).is_err());
+        assert!(mutate(&|v| v.wrapped[2] = 0).is_err());
     }
 
     #[test]
@@ -778,7 +1129,7 @@ mod tests {
         let k = keys();
         let compressible = b"abcdefgh".repeat(1000);
         let random: Vec<u8> = (0..5000).map(|_| random_bytes::<1>()[0]).collect();
-        for mode in [SealMode::Encrypted(&k), SealMode::Plain] {
+        for mode in [SealMode::Encrypted(&k), SealMode::Plain(&k)] {
             let s = seal(mode, &compressible, Some(3));
             assert_ne!(s[2] & FLAG_COMPRESSED, 0);
             assert!(s.len() < 1000);
@@ -793,13 +1144,15 @@ mod tests {
     fn format_layout() {
         let k = keys();
         let s = seal(SealMode::Encrypted(&k), b"hello", None);
-        assert_eq!(&s[..4], &[0xB5, 1, 1, 0]);
+        assert_eq!(&s[..4], &[0xB5, 2, 1, 0]);
         assert_eq!(s.len(), 4 + 16 + 16 + 32);
         assert_eq!(s.len(), sealed_len_bound(5));
-        let p = seal(SealMode::Plain, b"hello", None);
-        assert_eq!(&p[..4], &[0xB5, 1, 0, 0]);
+        let p = seal(SealMode::Plain(&k), b"hello", None);
+        assert_eq!(&p[..4], &[0xB5, 2, 0, 0]);
         assert_eq!(&p[4..9], b"hello");
-        assert_eq!(&p[9..], Sha256::digest(&p[..9]).as_slice());
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&k.mac).unwrap();
+        m.update(&p[..9]);
+        assert_eq!(&p[9..], m.finalize().into_bytes().as_slice());
         assert_eq!(sealed_len_bound(0), 4 + 16 + 16 + 32);
         assert_eq!(sealed_len_bound(16), 4 + 16 + 32 + 32);
     }
@@ -810,10 +1163,10 @@ mod tests {
         let mut out = b"prefix".to_vec();
         seal_into(&mut out, SealMode::Encrypted(&k), b"data", Some(1));
         let first_end = out.len();
-        seal_into(&mut out, SealMode::Plain, b"more", None);
+        seal_into(&mut out, SealMode::Plain(&k), b"more", None);
         assert_eq!(&out[..6], b"prefix");
-        assert_eq!(open(Some(&k), &out[6..first_end], 100).unwrap(), b"data");
-        assert_eq!(open(None, &out[first_end..], 100).unwrap(), b"more");
+        assert_eq!(open(&k, &out[6..first_end], 100).unwrap(), b"data");
+        assert_eq!(open(&k, &out[first_end..], 100).unwrap(), b"more");
     }
 
     #[test]
@@ -829,62 +1182,55 @@ mod tests {
     fn wrong_keys_and_missing_keys() {
         let (k1, k2) = (keys(), keys());
         let s = seal(SealMode::Encrypted(&k1), b"secret", None);
-        assert!(matches!(
-            open(Some(&k2), &s, 100),
-            Err(CryptoError::MacMismatch)
-        ));
-        assert!(matches!(open(None, &s, 100), Err(CryptoError::KeyRequired)));
+        assert!(matches!(open(&k2, &s, 100), Err(CryptoError::MacMismatch)));
     }
 
     #[test]
     fn format_errors() {
         let k = keys();
+        assert!(matches!(open(&k, &[], 10), Err(CryptoError::Truncated)));
         assert!(matches!(
-            open(Some(&k), &[], 10),
+            open(&k, &[0xB5, 1], 10),
             Err(CryptoError::Truncated)
         ));
-        assert!(matches!(
-            open(Some(&k), &[0xB5, 1], 10),
-            Err(CryptoError::Truncated)
-        ));
-        let mut s = seal(SealMode::Plain, b"x", None);
+        let mut s = seal(SealMode::Plain(&k), b"x", None);
         s[0] = 0;
-        assert!(matches!(open(None, &s, 10), Err(CryptoError::BadMagic)));
+        assert!(matches!(open(&k, &s, 10), Err(CryptoError::BadMagic)));
         s[0] = 0xB5;
-        s[1] = 2;
+        s[1] = 3;
         assert!(matches!(
-            open(None, &s, 10),
-            Err(CryptoError::UnsupportedVersion(2))
+            open(&k, &s, 10),
+            Err(CryptoError::UnsupportedVersion(3))
         ));
         assert!(sealed_is_encrypted(&s).is_err());
         let e = seal(SealMode::Encrypted(&k), b"x", None);
         assert!(matches!(
-            open(Some(&k), &e[..e.len() - 1], 10),
+            open(&k, &e[..e.len() - 1], 10),
             Err(CryptoError::Truncated)
         ));
         assert!(matches!(
-            open(Some(&k), &e[..40], 10),
+            open(&k, &e[..40], 10),
             Err(CryptoError::Truncated)
         ));
         let e = seal(SealMode::Encrypted(&k), &[5u8; 100], None);
         assert!(matches!(
-            open(Some(&k), &e[..e.len() - 1], 100),
+            open(&k, &e[..e.len() - 1], 100),
             Err(CryptoError::MacMismatch)
         ));
         assert!(matches!(
-            open(Some(&k), &e[..e.len() - 16], 100),
+            open(&k, &e[..e.len() - 16], 100),
             Err(CryptoError::MacMismatch)
         ));
         let mut bad = e.clone();
         bad[2] |= 0x80;
         assert!(matches!(
-            open(Some(&k), &bad, 100),
+            open(&k, &bad, 100),
             Err(CryptoError::Malformed(_))
         ));
         bad[2] = e[2];
         bad[3] = 1;
         assert!(matches!(
-            open(Some(&k), &bad, 100),
+            open(&k, &bad, 100),
             Err(CryptoError::Malformed(_))
         ));
     }
@@ -893,15 +1239,15 @@ mod tests {
     fn decompression_limit_enforced() {
         let k = keys();
         let bomb = vec![0u8; 8 << 20];
-        for mode in [SealMode::Encrypted(&k), SealMode::Plain] {
+        for mode in [SealMode::Encrypted(&k), SealMode::Plain(&k)] {
             let s = seal(mode, &bomb, Some(3));
             assert!(s.len() < 4096, "zeros compress well");
-            match open(Some(&k), &s, 1 << 20) {
+            match open(&k, &s, 1 << 20) {
                 Err(CryptoError::TooLarge(n)) => assert_eq!(n, 1 << 20),
                 Err(CryptoError::Decompress(_)) => {}
                 other => panic!("expected a limit error, got {:?}", other.map(|v| v.len())),
             }
-            assert_eq!(open(Some(&k), &s, 8 << 20).unwrap().len(), 8 << 20);
+            assert_eq!(open(&k, &s, 8 << 20).unwrap().len(), 8 << 20);
         }
     }
 
@@ -916,15 +1262,18 @@ mod tests {
                 .map(|s| s.is_none())
                 .unwrap_or(true)
         );
+        let k = keys();
         let mut blob = vec![MAGIC, VERSION, FLAG_COMPRESSED, 0];
         blob.extend_from_slice(&frame);
-        let sum = Sha256::digest(&blob);
-        blob.extend_from_slice(&sum);
+        let mut m = hmac_sha256(&k.mac);
+        m.update(&blob);
+        let tag = m.finalize().into_bytes();
+        blob.extend_from_slice(&tag);
         assert!(matches!(
-            open(None, &blob, 1 << 20),
+            open(&k, &blob, 1 << 20),
             Err(CryptoError::TooLarge(_) | CryptoError::Decompress(_))
         ));
-        assert_eq!(open(None, &blob, 4 << 20).unwrap().len(), 4 << 20);
+        assert_eq!(open(&k, &blob, 4 << 20).unwrap().len(), 4 << 20);
     }
 
     #[test]
@@ -1007,6 +1356,13 @@ mod tests {
         assert!(matches!(w.unwrap("pw"), Err(CryptoError::Kdf(_))));
         w.kdf.m_kib = 1;
         assert!(matches!(w.unwrap("pw"), Err(CryptoError::Kdf(_))));
+        // Every parameter from storage is bounded before Argon2 runs.
+        w.kdf = KdfParams::fast_for_tests();
+        w.kdf.t_cost = u32::MAX;
+        assert!(matches!(w.unwrap("pw"), Err(CryptoError::Kdf(_))));
+        w.kdf.t_cost = 1;
+        w.kdf.p_cost = 1 << 20;
+        assert!(matches!(w.unwrap("pw"), Err(CryptoError::Kdf(_))));
     }
 
     #[test]
@@ -1088,11 +1444,11 @@ mod tests {
             (encrypted, comp) in mode_strategy(),
         ) {
             let k = keys();
-            let mode = if encrypted { SealMode::Encrypted(&k) } else { SealMode::Plain };
+            let mode = if encrypted { SealMode::Encrypted(&k) } else { SealMode::Plain(&k) };
             let s = seal(mode, &data, comp);
             prop_assert!(s.len() <= sealed_len_bound(data.len()));
             prop_assert_eq!(sealed_is_encrypted(&s).unwrap(), encrypted);
-            prop_assert_eq!(open(Some(&k), &s, data.len()).unwrap(), data);
+            prop_assert_eq!(open(&k, &s, data.len()).unwrap(), data);
         }
 
         #[test]
@@ -1103,17 +1459,17 @@ mod tests {
             delta in 1u8..=255,
         ) {
             let k = keys();
-            let mode = if encrypted { SealMode::Encrypted(&k) } else { SealMode::Plain };
+            let mode = if encrypted { SealMode::Encrypted(&k) } else { SealMode::Plain(&k) };
             let mut s = seal(mode, &data, comp);
             let i = pos.index(s.len());
             s[i] ^= delta;
-            for key in [Some(&k), None] {
+            for key in [&k, &keys()] {
                 match open(key, &s, 1 << 20) {
                     Ok(v) => prop_assert!(false, "tampered blob opened ({} bytes)", v.len()),
                     Err(
                         CryptoError::MacMismatch
                         | CryptoError::ChecksumMismatch
-                        | CryptoError::KeyRequired
+                        | CryptoError::Unauthenticated
                         | CryptoError::Truncated
                         | CryptoError::BadMagic
                         | CryptoError::UnsupportedVersion(_)

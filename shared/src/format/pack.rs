@@ -8,7 +8,9 @@
 //!
 //! Each blob is self-describing (see `crypto`). The trailer lists, for every blob, its kind,
 //! flags, id, offset, sealed length and plaintext length, so the catalog can be rebuilt from
-//! trailers alone. It is sealed like the pack's blobs (encrypted in an encrypted pack).
+//! trailers alone. It is sealed like the pack's blobs (encrypted in an encrypted pack), so it is
+//! authenticated with the key in either kind of pack (format 2); a format-1 unencrypted pack's
+//! trailer carries only a checksum, and [`open_trailer`] refuses it.
 
 use std::fs::File;
 use std::io::Write;
@@ -23,6 +25,8 @@ pub const PACK_TAIL_LEN: u64 = 4 + 8;
 const ENTRY_LEN: usize = 1 + 1 + 32 + 8 + 4 + 4;
 /// Plaintext cap when opening blobs (largest chunk is 4 MiB; listings are smaller).
 pub const MAX_BLOB: usize = 16 << 20;
+/// Largest sealed blob a trailer may describe (an incompressible `MAX_BLOB`).
+pub const MAX_SEALED_BLOB: u64 = (MAX_BLOB + 4 + 16 + 16 + 32) as u64;
 /// Largest trailer we accept when reading (about 1.3 million entries).
 const MAX_TRAILER: usize = 64 << 20;
 
@@ -49,8 +53,17 @@ impl BlobKind {
     }
 }
 
-/// Blob flags as stored in the trailer and the catalog.
+/// Blob flags as stored in the trailer and the catalog: the blob is encrypted.
 pub const FLAG_ENCRYPTED: u8 = 1;
+/// The blob is authenticated by a MAC (every blob written in format 2; format-1 encrypted
+/// blobs are too, without this flag). A blob with neither flag is a format-1 unencrypted one.
+pub const FLAG_MAC: u8 = 2;
+const KNOWN_ENTRY_FLAGS: u8 = FLAG_ENCRYPTED | FLAG_MAC;
+
+/// True when entry flags describe an authenticated blob.
+pub fn flags_authenticated(flags: u8) -> bool {
+    flags & (FLAG_ENCRYPTED | FLAG_MAC) != 0
+}
 
 /// One blob's place in a pack.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +132,9 @@ pub fn decode_trailer(
     let mut out = Vec::with_capacity(n);
     for rec in plain[4..].chunks_exact(ENTRY_LEN) {
         let kind = BlobKind::from_u8(rec[0]).ok_or_else(|| bad("unknown blob kind"))?;
+        if rec[1] & !KNOWN_ENTRY_FLAGS != 0 {
+            return Err(bad("unknown blob flags"));
+        }
         let e = PackEntry {
             kind,
             flags: rec[1],
@@ -132,6 +148,9 @@ pub fn decode_trailer(
             .is_none_or(|end| end > body_len)
         {
             return Err(bad("an entry points outside the pack"));
+        }
+        if u64::from(e.length) > MAX_SEALED_BLOB || e.raw_length as usize > MAX_BLOB {
+            return Err(bad("an entry is larger than a blob may be"));
         }
         out.push(e);
     }
@@ -154,16 +173,60 @@ pub fn decode_tail(pack: &str, tail: &[u8], pack_size: u64) -> Result<u64, PackE
     Ok(len)
 }
 
-/// Opens a sealed trailer and decodes it.
+/// A pack's table of contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    pub entries: Vec<PackEntry>,
+    /// The pack is encrypted (its trailer, and so every blob in it).
+    pub encrypted: bool,
+}
+
+/// Opens a sealed trailer (authenticated with `keys`) and decodes it. Every entry must be of
+/// the trailer's own kind (encrypted or not): a pack is written all one way.
 pub fn open_trailer(
-    keys: Option<&Keys>,
+    keys: &Keys,
+    pack: &str,
+    sealed: &[u8],
+    body_len: u64,
+) -> Result<Trailer, PackError> {
+    let plain = crypto::open(keys, sealed, MAX_TRAILER).map_err(|source| match source {
+        crypto::CryptoError::Unauthenticated => PackError::Unauthenticated {
+            pack: pack.to_string(),
+        },
+        source => PackError::Crypto {
+            pack: pack.to_string(),
+            source,
+        },
+    })?;
+    let encrypted = crypto::sealed_is_encrypted(sealed).map_err(|source| PackError::Crypto {
+        pack: pack.to_string(),
+        source,
+    })?;
+    let entries = decode_trailer(pack, &plain, body_len)?;
+    if entries
+        .iter()
+        .any(|e| (e.flags & FLAG_ENCRYPTED != 0) != encrypted)
+    {
+        return Err(PackError::BadTrailer {
+            pack: pack.to_string(),
+            reason: "an entry's encryption differs from the pack's".into(),
+        });
+    }
+    Ok(Trailer { entries, encrypted })
+}
+
+/// Reads a format-1 unencrypted pack's trailer by its checksum alone. Nothing authenticates
+/// it: only for comparing with a catalog that recorded the pack (`verify`).
+pub fn open_format1_trailer(
     pack: &str,
     sealed: &[u8],
     body_len: u64,
 ) -> Result<Vec<PackEntry>, PackError> {
-    let plain = crypto::open(keys, sealed, MAX_TRAILER).map_err(|source| PackError::Crypto {
-        pack: pack.to_string(),
-        source,
+    let plain = crypto::open_format1_unencrypted(sealed, MAX_TRAILER).map_err(|source| {
+        PackError::Crypto {
+            pack: pack.to_string(),
+            source,
+        }
     })?;
     decode_trailer(pack, &plain, body_len)
 }
@@ -251,7 +314,7 @@ impl PackWriter {
         self.file.write_all(sealed)?;
         self.entries.push(PackEntry {
             kind,
-            flags: if encrypted { FLAG_ENCRYPTED } else { 0 },
+            flags: FLAG_MAC | if encrypted { FLAG_ENCRYPTED } else { 0 },
             id,
             offset: self.size,
             length: sealed.len() as u32,
@@ -277,7 +340,7 @@ impl PackWriter {
             id: self.id,
             path: self.path,
             size,
-            encrypted: matches!(mode, SealMode::Encrypted(_)),
+            encrypted: mode.is_encrypted(),
             entries: self.entries,
         })
     }
@@ -313,14 +376,17 @@ mod tests {
         let tlen = decode_tail("p", tail, done.size).unwrap();
         let body_len = done.size - PACK_TAIL_LEN - tlen;
         let sealed_trailer = &bytes[body_len as usize..(done.size - PACK_TAIL_LEN) as usize];
-        let entries = open_trailer(Some(&keys), "p", sealed_trailer, body_len).unwrap();
-        assert_eq!(entries, done.entries);
-        for (e, b) in entries.iter().zip(&blobs) {
+        let trailer = open_trailer(&keys, "p", sealed_trailer, body_len).unwrap();
+        assert!(trailer.encrypted);
+        assert_eq!(trailer.entries, done.entries);
+        for (e, b) in trailer.entries.iter().zip(&blobs) {
+            assert_eq!(e.flags, FLAG_ENCRYPTED | FLAG_MAC);
             let sealed = &bytes[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
-            assert_eq!(&crypto::open(Some(&keys), sealed, 1 << 20).unwrap(), b);
+            assert_eq!(&crypto::open(&keys, sealed, 1 << 20).unwrap(), b);
         }
-        // The trailer of an encrypted pack can't be read without the key.
-        assert!(open_trailer(None, "p", sealed_trailer, body_len).is_err());
+        // The trailer can't be read with another key.
+        let other = Keys::derive(&MasterSecret::generate());
+        assert!(open_trailer(&other, "p", sealed_trailer, body_len).is_err());
         assert!(decode_tail("p", &[0; 12], done.size).is_err());
     }
 
@@ -336,6 +402,14 @@ mod tests {
         };
         assert!(decode_trailer("p", &encode_trailer(std::slice::from_ref(&e)), 100).is_err());
         assert!(decode_trailer("p", &encode_trailer(std::slice::from_ref(&e)), 110).is_ok());
+        let huge = PackEntry {
+            offset: 0,
+            length: u32::MAX,
+            ..e.clone()
+        };
+        assert!(decode_trailer("p", &encode_trailer(&[huge]), u64::MAX).is_err());
+        let odd_flags = PackEntry { flags: 0x80, ..e };
+        assert!(decode_trailer("p", &encode_trailer(&[odd_flags]), 110).is_err());
     }
 
     #[test]

@@ -133,6 +133,12 @@ pub enum JobArgs {
         #[serde(default)]
         path: Option<String>,
     },
+    /// Read packs back within a budget, authenticate every chunk, heal what can be healed.
+    Scrub {
+        /// Bytes to read; `None`: the daily budget (`STORINATOR_SCRUB_BYTES_PER_DAY`).
+        #[serde(default)]
+        bytes: Option<u64>,
+    },
 }
 
 impl JobArgs {
@@ -141,6 +147,7 @@ impl JobArgs {
             JobArgs::Backup { .. } => "backup",
             JobArgs::Restore { .. } => "restore",
             JobArgs::Verify { .. } => "verify",
+            JobArgs::Scrub { .. } => "scrub",
         }
     }
 }
@@ -179,6 +186,15 @@ pub enum JobResult {
         errors: Vec<String>,
         duration_ms: u64,
     },
+    /// A scrub's outcome (the full report is in the `scrub_runs` table).
+    Scrub {
+        bytes_read: u64,
+        chunks_checked: u64,
+        damaged: u64,
+        healed: u64,
+        unhealed: u64,
+        duration_ms: u64,
+    },
     /// A restore found existing files that differ from the backup and wrote none of them.
     /// The job ends `failed` with this result; the bot asks the user to confirm and, if they
     /// do, enqueues the same restore with `overwrite: true`.
@@ -213,6 +229,10 @@ pub struct Job {
     pub shown_at: i64,
     pub final_notified: bool,
     pub stall_notified: bool,
+    /// The schedule that fired this job (the retention work reads its policy through it).
+    pub schedule_id: Option<i64>,
+    /// Whose job it is when not `tg:<user_id>` (`local` for the CLI's schedules).
+    pub owner: Option<String>,
 }
 
 impl Job {
@@ -280,13 +300,33 @@ impl Job {
             shown_at: row.try_get("shown_at")?,
             final_notified: row.try_get::<i64, _>("final_notified")? != 0,
             stall_notified: row.try_get::<i64, _>("stall_notified")? != 0,
+            schedule_id: row.try_get("schedule_id")?,
+            owner: row.try_get("owner")?,
         })
+    }
+
+    /// Whose backups the job acts on: the `owner` column, or the chat user.
+    pub fn owner_name(&self) -> String {
+        self.owner
+            .clone()
+            .unwrap_or_else(|| format!("tg:{}", self.user_id))
     }
 
     /// True when the job is running but its worker stopped renewing the lease.
     pub fn is_stalled(&self, now_ms: i64) -> bool {
         self.state == JobState::Running && self.lease_until.is_some_and(|t| t < now_ms)
     }
+}
+
+/// A job about to be inserted.
+pub(crate) struct NewJob<'a> {
+    pub user_id: i64,
+    pub chat_id: i64,
+    pub args: &'a JobArgs,
+    pub schedule_id: Option<i64>,
+    pub owner: Option<&'a str>,
+    /// Not claimable before this time (a schedule's jitter).
+    pub not_before: i64,
 }
 
 /// Proof that a worker holds a running job. Every worker-side write is fenced by it.
@@ -391,24 +431,50 @@ impl Jobs {
         self.clock.now_ms()
     }
 
+    pub fn clock(&self) -> SharedClock {
+        self.clock.clone()
+    }
+
     // ---- bot side -------------------------------------------------------------------------
 
     /// Queue a new job for `user_id`, answering in `chat_id`.
     pub async fn enqueue(&self, user_id: i64, chat_id: i64, args: &JobArgs) -> Result<Job> {
+        let new = NewJob {
+            user_id,
+            chat_id,
+            args,
+            schedule_id: None,
+            owner: None,
+            not_before: 0,
+        };
+        self.insert(&self.pool, &new).await
+    }
+
+    /// Insert a job row (through `conn`, so a scheduler can do it inside its transaction). A
+    /// scheduled job gets no per-job final notice (its schedule's alerts speak for it), so it
+    /// is born `final_notified`.
+    pub(crate) async fn insert<'c, E>(&self, conn: E, new: &NewJob<'_>) -> Result<Job>
+    where
+        E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+    {
         let now = self.now_ms();
-        let json = serde_json::to_string(args).expect("job args serialise");
+        let json = serde_json::to_string(new.args).expect("job args serialise");
         let row = sqlx::query(
-            "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at,
+                               not_before, schedule_id, owner, final_notified)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9 IS NOT NULL) RETURNING *",
         )
-        .bind(args.kind())
+        .bind(new.args.kind())
         .bind(json)
-        .bind(user_id)
-        .bind(chat_id)
+        .bind(new.user_id)
+        .bind(new.chat_id)
         .bind(self.policy.max_attempts)
         .bind(now)
         .bind(now)
-        .fetch_one(&self.pool)
+        .bind(new.not_before)
+        .bind(new.schedule_id)
+        .bind(new.owner)
+        .fetch_one(conn)
         .await?;
         Job::from_row(&row)
     }
@@ -486,11 +552,13 @@ impl Jobs {
         Ok(())
     }
 
-    /// Finished jobs whose user has not been told yet.
+    /// Finished jobs whose user has not been told yet. Jobs fired by a schedule are not
+    /// among them: their outcomes reach the user through the schedule's alerts (grouped
+    /// failures, missed backups), not one message per run.
     pub async fn finished_unnotified(&self) -> Result<Vec<Job>> {
         let rows = sqlx::query(
             "SELECT * FROM jobs WHERE final_notified = 0
-               AND state IN ('done', 'failed', 'cancelled') ORDER BY id",
+               AND state IN ('done', 'failed', 'cancelled') AND schedule_id IS NULL ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -506,11 +574,11 @@ impl Jobs {
     }
 
     /// Running jobs whose lease expired (their worker stopped heartbeating) and whose user
-    /// was not told yet.
+    /// was not told yet (scheduled jobs excepted, as in [`Jobs::finished_unnotified`]).
     pub async fn stalled_unnotified(&self) -> Result<Vec<Job>> {
         let rows = sqlx::query(
             "SELECT * FROM jobs WHERE state = 'running' AND lease_until < ?
-               AND stall_notified = 0 ORDER BY id",
+               AND stall_notified = 0 AND schedule_id IS NULL ORDER BY id",
         )
         .bind(self.now_ms())
         .fetch_all(&self.pool)

@@ -57,6 +57,8 @@ impl Fixture {
     }
 }
 
+// Each test crate uses its own subset.
+#[allow(unused_imports)]
 pub use storinator_testkit::fixtures::{
     InstrumentedStorage, bytes, describe_tree, make_tree, temp_files,
 };

@@ -126,6 +126,10 @@ impl FileSession {
                     );
                 }
                 if let Some(u) = f.self_user {
+                    // grammers panics on ids outside Telegram's ranges: refuse them here.
+                    if PeerId::from_bot_api_dialog_id(u.id).is_none() || u.id < 1 {
+                        return Err(invalid(format!("user id {} is out of range", u.id)));
+                    }
                     let info = PeerInfo::User {
                         id: u.id,
                         auth: Some(PeerAuth::from_hash(u.access_hash)),
@@ -136,6 +140,9 @@ impl FileSession {
                     data.peer_infos.insert(info.id(), info);
                 }
                 for c in f.channels {
+                    if PeerId::channel(c.id).is_none() {
+                        return Err(invalid(format!("channel id {} is out of range", c.id)));
+                    }
                     let info = PeerInfo::Channel {
                         id: c.id,
                         auth: Some(PeerAuth::from_hash(c.access_hash)),
