@@ -15,19 +15,19 @@ use storinator_shared::ops::alerts::{
 };
 use storinator_shared::ops::schedules::format_local;
 
-use crate::{App, render, send_text};
+use crate::outbox::{Out, Persistence};
+use crate::{App, render};
 
 /// How many bot ticks pass between two looks for alerts.
 const TICKS_PER_PASS: u32 = 10;
 
 pub(crate) struct AlertSender {
-    bot: Bot,
     app: Arc<App>,
 }
 
 impl AlertSender {
-    pub(crate) fn new(bot: Bot, app: Arc<App>) -> Self {
-        AlertSender { bot, app }
+    pub(crate) fn new(app: Arc<App>) -> Self {
+        AlertSender { app }
     }
 
     pub(crate) async fn run(self) {
@@ -50,13 +50,21 @@ impl AlertSender {
 
     /// Sends `text` to `chat`; true when Telegram took it.
     async fn say(&self, chat: i64, text: String) -> bool {
-        if self.app.chat_blocked(chat) {
-            return false;
-        }
-        match send_text(&self.bot, ChatId(chat), text, None).await {
+        // Through the paced outbox like every other message; a refusal is tried again on a
+        // later pass.
+        let op = Out::Text {
+            text: crate::clip(text),
+            markup: None,
+        };
+        match self
+            .app
+            .outbox
+            .send(ChatId(chat), op, Persistence::Normal)
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
-                self.app.note_error(chat, &e);
+                tracing::warn!(chat, "alert not sent: {e}");
                 false
             }
         }

@@ -32,7 +32,7 @@ fn unquote(s: &str) -> &str {
 pub fn parse_backup(raw: &str) -> Result<BackupArgs, String> {
     let raw = raw.trim();
     if raw.is_empty() {
-        return Err("which folder? Usage: /backup <path> [unencrypted]".into());
+        return Err("Which folder? Usage: /backup <path> [unencrypted]".into());
     }
     let (path, encrypt) = match raw.rsplit_once(char::is_whitespace) {
         Some((head, flag))
@@ -54,7 +54,7 @@ pub fn parse_restore(raw: &str) -> Result<RestoreArgs, String> {
     const USAGE: &str = "Usage: /restore <path> [to <dir>] [snapshot <id>]";
     let mut rest = raw.trim().to_string();
     if rest.is_empty() {
-        return Err(format!("what should I restore? {USAGE}"));
+        return Err(format!("What should I restore? {USAGE}"));
     }
     let mut snapshot = None;
     let mut to = None;
@@ -71,7 +71,7 @@ pub fn parse_restore(raw: &str) -> Result<RestoreArgs, String> {
                 let (head, id) = split_at_keyword(&rest, s, "snapshot");
                 let id = id.trim();
                 if id.is_empty() || id.contains(char::is_whitespace) {
-                    return Err(format!("a snapshot id is one word. {USAGE}"));
+                    return Err(format!("A snapshot id is one word. {USAGE}"));
                 }
                 snapshot = Some(id.to_string());
                 rest = head;
@@ -80,7 +80,7 @@ pub fn parse_restore(raw: &str) -> Result<RestoreArgs, String> {
                 let (head, dir) = split_at_keyword(&rest, t, "to");
                 let dir = unquote(&dir).to_string();
                 if dir.is_empty() {
-                    return Err(format!("restore to which folder? {USAGE}"));
+                    return Err(format!("Restore to which folder? {USAGE}"));
                 }
                 to = Some(dir);
                 rest = head;
@@ -90,7 +90,7 @@ pub fn parse_restore(raw: &str) -> Result<RestoreArgs, String> {
     }
     let path = unquote(&rest).to_string();
     if path.is_empty() {
-        return Err(format!("what should I restore? {USAGE}"));
+        return Err(format!("What should I restore? {USAGE}"));
     }
     Ok(RestoreArgs { path, to, snapshot })
 }

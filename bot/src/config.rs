@@ -6,18 +6,44 @@ use std::time::Duration;
 
 /// A configuration problem, naming the variable at fault.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "invalid {var}: {message}\nhint: every variable of the bot is described in bot.env.example"
-)]
+#[error("{} {var}: {message}\nhint: every variable of the bot is described in bot.env.example", if *missing { "missing" } else { "invalid" })]
 pub struct ConfigError {
     pub var: &'static str,
     pub message: String,
+    /// Not set at all (rather than set to something wrong).
+    pub missing: bool,
 }
 
 fn bad(var: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
         message: message.into(),
+        missing: false,
+    }
+}
+
+fn missing(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+        missing: true,
+    }
+}
+
+/// The engine's configuration errors, in the bot's words.
+fn shared(e: storinator_shared::ConfigError) -> ConfigError {
+    use storinator_shared::ConfigError as E;
+    let (missing, message) = match &e {
+        E::Missing { reason, .. } => (true, reason.clone()),
+        E::Invalid { reason, value, .. } if value == "(hidden)" => (false, reason.clone()),
+        E::Invalid { reason, value, .. } => (false, format!("{value:?}: {reason}")),
+        E::File { path, error, .. } => (false, format!("{}: {error}", path.display())),
+        E::EnvFile { .. } => (false, e.to_string()),
+    };
+    ConfigError {
+        var: e.var(),
+        message,
+        missing,
     }
 }
 
@@ -46,6 +72,13 @@ pub struct BotConfig {
     /// `STORINATOR_BOT_POLL_TIMEOUT_S` (default 10): long-poll timeout of `getUpdates`. It
     /// also bounds how long shutdown waits for the poll in flight.
     pub poll_timeout: Duration,
+    /// Where the worker leaves files restored for `/get` (`<STORINATOR_DATA_DIR>/outbox`): the
+    /// bot sends only files from there, and deletes them once sent.
+    pub outbox_dir: PathBuf,
+    /// The message rates the bot keeps to (Telegram's; tests run them faster).
+    pub limits: crate::outbox::Limits,
+    /// A stranger is answered at most once in this time (default 5 minutes).
+    pub stranger_interval: Duration,
     /// `STORINATOR_TIMEZONE` (the worker's rule): schedules and the times shown in chat.
     pub timezone: jiff::tz::TimeZone,
     /// `STORINATOR_SCRUB_BYTES_PER_DAY`: the scrub's daily budget, for `/scrub`'s cycle.
@@ -66,11 +99,8 @@ pub const BOT_ENV_FILE: &str = "bot.env";
 impl BotConfig {
     /// Read `bot.env` (if present in the current directory) and the process environment.
     pub fn from_env() -> Result<BotConfig, ConfigError> {
-        match dotenvy::from_filename(BOT_ENV_FILE) {
-            Ok(_) => {}
-            Err(e) if e.not_found() => {}
-            Err(e) => return Err(bad("bot.env", format!("cannot read {BOT_ENV_FILE}: {e}"))),
-        }
+        storinator_shared::config::load_env_file(std::path::Path::new(BOT_ENV_FILE))
+            .map_err(shared)?;
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
@@ -93,7 +123,9 @@ impl BotConfig {
                 ));
             }
         }
-        let token = var("TELOXIDE_TOKEN").ok_or_else(|| bad("TELOXIDE_TOKEN", "is not set"))?;
+        let token = var("TELOXIDE_TOKEN")
+            .ok_or_else(|| missing("TELOXIDE_TOKEN", "the bot's token from @BotFather"))?;
+        storinator_shared::config::check_bot_token(&token).map_err(shared)?;
         let api_url = var("TELOXIDE_API_URL")
             .map(|u| {
                 reqwest::Url::parse(&u)
@@ -102,9 +134,9 @@ impl BotConfig {
             .transpose()?;
 
         let users = var("STORINATOR_ALLOWED_USERS").ok_or_else(|| {
-            bad(
+            missing(
                 "STORINATOR_ALLOWED_USERS",
-                "is not set (comma-separated Telegram user ids)",
+                "comma-separated Telegram user ids",
             )
         })?;
         let mut allowed_users = BTreeSet::new();
@@ -143,12 +175,8 @@ impl BotConfig {
         };
         let backup_roots = roots(
             "STORINATOR_BACKUP_ROOTS",
-            var("STORINATOR_BACKUP_ROOTS").ok_or_else(|| {
-                bad(
-                    "STORINATOR_BACKUP_ROOTS",
-                    "is not set (comma-separated folders)",
-                )
-            })?,
+            var("STORINATOR_BACKUP_ROOTS")
+                .ok_or_else(|| missing("STORINATOR_BACKUP_ROOTS", "comma-separated folders"))?,
         )?;
         let restore_roots = match var("STORINATOR_RESTORE_ROOTS") {
             Some(raw) => roots("STORINATOR_RESTORE_ROOTS", raw)?,
@@ -158,26 +186,12 @@ impl BotConfig {
         // The worker's rules (same defaults, same validation): both must open one database
         // and see schedules in one time zone. Only those variables are read, nothing else of
         // the worker's configuration (no passphrase, no passphrase file).
-        let shared_error = |e: storinator_shared::ConfigError| {
-            use storinator_shared::ConfigError as E;
-            let var = match &e {
-                E::Invalid { var, .. } | E::Missing { var, .. } | E::File { var, .. } => *var,
-            };
-            let text = e.to_string();
-            bad(
-                var,
-                text.split_once(": ")
-                    .map(|(_, m)| m)
-                    .unwrap_or(&text)
-                    .to_string(),
-            )
-        };
-        let database_url = storinator_shared::config::database_location(&get)
-            .map_err(shared_error)?
-            .1;
+        let (data_dir, database_url) =
+            storinator_shared::config::database_location(&get).map_err(shared)?;
+        let outbox_dir = storinator_shared::config::outbox_dir_of(&data_dir);
         let unattended =
             storinator_shared::config::unattended_settings(&|k: &str| var_any(&get, k))
-                .map_err(shared_error)?;
+                .map_err(shared)?;
         let timezone = unattended.timezone;
         let scrub_bytes_per_day = unattended.scrub_bytes_per_day;
 
@@ -212,6 +226,9 @@ impl BotConfig {
             edit_interval,
             tick,
             poll_timeout,
+            outbox_dir,
+            limits: crate::outbox::Limits::telegram(),
+            stranger_interval: Duration::from_secs(300),
             timezone,
             scrub_bytes_per_day,
         })
@@ -235,12 +252,26 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
+    const TOKEN: &str = "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+
+    #[test]
+    fn a_missing_token_says_missing() {
+        let e = BotConfig::from_lookup(lookup(&[])).unwrap_err();
+        assert!(e.to_string().starts_with("missing TELOXIDE_TOKEN: "), "{e}");
+        let e = BotConfig::from_lookup(lookup(&[(
+            "TELOXIDE_TOKEN",
+            "123456789:AAExampleExampleExampleExampleExample",
+        )]))
+        .unwrap_err();
+        assert!(e.to_string().contains("example value"), "{e}");
+    }
+
     #[test]
     fn reads_a_full_config() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().display().to_string();
         let cfg = BotConfig::from_lookup(lookup(&[
-            ("TELOXIDE_TOKEN", "1:x"),
+            ("TELOXIDE_TOKEN", TOKEN),
             ("TELOXIDE_API_URL", "http://127.0.0.1:9/"),
             ("STORINATOR_ALLOWED_USERS", "7, 8"),
             ("STORINATOR_BACKUP_ROOTS", &root),
@@ -306,7 +337,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().display().to_string();
         let base = [
-            ("TELOXIDE_TOKEN", "1:x"),
+            ("TELOXIDE_TOKEN", TOKEN),
             ("STORINATOR_ALLOWED_USERS", "7"),
             ("STORINATOR_BACKUP_ROOTS", root.as_str()),
         ];
@@ -317,6 +348,7 @@ mod tests {
             BotConfig::from_lookup(lookup(&pairs)).unwrap_err().var
         };
         assert_eq!(with("TELOXIDE_TOKEN", ""), "TELOXIDE_TOKEN");
+        assert_eq!(with("TELOXIDE_TOKEN", "123456:TEST"), "TELOXIDE_TOKEN");
         assert_eq!(
             with("STORINATOR_ALLOWED_USERS", "7,bob"),
             "STORINATOR_ALLOWED_USERS"

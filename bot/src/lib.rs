@@ -6,10 +6,11 @@
 
 pub mod alerts;
 pub mod args;
-pub mod catalog;
+mod browse;
 pub mod config;
 pub mod db;
 mod notifier;
+pub mod outbox;
 pub mod render;
 
 use std::collections::{HashMap, HashSet};
@@ -18,24 +19,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use teloxide::RequestError;
 use teloxide::dispatching::UpdateHandler;
 use teloxide::error_handlers::LoggingErrorHandler;
-use teloxide::payloads::{EditMessageTextSetters, SendMessageSetters};
 use teloxide::prelude::*;
-use teloxide::types::{InlineKeyboardMarkup, Me, MessageId};
+use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup, Me, MessageId};
 use teloxide::update_listeners::Polling;
 use teloxide::utils::command::{BotCommands, ParseError};
 use tokio::time::Instant;
 
+pub use config::{BotConfig, ConfigError};
+pub use outbox::{Limits, Outbox};
+use storinator_shared::Schedules;
 use storinator_shared::ops::alerts::{AlertPolicy, Alerts, ScrubStatus};
 use storinator_shared::ops::schedules::{NewSchedule, ScheduleError, format_local};
 use storinator_shared::{
-    CancelOutcome, JobArgs, JobError, JobId, JobResult, JobState, Jobs, Schedules,
+    Answer, AnswerOutcome, CancelOutcome, Catalog, Error as EngineError, JobArgs, JobError, JobId,
+    Jobs, list_snapshots, plural,
 };
-
-pub use catalog::{CatalogView, EntryLine, SnapshotLine, SqlCatalogView};
-pub use config::{BotConfig, ConfigError};
 
 // The bot's commands (also the menu set with `setMyCommands`). Not a doc comment: the derive
 // would take it as the help text's heading.
@@ -57,6 +57,12 @@ pub enum Command {
     Snapshots(String),
     #[command(description = "list a backed-up folder: /ls <path> [snapshot <id>]")]
     Ls(String),
+    #[command(description = "look around a snapshot with buttons: /browse [path] [snapshot <id>]")]
+    Browse(String),
+    #[command(description = "send me one file: /get <path> [snapshot <id>]")]
+    Get(String),
+    #[command(description = "every version of a file: /versions <path>")]
+    Versions(String),
     #[command(description = "what is running now")]
     Status,
     #[command(description = "your recent jobs")]
@@ -83,94 +89,68 @@ pub enum Command {
     Scrub(String),
 }
 
-/// Per-chat pacing of Telegram calls.
-#[derive(Default, Clone, Copy)]
-struct Pace {
-    next_edit: Option<Instant>,
-    blocked_until: Option<Instant>,
-}
-
 /// State shared by the handlers and the notifier.
 pub(crate) struct App {
     pub(crate) cfg: BotConfig,
     pub(crate) jobs: Jobs,
+    pub(crate) catalog: Catalog,
+    pub(crate) outbox: Outbox,
+    /// When each stranger was last answered (they get one refusal per `stranger_interval`).
+    strangers: Mutex<HashMap<u64, Instant>>,
+    /// Jobs whose messages someone is sending right now (a handler posting the progress
+    /// message, the notifier delivering an update): one at a time per job.
+    busy: Mutex<HashSet<JobId>>,
     pub(crate) alerts: Alerts,
-    catalog: Arc<dyn CatalogView>,
-    pace: Mutex<HashMap<i64, Pace>>,
-    shown: Mutex<HashMap<JobId, String>>,
-    /// Conflict prompts already answered (guards against a double tap enqueuing twice).
-    answered: Mutex<HashSet<JobId>>,
 }
 
 impl App {
-    fn chat_blocked(&self, chat_id: i64) -> bool {
-        let pace = self.pace.lock().unwrap();
-        pace.get(&chat_id)
-            .and_then(|p| p.blocked_until)
-            .is_some_and(|t| Instant::now() < t)
-    }
-
-    fn may_edit(&self, chat_id: i64) -> bool {
-        let pace = self.pace.lock().unwrap();
-        let p = pace.get(&chat_id).copied().unwrap_or_default();
+    /// Whether a stranger should be answered now (and remember that they were).
+    fn answer_stranger(&self, user_id: u64) -> bool {
         let now = Instant::now();
-        p.blocked_until.is_none_or(|t| now >= t) && p.next_edit.is_none_or(|t| now >= t)
-    }
-
-    fn edited(&self, chat_id: i64) {
-        let mut pace = self.pace.lock().unwrap();
-        pace.entry(chat_id).or_default().next_edit = Some(Instant::now() + self.cfg.edit_interval);
-    }
-
-    /// Remember a failed call: a 429 blocks the chat for `retry_after`, anything else for a
-    /// short while so a persistent error doesn't turn into a hot loop.
-    fn note_error(&self, chat_id: i64, e: &RequestError) {
-        let wait = match e {
-            RequestError::RetryAfter(s) => s.duration(),
-            _ => Duration::from_secs(2),
-        };
-        tracing::warn!(
-            chat_id,
-            "telegram call failed: {e}; pausing this chat for {wait:?}"
-        );
-        let mut pace = self.pace.lock().unwrap();
-        pace.entry(chat_id).or_default().blocked_until = Some(Instant::now() + wait);
-    }
-
-    fn last_shown(&self, job: JobId) -> Option<String> {
-        self.shown.lock().unwrap().get(&job).cloned()
-    }
-
-    fn set_last_shown(&self, job: JobId, text: String) {
-        self.shown.lock().unwrap().insert(job, text);
-    }
-
-    fn forget_shown(&self, job: JobId) {
-        self.shown.lock().unwrap().remove(&job);
+        let interval = self.cfg.stranger_interval;
+        let mut seen = self.strangers.lock().unwrap();
+        // Forget old entries so the map can't grow without bound.
+        if seen.len() > 10_000 {
+            seen.retain(|_, t| now.duration_since(*t) < interval);
+        }
+        match seen.get(&user_id) {
+            Some(t) if now.duration_since(*t) < interval => false,
+            _ => {
+                seen.insert(user_id, now);
+                true
+            }
+        }
     }
 }
 
-/// Send a message, waiting out up to two 429s.
-pub(crate) async fn send_text(
-    bot: &Bot,
-    chat: ChatId,
-    text: String,
-    markup: Option<InlineKeyboardMarkup>,
-) -> Result<Message, RequestError> {
-    let text = clip(text);
-    let mut tries = 0;
-    loop {
-        let mut req = bot.send_message(chat, text.clone());
-        if let Some(m) = &markup {
-            req = req.reply_markup(m.clone());
-        }
-        match req.await {
-            Err(RequestError::RetryAfter(s)) if tries < 2 => {
-                tries += 1;
-                tokio::time::sleep(s.duration()).await;
-            }
-            other => return other,
-        }
+/// The two buttons under a restore-conflict prompt.
+pub(crate) fn conflict_keyboard(job: JobId, count: u64) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new(vec![vec![
+        InlineKeyboardButton::callback(
+            format!("Overwrite {}", render::plural(count, "file", "files")),
+            format!("ow:{job}"),
+        ),
+        InlineKeyboardButton::callback("Keep existing", format!("keep:{job}")),
+    ]])
+}
+
+/// The right to send a job's messages, held until dropped.
+pub(crate) struct Busy(Arc<App>, JobId);
+
+impl Busy {
+    /// `None` when someone else is sending this job's messages.
+    pub(crate) fn claim(app: &Arc<App>, job: JobId) -> Option<Busy> {
+        app.busy
+            .lock()
+            .unwrap()
+            .insert(job)
+            .then(|| Busy(app.clone(), job))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.lock().unwrap().remove(&self.1);
     }
 }
 
@@ -188,7 +168,7 @@ pub(crate) fn clip(text: String) -> String {
     out
 }
 
-fn owner(user_id: u64) -> String {
+pub(crate) fn owner(user_id: u64) -> String {
     format!("tg:{user_id}")
 }
 
@@ -209,68 +189,57 @@ fn handler() -> UpdateHandler<anyhow::Error> {
         .branch(Update::filter_callback_query().endpoint(on_callback))
 }
 
-async fn on_message(bot: Bot, msg: Message, me: Me, app: Arc<App>) -> HandlerResult {
+/// Answers a stranger, at most once per `stranger_interval`, so that nobody outside can
+/// spend the bot's message budget.
+async fn refuse_stranger(app: &App, chat: ChatId, user_id: u64) -> HandlerResult {
+    if !app.answer_stranger(user_id) {
+        return Ok(());
+    }
+    tracing::warn!(
+        user_id,
+        chat_id = chat.0,
+        "refused a message from an unauthorized user (further ones are ignored for {:?})",
+        app.cfg.stranger_interval
+    );
+    app.outbox
+        .text(
+            chat,
+            format!("⛔ Sorry, you are not allowed to use this bot. (Your Telegram user id is {user_id}; the bot's owner can add it to STORINATOR_ALLOWED_USERS.)"),
+            None,
+        )
+        .await?;
+    Ok(())
+}
+
+async fn on_message(msg: Message, me: Me, app: Arc<App>) -> HandlerResult {
     let chat = msg.chat.id;
     let Some(user) = msg.from.as_ref() else {
         return Ok(());
     };
     let user_id = user.id.0;
     if !app.cfg.is_allowed(user_id) {
-        tracing::warn!(
-            user_id,
-            chat_id = chat.0,
-            "refused a message from an unauthorized user"
-        );
-        send_text(
-            &bot,
-            chat,
-            format!("⛔ Sorry, you are not allowed to use this bot. (Your Telegram user id is {user_id}; the bot's owner can add it to STORINATOR_ALLOWED_USERS.)"),
-            None,
-        )
-        .await?;
-        return Ok(());
+        return refuse_stranger(&app, chat, user_id).await;
     }
-    let Some(text) = msg.text() else {
-        send_text(
-            &bot,
-            chat,
-            format!("I only understand commands.\n\n{}", help_text()),
-            None,
-        )
-        .await?;
-        return Ok(());
-    };
-    if !text.starts_with('/') {
-        send_text(
-            &bot,
-            chat,
-            format!("I only understand commands.\n\n{}", help_text()),
-            None,
-        )
-        .await?;
-        return Ok(());
-    }
-    let reply = match Command::parse(text, me.username()) {
-        Ok(cmd) => command(&bot, &app, user_id, chat, cmd).await?,
-        Err(ParseError::UnknownCommand(c)) => {
-            Some(format!("Unknown command {c}.\n\n{}", help_text()))
+    let text = msg.text().unwrap_or("");
+    let reply = if !text.starts_with('/') {
+        Some(render::STRAY_TEXT.to_string())
+    } else {
+        match Command::parse(text, me.username()) {
+            Ok(cmd) => command(&app, user_id, chat, cmd).await?,
+            Err(ParseError::UnknownCommand(c)) => Some(render::unknown_command(&c)),
+            Err(ParseError::WrongBotName(_)) => None,
+            Err(e) => Some(format!(
+                "I couldn't read that command ({e}). /help shows how."
+            )),
         }
-        Err(ParseError::WrongBotName(_)) => None,
-        Err(e) if text.starts_with('/') => Some(format!(
-            "I couldn't read that command ({e}).\n\n{}",
-            help_text()
-        )),
-        Err(_) => Some(format!("I only understand commands.\n\n{}", help_text())),
     };
     if let Some(reply) = reply {
-        send_text(&bot, chat, reply, None).await?;
+        app.outbox.text(chat, reply, None).await?;
     }
     Ok(())
 }
-
 /// Run a command. Returns the text to answer with, if the command did not answer itself.
 async fn command(
-    bot: &Bot,
     app: &Arc<App>,
     user_id: u64,
     chat: ChatId,
@@ -278,11 +247,7 @@ async fn command(
 ) -> anyhow::Result<Option<String>> {
     let uid = user_id as i64;
     Ok(Some(match cmd {
-        Command::Start => format!(
-            "👋 Hi! I back up folders of this server into Telegram, encrypted and deduplicated.\nTry /backup {}\n\n{}",
-            app.cfg.backup_roots[0].display(),
-            help_text()
-        ),
+        Command::Start => render::start(&app.cfg.backup_roots[0].display().to_string()),
         Command::Help => help_text(),
         Command::Backup(raw) => {
             let a = match args::parse_backup(&raw) {
@@ -301,7 +266,6 @@ async fn command(
                 .context("backup path is not UTF-8")?
                 .to_string();
             start_job(
-                bot,
                 app,
                 uid,
                 chat,
@@ -351,7 +315,7 @@ async fn command(
             };
             // Users restore only their own backups: the path must lie in one of their roots.
             // (The worker also restores only from the requesting owner's snapshots.)
-            match app.catalog.snapshots(&owner(user_id), Some(&path)).await {
+            match list_snapshots(&app.catalog, &owner(user_id), Some(&path)).await {
                 Ok(snaps) => {
                     let covered = snaps
                         .iter()
@@ -370,7 +334,7 @@ async fn command(
                 snapshot: a.snapshot,
                 overwrite: false,
             };
-            start_job(bot, app, uid, chat, args).await?;
+            start_job(app, uid, chat, args).await?;
             return Ok(None);
         }
         Command::Verify(raw) => {
@@ -381,13 +345,9 @@ async fn command(
                         .into(),
                 ));
             }
-            start_job(bot, app, uid, chat, JobArgs::Verify { path: None }).await?;
+            start_job(app, uid, chat, JobArgs::Verify { path: None }).await?;
             // The continuous check's state, while the full one runs.
-            let status = ScrubStatus::load(
-                &storinator_shared::Catalog::from_pool(app.jobs.pool().clone()),
-                app.cfg.scrub_bytes_per_day,
-            )
-            .await?;
+            let status = ScrubStatus::load(&app.catalog, app.cfg.scrub_bytes_per_day).await?;
             let lines = status.lines(app.alerts.tz(), 0);
             format!("🧽 Scrub: {}\n{}", lines[1], lines[0])
         }
@@ -454,7 +414,7 @@ async fn command(
         },
         Command::Scrub(raw) => match raw.trim() {
             "now" => {
-                start_job(bot, app, uid, chat, JobArgs::Scrub { bytes: None }).await?;
+                start_job(app, uid, chat, JobArgs::Scrub { bytes: None }).await?;
                 return Ok(None);
             }
             "" => {
@@ -490,64 +450,44 @@ async fn command(
         },
         Command::Snapshots(raw) => {
             let path = Some(raw.trim().trim_end_matches('/')).filter(|p| !p.is_empty());
-            let snaps = app.catalog.snapshots(&owner(user_id), path).await?;
-            if snaps.is_empty() {
-                match path {
-                    Some(p) => format!("No snapshots of {p} yet. /backup {p} makes one."),
-                    None => "No snapshots yet. /backup <path> makes one.".into(),
-                }
-            } else {
-                let mut lines = vec![format!("📚 {} snapshots:", snaps.len())];
-                for s in snaps {
-                    lines.push(format!(
-                        "• {} · {} · {} files, {}{}",
-                        s.short_id,
-                        s.root,
-                        s.files,
-                        render::bytes(s.bytes),
-                        if s.encrypted { "" } else { " · unencrypted" }
-                    ));
-                }
-                lines.join("\n")
-            }
+            let mut snaps = list_snapshots(&app.catalog, &owner(user_id), path).await?;
+            snaps.reverse();
+            render::snapshots(path, &snaps)
         }
         Command::Ls(raw) => {
             let (path, snapshot) = match args::parse_restore(&raw) {
                 Ok(a) if a.to.is_none() => (a.path, a.snapshot),
                 _ => return Ok(Some("Usage: /ls <path> [snapshot <id>]".into())),
             };
-            match app
-                .catalog
-                .ls(&owner(user_id), &path, snapshot.as_deref())
-                .await?
+            match storinator_shared::ls(
+                &app.catalog,
+                &owner(user_id),
+                &path,
+                snapshot.as_deref(),
+                false,
+            )
+            .await
             {
-                None => format!("You have no backup containing {path}. /snapshots lists yours."),
-                Some(entries) if entries.is_empty() => {
-                    format!("{path} is empty (or not a folder) in that snapshot.")
+                Ok((snap, entries)) => render::listing(&path, &snap, &entries),
+                Err(EngineError::NotFound(_) | EngineError::Invalid(_)) => {
+                    format!("You have no backup containing {path}. /snapshots lists yours.")
                 }
-                Some(entries) => {
-                    let mut lines = vec![format!("📂 {path}:")];
-                    for e in entries.iter().take(100) {
-                        lines.push(match e.kind.as_str() {
-                            "dir" => format!("📁 {}/", e.name),
-                            "symlink" => format!("🔗 {}", e.name),
-                            _ => format!("📄 {} · {}", e.name, render::bytes(e.size)),
-                        });
-                    }
-                    if entries.len() > 100 {
-                        lines.push(format!("… and {} more", entries.len() - 100));
-                    }
-                    lines.join("\n")
-                }
+                Err(e) => return Err(e.into()),
             }
         }
+        Command::Browse(raw) => return browse::command(app, user_id, chat, &raw).await,
+        Command::Get(raw) => return browse::get_command(app, user_id, chat, &raw).await,
+        Command::Versions(raw) => return browse::versions_command(app, user_id, chat, &raw).await,
         Command::Status => {
             let active = app.jobs.active_for_user(uid).await?;
             if active.is_empty() {
                 "Nothing is running. /jobs lists your recent jobs.".into()
             } else {
                 let now = app.jobs.now_ms();
-                let mut lines = vec![format!("{} active jobs:", active.len())];
+                let mut lines = vec![format!(
+                    "{}:",
+                    plural(active.len() as u64, "active job", "active jobs")
+                )];
                 lines.extend(
                     active
                         .iter()
@@ -688,124 +628,98 @@ where
 }
 
 /// Queue a job and post its progress message.
-async fn start_job(
-    bot: &Bot,
+pub(crate) async fn start_job(
     app: &Arc<App>,
     user_id: i64,
     chat: ChatId,
     args: JobArgs,
 ) -> anyhow::Result<()> {
     let job = app.jobs.enqueue(user_id, chat.0, &args).await?;
+    // Taken before anything can await, so the notifier can't post a second message for a
+    // job that finishes before its first message is out.
+    let _busy = Busy::claim(app, job.id);
     tracing::info!(job = job.id, user_id, kind = args.kind(), "job queued");
     let text = render::progress(&job);
-    let msg = send_text(bot, chat, text.clone(), None).await?;
+    let msg = app.outbox.text(chat, text, None).await?;
     app.jobs.set_progress_message(job.id, msg.id.0).await?;
     app.jobs.mark_shown(job.id, job.updated_at).await?;
-    app.set_last_shown(job.id, text);
     Ok(())
 }
 
 async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult {
     let user_id = q.from.id.0;
-    if !app.cfg.is_allowed(user_id) {
-        tracing::warn!(user_id, "refused a button press from an unauthorized user");
-        bot.answer_callback_query(q.id.clone())
-            .text("You are not allowed to use this bot.")
-            .await?;
-        return Ok(());
-    }
-    let data = q.data.clone().unwrap_or_default();
-    let (action, id) = match data.split_once(':').map(|(a, i)| (a, i.parse::<JobId>())) {
-        Some((a @ ("ow" | "keep"), Ok(id))) => (a.to_string(), id),
-        _ => {
-            bot.answer_callback_query(q.id.clone())
-                .text("Unknown button.")
-                .await?;
-            return Ok(());
-        }
-    };
-    let job = app.jobs.get_for_user(id, user_id as i64).await?;
-    let conflicted = job.filter(|j| {
-        j.state == JobState::Failed
-            && matches!(j.result, Some(JobResult::Conflicts { .. }))
-            && matches!(j.args, JobArgs::Restore { .. })
-    });
-    let Some(job) = conflicted else {
-        bot.answer_callback_query(q.id.clone())
-            .text("That restore is not waiting for an answer.")
-            .await?;
-        return Ok(());
-    };
-    if !app.answered.lock().unwrap().insert(job.id) {
-        bot.answer_callback_query(q.id.clone())
-            .text("Already answered.")
-            .await?;
-        return Ok(());
-    }
-    let count = match job.result {
-        Some(JobResult::Conflicts { count, .. }) => count,
-        _ => 0,
-    };
-    let prompt = q.regular_message().map(|m| (m.chat.id, m.id));
-    let answer = if action == "ow" {
-        let JobArgs::Restore {
-            path, to, snapshot, ..
-        } = job.args.clone()
-        else {
-            unreachable!("checked above")
-        };
-        let args = JobArgs::Restore {
-            path,
-            to,
-            snapshot,
-            overwrite: true,
-        };
-        bot.answer_callback_query(q.id.clone())
-            .text("Overwriting.")
-            .await?;
-        let chat = ChatId(job.chat_id);
-        let new = app.jobs.enqueue(job.user_id, job.chat_id, &args).await?;
-        if let Some((c, m)) = prompt {
-            edit_quietly(
-                &bot,
-                c,
-                m,
-                format!(
-                    "✋ {}: overwriting {count} files — restore #{} queued.",
-                    render::title(&job),
-                    new.id
-                ),
-            )
-            .await;
-        }
-        let text = render::progress(&new);
-        let msg = send_text(&bot, chat, text.clone(), None).await?;
-        app.jobs.set_progress_message(new.id, msg.id.0).await?;
-        app.jobs.mark_shown(new.id, new.updated_at).await?;
-        app.set_last_shown(new.id, text);
-        return Ok(());
+    let answer = if !app.cfg.is_allowed(user_id) {
+        // Not a message: answering costs none of the message budget.
+        tracing::debug!(user_id, "refused a button press from an unauthorized user");
+        Some("You are not allowed to use this bot.".to_string())
     } else {
-        format!(
-            "✋ {}: kept the existing files; nothing was overwritten.",
-            render::title(&job)
-        )
+        let data = q.data.clone().unwrap_or_default();
+        let at = q.regular_message().map(|m| (m.chat.id, m.id));
+        match data.split_once(':') {
+            Some(("ow", id)) => conflict_answer(&app, user_id, id, Answer::Overwrite, at).await?,
+            Some(("keep", id)) => conflict_answer(&app, user_id, id, Answer::Keep, at).await?,
+            _ => match at {
+                Some((chat, message)) => {
+                    browse::on_button(&app, user_id, chat, message, &data).await?
+                }
+                None => Some(browse::STALE.to_string()),
+            },
+        }
     };
-    bot.answer_callback_query(q.id.clone())
-        .text("Kept.")
-        .await?;
-    if let Some((c, m)) = prompt {
-        edit_quietly(&bot, c, m, answer).await;
+    let mut req = bot.answer_callback_query(q.id.clone());
+    if let Some(text) = answer {
+        req = req.text(text);
     }
+    req.await?;
     Ok(())
 }
 
+/// The answer to a restore-conflict prompt, acted on once (the job table keeps it).
+async fn conflict_answer(
+    app: &Arc<App>,
+    user_id: u64,
+    id: &str,
+    answer: Answer,
+    prompt: Option<(ChatId, MessageId)>,
+) -> anyhow::Result<Option<String>> {
+    let Ok(id) = id.parse::<JobId>() else {
+        return Ok(Some(browse::STALE.into()));
+    };
+    let job = app.jobs.get_for_user(id, user_id as i64).await?;
+    let outcome = app.jobs.answer_conflict(id, user_id as i64, answer).await?;
+    let title = job.as_ref().map(render::title).unwrap_or_default();
+    let (toast, text) = match outcome {
+        AnswerOutcome::NotWaiting => {
+            return Ok(Some("That restore is not waiting for an answer.".into()));
+        }
+        AnswerOutcome::AlreadyAnswered => return Ok(Some("Already answered.".into())),
+        AnswerOutcome::Kept => (
+            "Kept.",
+            format!("✋ {title}: kept the existing files; nothing was overwritten."),
+        ),
+        AnswerOutcome::Overwriting(new) => {
+            let _busy = Busy::claim(app, new.id);
+            let msg = app
+                .outbox
+                .text(ChatId(new.chat_id), render::progress(&new), None)
+                .await?;
+            app.jobs.set_progress_message(new.id, msg.id.0).await?;
+            app.jobs.mark_shown(new.id, new.updated_at).await?;
+            (
+                "Overwriting.",
+                format!("✋ {title}: overwriting — restore #{} queued.", new.id),
+            )
+        }
+    };
+    if let Some((c, m)) = prompt {
+        edit_quietly(app, c, m, text).await;
+    }
+    Ok(Some(toast.into()))
+}
+
 /// Replace a prompt's text (dropping its buttons); failures only cost a stale prompt.
-async fn edit_quietly(bot: &Bot, chat: ChatId, message: MessageId, text: String) {
-    let res = bot
-        .edit_message_text(chat, message, text)
-        .reply_markup(InlineKeyboardMarkup::new(Vec::<Vec<_>>::new()))
-        .await;
-    if let Err(e) = res {
+async fn edit_quietly(app: &App, chat: ChatId, message: MessageId, text: String) {
+    if let Err(e) = app.outbox.edit(chat, message, text, None).await {
         tracing::warn!("editing a prompt failed: {e}");
     }
 }
@@ -817,15 +731,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let pool = db::open(&config.database_url).await?;
-    let catalog = Arc::new(SqlCatalogView::new(pool.clone()));
-    run_with(config, Jobs::new(pool), catalog, shutdown).await
+    run_with(config, Jobs::new(pool), shutdown).await
 }
 
-/// [`run`] with the job table and catalog view supplied (tests inject a clock or a stub).
+/// [`run`] with the job table supplied (tests inject a clock).
 pub async fn run_with(
     config: BotConfig,
     jobs: Jobs,
-    catalog: Arc<dyn CatalogView>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let mut bot = Bot::new(config.token.clone());
@@ -841,16 +753,16 @@ pub async fn run_with(
         AlertPolicy::default(),
     );
     let app = Arc::new(App {
+        outbox: Outbox::start(bot.clone(), config.limits),
         cfg: config.clone(),
+        catalog: Catalog::from_pool(jobs.pool().clone()),
         jobs,
+        strangers: Mutex::default(),
+        busy: Mutex::default(),
         alerts,
-        catalog,
-        pace: Mutex::default(),
-        shown: Mutex::default(),
-        answered: Mutex::default(),
     });
-    let notifier = tokio::spawn(notifier::Notifier::new(bot.clone(), app.clone()).run());
-    let alert_sender = tokio::spawn(alerts::AlertSender::new(bot.clone(), app.clone()).run());
+    let notifier = tokio::spawn(notifier::Notifier::new(app.clone()).run());
+    let alert_sender = tokio::spawn(alerts::AlertSender::new(app.clone()).run());
 
     let mut dispatcher = Dispatcher::builder(bot.clone(), handler())
         .dependencies(dptree::deps![app.clone()])
@@ -915,7 +827,7 @@ mod tests {
             .into_iter()
             .map(|c| c.command)
             .collect();
-        assert_eq!(names.len(), 17);
+        assert_eq!(names.len(), 20);
         assert!(
             names
                 .iter()

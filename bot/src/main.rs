@@ -1,7 +1,6 @@
 //! `storinator-bot`: the chat front end. Configuration comes from the environment (and
 //! `bot.env`); see `bot.env.example`.
 
-use anyhow::Context;
 use clap::Parser;
 
 /// T-Storinator chat bot: turns /backup, /restore and friends into jobs for the worker.
@@ -23,13 +22,16 @@ struct Args {}
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     Args::parse();
+    // Logs go to stderr, coloured only for a person at a terminal (journald gets plain text).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,teloxide=warn".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = storinator_bot::BotConfig::from_env().context("bad configuration")?;
+    let config = storinator_bot::BotConfig::from_env()?;
     storinator_bot::run(config, shutdown_signal()).await
 }
 

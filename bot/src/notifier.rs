@@ -1,41 +1,47 @@
 //! The part of the bot that watches the job table and talks without being asked: progress
-//! edits, completion summaries, failure notices, stall warnings, restore-conflict prompts.
+//! edits, the final edit and a short new message when a job ends (an edit makes no sound; the
+//! new message notifies), stall warnings, restore-conflict prompts.
 //!
 //! Everything it has told the user is recorded in the job table (`shown_at`,
-//! `final_notified`, `stall_notified`), so a restarted bot neither repeats nor misses a notice.
-//! Telegram's limits are respected per chat: at most one edit per `edit_interval`, and after a
-//! 429 nothing is sent to that chat until `retry_after` has passed.
+//! `final_notified`, `stall_notified`), so a restarted bot neither repeats nor misses a
+//! notice. Pacing is the outbox's job; the notifier only keeps each progress message to one
+//! edit per `edit_interval`, and never has two deliveries for one job under way.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
+use sha2::Digest;
 use teloxide::ApiError;
 use teloxide::RequestError;
-use teloxide::payloads::EditMessageTextSetters;
 use teloxide::prelude::*;
-use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup, MessageId};
+use teloxide::types::{InlineKeyboardMarkup, MessageId};
+use tokio::time::Instant;
 
-use storinator_shared::{Job, JobResult, JobState};
+use storinator_shared::{Job, JobId, JobResult, JobState};
 
-use crate::{App, render, send_text};
+use crate::outbox::{Out, Persistence};
+use crate::{App, Busy, render};
 
-/// How an edit went.
-enum Edit {
-    /// The message shows the text (including "message is not modified").
-    Done,
-    /// Not now (paced, rate limited, or a transient error): try again on a later tick.
-    Later,
-    /// The message is gone or can't be edited: send a new one instead.
-    Gone,
+#[derive(Default)]
+struct State {
+    /// The text each job's progress message shows, as far as this process knows.
+    shown: HashMap<JobId, String>,
+    /// When each job's progress message may be edited again.
+    next_edit: HashMap<JobId, Instant>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Notifier {
-    bot: Bot,
     app: Arc<App>,
+    state: Arc<Mutex<State>>,
 }
 
 impl Notifier {
-    pub(crate) fn new(bot: Bot, app: Arc<App>) -> Self {
-        Notifier { bot, app }
+    pub(crate) fn new(app: Arc<App>) -> Self {
+        Notifier {
+            app,
+            state: Arc::default(),
+        }
     }
 
     pub(crate) async fn run(self) {
@@ -49,133 +55,256 @@ impl Notifier {
         }
     }
 
-    /// One look at the job table.
+    fn claim(&self, job: JobId) -> Option<Busy> {
+        Busy::claim(&self.app, job)
+    }
+
+    /// The job as it is now: the list it came from may predate a delivery that just ended
+    /// on another thread (which recorded the progress message or the notice).
+    async fn fresh(&self, job: &Job) -> Option<Job> {
+        match self.app.jobs.get(job.id).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(job = job.id, "re-reading a job: {e}");
+                None
+            }
+        }
+    }
+
+    /// One look at the job table; deliveries run as tasks of their own, so one slow chat
+    /// never holds up the others.
     pub(crate) async fn pass(&self) -> anyhow::Result<()> {
         let jobs = &self.app.jobs;
         for job in jobs.finished_unnotified().await? {
-            self.finished(&job).await?;
+            if let Some(busy) = self.claim(job.id) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Some(job) = me.fresh(&job).await.filter(|j| !j.final_notified)
+                        && let Err(e) = me.finished(&job).await
+                    {
+                        tracing::warn!(job = job.id, "final notice: {e:#}");
+                    }
+                    drop(busy);
+                });
+            }
         }
+        let now = Instant::now();
         for job in jobs.needing_progress_edit().await? {
-            self.progress(&job).await?;
-        }
-        for job in jobs.stalled_unnotified().await? {
-            if self.app.chat_blocked(job.chat_id) {
+            let due = {
+                let s = self.state.lock().unwrap();
+                s.next_edit.get(&job.id).is_none_or(|t| *t <= now)
+            };
+            if !due {
                 continue;
             }
-            match send_text(
-                &self.bot,
-                ChatId(job.chat_id),
-                render::stall_notice(&job),
-                None,
-            )
-            .await
-            {
-                Ok(_) => jobs.mark_stall_notified(job.id).await?,
-                Err(e) => self.app.note_error(job.chat_id, &e),
+            if let Some(busy) = self.claim(job.id) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let job = me
+                        .fresh(&job)
+                        .await
+                        .filter(|j| !j.state.is_final() && j.updated_at > j.shown_at);
+                    if let Some(job) = job
+                        && let Err(e) = me.progress(&job).await
+                    {
+                        tracing::warn!(job = job.id, "progress edit: {e:#}");
+                    }
+                    drop(busy);
+                });
+            }
+        }
+        for job in jobs.stalled_unnotified().await? {
+            if let Some(busy) = self.claim(job.id) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let Some(job) = me.fresh(&job).await.filter(|j| !j.stall_notified) else {
+                        return;
+                    };
+                    let chat = ChatId(job.chat_id);
+                    let sent = me
+                        .app
+                        .outbox
+                        .send(
+                            chat,
+                            Out::Text {
+                                text: render::stall_notice(&job),
+                                markup: None,
+                            },
+                            Persistence::Normal,
+                        )
+                        .await;
+                    match sent {
+                        Ok(_) => {
+                            if let Err(e) = me.app.jobs.mark_stall_notified(job.id).await {
+                                tracing::warn!(job = job.id, "recording a stall notice: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!(job = job.id, "stall notice: {e}"),
+                    }
+                    drop(busy);
+                });
             }
         }
         Ok(())
     }
 
-    async fn edit(
-        &self,
-        chat_id: i64,
-        message_id: i32,
-        text: &str,
-        markup: Option<InlineKeyboardMarkup>,
-    ) -> Edit {
-        if !self.app.may_edit(chat_id) {
-            return Edit::Later;
-        }
-        let mut req = self.bot.edit_message_text(
-            ChatId(chat_id),
-            MessageId(message_id),
-            crate::clip(text.to_string()),
-        );
-        if let Some(m) = markup {
-            req = req.reply_markup(m);
-        }
-        let res = req.await;
-        self.app.edited(chat_id);
-        match res {
-            Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Edit::Done,
-            Err(RequestError::Api(
-                ApiError::MessageToEditNotFound | ApiError::MessageCantBeEdited,
-            )) => Edit::Gone,
-            Err(e) => {
-                self.app.note_error(chat_id, &e);
-                Edit::Later
-            }
-        }
-    }
-
-    /// Show `text` as the job's progress message: edit it, or send a new one if there is none
-    /// (or it is gone). True when the user now sees the text.
-    async fn show(&self, job: &Job, text: &str) -> anyhow::Result<bool> {
-        if self.app.last_shown(job.id).as_deref() == Some(text) {
+    /// Shows `text` in the job's progress message: an edit, or a new message if there is
+    /// none (or it is gone). `Ok(false)`: not now, try again later.
+    async fn show(&self, job: &Job, text: &str, persistence: Persistence) -> anyhow::Result<bool> {
+        let known = self.state.lock().unwrap().shown.get(&job.id).cloned();
+        if known.as_deref() == Some(text) {
             return Ok(true);
         }
-        let outcome = match job.progress_message_id {
-            Some(mid) => self.edit(job.chat_id, mid, text, None).await,
-            None => Edit::Gone,
-        };
-        match outcome {
-            Edit::Done => {}
-            Edit::Later => return Ok(false),
-            Edit::Gone => {
-                if self.app.chat_blocked(job.chat_id) {
-                    return Ok(false);
-                }
-                match send_text(&self.bot, ChatId(job.chat_id), text.to_string(), None).await {
-                    Ok(m) => self.app.jobs.set_progress_message(job.id, m.id.0).await?,
-                    Err(e) => {
-                        self.app.note_error(job.chat_id, &e);
-                        return Ok(false);
-                    }
+        let chat = ChatId(job.chat_id);
+        let outbox = &self.app.outbox;
+        let edited = match job.progress_message_id {
+            Some(mid) => {
+                let op = Out::Edit {
+                    message: MessageId(mid),
+                    text: crate::clip(text.to_string()),
+                    markup: None,
+                };
+                match outbox.send(chat, op, persistence).await {
+                    Ok(_) => true,
+                    Err(RequestError::Api(
+                        ApiError::MessageToEditNotFound | ApiError::MessageCantBeEdited,
+                    )) => false,
+                    Err(e) => return Err(e.into()),
                 }
             }
+            None => false,
+        };
+        if !edited {
+            let op = Out::Text {
+                text: crate::clip(text.to_string()),
+                markup: None,
+            };
+            if let Some(m) = outbox.send(chat, op, persistence).await? {
+                self.app.jobs.set_progress_message(job.id, m.id.0).await?;
+            }
         }
-        self.app.set_last_shown(job.id, text.to_string());
+        self.state
+            .lock()
+            .unwrap()
+            .shown
+            .insert(job.id, text.to_string());
         Ok(true)
     }
 
     async fn progress(&self, job: &Job) -> anyhow::Result<()> {
-        if self.show(job, &render::progress(job)).await? {
+        self.state
+            .lock()
+            .unwrap()
+            .next_edit
+            .insert(job.id, Instant::now() + self.app.cfg.edit_interval);
+        if self
+            .show(job, &render::progress(job), Persistence::Normal)
+            .await?
+        {
             self.app.jobs.mark_shown(job.id, job.updated_at).await?;
         }
         Ok(())
     }
 
-    async fn finished(&self, job: &Job) -> anyhow::Result<()> {
-        if !self.show(job, &render::final_text(job)).await? {
-            return Ok(());
+    /// Checks a file the worker left for `/get`: inside the outbox, a regular file (not a
+    /// link), with the content the restore verified.
+    fn outgoing_file(&self, file: &str, sha256: &str) -> Result<std::path::PathBuf, String> {
+        let path = std::path::PathBuf::from(file);
+        let outbox = &self.app.cfg.outbox_dir;
+        if !path.starts_with(outbox) || path.components().any(|c| c.as_os_str() == "..") {
+            return Err(format!("it is not in {}", outbox.display()));
         }
-        // The progress message now shows the outcome; failures also get a message of their
-        // own so the user is notified (an edit makes no sound).
-        if job.state == JobState::Failed {
-            if self.app.chat_blocked(job.chat_id) {
-                return Ok(());
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| e.to_string())?;
+        if !meta.file_type().is_file() {
+            return Err("it is not a regular file".into());
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
             }
-            let (text, markup) = match &job.result {
-                Some(JobResult::Conflicts { count, sample }) => (
-                    render::conflict_prompt(job, *count, sample),
-                    Some(InlineKeyboardMarkup::new(vec![vec![
-                        InlineKeyboardButton::callback(
-                            format!("Overwrite {count} files"),
-                            format!("ow:{}", job.id),
+            hasher.update(&buf[..n]);
+        }
+        if hex::encode(hasher.finalize()) != sha256 {
+            return Err("its SHA-256 differs from the backup's".into());
+        }
+        Ok(path)
+    }
+
+    /// Deletes a sent (or refused) file and the job's folder in the outbox.
+    fn remove_outgoing(&self, file: &str) {
+        let path = std::path::Path::new(file);
+        let outbox = &self.app.cfg.outbox_dir;
+        let Some(dir) = path
+            .parent()
+            .filter(|d| d.starts_with(outbox) && *d != outbox)
+        else {
+            return;
+        };
+        if let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+    }
+
+    /// The final edit, then the short new message; a message Telegram refuses for good (the
+    /// user blocked the bot, the chat is gone) is given up with a warning, anything else is
+    /// retried until it is delivered.
+    async fn finished(&self, job: &Job) -> anyhow::Result<()> {
+        let chat = ChatId(job.chat_id);
+        if let Err(e) = self
+            .show(job, &render::final_text(job), Persistence::Final)
+            .await
+        {
+            tracing::warn!(job = job.id, "the final edit was refused: {e:#}");
+        }
+        let text = render::final_notice(job);
+        let markup: Option<InlineKeyboardMarkup> = match &job.result {
+            Some(JobResult::Conflicts { count, .. }) if job.state == JobState::Failed => {
+                Some(crate::conflict_keyboard(job.id, *count))
+            }
+            _ => None,
+        };
+        let op = match &job.result {
+            Some(JobResult::Get {
+                name,
+                sha256,
+                file: Some(file),
+                ..
+            }) if job.state == JobState::Done => match self.outgoing_file(file, sha256) {
+                Ok(path) => Out::Document {
+                    path,
+                    name: name.clone(),
+                    caption: text,
+                },
+                Err(why) => {
+                    tracing::warn!(job = job.id, "not sending {file}: {why}");
+                    Out::Text {
+                        text: format!(
+                            "❌ {}: the restored copy of {name} did not pass its check ({why}); nothing was sent.",
+                            render::title(job)
                         ),
-                        InlineKeyboardButton::callback("Keep existing", format!("keep:{}", job.id)),
-                    ]])),
-                ),
-                _ => (render::failure_notice(job), None),
-            };
-            if let Err(e) = send_text(&self.bot, ChatId(job.chat_id), text, markup).await {
-                self.app.note_error(job.chat_id, &e);
-                return Ok(());
-            }
+                        markup: None,
+                    }
+                }
+            },
+            _ => Out::Text { text, markup },
+        };
+        let sent = self.app.outbox.send(chat, op, Persistence::Final).await;
+        if let Some(JobResult::Get { file: Some(f), .. }) = &job.result {
+            self.remove_outgoing(f);
+        }
+        if let Err(e) = sent {
+            tracing::warn!(job = job.id, "the final notice was refused: {e}");
         }
         self.app.jobs.mark_final_notified(job.id).await?;
-        self.app.forget_shown(job.id);
+        let mut s = self.state.lock().unwrap();
+        s.shown.remove(&job.id);
+        s.next_edit.remove(&job.id);
         Ok(())
     }
 }

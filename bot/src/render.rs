@@ -2,22 +2,89 @@
 //! [`Job`], so the same job state always renders the same text (and an unchanged job never
 //! causes an edit).
 
-use storinator_shared::{Job, JobArgs, JobResult, JobState};
+use storinator_shared::{
+    EntryKind, EntryRow, Job, JobArgs, JobResult, JobState, SnapshotInfo, format_time,
+};
 
-/// `1.5 MiB`, `812 B`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
+/// `1.5 MiB`, `812 B`: the engine's formatting, so chat and CLI agree.
+pub use storinator_shared::human_bytes as bytes;
+
+pub use storinator_shared::{dedup_figure, plural};
+
+/// `/snapshots`: newest first, at most 30.
+pub fn snapshots(path: Option<&str>, snaps: &[SnapshotInfo]) -> String {
+    if snaps.is_empty() {
+        return match path {
+            Some(p) => format!("No snapshots of {p} yet. /backup {p} makes one."),
+            None => "No snapshots yet. /backup <path> makes one.".into(),
+        };
     }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
+    let mut lines = vec![format!(
+        "📚 {}:",
+        plural(snaps.len() as u64, "snapshot", "snapshots")
+    )];
+    for s in snaps.iter().take(30) {
+        lines.push(format!(
+            "• {} · {} · {} · {}, {}{}",
+            s.short_id,
+            s.root,
+            format_time(s.finished_at),
+            plural(s.files, "file", "files"),
+            bytes(s.bytes),
+            if s.encrypted { "" } else { " · unencrypted" }
+        ));
     }
+    if snaps.len() > 30 {
+        lines.push(format!("… and {} older", snaps.len() - 30));
+    }
+    lines.join("\n")
+}
+
+/// One entry as a line of `/ls`.
+pub fn entry_line(e: &EntryRow) -> String {
+    let name = e.path.rsplit('/').next().unwrap_or(&e.path);
+    match e.kind {
+        EntryKind::Dir => format!("📁 {name}/"),
+        EntryKind::Symlink => format!("🔗 {name} → {}", e.target.as_deref().unwrap_or("?")),
+        EntryKind::File => format!("📄 {name} · {}", bytes(e.size)),
+    }
+}
+
+/// `/ls`: the entries at a path (the item itself comes first and is left out for a folder).
+pub fn listing(path: &str, snap: &SnapshotInfo, entries: &[EntryRow]) -> String {
+    let children: Vec<&EntryRow> = match entries.first() {
+        Some(first) if first.kind == EntryKind::Dir => entries[1..].iter().collect(),
+        _ => entries.iter().collect(),
+    };
+    let mut lines = vec![format!("📂 {path} (snapshot {}):", snap.short_id)];
+    if children.is_empty() {
+        lines.push("(empty)".into());
+    }
+    for e in children.iter().take(100) {
+        lines.push(entry_line(e));
+    }
+    if children.len() > 100 {
+        lines.push(format!(
+            "… and {} more (/browse pages through them)",
+            children.len() - 100
+        ));
+    }
+    lines.join("\n")
+}
+
+/// The answer to `/start`.
+pub fn start(first_root: &str) -> String {
+    format!(
+        "👋 Hi! I back up this server's folders into Telegram, encrypted. Try /backup {first_root}, or /help for everything I can do."
+    )
+}
+
+/// The answer to text that is not a command.
+pub const STRAY_TEXT: &str = "I only understand commands. /help lists them.";
+
+/// The answer to an unknown command.
+pub fn unknown_command(c: &str) -> String {
+    format!("I don't know {c}. /help lists the commands.")
 }
 
 /// `1m 05s`, `3.2s`.
@@ -46,6 +113,7 @@ pub fn title(job: &Job) -> String {
         JobArgs::Backup { .. } => "Backup",
         JobArgs::Restore { .. } => "Restore",
         JobArgs::Verify { .. } => "Verify",
+        JobArgs::Get { .. } => "File",
         JobArgs::Scrub { .. } => "Scrub",
     };
     format!("{kind} #{}", job.id)
@@ -80,6 +148,10 @@ pub fn subject(job: &Job) -> String {
             s
         }
         JobArgs::Verify { path } => path.clone().unwrap_or_else(|| "all backups".into()),
+        JobArgs::Get { path, snapshot } => match snapshot {
+            Some(id) => format!("{path} (snapshot {id})"),
+            None => path.clone(),
+        },
         JobArgs::Scrub { bytes: b } => match b {
             Some(b) => format!("read back up to {}", bytes(*b)),
             None => "read back today's share of the packs".into(),
@@ -124,7 +196,11 @@ pub fn progress(job: &Job) -> String {
             }
             let mut counts = Vec::new();
             if p.files_total > 0 {
-                counts.push(format!("{}/{} files", p.files_done, p.files_total));
+                counts.push(format!(
+                    "{}/{}",
+                    p.files_done,
+                    plural(p.files_total, "file", "files")
+                ));
             }
             if p.bytes_total > 0 {
                 counts.push(format!(
@@ -164,15 +240,19 @@ pub fn progress(job: &Job) -> String {
                 }
                 lines.push(line);
             }
+            // The estimate is what Telegram's limits allow; once the job has run longer than
+            // that it says nothing true any more, so it goes (the speed-based ETA stays).
             if let Some(e) = &job.estimate
                 && let (Some(calls), Some(secs)) = (
                     e.get("message_calls").and_then(|v| v.as_u64()),
                     e.get("seconds").and_then(|v| v.as_f64()),
                 )
+                && ((secs * 1000.0) as u64) > elapsed
             {
                 lines.push(format!(
-                    "Estimate: ≤ {calls} Telegram API calls, ~{} at current limits",
-                    duration_ms((secs * 1000.0) as u64)
+                    "Estimate: up to {} within Telegram's limits ({})",
+                    duration_ms((secs * 1000.0) as u64),
+                    plural(calls, "API call", "API calls")
                 ));
             }
             if job.cancel_requested {
@@ -206,19 +286,20 @@ pub fn final_text(job: &Job) -> String {
                 duration_ms: d,
                 ..
             }) => {
-                let ratio = if *bytes_stored > 0 {
-                    format!("{:.1}×", *total as f64 / *bytes_stored as f64)
-                } else {
-                    "∞ (nothing new)".into()
-                };
                 let mut s = format!(
-                    "✅ {head}\nDone: snapshot {snapshot}\nFiles: {files} in {dirs} folders, {}\nNew data stored: {}\nDedup ratio: {ratio}\nDuration: {}",
+                    "✅ {head}\nDone: snapshot {snapshot}\nFiles: {} in {}, {}\nNew data stored: {}\nDedup: {}\nDuration: {}",
+                    plural(*files, "file", "files"),
+                    plural(*dirs, "folder", "folders"),
                     bytes(*total),
                     bytes(*bytes_stored),
+                    dedup_figure(*total, *bytes_stored),
                     duration_ms(*d),
                 );
                 if *warnings > 0 {
-                    s.push_str(&format!("\n⚠️ {warnings} warnings (files skipped)"));
+                    s.push_str(&format!(
+                        "\n⚠️ {} (files skipped)",
+                        plural(*warnings, "warning", "warnings")
+                    ));
                 }
                 s
             }
@@ -230,17 +311,21 @@ pub fn final_text(job: &Job) -> String {
                 duration_ms: d,
             }) => {
                 let mut s = format!(
-                    "✅ {head}\nRestored {files} files, {}\nDuration: {}",
+                    "✅ {head}\nRestored {}, {}\nDuration: {}",
+                    plural(*files, "file", "files"),
                     bytes(*total),
                     duration_ms(*d)
                 );
                 if *unchanged > 0 {
-                    s.push_str(&format!("\n{unchanged} files were already up to date"));
+                    s.push_str(&format!(
+                        "\n{} already up to date",
+                        plural(*unchanged, "file was", "files were")
+                    ));
                 }
                 if !errors.is_empty() {
                     s.push_str(&format!(
-                        "\n⚠️ {} problems:\n{}",
-                        errors.len(),
+                        "\n⚠️ {}:\n{}",
+                        plural(errors.len() as u64, "problem", "problems"),
                         list(errors)
                     ));
                 }
@@ -253,17 +338,31 @@ pub fn final_text(job: &Job) -> String {
             }) => {
                 if errors.is_empty() {
                     format!(
-                        "✅ {head}\nAll {objects} objects verified\nDuration: {}",
+                        "✅ {head}\n{} verified, all intact\nDuration: {}",
+                        plural(*objects, "pack", "packs"),
                         duration_ms(*d)
                     )
                 } else {
                     format!(
-                        "⚠️ {head}\n{} problems in {objects} objects:\n{}",
-                        errors.len(),
+                        "⚠️ {head}\n{} in {}:\n{}",
+                        plural(errors.len() as u64, "problem", "problems"),
+                        plural(*objects, "pack", "packs"),
                         list(errors)
                     )
                 }
             }
+            Some(JobResult::Get {
+                name, size, file, ..
+            }) => match file {
+                Some(_) => format!(
+                    "✅ {head}\n{name} ({}) restored and verified; sent below.",
+                    bytes(*size)
+                ),
+                None => format!(
+                    "✅ {head}\n{name} ({}) restored and verified; sent to Saved Messages.",
+                    bytes(*size)
+                ),
+            },
             Some(JobResult::Scrub {
                 bytes_read,
                 chunks_checked,
@@ -288,7 +387,11 @@ pub fn final_text(job: &Job) -> String {
         },
         JobState::Failed => match &job.result {
             Some(JobResult::Conflicts { count, .. }) => {
-                format!("✋ {head}\n{count} existing files differ; nothing was overwritten.")
+                format!(
+                    "✋ {head}\n{} at the target {} from the backup; nothing was overwritten.",
+                    plural(*count, "existing file", "existing files"),
+                    if *count == 1 { "differs" } else { "differ" }
+                )
             }
             _ => format!("❌ {head}\nFailed{took}"),
         },
@@ -305,6 +408,107 @@ fn list(items: &[String]) -> String {
     out.join("\n")
 }
 
+/// The short new message that ends every job (the final edit of the progress message makes
+/// no sound; this one notifies).
+pub fn final_notice(job: &Job) -> String {
+    match (&job.state, &job.result) {
+        (JobState::Failed, Some(JobResult::Conflicts { count, sample, .. })) => {
+            conflict_prompt(job, *count, sample)
+        }
+        (JobState::Failed, _) => failure_notice(job),
+        (JobState::Cancelled, _) => format!("🛑 {} cancelled.", title(job)),
+        (
+            _,
+            Some(JobResult::Backup {
+                snapshot,
+                files,
+                bytes: total,
+                bytes_stored,
+                warnings,
+                ..
+            }),
+        ) => {
+            let mut s = format!(
+                "✅ {} done: snapshot {snapshot}, {}, {} ({} new).",
+                title(job),
+                plural(*files, "file", "files"),
+                bytes(*total),
+                bytes(*bytes_stored)
+            );
+            if *warnings > 0 {
+                s.push_str(&format!(
+                    " ⚠️ {} skipped.",
+                    plural(*warnings, "item", "items")
+                ));
+            }
+            s
+        }
+        (
+            _,
+            Some(JobResult::Restore {
+                files,
+                bytes: total,
+                errors,
+                ..
+            }),
+        ) => {
+            let mut s = format!(
+                "✅ {} done: {} restored, {}.",
+                title(job),
+                plural(*files, "file", "files"),
+                bytes(*total)
+            );
+            if !errors.is_empty() {
+                s.push_str(&format!(
+                    " ⚠️ {}.",
+                    plural(errors.len() as u64, "problem", "problems")
+                ));
+            }
+            s
+        }
+        (
+            _,
+            Some(JobResult::Verify {
+                objects, errors, ..
+            }),
+        ) if errors.is_empty() => format!(
+            "✅ {} done: {} intact.",
+            title(job),
+            plural(*objects, "pack", "packs")
+        ),
+        (_, Some(JobResult::Verify { errors, .. })) => format!(
+            "⚠️ {} found {} (listed above).",
+            title(job),
+            plural(errors.len() as u64, "problem", "problems")
+        ),
+        (
+            _,
+            Some(JobResult::Get {
+                name,
+                size,
+                snapshot,
+                file: None,
+                ..
+            }),
+        ) => format!(
+            "📨 {name} ({}, snapshot {snapshot}) is over the Bot API's 50 MB, so the worker's own Telegram account sent it to its Saved Messages: look there.",
+            bytes(*size)
+        ),
+        (
+            _,
+            Some(JobResult::Get {
+                name,
+                size,
+                snapshot,
+                ..
+            }),
+        ) => {
+            format!("📄 {name} · {} · snapshot {snapshot}", bytes(*size))
+        }
+        _ => format!("✅ {} done.", title(job)),
+    }
+}
+
 /// The separate notice sent when a job fails.
 pub fn failure_notice(job: &Job) -> String {
     let reason = job.error.as_deref().unwrap_or("unknown error");
@@ -319,13 +523,16 @@ pub fn failure_notice(job: &Job) -> String {
 /// The question asked when a restore met existing differing files.
 pub fn conflict_prompt(job: &Job, count: u64, sample: &[String]) -> String {
     let mut s = format!(
-        "✋ {} · {}\n{count} files already exist at the target and differ from the backup:\n{}",
+        "✋ {} · {}\n{} already {} at the target and {} from the backup:\n{}",
         title(job),
         subject(job),
+        plural(count, "file", "files"),
+        if count == 1 { "exists" } else { "exist" },
+        if count == 1 { "differs" } else { "differ" },
         list(sample)
     );
     if (sample.len() as u64) < count {
-        s.push_str(&format!("\n… {} files in all", count));
+        s.push_str(&format!("\n… {} in all", plural(count, "file", "files")));
     }
     s.push_str("\nOverwrite them?");
     s
@@ -367,6 +574,64 @@ pub fn job_line(job: &Job, now_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_estimate_goes_once_the_job_ran_longer() {
+        let job = |elapsed_ms: i64| Job {
+            id: 1,
+            args: JobArgs::Backup {
+                path: "/srv".into(),
+                encrypt: true,
+            },
+            user_id: 7,
+            chat_id: 7,
+            state: JobState::Running,
+            progress: storinator_shared::ProgressReport {
+                phase: storinator_shared::Phase::Uploading,
+                files_done: 1,
+                files_total: 2,
+                bytes_done: 10,
+                bytes_total: 20,
+                bytes_stored: 5,
+            },
+            estimate: Some(
+                serde_json::json!({"message_calls": 3, "part_calls": 9, "seconds": 10.0}),
+            ),
+            result: None,
+            error: None,
+            attempt: 1,
+            max_attempts: 3,
+            lease_owner: None,
+            lease_until: None,
+            not_before: 0,
+            cancel_requested: false,
+            progress_message_id: None,
+            created_at: 0,
+            started_at: Some(0),
+            updated_at: elapsed_ms,
+            finished_at: None,
+            shown_at: 0,
+            final_notified: false,
+            stall_notified: false,
+            throttle: None,
+            schedule_id: None,
+            owner: None,
+        };
+        let early = progress(&job(2_000));
+        assert!(
+            early.contains("Estimate: up to 10.0s within Telegram's limits (3 API calls)"),
+            "{early}"
+        );
+        let late = progress(&job(12_000));
+        assert!(!late.contains("Estimate"), "{late}");
+    }
+
+    #[test]
+    fn plurals() {
+        assert_eq!(plural(1, "file", "files"), "1 file");
+        assert_eq!(plural(0, "file", "files"), "0 files");
+        assert_eq!(plural(2, "snapshot", "snapshots"), "2 snapshots");
+    }
 
     #[test]
     fn units() {

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use storinator_bot::{BotConfig, CatalogView, EntryLine, SnapshotLine, SqlCatalogView};
+use storinator_bot::BotConfig;
+use storinator_shared::engine::repo::KEY_USER;
 use storinator_shared::{
-    Job, JobArgs, JobResult, JobState, Jobs, ManualClock, Phase, ProgressReport, Signal,
+    BackupOptions, CancelFlag, Catalog, DirStorage, EngineSettings, Job, JobArgs, JobResult,
+    JobState, Jobs, KdfParams, ManualClock, NoProgress, Phase, ProgressReport, Repo, Signal,
 };
-use storinator_testkit::botapi::{FakeBotApi, Fault};
+use storinator_testkit::botapi::{self, FakeBotApi, Fault};
 use tokio::sync::oneshot;
 
 const USER: i64 = 7;
@@ -28,49 +29,37 @@ struct Harness {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-struct StubCatalog(String);
-
-#[async_trait]
-impl CatalogView for StubCatalog {
-    async fn snapshots(
-        &self,
-        owner: &str,
-        _path: Option<&str>,
-    ) -> anyhow::Result<Vec<SnapshotLine>> {
-        Ok(if owner == format!("tg:{USER}") {
-            vec![SnapshotLine {
-                short_id: "ab12cd34".into(),
-                root: self.0.clone(),
-                finished_at_ms: 0,
-                files: 3,
-                bytes: 3000,
-                encrypted: true,
-            }]
-        } else {
-            vec![]
-        })
+/// A real snapshot of `root/data` for `owner`, in the bot's database (directory storage).
+async fn backup_as(pool: &sqlx::SqlitePool, dir: &Path, root: &Path, owner: &str) -> String {
+    let catalog = Catalog::from_pool(pool.clone());
+    let store = DirStorage::open(dir.join("store")).unwrap();
+    if catalog.user_key(KEY_USER).await.unwrap().is_none() {
+        Repo::init(&catalog, &store, "pw", KdfParams::fast_for_tests())
+            .await
+            .unwrap();
     }
-    async fn ls(
-        &self,
-        _o: &str,
-        _p: &str,
-        _s: Option<&str>,
-    ) -> anyhow::Result<Option<Vec<EntryLine>>> {
-        Ok(Some(vec![EntryLine {
-            name: "a.txt".into(),
-            kind: "file".into(),
-            size: 5,
-        }]))
-    }
+    let repo = Repo::open(catalog, Arc::new(store), "pw", EngineSettings::default())
+        .await
+        .unwrap();
+    let opts = BackupOptions {
+        path: root.join("data"),
+        owner: owner.into(),
+        encrypt: true,
+    };
+    repo.backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap()
+        .snapshot
+        .short_id
 }
 
-enum Cat {
-    Sql,
-    Stub,
-}
+/// Telegram's limits, five times faster: the tests keep their shape without the waiting.
+const SPEED: u32 = 5;
 
-async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
-    let api = FakeBotApi::start().await.unwrap();
+async fn start(clock: Option<ManualClock>) -> Harness {
+    let api = FakeBotApi::start_with(botapi::Limits::telegram().faster(SPEED))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let outside = dir.path().join("outside");
@@ -82,7 +71,10 @@ async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
     let outside = outside.canonicalize().unwrap();
     let db = format!("sqlite://{}", dir.path().join("st.db").display());
     let vars = [
-        ("TELOXIDE_TOKEN".to_string(), "123456:TEST".to_string()),
+        (
+            "TELOXIDE_TOKEN".to_string(),
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL".into(), api.url()),
         (
             "STORINATOR_ALLOWED_USERS".into(),
@@ -94,26 +86,19 @@ async fn start(clock: Option<ManualClock>, cat: Cat) -> Harness {
         ("STORINATOR_BOT_TICK_MS".into(), "25".into()),
         ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
     ];
-    let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
-        .unwrap();
+    let mut cfg =
+        BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            .unwrap();
+    cfg.limits = storinator_bot::Limits::telegram().faster(SPEED);
     let pool = storinator_bot::db::open(&db).await.unwrap();
     let mut jobs = Jobs::new(pool.clone());
     if let Some(c) = clock {
         jobs = jobs.with_clock(Arc::new(c));
     }
-    let catalog: Arc<dyn CatalogView> = match cat {
-        Cat::Sql => Arc::new(SqlCatalogView::new(pool)),
-        Cat::Stub => Arc::new(StubCatalog(root.join("data").display().to_string())),
-    };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(storinator_bot::run_with(
-        cfg,
-        jobs.clone(),
-        catalog,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let task = tokio::spawn(storinator_bot::run_with(cfg, jobs.clone(), async move {
+        let _ = stopped.await;
+    }));
     // Ready once the menu is set.
     api.wait_for(WAIT, |a| {
         (!a.calls_of("getUpdates").is_empty()).then_some(())
@@ -199,7 +184,7 @@ fn report(phase: Phase, done: u64, total: u64) -> ProgressReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_shows_queued_progress_and_summary() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     let data = h.root.join("data");
     let reply = h.say(USER, &format!("/backup {}", data.display())).await;
     assert!(reply.contains("Queued"), "{reply}");
@@ -241,14 +226,28 @@ async fn backup_shows_queued_progress_and_summary() {
         .await
         .unwrap();
     let text = h.wait_progress(&job, "Done: snapshot ab12cd34").await;
-    assert!(text.contains("Dedup ratio: 2.0×"), "{text}");
+    assert!(text.contains("Dedup: 2.00×"), "{text}");
     assert!(text.contains("New data stored: 800 B"), "{text}");
+    assert!(text.contains("Files: 16 files in 2 folders"), "{text}");
+    // Besides the (silent) final edit, a short new message notifies.
+    let notice = h
+        .api
+        .wait_for_bot_text(CHAT, "done: snapshot ab12cd34", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        notice.text,
+        format!(
+            "✅ Backup #{} done: snapshot ab12cd34, 16 files, 1.6 KiB (800 B new).",
+            job.id
+        )
+    );
 
     let msgs = h.api.bot_messages(CHAT);
     assert_eq!(
         msgs.len(),
-        1,
-        "one progress message per job:\n{}",
+        2,
+        "one progress message and one final notice per job:\n{}",
         h.api.transcript_text(CHAT)
     );
     let progress_edits = msgs[0]
@@ -258,28 +257,39 @@ async fn backup_shows_queued_progress_and_summary() {
         .count();
     assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
     let commands = h.api.commands();
-    assert_eq!(commands.as_array().unwrap().len(), 17);
+    assert_eq!(commands.as_array().unwrap().len(), 20);
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorized_user_is_refused_and_nothing_is_queued() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     let reply = h
         .say(99, &format!("/backup {}", h.root.join("data").display()))
         .await;
     assert!(reply.contains("not allowed"), "{reply}");
     assert!(reply.contains("99"), "{reply}");
-    let reply = h.say(99, "/jobs").await;
-    assert!(reply.contains("not allowed"), "{reply}");
+    // Further messages within the stranger interval get no answer: nobody outside can spend
+    // the bot's message budget.
+    for _ in 0..5 {
+        h.api.push_message(99, CHAT, "/jobs");
+    }
+    h.say(USER, "/jobs").await;
+    let refusals = h
+        .api
+        .bot_messages(CHAT)
+        .iter()
+        .filter(|m| m.text.contains("not allowed"))
+        .count();
+    assert_eq!(refusals, 1, "{}", h.api.transcript_text(CHAT));
     assert_eq!(h.job_count().await, 0);
     h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_paths_are_refused_before_a_job_is_written() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     std::os::unix::fs::symlink(&h.outside, h.root.join("escape")).unwrap();
     let cases = [
         (h.outside.display().to_string(), "outside the folders"),
@@ -325,14 +335,21 @@ async fn bad_paths_are_refused_before_a_job_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_commands_and_bad_arguments_get_usage() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     for (text, expect) in [
-        ("/frobnicate", "Unknown command"),
-        ("/backup", "which folder"),
+        (
+            "/frobnicate",
+            "I don't know /frobnicate. /help lists the commands.",
+        ),
+        (
+            "/backup",
+            "Which folder? Usage: /backup <path> [unencrypted]",
+        ),
         ("/cancel soon", "not a job id"),
-        ("/restore", "what should I restore"),
+        ("/restore", "What should I restore? Usage: /restore"),
         ("/ls", "Usage: /ls"),
-        ("hello", "only understand commands"),
+        ("hello", "I only understand commands. /help lists them."),
+        ("/start", "👋 Hi!"),
         ("/help", "/backup"),
         ("/jobs", "no jobs yet"),
         ("/status", "Nothing is running"),
@@ -349,7 +366,7 @@ async fn unknown_commands_and_bad_arguments_get_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_of_a_running_job_reaches_the_worker() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
@@ -375,7 +392,7 @@ async fn cancel_of_a_running_job_reaches_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_on_edit_is_obeyed_and_the_final_text_arrives() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
@@ -419,7 +436,7 @@ async fn retry_after_on_edit_is_obeyed_and_the_final_text_arrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_job_gets_a_separate_notice_with_reason_and_id() {
-    let h = start(None, Cat::Sql).await;
+    let h = start(None).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
@@ -452,7 +469,7 @@ async fn failed_job_gets_a_separate_notice_with_reason_and_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_worker_is_reported_once() {
     let clock = ManualClock::new(1_700_000_000_000);
-    let h = start(Some(clock.clone()), Cat::Sql).await;
+    let h = start(Some(clock.clone())).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
     let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
@@ -480,13 +497,14 @@ async fn stalled_worker_is_reported_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_conflicts_ask_before_overwriting() {
-    let h = start(None, Cat::Stub).await;
+    let h = start(None).await;
+    let snap = backup_as(h.jobs.pool(), h._dir.path(), &h.root, &format!("tg:{USER}")).await;
     let out = h.root.join("out dir");
     let reply = h
         .say(
             USER,
             &format!(
-                "/restore {}/data/sub to {} snapshot ab12cd34",
+                "/restore {}/data/sub to {} snapshot {snap}",
                 h.root.display(),
                 out.display()
             ),
@@ -505,7 +523,7 @@ async fn restore_conflicts_ask_before_overwriting() {
         JobArgs::Restore {
             path: format!("{}/data/sub", h.root.display()),
             to: Some(out.display().to_string()),
-            snapshot: Some("ab12cd34".into()),
+            snapshot: Some(snap.clone()),
             overwrite: false,
         }
     );
@@ -513,6 +531,7 @@ async fn restore_conflicts_ask_before_overwriting() {
     let conflicts = JobResult::Conflicts {
         count: 2,
         sample: vec!["sub/a.txt".into(), "sub/b.txt".into()],
+        snapshot: Some(snap.clone()),
     };
     h.jobs
         .fail(&lease, "2 existing files differ", Some(&conflicts), false)
@@ -528,31 +547,93 @@ async fn restore_conflicts_ask_before_overwriting() {
         vec![format!("ow:{}", job.id), format!("keep:{}", job.id)]
     );
 
-    // A stranger's tap does nothing.
-    h.api
-        .push_callback(99, CHAT, prompt.message_id, &format!("ow:{}", job.id));
-    h.api
-        .push_callback(USER, CHAT, prompt.message_id, &format!("ow:{}", job.id));
+    // A stranger's tap and another user's tap do nothing; the user's double tap acts once.
+    let data = format!("ow:{}", job.id);
+    let stranger = h.api.push_callback(99, CHAT, prompt.message_id, &data);
+    let other = h
+        .api
+        .push_callback(OTHER_USER, CHAT, prompt.message_id, &data);
+    let first = h.api.push_callback(USER, CHAT, prompt.message_id, &data);
+    let second = h.api.push_callback(USER, CHAT, prompt.message_id, &data);
     let edited = h
         .api
-        .wait_for_bot_text(CHAT, "overwriting 2 files", WAIT)
+        .wait_for_bot_text(CHAT, "overwriting — restore #", WAIT)
         .await
         .unwrap();
     assert_eq!(edited.message_id, prompt.message_id);
+    h.api
+        .wait_for(WAIT, |a| a.callback_answer(&second))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.api.callback_answer(&stranger).unwrap(),
+        "You are not allowed to use this bot."
+    );
+    assert_eq!(
+        h.api.callback_answer(&other).unwrap(),
+        "That restore is not waiting for an answer."
+    );
+    assert_eq!(h.api.callback_answer(&first).unwrap(), "Overwriting.");
+    assert_eq!(h.api.callback_answer(&second).unwrap(), "Already answered.");
     let new = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
     assert_ne!(new.id, job.id);
-    assert!(matches!(
+    // Pinned to the snapshot the conflict was found in.
+    assert_eq!(
         new.args,
         JobArgs::Restore {
+            path: format!("{}/data/sub", h.root.display()),
+            to: Some(out.display().to_string()),
+            snapshot: Some(snap.clone()),
             overwrite: true,
-            ..
         }
-    ));
+    );
     assert_eq!(h.job_count().await, 2);
-    assert_eq!(h.api.calls_of("answerCallbackQuery").len(), 2);
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
 
-#[allow(dead_code)]
-fn _unused(_: &Path) {}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_notice_survives_repeated_429s() {
+    let h = start(None).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    // The next three sends are refused with retry_after (more than the old give-up of two).
+    let n = h.api.calls_of("sendMessage").len();
+    for i in 1..=3 {
+        h.api.fail_call("sendMessage", n + i, Fault::RetryAfter(1));
+    }
+    h.jobs
+        .finish(
+            &lease,
+            &JobResult::Backup {
+                snapshot: "5eed".into(),
+                files: 1,
+                dirs: 1,
+                bytes: 10,
+                bytes_stored: 10,
+                new_chunks: 1,
+                warnings: 0,
+                duration_ms: 5,
+            },
+        )
+        .await
+        .unwrap();
+    let notice = h
+        .api
+        .wait_for_bot_text(CHAT, "done: snapshot 5eed", WAIT)
+        .await;
+    assert!(notice.is_some(), "{}", h.api.transcript_text(CHAT));
+    let refused: Vec<_> = h
+        .api
+        .calls_of("sendMessage")
+        .into_iter()
+        .filter(|c| c.fault == Some(Fault::RetryAfter(1)))
+        .collect();
+    assert_eq!(refused.len(), 3);
+    // Each retry waited out the second it was asked to.
+    for pair in h.api.calls_of("sendMessage")[n..].windows(2) {
+        assert!(pair[1].at >= pair[0].at + Duration::from_millis(950));
+    }
+    h.stop().await;
+}

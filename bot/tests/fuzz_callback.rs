@@ -105,6 +105,7 @@ async fn fuzz_callback_data() {
     let result = JobResult::Conflicts {
         count: 1,
         sample: vec!["x".into()],
+        snapshot: None,
     };
     jobs.fail(&lease, "conflicts", Some(&result), false)
         .await

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use storinator_bot::{BotConfig, CatalogView, SqlCatalogView};
+use storinator_bot::BotConfig;
 use storinator_shared::{
     BackupOptions, CancelFlag, Catalog, Clock, Jobs, KdfParams, ManualClock, MemoryStorage,
     NoProgress, Repo,
@@ -39,7 +39,11 @@ struct Harness {
 }
 
 async fn start(start_ms: i64) -> Harness {
-    let api = FakeBotApi::start().await.unwrap();
+    // Telegram's message rates, ten times faster (bot and fake alike): the bot paces every
+    // message, so alerts arrive within the harness's settling time.
+    let api = FakeBotApi::start_with(storinator_testkit::botapi::Limits::telegram().faster(10))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     for sub in ["data", "docs"] {
@@ -49,7 +53,10 @@ async fn start(start_ms: i64) -> Harness {
     let root = root.canonicalize().unwrap();
     let db = format!("sqlite://{}", dir.path().join("st.db").display());
     let vars = [
-        ("TELOXIDE_TOKEN".to_string(), "123456:TEST".to_string()),
+        (
+            "TELOXIDE_TOKEN".to_string(),
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL".into(), api.url()),
         ("STORINATOR_ALLOWED_USERS".into(), format!("{USER},{OTHER}")),
         ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),
@@ -58,12 +65,13 @@ async fn start(start_ms: i64) -> Harness {
         ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
         ("STORINATOR_TIMEZONE".into(), "Europe/Berlin".into()),
     ];
-    let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
-        .unwrap();
+    let mut cfg =
+        BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            .unwrap();
+    cfg.limits = storinator_bot::Limits::telegram().faster(10);
     let pool = storinator_bot::db::open(&db).await.unwrap();
     let clock = ManualClock::new(start_ms);
     let jobs = Jobs::new(pool.clone()).with_clock(Arc::new(clock.clone()));
-    let catalog: Arc<dyn CatalogView> = Arc::new(SqlCatalogView::new(pool.clone()));
     // The engine, to make snapshots as a worker would have (no worker runs in these tests).
     let store = Arc::new(MemoryStorage::new(dir.path().join("spool")));
     let cat = Catalog::from_pool(pool);
@@ -74,14 +82,9 @@ async fn start(start_ms: i64) -> Harness {
         .await
         .unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(storinator_bot::run_with(
-        cfg,
-        jobs.clone(),
-        catalog,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let task = tokio::spawn(storinator_bot::run_with(cfg, jobs.clone(), async move {
+        let _ = stopped.await;
+    }));
     api.wait_for(WAIT, |a| {
         (!a.calls_of("getUpdates").is_empty()).then_some(())
     })

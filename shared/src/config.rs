@@ -22,6 +22,105 @@ pub enum ConfigError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// `.env` exists but can't be read or parsed: running on defaults instead would put the
+    /// data somewhere the user never chose.
+    #[error("cannot read {}: {reason}\nhint: fix its permissions or contents, or remove it", path.display())]
+    EnvFile { path: PathBuf, reason: String },
+}
+
+impl ConfigError {
+    /// The variable (or file) at fault.
+    pub fn var(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid { var, .. }
+            | ConfigError::Missing { var, .. }
+            | ConfigError::File { var, .. } => var,
+            ConfigError::EnvFile { .. } => ".env",
+        }
+    }
+}
+
+/// Loads `.env` from the current directory into the environment (variables already set win).
+/// A missing file is fine; one that exists but can't be read or parsed is an error naming it.
+pub fn load_dotenv() -> Result<(), ConfigError> {
+    load_dotenv_in(Path::new("."))
+}
+
+/// [`load_dotenv`] from `dir`.
+pub fn load_dotenv_in(dir: &Path) -> Result<(), ConfigError> {
+    load_env_file(&dir.join(".env"))
+}
+
+/// Loads an environment file (`KEY=value` lines) into the environment; variables already set
+/// win. A missing file is fine; one that exists but can't be read or parsed is an error naming
+/// it. The worker reads `.env`, the bot its own `bot.env`.
+pub fn load_env_file(path: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        _ => {}
+    }
+    let abs = std::path::absolute(path).unwrap_or(path.to_path_buf());
+    dotenvy::from_path(path).map_err(|e| ConfigError::EnvFile {
+        path: abs,
+        reason: match e {
+            dotenvy::Error::Io(io) => io.to_string(),
+            other => other.to_string(),
+        },
+    })
+}
+
+/// Values shown as examples in `.env.example` and the README: they look valid, so they are
+/// refused by name rather than failing later with a confusing network error.
+const EXAMPLE_VALUES: &[(&str, &str)] = &[
+    ("TELEGRAM_API_ID", "1234567"),
+    ("TELEGRAM_API_HASH", "0123456789abcdef0123456789abcdef"),
+    (
+        "TELOXIDE_TOKEN",
+        "123456789:AAExampleExampleExampleExampleExample",
+    ),
+    ("STORINATOR_PASSPHRASE", "a-long-random-passphrase"),
+    (
+        "STORINATOR_PASSPHRASE",
+        "correct-horse-battery-staple-violet-42",
+    ),
+];
+
+/// Refuses a value copied from the examples.
+pub fn refuse_example(var: &'static str, value: &str) -> Result<(), ConfigError> {
+    if EXAMPLE_VALUES.iter().any(|(k, v)| *k == var && *v == value) {
+        return Err(ConfigError::Invalid {
+            var,
+            value: value.into(),
+            reason: "this is the example value from .env.example; put in your own".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks the shape of a bot token from @BotFather: `<bot id>:<secret>`, the secret 30 or
+/// more letters, digits, `_` or `-`.
+pub fn check_bot_token(token: &str) -> Result<(), ConfigError> {
+    refuse_example("TELOXIDE_TOKEN", token)?;
+    let ok = match token.split_once(':') {
+        Some((id, secret)) => {
+            !id.is_empty()
+                && id.bytes().all(|b| b.is_ascii_digit())
+                && secret.len() >= 30
+                && secret
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        }
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            var: "TELOXIDE_TOKEN",
+            value: "(hidden)".into(),
+            reason: "expected the token @BotFather gave, like 123456789:AA… (digits, a colon, then 30 or more letters, digits, _ or -)".into(),
+        })
+    }
 }
 
 /// Where packs go.
@@ -136,7 +235,7 @@ pub struct TelegramSettings {
 impl Config {
     /// Loads `.env` (if present) and reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let _ = dotenvy::dotenv();
+        load_dotenv()?;
         Config::from_lookup(|k| std::env::var(k).ok())
     }
 
@@ -166,7 +265,10 @@ impl Config {
             var("STORINATOR_PASSPHRASE"),
             var("STORINATOR_PASSPHRASE_FILE"),
         ) {
-            (Some(p), _) => Some(Secret::new(p)),
+            (Some(p), _) => {
+                refuse_example("STORINATOR_PASSPHRASE", &p)?;
+                Some(Secret::new(p))
+            }
             (None, Some(file)) => Some(Secret::new(read_passphrase_file(
                 "STORINATOR_PASSPHRASE_FILE",
                 Path::new(&file),
@@ -241,11 +343,34 @@ impl Config {
             roots("STORINATOR_RESTORE_ROOTS")?.unwrap_or_else(|| backup_roots.clone());
         let api_id = match var("TELEGRAM_API_ID") {
             None => None,
-            Some(v) => Some(v.parse::<i32>().map_err(|_| ConfigError::Invalid {
-                var: "TELEGRAM_API_ID",
-                value: v,
-                reason: "expected the number shown at my.telegram.org".into(),
-            })?),
+            Some(v) => {
+                refuse_example("TELEGRAM_API_ID", &v)?;
+                match v.parse::<i32>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            var: "TELEGRAM_API_ID",
+                            value: v,
+                            reason: "expected the number shown at my.telegram.org".into(),
+                        });
+                    }
+                }
+            }
+        };
+        let api_hash = match var("TELEGRAM_API_HASH") {
+            None => None,
+            Some(v) => {
+                refuse_example("TELEGRAM_API_HASH", &v)?;
+                if v.len() != 32 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ConfigError::Invalid {
+                        var: "TELEGRAM_API_HASH",
+                        value: "(hidden)".into(),
+                        reason: "expected the 32 hexadecimal digits shown at my.telegram.org"
+                            .into(),
+                    });
+                }
+                Some(Secret::new(v))
+            }
         };
         let message_calls_per_minute = match var("STORINATOR_MESSAGE_RATE") {
             None => 100,
@@ -288,7 +413,7 @@ impl Config {
         };
         let telegram = TelegramSettings {
             api_id,
-            api_hash: var("TELEGRAM_API_HASH").map(Secret::new),
+            api_hash,
             storage_chat: var("STORINATOR_STORAGE_CHAT"),
             session_path: var("STORINATOR_SESSION_FILE")
                 .map(PathBuf::from)
@@ -314,10 +439,20 @@ impl Config {
         })
     }
 
-    /// Where packs wait before upload when the storage backend has no spool of its own.
+    /// Where files restored for the chat (`/get`) wait until the bot has sent them.
+    pub fn outbox_dir(&self) -> PathBuf {
+        outbox_dir_of(&self.data_dir)
+    }
+
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
     }
+}
+
+/// Where files restored for the chat (`/get`) wait until the bot has sent them, under a data
+/// directory (the bot knows only the data directory, not the rest of the worker's settings).
+pub fn outbox_dir_of(data_dir: &Path) -> PathBuf {
+    data_dir.join("outbox")
 }
 
 /// The data directory and the database URL, from `STORINATOR_DATA_DIR` and `DATABASE_URL`
@@ -635,6 +770,58 @@ mod tests {
             err.contains("STORINATOR_PASSPHRASE_FILE") && err.contains("/nonexistent/pw"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn example_values_and_malformed_credentials_are_refused() {
+        for (k, v) in [
+            ("TELEGRAM_API_ID", "1234567"),
+            ("TELEGRAM_API_ID", "-5"),
+            ("TELEGRAM_API_HASH", "0123456789abcdef0123456789abcdef"),
+            ("TELEGRAM_API_HASH", "abc"),
+            ("STORINATOR_PASSPHRASE", "a-long-random-passphrase"),
+        ] {
+            let err = cfg(&[(k, v)]).unwrap_err();
+            assert_eq!(err.var(), k, "{err}");
+        }
+        let err = cfg(&[("TELEGRAM_API_ID", "1234567")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("example value"), "{err}");
+        // Secrets are not echoed back.
+        let err = cfg(&[("TELEGRAM_API_HASH", "secretsecret")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secretsecret"), "{err}");
+        assert!(cfg(&[("TELEGRAM_API_HASH", "00112233445566778899aabbccddeeff")]).is_ok());
+
+        assert!(check_bot_token("123456789:AAExampleExampleExampleExampleExample").is_err());
+        assert!(check_bot_token("123456:TEST").is_err());
+        assert!(check_bot_token("abc:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw").is_err());
+        let e = check_bot_token("110201543 AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw").unwrap_err();
+        assert!(!e.to_string().contains("AAHdq"), "{e}");
+        assert!(check_bot_token("110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw").is_ok());
+    }
+
+    #[test]
+    fn an_unreadable_env_file_is_an_error_naming_it() {
+        let d = tempfile::tempdir().unwrap();
+        // No .env: fine.
+        load_dotenv_in(d.path()).unwrap();
+        // A .env that can't be read (a folder here: root reads files of any mode).
+        std::fs::create_dir(d.path().join(".env")).unwrap();
+        let e = load_dotenv_in(d.path()).unwrap_err();
+        assert_eq!(e.var(), ".env");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("cannot read {}", d.path().join(".env").display())),
+            "{text}"
+        );
+        // One that can't be parsed.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(".env"), "STORINATOR_X='unclosed\n").unwrap();
+        let e = load_dotenv_in(d.path()).unwrap_err();
+        assert!(e.to_string().contains(".env"), "{e}");
     }
 
     #[test]

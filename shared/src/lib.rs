@@ -22,13 +22,14 @@ pub mod ops;
 pub mod progress;
 pub mod storage;
 
+pub use catalog::browse::{Page, Version};
 pub use catalog::{AffectedFile, Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
 pub use engine::backup::{BackupOptions, BackupSummary, Warning};
 pub use engine::recover::{RecoverReport, recover};
 pub use engine::repo::{
-    EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots,
+    EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots, ls,
 };
 pub use engine::restore::{RestoreOptions, RestoreSummary};
 pub use engine::scrub::ScrubOptions;
@@ -36,12 +37,12 @@ pub use error::{Error, StorageError};
 pub use format::chunker::ChunkerParams;
 pub use format::crypto::{ChunkId, KdfParams, Keys, WrappedKey};
 pub use ops::jobs::{
-    CancelOutcome, Job, JobArgs, JobError, JobId, JobPolicy, JobResult, JobState, Jobs, Lease,
-    Signal,
+    Answer, AnswerOutcome, BOT_UPLOAD_LIMIT, CancelOutcome, Job, JobArgs, JobError, JobId,
+    JobPolicy, JobResult, JobState, Jobs, Lease, Signal,
 };
 pub use ops::schedules::{Schedule, ScheduleError, Schedules};
 pub use progress::{
     CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, Throttle, TransferEstimate,
-    human_bytes,
+    dedup_figure, human_bytes, plural,
 };
 pub use storage::{DirStorage, Location, MemoryStorage, ObjectInfo, ObjectRef, Storage};

@@ -152,6 +152,30 @@ impl CancelFlag {
     }
 }
 
+/// `1 file`, `2 files`: counts as people write them, in the chat and on the command line.
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// The one dedup figure everything shows: the snapshot's bytes over the bytes this run
+/// stored (`1.14×`). A run that stored next to nothing (an unchanged tree still writes its
+/// small listing) gets a bounded figure instead of a meaningless one in the hundred thousands.
+pub fn dedup_figure(bytes: u64, stored: u64) -> String {
+    if stored == 0 {
+        return "nothing new to store".into();
+    }
+    let ratio = bytes as f64 / stored as f64;
+    if ratio >= 100.0 {
+        "100× or more".into()
+    } else {
+        format!("{ratio:.2}×")
+    }
+}
+
 /// `1.5 MiB`-style sizes.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

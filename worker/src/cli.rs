@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use storinator_shared::{
     BackupOptions, CancelFlag, Catalog, Config, EngineSettings, Error, KdfParams, Repo,
-    RestoreOptions, Storage, StorageSpec, format_entry, format_time, human_bytes,
+    RestoreOptions, Storage, StorageSpec, format_entry, format_time, human_bytes, plural,
 };
 
 use crate::ui::Bar;
@@ -29,16 +29,27 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Read the passphrase from the first line of this file (instead of
-    /// STORINATOR_PASSPHRASE or a prompt).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub passphrase_file: Option<PathBuf>,
-    /// Whose backups to act on: `local` (the CLI's own) or `tg:<telegram user id>`.
-    #[arg(long, global = true, default_value = "local", value_name = "OWNER")]
-    pub owner: String,
     /// Log more (repeat for even more); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// For the commands that unlock the key.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Pass {
+    /// Read the passphrase from the first line of this file (instead of
+    /// STORINATOR_PASSPHRASE or a prompt).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// For the commands that act on one owner's backups.
+#[derive(Args, Debug, Clone)]
+pub struct Owner {
+    /// Whose backups to act on: `local` (the CLI's own) or `tg:<telegram user id>` (a chat
+    /// user's).
+    #[arg(long, default_value = "local", value_name = "OWNER")]
+    pub owner: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,7 +59,10 @@ pub enum Command {
     /// A random master key is generated and stored wrapped under your passphrase (Argon2id)
     /// in the catalog and in storage. Keep the passphrase safe: without it nobody, you
     /// included, can read the backups.
-    Init,
+    Init {
+        #[command(flatten)]
+        pass: Pass,
+    },
     /// Back up a folder into a new snapshot.
     ///
     /// Stored paths start at the folder's own name (/srv/data -> data/...). Files unchanged
@@ -62,6 +76,10 @@ pub enum Command {
         /// authenticated with it).
         #[arg(long)]
         no_encrypt: bool,
+        #[command(flatten)]
+        owner: Owner,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// Restore a folder or file from a snapshot.
     ///
@@ -85,23 +103,33 @@ pub enum Command {
         /// restored.
         #[arg(long)]
         no_same_owner: bool,
+        #[command(flatten)]
+        owner: Owner,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// List snapshots, optionally only those of PATH.
     Snapshots {
+        /// Only snapshots of this backed-up folder, or of folders above or below it.
         path: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        owner: Owner,
     },
-    /// List the contents of a backed-up folder.
+    /// List the contents of a backed-up folder (no passphrase needed).
     Ls {
         /// A path as it was backed up.
         path: String,
+        /// Snapshot id (or a unique prefix); default: the latest containing PATH.
         #[arg(long, value_name = "ID")]
         snapshot: Option<String>,
         /// List everything below PATH, not just its children.
         #[arg(short, long)]
         recursive: bool,
+        #[command(flatten)]
+        owner: Owner,
     },
     /// Check that every pack the catalog references is in storage and intact.
     ///
@@ -109,8 +137,11 @@ pub enum Command {
     /// downloaded and authenticated. Exit code 1 when problems are found; each names the
     /// affected files.
     Verify {
+        /// Also download every chunk and authenticate it (reads all stored data).
         #[arg(long)]
         read_data: bool,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// Sign the worker's Telegram account in (phone, code, 2FA password).
     ///
@@ -122,7 +153,10 @@ pub enum Command {
     ///
     /// Needs only the storage settings and the passphrase: reads the wrapped key, every
     /// pack's trailer and every snapshot from storage.
-    Recover,
+    Recover {
+        #[command(flatten)]
+        pass: Pass,
+    },
     /// Run the job daemon: claim the jobs the bot queues and run them until SIGTERM/SIGINT.
     ///
     /// On a signal it stops claiming, brings running jobs to a safe point, leaves them
@@ -131,35 +165,8 @@ pub enum Command {
         /// Jobs run at once.
         #[arg(long, env = "STORINATOR_WORKER_CONCURRENCY", default_value_t = 2)]
         concurrency: usize,
-    },
-    /// Watch a full backup and restore from a Telegram chat, on this machine alone.
-    ///
-    /// Starts a loopback Telegram (Bot API and MTProto) in-process, runs the real bot and
-    /// worker against it, creates a sample folder (or uses --path), plays /backup,
-    /// /snapshots and /restore in the chat, prints the chat as it happens, checks the
-    /// restored tree byte for byte and prints a summary. No Telegram account, no network,
-    /// no configuration needed.
-    Demo {
-        /// Back up this folder instead of a generated sample.
-        #[arg(long, value_name = "DIR")]
-        path: Option<PathBuf>,
-        /// Keep the demo's files (sample, catalog, loopback cloud, restore) in DIR.
-        #[arg(long, value_name = "DIR")]
-        keep: Option<PathBuf>,
-        /// Cap the loopback Telegram's bandwidth (MiB/s) to watch progress on a small folder;
-        /// 0 = uncapped.
-        #[arg(long, value_name = "MIB_PER_S", default_value_t = 24)]
-        bandwidth: u64,
-        /// Round-trip time of each loopback connection, in milliseconds (Telegram is 50 to
-        /// 150 ms away).
-        #[arg(long, value_name = "MS", default_value_t = 0)]
-        rtt_ms: u64,
-        /// Extra random delay per message, up to this many milliseconds.
-        #[arg(long, value_name = "MS", default_value_t = 0)]
-        jitter_ms: u64,
-        /// Bandwidth cap of each loopback connection, in megabits per second (0 = none).
-        #[arg(long, value_name = "MBIT_PER_S", default_value_t = 0.0)]
-        conn_mbps: f64,
+        #[command(flatten)]
+        pass: Pass,
     },
     /// Manage the key.
     Key {
@@ -173,6 +180,8 @@ pub enum Command {
     Schedule {
         #[command(subcommand)]
         command: ScheduleCommand,
+        #[command(flatten)]
+        owner: Owner,
     },
     /// Read packs back within a budget, authenticate every chunk, heal damage from the files
     /// on disk.
@@ -186,6 +195,8 @@ pub enum Command {
         /// Only show the rotation: when every pack was last read.
         #[arg(long)]
         status: bool,
+        #[command(flatten)]
+        pass: Pass,
     },
 }
 
@@ -223,7 +234,10 @@ pub enum KeyCommand {
     /// Change the passphrase (re-wraps the key; no data is re-encrypted).
     ///
     /// The new passphrase comes from STORINATOR_NEW_PASSPHRASE or a prompt.
-    Passwd,
+    Passwd {
+        #[command(flatten)]
+        pass: Pass,
+    },
 }
 
 /// Exit code for "snapshot saved, but some files were left out".
@@ -231,9 +245,7 @@ pub const EXIT_WARNINGS: u8 = 3;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints a chat; only errors should interrupt it.
-    let quiet = matches!(cli.command, Command::Demo { .. }) && cli.global.verbose == 0;
-    init_tracing(if quiet { 0 } else { cli.global.verbose + 1 });
+    init_tracing(cli.global.verbose + 1);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -263,9 +275,11 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only for a person at a terminal; journald and log files get plain text.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -281,8 +295,8 @@ pub async fn open_storage(cfg: &Config) -> anyhow::Result<Arc<dyn Storage>> {
 }
 
 /// The passphrase: --passphrase-file, then STORINATOR_PASSPHRASE(_FILE), then a prompt.
-fn passphrase(global: &Global, cfg: &Config, confirm: bool) -> anyhow::Result<String> {
-    if let Some(file) = &global.passphrase_file {
+fn passphrase(pass: &Pass, cfg: &Config, confirm: bool) -> anyhow::Result<String> {
+    if let Some(file) = &pass.passphrase_file {
         return Ok(storinator_shared::config::read_passphrase_file(
             "--passphrase-file",
             file,
@@ -314,10 +328,10 @@ fn prompt(what: &str, confirm: bool) -> anyhow::Result<String> {
     Ok(p)
 }
 
-pub(crate) async fn open_repo(global: &Global, cfg: &Config) -> anyhow::Result<Repo> {
+pub(crate) async fn open_repo(pass: &Pass, cfg: &Config) -> anyhow::Result<Repo> {
     let catalog = Catalog::open(&cfg.database_url).await?;
     let storage = open_storage(cfg).await?;
-    let pass = passphrase(global, cfg, false)?;
+    let pass = passphrase(pass, cfg, false)?;
     Ok(Repo::open(catalog, storage, &pass, EngineSettings::from_config(cfg)).await?)
 }
 
@@ -335,34 +349,9 @@ fn cancel_on_ctrl_c() -> CancelFlag {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Demo {
-        path,
-        keep,
-        bandwidth,
-        rtt_ms,
-        jitter_ms,
-        conn_mbps,
-    } = cli.command
-    {
-        // The demo needs no configuration: it brings its own loopback Telegram.
-        let opts = crate::demo::DemoOptions {
-            path,
-            workdir: keep,
-            bandwidth: (bandwidth > 0).then_some(bandwidth << 20),
-            net: storinator_testkit::mtproto::NetProfile {
-                rtt: std::time::Duration::from_millis(rtt_ms),
-                jitter: std::time::Duration::from_millis(jitter_ms),
-                conn_bytes_per_sec: (conn_mbps > 0.0)
-                    .then(|| storinator_testkit::mtproto::NetProfile::mbps(conn_mbps)),
-            },
-        };
-        crate::demo::run(opts).await?;
-        return Ok(ExitCode::SUCCESS);
-    }
     let cfg = Config::from_env()?;
-    let g = &cli.global;
     match cli.command {
-        Command::Init => {
+        Command::Init { pass } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
             if let Some(existing) = catalog
@@ -374,7 +363,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 .into());
             }
-            let pass = passphrase(g, &cfg, true)?;
+            let pass = passphrase(&pass, &cfg, true)?;
             let key = Repo::init(&catalog, storage.as_ref(), &pass, kdf_params()).await?;
             println!(
                 "created key {} (stored wrapped in the catalog and in {})",
@@ -384,13 +373,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("keep your passphrase safe: it is the only way to read these backups");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Backup { path, no_encrypt } => {
-            let repo = open_repo(g, &cfg).await?;
+        Command::Backup {
+            path,
+            no_encrypt,
+            owner,
+            pass,
+        } => {
+            let repo = open_repo(&pass, &cfg).await?;
             let cancel = cancel_on_ctrl_c();
             let bar = Bar::new(&format!("backing up {}", path.display()));
             let opts = BackupOptions {
                 path: path.clone(),
-                owner: g.owner.clone(),
+                owner: owner.owner.clone(),
                 encrypt: !no_encrypt,
             };
             let result = repo.backup(&opts, &bar, &cancel).await;
@@ -403,9 +397,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if summary.warnings.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {
+                let n = summary.warnings.len() as u64;
                 eprintln!(
-                    "snapshot saved, but {} item(s) were left out or changed while read (see warnings)",
-                    summary.warnings.len()
+                    "snapshot saved, but {} left out or changed while read (see warnings)",
+                    plural(n, "item was", "items were")
                 );
                 Ok(ExitCode::from(EXIT_WARNINGS))
             }
@@ -416,15 +411,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot,
             overwrite,
             no_same_owner,
+            owner,
+            pass,
         } => {
-            let repo = open_repo(g, &cfg).await?;
+            let repo = open_repo(&pass, &cfg).await?;
             let cancel = cancel_on_ctrl_c();
             let bar = Bar::new(&format!("restoring {path}"));
             let opts = RestoreOptions {
                 path: path.clone(),
                 to,
                 snapshot,
-                owner: g.owner.clone(),
+                owner: owner.owner.clone(),
                 overwrite,
                 // The operator names the target: no roots to keep it in.
                 within: None,
@@ -445,17 +442,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("failed: {p}: {why}");
                     }
                     Err(anyhow!(
-                        "restore of {path}: {} item(s) could not be restored (listed above); the rest was restored, and no file was written unverified",
-                        failures.len()
+                        "restore of {path}: {} could not be restored (listed above); the rest was restored, and no file was written unverified",
+                        plural(failures.len() as u64, "item", "items")
                     ))
                 }
                 Err(e) => Err(anyhow::Error::new(e).context(format!("restore of {path} failed"))),
             }
         }
-        Command::Snapshots { path, json } => {
+        Command::Snapshots { path, json, owner } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let list =
-                storinator_shared::list_snapshots(&catalog, &g.owner, path.as_deref()).await?;
+                storinator_shared::list_snapshots(&catalog, &owner.owner, path.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {
@@ -487,11 +484,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             path,
             snapshot,
             recursive,
+            owner,
         } => {
-            let repo = open_repo(g, &cfg).await?;
-            let (snap, entries) = repo
-                .ls(&g.owner, &path, snapshot.as_deref(), recursive)
-                .await?;
+            // A listing needs no key: the catalog answers, as it does for the chat's /ls.
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            let (snap, entries) = storinator_shared::ls(
+                &catalog,
+                &owner.owner,
+                &path,
+                snapshot.as_deref(),
+                recursive,
+            )
+            .await?;
             println!(
                 "snapshot {} of {} ({})",
                 snap.short_id,
@@ -503,8 +507,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { read_data } => {
-            let repo = open_repo(g, &cfg).await?;
+        Command::Verify { read_data, pass } => {
+            let repo = open_repo(&pass, &cfg).await?;
             let bar = Bar::new("verifying");
             let report = repo.verify(read_data, &bar).await;
             bar.finish();
@@ -513,10 +517,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("problem: {p}");
             }
             println!(
-                "checked {} packs{} ({} read): {}",
-                report.packs_checked,
+                "checked {}{} ({} read): {}",
+                plural(report.packs_checked, "pack", "packs"),
                 if read_data {
-                    format!(", {} chunks", report.blobs_checked)
+                    format!(", {}", plural(report.blobs_checked, "chunk", "chunks"))
                 } else {
                     String::new()
                 },
@@ -524,7 +528,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if report.problems.is_empty() {
                     "no problems".to_string()
                 } else {
-                    format!("{} problem(s)", report.problems.len())
+                    plural(report.problems.len() as u64, "problem", "problems")
                 }
             );
             Ok(if report.problems.is_empty() {
@@ -540,10 +544,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("signed in; session saved at {}", session.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Recover => {
+        Command::Recover { pass } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
-            let pass = passphrase(g, &cfg, false)?;
+            let pass = passphrase(&pass, &cfg, false)?;
             let bar = Bar::new("recovering");
             let result = storinator_shared::recover(
                 catalog,
@@ -559,8 +563,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("problem: {p}");
             }
             println!(
-                "recovered {} packs ({} chunks) and {} snapshots into {}",
-                report.packs, report.chunks, report.snapshots, cfg.database_url
+                "recovered {} ({}) and {} into {}",
+                plural(report.packs, "pack", "packs"),
+                plural(report.chunks, "chunk", "chunks"),
+                plural(report.snapshots, "snapshot", "snapshots"),
+                cfg.database_url
             );
             Ok(if report.problems.is_empty() {
                 ExitCode::SUCCESS
@@ -568,13 +575,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Demo { .. } => unreachable!("handled above"),
-        Command::Run { concurrency } => {
-            let repo = open_repo(g, &cfg).await?;
+        Command::Run { concurrency, pass } => {
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            // With Telegram storage the same account also sends `/get` files over the Bot
+            // API's 50 MB to its Saved Messages.
+            let (storage, courier): (Arc<dyn Storage>, Option<Arc<dyn crate::daemon::Courier>>) =
+                match &cfg.storage {
+                    StorageSpec::Telegram => {
+                        let tcfg = crate::telegram::TelegramConfig::from_config(&cfg)?;
+                        let tg = crate::telegram::TelegramStorage::connect(tcfg).await?;
+                        (Arc::new(tg.clone()), Some(Arc::new(tg)))
+                    }
+                    StorageSpec::Dir(_) => (open_storage(&cfg).await?, None),
+                };
+            let pass = passphrase(&pass, &cfg, false)?;
+            let repo =
+                Repo::open(catalog, storage, &pass, EngineSettings::from_config(&cfg)).await?;
             let jobs = storinator_shared::Jobs::new(repo.catalog.pool().clone());
             let daemon_cfg = crate::daemon::DaemonConfig {
                 concurrency,
                 restore_roots: cfg.restore_roots.clone(),
+                outbox_dir: cfg.outbox_dir(),
+                courier,
                 ..Default::default()
             };
             let unattended = crate::daemon::Unattended::from_config(&cfg, &jobs)?;
@@ -588,16 +610,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Schedule { command } => crate::schedule_cli::run(g, &cfg, command).await,
-        Command::Scrub { bytes, status } => {
-            crate::schedule_cli::scrub(g, &cfg, bytes.as_deref(), status).await
+        Command::Schedule { command, owner } => {
+            crate::schedule_cli::run(&owner.owner, &cfg, command).await
         }
+        Command::Scrub {
+            bytes,
+            status,
+            pass,
+        } => crate::schedule_cli::scrub(&pass, &cfg, bytes.as_deref(), status).await,
         Command::Key {
-            command: KeyCommand::Passwd,
+            command: KeyCommand::Passwd { pass },
         } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let storage = open_storage(&cfg).await?;
-            let old = passphrase(g, &cfg, false)?;
+            let old = passphrase(&pass, &cfg, false)?;
             let new = match std::env::var("STORINATOR_NEW_PASSPHRASE") {
                 Ok(p) if !p.is_empty() => p,
                 _ => prompt("new passphrase", true)?,

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use storinator_shared::engine::restore::resolve;
 use storinator_shared::ops::rules::FireRules;
 use storinator_shared::ops::schedules::RunOutcome;
 use storinator_shared::{
@@ -28,7 +29,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// Daemon tunables.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DaemonConfig {
     /// Lease owner name; unique per process so leases of a dead process are recognisable.
     pub worker_id: String,
@@ -44,6 +45,34 @@ pub struct DaemonConfig {
     /// restore writes through: the bot's check of a path can be outrun by a symlink swapped in
     /// before the job runs. Empty: restore jobs are refused.
     pub restore_roots: Vec<PathBuf>,
+    /// Where files restored for `/get` wait (0700) until the bot has sent them.
+    pub outbox_dir: PathBuf,
+    /// Sends files over the Bot API's limit through the worker's own Telegram account
+    /// (`None` with directory storage: such files are refused with a hint).
+    pub courier: Option<Arc<dyn Courier>>,
+}
+
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("worker_id", &self.worker_id)
+            .field("concurrency", &self.concurrency)
+            .field("outbox_dir", &self.outbox_dir)
+            .field("courier", &self.courier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends a file through the worker's own Telegram account, to its Saved Messages: the way
+/// `/get` delivers files over the Bot API's 50 MB.
+#[async_trait::async_trait]
+pub trait Courier: Send + Sync {
+    async fn send_to_saved_messages(
+        &self,
+        path: &Path,
+        name: &str,
+        caption: &str,
+    ) -> Result<(), storinator_shared::StorageError>;
 }
 
 impl Default for DaemonConfig {
@@ -60,6 +89,8 @@ impl Default for DaemonConfig {
             poll_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(1),
             restore_roots: Vec::new(),
+            outbox_dir: std::env::temp_dir().join("storinator-outbox"),
+            courier: None,
         }
     }
 }
@@ -391,8 +422,9 @@ async fn run_job(
     let now_ms = jobs.now_ms();
     let outcome = execute(
         repo,
+        cfg,
         ctx,
-        &job.args,
+        &job,
         &owner,
         now_ms,
         latest.as_ref(),
@@ -413,6 +445,15 @@ async fn run_job(
 
     let recorded = match (outcome, stopped) {
         (_, Some(StopReason::LeaseLost)) => Ok(None),
+        (Ok(result @ JobResult::Conflicts { .. }), _) => {
+            let JobResult::Conflicts { count, .. } = &result else {
+                unreachable!("matched above")
+            };
+            let msg = format!("{count} existing files differ from the backup");
+            jobs.fail(&lease, &msg, Some(&result), false)
+                .await
+                .map(Some)
+        }
         (Ok(result), _) => {
             tracing::info!(job = job.id, "job done");
             jobs.finish(&lease, &result)
@@ -429,21 +470,6 @@ async fn run_job(
                 "job stopped for shutdown; released for the next run"
             );
             jobs.release(&lease).await.map(|_| None)
-        }
-        (Err(Error::Conflicts { paths }), _) => {
-            let sample = paths
-                .iter()
-                .take(10)
-                .map(|p| p.display().to_string())
-                .collect();
-            let result = JobResult::Conflicts {
-                count: paths.len() as u64,
-                sample,
-            };
-            let msg = format!("{} existing files differ from the backup", paths.len());
-            jobs.fail(&lease, &msg, Some(&result), false)
-                .await
-                .map(Some)
         }
         (Err(e), _) => {
             let retry = e.is_retryable();
@@ -512,16 +538,18 @@ impl Drop for AbortOnDrop {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the job, its context and the engine hooks, each used
 async fn execute(
     repo: &Repo,
+    cfg: &DaemonConfig,
     ctx: &JobContext,
-    args: &JobArgs,
+    job: &Job,
     owner: &str,
     now_ms: i64,
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
-    match args {
+    match &job.args {
         JobArgs::Scrub { bytes } => {
             let started = std::time::Instant::now();
             let opts = ScrubOptions {
@@ -563,27 +591,46 @@ async fn execute(
             snapshot,
             overwrite,
         } => {
+            // Pin the snapshot first: a conflict prompt must overwrite with what it asked
+            // about, not with whatever is latest when the user answers.
+            let pinned = resolve(&repo.catalog, owner, path, snapshot.as_deref())
+                .await?
+                .snapshot
+                .short_id;
             let to = restore_target(path, to.as_deref(), &ctx.restore_roots)?;
             let opts = RestoreOptions {
                 path: path.clone(),
                 to,
-                snapshot: snapshot.clone(),
+                snapshot: Some(pinned.clone()),
                 owner: owner.to_string(),
                 overwrite: *overwrite,
                 within: Some(ctx.restore_roots.clone()),
                 same_owner: None,
             };
-            let s = repo.restore(&opts, progress, cancel).await?;
-            for note in s.notes() {
-                tracing::warn!(job = owner, "{note}");
+            match repo.restore(&opts, progress, cancel).await {
+                Ok(s) => {
+                    for note in s.notes() {
+                        tracing::warn!(job = owner, "{note}");
+                    }
+                    Ok(JobResult::Restore {
+                        files: s.files,
+                        bytes: s.bytes,
+                        unchanged: s.unchanged,
+                        errors: Vec::new(),
+                        duration_ms: s.duration_ms,
+                    })
+                }
+                Err(Error::Conflicts { paths }) => Ok(JobResult::Conflicts {
+                    count: paths.len() as u64,
+                    sample: paths
+                        .iter()
+                        .take(10)
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                    snapshot: Some(pinned),
+                }),
+                Err(e) => Err(e),
             }
-            Ok(JobResult::Restore {
-                files: s.files,
-                bytes: s.bytes,
-                unchanged: s.unchanged,
-                errors: Vec::new(),
-                duration_ms: s.duration_ms,
-            })
         }
         JobArgs::Verify { .. } => {
             let started = std::time::Instant::now();
@@ -593,6 +640,19 @@ async fn execute(
                 errors: r.problems,
                 duration_ms: started.elapsed().as_millis() as u64,
             })
+        }
+        JobArgs::Get { path, snapshot } => {
+            crate::get::run(
+                repo,
+                cfg,
+                job.id,
+                owner,
+                path,
+                snapshot.as_deref(),
+                progress,
+                cancel,
+            )
+            .await
         }
     }
 }

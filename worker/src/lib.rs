@@ -3,7 +3,7 @@
 
 pub mod cli;
 pub mod daemon;
-pub mod demo;
+mod get;
 pub mod healthcheck;
 pub mod schedule_cli;
 pub mod telegram;

@@ -10,7 +10,7 @@ use storinator_shared::{
     Catalog, Config, Jobs, ScheduleError, Schedules, ScrubOptions, human_bytes,
 };
 
-use crate::cli::{Global, ScheduleCommand, open_repo};
+use crate::cli::{Pass, ScheduleCommand, open_repo};
 use crate::ui::Bar;
 
 async fn schedules(cfg: &Config) -> anyhow::Result<Schedules> {
@@ -30,10 +30,9 @@ fn not_found(e: ScheduleError, owner: &str) -> anyhow::Error {
     }
 }
 
-pub async fn run(g: &Global, cfg: &Config, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(owner: &str, cfg: &Config, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
     let schedules = schedules(cfg).await?;
     let tz = cfg.unattended.timezone.clone();
-    let owner = g.owner.as_str();
     match command {
         ScheduleCommand::Add {
             path,
@@ -122,7 +121,7 @@ pub async fn run(g: &Global, cfg: &Config, command: ScheduleCommand) -> anyhow::
 }
 
 pub async fn scrub(
-    g: &Global,
+    pass: &Pass,
     cfg: &Config,
     bytes: Option<&str>,
     status: bool,
@@ -143,7 +142,7 @@ pub async fn scrub(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let repo = open_repo(g, cfg).await?;
+    let repo = open_repo(pass, cfg).await?;
     let bar = Bar::new(&format!("scrubbing {}", human_bytes(budget)));
     let opts = ScrubOptions {
         budget,

@@ -14,7 +14,7 @@ impl Bar {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(4));
         bar.set_style(
             ProgressStyle::with_template(
-                "{prefix} {msg:<24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                "{prefix} · {msg:<20} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -33,11 +33,12 @@ impl Progress for Bar {
     fn report(&self, r: &ProgressReport) {
         self.bar.set_length(r.bytes_total.max(r.bytes_done));
         self.bar.set_position(r.bytes_done);
+        // The prefix names the job ("backing up /x"); the message adds what changes, so the
+        // line never says the phase twice.
         self.bar.set_message(format!(
-            "{} {}/{} files",
-            r.phase.as_str(),
+            "{}/{}",
             r.files_done,
-            r.files_total
+            storinator_shared::plural(r.files_total, "file", "files")
         ));
     }
 }

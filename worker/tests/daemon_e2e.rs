@@ -11,7 +11,7 @@ use storinator_bot::BotConfig;
 use storinator_shared::{
     Catalog, ChunkerParams, DirStorage, EngineSettings, JobPolicy, JobState, Jobs, KdfParams, Repo,
 };
-use storinator_testkit::botapi::{FakeBotApi, Fault};
+use storinator_testkit::botapi::{self, ChatMessage, FakeBotApi, Fault};
 use storinator_testkit::fixtures::InstrumentedStorage;
 use storinator_worker::daemon::{self, DaemonConfig};
 use tokio::sync::oneshot;
@@ -22,6 +22,8 @@ const USER2: i64 = 8;
 const CHAT: i64 = 7;
 const PASS: &str = "correct horse battery staple";
 const WAIT: Duration = Duration::from_secs(60);
+/// Telegram's message rates, five times faster (bot and fake Bot API alike).
+const SPEED: u32 = 5;
 
 struct World {
     api: FakeBotApi,
@@ -72,7 +74,9 @@ fn make_tree(data: &Path) {
 
 impl World {
     async fn new(lease_ms: i64) -> World {
-        let api = FakeBotApi::start().await.unwrap();
+        let api = FakeBotApi::start_with(botapi::Limits::telegram().faster(SPEED))
+            .await
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         make_tree(&root.join("data"));
@@ -104,7 +108,10 @@ impl World {
 
     async fn start_bot(&mut self) {
         let vars = [
-            ("TELOXIDE_TOKEN".to_string(), "123456:E2E".to_string()),
+            (
+                "TELOXIDE_TOKEN".to_string(),
+                "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+            ),
             ("TELOXIDE_API_URL".into(), self.api.url()),
             ("STORINATOR_ALLOWED_USERS".into(), format!("{USER},{USER2}")),
             (
@@ -112,13 +119,18 @@ impl World {
                 self.root.display().to_string(),
             ),
             ("DATABASE_URL".into(), self.db_url.clone()),
+            (
+                "STORINATOR_DATA_DIR".into(),
+                self.dir.path().display().to_string(),
+            ),
             ("STORINATOR_BOT_EDIT_INTERVAL_MS".into(), "150".into()),
             ("STORINATOR_BOT_TICK_MS".into(), "50".into()),
             ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
         ];
-        let cfg =
+        let mut cfg =
             BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
                 .unwrap();
+        cfg.limits = storinator_bot::Limits::telegram().faster(SPEED);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(storinator_bot::run(cfg, async move {
             let _ = rx.await;
@@ -154,6 +166,8 @@ impl World {
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
             restore_roots: vec![self.root.clone()],
+            outbox_dir: self.dir.path().join("outbox"),
+            courier: None,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let jobs = self.jobs.clone();
@@ -191,6 +205,110 @@ impl World {
             .expect("bot stops")
             .unwrap()
             .unwrap();
+    }
+
+    async fn restart_bot(&mut self) {
+        let (tx, task) = self.bot.take().unwrap();
+        let _ = tx.send(());
+        task.await.unwrap().unwrap();
+        self.start_bot().await;
+    }
+
+    /// The buttons of a bot message: (label, callback data).
+    fn buttons(m: &ChatMessage) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let rows = m
+            .reply_markup
+            .as_ref()
+            .and_then(|k| k["inline_keyboard"].as_array().cloned())
+            .unwrap_or_default();
+        for row in rows {
+            for b in row.as_array().cloned().unwrap_or_default() {
+                out.push((
+                    b["text"].as_str().unwrap_or("").to_string(),
+                    b["callback_data"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+        }
+        out
+    }
+
+    fn message(&self, id: i32) -> ChatMessage {
+        self.api
+            .bot_messages(CHAT)
+            .into_iter()
+            .find(|m| m.message_id == id)
+            .unwrap()
+    }
+
+    /// Presses the button of message `id` whose label starts with `label`; returns the
+    /// callback query id.
+    fn press(&self, id: i32, label: &str) -> String {
+        let m = self.message(id);
+        let (_, data) = Self::buttons(&m)
+            .into_iter()
+            .find(|(l, _)| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no button {label:?} in:\n{}", m.text));
+        self.api.push_callback(USER, CHAT, id, &data)
+    }
+
+    /// Waits until message `id` shows text containing `needle`.
+    async fn wait_edit(&self, id: i32, needle: &str) -> ChatMessage {
+        self.api
+            .wait_for(WAIT, |a| {
+                a.bot_messages(CHAT)
+                    .into_iter()
+                    .find(|m| m.message_id == id && m.text.contains(needle))
+            })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "message {id} never showed {needle:?}:\n{}",
+                    self.message(id).text
+                )
+            })
+    }
+
+    /// Waits for a document from the bot named `name`.
+    async fn wait_document(&self, name: &str, nth: usize) -> Vec<u8> {
+        let m = self
+            .api
+            .wait_for(WAIT, |a| {
+                a.bot_messages(CHAT)
+                    .into_iter()
+                    .filter(|m| m.document.as_ref().is_some_and(|d| d.file_name == name))
+                    .nth(nth)
+            })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "no document {name}:\n{}\nsendDocument calls: {:?}",
+                    self.api.transcript_text(CHAT),
+                    self.api.calls_of("sendDocument")
+                )
+            });
+        m.document.unwrap().bytes.to_vec()
+    }
+
+    /// Backs up `root/data` through the chat and waits for its summary.
+    async fn backup(&self, nth: usize) {
+        self.say(&format!("/backup {}", self.root.join("data").display()));
+        self.api
+            .wait_for(WAIT, |a| {
+                (a.bot_messages(CHAT)
+                    .iter()
+                    .filter(|m| m.text.contains(" done: snapshot"))
+                    .count()
+                    > nth)
+                    .then_some(())
+            })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "backup {nth} never finished:\n{}",
+                    self.api.transcript_text(CHAT)
+                )
+            });
     }
 
     fn say(&self, text: &str) {
@@ -315,7 +433,7 @@ async fn backup_then_restore_subfolder_through_the_chat() {
     w.say("/jobs");
     w.wait_text("Your recent jobs").await;
     w.say(&format!("/snapshots {}", data.display()));
-    w.wait_text("snapshots:").await;
+    w.wait_text("📚 1 snapshot:").await;
     w.say(&format!("/ls {}/photos", data.display()));
     w.wait_text("📁 2024/").await;
     println!("--- chat transcript ---\n{}", w.api.transcript_text(CHAT));
@@ -329,8 +447,7 @@ async fn restore_over_differing_files_asks_first_then_overwrites() {
     w.start_bot().await;
     w.start_worker("w1").await;
     let data = w.root.join("data");
-    w.say(&format!("/backup {}", data.display()));
-    w.wait_text("Done: snapshot").await;
+    w.backup(0).await;
     // The user changes a file, then restores the folder in place.
     std::fs::write(data.join("docs/note1.txt"), b"changed since the backup").unwrap();
     w.say(&format!("/restore {}/docs", data.display()));
@@ -340,6 +457,9 @@ async fn restore_over_differing_files_asks_first_then_overwrites() {
         std::fs::read(data.join("docs/note1.txt")).unwrap(),
         b"changed since the backup"
     );
+    // A newer backup (with the changed file) is made before the user answers: Overwrite
+    // must restore the snapshot the question was about, not the newest one.
+    w.backup(1).await;
     let m = w
         .api
         .bot_messages(CHAT)
@@ -357,6 +477,13 @@ async fn restore_over_differing_files_asks_first_then_overwrites() {
         std::fs::read(data.join("docs/note1.txt")).unwrap(),
         noise(101, 40 * 1024)
     );
+    // A restarted bot remembers the answer: pressing Overwrite again queues nothing.
+    let jobs_before = w.job_count().await;
+    w.restart_bot().await;
+    let again = w.api.push_callback(USER, CHAT, m.message_id, &ow);
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&again)).await;
+    assert_eq!(answer.as_deref(), Some("Already answered."));
+    assert_eq!(w.job_count().await, jobs_before);
     println!("--- chat transcript ---\n{}", w.api.transcript_text(CHAT));
     w.stop().await;
 }
@@ -510,6 +637,7 @@ async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
     w.start_worker("w1").await;
     w.say(&format!("/backup {}", w.root.join("data").display()));
     w.wait_text("Done: snapshot").await;
+    w.wait_text(" done: snapshot").await;
     // Bot goes down; a job finishes (fails) while it is away.
     let (tx, task) = w.bot.take().unwrap();
     let _ = tx.send(());
@@ -533,7 +661,15 @@ async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let sends_before = w.api.calls_of("sendMessage").len();
+    // Successful sends only: a restarted bot starts with a fresh view of its budget and may
+    // meet a 429 on its first burst, which it waits out and retries.
+    let sent = |api: &FakeBotApi| {
+        api.calls_of("sendMessage")
+            .iter()
+            .filter(|c| c.fault.is_none())
+            .count()
+    };
+    let sends_before = sent(&w.api);
     let history_before = w.api.bot_messages(CHAT)[0].history();
     w.start_bot().await;
     w.wait_text(&format!("Backup #{} failed", job.id)).await;
@@ -541,7 +677,7 @@ async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
     // Exactly the missed notice went out (progress message + failure notice); nothing about
     // the first backup was repeated.
     assert_eq!(
-        w.api.calls_of("sendMessage").len(),
+        sent(&w.api),
         sends_before + 2,
         "{}",
         w.api.transcript_text(CHAT)
@@ -549,5 +685,300 @@ async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
     // (The old bot may have been stopped between its last edit and recording it; a repeated
     // edit then gets "message is not modified" and changes nothing.)
     assert_eq!(w.api.bot_messages(CHAT)[0].history(), history_before);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browse_down_three_levels_and_back_up() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    w.backup(0).await;
+    let data = w.root.join("data");
+    w.say("/browse");
+    let top = w.wait_text("📂 ").await;
+    assert!(
+        top.starts_with(&format!("📂 {}\n", data.display())),
+        "{top}"
+    );
+    assert!(top.contains("3 entries"), "{top}");
+    let id = w
+        .api
+        .wait_for_bot_text(CHAT, "📂 ", WAIT)
+        .await
+        .unwrap()
+        .message_id;
+    // Folders first, then files, with sizes.
+    let labels: Vec<String> = World::buttons(&w.message(id))
+        .into_iter()
+        .map(|b| b.0)
+        .collect();
+    assert_eq!(labels, vec!["📁 docs/", "📁 photos/", "📄 README · 22 B"]);
+    w.press(id, "📁 photos/");
+    w.wait_edit(id, &format!("📂 {}/photos\n", data.display()))
+        .await;
+    w.press(id, "📁 2024/");
+    let m = w
+        .wait_edit(id, &format!("📂 {}/photos/2024\n", data.display()))
+        .await;
+    assert!(m.text.contains("6 entries"), "{}", m.text);
+    w.press(id, "📄 img 3.raw");
+    let card = w.wait_edit(id, "Size 96.0 KiB").await;
+    assert!(
+        card.text
+            .contains(&format!("{}/photos/2024/img 3.raw", data.display())),
+        "{}",
+        card.text
+    );
+    let actions: Vec<String> = World::buttons(&card).into_iter().map(|b| b.0).collect();
+    assert_eq!(
+        actions,
+        vec![
+            "📨 Send me this file",
+            "♻️ Restore here",
+            "🕘 Versions",
+            "⬆️ Back to the folder"
+        ]
+    );
+    w.press(id, "⬆️ Back to the folder");
+    w.wait_edit(id, &format!("📂 {}/photos/2024\n", data.display()))
+        .await;
+    w.press(id, "⬆️ Up");
+    w.wait_edit(id, &format!("📂 {}/photos\n", data.display()))
+        .await;
+    w.press(id, "⬆️ Up");
+    let back = w.wait_edit(id, &format!("📂 {}\n", data.display())).await;
+    assert!(
+        !World::buttons(&back).iter().any(|b| b.0.starts_with("⬆️")),
+        "the root has no Up"
+    );
+    // Every keyboard stayed within Telegram's limits (the fake refuses more than 64 bytes).
+    assert!(w.api.rate_limited().is_empty());
+    assert!(
+        w.api
+            .calls_of("editMessageText")
+            .iter()
+            .all(|c| c.fault.is_none())
+    );
+    println!("{}", w.api.transcript_text(CHAT));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_of_500_entries_is_paged() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    let many = w.root.join("data/many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..500 {
+        std::fs::write(many.join(format!("f{i:03}")), i.to_string()).unwrap();
+    }
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    w.backup(0).await;
+    w.say(&format!("/browse {}", many.display()));
+    let first = w
+        .api
+        .wait_for_bot_text(CHAT, "500 entries · page 1 of 25", WAIT)
+        .await
+        .unwrap();
+    let id = first.message_id;
+    let page = |m: &ChatMessage| -> Vec<String> {
+        World::buttons(m)
+            .into_iter()
+            .map(|b| b.0)
+            .filter(|l| l.starts_with("📄"))
+            .collect()
+    };
+    assert_eq!(page(&first).len(), 20);
+    assert_eq!(page(&first)[0], "📄 f000 · 1 B");
+    assert!(!World::buttons(&first).iter().any(|b| b.0.starts_with("◀️")));
+    w.press(id, "Next ▶️");
+    let second = w.wait_edit(id, "page 2 of 25").await;
+    assert_eq!(page(&second)[0], "📄 f020 · 2 B");
+    w.press(id, "Next ▶️");
+    let third = w.wait_edit(id, "page 3 of 25").await;
+    assert_eq!(page(&third)[19], "📄 f059 · 2 B");
+    w.press(id, "◀️ Previous");
+    w.wait_edit(id, "page 2 of 25").await;
+    // A page past the end (a made-up or stale button) shows the last page.
+    let (_, data) = World::buttons(&w.message(id))
+        .into_iter()
+        .find(|b| b.0.starts_with("Next"))
+        .unwrap();
+    let past = format!("{}:999", data.rsplit_once(':').unwrap().0);
+    w.api.push_callback(USER, CHAT, id, &past);
+    let last = w.wait_edit(id, "page 25 of 25").await;
+    assert_eq!(page(&last).last().unwrap(), "📄 f499 · 3 B");
+    assert!(
+        !World::buttons(&last)
+            .iter()
+            .any(|b| b.0.starts_with("Next"))
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_sends_a_small_file_as_a_document_after_one_confirmation() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    w.backup(0).await;
+    let data = w.root.join("data");
+    w.say(&format!("/get {}/docs/note2.txt", data.display()));
+    let ask = w
+        .api
+        .wait_for_bot_text(CHAT, "plaintext copy", WAIT)
+        .await
+        .unwrap();
+    w.press(ask.message_id, "Yes, send it");
+    let bytes = w.wait_document("note2.txt", 0).await;
+    assert_eq!(bytes, noise(102, 40 * 1024));
+    let doc = w
+        .api
+        .bot_messages(CHAT)
+        .into_iter()
+        .find(|m| m.document.is_some())
+        .unwrap();
+    assert!(
+        doc.text.starts_with("📄 note2.txt · 40.0 KiB · snapshot "),
+        "{}",
+        doc.text
+    );
+    // The second time, no question; the file card's button sends too.
+    w.say(&format!("/get {}/README", data.display()));
+    assert_eq!(
+        w.wait_document("README", 0).await,
+        b"hello from the backup\n"
+    );
+    w.say(&format!("/browse {}/docs/note0.txt", data.display()));
+    let card = w
+        .api
+        .wait_for_bot_text(CHAT, "Size 40.0 KiB", WAIT)
+        .await
+        .unwrap();
+    w.press(card.message_id, "📨 Send me this file");
+    assert_eq!(w.wait_document("note0.txt", 0).await, noise(100, 40 * 1024));
+    let asked = w
+        .api
+        .bot_messages(CHAT)
+        .iter()
+        .filter(|m| m.history()[0].contains("plaintext copy"))
+        .count();
+    assert_eq!(asked, 1, "asked once");
+    // Nothing is left behind in the outbox once sent.
+    let outbox = w.dir.path().join("outbox");
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::fs::read_dir(&outbox).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "outbox not emptied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A folder is not a file.
+    w.say(&format!("/get {}/docs", data.display()));
+    w.wait_text("is not a file").await;
+    println!("{}", w.api.transcript_text(CHAT));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_of_a_file_changed_across_three_snapshots() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    let note = w.root.join("data/docs/note3.txt");
+    let texts: [&[u8]; 3] = [b"first", b"second, longer", b"third and longest of all"];
+    for (i, t) in texts.iter().enumerate() {
+        std::fs::write(&note, t).unwrap();
+        w.backup(i).await;
+    }
+    w.say(&format!("/versions {}", note.display()));
+    let v = w
+        .api
+        .wait_for_bot_text(CHAT, "🕘 3 versions of", WAIT)
+        .await
+        .unwrap();
+    let lines: Vec<&str> = v.text.lines().collect();
+    assert!(lines[1].starts_with("1. 24 B · modified"), "{}", v.text);
+    assert!(lines[2].starts_with("2. 14 B"), "{}", v.text);
+    assert!(lines[3].starts_with("3. 5 B"), "{}", v.text);
+    let labels: Vec<String> = World::buttons(&v).into_iter().map(|b| b.0).collect();
+    assert_eq!(
+        labels,
+        [
+            "📨 Send 1",
+            "♻️ Restore 1",
+            "📨 Send 2",
+            "♻️ Restore 2",
+            "📨 Send 3",
+            "♻️ Restore 3"
+        ]
+    );
+    // The oldest version comes back as it was.
+    w.press(v.message_id, "📨 Send 3");
+    let ask = w
+        .api
+        .wait_for_bot_text(CHAT, "plaintext copy", WAIT)
+        .await
+        .unwrap();
+    w.press(ask.message_id, "Yes, send it");
+    assert_eq!(w.wait_document("note3.txt", 0).await, b"first");
+    w.press(v.message_id, "📨 Send 2");
+    assert_eq!(w.wait_document("note3.txt", 1).await, b"second, longer");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_stale_buttons_are_refused() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    w.backup(0).await;
+    w.say("/browse");
+    let m = w.api.wait_for_bot_text(CHAT, "📂 ", WAIT).await.unwrap();
+    let (_, open_docs) = World::buttons(&m)
+        .into_iter()
+        .find(|b| b.0 == "📁 docs/")
+        .unwrap();
+    let snap = open_docs.split(':').nth(1).unwrap().to_string();
+    let jobs_before = w.job_count().await;
+    let cases = [
+        // Another allowed user replays the owner's button: not their snapshot.
+        (USER2, open_docs.clone()),
+        (USER2, format!("g:{snap}:1")),
+        // Made-up snapshot, made-up entry, garbage.
+        (USER, "b:ffffffffffff:1:0".to_string()),
+        (USER, format!("b:{snap}:999999:0")),
+        (USER, format!("g:{snap}:abc")),
+        (USER, "zz:1".to_string()),
+    ];
+    let mut ids = Vec::new();
+    for (user, data) in &cases {
+        ids.push(w.api.push_callback(*user, CHAT, m.message_id, data));
+    }
+    for (id, (user, data)) in ids.iter().zip(&cases) {
+        let answer = w.api.wait_for(WAIT, |a| a.callback_answer(id)).await;
+        assert_eq!(
+            answer.as_deref(),
+            Some("This button is out of date. Send /browse again."),
+            "{user} {data}"
+        );
+    }
+    assert_eq!(
+        w.message(m.message_id).text,
+        m.text,
+        "the keyboard was not touched"
+    );
+    assert_eq!(w.job_count().await, jobs_before, "nothing was queued");
+    // A stranger is told no, and nothing more.
+    let s = w.api.push_callback(99, CHAT, m.message_id, &open_docs);
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&s)).await;
+    assert_eq!(
+        answer.as_deref(),
+        Some("You are not allowed to use this bot.")
+    );
     w.stop().await;
 }

@@ -56,13 +56,17 @@ async fn chain(
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
             restore_roots: vec![dir.to_path_buf()],
+            ..Default::default()
         },
         async move {
             let _ = wrx.await;
         },
     ));
     let vars = [
-        ("TELOXIDE_TOKEN".to_string(), "1:TG".to_string()),
+        (
+            "TELOXIDE_TOKEN".to_string(),
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL".into(), api.url()),
         ("STORINATOR_ALLOWED_USERS".into(), USER.to_string()),
         ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),

@@ -21,7 +21,7 @@ fn worker(dir: &std::path::Path, session: &std::path::Path) -> Command {
         .env("STORINATOR_DATA_DIR", dir)
         .env("STORINATOR_SESSION_FILE", session)
         .env("TELEGRAM_API_ID", "1")
-        .env("TELEGRAM_API_HASH", "0123456789abcdef")
+        .env("TELEGRAM_API_HASH", "00112233445566778899aabbccddeeff")
         .current_dir(dir)
         .arg("login");
     c

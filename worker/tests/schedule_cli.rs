@@ -101,9 +101,9 @@ fn schedule_commands_manage_the_owners_schedules() {
         "{err}"
     );
     // Another owner's view.
-    let other = ok(d, &["--owner", "tg:9", "schedule", "list"]);
+    let other = ok(d, &["schedule", "--owner", "tg:9", "list"]);
     assert!(other.contains("no schedules for tg:9"), "{other}");
-    assert!(fails(d, &["--owner", "tg:9", "schedule", "pause", "1"]).contains("no schedule #1"));
+    assert!(fails(d, &["schedule", "--owner", "tg:9", "pause", "1"]).contains("no schedule #1"));
 }
 
 #[test]

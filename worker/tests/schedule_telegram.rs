@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::tz::TimeZone;
-use storinator_bot::{BotConfig, CatalogView, SqlCatalogView};
+use storinator_bot::BotConfig;
 use storinator_shared::ops::rules::FireRules;
 use storinator_shared::{
     Catalog, ChunkerParams, EngineSettings, Jobs, KdfParams, ManualClock, Repo, Schedules,
@@ -94,6 +94,7 @@ async fn a_schedule_made_in_chat_backs_up_by_itself_through_loopback_telegram() 
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
             restore_roots: Vec::new(),
+            ..Default::default()
         },
         Some(unattended),
         async move {
@@ -102,7 +103,10 @@ async fn a_schedule_made_in_chat_backs_up_by_itself_through_loopback_telegram() 
     ));
 
     let vars = [
-        ("TELOXIDE_TOKEN".to_string(), "1:TG".to_string()),
+        (
+            "TELOXIDE_TOKEN".to_string(),
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL".into(), api.url()),
         ("STORINATOR_ALLOWED_USERS".into(), USER.to_string()),
         ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),
@@ -113,16 +117,10 @@ async fn a_schedule_made_in_chat_backs_up_by_itself_through_loopback_telegram() 
     ];
     let cfg = BotConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
         .unwrap();
-    let view: Arc<dyn CatalogView> = Arc::new(SqlCatalogView::new(catalog.pool().clone()));
     let (btx, brx) = oneshot::channel::<()>();
-    let bot = tokio::spawn(storinator_bot::run_with(
-        cfg,
-        jobs.clone(),
-        view,
-        async move {
-            let _ = brx.await;
-        },
-    ));
+    let bot = tokio::spawn(storinator_bot::run_with(cfg, jobs.clone(), async move {
+        let _ = brx.await;
+    }));
 
     api.push_message(USER, USER, &format!("/schedule {} hourly", data.display()));
     let made = api.wait_for_bot_text(USER, "Schedule #1", WAIT).await;

@@ -121,6 +121,7 @@ impl World {
             poll_interval: Duration::from_millis(20),
             progress_interval: Duration::from_millis(50),
             restore_roots: Vec::new(),
+            ..Default::default()
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run_with(

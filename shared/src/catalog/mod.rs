@@ -6,6 +6,7 @@
 //! (`error`, `config`, `clock`, `progress`), never `engine` or `ops`. Every SQL statement of
 //! the engine lives here, so a second database backend has one place to change.
 
+pub mod browse;
 mod keys;
 mod packs;
 mod scrub;
@@ -16,16 +17,7 @@ pub use scrub::{
 };
 pub use snapshots::{NewContent, NewEntry};
 
-/// Who owns an entry, as recorded at backup (all `None` for entries from before owners were
-/// recorded).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub user: Option<String>,
-    pub group: Option<String>,
-}
-
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -37,6 +29,16 @@ use sqlx::{Row, SqlitePool};
 use crate::error::Error;
 pub use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
+
+/// Who owns an entry, as recorded at backup (all `None` for entries from before owners were
+/// recorded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
@@ -53,17 +55,41 @@ pub(crate) fn db(context: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
     }
 }
 
+/// An I/O error on the data directory or the catalog, naming the setting that chose them.
+fn data_dir_error(path: &Path, e: std::io::Error) -> Error {
+    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        "\nhint: STORINATOR_DATA_DIR (or DATABASE_URL) must name a folder this user may write"
+    } else {
+        ""
+    };
+    Error::Invalid(format!("{}: {e}{hint}", path.display()))
+}
+
 /// Opens (creating if needed) the SQLite database at `url`, in WAL mode with a busy
 /// timeout and foreign keys on, and brings its schema up to date.
 pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
     let opts = SqliteConnectOptions::from_str(url)
         .map_err(|e| Error::Invalid(format!("invalid DATABASE_URL {url:?}: {e}")))?;
-    if let Some(parent) = opts
-        .get_filename()
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let file = opts.get_filename().to_path_buf();
+    if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // The catalog lists every backed-up path: its folder and file are the owner's alone.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| data_dir_error(parent, e))?;
+    }
+    if file.as_os_str() != ":memory:" && !file.as_os_str().is_empty() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(data_dir_error(&file, e)),
+        }
     }
     let opts = opts
         .create_if_missing(true)
@@ -215,5 +241,46 @@ impl Catalog {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_data_dir_and_catalog_are_private() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("new/data/storinator.db");
+        super::open_pool(&crate::config::sqlite_url(&db))
+            .await
+            .unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(db.parent().unwrap()), 0o700);
+        assert_eq!(mode(&db), 0o600);
+        // WAL files follow the database's mode.
+        let wal = db.with_extension("db-wal");
+        if wal.exists() {
+            assert_eq!(mode(&wal), 0o600);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_that_cannot_be_created_names_the_setting() {
+        let d = tempfile::tempdir().unwrap();
+        // A file where a folder should be (root may write anywhere, so not a permission).
+        std::fs::write(d.path().join("taken"), b"").unwrap();
+        let db = d.path().join("taken/sub/storinator.db");
+        let e = super::open_pool(&crate::config::sqlite_url(&db))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("taken"), "{e}");
+        let denied = super::data_dir_error(
+            &d.path().join("x"),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        )
+        .to_string();
+        assert!(denied.contains("STORINATOR_DATA_DIR"), "{denied}");
     }
 }

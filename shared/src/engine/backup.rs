@@ -72,20 +72,23 @@ impl BackupSummary {
         let s = &self.snapshot;
         let secs = self.duration_ms as f64 / 1000.0;
         format!(
-            "snapshot {}: {} files, {} dirs, {} in snapshot, {} read, {} new stored ({} new chunks, dedup {:.1}x), {:.1}s{}",
+            "snapshot {}: {}, {}, {} in snapshot, {} read, {} new stored ({}, dedup {}), {:.1}s{}",
             s.short_id,
-            s.files,
-            s.dirs,
+            crate::progress::plural(s.files, "file", "files"),
+            crate::progress::plural(s.dirs, "dir", "dirs"),
             human_bytes(s.bytes),
             human_bytes(s.bytes_read),
             human_bytes(s.bytes_stored),
-            self.new_data_chunks,
-            self.dedup_ratio(),
+            crate::progress::plural(self.new_data_chunks, "new chunk", "new chunks"),
+            crate::progress::dedup_figure(s.bytes, s.bytes_stored),
             secs,
             if self.warnings.is_empty() {
                 String::new()
             } else {
-                format!(", {} warnings", self.warnings.len())
+                format!(
+                    ", {}",
+                    crate::progress::plural(self.warnings.len() as u64, "warning", "warnings")
+                )
             }
         )
     }

@@ -246,7 +246,7 @@ impl Repo {
         snapshot: Option<&str>,
         recursive: bool,
     ) -> Result<(SnapshotInfo, Vec<EntryRow>), Error> {
-        ls(self, owner, path, snapshot, recursive).await
+        ls(&self.catalog, owner, path, snapshot, recursive).await
     }
 }
 
@@ -272,16 +272,18 @@ pub async fn list_snapshots(
     })
 }
 
-async fn ls(
-    repo: &Repo,
+/// Entries at `path` in a snapshot of `owner` (latest by default): the item itself and, for a
+/// directory, its children (all descendants when `recursive`). No key needed: `/ls` in the
+/// chat and `storinator-worker ls` both answer from here.
+pub async fn ls(
+    catalog: &Catalog,
     owner: &str,
     path: &str,
     snapshot: Option<&str>,
     recursive: bool,
 ) -> Result<(SnapshotInfo, Vec<EntryRow>), Error> {
-    let r = restore::resolve(repo, owner, path, snapshot).await?;
-    let entries = repo
-        .catalog
+    let r = restore::resolve(catalog, owner, path, snapshot).await?;
+    let entries = catalog
         .entries_under(r.root_id, r.snapshot.seq, &r.prefix)
         .await?;
     if entries.is_empty() {
@@ -319,8 +321,8 @@ pub fn format_entry(e: &EntryRow) -> String {
         .map(|t| format!(" -> {t}"))
         .unwrap_or_default();
     format!(
-        "{kind}{perms} {:>12} {} {}{target}",
-        e.size,
+        "{kind}{perms} {:>10} {} {}{target}",
+        crate::progress::human_bytes(e.size),
         format_time(secs * 1000),
         e.path
     )

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::repo::Repo;
 use super::target::{self, Target};
-use crate::catalog::{ChunkLoc, EntryKind, EntryRow, Owner, SnapshotInfo};
+use crate::catalog::{Catalog, ChunkLoc, EntryKind, EntryRow, Owner, SnapshotInfo};
 use crate::error::Error;
 use crate::format::crypto::{self, ChunkId, Keys};
 use crate::format::pack::MAX_BLOB;
@@ -75,11 +75,11 @@ pub struct RestoreSummary {
 impl RestoreSummary {
     pub fn line(&self) -> String {
         format!(
-            "restored {} files ({}), {} dirs, {} symlinks from snapshot {} into {}{} in {:.1}s",
-            self.files,
+            "restored {} ({}), {}, {} from snapshot {} into {}{} in {:.1}s",
+            crate::progress::plural(self.files, "file", "files"),
             crate::progress::human_bytes(self.bytes),
-            self.dirs,
-            self.symlinks,
+            crate::progress::plural(self.dirs, "dir", "dirs"),
+            crate::progress::plural(self.symlinks, "symlink", "symlinks"),
             self.snapshot.short_id,
             self.target.display(),
             if self.unchanged > 0 {
@@ -119,24 +119,20 @@ pub struct Resolved {
     pub prefix: String,
 }
 
-/// Finds the snapshot and entry prefix that `path` names for `owner`.
+/// Finds the snapshot and entry prefix that `path` names for `owner`. Needs no key: the bot's
+/// queries and the CLI's resolve paths through this one function.
 pub async fn resolve(
-    repo: &Repo,
+    catalog: &Catalog,
     owner: &str,
     path: &str,
     snapshot: Option<&str>,
 ) -> Result<Resolved, Error> {
     let path = normalize(path).ok_or_else(|| Error::Invalid(format!("invalid path {path:?}")))?;
-    let roots = repo.catalog.roots(owner).await?;
+    let roots = catalog.roots(owner).await?;
     let pinned = match snapshot {
-        Some(id) => Some(
-            repo.catalog
-                .snapshot_by_id(owner, id)
-                .await?
-                .ok_or_else(|| {
-                    Error::NotFound(format!("no snapshot {id:?}\nhint: `snapshots` lists them"))
-                })?,
-        ),
+        Some(id) => Some(catalog.snapshot_by_id(owner, id).await?.ok_or_else(|| {
+            Error::NotFound(format!("no snapshot {id:?}\nhint: `snapshots` lists them"))
+        })?),
         None => None,
     };
     // Candidate roots: the pinned snapshot's, or all of the owner's.
@@ -176,7 +172,7 @@ pub async fn resolve(
     let snapshot = match pinned {
         Some((_, info)) => info,
         None => {
-            let all = repo.catalog.snapshots(owner, Some(&root)).await?;
+            let all = catalog.snapshots(owner, Some(&root)).await?;
             all.into_iter()
                 .max_by_key(|s| s.seq)
                 .ok_or_else(|| Error::NotFound(format!("no snapshot of {root}")))?
@@ -264,7 +260,8 @@ struct Outcome {
 
 impl Outcome {
     fn fail(&mut self, path: &str, reason: impl std::fmt::Display) {
-        tracing::error!("restore of {path} failed: {reason}");
+        // Reported once, through the error every caller shows (not logged as well).
+        tracing::debug!("restore of {path} failed: {reason}");
         self.failures.push((path.to_string(), reason.to_string()));
     }
 
@@ -286,7 +283,13 @@ pub(crate) async fn run(
     counters.set_phase(Phase::Scanning);
     progress.report(&counters.report());
 
-    let resolved = resolve(repo, &opts.owner, &opts.path, opts.snapshot.as_deref()).await?;
+    let resolved = resolve(
+        &repo.catalog,
+        &opts.owner,
+        &opts.path,
+        opts.snapshot.as_deref(),
+    )
+    .await?;
     let entries = repo
         .catalog
         .entries_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)

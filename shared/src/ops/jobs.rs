@@ -28,6 +28,10 @@ use crate::progress::{Phase, ProgressReport, Throttle};
 
 pub type JobId = i64;
 
+/// Largest document a bot may upload through the Bot API (50 MB). `/get` sends larger files
+/// through the worker's own account.
+pub const BOT_UPLOAD_LIMIT: u64 = 50 * 1024 * 1024;
+
 /// Errors of the job table.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -133,6 +137,15 @@ pub enum JobArgs {
         #[serde(default)]
         path: Option<String>,
     },
+    /// Restore one file to a private place and send it into the chat (the bot sends files
+    /// up to the Bot API's 50 MB; larger ones go to the worker account's Saved Messages).
+    Get {
+        /// The file, as backed up.
+        path: String,
+        /// Snapshot short id; `None` means the latest.
+        #[serde(default)]
+        snapshot: Option<String>,
+    },
     /// Read packs back within a budget, authenticate every chunk, heal what can be healed.
     Scrub {
         /// Bytes to read; `None`: the daily budget (`STORINATOR_SCRUB_BYTES_PER_DAY`).
@@ -147,6 +160,7 @@ impl JobArgs {
             JobArgs::Backup { .. } => "backup",
             JobArgs::Restore { .. } => "restore",
             JobArgs::Verify { .. } => "verify",
+            JobArgs::Get { .. } => "get",
             JobArgs::Scrub { .. } => "scrub",
         }
     }
@@ -197,8 +211,59 @@ pub enum JobResult {
     },
     /// A restore found existing files that differ from the backup and wrote none of them.
     /// The job ends `failed` with this result; the bot asks the user to confirm and, if they
-    /// do, enqueues the same restore with `overwrite: true`.
-    Conflicts { count: u64, sample: Vec<String> },
+    /// do, enqueues the same restore of the same snapshot with `overwrite: true`
+    /// ([`Jobs::answer_conflict`]).
+    Conflicts {
+        count: u64,
+        sample: Vec<String>,
+        /// The snapshot the restore used (the latest at the time, unless one was named): an
+        /// overwrite restores exactly what the user was asked about.
+        #[serde(default)]
+        snapshot: Option<String>,
+    },
+    /// A file restored and verified for sending.
+    Get {
+        /// The file's name.
+        name: String,
+        size: u64,
+        /// Hex SHA-256 of the content, as checked by the restore.
+        sha256: String,
+        /// Where the file waits for the bot to send it (`None` when the worker's account sent
+        /// it to its Saved Messages).
+        #[serde(default)]
+        file: Option<String>,
+        /// The snapshot it came from.
+        snapshot: String,
+    },
+}
+
+/// The user's answer to a restore-conflict prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Overwrite,
+    Keep,
+}
+
+impl Answer {
+    fn as_str(self) -> &'static str {
+        match self {
+            Answer::Overwrite => "overwrite",
+            Answer::Keep => "keep",
+        }
+    }
+}
+
+/// What became of an answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AnswerOutcome {
+    /// The overwriting restore was queued.
+    Overwriting(Box<Job>),
+    /// The existing files are kept.
+    Kept,
+    /// The prompt was answered before (a double tap, another bot process).
+    AlreadyAnswered,
+    /// No such prompt for this user (not theirs, not a conflicted restore).
+    NotWaiting,
 }
 
 /// One row of the job table.
@@ -643,6 +708,111 @@ impl Jobs {
         }
     }
 
+    /// Acts on the answer to a restore-conflict prompt, once: the answer is recorded in the
+    /// job row in the same transaction that queues the overwriting restore, so a double tap
+    /// or a restarted bot finds it answered. The new restore is pinned to the snapshot the
+    /// conflict was found in.
+    pub async fn answer_conflict(
+        &self,
+        id: JobId,
+        user_id: i64,
+        answer: Answer,
+    ) -> Result<AnswerOutcome> {
+        let now = self.now_ms();
+        let mut tx = self.pool.begin().await?;
+        let row =
+            sqlx::query("SELECT *, answer AS prior_answer FROM jobs WHERE id = ? AND user_id = ?")
+                .bind(id)
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(row) = row else {
+            return Ok(AnswerOutcome::NotWaiting);
+        };
+        let job = Job::from_row(&row)?;
+        let pinned = match (&job.state, &job.result, &job.args) {
+            (
+                JobState::Failed,
+                Some(JobResult::Conflicts { snapshot, .. }),
+                JobArgs::Restore {
+                    snapshot: asked, ..
+                },
+            ) => snapshot.clone().or_else(|| asked.clone()),
+            _ => return Ok(AnswerOutcome::NotWaiting),
+        };
+        let prior: Option<String> = row.try_get("prior_answer")?;
+        if prior.is_some() {
+            return Ok(AnswerOutcome::AlreadyAnswered);
+        }
+        let marked = sqlx::query("UPDATE jobs SET answer = ? WHERE id = ? AND answer IS NULL")
+            .bind(answer.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if marked.rows_affected() != 1 {
+            return Ok(AnswerOutcome::AlreadyAnswered);
+        }
+        let outcome = match answer {
+            Answer::Keep => AnswerOutcome::Kept,
+            Answer::Overwrite => {
+                let JobArgs::Restore { path, to, .. } = job.args else {
+                    unreachable!("checked above")
+                };
+                let args = JobArgs::Restore {
+                    path,
+                    to,
+                    snapshot: pinned,
+                    overwrite: true,
+                };
+                let json = serde_json::to_string(&args).expect("job args serialise");
+                let row = sqlx::query(
+                    "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                )
+                .bind(args.kind())
+                .bind(json)
+                .bind(job.user_id)
+                .bind(job.chat_id)
+                .bind(self.policy.max_attempts)
+                .bind(now)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                let new = Job::from_row(&row)?;
+                sqlx::query("UPDATE jobs SET answer_job = ? WHERE id = ?")
+                    .bind(new.id)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                AnswerOutcome::Overwriting(Box::new(new))
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Whether `user_id` agreed to `what` before.
+    pub async fn has_consent(&self, user_id: i64, what: &str) -> Result<bool> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM consents WHERE user_id = ? AND what = ?")
+                .bind(user_id)
+                .bind(what)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n > 0)
+    }
+
+    /// Records that `user_id` agreed to `what`.
+    pub async fn give_consent(&self, user_id: i64, what: &str) -> Result<()> {
+        sqlx::query("INSERT OR IGNORE INTO consents (user_id, what, at) VALUES (?, ?, ?)")
+            .bind(user_id)
+            .bind(what)
+            .bind(self.now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     // ---- worker side ----------------------------------------------------------------------
 
     /// Settle running jobs whose lease expired and that must not run again: cancelled by the
@@ -1059,6 +1229,7 @@ mod tests {
         let conflicts = JobResult::Conflicts {
             count: 2,
             sample: vec!["a".into(), "b".into()],
+            snapshot: Some("abcd1234".into()),
         };
         let state = jobs
             .fail(&lease, "2 files differ", Some(&conflicts), false)
@@ -1070,6 +1241,86 @@ mod tests {
         assert_eq!(jobs.finished_unnotified().await.unwrap().len(), 1);
         jobs.mark_final_notified(j.id).await.unwrap();
         assert!(jobs.finished_unnotified().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conflict_is_answered_once_and_overwrites_the_pinned_snapshot() {
+        let (_d, jobs, _c) = setup().await;
+        let restore = JobArgs::Restore {
+            path: "/srv/data".into(),
+            to: None,
+            snapshot: None,
+            overwrite: false,
+        };
+        let j = jobs.enqueue(7, 70, &restore).await.unwrap();
+        let (_, lease) = jobs.claim("w").await.unwrap().unwrap();
+        // Not failed yet: nothing to answer.
+        assert_eq!(
+            jobs.answer_conflict(j.id, 7, Answer::Overwrite)
+                .await
+                .unwrap(),
+            AnswerOutcome::NotWaiting
+        );
+        let conflicts = JobResult::Conflicts {
+            count: 1,
+            sample: vec!["data/a".into()],
+            snapshot: Some("5eed0001".into()),
+        };
+        jobs.fail(&lease, "1 file differs", Some(&conflicts), false)
+            .await
+            .unwrap();
+        // Another user's tap finds nothing.
+        assert_eq!(
+            jobs.answer_conflict(j.id, 8, Answer::Overwrite)
+                .await
+                .unwrap(),
+            AnswerOutcome::NotWaiting
+        );
+        // Many taps at once (two bot processes, a double tap): one restore is queued.
+        let mut taps = Vec::new();
+        for _ in 0..6 {
+            let jobs = jobs.clone();
+            taps.push(tokio::spawn(async move {
+                jobs.answer_conflict(j.id, 7, Answer::Overwrite).await
+            }));
+        }
+        let mut started = Vec::new();
+        for t in taps {
+            match t.await.unwrap() {
+                Ok(AnswerOutcome::Overwriting(new)) => started.push(*new),
+                Ok(AnswerOutcome::AlreadyAnswered) => {}
+                // A tap that lost the race for the write lock may see SQLITE_BUSY: it did
+                // nothing, which is what matters.
+                Err(JobError::Db(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(started.len(), 1);
+        assert_eq!(
+            started[0].args,
+            JobArgs::Restore {
+                path: "/srv/data".into(),
+                to: None,
+                snapshot: Some("5eed0001".into()),
+                overwrite: true,
+            }
+        );
+        // A restarted bot (same database) sees the answer.
+        assert_eq!(
+            jobs.answer_conflict(j.id, 7, Answer::Keep).await.unwrap(),
+            AnswerOutcome::AlreadyAnswered
+        );
+        assert_eq!(jobs.list_for_user(7, 10).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn consents_are_remembered() {
+        let (_d, jobs, _c) = setup().await;
+        assert!(!jobs.has_consent(7, "get").await.unwrap());
+        jobs.give_consent(7, "get").await.unwrap();
+        jobs.give_consent(7, "get").await.unwrap();
+        assert!(jobs.has_consent(7, "get").await.unwrap());
+        assert!(!jobs.has_consent(8, "get").await.unwrap());
     }
 
     #[tokio::test]

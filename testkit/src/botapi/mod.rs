@@ -2,9 +2,15 @@
 //!
 //! It speaks enough of the Bot API for teloxide's polling dispatcher and for a bot that sends
 //! and edits messages: `getMe`, `getWebhookInfo`, `deleteWebhook`, long-polling `getUpdates`,
-//! `sendMessage`, `editMessageText`, `answerCallbackQuery`, `setMyCommands`, `getMyCommands`,
-//! `deleteMyCommands`. Method names match case-insensitively (teloxide sends `GetMe`);
-//! parameters may come as JSON, as a form or in the query string.
+//! `sendMessage`, `editMessageText`, `sendDocument` (multipart upload), `answerCallbackQuery`,
+//! `setMyCommands`, `getMyCommands`, `deleteMyCommands`. Method names match case-insensitively
+//! (teloxide sends `GetMe`); parameters may come as JSON, as a form, as multipart or in the
+//! query string.
+//!
+//! It is as unkind as Telegram where a bot can get things wrong ([`Limits`]): messages (sends,
+//! edits and documents alike) beyond about one per second in a chat or about thirty per second
+//! overall are answered 429 with `retry_after`; `callback_data` over 64 bytes is refused
+//! (`BUTTON_DATA_INVALID`); documents over 50 MB are refused (413), as the Bot API does.
 //!
 //! Tests drive it from the user's side ([`FakeBotApi::push_message`],
 //! [`FakeBotApi::push_callback`]), read what the bot did ([`FakeBotApi::calls`],
@@ -18,9 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::body::{Body, Bytes};
+use axum::extract::DefaultBodyLimit;
+use axum::extract::{FromRequest, Multipart, State};
+use axum::http::request::Parts;
+use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
@@ -36,6 +44,114 @@ pub const NOT_MODIFIED: &str = "Bad Request: message is not modified: specified 
 
 /// Longest a `getUpdates` call is held open, whatever timeout it asks for.
 const MAX_POLL: Duration = Duration::from_secs(30);
+
+/// Largest document a bot may upload through the Bot API (50 MB).
+pub const MAX_UPLOAD: u64 = 50 * 1024 * 1024;
+
+/// Longest `callback_data` Telegram accepts, in bytes.
+pub const MAX_CALLBACK_DATA: usize = 64;
+
+/// Methods that count as a message against the rate limits.
+const MESSAGE_METHODS: &[&str] = &[
+    "sendmessage",
+    "editmessagetext",
+    "editmessagereplymarkup",
+    "senddocument",
+];
+
+/// The message rate limits the server enforces, as token buckets: a chat may receive
+/// `chat_burst` messages at once and one more every `chat_interval`; the bot as a whole
+/// `global_burst` at once and one more every `global_interval`. A message beyond them is
+/// answered 429 with `retry_after` (whole seconds, at least 1, as Telegram sends it).
+/// Telegram documents "about one message per second" in a chat and "about 30 per second"
+/// overall, with short bursts allowed: [`Limits::telegram`]. `jitter` is how much earlier than
+/// its token a message may arrive and still pass: a client can pace its sends but not their
+/// arrival (a new connection delays one request more than the next), and Telegram's limits
+/// are no more exact than that.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub chat_burst: u32,
+    pub chat_interval: Duration,
+    pub global_burst: u32,
+    pub global_interval: Duration,
+    pub jitter: Duration,
+}
+
+impl Limits {
+    /// Telegram's figures.
+    pub fn telegram() -> Limits {
+        Limits {
+            chat_burst: 3,
+            chat_interval: Duration::from_secs(1),
+            global_burst: 30,
+            global_interval: Duration::from_secs(1) / 30,
+            jitter: Duration::from_millis(50),
+        }
+    }
+
+    /// The same limits `factor` times faster (tests keep their shape without the waiting).
+    pub fn faster(self, factor: u32) -> Limits {
+        Limits {
+            chat_interval: self.chat_interval / factor,
+            global_interval: self.global_interval / factor,
+            ..self
+        }
+    }
+
+    /// No limits at all.
+    pub fn none() -> Limits {
+        Limits {
+            chat_burst: u32::MAX,
+            chat_interval: Duration::ZERO,
+            global_burst: u32::MAX,
+            global_interval: Duration::ZERO,
+            jitter: Duration::ZERO,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::telegram()
+    }
+}
+
+/// A token bucket: `tokens` as of `at`.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Takes a token if one is there; otherwise how long until one is.
+    fn take(
+        slot: &mut Option<Bucket>,
+        burst: u32,
+        interval: Duration,
+        jitter: Duration,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        if interval.is_zero() {
+            return Ok(());
+        }
+        let cap = f64::from(burst.max(1));
+        let b = slot.get_or_insert(Bucket {
+            tokens: cap,
+            at: now,
+        });
+        let refill = now.saturating_duration_since(b.at).as_secs_f64() / interval.as_secs_f64();
+        b.tokens = (b.tokens + refill).min(cap);
+        b.at = now;
+        let slack = jitter.as_secs_f64() / interval.as_secs_f64();
+        if b.tokens + slack >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(interval.mul_f64(1.0 - b.tokens))
+        }
+    }
+}
 
 /// One recorded API call.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +175,8 @@ pub enum Fault {
     NotModified,
     /// 400 with this description (prefix "Bad Request: " is added).
     BadRequest(String),
+    /// 429 given by the rate limits ([`Limits`]), not injected.
+    RateLimited(u32),
 }
 
 /// One message of a chat as the fake server knows it.
@@ -75,6 +193,15 @@ pub struct ChatMessage {
     pub edits: Vec<String>,
     /// Current inline keyboard, as sent.
     pub reply_markup: Option<Value>,
+    /// A document the bot sent (`sendDocument`).
+    pub document: Option<Document>,
+}
+
+/// A document uploaded with `sendDocument`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Document {
+    pub file_name: String,
+    pub bytes: Arc<Vec<u8>>,
 }
 
 impl ChatMessage {
@@ -119,6 +246,9 @@ struct Inner {
     faults: HashMap<(String, usize), Fault>,
     messages: Vec<ChatMessage>,
     commands: Value,
+    limits: Limits,
+    chat_buckets: HashMap<i64, Option<Bucket>>,
+    global_bucket: Option<Bucket>,
 }
 
 struct Shared {
@@ -136,8 +266,13 @@ pub struct FakeBotApi {
 }
 
 impl FakeBotApi {
-    /// Start a server on a free loopback port.
+    /// Start a server on a free loopback port, with Telegram's rate limits.
     pub async fn start() -> std::io::Result<FakeBotApi> {
+        Self::start_with(Limits::telegram()).await
+    }
+
+    /// Start a server on a free loopback port, with these rate limits.
+    pub async fn start_with(limits: Limits) -> std::io::Result<FakeBotApi> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -145,12 +280,16 @@ impl FakeBotApi {
                 next_update_id: 1,
                 next_message_id: 1,
                 commands: json!([]),
+                limits,
                 ..Inner::default()
             }),
             changed: Notify::new(),
             started: Instant::now(),
         });
-        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let app = Router::new()
+            .fallback(handle)
+            .layer(DefaultBodyLimit::disable())
+            .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -194,6 +333,7 @@ impl FakeBotApi {
             text: text.to_string(),
             edits: Vec::new(),
             reply_markup: None,
+            document: None,
         });
         push_update(&mut inner, "message", message);
         drop(inner);
@@ -251,6 +391,28 @@ impl FakeBotApi {
         inner.faults.insert((key, nth), fault);
     }
 
+    /// Calls answered 429 by the rate limits (not by injected faults).
+    pub fn rate_limited(&self) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| matches!(c.fault, Some(Fault::RateLimited(_))))
+            .collect()
+    }
+
+    /// The text of the answer the bot gave to a callback query, if it answered it.
+    pub fn callback_answer(&self, callback_id: &str) -> Option<String> {
+        self.calls_of("answerCallbackQuery")
+            .into_iter()
+            .find(|c| c.fault.is_none() && c.params["callback_query_id"] == callback_id)
+            .map(|c| {
+                c.params
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            })
+    }
+
     /// Every call so far, in arrival order.
     pub fn calls(&self) -> Vec<Call> {
         self.shared.inner.lock().unwrap().calls.clone()
@@ -293,6 +455,13 @@ impl FakeBotApi {
             out.push_str(&format!("{arrow} [{}] {}\n", m.message_id, indent(first)));
             for t in rest {
                 out.push_str(&format!("  ~ edit: {}\n", indent(t)));
+            }
+            if let Some(d) = &m.document {
+                out.push_str(&format!(
+                    "  document: {} ({} bytes)\n",
+                    d.file_name,
+                    d.bytes.len()
+                ));
             }
             let buttons = m.button_data();
             if !buttons.is_empty() {
@@ -412,6 +581,8 @@ const METHODS: &[&str] = &[
     "deleteWebhook",
     "sendMessage",
     "editMessageText",
+    "editMessageReplyMarkup",
+    "sendDocument",
     "answerCallbackQuery",
     "setMyCommands",
     "getMyCommands",
@@ -441,31 +612,93 @@ fn bad_request(what: &str) -> Response {
     error(400, &format!("Bad Request: {what}"), None)
 }
 
-/// Parameters from the query string and the body (JSON or form) as one JSON object. Form and
-/// query values are strings on the wire; ones that parse as JSON (numbers, objects) are
-/// taken as such, the way the Bot API treats them.
-fn params(uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Result<Value, String> {
+/// A file part of a multipart request.
+struct Upload {
+    field: String,
+    file_name: String,
+    bytes: Vec<u8>,
+}
+
+/// A JSON value from a form, query or multipart text value: numbers and objects arrive as
+/// strings on the wire and are taken as such, the way the Bot API treats them.
+fn wire_value(v: String) -> Value {
+    serde_json::from_str(&v).unwrap_or(Value::String(v))
+}
+
+/// The fields of a multipart body: text fields as parameters, file fields as uploads.
+async fn multipart(
+    parts: Parts,
+    body: Bytes,
+    out: &mut serde_json::Map<String, Value>,
+) -> Result<Vec<Upload>, String> {
+    // The original request's parts carry the router's body-limit setting (disabled: the
+    // handler caps the body itself).
+    let req = Request::from_parts(parts, Body::from(body));
+    let mut form = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| format!("bad multipart body: {e}"))?;
+    let mut uploads = Vec::new();
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| format!("bad multipart field: {e}"))?
+    {
+        let name = field.name().unwrap_or("").to_string();
+        match field.file_name().map(str::to_string) {
+            Some(file_name) => {
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| format!("bad multipart file {name}: {e}"))?;
+                uploads.push(Upload {
+                    field: name,
+                    file_name,
+                    bytes: bytes.to_vec(),
+                });
+            }
+            None => {
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| format!("bad multipart field {name}: {e}"))?;
+                out.insert(name, wire_value(text));
+            }
+        }
+    }
+    Ok(uploads)
+}
+
+/// Parameters from the query string and the body (JSON, form or multipart) as one JSON
+/// object, and the files of a multipart body.
+async fn params(parts: Parts, body: Bytes) -> Result<(Value, Vec<Upload>), String> {
+    let (uri, headers) = (&parts.uri, &parts.headers);
     let mut out = serde_json::Map::new();
-    let mut add_pairs = |pairs: Vec<(String, String)>| {
+    let add_pairs = |out: &mut serde_json::Map<String, Value>, pairs: Vec<(String, String)>| {
         for (k, v) in pairs {
-            let value = serde_json::from_str(&v).unwrap_or(Value::String(v));
-            out.insert(k, value);
+            out.insert(k, wire_value(v));
         }
     };
     if let Some(q) = uri.query() {
-        add_pairs(serde_urlencoded::from_str(q).map_err(|e| format!("bad query string: {e}"))?);
+        add_pairs(
+            &mut out,
+            serde_urlencoded::from_str(q).map_err(|e| format!("bad query string: {e}"))?,
+        );
     }
     let ctype = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let mut uploads = Vec::new();
     if !body.is_empty() {
         if ctype.starts_with("application/x-www-form-urlencoded") {
-            add_pairs(serde_urlencoded::from_bytes(body).map_err(|e| format!("bad form: {e}"))?);
+            add_pairs(
+                &mut out,
+                serde_urlencoded::from_bytes(&body).map_err(|e| format!("bad form: {e}"))?,
+            );
         } else if ctype.starts_with("multipart/") {
-            return Err("multipart bodies are not supported by the fake server".into());
+            uploads = multipart(parts.clone(), body, &mut out).await?;
         } else {
-            match serde_json::from_slice::<Value>(body) {
+            match serde_json::from_slice::<Value>(&body) {
                 Ok(Value::Object(map)) => out.extend(map),
                 Ok(Value::Null) => {}
                 Ok(other) => return Err(format!("body is not a JSON object: {other}")),
@@ -473,15 +706,77 @@ fn params(uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Result<Value, String>
             }
         }
     }
-    Ok(Value::Object(out))
+    Ok((Value::Object(out), uploads))
 }
 
-async fn handle(
-    State(shared): State<Arc<Shared>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+fn too_large() -> Response {
+    error(413, "Request Entity Too Large", None)
+}
+
+/// Checks the rate limits for a message to `chat_id`; the 429 answer when over them.
+fn rate_check(inner: &mut Inner, chat_id: i64) -> Option<u32> {
+    let now = Instant::now();
+    let limits = inner.limits;
+    let chat = inner.chat_buckets.entry(chat_id).or_default();
+    // Peek the chat bucket without spending, so a global refusal does not cost the chat.
+    let mut chat_probe = *chat;
+    let chat_res = Bucket::take(
+        &mut chat_probe,
+        limits.chat_burst,
+        limits.chat_interval,
+        limits.jitter,
+        now,
+    );
+    let mut global_probe = inner.global_bucket;
+    let global_res = Bucket::take(
+        &mut global_probe,
+        limits.global_burst,
+        limits.global_interval,
+        limits.jitter,
+        now,
+    );
+    match (chat_res, global_res) {
+        (Ok(()), Ok(())) => {
+            *inner
+                .chat_buckets
+                .get_mut(&chat_id)
+                .expect("inserted above") = chat_probe;
+            inner.global_bucket = global_probe;
+            None
+        }
+        (Err(wait), _) | (_, Err(wait)) => Some(wait.as_secs_f64().ceil().max(1.0) as u32),
+    }
+}
+
+/// Telegram refuses inline buttons whose `callback_data` is empty or over 64 bytes: the
+/// refusal, if any.
+fn check_markup(markup: &Option<Value>) -> Option<Response> {
+    let rows = markup
+        .as_ref()
+        .and_then(|m| m.get("inline_keyboard"))
+        .and_then(Value::as_array);
+    for row in rows.into_iter().flatten() {
+        for b in row.as_array().into_iter().flatten() {
+            if let Some(d) = b.get("callback_data") {
+                let len = d.as_str().map(str::len).unwrap_or(0);
+                if len == 0 || len > MAX_CALLBACK_DATA {
+                    return Some(bad_request("BUTTON_DATA_INVALID"));
+                }
+            }
+        }
+    }
+    None
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Response {
+    let (head, body) = req.into_parts();
+    let uri = head.uri.clone();
+    // The body is read with a cap a little over the upload limit (multipart framing), so an
+    // oversized document is refused the way the Bot API refuses it, without buffering it all.
+    let body = match axum::body::to_bytes(body, (MAX_UPLOAD + (1 << 20)) as usize).await {
+        Ok(b) => b,
+        Err(_) => return too_large(),
+    };
     // Path: /bot<token>/<method>
     let mut parts = uri.path().trim_start_matches('/').splitn(2, '/');
     let (Some(token), Some(method)) = (parts.next(), parts.next()) else {
@@ -495,7 +790,7 @@ async fn handle(
         .find(|m| m.eq_ignore_ascii_case(method))
         .map(|m| m.to_string())
         .unwrap_or_else(|| method.to_string());
-    let params = match params(&uri, &headers, &body) {
+    let (params, uploads) = match params(head, body).await {
         Ok(p) => p,
         Err(e) => return bad_request(&e),
     };
@@ -508,7 +803,11 @@ async fn handle(
             *c += 1;
             *c
         };
-        let fault = inner.faults.remove(&(key.clone(), n));
+        let mut fault = inner.faults.remove(&(key.clone(), n));
+        if fault.is_none() && MESSAGE_METHODS.contains(&key.as_str()) {
+            let chat = int_param(&params, "chat_id").unwrap_or(0);
+            fault = rate_check(&mut inner, chat).map(Fault::RateLimited);
+        }
         let at = shared.started.elapsed();
         inner.calls.push(Call {
             method: method.clone(),
@@ -521,7 +820,7 @@ async fn handle(
     shared.changed.notify_waiters();
     if let Some(fault) = fault {
         return match fault {
-            Fault::RetryAfter(s) => error(
+            Fault::RetryAfter(s) | Fault::RateLimited(s) => error(
                 429,
                 &format!("Too Many Requests: retry after {s}"),
                 Some(json!({"retry_after": s})),
@@ -544,7 +843,10 @@ async fn handle(
         "deletewebhook" | "close" | "logout" => ok(json!(true)),
         "getupdates" => return get_updates(&shared, &params).await,
         "sendmessage" => send_message(&shared, &params),
-        "editmessagetext" => edit_message_text(&shared, &params),
+        "editmessagetext" | "editmessagereplymarkup" => {
+            edit_message(&shared, &params, key == "editmessagetext")
+        }
+        "senddocument" => send_document(&shared, &params, uploads),
         "answercallbackquery" => match params.get("callback_query_id") {
             Some(_) => ok(json!(true)),
             None => bad_request("callback_query_id is required"),
@@ -627,6 +929,9 @@ fn send_message(shared: &Arc<Shared>, params: &Value) -> Response {
         return bad_request("message is too long");
     }
     let markup = markup_param(params);
+    if let Some(refused) = check_markup(&markup) {
+        return refused;
+    }
     let mut inner = shared.inner.lock().unwrap();
     let message_id = inner.next_message_id;
     inner.next_message_id += 1;
@@ -638,6 +943,7 @@ fn send_message(shared: &Arc<Shared>, params: &Value) -> Response {
         text: text.to_string(),
         edits: Vec::new(),
         reply_markup: markup.clone(),
+        document: None,
     });
     ok(message_json(
         chat_id,
@@ -648,20 +954,95 @@ fn send_message(shared: &Arc<Shared>, params: &Value) -> Response {
     ))
 }
 
-fn edit_message_text(shared: &Arc<Shared>, params: &Value) -> Response {
+fn send_document(shared: &Arc<Shared>, params: &Value, uploads: Vec<Upload>) -> Response {
+    let Some(chat_id) = int_param(params, "chat_id") else {
+        return bad_request("chat_id is required");
+    };
+    // The file comes as the `document` part, or as another part that `document` names as
+    // `attach://<part>` (teloxide's way).
+    let part = match params.get("document").and_then(Value::as_str) {
+        Some(d) if d.starts_with("attach://") => d["attach://".len()..].to_string(),
+        _ => "document".to_string(),
+    };
+    let Some(upload) = uploads.into_iter().find(|u| u.field == part) else {
+        // A file id or URL names a file this server never saw.
+        return match params.get("document") {
+            Some(_) => bad_request("wrong file identifier/HTTP URL specified"),
+            None => bad_request("there is no document in the request"),
+        };
+    };
+    if upload.bytes.len() as u64 > MAX_UPLOAD {
+        return too_large();
+    }
+    if upload.bytes.is_empty() {
+        return bad_request("file must be non-empty");
+    }
+    let caption = params
+        .get("caption")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if caption.chars().count() > 1024 {
+        return bad_request("message caption is too long");
+    }
+    let markup = markup_param(params);
+    if let Some(refused) = check_markup(&markup) {
+        return refused;
+    }
+    let mut inner = shared.inner.lock().unwrap();
+    let message_id = inner.next_message_id;
+    inner.next_message_id += 1;
+    let size = upload.bytes.len();
+    let file_name = upload.file_name.clone();
+    inner.messages.push(ChatMessage {
+        chat_id,
+        message_id,
+        from_id: BOT_USER_ID,
+        from_bot: true,
+        text: caption.clone(),
+        edits: Vec::new(),
+        reply_markup: markup.clone(),
+        document: Some(Document {
+            file_name: upload.file_name,
+            bytes: Arc::new(upload.bytes),
+        }),
+    });
+    let mut m = message_json(chat_id, message_id, &bot_user_json(), "", markup);
+    m.as_object_mut()
+        .expect("message is an object")
+        .remove("text");
+    m["caption"] = json!(caption);
+    m["document"] = json!({
+        "file_name": file_name,
+        "mime_type": "application/octet-stream",
+        "file_id": format!("doc{message_id}"),
+        "file_unique_id": format!("u{message_id}"),
+        "file_size": size,
+    });
+    ok(m)
+}
+
+/// `editMessageText` (`with_text`) or `editMessageReplyMarkup`.
+fn edit_message(shared: &Arc<Shared>, params: &Value, with_text: bool) -> Response {
     let (Some(chat_id), Some(message_id)) = (
         int_param(params, "chat_id"),
         int_param(params, "message_id"),
     ) else {
         return bad_request("chat_id and message_id are required");
     };
-    let Some(text) = params.get("text").and_then(Value::as_str) else {
-        return bad_request("text is required");
-    };
-    if text.trim().is_empty() {
-        return bad_request("message text is empty");
+    let text = params.get("text").and_then(Value::as_str);
+    if with_text {
+        match text {
+            None => return bad_request("text is required"),
+            Some(t) if t.trim().is_empty() => return bad_request("message text is empty"),
+            Some(t) if t.chars().count() > 4096 => return bad_request("message is too long"),
+            Some(_) => {}
+        }
     }
     let markup = markup_param(params);
+    if let Some(refused) = check_markup(&markup) {
+        return refused;
+    }
     let mut inner = shared.inner.lock().unwrap();
     let Some(m) = inner
         .messages
@@ -673,17 +1054,18 @@ fn edit_message_text(shared: &Arc<Shared>, params: &Value) -> Response {
     if !m.from_bot {
         return bad_request("message can't be edited");
     }
+    let text = text.unwrap_or(&m.text).to_string();
     if m.text == text && m.reply_markup == markup {
         return error(400, NOT_MODIFIED, None);
     }
-    let old = std::mem::replace(&mut m.text, text.to_string());
+    let old = std::mem::replace(&mut m.text, text.clone());
     m.edits.push(old);
     m.reply_markup = markup.clone();
     ok(message_json(
         chat_id,
         message_id as i32,
         &bot_user_json(),
-        text,
+        &text,
         markup,
     ))
 }

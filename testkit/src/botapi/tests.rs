@@ -85,7 +85,7 @@ async fn get_updates_long_polls_and_confirms_by_offset() {
 
 #[tokio::test]
 async fn edits_keep_history_and_identical_edits_are_not_modified() {
-    let api = FakeBotApi::start().await.unwrap();
+    let api = FakeBotApi::start_with(Limits::none()).await.unwrap();
     let (_, sent) = call(&api, "sendMessage", json!({"chat_id": 9, "text": "one"})).await;
     let id = sent["result"]["message_id"].as_i64().unwrap();
     let (s, _) = call(
@@ -187,4 +187,123 @@ async fn commands_round_trip() {
     assert_eq!(info["result"]["url"], "");
     let (_, del) = call(&api, "deleteWebhook", json!({})).await;
     assert_eq!(del["result"], true);
+}
+
+#[tokio::test]
+async fn messages_over_the_chat_rate_get_429_with_retry_after() {
+    let api = FakeBotApi::start().await.unwrap();
+    // A burst of three passes; the fourth in the same second is refused, edits included.
+    let (_, sent) = call(&api, "sendMessage", json!({"chat_id": 1, "text": "a"})).await;
+    let id = sent["result"]["message_id"].as_i64().unwrap();
+    call(&api, "sendMessage", json!({"chat_id": 1, "text": "b"})).await;
+    let (s, _) = call(
+        &api,
+        "editMessageText",
+        json!({"chat_id": 1, "message_id": id, "text": "a2"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, body) = call(&api, "sendMessage", json!({"chat_id": 1, "text": "c"})).await;
+    assert_eq!(s, 429, "{body}");
+    assert_eq!(body["parameters"]["retry_after"], 1);
+    // Another chat is not affected.
+    let (s, _) = call(&api, "sendMessage", json!({"chat_id": 2, "text": "x"})).await;
+    assert_eq!(s, 200);
+    assert_eq!(api.rate_limited().len(), 1);
+    // A second later the chat may receive one more.
+    tokio::time::sleep(Duration::from_millis(1010)).await;
+    let (s, _) = call(&api, "sendMessage", json!({"chat_id": 1, "text": "c"})).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn messages_over_the_global_rate_get_429() {
+    let api = Arc::new(FakeBotApi::start().await.unwrap());
+    // Sixty chats at once: thirty pass (the burst), most of the rest are refused.
+    let mut sends = Vec::new();
+    for chat in 0..60 {
+        let api = api.clone();
+        sends.push(tokio::spawn(async move {
+            call(&api, "sendMessage", json!({"chat_id": chat, "text": "hi"}))
+                .await
+                .0
+        }));
+    }
+    let mut refused = 0;
+    for s in sends {
+        if s.await.unwrap() == 429 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 15, "{refused} refused");
+    let unlimited = FakeBotApi::start_with(Limits::none()).await.unwrap();
+    for i in 0..40 {
+        let (s, _) = call(
+            &unlimited,
+            "sendMessage",
+            json!({"chat_id": 1, "text": i.to_string()}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+}
+
+#[tokio::test]
+async fn callback_data_over_64_bytes_is_refused() {
+    let api = FakeBotApi::start().await.unwrap();
+    let button = |d: &str| json!({"inline_keyboard": [[{"text": "B", "callback_data": d}]]});
+    let (s, _) = call(
+        &api,
+        "sendMessage",
+        json!({"chat_id": 3, "text": "ok", "reply_markup": button(&"x".repeat(64))}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, body) = call(
+        &api,
+        "sendMessage",
+        json!({"chat_id": 4, "text": "no", "reply_markup": button(&"x".repeat(65))}),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(body["description"], "Bad Request: BUTTON_DATA_INVALID");
+    assert!(api.bot_messages(4).is_empty());
+}
+
+async fn send_document(api: &FakeBotApi, chat: i64, name: &str, bytes: Vec<u8>) -> (u16, Value) {
+    let form = reqwest::multipart::Form::new()
+        .text("chat_id", chat.to_string())
+        .text("caption", "here it is")
+        .part(
+            "document",
+            reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+        );
+    let resp = reqwest::Client::new()
+        .post(format!("{}bot123:abc/sendDocument", api.url()))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn documents_are_kept_and_over_50_mb_refused() {
+    let api = FakeBotApi::start().await.unwrap();
+    let (s, body) = send_document(&api, 5, "notes.txt", b"hello".to_vec()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["result"]["document"]["file_name"], "notes.txt");
+    let m = &api.bot_messages(5)[0];
+    let doc = m.document.as_ref().unwrap();
+    assert_eq!(
+        (doc.file_name.as_str(), doc.bytes.as_slice()),
+        ("notes.txt", &b"hello"[..])
+    );
+    assert_eq!(m.text, "here it is");
+
+    let (s, body) = send_document(&api, 6, "big.bin", vec![7u8; MAX_UPLOAD as usize + 1]).await;
+    assert_eq!(s, 413);
+    assert_eq!(body["description"], "Request Entity Too Large");
+    assert!(api.bot_messages(6).is_empty());
 }

@@ -147,22 +147,28 @@ mod tests {
         let cfg = storinator_shared::Config::from_lookup(vars(&[
             ("STORINATOR_DATA_DIR", "/data"),
             ("TELEGRAM_API_ID", "123"),
-            ("TELEGRAM_API_HASH", "abc"),
+            ("TELEGRAM_API_HASH", "00112233445566778899aabbccddeeff"),
             ("STORINATOR_MESSAGE_RATE", "30"),
             ("STORINATOR_STORAGE_CHAT", "-1001500000000"),
             ("STORINATOR_TELEGRAM_PREMIUM", "1"),
         ]))
         .unwrap();
         let t = TelegramConfig::from_config(&cfg).unwrap();
-        assert_eq!((t.api_id, t.api_hash.as_str()), (123, "abc"));
+        assert_eq!(
+            (t.api_id, t.api_hash.as_str()),
+            (123, "00112233445566778899aabbccddeeff")
+        );
         assert_eq!(t.message_calls_per_minute, 30);
         assert_eq!(t.session_path, PathBuf::from("/data/worker.session"));
         assert_eq!(t.spool_dir, PathBuf::from("/data/spool"));
         assert_eq!(t.storage_chat.as_deref(), Some("-1001500000000"));
         assert!(t.premium);
 
-        let cfg =
-            storinator_shared::Config::from_lookup(vars(&[("TELEGRAM_API_HASH", "abc")])).unwrap();
+        let cfg = storinator_shared::Config::from_lookup(vars(&[(
+            "TELEGRAM_API_HASH",
+            "00112233445566778899aabbccddeeff",
+        )]))
+        .unwrap();
         let e = TelegramConfig::from_config(&cfg).unwrap_err().to_string();
         assert!(
             e.starts_with("missing TELEGRAM_API_ID") && e.contains(".env.example"),

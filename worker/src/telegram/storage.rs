@@ -692,3 +692,17 @@ impl Storage for TelegramStorage {
         self.inner.remove_obj(obj).await
     }
 }
+
+/// `/get` for files over the Bot API's 50 MB: the worker's own account sends the restored
+/// file to its Saved Messages (see `Inner::send_to_saved_messages`).
+#[async_trait]
+impl crate::daemon::Courier for TelegramStorage {
+    async fn send_to_saved_messages(
+        &self,
+        path: &Path,
+        name: &str,
+        caption: &str,
+    ) -> Result<(), StorageError> {
+        self.inner.send_to_saved_messages(path, name, caption).await
+    }
+}

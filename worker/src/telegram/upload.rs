@@ -268,6 +268,37 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// `/get` for files over the Bot API's 50 MB: the restored file goes to the account's
+    /// Saved Messages under its real name, with a caption. Uploaded like a pack (parts, flood
+    /// waits, retries), sent once: a fresh random id, since each `/get` is a new message.
+    pub(super) async fn send_to_saved_messages(
+        self: &Arc<Self>,
+        path: &Path,
+        name: &str,
+        caption: &str,
+    ) -> Result<(), StorageError> {
+        let size = std::fs::metadata(path)
+            .map_err(|e| StorageError::io(path, e))?
+            .len();
+        let max = if self.cfg.premium { 8000 } else { 4000 } * PART_SIZE;
+        if size == 0 || size > max {
+            return Err(StorageError::Fatal(format!(
+                "{name} is {size} bytes: telegram accepts documents of 1 to {max} bytes"
+            )));
+        }
+        let file_id = random_i64();
+        let parts = self.upload_parts(path, size, file_id).await?;
+        let mut req = send_request(self, name, file_id, parts, size, "", 0);
+        req.peer = tl::enums::InputPeer::PeerSelf;
+        req.silent = false;
+        req.message = caption.into();
+        req.random_id = random_i64();
+        self.call(CallClass::Message, &req).await?;
+        Ok(())
+    }
+}
+
 fn send_request(
     inner: &Inner,
     name: &str,

@@ -1,5 +1,6 @@
-//! `storinator-worker demo`: a full chat session against a loopback Telegram, no account and
-//! no network needed. The real bot (teloxide) talks to a fake Bot API server, the real worker
+//! `storinator-demo`: a full chat session against a loopback Telegram, no account and no
+//! network needed. A crate of its own, so the production worker and bot binaries carry
+//! neither the loopback Telegram nor each other. The real bot (teloxide) talks to a fake Bot API server, the real worker
 //! daemon uploads through the real grammers client to a loopback MTProto server; this module
 //! plays the user's side of the chat and prints it as it happens.
 
@@ -9,12 +10,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use storinator_shared::{Catalog, EngineSettings, Jobs, KdfParams, Repo, Storage, human_bytes};
+use storinator_shared::{
+    Catalog, EngineSettings, Jobs, KdfParams, Repo, Storage, dedup_figure, human_bytes, plural,
+};
 use storinator_testkit::botapi::FakeBotApi;
 use storinator_testkit::fixtures::describe_tree;
 use storinator_testkit::mtproto::{LoopbackOptions, LoopbackTelegram};
 
-use crate::telegram::{TelegramConfig, TelegramStorage};
+use storinator_worker::daemon::{self, Courier, DaemonConfig};
+use storinator_worker::telegram::{TelegramConfig, TelegramStorage};
+
+/// The loopback Bot API accepts any well-formed token.
+const DEMO_TOKEN: &str = "4242:DemoTokenForTheLoopbackBotApiOnly0000";
 
 /// The chat user the demo plays.
 const USER: i64 = 4242;
@@ -101,7 +108,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let session = work.join("worker.session");
     mtproto.write_session(&session)?;
     let tcfg = TelegramConfig::new(1, "loopback", session, work.join("spool"));
-    let storage: Arc<dyn Storage> = Arc::new(TelegramStorage::connect(tcfg).await?);
+    let telegram = TelegramStorage::connect(tcfg).await?;
+    let courier: Arc<dyn Courier> = Arc::new(telegram.clone());
+    let storage: Arc<dyn Storage> = Arc::new(telegram);
     let db_url = storinator_shared::config::sqlite_url(&work.join("storinator.db"));
     let catalog = Catalog::open(&db_url).await?;
     if catalog
@@ -131,12 +140,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let daemon = tokio::spawn(crate::daemon::run(
+    let daemon = tokio::spawn(daemon::run(
         repo.clone(),
         Jobs::new(catalog.pool().clone()),
-        crate::daemon::DaemonConfig {
+        DaemonConfig {
             poll_interval: Duration::from_millis(200),
             restore_roots: vec![restore_to.clone()],
+            outbox_dir: work.join("outbox"),
+            courier: Some(courier),
             ..Default::default()
         },
         stopped(stop_rx.clone()),
@@ -144,7 +155,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
 
     // The bot, configured as a user would in .env.
     let env: HashMap<&str, String> = HashMap::from([
-        ("TELOXIDE_TOKEN", "4242:demo-token".to_string()),
+        ("TELOXIDE_TOKEN", DEMO_TOKEN.to_string()),
         ("TELOXIDE_API_URL", botapi.url()),
         ("STORINATOR_ALLOWED_USERS", USER.to_string()),
         (
@@ -153,6 +164,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         ),
         ("STORINATOR_RESTORE_ROOTS", restore_to.display().to_string()),
         ("DATABASE_URL", db_url.clone()),
+        ("STORINATOR_DATA_DIR", work.display().to_string()),
         ("STORINATOR_BOT_EDIT_INTERVAL_MS", "1000".to_string()),
         ("STORINATOR_BOT_TICK_MS", "250".to_string()),
         ("STORINATOR_BOT_POLL_TIMEOUT_S", "1".to_string()),
@@ -206,11 +218,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     );
     println!("summary");
     println!(
-        "  backed up   {} in {} files; stored {} in Telegram (dedup {:.2}x)",
+        "  backed up   {} in {}; stored {} in Telegram (dedup {})",
         human_bytes(report.bytes),
-        report.files,
+        plural(report.files, "file", "files"),
         human_bytes(last.bytes_stored),
-        last.bytes as f64 / last.bytes_stored.max(1) as f64
+        dedup_figure(last.bytes, last.bytes_stored)
     );
     println!(
         "  backup      {:.1}s from command to summary ({}/s)",
@@ -244,11 +256,29 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     }
     let message_class: u64 = mtproto.counters().message_class_calls();
     println!(
-        "  MTProto     {} message-class calls (Telegram allows ~100/min); all calls: {:?}",
-        message_class, report.mtproto_calls
+        "  MTProto     {} (Telegram allows about 100 a minute), {} in all:",
+        plural(message_class, "message-class call", "message-class calls"),
+        plural(report.mtproto_calls.values().sum(), "call", "calls")
     );
-    println!("  Bot API     {} calls", report.bot_api_calls);
+    for (method, n) in &report.mtproto_calls {
+        println!("                {n:>6}  {method}");
+    }
+    println!(
+        "  Bot API     {}",
+        plural(report.bot_api_calls as u64, "call", "calls")
+    );
     mtproto.shutdown().await;
+    println!();
+    match &opts.workdir {
+        Some(d) => println!("The demo's files are kept in {}.", d.display()),
+        None => println!(
+            "Removed the demo's workdir {} (sample, catalog, loopback cloud, restore); --keep DIR keeps it.",
+            work.display()
+        ),
+    }
+    println!(
+        "Next step: a real deployment with your own Telegram account and bot, README.md section \"Real deployment\" (build, credentials, .env, login, init, run)."
+    );
     Ok(report)
 }
 
@@ -268,7 +298,7 @@ async fn play(
     let backup_secs = t.elapsed().as_secs_f64();
 
     say(api, chat, &format!("/snapshots {}", source.display())).await;
-    wait_text(api, chat, "napshot", Duration::from_secs(20)).await?;
+    wait_text(api, chat, "📚", Duration::from_secs(20)).await?;
 
     let sub = source.display().to_string();
     let t = Instant::now();
@@ -330,7 +360,8 @@ async fn wait_done(
         chat.flush(api);
         let msgs = api.bot_messages(USER);
         if let Some(m) = msgs.iter().rev().find(|m| m.text.contains(title)) {
-            if m.text.starts_with('✅') {
+            // Done once the short notice that ends every job has arrived.
+            if m.text.starts_with('✅') && m.text.contains(" done: ") {
                 return Ok(());
             }
             if m.text.starts_with('❌') || m.text.starts_with('✋') || m.text.starts_with('🛑')

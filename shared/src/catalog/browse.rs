@@ -1,0 +1,163 @@
+//! Queries for looking around in snapshots without restoring anything: a folder's children a
+//! page at a time, one entry by id, the versions of a file across snapshots. The chat's
+//! `/browse` and `/versions` and the CLI answer from these.
+
+use sqlx::Row;
+
+use super::{
+    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
+    snapshot_from_row,
+};
+use crate::error::Error;
+
+/// One page of a folder's children.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// Folders first, then everything else, each by name.
+    pub entries: Vec<EntryRow>,
+    /// Children in all.
+    pub total: u64,
+}
+
+/// One version of an entry: the row that held it and the snapshots it spans.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub entry: EntryRow,
+    /// The first snapshot with this version.
+    pub first: SnapshotInfo,
+    /// The newest snapshot with this version.
+    pub last: SnapshotInfo,
+}
+
+/// Entries of snapshot `?2` of root `?1` that are direct children of `?3` (`dir/`).
+const CHILDREN: &str = "e.root_id = ?1 AND e.from_seq <= ?2 AND (e.to_seq IS NULL OR e.to_seq > ?2) \
+     AND e.path >= ?3 AND e.path < ?4 AND instr(substr(e.path, ?5), '/') = 0";
+
+impl Catalog {
+    /// Direct children of the folder at entry path `dir` in snapshot `seq` of a root,
+    /// `limit` of them from `offset`.
+    pub async fn children(
+        &self,
+        root_id: i64,
+        seq: i64,
+        dir: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Page, Error> {
+        let below = format!("{dir}/");
+        // `dir/` .. `dir0` is every path below dir ('0' follows '/'); SQLite's substr counts
+        // characters, so the start of the child's name is counted in characters too.
+        let end = format!("{dir}0");
+        let name_at = dir.chars().count() as i64 + 2;
+        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM entries e WHERE {CHILDREN}"
+        )))
+        .bind(root_id)
+        .bind(seq)
+        .bind(&below)
+        .bind(&end)
+        .bind(name_at)
+        .fetch_one(self.pool())
+        .await
+        .map_err(db("counting a folder's entries"))?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE {CHILDREN} ORDER BY e.kind <> 'dir', e.path LIMIT ?6 OFFSET ?7"
+        )))
+        .bind(root_id)
+        .bind(seq)
+        .bind(&below)
+        .bind(&end)
+        .bind(name_at)
+        .bind(limit as i64)
+        .bind(offset as i64)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db("listing a folder"))?;
+        Ok(Page {
+            entries: rows.iter().map(entry_from_row).collect(),
+            total: total.max(0) as u64,
+        })
+    }
+
+    /// The entry with row id `id`, if it belongs to snapshot `seq` of the root.
+    pub async fn entry_in(
+        &self,
+        root_id: i64,
+        seq: i64,
+        id: i64,
+    ) -> Result<Option<EntryRow>, Error> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE e.id = ?3 AND e.root_id = ?1 AND e.from_seq <= ?2 \
+             AND (e.to_seq IS NULL OR e.to_seq > ?2)"
+        )))
+        .bind(root_id)
+        .bind(seq)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db("looking up an entry"))?;
+        Ok(row.as_ref().map(entry_from_row))
+    }
+
+    /// The entry at `path` in snapshot `seq` of the root.
+    pub async fn entry_at(
+        &self,
+        root_id: i64,
+        seq: i64,
+        path: &str,
+    ) -> Result<Option<EntryRow>, Error> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE e.root_id = ?1 AND e.path = ?3 AND e.from_seq <= ?2 \
+             AND (e.to_seq IS NULL OR e.to_seq > ?2)"
+        )))
+        .bind(root_id)
+        .bind(seq)
+        .bind(path)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db("looking up an entry"))?;
+        Ok(row.as_ref().map(entry_from_row))
+    }
+
+    /// Every version of the entry at `path` in a root, newest first. Versions whose
+    /// snapshots are all gone are left out.
+    pub async fn versions(&self, root_id: i64, path: &str) -> Result<Vec<Version>, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENTRY_COLUMNS}, e.from_seq, e.to_seq FROM entries e \
+             LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE e.root_id = ? AND e.path = ? ORDER BY e.from_seq DESC"
+        )))
+        .bind(root_id)
+        .bind(path)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db("listing versions"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let from: i64 = r.get(10);
+            let to: Option<i64> = r.get(11);
+            let snaps = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN roots r ON r.id = s.root_id \
+                 WHERE s.root_id = ?1 AND s.seq >= ?2 AND (?3 IS NULL OR s.seq < ?3) \
+                 ORDER BY s.seq"
+            )))
+            .bind(root_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("listing versions"))?;
+            if let (Some(first), Some(last)) = (snaps.first(), snaps.last()) {
+                out.push(Version {
+                    entry: entry_from_row(r),
+                    first: snapshot_from_row(first),
+                    last: snapshot_from_row(last),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
