@@ -11,7 +11,7 @@
 //!     [--rounds 2] [--no-restic] [--period-gib N] [--worker PATH] [--restic PATH]
 //! ```
 //! Shapes: `small100k` (100,000 files of 1-16 KiB), `mixed1g` (1 GiB: one large file, 230
-//! medium ones, about 13,000 of 4-64 KiB), `file8g` and `file16g` (one file), `small1m`
+//! medium ones, about 13,000 of 4-64 KiB), `file8g` and `file16g` (one file; any `fileNg` for N GiB), `small1m`
 //! (1,000,000 files of 1-2 KiB), `small1k` (1,000 files of 1-16 KiB, to try the bench out). `--period-gib N` makes the one-file shapes repeat every N GiB
 //! so that the stores need only N GiB each (the rest deduplicates). Each tree is built in
 //! `--dir` (default: the temp dir), and everything is deleted after its shape.
@@ -214,9 +214,17 @@ fn build_tree(shape: &str, root: &Path, period: u64) -> anyhow::Result<TreeStats
         "small100k" => trees::small_files(root, 100_000, 1024, 16 * 1024, 100),
         "small1m" => trees::small_files(root, 1_000_000, 1024, 2048, 1000),
         "mixed1g" => trees::mixed(root, 1 << 30),
-        "file8g" => trees::large_file(&root.join("disk.img"), 8 << 30, period.min(8 << 30)),
-        "file16g" => trees::large_file(&root.join("disk.img"), 16 << 30, period.min(16 << 30)),
-        other => anyhow::bail!("unknown shape {other}"),
+        // `file8g`, `file16g`, or any `fileNg` (one file of N GiB).
+        other => match other
+            .strip_prefix("file")
+            .and_then(|g| g.strip_suffix('g'))
+            .and_then(|g| g.parse::<u64>().ok())
+        {
+            Some(g) if g > 0 => {
+                trees::large_file(&root.join("disk.img"), g << 30, period.min(g << 30))
+            }
+            _ => anyhow::bail!("unknown shape {other}"),
+        },
     })
 }
 
