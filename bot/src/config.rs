@@ -302,7 +302,10 @@ mod tests {
                 "hunter2"
             };
             let e = BotConfig::from_lookup(lookup(&[
-                ("TELOXIDE_TOKEN", "1:x"),
+                (
+                    "TELOXIDE_TOKEN",
+                    "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw",
+                ),
                 ("STORINATOR_ALLOWED_USERS", "7"),
                 ("STORINATOR_BACKUP_ROOTS", &root),
                 (secret, value),
@@ -317,7 +320,7 @@ mod tests {
         BotConfig::from_lookup(|k| {
             asked.lock().unwrap().push(k.to_string());
             match k {
-                "TELOXIDE_TOKEN" => Some("1:x".into()),
+                "TELOXIDE_TOKEN" => Some("110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".into()),
                 "STORINATOR_ALLOWED_USERS" => Some("7".into()),
                 "STORINATOR_BACKUP_ROOTS" => Some(root.clone()),
                 _ => None,

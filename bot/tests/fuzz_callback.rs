@@ -70,7 +70,10 @@ async fn fuzz_callback_data() {
     let db = dir.path().join("bot.db");
     let root = dir.path().display().to_string();
     let vars = [
-        ("TELOXIDE_TOKEN", "1:fuzz".to_string()),
+        (
+            "TELOXIDE_TOKEN",
+            "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
+        ),
         ("TELOXIDE_API_URL", api.url()),
         (
             "STORINATOR_ALLOWED_USERS",

@@ -22,7 +22,10 @@ fn the_bot_refuses_to_start_with_the_passphrase_or_api_hash() {
         ("TELEGRAM_API_HASH", "0123456789abcdef0123456789abcdef"),
     ] {
         let out = bot(dir.path())
-            .env("TELOXIDE_TOKEN", "1:x")
+            .env(
+                "TELOXIDE_TOKEN",
+                "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw",
+            )
             .env("TELOXIDE_API_URL", "http://127.0.0.1:9/")
             .env("STORINATOR_ALLOWED_USERS", "7")
             .env("STORINATOR_BACKUP_ROOTS", dir.path())
@@ -58,7 +61,7 @@ async fn the_bot_reads_bot_env_and_never_the_workers_dot_env() {
     std::fs::write(
         dir.path().join("bot.env"),
         format!(
-            "TELOXIDE_TOKEN=1:x\nTELOXIDE_API_URL={}\nSTORINATOR_ALLOWED_USERS=7\nSTORINATOR_BACKUP_ROOTS={d}\nSTORINATOR_DATA_DIR={d}\nSTORINATOR_BOT_POLL_TIMEOUT_S=1\n",
+            "TELOXIDE_TOKEN=110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw\nTELOXIDE_API_URL={}\nSTORINATOR_ALLOWED_USERS=7\nSTORINATOR_BACKUP_ROOTS={d}\nSTORINATOR_DATA_DIR={d}\nSTORINATOR_BOT_POLL_TIMEOUT_S=1\n",
             api.url()
         ),
     )

@@ -75,7 +75,7 @@ async fn get_of_a_60_mb_file_goes_through_the_worker_account() {
             concurrency: 1,
             poll_interval: Duration::from_millis(50),
             progress_interval: Duration::from_millis(100),
-            restore_roots: Vec::new(),
+            restore_roots: vec![root.clone()],
             outbox_dir: dir.path().join("outbox"),
             courier: Some(Arc::new(telegram.clone())),
         },

@@ -899,7 +899,7 @@ async fn versions_of_a_file_changed_across_three_snapshots() {
         .api
         .wait_for_bot_text(CHAT, "🕘 3 versions of", WAIT)
         .await
-        .unwrap();
+        .unwrap_or_else(|| panic!("{}", w.api.transcript_text(CHAT)));
     let lines: Vec<&str> = v.text.lines().collect();
     assert!(lines[1].starts_with("1. 24 B · modified"), "{}", v.text);
     assert!(lines[2].starts_with("2. 14 B"), "{}", v.text);

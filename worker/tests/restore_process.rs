@@ -184,7 +184,7 @@ fn an_unprivileged_restore_strips_setuid_restores_mode_000_folders_and_goes_on_p
     // Exactly the file in the folder it may not write to failed...
     // (and the recorded mode of that folder, which is root's)...
     assert_eq!(output.status.code(), Some(1), "{text}");
-    assert!(text.contains("2 item(s) could not be restored"), "{text}");
+    assert!(text.contains("2 items could not be restored"), "{text}");
     assert!(text.contains("failed: data/blocked/f.txt: "), "{text}");
     assert!(text.contains("failed: data/blocked: "), "{text}");
     // ...and everything else is there, as the backup had it.

@@ -137,8 +137,8 @@ impl Catalog {
         .map_err(db("listing versions"))?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            let from: i64 = r.get(10);
-            let to: Option<i64> = r.get(11);
+            let from: i64 = r.get("from_seq");
+            let to: Option<i64> = r.get("to_seq");
             let snaps = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN roots r ON r.id = s.root_id \
                  WHERE s.root_id = ?1 AND s.seq >= ?2 AND (?3 IS NULL OR s.seq < ?3) \

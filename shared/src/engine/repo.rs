@@ -328,27 +328,13 @@ pub fn format_entry(e: &EntryRow) -> String {
     )
 }
 
-/// `2026-11-24 14:03` (UTC) from Unix milliseconds.
+/// `2026-11-24 14:03` (UTC) from Unix milliseconds; a time outside jiff's range (only a
+/// hostile or corrupt catalog holds one) is shown as its raw number.
 pub fn format_time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
-        rem / 3600,
-        (rem % 3600) / 60
-    )
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.strftime("%Y-%m-%d %H:%M").to_string(),
+        Err(_) => format!("{ms} ms since 1970"),
+    }
 }
 
 fn map_passphrase(e: CryptoError) -> Error {
@@ -389,5 +375,10 @@ mod tests {
     fn formats_times() {
         assert_eq!(super::format_time(0), "1970-01-01 00:00");
         assert_eq!(super::format_time(1_795_000_000_000), "2026-11-18 11:06");
+        assert_eq!(super::format_time(-60_000), "1969-12-31 23:59");
+        assert_eq!(
+            super::format_time(i64::MAX),
+            "9223372036854775807 ms since 1970"
+        );
     }
 }

@@ -30,7 +30,8 @@ pub enum Fault {
     /// Run the method, then close the connection before the answer goes out: the call took
     /// effect but the client never learns it (a lost answer).
     LoseAnswer,
-    /// Run the method but flip bytes in the returned file data (upload.getFile only).
+    /// Run the method but flip one byte in every 512 of the returned file data (upload.getFile
+    /// only), so any range the client keeps is damaged.
     CorruptDownload,
     /// Store the part with one byte flipped, as a client whose file changed under it would
     /// (upload.saveFilePart / saveBigFilePart only): the md5_checksum of the send then fails.
