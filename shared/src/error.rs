@@ -34,10 +34,11 @@ impl StorageError {
 
     /// True when the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            StorageError::FloodWait { .. } | StorageError::Transient(_)
-        )
+        match self {
+            StorageError::FloodWait { .. } | StorageError::Transient(_) => true,
+            StorageError::Io { error, .. } => io_is_transient(error),
+            _ => false,
+        }
     }
 
     /// How long the server asked us to wait, if it did.
@@ -47,6 +48,26 @@ impl StorageError {
             _ => None,
         }
     }
+}
+
+/// True for I/O failures that may go away by themselves (an interrupted call, a busy or full
+/// device, a network file system timing out). A missing file or a refused permission does
+/// not: retrying it only hides the real cause.
+pub fn io_is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::Interrupted
+            | K::WouldBlock
+            | K::TimedOut
+            | K::ResourceBusy
+            | K::StorageFull
+            | K::QuotaExceeded
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::StaleNetworkFileHandle
+    )
 }
 
 /// Errors from sealing, opening and key handling. Messages never contain key material.
@@ -149,6 +170,15 @@ pub enum Error {
     Invalid(String),
     #[error("cancelled")]
     Cancelled,
+    /// Another live run holds the lock this one needs.
+    #[error(
+        "{what} is being backed up by another run ({holder})\nhint: wait for it to finish; a crashed run's lock is taken over automatically"
+    )]
+    Locked { what: String, holder: String },
+    /// The catalog changed under this run (a pack went missing, a lock was lost): running it
+    /// again will succeed.
+    #[error("{0}\nhint: run it again")]
+    Changed(String),
     #[error("restore would overwrite {} existing file(s) that differ, first: {}\nhint: pass --overwrite to replace them", paths.len(), paths.first().map(|p| p.display().to_string()).unwrap_or_default())]
     Conflicts { paths: Vec<PathBuf> },
     #[error("restore of {} item(s) failed (the others were restored), first: {}: {}", failures.len(), failures[0].0, failures[0].1)]
@@ -167,10 +197,44 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Storage(e) => e.is_retryable(),
-            Error::Db { source, .. } => {
-                matches!(source, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_))
-            }
+            Error::Db { source, .. } => db_is_transient(source),
+            Error::Io { error, .. } => io_is_transient(error),
+            Error::Locked { .. } | Error::Changed(_) => true,
             _ => false,
         }
+    }
+}
+
+/// True for database failures another attempt may not meet: a timeout, an I/O hiccup, or
+/// SQLite's "database is busy / locked" (which the busy timeout does not always absorb, e.g.
+/// when a read transaction must be upgraded after another writer committed).
+fn db_is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6)), // SQLITE_BUSY, SQLITE_LOCKED
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_io_is_retryable_and_a_missing_file_is_not() {
+        use std::io::{Error as IoError, ErrorKind};
+        let busy = Error::io("/x", IoError::from(ErrorKind::StorageFull));
+        assert!(busy.is_retryable());
+        let gone = Error::io("/spool/p.partial", IoError::from(ErrorKind::NotFound));
+        assert!(!gone.is_retryable());
+        assert!(gone.to_string().starts_with("/spool/p.partial: "), "{gone}");
+        let timed_out = StorageError::io("/nfs/p", IoError::from(ErrorKind::TimedOut));
+        assert!(timed_out.is_retryable());
+        assert!(Error::Storage(timed_out).is_retryable());
+        assert!(!StorageError::io("/p", IoError::from(ErrorKind::PermissionDenied)).is_retryable());
+        assert!(Error::Changed("x".into()).is_retryable());
     }
 }

@@ -23,7 +23,9 @@ pub mod progress;
 pub mod storage;
 
 pub use catalog::browse::{Page, Version};
-pub use catalog::{AffectedFile, Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo};
+pub use catalog::{
+    AffectedFile, Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo, check_owner,
+};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
 pub use engine::backup::{BackupOptions, BackupSummary, Warning};

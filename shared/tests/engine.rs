@@ -561,7 +561,10 @@ async fn verify_reports_a_missing_pack_and_the_next_backup_heals_it() {
     let f = Fixture::new().await;
     let src = f.path("src/data");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("doc.txt"), bytes(50_000, 77)).unwrap();
+    // Four files of 100 kB: a few to a 256 KiB pack.
+    for i in 0..4 {
+        std::fs::write(src.join(format!("doc{i}.txt")), bytes(100_000, 70 + i)).unwrap();
+    }
     f.repo
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
@@ -574,48 +577,91 @@ async fn verify_reports_a_missing_pack_and_the_next_backup_heals_it() {
             .problems
             .is_empty()
     );
-    let packs = f.repo.catalog.packs().await.unwrap();
-    for p in &packs {
-        f.storage
-            .inner
-            .remove(&storinator_shared::ObjectRef::new(
-                format!("{}.enc", p.id),
-                "",
-            ))
-            .await
-            .unwrap();
-    }
+    // Lose the pack holding doc0's data.
+    let lost = pack_of(&f, "data/doc0.txt").await;
+    f.storage
+        .inner
+        .remove(&storinator_shared::ObjectRef::new(
+            format!("{lost}.enc"),
+            "",
+        ))
+        .await
+        .unwrap();
+    let victims = files_in_pack(&f, &lost).await;
+    assert!(victims.contains(&"data/doc0.txt".to_string()));
     let report = f.repo.verify(false, &NoProgress).await.unwrap();
     assert!(
         report
             .problems
             .iter()
-            .any(|p| p.contains("missing") && p.contains("data/doc.txt")),
+            .any(|p| p.contains("missing") && p.contains("data/doc0.txt")),
         "{:?}",
         report.problems
     );
-    // Dedup no longer trusts the lost chunks: the next backup stores the file again (it is
-    // unchanged on disk, so force a re-read by touching it).
-    filetime::set_file_mtime(
-        src.join("doc.txt"),
-        filetime::FileTime::from_unix_time(1_700_000_000, 0),
-    )
-    .unwrap();
+    // The files are unchanged on disk (same size, mtime, inode): the next backup must still
+    // read and store again exactly those whose chunks were lost, and nothing else.
     let again = f
         .repo
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
+    assert_eq!(
+        again.snapshot.bytes_read,
+        100_000 * victims.len() as u64,
+        "exactly the files of the lost pack are read again"
+    );
     assert!(again.new_data_chunks > 0);
     let out = f.path("out");
     f.repo
         .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    assert_eq!(
-        std::fs::read(out.join("data/doc.txt")).unwrap(),
-        bytes(50_000, 77)
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+    // The old snapshot heals too (it shares the contents), and nothing uses the lost pack.
+    let first = f.repo.snapshots("local", None).await.unwrap()[0].clone();
+    let mut o = restore_opts(&src, &f.path("out-first"));
+    o.snapshot = Some(first.short_id);
+    f.repo
+        .restore(&o, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(files_in_pack(&f, &lost).await.is_empty());
+    // So verify finds nothing wrong any more (the lost pack is forgotten).
+    let report = f.repo.verify(true, &NoProgress).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(
+        f.repo
+            .catalog
+            .packs()
+            .await
+            .unwrap()
+            .iter()
+            .all(|p| p.id != lost)
     );
+}
+
+/// The pack holding the first chunk of `path`'s content.
+async fn pack_of(f: &Fixture, path: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT c.pack_id FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+         JOIN chunks c ON c.id = cc.chunk_id WHERE e.path = ? ORDER BY cc.seq LIMIT 1",
+    )
+    .bind(path)
+    .fetch_one(f.repo.catalog.pool())
+    .await
+    .unwrap()
+}
+
+/// Files whose content has a chunk in `pack`.
+async fn files_in_pack(f: &Fixture, pack: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+         JOIN chunks c ON c.id = cc.chunk_id WHERE c.pack_id = ? ORDER BY e.path",
+    )
+    .bind(pack)
+    .fetch_all(f.repo.catalog.pool())
+    .await
+    .unwrap()
 }
 
 #[tokio::test]

@@ -48,7 +48,7 @@ pub struct Pass {
 pub struct Owner {
     /// Whose backups to act on: `local` (the CLI's own) or `tg:<telegram user id>` (a chat
     /// user's).
-    #[arg(long, default_value = "local", value_name = "OWNER")]
+    #[arg(long, default_value = "local", value_name = "OWNER", value_parser = parse_owner)]
     pub owner: String,
 }
 
@@ -240,6 +240,12 @@ pub enum KeyCommand {
     },
 }
 
+fn parse_owner(s: &str) -> Result<String, String> {
+    storinator_shared::check_owner(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// Exit code for "snapshot saved, but some files were left out".
 pub const EXIT_WARNINGS: u8 = 3;
 
@@ -379,7 +385,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             owner,
             pass,
         } => {
-            let repo = open_repo(&pass, &cfg).await?;
+            // Another run backing up the same folder (the daemon, another cron job): say so
+            // and stop, rather than queue up behind it.
+            let repo = open_repo(&pass, &cfg).await?.with_lock_wait(false);
             let cancel = cancel_on_ctrl_c();
             let bar = Bar::new(&format!("backing up {}", path.display()));
             let opts = BackupOptions {

@@ -549,6 +549,11 @@ async fn execute(
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<JobResult, Error> {
+    // The job table names users by number; a row written by anything but the bot may not.
+    // Repository-wide jobs act on nobody's backups (the daily scrub is owned by `system`).
+    if !matches!(job.args, JobArgs::Scrub { .. } | JobArgs::Verify { .. }) {
+        storinator_shared::check_owner(owner)?;
+    }
     match &job.args {
         JobArgs::Scrub { bytes } => {
             let started = std::time::Instant::now();

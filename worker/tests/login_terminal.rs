@@ -136,9 +136,10 @@ async fn the_password_is_not_echoed() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
-    // The reader ends when the last holder of the terminal is gone.
+    // The reader ends when the last holder of the terminal is gone (the child has exited):
+    // wait for it, so the screen holds everything the program printed, errors included.
+    reader.join().unwrap();
     let screen = screen.lock().unwrap().clone();
-    drop(reader);
     assert!(status.success(), "{screen}");
     assert!(screen.contains("Signed in"), "{screen}");
     assert!(

@@ -9,9 +9,11 @@
 pub mod browse;
 mod keys;
 mod packs;
+mod runs;
 mod scrub;
 mod snapshots;
 
+pub use runs::RunRow;
 pub use scrub::{
     AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
 };
@@ -110,6 +112,37 @@ pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
         .await
         .map_err(|e| Error::Invalid(format!("migrating the catalog at {url}: {e}")))?;
     Ok(pool)
+}
+
+/// The packs whose chunks may be deduplicated against and referenced by a new snapshot, as a
+/// condition on `packs p`. One definition: the backup's dedup set and the commit's guard
+/// (invariant 1) must agree, and a later state (a pack condemned by prune) changes it here.
+pub(crate) const USABLE_PACK: &str = "p.state = 'stored'";
+/// A chunk `c` whose copy a scrub found damaged (`damaged_chunks d` with `d.chunk_id = c.id`)
+/// and that was not stored again since: not usable either, wherever its pack is.
+pub(crate) const DAMAGED_CHUNK: &str = "d.pack_id = c.pack_id AND d.healed_at IS NULL";
+
+/// Checks an owner name: `local` (the CLI's own backups) or `tg:<Telegram user id>` (a chat
+/// user's), the id a positive decimal number. Every entry point (command line, job, engine)
+/// checks it, so the catalog never holds an owner nobody can name again.
+pub fn check_owner(owner: &str) -> Result<(), Error> {
+    if owner == "local" {
+        return Ok(());
+    }
+    let valid_id = owner.strip_prefix("tg:").is_some_and(|id| {
+        !id.is_empty()
+            && id.len() <= 19
+            && id.bytes().all(|b| b.is_ascii_digit())
+            && !id.starts_with('0')
+            && id.parse::<i64>().is_ok()
+    });
+    if valid_id {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid owner {owner:?}: owners are `local` or `tg:<numeric Telegram user id>`\nhint: a chat user's backups are `tg:123456789` (the id the bot shows)"
+        )))
+    }
 }
 
 /// One entry of a snapshot as the catalog holds it.
@@ -248,6 +281,30 @@ impl Catalog {
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
+    #[test]
+    fn owners_are_local_or_tg_and_a_positive_number() {
+        for ok in ["local", "tg:1", "tg:123456789", "tg:9223372036854775807"] {
+            assert!(super::check_owner(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Local",
+            "tg:",
+            "tg:bob",
+            "tg:0",
+            "tg:007",
+            "tg:-1",
+            "tg:+1",
+            "tg:1 ",
+            " tg:1",
+            "tg:9223372036854775808",
+            "tg:1/2",
+            "telegram:1",
+        ] {
+            let e = super::check_owner(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("invalid owner {bad:?}")), "{e}");
+        }
+    }
     #[tokio::test]
     async fn the_data_dir_and_catalog_are_private() {
         let d = tempfile::tempdir().unwrap();

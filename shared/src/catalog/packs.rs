@@ -2,31 +2,77 @@
 
 use std::collections::HashMap;
 
-use sqlx::Row;
+use sqlx::{Row, SqliteConnection};
 
-use super::{Catalog, ChunkLoc, PackRow, db, now_ms};
+use super::{Catalog, ChunkLoc, DAMAGED_CHUNK, PackRow, USABLE_PACK, db, now_ms};
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
 use crate::format::pack::PackEntry;
 
 impl Catalog {
-    /// Records a pack about to be uploaded (before the upload, so its id survives a crash).
-    pub async fn pack_uploading(&self, id: &str, size: u64, encrypted: bool) -> Result<(), Error> {
+    /// Records a pack `run_id` is about to upload (before the upload, so that a crash leaves
+    /// a row naming the object to reclaim).
+    pub async fn pack_uploading(
+        &self,
+        id: &str,
+        size: u64,
+        encrypted: bool,
+        run_id: &str,
+    ) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO packs (id, state, size, encrypted, created_at) VALUES (?, 'uploading', ?, ?, ?) \
-             ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO packs (id, state, size, encrypted, created_at, run_id) VALUES (?, 'uploading', ?, ?, ?, ?)",
         )
         .bind(id)
         .bind(size as i64)
         .bind(encrypted)
         .bind(now_ms())
+        .bind(run_id)
         .execute(&self.pool)
         .await
         .map_err(db("recording a pack"))?;
         Ok(())
     }
 
-    /// Marks a pack durable in storage and indexes its blobs, in one transaction.
+    /// Marks a pack `run_id` uploaded durable in storage and indexes its blobs, in one
+    /// transaction. Fenced: if another process reclaimed the pack (it took this run for
+    /// dead), nothing is recorded and the run must stop.
+    pub async fn pack_uploaded(
+        &self,
+        run_id: &str,
+        id: &str,
+        size: u64,
+        location: &str,
+        entries: &[PackEntry],
+    ) -> Result<(), Error> {
+        const WHAT: &str = "storing a pack";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(WHAT))?;
+        let done = sqlx::query(
+            "UPDATE packs SET state = 'stored', size = ?, location = ?, run_id = NULL \
+             WHERE id = ? AND run_id = ?",
+        )
+        .bind(size as i64)
+        .bind(location)
+        .bind(id)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(WHAT))?;
+        if done.rows_affected() != 1 {
+            return Err(Error::Changed(format!(
+                "pack {id} was reclaimed by another process while this run uploaded it"
+            )));
+        }
+        index_blobs(&mut tx, id, entries).await?;
+        tx.commit().await.map_err(db(WHAT))?;
+        Ok(())
+    }
+
+    /// Records a pack found in storage (recover) as stored and indexes its blobs, in one
+    /// transaction.
     pub async fn pack_stored(
         &self,
         id: &str,
@@ -35,7 +81,11 @@ impl Catalog {
         location: &str,
         entries: &[PackEntry],
     ) -> Result<(), Error> {
-        let mut tx = self.pool.begin().await.map_err(db("storing a pack"))?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db("storing a pack"))?;
         sqlx::query(
             "INSERT INTO packs (id, state, size, encrypted, location, created_at) VALUES (?, 'stored', ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET state = 'stored', size = excluded.size, location = excluded.location",
@@ -48,43 +98,66 @@ impl Catalog {
         .execute(&mut *tx)
         .await
         .map_err(db("storing a pack"))?;
-        for e in entries {
-            // A chunk that already lives in another (stored) pack keeps its first home; one
-            // in a pack known to be missing, or found damaged by a scrub, moves here, and so
-            // does a format-1 unencrypted one (no MAC, flags 0) when this copy is authenticated.
-            sqlx::query(
-                "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset, \
-                 length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
-                 WHERE (SELECT state FROM packs WHERE id = chunks.pack_id) <> 'stored' \
-                 OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
-                 OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
-                            AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)",
-            )
-            .bind(&e.id.0[..])
-            .bind(id)
-            .bind(e.offset as i64)
-            .bind(i64::from(e.length))
-            .bind(i64::from(e.raw_length))
-            .bind(e.kind as u8 as i64)
-            .bind(i64::from(e.flags))
-            .execute(&mut *tx)
-            .await
-            .map_err(db("indexing a pack"))?;
-        }
-        // Damaged chunks that now live here are healed.
-        sqlx::query(
-            "UPDATE damaged_chunks SET healed_at = ?, healed_pack = ? \
-             WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_id = ?)",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording healed chunks"))?;
+        index_blobs(&mut tx, id, entries).await?;
         tx.commit().await.map_err(db("storing a pack"))?;
         Ok(())
+    }
+
+    /// Unfinished packs: (pack id, the run uploading or reclaiming it). A row without a run
+    /// was left by a version that did not record runs.
+    pub async fn unfinished_packs(&self) -> Result<Vec<(String, Option<String>)>, Error> {
+        sqlx::query_as("SELECT id, run_id FROM packs WHERE state = 'uploading' ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing unfinished packs"))
+    }
+
+    /// Hands an unfinished pack from a dead run (`from`) to the reclaiming run `to`, so that
+    /// the dead run's `pack_uploaded` can no longer succeed. False if someone else got it.
+    pub async fn claim_unfinished_pack(
+        &self,
+        id: &str,
+        from: Option<&str>,
+        to: &str,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE packs SET run_id = ? WHERE id = ? AND state = 'uploading' AND run_id IS ?",
+        )
+        .bind(to)
+        .bind(id)
+        .bind(from)
+        .execute(&self.pool)
+        .await
+        .map_err(db("reclaiming an unfinished pack"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Forgets an unfinished pack of `run_id` once its object is gone from storage.
+    pub async fn forget_unfinished_pack(&self, id: &str, run_id: &str) -> Result<(), Error> {
+        sqlx::query(
+            "DELETE FROM packs WHERE id = ? AND run_id = ? AND state = 'uploading' \
+             AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = packs.id)",
+        )
+        .bind(id)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("forgetting an unfinished pack"))?;
+        Ok(())
+    }
+
+    /// Forgets a pack that is not being uploaded and holds no chunk the catalog uses (all of
+    /// them were stored again elsewhere). True if it was forgotten.
+    pub async fn forget_unused_pack(&self, id: &str) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "DELETE FROM packs WHERE id = ? AND state <> 'uploading' \
+             AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = packs.id)",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("forgetting a pack"))?;
+        Ok(done.rows_affected() == 1)
     }
 
     pub async fn set_pack_state(&self, id: &str, state: &str) -> Result<(), Error> {
@@ -115,31 +188,18 @@ impl Catalog {
             .collect())
     }
 
-    /// Packs recorded as uploading whose upload never finished (a crash): they are garbage.
-    pub async fn forget_unfinished_packs(&self) -> Result<Vec<String>, Error> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM packs WHERE state = 'uploading'")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db("listing unfinished packs"))?;
-        sqlx::query("DELETE FROM packs WHERE state = 'uploading' AND id NOT IN (SELECT pack_id FROM chunks)")
-            .execute(&self.pool)
-            .await
-            .map_err(db("forgetting unfinished packs"))?;
-        Ok(ids)
-    }
-
     /// Ids of blobs that are safely stored and can be deduplicated against, with their
     /// trailer flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`); a chunk a scrub found
     /// damaged is not: the next backup that meets its data stores it again, which heals it.
     pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, u8)>, Error> {
-        let rows = sqlx::query(
-            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE p.state = 'stored' \
-             AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id \
-                             AND d.pack_id = c.pack_id AND d.healed_at IS NULL)",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading the chunk index"))?;
+        let sql = format!(
+            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE {USABLE_PACK} \
+             AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK})"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("loading the chunk index"))?;
         rows.iter()
             .map(|r| {
                 let id: Vec<u8> = r.get(0);
@@ -228,6 +288,42 @@ impl Catalog {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// For each of `ids`: the files (root, path, in any snapshot) whose content uses it, and
+    /// the snapshots (root, short id) whose object it is. What a damaged chunk costs, exactly.
+    pub async fn users_of_chunks(
+        &self,
+        ids: &[ChunkId],
+    ) -> Result<HashMap<ChunkId, Vec<(String, String)>>, Error> {
+        let mut out: HashMap<ChunkId, Vec<(String, String)>> = HashMap::new();
+        for batch in ids.chunks(400) {
+            let marks = vec!["?"; batch.len()].join(", ");
+            let sql = format!(
+                "SELECT DISTINCT cc.chunk_id, r.path, e.path FROM content_chunks cc \
+                 JOIN entries e ON e.content_id = cc.content_id JOIN roots r ON r.id = e.root_id \
+                 WHERE cc.chunk_id IN ({marks}) \
+                 UNION SELECT s.blob_id, r.path, 'snapshot ' || s.short_id FROM snapshots s \
+                 JOIN roots r ON r.id = s.root_id WHERE s.blob_id IN ({marks}) ORDER BY 2, 3"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for _ in 0..2 {
+                for id in batch {
+                    q = q.bind(&id.0[..]);
+                }
+            }
+            let rows = q
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("finding the files of damaged chunks"))?;
+            for r in &rows {
+                let id: Vec<u8> = r.get(0);
+                out.entry(ChunkId::from_slice(&id)?)
+                    .or_default()
+                    .push((r.get(1), r.get(2)));
+            }
+        }
+        Ok(out)
+    }
+
     /// The blobs the catalog places in a pack, as (id, offset, sealed length).
     pub async fn blobs_in_pack(&self, pack_id: &str) -> Result<Vec<(Vec<u8>, i64, i64)>, Error> {
         sqlx::query_as("SELECT id, offset, length FROM chunks WHERE pack_id = ?")
@@ -236,4 +332,47 @@ impl Catalog {
             .await
             .map_err(db("listing a pack's blobs"))
     }
+}
+
+/// Indexes the blobs of a stored pack. A chunk that already lives in another (stored) pack
+/// keeps its first home; one in a pack known to be missing, or found damaged by a scrub, moves
+/// here, and so does a format-1 unencrypted one (no MAC, flags 0) when this copy is
+/// authenticated. Damaged chunks that now live here are healed.
+async fn index_blobs(
+    tx: &mut SqliteConnection,
+    pack_id: &str,
+    entries: &[PackEntry],
+) -> Result<(), Error> {
+    for e in entries {
+        sqlx::query(
+            "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset, \
+             length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
+             WHERE (SELECT state FROM packs WHERE id = chunks.pack_id) <> 'stored' \
+             OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
+             OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
+                        AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)",
+        )
+        .bind(&e.id.0[..])
+        .bind(pack_id)
+        .bind(e.offset as i64)
+        .bind(i64::from(e.length))
+        .bind(i64::from(e.raw_length))
+        .bind(e.kind as u8 as i64)
+        .bind(i64::from(e.flags))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("indexing a pack"))?;
+    }
+    sqlx::query(
+        "UPDATE damaged_chunks SET healed_at = ?, healed_pack = ? \
+         WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_id = ?)",
+    )
+    .bind(now_ms())
+    .bind(pack_id)
+    .bind(pack_id)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("recording healed chunks"))?;
+    Ok(())
 }

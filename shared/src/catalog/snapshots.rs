@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{Row, SqliteConnection};
 
 use super::{
-    Catalog, ENTRY_COLUMNS, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
-    snapshot_from_row,
+    Catalog, DAMAGED_CHUNK, ENTRY_COLUMNS, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo,
+    USABLE_PACK, db, entry_from_row, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -176,21 +176,52 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Records a snapshot and its entries in one transaction, writing rows only for what changed
-    /// since the root's previous snapshot. Returns the snapshot's sequence number.
+    /// Records a snapshot and its entries in one transaction, writing rows only for what
+    /// changed since the root's previous snapshot. Returns the snapshot's sequence number.
+    ///
+    /// The transaction takes the write lock first (`BEGIN IMMEDIATE`), checks that `run_id`
+    /// still holds the root's lock, and re-reads the previous entries inside it, so two
+    /// writers can never both close one entry or leave two current rows for a path. It
+    /// refuses (with [`Error::Changed`], worth a retry) to commit a snapshot that references a
+    /// chunk whose pack is not stored (invariant 1): a file whose content has such a chunk
+    /// must have been read and stored again, which also repairs its chunk list here.
     pub async fn commit_snapshot(
         &self,
+        run_id: &str,
         info: &SnapshotInfo,
         blob_id: &ChunkId,
+        listing: &[ChunkId],
         items: &[NewEntry],
-        previous: &HashMap<String, EntryRow>,
     ) -> Result<i64, Error> {
-        let mut tx = self.pool.begin().await.map_err(db(COMMIT))?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(COMMIT))?;
+        super::runs::check_root_lock(&mut tx, &info.owner, &info.root, run_id).await?;
         let (root_id, seq) = root_and_next_seq(&mut tx, &info.owner, &info.root).await?;
+        let previous = current_entries(&mut tx, root_id).await?;
+        let mut unusable = Unusable::load(&mut tx).await?;
+        if let Some(c) = std::iter::once(blob_id)
+            .chain(listing)
+            .find(|c| unusable.chunks.contains(*c))
+        {
+            return Err(Error::Changed(format!(
+                "snapshot data {} is in a pack that is not stored",
+                &c.to_hex()[..12]
+            )));
+        }
         let mut seen: HashSet<&str> = HashSet::with_capacity(items.len());
         for item in items {
             seen.insert(&item.path);
-            let content_id = content_id(&mut tx, &item.content, info.encrypted).await?;
+            let content_id =
+                content_id(&mut tx, &item.content, info.encrypted, &mut unusable).await?;
+            if content_id.is_some_and(|c| unusable.contents.contains(&c)) {
+                return Err(Error::Changed(format!(
+                    "{} references chunks of a pack known to be missing",
+                    item.path
+                )));
+            }
             let prev = previous.get(&item.path);
             let same = prev.is_some_and(|p| {
                 p.kind == item.kind
@@ -210,7 +241,7 @@ impl Catalog {
             }
             insert_entry(&mut tx, root_id, seq, item, content_id).await?;
         }
-        for (path, p) in previous {
+        for (path, p) in &previous {
             if !seen.contains(path.as_str()) {
                 close_entry(&mut tx, p.id, seq).await?;
             }
@@ -219,6 +250,64 @@ impl Catalog {
         tx.commit().await.map_err(db(COMMIT))?;
         Ok(seq)
     }
+}
+
+/// What a snapshot must not reference: chunks whose pack is not stored, and the contents
+/// whose chunk lists use them.
+struct Unusable {
+    chunks: HashSet<ChunkId>,
+    contents: HashSet<i64>,
+}
+
+impl Unusable {
+    async fn load(tx: &mut SqliteConnection) -> Result<Unusable, Error> {
+        let sql = format!(
+            "SELECT id FROM chunks WHERE pack_id IN (SELECT p.id FROM packs p WHERE NOT ({USABLE_PACK})) \
+             UNION SELECT c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
+        );
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(COMMIT))?;
+        let chunks = ids
+            .iter()
+            .map(|id| ChunkId::from_slice(id))
+            .collect::<Result<HashSet<_>, _>>()?;
+        let mut contents = HashSet::new();
+        for batch in ids.chunks(500) {
+            let marks = vec!["?"; batch.len()].join(", ");
+            let sql = format!(
+                "SELECT DISTINCT content_id FROM content_chunks WHERE chunk_id IN ({marks})"
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+            for id in batch {
+                q = q.bind(&id[..]);
+            }
+            contents.extend(q.fetch_all(&mut *tx).await.map_err(db(COMMIT))?);
+        }
+        Ok(Unusable { chunks, contents })
+    }
+}
+
+/// The current entries of a root, by path, as seen inside a transaction.
+async fn current_entries(
+    tx: &mut SqliteConnection,
+    root_id: i64,
+) -> Result<HashMap<String, EntryRow>, Error> {
+    let sql = format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+         WHERE e.root_id = ? AND e.to_seq IS NULL"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(root_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?;
+    Ok(rows
+        .iter()
+        .map(entry_from_row)
+        .map(|e| (e.path.clone(), e))
+        .collect())
 }
 
 const COMMIT: &str = "committing the snapshot";
@@ -253,11 +342,13 @@ async fn root_and_next_seq(
 }
 
 /// The content row of an entry: an existing one, or a new one with its chunk list (shared
-/// with identical files, which keep the first chunk list recorded).
+/// with identical files, which keep the first chunk list recorded, unless that list uses
+/// unusable chunks: then the freshly stored list replaces it).
 async fn content_id(
     tx: &mut SqliteConnection,
     content: &NewContent,
     encrypted: bool,
+    unusable: &mut Unusable,
 ) -> Result<Option<i64>, Error> {
     let (sha256, size, chunks) = match content {
         NewContent::None => return Ok(None),
@@ -288,6 +379,11 @@ async fn content_id(
     .fetch_one(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
+    // A content whose recorded chunk list uses unusable chunks (lost or damaged) takes the
+    // list just stored.
+    let repair = inserted == 0
+        && unusable.contents.contains(&id)
+        && !chunks.iter().any(|c| unusable.chunks.contains(c));
     // A content first recorded on format-1 unencrypted blobs (checksums only, which `recover`
     // won't index) takes the new chunk list, stored authenticated: same bytes, same SHA-256.
     let on_format1: i64 = if inserted == 0 && !chunks.is_empty() {
@@ -302,14 +398,16 @@ async fn content_id(
     } else {
         0
     };
-    if on_format1 > 0 {
+    let replace = repair || on_format1 > 0;
+    if replace {
         sqlx::query("DELETE FROM content_chunks WHERE content_id = ?")
             .bind(id)
             .execute(&mut *tx)
             .await
             .map_err(db(COMMIT))?;
+        unusable.contents.remove(&id);
     }
-    if inserted == 1 || on_format1 > 0 {
+    if inserted == 1 || replace {
         for (i, c) in chunks.iter().enumerate() {
             sqlx::query("INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES (?, ?, ?)")
                 .bind(id)
@@ -412,13 +510,20 @@ pub struct NewEntry {
     pub content: NewContent,
 }
 
-/// Ends an entry row's validity at snapshot `seq` (it changed or disappeared there).
+/// Ends a current entry row's validity at snapshot `seq` (it changed or disappeared there).
+/// Only a current row is closed: a row someone else closed means the catalog changed under
+/// this commit.
 async fn close_entry(tx: &mut SqliteConnection, id: i64, seq: i64) -> Result<(), Error> {
-    sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ?")
+    let done = sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ? AND to_seq IS NULL")
         .bind(seq)
         .bind(id)
         .execute(tx)
         .await
         .map_err(db(COMMIT))?;
+    if done.rows_affected() != 1 {
+        return Err(Error::Changed(format!(
+            "entry {id} was closed by another writer during this commit"
+        )));
+    }
     Ok(())
 }

@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use super::packer::{Packer, upload_packs};
 use super::pipeline::{FileData, FileOutcome, Pipeline};
 use super::repo::Repo;
-use crate::catalog::{EntryRow, NewContent, NewEntry, Owner, SnapshotInfo, now_ms};
+use super::run::{Run, lock_root, reclaim};
+use crate::catalog::{EntryRow, NewContent, NewEntry, Owner, SnapshotInfo, check_owner, now_ms};
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
@@ -227,41 +228,77 @@ struct Listing {
 }
 
 /// Runs a backup. Called through [`Repo::backup`].
+///
+/// The backup is a [`Run`]: its packs wait in its own spool folder, and the root's lock in
+/// the catalog keeps any other run, in this process or another, from committing a snapshot of
+/// the same root at the same time.
 pub(crate) async fn run(
     repo: &Repo,
     opts: &BackupOptions,
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<BackupSummary, Error> {
+    check_owner(&opts.owner)?;
+    let source = Source::open(&opts.path)?;
+    let run = Run::start(repo).await?;
+    let result = run_locked(repo, opts, &source, &run, progress, cancel).await;
+    let finished = run.finish(repo).await;
+    match (result, finished) {
+        (Err(e), _) => Err(e),
+        (Ok(summary), Ok(())) => Ok(summary),
+        (Ok(summary), Err(e)) => {
+            // The snapshot is committed; the next run reclaims what this one left.
+            tracing::warn!("ending the backup run: {e}");
+            Ok(summary)
+        }
+    }
+}
+
+async fn run_locked(
+    repo: &Repo,
+    opts: &BackupOptions,
+    source: &Source,
+    run: &Run,
+    progress: &dyn Progress,
+    cancel: &CancelFlag,
+) -> Result<BackupSummary, Error> {
     let started = Instant::now();
     let started_at = now_ms();
-    let source = Source::open(&opts.path)?;
-
-    // One backup per root at a time: snapshot sequence numbers are per root.
-    let _root_guard = repo.lock_root(&opts.owner, &source.root).await;
-
     let counters = Arc::new(Counters::default());
+    progress.report(&counters.report());
+    lock_root(
+        repo,
+        run,
+        &opts.owner,
+        &source.root,
+        repo.waits_for_locks(),
+        cancel,
+    )
+    .await?;
     counters.set_phase(Phase::Scanning);
     progress.report(&counters.report());
 
-    // Forget packs a crashed run left half-uploaded; their spool files are garbage too.
-    repo.catalog.forget_unfinished_packs().await?;
-    clean_spool(repo.storage.spool_dir());
+    // What crashed runs left: their unfinished packs (deleted from storage), spools, locks.
+    let reclaimed = reclaim(repo, &run.id).await?;
+    if !reclaimed.packs.is_empty() {
+        tracing::info!(packs = ?reclaimed.packs, "deleted unfinished packs of runs that died");
+    }
     let known = Known::load(repo, opts, &source.root).await?;
-    let mut scan = scan(&source, &known.previous, cancel).await?;
+    let mut scan = scan(source, &known.previous, cancel).await?;
     reread_unstored(&mut scan, &known);
     announce(repo, &scan, &counters, progress);
 
     // Uploader: stores finished packs, then indexes them in the catalog.
     let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
-    let uploader = tokio::spawn(upload_packs(
+    let uploader = Uploader(tokio::spawn(upload_packs(
         repo.storage.clone(),
         repo.catalog.clone(),
+        run.id.clone(),
         pack_rx,
-    ));
+    )));
     let packer = Packer::new(
         repo.settings.pack_size,
-        repo.storage.spool_dir().to_path_buf(),
+        run.spool().to_path_buf(),
         opts.encrypt,
         pack_tx,
     );
@@ -277,9 +314,9 @@ pub(crate) async fn run(
         Err(e) => {
             // Let finished packs land (the next run reuses them), then report the failure.
             // An upload failure stops the pipeline too: report the cause, not the symptom.
-            return match uploader.await {
-                Ok(Err(upload_error)) => Err(upload_error),
-                _ => Err(e),
+            return match uploader.join().await {
+                Err(upload_error) => Err(upload_error),
+                Ok(_) => Err(e),
             };
         }
     };
@@ -308,18 +345,17 @@ pub(crate) async fn run(
     };
     let stored = store_snapshot_object(pipeline.clone(), packer, listing.json, object).await;
     // An upload failure also stops the snapshot's store: report the cause first.
-    let packs = uploader
-        .await
-        .map_err(|e| Error::Invalid(format!("uploader failed: {e}")))??;
+    let packs = uploader.join().await?;
     let (snapshot_id, object) = stored?;
 
     // Every pack is durable: now the catalog may say the snapshot exists.
     let bytes_stored = counters.bytes_stored.load(Ordering::Relaxed);
+    let listing_ids = object.listing.clone();
     let info = snapshot_info(&snapshot_id, object, bytes_stored);
     let entries = new_entries(&scan.items, &listing.kept, &file_data);
     let seq = repo
         .catalog
-        .commit_snapshot(&info, &snapshot_id, &entries, &known.previous)
+        .commit_snapshot(&run.id, &info, &snapshot_id, &listing_ids, &entries)
         .await?;
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
@@ -333,9 +369,27 @@ pub(crate) async fn run(
     })
 }
 
+/// The upload task. Dropping it (the backup's future was dropped) stops the uploads.
+struct Uploader(tokio::task::JoinHandle<Result<u64, Error>>);
+
+impl Uploader {
+    async fn join(mut self) -> Result<u64, Error> {
+        (&mut self.0)
+            .await
+            .map_err(|e| Error::Invalid(format!("uploader failed: {e}")))?
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// An unchanged file is listed with its previous chunk list only if every chunk of it is
-/// among the stored ones this backup may rely on; otherwise (a format-1 unencrypted chunk) it
-/// is read and stored again.
+/// among the stored ones this backup may rely on; otherwise (a chunk of a pack known to be
+/// missing, one a scrub found damaged, a format-1 unencrypted chunk) it is read and stored
+/// again, unchanged or not (invariant 1).
 fn reread_unstored(scan: &mut Scan, known: &Known) {
     for (i, item) in scan.items.iter_mut().enumerate() {
         let Content::Reused { content_id, .. } = item.content else {
@@ -597,18 +651,6 @@ fn new_entries(items: &[Item], kept: &[usize], file_data: &[Option<FileData>]) -
             }
         })
         .collect()
-}
-
-/// Removes leftovers of interrupted runs from the spool.
-fn clean_spool(spool: &Path) {
-    let _ = std::fs::create_dir_all(spool);
-    if let Ok(rd) = std::fs::read_dir(spool) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".partial") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
 }
 
 /// Walks `src` in path order; decides which files need reading.

@@ -1,6 +1,8 @@
 //! The engine layer: the operations on a repository. `repo` (an unlocked repository: catalog,
 //! storage, keys), `backup` (walk and commit) with its `pipeline` (read, chunk, seal) and
-//! `packer` (fill, finish and upload packs), `restore`, `verify`, `scrub` (read back within a budget and heal) and `recover`.
+//! `packer` (fill, finish and upload packs), `restore`, `verify`, `scrub` (read back within a
+//! budget and heal) and `recover`; `run` (a writing run: its spool folder, its registration,
+//! liveness, locks and reclaiming what dead runs left).
 //!
 //! Layer rules: the engine may import `catalog`, `storage`, `format` and the foundation
 //! modules (`error`, `config`, `clock`, `progress`), never `ops`.
@@ -11,6 +13,7 @@ mod pipeline;
 pub mod recover;
 pub mod repo;
 pub mod restore;
+mod run;
 pub mod scrub;
 mod target;
 mod verify;

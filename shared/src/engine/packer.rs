@@ -11,7 +11,7 @@ use crate::catalog::Catalog;
 use crate::error::Error;
 use crate::format::crypto::{ChunkId, SealMode};
 use crate::format::pack::{BlobKind, FinishedPack, PackWriter};
-use crate::storage::{Storage, with_retry};
+use crate::storage::{ObjectRef, Storage, with_retry};
 
 /// Fills packs up to the pack size and sends each finished one to the uploader.
 pub(super) struct Packer {
@@ -58,11 +58,9 @@ impl Packer {
             self.current =
                 Some(PackWriter::create(&self.spool).map_err(|e| Error::io(&self.spool, e))?);
         }
-        self.current
-            .as_mut()
-            .expect("a pack is open")
-            .add(kind, id, sealed, raw_len, self.encrypt)
-            .map_err(|e| Error::io(&self.spool, e))
+        let w = self.current.as_mut().expect("a pack is open");
+        w.add(kind, id, sealed, raw_len, self.encrypt)
+            .map_err(|e| Error::io(w.path(), e))
     }
 
     /// Finishes the open pack, if any, and hands it to the uploader. Called from blocking
@@ -71,7 +69,8 @@ impl Packer {
         let Some(w) = self.current.take() else {
             return Ok(());
         };
-        let done = w.finish(mode).map_err(|e| Error::io(&self.spool, e))?;
+        let path = w.path().to_path_buf();
+        let done = w.finish(mode).map_err(|e| Error::io(&path, e))?;
         self.uploader
             .blocking_send(done)
             .map_err(|_| Error::Invalid("pack upload failed".into()))
@@ -86,32 +85,38 @@ impl Packer {
 }
 
 /// Uploads finished packs one at a time and indexes each once storage has it. Returns the
-/// number of packs uploaded.
+/// number of packs uploaded. Each pack is recorded as `run_id`'s unfinished pack before its
+/// upload, so a crash leaves a row that the next run reclaims (the object is never forgotten).
 pub(super) async fn upload_packs(
     storage: Arc<dyn Storage>,
     catalog: Catalog,
+    run_id: String,
     mut packs: mpsc::Receiver<FinishedPack>,
 ) -> Result<u64, Error> {
     let mut count = 0u64;
     while let Some(pack) = packs.recv().await {
         let name = pack.id.object_name();
-        // The id is recorded before the upload: a crash between the two is detectable.
         catalog
-            .pack_uploading(&pack.id.0, pack.size, pack.encrypted)
+            .pack_uploading(&pack.id.0, pack.size, pack.encrypted, &run_id)
             .await?;
         let location = with_retry(&format!("uploading {name}"), || {
             storage.put_file(&name, &pack.path)
         })
         .await?;
-        catalog
-            .pack_stored(
-                &pack.id.0,
-                pack.size,
-                pack.encrypted,
-                &location,
-                &pack.entries,
-            )
-            .await?;
+        let recorded = catalog
+            .pack_uploaded(&run_id, &pack.id.0, pack.size, &location, &pack.entries)
+            .await;
+        if let Err(e) = recorded {
+            if matches!(e, Error::Changed(_)) {
+                // Another process took this run for dead and reclaimed the pack, perhaps
+                // before the upload landed: the object is nobody's now, so delete it.
+                let obj = ObjectRef::new(&name, location);
+                if let Err(r) = storage.remove(&obj).await {
+                    tracing::warn!("deleting reclaimed pack {name}: {r}");
+                }
+            }
+            return Err(e);
+        }
         count += 1;
     }
     Ok(count)

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
+use super::run::{Run, lock_root, reclaim};
 use crate::catalog::{Catalog, NewContent, NewEntry, Owner, SnapshotInfo};
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::{self, ChunkId, Keys, MasterSecret, WrappedKey};
 use crate::format::pack::{self, BlobKind, MAX_BLOB, MAX_SEALED_BLOB, PACK_TAIL_LEN, PackId};
 use crate::format::snapshot::{SnapshotObject, decode_listing};
-use crate::progress::{Counters, Phase, Progress};
+use crate::progress::{CancelFlag, Counters, Phase, Progress};
 use crate::storage::{ObjectRef, Storage, with_retry};
 
 /// What `recover` found.
@@ -105,8 +106,12 @@ pub async fn recover(
     }
     let repo = Repo::with_keys(catalog, storage, keys, settings);
     counters.set_phase(Phase::Committing);
+    // Committing snapshots is writing to their roots: as a run, under each root's lock.
+    let run = Run::start(&repo).await?;
+    // A recover killed before this one left its spool (and perhaps its registration).
+    reclaim(&repo, &run.id).await?;
     for (_, (id, s)) in objects_by_time {
-        match restore_snapshot(&repo, &id, &s).await {
+        match restore_snapshot(&repo, &run, &id, &s).await {
             Ok(()) => report.snapshots += 1,
             Err(e) => problem(
                 &mut report,
@@ -118,12 +123,18 @@ pub async fn recover(
             ),
         }
     }
+    run.finish(&repo).await?;
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     Ok((repo, report))
 }
 
-async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Result<(), Error> {
+async fn restore_snapshot(
+    repo: &Repo,
+    run: &Run,
+    id: &ChunkId,
+    s: &SnapshotObject,
+) -> Result<(), Error> {
     let mut listing = Vec::new();
     for chunk in &s.listing {
         let loc = repo.catalog.chunk(chunk).await?.ok_or_else(|| {
@@ -188,11 +199,6 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
             content,
         });
     }
-    let root_id = repo.catalog.root_id(&s.owner, &s.root).await?;
-    let previous = match root_id {
-        Some(r) => repo.catalog.current_entries(r).await?,
-        None => Default::default(),
-    };
     let info = SnapshotInfo {
         short_id: id.to_hex()[..12].to_string(),
         owner: s.owner.clone(),
@@ -210,10 +216,13 @@ async fn restore_snapshot(repo: &Repo, id: &ChunkId, s: &SnapshotObject) -> Resu
         bytes_stored: s.bytes_stored,
         warnings: s.warnings,
     };
-    repo.catalog
-        .commit_snapshot(&info, id, &items, &previous)
-        .await?;
-    Ok(())
+    lock_root(repo, run, &s.owner, &s.root, true, &CancelFlag::new()).await?;
+    let committed = repo
+        .catalog
+        .commit_snapshot(&run.id, &info, id, &s.listing, &items)
+        .await;
+    repo.catalog.unlock_root(&s.owner, &s.root, &run.id).await?;
+    committed.map(|_| ())
 }
 
 /// Records a problem (it names the object) and logs it.

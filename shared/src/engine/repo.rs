@@ -1,7 +1,6 @@
 //! A repository: the catalog, a storage backend and the unlocked keys, with the operations
 //! the CLI, the daemon and the bot call.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -10,7 +9,7 @@ use super::backup::{self, BackupOptions, BackupSummary};
 use super::restore::{self, RestoreOptions, RestoreSummary};
 use super::scrub::{self, ScrubOptions};
 use super::verify;
-use crate::catalog::{Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo};
+use crate::catalog::{Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo, check_owner};
 use crate::config::Config;
 use crate::error::{CryptoError, Error};
 use crate::format::chunker::ChunkerParams;
@@ -71,16 +70,15 @@ pub fn key_object_name(key_id: &str) -> String {
     format!("key-{key_id}.enc")
 }
 
-/// Serializes backups of one root (snapshot sequence numbers are per root).
-type RootLock = Arc<tokio::sync::Mutex<()>>;
-
 /// An unlocked repository.
 pub struct Repo {
     pub catalog: Catalog,
     pub storage: Arc<dyn Storage>,
     keys: Keys,
     pub settings: EngineSettings,
-    root_locks: std::sync::Mutex<HashMap<(String, String), RootLock>>,
+    /// Whether a backup of a root another live run is backing up waits for it (the daemon)
+    /// or fails at once naming the other run (the command line).
+    wait_for_locks: bool,
 }
 
 impl Repo {
@@ -139,8 +137,19 @@ impl Repo {
             storage,
             keys,
             settings,
-            root_locks: Default::default(),
+            wait_for_locks: true,
         }
+    }
+
+    /// Sets whether a backup waits for another run's lock on its root (the default) or fails
+    /// at once with an error naming that run.
+    pub fn with_lock_wait(mut self, wait: bool) -> Repo {
+        self.wait_for_locks = wait;
+        self
+    }
+
+    pub(crate) fn waits_for_locks(&self) -> bool {
+        self.wait_for_locks
     }
 
     /// Re-wraps the master secret under a new passphrase (no data is re-encrypted).
@@ -172,21 +181,6 @@ impl Repo {
         &self.keys
     }
 
-    pub(crate) async fn lock_root(
-        &self,
-        owner: &str,
-        root: &str,
-    ) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .root_locks
-            .lock()
-            .unwrap()
-            .entry((owner.to_string(), root.to_string()))
-            .or_default()
-            .clone();
-        lock.lock_owned().await
-    }
-
     /// Backs up a folder into a new snapshot.
     pub async fn backup(
         &self,
@@ -204,6 +198,7 @@ impl Repo {
         progress: &dyn Progress,
         cancel: &CancelFlag,
     ) -> Result<RestoreSummary, Error> {
+        check_owner(&opts.owner)?;
         restore::run(self, opts, progress, cancel).await
     }
 
@@ -256,6 +251,7 @@ pub async fn list_snapshots(
     owner: &str,
     path: Option<&str>,
 ) -> Result<Vec<SnapshotInfo>, Error> {
+    check_owner(owner)?;
     let all = catalog.snapshots(owner, None).await?;
     Ok(match path {
         None => all,
@@ -282,6 +278,7 @@ pub async fn ls(
     snapshot: Option<&str>,
     recursive: bool,
 ) -> Result<(SnapshotInfo, Vec<EntryRow>), Error> {
+    check_owner(owner)?;
     let r = restore::resolve(catalog, owner, path, snapshot).await?;
     let entries = catalog
         .entries_under(r.root_id, r.snapshot.seq, &r.prefix)

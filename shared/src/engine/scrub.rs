@@ -14,7 +14,7 @@
 //! snapshot that uses the chunk, whose current content still hashes to the SHA-256 the
 //! snapshot recorded. Its chunks are cut at the recorded lengths, checked against their ids,
 //! sealed into a new pack and uploaded; only once storage has the pack does the catalog point
-//! the chunks at it (the same `pack_stored` step a backup uses: invariant 1). What cannot be
+//! the chunks at it (the same fenced `pack_uploaded` step a backup uses: invariant 1). What cannot be
 //! healed stays listed, with the files and snapshots it affects.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 
 use super::packer::{Packer, upload_packs};
 use super::repo::Repo;
+use super::run::Run;
 use crate::catalog::{AffectedFile, BlobRow, Damage, PackFinding, ScrubPack, ScrubReport};
 use crate::error::{Error, StorageError};
 use crate::format::crypto::{self, ChunkId, Keys, SealMode};
@@ -353,19 +354,36 @@ async fn heal(repo: &Repo, damage: &[Damage], cancel: &CancelFlag) -> Result<Hea
         return Ok(Healing::default());
     }
 
+    // Healing writes packs: as a run (its own spool; its packs recorded before upload, so a
+    // kill leaves nothing the next run can't reclaim).
+    let run = Run::start(repo).await?;
+    let healing = heal_packs(repo, &run, targets.into_values().collect(), cancel).await;
+    let finished = run.finish(repo).await;
+    let healing = healing?;
+    finished?;
+    Ok(healing)
+}
+
+/// Reads the damaged chunks' data from the files on disk, packs and uploads it.
+async fn heal_packs(
+    repo: &Repo,
+    run: &Run,
+    targets: Vec<Target>,
+    cancel: &CancelFlag,
+) -> Result<Healing, Error> {
     // Packs of the healed chunks: one uploader, a packer per encryption setting.
     let (tx, rx) = mpsc::channel::<FinishedPack>(1);
     // Dropped with the scrub (a job stopped hard), the upload stops too.
     let mut uploader = AbortOnDrop(tokio::spawn(upload_packs(
         repo.storage.clone(),
         repo.catalog.clone(),
+        run.id.clone(),
         rx,
     )));
     let keys = repo.keys().clone();
     let settings = (repo.settings.pack_size, repo.settings.compression);
-    let spool = repo.storage.spool_dir().to_path_buf();
+    let spool = run.spool().to_path_buf();
     let cancel = cancel.clone();
-    let targets: Vec<Target> = targets.into_values().collect();
     let work = tokio::task::spawn_blocking(move || {
         let _ = std::fs::create_dir_all(&spool);
         let mut packers = [

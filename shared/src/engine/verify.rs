@@ -1,21 +1,28 @@
-//! `verify`: is everything the catalog points at really in storage, and intact?
+//! `verify`: is everything the catalog points at really in storage, and intact? And is
+//! everything in storage known to the catalog?
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use super::repo::{Repo, VerifyReport};
+use super::run::is_alive;
+use crate::catalog::{PackRow, now_ms};
 use crate::error::Error;
-use crate::format::crypto;
-use crate::format::pack::{self, PACK_TAIL_LEN};
+use crate::format::crypto::{self, ChunkId};
+use crate::format::pack::{self, BlobKind, PACK_TAIL_LEN, PackEntry, PackId};
 use crate::progress::{Counters, Phase, Progress};
 use crate::storage::{ObjectRef, with_retry};
 
 /// Bytes per range read when reading whole packs.
 const READ_WINDOW: u64 = 8 << 20;
+/// Files named per problem; the rest are counted.
+const NAMED_FILES: usize = 20;
 
 /// Checks every stored pack: present, right size, trailer agreeing with the catalog, and with
 /// `read_data` every blob's MAC and id. A missing pack is marked so that the next backup
-/// stores its chunks again.
+/// stores its chunks again. Each damaged chunk is reported with exactly the files that use it,
+/// and the check goes on past it. Objects in storage that the catalog does not know, or that a
+/// crashed run left behind, are listed too.
 pub(crate) async fn run(
     repo: &Repo,
     read_data: bool,
@@ -23,6 +30,9 @@ pub(crate) async fn run(
 ) -> Result<VerifyReport, Error> {
     let counters = Counters::default();
     counters.set_phase(Phase::Verifying);
+    // Packs known before and after the listing: a pack recorded (before its upload) while
+    // the listing runs is known by one of them, so it is never taken for a stranger.
+    let known_before: HashSet<String> = pack_ids(repo).await?;
     let listed: HashMap<String, (u64, String)> = repo
         .storage
         .list()
@@ -30,10 +40,18 @@ pub(crate) async fn run(
         .into_iter()
         .map(|o| (o.name, (o.size, o.location)))
         .collect();
-    let packs: Vec<_> = repo
-        .catalog
-        .packs()
-        .await?
+    let all_packs = repo.catalog.packs().await?;
+    let mut report = VerifyReport::default();
+    report.problems.extend(strangers(
+        &listed,
+        &known_before,
+        &all_packs,
+        &repo.catalog.user_key(super::repo::KEY_USER).await?,
+    ));
+    report
+        .problems
+        .extend(leftovers(repo, &listed, &all_packs).await?);
+    let packs: Vec<PackRow> = all_packs
         .into_iter()
         .filter(|p| p.state != "uploading")
         .collect();
@@ -49,47 +67,10 @@ pub(crate) async fn run(
         Ordering::Relaxed,
     );
     progress.report(&counters.report());
-    let mut report = VerifyReport::default();
     for p in packs {
-        let name = format!("{}.enc", p.id);
         report.packs_checked += 1;
         Counters::add(&counters.files_done, 1);
-        let problem = match listed.get(&name) {
-            None => Some(format!("pack {name} is missing from storage")),
-            Some((size, _)) if *size != p.size => Some(format!(
-                "pack {name} has {size} bytes in storage, the catalog expects {}",
-                p.size
-            )),
-            Some((_, location)) => {
-                let obj = ObjectRef::new(&name, location.clone());
-                check_pack(repo, &obj, p.size, read_data, &mut report, &counters)
-                    .await
-                    .err()
-            }
-        };
-        if let Some(problem) = problem {
-            let affected = repo.catalog.paths_using_pack(&p.id, 6).await?;
-            let mut msg = problem;
-            if !affected.is_empty() {
-                let list: Vec<String> = affected
-                    .iter()
-                    .take(5)
-                    .map(|(root, path)| format!("{root}: {path}"))
-                    .collect();
-                msg.push_str(&format!(
-                    "; affects {}{}",
-                    list.join(", "),
-                    if affected.len() > 5 { ", ..." } else { "" }
-                ));
-            }
-            if !listed.contains_key(&name) {
-                repo.catalog.set_pack_state(&p.id, "missing").await?;
-            }
-            report.problems.push(msg);
-        } else if p.state == "missing" {
-            // It came back (a transient listing problem): trust it again.
-            repo.catalog.set_pack_state(&p.id, "stored").await?;
-        }
+        verify_pack(repo, &p, &listed, read_data, &mut report, &counters).await?;
         progress.report(&counters.report());
     }
     counters.set_phase(Phase::Done);
@@ -97,6 +78,180 @@ pub(crate) async fn run(
     Ok(report)
 }
 
+async fn pack_ids(repo: &Repo) -> Result<HashSet<String>, Error> {
+    Ok(repo
+        .catalog
+        .packs()
+        .await?
+        .into_iter()
+        .map(|p| p.id)
+        .collect())
+}
+
+/// Objects in storage the catalog does not know. They are only listed, never deleted: they
+/// may be another repository's (a shared chat) or packs a lost catalog knew.
+fn strangers(
+    listed: &HashMap<String, (u64, String)>,
+    known_before: &HashSet<String>,
+    packs: &[PackRow],
+    key: &Option<crate::format::crypto::WrappedKey>,
+) -> Vec<String> {
+    let known: HashSet<&str> = known_before
+        .iter()
+        .map(String::as_str)
+        .chain(packs.iter().map(|p| p.id.as_str()))
+        .collect();
+    let key_object = key
+        .as_ref()
+        .map(|k| super::repo::key_object_name(&k.key_id));
+    let mut names: Vec<(&String, u64)> = listed
+        .iter()
+        .filter(|(name, _)| Some(name.as_str()) != key_object.as_deref())
+        .filter(|(name, _)| {
+            PackId::from_object_name(name).is_none_or(|id| !known.contains(id.0.as_str()))
+        })
+        .map(|(name, (size, _))| (name, *size))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|(name, size)| {
+            format!(
+                "object {name} ({size} bytes) is in storage but not in the catalog; it was left as it is\nhint: if it is a pack of this repository, `storinator-worker recover` indexes it"
+            )
+        })
+        .collect()
+}
+
+/// Unfinished packs of runs that died, still in storage: the next backup deletes them.
+async fn leftovers(
+    repo: &Repo,
+    listed: &HashMap<String, (u64, String)>,
+    packs: &[PackRow],
+) -> Result<Vec<String>, Error> {
+    let unfinished: HashMap<String, Option<String>> =
+        repo.catalog.unfinished_packs().await?.into_iter().collect();
+    if unfinished.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs = repo.catalog.runs().await?;
+    let now = now_ms();
+    let live: HashSet<&str> = runs
+        .iter()
+        .filter(|r| is_alive(r, &repo.settings.hostname, now))
+        .map(|r| r.id.as_str())
+        .collect();
+    Ok(packs
+        .iter()
+        .filter(|p| p.state == "uploading" && listed.contains_key(&format!("{}.enc", p.id)))
+        .filter(|p| {
+            unfinished
+                .get(&p.id)
+                .is_some_and(|r| r.as_deref().is_none_or(|r| !live.contains(r)))
+        })
+        .map(|p| {
+            format!(
+                "pack {}.enc was left unfinished by a backup that did not end; the next backup deletes it",
+                p.id
+            )
+        })
+        .collect())
+}
+
+/// Checks one pack and records its problems.
+async fn verify_pack(
+    repo: &Repo,
+    p: &PackRow,
+    listed: &HashMap<String, (u64, String)>,
+    read_data: bool,
+    report: &mut VerifyReport,
+    counters: &Counters,
+) -> Result<(), Error> {
+    let name = format!("{}.enc", p.id);
+    let outcome = match listed.get(&name) {
+        None => Err(format!("pack {name} is missing from storage")),
+        Some((size, _)) if *size != p.size => Err(format!(
+            "pack {name} has {size} bytes in storage, the catalog expects {}",
+            p.size
+        )),
+        Some((_, location)) => {
+            let obj = ObjectRef::new(&name, location.clone());
+            check_pack(repo, &obj, p.size, read_data, report, counters).await
+        }
+    };
+    match outcome {
+        Ok(damaged) if damaged.is_empty() => {
+            if p.state == "missing" {
+                // It came back (a transient listing problem): trust it again.
+                repo.catalog.set_pack_state(&p.id, "stored").await?;
+            }
+        }
+        Ok(damaged) => {
+            let ids: Vec<ChunkId> = damaged.iter().map(|d| d.id).collect();
+            let users = repo.catalog.users_of_chunks(&ids).await?;
+            for d in damaged {
+                let affected = match users.get(&d.id) {
+                    Some(u) => affects(u),
+                    None if d.kind == Some(BlobKind::Listing) => {
+                        "; it is part of a snapshot listing (needed by recover)".to_string()
+                    }
+                    None => "; no snapshot uses it".to_string(),
+                };
+                report.problems.push(format!(
+                    "pack {name}: chunk {}: {}{affected}",
+                    &d.id.to_hex()[..12],
+                    d.error
+                ));
+            }
+        }
+        Err(problem) => {
+            if !listed.contains_key(&name) && repo.catalog.forget_unused_pack(&p.id).await? {
+                // Lost, but everything it held was stored again since: nothing to report.
+                return Ok(());
+            }
+            let affected = repo.catalog.paths_using_pack(&p.id, i64::MAX).await?;
+            if !listed.contains_key(&name) {
+                repo.catalog.set_pack_state(&p.id, "missing").await?;
+            }
+            report
+                .problems
+                .push(format!("{problem}{}", affects(&affected)));
+        }
+    }
+    Ok(())
+}
+
+/// "; affects root: path, root: path and 3 more files".
+fn affects(files: &[(String, String)]) -> String {
+    if files.is_empty() {
+        return String::new();
+    }
+    let named: Vec<String> = files
+        .iter()
+        .take(NAMED_FILES)
+        .map(|(root, path)| format!("{root}: {path}"))
+        .collect();
+    let more = files.len().saturating_sub(NAMED_FILES);
+    format!(
+        "; affects {}{}",
+        named.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// A blob of a pack that is damaged or not where the catalog says.
+struct Damage {
+    id: ChunkId,
+    kind: Option<BlobKind>,
+    error: String,
+}
+
+/// Checks a pack present in storage. `Err` when the pack as a whole is unusable (no valid
+/// trailer); otherwise the damaged blobs, every one of them.
 async fn check_pack(
     repo: &Repo,
     obj: &ObjectRef,
@@ -104,7 +259,7 @@ async fn check_pack(
     read_data: bool,
     report: &mut VerifyReport,
     counters: &Counters,
-) -> Result<(), String> {
+) -> Result<Vec<Damage>, String> {
     let err = |e: &dyn std::fmt::Display| format!("pack {}: {e}", obj.name);
     if size < PACK_TAIL_LEN {
         return Err(err(&"too small to be a pack"));
@@ -135,44 +290,61 @@ async fn check_pack(
             Err(e) => return Err(e.to_string()),
         };
     report.bytes_read += tlen + PACK_TAIL_LEN;
-    // Every blob the catalog places in this pack must be in the trailer, at the same place.
     let pack_id = obj.name.trim_end_matches(".enc");
     let in_catalog = repo
         .catalog
         .blobs_in_pack(pack_id)
         .await
         .map_err(|e| err(&e))?;
-    let by_id: HashMap<[u8; 32], &pack::PackEntry> = entries.iter().map(|e| (e.id.0, e)).collect();
-    for (id, offset, length) in &in_catalog {
-        let ok = id
-            .as_slice()
-            .try_into()
-            .ok()
-            .and_then(|k: [u8; 32]| by_id.get(&k))
+    let mut damaged = misplaced(&in_catalog, &entries).map_err(|e| err(&e))?;
+    if read_data {
+        // Only the blobs an authenticated source lists are read: the trailer's, or for a
+        // format-1 unencrypted pack the catalog's.
+        let vouched: HashSet<&[u8]> = in_catalog.iter().map(|(id, _, _)| id.as_slice()).collect();
+        let readable: Vec<&PackEntry> = entries
+            .iter()
+            .filter(|e| authenticated || vouched.contains(e.id.0.as_slice()))
+            .collect();
+        damaged.extend(read_blobs(repo, obj, readable, report, counters).await);
+    }
+    Ok(damaged)
+}
+
+/// Blobs the catalog places in this pack that the trailer does not list at the same place.
+fn misplaced(
+    in_catalog: &[(Vec<u8>, i64, i64)],
+    entries: &[PackEntry],
+) -> Result<Vec<Damage>, Error> {
+    let by_id: HashMap<[u8; 32], &PackEntry> = entries.iter().map(|e| (e.id.0, e)).collect();
+    let mut out = Vec::new();
+    for (id, offset, length) in in_catalog {
+        let id = ChunkId::from_slice(id)?;
+        let ok = by_id
+            .get(&id.0)
             .is_some_and(|e| e.offset == *offset as u64 && u64::from(e.length) == *length as u64);
         if !ok {
-            return Err(err(&format!(
-                "trailer does not list chunk {} where the catalog has it",
-                hex::encode(&id[..6])
-            )));
+            out.push(Damage {
+                id,
+                kind: by_id.get(&id.0).map(|e| e.kind),
+                error: "the trailer does not list it where the catalog has it".into(),
+            });
         }
     }
-    if !read_data {
-        return Ok(());
-    }
-    let mut offset = 0;
-    // Only the blobs an authenticated source lists are read: the trailer's, or for a format-1
-    // unencrypted pack the catalog's.
-    let vouched: std::collections::HashSet<&[u8]> =
-        in_catalog.iter().map(|(id, _, _)| id.as_slice()).collect();
-    let mut sorted: Vec<&pack::PackEntry> = entries
-        .iter()
-        .filter(|e| authenticated || vouched.contains(e.id.0.as_slice()))
-        .collect();
+    Ok(out)
+}
+
+/// Reads the given blobs of a pack (in windows of whole blobs) and authenticates each.
+async fn read_blobs(
+    repo: &Repo,
+    obj: &ObjectRef,
+    mut sorted: Vec<&PackEntry>,
+    report: &mut VerifyReport,
+    counters: &Counters,
+) -> Vec<Damage> {
+    let mut damaged = Vec::new();
     sorted.sort_by_key(|e| e.offset);
     let mut i = 0;
     while i < sorted.len() {
-        // Read a window of whole blobs.
         let start = sorted[i].offset;
         let mut j = i;
         while j < sorted.len()
@@ -180,24 +352,44 @@ async fn check_pack(
         {
             j += 1;
         }
-        let end = sorted[j - 1].offset + u64::from(sorted[j - 1].length);
-        let data = with_retry("reading a pack", || {
+        let window = &sorted[i..j];
+        i = j;
+        let end = window[window.len() - 1].offset + u64::from(window[window.len() - 1].length);
+        let data = match with_retry("reading a pack", || {
             repo.storage.get_range(obj, start, end - start)
         })
         .await
-        .map_err(|e| err(&e))?;
+        {
+            Ok(d) => d,
+            Err(e) => {
+                damaged.extend(window.iter().map(|b| Damage {
+                    id: b.id,
+                    kind: Some(b.kind),
+                    error: format!("cannot be read: {e}"),
+                }));
+                continue;
+            }
+        };
         report.bytes_read += data.len() as u64;
         Counters::add(&counters.bytes_done, data.len() as u64);
-        for e in &sorted[i..j] {
+        for e in window {
             let s = (e.offset - start) as usize;
-            let sealed = &data[s..s + e.length as usize];
-            crypto::open_chunk(repo.keys(), sealed, pack::MAX_BLOB, &e.id)
-                .map_err(|x| err(&format!("chunk {}: {x}", &e.id.to_hex()[..12])))?;
-            report.blobs_checked += 1;
+            match check_blob(repo, e, &data[s..s + e.length as usize]) {
+                Ok(()) => report.blobs_checked += 1,
+                Err(error) => damaged.push(Damage {
+                    id: e.id,
+                    kind: Some(e.kind),
+                    error,
+                }),
+            }
         }
-        offset = end;
-        i = j;
     }
-    let _ = offset;
-    Ok(())
+    damaged
+}
+
+/// Authenticates one sealed blob and checks that it holds the data its id names.
+fn check_blob(repo: &Repo, e: &PackEntry, sealed: &[u8]) -> Result<(), String> {
+    crypto::open_chunk(repo.keys(), sealed, pack::MAX_BLOB, &e.id)
+        .map(|_| ())
+        .map_err(|x| x.to_string())
 }

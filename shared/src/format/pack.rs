@@ -290,6 +290,11 @@ impl PackWriter {
         })
     }
 
+    /// The spool file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Bytes written so far plus the worst-case size of the trailer with one more entry.
     pub fn size_with(&self, blob_len: usize) -> u64 {
         self.size

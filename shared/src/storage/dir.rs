@@ -36,6 +36,35 @@ impl DirStorage {
     }
 }
 
+/// Puts `src` at `dest` across file systems: a copy to a temporary name beside `dest`, synced,
+/// renamed into place; then `src` is removed.
+fn copy_into_place(src: &Path, dest: &Path, root: &Path) -> Result<(), StorageError> {
+    let tmp = root.join(format!(
+        ".{}.tmp",
+        dest.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::copy(src, &tmp).map_err(|e| match e.kind() {
+        // Name the file that is really missing: the source, not the temporary copy.
+        std::io::ErrorKind::NotFound if !src.exists() => StorageError::io(src, e),
+        _ => StorageError::io(&tmp, e),
+    })?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StorageError::io(&tmp, e))?;
+    std::fs::rename(&tmp, dest).map_err(|e| StorageError::io(dest, e))?;
+    std::fs::remove_file(src).map_err(|e| StorageError::io(src, e))
+}
+
+/// A failed rename, blamed on the path that caused it.
+fn rename_error(src: &Path, dest: &Path, e: std::io::Error) -> StorageError {
+    let culprit = if e.kind() == std::io::ErrorKind::NotFound && !src.exists() {
+        src
+    } else {
+        dest
+    };
+    StorageError::io(culprit, e)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -61,18 +90,13 @@ impl Storage for DirStorage {
             std::fs::File::open(&src)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| StorageError::io(&src, e))?;
-            if std::fs::rename(&src, &dest).is_err() {
-                // Spool on another file system: copy to a temporary name, then rename.
-                let tmp = root.join(format!(
-                    ".{}.tmp",
-                    dest.file_name().unwrap().to_string_lossy()
-                ));
-                std::fs::copy(&src, &tmp).map_err(|e| StorageError::io(&tmp, e))?;
-                std::fs::File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| StorageError::io(&tmp, e))?;
-                std::fs::rename(&tmp, &dest).map_err(|e| StorageError::io(&dest, e))?;
-                std::fs::remove_file(&src).map_err(|e| StorageError::io(&src, e))?;
+            match std::fs::rename(&src, &dest) {
+                Ok(()) => {}
+                // The spool is on another file system: copy, then rename (only then).
+                Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+                    copy_into_place(&src, &dest, &root)?
+                }
+                Err(e) => return Err(rename_error(&src, &dest, e)),
             }
             sync_dir(&root)
         })
@@ -160,10 +184,42 @@ impl Storage for DirStorage {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[tokio::test]
     async fn dir_storage_conforms() {
         let dir = tempfile::tempdir().unwrap();
-        let store = super::DirStorage::open(dir.path().join("store")).unwrap();
+        let store = DirStorage::open(dir.path().join("store")).unwrap();
         super::super::conformance::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_vanished_spool_file_is_named_and_nothing_is_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStorage::open(dir.path().join("store")).unwrap();
+        let gone = store.spool_dir().join("run-x/0123.partial");
+        let e = store.put_file("aa.enc", &gone).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with(&gone.display().to_string()), "{msg}");
+        assert!(!msg.contains("aa.enc.tmp"), "{msg}");
+        assert!(!e.is_retryable(), "a missing file does not come back");
+        // The destination's folder vanished (not the source): the destination is named.
+        let src = store.spool_dir().join("p.partial");
+        std::fs::write(&src, b"pack").unwrap();
+        std::fs::remove_dir_all(store.root()).unwrap();
+        std::fs::create_dir_all(store.spool_dir()).unwrap();
+        std::fs::write(&src, b"pack").unwrap();
+        let moved = DirStorage {
+            root: dir.path().join("elsewhere"),
+            spool: store.spool_dir().to_path_buf(),
+        };
+        let e = moved.put_file("bb.enc", &src).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&dir.path().join("elsewhere/bb.enc").display().to_string()),
+            "{e}"
+        );
+        assert!(src.exists(), "the pack stays in the spool");
+        assert!(!dir.path().join("elsewhere").exists());
     }
 }

@@ -1,5 +1,5 @@
 //! Fixtures shared by the engine's integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
