@@ -742,6 +742,45 @@ mod tests {
     }
 
     #[test]
+    fn pack_size_floor_and_ceilings() {
+        let size = |v: &str, premium: bool| {
+            let mut vars = vec![("STORINATOR_PACK_SIZE", v)];
+            if premium {
+                vars.push(("STORINATOR_TELEGRAM_PREMIUM", "1"));
+            }
+            cfg(&vars).map(|c| c.pack_size)
+        };
+        // The 64 KiB floor, for everyone.
+        assert_eq!(size("64KiB", false).unwrap(), 64 * 1024);
+        assert_eq!(size("64KiB", true).unwrap(), 64 * 1024);
+        for premium in [false, true] {
+            let err = size("65535", premium).unwrap_err().to_string();
+            assert!(
+                err.contains("STORINATOR_PACK_SIZE") && err.contains("at least 65536"),
+                "{err}"
+            );
+        }
+        // 1999 MiB without Premium, 3999 MiB with it; a byte more is refused.
+        assert_eq!(size("1999MiB", false).unwrap(), 1999 << 20);
+        let err = size(&((1999u64 << 20) + 1).to_string(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("STORINATOR_PACK_SIZE") && err.contains("2000 MiB"),
+            "{err}"
+        );
+        assert_eq!(size("3999MiB", true).unwrap(), 3999 << 20);
+        let err = size(&((3999u64 << 20) + 1).to_string(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("STORINATOR_PACK_SIZE") && err.contains("4000 MiB"),
+            "{err}"
+        );
+        assert!(size("4000MiB", true).is_err());
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (k, v) in [
             ("STORINATOR_PACK_SIZE", "3GiB"),

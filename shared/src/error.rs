@@ -223,6 +223,46 @@ fn db_is_transient(e: &sqlx::Error) -> bool {
 mod tests {
     use super::*;
 
+    /// The worker retries a job only on errors that may go away: storage hiccups and rate
+    /// limits. Everything else fails the job at once.
+    #[test]
+    fn transient_and_fatal_errors_are_told_apart() {
+        let transient = [
+            Error::Storage(StorageError::Transient("connection reset".into())),
+            Error::Storage(StorageError::FloodWait { seconds: 3 }),
+            Error::Db {
+                context: "claiming".into(),
+                source: sqlx::Error::PoolTimedOut,
+            },
+        ];
+        for e in &transient {
+            assert!(e.is_retryable(), "{e} should be retried");
+        }
+        let fatal = [
+            Error::Storage(StorageError::Fatal("chat not found".into())),
+            Error::Storage(StorageError::NotFound {
+                name: "a.enc".into(),
+            }),
+            Error::Storage(StorageError::io(
+                "/spool/x",
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            )),
+            Error::Crypto(CryptoError::MacMismatch),
+            Error::WrongPassphrase,
+            Error::NoKey,
+            Error::Cancelled,
+            Error::Invalid("cannot back up /x: not a directory".into()),
+            Error::io(
+                "/srv/data",
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ),
+            Error::Conflicts { paths: vec![] },
+        ];
+        for e in &fatal {
+            assert!(!e.is_retryable(), "{e} should not be retried");
+        }
+    }
+
     #[test]
     fn transient_io_is_retryable_and_a_missing_file_is_not() {
         use std::io::{Error as IoError, ErrorKind};

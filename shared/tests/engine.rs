@@ -404,17 +404,10 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
         f.repo.snapshots("local", None).await.unwrap().is_empty(),
         "no snapshot without all its packs"
     );
-    let stored_before = f.storage.put_count();
-    assert_eq!(stored_before, 3);
-    // Every pack the catalog knows is really in storage.
-    let in_storage: Vec<String> = f
-        .storage
-        .inner
-        .snapshot()
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    for p in f
+    assert_eq!(f.storage.put_count(), 3);
+    // The catalog knows exactly the three finished packs, and each is really in storage.
+    let finished = f.storage.puts.lock().unwrap().clone();
+    let mut stored: Vec<String> = f
         .repo
         .catalog
         .packs()
@@ -422,9 +415,31 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
         .unwrap()
         .iter()
         .filter(|p| p.state == "stored")
-    {
-        assert!(in_storage.contains(&format!("{}.enc", p.id)));
-    }
+        .map(|p| format!("{}.enc", p.id))
+        .collect();
+    stored.sort();
+    let mut expected = finished.clone();
+    expected.sort();
+    assert_eq!(
+        stored, expected,
+        "the catalog's stored packs are the uploaded ones"
+    );
+    let in_storage: Vec<String> = f
+        .storage
+        .inner
+        .snapshot()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !n.starts_with("key-"))
+        .collect();
+    assert_eq!(in_storage.len(), 3, "{in_storage:?}");
+    let finished_chunks: usize = stored_packs(f.storage.as_ref(), f.repo.keys())
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.entries.len())
+        .sum();
+    assert!(finished_chunks > 0);
 
     f.storage
         .fail_puts_after
@@ -434,11 +449,31 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    let total_packs_first_try = 2_400_000 / 256_000;
+    // Exactly what was missing went up: no chunk of a finished pack is stored a second
+    // time, the finished packs are still there, and this run uploaded exactly its own packs.
+    let packs = stored_packs(f.storage.as_ref(), f.repo.keys())
+        .await
+        .unwrap();
+    assert_eq!(
+        duplicate_data_chunks(&packs),
+        vec![],
+        "chunks uploaded twice"
+    );
+    let names: Vec<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+    for n in &finished {
+        assert!(names.contains(&n.as_str()), "finished pack {n} is gone");
+    }
+    assert_eq!(f.storage.put_count(), 3 + resumed.packs as usize);
+    assert_eq!(packs.len(), 3 + resumed.packs as usize);
+    let data_chunks: u64 = packs
+        .iter()
+        .flat_map(|p| &p.entries)
+        .filter(|e| e.kind == BlobKind::Data)
+        .count() as u64;
+    let first_try_data = data_chunks - resumed.new_data_chunks;
     assert!(
-        (resumed.packs as usize) < total_packs_first_try,
-        "resume uploaded {} packs; the 3 finished ones must not be uploaded again",
-        resumed.packs
+        first_try_data > 0,
+        "the finished packs held data the resume did not store again"
     );
     let out = f.path("out");
     f.repo
@@ -448,14 +483,22 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
     assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
 }
 
-#[tokio::test]
-async fn cancelled_backup_stops_and_leaves_no_snapshot() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_cancelled_mid_way_keeps_its_finished_packs_and_leaves_no_snapshot() {
     let f = Fixture::new().await;
     let src = f.path("src/data");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("f.bin"), bytes(500_000, 3)).unwrap();
+    for i in 0..6 {
+        std::fs::write(src.join(format!("f{i}.bin")), bytes(400_000, 30 + i)).unwrap();
+    }
+    // Cancel right after the second pack has landed: the backup is mid-way through its data.
     let cancel = CancelFlag::new();
-    cancel.cancel();
+    let c = cancel.clone();
+    f.storage.on_put(move |_, n| {
+        if n == 2 {
+            c.cancel();
+        }
+    });
     let err = f
         .repo
         .backup(&backup_opts(&src), &NoProgress, &cancel)
@@ -463,30 +506,100 @@ async fn cancelled_backup_stops_and_leaves_no_snapshot() {
         .unwrap_err();
     assert!(matches!(err, Error::Cancelled), "{err}");
     assert!(f.repo.snapshots("local", None).await.unwrap().is_empty());
+    // Every pack that finished is kept: in storage and in the catalog as stored.
+    let finished = f.storage.puts.lock().unwrap().clone();
+    assert!(finished.len() >= 2, "{finished:?}");
+    let packs_before = stored_packs(f.storage.as_ref(), f.repo.keys())
+        .await
+        .unwrap();
+    assert_eq!(packs_before.len(), finished.len());
+    let in_catalog: Vec<String> = f
+        .repo
+        .catalog
+        .packs()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| p.state == "stored")
+        .map(|p| format!("{}.enc", p.id))
+        .collect();
+    for n in &finished {
+        assert!(in_catalog.contains(n), "{n} not recorded as stored");
+    }
+    // The next run stores only what is missing.
+    f.storage.on_put(|_, _| {});
+    let s = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let packs = stored_packs(f.storage.as_ref(), f.repo.keys())
+        .await
+        .unwrap();
+    assert_eq!(duplicate_data_chunks(&packs), vec![]);
+    assert_eq!(packs.len(), finished.len() + s.packs as usize);
+    let out = f.path("out");
+    f.repo
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
 }
 
 #[tokio::test]
-async fn special_and_unreadable_files_are_warnings_not_failures() {
+async fn special_files_and_non_utf8_names_are_warnings_not_failures() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
     let f = Fixture::new().await;
     let src = f.path("src/data");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("ok.txt"), b"fine").unwrap();
-    let fifo = src.join("a-fifo");
     let status = std::process::Command::new("mkfifo")
-        .arg(&fifo)
+        .arg(src.join("a-fifo"))
         .status()
         .unwrap();
     assert!(status.success());
+    let _socket = std::os::unix::net::UnixListener::bind(src.join("a-socket")).unwrap();
+    // A device file needs CAP_MKNOD; without it that one case is left out, visibly.
+    let device = std::process::Command::new("mknod")
+        .arg(src.join("a-device"))
+        .args(["c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !device {
+        eprintln!("note: mknod not permitted here; the device-file case is not exercised");
+    }
+    std::fs::write(src.join(OsStr::from_bytes(b"bad-\xff-name.txt")), b"x").unwrap();
+    std::os::unix::fs::symlink(
+        OsStr::from_bytes(b"target-\xfe"),
+        src.join("link-to-bad-target"),
+    )
+    .unwrap();
     std::os::unix::fs::symlink("loop", src.join("loop")).unwrap();
     let s = f
         .repo
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    assert!(
-        s.warnings
-            .iter()
-            .any(|w| w.path == "data/a-fifo" && w.message.contains("fifo")),
+    let warned = |path: &str, what: &str| {
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.path == path && w.message.contains(what)),
+            "no warning about {path} ({what}): {:?}",
+            s.warnings
+        );
+    };
+    warned("data/a-fifo", "fifo");
+    warned("data/a-socket", "socket");
+    if device {
+        warned("data/a-device", "device");
+    }
+    warned("data/bad-\u{fffd}-name.txt", "UTF-8");
+    warned("data/link-to-bad-target", "UTF-8");
+    assert_eq!(
+        s.warnings.len(),
+        4 + usize::from(device),
         "{:?}",
         s.warnings
     );
@@ -500,6 +613,16 @@ async fn special_and_unreadable_files_are_warnings_not_failures() {
     assert_eq!(
         std::fs::read_link(out.join("data/loop")).unwrap(),
         std::path::Path::new("loop")
+    );
+    let mut restored: Vec<String> = std::fs::read_dir(out.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    restored.sort();
+    assert_eq!(
+        restored,
+        vec!["loop", "ok.txt"],
+        "skipped items are not restored"
     );
 }
 
@@ -640,6 +763,11 @@ async fn verify_reports_a_missing_pack_and_the_next_backup_heals_it() {
     );
 }
 
+/// Forces the next backup to read `file` again (as if it had been touched).
+fn touch(file: &std::path::Path, secs: i64) {
+    filetime::set_file_mtime(file, filetime::FileTime::from_unix_time(secs, 0)).unwrap();
+}
+
 /// The pack holding the first chunk of `path`'s content.
 async fn pack_of(f: &Fixture, path: &str) -> String {
     sqlx::query_scalar(
@@ -669,43 +797,178 @@ async fn unencrypted_backups_round_trip_and_are_not_deduplicated_with_encrypted_
     let f = Fixture::new().await;
     let src = f.path("src/data");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("plain.txt"), b"readable without a key ".repeat(50)).unwrap();
-    let mut o = backup_opts(&src);
-    o.encrypt = false;
-    let s = f
+    let content = bytes(600_000, 61);
+    std::fs::write(src.join("plain.bin"), &content).unwrap();
+    let backup = |encrypt: bool| {
+        let mut o = backup_opts(&src);
+        o.encrypt = encrypt;
+        o
+    };
+    let plain = f
+        .repo
+        .backup(&backup(false), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(!plain.snapshot.encrypted);
+    assert!(plain.new_data_chunks > 1, "{}", plain.new_data_chunks);
+    // Unencrypted -> encrypted: the encrypted backup stores every chunk again.
+    touch(&src.join("plain.bin"), 1_700_000_000);
+    let enc = f
+        .repo
+        .backup(&backup(true), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(plain.new_data_bytes, content.len() as u64);
+    assert_eq!(
+        enc.new_data_bytes,
+        content.len() as u64,
+        "encrypted backup reused unencrypted chunks"
+    );
+    // Encrypted -> unencrypted, in a fresh repository so nothing unencrypted exists yet.
+    let g = Fixture::new().await;
+    let src2 = g.path("src/data");
+    std::fs::create_dir_all(&src2).unwrap();
+    std::fs::write(src2.join("plain.bin"), &content).unwrap();
+    let mut o = backup_opts(&src2);
+    let first = g
         .repo
         .backup(&o, &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    assert!(!s.snapshot.encrypted);
-    assert!(s.new_data_chunks > 0);
-    // An encrypted backup of the same data must not reuse the plaintext chunks.
-    let mut o2 = backup_opts(&src);
-    o2.encrypt = true;
-    filetime::set_file_mtime(
-        src.join("plain.txt"),
-        filetime::FileTime::from_unix_time(1_700_000_000, 0),
-    )
-    .unwrap();
-    let s2 = f
+    touch(&src2.join("plain.bin"), 1_700_000_000);
+    o.encrypt = false;
+    let second = g
         .repo
-        .backup(&o2, &NoProgress, &CancelFlag::new())
+        .backup(&o, &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    assert!(
-        s2.new_data_chunks > 0,
-        "encrypted backup reused unencrypted chunks"
-    );
-    let out = f.path("out");
-    let mut r = restore_opts(&src, &out);
-    r.snapshot = Some(s.snapshot.short_id.clone());
-    f.repo
-        .restore(&r, &NoProgress, &CancelFlag::new())
-        .await
-        .unwrap();
+    assert!(first.new_data_chunks > 1);
+    assert_eq!(first.new_data_bytes, content.len() as u64);
     assert_eq!(
-        std::fs::read(out.join("data/plain.txt")).unwrap(),
-        b"readable without a key ".repeat(50)
+        second.new_data_bytes,
+        content.len() as u64,
+        "unencrypted backup reused encrypted chunks"
+    );
+    // Both kinds restore from either repository.
+    for (repo, src, snap) in [
+        (&f.repo, &src, &plain.snapshot.short_id),
+        (&f.repo, &src, &enc.snapshot.short_id),
+        (&g.repo, &src2, &second.snapshot.short_id),
+    ] {
+        let out = f.path(&format!("out-{snap}"));
+        let mut r = restore_opts(src, &out);
+        r.snapshot = Some(snap.clone());
+        repo.restore(&r, &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(out.join("data/plain.bin")).unwrap(), content);
+    }
+}
+
+/// Reads a sealed blob the way someone without the key can, from the README's format alone:
+/// `header(4) | payload | MAC(32)`, the header's flags saying whether the payload is encrypted
+/// (bit 0) or zstd-compressed (bit 1). `None` for an encrypted blob.
+fn read_without_key(sealed: &[u8]) -> Option<Vec<u8>> {
+    assert_eq!(sealed[0], 0xB5, "blob magic");
+    let flags = sealed[2];
+    if flags & 1 != 0 {
+        return None;
+    }
+    let payload = &sealed[4..sealed.len() - 32];
+    Some(if flags & 2 != 0 {
+        zstd::decode_all(payload).unwrap()
+    } else {
+        payload.to_vec()
+    })
+}
+
+/// The sealed trailer of a whole pack and where the blobs end (the format's tail).
+fn sealed_trailer(pack: &[u8]) -> (&[u8], u64) {
+    let n = pack.len();
+    assert_eq!(&pack[n - 8..], b"STPACK01");
+    let tlen = u32::from_le_bytes(pack[n - 12..n - 8].try_into().unwrap()) as usize;
+    let body = n - 12 - tlen;
+    (&pack[body..n - 12], body as u64)
+}
+
+#[tokio::test]
+async fn unencrypted_packs_are_readable_without_any_key() {
+    use storinator_shared::format::pack::decode_trailer;
+    let f = Fixture::new().await;
+    let src = f.path("src/public-mirror");
+    std::fs::create_dir_all(&src).unwrap();
+    let content = b"readable without a key ".repeat(50);
+    std::fs::write(src.join("plain.txt"), &content).unwrap();
+    let mut o = backup_opts(&src);
+    o.encrypt = false;
+    f.repo
+        .backup(&o, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // Someone with the packs and no key at all reads the table of contents, the data and the
+    // listing (reading is all they can do: the MAC needs the key).
+    let mut data = Vec::new();
+    let mut listing = Vec::new();
+    for (name, size) in f.storage.inner.snapshot() {
+        if name.starts_with("key-") {
+            continue;
+        }
+        let obj = storinator_shared::ObjectRef::new(&name, "");
+        let pack = f
+            .storage
+            .inner
+            .get_range(&obj, 0, size as u64)
+            .await
+            .unwrap();
+        let (sealed, body_len) = sealed_trailer(&pack);
+        let toc = read_without_key(sealed).expect("an unencrypted pack's trailer is in the clear");
+        for e in decode_trailer(&name, &toc, body_len).unwrap() {
+            let blob = &pack[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
+            let plain = read_without_key(blob).expect("unencrypted blob");
+            match e.kind {
+                BlobKind::Data => data.push(plain),
+                BlobKind::Listing => listing.extend(plain),
+                BlobKind::Snapshot => {}
+            }
+        }
+    }
+    assert_eq!(data, vec![content], "the file's data, in the clear");
+    let listing = String::from_utf8(listing).unwrap();
+    assert!(listing.contains("public-mirror/plain.txt"), "{listing}");
+
+    // An encrypted pack is not: without the key even its table of contents stays closed.
+    let src2 = f.path("src/private");
+    std::fs::create_dir_all(&src2).unwrap();
+    std::fs::write(src2.join("secret.txt"), b"not for you").unwrap();
+    let before: Vec<String> = f
+        .storage
+        .inner
+        .snapshot()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    f.repo
+        .backup(&backup_opts(&src2), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let (name, size) = f
+        .storage
+        .inner
+        .snapshot()
+        .into_iter()
+        .find(|(n, _)| !before.contains(n))
+        .unwrap();
+    let obj = storinator_shared::ObjectRef::new(&name, "");
+    let pack = f
+        .storage
+        .inner
+        .get_range(&obj, 0, size as u64)
+        .await
+        .unwrap();
+    assert_eq!(read_without_key(sealed_trailer(&pack).0), None);
+    assert!(
+        !String::from_utf8_lossy(&pack).contains("secret.txt"),
+        "an encrypted pack shows no name"
     );
 }
 
@@ -746,9 +1009,22 @@ async fn passphrase_change_rewraps_without_touching_data() {
     )
     .await
     .unwrap();
-    // Recovery on a new machine uses the new passphrase too.
+    // Recovery on a new machine uses the new passphrase too, and only the new one.
     let fresh = Catalog::open_file(&f.path("fresh.db")).await.unwrap();
-    storinator_shared::recover(
+    let old = storinator_shared::recover(
+        fresh.clone(),
+        f.storage.clone(),
+        PASS,
+        settings(),
+        &NoProgress,
+    )
+    .await;
+    assert!(
+        matches!(old, Err(Error::WrongPassphrase)),
+        "{:?}",
+        old.err()
+    );
+    let (recovered, report) = storinator_shared::recover(
         fresh,
         f.storage.clone(),
         "new pass",
@@ -757,4 +1033,353 @@ async fn passphrase_change_rewraps_without_touching_data() {
     )
     .await
     .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.snapshots, 1);
+    let out = f.path("out-recovered");
+    recovered
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(out.join("data/x")).unwrap(), b"x");
+}
+
+#[tokio::test]
+async fn verify_catches_a_pack_of_the_wrong_size_and_a_bad_table_of_contents() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..3 {
+        std::fs::write(src.join(format!("f{i}.bin")), bytes(200_000, 40 + i)).unwrap();
+    }
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let clean = f.repo.verify(false, &NoProgress).await.unwrap();
+    assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+    // Two packs holding file data: one grows by a byte, the other's trailer is damaged.
+    let packs = stored_packs(f.storage.as_ref(), f.repo.keys())
+        .await
+        .unwrap();
+    let with_data: Vec<_> = packs
+        .iter()
+        .filter(|p| p.entries.iter().any(|e| e.kind == BlobKind::Data))
+        .collect();
+    assert!(with_data.len() >= 2, "{} packs with data", with_data.len());
+    let (longer, damaged) = (with_data[0], with_data[1]);
+    let obj = storinator_shared::ObjectRef::new(&longer.name, "");
+    let mut bytes_of = f
+        .storage
+        .inner
+        .get_range(&obj, 0, longer.size)
+        .await
+        .unwrap();
+    bytes_of.push(0);
+    f.storage
+        .inner
+        .put_bytes(&longer.name, bytes_of)
+        .await
+        .unwrap();
+    // The last byte of the sealed trailer sits just before the 12-byte tail.
+    let at = damaged.size as usize - 12 - 1;
+    assert!(f.storage.inner.corrupt(&damaged.name, at));
+
+    let report = f.repo.verify(false, &NoProgress).await.unwrap();
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    let about = |pack: &str| {
+        report
+            .problems
+            .iter()
+            .find(|p| p.contains(pack))
+            .unwrap_or_else(|| panic!("{pack} not reported: {:?}", report.problems))
+            .clone()
+    };
+    let size_problem = about(&longer.name);
+    assert!(
+        size_problem.contains(&format!("{} bytes", longer.size + 1))
+            && size_problem.contains("data/f"),
+        "{size_problem}"
+    );
+    let toc_problem = about(&damaged.name);
+    assert!(
+        toc_problem.contains("trailer") && toc_problem.contains("data/f"),
+        "{toc_problem}"
+    );
+}
+
+/// Changes a file between the walk and the read: the first report of the upload phase comes
+/// after the walk has recorded the file's size and before any file is read.
+struct ChangeAfterWalk {
+    file: std::path::PathBuf,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl storinator_shared::Progress for ChangeAfterWalk {
+    fn report(&self, r: &storinator_shared::ProgressReport) {
+        if r.phase == storinator_shared::Phase::Uploading && !self.done.swap(true, Ordering::SeqCst)
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.file)
+                .unwrap();
+            f.write_all(b" and a bit more").unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_file_changed_while_read_is_stored_as_read_with_a_warning_and_read_again_next_time() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("steady.txt"), b"steady").unwrap();
+    let moving = src.join("moving.log");
+    std::fs::write(&moving, b"first line").unwrap();
+    let progress = ChangeAfterWalk {
+        file: moving.clone(),
+        done: Default::default(),
+    };
+    let s = f
+        .repo
+        .backup(&backup_opts(&src), &progress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(progress.done.load(Ordering::SeqCst), "the file was changed");
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert_eq!(s.warnings[0].path, "data/moving.log");
+    assert!(
+        s.warnings[0].message.contains("changed while being read"),
+        "{}",
+        s.warnings[0].message
+    );
+    assert_eq!(s.snapshot.files, 2, "the changed file is in the snapshot");
+    let out = f.path("out");
+    f.repo
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(out.join("data/moving.log")).unwrap(),
+        b"first line and a bit more",
+        "stored as read"
+    );
+    // The next backup reads it again (and only it); the one after reads nothing.
+    let again = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(again.warnings.is_empty(), "{:?}", again.warnings);
+    assert_eq!(
+        again.snapshot.bytes_read,
+        b"first line and a bit more".len() as u64
+    );
+    let third = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(third.snapshot.bytes_read, 0);
+}
+
+#[tokio::test]
+async fn recover_twice_changes_nothing_the_second_time() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    make_tree(&src);
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    std::fs::write(src.join("small.txt"), b"second version").unwrap();
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let fresh = Catalog::open_file(&f.path("new-machine.db")).await.unwrap();
+    let (repo, first) = storinator_shared::recover(
+        fresh.clone(),
+        f.storage.clone(),
+        PASS,
+        settings(),
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    assert!(first.problems.is_empty(), "{:?}", first.problems);
+    assert_eq!(first.snapshots, 2);
+    let snaps = repo.snapshots("local", None).await.unwrap();
+    let rows = repo.catalog.entry_row_count().await.unwrap();
+    let puts = f.storage.put_count();
+    let objects = f.storage.inner.snapshot();
+
+    let (repo, second) =
+        storinator_shared::recover(fresh, f.storage.clone(), PASS, settings(), &NoProgress)
+            .await
+            .unwrap();
+    assert!(second.problems.is_empty(), "{:?}", second.problems);
+    assert_eq!(second.snapshots, 0, "no snapshot is recovered twice");
+    let again = repo.snapshots("local", None).await.unwrap();
+    assert_eq!(
+        again.iter().map(|s| &s.short_id).collect::<Vec<_>>(),
+        snaps.iter().map(|s| &s.short_id).collect::<Vec<_>>()
+    );
+    assert_eq!(repo.catalog.entry_row_count().await.unwrap(), rows);
+    assert_eq!(
+        f.storage.put_count(),
+        puts,
+        "recover writes nothing to storage"
+    );
+    assert_eq!(f.storage.inner.snapshot(), objects);
+    let out = f.path("out");
+    repo.restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+}
+
+/// Where the first chunk of `path` (in the current snapshot) is stored: pack id and offset.
+async fn first_chunk_of(f: &Fixture, path: &str) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT c.pack_id, c.offset FROM entries e
+           JOIN content_chunks cc ON cc.content_id = e.content_id AND cc.seq = 0
+           JOIN chunks c ON c.id = cc.chunk_id
+          WHERE e.path = ? AND e.to_seq IS NULL",
+    )
+    .bind(path)
+    .fetch_one(f.repo.catalog.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn one_bad_file_fails_alone_and_the_rest_of_the_restore_goes_on() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("sub/f{i}.bin")), bytes(120_000, 500 + i)).unwrap();
+    }
+    std::fs::write(src.join("note.txt"), b"a small file after the bad one").unwrap();
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // Damage one chunk of one file in the middle of the tree.
+    let (pack, offset) = first_chunk_of(&f, "data/sub/f3.bin").await;
+    assert!(
+        f.storage
+            .inner
+            .corrupt(&format!("{pack}.enc"), offset as usize + 40)
+    );
+    let out = f.path("out");
+    let err = f
+        .repo
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap_err();
+    let Error::RestoreFailed { failures } = &err else {
+        panic!("expected RestoreFailed, got {err}")
+    };
+    assert_eq!(
+        failures.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        vec!["data/sub/f3.bin"],
+        "{failures:?}"
+    );
+    assert!(
+        failures[0].1.contains("authentication failed"),
+        "{failures:?}"
+    );
+    // Everything else is there, byte for byte, with its metadata; the bad file is not.
+    let mut want = describe_tree(&src);
+    want.remove("sub/f3.bin");
+    assert_eq!(want, describe_tree(&out.join("data")));
+    assert!(!out.join("data/sub/f3.bin").exists());
+    assert!(temp_files(&out).is_empty());
+}
+
+#[tokio::test]
+async fn content_whose_size_or_sha256_does_not_match_is_rejected() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), bytes(100_000, 1)).unwrap();
+    std::fs::write(src.join("b.bin"), bytes(100_000, 2)).unwrap();
+    std::fs::write(src.join("c.bin"), bytes(150_000, 3)).unwrap();
+    std::fs::write(src.join("d.bin"), bytes(50_000, 4)).unwrap();
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // The recorded values no longer match the (authentic) data: a's SHA-256 and b's size.
+    sqlx::query(
+        "UPDATE contents SET sha256 = zeroblob(32)
+          WHERE id = (SELECT content_id FROM entries WHERE path = 'data/a.bin')",
+    )
+    .execute(f.repo.catalog.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE entries SET size = size + 1 WHERE path = 'data/b.bin'")
+        .execute(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    let out = f.path("out");
+    let err = f
+        .repo
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap_err();
+    let Error::RestoreFailed { failures } = &err else {
+        panic!("expected RestoreFailed, got {err}")
+    };
+    let mut failed: Vec<&str> = failures.iter().map(|(p, _)| p.as_str()).collect();
+    failed.sort();
+    assert_eq!(failed, vec!["data/a.bin", "data/b.bin"], "{failures:?}");
+    for name in ["a.bin", "b.bin"] {
+        assert!(!out.join("data").join(name).exists(), "{name} written");
+    }
+    assert_eq!(
+        std::fs::read(out.join("data/c.bin")).unwrap(),
+        bytes(150_000, 3)
+    );
+    assert_eq!(
+        std::fs::read(out.join("data/d.bin")).unwrap(),
+        bytes(50_000, 4)
+    );
+    assert!(temp_files(&out).is_empty());
+}
+
+#[tokio::test]
+async fn restore_never_writes_through_a_symlink_it_created_itself() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/file.txt"), b"payload").unwrap();
+    let elsewhere = f.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, src.join("lnk")).unwrap();
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // A crafted listing: the file now lives "under" the symlink the restore creates first.
+    sqlx::query("UPDATE entries SET path = 'data/lnk/file.txt' WHERE path = 'data/sub/file.txt'")
+        .execute(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    for overwrite in [false, true] {
+        let out = f.path(&format!("out-{overwrite}"));
+        let mut o = restore_opts(&src, &out);
+        o.overwrite = overwrite;
+        let res = f.repo.restore(&o, &NoProgress, &CancelFlag::new()).await;
+        assert!(res.is_err(), "the crafted path was restored: {res:?}");
+        assert!(
+            !elsewhere.join("file.txt").exists(),
+            "written through the restored symlink"
+        );
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert!(temp_files(&out).is_empty());
+        assert!(temp_files(&elsewhere).is_empty());
+    }
 }

@@ -4,7 +4,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use sha2::Digest;
+use storinator_shared::format::pack::{BlobKind, PackEntry, PackId};
+use storinator_shared::{ChunkId, Keys};
 
 /// Deterministic pseudo-random bytes.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -110,14 +115,52 @@ pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A fault the instrumented storage can answer with instead of doing the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// `StorageError::Transient`: storage unreachable for a while.
+    Transient,
+    /// `StorageError::Fatal`: storage refuses for good.
+    Fatal,
+    /// `StorageError::FloodWait` for this many seconds.
+    FloodWait(u32),
+}
+
+impl InjectedFault {
+    fn error(&self, what: &str) -> storinator_shared::StorageError {
+        use storinator_shared::StorageError;
+        match self {
+            InjectedFault::Transient => StorageError::Transient(format!("injected {what} failure")),
+            InjectedFault::Fatal => StorageError::Fatal(format!("injected {what} failure")),
+            InjectedFault::FloodWait(seconds) => StorageError::FloodWait { seconds: *seconds },
+        }
+    }
+}
+
+/// Called after each upload that succeeded, with the object name and the number of uploads so
+/// far (cancel a backup mid-way, kill a worker at a known point).
+pub type PutHook = Box<dyn Fn(&str, usize) + Send + Sync>;
+
 /// A storage backend wrapped for tests: uploads can be slowed down (so progress is visible)
-/// or made to fail after a number of successes (crash and resume tests), and every upload is
-/// recorded. The counters are `Arc`s so a "restarted" process can share them.
+/// or made to fail after a number of successes (crash and resume tests), every upload is
+/// recorded, the uploads in flight are counted (concurrency tests), and scripted faults can
+/// answer uploads and listings. The knobs are `Arc`s so a "restarted" process can share them.
 pub struct InstrumentedStorage<S> {
     pub inner: S,
-    pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    pub fail_puts_after: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    pub puts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub delay_ms: Arc<AtomicU64>,
+    pub fail_puts_after: Arc<AtomicUsize>,
+    pub puts: Arc<Mutex<Vec<String>>>,
+    /// The next this-many uploads are answered with `put_fault` (default: a flood wait).
+    pub put_faults: Arc<AtomicUsize>,
+    pub put_fault: Arc<Mutex<InjectedFault>>,
+    /// Faults served on uploads so far.
+    pub put_faults_served: Arc<AtomicUsize>,
+    /// Answer every `list` with this fault while it is set.
+    pub list_fault: Arc<Mutex<Option<InjectedFault>>>,
+    /// Uploads in flight now, and the most there ever were at once.
+    pub in_flight: Arc<AtomicUsize>,
+    pub max_in_flight: Arc<AtomicUsize>,
+    pub after_put: Arc<Mutex<Option<PutHook>>>,
 }
 
 impl<S> InstrumentedStorage<S> {
@@ -125,24 +168,61 @@ impl<S> InstrumentedStorage<S> {
         InstrumentedStorage {
             inner,
             delay_ms: Default::default(),
-            fail_puts_after: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
+            fail_puts_after: Arc::new(AtomicUsize::new(usize::MAX)),
             puts: Default::default(),
+            put_faults: Default::default(),
+            put_fault: Arc::new(Mutex::new(InjectedFault::FloodWait(0))),
+            put_faults_served: Default::default(),
+            list_fault: Default::default(),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
+            after_put: Default::default(),
         }
     }
 
-    /// The same instrumentation (delay, failure point, upload log) over another backend.
+    /// The same instrumentation (delay, failure point, faults, upload log, hook) over another
+    /// backend: one "process" dies, the next shares what the test watches.
     pub fn sharing<T>(inner: S, other: &InstrumentedStorage<T>) -> Self {
         InstrumentedStorage {
             inner,
             delay_ms: other.delay_ms.clone(),
             fail_puts_after: other.fail_puts_after.clone(),
             puts: other.puts.clone(),
+            put_faults: other.put_faults.clone(),
+            put_fault: other.put_fault.clone(),
+            put_faults_served: other.put_faults_served.clone(),
+            list_fault: other.list_fault.clone(),
+            in_flight: other.in_flight.clone(),
+            max_in_flight: other.max_in_flight.clone(),
+            after_put: other.after_put.clone(),
         }
     }
 
     /// Uploads that succeeded so far.
     pub fn put_count(&self) -> usize {
         self.puts.lock().unwrap().len()
+    }
+
+    /// Call `hook` after every successful upload.
+    pub fn on_put(&self, hook: impl Fn(&str, usize) + Send + Sync + 'static) {
+        *self.after_put.lock().unwrap() = Some(Box::new(hook));
+    }
+}
+
+/// Counts an upload in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(now: &'a AtomicUsize, max: &AtomicUsize) -> Self {
+        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+        max.fetch_max(n, Ordering::SeqCst);
+        InFlight(now)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -159,10 +239,18 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
         name: &str,
         path: &Path,
     ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
-        use std::sync::atomic::Ordering;
+        let _flight = InFlight::enter(&self.in_flight, &self.max_in_flight);
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        let scripted = self
+            .put_faults
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if scripted {
+            self.put_faults_served.fetch_add(1, Ordering::SeqCst);
+            return Err(self.put_fault.lock().unwrap().error("upload"));
         }
         if self.put_count() >= self.fail_puts_after.load(Ordering::SeqCst) {
             return Err(storinator_shared::StorageError::Fatal(
@@ -170,7 +258,14 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
             ));
         }
         let loc = self.inner.put_file(name, path).await?;
-        self.puts.lock().unwrap().push(name.to_string());
+        let count = {
+            let mut puts = self.puts.lock().unwrap();
+            puts.push(name.to_string());
+            puts.len()
+        };
+        if let Some(hook) = self.after_put.lock().unwrap().as_ref() {
+            hook(name, count);
+        }
         Ok(loc)
     }
     async fn put_bytes(
@@ -191,6 +286,10 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
     async fn list(
         &self,
     ) -> Result<Vec<storinator_shared::ObjectInfo>, storinator_shared::StorageError> {
+        let fault = self.list_fault.lock().unwrap().clone();
+        if let Some(f) = fault {
+            return Err(f.error("listing"));
+        }
         self.inner.list().await
     }
     async fn remove(
@@ -199,4 +298,66 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
     ) -> Result<(), storinator_shared::StorageError> {
         self.inner.remove(obj).await
     }
+}
+
+/// One stored pack as its trailer describes it.
+#[derive(Clone, Debug)]
+pub struct StoredPack {
+    pub name: String,
+    pub size: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+/// Reads the trailer of every pack in `storage` with `keys`. What a test uses to see what
+/// really went to storage: which chunks, in which packs, how often.
+pub async fn stored_packs(
+    storage: &dyn storinator_shared::Storage,
+    keys: &Keys,
+) -> Result<Vec<StoredPack>, String> {
+    let mut out = Vec::new();
+    for o in storage.list().await.map_err(|e| e.to_string())? {
+        if PackId::from_object_name(&o.name).is_none() {
+            continue;
+        }
+        let obj = storinator_shared::ObjectRef::new(&o.name, o.location.clone());
+        let bytes = storage
+            .get_range(&obj, 0, o.size)
+            .await
+            .map_err(|e| e.to_string())?;
+        out.push(StoredPack {
+            name: o.name.clone(),
+            size: o.size,
+            entries: pack_entries(&o.name, &bytes, keys).map_err(|e| e.to_string())?,
+        });
+    }
+    Ok(out)
+}
+
+/// The trailer entries of a whole pack held in memory, authenticated with `keys`.
+pub fn pack_entries(
+    name: &str,
+    pack: &[u8],
+    keys: &Keys,
+) -> Result<Vec<PackEntry>, storinator_shared::format::pack::PackError> {
+    use storinator_shared::format::pack::{self, PACK_TAIL_LEN};
+    let size = pack.len() as u64;
+    let tail_at = size.saturating_sub(PACK_TAIL_LEN) as usize;
+    let tlen = pack::decode_tail(name, &pack[tail_at..], size)?;
+    let body_len = size - PACK_TAIL_LEN - tlen;
+    pack::open_trailer(keys, name, &pack[body_len as usize..tail_at], body_len).map(|t| t.entries)
+}
+
+/// Data chunk ids that are stored in more than one place (each listed with its count). A
+/// resumed or repeated backup that uploads what storage already has shows up here.
+pub fn duplicate_data_chunks(packs: &[StoredPack]) -> Vec<(ChunkId, usize)> {
+    let mut seen: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    for p in packs {
+        for e in p.entries.iter().filter(|e| e.kind == BlobKind::Data) {
+            *seen.entry(e.id.0).or_default() += 1;
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(id, n)| (ChunkId(id), n))
+        .collect()
 }

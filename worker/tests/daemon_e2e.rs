@@ -12,7 +12,7 @@ use storinator_shared::{
     Catalog, ChunkerParams, DirStorage, EngineSettings, JobPolicy, JobState, Jobs, KdfParams, Repo,
 };
 use storinator_testkit::botapi::{self, ChatMessage, FakeBotApi, Fault};
-use storinator_testkit::fixtures::InstrumentedStorage;
+use storinator_testkit::fixtures::{InstrumentedStorage, duplicate_data_chunks, stored_packs};
 use storinator_worker::daemon::{self, DaemonConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -35,6 +35,9 @@ struct World {
     puts: Arc<Mutex<Vec<String>>>,
     bot: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
     worker: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
+    /// The running worker's storage refuses every upload once this is 0 (a dead process
+    /// uploads nothing more).
+    worker_alive: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 /// Deterministic incompressible bytes.
@@ -103,6 +106,7 @@ impl World {
             puts: Arc::default(),
             bot: None,
             worker: None,
+            worker_alive: None,
         }
     }
 
@@ -144,22 +148,32 @@ impl World {
         self.bot = Some((tx, task));
     }
 
-    /// Start a worker daemon as a fresh process would: its own catalog handle and repo.
-    async fn start_worker(&mut self, id: &str) {
-        let catalog = Catalog::open(&self.db_url).await.unwrap();
-        let storage = Arc::new(InstrumentedStorage {
-            inner: DirStorage::open(self.dir.path().join("store")).unwrap(),
-            delay_ms: self.delay_ms.clone(),
-            fail_puts_after: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
-            puts: self.puts.clone(),
-        });
-        let settings = EngineSettings {
+    fn settings() -> EngineSettings {
+        EngineSettings {
             pack_size: 64 * 1024,
             chunker: ChunkerParams::small(),
             threads: 1,
             ..EngineSettings::default()
-        };
-        let repo = Repo::open(catalog, storage, PASS, settings).await.unwrap();
+        }
+    }
+
+    /// Start a worker daemon as a fresh process would: its own catalog handle and repo.
+    async fn start_worker(&mut self, id: &str) {
+        let jobs = self.jobs.clone();
+        self.start_worker_with(id, jobs).await;
+    }
+
+    /// The same, with its own view of the job table (another lease time, say).
+    async fn start_worker_with(&mut self, id: &str, jobs: Jobs) {
+        let catalog = Catalog::open(&self.db_url).await.unwrap();
+        let mut storage =
+            InstrumentedStorage::new(DirStorage::open(self.dir.path().join("store")).unwrap());
+        storage.delay_ms = self.delay_ms.clone();
+        storage.puts = self.puts.clone();
+        self.worker_alive = Some(storage.fail_puts_after.clone());
+        let repo = Repo::open(catalog, Arc::new(storage), PASS, Self::settings())
+            .await
+            .unwrap();
         let cfg = DaemonConfig {
             worker_id: id.to_string(),
             concurrency: 2,
@@ -170,7 +184,6 @@ impl World {
             courier: None,
         };
         let (tx, rx) = oneshot::channel::<()>();
-        let jobs = self.jobs.clone();
         let task = tokio::spawn(daemon::run(Arc::new(repo), jobs, cfg, async move {
             let _ = rx.await;
         }));
@@ -188,10 +201,34 @@ impl World {
             .unwrap();
     }
 
-    /// Kill the worker: its tasks vanish mid-flight, no cleanup, leases left to expire.
+    /// Kill the worker: its tasks vanish mid-flight, no cleanup, leases left to expire, and
+    /// nothing it had under way reaches storage any more (an aborted task leaves detached
+    /// helpers running; a killed process would not).
     fn kill_worker(&mut self) {
         let (_tx, task) = self.worker.take().unwrap();
+        self.worker_alive.take().unwrap().store(0, Ordering::SeqCst);
         task.abort();
+    }
+
+    /// What really is in the store: every pack's trailer, read with the key.
+    async fn stored_packs(&self) -> Vec<storinator_testkit::fixtures::StoredPack> {
+        let catalog = Catalog::open(&self.db_url).await.unwrap();
+        let store = DirStorage::open(self.dir.path().join("store")).unwrap();
+        let repo = Repo::open(catalog, Arc::new(store), PASS, Self::settings())
+            .await
+            .unwrap();
+        stored_packs(repo.storage.as_ref(), repo.keys())
+            .await
+            .unwrap()
+    }
+
+    /// Successful bot API calls of `method` addressed to `chat`.
+    fn calls_to(&self, method: &str, chat: i64) -> usize {
+        self.api
+            .calls_of(method)
+            .iter()
+            .filter(|c| c.fault.is_none() && c.params["chat_id"].as_i64() == Some(chat))
+            .count()
     }
 
     async fn stop(mut self) {
@@ -533,7 +570,9 @@ async fn cancel_of_a_running_backup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_job_resumes_on_restart_and_completes() {
-    let mut w = World::new(1_000).await;
+    // A short lease for the worker that dies (the bot reports the stall soon after), a long
+    // one for the worker that takes over (a busy machine can't make it expire).
+    let mut w = World::new(2_000).await;
     w.delay_ms.store(150, Ordering::Relaxed);
     w.start_bot().await;
     w.start_worker("w1").await;
@@ -545,26 +584,56 @@ async fn killed_worker_job_resumes_on_restart_and_completes() {
         .await
         .expect("uploads start");
     w.kill_worker();
-    let before = w.puts.lock().unwrap().clone();
     let job = w.latest_job().await;
     assert_eq!(job.state, JobState::Running);
     // The user hears the job is stalled once the lease runs out.
     w.wait_text("stalled").await;
-    w.start_worker("w2").await;
+    let before = w.puts.lock().unwrap().clone();
+    assert!(before.len() >= 3);
+    let patient = w.jobs.clone().with_policy(JobPolicy {
+        lease_ms: 60_000,
+        ..*w.jobs.policy()
+    });
+    w.start_worker_with("w2", patient).await;
     w.wait_text("Done: snapshot").await;
     let job = w.jobs.get(job.id).await.unwrap().unwrap();
     assert_eq!(job.state, JobState::Done);
     assert_eq!(job.attempt, 2);
+    assert_eq!(job.lease_owner.as_deref(), Some("w2"));
+    // The packs finished before the kill are still in storage, and not one chunk of them
+    // went up again: every data chunk is stored exactly once.
     let after = w.puts.lock().unwrap().clone();
-    let reuploaded: Vec<_> = after[before.len()..]
+    let packs = w.stored_packs().await;
+    assert_eq!(
+        duplicate_data_chunks(&packs),
+        vec![],
+        "chunks uploaded twice"
+    );
+    let names: Vec<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+    for n in &before {
+        assert!(names.contains(&n.as_str()), "finished pack {n} is gone");
+    }
+    assert_eq!(
+        packs.len(),
+        after.len(),
+        "every upload is in the store, once"
+    );
+    let Some(storinator_shared::JobResult::Backup { new_chunks, .. }) = job.result else {
+        panic!("not a backup result: {:?}", job.result)
+    };
+    let data_chunks = packs
         .iter()
-        .filter(|n| before.contains(n))
-        .collect();
+        .flat_map(|p| &p.entries)
+        .filter(|e| e.kind == storinator_shared::format::pack::BlobKind::Data)
+        .count() as u64;
+    assert!(
+        new_chunks < data_chunks,
+        "the resumed run stored only what was missing ({new_chunks} of {data_chunks})"
+    );
     println!(
-        "packs before kill: {}, after restart: {}, re-uploaded: {:?}",
+        "packs before kill: {}, after restart: {}",
         before.len(),
         after.len() - before.len(),
-        reuploaded
     );
     println!("--- chat transcript ---\n{}", w.api.transcript_text(CHAT));
     w.stop().await;
@@ -601,12 +670,14 @@ async fn retry_after_on_progress_edit_still_delivers_the_summary() {
         .iter()
         .position(|c| c.fault.is_some())
         .expect("the 429 was served");
-    if let Some(next) = edits.get(i + 1) {
-        assert!(
-            next.at >= edits[i].at + Duration::from_millis(1900),
-            "edit too soon after 429"
-        );
-    }
+    // The summary itself is an edit of the progress message, so one follows the 429.
+    let next = edits
+        .get(i + 1)
+        .unwrap_or_else(|| panic!("no edit after the 429: {edits:?}"));
+    assert!(
+        next.at >= edits[i].at + Duration::from_millis(1900),
+        "edit too soon after 429"
+    );
     w.stop().await;
 }
 
@@ -661,23 +732,54 @@ async fn a_restarted_bot_neither_repeats_nor_misses_notices() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Successful sends only: a restarted bot starts with a fresh view of its budget and may
-    // meet a 429 on its first burst, which it waits out and retries.
-    let sent = |api: &FakeBotApi| {
-        api.calls_of("sendMessage")
-            .iter()
-            .filter(|c| c.fault.is_none())
-            .count()
-    };
-    let sends_before = sent(&w.api);
+    let sends_before = w.calls_to("sendMessage", CHAT);
     let history_before = w.api.bot_messages(CHAT)[0].history();
     w.start_bot().await;
     w.wait_text(&format!("Backup #{} failed", job.id)).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The bot records that it told the user; that record is what keeps it from telling again.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !w.jobs.get(job.id).await.unwrap().unwrap().final_notified {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the notice was never recorded as sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Wait for proof that the bot has looked at the job table again since (a job of another
+    // user, finished now, is announced in that user's chat), instead of sleeping.
+    let marker = w
+        .jobs
+        .enqueue(
+            USER2,
+            USER2,
+            &storinator_shared::JobArgs::Backup {
+                path: w.root.join("data/photos").display().to_string(),
+                encrypt: true,
+            },
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !w
+        .jobs
+        .get(marker.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+        .is_final()
+    {
+        assert!(std::time::Instant::now() < deadline, "marker job never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.api
+        .wait_for(WAIT, |a| (!a.bot_messages(USER2).is_empty()).then_some(()))
+        .await
+        .expect("the marker job was announced");
     // Exactly the missed notice went out (progress message + failure notice); nothing about
     // the first backup was repeated.
     assert_eq!(
-        sent(&w.api),
+        w.calls_to("sendMessage", CHAT),
         sends_before + 2,
         "{}",
         w.api.transcript_text(CHAT)

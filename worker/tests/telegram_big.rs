@@ -1,5 +1,6 @@
-//! Pack-size limits. The multi-GiB round trip is opt-in: set STORINATOR_TG_BIG_MIB (for
-//! example 1945 for a 1.9 GiB pack) to run it; otherwise it returns at once.
+//! Pack-size limits and big packs. The big-pack round trip always runs with a 24 MiB pack
+//! (the saveBigFilePart path, 48 parts); set STORINATOR_TG_BIG_MIB (for example 1945 for a
+//! 1.9 GiB pack) to run it at that size instead.
 
 mod telegram_support;
 
@@ -31,14 +32,40 @@ async fn pack_over_the_upload_limit_is_refused_before_uploading() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_gib_pack_round_trip_opt_in() {
-    let Some(mib) = std::env::var("STORINATOR_TG_BIG_MIB")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        eprintln!("STORINATOR_TG_BIG_MIB not set: skipping the multi-GiB pack test");
-        return;
+async fn premium_ceiling_is_refused_before_uploading() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let opts = LoopbackOptions {
+            premium: true,
+            ..Default::default()
+        };
+        let f = start_with(opts, false, |c| c.premium = true).await;
+        let p = f.storage.spool_dir().join("too-big");
+        std::fs::create_dir_all(f.storage.spool_dir()).unwrap();
+        // Sparse: 4000 MiB + 1 byte costs no disk.
+        let file = std::fs::File::create(&p).unwrap();
+        file.set_len(4000 * 1024 * 1024 + 1).unwrap();
+        let err = f.storage.put_file("ab.enc", &p).await.unwrap_err();
+        assert!(matches!(err, StorageError::Fatal(_)), "{err:?}");
+        assert!(err.to_string().contains("upload limit"), "{err}");
+        assert!(
+            err.to_string().contains(&(4000u64 << 20).to_string()),
+            "{err}"
+        );
+        assert_eq!(f.server.counters().get("upload.saveBigFilePart"), 0);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_pack_round_trip() {
+    let mib = match std::env::var("STORINATOR_TG_BIG_MIB") {
+        Ok(v) => v
+            .parse::<u64>()
+            .expect("STORINATOR_TG_BIG_MIB is a number of MiB"),
+        Err(_) => 24,
     };
+    println!("big pack round trip: {mib} MiB (STORINATOR_TG_BIG_MIB sets the size)");
     tokio::time::timeout(Duration::from_secs(60 * 60), async {
         let f = start(LoopbackOptions::default(), false).await;
         let spool = f.storage.spool_dir().to_path_buf();
@@ -65,6 +92,9 @@ async fn multi_gib_pack_round_trip_opt_in() {
             off += len;
         }
         assert_eq!(sent.finalize(), got.finalize());
+        let parts = (size.div_ceil(512 * 1024)) as u64;
+        assert_eq!(f.server.counters().get("upload.saveBigFilePart"), parts);
+        assert_eq!(f.server.counters().get("upload.saveFilePart"), 0);
     })
     .await
     .unwrap();

@@ -19,14 +19,16 @@ const PASS: &str = "loopback passphrase";
 struct Env {
     server: LoopbackTelegram,
     repo: Repo,
+    /// The same storage as the repo's, for its scheduler's statistics.
+    tg: Arc<TelegramStorage>,
     dir: tempfile::TempDir,
 }
 
-async fn connect(server: &LoopbackTelegram, dir: &Path, channel: bool) -> Arc<dyn Storage> {
+async fn connect(server: &LoopbackTelegram, dir: &Path, channel: bool) -> Arc<TelegramStorage> {
     let session = dir.join("worker.session");
     server.write_session(&session).unwrap();
     let mut cfg = TelegramConfig::new(1, "loopback", session, dir.join("spool"));
-    cfg.request_timeout = Duration::from_secs(3);
+    cfg.request_timeout = Duration::from_secs(2);
     if channel {
         cfg.storage_chat = Some(format!("-100{}", server.channels()[0].id));
     }
@@ -36,7 +38,8 @@ async fn connect(server: &LoopbackTelegram, dir: &Path, channel: bool) -> Arc<dy
 async fn env(opts: LoopbackOptions, channel: bool, pack_size: u64) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let server = LoopbackTelegram::start(opts).await.unwrap();
-    let storage = connect(&server, dir.path(), channel).await;
+    let tg = connect(&server, dir.path(), channel).await;
+    let storage: Arc<dyn Storage> = tg.clone();
     let catalog = Catalog::open_file(&dir.path().join("catalog.db"))
         .await
         .unwrap();
@@ -56,7 +59,12 @@ async fn env(opts: LoopbackOptions, channel: bool, pack_size: u64) -> Env {
         hostname: "test".into(),
     };
     let repo = Repo::open(catalog, storage, PASS, settings).await.unwrap();
-    Env { server, repo, dir }
+    Env {
+        server,
+        repo,
+        tg,
+        dir,
+    }
 }
 
 fn backup(src: &Path) -> BackupOptions {
@@ -129,19 +137,45 @@ async fn backup_and_restore_survive_telegram_faults() {
         make_tree(&src);
         std::fs::write(src.join("big.bin"), bytes(14 << 20, 6)).unwrap();
         let faults = e.server.faults();
+        // 4 MiB packs are small files for Telegram: their parts go by upload.saveFilePart.
         faults.on_call("messages.sendMedia", 1, Fault::flood_wait(1));
         faults.on_call("messages.sendMedia", 3, Fault::flood_premium_wait(1));
-        faults.on_call("upload.saveBigFilePart", 4, Fault::DropConnection);
+        faults.on_call("upload.saveFilePart", 6, Fault::DropConnection);
         faults.on_call("upload.saveFilePart", 2, Fault::Hang);
         faults.on_call(
             "messages.sendMedia",
             2,
             Fault::rpc(400, "FILE_PART_0_MISSING"),
         );
-        e.repo
+        let s = e
+            .repo
             .backup(&backup(&src), &NoProgress, &CancelFlag::new())
             .await
             .unwrap();
+        assert!(s.packs >= 4, "{} packs", s.packs);
+        // Each scripted fault fired, and the client dealt with each as Telegram expects.
+        assert_eq!(
+            faults.fired_on("messages.sendMedia"),
+            3,
+            "{:?}",
+            faults.fired()
+        );
+        assert_eq!(
+            faults.fired_on("upload.saveFilePart"),
+            2,
+            "{:?}",
+            faults.fired()
+        );
+        assert_eq!(faults.fired().len(), 5);
+        assert_eq!(e.server.counters().get("upload.saveBigFilePart"), 0);
+        let stats = e.tg.scheduler().stats();
+        assert_eq!(stats.flood_waits, 2, "{stats:?}");
+        assert_eq!(stats.upload_restarts, 1, "{stats:?}");
+        assert!(
+            stats.retries >= 2,
+            "the hang and the drop were retried: {stats:?}"
+        );
+        assert!(stats.reconnects >= 2, "{stats:?}");
 
         faults.clear();
         e.server.expire_file_references();
@@ -153,6 +187,15 @@ async fn backup_and_restore_survive_telegram_faults() {
             .restore(&restore(&src, &out), &NoProgress, &CancelFlag::new())
             .await
             .unwrap();
+        assert_eq!(faults.fired_on("upload.getFile"), 3, "{:?}", faults.fired());
+        assert_eq!(faults.fired().len(), 8);
+        let after = e.tg.scheduler().stats();
+        assert_eq!(after.flood_waits, 3, "{after:?}");
+        assert!(after.retries >= stats.retries + 2, "{after:?}");
+        assert!(
+            e.server.counters().get("messages.getMessages") >= 1,
+            "expired file references were refetched"
+        );
         assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
         e.server.shutdown().await;
     })
@@ -171,6 +214,7 @@ async fn corrupted_download_is_named_and_deleted_pack_is_reported() {
         e.server.faults().with_probability("upload.getFile", 1.0, 1000, Fault::CorruptDownload);
         let out = e.dir.path().join("out");
         let err = e.repo.restore(&restore(&src, &out), &NoProgress, &CancelFlag::new()).await.unwrap_err();
+        assert!(e.server.faults().fired_on("upload.getFile") >= 1);
         assert!(matches!(&err, Error::RestoreFailed { failures } if failures[0].0 == "data/precious.bin"), "{err}");
         assert!(!out.join("data/precious.bin").exists());
         assert!(temp_files(&out).is_empty());

@@ -21,9 +21,10 @@ async fn bounded<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_waits_pause_and_retry_without_failing() {
     bounded(60, async {
-        let f = start(LoopbackOptions::default(), false).await;
+        // One attempt per call: a flood wait is not a failed attempt, so no budget runs out.
+        let f = start_with(LoopbackOptions::default(), false, |c| c.max_attempts = 1).await;
         let faults = f.server.faults();
-        faults.on_call("messages.sendMedia", 1, Fault::flood_wait(1));
+        faults.on_calls("messages.sendMedia", 1, 2, Fault::flood_wait(1));
         faults.on_call("upload.saveFilePart", 2, Fault::flood_premium_wait(1));
         faults.on_call("upload.getFile", 1, Fault::flood_wait(1));
         let bytes = data(3 * 1024 * 1024 + 5, 2);
@@ -33,10 +34,13 @@ async fn flood_waits_pause_and_retry_without_failing() {
             bytes
         );
         let c = f.server.counters();
-        assert_eq!(c.get("messages.sendMedia"), 2, "one refused, one accepted");
+        assert_eq!(c.get("messages.sendMedia"), 3, "two refused, one accepted");
         assert_eq!(f.server.documents().len(), 1);
+        assert_eq!(faults.fired().len(), 4, "{:?}", faults.fired());
         let stats = f.storage.scheduler().stats();
-        assert_eq!(stats.flood_waits, 3, "{stats:?}");
+        assert_eq!(stats.flood_waits, 4, "{stats:?}");
+        assert_eq!(stats.flood_wait_seconds, 4, "{stats:?}");
+        assert_eq!(stats.retries, 0, "flood waits are not retries: {stats:?}");
     })
     .await;
 }
@@ -50,15 +54,37 @@ async fn dropped_connections_are_resumed() {
         faults.on_call("messages.sendMedia", 1, Fault::DropConnection);
         faults.on_call("upload.getFile", 2, Fault::DropConnection);
         let bytes = data(11 * 1024 * 1024, 3);
-        let before = f.server.counters().get("connections");
         let loc = put(&f.storage, PACK, &bytes).await;
         assert_eq!(
             get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
             bytes
         );
+        // Each drop happened, and each cost exactly one retry of the call it hit.
+        let fired: Vec<String> = faults.fired().into_iter().map(|x| x.method).collect();
+        assert_eq!(
+            fired,
+            [
+                "upload.saveBigFilePart",
+                "messages.sendMedia",
+                "upload.getFile"
+            ]
+        );
+        let stats = f.storage.scheduler().stats();
+        assert!(stats.retries >= 3, "{stats:?}");
         assert!(
-            f.server.counters().get("connections") >= before + 3,
-            "each drop forces a new connection"
+            stats.reconnects >= 1,
+            "the part connection was reopened: {stats:?}"
+        );
+        let c = f.server.counters();
+        assert_eq!(
+            c.get("messages.sendMedia"),
+            2,
+            "the dropped send went again"
+        );
+        assert_eq!(
+            c.get("upload.saveBigFilePart"),
+            22 + 1,
+            "one part went twice"
         );
         assert_eq!(f.server.documents().len(), 1);
     })
@@ -68,8 +94,11 @@ async fn dropped_connections_are_resumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_calls_time_out_and_are_retried() {
     bounded(60, async {
+        // A short timeout keeps the test quick; a busy machine may time out a healthy call
+        // too, so there is room for extra attempts.
         let f = start_with(LoopbackOptions::default(), false, |c| {
-            c.request_timeout = Duration::from_millis(700)
+            c.request_timeout = Duration::from_millis(1000);
+            c.max_attempts = 20;
         })
         .await;
         let faults = f.server.faults();
@@ -83,6 +112,16 @@ async fn hung_calls_time_out_and_are_retried() {
             bytes
         );
         assert_eq!(f.server.documents().len(), 1);
+        // The three hung calls fired, and each ended in a timeout and a retry.
+        assert_eq!(faults.fired().len(), 3, "{:?}", faults.fired());
+        let stats = f.storage.scheduler().stats();
+        assert!(stats.retries >= 3, "{stats:?}");
+        let c = f.server.counters();
+        assert!(c.get("messages.sendMedia") >= 2, "the hung send went again");
+        assert!(
+            c.get("upload.saveFilePart") >= 5,
+            "4 parts + the hung one again"
+        );
     })
     .await;
 }
@@ -107,6 +146,8 @@ async fn expired_parts_restart_the_pack() {
             get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
             bytes
         );
+        assert_eq!(f.server.faults().fired().len(), 1);
+        assert_eq!(f.server.counters().get("messages.sendMedia"), 2);
         assert_eq!(f.server.counters().get("upload.saveBigFilePart"), 2 * 23);
         assert_eq!(f.storage.scheduler().stats().upload_restarts, 1);
     })
@@ -141,6 +182,7 @@ async fn corrupted_download_is_returned_as_is() {
             .faults()
             .on_call("upload.getFile", 1, Fault::CorruptDownload);
         let bad = get_all(&f.storage, PACK, &loc, bytes.len() as u64).await;
+        assert_eq!(f.server.faults().fired_on("upload.getFile"), 1);
         assert_eq!(bad.len(), bytes.len());
         assert_ne!(
             bad, bytes,
@@ -244,18 +286,32 @@ async fn message_calls_grow_with_packs_not_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_rate_limit_answers_flood_wait_and_uploads_complete() {
     bounded(60, async {
+        // Ten sends at once against a budget of four per two seconds: the server must refuse
+        // some however slow the machine is (all ten are under way well within the window).
         let opts = LoopbackOptions {
-            message_rate: Some((4, Duration::from_secs(1))),
+            message_rate: Some((4, Duration::from_secs(2))),
             ..Default::default()
         };
-        let f = start(opts, false).await;
+        let f = std::sync::Arc::new(start(opts, false).await);
+        let mut puts = tokio::task::JoinSet::new();
         for i in 0..10u64 {
-            put(&f.storage, &format!("{i:032x}.enc"), &data(10_000, i)).await;
+            let f = f.clone();
+            puts.spawn(async move {
+                put(&f.storage, &format!("{i:032x}.enc"), &data(10_000, i)).await;
+            });
+        }
+        while let Some(r) = puts.join_next().await {
+            r.unwrap();
         }
         assert_eq!(f.server.documents().len(), 10);
         let stats = f.storage.scheduler().stats();
         assert!(stats.flood_waits >= 1, "{stats:?}");
-        assert!(f.server.counters().get("messages.sendMedia") > 10);
+        let sends = f.server.counters().get("messages.sendMedia");
+        assert_eq!(
+            sends,
+            10 + stats.flood_waits,
+            "every refused send was waited out and sent again"
+        );
     })
     .await;
 }
@@ -293,9 +349,16 @@ async fn random_drops_and_floods_still_round_trip() {
         }
         assert_eq!(f.server.documents().len(), 3);
         let stats = f.storage.scheduler().stats();
+        let fired = faults.fired();
+        assert!(!fired.is_empty(), "no fault fired");
+        let floods = fired
+            .iter()
+            .filter(|x| matches!(x.fault, Fault::RpcError { .. }))
+            .count() as u64;
+        assert_eq!(stats.flood_waits, floods, "{stats:?} {fired:?}");
         assert!(
-            stats.retries + stats.flood_waits > 0,
-            "no fault fired: {stats:?}"
+            stats.retries >= fired.len() as u64 - floods,
+            "every drop and hang was retried: {stats:?} {fired:?}"
         );
     })
     .await;

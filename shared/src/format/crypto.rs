@@ -171,6 +171,14 @@ impl MasterSecret {
     }
 }
 
+#[cfg(feature = "test-support")]
+impl MasterSecret {
+    /// The secret's bytes, for tests that scan output for leaked keys. Only in test builds.
+    pub fn bytes_for_tests(&self) -> [u8; MASTER_LEN] {
+        self.0
+    }
+}
+
 impl Drop for MasterSecret {
     fn drop(&mut self) {
         self.0.zeroize();
@@ -219,6 +227,13 @@ impl Keys {
         k.seed_unencrypted = u64::from_le_bytes(seed);
         seed.zeroize();
         k
+    }
+
+    /// The encryption, MAC and chunk-id keys, for tests that scan output for leaked keys.
+    /// Only in test builds.
+    #[cfg(feature = "test-support")]
+    pub fn bytes_for_tests(&self) -> [[u8; KEY_LEN]; 3] {
+        [self.enc, self.mac, self.id]
     }
 
     /// HMAC-SHA256 with the chunk-id key over the plaintext.

@@ -1112,8 +1112,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_claimers_get_distinct_jobs() {
         let (_d, jobs, _c) = setup().await;
-        let job = jobs.enqueue(7, 70, &backup()).await.unwrap();
-        // Many claimers race for one job: exactly one wins.
+        let mut queued = Vec::new();
+        for _ in 0..5 {
+            queued.push(jobs.enqueue(7, 70, &backup()).await.unwrap().id);
+        }
+        // Eight claimers race for five jobs: each job goes to exactly one of them, and the
+        // three left over get nothing.
         let mut tasks = Vec::new();
         for i in 0..8 {
             let jobs = jobs.clone();
@@ -1127,10 +1131,21 @@ mod tests {
                 winners.push((j, lease));
             }
         }
-        assert_eq!(winners.len(), 1, "exactly one claimer wins");
-        assert_eq!(winners[0].0.id, job.id);
-        assert_eq!(winners[0].1.attempt, 1);
-        assert_eq!(winners[0].0.state, JobState::Running);
+        assert_eq!(winners.len(), 5, "one claimer per job");
+        let mut won: Vec<JobId> = winners.iter().map(|(j, _)| j.id).collect();
+        won.sort();
+        assert_eq!(won, queued, "every job claimed once");
+        let mut owners: Vec<&str> = winners.iter().map(|(_, l)| l.owner.as_str()).collect();
+        owners.sort();
+        owners.dedup();
+        assert_eq!(owners.len(), 5, "no claimer got two jobs in one claim");
+        for (j, lease) in &winners {
+            assert_eq!(lease.attempt, 1);
+            assert_eq!(j.state, JobState::Running);
+            let row = jobs.get(j.id).await.unwrap().unwrap();
+            assert_eq!(row.lease_owner.as_deref(), Some(lease.owner.as_str()));
+        }
+        assert!(jobs.claim("late").await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -1354,12 +1369,25 @@ mod tests {
                 .unwrap(),
             Signal::Cancel
         );
-        // A retryable failure of a job being cancelled does not requeue it.
         jobs.cancelled(&lease).await.unwrap();
         assert_eq!(
             jobs.get(r.id).await.unwrap().unwrap().state,
             JobState::Cancelled
         );
+        // A retryable failure of a job being cancelled does not requeue it.
+        let s = jobs.enqueue(7, 70, &backup()).await.unwrap();
+        let (_, lease) = jobs.claim("w").await.unwrap().unwrap();
+        jobs.request_cancel(s.id, 7).await.unwrap();
+        let state = jobs
+            .fail(&lease, "connection dropped", None, true)
+            .await
+            .unwrap();
+        assert_eq!(state, JobState::Failed);
+        assert_eq!(
+            jobs.get(s.id).await.unwrap().unwrap().state,
+            JobState::Failed
+        );
+        assert!(jobs.claim("w").await.unwrap().is_none(), "not queued again");
     }
 
     #[tokio::test]

@@ -203,6 +203,26 @@ mod retry_tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[tokio::test(start_paused = true)]
+    async fn flood_waits_beyond_any_attempt_budget_never_give_up() {
+        // Four times the transient budget in flood waits, then success: waited out, not failed.
+        let n = RETRY_ATTEMPTS * 4;
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let v = with_retry("test", || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < n {
+                Err(StorageError::FloodWait { seconds: 30 })
+            } else {
+                Ok(7)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 7);
+        assert_eq!(calls.load(Ordering::SeqCst), n + 1);
+        assert!(start.elapsed() >= std::time::Duration::from_secs(30 * u64::from(n)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn flood_waits_are_waited_out_and_transients_bounded() {
         let calls = AtomicU32::new(0);
         let start = tokio::time::Instant::now();

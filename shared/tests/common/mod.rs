@@ -59,8 +59,12 @@ impl Fixture {
 
 // Each test crate uses its own subset.
 #[allow(unused_imports)]
+pub use storinator_shared::format::pack::BlobKind;
+// Each test crate uses its own subset.
+#[allow(unused_imports)]
 pub use storinator_testkit::fixtures::{
-    InstrumentedStorage, bytes, describe_tree, make_tree, temp_files,
+    InstrumentedStorage, bytes, describe_tree, duplicate_data_chunks, make_tree, pack_entries,
+    stored_packs, temp_files,
 };
 
 /// The engine tests' storage: memory, instrumented.

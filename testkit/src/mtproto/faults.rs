@@ -72,6 +72,16 @@ pub struct Faults {
     rules: Mutex<Vec<Rule>>,
     rng: Mutex<u64>,
     pub(crate) counters: Arc<Counters>,
+    fired: Mutex<Vec<Fired>>,
+}
+
+/// A fault the server served: which call of which method it hit.
+#[derive(Clone, Debug)]
+pub struct Fired {
+    pub method: String,
+    /// The call's number among all calls of `method` (1-based, since the server started).
+    pub call: u64,
+    pub fault: Fault,
 }
 
 impl Faults {
@@ -115,6 +125,22 @@ impl Faults {
         self.rules.lock().unwrap().clear();
     }
 
+    /// Every fault served so far, in order. A test that scripts a fault checks here that it
+    /// really fired (a rule on a method the client never calls proves nothing).
+    pub fn fired(&self) -> Vec<Fired> {
+        self.fired.lock().unwrap().clone()
+    }
+
+    /// How many faults were served on `method`.
+    pub fn fired_on(&self, method: &str) -> usize {
+        self.fired
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.method == method)
+            .count()
+    }
+
     /// Decides the fault for call number `n` of `method`.
     pub(crate) fn pick(&self, method: &str, n: u64) -> Option<Fault> {
         let mut rules = self.rules.lock().unwrap();
@@ -131,6 +157,11 @@ impl Faults {
                 continue;
             }
             rule.remaining -= 1;
+            self.fired.lock().unwrap().push(Fired {
+                method: method.to_string(),
+                call: n,
+                fault: rule.fault.clone(),
+            });
             return Some(rule.fault.clone());
         }
         None

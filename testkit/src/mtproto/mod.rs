@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use faults::{Counters, Fault, Faults, MESSAGE_CLASS};
+pub use faults::{Counters, Fault, Faults, Fired, MESSAGE_CLASS};
 pub use net::NetProfile;
 use server::Server;
 
