@@ -218,8 +218,7 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
         }
         vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
     })
-    .err()
-    .expect("the bot refuses the passphrase");
+    .expect_err("the bot refuses the passphrase");
     s.found.add("the bot's refusal", refused.to_string());
     let cfg = storinator_bot::BotConfig::from_lookup(|k| {
         vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
