@@ -94,7 +94,9 @@ async fn pipelined_parts_come_back_identical_under_jitter_and_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parts_in_flight_overlap_their_round_trips() {
     bounded(120, async {
-        let rtt = Duration::from_millis(300);
+        // Long enough that the emulated round trips, not the CPU of a loaded machine (the
+        // whole suite runs beside this), decide the time.
+        let rtt = Duration::from_millis(400);
         let f = start_with(
             LoopbackOptions {
                 net: NetProfile::with_rtt(rtt),
@@ -107,8 +109,9 @@ async fn parts_in_flight_overlap_their_round_trips() {
         // Warm up: connections open and the window opens up to its bound.
         put(&f.storage, PACK, &data(8 * MIB, 1)).await;
         assert_eq!(f.storage.scheduler().part_concurrency(), 16);
-        // 32 parts one round trip each would take 32 round trips; four at a time (one per
-        // connection) eight; sixteen at a time two, plus the send.
+        // 32 parts one round trip each would take 32 round trips; one at a time on each of at
+        // most four connections at least eight; sixteen at a time two, plus the send (under a
+        // loaded suite that has taken up to three more round trips' worth of CPU).
         let name = "00112233445566778899aabbccddee00.enc";
         let spool = f.storage.spool_dir().join("timed.part");
         std::fs::write(&spool, data(16 * MIB, 2)).unwrap();
@@ -117,7 +120,7 @@ async fn parts_in_flight_overlap_their_round_trips() {
         let took = t.elapsed();
         let stats = f.storage.scheduler().stats();
         assert!(
-            took < rtt * 6,
+            took < rtt * 7,
             "32 parts took {took:?}: they did not overlap ({stats:?})"
         );
         assert!(stats.peak_parts_per_connection >= 4, "{stats:?}");
