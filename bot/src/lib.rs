@@ -87,6 +87,8 @@ pub enum Command {
     Digest(String),
     #[command(description = "the scrub: when each pack was last read back (/scrub now runs one)")]
     Scrub(String),
+    #[command(description = "what your backups store, and what a prune would free")]
+    Usage,
 }
 
 /// State shared by the handlers and the notifier.
@@ -448,6 +450,16 @@ async fn command(
             }
             other => format!("Usage: /scrub or /scrub now (not {other:?})."),
         },
+        Command::Usage => {
+            // The same figures as `storinator-worker stats`, for this user's folders.
+            let u = storinator_shared::engine::prune::usage(
+                &app.catalog,
+                Some(&owner(user_id)),
+                storinator_shared::config::DEFAULT_PACK_SIZE,
+            )
+            .await?;
+            render::usage(&u)
+        }
         Command::Snapshots(raw) => {
             let path = Some(raw.trim().trim_end_matches('/')).filter(|p| !p.is_empty());
             let mut snaps = list_snapshots(&app.catalog, &owner(user_id), path).await?;
@@ -815,9 +827,13 @@ mod tests {
     #[test]
     fn long_texts_are_clipped_at_a_line_break() {
         let long: String = (0..1000).map(|i| format!("line {i}\n")).collect();
-        let clipped = clip(long);
+        let clipped = clip(long.clone());
         assert!(clipped.chars().count() <= 4096);
-        assert!(clipped.ends_with("(cut: too long for one message)"));
+        let (kept, marker) = clipped.rsplit_once('\n').unwrap();
+        assert_eq!(marker, "… (cut: too long for one message)");
+        // Whole lines only: what is kept is the text's first lines, up to a line break.
+        assert!(long.starts_with(&format!("{kept}\n")), "{kept}");
+        assert!(kept.lines().count() > 100);
         assert_eq!(clip("short".into()), "short");
     }
 
@@ -827,7 +843,7 @@ mod tests {
             .into_iter()
             .map(|c| c.command)
             .collect();
-        assert_eq!(names.len(), 20);
+        assert_eq!(names.len(), 21);
         assert!(
             names
                 .iter()

@@ -11,6 +11,34 @@ pub use storinator_shared::human_bytes as bytes;
 
 pub use storinator_shared::{dedup_figure, plural};
 
+/// `/usage`: the user's folders, then the repository's totals and what a prune would free.
+pub fn usage(u: &storinator_shared::UsageReport) -> String {
+    if u.roots.is_empty() {
+        return "No backups yet. /backup <path> makes one.".into();
+    }
+    let mut lines = vec!["Your backups:".to_string()];
+    for r in &u.roots {
+        lines.push(format!(
+            "• {}: {}, latest {}, {} added",
+            r.root,
+            plural(r.snapshots, "snapshot", "snapshots"),
+            bytes(r.latest_bytes),
+            bytes(r.added_bytes)
+        ));
+    }
+    lines.push(format!(
+        "Stored in Telegram (all users): {} in {} · dedup {:.2}×",
+        bytes(u.stored_bytes),
+        plural(u.packs, "message", "messages"),
+        u.dedup_ratio
+    ));
+    lines.push(format!(
+        "A prune would free {} now.",
+        bytes(u.prune_would_free)
+    ));
+    lines.join("\n")
+}
+
 /// `/snapshots`: newest first, at most 30.
 pub fn snapshots(path: Option<&str>, snaps: &[SnapshotInfo]) -> String {
     if snaps.is_empty() {

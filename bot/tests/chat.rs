@@ -8,8 +8,9 @@ use std::time::Duration;
 use storinator_bot::BotConfig;
 use storinator_shared::engine::repo::KEY_USER;
 use storinator_shared::{
-    BackupOptions, CancelFlag, Catalog, DirStorage, EngineSettings, Job, JobArgs, JobResult,
-    JobState, Jobs, KdfParams, ManualClock, NoProgress, Phase, ProgressReport, Repo, Signal,
+    BackupOptions, CancelFlag, Catalog, DirStorage, EngineSettings, Job, JobArgs, JobPolicy,
+    JobResult, JobState, Jobs, KdfParams, ManualClock, NoProgress, Phase, ProgressReport, Repo,
+    Signal,
 };
 use storinator_testkit::botapi::{self, FakeBotApi, Fault};
 use tokio::sync::oneshot;
@@ -57,6 +58,11 @@ async fn backup_as(pool: &sqlx::SqlitePool, dir: &Path, root: &Path, owner: &str
 const SPEED: u32 = 5;
 
 async fn start(clock: Option<ManualClock>) -> Harness {
+    start_with(clock, 100).await
+}
+
+/// The bot with its minimum interval between edits of one progress message.
+async fn start_with(clock: Option<ManualClock>, edit_interval_ms: u64) -> Harness {
     let api = FakeBotApi::start_with(botapi::Limits::telegram().faster(SPEED))
         .await
         .unwrap();
@@ -82,7 +88,10 @@ async fn start(clock: Option<ManualClock>) -> Harness {
         ),
         ("STORINATOR_BACKUP_ROOTS".into(), root.display().to_string()),
         ("DATABASE_URL".into(), db.clone()),
-        ("STORINATOR_BOT_EDIT_INTERVAL_MS".into(), "100".into()),
+        (
+            "STORINATOR_BOT_EDIT_INTERVAL_MS".into(),
+            edit_interval_ms.to_string(),
+        ),
         ("STORINATOR_BOT_TICK_MS".into(), "25".into()),
         ("STORINATOR_BOT_POLL_TIMEOUT_S".into(), "1".into()),
     ];
@@ -140,10 +149,15 @@ impl Harness {
     async fn wait_progress(&self, job: &Job, needle: &str) -> String {
         let jobs = self.jobs.clone();
         let id = job.id;
+        let deadline = tokio::time::Instant::now() + WAIT;
         let mid = loop {
             if let Some(m) = jobs.get(id).await.unwrap().unwrap().progress_message_id {
                 break m;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} never got a progress message"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         self.api
@@ -257,7 +271,7 @@ async fn backup_shows_queued_progress_and_summary() {
         .count();
     assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
     let commands = h.api.commands();
-    assert_eq!(commands.as_array().unwrap().len(), 20);
+    assert_eq!(commands.as_array().unwrap().len(), 21);
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
@@ -354,6 +368,7 @@ async fn unknown_commands_and_bad_arguments_get_usage() {
         ("/jobs", "no jobs yet"),
         ("/status", "Nothing is running"),
         ("/snapshots", "No snapshots yet"),
+        ("/usage", "No backups yet"),
         ("/cancel 41", "no job #41"),
         ("/verify /srv/data", "Usage: /verify (no arguments)"),
     ] {
@@ -472,11 +487,26 @@ async fn stalled_worker_is_reported_once() {
     let h = start(Some(clock.clone())).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
         .await;
-    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    let (job, lease) = h.jobs.claim("w").await.unwrap().unwrap();
     h.jobs
         .report_progress(&lease, &report(Phase::Uploading, 250, 1000))
         .await
         .unwrap();
+    // A second job whose worker holds a long lease: it stays alive through the clock jump
+    // and serves as the marker below.
+    h.say(
+        USER,
+        &format!("/backup {}", h.root.join("data/sub").display()),
+    )
+    .await;
+    let marker = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    assert_ne!(marker.id, job.id);
+    let patient = h.jobs.clone().with_policy(JobPolicy {
+        lease_ms: 10 * h.jobs.policy().lease_ms,
+        ..*h.jobs.policy()
+    });
+    let (claimed, marker_lease) = patient.claim("w2").await.unwrap().unwrap();
+    assert_eq!(claimed.id, marker.id);
     clock.advance(h.jobs.policy().lease_ms + 1);
     let m = h
         .api
@@ -484,14 +514,31 @@ async fn stalled_worker_is_reported_once() {
         .await
         .unwrap();
     assert!(m.text.contains("25%"), "{}", m.text);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        m.text.contains(&format!("/cancel {} ", job.id)),
+        "{}",
+        m.text
+    );
+    // Proof that the bot has gone over the job table again since (it shows the marker's new
+    // progress), and that everything it queued for this chat by then was sent (a reply
+    // queued after it has arrived), instead of sleeping: the stall is still reported once.
+    patient
+        .report_progress(&marker_lease, &report(Phase::Uploading, 500, 1000))
+        .await
+        .unwrap();
+    h.wait_progress(&marker, "50%").await;
+    h.api.push_message(USER, CHAT, "/status");
+    h.api
+        .wait_for_bot_text(CHAT, "2 active jobs", WAIT)
+        .await
+        .expect("the /status reply");
     let stalls = h
         .api
         .bot_messages(CHAT)
         .iter()
-        .filter(|m| m.text.contains("stalled"))
+        .filter(|m| m.text.contains("is stalled: the worker stopped responding"))
         .count();
-    assert_eq!(stalls, 1);
+    assert_eq!(stalls, 1, "{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }
 
@@ -593,6 +640,228 @@ async fn restore_conflicts_ask_before_overwriting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_existing_keeps_the_files_and_queues_nothing() {
+    let h = start(None).await;
+    let snap = backup_as(h.jobs.pool(), h._dir.path(), &h.root, &format!("tg:{USER}")).await;
+    let out = h.root.join("out dir");
+    let reply = h
+        .say(
+            USER,
+            &format!(
+                "/restore {}/data/sub to {} snapshot {snap}",
+                h.root.display(),
+                out.display()
+            ),
+        )
+        .await;
+    assert!(reply.contains("Queued"), "{reply}");
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    let conflicts = JobResult::Conflicts {
+        count: 1,
+        sample: vec!["sub/a.txt".into()],
+        snapshot: Some(snap.clone()),
+    };
+    h.jobs
+        .fail(&lease, "1 existing file differs", Some(&conflicts), false)
+        .await
+        .unwrap();
+    let prompt = h
+        .api
+        .wait_for_bot_text(CHAT, "Overwrite them?", WAIT)
+        .await
+        .unwrap();
+
+    // Keep existing: the prompt says so, and no restore is queued.
+    let keep = h
+        .api
+        .push_callback(USER, CHAT, prompt.message_id, &format!("keep:{}", job.id));
+    let edited = h
+        .api
+        .wait_for_bot_text(CHAT, "kept the existing files", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(edited.message_id, prompt.message_id);
+    assert!(
+        edited.text.contains("nothing was overwritten"),
+        "{}",
+        edited.text
+    );
+    let answer = h.api.wait_for(WAIT, |a| a.callback_answer(&keep)).await;
+    assert_eq!(answer.as_deref(), Some("Kept."));
+    // The answer stands: a later Overwrite tap on the same prompt does nothing either.
+    let late = h
+        .api
+        .push_callback(USER, CHAT, prompt.message_id, &format!("ow:{}", job.id));
+    let answer = h.api.wait_for(WAIT, |a| a.callback_answer(&late)).await;
+    assert_eq!(answer.as_deref(), Some("Already answered."));
+    assert_eq!(h.job_count().await, 1, "no restore was queued");
+    assert_eq!(
+        h.jobs.get(job.id).await.unwrap().unwrap().state,
+        JobState::Failed
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_running_job_spaced_progress_edits_and_a_retry_notice() {
+    // Edits at most every 700 ms: slower than the chat's pacing (200 ms here), so the
+    // spacing seen is the bot's own interval.
+    let h = start_with(None, 700).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    h.jobs
+        .report_progress(&lease, &report(Phase::Uploading, 100, 1000))
+        .await
+        .unwrap();
+    let status = h.say(USER, "/status").await;
+    assert!(
+        status.contains("1 active job") && status.contains(&format!("#{} ", job.id)),
+        "{status}"
+    );
+    assert!(status.contains("10%"), "{status}");
+
+    // New progress every 50 ms for 2.5 s.
+    for i in 1..=50u64 {
+        h.jobs
+            .report_progress(&lease, &report(Phase::Uploading, 100 + i * 10, 1000))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.wait_progress(&job, "60%").await;
+    let mid = h
+        .jobs
+        .get(job.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .progress_message_id
+        .unwrap();
+    let edits: Vec<_> = h
+        .api
+        .calls_of("editMessageText")
+        .into_iter()
+        .filter(|c| c.fault.is_none() && c.params["message_id"].as_i64() == Some(i64::from(mid)))
+        .collect();
+    assert!(edits.len() >= 2, "{} edits", edits.len());
+    for w in edits.windows(2) {
+        // (Arrival times: a little less than the interval if the earlier edit was delayed.)
+        assert!(
+            w[1].at >= w[0].at + Duration::from_millis(600),
+            "edits {:?} apart:\n{}",
+            w[1].at - w[0].at,
+            h.api.transcript_text(CHAT)
+        );
+    }
+
+    // A failure that may go away: the message says the job will be retried, and why.
+    h.jobs
+        .fail(&lease, "connection reset by peer", None, true)
+        .await
+        .unwrap();
+    let text = h.wait_progress(&job, "Will retry").await;
+    assert!(
+        text.contains("attempt 2 of") && text.contains("connection reset by peer"),
+        "{text}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_filter_by_path_ls_reads_a_given_snapshot_and_backups_may_be_unencrypted() {
+    let h = start(None).await;
+    let owner = format!("tg:{USER}");
+    let data = h.root.join("data");
+    let first = backup_as(h.jobs.pool(), h._dir.path(), &h.root, &owner).await;
+    std::fs::write(data.join("later.txt"), b"added after the first backup").unwrap();
+    let second = backup_as(h.jobs.pool(), h._dir.path(), &h.root, &owner).await;
+    let other_root = h.root.join("other");
+    std::fs::create_dir_all(other_root.join("data")).unwrap();
+    std::fs::write(other_root.join("data/x.txt"), b"x").unwrap();
+    let other = backup_as(h.jobs.pool(), h._dir.path(), &other_root, &owner).await;
+
+    let all = h.say(USER, "/snapshots").await;
+    assert!(all.contains("📚 3 snapshots:"), "{all}");
+    let of_data = h.say(USER, &format!("/snapshots {}", data.display())).await;
+    assert!(of_data.contains("📚 2 snapshots:"), "{of_data}");
+    assert!(
+        of_data.contains(&first) && of_data.contains(&second) && !of_data.contains(&other),
+        "{of_data}"
+    );
+
+    let latest = h.say(USER, &format!("/ls {}", data.display())).await;
+    assert!(latest.contains("later.txt"), "{latest}");
+    let old = h
+        .say(USER, &format!("/ls {} snapshot {first}", data.display()))
+        .await;
+    assert!(old.contains("a.txt") && !old.contains("later.txt"), "{old}");
+
+    let reply = h
+        .say(USER, &format!("/backup {} unencrypted", data.display()))
+        .await;
+    assert!(reply.contains("Queued"), "{reply}");
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    assert_eq!(
+        job.args,
+        JobArgs::Backup {
+            path: data.display().to_string(),
+            encrypt: false
+        }
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_is_not_modified_counts_as_done() {
+    let h = start(None).await;
+    h.say(USER, &format!("/backup {}", h.root.join("data").display()))
+        .await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
+    let (_, lease) = h.jobs.claim("w").await.unwrap().unwrap();
+    // Everything the bot had to show so far is shown: no edit is pending.
+    let shown = || async {
+        let j = h.jobs.get(job.id).await.unwrap().unwrap();
+        j.shown_at >= j.updated_at
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !shown().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim was never shown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Telegram answers the next edit "message is not modified" (it already shows that
+    // text): that edit is done, recorded as shown and not sent again.
+    h.api.fail_next_call("editMessageText", Fault::NotModified);
+    h.jobs
+        .report_progress(&lease, &report(Phase::Uploading, 500, 1000))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !shown().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the progress was never recorded as shown:\n{}",
+            h.api.transcript_text(CHAT)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let edits: Vec<_> = h
+        .api
+        .calls_of("editMessageText")
+        .into_iter()
+        .filter(|c| c.params["text"].as_str().unwrap_or("").contains("50%"))
+        .collect();
+    assert_eq!(edits.len(), 1, "{edits:?}");
+    assert_eq!(edits[0].fault, Some(Fault::NotModified));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_final_notice_survives_repeated_429s() {
     let h = start(None).await;
     h.say(USER, &format!("/backup {}", h.root.join("data").display()))
@@ -635,5 +904,22 @@ async fn a_final_notice_survives_repeated_429s() {
     for pair in h.api.calls_of("sendMessage")[n..].windows(2) {
         assert!(pair[1].at >= pair[0].at + Duration::from_millis(950));
     }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_shows_the_users_own_folders_and_what_a_prune_would_free() {
+    let h = start(None).await;
+    backup_as(h.jobs.pool(), h._dir.path(), &h.root, &format!("tg:{USER}")).await;
+    let reply = h.say(USER, "/usage").await;
+    let root = h.root.join("data");
+    assert!(
+        reply.contains(&format!("• {}: 1 snapshot", root.display())),
+        "{reply}"
+    );
+    assert!(reply.contains("A prune would free 0 B now."), "{reply}");
+    // Another user's backups are not shown.
+    let reply = h.say(OTHER_USER, "/usage").await;
+    assert!(reply.contains("No backups yet"), "{reply}");
     h.stop().await;
 }

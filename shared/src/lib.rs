@@ -29,6 +29,9 @@ pub use catalog::{
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{Config, ConfigError, Secret, StorageSpec};
 pub use engine::backup::{BackupOptions, BackupSummary, Warning};
+pub use engine::forget::{ForgetOptions, ForgetReport};
+pub use engine::policy::KeepPolicy;
+pub use engine::prune::{PruneOptions, PruneReport, UsageReport};
 pub use engine::recover::{RecoverReport, recover};
 pub use engine::repo::{
     EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots, ls,

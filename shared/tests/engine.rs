@@ -1372,8 +1372,19 @@ async fn restore_never_writes_through_a_symlink_it_created_itself() {
         let out = f.path(&format!("out-{overwrite}"));
         let mut o = restore_opts(&src, &out);
         o.overwrite = overwrite;
-        let res = f.repo.restore(&o, &NoProgress, &CancelFlag::new()).await;
-        assert!(res.is_err(), "the crafted path was restored: {res:?}");
+        let err = f
+            .repo
+            .restore(&o, &NoProgress, &CancelFlag::new())
+            .await
+            .expect_err("the crafted path was restored");
+        // Refused while planning, naming the path and the symlink, before anything is
+        // written (not merely failing later because a folder happened to be made first).
+        assert!(
+            matches!(&err, Error::Invalid(m)
+                if m.contains("data/lnk/file.txt") && m.contains("lies under the symlink")),
+            "{err}"
+        );
+        assert!(!out.join("data/lnk").exists(), "{out:?}/data/lnk was made");
         assert!(
             !elsewhere.join("file.txt").exists(),
             "written through the restored symlink"

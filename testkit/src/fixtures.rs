@@ -298,6 +298,12 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
     ) -> Result<(), storinator_shared::StorageError> {
         self.inner.remove(obj).await
     }
+    async fn remove_many(
+        &self,
+        objs: &[storinator_shared::ObjectRef],
+    ) -> Result<(), storinator_shared::StorageError> {
+        self.inner.remove_many(objs).await
+    }
 }
 
 /// One stored pack as its trailer describes it.

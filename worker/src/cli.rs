@@ -131,6 +131,45 @@ pub enum Command {
         #[command(flatten)]
         owner: Owner,
     },
+    /// Forget snapshots of PATH by a keep policy (restic's rules; periods in
+    /// STORINATOR_TIMEZONE).
+    ///
+    /// A snapshot kept by any rule is kept; --dry-run lists what stays (and why) and what
+    /// goes. The storage they used is freed by `prune`. A forgotten snapshot stays forgotten
+    /// after `recover`. The last snapshot of a folder is only forgotten with --allow-empty.
+    Forget {
+        /// The backed-up folder.
+        path: String,
+        #[command(flatten)]
+        keep: crate::retention_cli::KeepArgs,
+        /// Show what would be forgotten, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow forgetting every snapshot of PATH.
+        #[arg(long)]
+        allow_empty: bool,
+        #[command(flatten)]
+        owner: Owner,
+        #[command(flatten)]
+        pass: Pass,
+    },
+    /// Delete packs no snapshot uses and rewrite sparse ones (safe alongside backups).
+    Prune {
+        #[command(flatten)]
+        args: crate::retention_cli::PruneArgs,
+        #[command(flatten)]
+        pass: Pass,
+    },
+    /// Show what the repository stores: bytes and packs, per backed-up folder, the dedup
+    /// ratio and what a prune would free now (no passphrase needed).
+    Stats {
+        /// Only this owner's folders (`local` or `tg:<id>`); default: everyone's.
+        #[arg(long, value_name = "OWNER", value_parser = parse_owner)]
+        owner: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that every pack the catalog references is in storage and intact.
     ///
     /// Without --read-data: presence, size and each pack's trailer. With it: every chunk is
@@ -514,6 +553,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", format_entry(e));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Forget {
+            path,
+            keep,
+            dry_run,
+            allow_empty,
+            owner,
+            pass,
+        } => {
+            crate::retention_cli::forget(
+                &cfg,
+                &owner.owner,
+                &pass,
+                &path,
+                &keep,
+                dry_run,
+                allow_empty,
+            )
+            .await
+        }
+        Command::Prune { args, pass } => crate::retention_cli::prune(&cfg, &pass, &args).await,
+        Command::Stats { owner, json } => {
+            crate::retention_cli::stats(&cfg, owner.as_deref(), json).await
         }
         Command::Verify { read_data, pass } => {
             let repo = open_repo(&pass, &cfg).await?;

@@ -9,10 +9,12 @@
 pub mod browse;
 mod keys;
 mod packs;
+mod retention;
 mod runs;
 mod scrub;
 mod snapshots;
 
+pub use retention::{ForgetOutcome, LiveBlob, PackUsage, RootUsage};
 pub use runs::RunRow;
 pub use scrub::{
     AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
@@ -117,7 +119,8 @@ pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
 /// The packs whose chunks may be deduplicated against and referenced by a new snapshot, as a
 /// condition on `packs p`. One definition: the backup's dedup set and the commit's guard
 /// (invariant 1) must agree, and a later state (a pack condemned by prune) changes it here.
-pub(crate) const USABLE_PACK: &str = "p.state = 'stored'";
+pub(crate) const USABLE_PACK: &str =
+    "p.state = 'stored' AND NOT EXISTS (SELECT 1 FROM condemned_packs k WHERE k.pack_id = p.id)";
 /// A chunk `c` whose copy a scrub found damaged (`damaged_chunks d` with `d.chunk_id = c.id`)
 /// and that was not stored again since: not usable either, wherever its pack is.
 pub(crate) const DAMAGED_CHUNK: &str = "d.pack_id = c.pack_id AND d.healed_at IS NULL";

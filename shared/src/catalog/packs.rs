@@ -343,26 +343,28 @@ async fn index_blobs(
     pack_id: &str,
     entries: &[PackEntry],
 ) -> Result<(), Error> {
-    for e in entries {
-        sqlx::query(
-            "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
+    // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
+    let sql = format!(
+        "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset, \
              length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
-             WHERE (SELECT state FROM packs WHERE id = chunks.pack_id) <> 'stored' \
+             WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = chunks.pack_id AND {USABLE_PACK}) \
              OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
              OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
-                        AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)",
-        )
-        .bind(&e.id.0[..])
-        .bind(pack_id)
-        .bind(e.offset as i64)
-        .bind(i64::from(e.length))
-        .bind(i64::from(e.raw_length))
-        .bind(e.kind as u8 as i64)
-        .bind(i64::from(e.flags))
-        .execute(&mut *tx)
-        .await
-        .map_err(db("indexing a pack"))?;
+                        AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)"
+    );
+    for e in entries {
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(&e.id.0[..])
+            .bind(pack_id)
+            .bind(e.offset as i64)
+            .bind(i64::from(e.length))
+            .bind(i64::from(e.raw_length))
+            .bind(e.kind as u8 as i64)
+            .bind(i64::from(e.flags))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("indexing a pack"))?;
     }
     sqlx::query(
         "UPDATE damaged_chunks SET healed_at = ?, healed_pack = ? \

@@ -159,6 +159,7 @@ impl Catalog {
             "SELECT p.id, p.size, p.state, p.location, s.last_read_at, coalesce(s.cursor, 0)
                FROM packs p LEFT JOIN scrub_packs s ON s.pack_id = p.id
               WHERE p.state IN ('stored', 'missing')
+                AND p.id NOT IN (SELECT pack_id FROM condemned_packs)
               ORDER BY coalesce(s.cursor, 0) = 0, s.last_read_at IS NOT NULL, s.last_read_at,
                        p.created_at, p.id",
         )

@@ -247,6 +247,7 @@ impl Catalog {
             }
         }
         insert_snapshot(&mut tx, root_id, seq, info, blob_id).await?;
+        super::retention::record_listing(&mut tx, root_id, seq, listing).await?;
         tx.commit().await.map_err(db(COMMIT))?;
         Ok(seq)
     }
@@ -311,6 +312,19 @@ async fn current_entries(
 }
 
 const COMMIT: &str = "committing the snapshot";
+
+/// A foreign key failing while a snapshot commits means a chunk it uses is no longer in the
+/// catalog at all: a prune deleted it after this backup deduplicated against it. Worth a
+/// retry (which stores that data again), like the guard's refusals.
+fn gone_or_db(e: sqlx::Error) -> Error {
+    let fk = matches!(&e, sqlx::Error::Database(d)
+        if d.kind() == sqlx::error::ErrorKind::ForeignKeyViolation);
+    if fk {
+        Error::Changed("a chunk this snapshot uses was deleted by a prune meanwhile".into())
+    } else {
+        db(COMMIT)(e)
+    }
+}
 
 /// The root's id (creating the root) and the sequence number its next snapshot gets.
 async fn root_and_next_seq(
@@ -381,6 +395,14 @@ async fn content_id(
     .map_err(db(COMMIT))?;
     // A content whose recorded chunk list uses unusable chunks (lost or damaged) takes the
     // list just stored.
+    // A new content must not be built on unusable chunks either (a backup that deduplicated
+    // against a pack prune condemned since: it stores that data again and retries).
+    if inserted == 1 && chunks.iter().any(|c| unusable.chunks.contains(c)) {
+        return Err(Error::Changed(format!(
+            "file content {} uses a chunk of a pack that is not stored",
+            hex::encode(&sha256[..6])
+        )));
+    }
     let repair = inserted == 0
         && unusable.contents.contains(&id)
         && !chunks.iter().any(|c| unusable.chunks.contains(c));
@@ -415,7 +437,7 @@ async fn content_id(
                 .bind(&c.0[..])
                 .execute(&mut *tx)
                 .await
-                .map_err(db(COMMIT))?;
+                .map_err(gone_or_db)?;
         }
     }
     Ok(Some(id))
@@ -482,7 +504,7 @@ async fn insert_snapshot(
     .bind(info.warnings as i64)
     .execute(&mut *tx)
     .await
-    .map_err(db(COMMIT))?;
+    .map_err(gone_or_db)?;
     Ok(())
 }
 

@@ -241,7 +241,14 @@ pub(crate) async fn run(
     check_owner(&opts.owner)?;
     let source = Source::open(&opts.path)?;
     let run = Run::start(repo).await?;
-    let result = run_locked(repo, opts, &source, &run, progress, cancel).await;
+    let mut result = run_locked(repo, opts, &source, &run, progress, cancel).await;
+    if let Err(Error::Changed(why)) = &result {
+        // The catalog changed under this backup (typically: a prune condemned a pack whose
+        // chunks it deduplicated against, so the commit guard refused the snapshot). Once
+        // more, with a fresh dedup index: that data is stored again, nothing is lost.
+        tracing::warn!("backup of {}: {why}; running it again", source.root);
+        result = run_locked(repo, opts, &source, &run, progress, cancel).await;
+    }
     let finished = run.finish(repo).await;
     match (result, finished) {
         (Err(e), _) => Err(e),

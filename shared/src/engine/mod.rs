@@ -8,8 +8,11 @@
 //! modules (`error`, `config`, `clock`, `progress`), never `ops`.
 
 pub mod backup;
+pub mod forget;
 mod packer;
 mod pipeline;
+pub mod policy;
+pub mod prune;
 pub mod recover;
 pub mod repo;
 pub mod restore;

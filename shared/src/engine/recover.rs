@@ -24,6 +24,9 @@ pub struct RecoverReport {
     pub snapshots: u64,
     /// Packs that could not be read (named), and other problems.
     pub problems: Vec<String>,
+    /// Snapshot objects still in storage that a tombstone says were forgotten (skipped).
+    #[serde(default)]
+    pub forgotten: u64,
 }
 
 /// Rebuilds the catalog from storage: the wrapped key, every pack trailer, every snapshot
@@ -90,11 +93,23 @@ pub async fn recover(
         progress.report(&counters.report());
     }
 
-    // Snapshots: oldest first per root, each committed like a fresh backup would.
+    // Snapshots: oldest first per root, each committed like a fresh backup would, except
+    // those a tombstone says were forgotten (invariant 7).
+    let mut tomb_problems = Vec::new();
+    let forgotten =
+        super::forget::forgotten_snapshots(storage.as_ref(), &keys, &objects, &mut tomb_problems)
+            .await?;
+    for p in tomb_problems {
+        problem(&mut report, p);
+    }
     let known: HashSet<Vec<u8>> = catalog.snapshot_blob_ids().await?.into_iter().collect();
     let mut objects_by_time: BTreeMap<(i64, String), (ChunkId, SnapshotObject)> = BTreeMap::new();
     for (id, obj, entry) in snapshot_blobs {
         if known.contains(id.0.as_slice()) {
+            continue;
+        }
+        if forgotten.contains(&id) {
+            report.forgotten += 1;
             continue;
         }
         match read_snapshot_object(storage.as_ref(), &keys, &obj, &entry).await {

@@ -212,6 +212,24 @@ impl Repo {
         verify::run(self, read_data, progress).await
     }
 
+    /// Forgets snapshots of one root by a keep policy (see [`super::forget`]).
+    pub async fn forget(
+        &self,
+        opts: &super::forget::ForgetOptions,
+        cancel: &CancelFlag,
+    ) -> Result<super::forget::ForgetReport, Error> {
+        super::forget::forget(self, opts, cancel).await
+    }
+
+    /// Deletes packs no snapshot uses and rewrites sparse ones (see [`super::prune`]).
+    pub async fn prune(
+        &self,
+        opts: &super::prune::PruneOptions,
+        cancel: &CancelFlag,
+    ) -> Result<super::prune::PruneReport, Error> {
+        super::prune::prune(self, opts, cancel).await
+    }
+
     /// Reads packs back within a budget, authenticating every chunk, and heals damaged chunks
     /// from the files on disk. The report is also recorded in the catalog.
     pub async fn scrub(

@@ -51,9 +51,17 @@ pub(crate) async fn run(
     report
         .problems
         .extend(leftovers(repo, &listed, &all_packs).await?);
+    // Packs prune condemned are being deleted: no snapshot uses them, nothing to check.
+    let condemned: HashSet<String> = repo
+        .catalog
+        .condemned_packs()
+        .await?
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
     let packs: Vec<PackRow> = all_packs
         .into_iter()
-        .filter(|p| p.state != "uploading")
+        .filter(|p| p.state != "uploading" && !condemned.contains(&p.id))
         .collect();
     counters
         .files_total
@@ -107,6 +115,7 @@ fn strangers(
     let mut names: Vec<(&String, u64)> = listed
         .iter()
         .filter(|(name, _)| Some(name.as_str()) != key_object.as_deref())
+        .filter(|(name, _)| !super::forget::is_tombstone_name(name))
         .filter(|(name, _)| {
             PackId::from_object_name(name).is_none_or(|id| !known.contains(id.0.as_str()))
         })

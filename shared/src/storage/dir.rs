@@ -180,6 +180,15 @@ impl Storage for DirStorage {
             Err(e) => Err(StorageError::io(&path, e)),
         }
     }
+
+    async fn remove_many(&self, objs: &[ObjectRef]) -> Result<(), StorageError> {
+        for o in objs {
+            self.remove(o).await?;
+        }
+        // Durable: a deleted pack must not come back after a power loss once the catalog
+        // has forgotten it (it would be an object nothing tracks).
+        sync_dir(&self.root)
+    }
 }
 
 #[cfg(test)]

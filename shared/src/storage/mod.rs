@@ -83,6 +83,16 @@ pub trait Storage: Send + Sync + 'static {
     /// Delete an object; deleting a missing object is not an error.
     async fn remove(&self, obj: &ObjectRef) -> Result<(), StorageError>;
 
+    /// Delete several objects (at most [`REMOVE_BATCH`]); missing ones are not an error. When
+    /// it returns, the deletions are durable. Backends with a batch call override it (Telegram
+    /// deletes up to 100 messages per call).
+    async fn remove_many(&self, objs: &[ObjectRef]) -> Result<(), StorageError> {
+        for o in objs {
+            self.remove(o).await?;
+        }
+        Ok(())
+    }
+
     /// The expected cost of transferring `bytes` in `objects` objects, for backends with
     /// rate limits worth announcing before a job starts. Local backends have none.
     fn estimate(&self, _bytes: u64, _objects: u64) -> Option<TransferEstimate> {
@@ -95,6 +105,10 @@ pub trait Storage: Send + Sync + 'static {
         None
     }
 }
+
+/// Most objects handed to one [`Storage::remove_many`] call (Telegram's limit for one
+/// messages.deleteMessages / channels.deleteMessages).
+pub const REMOVE_BATCH: usize = 100;
 
 /// Checks an object name handed to a backend: names are ours (`[A-Za-z0-9._-]`), never a path.
 pub fn check_name(name: &str) -> Result<(), StorageError> {
@@ -156,6 +170,23 @@ pub mod conformance {
         );
         store.remove(&r).await.unwrap();
         store.remove(&r).await.unwrap();
+        // A batch: present and missing objects alike.
+        for n in ["b1.enc", "b2.enc"] {
+            store.put_bytes(n, b"x".to_vec()).await.unwrap();
+        }
+        let batch: Vec<ObjectRef> = ["b1.enc", "b2.enc", "gone.enc"]
+            .iter()
+            .map(|n| ObjectRef::new(*n, ""))
+            .collect();
+        store.remove_many(&batch).await.unwrap();
+        let left: Vec<String> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(left, vec!["key-1.enc".to_string()]);
         let missing = store.get_range(&r, 0, 1).await.unwrap_err();
         assert!(
             matches!(missing, StorageError::NotFound { .. }),

@@ -5,6 +5,9 @@
 use grammers_tl_types::{self as tl, Serializable};
 use tokio::time::Instant;
 
+/// Most messages one messages.deleteMessages / channels.deleteMessages call deletes.
+const MAX_DELETE_IDS: usize = 100;
+
 use super::server::{Outcome, Server, err};
 use super::state::{Chat, ChatKey, Msg, State};
 use super::{ChannelRole, tlbuild, updates};
@@ -227,6 +230,10 @@ impl Server {
         {
             return err(403, "MESSAGE_DELETE_FORBIDDEN");
         }
+        // Telegram deletes at most 100 messages per call ("a server-side limit for one-time
+        // forward or delete messages", tdesktop#2045): ids past the first 100 are left alone,
+        // and the answer counts only what went, so a client that sends more leaks messages.
+        let ids = &ids[..ids.len().min(MAX_DELETE_IDS)];
         let mut st = self.state.lock().unwrap();
         let gone = st.delete_msgs(k, ids);
         let n = gone.len() as i32;

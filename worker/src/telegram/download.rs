@@ -21,6 +21,9 @@ use super::scheduler::CallClass;
 use super::storage::{CallError, Doc, Inner, StorageChat, doc_of, messages_of, msg_id, rpc_error};
 
 const MAX_WINDOW: u64 = 512 * 1024;
+/// Most message ids in one deleteMessages or getMessages call (Telegram's server-side limit
+/// for deleting at once is 100).
+const DELETE_BATCH: usize = storinator_shared::storage::REMOVE_BATCH;
 /// How many times a read refetches the message after its file reference expired.
 const MAX_REFERENCE_REFRESHES: u32 = 3;
 /// How many FILE_MIGRATE answers one read follows (a document moves rarely; more means the
@@ -85,9 +88,15 @@ impl Inner {
     }
 
     async fn fetch_message(&self, msg_id: i32) -> Result<Option<(String, Doc)>, StorageError> {
-        let ids = vec![tl::enums::InputMessage::Id(tl::types::InputMessageId {
-            id: msg_id,
-        })];
+        Ok(self.fetch_messages(vec![msg_id]).await?.into_iter().next())
+    }
+
+    /// The documents (with their names) of the messages `ids` that still exist, in one call.
+    async fn fetch_messages(&self, ids: Vec<i32>) -> Result<Vec<(String, Doc)>, StorageError> {
+        let ids = ids
+            .into_iter()
+            .map(|id| tl::enums::InputMessage::Id(tl::types::InputMessageId { id }))
+            .collect();
         let res = match &self.chat {
             StorageChat::SavedMessages => {
                 self.call(
@@ -107,7 +116,7 @@ impl Inner {
                 .await?
             }
         };
-        Ok(messages_of(res).into_iter().find_map(|m| doc_of(&m)))
+        Ok(messages_of(res).iter().filter_map(doc_of).collect())
     }
 
     /// Pages through `page(offset_id)` (newest first) until a message holds `name`.
@@ -418,6 +427,59 @@ impl Inner {
         *self.cache.lock().unwrap() = fresh;
         out.reverse();
         Ok(out)
+    }
+
+    /// Deletes several objects with as few message-class calls as Telegram allows: the
+    /// remembered message ids are checked in one getMessages per 100 (a message id is only
+    /// trusted when its document still carries the object's name: deleting a stranger's
+    /// message by a stale id would be unrecoverable), objects not found that way are looked
+    /// up one by one, and the messages go in deleteMessages calls of at most 100 ids, the
+    /// server's limit for one call.
+    pub(super) async fn remove_objs(&self, objs: &[ObjectRef]) -> Result<(), StorageError> {
+        for o in objs {
+            check_name(&o.name)?;
+        }
+        let mut ids = Vec::new();
+        let mut unresolved = Vec::new();
+        let wanted: Vec<(i32, &ObjectRef)> = objs
+            .iter()
+            .filter_map(|o| {
+                let cached = self.cache.lock().unwrap().get(&o.name).map(|d| d.msg_id);
+                match cached.or_else(|| self.msg_id_from_location(&o.location)) {
+                    Some(id) => Some((id, o)),
+                    None => {
+                        unresolved.push(o);
+                        None
+                    }
+                }
+            })
+            .collect();
+        for batch in wanted.chunks(DELETE_BATCH) {
+            let found = self
+                .fetch_messages(batch.iter().map(|(id, _)| *id).collect())
+                .await?;
+            for (id, o) in batch {
+                if found.iter().any(|(n, d)| d.msg_id == *id && *n == o.name) {
+                    ids.push(*id);
+                } else {
+                    unresolved.push(o);
+                }
+            }
+        }
+        for o in unresolved {
+            // Not found: already gone.
+            if let Some(d) = self.find_named(&o.name).await? {
+                ids.push(d.msg_id);
+            }
+        }
+        for batch in ids.chunks(DELETE_BATCH) {
+            self.delete_messages(batch.to_vec()).await?;
+        }
+        let mut cache = self.cache.lock().unwrap();
+        for o in objs {
+            cache.remove(&o.name);
+        }
+        Ok(())
     }
 
     pub(super) async fn remove_obj(&self, obj: &ObjectRef) -> Result<(), StorageError> {

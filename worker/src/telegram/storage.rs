@@ -691,6 +691,10 @@ impl Storage for TelegramStorage {
     async fn remove(&self, obj: &ObjectRef) -> Result<(), StorageError> {
         self.inner.remove_obj(obj).await
     }
+
+    async fn remove_many(&self, objs: &[ObjectRef]) -> Result<(), StorageError> {
+        self.inner.remove_objs(objs).await
+    }
 }
 
 /// `/get` for files over the Bot API's 50 MB: the worker's own account sends the restored

@@ -1,0 +1,444 @@
+//! Retention: forgetting snapshots, and what prune needs (which chunks are live, which packs
+//! hold them, condemning and dropping packs, repointing chunks to their new pack).
+//!
+//! Liveness has one definition here ([`LIVE_CHUNKS`]): a chunk is live when a snapshot in the
+//! catalog uses it, as file content (through an entry valid in that snapshot), as a listing
+//! chunk or as the snapshot object itself. Every decision to delete is re-checked against it
+//! inside the write transaction that records the decision, so a snapshot committed a moment
+//! earlier is always seen.
+
+use sqlx::{Row, SqliteConnection};
+
+use super::{Catalog, PackRow, db, now_ms};
+use crate::error::Error;
+use crate::format::crypto::ChunkId;
+
+/// Ids of the live chunks, as a subquery.
+const LIVE_CHUNKS: &str = "SELECT cc.chunk_id FROM content_chunks cc WHERE cc.content_id IN \
+     (SELECT e.content_id FROM entries e WHERE e.content_id IS NOT NULL AND EXISTS \
+        (SELECT 1 FROM snapshots s WHERE s.root_id = e.root_id AND s.seq >= e.from_seq \
+         AND (e.to_seq IS NULL OR s.seq < e.to_seq))) \
+     UNION SELECT blob_id FROM snapshots \
+     UNION SELECT chunk_id FROM snapshot_listing";
+
+/// What a forget removed from the catalog.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForgetOutcome {
+    pub snapshots: u64,
+    pub entries: u64,
+    pub contents: u64,
+}
+
+/// A stored pack and how much of it is live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackUsage {
+    pub id: String,
+    pub size: u64,
+    pub encrypted: bool,
+    pub location: String,
+    pub created_at: i64,
+    /// Blobs the catalog places in this pack.
+    pub chunks: u64,
+    pub live_chunks: u64,
+    /// Sealed bytes of the live blobs.
+    pub live_bytes: u64,
+    /// Format-1 unencrypted blobs (no MAC): such a pack is never repacked.
+    pub unauthenticated: u64,
+}
+
+/// A live blob of a pack, as the catalog places it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveBlob {
+    pub id: ChunkId,
+    pub offset: u64,
+    pub length: u64,
+    pub raw_length: u64,
+    pub kind: u8,
+    pub flags: u8,
+}
+
+/// Records the listing chunks of a snapshot just inserted (inside its commit).
+pub(super) async fn record_listing(
+    tx: &mut SqliteConnection,
+    root_id: i64,
+    seq: i64,
+    listing: &[ChunkId],
+) -> Result<(), Error> {
+    let id: i64 = sqlx::query_scalar("SELECT id FROM snapshots WHERE root_id = ? AND seq = ?")
+        .bind(root_id)
+        .bind(seq)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("recording a snapshot's listing"))?;
+    insert_listing(tx, id, listing).await
+}
+
+async fn insert_listing(
+    tx: &mut SqliteConnection,
+    snapshot_id: i64,
+    listing: &[ChunkId],
+) -> Result<(), Error> {
+    const WHAT: &str = "recording a snapshot's listing";
+    for (i, c) in listing.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO snapshot_listing (snapshot_id, seq, chunk_id) VALUES (?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(snapshot_id)
+        .bind(i as i64)
+        .bind(&c.0[..])
+        .execute(&mut *tx)
+        .await
+        .map_err(db(WHAT))?;
+    }
+    sqlx::query("UPDATE snapshots SET listing_known = 1 WHERE id = ?")
+        .bind(snapshot_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(WHAT))?;
+    Ok(())
+}
+
+impl Catalog {
+    /// Removes snapshots (by short id) of one root from the catalog, with the entries and
+    /// contents no remaining snapshot uses, in one transaction. Chunks and packs stay: prune
+    /// deletes them. Returns what went.
+    pub async fn forget_snapshots(
+        &self,
+        owner: &str,
+        root: &str,
+        short_ids: &[String],
+    ) -> Result<ForgetOutcome, Error> {
+        const WHAT: &str = "forgetting snapshots";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(WHAT))?;
+        let root_id: i64 = sqlx::query_scalar("SELECT id FROM roots WHERE owner = ? AND path = ?")
+            .bind(owner)
+            .bind(root)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(WHAT))?
+            .ok_or_else(|| Error::NotFound(format!("no backups of {root} (owner {owner})")))?;
+        let mut out = ForgetOutcome::default();
+        for id in short_ids {
+            out.snapshots +=
+                sqlx::query("DELETE FROM snapshots WHERE root_id = ? AND short_id = ?")
+                    .bind(root_id)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(WHAT))?
+                    .rows_affected();
+        }
+        // Entry rows valid in no remaining snapshot of the root. (The newest snapshot is
+        // only forgotten with everything else, so current rows go only when the root is
+        // emptied, and the next backup starts afresh.)
+        out.entries = sqlx::query(
+            "DELETE FROM entries WHERE root_id = ? AND NOT EXISTS (SELECT 1 FROM snapshots s \
+             WHERE s.root_id = entries.root_id AND s.seq >= entries.from_seq \
+             AND (entries.to_seq IS NULL OR s.seq < entries.to_seq))",
+        )
+        .bind(root_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(WHAT))?
+        .rows_affected();
+        sqlx::query(
+            "DELETE FROM content_chunks WHERE content_id NOT IN \
+             (SELECT content_id FROM entries WHERE content_id IS NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db(WHAT))?;
+        out.contents = sqlx::query(
+            "DELETE FROM contents WHERE id NOT IN (SELECT content_id FROM entries WHERE content_id IS NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db(WHAT))?
+        .rows_affected();
+        tx.commit().await.map_err(db(WHAT))?;
+        Ok(out)
+    }
+
+    /// Snapshots whose listing chunks are not recorded (committed before they were), as
+    /// (snapshot row id, snapshot object id).
+    pub async fn snapshots_without_listing(&self) -> Result<Vec<(i64, ChunkId)>, Error> {
+        let rows: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT id, blob_id FROM snapshots WHERE listing_known = 0")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("listing snapshots"))?;
+        rows.into_iter()
+            .map(|(id, b)| Ok((id, ChunkId::from_slice(&b)?)))
+            .collect()
+    }
+
+    /// Records the listing chunks of an existing snapshot (read from its object).
+    pub async fn set_listing(&self, snapshot_id: i64, listing: &[ChunkId]) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await.map_err(db("recording a listing"))?;
+        insert_listing(&mut tx, snapshot_id, listing).await?;
+        tx.commit().await.map_err(db("recording a listing"))
+    }
+
+    /// Every stored, not condemned pack created before `before` (Unix ms), with its live
+    /// share. Packs created since may belong to a backup that has not committed yet.
+    pub async fn pack_usage(&self, before: i64) -> Result<Vec<PackUsage>, Error> {
+        let sql = format!(
+            "WITH live(id) AS ({LIVE_CHUNKS}) \
+             SELECT p.id, p.size, p.encrypted, p.location, p.created_at, COUNT(c.id), \
+             COALESCE(SUM(c.id IN (SELECT id FROM live)), 0), \
+             COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN c.length ELSE 0 END), 0), \
+             COALESCE(SUM(c.flags & 3 = 0), 0) \
+             FROM packs p LEFT JOIN chunks c ON c.pack_id = p.id \
+             WHERE p.state = 'stored' AND p.created_at < ? \
+             AND p.id NOT IN (SELECT pack_id FROM condemned_packs) \
+             GROUP BY p.id ORDER BY p.created_at, p.id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(before)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("measuring packs"))?;
+        Ok(rows
+            .iter()
+            .map(|r| PackUsage {
+                id: r.get(0),
+                size: r.get::<i64, _>(1) as u64,
+                encrypted: r.get(2),
+                location: r.get(3),
+                created_at: r.get(4),
+                chunks: r.get::<i64, _>(5) as u64,
+                live_chunks: r.get::<i64, _>(6) as u64,
+                live_bytes: r.get::<i64, _>(7) as u64,
+                unauthenticated: r.get::<i64, _>(8) as u64,
+            })
+            .collect())
+    }
+
+    /// The live blobs the catalog places in a pack, in pack order.
+    pub async fn live_blobs_in_pack(&self, pack_id: &str) -> Result<Vec<LiveBlob>, Error> {
+        let sql = format!(
+            "SELECT id, offset, length, raw_length, kind, flags FROM chunks \
+             WHERE pack_id = ? AND id IN ({LIVE_CHUNKS}) ORDER BY offset"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(pack_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing a pack's live blobs"))?;
+        rows.iter()
+            .map(|r| {
+                let id: Vec<u8> = r.get(0);
+                Ok(LiveBlob {
+                    id: ChunkId::from_slice(&id)?,
+                    offset: r.get::<i64, _>(1) as u64,
+                    length: r.get::<i64, _>(2) as u64,
+                    raw_length: r.get::<i64, _>(3) as u64,
+                    kind: r.get::<i64, _>(4) as u8,
+                    flags: r.get::<i64, _>(5) as u8,
+                })
+            })
+            .collect()
+    }
+
+    /// Points the chunks a repack copied into pack `new` at their new home, each only if it
+    /// still lives in the pack it was copied from, in one transaction. `moves` pairs the old
+    /// pack of each blob with its entry in the new pack.
+    pub async fn repoint_chunks(
+        &self,
+        new: &str,
+        moves: &[(String, crate::format::pack::PackEntry)],
+    ) -> Result<(), Error> {
+        const WHAT: &str = "repointing repacked chunks";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(WHAT))?;
+        for (old, e) in moves {
+            sqlx::query(
+                "UPDATE chunks SET pack_id = ?, offset = ?, length = ?, raw_length = ?, flags = ? \
+                 WHERE id = ? AND pack_id = ?",
+            )
+            .bind(new)
+            .bind(e.offset as i64)
+            .bind(i64::from(e.length))
+            .bind(i64::from(e.raw_length))
+            .bind(i64::from(e.flags))
+            .bind(&e.id.0[..])
+            .bind(old)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(WHAT))?;
+        }
+        tx.commit().await.map_err(db(WHAT))
+    }
+
+    /// Condemns those of `packs` that hold no live chunk now, checked inside the write
+    /// transaction that condemns them (so no snapshot committed before it uses them, and the
+    /// commit guard refuses any snapshot after it that would). Returns the condemned ones.
+    pub async fn condemn_unused_packs(&self, packs: &[String]) -> Result<Vec<String>, Error> {
+        const WHAT: &str = "condemning unused packs";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(WHAT))?;
+        let check =
+            format!("SELECT COUNT(*) FROM chunks WHERE pack_id = ? AND id IN ({LIVE_CHUNKS})");
+        let mut out = Vec::new();
+        for p in packs {
+            let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(check.clone()))
+                .bind(p)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db(WHAT))?;
+            let stored: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM packs WHERE id = ? AND state = 'stored'")
+                    .bind(p)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db(WHAT))?;
+            if live == 0 && stored == 1 {
+                sqlx::query(
+                    "INSERT INTO condemned_packs (pack_id, condemned_at) VALUES (?, ?) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(p)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(WHAT))?;
+                out.push(p.clone());
+            }
+        }
+        tx.commit().await.map_err(db(WHAT))?;
+        Ok(out)
+    }
+
+    /// Packs condemned and not yet dropped (a prune deletes them, or finishes the work of one
+    /// that died).
+    pub async fn condemned_packs(&self) -> Result<Vec<PackRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT p.id, p.state, p.size, p.encrypted, p.location FROM packs p \
+             JOIN condemned_packs k ON k.pack_id = p.id ORDER BY p.id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing condemned packs"))?;
+        Ok(rows
+            .iter()
+            .map(|r| PackRow {
+                id: r.get(0),
+                state: r.get(1),
+                size: r.get::<i64, _>(2) as u64,
+                encrypted: r.get(3),
+                location: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Forgets a condemned pack whose object is gone from storage: its chunk rows (those
+    /// still placed in it), its scrub records and the pack. A foreign key still naming one of
+    /// its chunks (which the condemnation rules out) fails the transaction rather than
+    /// leaving a dangling reference.
+    pub async fn drop_condemned_pack(&self, id: &str) -> Result<(), Error> {
+        const WHAT: &str = "dropping a deleted pack";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(WHAT))?;
+        for sql in [
+            "DELETE FROM damaged_chunks WHERE pack_id = ?",
+            "DELETE FROM scrub_packs WHERE pack_id = ?",
+            "DELETE FROM chunks WHERE pack_id = ?",
+            "DELETE FROM packs WHERE id = ? AND id IN (SELECT pack_id FROM condemned_packs)",
+            "DELETE FROM condemned_packs WHERE pack_id = ?",
+        ] {
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(WHAT))?;
+        }
+        tx.commit().await.map_err(db(WHAT))
+    }
+}
+
+impl Catalog {
+    /// Short ids and object ids of the snapshots of one root.
+    pub async fn snapshot_object_ids(
+        &self,
+        owner: &str,
+        root: &str,
+    ) -> Result<Vec<(String, ChunkId)>, Error> {
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT s.short_id, s.blob_id FROM snapshots s JOIN roots r ON r.id = s.root_id \
+             WHERE r.owner = ? AND r.path = ?",
+        )
+        .bind(owner)
+        .bind(root)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing snapshots"))?;
+        rows.into_iter()
+            .map(|(s, b)| Ok((s, ChunkId::from_slice(&b)?)))
+            .collect()
+    }
+}
+
+/// One backed-up folder's share of the repository.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RootUsage {
+    pub owner: String,
+    pub root: String,
+    pub snapshots: u64,
+    /// Size of the newest snapshot's files.
+    pub latest_bytes: u64,
+    /// Sum of the file sizes over all its snapshots (what storing each in full would take).
+    pub logical_bytes: u64,
+    /// Bytes its backups added to storage (new chunks, at the time).
+    pub added_bytes: u64,
+}
+
+impl Catalog {
+    /// Per backed-up folder: snapshots, sizes, and what its backups added.
+    pub async fn usage_by_root(&self) -> Result<Vec<RootUsage>, Error> {
+        let rows = sqlx::query(
+            "SELECT r.owner, r.path, COUNT(s.id), \
+             COALESCE((SELECT s2.bytes FROM snapshots s2 WHERE s2.root_id = r.id \
+                       ORDER BY s2.seq DESC LIMIT 1), 0), \
+             COALESCE(SUM(s.bytes), 0), COALESCE(SUM(s.bytes_stored), 0) \
+             FROM roots r LEFT JOIN snapshots s ON s.root_id = r.id \
+             GROUP BY r.id ORDER BY r.owner, r.path",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("measuring backed-up folders"))?;
+        Ok(rows
+            .iter()
+            .map(|r| RootUsage {
+                owner: r.get(0),
+                root: r.get(1),
+                snapshots: r.get::<i64, _>(2) as u64,
+                latest_bytes: r.get::<i64, _>(3) as u64,
+                logical_bytes: r.get::<i64, _>(4) as u64,
+                added_bytes: r.get::<i64, _>(5) as u64,
+            })
+            .collect())
+    }
+
+    /// Snapshots whose listing chunks are not recorded yet (prune learns them).
+    pub async fn snapshots_without_listing_count(&self) -> Result<u64, Error> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE listing_known = 0")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting snapshots"))?;
+        Ok(n as u64)
+    }
+}
