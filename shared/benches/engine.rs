@@ -6,8 +6,6 @@
 //! `STORINATOR_BENCH_MIB` (tree size), `STORINATOR_BENCH_COMPRESSION` (`off`, `zstd:N`),
 //! `STORINATOR_BENCH_DIR` (where the tree, store and restore go; default the temp dir).
 
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,7 +60,8 @@ fn main() {
     );
 
     let src = base.path().join("tree");
-    let (files, bytes) = make_tree(&src, mib * MIB);
+    let tree = storinator_testkit::trees::mixed(&src, mib * MIB);
+    let (files, bytes) = (tree.files, tree.bytes);
     println!(
         "tree       {files} files, {:.1} MiB (peak RSS so far {} MiB)",
         bytes as f64 / MIB as f64,
@@ -176,67 +175,6 @@ fn reference_speed(threads: usize) -> (f64, f64) {
     });
     let all = (BYTES * threads) as f64 / t.elapsed().as_secs_f64();
     (one, all)
-}
-
-/// Writes a deterministic tree: 40% one large file, 30% in 30 files, 20% in 200 files, 10% in
-/// small files of 4-64 KiB. Returns (files, bytes).
-fn make_tree(root: &Path, total: u64) -> (u64, u64) {
-    std::fs::create_dir_all(root).unwrap();
-    let mut rng = 0x1234_5678_9abc_def1u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let mut files = 0;
-    let mut bytes = 0;
-    let mut write = |path: &Path, size: u64, next: &mut dyn FnMut() -> u64| {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let mut f =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-        let mut left = size;
-        let mut block = vec![0u8; 1 << 16];
-        while left > 0 {
-            for w in block.chunks_exact_mut(8) {
-                w.copy_from_slice(&next().to_le_bytes());
-            }
-            let n = left.min(block.len() as u64) as usize;
-            f.write_all(&block[..n]).unwrap();
-            left -= n as u64;
-        }
-        f.flush().unwrap();
-        files += 1;
-        bytes += size;
-    };
-    write(&root.join("large/disk.img"), total * 4 / 10, &mut next);
-    for i in 0..30 {
-        write(
-            &root.join(format!("media/video-{i:02}.mkv")),
-            total * 3 / 10 / 30,
-            &mut next,
-        );
-    }
-    for i in 0..200 {
-        write(
-            &root.join(format!("docs/{}/file-{i:03}.pdf", i % 10)),
-            total * 2 / 10 / 200,
-            &mut next,
-        );
-    }
-    let mut small = 0;
-    let mut i = 0;
-    while small < total / 10 {
-        let size = 4096 + next() % (60 * 1024);
-        write(
-            &root.join(format!("src/{}/{}/f{i:05}.txt", i % 17, i % 5)),
-            size,
-            &mut next,
-        );
-        small += size;
-        i += 1;
-    }
-    (files, bytes)
 }
 
 /// CPU seconds (user + system) this process has used so far.

@@ -224,7 +224,7 @@ pub struct TelegramSettings {
     pub session_path: PathBuf,
     /// Message-class calls allowed per minute (sendMedia, getMessages, ...).
     pub message_calls_per_minute: u32,
-    /// Upload/download part requests in flight.
+    /// Upload/download part requests in flight at most (the part window's bound).
     pub part_concurrency: usize,
     /// Upper bound on any single Telegram request.
     pub request_timeout_secs: u64,
@@ -386,14 +386,14 @@ impl Config {
             },
         };
         let part_concurrency = match var("STORINATOR_PART_CONCURRENCY") {
-            None => 4,
+            None => 32,
             Some(v) => match v.parse::<usize>() {
-                Ok(n) if (1..=32).contains(&n) => n,
+                Ok(n) if (1..=128).contains(&n) => n,
                 _ => {
                     return Err(ConfigError::Invalid {
                         var: "STORINATOR_PART_CONCURRENCY",
                         value: v,
-                        reason: "expected 1 to 32 parts in flight".into(),
+                        reason: "expected 1 to 128 parts in flight".into(),
                     });
                 }
             },

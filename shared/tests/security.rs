@@ -377,6 +377,12 @@ async fn a_folder_swapped_for_a_symlink_mid_restore_never_leads_outside() {
                     let _ = std::fs::rename(&parked, &a);
                     swaps.fetch_add(1, Ordering::Relaxed);
                 } else {
+                    // A restore that recreated `a` between our rename and our symlink leaves
+                    // `a.parked` behind, and every later rename onto it fails: clear it (a
+                    // link is removed, never followed).
+                    if std::fs::symlink_metadata(&parked).is_ok() {
+                        let _ = std::fs::remove_dir_all(&parked);
+                    }
                     std::thread::yield_now();
                 }
             }

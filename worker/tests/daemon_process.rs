@@ -1,6 +1,6 @@
-//! `storinator-worker run` as a process: it picks up a job queued in the shared SQLite file,
-//! and SIGTERM makes it exit 0 promptly, also in the middle of a job (whose finished packs
-//! are kept and not uploaded again by the next run).
+//! `storinator-worker run` as a process: it picks up jobs queued in the shared SQLite file,
+//! unlocking the key once for all of them, and SIGTERM makes it exit 0 promptly, also in the
+//! middle of a job (whose finished packs are kept and not uploaded again by the next run).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,17 +44,21 @@ async fn run_completes_a_queued_job_and_exits_0_on_sigterm() {
     );
     let catalog = Catalog::open(&url).await.unwrap();
     let jobs = Jobs::new(catalog.pool().clone());
-    let job = jobs
-        .enqueue(
-            7,
-            7,
-            &JobArgs::Backup {
-                path: src.display().to_string(),
-                encrypt: true,
-            },
-        )
-        .await
-        .unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        let job = jobs
+            .enqueue(
+                7,
+                7,
+                &JobArgs::Backup {
+                    path: src.display().to_string(),
+                    encrypt: true,
+                },
+            )
+            .await
+            .unwrap();
+        queued.push(job.id);
+    }
 
     let mut child = worker(dir.path())
         .args(["run", "-v"])
@@ -63,13 +67,15 @@ async fn run_completes_a_queued_job_and_exits_0_on_sigterm() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = jobs.get(job.id).await.unwrap().unwrap();
-        if j.state == JobState::Done {
-            break;
+    for id in queued {
+        loop {
+            let j = jobs.get(id).await.unwrap().unwrap();
+            if j.state == JobState::Done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job not done: {j:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(Instant::now() < deadline, "job not done: {j:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -91,6 +97,8 @@ async fn run_completes_a_queued_job_and_exits_0_on_sigterm() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(0), "{err}");
     assert!(err.contains("worker daemon stopped"), "{err}");
+    // Argon2id once for the process, not once per job.
+    assert_eq!(err.matches("unlocking the key").count(), 1, "{err}");
 }
 
 fn signal(pid: u32, sig: &str) {

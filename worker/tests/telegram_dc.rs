@@ -195,6 +195,7 @@ async fn cdn_redirects_are_never_asked_for_and_refused_if_sent_anyway() {
         let msg = err.to_string();
         assert!(msg.contains("CDN") && msg.contains(PACK), "{msg}");
         assert_eq!(f.server.counters().get("upload.getFile"), before + 1);
+        assert_eq!(f.server.faults().fired_on("upload.getFile"), 1);
     })
     .await;
 }

@@ -52,6 +52,7 @@ async fn every_known_error_does_what_the_table_says() {
             c.get("messages.getMessages"),
             c.get("dc4:upload.getFile"),
         );
+        let fired_before = f.server.faults().fired().len();
         match k.action {
             Action::Wait | Action::Retry | Action::Reupload | Action::FindEarlierSend => {
                 f.server.faults().on_call("messages.sendMedia", 1, fault);
@@ -124,6 +125,12 @@ async fn every_known_error_does_what_the_table_says() {
             }
             Action::Login => unreachable!(),
         }
+        assert_eq!(
+            f.server.faults().fired().len(),
+            fired_before + 1,
+            "{}: the scripted fault fired once",
+            k.name
+        );
         f.server.faults().clear();
     }
 }
@@ -234,6 +241,7 @@ async fn a_wrong_md5_uploads_the_object_again() {
     let bytes = data(700_000, 4);
     let loc = put(&f.storage, &pack(1), &bytes).await;
     assert_eq!(get_all(&f.storage, &pack(1), &loc, 700_000).await, bytes);
+    assert_eq!(f.server.faults().fired_on("upload.saveFilePart"), 1);
     assert_eq!(f.storage.scheduler().stats().upload_restarts, 1);
     assert_eq!(f.server.counters().get("upload.saveFilePart"), 4);
     assert_eq!(f.server.documents().len(), 1);
@@ -264,6 +272,7 @@ async fn a_lost_answer_with_a_lagging_search_index_uploads_nothing_again() {
         "the pack was uploaded once"
     );
     assert_eq!(c.get("messages.sendMedia"), 2);
+    assert_eq!(f.server.faults().fired_on("messages.sendMedia"), 1);
     assert!(c.get("messages.search") >= 1 && c.get("messages.getHistory") >= 1);
     assert_eq!(f.server.documents().len(), 1);
 

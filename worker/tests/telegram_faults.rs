@@ -81,10 +81,12 @@ async fn dropped_connections_are_resumed() {
             2,
             "the dropped send went again"
         );
-        assert_eq!(
-            c.get("upload.saveBigFilePart"),
-            22 + 1,
-            "one part went twice"
+        // Parts are pipelined: every part the server had taken on the dropped connection and
+        // not answered went again (at least the one the drop hit, at most a connection's load).
+        let sent = c.get("upload.saveBigFilePart");
+        assert!(
+            (22 + 1..=22 + stats.peak_parts_per_connection).contains(&sent),
+            "parts lost with the connection went again, and only those: {sent} calls ({stats:?})"
         );
         assert_eq!(f.server.documents().len(), 1);
     })

@@ -236,6 +236,7 @@ async fn flood_waits_during_login_are_waited_out_or_explained() {
         .await
         .unwrap();
         assert_eq!(e.server.counters().get("auth.sendCode"), 2);
+        assert_eq!(e.server.faults().fired_on("auth.sendCode"), 1);
 
         let e = env(LoopbackOptions::default()).await;
         e.server
@@ -249,6 +250,7 @@ async fn flood_waits_during_login_are_waited_out_or_explained() {
             err.contains("wait 24h 00m") && err.contains("FLOOD_WAIT"),
             "{err}"
         );
+        assert_eq!(e.server.faults().fired_on("auth.sendCode"), 1);
     })
     .await;
 }
@@ -400,6 +402,7 @@ async fn every_sign_in_error_of_the_table_is_explained_or_followed() {
             } else {
                 "auth.sendCode"
             };
+            let fired_before = e.server.faults().fired_on(method);
             e.server
                 .faults()
                 .on_call(method, 1, Fault::rpc(k.code, message));
@@ -423,6 +426,12 @@ async fn every_sign_in_error_of_the_table_is_explained_or_followed() {
                 let name = k.name.trim_end_matches("_X");
                 assert!(err.contains(name), "{}: {err}", k.name);
             }
+            assert_eq!(
+                e.server.faults().fired_on(method),
+                fired_before + 1,
+                "{}: the scripted fault fired once",
+                k.name
+            );
         }
     })
     .await;

@@ -17,7 +17,7 @@ use super::backup::{Warning, mtime_ns};
 use super::packer::Packer;
 use super::repo::Repo;
 use crate::error::Error;
-use crate::format::chunker::{Chunker, ChunkerParams};
+use crate::format::chunker::{ChunkBuf, Chunker, Cutter};
 use crate::format::crypto::{self, ChunkId, Keys, SealMode};
 use crate::format::pack::BlobKind;
 use crate::format::snapshot::{LISTING_CHUNKS, META_COMPRESSION};
@@ -58,7 +58,8 @@ pub(super) struct Pipeline {
     pub keys: Keys,
     pub encrypt: bool,
     pub compression: Option<i32>,
-    pub chunker: ChunkerParams,
+    /// The file chunker's masks and key-seeded gear tables, made once.
+    pub cutter: Cutter,
     pub threads: usize,
     /// Ids already stored, or being stored by this run.
     pub known: Mutex<HashSet<ChunkId>>,
@@ -90,7 +91,7 @@ impl Pipeline {
             keys: repo.keys().clone(),
             encrypt,
             compression: repo.settings.compression,
-            chunker: repo.settings.chunker,
+            cutter: Cutter::new(repo.settings.chunker, repo.keys().chunker_seed(encrypt)),
             threads: repo.settings.threads.max(1),
             known: Mutex::new(stored),
             counters: counters.clone(),
@@ -188,6 +189,8 @@ impl Pipeline {
 
     /// A reader thread: takes the next file until none are left or the backup failed.
     fn reader(&self, shared: &Shared<'_>, seal_tx: mpsc::SyncSender<SealJob>) {
+        // One chunk buffer for every file this thread reads.
+        let mut buf = None;
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 break;
@@ -196,7 +199,7 @@ impl Pipeline {
             let Some((path, rel, size)) = shared.files.get(i) else {
                 break;
             };
-            match self.read_file(path, rel, *size, &seal_tx) {
+            match self.read_file(path, rel, *size, &seal_tx, &mut buf) {
                 Err(ReadError::Fatal(e)) => {
                     self.fail(shared, e);
                     break;
@@ -273,7 +276,8 @@ impl Pipeline {
         kind: BlobKind,
     ) -> Result<Vec<ChunkId>, Error> {
         let mut ids = Vec::new();
-        let mut chunker = Chunker::new(data, LISTING_CHUNKS, self.cdc_seed());
+        let cutter = Cutter::new(LISTING_CHUNKS, self.cdc_seed());
+        let mut chunker = Chunker::new(data, &cutter, ChunkBuf::new(&cutter));
         while let Some(chunk) = chunker
             .next_chunk()
             .map_err(|e| Error::Invalid(format!("chunking listing: {e}")))?
@@ -291,6 +295,7 @@ impl Pipeline {
         rel: &str,
         expected: u64,
         seal_tx: &mpsc::SyncSender<SealJob>,
+        buf: &mut Option<ChunkBuf>,
     ) -> Result<(FileData, ChunkList, Option<Warning>), ReadError> {
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -301,21 +306,22 @@ impl Pipeline {
         let before = file
             .metadata()
             .map_err(|e| ReadError::Skip(format!("skipped: {e}")))?;
-        let mut chunker = Chunker::new(&file, self.chunker, self.cdc_seed());
+        let lent = buf.take().unwrap_or_else(|| ChunkBuf::new(&self.cutter));
+        let mut chunker = Chunker::new(&file, &self.cutter, lent);
         let mut sha = Sha256::new();
         let list: ChunkList = Arc::default();
         let mut size = 0u64;
-        loop {
+        let read = loop {
             if self.cancel.is_cancelled() {
-                return Err(ReadError::Fatal(Error::Cancelled));
+                break Err(ReadError::Fatal(Error::Cancelled));
             }
             if self.failed.load(Ordering::Relaxed) {
-                return Err(ReadError::Fatal(Error::Invalid("backup aborted".into())));
+                break Err(ReadError::Fatal(Error::Invalid("backup aborted".into())));
             }
             let chunk = match chunker.next_chunk() {
                 Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => return Err(ReadError::Skip(format!("skipped: read error: {e}"))),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(ReadError::Skip(format!("skipped: read error: {e}"))),
             };
             sha.update(chunk);
             size += chunk.len() as u64;
@@ -325,14 +331,17 @@ impl Pipeline {
                 l.push(ChunkId([0; 32]));
                 l.len() - 1
             };
-            seal_tx
-                .send(SealJob {
-                    data: chunk.to_vec(),
-                    list: list.clone(),
-                    index,
-                })
-                .map_err(|_| ReadError::Fatal(Error::Invalid("backup aborted".into())))?;
-        }
+            let sent = seal_tx.send(SealJob {
+                data: chunk.to_vec(),
+                list: list.clone(),
+                index,
+            });
+            if sent.is_err() {
+                break Err(ReadError::Fatal(Error::Invalid("backup aborted".into())));
+            }
+        };
+        *buf = Some(chunker.into_buffer());
+        read?;
         let after = std::fs::symlink_metadata(path).ok();
         let changed = size != expected
             || after.is_none_or(|a| a.len() != before.len() || mtime_ns(&a) != mtime_ns(&before));

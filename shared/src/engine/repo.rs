@@ -359,11 +359,14 @@ fn map_passphrase(e: CryptoError) -> Error {
     }
 }
 
-/// Argon2 takes a while by design: keep it off the async runtime.
+/// Argon2 takes a while by design (a third of an unchanged re-backup's time): keep it off
+/// the async runtime, and call it once per process. The daemon unlocks at start and runs
+/// every job with that key; each CLI command unlocks once.
 pub(crate) async fn unwrap_key(
     wrapped: &WrappedKey,
     passphrase: &str,
 ) -> Result<MasterSecret, Error> {
+    tracing::info!("unlocking the key with the passphrase (Argon2id)");
     let (w, p) = (wrapped.clone(), passphrase.to_string());
     tokio::task::spawn_blocking(move || w.unwrap(&p))
         .await

@@ -67,24 +67,19 @@ impl AlignedBuf {
     }
 }
 
-/// Splits a byte stream into content-defined chunks.
-pub struct Chunker<R> {
-    reader: R,
-    buf: AlignedBuf,
-    start: usize,
-    end: usize,
-    eof: bool,
+/// What cutting needs besides the bytes: the bounds, their masks and the gear tables seeded
+/// from the key. Made once per backup and shared by every reader thread.
+#[derive(Clone, Debug)]
+pub struct Cutter {
     params: ChunkerParams,
     mask_s: u64,
     mask_l: u64,
     gear: std::borrow::Cow<'static, [u64]>,
     gear_ls: std::borrow::Cow<'static, [u64]>,
-    /// Bytes handed out so far.
-    pub position: u64,
 }
 
-impl<R: Read> Chunker<R> {
-    pub fn new(reader: R, params: ChunkerParams, seed: u64) -> Self {
+impl Cutter {
+    pub fn new(params: ChunkerParams, seed: u64) -> Cutter {
         assert!(
             params.min >= v2020::MINIMUM_MIN
                 && params.min <= params.avg
@@ -92,25 +87,75 @@ impl<R: Read> Chunker<R> {
         );
         let (mask_s, mask_l) = v2020::select_masks(params.avg, Normalization::Level1);
         let (gear, gear_ls) = v2020::get_gear_with_seed(seed);
-        // Room for a whole max-size chunk plus aligned reads behind it.
-        let cap = (params.max + 2 * READ_SIZE).next_multiple_of(ALIGN);
-        Chunker {
-            reader,
-            buf: AlignedBuf::new(cap),
-            start: 0,
-            end: 0,
-            eof: false,
+        Cutter {
             params,
             mask_s,
             mask_l,
             gear,
             gear_ls,
+        }
+    }
+
+    pub fn params(&self) -> ChunkerParams {
+        self.params
+    }
+
+    /// Room for a whole max-size chunk plus aligned reads behind it.
+    fn buffer_len(&self) -> usize {
+        (self.params.max + 2 * READ_SIZE).next_multiple_of(ALIGN)
+    }
+}
+
+/// A chunker's buffer, kept from one file to the next. It holds a whole max-size chunk plus
+/// aligned reads (about 6 MiB by default): allocating and zeroing that for every file cost
+/// more than reading a small file, so each reader thread keeps one and lends it to the
+/// chunker of each file it reads.
+pub struct ChunkBuf(AlignedBuf);
+
+impl ChunkBuf {
+    pub fn new(cutter: &Cutter) -> ChunkBuf {
+        ChunkBuf(AlignedBuf::new(cutter.buffer_len()))
+    }
+}
+
+/// Splits a byte stream into content-defined chunks.
+pub struct Chunker<'c, R> {
+    reader: R,
+    buf: AlignedBuf,
+    start: usize,
+    end: usize,
+    eof: bool,
+    cutter: &'c Cutter,
+    /// Bytes handed out so far.
+    pub position: u64,
+}
+
+impl<'c, R: Read> Chunker<'c, R> {
+    /// Chunks `reader` in `buf` (see [`ChunkBuf`]; get it back with
+    /// [`Chunker::into_buffer`]).
+    pub fn new(reader: R, cutter: &'c Cutter, buf: ChunkBuf) -> Self {
+        assert!(
+            buf.0.len >= cutter.buffer_len(),
+            "a chunk buffer made for smaller chunks"
+        );
+        Chunker {
+            reader,
+            buf: buf.0,
+            start: 0,
+            end: 0,
+            eof: false,
+            cutter,
             position: 0,
         }
     }
 
+    /// The buffer, for the next file.
+    pub fn into_buffer(self) -> ChunkBuf {
+        ChunkBuf(self.buf)
+    }
+
     fn fill(&mut self) -> io::Result<()> {
-        while !self.eof && self.end - self.start < self.params.max {
+        while !self.eof && self.end - self.start < self.cutter.params.max {
             if self.end + READ_SIZE > self.buf.len {
                 // Move the unconsumed tail to the front so that its end lands on an aligned
                 // offset: the next read then goes to an aligned address.
@@ -147,17 +192,18 @@ impl<R: Read> Chunker<R> {
             return Ok(None);
         }
         let data = &self.buf.as_slice()[self.start..self.end];
+        let c = self.cutter;
         let (_, cut) = v2020::cut_gear(
             data,
-            self.params.min,
-            self.params.avg,
-            self.params.max,
-            self.mask_s,
-            self.mask_l,
-            self.mask_s << 1,
-            self.mask_l << 1,
-            &self.gear,
-            &self.gear_ls,
+            c.params.min,
+            c.params.avg,
+            c.params.max,
+            c.mask_s,
+            c.mask_l,
+            c.mask_s << 1,
+            c.mask_l << 1,
+            &c.gear,
+            &c.gear_ls,
         );
         let cut = if cut == 0 { data.len() } else { cut };
         let chunk_start = self.start;
@@ -185,7 +231,8 @@ mod tests {
     }
 
     fn chunks(data: &[u8], params: ChunkerParams, seed: u64) -> Vec<Vec<u8>> {
-        let mut c = Chunker::new(data, params, seed);
+        let cutter = Cutter::new(params, seed);
+        let mut c = Chunker::new(data, &cutter, ChunkBuf::new(&cutter));
         let mut out = Vec::new();
         while let Some(ch) = c.next_chunk().unwrap() {
             out.push(ch.to_vec());
@@ -232,6 +279,24 @@ mod tests {
         assert_ne!(chunks(&data, p, 1), chunks(&data, p, 2));
     }
 
+    #[test]
+    fn a_buffer_lent_from_file_to_file_chunks_each_as_a_fresh_one_would() {
+        let p = ChunkerParams::small();
+        let cutter = Cutter::new(p, 9);
+        let mut buf = ChunkBuf::new(&cutter);
+        // A large file leaves the buffer full of its bytes; smaller ones follow.
+        for (len, seed) in [(300_000, 1), (10, 2), (70_000, 3), (0, 4), (5_000, 5)] {
+            let data = pseudo_random(len, seed);
+            let mut c = Chunker::new(&data[..], &cutter, buf);
+            let mut out = Vec::new();
+            while let Some(ch) = c.next_chunk().unwrap() {
+                out.push(ch.to_vec());
+            }
+            buf = c.into_buffer();
+            assert_eq!(out, chunks(&data, p, 9), "file of {len} bytes");
+        }
+    }
+
     /// A reader that returns short reads, like a pipe.
     struct Trickle<'a>(&'a [u8]);
     impl Read for Trickle<'_> {
@@ -251,7 +316,8 @@ mod tests {
             let p = ChunkerParams::small();
             let mut out = Vec::new();
             if short {
-                let mut c = Chunker::new(Trickle(&data), p, seed);
+                let cutter = Cutter::new(p, seed);
+                let mut c = Chunker::new(Trickle(&data), &cutter, ChunkBuf::new(&cutter));
                 while let Some(ch) = c.next_chunk().unwrap() { out.push(ch.to_vec()); }
             } else {
                 out = chunks(&data, p, seed);

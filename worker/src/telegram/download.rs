@@ -11,11 +11,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use grammers_tl_types as tl;
+use grammers_tl_types::{self as tl, Deserializable, Serializable};
 use storinator_shared::error::StorageError;
 use storinator_shared::storage::{ObjectInfo, ObjectRef, check_name};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 
 use super::errors::{self, Action};
 use super::scheduler::CallClass;
@@ -256,17 +255,26 @@ impl Inner {
                 offset: start as i64,
                 limit: limit as i32,
             };
-            let started = Instant::now();
-            let e = match self.call_in(Some(doc.dc), CallClass::Transfer, &req).await {
+            let want = doc.size.saturating_sub(start).min(limit) as usize;
+            let what = format!("reading {name} at {start}");
+            let answer = self
+                .transfer(doc.dc, Arc::new(req.to_bytes()), want as u64, &what)
+                .await
+                .and_then(|a| {
+                    tl::enums::upload::File::from_bytes(&a).map_err(|e| {
+                        CallError::Storage(StorageError::Transient(format!(
+                            "{what}: unreadable answer: {e}"
+                        )))
+                    })
+                });
+            let e = match answer {
                 Ok(tl::enums::upload::File::File(f)) => {
-                    let want = doc.size.saturating_sub(start).min(limit) as usize;
                     if f.bytes.len() != want {
                         return Err(StorageError::Transient(format!(
                             "short read of {name} at {start}: got {} of {want} bytes",
                             f.bytes.len()
                         )));
                     }
-                    self.sched.transfer_ok(want as u64, started.elapsed());
                     return Ok(f.bytes);
                 }
                 Ok(tl::enums::upload::File::CdnRedirect(r)) => {
@@ -335,32 +343,37 @@ impl Inner {
         let mut results: Vec<Option<Vec<u8>>> = vec![None; windows.len()];
         let mut next = 0;
         let mut emitted = 0;
-        let max_inflight = self.sched.part_concurrency().max(1);
-        // Windows are fetched a few at a time and appended in order, so memory stays at
-        // about (in flight) MiB beyond the requested range itself.
+        // Windows go out as the part window lets them (other reads and uploads of this
+        // storage share it) and are appended in order.
         while emitted < windows.len() {
-            while next < windows.len() && set.len() < max_inflight {
-                let (s, l) = windows[next];
-                let me = self.clone();
-                let name = obj.name.clone();
-                // Later windows start from what earlier ones learned (a move, a reference).
-                let d = self
-                    .cache
-                    .lock()
-                    .unwrap()
-                    .get(&obj.name)
-                    .cloned()
-                    .unwrap_or_else(|| doc.clone());
-                let i = next;
-                set.spawn(async move { (i, me.read_window(&name, d, s, l).await) });
-                next += 1;
+            tokio::select! {
+                biased;
+                done = set.join_next(), if !set.is_empty() => {
+                    let (i, r) = done
+                        .expect("tasks in flight")
+                        .map_err(|e| StorageError::Fatal(format!("download task: {e}")))?;
+                    results[i] = Some(r?);
+                }
+                slot = self.sched.part_slot(), if next < windows.len() => {
+                    let (s, l) = windows[next];
+                    let me = self.clone();
+                    let name = obj.name.clone();
+                    // Later windows start from what earlier ones learned (a move, a reference).
+                    let d = self
+                        .cache
+                        .lock()
+                        .unwrap()
+                        .get(&obj.name)
+                        .cloned()
+                        .unwrap_or_else(|| doc.clone());
+                    let i = next;
+                    set.spawn(async move {
+                        let _slot = slot;
+                        (i, me.read_window(&name, d, s, l).await)
+                    });
+                    next += 1;
+                }
             }
-            let (i, r) = set
-                .join_next()
-                .await
-                .expect("tasks in flight")
-                .map_err(|e| StorageError::Fatal(format!("download task: {e}")))?;
-            results[i] = Some(r?);
             while emitted < windows.len()
                 && let Some(bytes) = results[emitted].take()
             {

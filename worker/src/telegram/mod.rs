@@ -20,10 +20,13 @@ mod chat;
 mod download;
 pub mod errors;
 mod login;
+mod pipe;
 pub mod scheduler;
 pub mod session;
 mod storage;
+mod transfer;
 mod upload;
+pub mod window;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,7 +42,8 @@ pub use storage::{StorageChat, TelegramStorage, plan_windows, random_id_for};
 /// else a channel the account created or administers, as `-100<id>`, `<id>` or `@username`;
 /// never a title),
 /// `STORINATOR_MESSAGE_RATE` (message-class calls per minute, default 100),
-/// `STORINATOR_PART_CONCURRENCY` (default 4), `STORINATOR_TELEGRAM_TIMEOUT_SECS` (default 60),
+/// `STORINATOR_PART_CONCURRENCY` (the part window's bound, default 32),
+/// `STORINATOR_TELEGRAM_TIMEOUT_SECS` (default 60),
 /// `STORINATOR_TELEGRAM_PREMIUM` (`1` lifts the upload limit to 4000 MiB).
 #[derive(Clone, Debug)]
 pub struct TelegramConfig {
@@ -50,6 +54,7 @@ pub struct TelegramConfig {
     /// Where the engine writes packs before they are uploaded.
     pub spool_dir: PathBuf,
     pub message_calls_per_minute: u32,
+    /// Most file parts in flight at once (the part window's bound).
     pub part_concurrency: usize,
     /// Upper bound on any single request (grammers has none of its own).
     pub request_timeout: Duration,
@@ -76,7 +81,7 @@ impl TelegramConfig {
             storage_chat: None,
             spool_dir,
             message_calls_per_minute: 100,
-            part_concurrency: 4,
+            part_concurrency: scheduler::DEFAULT_PART_WINDOW,
             request_timeout: Duration::from_secs(60),
             max_attempts: 8,
             premium: false,

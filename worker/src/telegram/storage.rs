@@ -14,6 +14,7 @@
 //! reads and lookups in `download`.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,16 @@ pub(super) struct Doc {
     pub dc: i32,
 }
 
+/// Why one attempt at a call failed, for the retry policy.
+pub(super) enum Failure {
+    /// Telegram answered with an error: the error table decides.
+    Rpc(RpcError),
+    /// Worth another attempt (dropped connection, timeout).
+    Again(String),
+    /// Not worth another attempt.
+    Fatal(StorageError),
+}
+
 /// The outcome of one call after our retry policy.
 #[derive(Debug)]
 pub(super) enum CallError {
@@ -139,7 +150,7 @@ pub(super) struct Inner {
     pub cfg: TelegramConfig,
     pub chat: StorageChat,
     pub sched: Scheduler,
-    pub idle_senders: Mutex<Vec<super::upload::PartSender>>,
+    pub pipes: super::transfer::Pipes,
     pub cache: Mutex<HashMap<String, Doc>>,
     pub refresh_lock: tokio::sync::Mutex<()>,
     /// Data centres other than the home one that accept this account's calls already.
@@ -200,7 +211,7 @@ impl TelegramStorage {
             cfg,
             chat: StorageChat::SavedMessages,
             sched,
-            idle_senders: Mutex::new(Vec::new()),
+            pipes: Default::default(),
             cache: Mutex::new(HashMap::new()),
             refresh_lock: tokio::sync::Mutex::new(()),
             dcs_authorized: tokio::sync::Mutex::new(HashSet::new()),
@@ -262,13 +273,25 @@ impl Inner {
         class: CallClass,
         req: &R,
     ) -> Result<R::Return, CallError> {
+        self.on_dc(dc, |dc| self.call_with_policy(dc, class, req))
+            .await
+    }
+
+    /// Runs `op` against data centre `dc` (`None` or the home one: the home, passed to `op`
+    /// as `None`), carrying the authorization there first; if that data centre answers that
+    /// it does not know the key any more, the authorization is carried again, once.
+    pub(super) async fn on_dc<T, F, Fut>(&self, dc: Option<i32>, mut op: F) -> Result<T, CallError>
+    where
+        F: FnMut(Option<i32>) -> Fut,
+        Fut: Future<Output = Result<T, CallError>>,
+    {
         let dc = dc.filter(|d| *d != self.home_dc());
         let mut reauthorized = false;
         loop {
             if let Some(dc) = dc {
                 self.authorize_dc(dc).await?;
             }
-            match self.call_with_policy(dc, class, req).await {
+            match op(dc).await {
                 Err(CallError::Rpc(e))
                     if dc.is_some() && !reauthorized && e.name == "AUTH_KEY_UNREGISTERED" =>
                 {
@@ -308,27 +331,54 @@ impl Inner {
         Ok(())
     }
 
-    /// Invokes `req` with a timeout, waiting out waits (always) and retrying transient
-    /// failures (bounded, with backoff). Other errors go back to the caller.
+    /// Invokes `req` through the client with a timeout and the retry policy.
     async fn call_with_policy<R: RemoteCall>(
         &self,
         dc: Option<i32>,
         class: CallClass,
         req: &R,
     ) -> Result<R::Return, CallError> {
-        let mut attempt = 0u32;
-        loop {
-            self.sched.acquire(class).await;
+        let what = super::upload::request_name::<R>();
+        self.with_policy(class, what, || async {
             let invoke = async {
                 match dc {
                     None => self.client.invoke(req).await,
                     Some(dc) => self.client.invoke_in_dc(dc, req).await,
                 }
             };
-            let res = timeout(self.cfg.request_timeout, invoke).await;
-            let why = match res {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(InvocationError::Rpc(e))) => match errors::classify(&e) {
+            match timeout(self.cfg.request_timeout, invoke).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(InvocationError::Rpc(e))) => Err(Failure::Rpc(e)),
+                Ok(Err(e)) => Err(Failure::Again(e.to_string())),
+                Err(_) => Err(Failure::Again(format!(
+                    "no answer within {:?}",
+                    self.cfg.request_timeout
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// The one retry policy: runs `attempt` until it succeeds, waiting out waits (always;
+    /// they do not count as attempts) and retrying transient failures with the scheduler's
+    /// bounded backoff. Other RPC errors go back to the caller. A failed part transfer also
+    /// shrinks the part window.
+    pub(super) async fn with_policy<T, F, Fut>(
+        &self,
+        class: CallClass,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut attempts = 0u32;
+        loop {
+            self.sched.acquire(class).await;
+            let why = match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(Failure::Rpc(e)) => match errors::classify(&e) {
                     Action::Wait => {
                         self.wait(class, &e);
                         continue;
@@ -336,18 +386,20 @@ impl Inner {
                     Action::Retry => errors::describe(&e),
                     _ => return Err(CallError::Rpc(e)),
                 },
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {:?}", self.cfg.request_timeout),
+                Err(Failure::Again(why)) => why,
+                Err(Failure::Fatal(e)) => return Err(CallError::Storage(e)),
             };
-            attempt += 1;
-            if attempt >= self.cfg.max_attempts {
+            if class == CallClass::Transfer {
+                self.sched.transfer_failed();
+            }
+            attempts += 1;
+            if attempts >= self.cfg.max_attempts {
                 return Err(CallError::Storage(StorageError::Transient(format!(
-                    "{} failed {attempt} times, last: {why}",
-                    super::upload::request_name::<R>()
+                    "{what} failed {attempts} times, last: {why}"
                 ))));
             }
             self.sched.note_retry();
-            tokio::time::sleep(self.sched.backoff(attempt)).await;
+            tokio::time::sleep(self.sched.backoff(attempts)).await;
         }
     }
 

@@ -1,4 +1,5 @@
-//! Uploads: parts on dedicated connections, then one messages.sendMedia per object.
+//! Uploads: parts on the part connections (see `transfer`), then one messages.sendMedia per
+//! object.
 //!
 //! The unit of resume is the whole pack: parts expire, and an upload Telegram cannot use
 //! (missing parts, a wrong md5_checksum, MEDIA_EMPTY) starts over from its first part, a
@@ -10,22 +11,17 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use grammers_mtproto::{mtp, transport};
-use grammers_mtsender::{InvocationError, Sender, ServerAddr};
-use grammers_tl_types::{self as tl, RemoteCall};
+use grammers_tl_types::{self as tl, Deserializable, RemoteCall};
 use sha2::{Digest, Sha256};
 use storinator_shared::error::StorageError;
 use storinator_shared::storage::{Location, ObjectRef, check_name};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, timeout};
 
 use super::errors::{self, Action};
 use super::scheduler::{CallClass, PART_SIZE};
 use super::storage::{CallError, Doc, Inner, doc_of, rpc_error};
-
-pub(super) type PartSender = Sender<transport::Full, mtp::Encrypted>;
 
 const SMALL_FILE_MAX: u64 = 10 * 1024 * 1024;
 /// How many times a pack upload is restarted from scratch after Telegram could not use it.
@@ -59,13 +55,6 @@ pub(super) fn request_name<R: RemoteCall>() -> &'static str {
         .unwrap_or("request")
 }
 
-/// Why one part attempt failed.
-enum PartFailure {
-    /// Worth another attempt (dropped connection, timeout, Telegram's own trouble).
-    Again(String),
-    Fatal(StorageError),
-}
-
 /// Keeps the count of bytes still to send for one upload, returning what is left to the
 /// storage-wide count when the upload ends, however it ends.
 struct Pending<'a> {
@@ -96,132 +85,9 @@ impl Drop for Pending<'_> {
 }
 
 impl Inner {
-    async fn open_part_sender(&self) -> Result<PartSender, PartFailure> {
-        let (addr, key) = self.session.home_dc().ok_or_else(|| {
-            PartFailure::Fatal(StorageError::Fatal(
-                "session has no authorization key for its home data centre\nhint: run `storinator-worker login`".into(),
-            ))
-        })?;
-        let mtp = mtp::Encrypted::build()
-            .compression_threshold(self.cfg.compress_parts.then_some(512))
-            .finish(key);
-        let mut sender = Sender::connect(
-            transport::Full::new(),
-            mtp,
-            ServerAddr::Tcp {
-                address: addr.into(),
-            },
-        )
-        .await
-        .map_err(|e| PartFailure::Again(format!("connect to {addr}: {e}")))?;
-        let init = tl::functions::InvokeWithLayer {
-            layer: tl::LAYER,
-            query: tl::functions::InitConnection {
-                api_id: self.cfg.api_id,
-                device_model: "storinator".into(),
-                system_version: std::env::consts::OS.into(),
-                app_version: env!("CARGO_PKG_VERSION").into(),
-                system_lang_code: "en".into(),
-                lang_pack: "".into(),
-                lang_code: "en".into(),
-                proxy: None,
-                params: None,
-                query: tl::functions::help::GetConfig {},
-            },
-        };
-        match sender.invoke(&init).await {
-            Ok(_) => Ok(sender),
-            Err(InvocationError::Rpc(e)) if errors::classify(&e) != Action::Retry => Err(
-                PartFailure::Fatal(rpc_error(&e, Some("opening an upload connection"))),
-            ),
-            Err(e) => Err(PartFailure::Again(format!("init connection: {e}"))),
-        }
-    }
-
-    /// One attempt at sending a part on `conn` (opened first if needed).
-    async fn try_part(
-        &self,
-        conn: &mut Option<PartSender>,
-        body: &[u8],
-        len: u64,
-        what: &str,
-    ) -> Result<bool, PartFailure> {
-        if conn.is_none() {
-            match timeout(self.cfg.request_timeout, self.open_part_sender()).await {
-                Ok(Ok(s)) => *conn = Some(s),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(PartFailure::Again("connect timed out".into())),
-            }
-        }
-        let sender = conn.as_mut().unwrap();
-        let started = Instant::now();
-        match timeout(self.cfg.request_timeout, invoke_raw_bool(sender, body)).await {
-            Ok(Ok(true)) => {
-                self.sched.transfer_ok(len, started.elapsed());
-                Ok(true)
-            }
-            Ok(Ok(false)) => Err(PartFailure::Again("server did not store the part".into())),
-            Ok(Err(InvocationError::Rpc(e))) => match errors::classify(&e) {
-                Action::Wait => {
-                    self.wait(CallClass::Transfer, &e);
-                    Ok(false)
-                }
-                Action::Retry => Err(PartFailure::Again(errors::describe(&e))),
-                _ => Err(PartFailure::Fatal(rpc_error(&e, Some(what)))),
-            },
-            Ok(Err(e)) => {
-                *conn = None;
-                Err(PartFailure::Again(e.to_string()))
-            }
-            Err(_) => {
-                // The connection may be wedged; a fresh one is cheap.
-                *conn = None;
-                Err(PartFailure::Again(format!(
-                    "no answer within {:?}",
-                    self.cfg.request_timeout
-                )))
-            }
-        }
-    }
-
-    /// Sends one part on a dedicated connection, reconnecting and retrying as needed; waits
-    /// do not count as attempts.
-    async fn send_part(
-        &self,
-        conn: &mut Option<PartSender>,
-        file_id: i64,
-        part: i32,
-        total: Option<i32>,
-        bytes: Vec<u8>,
-    ) -> Result<(), StorageError> {
-        let len = bytes.len() as u64;
-        let body = part_request(file_id, part, total, &bytes);
-        drop(bytes);
-        let what = format!("part {part} of upload {file_id:x}");
-        let mut attempt = 0u32;
-        loop {
-            self.sched.acquire(CallClass::Transfer).await;
-            let why = match self.try_part(conn, &body, len, &what).await {
-                Ok(true) => return Ok(()),
-                Ok(false) => continue,
-                Err(PartFailure::Fatal(e)) => return Err(e),
-                Err(PartFailure::Again(why)) => why,
-            };
-            if conn.is_none() {
-                self.sched.note_reconnect();
-            }
-            attempt += 1;
-            if attempt >= self.cfg.max_attempts {
-                return Err(StorageError::Transient(format!(
-                    "{what} failed {attempt} times, last: {why}"
-                )));
-            }
-            self.sched.note_retry();
-            tokio::time::sleep(self.sched.backoff(attempt)).await;
-        }
-    }
-
-    /// Uploads the file's parts under `file_id`; returns the part count.
+    /// Uploads the file's parts under `file_id`; returns the part count. Parts go out as the
+    /// window lets them (read from the file only then, so memory stays at the window), on the
+    /// home data centre's part connections; the first part that cannot be sent stops the rest.
     async fn upload_parts(
         self: &Arc<Self>,
         path: &Path,
@@ -229,61 +95,54 @@ impl Inner {
         file_id: i64,
     ) -> Result<i32, StorageError> {
         let parts = size.div_ceil(PART_SIZE) as i32;
-        let big = size > SMALL_FILE_MAX;
-        let file = Arc::new(std::fs::File::open(path).map_err(|e| StorageError::io(path, e))?);
-        let next = Arc::new(AtomicI32::new(0));
+        let total = (size > SMALL_FILE_MAX).then_some(parts);
+        let file = std::fs::File::open(path).map_err(|e| StorageError::io(path, e))?;
         let pending = Pending::new(&self.pending_upload, size);
-        let workers = self.sched.part_concurrency().min(parts as usize).max(1);
-        let mut set = JoinSet::new();
-        for worker in 0..workers {
-            let me = self.clone();
-            let file = file.clone();
-            let next = next.clone();
-            let path = path.to_path_buf();
-            set.spawn(async move {
-                let mut conn = me.idle_senders.lock().unwrap().pop();
-                let mut sent = 0u64;
-                let res = async {
-                    loop {
-                        // A flood wait halves the allowed streams: extra workers bow out.
-                        if worker > 0 && worker >= me.sched.part_concurrency() {
-                            return Ok(());
+        let mut set: JoinSet<Result<u64, StorageError>> = JoinSet::new();
+        let mut next = 0i32;
+        loop {
+            tokio::select! {
+                biased;
+                done = set.join_next(), if !set.is_empty() => {
+                    let sent = done.expect("tasks in flight").unwrap_or_else(|e| {
+                        Err(StorageError::Fatal(format!("upload task: {e}")))
+                    });
+                    match sent {
+                        Ok(n) => pending.sent(n),
+                        Err(e) => {
+                            // The pack is retried as a whole: stop the other parts.
+                            set.shutdown().await;
+                            return Err(e);
                         }
-                        let p = next.fetch_add(1, Ordering::Relaxed);
-                        if p >= parts {
-                            return Ok(());
-                        }
-                        let off = p as u64 * PART_SIZE;
-                        let len = (size - off).min(PART_SIZE) as usize;
-                        let mut buf = vec![0u8; len];
-                        file.read_exact_at(&mut buf, off)
-                            .map_err(|e| StorageError::io(&path, e))?;
-                        me.send_part(&mut conn, file_id, p, big.then_some(parts), buf)
-                            .await?;
-                        sent += len as u64;
                     }
                 }
-                .await;
-                if let Some(c) = conn {
-                    me.idle_senders.lock().unwrap().push(c);
+                slot = self.sched.part_slot(), if next < parts => {
+                    let off = next as u64 * PART_SIZE;
+                    let len = (size - off).min(PART_SIZE) as usize;
+                    let mut buf = vec![0u8; len];
+                    file.read_exact_at(&mut buf, off)
+                        .map_err(|e| StorageError::io(path, e))?;
+                    let body = Arc::new(part_request(file_id, next, total, &buf));
+                    drop(buf);
+                    let me = self.clone();
+                    let what = format!("part {next} of upload {file_id:x}");
+                    set.spawn(async move {
+                        let _slot = slot;
+                        let answer = me.transfer(me.home_dc(), body, len as u64, &what).await?;
+                        match bool::from_bytes(&answer) {
+                            Ok(true) => Ok(len as u64),
+                            Ok(false) => Err(StorageError::Transient(format!(
+                                "{what}: telegram did not store the part"
+                            ))),
+                            Err(e) => Err(StorageError::Transient(format!(
+                                "{what}: unreadable answer: {e}"
+                            ))),
+                        }
+                    });
+                    next += 1;
                 }
-                (res, sent)
-            });
-        }
-        let mut first_err = None;
-        while let Some(r) = set.join_next().await {
-            let (r, sent) =
-                r.unwrap_or_else(|e| (Err(StorageError::Fatal(format!("upload task: {e}"))), 0));
-            pending.sent(sent);
-            if let Err(e) = r {
-                // Stop the others: the pack will be retried as a whole.
-                next.store(parts, Ordering::Relaxed);
-                first_err.get_or_insert(e);
+                else => return Ok(parts),
             }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(parts),
         }
     }
 
@@ -519,29 +378,6 @@ fn doc_from_updates(u: &tl::enums::Updates, name: &str) -> Option<Doc> {
         };
         doc_of(m).filter(|(n, _)| n == name).map(|(_, d)| d)
     })
-}
-
-/// Sends an already-serialized request on a dedicated sender and reads a Bool answer.
-async fn invoke_raw_bool(sender: &mut PartSender, body: &[u8]) -> Result<bool, InvocationError> {
-    sender.invoke(&RawBoolCall(body)).await
-}
-
-/// A request whose bytes are already serialized (the part body is built once, outside the
-/// retry loop) and whose answer is a Bool.
-struct RawBoolCall<'a>(&'a [u8]);
-
-impl tl::Serializable for RawBoolCall<'_> {
-    fn serialize(&self, buf: &mut impl Extend<u8>) {
-        buf.extend(self.0.iter().copied());
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        self.0.to_vec()
-    }
-}
-
-impl tl::RemoteCall for RawBoolCall<'_> {
-    type Return = bool;
 }
 
 /// Serializes upload.saveBigFilePart (with `total`) or upload.saveFilePart by hand: the

@@ -71,3 +71,17 @@ pub async fn get_all(storage: &TelegramStorage, name: &str, loc: &str, len: u64)
         .await
         .unwrap()
 }
+
+/// A second storage on the fixture's server and session, as a fresh process would open it
+/// (nothing cached, its own connections and part window).
+pub async fn open_storage(dir: &tempfile::TempDir, server: &LoopbackTelegram) -> TelegramStorage {
+    let _ = server;
+    let mut cfg = TelegramConfig::new(
+        1,
+        "loopback",
+        dir.path().join("worker.session"),
+        dir.path().join("spool2"),
+    );
+    cfg.request_timeout = Duration::from_secs(5);
+    TelegramStorage::connect(cfg).await.unwrap()
+}

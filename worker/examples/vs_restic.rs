@@ -1,0 +1,377 @@
+//! The speed bench against restic: for each tree shape, the first backup, an unchanged
+//! re-backup and a restore by `storinator-worker` (directory store) and by `restic` (local
+//! repository), each a process of its own, in rounds that alternate which of the two goes
+//! first. For every phase: wall time, CPU seconds per GiB of the tree and peak RSS of each,
+//! storinator's time divided by restic's, and the catalog's bytes per file (the SQLite files
+//! after a checkpoint). Both run with their real key derivation and default compression.
+//!
+//! ```text
+//! bench/run                     # builds, installs restic if missing, runs this and tg_bench
+//! target/release/examples/vs_restic [--dir DIR] [--shapes small100k,mixed1g,file8g]
+//!     [--rounds 2] [--no-restic] [--period-gib N] [--worker PATH] [--restic PATH]
+//! ```
+//! Shapes: `small100k` (100,000 files of 1-16 KiB), `mixed1g` (1 GiB: one large file, 230
+//! medium ones, about 13,000 of 4-64 KiB), `file8g` and `file16g` (one file; any `fileNg` for N GiB), `small1m`
+//! (1,000,000 files of 1-2 KiB), `small1k` (1,000 files of 1-16 KiB, to try the bench out). `--period-gib N` makes the one-file shapes repeat every N GiB
+//! so that the stores need only N GiB each (the rest deduplicates). Each tree is built in
+//! `--dir` (default: the temp dir), and everything is deleted after its shape.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use storinator_testkit::trees::{self, TreeStats};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// What one process cost.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    wall: f64,
+    cpu: f64,
+    rss_mib: f64,
+}
+
+/// Runs `cmd` to completion, its output appended to `log`, and measures it with wait4
+/// (the kernel's own accounting of that process: CPU time and peak resident set).
+fn measure(cmd: &mut Command, log: &Path, ok_codes: &[i32]) -> anyhow::Result<Sample> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let t = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting {cmd:?}: {e}"))?;
+    let mut status = 0i32;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 writes only the status and the rusage we hand it, for our own child.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    anyhow::ensure!(pid > 0, "wait4: {}", std::io::Error::last_os_error());
+    let wall = t.elapsed().as_secs_f64();
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    anyhow::ensure!(
+        ok_codes.contains(&code),
+        "{cmd:?} exited with {code}; see {}",
+        log.display()
+    );
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Sample {
+        wall,
+        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+        rss_mib: ru.ru_maxrss as f64 / 1024.0,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Tool {
+    Storinator,
+    Restic,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Storinator => "storinator",
+            Tool::Restic => "restic",
+        }
+    }
+}
+
+struct Bins {
+    worker: PathBuf,
+    restic: PathBuf,
+}
+
+/// The three phases of one tool on one tree, in a repository of its own under `work`.
+struct Phases {
+    backup: Sample,
+    rebackup: Sample,
+    restore: Sample,
+    /// Catalog bytes (storinator) after the two snapshots.
+    catalog: u64,
+}
+
+fn storinator(bins: &Bins, work: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
+    let mut c = Command::new(&bins.worker);
+    c.current_dir(work)
+        .env("STORINATOR_DATA_DIR", work.join("data"))
+        .env(
+            "STORINATOR_STORAGE",
+            format!("dir:{}", work.join("store").display()),
+        )
+        .env("STORINATOR_PASSPHRASE", "bench passphrase")
+        .env_remove("STORINATOR_INSECURE_FAST_KDF");
+    for a in args {
+        c.arg(a.as_ref());
+    }
+    c
+}
+
+fn restic(bins: &Bins, work: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
+    let mut c = Command::new(&bins.restic);
+    c.current_dir(work)
+        .env("RESTIC_REPOSITORY", work.join("repo"))
+        .env("RESTIC_PASSWORD", "bench passphrase")
+        .env("RESTIC_CACHE_DIR", work.join("cache"))
+        .arg("--quiet");
+    for a in args {
+        c.arg(a.as_ref());
+    }
+    c
+}
+
+/// Sum of the SQLite catalog's files after a checkpoint (which folds the WAL into the main
+/// file).
+async fn catalog_bytes(data: &Path) -> anyhow::Result<u64> {
+    let db = data.join("storinator.db");
+    let url = format!("sqlite://{}", db.display());
+    let catalog = storinator_shared::Catalog::open(&url).await?;
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(catalog.pool())
+        .await?;
+    catalog.pool().close().await;
+    let mut total = 0;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = OsString::from(db.as_os_str());
+        p.push(suffix);
+        total += std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len());
+    }
+    Ok(total)
+}
+
+async fn run_tool(tool: Tool, bins: &Bins, tree: &Path, work: &Path) -> anyhow::Result<Phases> {
+    std::fs::create_dir_all(work)?;
+    let log = work.with_extension("log");
+    let out = work.join("restored");
+    let phases = match tool {
+        Tool::Storinator => {
+            std::fs::create_dir_all(work.join("data"))?;
+            std::fs::create_dir_all(work.join("store"))?;
+            measure(&mut storinator(bins, work, &[&"init"]), &log, &[0])?;
+            // Exit code 3: saved, with warnings.
+            let backup = measure(
+                &mut storinator(bins, work, &[&"backup", &tree]),
+                &log,
+                &[0, 3],
+            )?;
+            let rebackup = measure(
+                &mut storinator(bins, work, &[&"backup", &tree]),
+                &log,
+                &[0, 3],
+            )?;
+            let restore = measure(
+                &mut storinator(bins, work, &[&"restore", &tree, &"--to", &out]),
+                &log,
+                &[0],
+            )?;
+            Phases {
+                backup,
+                rebackup,
+                restore,
+                catalog: catalog_bytes(&work.join("data")).await?,
+            }
+        }
+        Tool::Restic => {
+            measure(&mut restic(bins, work, &[&"init"]), &log, &[0])?;
+            let backup = measure(&mut restic(bins, work, &[&"backup", &tree]), &log, &[0])?;
+            let rebackup = measure(&mut restic(bins, work, &[&"backup", &tree]), &log, &[0])?;
+            let restore = measure(
+                &mut restic(bins, work, &[&"restore", &"latest", &"--target", &out]),
+                &log,
+                &[0],
+            )?;
+            Phases {
+                backup,
+                rebackup,
+                restore,
+                catalog: 0,
+            }
+        }
+    };
+    std::fs::remove_dir_all(work)?;
+    Ok(phases)
+}
+
+fn build_tree(shape: &str, root: &Path, period: u64) -> anyhow::Result<TreeStats> {
+    Ok(match shape {
+        "small1k" => trees::small_files(root, 1_000, 1024, 16 * 1024, 1),
+        "small100k" => trees::small_files(root, 100_000, 1024, 16 * 1024, 100),
+        "small1m" => trees::small_files(root, 1_000_000, 1024, 2048, 1000),
+        "mixed1g" => trees::mixed(root, 1 << 30),
+        // `file8g`, `file16g`, or any `fileNg` (one file of N GiB).
+        other => match other
+            .strip_prefix("file")
+            .and_then(|g| g.strip_suffix('g'))
+            .and_then(|g| g.parse::<u64>().ok())
+        {
+            Some(g) if g > 0 => {
+                trees::large_file(&root.join("disk.img"), g << 30, period.min(g << 30))
+            }
+            _ => anyhow::bail!("unknown shape {other}"),
+        },
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let here = std::env::current_exe()?;
+    let release = here
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    let bins = Bins {
+        worker: arg("--worker").map_or_else(|| release.join("storinator-worker"), PathBuf::from),
+        restic: arg("--restic").map_or_else(|| PathBuf::from("restic"), PathBuf::from),
+    };
+    let with_restic = !std::env::args().any(|a| a == "--no-restic");
+    let rounds: usize = arg("--rounds").map_or(2, |v| v.parse().expect("--rounds N"));
+    let shapes = arg("--shapes").unwrap_or_else(|| "small100k,mixed1g,file8g".into());
+    let period: u64 = arg("--period-gib").map_or(u64::MAX, |v| {
+        v.parse::<u64>().expect("--period-gib N") << 30
+    });
+    let base = match arg("--dir") {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+    println!(
+        "storinator {} vs {}; {rounds} rounds; load average {}",
+        bins.worker.display(),
+        if with_restic {
+            String::from_utf8_lossy(&Command::new(&bins.restic).arg("version").output()?.stdout)
+                .trim()
+                .to_string()
+        } else {
+            "nothing (--no-restic)".into()
+        },
+        load_average()
+    );
+    for shape in shapes.split(',') {
+        let tree = base.path().join(shape);
+        let stats = build_tree(shape, &tree, period)?;
+        let gib = stats.bytes as f64 / GIB;
+        println!(
+            "\n== {shape}: {} files, {:.2} GiB (load average {})",
+            stats.files,
+            gib,
+            load_average()
+        );
+        let tools: &[Tool] = if with_restic {
+            &[Tool::Storinator, Tool::Restic]
+        } else {
+            &[Tool::Storinator]
+        };
+        let mut results: Vec<(Tool, Phases)> = Vec::new();
+        for round in 0..rounds {
+            let order: Vec<Tool> = if round % 2 == 0 {
+                tools.to_vec()
+            } else {
+                tools.iter().rev().copied().collect()
+            };
+            for tool in order {
+                let work = base.path().join(format!("{}-{round}", tool.name()));
+                let p = run_tool(tool, &bins, &tree, &work).await?;
+                println!(
+                    "round {} {:<10} backup {:7.2} s {:6.2} CPU s/GiB {:6.0} MiB | re-backup {:7.2} s {:6.0} MiB | restore {:7.2} s {:6.2} CPU s/GiB {:6.0} MiB{}",
+                    round + 1,
+                    tool.name(),
+                    p.backup.wall,
+                    p.backup.cpu / gib,
+                    p.backup.rss_mib,
+                    p.rebackup.wall,
+                    p.rebackup.rss_mib,
+                    p.restore.wall,
+                    p.restore.cpu / gib,
+                    p.restore.rss_mib,
+                    if tool == Tool::Storinator {
+                        format!(
+                            " | catalog {:.0} bytes/file",
+                            p.catalog as f64 / stats.files as f64
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                results.push((tool, p));
+            }
+        }
+        if with_restic {
+            print_ratios(&results);
+        }
+        std::fs::remove_dir_all(&tree)?;
+    }
+    Ok(())
+}
+
+/// Storinator ÷ restic per round (paired within the round), per phase.
+fn print_ratios(results: &[(Tool, Phases)]) {
+    let of = |t: Tool| -> Vec<&Phases> {
+        results
+            .iter()
+            .filter(|(x, _)| *x == t)
+            .map(|(_, p)| p)
+            .collect()
+    };
+    let (s, r) = (of(Tool::Storinator), of(Tool::Restic));
+    type Pick = fn(&Phases) -> Sample;
+    let phases: [(&str, Pick); 3] = [
+        ("first backup", |p| p.backup),
+        ("unchanged re-backup", |p| p.rebackup),
+        ("restore", |p| p.restore),
+    ];
+    for (name, pick) in phases {
+        let time: Vec<f64> = s
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| pick(a).wall / pick(b).wall)
+            .collect();
+        let cpu: Vec<f64> = s
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| pick(a).cpu / pick(b).cpu)
+            .collect();
+        println!(
+            "ratio storinator/restic {name:<20} time {}  (median {:.2}); CPU {} (median {:.2})",
+            time.iter()
+                .map(|v| format!("{v:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(time.clone()),
+            cpu.iter()
+                .map(|v| format!("{v:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(cpu.clone()),
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! Part transfers (upload.saveFilePart, saveBigFilePart, getFile) on their own connections.
+//!
+//! Every part in flight holds a slot of the storage's window (see `window`); the parts go out
+//! on pipelined connections (see `pipe`) to the data centre they concern, several per data
+//! centre: one more is opened whenever each has [`PARTS_PER_CONNECTION`] parts on it and the
+//! window allows more (8 connections for the default window of 32). Several connections matter
+//! because Telegram
+//! (like any TCP path) limits what one connection carries; several parts per connection
+//! because each part otherwise costs a whole round trip. A part goes to the connection with the
+//! fewest parts on it. Failures follow the storage's one retry policy: waits pause the class
+//! and shrink the window, transient failures are retried on a fresh connection with backoff.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use grammers_session::Session;
+use grammers_tl_types::{self as tl, Deserializable, Serializable};
+use storinator_shared::error::StorageError;
+use tokio::time::{Instant, timeout};
+
+use super::errors::{self, Action};
+use super::pipe::{Body, Pipe, PipeError};
+use super::scheduler::CallClass;
+use super::storage::{CallError, Failure, Inner, rpc_error};
+
+/// Parts on one connection before another connection is worth opening (2 MiB of 512 KiB
+/// parts, what Telegram Desktop's downloader keeps waiting per connection at most; it uses
+/// up to 8 connections per data centre, as the default window here does).
+pub(super) const PARTS_PER_CONNECTION: usize = 4;
+
+/// The part connections of each data centre.
+#[derive(Default)]
+pub(super) struct Pipes {
+    by_dc: Mutex<HashMap<i32, Vec<Arc<Pipe>>>>,
+    /// With no connection open, one part opens it while the others wait.
+    opening: tokio::sync::Mutex<()>,
+    /// Data centres where another connection is opening in the background.
+    background: Mutex<std::collections::HashSet<i32>>,
+}
+
+impl Pipes {
+    /// The least loaded open connection to `dc`, if it has room or no more are wanted;
+    /// `any` takes it whatever its load.
+    fn pick(&self, dc: i32, wanted: usize, any: bool) -> Option<Arc<Pipe>> {
+        let mut by_dc = self.by_dc.lock().unwrap();
+        let pipes = by_dc.entry(dc).or_default();
+        pipes.retain(|p| !p.is_closed());
+        let best = pipes.iter().min_by_key(|p| p.load())?;
+        (any || best.load() < PARTS_PER_CONNECTION || pipes.len() >= wanted).then(|| best.clone())
+    }
+
+    fn add(&self, dc: i32, pipe: Arc<Pipe>) {
+        self.by_dc.lock().unwrap().entry(dc).or_default().push(pipe);
+    }
+
+    /// Stops giving `pipe` new parts (it timed out and may be wedged); the parts already on
+    /// it finish or fail there.
+    fn retire(&self, dc: i32, pipe: &Arc<Pipe>) {
+        if let Some(pipes) = self.by_dc.lock().unwrap().get_mut(&dc) {
+            pipes.retain(|p| !Arc::ptr_eq(p, pipe));
+        }
+    }
+}
+
+impl Inner {
+    /// Sends one serialized part-class request to data centre `dc` and returns the raw
+    /// answer. The caller holds a window slot for it. `bytes` is the payload the part moves,
+    /// for the transfer rate; `what` names the part in errors.
+    pub(super) async fn transfer(
+        self: &Arc<Self>,
+        dc: i32,
+        body: Body,
+        bytes: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, CallError> {
+        self.on_dc(Some(dc), |dc| {
+            let dc = dc.unwrap_or_else(|| self.home_dc());
+            let body = body.clone();
+            async move {
+                self.with_policy(CallClass::Transfer, what, || {
+                    self.part_attempt(dc, &body, bytes)
+                })
+                .await
+            }
+        })
+        .await
+    }
+
+    /// One attempt at a part: a connection, the call, its answer within the timeout.
+    async fn part_attempt(
+        self: &Arc<Self>,
+        dc: i32,
+        body: &Body,
+        bytes: u64,
+    ) -> Result<Vec<u8>, Failure> {
+        let pipe = self.pipe_for(dc).await?;
+        self.sched.note_part_sent(pipe.load() + 1);
+        let started = Instant::now();
+        match timeout(self.cfg.request_timeout, pipe.call(body.clone())).await {
+            Ok(Ok(answer)) => {
+                self.sched.transfer_ok(bytes, started.elapsed());
+                Ok(answer)
+            }
+            Ok(Err(PipeError::Rpc(e))) => Err(Failure::Rpc(e)),
+            Ok(Err(PipeError::Lost(why))) => {
+                self.sched.note_reconnect();
+                Err(Failure::Again(why))
+            }
+            Ok(Err(PipeError::Closed)) => Err(Failure::Again("connection closed".into())),
+            Err(_) => {
+                // The connection may be wedged: no new parts on it.
+                self.pipes.retire(dc, &pipe);
+                self.sched.note_reconnect();
+                Err(Failure::Again(format!(
+                    "no answer within {:?}",
+                    self.cfg.request_timeout
+                )))
+            }
+        }
+    }
+
+    /// A connection to `dc` for one more part. When every connection is busy and the window
+    /// allows more, another one opens in the background (two round trips: the first message
+    /// of a connection learns the server salt) while the part goes on the least busy one; only
+    /// with no connection at all does the part wait for one to open.
+    async fn pipe_for(self: &Arc<Self>, dc: i32) -> Result<Arc<Pipe>, Failure> {
+        let wanted = self
+            .sched
+            .part_concurrency()
+            .div_ceil(PARTS_PER_CONNECTION)
+            .max(1);
+        if let Some(p) = self.pipes.pick(dc, wanted, false) {
+            return Ok(p);
+        }
+        if let Some(p) = self.pipes.pick(dc, wanted, true) {
+            self.open_in_background(dc);
+            return Ok(p);
+        }
+        let _one_at_a_time = self.pipes.opening.lock().await;
+        if let Some(p) = self.pipes.pick(dc, wanted, true) {
+            return Ok(p);
+        }
+        self.open_and_add(dc).await
+    }
+
+    async fn open_and_add(&self, dc: i32) -> Result<Arc<Pipe>, Failure> {
+        let pipe = match timeout(self.cfg.request_timeout, self.open_pipe(dc)).await {
+            Ok(r) => Arc::new(r?),
+            Err(_) => {
+                return Err(Failure::Again(format!(
+                    "connecting to data centre {dc} timed out"
+                )));
+            }
+        };
+        self.sched.note_part_connection();
+        self.pipes.add(dc, pipe.clone());
+        Ok(pipe)
+    }
+
+    /// Opens one more connection to `dc` unless one is opening already; a failure only
+    /// means the parts stay on the connections there are.
+    fn open_in_background(self: &Arc<Self>, dc: i32) {
+        if !self.pipes.background.lock().unwrap().insert(dc) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let why = match me.open_and_add(dc).await {
+                Ok(_) => None,
+                Err(Failure::Again(why)) => Some(why),
+                Err(Failure::Fatal(e)) => Some(e.to_string()),
+                Err(Failure::Rpc(e)) => Some(errors::describe(&e)),
+            };
+            if let Some(why) = why {
+                tracing::debug!(dc, "another part connection did not open: {why}");
+            }
+            me.pipes.background.lock().unwrap().remove(&dc);
+        });
+    }
+
+    /// Connects to `dc` with the session's key for it and initialises the connection.
+    async fn open_pipe(&self, dc: i32) -> Result<Pipe, Failure> {
+        let option = self
+            .session
+            .dc_option(dc)
+            .ok()
+            .flatten()
+            .filter(|o| o.auth_key.is_some());
+        let Some(option) = option else {
+            return Err(Failure::Fatal(StorageError::Fatal(format!(
+                "the session has no authorization key for data centre {dc}\nhint: run `storinator-worker login`"
+            ))));
+        };
+        let addr = SocketAddr::V4(option.ipv4);
+        let pipe = Pipe::connect(addr, option.auth_key.unwrap(), self.cfg.compress_parts)
+            .await
+            .map_err(|e| Failure::Again(format!("connect to {addr}: {e}")))?;
+        let init = tl::functions::InvokeWithLayer {
+            layer: tl::LAYER,
+            query: tl::functions::InitConnection {
+                api_id: self.cfg.api_id,
+                device_model: "storinator".into(),
+                system_version: std::env::consts::OS.into(),
+                app_version: env!("CARGO_PKG_VERSION").into(),
+                system_lang_code: "en".into(),
+                lang_pack: "".into(),
+                lang_code: "en".into(),
+                proxy: None,
+                params: None,
+                query: tl::functions::help::GetConfig {},
+            },
+        };
+        match pipe.call(Arc::new(init.to_bytes())).await {
+            Ok(answer) => {
+                tl::enums::Config::from_bytes(&answer).map_err(|e| {
+                    Failure::Again(format!("unreadable answer to initConnection: {e}"))
+                })?;
+                Ok(pipe)
+            }
+            Err(PipeError::Rpc(e)) if errors::classify(&e) != Action::Retry => Err(Failure::Fatal(
+                rpc_error(&e, Some("opening a part connection")),
+            )),
+            Err(PipeError::Rpc(e)) => Err(Failure::Again(errors::describe(&e))),
+            Err(PipeError::Lost(why)) => Err(Failure::Again(format!("init connection: {why}"))),
+            Err(PipeError::Closed) => Err(Failure::Again("init connection: closed".into())),
+        }
+    }
+}

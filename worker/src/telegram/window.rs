@@ -1,0 +1,241 @@
+//! The window of part transfers in flight, shared by every upload and read of a storage.
+//!
+//! Throughput over a link is what is in flight divided by the round trip: one 512 KiB part at
+//! a time over 100 ms is 5 MB/s whatever the bandwidth. The window keeps enough parts in
+//! flight to fill the link and adapts the way TCP does: it starts small, grows by one part per
+//! part answered until the first trouble (doubling every round trip), then by one part per
+//! window's worth of answers; a FLOOD_WAIT, a timeout or a lost connection halves it, once per
+//! round trip however many parts the same trouble hit. It never exceeds its bound
+//! (`STORINATOR_PART_CONCURRENCY`) nor goes below one part.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Parts in flight before anything is known about the link.
+const INITIAL: f64 = 4.0;
+
+#[derive(Debug)]
+struct State {
+    /// Parts allowed in flight (fractional while growing slowly).
+    size: f64,
+    /// Size below which the window still grows fast.
+    threshold: f64,
+    in_flight: usize,
+    /// Smoothed time from sending a part to its answer.
+    round_trip: Option<Duration>,
+    last_cut: Option<Instant>,
+    cuts: u64,
+    peak: usize,
+}
+
+pub struct Window {
+    max: usize,
+    state: Mutex<State>,
+    freed: Notify,
+}
+
+/// Room for one part in flight; given back when dropped.
+pub struct Slot {
+    window: Arc<Window>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.window.state.lock().unwrap().in_flight -= 1;
+        self.window.freed.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+impl Window {
+    /// A window of at most `max` parts in flight.
+    pub fn new(max: usize) -> Arc<Window> {
+        let max = max.max(1);
+        Arc::new(Window {
+            max,
+            state: Mutex::new(State {
+                size: INITIAL.min(max as f64),
+                threshold: max as f64,
+                in_flight: 0,
+                round_trip: None,
+                last_cut: None,
+                cuts: 0,
+                peak: 0,
+            }),
+            freed: Notify::new(),
+        })
+    }
+
+    /// Waits for room for one more part. Cancel-safe: dropping the future takes nothing.
+    pub async fn slot(self: &Arc<Self>) -> Slot {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(s) = self.try_slot() {
+                return s;
+            }
+            freed.await;
+        }
+    }
+
+    /// Room for one more part, if there is some now.
+    pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
+        let mut s = self.state.lock().unwrap();
+        if s.in_flight >= s.size as usize {
+            return None;
+        }
+        s.in_flight += 1;
+        s.peak = s.peak.max(s.in_flight);
+        Some(Slot {
+            window: self.clone(),
+        })
+    }
+
+    /// Parts allowed in flight now.
+    pub fn size(&self) -> usize {
+        self.state.lock().unwrap().size as usize
+    }
+
+    /// The bound the window never exceeds.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The most parts that were in flight at once.
+    pub fn peak(&self) -> usize {
+        self.state.lock().unwrap().peak
+    }
+
+    /// How many times the window was halved.
+    pub fn cuts(&self) -> u64 {
+        self.state.lock().unwrap().cuts
+    }
+
+    /// A part was answered `took` after it was sent: grow.
+    pub fn on_success(&self, took: Duration) {
+        let grew = {
+            let mut s = self.state.lock().unwrap();
+            s.round_trip = Some(match s.round_trip {
+                Some(rt) => rt.mul_f64(0.875) + took.mul_f64(0.125),
+                None => took,
+            });
+            let before = s.size as usize;
+            let step = if s.size < s.threshold {
+                1.0
+            } else {
+                1.0 / s.size
+            };
+            s.size = (s.size + step).min(self.max as f64);
+            s.size as usize > before
+        };
+        if grew {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Telegram asked to slow down, or a part failed: halve, unless the window was already
+    /// halved within the last round trip (the same trouble hitting several parts in flight).
+    pub fn on_trouble(&self) {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        let guard = s.round_trip.unwrap_or(Duration::from_secs(1));
+        if s.last_cut.is_some_and(|t| now.duration_since(t) < guard) {
+            return;
+        }
+        s.threshold = (s.size / 2.0).max(1.0);
+        s.size = s.threshold;
+        s.last_cut = Some(now);
+        s.cuts += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn grows_fast_until_trouble_then_slowly() {
+        let w = Window::new(64);
+        assert_eq!(w.size(), 4);
+        // Slow start: one more per answer, so the window doubles every round trip.
+        for _ in 0..4 {
+            w.on_success(Duration::from_millis(100));
+        }
+        assert_eq!(w.size(), 8);
+        for _ in 0..8 {
+            w.on_success(Duration::from_millis(100));
+        }
+        assert_eq!(w.size(), 16);
+        w.on_trouble();
+        assert_eq!(w.size(), 8);
+        // After trouble: about one more part per window's worth of answers.
+        for _ in 0..8 {
+            w.on_success(Duration::from_millis(100));
+        }
+        assert_eq!(w.size(), 8, "not yet a whole window of answers");
+        for _ in 0..2 {
+            w.on_success(Duration::from_millis(100));
+        }
+        assert_eq!(w.size(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trouble_halves_once_per_round_trip_and_never_below_one() {
+        let w = Window::new(32);
+        for _ in 0..28 {
+            w.on_success(Duration::from_millis(200));
+        }
+        assert_eq!(w.size(), 32, "capped at its bound");
+        // Eight parts hit by the same flood wait: one halving.
+        for _ in 0..8 {
+            w.on_trouble();
+        }
+        assert_eq!((w.size(), w.cuts()), (16, 1));
+        tokio::time::advance(Duration::from_millis(250)).await;
+        w.on_trouble();
+        assert_eq!((w.size(), w.cuts()), (8, 2));
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            w.on_trouble();
+        }
+        assert_eq!(w.size(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_wait_for_room_and_come_back_when_dropped() {
+        let w = Window::new(2);
+        assert_eq!(w.size(), 2);
+        let a = w.slot().await;
+        let _b = w.slot().await;
+        assert!(w.try_slot().is_none(), "full");
+        let waiter = {
+            let w = w.clone();
+            tokio::spawn(async move { w.slot().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        let c = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("a freed slot wakes the waiter")
+            .unwrap();
+        assert_eq!(w.peak(), 2);
+        drop(c);
+        // A shrunk window lets in no new part until enough have come back.
+        w.on_trouble();
+        assert_eq!(w.size(), 1);
+        assert!(
+            w.try_slot().is_none(),
+            "the part still in flight fills a window of one"
+        );
+    }
+}
