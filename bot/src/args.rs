@@ -95,6 +95,22 @@ pub fn parse_restore(raw: &str) -> Result<RestoreArgs, String> {
     Ok(RestoreArgs { path, to, snapshot })
 }
 
+/// `/forget <path> keep daily 7 weekly 4 …`: the path and the policy's text (from the last
+/// ` keep ` outside double quotes). Quote a path that itself contains " keep ".
+pub fn parse_forget(raw: &str) -> Result<(String, String), String> {
+    const USAGE: &str = "Usage: /forget <path> keep daily 7 weekly 4 monthly 12\n(rules: last, hourly, daily, weekly, monthly, yearly N; within 30d)";
+    let raw = raw.trim();
+    let Some(at) = keyword_at(&format!("{raw} "), "keep") else {
+        return Err(format!("Keep which snapshots? {USAGE}"));
+    };
+    let (path, policy) = split_at_keyword(&format!("{raw} "), at, "keep");
+    let path = unquote(&path).to_string();
+    if path.is_empty() {
+        return Err(format!("Which folder? {USAGE}"));
+    }
+    Ok((path, format!("keep {}", policy.trim())))
+}
+
 /// Byte index of the last ` <keyword> ` that is not inside double quotes and has a
 /// non-empty head before it.
 fn keyword_at(s: &str, keyword: &str) -> Option<usize> {
@@ -254,6 +270,23 @@ mod tests {
             (r.path.as_str(), r.to.as_deref()),
             ("/srv/é", Some("/tmp/ü"))
         );
+    }
+
+    #[test]
+    fn forget_args() {
+        let (p, k) = parse_forget("/srv/my data keep daily 7 weekly 4").unwrap();
+        assert_eq!(
+            (p.as_str(), k.as_str()),
+            ("/srv/my data", "keep daily 7 weekly 4")
+        );
+        let (p, k) = parse_forget("\"/srv/keep it\" keep last 3").unwrap();
+        assert_eq!((p.as_str(), k.as_str()), ("/srv/keep it", "keep last 3"));
+        // The policy's own parser judges what follows `keep`, even nothing.
+        let (_, k) = parse_forget("/srv/x keep").unwrap();
+        assert_eq!(k, "keep ");
+        assert!(parse_forget("/srv/x").unwrap_err().contains("Keep which"));
+        assert!(parse_forget("").is_err());
+        assert!(parse_forget("keep daily 7").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod args;
 mod browse;
 pub mod config;
 pub mod db;
+mod forget;
 mod notifier;
 pub mod outbox;
 pub mod render;
@@ -89,6 +90,10 @@ pub enum Command {
     Scrub(String),
     #[command(description = "what your backups store, and what a prune would free")]
     Usage,
+    #[command(
+        description = "forget old snapshots by a policy, after you confirm: /forget <path> keep daily 7 weekly 4 monthly 12"
+    )]
+    Forget(String),
 }
 
 /// State shared by the handlers and the notifier.
@@ -487,6 +492,7 @@ async fn command(
                 Err(e) => return Err(e.into()),
             }
         }
+        Command::Forget(raw) => return forget::command(app, user_id, chat, &raw).await,
         Command::Browse(raw) => return browse::command(app, user_id, chat, &raw).await,
         Command::Get(raw) => return browse::get_command(app, user_id, chat, &raw).await,
         Command::Versions(raw) => return browse::versions_command(app, user_id, chat, &raw).await,
@@ -670,6 +676,8 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
         match data.split_once(':') {
             Some(("ow", id)) => conflict_answer(&app, user_id, id, Answer::Overwrite, at).await?,
             Some(("keep", id)) => conflict_answer(&app, user_id, id, Answer::Keep, at).await?,
+            Some((forget::CONFIRM, id)) => forget::answer(&app, user_id, id, true, at).await?,
+            Some((forget::CANCEL, id)) => forget::answer(&app, user_id, id, false, at).await?,
             _ => match at {
                 Some((chat, message)) => {
                     browse::on_button(&app, user_id, chat, message, &data).await?
@@ -840,7 +848,7 @@ mod tests {
     #[test]
     fn the_command_menu_lists_every_command() {
         let menu = Command::bot_commands();
-        assert_eq!(menu.len(), 21);
+        assert_eq!(menu.len(), 22);
         let help = help_text();
         let mut seen = std::collections::HashSet::new();
         for c in &menu {

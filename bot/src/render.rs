@@ -143,6 +143,7 @@ pub fn title(job: &Job) -> String {
         JobArgs::Verify { .. } => "Verify",
         JobArgs::Get { .. } => "File",
         JobArgs::Scrub { .. } => "Scrub",
+        JobArgs::Forget { .. } => "Forget",
     };
     format!("{kind} #{}", job.id)
 }
@@ -184,6 +185,14 @@ pub fn subject(job: &Job) -> String {
             Some(b) => format!("read back up to {}", bytes(*b)),
             None => "read back today's share of the packs".into(),
         },
+        JobArgs::Forget {
+            path,
+            policy,
+            snapshots,
+        } => format!(
+            "{path} ({policy}; {})",
+            plural(snapshots.len() as u64, "snapshot", "snapshots")
+        ),
     }
 }
 
@@ -411,6 +420,13 @@ pub fn final_text(job: &Job) -> String {
                     duration_ms(*d)
                 )
             }
+            Some(JobResult::Forget {
+                forgotten, kept, ..
+            }) => format!(
+                "✅ {head}\n{}\n{}",
+                forget_summary(*forgotten, *kept),
+                PRUNE_HINT
+            ),
             Some(JobResult::Conflicts { .. }) | None => format!("✅ {head}\nDone{took}"),
         },
         JobState::Failed => match &job.result {
@@ -533,8 +549,65 @@ pub fn final_notice(job: &Job) -> String {
         ) => {
             format!("📄 {name} · {} · snapshot {snapshot}", bytes(*size))
         }
+        (
+            _,
+            Some(JobResult::Forget {
+                forgotten, kept, ..
+            }),
+        ) => format!(
+            "🗑 {} done: {}",
+            title(job),
+            forget_summary(*forgotten, *kept)
+        ),
         _ => format!("✅ {} done.", title(job)),
     }
+}
+
+/// What a finished forget says (the bot's summary and final notice).
+fn forget_summary(forgotten: u64, kept: u64) -> String {
+    format!(
+        "forgot {}, kept {}.",
+        plural(forgotten, "snapshot", "snapshots"),
+        kept
+    )
+}
+
+const PRUNE_HINT: &str =
+    "Their storage is freed by the next prune (`storinator-worker prune` on the server).";
+
+/// The `/forget` prompt: what would go, and briefly what stays.
+pub fn forget_prompt(
+    report: &storinator_shared::ForgetReport,
+    policy: &storinator_shared::KeepPolicy,
+    tz: &jiff::tz::TimeZone,
+) -> String {
+    let when = |s: &SnapshotInfo| storinator_shared::ops::schedules::format_local(s.started_at, tz);
+    let mut lines = vec![format!(
+        "🗑 {} · {}\nWould forget {}:",
+        report.root,
+        policy,
+        plural(report.remove.len() as u64, "snapshot", "snapshots")
+    )];
+    lines.extend(
+        report
+            .remove
+            .iter()
+            .map(|i| format!("• {} · {}", i.snapshot.short_id, when(&i.snapshot))),
+    );
+    lines.push(format!("Keeps {}:", report.keep.len()));
+    const SHOWN: usize = 5;
+    lines.extend(report.keep.iter().take(SHOWN).map(|i| {
+        format!(
+            "• {} · {} ({})",
+            i.snapshot.short_id,
+            when(&i.snapshot),
+            i.reasons.join(", ")
+        )
+    }));
+    if report.keep.len() > SHOWN {
+        lines.push(format!("… and {} more", report.keep.len() - SHOWN));
+    }
+    lines.join("\n")
 }
 
 /// The separate notice sent when a job fails.

@@ -45,6 +45,7 @@ fn forget_opts(path: &Path, policy: KeepPolicy) -> ForgetOptions {
         tz: jiff::tz::TimeZone::UTC,
         dry_run: false,
         allow_empty: false,
+        only: None,
     }
 }
 

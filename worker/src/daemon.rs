@@ -19,9 +19,9 @@ use storinator_shared::engine::restore::resolve;
 use storinator_shared::ops::rules::FireRules;
 use storinator_shared::ops::schedules::RunOutcome;
 use storinator_shared::{
-    BackupOptions, CancelFlag, Error, Job, JobArgs, JobError, JobResult, JobState, Jobs, Lease,
-    Progress, ProgressReport, Repo, RestoreOptions, Schedules, ScrubOptions, Signal, Storage,
-    Throttle, TransferEstimate,
+    BackupOptions, CancelFlag, Error, ForgetOptions, Job, JobArgs, JobError, JobResult, JobState,
+    Jobs, KeepPolicy, Lease, Progress, ProgressReport, Repo, RestoreOptions, Schedules,
+    ScrubOptions, Signal, Storage, Throttle, TransferEstimate,
 };
 
 use crate::healthcheck::Healthcheck;
@@ -173,6 +173,11 @@ pub async fn run_with(
             .map(|u| u.scrub_bytes)
             .unwrap_or(storinator_shared::config::DEFAULT_SCRUB_BYTES_PER_DAY),
         restore_roots: cfg.restore_roots.clone(),
+        tz: unattended
+            .as_ref()
+            .map(|u| u.schedules.tz().clone())
+            .unwrap_or(jiff::tz::TimeZone::UTC),
+        schedules: unattended.as_ref().map(|u| u.schedules.clone()),
     });
 
     loop {
@@ -270,6 +275,11 @@ struct JobContext {
     scrub_bytes: u64,
     /// See [`DaemonConfig::restore_roots`].
     restore_roots: Vec<PathBuf>,
+    /// The schedules' time zone: keep policies count days and weeks in it (UTC without
+    /// unattended settings).
+    tz: jiff::tz::TimeZone,
+    /// The schedules table, for a scheduled backup's keep policy (`None`: no schedules run).
+    schedules: Option<Schedules>,
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -493,6 +503,60 @@ async fn run_job(
     }
 }
 
+/// After a successful scheduled backup: forget by the schedule's keep policy, if it has one
+/// (forget, not prune: freeing storage stays an operator's decision).
+/// The backup stands whatever happens here; a failure is logged and the next backup tries
+/// again. Never every snapshot of the root (no `allow_empty`; a policy keeps the newest).
+async fn apply_schedule_policy(
+    repo: &Repo,
+    ctx: &JobContext,
+    job: &Job,
+    owner: &str,
+    cancel: &CancelFlag,
+) {
+    let (Some(schedules), Some(id), JobArgs::Backup { path, .. }) =
+        (&ctx.schedules, job.schedule_id, &job.args)
+    else {
+        return;
+    };
+    let policy = match schedules.get(id).await {
+        Ok(Some(s)) => s.retention,
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(
+                job = job.id,
+                schedule = id,
+                "reading the keep policy failed: {e}"
+            );
+            None
+        }
+    };
+    let Some(policy) = policy else { return };
+    let opts = ForgetOptions {
+        owner: owner.to_string(),
+        path: path.clone(),
+        policy: policy.clone(),
+        tz: ctx.tz.clone(),
+        dry_run: false,
+        allow_empty: false,
+        only: None,
+    };
+    match repo.forget(&opts, cancel).await {
+        Ok(r) => tracing::info!(
+            job = job.id,
+            schedule = id,
+            forgotten = r.remove.len(),
+            kept = r.keep.len(),
+            "applied the schedule's {policy}"
+        ),
+        Err(e) => tracing::warn!(
+            job = job.id,
+            schedule = id,
+            "applying the schedule's {policy} failed: {e}"
+        ),
+    }
+}
+
 /// Where a chat restore writes: `to`, or without it the folder the item came from (differing
 /// files then need the user's confirmation). Both must be absolute and free of `.` and `..`;
 /// the engine then keeps the target inside the restore roots.
@@ -579,6 +643,8 @@ async fn execute(
                 encrypt: *encrypt,
             };
             let s = repo.backup(&opts, progress, cancel).await?;
+            // Before the job is recorded done, so "done" means the policy was applied too.
+            apply_schedule_policy(repo, ctx, job, owner, cancel).await;
             Ok(JobResult::Backup {
                 snapshot: s.snapshot.short_id.clone(),
                 files: s.snapshot.files,
@@ -646,6 +712,11 @@ async fn execute(
                 duration_ms: started.elapsed().as_millis() as u64,
             })
         }
+        JobArgs::Forget {
+            path,
+            policy,
+            snapshots,
+        } => forget(repo, ctx, owner, path, policy, snapshots, cancel).await,
         JobArgs::Get { path, snapshot } => {
             crate::get::run(
                 repo,
@@ -660,6 +731,34 @@ async fn execute(
             .await
         }
     }
+}
+
+/// A forget confirmed in the chat: the policy of the prompt, forgetting at most the snapshots
+/// the user saw. Never the last snapshot of a root (no `allow_empty` from the chat).
+async fn forget(
+    repo: &Repo,
+    ctx: &JobContext,
+    owner: &str,
+    path: &str,
+    policy: &str,
+    snapshots: &[String],
+    cancel: &CancelFlag,
+) -> Result<JobResult, Error> {
+    let opts = ForgetOptions {
+        owner: owner.to_string(),
+        path: path.to_string(),
+        policy: KeepPolicy::parse(policy).map_err(Error::Invalid)?,
+        tz: ctx.tz.clone(),
+        dry_run: false,
+        allow_empty: false,
+        only: Some(snapshots.to_vec()),
+    };
+    let r = repo.forget(&opts, cancel).await?;
+    Ok(JobResult::Forget {
+        forgotten: r.remove.len() as u64,
+        kept: r.keep.len() as u64,
+        tombstone: r.tombstone,
+    })
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ pub async fn forget(
         tz: tz.clone(),
         dry_run,
         allow_empty,
+        only: None,
     };
     let report = repo
         .forget(&opts, &CancelFlag::new())

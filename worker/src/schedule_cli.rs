@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, anyhow};
 use storinator_shared::ops::alerts::{AlertPolicy, Alerts, ScrubStatus};
-use storinator_shared::ops::schedules::{NewSchedule, RetentionPolicy, parse_when};
+use storinator_shared::ops::schedules::{NewSchedule, parse_retention, parse_when};
 use storinator_shared::{
     Catalog, Config, Jobs, ScheduleError, Schedules, ScrubOptions, human_bytes,
 };
@@ -56,7 +56,7 @@ pub async fn run(owner: &str, cfg: &Config, command: ScheduleCommand) -> anyhow:
                 })?
                 .to_string();
             let when = parse_when(&when.join(" "))?;
-            let retention = keep.as_deref().map(RetentionPolicy::parse).transpose()?;
+            let retention = keep.as_deref().map(parse_retention).transpose()?;
             let (user_id, chat_id) = match owner.strip_prefix("tg:").map(str::parse::<i64>) {
                 Some(Ok(id)) => (id, id),
                 Some(Err(_)) => return Err(anyhow!("invalid --owner {owner:?}")),

@@ -1084,3 +1084,128 @@ async fn forged_and_stale_buttons_are_refused() {
     );
     w.stop().await;
 }
+
+/// Short ids of the user's snapshots of `root/data`, oldest first.
+async fn snapshot_ids(w: &World) -> Vec<String> {
+    let catalog = Catalog::open(&w.db_url).await.unwrap();
+    let mut snaps = storinator_shared::list_snapshots(&catalog, &format!("tg:{USER}"), None)
+        .await
+        .unwrap();
+    snaps.sort_by_key(|s| s.started_at);
+    snaps.into_iter().map(|s| s.short_id).collect()
+}
+
+/// Tombstone objects (`forget-<id>.enc`) in the store.
+fn tombstones(w: &World) -> Vec<String> {
+    walk(&w.dir.path().join("store"))
+        .into_iter()
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .filter(|n| n.starts_with("forget-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_from_the_chat_shows_the_dry_run_and_forgets_only_what_was_confirmed() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    for nth in 0..3 {
+        w.backup(nth).await;
+    }
+    let before = snapshot_ids(&w).await;
+    assert_eq!(before.len(), 3);
+    let data = w.root.join("data");
+
+    // The dry run: the two older ones would go, the newest stays.
+    w.say(&format!("/forget {} keep last 1", data.display()));
+    let m = w
+        .api
+        .wait_for_bot_text(CHAT, "Would forget", WAIT)
+        .await
+        .unwrap();
+    assert!(m.text.contains("Would forget 2 snapshots:"), "{}", m.text);
+    let (goes, stays) = m.text.split_once("Keeps 1:").unwrap();
+    for id in &before[..2] {
+        assert!(
+            goes.contains(id.as_str()) && !stays.contains(id.as_str()),
+            "{}",
+            m.text
+        );
+    }
+    assert!(
+        stays.contains(&format!("{} ", before[2])) && stays.contains("(last)"),
+        "{}",
+        m.text
+    );
+    let labels: Vec<String> = World::buttons(&m).into_iter().map(|b| b.0).collect();
+    assert_eq!(labels, ["Forget 2 snapshots", "Cancel"]);
+    for (_, data) in World::buttons(&m) {
+        assert!(data.len() <= 64, "{data}");
+    }
+
+    // Cancel forgets nothing; Forget on the cancelled prompt does nothing either.
+    let jobs_before = w.job_count().await;
+    let c = w.press(m.message_id, "Cancel");
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&c)).await;
+    assert_eq!(answer.as_deref(), Some("Cancelled."));
+    w.wait_edit(m.message_id, "nothing was forgotten").await;
+    let f = w
+        .api
+        .push_callback(USER, CHAT, m.message_id, &World::buttons(&m)[0].1);
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&f)).await;
+    assert_eq!(answer.as_deref(), Some("Already answered."));
+    assert_eq!(w.job_count().await, jobs_before);
+    assert_eq!(snapshot_ids(&w).await, before);
+
+    // A second prompt; another allowed user's tap on it is refused and queues nothing.
+    w.say(&format!("/forget {} keep last 1", data.display()));
+    let m2 = w
+        .api
+        .wait_for(WAIT, |a| {
+            a.bot_messages(CHAT)
+                .into_iter()
+                .find(|x| x.text.contains("Would forget") && x.message_id != m.message_id)
+        })
+        .await
+        .unwrap();
+    let forget_data = World::buttons(&m2)[0].1.clone();
+    let s = w
+        .api
+        .push_callback(USER2, CHAT, m2.message_id, &forget_data);
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&s)).await;
+    assert_eq!(
+        answer.as_deref(),
+        Some("This button is out of date. Send /forget again.")
+    );
+    assert_eq!(w.job_count().await, jobs_before);
+    assert!(tombstones(&w).is_empty());
+
+    // A backup lands before the user confirms: the policy would now drop three, but only the
+    // two the user saw go.
+    w.backup(3).await;
+    let jobs_before = w.job_count().await;
+    let f = w.press(m2.message_id, "Forget 2");
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&f)).await;
+    assert_eq!(answer.as_deref(), Some("Forgetting."));
+    w.wait_text("done: forgot 2 snapshots").await;
+    assert_eq!(w.job_count().await, jobs_before + 1, "exactly one job");
+    let after = snapshot_ids(&w).await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(after[0], before[2], "the unconfirmed one stays");
+    assert!(!after.contains(&before[0]) && !after.contains(&before[1]));
+    assert_eq!(tombstones(&w).len(), 1, "a sealed tombstone was stored");
+
+    // A double tap after the job ran: nothing more.
+    let again = w.api.push_callback(USER, CHAT, m2.message_id, &forget_data);
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&again)).await;
+    assert_eq!(answer.as_deref(), Some("Already answered."));
+    assert_eq!(w.job_count().await, jobs_before + 1);
+    assert_eq!(snapshot_ids(&w).await, after);
+
+    // A path outside the backup roots is refused as /backup refuses it.
+    w.say("/forget /etc keep last 1");
+    w.wait_text("Can't forget").await;
+    println!("--- chat transcript ---\n{}", w.api.transcript_text(CHAT));
+    w.stop().await;
+}

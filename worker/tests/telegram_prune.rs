@@ -80,6 +80,7 @@ async fn forget_all_but_last(repo: &Repo, src: &Path) {
         tz: jiff::tz::TimeZone::UTC,
         dry_run: false,
         allow_empty: false,
+        only: None,
     };
     repo.forget(&opts, &CancelFlag::new()).await.unwrap();
 }

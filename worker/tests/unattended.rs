@@ -355,3 +355,80 @@ async fn the_daily_scrub_runs_as_a_scheduled_job_once_a_day() {
     let _ = id;
     stop(d).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedules_keep_policy_is_applied_after_each_backup() {
+    let w = World::new(at("2026-05-04 10:15")).await;
+    let id = w
+        .schedules
+        .create(&NewSchedule {
+            owner: "tg:7".into(),
+            user_id: 7,
+            chat_id: 7,
+            path: w.data.display().to_string(),
+            when: parse_when("hourly").unwrap(),
+            encrypt: true,
+            retention: Some(
+                storinator_shared::ops::schedules::parse_retention("keep last 2").unwrap(),
+            ),
+        })
+        .await
+        .unwrap()
+        .id;
+    // Shown where schedules are listed (`/schedules`, `schedule list`).
+    let alerts = storinator_shared::ops::alerts::Alerts::new(
+        w.schedules.clone(),
+        storinator_shared::ops::alerts::AlertPolicy::default(),
+    );
+    let line = alerts.statuses("tg:7").await.unwrap()[0].line(w.schedules.tz());
+    assert!(line.contains("keep last 2"), "{line}");
+
+    let d = w.daemon("a", None, None).await;
+    let mut made = Vec::new();
+    for k in 1..=4i64 {
+        w.clock.set(at("2026-05-04 10:00") + k * HOUR);
+        w.settle(k).await;
+        let job = w.schedules.last_job(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Done, "{:?}", job.error);
+        let Some(storinator_shared::JobResult::Backup { snapshot, .. }) = job.result else {
+            panic!("{:?}", job.result)
+        };
+        made.push(snapshot);
+        // Done means the policy was applied: never more than two snapshots.
+        assert_eq!(w.snapshots().await, k.min(2), "after backup {k}");
+    }
+    stop(d).await;
+    let catalog = Catalog::open(&w.db).await.unwrap();
+    let mut left: Vec<String> = storinator_shared::list_snapshots(&catalog, "tg:7", None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.short_id)
+        .collect();
+    left.sort();
+    let mut newest = made[2..].to_vec();
+    newest.sort();
+    assert_eq!(left, newest, "the policy's snapshots stay: the two newest");
+    // Each forget stored a sealed tombstone (a later `recover` honours them).
+    let tombstones = std::fs::read_dir(w.dir.path().join("store"))
+        .unwrap()
+        .flat_map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                std::fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect()
+            } else {
+                vec![p]
+            }
+        })
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("forget-")
+        })
+        .count();
+    assert_eq!(tombstones, 2);
+}

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::policy::{self, KeepPolicy, KeepReason};
 use super::repo::Repo;
 use super::run::{Run, lock_root};
-use crate::catalog::{ForgetOutcome, SnapshotInfo, check_owner};
+use crate::catalog::{Catalog, ForgetOutcome, SnapshotInfo, check_owner};
 use crate::error::Error;
 use crate::format::crypto::{self, ChunkId, Keys, SealMode};
 use crate::progress::CancelFlag;
@@ -25,6 +25,8 @@ use crate::storage::{ObjectInfo, ObjectRef, Storage, with_retry};
 /// Largest tombstone read back (about 20,000 snapshot ids).
 const MAX_TOMBSTONE: u64 = 2 << 20;
 const TOMBSTONE_PREFIX: &str = "forget-";
+/// Why a snapshot the policy drops stays: it was not in the list the user confirmed.
+const NOT_CONFIRMED: &str = "not confirmed";
 
 /// What to forget.
 #[derive(Clone, Debug)]
@@ -38,6 +40,9 @@ pub struct ForgetOptions {
     pub dry_run: bool,
     /// Allow forgetting every snapshot of the root.
     pub allow_empty: bool,
+    /// Forget only snapshots named here (short ids), even if the policy now drops more: what
+    /// a user confirmed from a dry run shown earlier. `None`: whatever the policy drops.
+    pub only: Option<Vec<String>>,
 }
 
 /// One snapshot and the rules that keep it (none: it goes).
@@ -79,22 +84,16 @@ pub async fn forget(
     opts: &ForgetOptions,
     cancel: &CancelFlag,
 ) -> Result<ForgetReport, Error> {
-    check_owner(&opts.owner)?;
-    let root = resolve_root(repo, &opts.owner, &opts.path).await?;
-    if opts.policy.is_empty() && !opts.allow_empty {
-        return Err(Error::Invalid(format!(
-            "no keep rule given for {root}: forget would remove every snapshot\nhint: give --keep-last, --keep-daily, ... (or --allow-empty to forget them all)"
-        )));
-    }
     if opts.dry_run {
-        return plan(repo, opts, &root).await;
+        return dry_run(&repo.catalog, opts).await;
     }
+    let root = checked_root(&repo.catalog, opts).await?;
     // Under the root's lock, so no backup of this root commits between the decision and the
     // catalog change (its next snapshot would be the newest, which a policy always keeps).
     let run = Run::start(repo).await?;
     let result = async {
         lock_root(repo, &run, &opts.owner, &root, true, cancel).await?;
-        let mut report = plan(repo, opts, &root).await?;
+        let mut report = plan(&repo.catalog, opts, &root).await?;
         if report.remove.is_empty() {
             return Ok(report);
         }
@@ -131,10 +130,31 @@ pub async fn forget(
     Ok(report)
 }
 
+/// What a forget would do, from the catalog alone (no key needed): the `--dry-run` of the
+/// CLI and the chat's `/forget` prompt.
+pub async fn dry_run(catalog: &Catalog, opts: &ForgetOptions) -> Result<ForgetReport, Error> {
+    let root = checked_root(catalog, opts).await?;
+    let mut report = plan(catalog, opts, &root).await?;
+    report.dry_run = true;
+    Ok(report)
+}
+
+/// The owner checked, the root resolved, and a policy that keeps something.
+async fn checked_root(catalog: &Catalog, opts: &ForgetOptions) -> Result<String, Error> {
+    check_owner(&opts.owner)?;
+    let root = resolve_root(catalog, &opts.owner, &opts.path).await?;
+    if opts.policy.is_empty() && !opts.allow_empty {
+        return Err(Error::Invalid(format!(
+            "no keep rule given for {root}: forget would remove every snapshot\nhint: give --keep-last, --keep-daily, ... (or --allow-empty to forget them all)"
+        )));
+    }
+    Ok(root)
+}
+
 /// The root a path names: an exact backed-up root of the owner (trailing slashes ignored),
 /// or the canonical form of the path.
-async fn resolve_root(repo: &Repo, owner: &str, path: &str) -> Result<String, Error> {
-    let roots = repo.catalog.roots(owner).await?;
+async fn resolve_root(catalog: &Catalog, owner: &str, path: &str) -> Result<String, Error> {
+    let roots = catalog.roots(owner).await?;
     let trimmed = if path.len() > 1 {
         path.trim_end_matches('/')
     } else {
@@ -154,8 +174,8 @@ async fn resolve_root(repo: &Repo, owner: &str, path: &str) -> Result<String, Er
     )))
 }
 
-async fn plan(repo: &Repo, opts: &ForgetOptions, root: &str) -> Result<ForgetReport, Error> {
-    let snaps = repo.catalog.snapshots(&opts.owner, Some(root)).await?;
+async fn plan(catalog: &Catalog, opts: &ForgetOptions, root: &str) -> Result<ForgetReport, Error> {
+    let snaps = catalog.snapshots(&opts.owner, Some(root)).await?;
     let times: Vec<i64> = snaps.iter().map(|s| s.started_at).collect();
     let decisions = policy::apply(&opts.policy, &times, &opts.tz);
     let mut report = ForgetReport {
@@ -169,11 +189,18 @@ async fn plan(repo: &Repo, opts: &ForgetOptions, root: &str) -> Result<ForgetRep
         tombstone: None,
     };
     for d in decisions {
-        let item = ForgetItem {
+        let mut item = ForgetItem {
             snapshot: snaps[d.index].clone(),
             reasons: d.reasons.iter().map(|r: &KeepReason| r.as_str()).collect(),
         };
-        if d.keep() {
+        let confirmed = opts
+            .only
+            .as_ref()
+            .is_none_or(|only| only.contains(&item.snapshot.short_id));
+        if !d.keep() && !confirmed {
+            item.reasons.push(NOT_CONFIRMED);
+        }
+        if !item.reasons.is_empty() {
             report.keep.push(item);
         } else {
             report.remove.push(item);

@@ -99,6 +99,9 @@ impl KeepPolicy {
                 .ok_or_else(|| format!("keep {unit} how many?\n{HINT}"))?;
             let unit_l = unit.to_ascii_lowercase();
             if unit_l == "within" {
+                if p.within_ms.is_some() {
+                    return Err(format!("within is given twice\n{HINT}"));
+                }
                 p.within_ms = Some(parse_duration(value).map_err(|e| format!("{e}\n{HINT}"))?);
                 continue;
             }
@@ -116,6 +119,9 @@ impl KeepPolicy {
                 "yearly" => &mut p.yearly,
                 _ => return Err(format!("{unit:?} is not a retention rule\n{HINT}")),
             };
+            if slot.is_some() {
+                return Err(format!("{unit_l} is given twice\n{HINT}"));
+            }
             *slot = Some(n);
         }
         if p.is_empty() {

@@ -152,6 +152,16 @@ pub enum JobArgs {
         #[serde(default)]
         bytes: Option<u64>,
     },
+    /// Forget snapshots of one root by a keep policy, at most the ones the user confirmed
+    /// (queued by the chat's `/forget` after its dry run; see [`super::prompts`]).
+    Forget {
+        /// The backed-up root.
+        path: String,
+        /// The policy, as `KeepPolicy` prints it (`keep daily 7 weekly 4`).
+        policy: String,
+        /// Short ids of the snapshots the user saw and confirmed; nothing else is forgotten.
+        snapshots: Vec<String>,
+    },
 }
 
 impl JobArgs {
@@ -162,6 +172,7 @@ impl JobArgs {
             JobArgs::Verify { .. } => "verify",
             JobArgs::Get { .. } => "get",
             JobArgs::Scrub { .. } => "scrub",
+            JobArgs::Forget { .. } => "forget",
         }
     }
 }
@@ -234,6 +245,14 @@ pub enum JobResult {
         file: Option<String>,
         /// The snapshot it came from.
         snapshot: String,
+    },
+    /// Snapshots forgotten (their storage is freed by the next prune).
+    Forget {
+        forgotten: u64,
+        kept: u64,
+        /// The sealed tombstone stored for them.
+        #[serde(default)]
+        tombstone: Option<String>,
     },
 }
 

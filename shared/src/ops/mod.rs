@@ -8,5 +8,6 @@
 
 pub mod alerts;
 pub mod jobs;
+pub mod prompts;
 pub mod rules;
 pub mod schedules;

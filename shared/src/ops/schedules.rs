@@ -15,8 +15,6 @@
 //! counted, not replayed. A slot whose previous job is still queued or running is skipped and
 //! counted.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use croner::Cron;
@@ -350,83 +348,13 @@ fn looks_like_cron(text: &str) -> bool {
 
 // ---- retention policies -----------------------------------------------------------------------
 
-/// Which snapshots a schedule keeps (`keep daily 7 weekly 4 monthly 12`). Stored and shown
-/// here; applied by the retention work, which finds a job's policy through `jobs.schedule_id`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetentionPolicy {
-    pub last: Option<u32>,
-    pub hourly: Option<u32>,
-    pub daily: Option<u32>,
-    pub weekly: Option<u32>,
-    pub monthly: Option<u32>,
-    pub yearly: Option<u32>,
-}
+/// Which snapshots a schedule keeps: the engine's keep policy (one parser, one set of rules
+/// with `forget`), applied by the daemon after each successful backup of the schedule.
+pub use crate::engine::policy::KeepPolicy as RetentionPolicy;
 
-impl RetentionPolicy {
-    fn slots(&mut self) -> [(&'static str, &mut Option<u32>); 6] {
-        [
-            ("last", &mut self.last),
-            ("hourly", &mut self.hourly),
-            ("daily", &mut self.daily),
-            ("weekly", &mut self.weekly),
-            ("monthly", &mut self.monthly),
-            ("yearly", &mut self.yearly),
-        ]
-    }
-
-    /// Parses `keep daily 7 weekly 4 monthly 12` (the leading `keep` is optional).
-    pub fn parse(text: &str) -> Result<RetentionPolicy> {
-        const USAGE: &str = "hint: a policy is `keep` followed by pairs like daily 7 weekly 4 monthly 12 (last, hourly, daily, weekly, monthly, yearly)";
-        let bad = |m: String| ScheduleError::Invalid(format!("{m}\n{USAGE}"));
-        let mut words = text.split_whitespace().peekable();
-        if words.peek().is_some_and(|w| w.eq_ignore_ascii_case("keep")) {
-            words.next();
-        }
-        let mut policy = RetentionPolicy::default();
-        let mut any = false;
-        while let Some(unit) = words.next() {
-            let unit_l = unit.to_ascii_lowercase();
-            let count = words
-                .next()
-                .ok_or_else(|| bad(format!("keep {unit} how many?")))?;
-            let n: u32 = count
-                .parse()
-                .ok()
-                .filter(|n| (1..=100_000).contains(n))
-                .ok_or_else(|| bad(format!("{count:?} is not a count from 1 to 100000")))?;
-            let mut found = false;
-            for (name, slot) in policy.slots() {
-                if name == unit_l {
-                    if slot.is_some() {
-                        return Err(bad(format!("{name} is given twice")));
-                    }
-                    *slot = Some(n);
-                    found = true;
-                }
-            }
-            if !found {
-                return Err(bad(format!("{unit:?} is not a retention unit")));
-            }
-            any = true;
-        }
-        if !any {
-            return Err(bad("keep what?".into()));
-        }
-        Ok(policy)
-    }
-}
-
-impl fmt::Display for RetentionPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("keep")?;
-        let mut me = self.clone();
-        for (name, n) in me.slots() {
-            if let Some(n) = n {
-                write!(f, " {name} {n}")?;
-            }
-        }
-        Ok(())
-    }
+/// Parses a schedule's `keep daily 7 weekly 4 …`.
+pub fn parse_retention(text: &str) -> Result<RetentionPolicy> {
+    RetentionPolicy::parse(text).map_err(ScheduleError::Invalid)
 }
 
 // ---- what /schedule and `schedule add` ask for ---------------------------------------------------
@@ -456,9 +384,7 @@ fn options(words: &[&str]) -> Result<(Option<RetentionPolicy>, bool)> {
     }
     let retention = match words.first() {
         None => None,
-        Some(w) if w.eq_ignore_ascii_case("keep") => {
-            Some(RetentionPolicy::parse(&words.join(" "))?)
-        }
+        Some(w) if w.eq_ignore_ascii_case("keep") => Some(parse_retention(&words.join(" "))?),
         Some(_) => {
             return Err(ScheduleError::Invalid(format!(
                 "unexpected {:?}\n{SCHEDULE_USAGE}",
@@ -598,7 +524,7 @@ impl Schedule {
         };
         let retention: Option<String> = row.try_get("retention")?;
         let retention = retention
-            .map(|r| RetentionPolicy::parse(&r))
+            .map(|r| parse_retention(&r))
             .transpose()
             .map_err(|e| ScheduleError::Corrupt {
                 id,
@@ -1112,13 +1038,6 @@ pub fn format_local(ms: i64, tz: &TimeZone) -> String {
     }
 }
 
-impl FromStr for RetentionPolicy {
-    type Err = ScheduleError;
-    fn from_str(s: &str) -> Result<Self> {
-        RetentionPolicy::parse(s)
-    }
-}
-
 /// A shared handle.
 pub type SharedSchedules = Arc<Schedules>;
 
@@ -1240,9 +1159,9 @@ mod tests {
 
     #[test]
     fn retention_policies_round_trip() {
-        let p = RetentionPolicy::parse("keep monthly 12 daily 7").unwrap();
-        assert_eq!(p.to_string(), "keep daily 7 monthly 12");
-        assert_eq!(RetentionPolicy::parse(&p.to_string()).unwrap(), p);
+        let p = parse_retention("keep monthly 12 daily 7 within 30d").unwrap();
+        assert_eq!(p.to_string(), "keep daily 7 monthly 12 within 30d");
+        assert_eq!(parse_retention(&p.to_string()).unwrap(), p);
         for bad in [
             "keep",
             "keep daily",
@@ -1252,7 +1171,7 @@ mod tests {
             "keep daily 0",
         ] {
             assert!(
-                RetentionPolicy::parse(bad)
+                parse_retention(bad)
                     .unwrap_err()
                     .to_string()
                     .contains("hint:"),
