@@ -14,7 +14,7 @@ mod runs;
 mod scrub;
 mod snapshots;
 
-pub use retention::{ForgetOutcome, LiveBlob, PackUsage, RootUsage};
+pub use retention::{ForgetOutcome, PackUsage, RootUsage};
 pub use runs::RunRow;
 pub use scrub::{
     AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,

@@ -46,17 +46,6 @@ pub struct PackUsage {
     pub unauthenticated: u64,
 }
 
-/// A live blob of a pack, as the catalog places it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LiveBlob {
-    pub id: ChunkId,
-    pub offset: u64,
-    pub length: u64,
-    pub raw_length: u64,
-    pub kind: u8,
-    pub flags: u8,
-}
-
 /// Records the listing chunks of a snapshot just inserted (inside its commit).
 pub(super) async fn record_listing(
     tx: &mut SqliteConnection,
@@ -220,7 +209,7 @@ impl Catalog {
     }
 
     /// The live blobs the catalog places in a pack, in pack order.
-    pub async fn live_blobs_in_pack(&self, pack_id: &str) -> Result<Vec<LiveBlob>, Error> {
+    pub async fn live_blobs_in_pack(&self, pack_id: &str) -> Result<Vec<super::BlobRow>, Error> {
         let sql = format!(
             "SELECT id, offset, length, raw_length, kind, flags FROM chunks \
              WHERE pack_id = ? AND id IN ({LIVE_CHUNKS}) ORDER BY offset"
@@ -230,19 +219,7 @@ impl Catalog {
             .fetch_all(&self.pool)
             .await
             .map_err(db("listing a pack's live blobs"))?;
-        rows.iter()
-            .map(|r| {
-                let id: Vec<u8> = r.get(0);
-                Ok(LiveBlob {
-                    id: ChunkId::from_slice(&id)?,
-                    offset: r.get::<i64, _>(1) as u64,
-                    length: r.get::<i64, _>(2) as u64,
-                    raw_length: r.get::<i64, _>(3) as u64,
-                    kind: r.get::<i64, _>(4) as u8,
-                    flags: r.get::<i64, _>(5) as u8,
-                })
-            })
-            .collect()
+        rows.iter().map(super::scrub::blob_from_row).collect()
     }
 
     /// Points the chunks a repack copied into pack `new` at their new home, each only if it

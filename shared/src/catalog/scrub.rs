@@ -32,6 +32,18 @@ pub struct BlobRow {
     pub flags: u8,
 }
 
+/// The columns `id, offset, length, raw_length, kind, flags` of a `chunks` row.
+pub(super) fn blob_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<BlobRow, Error> {
+    Ok(BlobRow {
+        id: ChunkId::from_slice(&r.get::<Vec<u8>, _>(0))?,
+        offset: r.get::<i64, _>(1) as u64,
+        length: r.get::<i64, _>(2) as u64,
+        raw_length: r.get::<i64, _>(3) as u64,
+        kind: r.get::<i64, _>(4) as u8,
+        flags: r.get::<i64, _>(5) as u8,
+    })
+}
+
 /// A chunk the scrub found damaged and no heal or backup has stored again yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Damage {
@@ -190,18 +202,7 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing a pack's blobs"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(BlobRow {
-                    id: ChunkId::from_slice(&r.get::<Vec<u8>, _>(0))?,
-                    offset: r.get::<i64, _>(1) as u64,
-                    length: r.get::<i64, _>(2) as u64,
-                    raw_length: r.get::<i64, _>(3) as u64,
-                    kind: r.get::<i64, _>(4) as u8,
-                    flags: r.get::<i64, _>(5) as u8,
-                })
-            })
-            .collect()
+        rows.iter().map(blob_from_row).collect()
     }
 
     /// Records how far the scrub got in a pack; `done` completes the pass.
