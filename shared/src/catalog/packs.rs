@@ -176,16 +176,7 @@ impl Catalog {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db("listing packs"))?;
-        Ok(rows
-            .iter()
-            .map(|r| PackRow {
-                id: r.get(0),
-                state: r.get(1),
-                size: r.get::<i64, _>(2) as u64,
-                encrypted: r.get(3),
-                location: r.get(4),
-            })
-            .collect())
+        Ok(rows.iter().map(pack_from_row).collect())
     }
 
     /// Ids of blobs that are safely stored and can be deduplicated against, with their
@@ -377,4 +368,15 @@ async fn index_blobs(
     .await
     .map_err(db("recording healed chunks"))?;
     Ok(())
+}
+
+/// The columns `id, state, size, encrypted, location` of a `packs` row.
+pub(super) fn pack_from_row(r: &sqlx::sqlite::SqliteRow) -> PackRow {
+    PackRow {
+        id: r.get(0),
+        state: r.get(1),
+        size: r.get::<i64, _>(2) as u64,
+        encrypted: r.get(3),
+        location: r.get(4),
+    }
 }

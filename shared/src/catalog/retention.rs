@@ -307,16 +307,7 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing condemned packs"))?;
-        Ok(rows
-            .iter()
-            .map(|r| PackRow {
-                id: r.get(0),
-                state: r.get(1),
-                size: r.get::<i64, _>(2) as u64,
-                encrypted: r.get(3),
-                location: r.get(4),
-            })
-            .collect())
+        Ok(rows.iter().map(super::packs::pack_from_row).collect())
     }
 
     /// Forgets a condemned pack whose object is gone from storage: its chunk rows (those
