@@ -123,13 +123,25 @@ pub fn check_bot_token(token: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Where packs go.
+/// Where one lane keeps its packs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StorageSpec {
-    /// The storage chat of the worker's Telegram account.
-    Telegram,
-    /// A local directory (tests, demos, or a second copy on a NAS).
+    /// A Telegram account's storage chat: the account's session file, and the chat (`None`:
+    /// its Saved Messages).
+    Telegram {
+        session: PathBuf,
+        chat: Option<String>,
+    },
+    /// A local directory (tests, demos, or a copy on a NAS).
     Dir(PathBuf),
+}
+
+/// One lane of `STORINATOR_STORAGE`: a name (what the catalog records for each copy, and what
+/// alerts call it) and where it keeps packs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaneSpec {
+    pub name: String,
+    pub spec: StorageSpec,
 }
 
 /// A secret string whose Debug never shows it.
@@ -166,7 +178,11 @@ pub const MIN_PACK_SIZE: u64 = 64 * 1024;
 pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: String,
-    pub storage: StorageSpec,
+    /// `STORINATOR_STORAGE`: one lane (the default: the worker's account and
+    /// `STORINATOR_STORAGE_CHAT`) or several.
+    pub lanes: Vec<LaneSpec>,
+    /// `STORINATOR_COPIES` (default 1): each pack is stored in this many lanes.
+    pub copies: usize,
     pub passphrase: Option<Secret>,
     pub pack_size: u64,
     /// zstd level for chunk data, `None` for no compression.
@@ -248,19 +264,6 @@ impl Config {
         };
 
         let (data_dir, database_url) = database_location(&get)?;
-        let storage = match var("STORINATOR_STORAGE").as_deref() {
-            None | Some("telegram") => StorageSpec::Telegram,
-            Some(s) if s.starts_with("dir:") && s.len() > 4 => {
-                StorageSpec::Dir(PathBuf::from(&s[4..]))
-            }
-            Some(s) => {
-                return Err(ConfigError::Invalid {
-                    var: "STORINATOR_STORAGE",
-                    value: s.into(),
-                    reason: "expected `telegram` or `dir:<path>`".into(),
-                });
-            }
-        };
         let passphrase = match (
             var("STORINATOR_PASSPHRASE"),
             var("STORINATOR_PASSPHRASE_FILE"),
@@ -424,10 +427,40 @@ impl Config {
             premium,
         };
         let unattended = unattended_settings(&var)?;
+        let raw = var("STORINATOR_STORAGE").unwrap_or_else(|| "telegram".into());
+        let lanes = parse_lanes(&raw, &telegram).map_err(|reason| ConfigError::Invalid {
+            var: "STORINATOR_STORAGE",
+            value: raw.clone(),
+            reason,
+        })?;
+        let copies = match var("STORINATOR_COPIES") {
+            None => 1,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n >= 1 && n <= lanes.len() => n,
+                Ok(n) if n > lanes.len() => {
+                    return Err(ConfigError::Invalid {
+                        var: "STORINATOR_COPIES",
+                        value: v,
+                        reason: format!(
+                            "{n} copies need {n} lanes, and STORINATOR_STORAGE names {}\nhint: name more lanes in STORINATOR_STORAGE, comma-separated (see .env.example)",
+                            lanes.len()
+                        ),
+                    });
+                }
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "STORINATOR_COPIES",
+                        value: v,
+                        reason: "expected the number of copies of each pack, 1 or more".into(),
+                    });
+                }
+            },
+        };
         Ok(Config {
             data_dir,
             database_url,
-            storage,
+            lanes,
+            copies,
             passphrase,
             pack_size,
             compression,
@@ -453,6 +486,128 @@ impl Config {
 /// directory (the bot knows only the data directory, not the rest of the worker's settings).
 pub fn outbox_dir_of(data_dir: &Path) -> PathBuf {
     data_dir.join("outbox")
+}
+
+/// Parses `STORINATOR_STORAGE`: comma-separated lanes, each `[<name>=]<where>`, `<where>` one
+/// of
+///
+/// - `telegram`: the worker's account (`STORINATOR_SESSION_FILE`) and its storage chat
+///   (`STORINATOR_STORAGE_CHAT`, default Saved Messages);
+/// - `telegram:<chat>`: another chat of that account (`-100…`, `@username` or `me`);
+/// - `telegram:<session file>[:<chat>]`: another account, by the absolute path of its session
+///   file (`storinator-worker login --lane <name>` writes it), and its Saved Messages or
+///   `<chat>`;
+/// - `dir:<path>`: a local directory.
+///
+/// With several lanes each is named (`<name>=<where>`, the name 1 to 32 letters, digits, `-`
+/// or `_`); a single lane may go unnamed (today's `telegram` or `dir:<path>`). Names are what
+/// the catalog records for every copy: keep them when editing the list. Packs stored before
+/// lanes existed belong to the first lane, so list the one that held them first.
+pub fn parse_lanes(raw: &str, telegram: &TelegramSettings) -> Result<Vec<LaneSpec>, String> {
+    let mut lanes: Vec<LaneSpec> = Vec::new();
+    let mut unnamed: Option<String> = None;
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, spec) = match item.split_once('=') {
+            Some((n, rest)) if !n.contains(':') && !n.contains('/') => {
+                let n = n.trim();
+                let ok = (1..=32).contains(&n.len())
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !ok {
+                    return Err(format!(
+                        "lane name {n:?} must be 1 to 32 letters, digits, - or _"
+                    ));
+                }
+                (n.to_string(), rest.trim())
+            }
+            _ => {
+                unnamed.get_or_insert_with(|| item.to_string());
+                (item.to_string(), item)
+            }
+        };
+        let spec = parse_lane(spec, telegram)?;
+        if let Some(other) = lanes.iter().find(|l| l.name == name) {
+            return Err(format!("two lanes are named {:?}", other.name));
+        }
+        if let Some(other) = lanes.iter().find(|l| same_place(&l.spec, &spec)) {
+            return Err(format!(
+                "lanes {:?} and {name:?} are the same storage: copies there would not be independent",
+                other.name
+            ));
+        }
+        lanes.push(LaneSpec { name, spec });
+    }
+    if lanes.is_empty() {
+        return Err("no lane: expected `telegram`, `dir:<path>` or a comma-separated list".into());
+    }
+    if let Some(item) = unnamed.filter(|_| lanes.len() > 1) {
+        return Err(format!(
+            "lane {item:?} has no name; with several lanes each needs one, as in `<name>={item}`\nhint: the catalog records each pack's lane by name, so keep the names when editing the list"
+        ));
+    }
+    Ok(lanes)
+}
+
+fn parse_lane(spec: &str, telegram: &TelegramSettings) -> Result<StorageSpec, String> {
+    let default_session = || telegram.session_path.clone();
+    if spec == "telegram" {
+        return Ok(StorageSpec::Telegram {
+            session: default_session(),
+            chat: telegram.storage_chat.clone(),
+        });
+    }
+    if let Some(path) = spec.strip_prefix("dir:").filter(|p| !p.is_empty()) {
+        return Ok(StorageSpec::Dir(PathBuf::from(path)));
+    }
+    let Some(rest) = spec.strip_prefix("telegram:").filter(|r| !r.is_empty()) else {
+        return Err(format!(
+            "{spec:?} is not a lane; expected `telegram`, `telegram:<chat>`, `telegram:<session file>[:<chat>]` or `dir:<path>`"
+        ));
+    };
+    if !rest.starts_with('/') {
+        return Ok(StorageSpec::Telegram {
+            session: default_session(),
+            chat: Some(rest.to_string()),
+        });
+    }
+    // An absolute session path, perhaps followed by `:<chat>` (chats never contain `/`).
+    let (session, chat) = match rest.rsplit_once(':') {
+        Some((path, chat)) if !chat.contains('/') && !path.is_empty() => {
+            (path, Some(chat.to_string()).filter(|c| !c.is_empty()))
+        }
+        _ => (rest, None),
+    };
+    Ok(StorageSpec::Telegram {
+        session: PathBuf::from(session),
+        chat,
+    })
+}
+
+/// Whether two lanes would store in the same place (the same account's same chat, the same
+/// folder).
+fn same_place(a: &StorageSpec, b: &StorageSpec) -> bool {
+    let chat = |c: &Option<String>| {
+        let c = c.as_deref().unwrap_or("").trim().to_ascii_lowercase();
+        if ["", "me", "self", "saved"].contains(&c.as_str()) {
+            String::new()
+        } else {
+            c.strip_prefix("-100").map(str::to_string).unwrap_or(c)
+        }
+    };
+    match (a, b) {
+        (
+            StorageSpec::Telegram {
+                session: s1,
+                chat: c1,
+            },
+            StorageSpec::Telegram {
+                session: s2,
+                chat: c2,
+            },
+        ) => s1 == s2 && chat(c1) == chat(c2),
+        (StorageSpec::Dir(d1), StorageSpec::Dir(d2)) => d1 == d2,
+        _ => false,
+    }
 }
 
 /// The data directory and the database URL, from `STORINATOR_DATA_DIR` and `DATABASE_URL`
@@ -711,7 +866,17 @@ mod tests {
             c.database_url,
             "sqlite:///home/u/.local/share/t-storinator/storinator.db"
         );
-        assert_eq!(c.storage, StorageSpec::Telegram);
+        assert_eq!(
+            c.lanes,
+            vec![LaneSpec {
+                name: "telegram".into(),
+                spec: StorageSpec::Telegram {
+                    session: "/home/u/.local/share/t-storinator/worker.session".into(),
+                    chat: None,
+                },
+            }]
+        );
+        assert_eq!(c.copies, 1);
         assert_eq!(c.pack_size, DEFAULT_PACK_SIZE);
         assert_eq!(c.telegram.message_calls_per_minute, 100);
         assert!(c.passphrase.is_none());
@@ -729,7 +894,8 @@ mod tests {
             ("STORINATOR_PASSPHRASE", "pw"),
         ])
         .unwrap();
-        assert_eq!(c.storage, StorageSpec::Dir("/backups".into()));
+        assert_eq!(c.lanes.len(), 1);
+        assert_eq!(c.lanes[0].spec, StorageSpec::Dir("/backups".into()));
         assert_eq!(c.pack_size, 64 << 20);
         assert_eq!(c.compression, Some(3));
         assert_eq!(c.allowed_users, vec![12, 34]);
@@ -861,6 +1027,58 @@ mod tests {
         std::fs::write(d.path().join(".env"), "STORINATOR_X='unclosed\n").unwrap();
         let e = load_dotenv_in(d.path()).unwrap_err();
         assert!(e.to_string().contains(".env"), "{e}");
+    }
+
+    #[test]
+    fn lanes_and_copies() {
+        let c = cfg(&[
+            ("STORINATOR_DATA_DIR", "/d"),
+            ("STORINATOR_STORAGE_CHAT", "-1001500000000"),
+            (
+                "STORINATOR_STORAGE",
+                "main=telegram, b=telegram:/d/b.session, c=telegram:/d/c.session:@their_chan, me=telegram:me, nas=dir:/mnt/nas",
+            ),
+            ("STORINATOR_COPIES", "2"),
+        ])
+        .unwrap();
+        let tg = |session: &str, chat: Option<&str>| StorageSpec::Telegram {
+            session: session.into(),
+            chat: chat.map(str::to_string),
+        };
+        let got: Vec<(&str, &StorageSpec)> =
+            c.lanes.iter().map(|l| (l.name.as_str(), &l.spec)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("main", &tg("/d/worker.session", Some("-1001500000000"))),
+                ("b", &tg("/d/b.session", None)),
+                ("c", &tg("/d/c.session", Some("@their_chan"))),
+                ("me", &tg("/d/worker.session", Some("me"))),
+                ("nas", &StorageSpec::Dir("/mnt/nas".into())),
+            ]
+        );
+        assert_eq!(c.copies, 2);
+        for (storage, copies, wants) in [
+            ("telegram", "2", "2 copies need 2 lanes"),
+            ("a=telegram,b=telegram:/x.session", "0", "1 or more"),
+            ("a=telegram,b=telegram:/x.session", "two", "1 or more"),
+            ("a=telegram,b=s3:bucket", "1", "\"s3:bucket\" is not a lane"),
+            ("a=telegram,a=dir:/x", "1", "two lanes are named \"a\""),
+            ("a=telegram,b=telegram:me", "1", "are the same storage"),
+            ("x=dir:/x,y=dir:/x", "1", "are the same storage"),
+            ("a=telegram,dir:/x", "1", "lane \"dir:/x\" has no name"),
+            ("a=telegram,,", "3", "3 copies need 3 lanes"),
+            ("bad name=dir:/x", "1", "lane name"),
+        ] {
+            let err = cfg(&[
+                ("STORINATOR_STORAGE", storage),
+                ("STORINATOR_COPIES", copies),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(wants), "{storage} / {copies}: {err}");
+            assert!(err.contains("STORINATOR_"), "{err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use storinator_shared::{
     BackupOptions, CancelFlag, Catalog, Config, EngineSettings, Error, KdfParams, Repo,
-    RestoreOptions, Storage, StorageSpec, format_entry, format_time, human_bytes, plural,
+    RestoreOptions, Storage, format_entry, format_time, human_bytes, plural,
 };
 
 use crate::ui::Bar;
@@ -187,7 +187,12 @@ pub enum Command {
     /// Needs TELEGRAM_API_ID and TELEGRAM_API_HASH (from https://my.telegram.org). The
     /// session is saved with mode 0600 at STORINATOR_SESSION_FILE (default
     /// <data dir>/worker.session). Run it once, interactively, on the storage host.
-    Login,
+    Login {
+        /// The lane of STORINATOR_STORAGE whose session to sign in (default: the worker's
+        /// own session, STORINATOR_SESSION_FILE).
+        #[arg(long)]
+        lane: Option<String>,
+    },
     /// Rebuild the catalog from storage alone (a new machine after a disaster).
     ///
     /// Needs only the storage settings and the passphrase: reads the wrapped key, every
@@ -328,15 +333,9 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
-/// Opens the configured storage backend.
+/// Opens the configured storage: one backend, or the lanes of `STORINATOR_STORAGE`.
 pub async fn open_storage(cfg: &Config) -> anyhow::Result<Arc<dyn Storage>> {
-    match &cfg.storage {
-        StorageSpec::Dir(path) => Ok(Arc::new(
-            storinator_shared::DirStorage::open(path)
-                .with_context(|| format!("opening storage dir:{}", path.display()))?,
-        )),
-        StorageSpec::Telegram => crate::telegram::open_storage(cfg).await,
-    }
+    crate::lanes::open(cfg).await
 }
 
 /// The passphrase: --passphrase-file, then STORINATOR_PASSPHRASE(_FILE), then a prompt.
@@ -607,8 +606,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Login => {
-            let tcfg = crate::telegram::TelegramConfig::from_config(&cfg)?;
+        Command::Login { lane } => {
+            let tcfg = match lane {
+                None => crate::telegram::TelegramConfig::from_config(&cfg)?,
+                Some(name) => {
+                    let Some(spec) = cfg.lanes.iter().find(|l| l.name == name) else {
+                        let names: Vec<&str> = cfg.lanes.iter().map(|l| l.name.as_str()).collect();
+                        anyhow::bail!(
+                            "no lane named {name:?} in STORINATOR_STORAGE\nhint: its lanes are {}",
+                            names.join(", ")
+                        );
+                    };
+                    crate::lanes::telegram_config(&cfg, spec)?.ok_or_else(|| {
+                        anyhow::anyhow!("lane {name:?} is not a Telegram lane: nothing to sign in")
+                    })?
+                }
+            };
             let session = tcfg.session_path.clone();
             crate::telegram::login_interactive(&tcfg, &session).await?;
             println!("signed in; session saved at {}", session.display());
@@ -649,15 +662,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let catalog = Catalog::open(&cfg.database_url).await?;
             // With Telegram storage the same account also sends `/get` files over the Bot
             // API's 50 MB to its Saved Messages.
-            let (storage, courier): (Arc<dyn Storage>, Option<Arc<dyn crate::daemon::Courier>>) =
-                match &cfg.storage {
-                    StorageSpec::Telegram => {
-                        let tcfg = crate::telegram::TelegramConfig::from_config(&cfg)?;
-                        let tg = crate::telegram::TelegramStorage::connect(tcfg).await?;
-                        (Arc::new(tg.clone()), Some(Arc::new(tg)))
-                    }
-                    StorageSpec::Dir(_) => (open_storage(&cfg).await?, None),
-                };
+            let (storage, account) = crate::lanes::open_with_account(&cfg).await?;
+            let courier = account.map(|tg| Arc::new(tg) as Arc<dyn crate::daemon::Courier>);
             let pass = passphrase(&pass, &cfg, false)?;
             let repo =
                 Repo::open(catalog, storage, &pass, EngineSettings::from_config(&cfg)).await?;

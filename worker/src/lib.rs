@@ -5,6 +5,7 @@ pub mod cli;
 pub mod daemon;
 mod get;
 pub mod healthcheck;
+pub mod lanes;
 pub mod retention_cli;
 pub mod schedule_cli;
 pub mod telegram;

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::catalog::Catalog;
@@ -84,40 +85,64 @@ impl Packer {
     }
 }
 
-/// Uploads finished packs one at a time and indexes each once storage has it. Returns the
-/// number of packs uploaded. Each pack is recorded as `run_id`'s unfinished pack before its
-/// upload, so a crash leaves a row that the next run reclaims (the object is never forgotten).
+/// Uploads finished packs (as many at once as the storage takes: one per lane set) and
+/// indexes each once storage has it. Returns the number of packs uploaded. Each pack is
+/// recorded as `run_id`'s unfinished pack before its upload, so a crash leaves a row that the
+/// next run reclaims (the object is never forgotten).
 pub(super) async fn upload_packs(
     storage: Arc<dyn Storage>,
     catalog: Catalog,
     run_id: String,
     mut packs: mpsc::Receiver<FinishedPack>,
 ) -> Result<u64, Error> {
+    let parallel = storage.parallel_uploads().max(1);
+    let mut inflight = FuturesUnordered::new();
     let mut count = 0u64;
-    while let Some(pack) = packs.recv().await {
-        let name = pack.id.object_name();
-        catalog
-            .pack_uploading(&pack.id.0, pack.size, pack.encrypted, &run_id)
-            .await?;
-        let location = with_retry(&format!("uploading {name}"), || {
-            storage.put_file(&name, &pack.path)
-        })
-        .await?;
-        let recorded = catalog
-            .pack_uploaded(&run_id, &pack.id.0, pack.size, &location, &pack.entries)
-            .await;
-        if let Err(e) = recorded {
-            if matches!(e, Error::Changed(_)) {
-                // Another process took this run for dead and reclaimed the pack, perhaps
-                // before the upload landed: the object is nobody's now, so delete it.
-                let obj = ObjectRef::new(&name, location);
-                if let Err(r) = storage.remove(&obj).await {
-                    tracing::warn!("deleting reclaimed pack {name}: {r}");
-                }
+    let mut open = true;
+    loop {
+        tokio::select! {
+            pack = packs.recv(), if open && inflight.len() < parallel => match pack {
+                Some(pack) => inflight.push(upload_one(&storage, &catalog, &run_id, pack)),
+                None => open = false,
+            },
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                done?;
+                count += 1;
             }
-            return Err(e);
+            else => break,
         }
-        count += 1;
     }
     Ok(count)
+}
+
+/// Records, uploads and indexes one pack.
+async fn upload_one(
+    storage: &Arc<dyn Storage>,
+    catalog: &Catalog,
+    run_id: &str,
+    pack: FinishedPack,
+) -> Result<(), Error> {
+    let name = pack.id.object_name();
+    catalog
+        .pack_uploading(&pack.id.0, pack.size, pack.encrypted, run_id)
+        .await?;
+    let location = with_retry(&format!("uploading {name}"), || {
+        storage.put_file(&name, &pack.path)
+    })
+    .await?;
+    let recorded = catalog
+        .pack_uploaded(run_id, &pack.id.0, pack.size, &location, &pack.entries)
+        .await;
+    if let Err(e) = recorded {
+        if matches!(e, Error::Changed(_)) {
+            // Another process took this run for dead and reclaimed the pack, perhaps
+            // before the upload landed: the object is nobody's now, so delete it.
+            let obj = ObjectRef::new(&name, location);
+            if let Err(r) = storage.remove(&obj).await {
+                tracing::warn!("deleting reclaimed pack {name}: {r}");
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
 }

@@ -117,6 +117,11 @@ impl Repo {
     ) -> Result<Repo, Error> {
         let wrapped = catalog.user_key(KEY_USER).await?.ok_or(Error::NoKey)?;
         let master = unwrap_key(&wrapped, passphrase).await?;
+        if let Some(lanes) = storage.as_lanes() {
+            // Every lane gets the key before its first pack: any one lane can recover.
+            let json = serde_json::to_vec(&wrapped).expect("wrapped key serializes");
+            lanes.set_seed(&key_object_name(&wrapped.key_id), json);
+        }
         Ok(Repo::with_keys(
             catalog,
             storage,

@@ -6,6 +6,7 @@
 //! `crypto`.
 
 mod dir;
+pub mod lanes;
 mod memory;
 
 use std::path::Path;
@@ -13,6 +14,7 @@ use std::path::Path;
 use async_trait::async_trait;
 
 pub use dir::DirStorage;
+pub use lanes::{Connector, Lane, Lanes, StoredCopy};
 pub use memory::MemoryStorage;
 
 use crate::error::StorageError;
@@ -104,6 +106,30 @@ pub trait Storage: Send + Sync + 'static {
     fn throttle(&self) -> Option<crate::progress::Throttle> {
         None
     }
+
+    /// How often the provider has pushed back so far (Telegram's FLOOD_WAIT and
+    /// FLOOD_PREMIUM_WAIT answers), so that [`Lanes`] give a lane under pressure less work
+    /// until it recovers. Local backends never push back.
+    fn pushback(&self) -> Pushback {
+        Pushback::default()
+    }
+
+    /// Packs worth uploading at once (several lanes take one each).
+    fn parallel_uploads(&self) -> usize {
+        1
+    }
+
+    /// The lanes, when this store is several (copies to check, heal and probe one by one).
+    fn as_lanes(&self) -> Option<&Lanes> {
+        None
+    }
+}
+
+/// A backend's push-back counters since it started (see [`Storage::pushback`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pushback {
+    pub flood_waits: u64,
+    pub premium_waits: u64,
 }
 
 /// Most objects handed to one [`Storage::remove_many`] call (Telegram's limit for one

@@ -695,6 +695,15 @@ impl Storage for TelegramStorage {
     async fn remove_many(&self, objs: &[ObjectRef]) -> Result<(), StorageError> {
         self.inner.remove_objs(objs).await
     }
+
+    fn pushback(&self) -> storinator_shared::storage::Pushback {
+        let s = self.inner.sched.stats();
+        storinator_shared::storage::Pushback {
+            // A premium wait counts as a flood wait in the scheduler too: count it once.
+            flood_waits: s.flood_waits.saturating_sub(s.premium_waits),
+            premium_waits: s.premium_waits,
+        }
+    }
 }
 
 /// `/get` for files over the Bot API's 50 MB: the worker's own account sends the restored
