@@ -170,6 +170,30 @@ impl Catalog {
         Ok(())
     }
 
+    /// One pack's row.
+    pub async fn pack(&self, id: &str) -> Result<Option<PackRow>, Error> {
+        let row =
+            sqlx::query("SELECT id, state, size, encrypted, location FROM packs WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("reading a pack"))?;
+        Ok(row.as_ref().map(pack_from_row))
+    }
+
+    /// Records where a pack's copies are now (a copy healed into a lane). Only a pack still
+    /// at `old` is changed: a prune or another heal in between wins.
+    pub async fn set_pack_location(&self, id: &str, old: &str, new: &str) -> Result<bool, Error> {
+        let done = sqlx::query("UPDATE packs SET location = ? WHERE id = ? AND location = ?")
+            .bind(new)
+            .bind(id)
+            .bind(old)
+            .execute(&self.pool)
+            .await
+            .map_err(db("recording a pack's copies"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn packs(&self) -> Result<Vec<PackRow>, Error> {
         let rows =
             sqlx::query("SELECT id, state, size, encrypted, location FROM packs ORDER BY id")

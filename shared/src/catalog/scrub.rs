@@ -121,6 +121,9 @@ pub struct ScrubReport {
     pub unhealed_chunks: u64,
     /// Packs written by the heal.
     pub heal_packs: u64,
+    /// Copies (in lanes) found missing or damaged, each healed from another copy or not.
+    #[serde(default)]
+    pub copies: Vec<String>,
 }
 
 impl ScrubReport {
@@ -143,8 +146,12 @@ impl ScrubReport {
                 self.unhealed_chunks
             )
         };
+        let copies = match self.copies.len() {
+            0 => String::new(),
+            n => format!("; {n} pack copies failed in a lane (see the report)"),
+        };
         format!(
-            "read {} ({} chunks, {} packs finished), {} of {} packs present; cycle {} day{}: {damage}",
+            "read {} ({} chunks, {} packs finished), {} of {} packs present; cycle {} day{}: {damage}{copies}",
             crate::progress::human_bytes(self.bytes_read),
             self.chunks_checked,
             self.packs_read,

@@ -204,7 +204,14 @@ impl Repo {
         cancel: &CancelFlag,
     ) -> Result<RestoreSummary, Error> {
         check_owner(&opts.owner)?;
-        restore::run(self, opts, progress, cancel).await
+        let summary = restore::run(self, opts, progress, cancel).await;
+        // A copy the restore found missing or damaged is stored again: the restore itself
+        // succeeded from another copy, so a failure here is only logged.
+        match super::copies::heal(self).await {
+            Ok(notes) => notes.iter().for_each(|n| tracing::info!("{n}")),
+            Err(e) => tracing::warn!("healing copies after a restore: {e}"),
+        }
+        summary
     }
 
     /// Checks that everything the catalog references is in storage (and, with `read_data`,

@@ -928,6 +928,7 @@ const MAX_GAP: u64 = 64 << 10;
 const READS_IN_FLIGHT: usize = 4;
 
 /// One blob of a range read, destined for a file.
+#[derive(Clone)]
 struct BlobSlot {
     id: ChunkId,
     offset_in_read: usize,
@@ -936,6 +937,7 @@ struct BlobSlot {
 }
 
 /// A range read covering adjacent blobs of one pack.
+#[derive(Clone)]
 struct RangeRead {
     obj: ObjectRef,
     offset: u64,
@@ -1055,10 +1057,50 @@ async fn fetch_and_write(
         .map_err(|e| Error::Invalid(format!("restore writer failed: {e}")))
 }
 
-/// Reads one range and opens its blobs (checking each MAC and id: the catalog, which holds
-/// only what authenticated sources said, vouches for the ids). An encrypted snapshot takes no
-/// unencrypted blob.
+/// Reads one range and opens its blobs. With copies in several lanes, a copy that fails
+/// (missing, or a blob that does not authenticate) gives way to the next, and is remembered
+/// so the engine can heal it.
 async fn fetch_range(
+    storage: Arc<dyn Storage>,
+    keys: Keys,
+    read: RangeRead,
+    encrypted_snapshot: bool,
+) -> Vec<BlobResult> {
+    let first = fetch_copy(
+        storage.clone(),
+        keys.clone(),
+        read.clone(),
+        encrypted_snapshot,
+    )
+    .await;
+    if first.iter().all(Result::is_ok) {
+        return first;
+    }
+    let Some(lanes) = storage.as_lanes() else {
+        return first;
+    };
+    for (lane, obj) in lanes.copy_refs(&read.obj) {
+        let one = RangeRead {
+            obj,
+            ..read.clone()
+        };
+        let got = fetch_copy(storage.clone(), keys.clone(), one, encrypted_snapshot).await;
+        if got.iter().all(Result::is_ok) {
+            return got;
+        }
+        tracing::warn!(
+            "the copy of {} in lane {lane} fails; trying another",
+            read.obj.name
+        );
+        lanes.note_miss(&read.obj.name, &lane);
+    }
+    first
+}
+
+/// Reads one range of one object and opens its blobs (checking each MAC and id: the catalog,
+/// which holds only what authenticated sources said, vouches for the ids). An encrypted
+/// snapshot takes no unencrypted blob.
+async fn fetch_copy(
     storage: Arc<dyn Storage>,
     keys: Keys,
     read: RangeRead,

@@ -33,7 +33,7 @@ use crate::error::{Error, StorageError};
 use crate::format::crypto::{self, ChunkId, Keys, SealMode};
 use crate::format::pack::{self, BlobKind, FinishedPack};
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
-use crate::storage::{ObjectRef, with_retry};
+use crate::storage::{Lanes, ObjectInfo, ObjectRef, with_retry};
 
 /// Most bytes fetched by one range read.
 const READ_WINDOW: u64 = 8 << 20;
@@ -95,6 +95,8 @@ pub(crate) async fn run(
         Healing::default()
     };
     describe_damage(repo, &damage, &healed, &mut report).await?;
+    // Copies found missing or damaged are stored again from a good one.
+    report.copies = super::copies::heal(repo).await?;
 
     let after = repo.catalog.scrub_queue().await?;
     report.never_read = after.iter().filter(|p| p.last_read_at.is_none()).count() as u64;
@@ -114,13 +116,11 @@ async fn presence_check(
     now: i64,
     report: &mut ScrubReport,
 ) -> Result<Vec<ScrubPack>, Error> {
-    let listed: HashMap<String, u64> = repo
-        .storage
-        .list()
-        .await?
-        .into_iter()
-        .map(|o| (o.name, o.size))
-        .collect();
+    let objects = repo.storage.list().await?;
+    if let Some(lanes) = repo.storage.as_lanes() {
+        missing_copies(lanes, queue, &objects);
+    }
+    let listed: HashMap<String, u64> = objects.into_iter().map(|o| (o.name, o.size)).collect();
     let mut readable = Vec::new();
     for p in queue {
         let name = format!("{}.enc", p.id);
@@ -153,6 +153,26 @@ async fn presence_check(
         }
     }
     Ok(readable)
+}
+
+/// Remembers, for healing, every copy the catalog names that its lane no longer lists.
+fn missing_copies(lanes: &Lanes, queue: &[ScrubPack], objects: &[ObjectInfo]) {
+    let listed: HashMap<&str, &str> = objects
+        .iter()
+        .map(|o| (o.name.as_str(), o.location.as_str()))
+        .collect();
+    for p in queue {
+        let name = format!("{}.enc", p.id);
+        let present = listed
+            .get(name.as_str())
+            .map(|l| lanes.copies_in(l))
+            .unwrap_or_default();
+        for c in lanes.copies_in(&p.location) {
+            if !present.iter().any(|f| f.lane == c.lane) {
+                lanes.note_miss(&name, &c.lane);
+            }
+        }
+    }
 }
 
 /// Records damage in a pack (`ids`, or all its chunks) and reports it if it is news.
@@ -197,47 +217,40 @@ async fn read_rotation(
         }
         let blobs = repo.catalog.blobs_from(&p.id, p.cursor).await?;
         let obj = ObjectRef::new(format!("{}.enc", p.id), p.location.clone());
-        let mut bad: Vec<(ChunkId, String)> = Vec::new();
-        let mut i = 0;
-        while i < blobs.len() {
-            let remaining = opts.budget.saturating_sub(report.bytes_read);
-            if remaining == 0 {
-                break;
-            }
-            let j = window_end(&blobs, i, remaining);
-            let start = blobs[i].offset;
-            let end = blobs[j - 1].offset + blobs[j - 1].length;
-            let data = match with_retry("scrubbing a pack", || {
-                repo.storage.get_range(&obj, start, end - start)
-            })
-            .await
+        // With copies in several lanes every copy is read; a chunk is damage only when no
+        // copy holds it intact, and a copy that fails is healed from another.
+        let copies = match repo.storage.as_lanes() {
+            Some(lanes) => lanes.copy_refs(&obj),
+            None => vec![(String::new(), obj)],
+        };
+        let mut i = blobs.len();
+        let mut bad: Option<Vec<(ChunkId, String)>> = None;
+        for (lane, obj) in &copies {
+            let one_of_several = copies.len() > 1;
+            let (reached, copy_bad) = read_copy(
+                repo,
+                obj,
+                &blobs,
+                (opts.budget, one_of_several),
+                report,
+                (counters, progress),
+            )
+            .await?;
+            i = i.min(reached);
+            if !copy_bad.is_empty()
+                && let Some(lanes) = repo.storage.as_lanes()
             {
-                Ok(d) => d,
-                Err(StorageError::NotFound { .. }) => {
-                    // Vanished since the listing: the whole pack is damage.
-                    bad.extend(
-                        blobs[i..]
-                            .iter()
-                            .map(|b| (b.id, "pack vanished from storage".into())),
-                    );
-                    i = blobs.len();
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            report.bytes_read += data.len() as u64;
-            Counters::add(&counters.bytes_done, data.len() as u64);
-            for b in &blobs[i..j] {
-                let s = (b.offset - start) as usize;
-                let sealed = data.get(s..s + b.length as usize).unwrap_or(&[]);
-                if let Err(why) = authenticate(repo.keys(), b, sealed) {
-                    bad.push((b.id, why));
-                }
-                report.chunks_checked += 1;
+                lanes.note_miss(&obj.name, lane);
             }
-            i = j;
-            progress.report(&counters.report());
+            bad = Some(match bad {
+                None => copy_bad,
+                Some(prev) => prev
+                    .into_iter()
+                    .filter(|(id, _)| copy_bad.iter().any(|(c, _)| c == id))
+                    .collect(),
+            });
         }
+        let bad = bad.unwrap_or_default();
         let done = i >= blobs.len();
         if !bad.is_empty() {
             let ids: Vec<ChunkId> = bad.iter().map(|(id, _)| *id).collect();
@@ -263,6 +276,65 @@ async fn read_rotation(
         }
     }
     Ok(())
+}
+
+/// Reads one copy of a pack's `blobs` within what is left of the budget. Returns how far it
+/// got (the index of the first blob not read) and the blobs that failed. When the copy is
+/// `one_of_several`, a lane that does not answer fails this copy, not the scrub.
+async fn read_copy(
+    repo: &Repo,
+    obj: &ObjectRef,
+    blobs: &[BlobRow],
+    (budget, one_of_several): (u64, bool),
+    report: &mut ScrubReport,
+    (counters, progress): (&Counters, &dyn Progress),
+) -> Result<(usize, Vec<(ChunkId, String)>), Error> {
+    let mut bad: Vec<(ChunkId, String)> = Vec::new();
+    let mut i = 0;
+    while i < blobs.len() {
+        let remaining = budget.saturating_sub(report.bytes_read);
+        if remaining == 0 {
+            break;
+        }
+        let j = window_end(blobs, i, remaining);
+        let start = blobs[i].offset;
+        let end = blobs[j - 1].offset + blobs[j - 1].length;
+        let data = match with_retry("scrubbing a pack", || {
+            repo.storage.get_range(obj, start, end - start)
+        })
+        .await
+        {
+            Ok(d) => d,
+            Err(StorageError::NotFound { .. }) => {
+                // Vanished since the listing: the whole pack is damage.
+                bad.extend(
+                    blobs[i..]
+                        .iter()
+                        .map(|b| (b.id, "pack vanished from storage".into())),
+                );
+                return Ok((blobs.len(), bad));
+            }
+            Err(e) if one_of_several => {
+                let why = e.to_string();
+                bad.extend(blobs[i..].iter().map(|b| (b.id, why.clone())));
+                return Ok((blobs.len(), bad));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        report.bytes_read += data.len() as u64;
+        Counters::add(&counters.bytes_done, data.len() as u64);
+        for b in &blobs[i..j] {
+            let s = (b.offset - start) as usize;
+            let sealed = data.get(s..s + b.length as usize).unwrap_or(&[]);
+            if let Err(why) = authenticate(repo.keys(), b, sealed) {
+                bad.push((b.id, why));
+            }
+            report.chunks_checked += 1;
+        }
+        i = j;
+        progress.report(&counters.report());
+    }
+    Ok((i, bad))
 }
 
 /// The end (exclusive) of the window of blobs starting at `i`: blobs are added while the

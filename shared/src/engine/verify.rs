@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::format::crypto::{self, ChunkId};
 use crate::format::pack::{self, BlobKind, PACK_TAIL_LEN, PackEntry, PackId};
 use crate::progress::{Counters, Phase, Progress};
-use crate::storage::{ObjectRef, with_retry};
+use crate::storage::{Lanes, ObjectRef, with_retry};
 
 /// Bytes per range read when reading whole packs.
 const READ_WINDOW: u64 = 8 << 20;
@@ -78,9 +78,19 @@ pub(crate) async fn run(
     for p in packs {
         report.packs_checked += 1;
         Counters::add(&counters.files_done, 1);
-        verify_pack(repo, &p, &listed, read_data, &mut report, &counters).await?;
+        let some_copy_good = match repo.storage.as_lanes() {
+            Some(lanes) => {
+                verify_copies(repo, lanes, &p, &listed, read_data, &mut report, &counters).await
+            }
+            None => false,
+        };
+        if !some_copy_good {
+            verify_pack(repo, &p, &listed, read_data, &mut report, &counters).await?;
+        }
         progress.report(&counters.report());
     }
+    // Copies found missing or damaged are stored again from a good one.
+    report.problems.extend(super::copies::heal(repo).await?);
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     Ok(report)
@@ -228,6 +238,57 @@ async fn verify_pack(
         }
     }
     Ok(())
+}
+
+/// Checks each copy of a pack kept in several lanes on its own. A copy that is missing or
+/// damaged is remembered for healing (and reported when healed). Returns whether some copy
+/// is good; when none is, the caller checks the pack as a whole and reports what it affects.
+async fn verify_copies(
+    repo: &Repo,
+    lanes: &Lanes,
+    p: &PackRow,
+    listed: &HashMap<String, (u64, String)>,
+    read_data: bool,
+    report: &mut VerifyReport,
+    counters: &Counters,
+) -> bool {
+    let name = format!("{}.enc", p.id);
+    let present = listed
+        .get(&name)
+        .map(|(_, loc)| lanes.copies_in(loc))
+        .unwrap_or_default();
+    let mut good = 0;
+    let mut bad = 0;
+    for c in lanes.copies_in(&p.location) {
+        let Some(found) = present.iter().find(|f| f.lane == c.lane) else {
+            tracing::warn!("pack {name}: the copy in lane {} is missing", c.lane);
+            lanes.note_miss(&name, &c.lane);
+            bad += 1;
+            continue;
+        };
+        let obj = ObjectRef::new(&name, Lanes::location_of(std::slice::from_ref(found)));
+        match check_pack(repo, &obj, p.size, read_data, report, counters).await {
+            Ok(damaged) if damaged.is_empty() => good += 1,
+            Ok(damaged) => {
+                tracing::warn!(
+                    "pack {name}: the copy in lane {} has {} damaged chunks",
+                    c.lane,
+                    damaged.len()
+                );
+                lanes.note_miss(&name, &c.lane);
+                bad += 1;
+            }
+            Err(e) => {
+                tracing::warn!("pack {name}: the copy in lane {}: {e}", c.lane);
+                lanes.note_miss(&name, &c.lane);
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        tracing::warn!("pack {name}: {good} good copies, {bad} failed");
+    }
+    good > 0
 }
 
 /// "; affects root: path, root: path and 3 more files".

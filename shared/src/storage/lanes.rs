@@ -671,6 +671,14 @@ impl Lanes {
         );
         let mut result = None;
         for i in order {
+            // A damaged copy in the lane that takes the new one goes first.
+            if let Some(old) = copies.iter().find(|c| c.lane == self.lanes[i].name) {
+                let old = ObjectRef::new(name, old.location.clone());
+                if let Err(e) = self.lanes[i].remove_many(&[old]).await {
+                    tracing::warn!("healing {name}: {e}");
+                    continue;
+                }
+            }
             self.lanes[i].health.lock().unwrap().queued += size;
             match self.upload_to(i, name, &tmp, size).await {
                 Ok(c) => {

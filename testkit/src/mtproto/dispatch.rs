@@ -56,6 +56,7 @@ fn gate(auth: KeyAuth, id: u32) -> Option<Outcome> {
     match auth {
         KeyAuth::Authorized => None,
         KeyAuth::Duplicated => Some(err(406, "AUTH_KEY_DUPLICATED")),
+        KeyAuth::Deactivated => Some(err(401, "USER_DEACTIVATED")),
         _ if sign_in => None,
         KeyAuth::Revoked => Some(err(401, "SESSION_REVOKED")),
         KeyAuth::PasswordNeeded => Some(err(401, "SESSION_PASSWORD_NEEDED")),
@@ -255,6 +256,10 @@ mod tests {
         assert_eq!(name(gate(KeyAuth::Unauthorized, code)), "ok");
         assert_eq!(name(gate(KeyAuth::Revoked, send)), "401 SESSION_REVOKED");
         assert_eq!(name(gate(KeyAuth::Revoked, code)), "ok");
+        assert_eq!(
+            name(gate(KeyAuth::Deactivated, code)),
+            "401 USER_DEACTIVATED"
+        );
         assert_eq!(
             name(gate(KeyAuth::Duplicated, code)),
             "406 AUTH_KEY_DUPLICATED"

@@ -373,6 +373,12 @@ impl LoopbackTelegram {
         self.server.revoke_sessions();
     }
 
+    /// Delete the account, as a ban or the user's own deletion does: every call then answers
+    /// 401 USER_DEACTIVATED and every message and document of the account is gone.
+    pub fn delete_account(&self) {
+        self.server.delete_account();
+    }
+
     /// Make data centre `dc`'s key answer 406 AUTH_KEY_DUPLICATED, as Telegram does when
     /// one key is used from two places at once.
     pub fn duplicate_auth_key(&self, dc: i32) {

@@ -37,6 +37,8 @@ pub(crate) enum KeyAuth {
     Revoked,
     /// Used from two places at once (406 AUTH_KEY_DUPLICATED on everything).
     Duplicated,
+    /// The account was deleted (or banned): 401 USER_DEACTIVATED on everything.
+    Deactivated,
 }
 
 /// The result of running one method.
@@ -486,6 +488,27 @@ impl Server {
             if *v == KeyAuth::Authorized {
                 *v = KeyAuth::Revoked;
             }
+        }
+        self.touch();
+    }
+
+    /// The account is deleted: every key answers 401 USER_DEACTIVATED and the account's
+    /// cloud (every chat's messages and documents, uploads in progress) is gone.
+    pub fn delete_account(&self) {
+        for v in self.keys.lock().unwrap().values_mut() {
+            *v = KeyAuth::Deactivated;
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            let chats: Vec<_> = st
+                .chats
+                .iter()
+                .map(|(k, c)| (*k, c.msgs.keys().copied().collect::<Vec<i32>>()))
+                .collect();
+            for (k, ids) in chats {
+                st.delete_msgs(k, &ids);
+            }
+            st.uploads.clear();
         }
         self.touch();
     }
