@@ -1,5 +1,6 @@
 //! The bot's unasked messages about unattended work: missed backups and "back to normal",
-//! grouped failures of a schedule, scrub damage, the weekly digest. What to say is computed by
+//! grouped failures of a schedule, scrub damage, storage lanes the canary found silent or
+//! short of packs, the weekly digest. What to say is computed by
 //! `shared` (`ops::alerts`) from the database alone, so a dead worker is noticed; this module
 //! words it, sends it, and acknowledges it only once Telegram took it (a failed send is tried
 //! again on a later pass; nothing is said twice).
@@ -10,6 +11,7 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use teloxide::prelude::*;
 
+use storinator_shared::catalog::{LaneHealth, LaneState};
 use storinator_shared::ops::alerts::{
     Alert, AlertKind, Digest, Health, ScheduleStatus, ScrubAlert, times,
 };
@@ -105,6 +107,16 @@ impl AlertSender {
             }
             if all_sent {
                 alerts.ack_scrub(run).await?;
+            }
+        }
+        for h in alerts.lane_alerts().await? {
+            // Storage is everyone's: every allowed user hears about a lane.
+            let mut all_sent = true;
+            for user in self.app.cfg.allowed_users.clone() {
+                all_sent &= self.say(user as i64, lane_text(&h, &tz)).await;
+            }
+            if all_sent {
+                alerts.ack_lane(&h).await?;
             }
         }
         for d in alerts.due_digests().await? {
@@ -206,6 +218,27 @@ pub fn scrub_text(a: &ScrubAlert, tz: &TimeZone) -> String {
         "What is not healed stays listed in /scrub; a backup of the file's current version stores it again.".into()
     });
     lines.join("\n")
+}
+
+/// The text of a storage lane alert (what the canary found).
+pub fn lane_text(h: &LaneHealth, tz: &TimeZone) -> String {
+    let p = &h.probe;
+    match p.state {
+        LaneState::Silent => format!(
+            "🚨 Storage lane {} stopped answering (since {}): {}\nPacks with a copy in another lane are read from there (STORINATOR_COPIES). Check the lane's account and chat.",
+            p.lane,
+            format_local(h.since, tz),
+            p.detail
+        ),
+        LaneState::Lost => format!(
+            "🚨 Storage lane {} lost packs: {}\nWhere another lane holds a copy, restores read it from there and the lost copy is stored again; `storinator-worker verify` lists what is affected.",
+            p.lane, p.detail
+        ),
+        LaneState::Ok => format!(
+            "✅ Storage lane {} answers again and holds every pack it should ({}).",
+            p.lane, p.copies
+        ),
+    }
 }
 
 fn health_icon(h: &Health) -> &'static str {

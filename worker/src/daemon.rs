@@ -109,6 +109,9 @@ pub struct Unattended {
     /// When the daily scrub runs (`None`: never), and how many bytes it reads.
     pub scrub_at: Option<(u8, u8)>,
     pub scrub_bytes: u64,
+    /// Probe every storage lane daily (the canary, see `engine::canary`), on the schedules'
+    /// clock, looking every `tick`.
+    pub canary: bool,
 }
 
 impl Unattended {
@@ -126,6 +129,7 @@ impl Unattended {
                 .transpose()?,
             scrub_at: u.scrub_at,
             scrub_bytes: u.scrub_bytes_per_day,
+            canary: true,
         })
     }
 }
@@ -165,6 +169,14 @@ pub async fn run_with(
             Some(AbortOnDrop(tokio::spawn(fire_schedules(u.clone()))))
         }
         None => None,
+    };
+    let _canary = match &unattended {
+        Some(u) if u.canary => Some(AbortOnDrop(tokio::spawn(canary(
+            repo.clone(),
+            u.schedules.clone(),
+            u.tick,
+        )))),
+        _ => None,
     };
     let ctx = Arc::new(JobContext {
         healthcheck: unattended.as_ref().and_then(|u| u.healthcheck.clone()),
@@ -242,6 +254,27 @@ pub async fn run_with(
     }
     tracing::info!("worker daemon stopped");
     Ok(())
+}
+
+/// Probes the storage lanes when a day has passed since the last probe (by the schedules'
+/// clock, so tests move it), looking every tick until aborted. Errors are logged and retried
+/// next tick.
+async fn canary(repo: Arc<Repo>, schedules: Schedules, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = schedules.now_ms();
+        match storinator_shared::engine::canary::due(&repo, now).await {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = storinator_shared::engine::canary::probe(&repo, now).await {
+                    tracing::warn!("probing the storage lanes failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("reading lane health failed: {e}"),
+        }
+    }
 }
 
 /// Fires due schedules every tick until aborted. Errors are logged and retried next tick.

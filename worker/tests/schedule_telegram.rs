@@ -83,6 +83,7 @@ async fn a_schedule_made_in_chat_backs_up_by_itself_through_loopback_telegram() 
         healthcheck: None,
         scrub_at: None,
         scrub_bytes: 1 << 30,
+        canary: false,
     };
     let (wtx, wrx) = oneshot::channel::<()>();
     let worker = tokio::spawn(daemon::run_with(

@@ -114,6 +114,7 @@ impl World {
             healthcheck: healthcheck.map(|u| Healthcheck::new(u).unwrap()),
             scrub_at,
             scrub_bytes: 1 << 20,
+            canary: false,
         };
         let cfg = DaemonConfig {
             worker_id: id.to_string(),

@@ -8,12 +8,14 @@
 
 pub mod browse;
 mod keys;
+mod lanes;
 mod packs;
 mod retention;
 mod runs;
 mod scrub;
 mod snapshots;
 
+pub use lanes::{LaneHealth, LaneProbe, LaneState};
 pub use retention::{ForgetOutcome, PackUsage, RootUsage};
 pub use runs::RunRow;
 pub use scrub::{

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use super::repo::Repo;
 use crate::error::Error;
+use crate::format::crypto::Keys;
 use crate::format::pack::{self, PACK_TAIL_LEN};
 
 /// Heals every copy reads found missing or damaged since the last call. Returns one line per
@@ -29,8 +30,9 @@ pub async fn heal(repo: &Repo) -> Result<Vec<String>, Error> {
         if p.state != "stored" {
             continue;
         }
-        let check = async |path: &Path| check_pack_file(repo, &name, path);
-        match lanes.heal(&name, p.size, &p.location, &lane, check).await {
+        let keys = repo.keys().clone();
+        let check = |path: &Path| check_pack_file(&keys, &name, path);
+        match lanes.heal(&name, p.size, &p.location, &lane, &check).await {
             Ok(Some(location)) => {
                 repo.catalog
                     .set_pack_location(&p.id, &p.location, &location)
@@ -59,7 +61,7 @@ pub async fn heal(repo: &Repo) -> Result<Vec<String>, Error> {
 
 /// Authenticates a whole pack read from a copy: its trailer with the key, and every blob the
 /// trailer lists against its MAC.
-fn check_pack_file(repo: &Repo, name: &str, path: &Path) -> Result<(), String> {
+fn check_pack_file(keys: &Keys, name: &str, path: &Path) -> Result<(), String> {
     let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let size = data.len() as u64;
     if size < PACK_TAIL_LEN {
@@ -69,11 +71,14 @@ fn check_pack_file(repo: &Repo, name: &str, path: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let body_len = size - PACK_TAIL_LEN - tlen;
     let sealed = &data[body_len as usize..(size - PACK_TAIL_LEN) as usize];
-    let trailer =
-        pack::open_trailer(repo.keys(), name, sealed, body_len).map_err(|e| e.to_string())?;
+    let trailer = pack::open_trailer(keys, name, sealed, body_len).map_err(|e| e.to_string())?;
     for e in &trailer.entries {
-        let blob = &data[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
-        crate::format::crypto::open_chunk(repo.keys(), blob, pack::MAX_BLOB, &e.id)
+        let blob = usize::try_from(e.offset)
+            .ok()
+            .and_then(|start| data.get(start..start.checked_add(e.length as usize)?))
+            .filter(|_| e.offset + u64::from(e.length) <= body_len)
+            .ok_or_else(|| format!("chunk {} lies outside the pack", &e.id.to_hex()[..12]))?;
+        crate::format::crypto::open_chunk(keys, blob, pack::MAX_BLOB, &e.id)
             .map_err(|err| format!("chunk {}: {err}", &e.id.to_hex()[..12]))?;
     }
     Ok(())

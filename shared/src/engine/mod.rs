@@ -8,6 +8,7 @@
 //! modules (`error`, `config`, `clock`, `progress`), never `ops`.
 
 pub mod backup;
+pub mod canary;
 pub mod copies;
 pub mod forget;
 mod packer;

@@ -9,6 +9,8 @@
 //!   <last error>"); a success after failures says so.
 //! - **Scrub damage**: the owners of affected files hear which files and snapshots, and what
 //!   the heal did.
+//! - **Storage lanes**: a lane that stops answering or lost packs (what the canary found, see
+//!   `engine::canary`), and one back to normal, told to every chat user once per change.
 //! - **The weekly digest** (Monday 09:00 in the schedule time zone; `/digest off` opts out).
 //!
 //! Each alert is computed, sent by the bot, then acknowledged ([`Alerts::ack`]), which
@@ -18,7 +20,7 @@ use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::catalog::{AffectedFile, Catalog, OwnerStats, ScrubReport};
+use crate::catalog::{AffectedFile, Catalog, LaneHealth, OwnerStats, ScrubReport};
 use crate::ops::schedules::{Cadence, HOUR_MS, Result, Schedule, Schedules, format_local};
 
 /// Days in a week, in milliseconds.
@@ -525,6 +527,26 @@ impl Alerts {
 
     pub async fn ack_scrub(&self, run_id: i64) -> Result<()> {
         Ok(self.catalog.mark_scrub_alerted(run_id).await?)
+    }
+
+    /// Storage lanes whose health changed since chat users were last told: one that stopped
+    /// answering or lost packs, or one back to normal after that.
+    pub async fn lane_alerts(&self) -> Result<Vec<LaneHealth>> {
+        Ok(self
+            .catalog
+            .lane_health()
+            .await?
+            .into_iter()
+            .filter(LaneHealth::is_news)
+            .collect())
+    }
+
+    /// Records that a lane's alert was delivered.
+    pub async fn ack_lane(&self, h: &LaneHealth) -> Result<()> {
+        Ok(self
+            .catalog
+            .lane_told(&h.probe.lane, h.probe.state, h.probe.missing)
+            .await?)
     }
 
     /// The digest slot at or before now.

@@ -550,7 +550,10 @@ impl Lanes {
         size: u64,
     ) -> Result<StoredCopy, StorageError> {
         let lane = &self.lanes[i];
-        let copy = self.spool.join(format!(".{name}.lane{i}"));
+        // Beside the pack, in its run's spool folder: a crash leaves it where the next run
+        // cleans up.
+        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or(name);
+        let copy = path.with_file_name(format!(".{file}.lane{i}"));
         if let Err(e) = link_or_copy(path, &copy) {
             let mut h = lane.health.lock().unwrap();
             h.queued = h.queued.saturating_sub(size);
@@ -629,14 +632,14 @@ impl Lanes {
         size: u64,
         location: &str,
         lane: &str,
-        check: impl AsyncFn(&Path) -> Result<(), String>,
+        check: &(dyn Fn(&Path) -> Result<(), String> + Send + Sync),
     ) -> Result<Option<Location>, StorageError> {
         let copies = self.copies_in(location);
         let mut holders: Vec<StoredCopy> =
             copies.iter().filter(|c| c.lane != lane).cloned().collect();
         // The source: the first other copy that reads whole and passes the check.
         std::fs::create_dir_all(&self.spool).map_err(|e| StorageError::io(&self.spool, e))?;
-        let tmp = self.spool.join(format!(".heal-{name}"));
+        let tmp = self.spool.join(format!("heal-{name}"));
         let mut found = false;
         for c in &holders {
             let Some(l) = self.lane(&c.lane) else {
@@ -649,7 +652,7 @@ impl Lanes {
                 continue;
             };
             std::fs::write(&tmp, &data).map_err(|e| StorageError::io(&tmp, e))?;
-            match check(&tmp).await {
+            match check(&tmp) {
                 Ok(()) => {
                     found = true;
                     break;
