@@ -19,13 +19,30 @@ use crate::ui::Bar;
 /// Settings come from the environment (and a `.env` file): see .env.example. Every command
 /// runs without prompts when STORINATOR_PASSPHRASE (or --passphrase-file) is set.
 #[derive(Parser, Debug)]
-#[command(name = "storinator-worker", version, propagate_version = true)]
+#[command(
+    name = "storinator-worker",
+    version,
+    propagate_version = true,
+    after_long_help = STORAGE_HELP
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// What `--help` says about STORINATOR_STORAGE and STORINATOR_COPIES.
+const STORAGE_HELP: &str = "\
+Storage (STORINATOR_STORAGE, STORINATOR_COPIES):
+  STORINATOR_STORAGE=telegram            the worker's account (STORINATOR_STORAGE_CHAT)
+  STORINATOR_STORAGE=dir:<path>          a local directory
+  Several lanes, comma-separated, each named <name>=<where>, <where> being one of
+    telegram | telegram:<chat> | telegram:<session file>[:<chat>] | dir:<path>
+  e.g. STORINATOR_STORAGE='main=telegram, second=telegram:/srv/st/second.session'
+  Each lane has its own rate limits; new packs go to the lane with the most headroom.
+  STORINATOR_COPIES=2 keeps each pack in two lanes: losing one lane loses nothing.
+  Sign another account's lane in with `storinator-worker login --lane <name>`.";
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
