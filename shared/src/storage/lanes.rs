@@ -1192,9 +1192,7 @@ mod tests {
 
         // Healing puts it back in its lane.
         let healed = l
-            .heal("aa.enc", 5000, &loc, &copies[0].lane, async |_: &Path| {
-                Ok(())
-            })
+            .heal("aa.enc", 5000, &loc, &copies[0].lane, &|_: &Path| Ok(()))
             .await
             .unwrap()
             .expect("a lane takes it");
