@@ -347,3 +347,41 @@ async fn two_backups_at_once_spread_over_two_lanes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_prefers_the_lane_with_headroom() {
+    bounded(120, async {
+        let env = Env::start().await;
+        // Account a is capped at 1 MB/s; b is not.
+        env.a.set_bandwidth(Some(1_000_000));
+        let cfg = env.config("a=telegram:{dir}/a.session,b=telegram:{dir}/b.session", 1);
+        let storage = storinator_worker::lanes::open(&cfg).await.unwrap();
+        let repo = env.repo(storage.clone(), "catalog.db", true).await;
+        let src = env.dir.path().join("src/data");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("big.bin"), bytes(8 << 20, 9)).unwrap();
+        repo.backup(&backup(&src), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        let lanes = storage.as_lanes().unwrap();
+        let mut per_lane: HashMap<String, usize> = HashMap::new();
+        for p in repo.catalog.packs().await.unwrap() {
+            for c in lanes.copies_in(&p.location) {
+                *per_lane.entry(c.lane).or_default() += 1;
+            }
+        }
+        let (a, b) = (
+            per_lane.get("a").copied().unwrap_or(0),
+            per_lane.get("b").copied().unwrap_or(0),
+        );
+        assert!(a + b >= 8, "{per_lane:?}");
+        assert!(
+            b >= 3 * a.max(1),
+            "the uncapped lane takes most packs: {per_lane:?}"
+        );
+        restores_identically(&repo, &src, &env.dir.path().join("out")).await;
+        env.a.shutdown().await;
+        env.b.shutdown().await;
+    })
+    .await;
+}
