@@ -363,3 +363,59 @@ async fn the_weekly_digest_of_a_user_with_two_schedules() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_lane_the_canary_found_silent_is_told_to_every_user_once() {
+    use storinator_shared::catalog::{LaneProbe, LaneState};
+    let h = start(at("2026-05-04 10:15")).await;
+    let probe = |lane: &str, state: LaneState, detail: &str| LaneProbe {
+        lane: lane.into(),
+        state,
+        detail: detail.into(),
+        copies: 12,
+        missing: 0,
+    };
+    let now = h.clock.now_ms();
+    // A first "ok" is no news.
+    for lane in ["first", "second"] {
+        h.repo
+            .catalog
+            .record_lane_probe(&probe(lane, LaneState::Ok, ""), now)
+            .await
+            .unwrap();
+    }
+    h.settle().await;
+    assert_eq!(h.count("Storage lane"), 0);
+    // The canary finds lane "second" silent (its account was deleted).
+    h.repo
+        .catalog
+        .record_lane_probe(
+            &probe(
+                "second",
+                LaneState::Silent,
+                "telegram refused: USER_DEACTIVATED",
+            ),
+            now + 1,
+        )
+        .await
+        .unwrap();
+    let alert = h.wait_text("Storage lane second stopped answering").await;
+    assert!(alert.contains("USER_DEACTIVATED"), "{alert}");
+    let other = h
+        .api
+        .wait_for_bot_text(OTHER, "Storage lane second", WAIT)
+        .await;
+    assert!(other.is_some(), "every allowed user hears about storage");
+    h.settle().await;
+    assert_eq!(h.count("Storage lane"), 1, "told once");
+    // Back to normal: said once too.
+    h.repo
+        .catalog
+        .record_lane_probe(&probe("second", LaneState::Ok, ""), now + 2)
+        .await
+        .unwrap();
+    h.wait_text("Storage lane second answers again").await;
+    h.settle().await;
+    assert_eq!(h.count("Storage lane"), 2);
+    h.stop().await;
+}
