@@ -69,7 +69,12 @@ pub(crate) async fn run(
     let queue = repo.catalog.scrub_queue().await?;
     report.packs_total = queue.len() as u64;
     report.bytes_total = queue.iter().map(|p| p.size).sum();
-    report.cycle_days = report.bytes_total.div_ceil(opts.budget.max(1)).max(1);
+    // With copies in several lanes every copy is read: the cycle reads `copies` times the
+    // bytes.
+    let copies = repo.storage.as_lanes().map_or(1, |l| l.copies() as u64);
+    report.cycle_days = (report.bytes_total * copies)
+        .div_ceil(opts.budget.max(1))
+        .max(1);
     counters.bytes_total.store(
         opts.budget.min(report.bytes_total),
         std::sync::atomic::Ordering::Relaxed,

@@ -906,6 +906,9 @@ impl Storage for Lanes {
     fn estimate(&self, bytes: u64, objects: u64) -> Option<TransferEstimate> {
         let ready: Vec<Arc<dyn Storage>> =
             self.lanes.iter().filter_map(|l| l.connected()).collect();
+        if ready.is_empty() {
+            return None;
+        }
         let n = ready.len() as u64;
         let copies = self.copies as u64;
         let mut total: Option<TransferEstimate> = None;
@@ -1235,6 +1238,45 @@ mod tests {
             location: "a,b%2C=c".into(),
         }];
         assert_eq!(l.copies_in(&Lanes::location_of(&odd)), odd);
+    }
+
+    struct Unreachable;
+
+    #[async_trait]
+    impl Connector for Unreachable {
+        async fn connect(&self) -> Result<Arc<dyn Storage>, StorageError> {
+            Err(StorageError::Fatal("401 USER_DEACTIVATED".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn lanes_that_never_connected_fail_fast_and_name_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let lazy = |n: &str| {
+            Lane::lazy(
+                n,
+                format!("telegram session /{n}.session"),
+                Box::new(Unreachable),
+                Some("401 USER_DEACTIVATED".into()),
+            )
+        };
+        let l = Lanes::new(vec![lazy("a"), lazy("b")], 1, dir.path().into()).unwrap();
+        assert_eq!(
+            l.estimate(1 << 30, 10),
+            None,
+            "nothing connected: no estimate"
+        );
+        let e = l
+            .get_range(&ObjectRef::new("aa.enc", "lanes:a=1,b=2"), 0, 1)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lane "), "{e}");
+        assert!(
+            l.list().await.is_err(),
+            "no lane answers: the listing fails"
+        );
+        assert!(l.describe().contains("a (telegram session /a.session)"));
     }
 
     #[tokio::test]
