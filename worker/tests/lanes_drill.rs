@@ -122,9 +122,19 @@ async fn catalog_packs(dir: &Path) -> BTreeSet<String> {
 }
 
 async fn lanes_match_catalog(dir: &Path, what: &str) {
+    use std::os::unix::fs::MetadataExt;
     let want = catalog_packs(dir).await;
     assert_eq!(lane_packs(dir, "lane-a"), want, "lane a ({what})");
     assert_eq!(lane_packs(dir, "lane-b"), want, "lane b ({what})");
+    // Two copies, not two names of one file: damage to one must not reach the other.
+    for id in &want {
+        let ino = |lane: &str| {
+            std::fs::metadata(dir.join(lane).join(format!("{id}.enc")))
+                .unwrap()
+                .ino()
+        };
+        assert_ne!(ino("lane-a"), ino("lane-b"), "pack {id} ({what})");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,10 @@ impl Storage for DirStorage {
         &self.spool
     }
 
+    fn adopts_file(&self) -> bool {
+        true
+    }
+
     async fn put_file(&self, name: &str, path: &Path) -> Result<Location, StorageError> {
         let dest = self.path_of(name)?;
         let (src, root) = (path.to_path_buf(), self.root.clone());

@@ -554,7 +554,15 @@ impl Lanes {
         // cleans up.
         let file = path.file_name().and_then(|f| f.to_str()).unwrap_or(name);
         let copy = path.with_file_name(format!(".{file}.lane{i}"));
-        if let Err(e) = link_or_copy(path, &copy) {
+        let own_inode = lane.connected().is_some_and(|b| b.adopts_file());
+        let made = if own_inode {
+            std::fs::copy(path, &copy)
+                .map(|_| ())
+                .map_err(|e| StorageError::io(&copy, e))
+        } else {
+            link_or_copy(path, &copy)
+        };
+        if let Err(e) = made {
             let mut h = lane.health.lock().unwrap();
             h.queued = h.queued.saturating_sub(size);
             return Err(e);

@@ -114,6 +114,13 @@ pub trait Storage: Send + Sync + 'static {
         Pushback::default()
     }
 
+    /// Whether [`Storage::put_file`] keeps the spool file itself as the stored object (a
+    /// rename). Lanes then give such a backend its own copy of a pack, never a hard link
+    /// shared with another lane's copy: copies must not share one inode.
+    fn adopts_file(&self) -> bool {
+        false
+    }
+
     /// Packs worth uploading at once (several lanes take one each).
     fn parallel_uploads(&self) -> usize {
         1
