@@ -105,6 +105,22 @@ impl Two {
             .unwrap()
     }
 
+    /// A scrub reading everything, healing, at `now_ms`.
+    async fn scrub(&self, now_ms: i64) -> storinator_shared::ScrubReport {
+        self.repo
+            .scrub(
+                &ScrubOptions {
+                    budget: 1 << 30,
+                    now_ms,
+                    heal: true,
+                },
+                &NoProgress,
+                &CancelFlag::new(),
+            )
+            .await
+            .unwrap()
+    }
+
     async fn first_pack(&self) -> String {
         let p = &self.repo.catalog.packs().await.unwrap()[0];
         format!("{}.enc", p.id)
@@ -154,19 +170,7 @@ async fn verify_and_the_scrub_check_every_copy_and_heal_a_bad_one() {
         .remove(&storinator_shared::ObjectRef::new(&name, ""))
         .await
         .unwrap();
-    let r = t
-        .repo
-        .scrub(
-            &ScrubOptions {
-                budget: 1 << 30,
-                now_ms: 1_800_000_000_000,
-                heal: true,
-            },
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    let r = t.scrub(1_800_000_000_000).await;
     assert!(
         r.copies
             .iter()
@@ -178,19 +182,7 @@ async fn verify_and_the_scrub_check_every_copy_and_heal_a_bad_one() {
 
     // And damage the scrub reads in one copy only: found, healed, no chunk counted damaged.
     assert!(t.mem[0].corrupt(&name, 40));
-    let r = t
-        .repo
-        .scrub(
-            &ScrubOptions {
-                budget: 1 << 30,
-                now_ms: 1_800_000_100_000,
-                heal: true,
-            },
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    let r = t.scrub(1_800_000_100_000).await;
     assert!(
         r.copies
             .iter()
