@@ -119,16 +119,58 @@ pub(crate) async fn answer(
         .jobs
         .answer_forget_prompt(id, user_id as i64, confirm)
         .await?;
+    settle(app, outcome, prompt, &WORDS).await
+}
+
+/// How one kind of prompt speaks.
+pub(crate) struct Words {
+    /// The command that asks again (`/forget`).
+    pub(crate) command: &'static str,
+    pub(crate) icon: &'static str,
+    /// What a cancelled or expired prompt did: nothing (`nothing was forgotten`).
+    pub(crate) nothing: &'static str,
+    /// The toast when the job is queued (`Forgetting.`).
+    pub(crate) queued: &'static str,
+}
+
+const WORDS: Words = Words {
+    command: "/forget",
+    icon: "🗑",
+    nothing: "nothing was forgotten",
+    queued: "Forgetting.",
+};
+
+/// Acts on the outcome of a tap on a recorded prompt: the toast to answer with, the prompt
+/// edited (buttons gone), and a queued job's progress message posted.
+pub(crate) async fn settle(
+    app: &Arc<App>,
+    outcome: PromptOutcome,
+    prompt: Option<(ChatId, MessageId)>,
+    w: &Words,
+) -> anyhow::Result<Option<String>> {
     let (toast, text) = match outcome {
-        PromptOutcome::NotWaiting => return Ok(Some(STALE.into())),
+        PromptOutcome::NotWaiting => {
+            return Ok(Some(format!(
+                "This button is out of date. Send {} again.",
+                w.command
+            )));
+        }
         PromptOutcome::AlreadyAnswered => return Ok(Some("Already answered.".into())),
+        PromptOutcome::Busy(job) => {
+            return Ok(Some(format!(
+                "Job #{job} is already doing this. Try again when it is done."
+            )));
+        }
         PromptOutcome::Expired => (
-            "This prompt expired. Send /forget again.",
-            "⌛ This /forget prompt expired; nothing was forgotten. Send /forget again.".into(),
+            format!("This prompt expired. Send {} again.", w.command),
+            format!(
+                "⌛ This {} prompt expired; {}. Send {} again.",
+                w.command, w.nothing, w.command
+            ),
         ),
         PromptOutcome::Cancelled => (
-            "Cancelled.",
-            "🗑 Cancelled: nothing was forgotten.".to_string(),
+            "Cancelled.".to_string(),
+            format!("{} Cancelled: {}.", w.icon, w.nothing),
         ),
         PromptOutcome::Queued(job) => {
             let _busy = Busy::claim(app, job.id);
@@ -138,11 +180,14 @@ pub(crate) async fn answer(
                 .await?;
             app.jobs.set_progress_message(job.id, msg.id.0).await?;
             app.jobs.mark_shown(job.id, job.updated_at).await?;
-            ("Forgetting.", format!("🗑 {}: queued.", render::title(&job)))
+            (
+                w.queued.to_string(),
+                format!("{} {}: queued.", w.icon, render::title(&job)),
+            )
         }
     };
     if let Some((c, m)) = prompt {
         edit_quietly(app, c, m, text).await;
     }
-    Ok(Some(toast.into()))
+    Ok(Some(toast))
 }
