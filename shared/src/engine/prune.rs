@@ -344,6 +344,8 @@ struct Refill {
     writer: PackWriter,
     /// The pack each blob came from.
     sources: Vec<String>,
+    /// Sealed bytes copied in (counted as moved once uploaded).
+    bytes: u64,
 }
 
 /// Rewrites the live blobs of `sparse` into new packs, repoints the catalog, then condemns
@@ -396,7 +398,9 @@ async fn repack(
                 && r.writer.size_with(sealed.len()) > repo.settings.pack_size
             {
                 let full = open.remove(&encrypted).expect("present");
+                shown.bytes_done += full.bytes;
                 upload_refill(repo, run, full, encrypted, report).await?;
+                progress.report(shown);
             }
             let refill = match open.entry(encrypted) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -404,6 +408,7 @@ async fn repack(
                     writer: PackWriter::create(run.spool())
                         .map_err(|e| Error::io(run.spool(), e))?,
                     sources: Vec::new(),
+                    bytes: 0,
                 }),
             };
             refill
@@ -411,14 +416,15 @@ async fn repack(
                 .add(kind, b.id, &sealed, b.raw_length as usize, encrypted)
                 .map_err(|e| Error::io(refill.writer.path(), e))?;
             refill.sources.push(src.id.clone());
+            refill.bytes += b.length;
         }
         report.repacked_bytes += src.live_bytes;
-        shown.bytes_done += src.live_bytes;
-        progress.report(shown);
         done_sources.push(src);
     }
     for (encrypted, refill) in open.drain() {
+        shown.bytes_done += refill.bytes;
         upload_refill(repo, run, refill, encrypted, report).await?;
+        progress.report(shown);
     }
     let ids: Vec<String> = done_sources.iter().map(|p| p.id.clone()).collect();
     let condemned = repo.catalog.condemn_unused_packs(&ids).await?;
