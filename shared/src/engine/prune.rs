@@ -278,8 +278,13 @@ impl<'a> Plan<'a> {
         let mut sparse: Vec<&PackUsage> = usage
             .iter()
             .filter(|p| {
+                // The live share of the blobs, not of the whole object: a small pack whose
+                // blobs are all live is below any share of its size by its trailer alone, and
+                // rewriting it would free nothing.
+                let blobs = p.size.saturating_sub(pack::overhead_bound(p.chunks));
                 p.live_chunks > 0
-                    && (p.live_bytes as f64) * 100.0 < (p.size as f64) * opts.repack_below
+                    && p.live_bytes < blobs
+                    && (p.live_bytes as f64) * 100.0 < (blobs as f64) * opts.repack_below
             })
             .collect();
         // The emptiest first: they free the most per byte moved.
@@ -555,4 +560,53 @@ pub async fn usage(
         prune_would_free: prune.freed(),
         listings_unknown: catalog.snapshots_without_listing_count().await?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(id: &str, size: u64, chunks: u64, live_chunks: u64, live_bytes: u64) -> PackUsage {
+        PackUsage {
+            id: id.into(),
+            size,
+            encrypted: true,
+            location: String::new(),
+            created_at: 0,
+            chunks,
+            live_chunks,
+            live_bytes,
+            unauthenticated: 0,
+        }
+    }
+
+    /// A pack is rewritten for its dead blobs, never for its trailer: a tiny pack whose every
+    /// blob is live stays, however small its live share of the object.
+    #[test]
+    fn sparse_means_dead_blobs_not_a_large_trailer() {
+        let trailer = pack::overhead_bound(2);
+        let usage = [
+            // Two live blobs of 60 bytes: under 50% of the object, all of the blobs.
+            pack("tiny", 120 + trailer, 2, 2, 120),
+            // Half its blobs dead.
+            pack("half", 10_000 + trailer, 2, 1, 3_000),
+            pack("dead", 5_000, 3, 0, 0),
+            pack("full", 100_000 + trailer, 2, 2, 100_000),
+        ];
+        let opts = PruneOptions {
+            repack_below: 50.0,
+            ..Default::default()
+        };
+        let plan = Plan::new(&usage, &opts, 1 << 20);
+        let ids = |v: &[&PackUsage]| v.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&plan.unused), ["dead"]);
+        assert_eq!(ids(&plan.sparse), ["half"]);
+        // Everything live is never sparse, whatever the threshold.
+        let all = PruneOptions {
+            repack_below: 100.0,
+            ..Default::default()
+        };
+        let plan = Plan::new(&usage, &all, 1 << 20);
+        assert_eq!(ids(&plan.sparse), ["half"]);
+    }
 }
