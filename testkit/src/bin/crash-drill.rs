@@ -44,8 +44,11 @@ struct Args {
     /// Where packs go: `dir` (a directory store) or `telegram` (the loopback Telegram).
     #[arg(long, default_value = "dir")]
     store: String,
-    /// Kills per operation, e.g. `backup=30,restore=10,verify=10,recover=10`.
-    #[arg(long, default_value = "backup=30,restore=10,verify=10,recover=10")]
+    /// Kills per operation, e.g. `backup=30,restore=10,verify=10,recover=10,prune=20`.
+    #[arg(
+        long,
+        default_value = "backup=30,restore=10,verify=10,recover=10,prune=20"
+    )]
     kills: String,
     /// The worker binary (default: `storinator-worker` next to this program).
     #[arg(long)]
@@ -83,6 +86,10 @@ struct Op {
     check: fn(&mut Drill) -> Result<()>,
     /// Runs once after the last cycle (its own checks included).
     finish: fn(&mut Drill) -> Result<()>,
+    /// Kill points are drawn from the moment the operation's run registered (its spool
+    /// folder appears) to its clean end, not from the process start: for operations so quick
+    /// that starting the process is most of their time.
+    after_start: bool,
 }
 
 const OPS: &[Op] = &[
@@ -94,6 +101,7 @@ const OPS: &[Op] = &[
         success: &[0, 3],
         check: |_| Ok(()),
         finish: |_| Ok(()),
+        after_start: false,
     },
     Op {
         name: "restore",
@@ -109,6 +117,7 @@ const OPS: &[Op] = &[
         success: &[0],
         check: check_restore,
         finish: |_| Ok(()),
+        after_start: false,
     },
     Op {
         name: "verify",
@@ -117,6 +126,7 @@ const OPS: &[Op] = &[
         success: &[0],
         check: |_| Ok(()),
         finish: |_| Ok(()),
+        after_start: false,
     },
     Op {
         name: "recover",
@@ -125,6 +135,7 @@ const OPS: &[Op] = &[
         success: &[0],
         check: check_recover,
         finish: |_| Ok(()),
+        after_start: false,
     },
     Op {
         name: "prune",
@@ -140,6 +151,7 @@ const OPS: &[Op] = &[
         success: &[0],
         check: check_prune,
         finish: finish_prune,
+        after_start: true,
     },
 ];
 
@@ -152,6 +164,8 @@ struct Tally {
     excess_bytes: i64,
     seconds: f64,
     clean_ms: u64,
+    /// Of `clean_ms`, the time before the run registered (see [`Op::after_start`]).
+    floor_ms: u64,
     /// Killed cycles after whose resume the latest snapshot restored identical (and, for a
     /// restore, the resumed restore's own target too).
     identical: u64,
@@ -458,23 +472,30 @@ impl Drill {
         print!("{:<8} ", op.name);
         // A clean run: how long the operation takes (the range kill points are drawn from).
         (op.prepare)(self)?;
-        let t = Instant::now();
-        run_to_end(self.command(&(op.command)(self)), op.success)
+        let (clean_ms, start_ms) = self
+            .run_watching_start(self.command(&(op.command)(self)), op.success)
             .with_context(|| format!("clean {}", op.name))?;
-        tally.clean_ms = (t.elapsed().as_millis() as u64).max(1);
+        tally.clean_ms = clean_ms.max(1);
+        if op.after_start {
+            tally.floor_ms = start_ms.unwrap_or(0).min(tally.clean_ms - 1);
+        }
         self.check_all(op, &mut tally, 0)?;
         let mut attempts = 0;
         while tally.kills < kills && attempts < kills * 3 {
             attempts += 1;
             self.cycle += 1;
             (op.prepare)(self)?;
-            let delay = Duration::from_micros(self.next() % (tally.clean_ms * 1000));
+            let span = (tally.clean_ms - tally.floor_ms) * 1000;
+            let delay = Duration::from_micros(self.next() % span);
             let failures_before = tally.failures.len();
             let mut child = self
                 .command(&(op.command)(self))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
+            if op.after_start {
+                self.wait_for_start(&mut child)?;
+            }
             std::thread::sleep(delay);
             let killed = child.try_wait()?.is_none();
             if killed {
@@ -558,6 +579,64 @@ impl Drill {
             }
         }
         Ok(identical)
+    }
+
+    /// True once a run's spool folder exists and is locked (`run-<id>`; the spool is empty
+    /// between operations). A kill while it is still `.new-run-<id>` would leave a folder the
+    /// engine reclaims only after a grace of minutes, by design.
+    fn run_started(&self) -> bool {
+        std::fs::read_dir(&self.spool).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("run-"))
+        })
+    }
+
+    /// Runs a command to its end like [`run_to_end`]; returns its time and when its run
+    /// registered (ms).
+    fn run_watching_start(&self, mut cmd: Command, success: &[i32]) -> Result<(u64, Option<u64>)> {
+        let t = Instant::now();
+        // A file, not a pipe: a chatty operation must not block on a full pipe.
+        let log = self.work.join("operation.log");
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut started = None;
+        let limit = Duration::from_secs(600);
+        let status = loop {
+            if started.is_none() && self.run_started() {
+                started = Some(t.elapsed().as_millis() as u64);
+            }
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if t.elapsed() > limit {
+                let _ = child.kill();
+                bail!("no end after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let elapsed = t.elapsed().as_millis() as u64;
+        ensure!(
+            status.code().is_some_and(|c| success.contains(&c)),
+            "{:?} exited with {status}:\n{}",
+            cmd.get_args().collect::<Vec<_>>(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Ok((elapsed, started))
+    }
+
+    /// Waits (bounded) until the operation's run registered or the process ended.
+    fn wait_for_start(&self, child: &mut Child) -> Result<()> {
+        let t = Instant::now();
+        while !self.run_started() && child.try_wait()?.is_none() {
+            ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "the run never started"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
     }
 
     /// What the process just killed left for the resume to reclaim.
@@ -1059,7 +1138,7 @@ fn print_summary(store: &str, results: &[(String, u64, Tally)], pack_size: u64) 
         "objects",
         "spools",
         "temps",
-        "clean ms",
+        "kill ms",
         "failures",
         "excess bytes",
         "seconds"
@@ -1075,14 +1154,16 @@ fn print_summary(store: &str, results: &[(String, u64, Tally)], pack_size: u64) 
             t.left.objects,
             t.left.spools,
             t.left.temps,
-            t.clean_ms,
+            format!("{}-{}", t.floor_ms, t.clean_ms),
             t.failures.len(),
             t.excess_bytes,
             t.seconds
         );
     }
     println!(
-        "identical: killed cycles whose resume restored identical; packs (objects), spools, \
+        "kill ms: when in a clean run kill points were drawn (for prune: from its run's \
+         registration to its end); \
+         identical: killed cycles whose resume restored identical; packs (objects), spools, \
          temps: unfinished packs (of them, with an object in storage), spool entries and \
          restore temporaries the kills left, all gone after the resumes (else a failure)"
     );
