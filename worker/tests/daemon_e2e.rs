@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 
 const USER: i64 = 7;
 const USER2: i64 = 8;
+/// Allowed, but no admin.
+const USER3: i64 = 9;
 const CHAT: i64 = 7;
 const PASS: &str = "correct horse battery staple";
 const WAIT: Duration = Duration::from_secs(60);
@@ -121,9 +123,12 @@ impl World {
                 "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
             ),
             ("TELOXIDE_API_URL".into(), self.api.url()),
-            ("STORINATOR_ALLOWED_USERS".into(), format!("{USER},{USER2}")),
-            // USER may act on the whole installation (/prune); USER2 may not.
-            ("STORINATOR_ADMIN_USERS".into(), USER.to_string()),
+            (
+                "STORINATOR_ALLOWED_USERS".into(),
+                format!("{USER},{USER2},{USER3}"),
+            ),
+            // USER and USER2 may act on the whole installation (/prune); USER3 may not.
+            ("STORINATOR_ADMIN_USERS".into(), format!("{USER},{USER2}")),
             (
                 "STORINATOR_BACKUP_ROOTS".into(),
                 self.root.display().to_string(),
@@ -1327,11 +1332,11 @@ async fn prune_from_the_chat_shows_the_dry_run_and_prunes_once_after_confirmatio
     assert_eq!(snapshot_ids(&w).await.len(), 2);
     let packs_before = w.stored_packs().await.len();
 
-    // Bad input is named; someone allowed but not an admin is refused, with no prompt.
+    // Bad input is named; someone allowed but no admin is refused, with no prompt.
     w.say("/prune repack-below 130");
     w.wait_text("repack-below: \"130\" is not a percentage from 0 to 100")
         .await;
-    w.api.push_message(USER2, CHAT, "/prune");
+    w.api.push_message(USER3, CHAT, "/prune");
     w.wait_text("Only an admin of this installation may prune")
         .await;
 
@@ -1384,7 +1389,8 @@ async fn prune_from_the_chat_shows_the_dry_run_and_prunes_once_after_confirmatio
     let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&again)).await;
     assert_eq!(answer.as_deref(), Some("Already answered."));
 
-    // A second prompt: another allowed user's tap, a stranger's, a made-up id: nothing.
+    // A second prompt: another admin's tap, a non-admin's, a stranger's, a made-up id:
+    // nothing.
     w.say("/prune repack-below 90");
     let m2 = w
         .api
@@ -1399,6 +1405,11 @@ async fn prune_from_the_chat_shows_the_dry_run_and_prunes_once_after_confirmatio
     for (user, data, said) in [
         (
             USER2,
+            prune_data.clone(),
+            "This button is out of date. Send /prune again.",
+        ),
+        (
+            USER3,
             prune_data.clone(),
             "This button is out of date. Send /prune again.",
         ),

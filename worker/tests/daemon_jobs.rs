@@ -349,9 +349,18 @@ async fn a_prune_job_and_a_backup_job_run_side_by_side() {
     std::fs::write(a.join("new.bin"), bytes(600_000, 99)).unwrap();
     let third = contents(&a);
     d.storage.delay_ms.store(150, Ordering::SeqCst);
+    let uploaded = d.storage.puts.lock().unwrap().len();
     let backup = d.backup(&a).await;
-    d.wait(&backup, "started", |j| j.state == JobState::Running)
-        .await;
+    // Files go in name order: once new.bin's first packs are uploaded, the backup has
+    // deduplicated f0-f3 against the forgotten snapshot's chunks, and commits only later.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while d.storage.puts.lock().unwrap().len() < uploaded + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backup uploads nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // ... and a prune joins it.
     let prune = d
         .jobs
@@ -365,12 +374,14 @@ async fn a_prune_job_and_a_backup_job_run_side_by_side() {
         )
         .await
         .unwrap();
-    d.wait(&prune, "started", |j| j.state == JobState::Running)
+    // Claimed (a quick prune may be done already) while the backup is still running: the
+    // two overlap, and the prune did not wait for the backup.
+    d.wait(&prune, "claimed", |j| j.state != JobState::Queued)
         .await;
     assert_eq!(
         d.jobs.get(backup.id).await.unwrap().unwrap().state,
         JobState::Running,
-        "the backup was still running when the prune started"
+        "the backup was still running when the prune was claimed"
     );
     let prune = d.finished(&prune).await;
     let backup = d.finished(&backup).await;
