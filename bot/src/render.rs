@@ -805,14 +805,11 @@ pub fn job_line(job: &Job, now_ms: i64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_estimate_goes_once_the_job_ran_longer() {
-        let job = |elapsed_ms: i64| Job {
+    /// A running job of `args`, started at 0, last updated at `updated_at`.
+    fn running(args: JobArgs, updated_at: i64) -> Job {
+        Job {
             id: 1,
-            args: JobArgs::Backup {
-                path: "/srv".into(),
-                encrypt: true,
-            },
+            args,
             user_id: 7,
             chat_id: 7,
             state: JobState::Running,
@@ -824,9 +821,7 @@ mod tests {
                 bytes_total: 20,
                 bytes_stored: 5,
             },
-            estimate: Some(
-                serde_json::json!({"message_calls": 3, "part_calls": 9, "seconds": 10.0}),
-            ),
+            estimate: None,
             result: None,
             error: None,
             attempt: 1,
@@ -838,7 +833,7 @@ mod tests {
             progress_message_id: None,
             created_at: 0,
             started_at: Some(0),
-            updated_at: elapsed_ms,
+            updated_at,
             finished_at: None,
             shown_at: 0,
             final_notified: false,
@@ -846,6 +841,22 @@ mod tests {
             throttle: None,
             schedule_id: None,
             owner: None,
+        }
+    }
+
+    #[test]
+    fn the_estimate_goes_once_the_job_ran_longer() {
+        let job = |elapsed_ms: i64| Job {
+            estimate: Some(
+                serde_json::json!({"message_calls": 3, "part_calls": 9, "seconds": 10.0}),
+            ),
+            ..running(
+                JobArgs::Backup {
+                    path: "/srv".into(),
+                    encrypt: true,
+                },
+                elapsed_ms,
+            )
         };
         let early = progress(&job(2_000));
         assert!(
@@ -854,6 +865,32 @@ mod tests {
         );
         let late = progress(&job(12_000));
         assert!(!late.contains("Estimate"), "{late}");
+    }
+
+    /// A prune's progress counts packs deleted and bytes moved; its failure is told with the
+    /// reason, like any job's.
+    #[test]
+    fn a_prune_job_in_progress_and_failed() {
+        let args = JobArgs::Prune {
+            max_repack: Some(200 << 20),
+            repack_below: 30.0,
+        };
+        let mut job = running(args, 1_000);
+        job.progress.phase = storinator_shared::Phase::Pruning;
+        let text = progress(&job);
+        assert!(
+            text.starts_with(
+                "🔄 Prune #1 · all backups (repack below 30%, move at most 200.0 MiB)\nPhase: pruning"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("1/2 packs deleted · 10 B / 20 B"), "{text}");
+        job.state = JobState::Failed;
+        job.error = Some("deleting unused packs: storage refused".into());
+        assert_eq!(
+            final_notice(&job),
+            "❌ Prune #1 failed: deleting unused packs: storage refused\nJob id: 1 · all backups (repack below 30%, move at most 200.0 MiB)"
+        );
     }
 
     #[test]
