@@ -92,15 +92,23 @@ pub(crate) async fn command(
         .await?;
     let text = render::forget_prompt(&report, &policy, app.alerts.tz());
     let n = snapshots.len() as u64;
-    let keyboard = InlineKeyboardMarkup::new(vec![vec![
-        InlineKeyboardButton::callback(
-            format!("Forget {}", render::plural(n, "snapshot", "snapshots")),
-            format!("{CONFIRM}:{id}"),
-        ),
-        InlineKeyboardButton::callback("Cancel", format!("{CANCEL}:{id}")),
-    ]]);
+    let label = format!("Forget {}", render::plural(n, "snapshot", "snapshots"));
+    let keyboard = prompt_keyboard(label, (CONFIRM, CANCEL), id);
     app.outbox.text(chat, text, Some(keyboard)).await?;
     Ok(None)
+}
+
+/// The two buttons of a recorded prompt: `label` confirms, *Cancel* does not; each carries
+/// the prompt's id after its callback prefix (`confirm`, `cancel`).
+pub(crate) fn prompt_keyboard(
+    label: String,
+    (confirm, cancel): (&str, &str),
+    id: i64,
+) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new(vec![vec![
+        InlineKeyboardButton::callback(label, format!("{confirm}:{id}")),
+        InlineKeyboardButton::callback("Cancel", format!("{cancel}:{id}")),
+    ]])
 }
 
 /// A tap on *Forget N snapshots* (`confirm`) or *Cancel*: acted on once, and only for the

@@ -10,12 +10,12 @@
 
 use std::sync::Arc;
 
-use teloxide::types::{ChatId, InlineKeyboardButton, InlineKeyboardMarkup, MessageId};
+use teloxide::types::{ChatId, MessageId};
 
 use storinator_shared::engine::prune;
 use storinator_shared::{NewPrunePrompt, PruneOptions};
 
-use crate::forget::{Words, settle};
+use crate::forget::{Words, prompt_keyboard, settle};
 use crate::{App, args, render};
 
 /// Callback data of the two buttons (`pr:<prompt id>`, `prn:<prompt id>`).
@@ -71,13 +71,8 @@ pub(crate) async fn command(
             repack_below,
         })
         .await?;
-    let keyboard = InlineKeyboardMarkup::new(vec![vec![
-        InlineKeyboardButton::callback(
-            format!("Prune, frees {}", render::bytes(report.freed())),
-            format!("{CONFIRM}:{id}"),
-        ),
-        InlineKeyboardButton::callback("Cancel", format!("{CANCEL}:{id}")),
-    ]]);
+    let label = format!("Prune, frees {}", render::bytes(report.freed()));
+    let keyboard = prompt_keyboard(label, (CONFIRM, CANCEL), id);
     app.outbox
         .text(chat, render::prune_prompt(&report, &opts), Some(keyboard))
         .await?;
