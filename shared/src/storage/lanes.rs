@@ -707,7 +707,7 @@ impl Lanes {
 
     /// The copies of `obj` worth reading, best first: lanes that answer before lanes that
     /// failed lately. Copies in lanes that are no longer configured are left out; when none
-    /// is left, every lane is asked by name.
+    /// is left (no location, or only lanes since renamed), every lane is asked by name.
     fn read_order(&self, obj: &ObjectRef) -> Vec<(usize, ObjectRef)> {
         let now = Instant::now();
         let mut known: Vec<(bool, usize, ObjectRef)> = self
@@ -719,7 +719,7 @@ impl Lanes {
                 Some((failing, i, ObjectRef::new(&obj.name, c.location)))
             })
             .collect();
-        if known.is_empty() && !obj.location.starts_with(PREFIX) {
+        if known.is_empty() {
             return (0..self.lanes.len())
                 .map(|i| (i, ObjectRef::new(&obj.name, "")))
                 .collect();
@@ -1240,6 +1240,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, b"old");
+        // A lane renamed in the configuration: its copies are still found by name.
+        let renamed = ObjectRef::new("old.enc", "lanes:gone=old.enc");
+        assert_eq!(l.get_range(&renamed, 0, 3).await.unwrap(), b"old");
         // Locations survive the encoding whatever they hold.
         let odd = vec![StoredCopy {
             lane: "l1".into(),
