@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use futures_util::TryStreamExt;
 use sqlx::{Row, SqliteConnection};
 
 use super::{Catalog, ChunkLoc, DAMAGED_CHUNK, PackRow, USABLE_PACK, db, now_ms};
@@ -187,17 +188,18 @@ impl Catalog {
             "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE {USABLE_PACK} \
              AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK})"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
+        // Row by row: at a million chunks the rows themselves would be several times the ids.
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(r) = rows
+            .try_next()
             .await
-            .map_err(db("loading the chunk index"))?;
-        rows.iter()
-            .map(|r| {
-                let id: Vec<u8> = r.get(0);
-                let flags: i64 = r.get(1);
-                Ok((ChunkId::from_slice(&id)?, flags as u8))
-            })
-            .collect()
+            .map_err(db("loading the chunk index"))?
+        {
+            let flags: i64 = r.get(1);
+            out.push((ChunkId::from_slice(r.get::<&[u8], _>(0))?, flags as u8));
+        }
+        Ok(out)
     }
 
     /// Where a blob lives.

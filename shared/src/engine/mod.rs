@@ -18,5 +18,7 @@ pub mod repo;
 pub mod restore;
 mod run;
 pub mod scrub;
+mod spool;
 mod target;
 mod verify;
+mod walk;

@@ -272,7 +272,7 @@ impl Pipeline {
     pub(super) fn store_bytes(
         &self,
         packer: &mut Packer,
-        data: &[u8],
+        data: impl std::io::Read,
         kind: BlobKind,
     ) -> Result<Vec<ChunkId>, Error> {
         let mut ids = Vec::new();
