@@ -195,6 +195,59 @@ impl Catalog {
         Ok(out)
     }
 
+    /// A page of the entries of snapshot `seq` of a root at `prefix` or below it, in path
+    /// order: at most `limit`, after the path `after` (from the start if `None`). A restore
+    /// walks a snapshot page by page, holding one page at a time.
+    pub async fn entries_page(
+        &self,
+        root_id: i64,
+        seq: i64,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EntryRow>, Error> {
+        // The range [prefix, prefix0) from the (root_id, path) index: the prefix itself, its
+        // descendants (`prefix/...`) and siblings that continue with a byte below '/'
+        // (`prefix-x`), filtered out here. '0' follows '/' in byte order.
+        let below = format!("{prefix}/");
+        let mut page = Vec::with_capacity(limit.min(4096));
+        let mut from = after.unwrap_or(prefix).to_string();
+        let mut strict = after.is_some();
+        // Rows of the skipped siblings count against the limit: page on until a page holds
+        // wanted rows or the range ends.
+        loop {
+            let sql = format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+                 WHERE e.root_id = ? AND e.path {} ? AND e.path < ? \
+                 AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
+                 ORDER BY e.path LIMIT ?",
+                if strict { ">" } else { ">=" }
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(root_id)
+                .bind(&from)
+                .bind(format!("{prefix}0"))
+                .bind(seq)
+                .bind(seq)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("listing snapshot entries"))?;
+            let full = rows.len() == limit;
+            for r in &rows {
+                let e = entry_from_row(r);
+                from.clone_from(&e.path);
+                if e.path == prefix || e.path.starts_with(&below) {
+                    page.push(e);
+                }
+            }
+            strict = true;
+            if !page.is_empty() || !full {
+                return Ok(page);
+            }
+        }
+    }
+
     /// Number of entry rows (tests and the schema's promise: unchanged trees add none).
     pub async fn entry_row_count(&self) -> Result<i64, Error> {
         sqlx::query_scalar("SELECT COUNT(*) FROM entries")
