@@ -180,15 +180,15 @@ impl Catalog {
         Ok(rows.iter().map(pack_from_row).collect())
     }
 
-    /// Ids of blobs that are safely stored and can be deduplicated against, with their
-    /// trailer flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`); a chunk a scrub found
-    /// damaged is not: the next backup that meets its data stores it again, which heals it.
-    pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, u8)>, Error> {
+    /// Ids of blobs that are safely stored and can be deduplicated against, whose trailer
+    /// flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`) pass `keep`; a chunk a scrub
+    /// found damaged is not: the next backup that meets its data stores it again, which heals
+    /// it. Read row by row: only the ids are held (the backup's dedup index).
+    pub async fn stored_chunk_ids(&self, keep: impl Fn(u8) -> bool) -> Result<Vec<ChunkId>, Error> {
         let sql = format!(
             "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE {USABLE_PACK} \
              AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK})"
         );
-        // Row by row: at a million chunks the rows themselves would be several times the ids.
         let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&self.pool);
         let mut out = Vec::new();
         while let Some(r) = rows
@@ -196,8 +196,9 @@ impl Catalog {
             .await
             .map_err(db("loading the chunk index"))?
         {
-            let flags: i64 = r.get(1);
-            out.push((ChunkId::from_slice(r.get::<&[u8], _>(0))?, flags as u8));
+            if keep(r.get::<i64, _>(1) as u8) {
+                out.push(ChunkId::from_slice(r.get::<&[u8], _>(0))?);
+            }
         }
         Ok(out)
     }

@@ -9,7 +9,7 @@
 //! [`Pipeline`]: super::pipeline::Pipeline
 //! [`Packer`]: super::packer::Packer
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::dedup::ChunkSet;
 use super::packer::{Packer, upload_packs};
 use super::pipeline::{FileOutcome, Pipeline};
 use super::repo::Repo;
@@ -179,19 +180,17 @@ impl Source {
 }
 
 /// The chunks already stored with this encryption setting and authenticated (dedup).
-async fn stored_chunks(repo: &Repo, opts: &BackupOptions) -> Result<HashSet<ChunkId>, Error> {
-    Ok(repo
+async fn stored_chunks(repo: &Repo, opts: &BackupOptions) -> Result<ChunkSet, Error> {
+    let encrypt = opts.encrypt;
+    let ids = repo
         .catalog
-        .stored_chunk_ids()
-        .await?
-        .into_iter()
-        // A format-1 unencrypted blob is not authenticated: `recover` would not index it,
-        // so a new snapshot must not rely on it (its data is stored again, authenticated).
-        .filter(|(_, flags)| {
-            (flags & pack::FLAG_ENCRYPTED != 0) == opts.encrypt && pack::flags_authenticated(*flags)
+        .stored_chunk_ids(|flags| {
+            // A format-1 unencrypted blob is not authenticated: `recover` would not index it,
+            // so a new snapshot must not rely on it (its data is stored again, authenticated).
+            (flags & pack::FLAG_ENCRYPTED != 0) == encrypt && pack::flags_authenticated(flags)
         })
-        .map(|(id, _)| id)
-        .collect())
+        .await?;
+    Ok(ChunkSet::from_ids(ids))
 }
 
 /// What the walk found, in total: progress and the transfer estimate are told up front.
@@ -358,7 +357,7 @@ async fn run_locked(
     let (snapshot_id, object) = stored?;
     // Nothing more is stored: free the dedup index before the commit.
     if let Ok(mut ids) = pipeline.known.lock() {
-        *ids = HashSet::new();
+        *ids = ChunkSet::default();
     }
 
     // Every pack is durable: now the catalog may say the snapshot exists.
@@ -462,11 +461,7 @@ async fn scan(
 /// chunk of it is among the stored ones this backup may rely on; otherwise (a chunk of a
 /// pack known to be missing, one a scrub found damaged, a format-1 unencrypted chunk) it is
 /// read and stored again, unchanged or not (invariant 1).
-fn decide(
-    item: &mut Item,
-    previous: Option<&PrevFile>,
-    stored: &HashSet<ChunkId>,
-) -> Result<(), Error> {
+fn decide(item: &mut Item, previous: Option<&PrevFile>, stored: &ChunkSet) -> Result<(), Error> {
     let line = &mut item.line;
     if line.kind != EntryKind::File {
         return Ok(());

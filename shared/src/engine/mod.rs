@@ -8,6 +8,7 @@
 //! modules (`error`, `config`, `clock`, `progress`), never `ops`.
 
 pub mod backup;
+mod dedup;
 pub mod forget;
 mod packer;
 mod pipeline;
