@@ -98,11 +98,6 @@ impl BackupSummary {
     }
 }
 
-/// Items a backup handles at a time: walked, compared with the previous snapshot, read,
-/// listed and committed in batches of this many (in path order, spooled on disk between the
-/// stages), so that its memory does not grow with the tree.
-const BATCH: usize = 4096;
-
 /// A walked item as spooled between the stages: its listing line (the content filled in
 /// once known) and what becomes of its content.
 #[derive(Serialize, Deserialize)]
@@ -310,6 +305,7 @@ async fn run_locked(
         pack_tx,
     );
     let read = read_and_list(
+        repo.batch(),
         &pipeline,
         source,
         items,
@@ -413,9 +409,9 @@ async fn scan(
     let mut totals = Totals::default();
     let mut after: Option<String> = None;
     loop {
-        let cancel = cancel.clone();
+        let (cancel, n) = (cancel.clone(), repo.batch());
         let (w, batch) = blocking(move || {
-            let batch = walk.batch(BATCH, &cancel);
+            let batch = walk.batch(n, &cancel);
             (walk, batch)
         })
         .await?;
@@ -492,7 +488,9 @@ fn decide(item: &mut Item, previous: Option<&PrevFile>, stored: &ChunkSet) -> Re
 /// (unreadable files become warnings): the listing's lines to one spool file, the catalog's
 /// entries to another. Returns the packer (the listing and snapshot object go in after),
 /// what was listed and the entries' reader.
+#[allow(clippy::too_many_arguments)]
 async fn read_and_list(
+    batch_size: usize,
     pipeline: &Arc<Pipeline>,
     source: &Source,
     mut items: SpoolReader<Item>,
@@ -506,7 +504,7 @@ async fn read_and_list(
     let mut listed = Listed::default();
     loop {
         let (r, batch) = blocking(move || {
-            let batch = items.next_batch(BATCH);
+            let batch = items.next_batch(batch_size);
             (items, batch)
         })
         .await?;
@@ -600,8 +598,9 @@ async fn commit(
         .begin_snapshot_commit(run_id, info, snapshot_id, listing)
         .await?;
     loop {
+        let n = repo.batch();
         let (r, batch) = blocking(move || {
-            let batch = entries.next_batch(BATCH);
+            let batch = entries.next_batch(n);
             (entries, batch)
         })
         .await?;

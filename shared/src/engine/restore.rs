@@ -271,27 +271,26 @@ impl Outcome {
     }
 }
 
-/// Entries a restore plans, checks and writes at a time: the snapshot is read from the
-/// catalog a page at a time in path order, twice (check everything, then write), so that
-/// memory does not grow with the number of files.
-const PAGE: usize = 4096;
-
-/// The snapshot's entries at the selected path, page by page in path order.
+/// The snapshot's entries at the selected path, page by page in path order ([`Repo::batch`]
+/// entries a page): a restore reads them twice (check everything, then write), holding one
+/// page at a time, so its memory does not grow with the number of files.
 struct Pages<'a> {
     catalog: &'a Catalog,
     resolved: &'a Resolved,
     after: Option<String>,
+    page: usize,
     /// Symlinks the restore creates so far: a later path may not pass through one (in path
     /// order a symlink comes before anything that would lie under it).
     links: std::collections::HashSet<String>,
 }
 
 impl<'a> Pages<'a> {
-    fn new(catalog: &'a Catalog, resolved: &'a Resolved) -> Pages<'a> {
+    fn new(repo: &'a Repo, resolved: &'a Resolved) -> Pages<'a> {
         Pages {
-            catalog,
+            catalog: &repo.catalog,
             resolved,
             after: None,
+            page: repo.batch(),
             links: Default::default(),
         }
     }
@@ -306,7 +305,7 @@ impl<'a> Pages<'a> {
                 r.snapshot.seq,
                 &r.prefix,
                 self.after.as_deref(),
-                PAGE,
+                self.page,
             )
             .await?;
         if let Some(last) = page.last() {
@@ -443,7 +442,7 @@ async fn check_all(
     overwrite: bool,
 ) -> Result<Checked, Error> {
     let mut checked = Checked::default();
-    let mut pages = Pages::new(&repo.catalog, resolved);
+    let mut pages = Pages::new(repo, resolved);
     loop {
         let plan = pages.next().await?;
         if plan.is_empty() {
@@ -492,7 +491,7 @@ async fn write_all(
         symlinks: 0,
         dirs: Vec::new(),
     };
-    let mut pages = Pages::new(&repo.catalog, resolved);
+    let mut pages = Pages::new(repo, resolved);
     let mut done = 0;
     loop {
         let mut plan = pages.next().await?;
