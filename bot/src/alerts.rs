@@ -159,6 +159,9 @@ pub fn alert_text(a: &Alert, tz: &TimeZone) -> String {
             "✅ Scheduled backup of {what} works again, after {failures} failed run{}.",
             if *failures == 1 { "" } else { "s" }
         ),
+        AlertKind::ForgetFailed { job_id, error, .. } => format!(
+            "⚠️ Keep policy not applied: {what}: {error}\nThe backup (job #{job_id}) is saved; no snapshot was forgotten. The next scheduled backup tries again."
+        ),
     }
 }
 

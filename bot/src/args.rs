@@ -111,6 +111,51 @@ pub fn parse_forget(raw: &str) -> Result<(String, String), String> {
     Ok((path, format!("keep {}", policy.trim())))
 }
 
+/// `/prune [repack-below <percent>] [max-repack <size>]`, the CLI's `--repack-below` and
+/// `--max-repack` (either spelling, with or without `--`, in any order): the options, or the
+/// answer naming the input at fault.
+pub fn parse_prune(raw: &str) -> Result<(Option<u64>, f64), String> {
+    const USAGE: &str = "Usage: /prune [repack-below 50] [max-repack 200MB]";
+    let mut max_repack = None;
+    let mut repack_below = None;
+    let mut words = raw.split_whitespace();
+    while let Some(word) = words.next() {
+        let option = word
+            .trim_start_matches("--")
+            .replace('_', "-")
+            .to_lowercase();
+        // `repack-below=30` as well as `repack-below 30`.
+        let (option, inline) = match option.split_once('=') {
+            Some((o, v)) => (o.to_string(), Some(v.to_string())),
+            None => (option, None),
+        };
+        let known = matches!(option.as_str(), "repack-below" | "max-repack");
+        if !known {
+            return Err(format!("🧹 {word:?} is not an option of /prune. {USAGE}"));
+        }
+        let Some(value) = inline.or_else(|| words.next().map(str::to_string)) else {
+            return Err(format!("🧹 {option} needs a value. {USAGE}"));
+        };
+        if option == "repack-below" {
+            let p = storinator_shared::config::parse_percent(&value)
+                .map_err(|e| format!("🧹 repack-below: {e}. {USAGE}"))?;
+            if repack_below.replace(p).is_some() {
+                return Err(format!("🧹 repack-below is given twice. {USAGE}"));
+            }
+        } else {
+            let b = storinator_shared::config::parse_size(&value)
+                .map_err(|e| format!("🧹 max-repack {value:?}: {e}. {USAGE}"))?;
+            if max_repack.replace(b).is_some() {
+                return Err(format!("🧹 max-repack is given twice. {USAGE}"));
+            }
+        }
+    }
+    // The CLI's default otherwise.
+    let repack_below =
+        repack_below.unwrap_or(storinator_shared::PruneOptions::default().repack_below);
+    Ok((max_repack, repack_below))
+}
+
 /// Byte index of the last ` <keyword> ` that is not inside double quotes and has a
 /// non-empty head before it.
 fn keyword_at(s: &str, keyword: &str) -> Option<usize> {
@@ -219,6 +264,40 @@ pub fn check_restore_target(dir: &str, roots: &[PathBuf]) -> Result<PathBuf, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_args_mirror_the_cli_and_name_bad_input() {
+        assert_eq!(parse_prune("").unwrap(), (None, 50.0));
+        assert_eq!(
+            parse_prune("repack-below 30 max-repack 200MB").unwrap(),
+            (Some(200 << 20), 30.0)
+        );
+        assert_eq!(
+            parse_prune("--max-repack=1G --repack-below 12.5%").unwrap(),
+            (Some(1 << 30), 12.5)
+        );
+        for (raw, needle) in [
+            (
+                "repack-below 130",
+                "repack-below: \"130\" is not a percentage from 0 to 100",
+            ),
+            ("repack-below lots", "\"lots\" is not a percentage"),
+            (
+                "max-repack 12parsecs",
+                "max-repack \"12parsecs\": unknown size unit",
+            ),
+            ("max-repack", "max-repack needs a value"),
+            ("now", "\"now\" is not an option of /prune"),
+            (
+                "repack-below 10 repack-below 20",
+                "repack-below is given twice",
+            ),
+        ] {
+            let e = parse_prune(raw).unwrap_err();
+            assert!(e.contains(needle), "{raw}: {e}");
+            assert!(e.contains("Usage: /prune"), "{raw}: {e}");
+        }
+    }
 
     #[test]
     fn backup_args() {

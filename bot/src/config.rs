@@ -56,6 +56,10 @@ pub struct BotConfig {
     pub api_url: Option<reqwest::Url>,
     /// `STORINATOR_ALLOWED_USERS`: Telegram user ids that may command the bot.
     pub allowed_users: BTreeSet<u64>,
+    /// `STORINATOR_ADMIN_USERS`: allowed users who may act on the whole installation
+    /// (`/prune`); unset, the only allowed user of a one-user installation (see
+    /// [`storinator_shared::config::admin_users`]).
+    pub admin_users: BTreeSet<u64>,
     /// `STORINATOR_BACKUP_ROOTS`, canonicalised: `/backup` only accepts folders inside these.
     pub backup_roots: Vec<PathBuf>,
     /// `STORINATOR_RESTORE_ROOTS` (default: the backup roots), canonicalised: where `/restore
@@ -152,6 +156,15 @@ impl BotConfig {
         if allowed_users.is_empty() {
             return Err(bad("STORINATOR_ALLOWED_USERS", "lists no user ids"));
         }
+        let allowed: Vec<i64> = allowed_users.iter().map(|u| *u as i64).collect();
+        let admin_users = storinator_shared::config::admin_users(
+            var("STORINATOR_ADMIN_USERS").as_deref(),
+            &allowed,
+        )
+        .map_err(|e| bad("STORINATOR_ADMIN_USERS", e))?
+        .into_iter()
+        .map(|u| u as u64)
+        .collect();
 
         let roots = |name: &'static str, raw: String| -> Result<Vec<PathBuf>, ConfigError> {
             let mut out = Vec::new();
@@ -220,6 +233,7 @@ impl BotConfig {
             token,
             api_url,
             allowed_users,
+            admin_users,
             backup_roots,
             restore_roots,
             database_url,
@@ -236,6 +250,11 @@ impl BotConfig {
 
     pub fn is_allowed(&self, user_id: u64) -> bool {
         self.allowed_users.contains(&user_id)
+    }
+
+    /// May act on the whole installation (every owner's packs): `/prune`.
+    pub fn is_admin(&self, user_id: u64) -> bool {
+        self.is_allowed(user_id) && self.admin_users.contains(&user_id)
     }
 }
 
@@ -284,6 +303,40 @@ mod tests {
         assert_eq!(cfg.restore_roots, cfg.backup_roots);
         assert_eq!(cfg.database_url, "sqlite:///var/lib/st/storinator.db");
         assert_eq!(cfg.edit_interval, Duration::from_millis(50));
+        // Two users and no STORINATOR_ADMIN_USERS: nobody may prune from the chat.
+        assert!(!cfg.is_admin(7) && !cfg.is_admin(8));
+    }
+
+    /// `/prune` acts on every owner's packs: only admins, who must be allowed users; a
+    /// one-user installation's user is its admin.
+    #[test]
+    fn admins_are_allowed_users_and_default_to_a_sole_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display().to_string();
+        let cfg = |users: &str, admins: Option<&str>| {
+            let mut vars = vec![
+                ("TELOXIDE_TOKEN", TOKEN),
+                ("STORINATOR_ALLOWED_USERS", users),
+                ("STORINATOR_BACKUP_ROOTS", root.as_str()),
+            ];
+            if let Some(a) = admins {
+                vars.push(("STORINATOR_ADMIN_USERS", a));
+            }
+            BotConfig::from_lookup(lookup(&vars))
+        };
+        let c = cfg("7,8", Some("8")).unwrap();
+        assert!(c.is_admin(8) && !c.is_admin(7) && !c.is_admin(9));
+        assert!(cfg("7", None).unwrap().is_admin(7));
+        assert!(!cfg("7", Some(" ")).unwrap().is_admin(8));
+        let e = cfg("7,8", Some("9")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "invalid STORINATOR_ADMIN_USERS: user 9 is not in STORINATOR_ALLOWED_USERS"
+            ),
+            "{e}"
+        );
+        let e = cfg("7,8", Some("bob")).unwrap_err().to_string();
+        assert!(e.contains("\"bob\" is not a Telegram user id"), "{e}");
     }
 
     /// Design invariant 9: the bot never holds the passphrase or the API hash. Handed one, it

@@ -92,15 +92,23 @@ pub(crate) async fn command(
         .await?;
     let text = render::forget_prompt(&report, &policy, app.alerts.tz());
     let n = snapshots.len() as u64;
-    let keyboard = InlineKeyboardMarkup::new(vec![vec![
-        InlineKeyboardButton::callback(
-            format!("Forget {}", render::plural(n, "snapshot", "snapshots")),
-            format!("{CONFIRM}:{id}"),
-        ),
-        InlineKeyboardButton::callback("Cancel", format!("{CANCEL}:{id}")),
-    ]]);
+    let label = format!("Forget {}", render::plural(n, "snapshot", "snapshots"));
+    let keyboard = prompt_keyboard(label, (CONFIRM, CANCEL), id);
     app.outbox.text(chat, text, Some(keyboard)).await?;
     Ok(None)
+}
+
+/// The two buttons of a recorded prompt: `label` confirms, *Cancel* does not; each carries
+/// the prompt's id after its callback prefix (`confirm`, `cancel`).
+pub(crate) fn prompt_keyboard(
+    label: String,
+    (confirm, cancel): (&str, &str),
+    id: i64,
+) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new(vec![vec![
+        InlineKeyboardButton::callback(label, format!("{confirm}:{id}")),
+        InlineKeyboardButton::callback("Cancel", format!("{cancel}:{id}")),
+    ]])
 }
 
 /// A tap on *Forget N snapshots* (`confirm`) or *Cancel*: acted on once, and only for the
@@ -119,16 +127,58 @@ pub(crate) async fn answer(
         .jobs
         .answer_forget_prompt(id, user_id as i64, confirm)
         .await?;
+    settle(app, outcome, prompt, &WORDS).await
+}
+
+/// How one kind of prompt speaks.
+pub(crate) struct Words {
+    /// The command that asks again (`/forget`).
+    pub(crate) command: &'static str,
+    pub(crate) icon: &'static str,
+    /// What a cancelled or expired prompt did: nothing (`nothing was forgotten`).
+    pub(crate) nothing: &'static str,
+    /// The toast when the job is queued (`Forgetting.`).
+    pub(crate) queued: &'static str,
+}
+
+const WORDS: Words = Words {
+    command: "/forget",
+    icon: "🗑",
+    nothing: "nothing was forgotten",
+    queued: "Forgetting.",
+};
+
+/// Acts on the outcome of a tap on a recorded prompt: the toast to answer with, the prompt
+/// edited (buttons gone), and a queued job's progress message posted.
+pub(crate) async fn settle(
+    app: &Arc<App>,
+    outcome: PromptOutcome,
+    prompt: Option<(ChatId, MessageId)>,
+    w: &Words,
+) -> anyhow::Result<Option<String>> {
     let (toast, text) = match outcome {
-        PromptOutcome::NotWaiting => return Ok(Some(STALE.into())),
+        PromptOutcome::NotWaiting => {
+            return Ok(Some(format!(
+                "This button is out of date. Send {} again.",
+                w.command
+            )));
+        }
         PromptOutcome::AlreadyAnswered => return Ok(Some("Already answered.".into())),
+        PromptOutcome::Busy(job) => {
+            return Ok(Some(format!(
+                "Job #{job} is already doing this. Try again when it is done."
+            )));
+        }
         PromptOutcome::Expired => (
-            "This prompt expired. Send /forget again.",
-            "⌛ This /forget prompt expired; nothing was forgotten. Send /forget again.".into(),
+            format!("This prompt expired. Send {} again.", w.command),
+            format!(
+                "⌛ This {} prompt expired; {}. Send {} again.",
+                w.command, w.nothing, w.command
+            ),
         ),
         PromptOutcome::Cancelled => (
-            "Cancelled.",
-            "🗑 Cancelled: nothing was forgotten.".to_string(),
+            "Cancelled.".to_string(),
+            format!("{} Cancelled: {}.", w.icon, w.nothing),
         ),
         PromptOutcome::Queued(job) => {
             let _busy = Busy::claim(app, job.id);
@@ -138,11 +188,14 @@ pub(crate) async fn answer(
                 .await?;
             app.jobs.set_progress_message(job.id, msg.id.0).await?;
             app.jobs.mark_shown(job.id, job.updated_at).await?;
-            ("Forgetting.", format!("🗑 {}: queued.", render::title(&job)))
+            (
+                w.queued.to_string(),
+                format!("{} {}: queued.", w.icon, render::title(&job)),
+            )
         }
     };
     if let Some((c, m)) = prompt {
         edit_quietly(app, c, m, text).await;
     }
-    Ok(Some(toast.into()))
+    Ok(Some(toast))
 }

@@ -12,6 +12,7 @@ pub mod db;
 mod forget;
 mod notifier;
 pub mod outbox;
+mod prune;
 pub mod render;
 
 use std::collections::{HashMap, HashSet};
@@ -94,6 +95,10 @@ pub enum Command {
         description = "forget old snapshots by a policy, after you confirm: /forget <path> keep daily 7 weekly 4 monthly 12"
     )]
     Forget(String),
+    #[command(
+        description = "free the storage no snapshot uses (all users' packs; admins only), after you confirm: /prune [repack-below 50] [max-repack 200MB]"
+    )]
+    Prune(String),
 }
 
 /// State shared by the handlers and the notifier.
@@ -493,6 +498,7 @@ async fn command(
             }
         }
         Command::Forget(raw) => return forget::command(app, user_id, chat, &raw).await,
+        Command::Prune(raw) => return prune::command(app, user_id, chat, &raw).await,
         Command::Browse(raw) => return browse::command(app, user_id, chat, &raw).await,
         Command::Get(raw) => return browse::get_command(app, user_id, chat, &raw).await,
         Command::Versions(raw) => return browse::versions_command(app, user_id, chat, &raw).await,
@@ -678,6 +684,8 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
             Some(("keep", id)) => conflict_answer(&app, user_id, id, Answer::Keep, at).await?,
             Some((forget::CONFIRM, id)) => forget::answer(&app, user_id, id, true, at).await?,
             Some((forget::CANCEL, id)) => forget::answer(&app, user_id, id, false, at).await?,
+            Some((prune::CONFIRM, id)) => prune::answer(&app, user_id, id, true, at).await?,
+            Some((prune::CANCEL, id)) => prune::answer(&app, user_id, id, false, at).await?,
             _ => match at {
                 Some((chat, message)) => {
                     browse::on_button(&app, user_id, chat, message, &data).await?
@@ -848,7 +856,11 @@ mod tests {
     #[test]
     fn the_command_menu_lists_every_command() {
         let menu = Command::bot_commands();
-        assert_eq!(menu.len(), 22);
+        assert_eq!(menu.len(), 23);
+        assert!(
+            menu.iter().any(|c| c.command == "/prune"),
+            "/prune in the menu"
+        );
         let help = help_text();
         let mut seen = std::collections::HashSet::new();
         for c in &menu {

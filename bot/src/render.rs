@@ -144,6 +144,7 @@ pub fn title(job: &Job) -> String {
         JobArgs::Get { .. } => "File",
         JobArgs::Scrub { .. } => "Scrub",
         JobArgs::Forget { .. } => "Forget",
+        JobArgs::Prune { .. } => "Prune",
     };
     format!("{kind} #{}", job.id)
 }
@@ -193,7 +194,93 @@ pub fn subject(job: &Job) -> String {
             "{path} ({policy}; {})",
             plural(snapshots.len() as u64, "snapshot", "snapshots")
         ),
+        JobArgs::Prune {
+            max_repack,
+            repack_below,
+        } => prune_options(*repack_below, *max_repack),
     }
+}
+
+/// `all backups (repack below 50%, move at most 200 MiB)`.
+fn prune_options(repack_below: f64, max_repack: Option<u64>) -> String {
+    let mut s = format!("all backups (repack below {repack_below}%");
+    if let Some(b) = max_repack {
+        s.push_str(&format!(", move at most {}", bytes(b)));
+    }
+    s.push(')');
+    s
+}
+
+/// The `/prune` prompt: the dry run, as `prune --dry-run` words it.
+pub fn prune_prompt(
+    r: &storinator_shared::PruneReport,
+    opts: &storinator_shared::PruneOptions,
+) -> String {
+    let mut lines = vec![
+        format!(
+            "🧹 Prune · {}",
+            prune_options(opts.repack_below, opts.max_repack)
+        ),
+        format!(
+            "{} in storage ({}) considered.",
+            plural(r.packs, "pack", "packs"),
+            bytes(r.bytes)
+        ),
+        format!(
+            "Would delete {} no snapshot uses ({}).",
+            plural(r.unused_packs, "pack", "packs"),
+            bytes(r.unused_bytes)
+        ),
+        format!(
+            "Would repack {} ({} of live data to move).",
+            plural(r.repacked_packs, "sparse pack", "sparse packs"),
+            bytes(r.repacked_bytes)
+        ),
+    ];
+    if r.sparse_left > 0 {
+        lines.push(format!(
+            "Leaves {} for a later prune (over max-repack).",
+            plural(r.sparse_left, "sparse pack", "sparse packs")
+        ));
+    }
+    if r.recent_packs > 0 {
+        lines.push(format!(
+            "Skips {} newer than a backup still running.",
+            plural(r.recent_packs, "pack", "packs")
+        ));
+    }
+    lines.push(format!(
+        "Would free {}. Backups keep running meanwhile; no snapshot changes.",
+        bytes(r.freed())
+    ));
+    lines.join("\n")
+}
+
+/// `/prune` when there is nothing to free.
+pub fn prune_nothing(r: &storinator_shared::PruneReport) -> String {
+    let mut s = format!(
+        "🧹 Nothing to prune: every one of the {} in storage ({}) is in use",
+        plural(r.packs, "pack", "packs"),
+        bytes(r.bytes)
+    );
+    if r.sparse_left > 0 {
+        s.push_str(&format!(
+            " ({} over max-repack)",
+            plural(r.sparse_left, "sparse pack", "sparse packs")
+        ));
+    }
+    s.push('.');
+    s
+}
+
+/// What a finished prune did (the summary and the final notice).
+fn prune_summary(deleted: u64, repacked: u64, freed: u64) -> String {
+    format!(
+        "deleted {}, repacked {}, freed {}.",
+        plural(deleted, "pack", "packs"),
+        repacked,
+        bytes(freed)
+    )
 }
 
 fn fraction(job: &Job) -> Option<f64> {
@@ -233,10 +320,15 @@ pub fn progress(job: &Job) -> String {
             }
             let mut counts = Vec::new();
             if p.files_total > 0 {
+                // A prune counts the packs it deleted.
+                let (one, many) = match job.args {
+                    JobArgs::Prune { .. } => ("pack deleted", "packs deleted"),
+                    _ => ("file", "files"),
+                };
                 counts.push(format!(
                     "{}/{}",
                     p.files_done,
-                    plural(p.files_total, "file", "files")
+                    plural(p.files_total, one, many)
                 ));
             }
             if p.bytes_total > 0 {
@@ -427,6 +519,31 @@ pub fn final_text(job: &Job) -> String {
                 forget_summary(*forgotten, *kept),
                 PRUNE_HINT
             ),
+            Some(JobResult::Prune {
+                deleted_packs,
+                repacked_packs,
+                new_packs,
+                moved_bytes,
+                freed_bytes,
+                sparse_left,
+                duration_ms: d,
+                ..
+            }) => {
+                let mut s = format!(
+                    "✅ {head}\n{}\nMoved {} of live data into {}\nDuration: {}",
+                    prune_summary(*deleted_packs, *repacked_packs, *freed_bytes),
+                    bytes(*moved_bytes),
+                    plural(*new_packs, "new pack", "new packs"),
+                    duration_ms(*d)
+                );
+                if *sparse_left > 0 {
+                    s.push_str(&format!(
+                        "\n{} left for a later prune",
+                        plural(*sparse_left, "sparse pack", "sparse packs")
+                    ));
+                }
+                s
+            }
             Some(JobResult::Conflicts { .. }) | None => format!("✅ {head}\nDone{took}"),
         },
         JobState::Failed => match &job.result {
@@ -559,6 +676,19 @@ pub fn final_notice(job: &Job) -> String {
             title(job),
             forget_summary(*forgotten, *kept)
         ),
+        (
+            _,
+            Some(JobResult::Prune {
+                deleted_packs,
+                repacked_packs,
+                freed_bytes,
+                ..
+            }),
+        ) => format!(
+            "🧹 {} done: {}",
+            title(job),
+            prune_summary(*deleted_packs, *repacked_packs, *freed_bytes)
+        ),
         _ => format!("✅ {} done.", title(job)),
     }
 }
@@ -572,8 +702,7 @@ fn forget_summary(forgotten: u64, kept: u64) -> String {
     )
 }
 
-const PRUNE_HINT: &str =
-    "Their storage is freed by the next prune (`storinator-worker prune` on the server).";
+const PRUNE_HINT: &str = "Their storage is freed by the next prune (an admin's /prune, or `storinator-worker prune` on the server).";
 
 /// The `/forget` prompt: what would go, and briefly what stays.
 pub fn forget_prompt(
@@ -676,14 +805,11 @@ pub fn job_line(job: &Job, now_ms: i64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_estimate_goes_once_the_job_ran_longer() {
-        let job = |elapsed_ms: i64| Job {
+    /// A running job of `args`, started at 0, last updated at `updated_at`.
+    fn running(args: JobArgs, updated_at: i64) -> Job {
+        Job {
             id: 1,
-            args: JobArgs::Backup {
-                path: "/srv".into(),
-                encrypt: true,
-            },
+            args,
             user_id: 7,
             chat_id: 7,
             state: JobState::Running,
@@ -695,9 +821,7 @@ mod tests {
                 bytes_total: 20,
                 bytes_stored: 5,
             },
-            estimate: Some(
-                serde_json::json!({"message_calls": 3, "part_calls": 9, "seconds": 10.0}),
-            ),
+            estimate: None,
             result: None,
             error: None,
             attempt: 1,
@@ -709,7 +833,7 @@ mod tests {
             progress_message_id: None,
             created_at: 0,
             started_at: Some(0),
-            updated_at: elapsed_ms,
+            updated_at,
             finished_at: None,
             shown_at: 0,
             final_notified: false,
@@ -717,6 +841,22 @@ mod tests {
             throttle: None,
             schedule_id: None,
             owner: None,
+        }
+    }
+
+    #[test]
+    fn the_estimate_goes_once_the_job_ran_longer() {
+        let job = |elapsed_ms: i64| Job {
+            estimate: Some(
+                serde_json::json!({"message_calls": 3, "part_calls": 9, "seconds": 10.0}),
+            ),
+            ..running(
+                JobArgs::Backup {
+                    path: "/srv".into(),
+                    encrypt: true,
+                },
+                elapsed_ms,
+            )
         };
         let early = progress(&job(2_000));
         assert!(
@@ -725,6 +865,32 @@ mod tests {
         );
         let late = progress(&job(12_000));
         assert!(!late.contains("Estimate"), "{late}");
+    }
+
+    /// A prune's progress counts packs deleted and bytes moved; its failure is told with the
+    /// reason, like any job's.
+    #[test]
+    fn a_prune_job_in_progress_and_failed() {
+        let args = JobArgs::Prune {
+            max_repack: Some(200 << 20),
+            repack_below: 30.0,
+        };
+        let mut job = running(args, 1_000);
+        job.progress.phase = storinator_shared::Phase::Pruning;
+        let text = progress(&job);
+        assert!(
+            text.starts_with(
+                "🔄 Prune #1 · all backups (repack below 30%, move at most 200.0 MiB)\nPhase: pruning"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("1/2 packs deleted · 10 B / 20 B"), "{text}");
+        job.state = JobState::Failed;
+        job.error = Some("deleting unused packs: storage refused".into());
+        assert_eq!(
+            final_notice(&job),
+            "❌ Prune #1 failed: deleting unused packs: storage refused\nJob id: 1 · all backups (repack below 30%, move at most 200.0 MiB)"
+        );
     }
 
     #[test]

@@ -271,15 +271,17 @@ async fn backup_shows_queued_progress_and_summary() {
         .count();
     assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
     let commands = h.api.commands();
-    assert_eq!(commands.as_array().unwrap().len(), 22);
-    assert!(
-        commands
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["command"].as_str().map(|n| n.trim_start_matches('/')) == Some("forget")),
-        "{commands}"
-    );
+    assert_eq!(commands.as_array().unwrap().len(), 23);
+    for name in ["forget", "prune"] {
+        assert!(
+            commands
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["command"].as_str().map(|n| n.trim_start_matches('/')) == Some(name)),
+            "/{name} in {commands}"
+        );
+    }
     println!("{}", h.api.transcript_text(CHAT));
     h.stop().await;
 }

@@ -363,3 +363,48 @@ async fn the_weekly_digest_of_a_user_with_two_schedules() {
     );
     h.stop().await;
 }
+
+/// A schedule's keep policy that failed after its backup (recorded by the worker) is told to
+/// the schedule's owner, once, in words that say the backup is safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_keep_policy_is_told_to_the_owner_once() {
+    let h = start(at("2026-05-04 10:15")).await;
+    let data = h.root.join("data").display().to_string();
+    assert!(
+        h.say(&format!("/schedule {data} hourly keep last 2"))
+            .await
+            .contains("Schedule #1")
+    );
+    let schedules = storinator_shared::Schedules::new(
+        h.jobs.clone(),
+        jiff::tz::TimeZone::get("Europe/Berlin").unwrap(),
+    );
+    schedules
+        .record_forget_failure(
+            1,
+            41,
+            "keep last 2: storing forget-ab12.enc failed: disk full",
+        )
+        .await
+        .unwrap();
+    let alert = h.wait_text("Keep policy not applied").await;
+    assert!(
+        alert.contains(&data)
+            && alert.contains("schedule #1")
+            && alert.contains("storing forget-ab12.enc failed: disk full")
+            && alert.contains("job #41")
+            && alert.contains("no snapshot was forgotten"),
+        "{alert}"
+    );
+    h.settle().await;
+    assert_eq!(h.count("Keep policy not applied"), 1, "told once");
+    // The other user hears nothing of it.
+    assert!(
+        h.api
+            .bot_messages(OTHER)
+            .iter()
+            .all(|m| !m.text.contains("Keep policy")),
+        "only the owner is told"
+    );
+    h.stop().await;
+}

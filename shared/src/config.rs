@@ -687,6 +687,41 @@ pub fn parse_size(v: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Parses a percentage from 0 to 100 (`30`, `12.5`, `30%`): `prune --repack-below` and the
+/// chat's `/prune repack-below`.
+pub fn parse_percent(v: &str) -> Result<f64, String> {
+    v.trim()
+        .trim_end_matches('%')
+        .parse::<f64>()
+        .ok()
+        .filter(|p| (0.0..=100.0).contains(p))
+        .ok_or_else(|| format!("{v:?} is not a percentage from 0 to 100"))
+}
+
+/// Who may act on the whole installation from the chat (`/prune`: packs are shared by every
+/// owner, so freeing them is not one user's business): `STORINATOR_ADMIN_USERS` when set,
+/// each of them an allowed user; unset, the only allowed user of a one-user installation,
+/// and nobody when several people share it (the server's CLI still can).
+pub fn admin_users(admins: Option<&str>, allowed: &[i64]) -> Result<Vec<i64>, String> {
+    let Some(raw) = admins.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(if allowed.len() == 1 {
+            allowed.to_vec()
+        } else {
+            Vec::new()
+        });
+    };
+    let list = parse_list(raw, |s| {
+        s.parse::<i64>()
+            .map_err(|_| format!("{s:?} is not a Telegram user id"))
+    })?;
+    if let Some(stranger) = list.iter().find(|id| !allowed.contains(id)) {
+        return Err(format!(
+            "user {stranger} is not in STORINATOR_ALLOWED_USERS\nhint: an admin must be an allowed user too"
+        ));
+    }
+    Ok(list)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

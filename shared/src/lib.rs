@@ -45,7 +45,7 @@ pub use ops::jobs::{
     Answer, AnswerOutcome, BOT_UPLOAD_LIMIT, CancelOutcome, Job, JobArgs, JobError, JobId,
     JobPolicy, JobResult, JobState, Jobs, Lease, Signal,
 };
-pub use ops::prompts::{NewForgetPrompt, PromptOutcome};
+pub use ops::prompts::{NewForgetPrompt, NewPrunePrompt, PromptOutcome};
 pub use ops::schedules::{Schedule, ScheduleError, Schedules};
 pub use progress::{
     CancelFlag, Counters, NoProgress, Phase, Progress, ProgressReport, Throttle, TransferEstimate,

@@ -16,6 +16,8 @@ pub enum Phase {
     Committing,
     Downloading,
     Verifying,
+    /// Deleting and rewriting packs (`prune`).
+    Pruning,
     Done,
 }
 
@@ -28,6 +30,7 @@ impl Phase {
             Phase::Committing => "committing",
             Phase::Downloading => "restoring",
             Phase::Verifying => "verifying",
+            Phase::Pruning => "pruning",
             Phase::Done => "done",
         }
     }

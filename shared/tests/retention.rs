@@ -163,7 +163,7 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
     // Nothing is unused before a forget: a prune deletes nothing.
     let r = f
         .repo
-        .prune(&no_repack(), &CancelFlag::new())
+        .prune(&no_repack(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     assert_eq!((r.unused_packs, r.deleted_objects), (0, 0), "{r:?}");
@@ -214,6 +214,7 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
                 dry_run: true,
                 ..Default::default()
             },
+            &NoProgress,
             &CancelFlag::new(),
         )
         .await
@@ -236,6 +237,7 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
                 dry_run: true,
                 ..no_repack()
             },
+            &NoProgress,
             &CancelFlag::new(),
         )
         .await
@@ -249,7 +251,7 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
 
     let r = f
         .repo
-        .prune(&no_repack(), &CancelFlag::new())
+        .prune(&no_repack(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     assert_eq!(r.unused_packs, dry.unused_packs);
@@ -268,7 +270,7 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
     // Prune again: nothing left to do.
     let again = f
         .repo
-        .prune(&no_repack(), &CancelFlag::new())
+        .prune(&no_repack(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     assert_eq!(again.deleted_objects, 0, "{again:?}");
@@ -378,7 +380,7 @@ async fn forget_never_empties_a_root_unless_asked() {
     // Everything is unused now; the next backup of the root starts afresh and restores.
     let p = f
         .repo
-        .prune(&no_repack(), &CancelFlag::new())
+        .prune(&no_repack(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     assert!(p.deleted_objects >= 1);
@@ -433,6 +435,7 @@ async fn repack_rewrites_sparse_packs_within_the_budget() {
                 max_repack: Some(budget),
                 ..Default::default()
             },
+            &NoProgress,
             &CancelFlag::new(),
         )
         .await
@@ -446,7 +449,7 @@ async fn repack_rewrites_sparse_packs_within_the_budget() {
     // No budget: every sparse pack is rewritten.
     let r = f
         .repo
-        .prune(&PruneOptions::default(), &CancelFlag::new())
+        .prune(&PruneOptions::default(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     assert!(r.repacked_packs >= 1 && r.new_packs >= 1, "{r:?}");
@@ -522,7 +525,7 @@ async fn a_backup_running_while_prune_deletes_its_reused_data_stores_it_again() 
     }
     let r = f
         .repo
-        .prune(&no_repack(), &CancelFlag::new())
+        .prune(&no_repack(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     assert!(r.deleted_objects >= 1, "the old x packs go: {r:?}");
@@ -534,7 +537,7 @@ async fn a_backup_running_while_prune_deletes_its_reused_data_stores_it_again() 
     // And a later prune finds nothing in use to delete.
     let again = f
         .repo
-        .prune(&no_repack(), &CancelFlag::new())
+        .prune(&no_repack(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     assert_consistent(&f).await;

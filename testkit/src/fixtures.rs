@@ -161,6 +161,9 @@ pub struct InstrumentedStorage<S> {
     pub in_flight: Arc<AtomicUsize>,
     pub max_in_flight: Arc<AtomicUsize>,
     pub after_put: Arc<Mutex<Option<PutHook>>>,
+    /// Refuse (fatally) every upload whose object name starts with this, while it is set
+    /// (say `forget-`: a forget whose tombstone cannot be stored).
+    pub refuse_named: Arc<Mutex<Option<String>>>,
 }
 
 impl<S> InstrumentedStorage<S> {
@@ -177,6 +180,17 @@ impl<S> InstrumentedStorage<S> {
             in_flight: Default::default(),
             max_in_flight: Default::default(),
             after_put: Default::default(),
+            refuse_named: Default::default(),
+        }
+    }
+
+    /// The injected refusal of an upload named `name`, if `refuse_named` matches it.
+    fn refused(&self, name: &str) -> Result<(), storinator_shared::StorageError> {
+        match self.refuse_named.lock().unwrap().as_deref() {
+            Some(prefix) if name.starts_with(prefix) => Err(
+                storinator_shared::StorageError::Fatal(format!("injected refusal of {name}")),
+            ),
+            _ => Ok(()),
         }
     }
 
@@ -195,6 +209,7 @@ impl<S> InstrumentedStorage<S> {
             in_flight: other.in_flight.clone(),
             max_in_flight: other.max_in_flight.clone(),
             after_put: other.after_put.clone(),
+            refuse_named: other.refuse_named.clone(),
         }
     }
 
@@ -239,6 +254,7 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
         name: &str,
         path: &Path,
     ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
+        self.refused(name)?;
         let _flight = InFlight::enter(&self.in_flight, &self.max_in_flight);
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
@@ -273,6 +289,7 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
         name: &str,
         data: Vec<u8>,
     ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
+        self.refused(name)?;
         self.inner.put_bytes(name, data).await
     }
     async fn get_range(

@@ -20,8 +20,8 @@ use storinator_shared::ops::rules::FireRules;
 use storinator_shared::ops::schedules::RunOutcome;
 use storinator_shared::{
     BackupOptions, CancelFlag, Error, ForgetOptions, Job, JobArgs, JobError, JobResult, JobState,
-    Jobs, KeepPolicy, Lease, Progress, ProgressReport, Repo, RestoreOptions, Schedules,
-    ScrubOptions, Signal, Storage, Throttle, TransferEstimate,
+    Jobs, KeepPolicy, Lease, Progress, ProgressReport, PruneOptions, Repo, RestoreOptions,
+    Schedules, ScrubOptions, Signal, Storage, Throttle, TransferEstimate,
 };
 
 use crate::healthcheck::Healthcheck;
@@ -505,8 +505,9 @@ async fn run_job(
 
 /// After a successful scheduled backup: forget by the schedule's keep policy, if it has one
 /// (forget, not prune: freeing storage stays an operator's decision).
-/// The backup stands whatever happens here; a failure is logged and the next backup tries
-/// again. Never every snapshot of the root (no `allow_empty`; a policy keeps the newest).
+/// The backup stands whatever happens here; a failure is recorded for the bot to tell the
+/// schedule's owner (the next backup tries again). Never every snapshot of the root (no
+/// `allow_empty`; a policy keeps the newest).
 async fn apply_schedule_policy(
     repo: &Repo,
     ctx: &JobContext,
@@ -549,11 +550,19 @@ async fn apply_schedule_policy(
             kept = r.keep.len(),
             "applied the schedule's {policy}"
         ),
-        Err(e) => tracing::warn!(
-            job = job.id,
-            schedule = id,
-            "applying the schedule's {policy} failed: {e}"
-        ),
+        // Stopped for shutdown: nothing failed; the next backup applies the policy.
+        Err(Error::Cancelled) => {}
+        Err(e) => {
+            tracing::warn!(
+                job = job.id,
+                schedule = id,
+                "applying the schedule's {policy} failed: {e}"
+            );
+            let error = format!("{policy}: {e}");
+            if let Err(e) = schedules.record_forget_failure(id, job.id, &error).await {
+                tracing::warn!(job = job.id, "recording the failed keep policy failed: {e}");
+            }
+        }
     }
 }
 
@@ -717,6 +726,29 @@ async fn execute(
             policy,
             snapshots,
         } => forget(repo, ctx, owner, path, policy, snapshots, cancel).await,
+        JobArgs::Prune {
+            max_repack,
+            repack_below,
+        } => {
+            // Repository-wide, alongside backups (see `engine::prune`): no lock is taken.
+            let started = std::time::Instant::now();
+            let opts = PruneOptions {
+                dry_run: false,
+                max_repack: *max_repack,
+                repack_below: *repack_below,
+            };
+            let r = repo.prune(&opts, progress, cancel).await?;
+            Ok(JobResult::Prune {
+                deleted_packs: r.deleted_objects,
+                repacked_packs: r.repacked_packs,
+                new_packs: r.new_packs,
+                moved_bytes: r.repacked_bytes,
+                freed_bytes: r.freed(),
+                resumed_packs: r.resumed_packs,
+                sparse_left: r.sparse_left,
+                duration_ms: started.elapsed().as_millis() as u64,
+            })
+        }
         JobArgs::Get { path, snapshot } => {
             crate::get::run(
                 repo,

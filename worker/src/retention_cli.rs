@@ -9,7 +9,7 @@ use storinator_shared::engine::forget::ForgetItem;
 use storinator_shared::engine::policy::parse_duration;
 use storinator_shared::ops::schedules::format_local;
 use storinator_shared::{
-    CancelFlag, Config, ForgetOptions, KeepPolicy, PruneOptions, human_bytes, plural,
+    CancelFlag, Config, ForgetOptions, KeepPolicy, NoProgress, PruneOptions, human_bytes, plural,
 };
 
 use crate::cli::{Pass, open_repo};
@@ -54,14 +54,6 @@ impl KeepArgs {
     }
 }
 
-fn parse_percent(v: &str) -> Result<f64, String> {
-    v.trim_end_matches('%')
-        .parse::<f64>()
-        .ok()
-        .filter(|p| (0.0..=100.0).contains(p))
-        .ok_or_else(|| format!("{v:?} is not a percentage from 0 to 100"))
-}
-
 /// `prune`'s options.
 #[derive(Args, Debug, Clone)]
 pub struct PruneArgs {
@@ -72,7 +64,7 @@ pub struct PruneArgs {
     #[arg(long, value_name = "BYTES", value_parser = storinator_shared::config::parse_size)]
     pub max_repack: Option<u64>,
     /// Rewrite packs whose live share is below this percentage.
-    #[arg(long, value_name = "PERCENT", default_value = "50", value_parser = parse_percent)]
+    #[arg(long, value_name = "PERCENT", default_value = "50", value_parser = storinator_shared::config::parse_percent)]
     pub repack_below: f64,
 }
 
@@ -150,7 +142,7 @@ pub async fn prune(cfg: &Config, pass: &Pass, args: &PruneArgs) -> anyhow::Resul
         repack_below: args.repack_below,
     };
     let r = repo
-        .prune(&opts, &CancelFlag::new())
+        .prune(&opts, &NoProgress, &CancelFlag::new())
         .await
         .context("prune failed")?;
     let (del, rep) = if r.dry_run {

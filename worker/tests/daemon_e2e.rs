@@ -7,9 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
 use storinator_bot::BotConfig;
+
 use storinator_shared::{
-    Catalog, ChunkerParams, DirStorage, EngineSettings, JobPolicy, JobState, Jobs, KdfParams, Repo,
+    CancelFlag, Catalog, ChunkerParams, DirStorage, EngineSettings, ForgetOptions, JobPolicy,
+    JobResult, JobState, Jobs, KdfParams, KeepPolicy, NoProgress, PruneOptions, Repo,
+    RestoreOptions, human_bytes, plural,
 };
 use storinator_testkit::botapi::{self, ChatMessage, FakeBotApi, Fault};
 use storinator_testkit::fixtures::{InstrumentedStorage, duplicate_data_chunks, stored_packs};
@@ -19,6 +23,8 @@ use tokio::task::JoinHandle;
 
 const USER: i64 = 7;
 const USER2: i64 = 8;
+/// Allowed, but no admin.
+const USER3: i64 = 9;
 const CHAT: i64 = 7;
 const PASS: &str = "correct horse battery staple";
 const WAIT: Duration = Duration::from_secs(60);
@@ -117,7 +123,12 @@ impl World {
                 "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string(),
             ),
             ("TELOXIDE_API_URL".into(), self.api.url()),
-            ("STORINATOR_ALLOWED_USERS".into(), format!("{USER},{USER2}")),
+            (
+                "STORINATOR_ALLOWED_USERS".into(),
+                format!("{USER},{USER2},{USER3}"),
+            ),
+            // USER and USER2 may act on the whole installation (/prune); USER3 may not.
+            ("STORINATOR_ADMIN_USERS".into(), format!("{USER},{USER2}")),
             (
                 "STORINATOR_BACKUP_ROOTS".into(),
                 self.root.display().to_string(),
@@ -353,8 +364,12 @@ impl World {
     }
 
     async fn wait_text(&self, needle: &str) -> String {
+        self.wait_text_message(needle).await.text
+    }
+
+    async fn wait_text_message(&self, needle: &str) -> ChatMessage {
         match self.api.wait_for_bot_text(CHAT, needle, WAIT).await {
-            Some(m) => m.text,
+            Some(m) => m,
             None => panic!(
                 "no bot message with {needle:?}:\n{}",
                 self.api.transcript_text(CHAT)
@@ -1208,4 +1223,293 @@ async fn forget_from_the_chat_shows_the_dry_run_and_forgets_only_what_was_confir
     w.wait_text("Can't forget").await;
     println!("--- chat transcript ---\n{}", w.api.transcript_text(CHAT));
     w.stop().await;
+}
+
+/// A repository handle as a separate process would open it (the test's view of storage).
+async fn open_repo(w: &World) -> Repo {
+    let catalog = Catalog::open(&w.db_url).await.unwrap();
+    let store = DirStorage::open(w.dir.path().join("store")).unwrap();
+    Repo::open(catalog, Arc::new(store), PASS, World::settings())
+        .await
+        .unwrap()
+}
+
+/// Rewrites some of the tree's files (`round` picks the content), so that the snapshots
+/// before it hold data no later one uses.
+fn change_tree(data: &Path, round: u64) {
+    for i in 0..3u64 {
+        std::fs::write(
+            data.join(format!("photos/2024/img {i}.raw")),
+            noise(1000 * round + i, 96 * 1024),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        data.join(format!("docs/note{round}.txt")),
+        noise(round, 20 * 1024),
+    )
+    .unwrap();
+}
+
+/// Every snapshot left restores byte for byte to the tree it was taken of; storage holds
+/// exactly the catalog's packs, and nothing is left to free.
+async fn assert_pruned_repository(w: &World, expected: &BTreeMap<String, PathBuf>) {
+    let repo = open_repo(w).await;
+    let left = snapshot_ids(w).await;
+    assert!(!left.is_empty());
+    for id in &left {
+        let to = w.dir.path().join(format!("check-{id}"));
+        repo.restore(
+            &RestoreOptions {
+                path: w.root.join("data").display().to_string(),
+                to: to.clone(),
+                snapshot: Some(id.clone()),
+                owner: format!("tg:{USER}"),
+                overwrite: false,
+                within: None,
+                same_owner: None,
+            },
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("snapshot {id}: {e}"));
+        assert_same_tree(&expected[id], &to.join("data"));
+    }
+    let mut stored: Vec<String> = w.stored_packs().await.into_iter().map(|p| p.name).collect();
+    let mut known: Vec<String> = repo
+        .catalog
+        .packs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| format!("{}.enc", p.id))
+        .collect();
+    stored.sort();
+    known.sort();
+    assert_eq!(stored, known, "storage and catalog agree");
+    let v = repo.verify(true, &NoProgress).await.unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_from_the_chat_shows_the_dry_run_and_prunes_once_after_confirmation() {
+    let mut w = World::new(5_000).await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    w.start_bot().await;
+    w.start_worker("w1").await;
+    let data = w.root.join("data");
+    // Three snapshots of a changing tree; a copy of each tree to compare restores with.
+    let mut expected = BTreeMap::new();
+    for nth in 0..3usize {
+        if nth > 0 {
+            change_tree(&data, nth as u64);
+        }
+        w.backup(nth).await;
+        let copy = w.dir.path().join(format!("expected-{nth}"));
+        copy_tree(&data, &copy);
+        let ids = snapshot_ids(&w).await;
+        expected.insert(ids.last().unwrap().clone(), copy);
+    }
+    // Nothing is garbage until a snapshot is forgotten.
+    w.say("/prune");
+    w.wait_text("Nothing to prune").await;
+    let repo = open_repo(&w).await;
+    repo.forget(
+        &ForgetOptions {
+            owner: format!("tg:{USER}"),
+            path: data.display().to_string(),
+            policy: KeepPolicy::parse("keep last 2").unwrap(),
+            tz: jiff::tz::TimeZone::UTC,
+            dry_run: false,
+            allow_empty: false,
+            only: None,
+        },
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(snapshot_ids(&w).await.len(), 2);
+    let packs_before = w.stored_packs().await.len();
+
+    // Bad input is named; someone allowed but no admin is refused, with no prompt.
+    w.say("/prune repack-below 130");
+    w.wait_text("repack-below: \"130\" is not a percentage from 0 to 100")
+        .await;
+    w.api.push_message(USER3, CHAT, "/prune");
+    w.wait_text("Only an admin of this installation may prune")
+        .await;
+
+    // The dry run: the engine's own estimate, worded, with two buttons.
+    let opts = PruneOptions {
+        dry_run: true,
+        max_repack: None,
+        repack_below: 90.0,
+    };
+    let dry = storinator_shared::engine::prune::estimate(
+        &repo.catalog,
+        &opts,
+        storinator_shared::config::DEFAULT_PACK_SIZE,
+    )
+    .await
+    .unwrap();
+    assert!(dry.unused_packs > 0 && dry.repacked_packs > 0, "{dry:?}");
+    w.say("/prune repack-below 90");
+    let m = w.wait_text_message("Would free").await;
+    for line in [
+        format!(
+            "Would delete {} no snapshot uses",
+            plural(dry.unused_packs, "pack", "packs")
+        ),
+        format!(
+            "Would repack {}",
+            plural(dry.repacked_packs, "sparse pack", "sparse packs")
+        ),
+        format!("Would free {}.", human_bytes(dry.freed())),
+    ] {
+        assert!(m.text.contains(&line), "{line:?} in:\n{}", m.text);
+    }
+    let labels: Vec<String> = World::buttons(&m).into_iter().map(|b| b.0).collect();
+    assert_eq!(
+        labels,
+        [
+            format!("Prune, frees {}", human_bytes(dry.freed())),
+            "Cancel".into()
+        ]
+    );
+    let prune_data = World::buttons(&m)[0].1.clone();
+
+    // Cancel deletes nothing; Prune on the cancelled prompt does nothing either.
+    let jobs_before = w.job_count().await;
+    let c = w.press(m.message_id, "Cancel");
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&c)).await;
+    assert_eq!(answer.as_deref(), Some("Cancelled."));
+    w.wait_edit(m.message_id, "nothing was deleted").await;
+    let again = w.api.push_callback(USER, CHAT, m.message_id, &prune_data);
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&again)).await;
+    assert_eq!(answer.as_deref(), Some("Already answered."));
+
+    // A second prompt: another admin's tap, a non-admin's, a stranger's, a made-up id:
+    // nothing.
+    w.say("/prune repack-below 90");
+    let m2 = w
+        .api
+        .wait_for(WAIT, |a| {
+            a.bot_messages(CHAT)
+                .into_iter()
+                .find(|x| x.text.contains("Would free") && x.message_id != m.message_id)
+        })
+        .await
+        .unwrap();
+    let prune_data = World::buttons(&m2)[0].1.clone();
+    for (user, data, said) in [
+        (
+            USER2,
+            prune_data.clone(),
+            "This button is out of date. Send /prune again.",
+        ),
+        (
+            USER3,
+            prune_data.clone(),
+            "This button is out of date. Send /prune again.",
+        ),
+        (
+            USER,
+            "pr:999999".to_string(),
+            "This button is out of date. Send /prune again.",
+        ),
+        (
+            99,
+            prune_data.clone(),
+            "You are not allowed to use this bot.",
+        ),
+    ] {
+        let id = w.api.push_callback(user, CHAT, m2.message_id, &data);
+        let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&id)).await;
+        assert_eq!(answer.as_deref(), Some(said), "{user} {data}");
+    }
+    assert_eq!(w.job_count().await, jobs_before, "nothing was queued");
+    assert_eq!(
+        w.stored_packs().await.len(),
+        packs_before,
+        "nothing was deleted"
+    );
+
+    // Confirmed: exactly one prune job, whose progress and summary reach the chat. Uploads
+    // are slowed so the repack shows its progress.
+    w.delay_ms.store(400, Ordering::Relaxed);
+    let p = w.press(m2.message_id, "Prune, frees");
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&p)).await;
+    assert_eq!(answer.as_deref(), Some("Pruning."));
+    let progress = w
+        .api
+        .wait_for(WAIT, |a| {
+            a.bot_messages(CHAT)
+                .into_iter()
+                .find(|x| x.history().iter().any(|t| t.contains("Phase: pruning")))
+        })
+        .await
+        .unwrap_or_else(|| panic!("no progress shown:\n{}", w.api.transcript_text(CHAT)));
+    let done = w.wait_text("Prune #").await;
+    let notice = w.wait_text("done: deleted").await;
+    w.delay_ms.store(0, Ordering::Relaxed);
+    let job = w.latest_job().await;
+    assert_eq!(job.state, JobState::Done, "{:?}", job.error);
+    let Some(JobResult::Prune {
+        deleted_packs,
+        repacked_packs,
+        freed_bytes,
+        ..
+    }) = job.result
+    else {
+        panic!("{:?}", job.result)
+    };
+    assert_eq!(
+        notice,
+        format!(
+            "🧹 Prune #{} done: deleted {}, repacked {repacked_packs}, freed {}.",
+            job.id,
+            plural(deleted_packs, "pack", "packs"),
+            human_bytes(freed_bytes)
+        )
+    );
+    assert!(done.contains(&format!("Prune #{}", job.id)), "{done}");
+    assert_eq!(deleted_packs, dry.unused_packs + dry.repacked_packs);
+    assert_eq!(repacked_packs, dry.repacked_packs);
+    assert_eq!(freed_bytes, dry.freed());
+    let final_text = w.wait_edit(progress.message_id, "✅ Prune #").await;
+    assert!(final_text.text.contains("deleted"), "{}", final_text.text);
+    assert_eq!(w.job_count().await, jobs_before + 1, "exactly one job");
+    assert!(w.stored_packs().await.len() < packs_before);
+
+    // A double tap after the job ran: nothing more.
+    let again = w.api.push_callback(USER, CHAT, m2.message_id, &prune_data);
+    let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&again)).await;
+    assert_eq!(answer.as_deref(), Some("Already answered."));
+    assert_eq!(w.job_count().await, jobs_before + 1);
+
+    // Storage and catalog agree, every snapshot left restores, nothing is left to free.
+    assert_pruned_repository(&w, &expected).await;
+    let after = storinator_shared::engine::prune::estimate(
+        &open_repo(&w).await.catalog,
+        &opts,
+        storinator_shared::config::DEFAULT_PACK_SIZE,
+    )
+    .await
+    .unwrap();
+    assert_eq!((after.unused_packs, after.freed()), (0, 0), "{after:?}");
+    println!("--- chat transcript ---\n{}", w.api.transcript_text(CHAT));
+    w.stop().await;
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in walk(from) {
+        let dest = to.join(entry.strip_prefix(from).unwrap());
+        if entry.is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+        } else {
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &dest).unwrap();
+        }
+    }
 }

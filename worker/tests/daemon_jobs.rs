@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use storinator_shared::{
-    Catalog, ChunkerParams, Clock, DirStorage, EngineSettings, Job, JobArgs, JobPolicy, JobState,
-    Jobs, KdfParams, ManualClock, Repo,
+    CancelFlag, Catalog, ChunkerParams, Clock, DirStorage, EngineSettings, ForgetOptions, Job,
+    JobArgs, JobPolicy, JobResult, JobState, Jobs, KdfParams, KeepPolicy, ManualClock, NoProgress,
+    PruneOptions, Repo, RestoreOptions,
 };
 use storinator_testkit::fixtures::{InjectedFault, InstrumentedStorage, bytes};
 use storinator_worker::daemon::{self, DaemonConfig};
@@ -127,6 +128,27 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Another handle on the repository, as a separate process would open it.
+    async fn repo(&self) -> Repo {
+        let catalog = Catalog::open_file(&self.dir.path().join("storinator.db"))
+            .await
+            .unwrap();
+        let store = DirStorage::open(self.dir.path().join("store")).unwrap();
+        Repo::open(
+            catalog,
+            Arc::new(store),
+            PASS,
+            EngineSettings {
+                pack_size: 64 * 1024,
+                chunker: ChunkerParams::small(),
+                threads: 1,
+                ..EngineSettings::default()
+            },
+        )
+        .await
+        .unwrap()
     }
 
     async fn finished(&self, job: &Job) -> Job {
@@ -260,5 +282,153 @@ async fn flood_waits_beyond_every_attempt_budget_never_fail_a_job() {
     assert!(done.error.is_none());
     assert_eq!(d.storage.put_faults_served.load(Ordering::SeqCst), 12);
     assert!(d.storage.put_count() >= 3);
+    d.stop().await;
+}
+
+/// A copy of a folder's files (name → content).
+fn contents(p: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A prune job and a backup job on the daemon at the same time, the backup putting back data
+/// that only a forgotten snapshot used (so it deduplicates against the very chunks the prune
+/// deletes or moves): both finish, every snapshot restores byte for byte, storage and
+/// catalog agree, and a later prune finds nothing the backup needs missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_job_and_a_backup_job_run_side_by_side() {
+    let d = Daemon::start(2).await;
+    let a = d.folder("a", 8);
+    let mut expected = std::collections::BTreeMap::new();
+    let snapshot_of = |j: &Job| match &j.result {
+        Some(JobResult::Backup { snapshot, .. }) => snapshot.clone(),
+        _ => panic!("{j:?}"),
+    };
+    let first = contents(&a);
+    let j = d.finished(&d.backup(&a).await).await;
+    assert_eq!(j.state, JobState::Done, "{j:?}");
+    expected.insert(snapshot_of(&j), first.clone());
+    // Half the files change; the first snapshot is forgotten: its half becomes garbage.
+    for i in 0..4u64 {
+        std::fs::write(a.join(format!("f{i}.bin")), bytes(100_000, 77 + i)).unwrap();
+    }
+    let j = d.finished(&d.backup(&a).await).await;
+    expected.insert(snapshot_of(&j), contents(&a));
+    let repo = d.repo().await;
+    let forgot = repo
+        .forget(
+            &ForgetOptions {
+                owner: format!("tg:{USER}"),
+                path: a.display().to_string(),
+                policy: KeepPolicy::parse("keep last 1").unwrap(),
+                tz: jiff::tz::TimeZone::UTC,
+                dry_run: false,
+                allow_empty: false,
+                only: None,
+            },
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    for i in &forgot.remove {
+        expected.remove(&i.snapshot.short_id);
+    }
+    // The forgotten data comes back, and new data with it: a slow backup starts ...
+    for i in 0..4u64 {
+        let name = format!("f{i}.bin");
+        std::fs::write(a.join(&name), &first[&name]).unwrap();
+    }
+    std::fs::write(a.join("new.bin"), bytes(600_000, 99)).unwrap();
+    let third = contents(&a);
+    d.storage.delay_ms.store(150, Ordering::SeqCst);
+    let uploaded = d.storage.puts.lock().unwrap().len();
+    let backup = d.backup(&a).await;
+    // Files go in name order: once new.bin's first packs are uploaded, the backup has
+    // deduplicated f0-f3 against the forgotten snapshot's chunks, and commits only later.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while d.storage.puts.lock().unwrap().len() < uploaded + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backup uploads nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ... and a prune joins it.
+    let prune = d
+        .jobs
+        .enqueue(
+            USER,
+            USER,
+            &JobArgs::Prune {
+                max_repack: None,
+                repack_below: 90.0,
+            },
+        )
+        .await
+        .unwrap();
+    // Claimed (a quick prune may be done already) while the backup is still running: the
+    // two overlap, and the prune did not wait for the backup.
+    d.wait(&prune, "claimed", |j| j.state != JobState::Queued)
+        .await;
+    assert_eq!(
+        d.jobs.get(backup.id).await.unwrap().unwrap().state,
+        JobState::Running,
+        "the backup was still running when the prune was claimed"
+    );
+    let prune = d.finished(&prune).await;
+    let backup = d.finished(&backup).await;
+    assert_eq!(prune.state, JobState::Done, "{prune:?}");
+    assert_eq!(backup.state, JobState::Done, "{backup:?}");
+    let Some(JobResult::Prune { deleted_packs, .. }) = prune.result else {
+        panic!("{prune:?}")
+    };
+    assert!(deleted_packs > 0, "the prune had work: {prune:?}");
+    expected.insert(snapshot_of(&backup), third);
+    d.storage.delay_ms.store(0, Ordering::SeqCst);
+    // A second prune finishes what the first left (packs of the backup it had to skip).
+    let again = repo
+        .prune(
+            &PruneOptions {
+                repack_below: 90.0,
+                ..Default::default()
+            },
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.sparse_left, 0, "{again:?}");
+
+    // Every snapshot left restores byte for byte.
+    assert_eq!(expected.len(), 2);
+    for (id, tree) in &expected {
+        let to = d.dir.path().join(format!("restore-{id}"));
+        repo.restore(
+            &RestoreOptions {
+                path: a.display().to_string(),
+                to: to.clone(),
+                snapshot: Some(id.clone()),
+                owner: format!("tg:{USER}"),
+                overwrite: false,
+                within: None,
+                same_owner: None,
+            },
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("snapshot {id}: {e}"));
+        assert_eq!(&contents(&to.join("a")), tree, "snapshot {id}");
+    }
+    let v = repo.verify(true, &NoProgress).await.unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
     d.stop().await;
 }

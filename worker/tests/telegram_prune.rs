@@ -144,6 +144,7 @@ async fn prune_deletes_the_messages_of_unused_packs_in_batches_of_100() {
                 repack_below: 0.0,
                 ..Default::default()
             },
+            &NoProgress,
             &CancelFlag::new(),
         )
         .await
@@ -196,7 +197,7 @@ async fn prune_in_a_channel_repacks_and_deletes_with_channel_calls() {
     let before = chat_packs(&server);
     let counters = server.counters().snapshot();
     let r = repo
-        .prune(&PruneOptions::default(), &CancelFlag::new())
+        .prune(&PruneOptions::default(), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
     let after_counters = server.counters().snapshot();

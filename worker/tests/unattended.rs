@@ -12,7 +12,7 @@ use storinator_shared::ops::rules::FireRules;
 use storinator_shared::ops::schedules::{NewSchedule, parse_when};
 use storinator_shared::{
     Catalog, ChunkerParams, DirStorage, EngineSettings, JobState, Jobs, KdfParams, ManualClock,
-    Repo, Schedules,
+    Repo, Schedules, Storage,
 };
 use storinator_worker::daemon::{self, DaemonConfig, Unattended};
 use storinator_worker::healthcheck::Healthcheck;
@@ -93,8 +93,19 @@ impl World {
         healthcheck: Option<&str>,
         scrub_at: Option<(u8, u8)>,
     ) -> Daemon {
-        let catalog = Catalog::open(&self.db).await.unwrap();
         let storage = Arc::new(DirStorage::open(self.dir.path().join("store")).unwrap());
+        self.daemon_on(id, healthcheck, scrub_at, storage).await
+    }
+
+    /// The same over a given store.
+    async fn daemon_on(
+        &self,
+        id: &str,
+        healthcheck: Option<&str>,
+        scrub_at: Option<(u8, u8)>,
+        storage: Arc<dyn Storage>,
+    ) -> Daemon {
+        let catalog = Catalog::open(&self.db).await.unwrap();
         let settings = EngineSettings {
             pack_size: 64 * 1024,
             chunker: ChunkerParams::small(),
@@ -431,4 +442,73 @@ async fn a_schedules_keep_policy_is_applied_after_each_backup() {
         })
         .count();
     assert_eq!(tombstones, 2);
+}
+
+/// A keep policy that fails after a scheduled backup (its tombstone cannot be stored) leaves
+/// the backup done and nothing forgotten, and raises an alert for the schedule's owner, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_keep_policy_after_a_scheduled_backup_raises_an_alert() {
+    use storinator_shared::ops::alerts::{AlertKind, AlertPolicy, Alerts};
+    let w = World::new(at("2026-05-04 10:15")).await;
+    let id = w
+        .schedules
+        .create(&NewSchedule {
+            owner: "tg:7".into(),
+            user_id: 7,
+            chat_id: 7,
+            path: w.data.display().to_string(),
+            when: parse_when("hourly").unwrap(),
+            encrypt: true,
+            retention: Some(
+                storinator_shared::ops::schedules::parse_retention("keep last 1").unwrap(),
+            ),
+        })
+        .await
+        .unwrap()
+        .id;
+    let alerts = Alerts::new(w.schedules.clone(), AlertPolicy::default());
+    let forget_alerts = || async {
+        alerts
+            .pending()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| matches!(a.kind, AlertKind::ForgetFailed { .. }))
+            .collect::<Vec<_>>()
+    };
+    let store = storinator_testkit::fixtures::InstrumentedStorage::new(
+        DirStorage::open(w.dir.path().join("store")).unwrap(),
+    );
+    let refuse = store.refuse_named.clone();
+    let d = w.daemon_on("a", None, None, Arc::new(store)).await;
+    // The first backup: nothing to forget yet.
+    w.clock.set(at("2026-05-04 11:00"));
+    w.settle(1).await;
+    // The second: the policy would forget the first, but its tombstone is refused.
+    *refuse.lock().unwrap() = Some("forget-".into());
+    w.clock.set(at("2026-05-04 12:00"));
+    w.settle(2).await;
+    stop(d).await;
+    let job = w.schedules.last_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        job.state,
+        JobState::Done,
+        "the backup stands: {:?}",
+        job.error
+    );
+    assert_eq!(w.snapshots().await, 2, "nothing was forgotten");
+    let told = forget_alerts().await;
+    assert_eq!(told.len(), 1, "{told:?}");
+    let AlertKind::ForgetFailed { job_id, error, .. } = &told[0].kind else {
+        unreachable!()
+    };
+    assert_eq!(*job_id, job.id);
+    assert!(
+        error.contains("keep last 1") && error.contains("injected refusal of forget-"),
+        "{error}"
+    );
+    assert_eq!(told[0].schedule.id, id);
+    // Told once.
+    alerts.ack(&told[0]).await.unwrap();
+    assert!(forget_alerts().await.is_empty());
 }

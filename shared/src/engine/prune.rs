@@ -41,12 +41,12 @@ use tokio::sync::mpsc;
 use super::packer::upload_packs;
 use super::repo::Repo;
 use super::run::{Run, reclaim};
-use crate::catalog::{PackUsage, now_ms};
+use crate::catalog::{Catalog, PackUsage, now_ms};
 use crate::error::Error;
 use crate::format::crypto::{self, SealMode};
 use crate::format::pack::{self, BlobKind, MAX_BLOB, MAX_SEALED_BLOB, PackEntry, PackWriter};
 use crate::format::snapshot::SnapshotObject;
-use crate::progress::CancelFlag;
+use crate::progress::{CancelFlag, Phase, Progress, ProgressReport};
 use crate::storage::{ObjectRef, REMOVE_BATCH, with_retry};
 
 /// What to prune.
@@ -107,76 +107,162 @@ impl PruneReport {
     }
 }
 
-/// Runs a prune. A dry run changes nothing in storage (it may record listing chunks of old
-/// snapshots in the catalog, which is a cache of storage).
-pub async fn prune(
-    repo: &Repo,
-    opts: &PruneOptions,
-    cancel: &CancelFlag,
-) -> Result<PruneReport, Error> {
+/// Refuses options no prune can honour, naming the option.
+fn check_options(opts: &PruneOptions) -> Result<(), Error> {
     if !(0.0..=100.0).contains(&opts.repack_below) {
         return Err(Error::Invalid(format!(
             "--repack-below {} is not a percentage from 0 to 100",
             opts.repack_below
         )));
     }
+    Ok(())
+}
+
+/// Runs a prune. A dry run changes nothing in storage (it may record listing chunks of old
+/// snapshots in the catalog, which is a cache of storage). `progress` hears the packs
+/// deleted (as files) and the live bytes moved by repacking (as bytes).
+pub async fn prune(
+    repo: &Repo,
+    opts: &PruneOptions,
+    progress: &dyn Progress,
+    cancel: &CancelFlag,
+) -> Result<PruneReport, Error> {
+    check_options(opts)?;
     let run = Run::start(repo).await?;
-    let result = prune_in_run(repo, &run, opts, cancel).await;
+    let result = prune_in_run(repo, &run, opts, progress, cancel).await;
     let finished = run.finish(repo).await;
     let report = result?;
     finished?;
     Ok(report)
 }
 
+/// What a prune with `opts` would delete and rewrite now, and free: the dry run that
+/// `prune --dry-run`, `stats`, `/usage` and the chat's `/prune` all show. From the catalog
+/// alone (no key; snapshots from older versions whose listings are unknown count as using
+/// nothing beyond their files until a prune reads them: [`UsageReport::listings_unknown`]).
+pub async fn estimate(
+    catalog: &Catalog,
+    opts: &PruneOptions,
+    pack_size: u64,
+) -> Result<PruneReport, Error> {
+    check_options(opts)?;
+    estimate_at(catalog, opts, pack_size, None, now_ms()).await
+}
+
+/// [`estimate`] as a prune started at `started` by run `own_run` sees it.
+async fn estimate_at(
+    catalog: &Catalog,
+    opts: &PruneOptions,
+    pack_size: u64,
+    own_run: Option<&str>,
+    started: i64,
+) -> Result<PruneReport, Error> {
+    let survey = Survey::take(catalog, own_run, started).await?;
+    let plan = Plan::new(&survey.usage, opts, pack_size);
+    Ok(survey.report(&plan, true))
+}
+
 async fn prune_in_run(
     repo: &Repo,
     run: &Run,
     opts: &PruneOptions,
+    progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<PruneReport, Error> {
     let started = now_ms();
-    let mut report = PruneReport {
-        dry_run: opts.dry_run,
+    let mut shown = ProgressReport {
+        phase: Phase::Pruning,
         ..Default::default()
     };
+    progress.report(&shown);
+    let mut resumed = PruneReport::default();
     if !opts.dry_run {
         // Dead runs still registered would hold the fence back; their leftovers go first.
         reclaim(repo, &run.id).await?;
-        let resumed = delete_condemned(repo, &mut report).await?;
-        report.resumed_packs = resumed;
+        delete_condemned(repo, &mut resumed, &mut shown, progress).await?;
     }
-    report.listings_read = learn_listings(repo).await?;
-    let fence = repo
-        .catalog
-        .runs()
-        .await?
-        .iter()
-        .filter(|r| r.id != run.id)
-        .map(|r| r.started_at)
-        .fold(started, i64::min);
-    let usage = repo.catalog.pack_usage(i64::MAX).await?;
-    let (usage, recent): (Vec<PackUsage>, Vec<PackUsage>) =
-        usage.into_iter().partition(|p| p.created_at < fence);
-    report.recent_packs = recent.len() as u64;
-    report.packs = usage.len() as u64;
-    report.bytes = usage.iter().map(|p| p.size).sum();
-    let plan = Plan::new(&usage, opts, repo.settings.pack_size);
-    report.unused_packs = plan.unused.len() as u64;
-    report.unused_bytes = plan.unused.iter().map(|p| p.size).sum();
-    report.sparse_left = plan.left as u64;
+    resumed.listings_read = learn_listings(repo).await?;
     if opts.dry_run {
-        report.repacked_packs = plan.sparse.len() as u64;
-        report.repacked_bytes = plan.sparse.iter().map(|p| p.live_bytes).sum();
-        report.repacked_freed = plan.sparse.iter().map(|p| p.size - p.live_bytes).sum();
+        let mut report = estimate_at(
+            &repo.catalog,
+            opts,
+            repo.settings.pack_size,
+            Some(&run.id),
+            started,
+        )
+        .await?;
+        report.listings_read = resumed.listings_read;
         return Ok(report);
     }
+    let survey = Survey::take(&repo.catalog, Some(&run.id), started).await?;
+    let plan = Plan::new(&survey.usage, opts, repo.settings.pack_size);
+    let mut report = survey.report(&plan, false);
+    report.resumed_packs = resumed.deleted_objects;
+    report.deleted_objects = resumed.deleted_objects;
+    report.delete_calls = resumed.delete_calls;
+    report.deleted = resumed.deleted;
+    report.listings_read = resumed.listings_read;
+    shown.files_total = shown.files_done + (plan.unused.len() + plan.sparse.len()) as u64;
+    shown.bytes_total = plan.sparse.iter().map(|p| p.live_bytes).sum();
+    progress.report(&shown);
     let unused: Vec<String> = plan.unused.iter().map(|p| p.id.clone()).collect();
     repo.catalog.condemn_unused_packs(&unused).await?;
     if !plan.sparse.is_empty() && !cancel.is_cancelled() {
-        repack(repo, run, &plan.sparse, &mut report).await?;
+        repack(repo, run, &plan.sparse, &mut report, &mut shown, progress).await?;
     }
-    delete_condemned(repo, &mut report).await?;
+    delete_condemned(repo, &mut report, &mut shown, progress).await?;
+    shown.phase = Phase::Done;
+    progress.report(&shown);
     Ok(report)
+}
+
+/// The packs a prune considers: every stored, not condemned pack created before the oldest
+/// run still registered (other than the prune's own) and before the prune started.
+struct Survey {
+    usage: Vec<PackUsage>,
+    /// Packs left out because a backup that may use them has not committed yet.
+    recent: u64,
+}
+
+impl Survey {
+    async fn take(catalog: &Catalog, own_run: Option<&str>, started: i64) -> Result<Survey, Error> {
+        let fence = catalog
+            .runs()
+            .await?
+            .iter()
+            .filter(|r| Some(r.id.as_str()) != own_run)
+            .map(|r| r.started_at)
+            .fold(started, i64::min);
+        let (usage, recent): (Vec<PackUsage>, Vec<PackUsage>) = catalog
+            .pack_usage(i64::MAX)
+            .await?
+            .into_iter()
+            .partition(|p| p.created_at < fence);
+        Ok(Survey {
+            usage,
+            recent: recent.len() as u64,
+        })
+    }
+
+    /// The report's figures from the plan; a dry run also counts the repacks as done.
+    fn report(&self, plan: &Plan, dry_run: bool) -> PruneReport {
+        let mut report = PruneReport {
+            dry_run,
+            packs: self.usage.len() as u64,
+            bytes: self.usage.iter().map(|p| p.size).sum(),
+            unused_packs: plan.unused.len() as u64,
+            unused_bytes: plan.unused.iter().map(|p| p.size).sum(),
+            sparse_left: plan.left as u64,
+            recent_packs: self.recent,
+            ..Default::default()
+        };
+        if dry_run {
+            report.repacked_packs = plan.sparse.len() as u64;
+            report.repacked_bytes = plan.sparse.iter().map(|p| p.live_bytes).sum();
+            report.repacked_freed = plan.sparse.iter().map(|p| p.size - p.live_bytes).sum();
+        }
+        report
+    }
 }
 
 /// Which packs go, and which are rewritten.
@@ -192,8 +278,13 @@ impl<'a> Plan<'a> {
         let mut sparse: Vec<&PackUsage> = usage
             .iter()
             .filter(|p| {
+                // The live share of the blobs, not of the whole object: a small pack whose
+                // blobs are all live is below any share of its size by its trailer alone, and
+                // rewriting it would free nothing.
+                let blobs = p.size.saturating_sub(pack::overhead_bound(p.chunks));
                 p.live_chunks > 0
-                    && (p.live_bytes as f64) * 100.0 < (p.size as f64) * opts.repack_below
+                    && p.live_bytes < blobs
+                    && (p.live_bytes as f64) * 100.0 < (blobs as f64) * opts.repack_below
             })
             .collect();
         // The emptiest first: they free the most per byte moved.
@@ -258,6 +349,8 @@ struct Refill {
     writer: PackWriter,
     /// The pack each blob came from.
     sources: Vec<String>,
+    /// Sealed bytes copied in (counted as moved once uploaded).
+    bytes: u64,
 }
 
 /// Rewrites the live blobs of `sparse` into new packs, repoints the catalog, then condemns
@@ -267,6 +360,8 @@ async fn repack(
     run: &Run,
     sparse: &[&PackUsage],
     report: &mut PruneReport,
+    shown: &mut ProgressReport,
+    progress: &dyn Progress,
 ) -> Result<(), Error> {
     // One new pack per encryption setting: a pack's trailer is sealed one way.
     let mut open: HashMap<bool, Refill> = HashMap::new();
@@ -308,7 +403,9 @@ async fn repack(
                 && r.writer.size_with(sealed.len()) > repo.settings.pack_size
             {
                 let full = open.remove(&encrypted).expect("present");
+                shown.bytes_done += full.bytes;
                 upload_refill(repo, run, full, encrypted, report).await?;
+                progress.report(shown);
             }
             let refill = match open.entry(encrypted) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -316,6 +413,7 @@ async fn repack(
                     writer: PackWriter::create(run.spool())
                         .map_err(|e| Error::io(run.spool(), e))?,
                     sources: Vec::new(),
+                    bytes: 0,
                 }),
             };
             refill
@@ -323,12 +421,15 @@ async fn repack(
                 .add(kind, b.id, &sealed, b.raw_length as usize, encrypted)
                 .map_err(|e| Error::io(refill.writer.path(), e))?;
             refill.sources.push(src.id.clone());
+            refill.bytes += b.length;
         }
         report.repacked_bytes += src.live_bytes;
         done_sources.push(src);
     }
     for (encrypted, refill) in open.drain() {
+        shown.bytes_done += refill.bytes;
         upload_refill(repo, run, refill, encrypted, report).await?;
+        progress.report(shown);
     }
     let ids: Vec<String> = done_sources.iter().map(|p| p.id.clone()).collect();
     let condemned = repo.catalog.condemn_unused_packs(&ids).await?;
@@ -384,7 +485,12 @@ async fn upload_refill(
 
 /// Deletes every condemned pack from storage, in batches, then forgets each. Returns how
 /// many it deleted.
-async fn delete_condemned(repo: &Repo, report: &mut PruneReport) -> Result<u64, Error> {
+async fn delete_condemned(
+    repo: &Repo,
+    report: &mut PruneReport,
+    shown: &mut ProgressReport,
+    progress: &dyn Progress,
+) -> Result<u64, Error> {
     let packs = repo.catalog.condemned_packs().await?;
     for batch in packs.chunks(REMOVE_BATCH) {
         let objs: Vec<ObjectRef> = batch
@@ -398,6 +504,9 @@ async fn delete_condemned(repo: &Repo, report: &mut PruneReport) -> Result<u64, 
             report.deleted_objects += 1;
             report.deleted.push(p.id.clone());
         }
+        shown.files_done += batch.len() as u64;
+        shown.files_total = shown.files_total.max(shown.files_done);
+        progress.report(shown);
     }
     Ok(packs.len() as u64)
 }
@@ -432,7 +541,7 @@ pub async fn usage(
     let packs = catalog.pack_usage(i64::MAX).await?;
     let all_roots = catalog.usage_by_root().await?;
     let logical: u64 = all_roots.iter().map(|r| r.logical_bytes).sum();
-    let plan = Plan::new(&packs, &PruneOptions::default(), pack_size);
+    let prune = estimate(catalog, &PruneOptions::default(), pack_size).await?;
     let stored_bytes: u64 = packs.iter().map(|p| p.size).sum();
     Ok(UsageReport {
         packs: packs.len() as u64,
@@ -446,14 +555,58 @@ pub async fn usage(
         } else {
             logical as f64 / stored_bytes as f64
         },
-        unused_packs: plan.unused.len() as u64,
-        sparse_packs: plan.sparse.len() as u64,
-        prune_would_free: plan.unused.iter().map(|p| p.size).sum::<u64>()
-            + plan
-                .sparse
-                .iter()
-                .map(|p| p.size - p.live_bytes)
-                .sum::<u64>(),
+        unused_packs: prune.unused_packs,
+        sparse_packs: prune.repacked_packs,
+        prune_would_free: prune.freed(),
         listings_unknown: catalog.snapshots_without_listing_count().await?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(id: &str, size: u64, chunks: u64, live_chunks: u64, live_bytes: u64) -> PackUsage {
+        PackUsage {
+            id: id.into(),
+            size,
+            encrypted: true,
+            location: String::new(),
+            created_at: 0,
+            chunks,
+            live_chunks,
+            live_bytes,
+            unauthenticated: 0,
+        }
+    }
+
+    /// A pack is rewritten for its dead blobs, never for its trailer: a tiny pack whose every
+    /// blob is live stays, however small its live share of the object.
+    #[test]
+    fn sparse_means_dead_blobs_not_a_large_trailer() {
+        let trailer = pack::overhead_bound(2);
+        let usage = [
+            // Two live blobs of 60 bytes: under 50% of the object, all of the blobs.
+            pack("tiny", 120 + trailer, 2, 2, 120),
+            // Half its blobs dead.
+            pack("half", 10_000 + trailer, 2, 1, 3_000),
+            pack("dead", 5_000, 3, 0, 0),
+            pack("full", 100_000 + trailer, 2, 2, 100_000),
+        ];
+        let opts = PruneOptions {
+            repack_below: 50.0,
+            ..Default::default()
+        };
+        let plan = Plan::new(&usage, &opts, 1 << 20);
+        let ids = |v: &[&PackUsage]| v.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&plan.unused), ["dead"]);
+        assert_eq!(ids(&plan.sparse), ["half"]);
+        // Everything live is never sparse, whatever the threshold.
+        let all = PruneOptions {
+            repack_below: 100.0,
+            ..Default::default()
+        };
+        let plan = Plan::new(&usage, &all, 1 << 20);
+        assert_eq!(ids(&plan.sparse), ["half"]);
+    }
 }

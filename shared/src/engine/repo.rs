@@ -245,9 +245,10 @@ impl Repo {
     pub async fn prune(
         &self,
         opts: &super::prune::PruneOptions,
+        progress: &dyn crate::progress::Progress,
         cancel: &CancelFlag,
     ) -> Result<super::prune::PruneReport, Error> {
-        super::prune::prune(self, opts, cancel).await
+        super::prune::prune(self, opts, progress, cancel).await
     }
 
     /// Reads packs back within a budget, authenticating every chunk, and heals damaged chunks

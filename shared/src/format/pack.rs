@@ -98,6 +98,12 @@ impl PackId {
 }
 
 /// Serializes trailer entries.
+/// Most bytes a pack of `blobs` blobs holds besides them: its sealed trailer (one entry a
+/// blob) and its tail.
+pub fn overhead_bound(blobs: u64) -> u64 {
+    super::crypto::sealed_len_bound(4 + blobs as usize * ENTRY_LEN) as u64 + PACK_TAIL_LEN
+}
+
 pub fn encode_trailer(entries: &[PackEntry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + entries.len() * ENTRY_LEN);
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());

@@ -170,6 +170,9 @@ pub enum AlertKind {
     Failed { streak: Streak, first: bool },
     /// A success after `failures` failures.
     Recovered { failures: u64 },
+    /// The schedule's keep policy failed to apply after backup job `job_id` (row `id` of
+    /// `forget_failures`); the backup itself stands.
+    ForgetFailed { id: i64, job_id: i64, error: String },
 }
 
 /// An alert about one schedule.
@@ -455,6 +458,34 @@ impl Alerts {
                 _ => {}
             }
         }
+        out.extend(self.forget_failures().await?);
+        Ok(out)
+    }
+
+    /// Keep policies that failed to apply and were not told yet, oldest first (paused
+    /// schedules too: the failure happened all the same).
+    async fn forget_failures(&self) -> Result<Vec<Alert>> {
+        let rows = sqlx::query(
+            "SELECT id, schedule_id, job_id, error FROM forget_failures
+             WHERE alerted_at IS NULL ORDER BY id",
+        )
+        .fetch_all(self.schedules.pool())
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            // A schedule removed since takes its rows with it (ON DELETE CASCADE).
+            let Some(schedule) = self.schedules.get(r.try_get("schedule_id")?).await? else {
+                continue;
+            };
+            out.push(Alert {
+                schedule,
+                kind: AlertKind::ForgetFailed {
+                    id: r.try_get("id")?,
+                    job_id: r.try_get("job_id")?,
+                    error: r.try_get("error")?,
+                },
+            });
+        }
         Ok(out)
     }
 
@@ -477,6 +508,14 @@ impl Alerts {
             AlertKind::Recovered { .. } => sqlx::query(
                 "UPDATE schedules SET failures_reported = 0, failure_alert_at = NULL WHERE id = ?",
             ),
+            AlertKind::ForgetFailed { id, .. } => {
+                sqlx::query("UPDATE forget_failures SET alerted_at = ? WHERE id = ?")
+                    .bind(now)
+                    .bind(*id)
+                    .execute(pool)
+                    .await?;
+                return Ok(());
+            }
         };
         q.bind(alert.schedule.id).execute(pool).await?;
         Ok(())

@@ -111,7 +111,8 @@ fn yes() -> bool {
 
 /// What a job should do. Stored as JSON in `jobs.args`; the `kind` tag is also copied into
 /// `jobs.kind` so the table can be read without parsing JSON.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+// Not `Eq`: a prune's percentage is a float.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobArgs {
     Backup {
@@ -162,6 +163,15 @@ pub enum JobArgs {
         /// Short ids of the snapshots the user saw and confirmed; nothing else is forgotten.
         snapshots: Vec<String>,
     },
+    /// Delete the packs no snapshot uses and rewrite sparse ones, repository-wide (queued by
+    /// the chat's `/prune` after its dry run was confirmed; the CLI's `prune` options).
+    Prune {
+        /// Most live bytes moved by repacking (`None`: no limit).
+        #[serde(default)]
+        max_repack: Option<u64>,
+        /// Rewrite packs whose live share is below this percentage.
+        repack_below: f64,
+    },
 }
 
 impl JobArgs {
@@ -173,6 +183,7 @@ impl JobArgs {
             JobArgs::Get { .. } => "get",
             JobArgs::Scrub { .. } => "scrub",
             JobArgs::Forget { .. } => "forget",
+            JobArgs::Prune { .. } => "prune",
         }
     }
 }
@@ -253,6 +264,24 @@ pub enum JobResult {
         /// The sealed tombstone stored for them.
         #[serde(default)]
         tombstone: Option<String>,
+    },
+    /// What a prune deleted, rewrote and freed.
+    Prune {
+        /// Packs deleted from storage (unused ones, and the sparse ones rewritten).
+        deleted_packs: u64,
+        /// Sparse packs rewritten, and the new packs their live data went into.
+        repacked_packs: u64,
+        new_packs: u64,
+        /// Live bytes moved by repacking.
+        moved_bytes: u64,
+        freed_bytes: u64,
+        /// Packs an interrupted prune had condemned, finished now.
+        #[serde(default)]
+        resumed_packs: u64,
+        /// Sparse packs left for a later prune (over max_repack, or unauthenticated).
+        #[serde(default)]
+        sparse_left: u64,
+        duration_ms: u64,
     },
 }
 

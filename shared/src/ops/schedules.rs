@@ -685,6 +685,21 @@ impl Schedules {
         Schedule::from_row(&row)
     }
 
+    /// Records that schedule `id`'s keep policy failed to apply after its backup job `job_id`
+    /// (the backup stands); the bot tells the owner ([`super::alerts::AlertKind::ForgetFailed`]).
+    pub async fn record_forget_failure(&self, id: i64, job_id: i64, error: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO forget_failures (schedule_id, job_id, error, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(job_id)
+        .bind(error)
+        .bind(self.now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     pub async fn get(&self, id: i64) -> Result<Option<Schedule>> {
         let row = sqlx::query("SELECT * FROM schedules WHERE id = ?")
             .bind(id)

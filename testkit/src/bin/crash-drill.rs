@@ -5,6 +5,7 @@
 //! cargo build --release -p storinator-worker -p storinator-testkit
 //! target/release/crash-drill --store dir --kills backup=30,restore=10,verify=10,recover=10
 //! target/release/crash-drill --store telegram --kills backup=30,restore=10,verify=10,recover=10
+//! target/release/crash-drill --store dir --kills prune=20
 //! ```
 //!
 //! For every operation, the first run is a clean one that measures how long the operation
@@ -19,9 +20,14 @@
 //! - stored bytes did not grow beyond one pack per kill, against a reference repository that
 //!   received the same changes and backups without kills (same key, so the same chunks).
 //!
+//! `prune` cycles first make garbage (a changed tree, a backup, `forget --keep-last 2`), so
+//! each prune has packs to delete and packs to repack; after each resume every remaining
+//! snapshot restores identical to the tree it was taken of, and nothing is left to free. At
+//! the end a final prune runs, and storage and catalog must agree with nothing left to free.
+//!
 //! A kill that came after the process had already finished is counted as missed and the
 //! cycle is run again, up to three times the kills asked for. The exit code is 0 only when
-//! every check held. A new operation (prune, once it exists) is one more entry in [`OPS`].
+//! every check held. A new operation is one more entry in [`OPS`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,8 +44,11 @@ struct Args {
     /// Where packs go: `dir` (a directory store) or `telegram` (the loopback Telegram).
     #[arg(long, default_value = "dir")]
     store: String,
-    /// Kills per operation, e.g. `backup=30,restore=10,verify=10,recover=10`.
-    #[arg(long, default_value = "backup=30,restore=10,verify=10,recover=10")]
+    /// Kills per operation, e.g. `backup=30,restore=10,verify=10,recover=10,prune=20`.
+    #[arg(
+        long,
+        default_value = "backup=30,restore=10,verify=10,recover=10,prune=20"
+    )]
     kills: String,
     /// The worker binary (default: `storinator-worker` next to this program).
     #[arg(long)]
@@ -75,6 +84,12 @@ struct Op {
     /// Exit codes that mean the operation succeeded.
     success: &'static [i32],
     check: fn(&mut Drill) -> Result<()>,
+    /// Runs once after the last cycle (its own checks included).
+    finish: fn(&mut Drill) -> Result<()>,
+    /// Kill points are drawn from the moment the operation's run registered (its spool
+    /// folder appears) to its clean end, not from the process start: for operations so quick
+    /// that starting the process is most of their time.
+    after_start: bool,
 }
 
 const OPS: &[Op] = &[
@@ -85,6 +100,8 @@ const OPS: &[Op] = &[
         // 3: saved, with warnings.
         success: &[0, 3],
         check: |_| Ok(()),
+        finish: |_| Ok(()),
+        after_start: false,
     },
     Op {
         name: "restore",
@@ -99,6 +116,8 @@ const OPS: &[Op] = &[
         },
         success: &[0],
         check: check_restore,
+        finish: |_| Ok(()),
+        after_start: false,
     },
     Op {
         name: "verify",
@@ -106,6 +125,8 @@ const OPS: &[Op] = &[
         command: |_| vec!["verify".into(), "--read-data".into()],
         success: &[0],
         check: |_| Ok(()),
+        finish: |_| Ok(()),
+        after_start: false,
     },
     Op {
         name: "recover",
@@ -113,6 +134,24 @@ const OPS: &[Op] = &[
         command: |_| vec!["recover".into()],
         success: &[0],
         check: check_recover,
+        finish: |_| Ok(()),
+        after_start: false,
+    },
+    Op {
+        name: "prune",
+        prepare: prepare_prune,
+        // Rewrites most sparse packs: every cycle repacks, not only deletes.
+        command: |_| {
+            vec![
+                "prune".into(),
+                "--repack-below".into(),
+                PRUNE_REPACK_BELOW.into(),
+            ]
+        },
+        success: &[0],
+        check: check_prune,
+        finish: finish_prune,
+        after_start: true,
     },
 ];
 
@@ -125,6 +164,8 @@ struct Tally {
     excess_bytes: i64,
     seconds: f64,
     clean_ms: u64,
+    /// Of `clean_ms`, the time before the run registered (see [`Op::after_start`]).
+    floor_ms: u64,
     /// Killed cycles after whose resume the latest snapshot restored identical (and, for a
     /// restore, the resumed restore's own target too).
     identical: u64,
@@ -172,6 +213,9 @@ struct Drill {
     /// Most snapshots a recover found beyond the catalog's: complete snapshots whose backup
     /// was killed after its last pack was stored but before it recorded them.
     extra_recovered: usize,
+    /// The tree each snapshot was taken of (`describe`), for the snapshots the prune cycles
+    /// keep: what every one of them must restore to.
+    expected: BTreeMap<String, BTreeMap<String, String>>,
     _loopback: Option<KillOnDrop>,
 }
 
@@ -322,6 +366,7 @@ impl Drill {
             backup_kills: 0,
             backups: 1,
             extra_recovered: 0,
+            expected: BTreeMap::new(),
             _loopback: loopback,
         };
         drill.init(args.mib << 20)?;
@@ -427,23 +472,30 @@ impl Drill {
         print!("{:<8} ", op.name);
         // A clean run: how long the operation takes (the range kill points are drawn from).
         (op.prepare)(self)?;
-        let t = Instant::now();
-        run_to_end(self.command(&(op.command)(self)), op.success)
+        let (clean_ms, start_ms) = self
+            .run_watching_start(self.command(&(op.command)(self)), op.success)
             .with_context(|| format!("clean {}", op.name))?;
-        tally.clean_ms = (t.elapsed().as_millis() as u64).max(1);
+        tally.clean_ms = clean_ms.max(1);
+        if op.after_start {
+            tally.floor_ms = start_ms.unwrap_or(0).min(tally.clean_ms - 1);
+        }
         self.check_all(op, &mut tally, 0)?;
         let mut attempts = 0;
         while tally.kills < kills && attempts < kills * 3 {
             attempts += 1;
             self.cycle += 1;
             (op.prepare)(self)?;
-            let delay = Duration::from_micros(self.next() % (tally.clean_ms * 1000));
+            let span = (tally.clean_ms - tally.floor_ms) * 1000;
+            let delay = Duration::from_micros(self.next() % span);
             let failures_before = tally.failures.len();
             let mut child = self
                 .command(&(op.command)(self))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
+            if op.after_start {
+                self.wait_for_start(&mut child)?;
+            }
             std::thread::sleep(delay);
             let killed = child.try_wait()?.is_none();
             if killed {
@@ -476,6 +528,11 @@ impl Drill {
             print!("{}", if failed { "x" } else { "." });
             use std::io::Write;
             let _ = std::io::stdout().flush();
+        }
+        if let Err(e) = (op.finish)(self) {
+            tally
+                .failures
+                .push(format!("{} at the end: {e:#}", op.name));
         }
         println!(
             " {}: {} kills, {} missed",
@@ -522,6 +579,64 @@ impl Drill {
             }
         }
         Ok(identical)
+    }
+
+    /// True once a run's spool folder exists and is locked (`run-<id>`; the spool is empty
+    /// between operations). A kill while it is still `.new-run-<id>` would leave a folder the
+    /// engine reclaims only after a grace of minutes, by design.
+    fn run_started(&self) -> bool {
+        std::fs::read_dir(&self.spool).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("run-"))
+        })
+    }
+
+    /// Runs a command to its end like [`run_to_end`]; returns its time and when its run
+    /// registered (ms).
+    fn run_watching_start(&self, mut cmd: Command, success: &[i32]) -> Result<(u64, Option<u64>)> {
+        let t = Instant::now();
+        // A file, not a pipe: a chatty operation must not block on a full pipe.
+        let log = self.work.join("operation.log");
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut started = None;
+        let limit = Duration::from_secs(600);
+        let status = loop {
+            if started.is_none() && self.run_started() {
+                started = Some(t.elapsed().as_millis() as u64);
+            }
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if t.elapsed() > limit {
+                let _ = child.kill();
+                bail!("no end after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let elapsed = t.elapsed().as_millis() as u64;
+        ensure!(
+            status.code().is_some_and(|c| success.contains(&c)),
+            "{:?} exited with {status}:\n{}",
+            cmd.get_args().collect::<Vec<_>>(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Ok((elapsed, started))
+    }
+
+    /// Waits (bounded) until the operation's run registered or the process ended.
+    fn wait_for_start(&self, child: &mut Child) -> Result<()> {
+        let t = Instant::now();
+        while !self.run_started() && child.try_wait()?.is_none() {
+            ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "the run never started"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
     }
 
     /// What the process just killed left for the resume to reclaim.
@@ -590,7 +705,7 @@ impl Drill {
         let mut objects: Vec<String> = std::fs::read_dir(store)?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.') && !n.starts_with("key-"))
+            .filter(|n| !n.starts_with('.') && !n.starts_with("key-") && !is_tombstone(n))
             .collect();
         let mut known: Vec<String> = packs.iter().map(|p| format!("{}.enc", p.id)).collect();
         objects.sort();
@@ -646,13 +761,22 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Bytes of the packs in a directory store (not its spool, not the key object).
+/// A forget's sealed tombstone (`forget-<id>.enc`): stored for good, not a pack.
+fn is_tombstone(name: &str) -> bool {
+    name.starts_with("forget-") && name.ends_with(".enc")
+}
+
+/// Bytes of the packs in a directory store (not its spool, the key or tombstones).
 fn disk_bytes(store: &Path) -> Result<u64> {
     let mut total = 0;
     for e in std::fs::read_dir(store)?.flatten() {
         let m = e.metadata()?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if m.is_file() && !name.starts_with('.') && !name.starts_with("key-") {
+        if m.is_file()
+            && !name.starts_with('.')
+            && !name.starts_with("key-")
+            && !is_tombstone(&name)
+        {
             total += m.len();
         }
     }
@@ -774,6 +898,129 @@ fn check_recover(d: &mut Drill) -> Result<()> {
     Ok(())
 }
 
+/// `prune --repack-below` in the drill.
+const PRUNE_REPACK_BELOW: &str = "90";
+
+/// Prune: garbage to collect. The latest snapshot's tree is the source as it is now
+/// (remembered if it is not yet); then the source changes, is backed up, and all but the two
+/// newest snapshots are forgotten.
+fn prepare_prune(d: &mut Drill) -> Result<()> {
+    let before = snapshot_ids(d)?;
+    let latest = latest_snapshot(d)?;
+    if !d.expected.contains_key(&latest) {
+        d.expected.insert(latest, describe(&d.src)?);
+    }
+    prepare_backup(d)?;
+    run_to_end(
+        d.command(&["backup".into(), d.src.display().to_string()]),
+        &[0, 3],
+    )
+    .context("backup before prune")?;
+    let new = snapshot_ids(d)?
+        .into_keys()
+        .filter(|k| !before.contains_key(k))
+        .collect::<Vec<_>>();
+    ensure!(new.len() == 1, "one new snapshot expected, got {new:?}");
+    d.expected.insert(new[0].clone(), describe(&d.src)?);
+    run_to_end(
+        d.command(&[
+            "forget".into(),
+            d.src.display().to_string(),
+            "--keep-last".into(),
+            "2".into(),
+        ]),
+        &[0],
+    )
+    .context("forget before prune")?;
+    let left = snapshot_ids(d)?;
+    d.expected.retain(|k, _| left.contains_key(k));
+    Ok(())
+}
+
+/// The newest snapshot's short id.
+fn latest_snapshot(d: &Drill) -> Result<String> {
+    let out = d.command(&["snapshots".into(), "--json".into()]).output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    list.iter()
+        .max_by_key(|s| s["started_at"].as_i64().unwrap_or(0))
+        .and_then(|s| s["short_id"].as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no snapshot"))
+}
+
+/// After a (resumed) prune: every remaining snapshot restores identical to its tree, and a
+/// prune would free nothing more.
+fn check_prune(d: &mut Drill) -> Result<()> {
+    let left = snapshot_ids(d)?;
+    for id in left.keys() {
+        let tree = d
+            .expected
+            .get(id)
+            .ok_or_else(|| anyhow!("snapshot {id} is left but the drill does not know its tree"))?;
+        let to = d.work.join(format!("check-prune-{id}"));
+        let _ = std::fs::remove_dir_all(&to);
+        run_to_end(
+            d.command(&[
+                "restore".into(),
+                d.src.display().to_string(),
+                "--to".into(),
+                to.display().to_string(),
+                "--snapshot".into(),
+                id.clone(),
+            ]),
+            &[0],
+        )
+        .with_context(|| format!("restoring snapshot {id}"))?;
+        let got = describe(&to.join("data"))?;
+        std::fs::remove_dir_all(&to)?;
+        if &got != tree {
+            let differ: Vec<_> = tree
+                .keys()
+                .chain(got.keys())
+                .filter(|k| tree.get(*k) != got.get(*k))
+                .take(5)
+                .collect();
+            bail!("snapshot {id} does not restore identical: {differ:?}");
+        }
+    }
+    nothing_to_free(d)
+}
+
+/// `stats` (the prune's own estimate): no unused pack, no sparse pack, nothing to free.
+fn nothing_to_free(d: &Drill) -> Result<()> {
+    let out = d.command(&["stats".into(), "--json".into()]).output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let u: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let figures = (
+        u["unused_packs"].as_u64(),
+        u["sparse_packs"].as_u64(),
+        u["prune_would_free"].as_u64(),
+    );
+    ensure!(
+        figures == (Some(0), Some(0), Some(0)),
+        "a prune would still free something: {u}"
+    );
+    Ok(())
+}
+
+/// A final prune (default options): storage and catalog agree, nothing is left to free, and
+/// every remaining snapshot still restores.
+fn finish_prune(d: &mut Drill) -> Result<()> {
+    run_to_end(d.command(&["prune".into()]), &[0]).context("final prune")?;
+    d.check_orphans()?;
+    d.check_verify()?;
+    check_prune(d)
+}
+
 fn snapshot_ids(d: &Drill) -> Result<BTreeMap<String, String>> {
     let out = d.command(&["snapshots".into(), "--json".into()]).output()?;
     ensure!(
@@ -891,7 +1138,7 @@ fn print_summary(store: &str, results: &[(String, u64, Tally)], pack_size: u64) 
         "objects",
         "spools",
         "temps",
-        "clean ms",
+        "kill ms",
         "failures",
         "excess bytes",
         "seconds"
@@ -907,14 +1154,16 @@ fn print_summary(store: &str, results: &[(String, u64, Tally)], pack_size: u64) 
             t.left.objects,
             t.left.spools,
             t.left.temps,
-            t.clean_ms,
+            format!("{}-{}", t.floor_ms, t.clean_ms),
             t.failures.len(),
             t.excess_bytes,
             t.seconds
         );
     }
     println!(
-        "identical: killed cycles whose resume restored identical; packs (objects), spools, \
+        "kill ms: when in a clean run kill points were drawn (for prune: from its run's \
+         registration to its end); \
+         identical: killed cycles whose resume restored identical; packs (objects), spools, \
          temps: unfinished packs (of them, with an object in storage), spool entries and \
          restore temporaries the kills left, all gone after the resumes (else a failure)"
     );
