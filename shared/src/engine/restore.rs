@@ -429,7 +429,7 @@ pub(crate) async fn run(
         unchanged,
         duration_ms: started.elapsed().as_millis() as u64,
         warnings: outcome.warnings,
-        removed_temp,
+        removed_temp: removed_temp.iter().map(|r| target.display(r)).collect(),
     })
 }
 
