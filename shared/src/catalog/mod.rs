@@ -21,7 +21,7 @@ pub use runs::RunRow;
 pub use scrub::{
     AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
 };
-pub use snapshots::{NewContent, NewEntry};
+pub use snapshots::{NewContent, NewEntry, PrevFile, SnapshotCommit};
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;

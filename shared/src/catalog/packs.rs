@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use futures_util::TryStreamExt;
 use sqlx::{Row, SqliteConnection};
 
 use super::{Catalog, ChunkLoc, DAMAGED_CHUNK, PackRow, USABLE_PACK, db, now_ms};
@@ -203,25 +204,27 @@ impl Catalog {
         Ok(rows.iter().map(pack_from_row).collect())
     }
 
-    /// Ids of blobs that are safely stored and can be deduplicated against, with their
-    /// trailer flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`); a chunk a scrub found
-    /// damaged is not: the next backup that meets its data stores it again, which heals it.
-    pub async fn stored_chunk_ids(&self) -> Result<Vec<(ChunkId, u8)>, Error> {
+    /// Ids of blobs that are safely stored and can be deduplicated against, whose trailer
+    /// flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`) pass `keep`; a chunk a scrub
+    /// found damaged is not: the next backup that meets its data stores it again, which heals
+    /// it. Read row by row: only the ids are held (the backup's dedup index).
+    pub async fn stored_chunk_ids(&self, keep: impl Fn(u8) -> bool) -> Result<Vec<ChunkId>, Error> {
         let sql = format!(
             "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE {USABLE_PACK} \
              AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK})"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(r) = rows
+            .try_next()
             .await
-            .map_err(db("loading the chunk index"))?;
-        rows.iter()
-            .map(|r| {
-                let id: Vec<u8> = r.get(0);
-                let flags: i64 = r.get(1);
-                Ok((ChunkId::from_slice(&id)?, flags as u8))
-            })
-            .collect()
+            .map_err(db("loading the chunk index"))?
+        {
+            if keep(r.get::<i64, _>(1) as u8) {
+                out.push(ChunkId::from_slice(r.get::<&[u8], _>(0))?);
+            }
+        }
+        Ok(out)
     }
 
     /// Where a blob lives.
@@ -244,21 +247,47 @@ impl Catalog {
         }))
     }
 
-    /// Chunk lists (in order, with locations) of every file content at `prefix` or below it
-    /// in snapshot `seq` of a root: one query for a whole restore.
-    pub async fn content_chunks_under(
+    /// The chunk lists (with where each chunk lives) of some contents: a restore asks for one
+    /// page of files at a time.
+    pub async fn content_chunks_of(
         &self,
-        root_id: i64,
-        seq: i64,
-        prefix: &str,
+        contents: &[i64],
     ) -> Result<HashMap<i64, Vec<ChunkLoc>>, Error> {
-        let rows = sqlx::query(
-            "SELECT cc.content_id, c.id, c.pack_id, p.location, c.offset, c.length, c.raw_length \
-             FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.id = c.pack_id \
-             WHERE cc.content_id IN (SELECT e.content_id FROM entries e WHERE e.root_id = ? \
-             AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
-             AND (e.path = ? OR (e.path >= ? AND e.path < ?)) AND e.content_id IS NOT NULL) \
-             ORDER BY cc.content_id, cc.seq",
+        let mut out: HashMap<i64, Vec<ChunkLoc>> = HashMap::new();
+        for batch in contents.chunks(500) {
+            let marks = vec!["?"; batch.len()].join(", ");
+            let sql = format!(
+                "SELECT cc.content_id, c.id, c.pack_id, p.location, c.offset, c.length, c.raw_length \
+                 FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.id = c.pack_id \
+                 WHERE cc.content_id IN ({marks}) ORDER BY cc.content_id, cc.seq"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in batch {
+                q = q.bind(id);
+            }
+            let mut rows = q.fetch(&self.pool);
+            while let Some(r) = rows.try_next().await.map_err(db("loading chunk lists"))? {
+                out.entry(r.get(0)).or_default().push(ChunkLoc {
+                    id: ChunkId::from_slice(r.get::<&[u8], _>(1))?,
+                    pack_id: r.get(2),
+                    location: r.get(3),
+                    offset: r.get::<i64, _>(4) as u64,
+                    length: r.get::<i64, _>(5) as u64,
+                    raw_length: r.get::<i64, _>(6) as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many packs hold the chunks of the files of snapshot `seq` of a root at `prefix` or
+    /// below it (a restore's transfer estimate).
+    pub async fn packs_under(&self, root_id: i64, seq: i64, prefix: &str) -> Result<u64, Error> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(DISTINCT c.pack_id) FROM entries e \
+             JOIN content_chunks cc ON cc.content_id = e.content_id JOIN chunks c ON c.id = cc.chunk_id \
+             WHERE e.root_id = ? AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
+             AND (e.path = ? OR (e.path >= ? AND e.path < ?))",
         )
         .bind(root_id)
         .bind(seq)
@@ -266,22 +295,10 @@ impl Catalog {
         .bind(prefix)
         .bind(format!("{prefix}/"))
         .bind(format!("{prefix}0"))
-        .fetch_all(&self.pool)
+        .fetch_one(&self.pool)
         .await
-        .map_err(db("loading chunk lists"))?;
-        let mut out: HashMap<i64, Vec<ChunkLoc>> = HashMap::new();
-        for r in &rows {
-            let id: Vec<u8> = r.get(1);
-            out.entry(r.get(0)).or_default().push(ChunkLoc {
-                id: ChunkId::from_slice(&id)?,
-                pack_id: r.get(2),
-                location: r.get(3),
-                offset: r.get::<i64, _>(4) as u64,
-                length: r.get::<i64, _>(5) as u64,
-                raw_length: r.get::<i64, _>(6) as u64,
-            });
-        }
-        Ok(out)
+        .map_err(db("counting packs"))?;
+        Ok(n as u64)
     }
 
     /// Entries (in any snapshot) whose content uses a chunk of `pack_id`: what a lost pack costs.

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures_util::TryStreamExt;
 use sqlx::{Row, SqliteConnection};
 
 use super::{
@@ -94,20 +95,72 @@ impl Catalog {
 
     /// The current (latest) entries of a root, by path.
     pub async fn current_entries(&self, root_id: i64) -> Result<HashMap<String, EntryRow>, Error> {
-        let sql = format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
-             WHERE e.root_id = ? AND e.to_seq IS NULL"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(root_id)
-            .fetch_all(&self.pool)
+        let mut conn = self
+            .pool
+            .acquire()
             .await
             .map_err(db("loading the previous snapshot"))?;
-        Ok(rows
-            .iter()
-            .map(entry_from_row)
-            .map(|e| (e.path.clone(), e))
-            .collect())
+        current_entries(&mut conn, root_id, "loading the previous snapshot").await
+    }
+
+    /// What a backup needs of the files current in a root to skip unchanged ones: by path,
+    /// the metadata it compares and the content with its chunk list, for the paths after
+    /// `after` (all if `None`) up to and including `upto`. A backup asks for one range per
+    /// batch of its walk (which goes in path order), so only a batch's worth is ever held.
+    pub async fn previous_files(
+        &self,
+        root_id: i64,
+        after: Option<&str>,
+        upto: &str,
+    ) -> Result<HashMap<String, PrevFile>, Error> {
+        const WHAT: &str = "loading the previous snapshot";
+        let range = if after.is_some() {
+            "e.root_id = ? AND e.to_seq IS NULL AND e.kind = 'file' AND e.path > ? AND e.path <= ?"
+        } else {
+            "e.root_id = ? AND e.to_seq IS NULL AND e.kind = 'file' AND e.path <= ?"
+        };
+        let mut conn = self.pool.acquire().await.map_err(db(WHAT))?;
+        let mut files = HashMap::new();
+        let sql = format!(
+            "SELECT e.path, e.size, e.mtime_ns, e.inode, e.content_id, c.sha256 FROM entries e \
+             JOIN contents c ON c.id = e.content_id WHERE {range}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root_id);
+        for bound in after.into_iter().chain([upto]) {
+            q = q.bind(bound);
+        }
+        let mut rows = q.fetch(&mut *conn);
+        while let Some(r) = rows.try_next().await.map_err(db(WHAT))? {
+            let Ok(sha256) = <[u8; 32]>::try_from(r.get::<&[u8], _>(5)) else {
+                continue;
+            };
+            let file = PrevFile {
+                size: r.get::<i64, _>(1) as u64,
+                mtime_ns: r.get(2),
+                inode: r.get::<i64, _>(3) as u64,
+                content_id: r.get(4),
+                sha256,
+                chunks: Vec::new(),
+            };
+            files.insert(r.get::<String, _>(0), file);
+        }
+        drop(rows);
+        let sql = format!(
+            "SELECT e.path, cc.chunk_id FROM entries e \
+             JOIN content_chunks cc ON cc.content_id = e.content_id WHERE {range} \
+             ORDER BY e.path, cc.seq"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root_id);
+        for bound in after.into_iter().chain([upto]) {
+            q = q.bind(bound);
+        }
+        let mut rows = q.fetch(&mut *conn);
+        while let Some(r) = rows.try_next().await.map_err(db(WHAT))? {
+            if let Some(file) = files.get_mut(r.get::<&str, _>(0)) {
+                file.chunks.push(ChunkId::from_slice(r.get::<&[u8], _>(1))?);
+            }
+        }
+        Ok(files)
     }
 
     /// Entries of snapshot `seq` of a root at `prefix` or below it, sorted by path.
@@ -129,11 +182,70 @@ impl Catalog {
             .bind(seq)
             .bind(prefix)
             .bind(format!("{prefix}/"))
-            .bind(format!("{prefix}0"))
-            .fetch_all(&self.pool)
+            .bind(format!("{prefix}0"));
+        let mut rows = rows.fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(r) = rows
+            .try_next()
             .await
-            .map_err(db("listing snapshot entries"))?;
-        Ok(rows.iter().map(entry_from_row).collect())
+            .map_err(db("listing snapshot entries"))?
+        {
+            out.push(entry_from_row(&r));
+        }
+        Ok(out)
+    }
+
+    /// A page of the entries of snapshot `seq` of a root at `prefix` or below it, in path
+    /// order: at most `limit`, after the path `after` (from the start if `None`). A restore
+    /// walks a snapshot page by page, holding one page at a time.
+    pub async fn entries_page(
+        &self,
+        root_id: i64,
+        seq: i64,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EntryRow>, Error> {
+        // The range [prefix, prefix0) from the (root_id, path) index: the prefix itself, its
+        // descendants (`prefix/...`) and siblings that continue with a byte below '/'
+        // (`prefix-x`), filtered out here. '0' follows '/' in byte order.
+        let below = format!("{prefix}/");
+        let mut page = Vec::with_capacity(limit.min(4096));
+        let mut from = after.unwrap_or(prefix).to_string();
+        let mut strict = after.is_some();
+        // Rows of the skipped siblings count against the limit: page on until a page holds
+        // wanted rows or the range ends.
+        loop {
+            let sql = format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+                 WHERE e.root_id = ? AND e.path {} ? AND e.path < ? \
+                 AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
+                 ORDER BY e.path LIMIT ?",
+                if strict { ">" } else { ">=" }
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(root_id)
+                .bind(&from)
+                .bind(format!("{prefix}0"))
+                .bind(seq)
+                .bind(seq)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("listing snapshot entries"))?;
+            let full = rows.len() == limit;
+            for r in &rows {
+                let e = entry_from_row(r);
+                from.clone_from(&e.path);
+                if e.path == prefix || e.path.starts_with(&below) {
+                    page.push(e);
+                }
+            }
+            strict = true;
+            if !page.is_empty() || !full {
+                return Ok(page);
+            }
+        }
     }
 
     /// Number of entry rows (tests and the schema's promise: unchanged trees add none).
@@ -144,7 +256,6 @@ impl Catalog {
             .map_err(db("counting entries"))
     }
 
-    /// Chunk lists of the contents current in a root (to list unchanged files without reading).
     /// Ids of the snapshot objects the catalog holds.
     pub async fn snapshot_blob_ids(&self) -> Result<Vec<Vec<u8>>, Error> {
         sqlx::query_scalar("SELECT blob_id FROM snapshots")
@@ -153,38 +264,8 @@ impl Catalog {
             .map_err(db("listing snapshots"))
     }
 
-    pub async fn current_content_chunks(
-        &self,
-        root_id: i64,
-    ) -> Result<HashMap<i64, Vec<ChunkId>>, Error> {
-        let rows = sqlx::query(
-            "SELECT cc.content_id, cc.chunk_id FROM content_chunks cc WHERE cc.content_id IN \
-             (SELECT content_id FROM entries WHERE root_id = ? AND to_seq IS NULL AND content_id IS NOT NULL) \
-             ORDER BY cc.content_id, cc.seq",
-        )
-        .bind(root_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading chunk lists"))?;
-        let mut out: HashMap<i64, Vec<ChunkId>> = HashMap::new();
-        for r in rows {
-            let id: Vec<u8> = r.get(1);
-            out.entry(r.get(0))
-                .or_default()
-                .push(ChunkId::from_slice(&id)?);
-        }
-        Ok(out)
-    }
-
-    /// Records a snapshot and its entries in one transaction, writing rows only for what
-    /// changed since the root's previous snapshot. Returns the snapshot's sequence number.
-    ///
-    /// The transaction takes the write lock first (`BEGIN IMMEDIATE`), checks that `run_id`
-    /// still holds the root's lock, and re-reads the previous entries inside it, so two
-    /// writers can never both close one entry or leave two current rows for a path. It
-    /// refuses (with [`Error::Changed`], worth a retry) to commit a snapshot that references a
-    /// chunk whose pack is not stored (invariant 1): a file whose content has such a chunk
-    /// must have been read and stored again, which also repairs its chunk list here.
+    /// Records a snapshot and its entries in one transaction (see [`SnapshotCommit`]), the
+    /// entries given all at once in any order. Returns the snapshot's sequence number.
     pub async fn commit_snapshot(
         &self,
         run_id: &str,
@@ -193,6 +274,33 @@ impl Catalog {
         listing: &[ChunkId],
         items: &[NewEntry],
     ) -> Result<i64, Error> {
+        let mut commit = self
+            .begin_snapshot_commit(run_id, info, blob_id, listing)
+            .await?;
+        let mut sorted: Vec<&NewEntry> = items.iter().collect();
+        sorted.sort_by(|a, b| a.path.cmp(&b.path));
+        commit.add(&sorted).await?;
+        commit.finish(info, blob_id, listing).await
+    }
+
+    /// Starts recording a snapshot: its entries follow in batches, in path order
+    /// ([`SnapshotCommit::add`]), and [`SnapshotCommit::finish`] makes it exist. Rows are
+    /// written only for what changed since the root's previous snapshot.
+    ///
+    /// The transaction takes the write lock first (`BEGIN IMMEDIATE`), checks that `run_id`
+    /// still holds the root's lock, and reads the previous entries inside it (a path range at
+    /// a time, as the batches come), so two writers can never both close one entry or leave
+    /// two current rows for a path. It refuses (with [`Error::Changed`], worth a retry) a
+    /// snapshot that references a chunk whose pack is not stored (invariant 1): a file whose
+    /// content has such a chunk must have been read and stored again, which also repairs its
+    /// chunk list here.
+    pub async fn begin_snapshot_commit(
+        &self,
+        run_id: &str,
+        info: &SnapshotInfo,
+        blob_id: &ChunkId,
+        listing: &[ChunkId],
+    ) -> Result<SnapshotCommit, Error> {
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -200,8 +308,7 @@ impl Catalog {
             .map_err(db(COMMIT))?;
         super::runs::check_root_lock(&mut tx, &info.owner, &info.root, run_id).await?;
         let (root_id, seq) = root_and_next_seq(&mut tx, &info.owner, &info.root).await?;
-        let previous = current_entries(&mut tx, root_id).await?;
-        let mut unusable = Unusable::load(&mut tx).await?;
+        let unusable = Unusable::load(&mut tx).await?;
         if let Some(c) = std::iter::once(blob_id)
             .chain(listing)
             .find(|c| unusable.chunks.contains(*c))
@@ -211,45 +318,109 @@ impl Catalog {
                 &c.to_hex()[..12]
             )));
         }
-        let mut seen: HashSet<&str> = HashSet::with_capacity(items.len());
+        Ok(SnapshotCommit {
+            tx,
+            root_id,
+            seq,
+            encrypted: info.encrypted,
+            unusable,
+            last: None,
+        })
+    }
+}
+
+/// A snapshot being recorded: one open write transaction, fed the snapshot's entries in
+/// batches in path order (bytewise, as SQLite orders text), so that neither the entries nor
+/// the previous snapshot's rows are ever all in memory. Each batch is compared with the
+/// previous rows of its own path range: the range since the last batch's last path, so that
+/// the ranges cover every path exactly once and a previous row in none of the batches (the
+/// file is gone) is closed too. Dropped unfinished, it rolls back and nothing is recorded.
+pub struct SnapshotCommit {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    root_id: i64,
+    seq: i64,
+    encrypted: bool,
+    unusable: Unusable,
+    /// The last path recorded so far.
+    last: Option<String>,
+}
+
+impl SnapshotCommit {
+    /// Records the next entries, in path order after every entry recorded before them.
+    pub async fn add(&mut self, items: &[&NewEntry]) -> Result<(), Error> {
+        let Some(hi) = items.last().map(|i| i.path.clone()) else {
+            return Ok(());
+        };
+        let mut after = self.last.as_deref();
         for item in items {
-            seen.insert(&item.path);
-            let content_id =
-                content_id(&mut tx, &item.content, info.encrypted, &mut unusable).await?;
-            if content_id.is_some_and(|c| unusable.contents.contains(&c)) {
-                return Err(Error::Changed(format!(
-                    "{} references chunks of a pack known to be missing",
-                    item.path
+            if after.is_some_and(|a| a >= item.path.as_str()) {
+                return Err(Error::Invalid(format!(
+                    "snapshot entry {:?} is out of path order (after {:?})",
+                    item.path,
+                    after.unwrap_or_default()
                 )));
             }
-            let prev = previous.get(&item.path);
-            let same = prev.is_some_and(|p| {
-                p.kind == item.kind
-                    && p.size == item.size
-                    && p.mtime_ns == item.mtime_ns
-                    && p.mode == item.mode
-                    && p.inode == item.inode
-                    && p.content_id == content_id
-                    && p.target == item.target
-                    && p.owner == item.owner
-            });
-            if same {
-                continue;
-            }
-            if let Some(p) = prev {
-                close_entry(&mut tx, p.id, seq).await?;
-            }
-            insert_entry(&mut tx, root_id, seq, item, content_id).await?;
+            after = Some(&item.path);
         }
-        for (path, p) in &previous {
-            if !seen.contains(path.as_str()) {
-                close_entry(&mut tx, p.id, seq).await?;
-            }
+        let mut previous =
+            current_entries_in(&mut self.tx, self.root_id, self.last.as_deref(), Some(&hi)).await?;
+        for item in items {
+            self.record(item, previous.remove(&item.path)).await?;
         }
-        insert_snapshot(&mut tx, root_id, seq, info, blob_id).await?;
-        super::retention::record_listing(&mut tx, root_id, seq, listing).await?;
-        tx.commit().await.map_err(db(COMMIT))?;
-        Ok(seq)
+        for p in previous.values() {
+            close_entry(&mut self.tx, p.id, self.seq).await?;
+        }
+        self.last = Some(hi);
+        Ok(())
+    }
+
+    /// One entry: unchanged (no row written), or its previous row closed and a new one added.
+    async fn record(&mut self, item: &NewEntry, prev: Option<EntryRow>) -> Result<(), Error> {
+        let tx = &mut *self.tx;
+        let content_id = content_id(tx, &item.content, self.encrypted, &mut self.unusable).await?;
+        if content_id.is_some_and(|c| self.unusable.contents.contains(&c)) {
+            return Err(Error::Changed(format!(
+                "{} references chunks of a pack known to be missing",
+                item.path
+            )));
+        }
+        let same = prev.as_ref().is_some_and(|p| {
+            p.kind == item.kind
+                && p.size == item.size
+                && p.mtime_ns == item.mtime_ns
+                && p.mode == item.mode
+                && p.inode == item.inode
+                && p.content_id == content_id
+                && p.target == item.target
+                && p.owner == item.owner
+        });
+        if same {
+            return Ok(());
+        }
+        if let Some(p) = prev {
+            close_entry(tx, p.id, self.seq).await?;
+        }
+        insert_entry(tx, self.root_id, self.seq, item, content_id).await
+    }
+
+    /// Closes what no batch named (gone since the previous snapshot), records the snapshot
+    /// and commits. Returns the snapshot's sequence number.
+    pub async fn finish(
+        mut self,
+        info: &SnapshotInfo,
+        blob_id: &ChunkId,
+        listing: &[ChunkId],
+    ) -> Result<i64, Error> {
+        let gone =
+            current_entries_in(&mut self.tx, self.root_id, self.last.as_deref(), None).await?;
+        for p in gone.values() {
+            close_entry(&mut self.tx, p.id, self.seq).await?;
+        }
+        let tx = &mut *self.tx;
+        insert_snapshot(tx, self.root_id, self.seq, info, blob_id).await?;
+        super::retention::record_listing(tx, self.root_id, self.seq, listing).await?;
+        self.tx.commit().await.map_err(db(COMMIT))?;
+        Ok(self.seq)
     }
 }
 
@@ -290,25 +461,63 @@ impl Unusable {
     }
 }
 
-/// The current entries of a root, by path, as seen inside a transaction.
+/// The current entries of a root, by path, as seen on `conn` (inside a commit's transaction:
+/// what it is about to change). Read row by row: only the map is held.
 async fn current_entries(
-    tx: &mut SqliteConnection,
+    conn: &mut SqliteConnection,
     root_id: i64,
+    what: &str,
 ) -> Result<HashMap<String, EntryRow>, Error> {
     let sql = format!(
         "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
          WHERE e.root_id = ? AND e.to_seq IS NULL"
     );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(root_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db(COMMIT))?;
-    Ok(rows
-        .iter()
-        .map(entry_from_row)
-        .map(|e| (e.path.clone(), e))
-        .collect())
+        .fetch(&mut *conn);
+    let mut out = HashMap::new();
+    while let Some(r) = rows.try_next().await.map_err(db(what))? {
+        let e = entry_from_row(&r);
+        out.insert(e.path.clone(), e);
+    }
+    Ok(out)
+}
+
+/// The current entries of a root with a path after `after` (all if `None`) up to and
+/// including `upto` (no end if `None`), by path.
+async fn current_entries_in(
+    conn: &mut SqliteConnection,
+    root_id: i64,
+    after: Option<&str>,
+    upto: Option<&str>,
+) -> Result<HashMap<String, EntryRow>, Error> {
+    // Bounds as plain comparisons (not `? IS NULL OR ...`), so SQLite reads just the range
+    // from the (root_id, path) index.
+    let sql = format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+         WHERE e.root_id = ? AND e.to_seq IS NULL{}{}",
+        if after.is_some() {
+            " AND e.path > ?"
+        } else {
+            ""
+        },
+        if upto.is_some() {
+            " AND e.path <= ?"
+        } else {
+            ""
+        },
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root_id);
+    for bound in [after, upto].into_iter().flatten() {
+        q = q.bind(bound);
+    }
+    let mut rows = q.fetch(&mut *conn);
+    let mut out = HashMap::new();
+    while let Some(r) = rows.try_next().await.map_err(db(COMMIT))? {
+        let e = entry_from_row(&r);
+        out.insert(e.path.clone(), e);
+    }
+    Ok(out)
 }
 
 const COMMIT: &str = "committing the snapshot";
@@ -517,6 +726,18 @@ pub enum NewContent {
         size: u64,
         chunks: Vec<ChunkId>,
     },
+}
+
+/// A file of a root's latest snapshot, as a backup compares it with the file on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrevFile {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub inode: u64,
+    pub content_id: i64,
+    pub sha256: [u8; 32],
+    /// The content's chunks in order.
+    pub chunks: Vec<ChunkId>,
 }
 
 /// An entry to commit.

@@ -9,7 +9,7 @@
 //! [`Pipeline`]: super::pipeline::Pipeline
 //! [`Packer`]: super::packer::Packer
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::dedup::ChunkSet;
 use super::packer::{Packer, upload_packs};
-use super::pipeline::{FileData, FileOutcome, Pipeline};
+use super::pipeline::{FileOutcome, Pipeline};
 use super::repo::Repo;
 use super::run::{Run, lock_root, reclaim};
-use crate::catalog::{EntryRow, NewContent, NewEntry, Owner, SnapshotInfo, check_owner, now_ms};
+use super::spool::{SpoolReader, SpoolWriter};
+use super::walk::{Walked, Walker};
+use crate::catalog::{NewContent, NewEntry, Owner, PrevFile, SnapshotInfo, check_owner, now_ms};
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
@@ -95,29 +98,23 @@ impl BackupSummary {
     }
 }
 
-/// A walked item.
+/// A walked item as spooled between the stages: its listing line (the content filled in
+/// once known) and what becomes of its content.
+#[derive(Serialize, Deserialize)]
 struct Item {
-    rel: String,
-    abs: PathBuf,
-    kind: EntryKind,
-    size: u64,
-    mtime_ns: i64,
-    mode: u32,
-    inode: u64,
-    target: Option<String>,
-    owner: Owner,
-    content: Content,
+    #[serde(rename = "l")]
+    line: ListingEntry,
+    /// Unchanged since the previous snapshot: its content row (the line has its hash and
+    /// chunk list).
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    reused: Option<i64>,
+    /// A file to read.
+    #[serde(rename = "r", default, skip_serializing_if = "is_false")]
+    read: bool,
 }
 
-enum Content {
-    None,
-    /// Unchanged since the previous snapshot.
-    Reused {
-        content_id: i64,
-        sha256: [u8; 32],
-    },
-    /// To be read: index into the read results.
-    Read(usize),
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 pub(super) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
@@ -137,6 +134,15 @@ struct Source {
 }
 
 impl Source {
+    /// The file on disk of a stored path (which starts with the folder's own name).
+    fn abs(&self, rel: &str) -> PathBuf {
+        match rel.strip_prefix(self.name.as_str()) {
+            Some("") => self.path.clone(),
+            Some(rest) if rest.starts_with('/') => self.path.join(&rest[1..]),
+            _ => self.path.join(rel),
+        }
+    }
+
     fn open(path: &Path) -> Result<Source, Error> {
         let src = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
         let meta = std::fs::metadata(&src).map_err(|e| Error::io(&src, e))?;
@@ -168,63 +174,35 @@ impl Source {
     }
 }
 
-/// What the catalog already knows: the root's previous snapshot and the stored chunks.
-struct Known {
-    previous: Arc<HashMap<String, EntryRow>>,
-    /// Chunk lists of the previous snapshot's contents, to list unchanged files unread.
-    prev_chunks: HashMap<i64, Vec<ChunkId>>,
-    /// Chunks already stored with this encryption setting and authenticated (dedup).
-    stored: HashSet<ChunkId>,
-}
-
-impl Known {
-    async fn load(repo: &Repo, opts: &BackupOptions, root: &str) -> Result<Known, Error> {
-        let root_id = repo.catalog.root_id(&opts.owner, root).await?;
-        let (previous, prev_chunks) = match root_id {
-            Some(id) => (
-                repo.catalog.current_entries(id).await?,
-                repo.catalog.current_content_chunks(id).await?,
-            ),
-            None => (HashMap::new(), HashMap::new()),
-        };
-        let stored = repo
-            .catalog
-            .stored_chunk_ids()
-            .await?
-            .into_iter()
+/// The chunks already stored with this encryption setting and authenticated (dedup).
+async fn stored_chunks(repo: &Repo, opts: &BackupOptions) -> Result<ChunkSet, Error> {
+    let encrypt = opts.encrypt;
+    let ids = repo
+        .catalog
+        .stored_chunk_ids(|flags| {
             // A format-1 unencrypted blob is not authenticated: `recover` would not index it,
             // so a new snapshot must not rely on it (its data is stored again, authenticated).
-            .filter(|(_, flags)| {
-                (flags & pack::FLAG_ENCRYPTED != 0) == opts.encrypt
-                    && pack::flags_authenticated(*flags)
-            })
-            .map(|(id, _)| id)
-            .collect();
-        Ok(Known {
-            previous: Arc::new(previous),
-            prev_chunks,
-            stored,
+            (flags & pack::FLAG_ENCRYPTED != 0) == encrypt && pack::flags_authenticated(flags)
         })
-    }
+        .await?;
+    Ok(ChunkSet::from_ids(ids))
 }
 
-/// What the walk found.
-struct Scan {
-    items: Vec<Item>,
-    /// The files to read: index into `items`, and size.
-    to_read: Vec<(usize, u64)>,
-    warnings: Vec<Warning>,
+/// What the walk found, in total: progress and the transfer estimate are told up front.
+#[derive(Default)]
+struct Totals {
+    files: u64,
+    to_read: u64,
+    read_bytes: u64,
 }
 
-/// The snapshot's listing, built from the walk and what reading produced.
-struct Listing {
-    /// JSON lines, sorted by path.
-    json: Vec<u8>,
-    /// Items that made it into the snapshot (unreadable files did not).
-    kept: Vec<usize>,
+/// What went into the snapshot's listing.
+#[derive(Default)]
+struct Listed {
     files: u64,
     dirs: u64,
     bytes: u64,
+    bytes_read: u64,
 }
 
 /// Runs a backup. Called through [`Repo::backup`].
@@ -290,10 +268,27 @@ async fn run_locked(
     if !reclaimed.packs.is_empty() {
         tracing::info!(packs = ?reclaimed.packs, "deleted unfinished packs of runs that died");
     }
-    let known = Known::load(repo, opts, &source.root).await?;
-    let mut scan = scan(source, &known.previous, cancel).await?;
-    reread_unstored(&mut scan, &known);
-    announce(repo, &scan, &counters, progress);
+    let root_id = repo.catalog.root_id(&opts.owner, &source.root).await?;
+    let pipeline = Arc::new(Pipeline::new(
+        repo,
+        opts.encrypt,
+        stored_chunks(repo, opts).await?,
+        &counters,
+        cancel,
+    ));
+    let spool = run.spool();
+    let mut warnings = Vec::new();
+    let (items, totals) = scan(
+        repo,
+        source,
+        root_id,
+        &pipeline,
+        spool,
+        &mut warnings,
+        cancel,
+    )
+    .await?;
+    announce(repo, &totals, &counters, progress);
 
     // Uploader: stores finished packs, then indexes them in the catalog.
     let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
@@ -305,18 +300,22 @@ async fn run_locked(
     )));
     let packer = Packer::new(
         repo.settings.pack_size,
-        run.spool().to_path_buf(),
+        spool.to_path_buf(),
         opts.encrypt,
         pack_tx,
     );
-    let pipeline = Arc::new(Pipeline::new(
-        repo,
-        opts.encrypt,
-        known.stored,
-        &counters,
-        cancel,
-    ));
-    let (results, packer) = match read_files(&pipeline, &scan, packer, progress).await {
+    let read = read_and_list(
+        repo.batch(),
+        &pipeline,
+        source,
+        items,
+        spool,
+        packer,
+        &mut warnings,
+        progress,
+    )
+    .await;
+    let (packer, listed, entries) = match read {
         Ok(v) => v,
         Err(e) => {
             // Let finished packs land (the next run reuses them), then report the failure.
@@ -327,12 +326,9 @@ async fn run_locked(
             };
         }
     };
-    let file_data = collect_results(results, &mut scan);
 
     counters.set_phase(Phase::Committing);
     progress.report(&counters.report());
-    let listing = build_listing(&scan.items, &file_data, &known.prev_chunks)?;
-    let bytes_read: u64 = file_data.iter().flatten().map(|d| d.size).sum();
     let object = SnapshotObject {
         version: SNAPSHOT_VERSION,
         owner: opts.owner.clone(),
@@ -342,28 +338,29 @@ async fn run_locked(
         started_at,
         finished_at: now_ms(),
         listing: Vec::new(),
-        files: listing.files,
-        dirs: listing.dirs,
-        bytes: listing.bytes,
-        bytes_read,
+        files: listed.files,
+        dirs: listed.dirs,
+        bytes: listed.bytes,
+        bytes_read: listed.bytes_read,
         new_chunks: 0,
         bytes_stored: 0,
-        warnings: scan.warnings.len() as u64,
+        warnings: warnings.len() as u64,
     };
-    let stored = store_snapshot_object(pipeline.clone(), packer, listing.json, object).await;
+    let listing = spool.join(LISTING_SPOOL);
+    let stored = store_snapshot_object(pipeline.clone(), packer, &listing, object).await;
     // An upload failure also stops the snapshot's store: report the cause first.
     let packs = uploader.join().await?;
     let (snapshot_id, object) = stored?;
+    // Nothing more is stored: free the dedup index before the commit.
+    if let Ok(mut ids) = pipeline.known.lock() {
+        *ids = ChunkSet::default();
+    }
 
     // Every pack is durable: now the catalog may say the snapshot exists.
     let bytes_stored = counters.bytes_stored.load(Ordering::Relaxed);
     let listing_ids = object.listing.clone();
     let info = snapshot_info(&snapshot_id, object, bytes_stored);
-    let entries = new_entries(&scan.items, &listing.kept, &file_data);
-    let seq = repo
-        .catalog
-        .commit_snapshot(&run.id, &info, &snapshot_id, &listing_ids, &entries)
-        .await?;
+    let seq = commit(repo, &run.id, &info, &snapshot_id, &listing_ids, entries).await?;
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     Ok(BackupSummary {
@@ -372,7 +369,291 @@ async fn run_locked(
         new_data_bytes: pipeline.new_bytes.load(Ordering::Relaxed),
         packs,
         duration_ms: started.elapsed().as_millis() as u64,
-        warnings: scan.warnings,
+        warnings,
+    })
+}
+
+/// The spooled stages' files in the run's folder (removed with it).
+const ITEMS_SPOOL: &str = "items.jsonl";
+const ENTRIES_SPOOL: &str = "entries.jsonl";
+const LISTING_SPOOL: &str = "listing.jsonl";
+
+/// Runs blocking work (file system, spool files) off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))
+}
+
+/// The walk, a batch at a time, each batch compared with the previous snapshot's files of
+/// its path range (the walk goes in the catalog's path order, so the ranges follow each
+/// other): unchanged files keep their content, the others are to be read. The items go to
+/// a spool file; returned: its reader and the totals.
+async fn scan(
+    repo: &Repo,
+    source: &Source,
+    root_id: Option<i64>,
+    pipeline: &Pipeline,
+    spool: &Path,
+    warnings: &mut Vec<Warning>,
+    cancel: &CancelFlag,
+) -> Result<(SpoolReader<Item>, Totals), Error> {
+    let mut walk = Walk {
+        walker: Walker::new(source.path.clone()),
+        src: source.path.clone(),
+        name: source.name.clone(),
+        names: OwnerNames::default(),
+        warnings: Vec::new(),
+    };
+    let mut out = SpoolWriter::create(&spool.join(ITEMS_SPOOL))?;
+    let mut totals = Totals::default();
+    let mut after: Option<String> = None;
+    loop {
+        let (cancel, n) = (cancel.clone(), repo.batch());
+        let (w, batch) = blocking(move || {
+            let batch = walk.batch(n, &cancel);
+            (walk, batch)
+        })
+        .await?;
+        walk = w;
+        let mut batch = batch?;
+        let Some(last) = batch.last().map(|i| i.line.path.clone()) else {
+            break;
+        };
+        let previous = match root_id {
+            Some(id) => {
+                repo.catalog
+                    .previous_files(id, after.as_deref(), &last)
+                    .await?
+            }
+            None => HashMap::new(),
+        };
+        {
+            let stored = pipeline.known.lock().unwrap();
+            for item in &mut batch {
+                decide(item, previous.get(&item.line.path), &stored)?;
+                if item.line.kind == EntryKind::File {
+                    totals.files += 1;
+                }
+                if item.read {
+                    totals.to_read += 1;
+                    totals.read_bytes += item.line.size;
+                }
+            }
+        }
+        out = blocking(move || {
+            batch.iter().try_for_each(|i| out.push(i))?;
+            Ok::<_, Error>(out)
+        })
+        .await??;
+        after = Some(last);
+    }
+    warnings.append(&mut walk.warnings);
+    Ok((blocking(move || out.finish()).await??, totals))
+}
+
+/// Decides what becomes of a walked file's content. An unchanged file (same size, time and
+/// inode as in the previous snapshot) keeps its content and chunk list, but only if every
+/// chunk of it is among the stored ones this backup may rely on; otherwise (a chunk of a
+/// pack known to be missing, one a scrub found damaged, a format-1 unencrypted chunk) it is
+/// read and stored again, unchanged or not (invariant 1).
+fn decide(item: &mut Item, previous: Option<&PrevFile>, stored: &ChunkSet) -> Result<(), Error> {
+    let line = &mut item.line;
+    if line.kind != EntryKind::File {
+        return Ok(());
+    }
+    let unchanged = previous
+        .filter(|p| p.size == line.size && p.mtime_ns == line.mtime_ns && p.inode == line.inode);
+    let Some(p) = unchanged else {
+        item.read = true;
+        return Ok(());
+    };
+    if p.chunks.is_empty() && line.size > 0 {
+        return Err(Error::Invalid(format!(
+            "catalog has no chunk list for {} (content {})\nhint: run `storinator-worker verify`",
+            line.path, p.content_id
+        )));
+    }
+    if line.size > 0 && !p.chunks.iter().all(|id| stored.contains(id)) {
+        item.read = true;
+        return Ok(());
+    }
+    line.sha256 = Some(hex::encode(p.sha256));
+    line.chunks = p.chunks.clone();
+    item.reused = Some(p.content_id);
+    Ok(())
+}
+
+/// Reads what needs reading, a batch of items at a time, and lists every item that made it
+/// (unreadable files become warnings): the listing's lines to one spool file, the catalog's
+/// entries to another. Returns the packer (the listing and snapshot object go in after),
+/// what was listed and the entries' reader.
+#[allow(clippy::too_many_arguments)]
+async fn read_and_list(
+    batch_size: usize,
+    pipeline: &Arc<Pipeline>,
+    source: &Source,
+    mut items: SpoolReader<Item>,
+    spool: &Path,
+    mut packer: Packer,
+    warnings: &mut Vec<Warning>,
+    progress: &dyn Progress,
+) -> Result<(Packer, Listed, SpoolReader<Item>), Error> {
+    let mut listing = SpoolWriter::<ListingEntry>::create(&spool.join(LISTING_SPOOL))?;
+    let mut entries = SpoolWriter::<Item>::create(&spool.join(ENTRIES_SPOOL))?;
+    let mut listed = Listed::default();
+    loop {
+        let (r, batch) = blocking(move || {
+            let batch = items.next_batch(batch_size);
+            (items, batch)
+        })
+        .await?;
+        items = r;
+        let batch = batch?;
+        if batch.is_empty() {
+            break;
+        }
+        let to_read: Vec<(PathBuf, String, u64)> = batch
+            .iter()
+            .filter(|i| i.read)
+            .map(|i| (source.abs(&i.line.path), i.line.path.clone(), i.line.size))
+            .collect();
+        let results = if to_read.is_empty() {
+            Vec::new()
+        } else {
+            let (results, p) = read_files(pipeline, to_read, packer, progress).await?;
+            packer = p;
+            results
+        };
+        let kept = with_results(batch, results, warnings, &mut listed);
+        (listing, entries) = blocking(move || {
+            for item in &kept {
+                listing.push(&item.line)?;
+                entries.push(item)?;
+            }
+            Ok::<_, Error>((listing, entries))
+        })
+        .await??;
+    }
+    blocking(move || {
+        listing.close()?;
+        Ok((packer, listed, entries.finish()?))
+    })
+    .await?
+}
+
+/// Fills the read items' content from what reading produced, in order; leaves out the
+/// files that could not be read (as warnings). Counts what is kept.
+fn with_results(
+    batch: Vec<Item>,
+    results: Vec<FileOutcome>,
+    warnings: &mut Vec<Warning>,
+    listed: &mut Listed,
+) -> Vec<Item> {
+    let mut results = results.into_iter();
+    let mut kept = Vec::with_capacity(batch.len());
+    for mut item in batch {
+        if item.read {
+            match results.next().expect("one result per file read") {
+                Ok((data, warning)) => {
+                    warnings.extend(warning);
+                    item.line.sha256 = Some(hex::encode(data.sha256));
+                    item.line.size = data.size;
+                    item.line.chunks = data.chunks;
+                    listed.bytes_read += data.size;
+                }
+                Err(message) => {
+                    warnings.push(Warning {
+                        path: item.line.path,
+                        message,
+                    });
+                    continue;
+                }
+            }
+        }
+        match item.line.kind {
+            EntryKind::File => {
+                listed.files += 1;
+                listed.bytes += item.line.size;
+            }
+            EntryKind::Dir => listed.dirs += 1,
+            EntryKind::Symlink => {}
+        }
+        kept.push(item);
+    }
+    kept
+}
+
+/// Records the snapshot in the catalog from the spooled entries, a batch at a time.
+async fn commit(
+    repo: &Repo,
+    run_id: &str,
+    info: &SnapshotInfo,
+    snapshot_id: &ChunkId,
+    listing: &[ChunkId],
+    mut entries: SpoolReader<Item>,
+) -> Result<i64, Error> {
+    let mut commit = repo
+        .catalog
+        .begin_snapshot_commit(run_id, info, snapshot_id, listing)
+        .await?;
+    loop {
+        let n = repo.batch();
+        let (r, batch) = blocking(move || {
+            let batch = entries.next_batch(n);
+            (entries, batch)
+        })
+        .await?;
+        entries = r;
+        let batch = batch?
+            .into_iter()
+            .map(new_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        if batch.is_empty() {
+            break;
+        }
+        commit.add(&batch.iter().collect::<Vec<_>>()).await?;
+    }
+    commit.finish(info, snapshot_id, listing).await
+}
+
+/// The catalog row of an item that made it into the snapshot.
+fn new_entry(item: Item) -> Result<NewEntry, Error> {
+    let line = item.line;
+    let content = match (line.kind, item.reused) {
+        (EntryKind::File, Some(id)) => NewContent::Existing(id),
+        (EntryKind::File, None) => {
+            let sha256 = line
+                .sha256
+                .as_deref()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                .ok_or_else(|| {
+                    Error::Invalid(format!("spooled entry {} has no hash", line.path))
+                })?;
+            NewContent::New {
+                sha256,
+                size: line.size,
+                chunks: line.chunks,
+            }
+        }
+        _ => NewContent::None,
+    };
+    Ok(NewEntry {
+        path: line.path,
+        kind: line.kind,
+        size: line.size,
+        mtime_ns: line.mtime_ns,
+        mode: line.mode,
+        inode: line.inode,
+        target: line.target,
+        owner: Owner {
+            uid: line.uid,
+            gid: line.gid,
+            user: line.user,
+            group: line.group,
+        },
+        content,
     })
 }
 
@@ -390,26 +671,6 @@ impl Uploader {
 impl Drop for Uploader {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// An unchanged file is listed with its previous chunk list only if every chunk of it is
-/// among the stored ones this backup may rely on; otherwise (a chunk of a pack known to be
-/// missing, one a scrub found damaged, a format-1 unencrypted chunk) it is read and stored
-/// again, unchanged or not (invariant 1).
-fn reread_unstored(scan: &mut Scan, known: &Known) {
-    for (i, item) in scan.items.iter_mut().enumerate() {
-        let Content::Reused { content_id, .. } = item.content else {
-            continue;
-        };
-        let stored = known
-            .prev_chunks
-            .get(&content_id)
-            .is_some_and(|c| c.iter().all(|id| known.stored.contains(id)));
-        if !stored && item.size > 0 {
-            scan.to_read.push((i, item.size));
-            item.content = Content::Read(scan.to_read.len() - 1);
-        }
     }
 }
 
@@ -434,30 +695,12 @@ fn snapshot_info(id: &ChunkId, object: SnapshotObject, bytes_stored: u64) -> Sna
     }
 }
 
-/// Walks the tree (blocking I/O, off the runtime).
-async fn scan(
-    source: &Source,
-    previous: &Arc<HashMap<String, EntryRow>>,
-    cancel: &CancelFlag,
-) -> Result<Scan, Error> {
-    let (src, name) = (source.path.clone(), source.name.clone());
-    let (cancel, previous) = (cancel.clone(), previous.clone());
-    tokio::task::spawn_blocking(move || walk(&src, &name, &previous, &cancel))
-        .await
-        .map_err(|e| Error::Invalid(format!("walker failed: {e}")))?
-}
-
 /// Tells progress how much there is to do, and storage's estimate of the transfer.
-fn announce(repo: &Repo, scan: &Scan, counters: &Counters, progress: &dyn Progress) {
-    let files_total = scan
-        .items
-        .iter()
-        .filter(|i| i.kind == EntryKind::File)
-        .count() as u64;
-    let unchanged_files = files_total - scan.to_read.len() as u64;
+fn announce(repo: &Repo, totals: &Totals, counters: &Counters, progress: &dyn Progress) {
+    let unchanged_files = totals.files - totals.to_read;
     // Worst case (nothing deduplicates): every byte read is uploaded.
-    let upload_bytes: u64 = scan.to_read.iter().map(|(_, s)| *s).sum();
-    counters.files_total.store(files_total, Ordering::Relaxed);
+    let upload_bytes = totals.read_bytes;
+    counters.files_total.store(totals.files, Ordering::Relaxed);
     counters
         .files_done
         .store(unchanged_files, Ordering::Relaxed);
@@ -475,18 +718,10 @@ fn announce(repo: &Repo, scan: &Scan, counters: &Counters, progress: &dyn Progre
 /// 250 ms while it works.
 async fn read_files(
     pipeline: &Arc<Pipeline>,
-    scan: &Scan,
+    read_paths: Vec<(PathBuf, String, u64)>,
     packer: Packer,
     progress: &dyn Progress,
 ) -> Result<(Vec<FileOutcome>, Packer), Error> {
-    let read_paths: Vec<(PathBuf, String, u64)> = scan
-        .to_read
-        .iter()
-        .map(|(i, _)| {
-            let item = &scan.items[*i];
-            (item.abs.clone(), item.rel.clone(), item.size)
-        })
-        .collect();
     let work = {
         let pipeline = pipeline.clone();
         tokio::task::spawn_blocking(move || pipeline.read_all(read_paths, packer))
@@ -517,102 +752,21 @@ async fn read_files(
     read_result.map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))?
 }
 
-/// Pairs read results with the items; unreadable files become warnings.
-fn collect_results(results: Vec<FileOutcome>, scan: &mut Scan) -> Vec<Option<FileData>> {
-    let mut file_data = Vec::with_capacity(results.len());
-    for (r, (idx, _)) in results.into_iter().zip(&scan.to_read) {
-        match r {
-            Ok((data, warning)) => {
-                scan.warnings.extend(warning);
-                file_data.push(Some(data));
-            }
-            Err(message) => {
-                scan.warnings.push(Warning {
-                    path: scan.items[*idx].rel.clone(),
-                    message,
-                });
-                file_data.push(None);
-            }
-        }
-    }
-    file_data
-}
-
-/// Builds the listing (sorted by path, as the walk was).
-fn build_listing(
-    items: &[Item],
-    file_data: &[Option<FileData>],
-    prev_chunks: &HashMap<i64, Vec<ChunkId>>,
-) -> Result<Listing, Error> {
-    let mut listing = Listing {
-        json: Vec::with_capacity(items.len() * 160),
-        kept: Vec::with_capacity(items.len()),
-        files: 0,
-        dirs: 0,
-        bytes: 0,
-    };
-    for (i, item) in items.iter().enumerate() {
-        let (sha, chunks, size) = match &item.content {
-            Content::None => (None, Vec::new(), item.size),
-            Content::Reused { content_id, sha256 } => {
-                let chunks = match prev_chunks.get(content_id) {
-                    Some(c) => c.clone(),
-                    None if item.size == 0 => Vec::new(),
-                    None => {
-                        return Err(Error::Invalid(format!(
-                            "catalog has no chunk list for {} (content {content_id})\nhint: run `storinator-worker verify`",
-                            item.rel
-                        )));
-                    }
-                };
-                (Some(hex::encode(sha256)), chunks, item.size)
-            }
-            Content::Read(r) => match &file_data[*r] {
-                Some(d) => (Some(hex::encode(d.sha256)), d.chunks.clone(), d.size),
-                None => continue,
-            },
-        };
-        match item.kind {
-            EntryKind::File => {
-                listing.files += 1;
-                listing.bytes += size;
-            }
-            EntryKind::Dir => listing.dirs += 1,
-            EntryKind::Symlink => {}
-        }
-        listing.kept.push(i);
-        let line = ListingEntry {
-            path: item.rel.clone(),
-            kind: item.kind,
-            size,
-            mtime_ns: item.mtime_ns,
-            mode: item.mode,
-            inode: item.inode,
-            sha256: sha,
-            chunks,
-            target: item.target.clone(),
-            uid: item.owner.uid,
-            gid: item.owner.gid,
-            user: item.owner.user.clone(),
-            group: item.owner.group.clone(),
-        };
-        serde_json::to_writer(&mut listing.json, &line).expect("listing entries serialize");
-        listing.json.push(b'\n');
-    }
-    Ok(listing)
-}
-
 /// Stores the listing and then the snapshot object (filling in the listing's chunk ids and
 /// this run's counts), and sends the last pack to the uploader. Returns the snapshot's id
 /// and the object as stored.
 async fn store_snapshot_object(
     pipeline: Arc<Pipeline>,
     mut packer: Packer,
-    listing: Vec<u8>,
+    listing: &Path,
     mut object: SnapshotObject,
 ) -> Result<(ChunkId, SnapshotObject), Error> {
+    let listing = listing.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        object.listing = pipeline.store_bytes(&mut packer, &listing, BlobKind::Listing)?;
+        let file = std::fs::File::open(&listing).map_err(|e| Error::io(&listing, e))?;
+        object.listing = pipeline.store_bytes(&mut packer, file, BlobKind::Listing)?;
+        // The listing is stored: its spooled copy is no longer needed.
+        let _ = std::fs::remove_file(&listing);
         object.new_chunks = pipeline.new_chunks.load(Ordering::Relaxed);
         object.bytes_stored = pipeline.counters.bytes_stored.load(Ordering::Relaxed);
         let json = serde_json::to_vec(&object).expect("snapshot object serializes");
@@ -625,161 +779,92 @@ async fn store_snapshot_object(
     .map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))?
 }
 
-/// The catalog rows of the items that made it into the snapshot.
-fn new_entries(items: &[Item], kept: &[usize], file_data: &[Option<FileData>]) -> Vec<NewEntry> {
-    kept.iter()
-        .map(|&i| {
-            let item = &items[i];
-            let content = match &item.content {
-                Content::None => NewContent::None,
-                Content::Reused { content_id, .. } => NewContent::Existing(*content_id),
-                Content::Read(r) => {
-                    let d = file_data[*r].as_ref().expect("kept items have data");
-                    NewContent::New {
-                        sha256: d.sha256,
-                        size: d.size,
-                        chunks: d.chunks.clone(),
+/// The walk's state between batches.
+struct Walk {
+    walker: Walker,
+    src: PathBuf,
+    name: String,
+    names: OwnerNames,
+    warnings: Vec<Warning>,
+}
+
+impl Walk {
+    /// The next (up to) `n` items in path order; what is left out becomes a warning.
+    fn batch(&mut self, n: usize, cancel: &CancelFlag) -> Result<Vec<Item>, Error> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let Some(walked) = self.walker.next() else {
+                break;
+            };
+            match walked {
+                Walked::Unlisted(dir, e) if dir == self.src => {
+                    return Err(Error::Invalid(format!(
+                        "cannot read {}: {e}",
+                        self.src.display()
+                    )));
+                }
+                Walked::Unlisted(dir, e) => self.warnings.push(Warning {
+                    path: rel_display(&self.src, &self.name, &dir),
+                    message: format!("cannot list the folder: {e}"),
+                }),
+                Walked::Entry(path, meta) => {
+                    match walked_item(&self.src, &self.name, &path, meta, &mut self.names) {
+                        Ok(item) => out.push(item),
+                        Err(w) => self.warnings.push(w),
                     }
                 }
-            };
-            NewEntry {
-                path: item.rel.clone(),
-                kind: item.kind,
-                size: match &content {
-                    NewContent::New { size, .. } => *size,
-                    _ => item.size,
-                },
-                mtime_ns: item.mtime_ns,
-                mode: item.mode,
-                inode: item.inode,
-                target: item.target.clone(),
-                owner: item.owner.clone(),
-                content,
             }
-        })
-        .collect()
-}
-
-/// Walks `src` in path order; decides which files need reading.
-fn walk(
-    src: &Path,
-    name: &str,
-    previous: &HashMap<String, EntryRow>,
-    cancel: &CancelFlag,
-) -> Result<Scan, Error> {
-    let mut scan = Scan {
-        items: Vec::new(),
-        to_read: Vec::new(),
-        warnings: Vec::new(),
-    };
-    let mut names = OwnerNames::default();
-    let walker = walkdir::WalkDir::new(src)
-        .follow_links(false)
-        .sort_by_file_name();
-    for entry in walker {
-        if cancel.is_cancelled() {
-            return Err(Error::Cancelled);
         }
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) if e.depth() == 0 => {
-                return Err(Error::Invalid(format!(
-                    "cannot read {}: {e}",
-                    src.display()
-                )));
-            }
-            Err(e) => {
-                let path = e
-                    .path()
-                    .map(|p| rel_display(src, name, p))
-                    .unwrap_or_else(|| name.to_string());
-                scan.warnings.push(Warning {
-                    path,
-                    message: e.to_string(),
-                });
-                continue;
-            }
-        };
-        match walked_item(
-            src,
-            name,
-            &entry,
-            previous,
-            &mut scan.to_read,
-            scan.items.len(),
-            &mut names,
-        ) {
-            Ok(item) => scan.items.push(item),
-            Err(w) => scan.warnings.push(w),
-        }
+        Ok(out)
     }
-    Ok(scan)
 }
 
-/// One walked entry as an item of the snapshot, or the warning that leaves it out. A file
-/// that needs reading is queued on `to_read` (as item number `index`).
+/// One walked entry as an item of the snapshot (its content not decided yet), or the
+/// warning that leaves it out.
 fn walked_item(
     src: &Path,
     name: &str,
-    entry: &walkdir::DirEntry,
-    previous: &HashMap<String, EntryRow>,
-    to_read: &mut Vec<(usize, u64)>,
-    index: usize,
+    path: &Path,
+    meta: std::io::Result<std::fs::Metadata>,
     names: &mut OwnerNames,
 ) -> Result<Item, Warning> {
-    let rel = rel_path(src, name, entry.path()).ok_or_else(|| Warning {
-        path: rel_display(src, name, entry.path()),
+    let rel = rel_path(src, name, path).ok_or_else(|| Warning {
+        path: rel_display(src, name, path),
         message: "skipped: name is not valid UTF-8".into(),
     })?;
     let skipped = |message: String| Warning {
         path: rel.clone(),
         message,
     };
-    let meta = entry
-        .metadata()
-        .map_err(|e| skipped(format!("skipped: {e}")))?;
-    let (kind, target) = classify(entry.path(), &meta).map_err(skipped)?;
+    let meta = meta.map_err(|e| skipped(format!("skipped: {e}")))?;
+    let (kind, target) = classify(path, &meta).map_err(skipped)?;
     let size = if kind == EntryKind::File {
         meta.len()
     } else {
         0
     };
-    let mtime = mtime_ns(&meta);
-    let inode = meta.ino();
-    let content = if kind == EntryKind::File {
-        match previous.get(&rel) {
-            Some(p)
-                if p.kind == EntryKind::File
-                    && p.size == size
-                    && p.mtime_ns == mtime
-                    && p.inode == inode
-                    && p.content_id.is_some()
-                    && p.sha256.is_some() =>
-            {
-                Content::Reused {
-                    content_id: p.content_id.unwrap(),
-                    sha256: p.sha256.unwrap(),
-                }
-            }
-            _ => {
-                to_read.push((index, size));
-                Content::Read(to_read.len() - 1)
-            }
-        }
-    } else {
-        Content::None
-    };
+    let owner = names.owner(meta.uid(), meta.gid());
     Ok(Item {
-        rel,
-        abs: entry.path().to_path_buf(),
-        kind,
-        size,
-        mtime_ns: mtime,
-        mode: meta.permissions().mode() & 0o7777,
-        inode,
-        target,
-        owner: names.owner(meta.uid(), meta.gid()),
-        content,
+        line: ListingEntry {
+            path: rel,
+            kind,
+            size,
+            mtime_ns: mtime_ns(&meta),
+            mode: meta.permissions().mode() & 0o7777,
+            inode: meta.ino(),
+            sha256: None,
+            chunks: Vec::new(),
+            target,
+            uid: owner.uid,
+            gid: owner.gid,
+            user: owner.user,
+            group: owner.group,
+        },
+        reused: None,
+        read: false,
     })
 }
 

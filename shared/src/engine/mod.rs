@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod canary;
 pub mod copies;
+mod dedup;
 pub mod forget;
 mod packer;
 mod pipeline;
@@ -20,5 +21,7 @@ pub mod repo;
 pub mod restore;
 mod run;
 pub mod scrub;
+mod spool;
 mod target;
 mod verify;
+mod walk;

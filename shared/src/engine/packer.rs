@@ -15,6 +15,12 @@ use crate::format::pack::{BlobKind, FinishedPack, PackWriter};
 use crate::storage::{ObjectRef, Storage, with_retry};
 
 /// Fills packs up to the pack size and sends each finished one to the uploader.
+/// Most blobs in one pack. The pack's table of contents is held in memory until the pack is
+/// finished (and sealed, and indexed in the catalog at once): a pack of a million small files
+/// would hold a million entries. At this many it is a few MB, and a pack of small files is
+/// still several MB.
+const MAX_PACK_BLOBS: usize = 1 << 16;
+
 pub(super) struct Packer {
     current: Option<PackWriter>,
     pack_size: u64,
@@ -51,7 +57,7 @@ impl Packer {
     ) -> Result<(), Error> {
         if let Some(w) = self.current.as_ref()
             && !w.is_empty()
-            && w.size_with(sealed.len()) > self.pack_size
+            && (w.size_with(sealed.len()) > self.pack_size || w.blobs() >= MAX_PACK_BLOBS)
         {
             self.flush(mode)?;
         }
@@ -145,4 +151,31 @@ async fn upload_one(
         return Err(e);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::crypto::{Keys, MasterSecret};
+
+    #[test]
+    fn a_pack_of_small_blobs_ends_at_the_blob_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let keys = Keys::derive(&MasterSecret::generate());
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut packer = Packer::new(1 << 30, d.path().to_path_buf(), true, tx);
+        let mode = SealMode::Encrypted(&keys);
+        for i in 0..=MAX_PACK_BLOBS as u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            packer
+                .append(mode, BlobKind::Data, ChunkId(id), b"sealed", 6)
+                .unwrap();
+        }
+        let full = rx.try_recv().expect("the full pack went to the uploader");
+        assert_eq!(full.entries.len(), MAX_PACK_BLOBS);
+        assert!(rx.try_recv().is_err(), "the last blob opened a new pack");
+        packer.flush(mode).unwrap();
+        assert_eq!(rx.try_recv().unwrap().entries.len(), 1);
+    }
 }

@@ -5,7 +5,6 @@
 //! compress/encrypt/MAC new chunks and append them to the current pack. That splits the
 //! per-byte work about evenly, so one large file keeps both cores busy.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +13,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use sha2::{Digest, Sha256};
 
 use super::backup::{Warning, mtime_ns};
+use super::dedup::ChunkSet;
 use super::packer::Packer;
 use super::repo::Repo;
 use crate::error::Error;
@@ -62,7 +62,7 @@ pub(super) struct Pipeline {
     pub cutter: Cutter,
     pub threads: usize,
     /// Ids already stored, or being stored by this run.
-    pub known: Mutex<HashSet<ChunkId>>,
+    pub known: Mutex<ChunkSet>,
     pub counters: Arc<Counters>,
     pub cancel: CancelFlag,
     pub failed: AtomicBool,
@@ -83,7 +83,7 @@ impl Pipeline {
     pub(super) fn new(
         repo: &Repo,
         encrypt: bool,
-        stored: HashSet<ChunkId>,
+        stored: ChunkSet,
         counters: &Arc<Counters>,
         cancel: &CancelFlag,
     ) -> Pipeline {
@@ -272,7 +272,7 @@ impl Pipeline {
     pub(super) fn store_bytes(
         &self,
         packer: &mut Packer,
-        data: &[u8],
+        data: impl std::io::Read,
         kind: BlobKind,
     ) -> Result<Vec<ChunkId>, Error> {
         let mut ids = Vec::new();

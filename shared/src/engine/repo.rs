@@ -32,6 +32,10 @@ pub struct EngineSettings {
     pub hostname: String,
 }
 
+/// Items per batch of a backup or restore: a few MB of state, enough to keep reads and
+/// catalog queries efficient.
+const DEFAULT_BATCH: usize = 4096;
+
 impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
@@ -79,6 +83,8 @@ pub struct Repo {
     /// Whether a backup of a root another live run is backing up waits for it (the daemon)
     /// or fails at once naming the other run (the command line).
     wait_for_locks: bool,
+    /// Items a backup or restore handles at a time (see [`Repo::with_batch`]).
+    batch: usize,
 }
 
 impl Repo {
@@ -143,6 +149,7 @@ impl Repo {
             keys,
             settings,
             wait_for_locks: true,
+            batch: DEFAULT_BATCH,
         }
     }
 
@@ -155,6 +162,19 @@ impl Repo {
 
     pub(crate) fn waits_for_locks(&self) -> bool {
         self.wait_for_locks
+    }
+
+    /// Sets how many items a backup walks, compares, reads and commits at a time, and how
+    /// many entries a restore plans and writes at a time (default 4096): what they hold in
+    /// memory is about this many items, whatever the size of the tree. Tests use tiny batches
+    /// to cross batch boundaries.
+    pub fn with_batch(mut self, items: usize) -> Repo {
+        self.batch = items.max(1);
+        self
+    }
+
+    pub(crate) fn batch(&self) -> usize {
+        self.batch
     }
 
     /// Re-wraps the master secret under a new passphrase (no data is re-encrypted).

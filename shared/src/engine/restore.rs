@@ -271,6 +271,60 @@ impl Outcome {
     }
 }
 
+/// The snapshot's entries at the selected path, page by page in path order ([`Repo::batch`]
+/// entries a page): a restore reads them twice (check everything, then write), holding one
+/// page at a time, so its memory does not grow with the number of files.
+struct Pages<'a> {
+    catalog: &'a Catalog,
+    resolved: &'a Resolved,
+    after: Option<String>,
+    page: usize,
+    /// Symlinks the restore creates so far: a later path may not pass through one (in path
+    /// order a symlink comes before anything that would lie under it).
+    links: std::collections::HashSet<String>,
+}
+
+impl<'a> Pages<'a> {
+    fn new(repo: &'a Repo, resolved: &'a Resolved) -> Pages<'a> {
+        Pages {
+            catalog: &repo.catalog,
+            resolved,
+            after: None,
+            page: repo.batch(),
+            links: Default::default(),
+        }
+    }
+
+    /// The next page, planned (empty at the end).
+    async fn next(&mut self) -> Result<Vec<Planned>, Error> {
+        let r = self.resolved;
+        let page = self
+            .catalog
+            .entries_page(
+                r.root_id,
+                r.snapshot.seq,
+                &r.prefix,
+                self.after.as_deref(),
+                self.page,
+            )
+            .await?;
+        if let Some(last) = page.last() {
+            self.after = Some(last.path.clone());
+        }
+        plan_paths(page, &r.prefix, &mut self.links)
+    }
+}
+
+/// What the checking pass found.
+#[derive(Default)]
+struct Checked {
+    /// Per entry in path order: already there and identical (left alone).
+    skip: Vec<bool>,
+    conflicts: Vec<PathBuf>,
+    files: u64,
+    bytes: u64,
+}
+
 /// Runs a restore. Called through [`Repo::restore`].
 pub(crate) async fn run(
     repo: &Repo,
@@ -290,80 +344,64 @@ pub(crate) async fn run(
         opts.snapshot.as_deref(),
     )
     .await?;
-    let entries = repo
-        .catalog
-        .entries_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
-        .await?;
-    if entries.is_empty() {
+    let target = {
+        let (to, within) = (opts.to.clone(), opts.within.clone());
+        Arc::new(blocking(move || Target::open(&to, within.as_deref())).await??)
+    };
+    let checked = check_all(repo, &resolved, &target, opts.overwrite).await?;
+    if checked.skip.is_empty() {
         return Err(Error::NotFound(format!(
             "{} is not in snapshot {}",
             opts.path, resolved.snapshot.short_id
         )));
     }
-    let target = {
-        let (to, within) = (opts.to.clone(), opts.within.clone());
-        Arc::new(blocking(move || Target::open(&to, within.as_deref())).await??)
-    };
-    let mut plan = plan_paths(entries, &resolved.prefix)?;
-    let skip = check_existing(&target, &plan, opts.overwrite).await?;
-    let (files_total, bytes_total) = attach_chunk_lists(repo, &resolved, &mut plan, &skip).await?;
-    counters.files_total.store(files_total, Ordering::Relaxed);
-    counters.bytes_total.store(bytes_total, Ordering::Relaxed);
+    if !checked.conflicts.is_empty() {
+        return Err(Error::Conflicts {
+            paths: checked.conflicts,
+        });
+    }
+    counters.files_total.store(checked.files, Ordering::Relaxed);
+    counters.bytes_total.store(checked.bytes, Ordering::Relaxed);
     counters.set_phase(Phase::Downloading);
     progress.report(&counters.report());
-    let packs: std::collections::HashSet<&str> = plan
-        .iter()
-        .flat_map(|p| p.chunks.iter().map(|c| c.pack_id.as_str()))
-        .collect();
-    if let Some(estimate) = repo.storage.estimate(bytes_total, packs.len() as u64) {
+    let packs = repo
+        .catalog
+        .packs_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
+        .await?;
+    if let Some(estimate) = repo.storage.estimate(checked.bytes, packs) {
         progress.estimate(&estimate);
     }
 
-    let plan = Arc::new(plan);
-    let skip = Arc::new(skip);
     let same_owner = opts.same_owner.unwrap_or_else(running_as_root);
-    let keys = repo.keys().clone();
-
-    // Before writing: the leftovers of an interrupted restore into this target (exactly its
-    // own temporary files), then the folders, created writable.
-    let (removed_temp, mut outcome) = {
-        let (target, plan, keys) = (target.clone(), plan.clone(), keys.clone());
-        blocking(move || {
-            let removed = remove_own_temp_files(&target, &plan, &keys);
-            let mut outcome = Outcome::default();
-            make_dirs(&target, &plan, &mut outcome);
-            (removed, outcome)
-        })
-        .await?
-    };
-
-    let files: Vec<usize> = (0..plan.len())
-        .filter(|&i| plan[i].entry.kind == EntryKind::File && !skip[i])
-        .collect();
-    let write = WriteContext {
-        target: target.clone(),
-        plan: plan.clone(),
-        keys: keys.clone(),
+    let written = write_all(
+        repo,
+        &resolved,
+        &target,
+        &checked.skip,
         same_owner,
-        counters: counters.clone(),
-        cancel: cancel.clone(),
-    };
-    let encrypted = resolved.snapshot.encrypted;
-    outcome.merge(fetch_and_write(repo, write, &files, encrypted, progress).await?);
-    if cancel.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
+        &counters,
+        progress,
+        cancel,
+    )
+    .await?;
+    let Written {
+        mut outcome,
+        removed_temp,
+        files,
+        symlinks,
+        dirs,
+    } = written;
 
-    // Symlinks, then the folders' recorded owners, modes and times, deepest first (writing
-    // into a folder changes its time; a read-only folder must get its contents first).
-    let (symlinks, finish) = {
-        let (target, plan, skip, keys) = (target.clone(), plan.clone(), skip.clone(), keys);
+    // The folders' recorded owners, modes and times, deepest first (writing into a folder
+    // changes its time; a read-only folder must get its contents first).
+    let dir_count = dirs.len() as u64;
+    let finish = {
+        let target = target.clone();
         blocking(move || {
             let mut outcome = Outcome::default();
             let mut owners = Owners::new(same_owner);
-            let links = make_symlinks(&target, &plan, &skip, &keys, &mut owners, &mut outcome);
-            finish_dirs(&target, &plan, &mut owners, &mut outcome);
-            (links, outcome)
+            finish_dirs(&target, &dirs, &mut owners, &mut outcome);
+            outcome
         })
         .await?
     };
@@ -378,18 +416,14 @@ pub(crate) async fn run(
     }
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
-    let unchanged = skip.iter().filter(|s| **s).count() as u64;
-    let dirs = plan
-        .iter()
-        .filter(|p| p.entry.kind == EntryKind::Dir)
-        .count() as u64;
+    let unchanged = checked.skip.iter().filter(|s| **s).count() as u64;
     Ok(RestoreSummary {
         snapshot: resolved.snapshot,
         target: target
             .path()
             .join(resolved.prefix.rsplit('/').next().unwrap_or("")),
-        files: files.len() as u64,
-        dirs,
+        files,
+        dirs: dir_count,
         symlinks,
         bytes: counters.bytes_done.load(Ordering::Relaxed),
         unchanged,
@@ -397,6 +431,142 @@ pub(crate) async fn run(
         warnings: outcome.warnings,
         removed_temp: removed_temp.iter().map(|r| target.display(r)).collect(),
     })
+}
+
+/// The checking pass: every path validated and compared with what the target holds, before
+/// anything is written.
+async fn check_all(
+    repo: &Repo,
+    resolved: &Resolved,
+    target: &Arc<Target>,
+    overwrite: bool,
+) -> Result<Checked, Error> {
+    let mut checked = Checked::default();
+    let mut pages = Pages::new(repo, resolved);
+    loop {
+        let plan = pages.next().await?;
+        if plan.is_empty() {
+            return Ok(checked);
+        }
+        let (skip, conflicts) = check_existing(target, &plan, overwrite).await?;
+        for (p, s) in plan.iter().zip(&skip) {
+            if p.entry.kind == EntryKind::File && !s {
+                checked.files += 1;
+                checked.bytes += p.entry.size;
+            }
+        }
+        checked.skip.extend(skip);
+        checked.conflicts.extend(conflicts);
+    }
+}
+
+/// What the writing pass did.
+struct Written {
+    outcome: Outcome,
+    removed_temp: Vec<PathBuf>,
+    files: u64,
+    symlinks: u64,
+    /// The folders, for their metadata at the very end.
+    dirs: Vec<Planned>,
+}
+
+/// The writing pass, a page at a time: leftovers of an interrupted restore removed, folders
+/// created (writable), files fetched and written, symlinks made.
+#[allow(clippy::too_many_arguments)]
+async fn write_all(
+    repo: &Repo,
+    resolved: &Resolved,
+    target: &Arc<Target>,
+    skip: &[bool],
+    same_owner: bool,
+    counters: &Arc<Counters>,
+    progress: &dyn Progress,
+    cancel: &CancelFlag,
+) -> Result<Written, Error> {
+    let keys = repo.keys().clone();
+    let mut written = Written {
+        outcome: Outcome::default(),
+        removed_temp: Vec::new(),
+        files: 0,
+        symlinks: 0,
+        dirs: Vec::new(),
+    };
+    let mut pages = Pages::new(repo, resolved);
+    let mut done = 0;
+    loop {
+        let mut plan = pages.next().await?;
+        if plan.is_empty() {
+            break;
+        }
+        let skip: Vec<bool> = skip
+            .get(done..done + plan.len())
+            .ok_or_else(|| {
+                Error::Changed(format!(
+                    "snapshot {} changed during the restore",
+                    resolved.snapshot.short_id
+                ))
+            })?
+            .to_vec();
+        done += plan.len();
+        attach_chunk_lists(repo, &mut plan, &skip).await?;
+        let plan = Arc::new(plan);
+        let skip = Arc::new(skip);
+        let (removed, outcome) = {
+            let (target, plan, keys) = (target.clone(), plan.clone(), keys.clone());
+            blocking(move || {
+                let removed = remove_own_temp_files(&target, &plan, &keys);
+                let mut outcome = Outcome::default();
+                make_dirs(&target, &plan, &mut outcome);
+                (removed, outcome)
+            })
+            .await?
+        };
+        written.removed_temp.extend(removed);
+        written.outcome.merge(outcome);
+        let files: Vec<usize> = (0..plan.len())
+            .filter(|&i| plan[i].entry.kind == EntryKind::File && !skip[i])
+            .collect();
+        written.files += files.len() as u64;
+        let write = WriteContext {
+            target: target.clone(),
+            plan: plan.clone(),
+            keys: keys.clone(),
+            same_owner,
+            counters: counters.clone(),
+            cancel: cancel.clone(),
+        };
+        let encrypted = resolved.snapshot.encrypted;
+        let outcome = fetch_and_write(repo, write, &files, encrypted, progress).await?;
+        written.outcome.merge(outcome);
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let (links, outcome) = {
+            let (target, plan, skip, keys) =
+                (target.clone(), plan.clone(), skip.clone(), keys.clone());
+            blocking(move || {
+                let mut outcome = Outcome::default();
+                let mut owners = Owners::new(same_owner);
+                let links = make_symlinks(&target, &plan, &skip, &keys, &mut owners, &mut outcome);
+                (links, outcome)
+            })
+            .await?
+        };
+        written.symlinks += links;
+        written.outcome.merge(outcome);
+        let plan =
+            Arc::try_unwrap(plan).unwrap_or_else(|_| unreachable!("the page's tasks are done"));
+        written.dirs.extend(
+            plan.into_iter()
+                .filter(|p| p.entry.kind == EntryKind::Dir)
+                .map(|mut p| {
+                    p.chunks = Vec::new();
+                    p
+                }),
+        );
+    }
+    written.removed_temp.sort();
+    Ok(written)
 }
 
 /// Runs blocking file system work off the async runtime.
@@ -410,9 +580,15 @@ fn running_as_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Maps every entry to its path below the target, validating every path before anything
-/// touches the disk. The selected item (`prefix`) lands at `<to>/<its own name>`.
-fn plan_paths(entries: Vec<EntryRow>, prefix: &str) -> Result<Vec<Planned>, Error> {
+/// Maps a page of entries (in path order) to their paths below the target, validating every
+/// path. The selected item (`prefix`) lands at `<to>/<its own name>`. `links` holds the
+/// symlinks of the pages before: no path may pass through a symlink the restore itself
+/// creates.
+fn plan_paths(
+    entries: Vec<EntryRow>,
+    prefix: &str,
+    links: &mut std::collections::HashSet<String>,
+) -> Result<Vec<Planned>, Error> {
     let selected_parent = match prefix.rfind('/') {
         Some(i) => &prefix[..i + 1],
         None => "",
@@ -429,40 +605,37 @@ fn plan_paths(entries: Vec<EntryRow>, prefix: &str) -> Result<Vec<Planned>, Erro
                     entry.path
                 ))
             })?;
+        // In path order a symlink comes before anything under it: check each ancestor.
+        let mut ancestor = entry.path.as_str();
+        while let Some(i) = ancestor.rfind('/') {
+            ancestor = &ancestor[..i];
+            if links.contains(ancestor) {
+                return Err(Error::Invalid(format!(
+                    "refusing to restore {:?}: it lies under the symlink {ancestor:?}",
+                    entry.path
+                )));
+            }
+        }
+        if entry.kind == EntryKind::Symlink {
+            links.insert(entry.path.clone());
+        }
         plan.push(Planned {
             entry,
             rel,
             chunks: Vec::new(),
         });
     }
-    // A path may not pass through a symlink the restore itself creates.
-    let links: Vec<&str> = plan
-        .iter()
-        .filter(|p| p.entry.kind == EntryKind::Symlink)
-        .map(|p| p.entry.path.as_str())
-        .collect();
-    for p in &plan {
-        if let Some(l) = links
-            .iter()
-            .find(|l| p.entry.path.starts_with(&format!("{l}/")))
-        {
-            return Err(Error::Invalid(format!(
-                "refusing to restore {:?}: it lies under the symlink {l:?}",
-                p.entry.path
-            )));
-        }
-    }
     Ok(plan)
 }
 
-/// Compares what already exists with the plan: identical items are skipped (`true` in the
-/// result), differing ones refuse the restore unless overwriting was asked for. Decided for
-/// all before anything is written.
+/// Compares what already exists with a page of the plan: identical items are skipped
+/// (`true` in the result), differing ones are conflicts (refusing the restore) unless
+/// overwriting was asked for. Decided for all before anything is written.
 async fn check_existing(
     target: &Arc<Target>,
     plan: &[Planned],
     overwrite: bool,
-) -> Result<Vec<bool>, Error> {
+) -> Result<(Vec<bool>, Vec<PathBuf>), Error> {
     let checks: Vec<ExistingCheck> = plan
         .iter()
         .map(|p| ExistingCheck {
@@ -495,32 +668,29 @@ async fn check_existing(
             Existing::Error(e) => return Err(Error::io(target.display(&plan[i].rel), e)),
         }
     }
-    if !conflicts.is_empty() {
-        return Err(Error::Conflicts { paths: conflicts });
-    }
-    Ok(skip)
+    Ok((skip, conflicts))
 }
 
-/// Gives every file to fetch its chunk list (one catalog query for the whole restore).
-/// Returns the number of files and bytes to fetch.
-async fn attach_chunk_lists(
-    repo: &Repo,
-    resolved: &Resolved,
-    plan: &mut [Planned],
-    skip: &[bool],
-) -> Result<(u64, u64), Error> {
-    let (mut files_total, mut bytes_total) = (0, 0);
-    let chunk_lists = repo
-        .catalog
-        .content_chunks_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
-        .await?;
-    for (i, p) in plan.iter_mut().enumerate() {
-        if p.entry.kind != EntryKind::File || skip[i] {
+/// Gives every file of a page to fetch its chunk list (one catalog query per page).
+async fn attach_chunk_lists(repo: &Repo, plan: &mut [Planned], skip: &[bool]) -> Result<(), Error> {
+    let wanted = |i: usize, p: &Planned| p.entry.kind == EntryKind::File && !skip[i];
+    let mut contents = Vec::new();
+    for (i, p) in plan.iter().enumerate() {
+        if !wanted(i, p) {
             continue;
         }
-        let content = p.entry.content_id.ok_or_else(|| {
+        contents.push(p.entry.content_id.ok_or_else(|| {
             Error::Invalid(format!("catalog entry {} has no content", p.entry.path))
-        })?;
+        })?);
+    }
+    contents.sort_unstable();
+    contents.dedup();
+    let chunk_lists = repo.catalog.content_chunks_of(&contents).await?;
+    for (i, p) in plan.iter_mut().enumerate() {
+        if !wanted(i, p) {
+            continue;
+        }
+        let content = p.entry.content_id.expect("checked above");
         // A content shared by several files is restored for each of them.
         p.chunks = match chunk_lists.get(&content) {
             Some(list) => list.clone(),
@@ -533,10 +703,8 @@ async fn attach_chunk_lists(
                 )));
             }
         };
-        bytes_total += p.entry.size;
-        files_total += 1;
     }
-    Ok((files_total, bytes_total))
+    Ok(())
 }
 
 /// Creates the planned folders (0700 until their recorded modes are applied at the end).

@@ -313,6 +313,11 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
+    /// Blobs in the pack so far.
+    pub fn blobs(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Appends a sealed blob.
     pub fn add(
         &mut self,

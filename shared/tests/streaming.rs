@@ -1,0 +1,274 @@
+//! Backups and restores in batches (issue 18, constant memory): the walk goes in the
+//! catalog's path order, the previous snapshot is read range by range, the commit and the
+//! restore plan go batch by batch. With batches of three items every boundary case is met:
+//! names that sort differently bytewise than by folder (`a`, `a-b`, `a.txt`, `a/x`, `a0`),
+//! upper case before lower case, non-ASCII after `z`, deep folders, files added, removed and
+//! renamed between snapshots.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use storinator_shared::{BackupOptions, CancelFlag, Catalog, NoProgress, RestoreOptions};
+
+fn backup_opts(path: &Path) -> BackupOptions {
+    BackupOptions {
+        path: path.to_path_buf(),
+        owner: "local".into(),
+        encrypt: true,
+    }
+}
+
+fn restore_opts(path: &Path, to: &Path, snapshot: Option<&str>) -> RestoreOptions {
+    RestoreOptions {
+        path: path.to_string_lossy().into_owned(),
+        to: to.to_path_buf(),
+        snapshot: snapshot.map(str::to_string),
+        owner: "local".into(),
+        overwrite: false,
+        within: None,
+        same_owner: None,
+    }
+}
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+const DEEP: &str = "a/x/d1/d2/d3/d4/d5/d6/d7/d8/d9/d10/d11/d12";
+
+/// The first tree: every name a trap for an order that is not bytewise.
+fn first_tree(src: &Path) {
+    for (rel, data) in [
+        ("a-b", &b"dash"[..]),
+        ("a.txt", b"dot"),
+        ("a/y", b"in a"),
+        ("a/x/f", b"in x"),
+        ("a0", b"zero"),
+        ("a+", b"plus"),
+        (" space", b"leading space"),
+        ("B", b"upper"),
+        ("b", b"lower"),
+        ("\u{e9}", b"e acute"),
+        ("z/\u{df}", b"sharp s"),
+        ("z/y", b"y"),
+    ] {
+        write(src, rel, data);
+    }
+    write(src, &format!("{DEEP}/leaf"), &bytes(50_000, 1));
+    std::os::unix::fs::symlink("a/y", src.join("a-link")).unwrap();
+}
+
+/// The second tree: removed, renamed, changed and added files interleaved in path order.
+fn second_tree(src: &Path) {
+    std::fs::remove_file(src.join("a-b")).unwrap();
+    std::fs::rename(src.join("a.txt"), src.join("a/a.txt")).unwrap();
+    write(src, "a0", b"zero, longer now");
+    write(src, "a/x/new", b"new in x");
+    write(src, "a,c", b"comma");
+    write(src, &format!("{DEEP}/leaf2"), b"second leaf");
+    std::fs::remove_dir_all(src.join("z")).unwrap();
+    write(src, "zz/q", b"q");
+    write(src, "\u{e9}\u{e9}", b"two e acutes");
+}
+
+fn restored(to: &Path) -> BTreeMap<String, String> {
+    describe_tree(&to.join("data"))
+}
+
+#[tokio::test]
+async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
+    let mut f = Fixture::new().await;
+    f.repo = f.repo.with_batch(3);
+    let src = f.path("src/data");
+    first_tree(&src);
+    let v1 = describe_tree(&src);
+    let opts = backup_opts(&src);
+    let cancel = CancelFlag::new();
+    let run = || f.repo.backup(&opts, &NoProgress, &cancel);
+    let s1 = run().await.unwrap();
+    assert!(s1.warnings.is_empty(), "{:?}", s1.warnings);
+    let rows1 = f.repo.catalog.entry_row_count().await.unwrap();
+    assert_eq!(rows1 as usize, v1.len(), "one row per item");
+
+    second_tree(&src);
+    let v2 = describe_tree(&src);
+    let s2 = run().await.unwrap();
+    assert!(s2.warnings.is_empty(), "{:?}", s2.warnings);
+    assert_eq!(s2.snapshot.files, 15, "{v2:?}");
+    // Rows only for what changed: the unchanged files (and the deep folders that did not
+    // change) share their rows with the first snapshot.
+    let rows2 = f.repo.catalog.entry_row_count().await.unwrap();
+    assert!(
+        rows2 < rows1 + v2.len() as i64 / 2 + 8,
+        "{rows1} then {rows2}"
+    );
+    assert!(s2.new_data_chunks > 0);
+
+    // An unchanged re-backup adds no rows and reads nothing.
+    let s3 = run().await.unwrap();
+    assert_eq!(f.repo.catalog.entry_row_count().await.unwrap(), rows2);
+    assert_eq!(s3.snapshot.bytes_read, 0);
+
+    for (snapshot, want) in [(&s1, &v1), (&s2, &v2), (&s3, &v2)] {
+        let to = f.path(&format!("out-{}", snapshot.snapshot.short_id));
+        let opts = restore_opts(&src, &to, Some(&snapshot.snapshot.short_id));
+        f.repo
+            .restore(&opts, &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(&restored(&to), want, "snapshot {}", snapshot.snapshot.seq);
+    }
+
+    // A subtree: `data/a` alone, not its byte-order neighbours (`a-b`, `a.txt`, `a0`) that
+    // sort inside the range `a` .. `a0` of the catalog's index.
+    let to = f.path("out-sub");
+    let opts = restore_opts(&src.join("a"), &to, Some(&s1.snapshot.short_id));
+    let summary = f
+        .repo
+        .restore(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let got = describe_tree(&to);
+    let want: BTreeMap<String, String> = v1
+        .iter()
+        .filter(|(k, _)| k.as_str() == "a" || k.starts_with("a/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let got: BTreeMap<String, String> = got.into_iter().filter(|(k, _)| !k.is_empty()).collect();
+    assert_eq!(got, want);
+    assert_eq!(summary.files, 3);
+    assert_eq!(summary.dirs, 14);
+}
+
+#[tokio::test]
+async fn a_restore_in_pages_checks_everything_before_writing_anything() {
+    let mut f = Fixture::new().await;
+    f.repo = f.repo.with_batch(2);
+    let src = f.path("src/data");
+    first_tree(&src);
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // A differing file in the last page of the plan (`é` sorts last): the restore must
+    // refuse before the first page is written.
+    let to = f.path("out");
+    write(&to, "data/\u{e9}", b"someone else's");
+    let e = f
+        .repo
+        .restore(
+            &restore_opts(&src, &to, None),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("\u{e9}"), "{e}");
+    assert!(
+        !to.join("data/a").exists(),
+        "nothing written before the check"
+    );
+    assert!(
+        !to.join("data/B").exists(),
+        "nothing written before the check"
+    );
+}
+
+/// A catalog made by the migrations before 0013 (the old layout, with the `entries_current`
+/// index) takes the new one and keeps working: backups compare against its rows, restores
+/// read them.
+#[tokio::test]
+async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).unwrap();
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for e in std::fs::read_dir(&all).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.as_str() < "0013" {
+            std::fs::copy(e.path(), old.join(&name)).unwrap();
+        }
+    }
+    let db = dir.path().join("catalog.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let index = |pool: sqlx::SqlitePool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'entries_current'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(index(pool.clone()).await, 1, "the old layout");
+
+    // A snapshot recorded in the old layout.
+    let storage = std::sync::Arc::new(InstrumentedStorage::new(
+        storinator_shared::MemoryStorage::new(dir.path().join("spool")),
+    ));
+    let src = dir.path().join("src/data");
+    first_tree(&src);
+    let v1 = describe_tree(&src);
+    {
+        let catalog = Catalog::from_pool(pool.clone());
+        storinator_shared::Repo::init(
+            &catalog,
+            storage.as_ref(),
+            PASS,
+            storinator_shared::KdfParams::fast_for_tests(),
+        )
+        .await
+        .unwrap();
+        let repo = storinator_shared::Repo::open(catalog, storage.clone(), PASS, settings())
+            .await
+            .unwrap();
+        repo.backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+
+    // Opened by this version: migrated.
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    assert_eq!(index(catalog.pool().clone()).await, 0, "migrated");
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(catalog.pool())
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    let repo = storinator_shared::Repo::open(catalog, storage, PASS, settings())
+        .await
+        .unwrap()
+        .with_batch(3);
+    let rows = repo.catalog.entry_row_count().await.unwrap();
+    let again = repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        again.snapshot.bytes_read, 0,
+        "unchanged against the old rows"
+    );
+    assert_eq!(repo.catalog.entry_row_count().await.unwrap(), rows);
+    let to = dir.path().join("out");
+    repo.restore(
+        &restore_opts(&src, &to, None),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(restored(&to), v1);
+}
