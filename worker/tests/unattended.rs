@@ -71,6 +71,11 @@ impl World {
     }
 
     async fn add(&self, when: &str) -> i64 {
+        self.add_keeping(when, None).await
+    }
+
+    /// A schedule of user 7 for the data folder, with a keep policy (`keep last 2`) if given.
+    async fn add_keeping(&self, when: &str, keep: Option<&str>) -> i64 {
         self.schedules
             .create(&NewSchedule {
                 owner: "tg:7".into(),
@@ -79,7 +84,8 @@ impl World {
                 path: self.data.display().to_string(),
                 when: parse_when(when).unwrap(),
                 encrypt: true,
-                retention: None,
+                retention: keep
+                    .map(|k| storinator_shared::ops::schedules::parse_retention(k).unwrap()),
             })
             .await
             .unwrap()
@@ -371,22 +377,7 @@ async fn the_daily_scrub_runs_as_a_scheduled_job_once_a_day() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schedules_keep_policy_is_applied_after_each_backup() {
     let w = World::new(at("2026-05-04 10:15")).await;
-    let id = w
-        .schedules
-        .create(&NewSchedule {
-            owner: "tg:7".into(),
-            user_id: 7,
-            chat_id: 7,
-            path: w.data.display().to_string(),
-            when: parse_when("hourly").unwrap(),
-            encrypt: true,
-            retention: Some(
-                storinator_shared::ops::schedules::parse_retention("keep last 2").unwrap(),
-            ),
-        })
-        .await
-        .unwrap()
-        .id;
+    let id = w.add_keeping("hourly", Some("keep last 2")).await;
     // Shown where schedules are listed (`/schedules`, `schedule list`).
     let alerts = storinator_shared::ops::alerts::Alerts::new(
         w.schedules.clone(),
@@ -451,22 +442,7 @@ async fn a_schedules_keep_policy_is_applied_after_each_backup() {
 async fn a_failed_keep_policy_after_a_scheduled_backup_raises_an_alert() {
     use storinator_shared::ops::alerts::{AlertKind, AlertPolicy, Alerts};
     let w = World::new(at("2026-05-04 10:15")).await;
-    let id = w
-        .schedules
-        .create(&NewSchedule {
-            owner: "tg:7".into(),
-            user_id: 7,
-            chat_id: 7,
-            path: w.data.display().to_string(),
-            when: parse_when("hourly").unwrap(),
-            encrypt: true,
-            retention: Some(
-                storinator_shared::ops::schedules::parse_retention("keep last 1").unwrap(),
-            ),
-        })
-        .await
-        .unwrap()
-        .id;
+    let id = w.add_keeping("hourly", Some("keep last 1")).await;
     let alerts = Alerts::new(w.schedules.clone(), AlertPolicy::default());
     let forget_alerts = || async {
         alerts
