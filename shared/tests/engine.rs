@@ -433,7 +433,7 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
         .filter(|n| !n.starts_with("key-"))
         .collect();
     assert_eq!(in_storage.len(), 3, "{in_storage:?}");
-    let finished_chunks: usize = stored_packs(f.storage.as_ref(), f.repo.keys())
+    let finished_chunks: usize = stored_packs(f.storage.as_ref(), &f.repo.ring_all().await.unwrap())
         .await
         .unwrap()
         .iter()
@@ -451,7 +451,7 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
         .unwrap();
     // Exactly what was missing went up: no chunk of a finished pack is stored a second
     // time, the finished packs are still there, and this run uploaded exactly its own packs.
-    let packs = stored_packs(f.storage.as_ref(), f.repo.keys())
+    let packs = stored_packs(f.storage.as_ref(), &f.repo.ring_all().await.unwrap())
         .await
         .unwrap();
     assert_eq!(
@@ -509,7 +509,7 @@ async fn a_backup_cancelled_mid_way_keeps_its_finished_packs_and_leaves_no_snaps
     // Every pack that finished is kept: in storage and in the catalog as stored.
     let finished = f.storage.puts.lock().unwrap().clone();
     assert!(finished.len() >= 2, "{finished:?}");
-    let packs_before = stored_packs(f.storage.as_ref(), f.repo.keys())
+    let packs_before = stored_packs(f.storage.as_ref(), &f.repo.ring_all().await.unwrap())
         .await
         .unwrap();
     assert_eq!(packs_before.len(), finished.len());
@@ -533,7 +533,7 @@ async fn a_backup_cancelled_mid_way_keeps_its_finished_packs_and_leaves_no_snaps
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    let packs = stored_packs(f.storage.as_ref(), f.repo.keys())
+    let packs = stored_packs(f.storage.as_ref(), &f.repo.ring_all().await.unwrap())
         .await
         .unwrap();
     assert_eq!(duplicate_data_chunks(&packs), vec![]);
@@ -1058,7 +1058,7 @@ async fn verify_catches_a_pack_of_the_wrong_size_and_a_bad_table_of_contents() {
     let clean = f.repo.verify(false, &NoProgress).await.unwrap();
     assert!(clean.problems.is_empty(), "{:?}", clean.problems);
     // Two packs holding file data: one grows by a byte, the other's trailer is damaged.
-    let packs = stored_packs(f.storage.as_ref(), f.repo.keys())
+    let packs = stored_packs(f.storage.as_ref(), &f.repo.ring_all().await.unwrap())
         .await
         .unwrap();
     let with_data: Vec<_> = packs

@@ -544,7 +544,7 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
     let e = f
         .repo
         .catalog
-        .commit_snapshot("late", &info, &blob, &[], std::slice::from_ref(&item))
+        .commit_snapshot("late", (&info, ""), &blob, &[], std::slice::from_ref(&item))
         .await
         .unwrap_err();
     assert!(e.to_string().contains("lost the lock"), "{e}");
@@ -556,7 +556,7 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
     let e = f
         .repo
         .catalog
-        .commit_snapshot("late", &info, &blob, &[], &[item])
+        .commit_snapshot("late", (&info, ""), &blob, &[], &[item])
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Changed(_)), "{e}");

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use sha2::Digest;
 use storinator_shared::format::pack::{BlobKind, PackEntry, PackId};
-use storinator_shared::{ChunkId, Keys};
+use storinator_shared::ChunkId;
+use storinator_shared::format::keyring::KeyRing;
 
 /// Deterministic pseudo-random bytes.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -331,11 +332,12 @@ pub struct StoredPack {
     pub entries: Vec<PackEntry>,
 }
 
-/// Reads the trailer of every pack in `storage` with `keys`. What a test uses to see what
-/// really went to storage: which chunks, in which packs, how often.
+/// Reads the trailer of every pack in `storage` with whichever key of `keys` sealed it (a
+/// repository's [`storinator_shared::Repo::ring_all`]). What a test uses to see what really
+/// went to storage: which chunks, in which packs, how often.
 pub async fn stored_packs(
     storage: &dyn storinator_shared::Storage,
-    keys: &Keys,
+    keys: &KeyRing,
 ) -> Result<Vec<StoredPack>, String> {
     let mut out = Vec::new();
     for o in storage.list().await.map_err(|e| e.to_string())? {
@@ -356,18 +358,19 @@ pub async fn stored_packs(
     Ok(out)
 }
 
-/// The trailer entries of a whole pack held in memory, authenticated with `keys`.
+/// The trailer entries of a whole pack held in memory, authenticated with a key of `keys`.
 pub fn pack_entries(
     name: &str,
     pack: &[u8],
-    keys: &Keys,
+    keys: &KeyRing,
 ) -> Result<Vec<PackEntry>, storinator_shared::format::pack::PackError> {
     use storinator_shared::format::pack::{self, PACK_TAIL_LEN};
     let size = pack.len() as u64;
     let tail_at = size.saturating_sub(PACK_TAIL_LEN) as usize;
     let tlen = pack::decode_tail(name, &pack[tail_at..], size)?;
     let body_len = size - PACK_TAIL_LEN - tlen;
-    pack::open_trailer(keys, name, &pack[body_len as usize..tail_at], body_len).map(|t| t.entries)
+    keys.open_trailer(name, &pack[body_len as usize..tail_at], body_len)
+        .map(|(_, t)| t.entries)
 }
 
 /// Data chunk ids that are stored in more than one place (each listed with its count). A

@@ -228,7 +228,7 @@ impl World {
         let repo = Repo::open(catalog, Arc::new(store), PASS, Self::settings())
             .await
             .unwrap();
-        stored_packs(repo.storage.as_ref(), repo.keys())
+        stored_packs(repo.storage.as_ref(), &repo.ring_all().await.unwrap())
             .await
             .unwrap()
     }

@@ -278,7 +278,7 @@ async fn sigterm_mid_job_keeps_finished_packs_and_the_next_run_resumes() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert_eq!(j.state, JobState::Done, "{j:?}");
     assert_eq!(j.attempt, 2);
-    let packs = stored_packs(repo.storage.as_ref(), repo.keys())
+    let packs = stored_packs(repo.storage.as_ref(), &repo.ring_all().await.unwrap())
         .await
         .unwrap();
     assert_eq!(

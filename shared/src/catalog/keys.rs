@@ -50,3 +50,52 @@ impl Catalog {
         Ok(())
     }
 }
+
+/// An owner key as the catalog records it: sealed by the installation key.
+#[derive(Clone, Debug)]
+pub struct OwnerKeyRow {
+    pub key_id: String,
+    pub owner: String,
+    pub sealed: Vec<u8>,
+}
+
+impl Catalog {
+    /// Owner keys, first recorded first: all of them, or one owner's (its first is the key its
+    /// new data is sealed with).
+    pub async fn owner_keys(&self, owner: Option<&str>) -> Result<Vec<OwnerKeyRow>, Error> {
+        let rows = match owner {
+            Some(o) => sqlx::query(
+                "SELECT key_id, owner, sealed FROM owner_keys WHERE owner = ? ORDER BY id",
+            )
+            .bind(o),
+            None => sqlx::query("SELECT key_id, owner, sealed FROM owner_keys ORDER BY id"),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading owner keys"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| OwnerKeyRow {
+                key_id: r.get(0),
+                owner: r.get(1),
+                sealed: r.get(2),
+            })
+            .collect())
+    }
+
+    /// Records an owner key (already stored in storage); a key recorded before is kept.
+    pub async fn add_owner_key(&self, key: &OwnerKeyRow) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO owner_keys (key_id, owner, sealed, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (key_id) DO NOTHING",
+        )
+        .bind(&key.key_id)
+        .bind(&key.owner)
+        .bind(&key.sealed)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording an owner key"))?;
+        Ok(())
+    }
+}

@@ -15,6 +15,7 @@ mod runs;
 mod scrub;
 mod snapshots;
 
+pub use keys::OwnerKeyRow;
 pub use lanes::{LaneHealth, LaneProbe, LaneState};
 pub use retention::{ForgetOutcome, PackUsage, RootUsage};
 pub use runs::RunRow;

@@ -269,13 +269,13 @@ impl Catalog {
     pub async fn commit_snapshot(
         &self,
         run_id: &str,
-        info: &SnapshotInfo,
+        (info, key_id): (&SnapshotInfo, &str),
         blob_id: &ChunkId,
         listing: &[ChunkId],
         items: &[NewEntry],
     ) -> Result<i64, Error> {
         let mut commit = self
-            .begin_snapshot_commit(run_id, info, blob_id, listing)
+            .begin_snapshot_commit(run_id, (info, key_id), blob_id, listing)
             .await?;
         let mut sorted: Vec<&NewEntry> = items.iter().collect();
         sorted.sort_by(|a, b| a.path.cmp(&b.path));
@@ -294,10 +294,13 @@ impl Catalog {
     /// snapshot that references a chunk whose pack is not stored (invariant 1): a file whose
     /// content has such a chunk must have been read and stored again, which also repairs its
     /// chunk list here.
+    ///
+    /// `key_id` names the key the snapshot's new chunks are named with (an owner key; empty:
+    /// the installation key): a new file content is shared only with contents of that key.
     pub async fn begin_snapshot_commit(
         &self,
         run_id: &str,
-        info: &SnapshotInfo,
+        (info, key_id): (&SnapshotInfo, &str),
         blob_id: &ChunkId,
         listing: &[ChunkId],
     ) -> Result<SnapshotCommit, Error> {
@@ -323,6 +326,7 @@ impl Catalog {
             root_id,
             seq,
             encrypted: info.encrypted,
+            key_id: key_id.to_string(),
             unusable,
             last: None,
         })
@@ -340,6 +344,8 @@ pub struct SnapshotCommit {
     root_id: i64,
     seq: i64,
     encrypted: bool,
+    /// The key of the snapshot's chunk ids (empty: the installation key).
+    key_id: String,
     unusable: Unusable,
     /// The last path recorded so far.
     last: Option<String>,
@@ -377,7 +383,13 @@ impl SnapshotCommit {
     /// One entry: unchanged (no row written), or its previous row closed and a new one added.
     async fn record(&mut self, item: &NewEntry, prev: Option<EntryRow>) -> Result<(), Error> {
         let tx = &mut *self.tx;
-        let content_id = content_id(tx, &item.content, self.encrypted, &mut self.unusable).await?;
+        let content_id = content_id(
+            tx,
+            &item.content,
+            (self.encrypted, &self.key_id),
+            &mut self.unusable,
+        )
+        .await?;
         if content_id.is_some_and(|c| self.unusable.contents.contains(&c)) {
             return Err(Error::Changed(format!(
                 "{} references chunks of a pack known to be missing",
@@ -570,7 +582,7 @@ async fn root_and_next_seq(
 async fn content_id(
     tx: &mut SqliteConnection,
     content: &NewContent,
-    encrypted: bool,
+    (encrypted, key_id): (bool, &str),
     unusable: &mut Unusable,
 ) -> Result<Option<i64>, Error> {
     let (sha256, size, chunks) = match content {
@@ -583,22 +595,24 @@ async fn content_id(
         } => (sha256, size, chunks),
     };
     let inserted = sqlx::query(
-        "INSERT INTO contents (sha256, size, encrypted) VALUES (?, ?, ?) \
-         ON CONFLICT (sha256, size, encrypted) DO NOTHING",
+        "INSERT INTO contents (sha256, size, encrypted, key_id) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (sha256, size, encrypted, key_id) DO NOTHING",
     )
     .bind(&sha256[..])
     .bind(*size as i64)
     .bind(encrypted)
+    .bind(key_id)
     .execute(&mut *tx)
     .await
     .map_err(db(COMMIT))?
     .rows_affected();
     let id: i64 = sqlx::query_scalar(
-        "SELECT id FROM contents WHERE sha256 = ? AND size = ? AND encrypted = ?",
+        "SELECT id FROM contents WHERE sha256 = ? AND size = ? AND encrypted = ? AND key_id = ?",
     )
     .bind(&sha256[..])
     .bind(*size as i64)
     .bind(encrypted)
+    .bind(key_id)
     .fetch_one(&mut *tx)
     .await
     .map_err(db(COMMIT))?;

@@ -30,6 +30,7 @@ use crate::catalog::{NewContent, NewEntry, Owner, PrevFile, SnapshotInfo, check_
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
+use crate::format::keyring::RingKey;
 use crate::format::pack::{self, BlobKind, FinishedPack};
 use crate::format::snapshot::{ListingEntry, SNAPSHOT_VERSION, SnapshotObject};
 use crate::progress::{CancelFlag, Counters, Phase, Progress, human_bytes};
@@ -218,14 +219,16 @@ pub(crate) async fn run(
 ) -> Result<BackupSummary, Error> {
     check_owner(&opts.owner)?;
     let source = Source::open(&opts.path)?;
+    // The owner's key is stored (every lane) and recorded before any blob is sealed with it.
+    let key = repo.owner_key(&opts.owner).await?;
     let run = Run::start(repo).await?;
-    let mut result = run_locked(repo, opts, &source, &run, progress, cancel).await;
+    let mut result = run_locked(repo, opts, &key, &source, &run, progress, cancel).await;
     if let Err(Error::Changed(why)) = &result {
         // The catalog changed under this backup (typically: a prune condemned a pack whose
         // chunks it deduplicated against, so the commit guard refused the snapshot). Once
         // more, with a fresh dedup index: that data is stored again, nothing is lost.
         tracing::warn!("backup of {}: {why}; running it again", source.root);
-        result = run_locked(repo, opts, &source, &run, progress, cancel).await;
+        result = run_locked(repo, opts, &key, &source, &run, progress, cancel).await;
     }
     let finished = run.finish(repo).await;
     match (result, finished) {
@@ -242,6 +245,7 @@ pub(crate) async fn run(
 async fn run_locked(
     repo: &Repo,
     opts: &BackupOptions,
+    key: &RingKey,
     source: &Source,
     run: &Run,
     progress: &dyn Progress,
@@ -271,6 +275,7 @@ async fn run_locked(
     let root_id = repo.catalog.root_id(&opts.owner, &source.root).await?;
     let pipeline = Arc::new(Pipeline::new(
         repo,
+        &key.keys,
         opts.encrypt,
         stored_chunks(repo, opts).await?,
         &counters,
@@ -360,7 +365,7 @@ async fn run_locked(
     let bytes_stored = counters.bytes_stored.load(Ordering::Relaxed);
     let listing_ids = object.listing.clone();
     let info = snapshot_info(&snapshot_id, object, bytes_stored);
-    let seq = commit(repo, &run.id, &info, &snapshot_id, &listing_ids, entries).await?;
+    let seq = commit(repo, &run.id, (&info, &key.key_id), &snapshot_id, &listing_ids, entries).await?;
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     Ok(BackupSummary {
@@ -588,14 +593,14 @@ fn with_results(
 async fn commit(
     repo: &Repo,
     run_id: &str,
-    info: &SnapshotInfo,
+    (info, key_id): (&SnapshotInfo, &str),
     snapshot_id: &ChunkId,
     listing: &[ChunkId],
     mut entries: SpoolReader<Item>,
 ) -> Result<i64, Error> {
     let mut commit = repo
         .catalog
-        .begin_snapshot_commit(run_id, info, snapshot_id, listing)
+        .begin_snapshot_commit(run_id, (info, key_id), snapshot_id, listing)
         .await?;
     loop {
         let n = repo.batch();

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use super::repo::Repo;
 use crate::error::Error;
-use crate::format::crypto::Keys;
+use crate::format::keyring::KeyRing;
 use crate::format::pack::{self, PACK_TAIL_LEN};
 
 /// Heals every copy reads found missing or damaged since the last call. Returns one line per
@@ -30,8 +30,8 @@ pub async fn heal(repo: &Repo) -> Result<Vec<String>, Error> {
         if p.state != "stored" {
             continue;
         }
-        let keys = repo.keys().clone();
-        let check = |path: &Path| check_pack_file(&keys, &name, path);
+        let ring = repo.ring_all().await?;
+        let check = |path: &Path| check_pack_file(&ring, &name, path);
         match lanes.heal(&name, p.size, &p.location, &lane, &check).await {
             Ok(Some(location)) => {
                 repo.catalog
@@ -61,7 +61,7 @@ pub async fn heal(repo: &Repo) -> Result<Vec<String>, Error> {
 
 /// Authenticates a whole pack read from a copy: its trailer with the key, and every blob the
 /// trailer lists against its MAC.
-fn check_pack_file(keys: &Keys, name: &str, path: &Path) -> Result<(), String> {
+fn check_pack_file(ring: &KeyRing, name: &str, path: &Path) -> Result<(), String> {
     let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let size = data.len() as u64;
     if size < PACK_TAIL_LEN {
@@ -71,7 +71,10 @@ fn check_pack_file(keys: &Keys, name: &str, path: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let body_len = size - PACK_TAIL_LEN - tlen;
     let sealed = &data[body_len as usize..(size - PACK_TAIL_LEN) as usize];
-    let trailer = pack::open_trailer(keys, name, sealed, body_len).map_err(|e| e.to_string())?;
+    let (slot, trailer) = ring
+        .open_trailer(name, sealed, body_len)
+        .map_err(|e| e.to_string())?;
+    let keys = &ring.get(slot).keys;
     for e in &trailer.entries {
         let blob = usize::try_from(e.offset)
             .ok()

@@ -82,16 +82,17 @@ struct Shared<'a> {
 impl Pipeline {
     pub(super) fn new(
         repo: &Repo,
+        keys: &Keys,
         encrypt: bool,
         stored: ChunkSet,
         counters: &Arc<Counters>,
         cancel: &CancelFlag,
     ) -> Pipeline {
         Pipeline {
-            keys: repo.keys().clone(),
+            keys: keys.clone(),
             encrypt,
             compression: repo.settings.compression,
-            cutter: Cutter::new(repo.settings.chunker, repo.keys().chunker_seed(encrypt)),
+            cutter: Cutter::new(repo.settings.chunker, keys.chunker_seed(encrypt)),
             threads: repo.settings.threads.max(1),
             known: Mutex::new(stored),
             counters: counters.clone(),
@@ -111,11 +112,7 @@ impl Pipeline {
     }
 
     pub(super) fn blob_id(&self, data: &[u8]) -> ChunkId {
-        if self.encrypt {
-            self.keys.chunk_id(data)
-        } else {
-            crypto::plain_chunk_id(data)
-        }
+        self.keys.blob_id(self.encrypt, data)
     }
 
     fn cdc_seed(&self) -> u64 {

@@ -43,7 +43,7 @@ use super::repo::Repo;
 use super::run::{Run, reclaim};
 use crate::catalog::{Catalog, PackUsage, now_ms};
 use crate::error::Error;
-use crate::format::crypto::{self, SealMode};
+use crate::format::crypto::{Keys, SealMode};
 use crate::format::pack::{self, BlobKind, MAX_BLOB, MAX_SEALED_BLOB, PackEntry, PackWriter};
 use crate::format::snapshot::SnapshotObject;
 use crate::progress::{CancelFlag, Phase, Progress, ProgressReport};
@@ -317,6 +317,7 @@ impl<'a> Plan<'a> {
 /// (committed by an older version) and records them. Returns how many were read.
 async fn learn_listings(repo: &Repo) -> Result<u64, Error> {
     let missing = repo.catalog.snapshots_without_listing().await?;
+    let ring = repo.ring_all().await?;
     for (snapshot_id, blob) in &missing {
         let loc = repo.catalog.chunk(blob).await?.ok_or_else(|| {
             Error::NotFound(format!(
@@ -335,7 +336,7 @@ async fn learn_listings(repo: &Repo) -> Result<u64, Error> {
             repo.storage.get_range(&obj, loc.offset, loc.length)
         })
         .await?;
-        let opened = crypto::open_chunk(repo.keys(), &sealed, MAX_BLOB, blob)?;
+        let (_, opened) = ring.open_chunk(&sealed, MAX_BLOB, blob)?;
         let object = SnapshotObject::decode(&opened.plaintext)?;
         repo.catalog
             .set_listing(*snapshot_id, &object.listing)
@@ -363,8 +364,10 @@ async fn repack(
     shown: &mut ProgressReport,
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    // One new pack per encryption setting: a pack's trailer is sealed one way.
-    let mut open: HashMap<bool, Refill> = HashMap::new();
+    // One new pack per key and encryption setting: a pack's trailer is sealed one way, with
+    // the key of the blobs it holds (a blob keeps its seal and id, so it stays its owner's).
+    let ring = repo.ring_all().await?;
+    let mut open: HashMap<(usize, bool), Refill> = HashMap::new();
     let mut done_sources = Vec::new();
     for src in sparse {
         let blobs = repo.catalog.live_blobs_in_pack(&src.id).await?;
@@ -382,7 +385,7 @@ async fn repack(
             })
             .await?;
             // Hostile until authenticated: the copy must be the chunk the catalog names.
-            let opened = crypto::open_chunk(repo.keys(), &sealed, MAX_BLOB, &b.id).map_err(|e| {
+            let (slot, opened) = ring.open_chunk(&sealed, MAX_BLOB, &b.id).map_err(|e| {
                 Error::Invalid(format!(
                     "blob {} of pack {}: {e}\nhint: run `storinator-worker scrub` to find and heal damaged packs",
                     &b.id.to_hex()[..12],
@@ -398,16 +401,18 @@ async fn repack(
                 )));
             }
             let kind = BlobKind::from_u8(b.kind).unwrap_or(BlobKind::Data);
-            if let Some(r) = open.get(&encrypted)
+            let group = (slot, encrypted);
+            if let Some(r) = open.get(&group)
                 && !r.writer.is_empty()
                 && r.writer.size_with(sealed.len()) > repo.settings.pack_size
             {
-                let full = open.remove(&encrypted).expect("present");
+                let full = open.remove(&group).expect("present");
                 shown.bytes_done += full.bytes;
-                upload_refill(repo, run, full, encrypted, report).await?;
+                let keys = &ring.get(slot).keys;
+                upload_refill(repo, run, full, (keys, encrypted), report).await?;
                 progress.report(shown);
             }
-            let refill = match open.entry(encrypted) {
+            let refill = match open.entry(group) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => v.insert(Refill {
                     writer: PackWriter::create(run.spool())
@@ -426,9 +431,10 @@ async fn repack(
         report.repacked_bytes += src.live_bytes;
         done_sources.push(src);
     }
-    for (encrypted, refill) in open.drain() {
+    for ((slot, encrypted), refill) in open.drain() {
         shown.bytes_done += refill.bytes;
-        upload_refill(repo, run, refill, encrypted, report).await?;
+        let keys = &ring.get(slot).keys;
+        upload_refill(repo, run, refill, (keys, encrypted), report).await?;
         progress.report(shown);
     }
     let ids: Vec<String> = done_sources.iter().map(|p| p.id.clone()).collect();
@@ -445,13 +451,13 @@ async fn upload_refill(
     repo: &Repo,
     run: &Run,
     refill: Refill,
-    encrypted: bool,
+    (keys, encrypted): (&Keys, bool),
     report: &mut PruneReport,
 ) -> Result<(), Error> {
     let mode = if encrypted {
-        SealMode::Encrypted(repo.keys())
+        SealMode::Encrypted(keys)
     } else {
-        SealMode::Plain(repo.keys())
+        SealMode::Plain(keys)
     };
     let path = refill.writer.path().to_path_buf();
     let finished = refill

@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use super::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
 use super::run::{Run, lock_root, reclaim};
-use crate::catalog::{Catalog, NewContent, NewEntry, Owner, SnapshotInfo};
+use crate::catalog::{Catalog, NewContent, NewEntry, Owner, OwnerKeyRow, SnapshotInfo};
 use crate::error::Error;
 use crate::format::EntryKind;
-use crate::format::crypto::{self, ChunkId, Keys, MasterSecret, WrappedKey};
+use crate::format::crypto::{self, ChunkId, MasterSecret, WrappedKey};
+use crate::format::keyring::{KeyRing, owner_key_id_of};
 use crate::format::pack::{self, BlobKind, MAX_BLOB, MAX_SEALED_BLOB, PACK_TAIL_LEN, PackId};
 use crate::format::snapshot::{SnapshotObject, decode_listing};
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
@@ -57,7 +58,11 @@ pub async fn recover(
         &mut report,
     )
     .await?;
-    let keys = Keys::derive(&master);
+    let repo = Repo::unlocked(catalog, storage, &master, settings);
+    drop(master);
+    import_owner_keys(&repo, &objects, &mut report).await?;
+    let ring = repo.ring_all().await?;
+    let (catalog, storage) = (&repo.catalog, &repo.storage);
 
     // Packs: index every trailer.
     let pack_objects: Vec<_> = objects
@@ -73,7 +78,7 @@ pub async fn recover(
         let obj = ObjectRef::new(&o.name, o.location.clone());
         // Only a trailer authenticated with the key is indexed: a pack anyone could have
         // posted (a forged or format-1 unencrypted one) is skipped whole, named in the report.
-        match read_trailer(storage.as_ref(), &keys, &obj, o.size).await {
+        match read_trailer(storage.as_ref(), &ring, &obj, o.size).await {
             Ok(trailer) => {
                 let id = o.name.trim_end_matches(".enc");
                 catalog
@@ -97,13 +102,14 @@ pub async fn recover(
     // those a tombstone says were forgotten (invariant 7).
     let mut tomb_problems = Vec::new();
     let forgotten =
-        super::forget::forgotten_snapshots(storage.as_ref(), &keys, &objects, &mut tomb_problems)
+        super::forget::forgotten_snapshots(storage.as_ref(), repo.keys(), &objects, &mut tomb_problems)
             .await?;
     for p in tomb_problems {
         problem(&mut report, p);
     }
     let known: HashSet<Vec<u8>> = catalog.snapshot_blob_ids().await?.into_iter().collect();
-    let mut objects_by_time: BTreeMap<(i64, String), (ChunkId, SnapshotObject)> = BTreeMap::new();
+    let mut objects_by_time: BTreeMap<(i64, String), (ChunkId, String, SnapshotObject)> =
+        BTreeMap::new();
     for (id, obj, entry) in snapshot_blobs {
         if known.contains(id.0.as_slice()) {
             continue;
@@ -112,21 +118,20 @@ pub async fn recover(
             report.forgotten += 1;
             continue;
         }
-        match read_snapshot_object(storage.as_ref(), &keys, &obj, &entry).await {
-            Ok(s) => {
-                objects_by_time.insert((s.finished_at, id.to_hex()), (id, s));
+        match read_snapshot_object(storage.as_ref(), &ring, &obj, &entry).await {
+            Ok((key_id, s)) => {
+                objects_by_time.insert((s.finished_at, id.to_hex()), (id, key_id, s));
             }
             Err(e) => problem(&mut report, format!("{e}; skipped")),
         }
     }
-    let repo = Repo::with_keys(catalog, storage, keys, settings);
     counters.set_phase(Phase::Committing);
     // Committing snapshots is writing to their roots: as a run, under each root's lock.
     let run = Run::start(&repo).await?;
     // A recover killed before this one left its spool (and perhaps its registration).
     reclaim(&repo, &run.id).await?;
-    for (_, (id, s)) in objects_by_time {
-        match restore_snapshot(&repo, &run, &id, &s).await {
+    for (_, (id, key_id, s)) in objects_by_time {
+        match restore_snapshot(&repo, &run, &ring, (&id, &key_id), &s).await {
             Ok(()) => report.snapshots += 1,
             Err(e) => problem(
                 &mut report,
@@ -147,7 +152,8 @@ pub async fn recover(
 async fn restore_snapshot(
     repo: &Repo,
     run: &Run,
-    id: &ChunkId,
+    ring: &KeyRing,
+    (id, key_id): (&ChunkId, &str),
     s: &SnapshotObject,
 ) -> Result<(), Error> {
     let mut listing = Vec::new();
@@ -170,7 +176,7 @@ async fn restore_snapshot(
         })
         .await?;
         // The authenticated snapshot object vouches for the listing chunk's id.
-        let opened = crypto::open_chunk(repo.keys(), &sealed, MAX_BLOB, chunk)?;
+        let (_, opened) = ring.open_chunk(&sealed, MAX_BLOB, chunk)?;
         if s.encrypted && !opened.encrypted {
             return Err(Error::Invalid(format!(
                 "listing chunk {} of an encrypted snapshot is not encrypted",
@@ -234,7 +240,7 @@ async fn restore_snapshot(
     lock_root(repo, run, &s.owner, &s.root, true, &CancelFlag::new()).await?;
     let committed = repo
         .catalog
-        .commit_snapshot(&run.id, &info, id, &s.listing, &items)
+        .commit_snapshot(&run.id, (&info, key_id), id, &s.listing, &items)
         .await;
     repo.catalog.unlock_root(&s.owner, &s.root, &run.id).await?;
     committed.map(|_| ())
@@ -260,7 +266,11 @@ async fn find_key(
         return unwrap_key(&w, passphrase).await;
     }
     let mut wrong = false;
-    for o in objects.iter().filter(|o| o.name.starts_with("key-")) {
+    // (Owner keys are opened with the installation key, later: `import_owner_keys`.)
+    for o in objects
+        .iter()
+        .filter(|o| o.name.starts_with("key-") && owner_key_id_of(&o.name).is_none())
+    {
         if o.size > crypto::MAX_KEY_OBJECT {
             problem(
                 report,
@@ -300,7 +310,7 @@ async fn find_key(
 
 async fn read_trailer(
     storage: &dyn Storage,
-    keys: &Keys,
+    ring: &KeyRing,
     obj: &ObjectRef,
     size: u64,
 ) -> Result<pack::Trailer, String> {
@@ -318,17 +328,20 @@ async fn read_trailer(
     let sealed = with_retry("reading a pack", || storage.get_range(obj, body_len, tlen))
         .await
         .map_err(|e| err(&e))?;
-    pack::open_trailer(keys, &obj.name, &sealed, body_len).map_err(|e| e.to_string())
+    ring.open_trailer(&obj.name, &sealed, body_len)
+        .map(|(_, t)| t)
+        .map_err(|e| e.to_string())
 }
 
 /// Reads, authenticates and decodes a snapshot object; its id (from the authenticated
 /// trailer) is checked against its content, and its `encrypted` claim against its blob.
+/// Returns it with the id of the key that sealed it (empty: the installation key).
 async fn read_snapshot_object(
     storage: &dyn Storage,
-    keys: &Keys,
+    ring: &KeyRing,
     obj: &ObjectRef,
     e: &pack::PackEntry,
-) -> Result<SnapshotObject, String> {
+) -> Result<(String, SnapshotObject), String> {
     let what = |x: &dyn std::fmt::Display| {
         format!(
             "snapshot {} in pack {}: {x}",
@@ -341,10 +354,68 @@ async fn read_snapshot_object(
     })
     .await
     .map_err(|x| what(&x))?;
-    let opened = crypto::open_chunk(keys, &sealed, MAX_BLOB, &e.id).map_err(|x| what(&x))?;
+    let (slot, opened) = ring
+        .open_chunk(&sealed, MAX_BLOB, &e.id)
+        .map_err(|x| what(&x))?;
     let s = SnapshotObject::decode(&opened.plaintext).map_err(|x| what(&x))?;
     if s.encrypted != opened.encrypted {
         return Err(what(&"its encryption differs from what it claims"));
     }
-    Ok(s)
+    let key = ring.get(slot);
+    if !key.key_id.is_empty() && key.owner != s.owner {
+        return Err(what(&format!(
+            "it claims owner {} but is sealed with the key of {}",
+            s.owner, key.owner
+        )));
+    }
+    Ok((key.key_id.clone(), s))
+}
+
+/// Records every owner key object in storage that the installation key opens (each is
+/// authenticated, and checked to be the key its name says, before use). One that fails is
+/// skipped with a problem naming it: its owner's data would then be skipped too, by name.
+async fn import_owner_keys(
+    repo: &Repo,
+    objects: &[crate::storage::ObjectInfo],
+    report: &mut RecoverReport,
+) -> Result<(), Error> {
+    for o in objects {
+        let Some(key_id) = owner_key_id_of(&o.name) else {
+            continue;
+        };
+        if o.size > crypto::MAX_OWNER_KEY_OBJECT {
+            problem(
+                report,
+                format!(
+                    "{} is {} bytes, too large for an owner key; skipped",
+                    o.name, o.size
+                ),
+            );
+            continue;
+        }
+        let obj = ObjectRef::new(&o.name, o.location.clone());
+        let bytes = with_retry("reading an owner key", || {
+            repo.storage.get_range(&obj, 0, o.size)
+        })
+        .await?;
+        let key = match repo.key_wrap().open(key_id, &bytes) {
+            Ok(k) => k,
+            Err(e) => {
+                problem(report, format!("{}: {e}; skipped", o.name));
+                continue;
+            }
+        };
+        if let Err(e) = crate::catalog::check_owner(&key.owner) {
+            problem(report, format!("{}: {e}; skipped", o.name));
+            continue;
+        }
+        repo.catalog
+            .add_owner_key(&OwnerKeyRow {
+                key_id: key.key_id.clone(),
+                owner: key.owner.clone(),
+                sealed: bytes,
+            })
+            .await?;
+    }
+    Ok(())
 }

@@ -9,16 +9,19 @@ use super::backup::{self, BackupOptions, BackupSummary};
 use super::restore::{self, RestoreOptions, RestoreSummary};
 use super::scrub::{self, ScrubOptions};
 use super::verify;
-use crate::catalog::{Catalog, EntryKind, EntryRow, ScrubReport, SnapshotInfo, check_owner};
+use crate::catalog::{
+    Catalog, EntryKind, EntryRow, OwnerKeyRow, ScrubReport, SnapshotInfo, check_owner,
+};
 use crate::config::Config;
 use crate::error::{CryptoError, Error};
 use crate::format::chunker::ChunkerParams;
-use crate::format::crypto::{KdfParams, Keys, MasterSecret, WrappedKey};
+use crate::format::crypto::{KdfParams, KeyWrap, Keys, MasterSecret, OwnerKey, WrappedKey};
+use crate::format::keyring::{KeyRing, RingKey, owner_key_object_name};
 use crate::progress::{CancelFlag, Progress};
 use crate::storage::Storage;
 
-/// The catalog's name for the key holder (one key per storage host; chat users are told
-/// apart by snapshot owner).
+/// The catalog's name for the installation key's holder: the key the passphrase unwraps,
+/// which wraps every owner's key (see `format::keyring`).
 pub const KEY_USER: &str = "default";
 
 /// Tunables of the engine.
@@ -78,7 +81,15 @@ pub fn key_object_name(key_id: &str) -> String {
 pub struct Repo {
     pub catalog: Catalog,
     pub storage: Arc<dyn Storage>,
-    keys: Keys,
+    /// The installation key's subkeys: data from before owner keys, tombstones, restore
+    /// temporaries.
+    keys: Arc<Keys>,
+    /// The installation key's subkeys that wrap owner keys.
+    wrap: KeyWrap,
+    /// Owner keys opened so far, by key id.
+    owner_keys: std::sync::Mutex<std::collections::HashMap<String, RingKey>>,
+    /// Creating an owner key: one at a time in this process.
+    creating: tokio::sync::Mutex<()>,
     pub settings: EngineSettings,
     /// Whether a backup of a root another live run is backing up waits for it (the daemon)
     /// or fails at once naming the other run (the command line).
@@ -124,29 +135,30 @@ impl Repo {
         let wrapped = catalog.user_key(KEY_USER).await?.ok_or(Error::NoKey)?;
         let master = unwrap_key(&wrapped, passphrase).await?;
         if let Some(lanes) = storage.as_lanes() {
-            // Every lane gets the key before its first pack: any one lane can recover.
+            // Every lane gets the keys before its first pack: any one lane can recover.
             let json = serde_json::to_vec(&wrapped).expect("wrapped key serializes");
             lanes.set_seed(&key_object_name(&wrapped.key_id), json);
+            for row in catalog.owner_keys(None).await? {
+                lanes.set_seed(&owner_key_object_name(&row.key_id), row.sealed);
+            }
         }
-        Ok(Repo::with_keys(
-            catalog,
-            storage,
-            Keys::derive(&master),
-            settings,
-        ))
+        Ok(Repo::unlocked(catalog, storage, &master, settings))
     }
 
-    /// A repository with keys already at hand (recover, tests).
-    pub fn with_keys(
+    /// A repository unlocked with the installation's master secret (open, recover).
+    pub(crate) fn unlocked(
         catalog: Catalog,
         storage: Arc<dyn Storage>,
-        keys: Keys,
+        master: &MasterSecret,
         settings: EngineSettings,
     ) -> Repo {
         Repo {
             catalog,
             storage,
-            keys,
+            keys: Arc::new(Keys::derive(master)),
+            wrap: KeyWrap::derive(master),
+            owner_keys: Default::default(),
+            creating: Default::default(),
             settings,
             wait_for_locks: true,
             batch: DEFAULT_BATCH,
@@ -202,8 +214,105 @@ impl Repo {
         Ok(rewrapped)
     }
 
+    /// The installation key's subkeys (not an owner's: see [`Repo::owner_key`]).
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The installation key's subkeys that wrap owner keys.
+    pub(crate) fn key_wrap(&self) -> &KeyWrap {
+        &self.wrap
+    }
+
+    /// The key a backup of `owner` seals and names its data with: the owner's first key,
+    /// created if it has none. A new key is stored (in every lane) and then recorded before
+    /// this returns, so no blob is ever sealed with a key that storage does not hold.
+    pub async fn owner_key(&self, owner: &str) -> Result<RingKey, Error> {
+        check_owner(owner)?;
+        if let Some(k) = self.first_owner_key(owner).await? {
+            return Ok(k);
+        }
+        let _one_at_a_time = self.creating.lock().await;
+        if let Some(k) = self.first_owner_key(owner).await? {
+            return Ok(k);
+        }
+        let key = OwnerKey::generate(owner);
+        let row = OwnerKeyRow {
+            key_id: key.key_id.clone(),
+            owner: owner.to_string(),
+            sealed: self.wrap.seal(&key),
+        };
+        let name = owner_key_object_name(&row.key_id);
+        crate::storage::with_retry("storing an owner key", || {
+            self.storage.put_bytes(&name, row.sealed.clone())
+        })
+        .await?;
+        self.catalog.add_owner_key(&row).await?;
+        if let Some(lanes) = self.storage.as_lanes() {
+            lanes.set_seed(&name, row.sealed.clone());
+        }
+        tracing::info!(key_id = %row.key_id, owner, "created a key for the owner");
+        // Another host may have recorded a key for this owner first: every host uses the
+        // first, so that the owner's data deduplicates across hosts.
+        self.first_owner_key(owner)
+            .await?
+            .ok_or_else(|| Error::Invalid(format!("the key of owner {owner} was not recorded")))
+    }
+
+    async fn first_owner_key(&self, owner: &str) -> Result<Option<RingKey>, Error> {
+        let rows = self.catalog.owner_keys(Some(owner)).await?;
+        rows.first().map(|r| self.open_owner_key(r)).transpose()
+    }
+
+    /// Opens (once per process) an owner key recorded in the catalog.
+    fn open_owner_key(&self, row: &OwnerKeyRow) -> Result<RingKey, Error> {
+        if let Some(k) = self.owner_keys.lock().unwrap().get(&row.key_id) {
+            return Ok(k.clone());
+        }
+        let key = self.wrap.open(&row.key_id, &row.sealed)?;
+        if key.owner != row.owner {
+            return Err(Error::Invalid(format!(
+                "owner key {} is recorded for {} but belongs to {}",
+                row.key_id, row.owner, key.owner
+            )));
+        }
+        let k = RingKey {
+            key_id: row.key_id.clone(),
+            owner: key.owner.clone(),
+            keys: Arc::new(key.keys()),
+        };
+        self.owner_keys
+            .lock()
+            .unwrap()
+            .insert(row.key_id.clone(), k.clone());
+        Ok(k)
+    }
+
+    /// The keys that may open `owner`'s data: its own (first first), then the installation
+    /// key (its data from before owner keys). Never another owner's.
+    pub async fn ring_for(&self, owner: &str) -> Result<KeyRing, Error> {
+        let rows = self.catalog.owner_keys(Some(owner)).await?;
+        self.ring_of(&rows)
+    }
+
+    /// Every key of the installation: for the operations on all packs (verify, prune, scrub,
+    /// copies, recover).
+    pub async fn ring_all(&self) -> Result<KeyRing, Error> {
+        let rows = self.catalog.owner_keys(None).await?;
+        self.ring_of(&rows)
+    }
+
+    fn ring_of(&self, rows: &[OwnerKeyRow]) -> Result<KeyRing, Error> {
+        let mut keys = rows
+            .iter()
+            .map(|r| self.open_owner_key(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        keys.push(RingKey {
+            key_id: String::new(),
+            owner: String::new(),
+            keys: self.keys.clone(),
+        });
+        Ok(KeyRing::new(keys))
     }
 
     /// Backs up a folder into a new snapshot.

@@ -23,7 +23,8 @@ use super::repo::Repo;
 use super::target::{self, Target};
 use crate::catalog::{Catalog, ChunkLoc, EntryKind, EntryRow, Owner, SnapshotInfo};
 use crate::error::Error;
-use crate::format::crypto::{self, ChunkId, Keys};
+use crate::format::crypto::{ChunkId, Keys};
+use crate::format::keyring::KeyRing;
 use crate::format::pack::MAX_BLOB;
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
 use crate::storage::{ObjectRef, Storage, with_retry};
@@ -483,7 +484,11 @@ async fn write_all(
     progress: &dyn Progress,
     cancel: &CancelFlag,
 ) -> Result<Written, Error> {
+    // Temporary names are tagged with the installation key (any restore may meet them); blobs
+    // open under the snapshot owner's keys or the installation key (data from before owner
+    // keys), never another owner's.
     let keys = repo.keys().clone();
+    let ring = Arc::new(repo.ring_for(&resolved.snapshot.owner).await?);
     let mut written = Written {
         outcome: Outcome::default(),
         removed_temp: Vec::new(),
@@ -531,6 +536,7 @@ async fn write_all(
             target: target.clone(),
             plan: plan.clone(),
             keys: keys.clone(),
+            ring: ring.clone(),
             same_owner,
             counters: counters.clone(),
             cancel: cancel.clone(),
@@ -1158,6 +1164,7 @@ struct WriteContext {
     target: Arc<Target>,
     plan: Arc<Vec<Planned>>,
     keys: Keys,
+    ring: Arc<KeyRing>,
     same_owner: bool,
     counters: Arc<Counters>,
     cancel: CancelFlag,
@@ -1176,7 +1183,7 @@ async fn fetch_and_write(
     let (blob_tx, blob_rx) = tokio::sync::mpsc::channel::<BlobResult>(8);
     let counters = ctx.counters.clone();
     let cancel = ctx.cancel.clone();
-    let keys = ctx.keys.clone();
+    let ring = ctx.ring.clone();
     let writer = {
         let files = files.to_vec();
         tokio::task::spawn_blocking(move || write_files(&ctx, &files, blob_rx))
@@ -1191,7 +1198,7 @@ async fn fetch_and_write(
             let Some(read) = pending.next() else { break };
             inflight.push_back(tokio::spawn(fetch_range(
                 repo.storage.clone(),
-                keys.clone(),
+                ring.clone(),
                 read,
                 encrypted_snapshot,
             )));
@@ -1230,7 +1237,7 @@ async fn fetch_and_write(
 /// so the engine can heal it.
 async fn fetch_range(
     storage: Arc<dyn Storage>,
-    keys: Keys,
+    keys: Arc<KeyRing>,
     read: RangeRead,
     encrypted_snapshot: bool,
 ) -> Vec<BlobResult> {
@@ -1270,7 +1277,7 @@ async fn fetch_range(
 /// snapshot takes no unencrypted blob.
 async fn fetch_copy(
     storage: Arc<dyn Storage>,
-    keys: Keys,
+    keys: Arc<KeyRing>,
     read: RangeRead,
     encrypted_snapshot: bool,
 ) -> Vec<BlobResult> {
@@ -1301,7 +1308,8 @@ async fn fetch_copy(
             .map(|b| {
                 let sealed = &data[b.offset_in_read..b.offset_in_read + b.length];
                 let shown = || format!("chunk {} in pack {}", &b.id.to_hex()[..12], read.obj.name);
-                let opened = crypto::open_chunk(&keys, sealed, MAX_BLOB, &b.id)
+                let (_, opened) = keys
+                    .open_chunk(sealed, MAX_BLOB, &b.id)
                     .map_err(|e| format!("{}: {e}", shown()))?;
                 if opened.plaintext.len() != b.raw_length {
                     return Err(format!("{} holds the wrong data", shown()));

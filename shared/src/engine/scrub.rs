@@ -30,7 +30,8 @@ use super::repo::Repo;
 use super::run::Run;
 use crate::catalog::{AffectedFile, BlobRow, Damage, PackFinding, ScrubPack, ScrubReport};
 use crate::error::{Error, StorageError};
-use crate::format::crypto::{self, ChunkId, Keys, SealMode};
+use crate::format::crypto::{self, ChunkId, SealMode};
+use crate::format::keyring::KeyRing;
 use crate::format::pack::{self, BlobKind, FinishedPack};
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
 use crate::storage::{Lanes, ObjectInfo, ObjectRef, with_retry};
@@ -295,6 +296,8 @@ async fn read_copy(
     (counters, progress): (&Counters, &dyn Progress),
 ) -> Result<(usize, Vec<(ChunkId, String)>), Error> {
     let mut bad: Vec<(ChunkId, String)> = Vec::new();
+    let ring = repo.ring_all().await?;
+    let ring = &ring;
     let mut i = 0;
     while i < blobs.len() {
         let remaining = budget.saturating_sub(report.bytes_read);
@@ -331,7 +334,7 @@ async fn read_copy(
         for b in &blobs[i..j] {
             let s = (b.offset - start) as usize;
             let sealed = data.get(s..s + b.length as usize).unwrap_or(&[]);
-            if let Err(why) = authenticate(repo.keys(), b, sealed) {
+            if let Err(why) = authenticate(ring, b, sealed) {
                 bad.push((b.id, why));
             }
             report.chunks_checked += 1;
@@ -361,12 +364,12 @@ fn window_end(blobs: &[BlobRow], i: usize, remaining: u64) -> usize {
 }
 
 /// Opens a sealed blob and checks that it is the chunk the catalog says it is.
-fn authenticate(keys: &Keys, b: &BlobRow, sealed: &[u8]) -> Result<(), String> {
+fn authenticate(ring: &KeyRing, b: &BlobRow, sealed: &[u8]) -> Result<(), String> {
     if sealed.len() as u64 != b.length {
         return Err("the pack is shorter than the catalog says".into());
     }
     // The catalog vouches for the id (so a format-1 unencrypted blob is checked against it).
-    match crypto::open_chunk(keys, sealed, pack::MAX_BLOB, &b.id) {
+    match ring.open_chunk(sealed, pack::MAX_BLOB, &b.id) {
         Ok(_) => Ok(()),
         Err(crypto::CryptoError::WrongId) => Err("the chunk holds the wrong data".into()),
         Err(e) => Err(e.to_string()),
@@ -457,16 +460,15 @@ async fn heal_packs(
         run.id.clone(),
         rx,
     )));
-    let keys = repo.keys().clone();
+    // A chunk is stored again under the key that named it (found by its id), in a pack of
+    // that key's alone.
+    let ring = repo.ring_all().await?;
     let settings = (repo.settings.pack_size, repo.settings.compression);
     let spool = run.spool().to_path_buf();
     let cancel = cancel.clone();
     let work = tokio::task::spawn_blocking(move || {
         let _ = std::fs::create_dir_all(&spool);
-        let mut packers = [
-            Packer::new(settings.0, spool.clone(), false, tx.clone()),
-            Packer::new(settings.0, spool, true, tx),
-        ];
+        let mut packers: HashMap<(usize, bool), Packer> = HashMap::new();
         let mut healing = Healing::default();
         let mut buf = Vec::new();
         for t in &targets {
@@ -479,7 +481,7 @@ async fn heal_packs(
             let mut why = Vec::new();
             let mut found = None;
             for path in &t.paths {
-                match plaintext_from_disk(path, t, &keys) {
+                match plaintext_from_disk(path, t, &ring) {
                     Ok(chunks) => {
                         found = Some(chunks);
                         break;
@@ -487,19 +489,22 @@ async fn heal_packs(
                     Err(e) => why.push(format!("{path}: {e}")),
                 }
             }
-            let Some(chunks) = found else {
+            let Some((slot, chunks)) = found else {
                 if why.is_empty() {
                     why.push("no file of any snapshot uses it".into());
                 }
                 healing.failures.insert(t.content_id, why.join("; "));
                 continue;
             };
+            let keys = &ring.get(slot).keys;
             let mode = if t.encrypted {
-                SealMode::Encrypted(&keys)
+                SealMode::Encrypted(keys)
             } else {
-                SealMode::Plain(&keys)
+                SealMode::Plain(keys)
             };
-            let packer = &mut packers[usize::from(t.encrypted)];
+            let packer = packers
+                .entry((slot, t.encrypted))
+                .or_insert_with(|| Packer::new(settings.0, spool.clone(), t.encrypted, tx.clone()));
             for (id, data) in chunks {
                 if !healing.chunks.insert(id) {
                     continue;
@@ -509,11 +514,13 @@ async fn heal_packs(
                 packer.append(mode, BlobKind::Data, id, &buf, data.len())?;
             }
         }
-        for (i, p) in packers.iter_mut().enumerate() {
-            let mode = if i == 1 {
-                SealMode::Encrypted(&keys)
+        drop(tx);
+        for ((slot, encrypted), mut p) in packers {
+            let keys = &ring.get(slot).keys;
+            let mode = if encrypted {
+                SealMode::Encrypted(keys)
             } else {
-                SealMode::Plain(&keys)
+                SealMode::Plain(keys)
             };
             p.flush(mode)?;
         }
@@ -546,8 +553,8 @@ impl<T> Drop for AbortOnDrop<T> {
 fn plaintext_from_disk(
     path: &str,
     t: &Target,
-    keys: &Keys,
-) -> Result<Vec<(ChunkId, Vec<u8>)>, String> {
+    ring: &KeyRing,
+) -> Result<(usize, Vec<(ChunkId, Vec<u8>)>), String> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "no longer on disk".to_string(),
         _ => e.to_string(),
@@ -567,19 +574,21 @@ fn plaintext_from_disk(
     let mut sha = Sha256::new();
     let mut out = Vec::new();
     let mut buf = Vec::new();
+    let mut slot = None;
     for (id, len) in &t.layout {
         buf.resize(*len as usize, 0);
         file.read_exact(&mut buf)
             .map_err(|_| "changed on disk since the backup (shorter)".to_string())?;
         sha.update(&buf);
         if t.needed.contains(id) {
-            let got = if t.encrypted {
-                keys.chunk_id(&buf)
-            } else {
-                crypto::plain_chunk_id(&buf)
-            };
-            if got != *id {
-                return Err("changed on disk since the backup".into());
+            // The key that named the content's chunks: the first needed chunk finds it.
+            let named = |slot: usize| ring.get(slot).keys.blob_id(t.encrypted, &buf) == *id;
+            match slot {
+                Some(s) if named(s) => {}
+                None => slot = Some((0..ring.len()).find(|&s| named(s)).ok_or_else(|| {
+                    "changed on disk since the backup".to_string()
+                })?),
+                Some(_) => return Err("changed on disk since the backup".into()),
             }
             out.push((*id, buf.clone()));
         }
@@ -591,7 +600,7 @@ fn plaintext_from_disk(
     if <[u8; 32]>::from(sha.finalize()) != t.sha256 {
         return Err("changed on disk since the backup (its SHA-256 differs)".into());
     }
-    Ok(out)
+    Ok((slot.unwrap_or(0), out))
 }
 
 /// Fills the report's list of affected files and metadata from the damage found before the

@@ -8,7 +8,8 @@ use super::repo::{Repo, VerifyReport};
 use super::run::is_alive;
 use crate::catalog::{PackRow, now_ms};
 use crate::error::Error;
-use crate::format::crypto::{self, ChunkId};
+use crate::format::crypto::ChunkId;
+use crate::format::keyring::{KeyRing, owner_key_id_of};
 use crate::format::pack::{self, BlobKind, PACK_TAIL_LEN, PackEntry, PackId};
 use crate::progress::{Counters, Phase, Progress};
 use crate::storage::{Lanes, ObjectRef, with_retry};
@@ -30,6 +31,8 @@ pub(crate) async fn run(
 ) -> Result<VerifyReport, Error> {
     let counters = Counters::default();
     counters.set_phase(Phase::Verifying);
+    // Every owner's packs are checked: with every key of the installation.
+    let ring = repo.ring_all().await?;
     // Packs known before and after the listing: a pack recorded (before its upload) while
     // the listing runs is known by one of them, so it is never taken for a stranger.
     let known_before: HashSet<String> = pack_ids(repo).await?;
@@ -80,12 +83,12 @@ pub(crate) async fn run(
         Counters::add(&counters.files_done, 1);
         let some_copy_good = match repo.storage.as_lanes() {
             Some(lanes) => {
-                verify_copies(repo, lanes, &p, &listed, read_data, &mut report, &counters).await
+                verify_copies(repo, &ring, lanes, &p, &listed, read_data, &mut report, &counters).await
             }
             None => false,
         };
         if !some_copy_good {
-            verify_pack(repo, &p, &listed, read_data, &mut report, &counters).await?;
+            verify_pack(repo, &ring, &p, &listed, read_data, &mut report, &counters).await?;
         }
         progress.report(&counters.report());
     }
@@ -126,6 +129,9 @@ fn strangers(
         .iter()
         .filter(|(name, _)| Some(name.as_str()) != key_object.as_deref())
         .filter(|(name, _)| !super::forget::is_tombstone_name(name))
+        // Owner keys: recorded ones, or one a host stored and was killed before recording
+        // (nothing uses it; `recover` would index it).
+        .filter(|(name, _)| owner_key_id_of(name).is_none())
         .filter(|(name, _)| {
             PackId::from_object_name(name).is_none_or(|id| !known.contains(id.0.as_str()))
         })
@@ -180,6 +186,7 @@ async fn leftovers(
 /// Checks one pack and records its problems.
 async fn verify_pack(
     repo: &Repo,
+    ring: &KeyRing,
     p: &PackRow,
     listed: &HashMap<String, (u64, String)>,
     read_data: bool,
@@ -195,7 +202,7 @@ async fn verify_pack(
         )),
         Some((_, location)) => {
             let obj = ObjectRef::new(&name, location.clone());
-            check_pack(repo, &obj, p.size, read_data, report, counters).await
+            check_pack(repo, ring, &obj, p.size, read_data, report, counters).await
         }
     };
     match outcome {
@@ -243,8 +250,10 @@ async fn verify_pack(
 /// Checks each copy of a pack kept in several lanes on its own. A copy that is missing or
 /// damaged is remembered for healing (and reported when healed). Returns whether some copy
 /// is good; when none is, the caller checks the pack as a whole and reports what it affects.
+#[allow(clippy::too_many_arguments)]
 async fn verify_copies(
     repo: &Repo,
+    ring: &KeyRing,
     lanes: &Lanes,
     p: &PackRow,
     listed: &HashMap<String, (u64, String)>,
@@ -267,7 +276,7 @@ async fn verify_copies(
             continue;
         };
         let obj = ObjectRef::new(&name, Lanes::location_of(std::slice::from_ref(found)));
-        match check_pack(repo, &obj, p.size, read_data, report, counters).await {
+        match check_pack(repo, ring, &obj, p.size, read_data, report, counters).await {
             Ok(damaged) if damaged.is_empty() => good += 1,
             Ok(damaged) => {
                 tracing::warn!(
@@ -324,6 +333,7 @@ struct Damage {
 /// trailer); otherwise the damaged blobs, every one of them.
 async fn check_pack(
     repo: &Repo,
+    ring: &KeyRing,
     obj: &ObjectRef,
     size: u64,
     read_data: bool,
@@ -348,8 +358,8 @@ async fn check_pack(
     .await
     .map_err(|e| err(&e))?;
     let (entries, authenticated) =
-        match pack::open_trailer(repo.keys(), &obj.name, &sealed, body_len) {
-            Ok(t) => (t.entries, true),
+        match ring.open_trailer(&obj.name, &sealed, body_len) {
+            Ok((_, t)) => (t.entries, true),
             // A format-1 unencrypted pack this catalog recorded: its trailer carries only a
             // checksum, so it is compared with the catalog below, which vouches for it.
             Err(crate::error::PackError::Unauthenticated { .. }) => (
@@ -375,7 +385,7 @@ async fn check_pack(
             .iter()
             .filter(|e| authenticated || vouched.contains(e.id.0.as_slice()))
             .collect();
-        damaged.extend(read_blobs(repo, obj, readable, report, counters).await);
+        damaged.extend(read_blobs(repo, ring, obj, readable, report, counters).await);
     }
     Ok(damaged)
 }
@@ -406,6 +416,7 @@ fn misplaced(
 /// Reads the given blobs of a pack (in windows of whole blobs) and authenticates each.
 async fn read_blobs(
     repo: &Repo,
+    ring: &KeyRing,
     obj: &ObjectRef,
     mut sorted: Vec<&PackEntry>,
     report: &mut VerifyReport,
@@ -444,7 +455,7 @@ async fn read_blobs(
         Counters::add(&counters.bytes_done, data.len() as u64);
         for e in window {
             let s = (e.offset - start) as usize;
-            match check_blob(repo, e, &data[s..s + e.length as usize]) {
+            match check_blob(ring, e, &data[s..s + e.length as usize]) {
                 Ok(()) => report.blobs_checked += 1,
                 Err(error) => damaged.push(Damage {
                     id: e.id,
@@ -458,8 +469,8 @@ async fn read_blobs(
 }
 
 /// Authenticates one sealed blob and checks that it holds the data its id names.
-fn check_blob(repo: &Repo, e: &PackEntry, sealed: &[u8]) -> Result<(), String> {
-    crypto::open_chunk(repo.keys(), sealed, pack::MAX_BLOB, &e.id)
+fn check_blob(ring: &KeyRing, e: &PackEntry, sealed: &[u8]) -> Result<(), String> {
+    ring.open_chunk(sealed, pack::MAX_BLOB, &e.id)
         .map(|_| ())
         .map_err(|x| x.to_string())
 }

@@ -67,6 +67,12 @@ const INFO_ID: &[u8] = b"t-storinator v1 chunk-id";
 const INFO_SEED_ENCRYPTED: &[u8] = b"t-storinator v2 chunker seed, encrypted snapshots";
 const INFO_SEED_UNENCRYPTED: &[u8] = b"t-storinator v2 chunker seed, unencrypted snapshots";
 const INFO_TEMP: &[u8] = b"t-storinator v2 restore temporary names";
+// Owner keys (issue 13): an owner's unencrypted blobs get keyed ids too, so that two owners
+// holding the same file never share an id; the installation key wraps owner keys with its own
+// pair of subkeys, unrelated to the ones that seal data.
+const INFO_PLAIN_ID: &[u8] = b"t-storinator v3 owner plain chunk-id";
+const INFO_WRAP_ENC: &[u8] = b"t-storinator v3 owner-key wrapping, encryption";
+const INFO_WRAP_MAC: &[u8] = b"t-storinator v3 owner-key wrapping, mac";
 
 /// Bounds on the Argon2id parameters of a stored key object, so that a planted or tampered
 /// key object costs at most about a second or two and 1 GiB to try (the parameters written
@@ -200,10 +206,25 @@ pub struct Keys {
     temp: [u8; KEY_LEN],
     seed_encrypted: u64,
     seed_unencrypted: u64,
+    /// The key of unencrypted blobs' ids: `None` for the installation key (SHA-256 ids, as
+    /// every repository before owner keys wrote them), `Some` for an owner's key.
+    plain_id: Option<[u8; KEY_LEN]>,
 }
 
 impl Keys {
+    /// The installation's keys (and, in a repository from before owner keys, the keys of all
+    /// its data): unencrypted blobs are named by their SHA-256.
     pub fn derive(master: &MasterSecret) -> Keys {
+        Self::derive_impl(master, false)
+    }
+
+    /// An owner's keys: as [`Keys::derive`], except that unencrypted blobs are named by a
+    /// keyed hash too, so no id is shared with another owner.
+    pub fn derive_owner(master: &MasterSecret) -> Keys {
+        Self::derive_impl(master, true)
+    }
+
+    fn derive_impl(master: &MasterSecret, owner: bool) -> Keys {
         let hk = Hkdf::<Sha256>::new(None, &master.0);
         let mut k = Keys {
             enc: [0; KEY_LEN],
@@ -212,7 +233,13 @@ impl Keys {
             temp: [0; KEY_LEN],
             seed_encrypted: 0,
             seed_unencrypted: 0,
+            plain_id: None,
         };
+        if owner {
+            let mut plain = [0u8; KEY_LEN];
+            hk.expand(INFO_PLAIN_ID, &mut plain).expect("hkdf length");
+            k.plain_id = Some(plain);
+        }
         // 32 bytes is far below HKDF-SHA256's 255*32 limit: these cannot fail.
         hk.expand(INFO_ENC, &mut k.enc).expect("hkdf length");
         hk.expand(INFO_MAC, &mut k.mac).expect("hkdf length");
@@ -241,6 +268,28 @@ impl Keys {
         let mut m = hmac_sha256(&self.id);
         m.update(plaintext);
         ChunkId(m.finalize().into_bytes().into())
+    }
+
+    /// The id of an unencrypted blob's plaintext: SHA-256 under the installation key, a keyed
+    /// hash under an owner's key.
+    pub fn plain_chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        match &self.plain_id {
+            None => plain_chunk_id(plaintext),
+            Some(k) => {
+                let mut m = hmac_sha256(k);
+                m.update(plaintext);
+                ChunkId(m.finalize().into_bytes().into())
+            }
+        }
+    }
+
+    /// The id of a blob's plaintext sealed encrypted or not.
+    pub fn blob_id(&self, encrypted: bool, plaintext: &[u8]) -> ChunkId {
+        if encrypted {
+            self.chunk_id(plaintext)
+        } else {
+            self.plain_chunk_id(plaintext)
+        }
     }
 
     /// The gear-table seed of the content-defined chunker: one for encrypted snapshots and an
@@ -273,6 +322,9 @@ impl Drop for Keys {
         self.temp.zeroize();
         self.seed_encrypted.zeroize();
         self.seed_unencrypted.zeroize();
+        if let Some(k) = self.plain_id.as_mut() {
+            k.zeroize();
+        }
     }
 }
 
@@ -603,8 +655,11 @@ pub fn open_chunk(
     let (header, plaintext) = open_impl(keys.pair(), sealed, max_plain, Accept::Format1Checksum)?;
     let actual = if header.encrypted {
         keys.chunk_id(&plaintext)
-    } else {
+    } else if header.is_unauthenticated() {
+        // Format 1 predates owner keys: its unencrypted ids are always SHA-256.
         plain_chunk_id(&plaintext)
+    } else {
+        keys.plain_chunk_id(&plaintext)
     };
     if actual != *id {
         return Err(CryptoError::WrongId);
@@ -824,6 +879,147 @@ impl WrappedKey {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Owner keys
+
+/// Largest owner-key object read from storage (a real one is about 150 bytes).
+pub const MAX_OWNER_KEY_OBJECT: u64 = 1024;
+/// Longest owner name an owner-key object may carry.
+const MAX_OWNER_LEN: usize = 256;
+const OWNER_KEY_VERSION: u8 = 1;
+const OWNER_KEY_ID_LEN: usize = 16;
+
+/// One owner's random master key (`local`, `tg:<id>`), with the random id that names it.
+/// Zeroized on drop (through [`MasterSecret`]); `Debug` shows the id and owner only.
+pub struct OwnerKey {
+    /// 16 random bytes, 32 hex digits: names the key object and the catalog row.
+    pub key_id: String,
+    pub owner: String,
+    master: MasterSecret,
+}
+
+impl OwnerKey {
+    pub fn generate(owner: &str) -> OwnerKey {
+        let id: [u8; OWNER_KEY_ID_LEN] = random_bytes();
+        OwnerKey {
+            key_id: hex::encode(id),
+            owner: owner.to_string(),
+            master: MasterSecret::generate(),
+        }
+    }
+
+    /// The subkeys that seal and name this owner's data.
+    pub fn keys(&self) -> Keys {
+        Keys::derive_owner(&self.master)
+    }
+}
+
+impl fmt::Debug for OwnerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnerKey({} of {})", self.key_id, self.owner)
+    }
+}
+
+/// The installation key's subkeys that wrap owner keys (HKDF-SHA256 of the installation's
+/// master secret, apart from every subkey that seals data). Zeroized on drop.
+pub struct KeyWrap([u8; 2 * KEY_LEN]);
+
+impl KeyWrap {
+    pub fn derive(installation: &MasterSecret) -> KeyWrap {
+        let hk = Hkdf::<Sha256>::new(None, &installation.0);
+        let mut w = KeyWrap([0; 2 * KEY_LEN]);
+        let (enc, mac) = w.0.split_at_mut(KEY_LEN);
+        hk.expand(INFO_WRAP_ENC, enc).expect("hkdf length");
+        hk.expand(INFO_WRAP_MAC, mac).expect("hkdf length");
+        w
+    }
+
+    fn pair(&self) -> KeyPair<'_> {
+        let (enc, mac) = self.0.split_at(KEY_LEN);
+        KeyPair {
+            enc: enc.try_into().expect("half of the wrap key"),
+            mac: mac.try_into().expect("half of the wrap key"),
+        }
+    }
+
+    /// Seals an owner key (encrypted, authenticated): `version | key id | master | owner`.
+    pub fn seal(&self, key: &OwnerKey) -> Vec<u8> {
+        let mut plain = Vec::with_capacity(1 + OWNER_KEY_ID_LEN + MASTER_LEN + key.owner.len());
+        plain.push(OWNER_KEY_VERSION);
+        let mut id = [0u8; OWNER_KEY_ID_LEN];
+        hex::decode_to_slice(&key.key_id, &mut id).expect("owner key ids are 32 hex digits");
+        plain.extend_from_slice(&id);
+        plain.extend_from_slice(&key.master.0);
+        plain.extend_from_slice(key.owner.as_bytes());
+        let mut out = Vec::with_capacity(sealed_len_bound(plain.len()));
+        seal_impl(&mut out, self.pair(), true, &plain, None);
+        plain.zeroize();
+        out
+    }
+
+    /// Opens an owner key sealed by [`KeyWrap::seal`], checking that it is the key named
+    /// `key_id` (a key object renamed, or a catalog row pointing at another key, is refused).
+    /// A blob this installation key did not seal fails authentication before anything else.
+    pub fn open(&self, key_id: &str, sealed: &[u8]) -> Result<OwnerKey, CryptoError> {
+        let bad = |m: String| CryptoError::BadKeyObject(format!("owner key {key_id}: {m}"));
+        if sealed.len() as u64 > MAX_OWNER_KEY_OBJECT {
+            return Err(bad(format!(
+                "{} bytes, more than the {MAX_OWNER_KEY_OBJECT} an owner key may have",
+                sealed.len()
+            )));
+        }
+        let header = parse_header(sealed).map_err(|e| bad(e.to_string()))?;
+        if !header.encrypted || header.compressed || header.version != VERSION {
+            return Err(bad("not an encrypted, uncompressed blob of format 2".into()));
+        }
+        let max = 1 + OWNER_KEY_ID_LEN + MASTER_LEN + MAX_OWNER_LEN;
+        let mut plain = open_impl(self.pair(), sealed, max, Accept::Authenticated)
+            .map(|(_, p)| p)
+            .map_err(|e| match e {
+                CryptoError::MacMismatch => bad(
+                    "authentication failed: it was modified, or another installation key wrapped it"
+                        .into(),
+                ),
+                e => bad(e.to_string()),
+            })?;
+        let result = (|| {
+            if plain.len() < 1 + OWNER_KEY_ID_LEN + MASTER_LEN + 1 {
+                return Err(bad("too short".into()));
+            }
+            if plain[0] != OWNER_KEY_VERSION {
+                return Err(bad(format!("unknown owner key version {}", plain[0])));
+            }
+            let id = hex::encode(&plain[1..1 + OWNER_KEY_ID_LEN]);
+            if id != key_id {
+                return Err(bad(format!("it holds key {id}")));
+            }
+            let rest = &plain[1 + OWNER_KEY_ID_LEN..];
+            let master: [u8; MASTER_LEN] = rest[..MASTER_LEN].try_into().expect("length checked");
+            let owner = std::str::from_utf8(&rest[MASTER_LEN..])
+                .map_err(|_| bad("its owner is not UTF-8".into()))?;
+            Ok(OwnerKey {
+                key_id: id,
+                owner: owner.to_string(),
+                master: MasterSecret(master),
+            })
+        })();
+        plain.zeroize();
+        result
+    }
+}
+
+impl Drop for KeyWrap {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for KeyWrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyWrap(..)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -951,6 +1147,55 @@ mod tests {
             h("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
                 .as_slice()
         );
+    }
+
+
+    #[test]
+    fn owner_keys_name_plain_blobs_by_a_keyed_hash() {
+        let inst = keys();
+        assert_eq!(inst.plain_chunk_id(b"x"), plain_chunk_id(b"x"));
+        let (a, b) = (OwnerKey::generate("local"), OwnerKey::generate("tg:1"));
+        let (ka, kb) = (a.keys(), b.keys());
+        assert_ne!(ka.plain_chunk_id(b"x"), plain_chunk_id(b"x"));
+        assert_ne!(ka.plain_chunk_id(b"x"), kb.plain_chunk_id(b"x"));
+        assert_ne!(ka.chunk_id(b"x"), kb.chunk_id(b"x"));
+        // A keyed unencrypted blob opens by its keyed id, under its own key only.
+        let sealed = seal(SealMode::Plain(&ka), b"x", None);
+        let id = ka.plain_chunk_id(b"x");
+        assert_eq!(open_chunk(&ka, &sealed, 16, &id).unwrap().plaintext, b"x");
+        assert!(matches!(
+            open_chunk(&kb, &sealed, 16, &id),
+            Err(CryptoError::MacMismatch)
+        ));
+        assert!(matches!(
+            open_chunk(&ka, &sealed, 16, &plain_chunk_id(b"x")),
+            Err(CryptoError::WrongId)
+        ));
+    }
+
+    #[test]
+    fn owner_keys_are_wrapped_by_the_installation_key_and_bound_to_their_id() {
+        let inst = MasterSecret::generate();
+        let wrap = KeyWrap::derive(&inst);
+        let k = OwnerKey::generate("tg:42");
+        let sealed = wrap.seal(&k);
+        let back = wrap.open(&k.key_id, &sealed).unwrap();
+        assert_eq!(back.owner, "tg:42");
+        assert_eq!(back.keys().chunk_id(b"d"), k.keys().chunk_id(b"d"));
+        // Another installation's key, a flipped byte, another name: refused, named.
+        let other = KeyWrap::derive(&MasterSecret::generate());
+        let e = other.open(&k.key_id, &sealed).unwrap_err().to_string();
+        assert!(e.contains(&k.key_id) && e.contains("authentication failed"), "{e}");
+        let mut bad = sealed.clone();
+        bad[30] ^= 1;
+        assert!(wrap.open(&k.key_id, &bad).unwrap_err().to_string().contains("authentication failed"));
+        let e = wrap.open(&"0".repeat(32), &sealed).unwrap_err().to_string();
+        assert!(e.contains(&format!("it holds key {}", k.key_id)), "{e}");
+        assert!(wrap.open(&k.key_id, &vec![0xB5; 2000]).is_err());
+        // The wrap key seals nothing else: it is not the installation's data key.
+        let data = Keys::derive(&inst);
+        assert!(open(&data, &sealed, 1024).is_err());
+        assert_eq!(format!("{k:?}"), format!("OwnerKey({} of tg:42)", k.key_id));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod chunker;
 pub mod crypto;
+pub mod keyring;
 pub mod pack;
 pub mod snapshot;
 

@@ -80,8 +80,8 @@ struct Health {
     premium_at: Option<Instant>,
     /// The last failure, until a call succeeds again.
     failed: Option<(Instant, String)>,
-    /// The seed (the wrapped key) is stored in this lane by this process.
-    seeded: bool,
+    /// The seeds (the wrapped keys) this process has stored in, or found in, this lane.
+    seeded: std::collections::HashSet<String>,
 }
 
 /// One backend of a [`Lanes`] store.
@@ -269,30 +269,33 @@ impl Lane {
         r
     }
 
-    /// Stores `seed` (the wrapped key) in this lane unless it already holds it, once per
-    /// process: `recover` must work from any one lane.
+    /// Stores each seed (the wrapped keys: the installation's and the owners') in this lane
+    /// unless it already holds it, once per process: `recover` must work from any one lane.
     async fn ensure_seed(
         &self,
         b: &Arc<dyn Storage>,
-        seed: Option<&(String, Vec<u8>)>,
+        seeds: &[(String, Vec<u8>)],
     ) -> Result<(), StorageError> {
-        let Some((seed_name, data)) = seed else {
-            return Ok(());
-        };
-        if self.health.lock().unwrap().seeded {
-            return Ok(());
+        for (seed_name, data) in seeds {
+            if self.health.lock().unwrap().seeded.contains(seed_name) {
+                continue;
+            }
+            let held = b.get_range(&ObjectRef::new(seed_name, ""), 0, 1).await;
+            if matches!(held, Err(StorageError::NotFound { .. })) {
+                with_retry(
+                    &format!("storing {seed_name} in lane {}", self.name),
+                    || b.put_bytes(seed_name, data.clone()),
+                )
+                .await?;
+            } else {
+                held?;
+            }
+            self.health
+                .lock()
+                .unwrap()
+                .seeded
+                .insert(seed_name.clone());
         }
-        let held = b.get_range(&ObjectRef::new(seed_name, ""), 0, 1).await;
-        if matches!(held, Err(StorageError::NotFound { .. })) {
-            with_retry(
-                &format!("storing {seed_name} in lane {}", self.name),
-                || b.put_bytes(seed_name, data.clone()),
-            )
-            .await?;
-        } else {
-            held?;
-        }
-        self.health.lock().unwrap().seeded = true;
         Ok(())
     }
 
@@ -303,11 +306,11 @@ impl Lane {
         name: &str,
         path: &Path,
         size: u64,
-        seed: Option<&(String, Vec<u8>)>,
+        seeds: &[(String, Vec<u8>)],
     ) -> Result<Location, StorageError> {
         let result: Result<(Location, Duration), StorageError> = async {
             let b = self.backend().await?;
-            self.ensure_seed(&b, seed).await?;
+            self.ensure_seed(&b, seeds).await?;
             let started = Instant::now();
             let loc = with_retry(&format!("uploading {name} to lane {}", self.name), || {
                 b.put_file(name, path)
@@ -385,7 +388,7 @@ pub struct Lanes {
     spool: PathBuf,
     /// An object every lane must hold before its first pack (the wrapped key, so that
     /// `recover` works from any one lane).
-    seed: Mutex<Option<(String, Vec<u8>)>>,
+    seed: Mutex<Vec<(String, Vec<u8>)>>,
     /// Copies a read found missing or damaged while another copy answered: `(object, lane)`.
     misses: Mutex<Vec<(String, String)>>,
 }
@@ -425,7 +428,7 @@ impl Lanes {
             lanes: lanes.into_iter().map(Arc::new).collect(),
             copies,
             spool,
-            seed: Mutex::new(None),
+            seed: Mutex::new(Vec::new()),
             misses: Mutex::new(Vec::new()),
         })
     }
@@ -443,9 +446,12 @@ impl Lanes {
         self.copies
     }
 
-    /// Sets the object every lane must hold before its first pack (the wrapped key).
+    /// Adds (or replaces, by name) an object every lane must hold before its first pack: the
+    /// wrapped installation key and every owner key.
     pub fn set_seed(&self, name: &str, data: Vec<u8>) {
-        *self.seed.lock().unwrap() = Some((name.to_string(), data));
+        let mut seeds = self.seed.lock().unwrap();
+        seeds.retain(|(n, _)| n != name);
+        seeds.push((name.to_string(), data));
     }
 
     /// The copies a location names. A location without the lanes prefix is a pack stored
@@ -568,7 +574,7 @@ impl Lanes {
             return Err(e);
         }
         let seed = self.seed.lock().unwrap().clone();
-        let r = lane.put_file(name, &copy, size, seed.as_ref()).await;
+        let r = lane.put_file(name, &copy, size, &seed).await;
         let _ = std::fs::remove_file(&copy);
         Ok(StoredCopy {
             lane: lane.name.clone(),
