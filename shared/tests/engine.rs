@@ -433,12 +433,13 @@ async fn an_interrupted_backup_resumes_without_reuploading_finished_packs() {
         .filter(|n| !n.starts_with("key-"))
         .collect();
     assert_eq!(in_storage.len(), 3, "{in_storage:?}");
-    let finished_chunks: usize = stored_packs(f.storage.as_ref(), &f.repo.ring_all().await.unwrap())
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.entries.len())
-        .sum();
+    let finished_chunks: usize =
+        stored_packs(f.storage.as_ref(), &f.repo.ring_all().await.unwrap())
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.entries.len())
+            .sum();
     assert!(finished_chunks > 0);
 
     f.storage

@@ -55,7 +55,12 @@ async fn blob_ids(f: &Fixture, ring: &KeyRing) -> (BTreeSet<ChunkId>, usize, u64
             continue;
         }
         let obj = storinator_shared::ObjectRef::new(&name, "");
-        let bytes = f.storage.inner.get_range(&obj, 0, size as u64).await.unwrap();
+        let bytes = f
+            .storage
+            .inner
+            .get_range(&obj, 0, size as u64)
+            .await
+            .unwrap();
         if let Ok(entries) = pack_entries(&name, &bytes, ring) {
             packs += 1;
             for e in entries {
@@ -76,12 +81,19 @@ async fn two_owners_same_tree(f: &Fixture) -> [(PathBuf, &'static str); 2] {
         make_tree(src);
         for encrypt in [true, false] {
             f.repo
-                .backup(&backup_opts(src, owner, encrypt), &NoProgress, &CancelFlag::new())
+                .backup(
+                    &backup_opts(src, owner, encrypt),
+                    &NoProgress,
+                    &CancelFlag::new(),
+                )
                 .await
                 .unwrap();
         }
     }
-    assert!(files_of(&trees[0].0) == files_of(&trees[1].0), "the same files");
+    assert!(
+        files_of(&trees[0].0) == files_of(&trees[1].0),
+        "the same files"
+    );
     trees
 }
 
@@ -106,22 +118,36 @@ async fn two_owners_with_the_same_file_share_no_chunk_id_and_no_blob() {
         .into_iter()
         .filter(|(n, _)| !n.starts_with("key-"))
         .collect();
-    assert_eq!(packs_a + packs_b, all.len(), "each pack opens with exactly one owner's key");
+    assert_eq!(
+        packs_a + packs_b,
+        all.len(),
+        "each pack opens with exactly one owner's key"
+    );
     let inst = KeyRing::new(vec![RingKey {
         key_id: String::new(),
         owner: String::new(),
         keys: Arc::new(f.repo.keys().clone()),
     }]);
-    assert_eq!(blob_ids(&f, &inst).await.1, 0, "the installation key seals no owner's data");
+    assert_eq!(
+        blob_ids(&f, &inst).await.1,
+        0,
+        "the installation key seals no owner's data"
+    );
     // The same content, stored by each owner (no dedup across owners): the big file at least
     // once per snapshot kind (encrypted, unencrypted), for each owner.
-    assert!(data_a >= 2 * 1_500_000 && data_b >= 2 * 1_500_000, "{data_a} {data_b}");
+    assert!(
+        data_a >= 2 * 1_500_000 && data_b >= 2 * 1_500_000,
+        "{data_a} {data_b}"
+    );
     // Both owners have one key each, recorded and stored.
     let rows = f.repo.catalog.owner_keys(None).await.unwrap();
     assert_eq!(rows.len(), 2);
     for r in &rows {
         let name = format!("key-owner-{}.enc", r.key_id);
-        assert!(f.storage.inner.snapshot().iter().any(|(n, _)| *n == name), "{name}");
+        assert!(
+            f.storage.inner.snapshot().iter().any(|(n, _)| *n == name),
+            "{name}"
+        );
     }
 }
 
@@ -138,14 +164,25 @@ async fn one_owners_key_cannot_open_another_owners_data() {
             continue;
         }
         let obj = storinator_shared::ObjectRef::new(&name, "");
-        let bytes = f.storage.inner.get_range(&obj, 0, size as u64).await.unwrap();
+        let bytes = f
+            .storage
+            .inner
+            .get_range(&obj, 0, size as u64)
+            .await
+            .unwrap();
         let Ok(entries) = pack_entries(&name, &bytes, &ring_b) else {
             continue;
         };
-        let e = pack_entries(&name, &bytes, &ring_a).unwrap_err().to_string();
-        assert!(e.contains(&name) && e.contains("authentication failed"), "{e}");
+        let e = pack_entries(&name, &bytes, &ring_a)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&name) && e.contains("authentication failed"),
+            "{e}"
+        );
         for entry in entries {
-            let sealed = &bytes[entry.offset as usize..(entry.offset + u64::from(entry.length)) as usize];
+            let sealed =
+                &bytes[entry.offset as usize..(entry.offset + u64::from(entry.length)) as usize];
             let err = ring_a.open_chunk(sealed, 16 << 20, &entry.id).unwrap_err();
             assert!(matches!(err, CryptoError::MacMismatch), "{err}");
             checked += 1;
@@ -163,8 +200,16 @@ async fn one_owners_key_cannot_open_another_owners_data() {
              JOIN content_chunks cc ON cc.content_id = e.content_id \
              JOIN contents c ON c.id = e.content_id \
              WHERE r.owner = ? AND e.path = 'data/small.txt' AND c.encrypted = 1";
-    let a_chunk: Vec<u8> = sqlx::query_scalar(q).bind("local").fetch_one(&pool).await.unwrap();
-    let b_chunk: Vec<u8> = sqlx::query_scalar(q).bind("tg:1001").fetch_one(&pool).await.unwrap();
+    let a_chunk: Vec<u8> = sqlx::query_scalar(q)
+        .bind("local")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let b_chunk: Vec<u8> = sqlx::query_scalar(q)
+        .bind("tg:1001")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_ne!(a_chunk, b_chunk);
     sqlx::query("UPDATE content_chunks SET chunk_id = ? WHERE chunk_id = ?")
         .bind(&b_chunk)
@@ -179,14 +224,22 @@ async fn one_owners_key_cannot_open_another_owners_data() {
     let err = f
         .repo
         .restore(
-            &restore_opts("data/small.txt", &out, "local", Some(encrypted.short_id.clone())),
+            &restore_opts(
+                "data/small.txt",
+                &out,
+                "local",
+                Some(encrypted.short_id.clone()),
+            ),
             &NoProgress,
             &CancelFlag::new(),
         )
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("data/small.txt") && err.contains("authentication failed"), "{err}");
+    assert!(
+        err.contains("data/small.txt") && err.contains("authentication failed"),
+        "{err}"
+    );
     assert!(!out.join("small.txt").exists());
 }
 
@@ -204,7 +257,12 @@ async fn restores_identical(repo: &Repo, owner: &str, src: &Path, out: &Path, ex
         .await
         .unwrap();
         let name = src.file_name().unwrap();
-        assert_eq!(describe_tree(src), describe_tree(&to.join(name)), "{owner} {}", s.short_id);
+        assert_eq!(
+            describe_tree(src),
+            describe_tree(&to.join(name)),
+            "{owner} {}",
+            s.short_id
+        );
     }
 }
 
@@ -223,11 +281,18 @@ async fn recover_on_an_empty_machine_restores_every_owners_snapshots() {
     }
     // The recovered catalog knows both owner keys: new backups keep deduplicating.
     let before = f.storage.inner.snapshot().len();
-    repo.backup(&backup_opts(&trees[1].0, "tg:1001", true), &NoProgress, &CancelFlag::new())
-        .await
-        .unwrap();
+    repo.backup(
+        &backup_opts(&trees[1].0, "tg:1001", true),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap();
     let summary_packs = f.storage.inner.snapshot().len() - before;
-    assert!(summary_packs <= 1, "an unchanged tree stored {summary_packs} packs again");
+    assert!(
+        summary_packs <= 1,
+        "an unchanged tree stored {summary_packs} packs again"
+    );
     assert_eq!(repo.catalog.owner_keys(None).await.unwrap().len(), 2);
 }
 
@@ -250,7 +315,12 @@ async fn a_tampered_or_misnamed_owner_key_in_storage_is_refused_by_name() {
         .unwrap_or_else(|| panic!("{:?}", report.problems));
     assert!(named.contains("authentication failed"), "{named}");
     // Its owner's packs are skipped, named; the other owner's come back whole.
-    assert!(report.problems.iter().any(|p| p.contains("skipped") && p.starts_with("pack ")));
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("skipped") && p.starts_with("pack "))
+    );
     assert!(repo.snapshots("tg:1001", None).await.unwrap().is_empty());
     restores_identical(&repo, "local", &trees[0].0, &f.path("out1"), 2).await;
 
@@ -263,8 +333,19 @@ async fn a_tampered_or_misnamed_owner_key_in_storage_is_refused_by_name() {
     let b_bytes = match b_bytes {
         Ok(b) => b,
         Err(_) => {
-            let size = f.storage.inner.snapshot().into_iter().find(|(n, _)| *n == b_name).unwrap().1;
-            f.storage.inner.get_range(&obj, 0, size as u64).await.unwrap()
+            let size = f
+                .storage
+                .inner
+                .snapshot()
+                .into_iter()
+                .find(|(n, _)| *n == b_name)
+                .unwrap()
+                .1;
+            f.storage
+                .inner
+                .get_range(&obj, 0, size as u64)
+                .await
+                .unwrap()
         }
     };
     f.storage.inner.put_bytes(&a_name, b_bytes).await.unwrap();
@@ -306,7 +387,12 @@ fn files_of(root: &Path) -> Vec<(String, Vec<u8>)> {
         .map(Result::unwrap)
         .filter(|e| e.file_type().is_file())
         .map(|e| {
-            let rel = e.path().strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             (rel, std::fs::read(e.path()).unwrap())
         })
         .collect();
@@ -327,7 +413,11 @@ async fn legacy_restores(repo: &Repo, expected: &Path, out: &Path) {
             )
             .await
             .unwrap();
-            assert_eq!(files_of(&expected.join(name)), files_of(&to.join(name)), "{owner}");
+            assert_eq!(
+                files_of(&expected.join(name)),
+                files_of(&to.join(name)),
+                "{owner}"
+            );
         }
     }
 }
@@ -349,9 +439,13 @@ async fn a_single_key_repository_still_restores_and_its_owners_get_keys_for_new_
     std::fs::create_dir_all(&src).unwrap();
     std::fs::copy(expected.join("notes/same.txt"), src.join("same.txt")).unwrap();
     std::fs::write(src.join("new.txt"), b"after the upgrade").unwrap();
-    repo.backup(&backup_opts(&src, "tg:42", true), &NoProgress, &CancelFlag::new())
-        .await
-        .unwrap();
+    repo.backup(
+        &backup_opts(&src, "tg:42", true),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap();
     let rows = repo.catalog.owner_keys(None).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].owner, "tg:42");
@@ -359,7 +453,9 @@ async fn a_single_key_repository_still_restores_and_its_owners_get_keys_for_new_
     assert!(verified.problems.is_empty(), "{:?}", verified.problems);
 
     // A new machine: the old snapshots (installation key) and the new one (owner key).
-    let fresh = Catalog::open_file(&dir.path().join("fresh.db")).await.unwrap();
+    let fresh = Catalog::open_file(&dir.path().join("fresh.db"))
+        .await
+        .unwrap();
     let (repo, report) = recover(fresh, storage, SINGLE_KEY_PASS, settings(), &NoProgress)
         .await
         .unwrap();
@@ -389,7 +485,13 @@ async fn legacy_restores_after_upgrade(repo: &Repo, expected: &Path, new: &Path,
         } else {
             ("notes", expected.join("notes"))
         };
-        assert_eq!(files_of(&want), files_of(&to.join(name)), "{} {}", s.owner, s.root);
+        assert_eq!(
+            files_of(&want),
+            files_of(&to.join(name)),
+            "{} {}",
+            s.owner,
+            s.root
+        );
     }
     // Restoring an owner never uses another owner's key: local's ring holds no tg:42 key.
     let ring = repo.ring_for("local").await.unwrap();

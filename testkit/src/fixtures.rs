@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::Digest;
-use storinator_shared::format::pack::{BlobKind, PackEntry, PackId};
 use storinator_shared::ChunkId;
 use storinator_shared::format::keyring::KeyRing;
+use storinator_shared::format::pack::{BlobKind, PackEntry, PackId};
 
 /// Deterministic pseudo-random bytes.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {

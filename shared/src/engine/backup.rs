@@ -365,7 +365,15 @@ async fn run_locked(
     let bytes_stored = counters.bytes_stored.load(Ordering::Relaxed);
     let listing_ids = object.listing.clone();
     let info = snapshot_info(&snapshot_id, object, bytes_stored);
-    let seq = commit(repo, &run.id, (&info, &key.key_id), &snapshot_id, &listing_ids, entries).await?;
+    let seq = commit(
+        repo,
+        &run.id,
+        (&info, &key.key_id),
+        &snapshot_id,
+        &listing_ids,
+        entries,
+    )
+    .await?;
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     Ok(BackupSummary {

@@ -101,9 +101,13 @@ pub async fn recover(
     // Snapshots: oldest first per root, each committed like a fresh backup would, except
     // those a tombstone says were forgotten (invariant 7).
     let mut tomb_problems = Vec::new();
-    let forgotten =
-        super::forget::forgotten_snapshots(storage.as_ref(), repo.keys(), &objects, &mut tomb_problems)
-            .await?;
+    let forgotten = super::forget::forgotten_snapshots(
+        storage.as_ref(),
+        repo.keys(),
+        &objects,
+        &mut tomb_problems,
+    )
+    .await?;
     for p in tomb_problems {
         problem(&mut report, p);
     }

@@ -585,9 +585,13 @@ fn plaintext_from_disk(
             let named = |slot: usize| ring.get(slot).keys.blob_id(t.encrypted, &buf) == *id;
             match slot {
                 Some(s) if named(s) => {}
-                None => slot = Some((0..ring.len()).find(|&s| named(s)).ok_or_else(|| {
-                    "changed on disk since the backup".to_string()
-                })?),
+                None => {
+                    slot = Some(
+                        (0..ring.len())
+                            .find(|&s| named(s))
+                            .ok_or_else(|| "changed on disk since the backup".to_string())?,
+                    )
+                }
                 Some(_) => return Err("changed on disk since the backup".into()),
             }
             out.push((*id, buf.clone()));

@@ -83,7 +83,17 @@ pub(crate) async fn run(
         Counters::add(&counters.files_done, 1);
         let some_copy_good = match repo.storage.as_lanes() {
             Some(lanes) => {
-                verify_copies(repo, &ring, lanes, &p, &listed, read_data, &mut report, &counters).await
+                verify_copies(
+                    repo,
+                    &ring,
+                    lanes,
+                    &p,
+                    &listed,
+                    read_data,
+                    &mut report,
+                    &counters,
+                )
+                .await
             }
             None => false,
         };
@@ -357,18 +367,16 @@ async fn check_pack(
     })
     .await
     .map_err(|e| err(&e))?;
-    let (entries, authenticated) =
-        match ring.open_trailer(&obj.name, &sealed, body_len) {
-            Ok((_, t)) => (t.entries, true),
-            // A format-1 unencrypted pack this catalog recorded: its trailer carries only a
-            // checksum, so it is compared with the catalog below, which vouches for it.
-            Err(crate::error::PackError::Unauthenticated { .. }) => (
-                pack::open_format1_trailer(&obj.name, &sealed, body_len)
-                    .map_err(|e| e.to_string())?,
-                false,
-            ),
-            Err(e) => return Err(e.to_string()),
-        };
+    let (entries, authenticated) = match ring.open_trailer(&obj.name, &sealed, body_len) {
+        Ok((_, t)) => (t.entries, true),
+        // A format-1 unencrypted pack this catalog recorded: its trailer carries only a
+        // checksum, so it is compared with the catalog below, which vouches for it.
+        Err(crate::error::PackError::Unauthenticated { .. }) => (
+            pack::open_format1_trailer(&obj.name, &sealed, body_len).map_err(|e| e.to_string())?,
+            false,
+        ),
+        Err(e) => return Err(e.to_string()),
+    };
     report.bytes_read += tlen + PACK_TAIL_LEN;
     let pack_id = obj.name.trim_end_matches(".enc");
     let in_catalog = repo

@@ -975,12 +975,14 @@ impl KeyWrap {
         let max = 1 + OWNER_KEY_ID_LEN + MASTER_LEN + MAX_OWNER_LEN;
         let mut plain = open_impl(self.pair(), sealed, max, Accept::Authenticated)
             .map(|(_, p)| p)
-            .map_err(|e| match e {
+            .map_err(|e| {
+                match e {
                 CryptoError::MacMismatch => bad(
                     "authentication failed: it was modified, or another installation key wrapped it"
                         .into(),
                 ),
                 e => bad(e.to_string()),
+            }
             })?;
         let result = (|| {
             if plain.len() < 1 + OWNER_KEY_ID_LEN + MASTER_LEN + 1 {
@@ -1149,7 +1151,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn owner_keys_name_plain_blobs_by_a_keyed_hash() {
         let inst = keys();
@@ -1185,10 +1186,18 @@ mod tests {
         // Another installation's key, a flipped byte, another name: refused, named.
         let other = KeyWrap::derive(&MasterSecret::generate());
         let e = other.open(&k.key_id, &sealed).unwrap_err().to_string();
-        assert!(e.contains(&k.key_id) && e.contains("authentication failed"), "{e}");
+        assert!(
+            e.contains(&k.key_id) && e.contains("authentication failed"),
+            "{e}"
+        );
         let mut bad = sealed.clone();
         bad[30] ^= 1;
-        assert!(wrap.open(&k.key_id, &bad).unwrap_err().to_string().contains("authentication failed"));
+        assert!(
+            wrap.open(&k.key_id, &bad)
+                .unwrap_err()
+                .to_string()
+                .contains("authentication failed")
+        );
         let e = wrap.open(&"0".repeat(32), &sealed).unwrap_err().to_string();
         assert!(e.contains(&format!("it holds key {}", k.key_id)), "{e}");
         assert!(wrap.open(&k.key_id, &vec![0xB5; 2000]).is_err());

@@ -57,8 +57,11 @@ pub fn owner_key_object_name(key_id: &str) -> String {
 /// The key id of an owner key object's name.
 pub fn owner_key_id_of(name: &str) -> Option<&str> {
     let id = name.strip_prefix("key-owner-")?.strip_suffix(".enc")?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        .then_some(id)
+    (id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(id)
 }
 
 /// One key of a ring: an owner's (named by its key id) or the installation's (`key_id` empty).

@@ -290,11 +290,7 @@ impl Lane {
             } else {
                 held?;
             }
-            self.health
-                .lock()
-                .unwrap()
-                .seeded
-                .insert(seed_name.clone());
+            self.health.lock().unwrap().seeded.insert(seed_name.clone());
         }
         Ok(())
     }
