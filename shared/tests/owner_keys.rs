@@ -506,3 +506,77 @@ async fn legacy_restores_after_upgrade(repo: &Repo, expected: &Path, new: &Path,
         .unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
 }
+
+/// Names of the owner-key objects a store holds.
+fn owner_key_objects(m: &storinator_shared::MemoryStorage) -> BTreeSet<String> {
+    m.snapshot()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| owner_key_id_of(n).is_some())
+        .collect()
+}
+
+#[tokio::test]
+async fn owner_keys_are_in_every_lane_even_one_added_later_and_any_lane_recovers() {
+    use storinator_shared::MemoryStorage;
+    use storinator_shared::storage::{Lane, Lanes};
+    let dir = tempfile::tempdir().unwrap();
+    let mem: Vec<Arc<MemoryStorage>> = (0..3)
+        .map(|i| Arc::new(MemoryStorage::new(dir.path().join(format!("spool{i}")))))
+        .collect();
+    let lanes = |n: usize| -> Arc<dyn Storage> {
+        let list = (0..n)
+            .map(|i| Lane::ready(["a", "b", "c"][i], mem[i].clone() as Arc<dyn Storage>))
+            .collect();
+        Arc::new(Lanes::new(list, n, dir.path().join("spool")).unwrap())
+    };
+    let db = dir.path().join("catalog.db");
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    let two = lanes(2);
+    Repo::init(&catalog, two.as_ref(), PASS, storinator_shared::KdfParams::fast_for_tests())
+        .await
+        .unwrap();
+    let repo = Repo::open(catalog, two, PASS, settings()).await.unwrap();
+    let (mine, theirs) = (dir.path().join("l/data"), dir.path().join("t/data"));
+    make_tree(&mine);
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("a.bin"), bytes(300_000, 5)).unwrap();
+    for (src, owner) in [(&mine, "local"), (&theirs, "tg:7")] {
+        repo.backup(&backup_opts(src, owner, true), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+    }
+    let keys = owner_key_objects(&mem[0]);
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(owner_key_objects(&mem[1]), keys, "every lane holds every owner key");
+
+    // A third lane: it gets every key before its first pack.
+    let repo = Repo::open(Catalog::open_file(&db).await.unwrap(), lanes(3), PASS, settings())
+        .await
+        .unwrap();
+    std::fs::write(theirs.join("b.bin"), bytes(100_000, 6)).unwrap();
+    repo.backup(&backup_opts(&theirs, "tg:7", true), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(owner_key_objects(&mem[2]), keys, "the new lane holds every owner key");
+    assert!(mem[2].snapshot().iter().any(|(n, _)| n.starts_with("key-") && owner_key_id_of(n).is_none()));
+
+    // A new machine with lane b alone: every owner's snapshots come back.
+    let fresh = Catalog::open_file(&dir.path().join("fresh.db")).await.unwrap();
+    let (repo, report) = recover(fresh, mem[1].clone(), PASS, settings(), &NoProgress)
+        .await
+        .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.snapshots, 3);
+    restores_identical(&repo, "local", &mine, &dir.path().join("out-l"), 1).await;
+    let latest = repo.snapshots("tg:7", None).await.unwrap().pop().unwrap();
+    let out = dir.path().join("out-t");
+    repo.restore(
+        &restore_opts(&latest.root, &out, "tg:7", None),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(files_of(&theirs), files_of(&out.join("data")));
+}
