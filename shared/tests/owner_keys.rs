@@ -533,36 +533,69 @@ async fn owner_keys_are_in_every_lane_even_one_added_later_and_any_lane_recovers
     let db = dir.path().join("catalog.db");
     let catalog = Catalog::open_file(&db).await.unwrap();
     let two = lanes(2);
-    Repo::init(&catalog, two.as_ref(), PASS, storinator_shared::KdfParams::fast_for_tests())
-        .await
-        .unwrap();
+    Repo::init(
+        &catalog,
+        two.as_ref(),
+        PASS,
+        storinator_shared::KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
     let repo = Repo::open(catalog, two, PASS, settings()).await.unwrap();
     let (mine, theirs) = (dir.path().join("l/data"), dir.path().join("t/data"));
     make_tree(&mine);
     std::fs::create_dir_all(&theirs).unwrap();
     std::fs::write(theirs.join("a.bin"), bytes(300_000, 5)).unwrap();
     for (src, owner) in [(&mine, "local"), (&theirs, "tg:7")] {
-        repo.backup(&backup_opts(src, owner, true), &NoProgress, &CancelFlag::new())
-            .await
-            .unwrap();
+        repo.backup(
+            &backup_opts(src, owner, true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
     }
     let keys = owner_key_objects(&mem[0]);
     assert_eq!(keys.len(), 2, "{keys:?}");
-    assert_eq!(owner_key_objects(&mem[1]), keys, "every lane holds every owner key");
+    assert_eq!(
+        owner_key_objects(&mem[1]),
+        keys,
+        "every lane holds every owner key"
+    );
 
     // A third lane: it gets every key before its first pack.
-    let repo = Repo::open(Catalog::open_file(&db).await.unwrap(), lanes(3), PASS, settings())
-        .await
-        .unwrap();
+    let repo = Repo::open(
+        Catalog::open_file(&db).await.unwrap(),
+        lanes(3),
+        PASS,
+        settings(),
+    )
+    .await
+    .unwrap();
     std::fs::write(theirs.join("b.bin"), bytes(100_000, 6)).unwrap();
-    repo.backup(&backup_opts(&theirs, "tg:7", true), &NoProgress, &CancelFlag::new())
-        .await
-        .unwrap();
-    assert_eq!(owner_key_objects(&mem[2]), keys, "the new lane holds every owner key");
-    assert!(mem[2].snapshot().iter().any(|(n, _)| n.starts_with("key-") && owner_key_id_of(n).is_none()));
+    repo.backup(
+        &backup_opts(&theirs, "tg:7", true),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        owner_key_objects(&mem[2]),
+        keys,
+        "the new lane holds every owner key"
+    );
+    assert!(
+        mem[2]
+            .snapshot()
+            .iter()
+            .any(|(n, _)| n.starts_with("key-") && owner_key_id_of(n).is_none())
+    );
 
     // A new machine with lane b alone: every owner's snapshots come back.
-    let fresh = Catalog::open_file(&dir.path().join("fresh.db")).await.unwrap();
+    let fresh = Catalog::open_file(&dir.path().join("fresh.db"))
+        .await
+        .unwrap();
     let (repo, report) = recover(fresh, mem[1].clone(), PASS, settings(), &NoProgress)
         .await
         .unwrap();
@@ -579,4 +612,48 @@ async fn owner_keys_are_in_every_lane_even_one_added_later_and_any_lane_recovers
     .await
     .unwrap();
     assert_eq!(files_of(&theirs), files_of(&out.join("data")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_making_an_owners_first_key_at_once_use_one_and_deduplicate() {
+    let f = Fixture::new().await;
+    // A second host: its own process state, the same catalog and storage.
+    let other = Fixture::open_repo(f.dir.path(), f.storage.clone(), false).await;
+    for i in 0..12 {
+        let owner = format!("tg:{}", 500 + i);
+        let (a, b) = tokio::join!(f.repo.owner_key(&owner), other.owner_key(&owner));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.key_id, b.key_id, "{owner}: both hosts seal with one key");
+        let name = format!("key-owner-{}.enc", a.key_id);
+        assert!(
+            f.storage.inner.snapshot().iter().any(|(n, _)| *n == name),
+            "{name}"
+        );
+        let recorded = f.repo.catalog.owner_keys(Some(&owner)).await.unwrap();
+        assert!((1..=2).contains(&recorded.len()), "{recorded:?}");
+        assert_eq!(recorded[0].key_id, a.key_id, "the first recorded one");
+    }
+    // One owner's identical data, backed up from both hosts: the second stores no file data.
+    let (one, two) = (f.path("h1/data"), f.path("h2/data"));
+    make_tree(&one);
+    make_tree(&two);
+    let first = f
+        .repo
+        .backup(
+            &backup_opts(&one, "tg:500", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    assert!(first.new_data_chunks > 0);
+    let second = other
+        .backup(
+            &backup_opts(&two, "tg:500", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.new_data_chunks, 0, "deduplicated across hosts");
 }

@@ -71,7 +71,7 @@ pub struct Owner {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create the encryption key (once per storage host).
+    /// Create the installation key (once per installation; each owner gets its own at its first backup).
     ///
     /// A random master key is generated and stored wrapped under your passphrase (Argon2id)
     /// in the catalog and in storage. Keep the passphrase safe: without it nobody, you
