@@ -547,14 +547,17 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Needed chunks' ids and plaintext, in file order.
+type Plaintexts = Vec<(ChunkId, Vec<u8>)>;
+
 /// Reads a file whose content should be `t`: the whole file must hash to the recorded
-/// SHA-256, and each needed chunk (cut at the recorded lengths) to its id. Returns the needed
-/// chunks' plaintext.
+/// SHA-256, and each needed chunk (cut at the recorded lengths) to its id under one key of
+/// `ring`. Returns that key's slot and the needed chunks' plaintext.
 fn plaintext_from_disk(
     path: &str,
     t: &Target,
     ring: &KeyRing,
-) -> Result<(usize, Vec<(ChunkId, Vec<u8>)>), String> {
+) -> Result<(usize, Plaintexts), String> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "no longer on disk".to_string(),
         _ => e.to_string(),
