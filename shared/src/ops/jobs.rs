@@ -767,7 +767,8 @@ impl Jobs {
         answer: Answer,
     ) -> Result<AnswerOutcome> {
         let now = self.now_ms();
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE: read then write (see `answer_prompt` for why a deferred one fails).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row =
             sqlx::query("SELECT *, answer AS prior_answer FROM jobs WHERE id = ? AND user_id = ?")
                 .bind(id)
