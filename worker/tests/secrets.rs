@@ -382,6 +382,25 @@ async fn passphrase_and_keys_never_appear_in_logs_errors_jobs_or_chat() {
         }
     }
 
+    // Every owner's key too (the chat user's and `local`'s, made by their first backups).
+    let wrap = storinator_shared::format::crypto::KeyWrap::derive(&master);
+    let owner_rows = catalog.owner_keys(None).await.unwrap();
+    assert!(owner_rows.len() >= 2, "{owner_rows:?}");
+    for row in owner_rows {
+        let key = wrap.open(&row.key_id, &row.sealed).unwrap();
+        let sub = key.keys().bytes_for_tests();
+        for (name, bytes) in [
+            ("master key", key.bytes_for_tests()),
+            ("encryption key", sub[0]),
+            ("MAC key", sub[1]),
+            ("chunk-id key", sub[2]),
+        ] {
+            for (i, sp) in spellings(&bytes).into_iter().enumerate() {
+                secrets.push((format!("{}'s {name} (spelling {i})", row.owner), sp));
+            }
+        }
+    }
+
     let mut leaks = Vec::new();
     for (what, hay) in &s.found.0 {
         for (name, needle) in &secrets {

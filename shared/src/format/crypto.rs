@@ -914,6 +914,15 @@ impl OwnerKey {
     }
 }
 
+#[cfg(feature = "test-support")]
+impl OwnerKey {
+    /// The owner's master secret, for tests that scan output for leaked keys. Only in test
+    /// builds.
+    pub fn bytes_for_tests(&self) -> [u8; MASTER_LEN] {
+        self.master.0
+    }
+}
+
 impl fmt::Debug for OwnerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "OwnerKey({} of {})", self.key_id, self.owner)
