@@ -404,10 +404,27 @@ impl Drill {
         }
         std::fs::write(self.src.join("notes.txt"), b"crash drill\n")?;
         std::os::unix::fs::symlink("notes.txt", self.src.join("link"))?;
-        // A first full backup in both repositories: the drill's backups are incremental.
+        // A first full backup in both repositories: the drill's backups are incremental. The
+        // first makes the owner's key; the reference is given it, so it seals the same chunks.
         let backup = ["backup".to_string(), self.src.display().to_string()];
-        run_to_end(self.reference_command(&backup), &[0, 3]).context("reference backup")?;
-        run_to_end(self.command(&backup), &[0, 3]).context("first backup")
+        run_to_end(self.command(&backup), &[0, 3]).context("first backup")?;
+        let (ours, theirs) = (
+            format!("sqlite://{}", self.database.display()),
+            format!("sqlite://{}", ref_data.join("storinator.db").display()),
+        );
+        block_on(async {
+            let to = storinator_shared::Catalog::open(&theirs).await?;
+            for row in storinator_shared::Catalog::open(&ours)
+                .await?
+                .owner_keys(None)
+                .await?
+            {
+                to.add_owner_key(&row).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+        .context("giving the reference the owner's key")?;
+        run_to_end(self.reference_command(&backup), &[0, 3]).context("reference backup")
     }
 
     fn next(&mut self) -> u64 {
