@@ -191,7 +191,9 @@ async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
     for e in std::fs::read_dir(&all).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.as_str() < "0013" {
+        // (And 0015, owner keys: the engine that records the old-layout snapshot below needs
+        // its tables; it is independent of the entries' layout this test is about.)
+        if name.as_str() < "0013" || name.starts_with("0015") {
             std::fs::copy(e.path(), old.join(&name)).unwrap();
         }
     }
