@@ -663,16 +663,31 @@ pub(crate) async fn start_job(
     // job that finishes before its first message is out.
     let _busy = Busy::claim(app, job.id);
     tracing::info!(job = job.id, user_id, kind = args.kind(), "job queued");
-    let text = render::progress(&job);
-    let msg = app.outbox.text(chat, text, None).await?;
-    app.jobs.set_progress_message(job.id, msg.id.0).await?;
-    app.jobs.mark_shown(job.id, job.updated_at).await?;
-    Ok(())
+    post_progress(app, &job).await
 }
 
 async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult {
+    // Every tap gets an answer, a failure too: an unanswered one leaves the user's button
+    // spinning with no word of what happened.
+    let answer = match callback_answer(&q, &app).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(user_id = q.from.id.0, "a button press failed: {e:#}");
+            Some(format!("That did not work: {e}. Try again."))
+        }
+    };
+    let mut req = bot.answer_callback_query(q.id.clone());
+    if let Some(text) = answer {
+        req = req.text(render::toast(&text));
+    }
+    req.await?;
+    Ok(())
+}
+
+/// What a tap does, and the toast it is answered with.
+async fn callback_answer(q: &CallbackQuery, app: &Arc<App>) -> anyhow::Result<Option<String>> {
     let user_id = q.from.id.0;
-    let answer = if !app.cfg.is_allowed(user_id) {
+    Ok(if !app.cfg.is_allowed(user_id) {
         // Not a message: answering costs none of the message budget.
         tracing::debug!(user_id, "refused a button press from an unauthorized user");
         Some("You are not allowed to use this bot.".to_string())
@@ -680,26 +695,20 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
         let data = q.data.clone().unwrap_or_default();
         let at = q.regular_message().map(|m| (m.chat.id, m.id));
         match data.split_once(':') {
-            Some(("ow", id)) => conflict_answer(&app, user_id, id, Answer::Overwrite, at).await?,
-            Some(("keep", id)) => conflict_answer(&app, user_id, id, Answer::Keep, at).await?,
-            Some((forget::CONFIRM, id)) => forget::answer(&app, user_id, id, true, at).await?,
-            Some((forget::CANCEL, id)) => forget::answer(&app, user_id, id, false, at).await?,
-            Some((prune::CONFIRM, id)) => prune::answer(&app, user_id, id, true, at).await?,
-            Some((prune::CANCEL, id)) => prune::answer(&app, user_id, id, false, at).await?,
+            Some(("ow", id)) => conflict_answer(app, user_id, id, Answer::Overwrite, at).await?,
+            Some(("keep", id)) => conflict_answer(app, user_id, id, Answer::Keep, at).await?,
+            Some((forget::CONFIRM, id)) => forget::answer(app, user_id, id, true, at).await?,
+            Some((forget::CANCEL, id)) => forget::answer(app, user_id, id, false, at).await?,
+            Some((prune::CONFIRM, id)) => prune::answer(app, user_id, id, true, at).await?,
+            Some((prune::CANCEL, id)) => prune::answer(app, user_id, id, false, at).await?,
             _ => match at {
                 Some((chat, message)) => {
-                    browse::on_button(&app, user_id, chat, message, &data).await?
+                    browse::on_button(app, user_id, chat, message, &data).await?
                 }
                 None => Some(browse::STALE.to_string()),
             },
         }
-    };
-    let mut req = bot.answer_callback_query(q.id.clone());
-    if let Some(text) = answer {
-        req = req.text(text);
-    }
-    req.await?;
-    Ok(())
+    })
 }
 
 /// The answer to a restore-conflict prompt, acted on once (the job table keeps it).
@@ -726,23 +735,51 @@ async fn conflict_answer(
             format!("✋ {title}: kept the existing files; nothing was overwritten."),
         ),
         AnswerOutcome::Overwriting(new) => {
-            let _busy = Busy::claim(app, new.id);
-            let msg = app
-                .outbox
-                .text(ChatId(new.chat_id), render::progress(&new), None)
-                .await?;
-            app.jobs.set_progress_message(new.id, msg.id.0).await?;
-            app.jobs.mark_shown(new.id, new.updated_at).await?;
-            (
-                "Overwriting.",
-                format!("✋ {title}: overwriting — restore #{} queued.", new.id),
-            )
+            let text = format!("✋ {title}: overwriting — restore #{} queued.", new.id);
+            follow_up(app, Some(*new), prompt, text);
+            return Ok(Some("Overwriting.".into()));
         }
     };
-    if let Some((c, m)) = prompt {
-        edit_quietly(app, c, m, text).await;
-    }
+    follow_up(app, None, prompt, text);
     Ok(Some(toast.into()))
+}
+
+/// What a tap changes in the chat, sent after the tap is answered: a queued job's progress
+/// message, then the prompt's new text (its buttons gone). Both go through the outbox, which
+/// may wait out Telegram's rate limits; the tap's answer must not wait with them, or the
+/// button spins on the user's screen meanwhile.
+pub(crate) fn follow_up(
+    app: &Arc<App>,
+    queued: Option<storinator_shared::Job>,
+    prompt: Option<(ChatId, MessageId)>,
+    text: String,
+) {
+    // Claimed now, before the tap's answer: the notifier must not post a second progress
+    // message for a job that finishes before this one is out.
+    let busy = queued.as_ref().map(|job| Busy::claim(app, job.id));
+    let app = app.clone();
+    tokio::spawn(async move {
+        let _busy = busy;
+        if let Some(job) = queued
+            && let Err(e) = post_progress(&app, &job).await
+        {
+            tracing::warn!(job = job.id, "posting the progress message: {e:#}");
+        }
+        if let Some((c, m)) = prompt {
+            edit_quietly(&app, c, m, text).await;
+        }
+    });
+}
+
+/// Posts a new job's progress message and records it as the one to edit.
+async fn post_progress(app: &App, job: &storinator_shared::Job) -> anyhow::Result<()> {
+    let msg = app
+        .outbox
+        .text(ChatId(job.chat_id), render::progress(job), None)
+        .await?;
+    app.jobs.set_progress_message(job.id, msg.id.0).await?;
+    app.jobs.mark_shown(job.id, job.updated_at).await?;
+    Ok(())
 }
 
 /// Replace a prompt's text (dropping its buttons); failures only cost a stale prompt.

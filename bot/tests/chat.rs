@@ -604,6 +604,8 @@ async fn restore_conflicts_ask_before_overwriting() {
         vec![format!("ow:{}", job.id), format!("keep:{}", job.id)]
     );
 
+    // Telegram makes the new restore's progress message wait: the tap is answered anyway.
+    h.api.fail_next_call("sendMessage", Fault::RetryAfter(1));
     // A stranger's tap and another user's tap do nothing; the user's double tap acts once.
     let data = format!("ow:{}", job.id);
     let stranger = h.api.push_callback(99, CHAT, prompt.message_id, &data);
@@ -632,6 +634,21 @@ async fn restore_conflicts_ask_before_overwriting() {
     );
     assert_eq!(h.api.callback_answer(&first).unwrap(), "Overwriting.");
     assert_eq!(h.api.callback_answer(&second).unwrap(), "Already answered.");
+    let calls = h.api.calls();
+    let answered = calls
+        .iter()
+        .position(|c| {
+            c.method == "answerCallbackQuery" && c.params["callback_query_id"] == first.as_str()
+        })
+        .unwrap();
+    let posted = calls
+        .iter()
+        .rposition(|c| c.method == "sendMessage" && c.fault.is_none())
+        .unwrap();
+    assert!(
+        answered < posted,
+        "the tap was answered only after the progress message was out"
+    );
     let new = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
     assert_ne!(new.id, job.id);
     // Pinned to the snapshot the conflict was found in.
@@ -646,6 +663,29 @@ async fn restore_conflicts_ask_before_overwriting() {
     );
     assert_eq!(h.job_count().await, 2);
     println!("{}", h.api.transcript_text(CHAT));
+    h.stop().await;
+}
+
+/// A tap whose handling fails (here the prompt table is gone) is still answered, with what
+/// went wrong, instead of leaving the button spinning; the bot carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_tap_is_answered_with_the_failure() {
+    let h = start(None).await;
+    sqlx::query("ALTER TABLE forget_prompts RENAME TO forget_prompts_gone")
+        .execute(h.jobs.pool())
+        .await
+        .unwrap();
+    let tap = h.api.push_callback(USER, CHAT, 1, "fg:1");
+    let answer = h
+        .api
+        .wait_for(WAIT, |a| a.callback_answer(&tap))
+        .await
+        .expect("the tap is answered");
+    assert!(answer.starts_with("That did not work: "), "{answer}");
+    assert!(answer.contains("forget_prompts"), "{answer}");
+    assert_eq!(h.job_count().await, 0);
+    let reply = h.say(USER, "/jobs").await;
+    assert!(!reply.is_empty());
     h.stop().await;
 }
 
