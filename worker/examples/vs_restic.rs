@@ -15,6 +15,12 @@
 //! (1,000,000 files of 1-2 KiB), `small1k` (1,000 files of 1-16 KiB, to try the bench out). `--period-gib N` makes the one-file shapes repeat every N GiB
 //! so that the stores need only N GiB each (the rest deduplicates). Each tree is built in
 //! `--dir` (default: the temp dir), and everything is deleted after its shape.
+//!
+//! Restored trees of many files are kept until their shape is done, not deleted between runs:
+//! on ext4 without a journal (these VMs) the kernel skips inodes freed in the last minutes
+//! when it allocates new ones (`recently_deleted`, up to six minutes while the inode table is
+//! dirty), so a restore that follows the deletion of 100,000 files paid up to several ms per
+//! file created, more each round, whichever tool it was.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -155,7 +161,15 @@ async fn catalog_bytes(data: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-async fn run_tool(tool: Tool, bins: &Bins, tree: &Path, work: &Path) -> anyhow::Result<Phases> {
+/// Runs the three phases of `tool`; the restored tree is moved to `keep` (deleted with the
+/// shape) when given, so that the next runs don't allocate over thousands of just-freed inodes.
+async fn run_tool(
+    tool: Tool,
+    bins: &Bins,
+    tree: &Path,
+    work: &Path,
+    keep: Option<&Path>,
+) -> anyhow::Result<Phases> {
     std::fs::create_dir_all(work)?;
     let log = work.with_extension("log");
     let out = work.join("restored");
@@ -204,6 +218,9 @@ async fn run_tool(tool: Tool, bins: &Bins, tree: &Path, work: &Path) -> anyhow::
             }
         }
     };
+    if let Some(keep) = keep {
+        std::fs::rename(&out, keep)?;
+    }
     std::fs::remove_dir_all(work)?;
     Ok(phases)
 }
@@ -292,6 +309,9 @@ async fn main() -> anyhow::Result<()> {
             &[Tool::Storinator]
         };
         let mut results: Vec<(Tool, Phases)> = Vec::new();
+        // Restored trees of many files, deleted with the shape (see the top of this file).
+        let kept = base.path().join(format!("{shape}-restored"));
+        std::fs::create_dir_all(&kept)?;
         for round in 0..rounds {
             let order: Vec<Tool> = if round % 2 == 0 {
                 tools.to_vec()
@@ -300,7 +320,9 @@ async fn main() -> anyhow::Result<()> {
             };
             for tool in order {
                 let work = base.path().join(format!("{}-{round}", tool.name()));
-                let p = run_tool(tool, &bins, &tree, &work).await?;
+                let keep =
+                    (stats.files >= 1000).then(|| kept.join(format!("{}-{round}", tool.name())));
+                let p = run_tool(tool, &bins, &tree, &work, keep.as_deref()).await?;
                 println!(
                     "round {} {:<10} backup {:7.2} s {:6.2} CPU s/GiB {:6.0} MiB | re-backup {:7.2} s {:6.0} MiB | restore {:7.2} s {:6.2} CPU s/GiB {:6.0} MiB{}",
                     round + 1,
@@ -329,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
             print_ratios(&results);
         }
         std::fs::remove_dir_all(&tree)?;
+        std::fs::remove_dir_all(&kept)?;
     }
     Ok(())
 }

@@ -82,7 +82,8 @@ fn a_restore_killed_mid_file_leaves_temp_files_the_next_restore_removes_and_name
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(1));
     };
-    assert_eq!(left.len(), 1, "{left:?}");
+    // Writers work side by side, one folder each: a temporary file per folder at most.
+    assert!((1..=2).contains(&left.len()), "{left:?}");
     // Look-alikes of the user's own are not the restore's to remove.
     let lookalikes = [
         out.join("data/sub/.storinator-00000000-0000000000000000.tmp"),
@@ -100,10 +101,15 @@ fn a_restore_killed_mid_file_leaves_temp_files_the_next_restore_removes_and_name
             .arg(&out),
     );
     assert!(
-        text.contains("removed 1 temporary file(s) left by an interrupted restore"),
+        text.contains(&format!(
+            "removed {} temporary file(s) left by an interrupted restore",
+            left.len()
+        )),
         "{text}"
     );
-    assert!(text.contains(&left[0].display().to_string()), "{text}");
+    for l in &left {
+        assert!(text.contains(&l.display().to_string()), "{text}");
+    }
     let mut remaining = temp_files(&out);
     remaining.sort();
     let mut expected = lookalikes.to_vec();

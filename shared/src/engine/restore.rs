@@ -471,8 +471,17 @@ struct Written {
     dirs: Vec<Planned>,
 }
 
-/// The writing pass, a page at a time: leftovers of an interrupted restore removed, folders
-/// created (writable), files fetched and written, symlinks made.
+/// A page ready for the fetchers: its folders and symlinks exist, its files' chunk lists are
+/// attached.
+struct ReadyPage {
+    plan: Arc<Vec<Planned>>,
+    /// The page's files to write (not already there), in path order.
+    files: Vec<usize>,
+}
+
+/// The writing pass: pages are prepared (leftovers of an interrupted restore removed, folders
+/// created writable, symlinks made, chunk lists attached) while the files of the pages before
+/// are fetched and written, so that reads and writers never wait for a page boundary.
 #[allow(clippy::too_many_arguments)]
 async fn write_all(
     repo: &Repo,
@@ -496,80 +505,80 @@ async fn write_all(
         symlinks: 0,
         dirs: Vec::new(),
     };
-    let mut pages = Pages::new(repo, resolved);
-    let mut done = 0;
-    loop {
-        let mut plan = pages.next().await?;
-        if plan.is_empty() {
-            break;
+    // One page prepared ahead of the one being fetched: memory stays a few pages.
+    let (page_tx, page_rx) = tokio::sync::mpsc::channel::<ReadyPage>(1);
+    let shared = WriterShared {
+        target: target.clone(),
+        keys: keys.clone(),
+        ring,
+        same_owner,
+        counters: counters.clone(),
+        cancel: cancel.clone(),
+    };
+    let encrypted = resolved.snapshot.encrypted;
+    let fetch = fetch_and_write(repo, shared, page_rx, encrypted, progress);
+    let prepare = async {
+        let mut pages = Pages::new(repo, resolved);
+        let mut done = 0;
+        loop {
+            let mut plan = pages.next().await?;
+            if plan.is_empty() || cancel.is_cancelled() {
+                break;
+            }
+            let skip: Vec<bool> = skip
+                .get(done..done + plan.len())
+                .ok_or_else(|| {
+                    Error::Changed(format!(
+                        "snapshot {} changed during the restore",
+                        resolved.snapshot.short_id
+                    ))
+                })?
+                .to_vec();
+            done += plan.len();
+            attach_chunk_lists(repo, &mut plan, &skip).await?;
+            let files: Vec<usize> = (0..plan.len())
+                .filter(|&i| plan[i].entry.kind == EntryKind::File && !skip[i])
+                .collect();
+            let plan = Arc::new(plan);
+            let (removed, links, outcome) = {
+                let (target, plan, keys) = (target.clone(), plan.clone(), keys.clone());
+                blocking(move || {
+                    let removed = remove_own_temp_files(&target, &plan, &keys);
+                    let mut outcome = Outcome::default();
+                    make_dirs(&target, &plan, &mut outcome);
+                    let mut owners = Owners::new(same_owner);
+                    let links =
+                        make_symlinks(&target, &plan, &skip, &keys, &mut owners, &mut outcome);
+                    (removed, links, outcome)
+                })
+                .await?
+            };
+            written.removed_temp.extend(removed);
+            written.symlinks += links;
+            written.outcome.merge(outcome);
+            written.dirs.extend(
+                plan.iter()
+                    .filter(|p| p.entry.kind == EntryKind::Dir)
+                    .map(|p| Planned {
+                        entry: p.entry.clone(),
+                        rel: p.rel.clone(),
+                        chunks: Vec::new(),
+                    }),
+            );
+            written.files += files.len() as u64;
+            if page_tx.send(ReadyPage { plan, files }).await.is_err() {
+                break; // the fetchers stopped: their error or the cancellation tells why
+            }
         }
-        let skip: Vec<bool> = skip
-            .get(done..done + plan.len())
-            .ok_or_else(|| {
-                Error::Changed(format!(
-                    "snapshot {} changed during the restore",
-                    resolved.snapshot.short_id
-                ))
-            })?
-            .to_vec();
-        done += plan.len();
-        attach_chunk_lists(repo, &mut plan, &skip).await?;
-        let plan = Arc::new(plan);
-        let skip = Arc::new(skip);
-        let (removed, outcome) = {
-            let (target, plan, keys) = (target.clone(), plan.clone(), keys.clone());
-            blocking(move || {
-                let removed = remove_own_temp_files(&target, &plan, &keys);
-                let mut outcome = Outcome::default();
-                make_dirs(&target, &plan, &mut outcome);
-                (removed, outcome)
-            })
-            .await?
-        };
-        written.removed_temp.extend(removed);
-        written.outcome.merge(outcome);
-        let files: Vec<usize> = (0..plan.len())
-            .filter(|&i| plan[i].entry.kind == EntryKind::File && !skip[i])
-            .collect();
-        written.files += files.len() as u64;
-        let write = WriteContext {
-            target: target.clone(),
-            plan: plan.clone(),
-            keys: keys.clone(),
-            ring: ring.clone(),
-            same_owner,
-            counters: counters.clone(),
-            cancel: cancel.clone(),
-        };
-        let encrypted = resolved.snapshot.encrypted;
-        let outcome = fetch_and_write(repo, write, &files, encrypted, progress).await?;
-        written.outcome.merge(outcome);
-        if cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        let (links, outcome) = {
-            let (target, plan, skip, keys) =
-                (target.clone(), plan.clone(), skip.clone(), keys.clone());
-            blocking(move || {
-                let mut outcome = Outcome::default();
-                let mut owners = Owners::new(same_owner);
-                let links = make_symlinks(&target, &plan, &skip, &keys, &mut owners, &mut outcome);
-                (links, outcome)
-            })
-            .await?
-        };
-        written.symlinks += links;
-        written.outcome.merge(outcome);
-        let plan =
-            Arc::try_unwrap(plan).unwrap_or_else(|_| unreachable!("the page's tasks are done"));
-        written.dirs.extend(
-            plan.into_iter()
-                .filter(|p| p.entry.kind == EntryKind::Dir)
-                .map(|mut p| {
-                    p.chunks = Vec::new();
-                    p
-                }),
-        );
+        drop(page_tx);
+        Ok::<(), Error>(())
+    };
+    let (fetched, prepared) = tokio::join!(fetch, prepare);
+    let outcome = fetched?;
+    prepared?;
+    written.outcome.merge(outcome);
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
     }
     written.removed_temp.sort();
     Ok(written)
@@ -1094,9 +1103,11 @@ fn remove_own_temp_files(target: &Target, plan: &[Planned], keys: &Keys) -> Vec<
     removed
 }
 
-/// Largest single range read: adjacent blobs are fetched together up to this size.
-const MAX_READ: u64 = 8 << 20;
-/// Gap between blobs that is cheaper to read through than to skip.
+/// Largest single range read: blobs of one pack near each other are fetched together up to
+/// this size.
+const MAX_READ: u64 = 4 << 20;
+/// Bytes between blobs that are cheaper to read through than to skip (a read may also waste
+/// up to as much as it uses).
 const MAX_GAP: u64 = 64 << 10;
 /// Range reads in flight.
 const READS_IN_FLIGHT: usize = 4;
@@ -1105,64 +1116,91 @@ const READS_IN_FLIGHT: usize = 4;
 #[derive(Clone)]
 struct BlobSlot {
     id: ChunkId,
-    offset_in_read: usize,
+    /// Where it starts in the pack.
+    offset: u64,
     length: usize,
     raw_length: usize,
 }
 
-/// A range read covering adjacent blobs of one pack.
+/// A range read of one pack covering blobs, listed in the order their files want them (not
+/// necessarily the pack's: a backup's sealing threads interleave neighbouring files' blobs).
 #[derive(Clone)]
 struct RangeRead {
     obj: ObjectRef,
     offset: u64,
     len: u64,
+    /// Bytes of the range that are blobs of the read.
+    used: u64,
     blobs: Vec<BlobSlot>,
+}
+
+impl RangeRead {
+    /// Takes `c` if it lies in the same pack and the range grown to cover it stays within
+    /// [`MAX_READ`] and wastes no more than [`MAX_GAP`] or than it uses.
+    fn take(&mut self, c: &ChunkLoc) -> bool {
+        if self.obj.name.strip_suffix(".enc") != Some(c.pack_id.as_str()) {
+            return false;
+        }
+        let start = self.offset.min(c.offset);
+        let end = (self.offset + self.len).max(c.offset + c.length);
+        let used = self.used + c.length;
+        let span = end - start;
+        if span > MAX_READ || span - used.min(span) > MAX_GAP.max(used) {
+            return false;
+        }
+        self.offset = start;
+        self.len = span;
+        self.used = used;
+        self.blobs.push(BlobSlot::of(c));
+        true
+    }
+}
+
+impl BlobSlot {
+    fn of(c: &ChunkLoc) -> BlobSlot {
+        BlobSlot {
+            id: c.id,
+            offset: c.offset,
+            length: c.length as usize,
+            raw_length: c.raw_length as usize,
+        }
+    }
 }
 
 /// A decrypted blob (or why it could not be had), in file order.
 type BlobResult = Result<Vec<u8>, String>;
 
-/// Plans range reads over the blobs of `files` in file order, merging neighbours in the same
-/// pack.
+/// Plans range reads over the blobs of `files` in file order, merging blobs of the same pack
+/// that lie near each other.
 fn plan_reads(plan: &[Planned], files: &[usize]) -> Vec<RangeRead> {
+    merge_reads(files.iter().flat_map(|&i| &plan[i].chunks))
+}
+
+/// Range reads for blobs wanted in this order: each blob joins the read before it when it can
+/// (see [`RangeRead::take`]).
+fn merge_reads<'a>(chunks: impl Iterator<Item = &'a ChunkLoc>) -> Vec<RangeRead> {
     let mut reads: Vec<RangeRead> = Vec::new();
-    for &i in files {
-        for c in &plan[i].chunks {
-            let slot = BlobSlot {
-                id: c.id,
-                offset_in_read: 0,
-                length: c.length as usize,
-                raw_length: c.raw_length as usize,
-            };
-            let slot_end = c.offset + c.length;
-            if let Some(r) = reads.last_mut()
-                && r.obj.name == format!("{}.enc", c.pack_id)
-                && c.offset >= r.offset + r.len
-                && c.offset - (r.offset + r.len) <= MAX_GAP
-                && slot_end - r.offset <= MAX_READ
-            {
-                r.blobs.push(BlobSlot {
-                    offset_in_read: (c.offset - r.offset) as usize,
-                    ..slot
-                });
-                r.len = slot_end - r.offset;
-                continue;
-            }
-            reads.push(RangeRead {
-                obj: ObjectRef::new(format!("{}.enc", c.pack_id), c.location.clone()),
-                offset: c.offset,
-                len: c.length,
-                blobs: vec![slot],
-            });
+    for c in chunks {
+        if let Some(r) = reads.last_mut()
+            && r.take(c)
+        {
+            continue;
         }
+        reads.push(RangeRead {
+            obj: ObjectRef::new(format!("{}.enc", c.pack_id), c.location.clone()),
+            offset: c.offset,
+            len: c.length,
+            used: c.length,
+            blobs: vec![BlobSlot::of(c)],
+        });
     }
     reads
 }
 
-/// What the writer thread needs.
-struct WriteContext {
+/// What every writer needs.
+#[derive(Clone)]
+struct WriterShared {
     target: Arc<Target>,
-    plan: Arc<Vec<Planned>>,
     keys: Keys,
     ring: Arc<KeyRing>,
     same_owner: bool,
@@ -1170,52 +1208,197 @@ struct WriteContext {
     cancel: CancelFlag,
 }
 
-/// Fetches every file's chunks in file order and writes the files on a writer thread.
-/// Returns the files that failed, with reasons, and warnings.
+/// Writers working side by side. A file's creation and rename hold its folder's lock in the
+/// kernel, so a folder goes to one writer at a time (see [`Router`]); writers in different
+/// folders overlap their system calls, hashing and waits for the disk.
+fn writer_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4)
+}
+
+/// What a writer receives, in order: the files of a page that are its own, then the blobs of
+/// those files in file order, in batches (one per range read: a wake-up per read, not per
+/// blob).
+enum ToWriter {
+    Page(Arc<Vec<Planned>>, Vec<usize>),
+    Blobs(Vec<BlobResult>),
+}
+
+/// Hands out the files of each page to the writers: consecutive files of one folder to the
+/// same writer, the next folder to the next writer.
+struct Router {
+    writers: usize,
+    next: usize,
+    folder: Option<PathBuf>,
+}
+
+impl Router {
+    /// The writer of every file of the page, in the order of `files`.
+    fn assign(&mut self, plan: &[Planned], files: &[usize]) -> Vec<usize> {
+        files
+            .iter()
+            .map(|&i| {
+                let (parent, _) = split_rel(&plan[i].rel);
+                if self.folder.as_deref() != Some(parent) {
+                    self.next = (self.next + 1) % self.writers;
+                    self.folder = Some(parent.to_path_buf());
+                }
+                self.next
+            })
+            .collect()
+    }
+}
+
+/// A step of the fetchers, in the order the writers must see it.
+enum Step {
+    /// Tell writers the files of a page that are theirs.
+    Pages(Vec<(usize, ToWriter)>),
+    /// A range read, and the writer of each of its blobs.
+    Read(RangeRead, Vec<usize>),
+}
+
+/// A step under way.
+enum InFlight {
+    Pages(Vec<(usize, ToWriter)>),
+    Read(tokio::task::JoinHandle<Vec<BlobResult>>, Vec<usize>),
+}
+
+/// The steps of one page: the writers' shares, then the range reads over its files' blobs
+/// (in file order, neighbours in a pack merged).
+fn page_steps(router: &mut Router, page: ReadyPage) -> VecDeque<Step> {
+    let owner = router.assign(&page.plan, &page.files);
+    let mut shares: Vec<Vec<usize>> = vec![Vec::new(); router.writers];
+    for (&i, &w) in page.files.iter().zip(&owner) {
+        shares[w].push(i);
+    }
+    let mut steps = VecDeque::new();
+    steps.push_back(Step::Pages(
+        shares
+            .into_iter()
+            .enumerate()
+            .filter(|(_, files)| !files.is_empty())
+            .map(|(w, files)| (w, ToWriter::Page(page.plan.clone(), files)))
+            .collect(),
+    ));
+    let blob_owner: Vec<usize> = page
+        .files
+        .iter()
+        .zip(&owner)
+        .flat_map(|(&i, &w)| std::iter::repeat_n(w, page.plan[i].chunks.len()))
+        .collect();
+    let mut at = 0;
+    for read in plan_reads(&page.plan, &page.files) {
+        let n = read.blobs.len();
+        steps.push_back(Step::Read(read, blob_owner[at..at + n].to_vec()));
+        at += n;
+    }
+    steps
+}
+
+/// Fetches the blobs of every page's files (range reads in flight across page boundaries)
+/// and hands them to the writers. Returns the files that failed, with reasons, and warnings.
 async fn fetch_and_write(
     repo: &Repo,
-    ctx: WriteContext,
-    files: &[usize],
+    shared: WriterShared,
+    mut pages: tokio::sync::mpsc::Receiver<ReadyPage>,
     encrypted_snapshot: bool,
     progress: &dyn Progress,
 ) -> Result<Outcome, Error> {
-    let reads = plan_reads(&ctx.plan, files);
-    let (blob_tx, blob_rx) = tokio::sync::mpsc::channel::<BlobResult>(8);
-    let counters = ctx.counters.clone();
-    let cancel = ctx.cancel.clone();
-    let ring = ctx.ring.clone();
-    let writer = {
-        let files = files.to_vec();
-        tokio::task::spawn_blocking(move || write_files(&ctx, &files, blob_rx))
+    let counters = shared.counters.clone();
+    let cancel = shared.cancel.clone();
+    let ring = shared.ring.clone();
+    let mut to_writers = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..writer_count() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<ToWriter>(1);
+        let shared = shared.clone();
+        to_writers.push(tx);
+        writers.push(tokio::task::spawn_blocking(move || {
+            write_files(&shared, rx)
+        }));
+    }
+    let mut router = Router {
+        writers: writers.len(),
+        next: 0,
+        folder: None,
     };
 
-    let mut inflight: VecDeque<tokio::task::JoinHandle<Vec<BlobResult>>> = VecDeque::new();
-    let mut pending = reads.into_iter();
+    let mut steps: VecDeque<Step> = VecDeque::new();
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut reads_inflight = 0;
+    let mut pages_done = false;
     let mut last_report = Instant::now();
-    let mut send_failed = false;
-    loop {
-        while inflight.len() < READS_IN_FLIGHT {
-            let Some(read) = pending.next() else { break };
-            inflight.push_back(tokio::spawn(fetch_range(
-                repo.storage.clone(),
-                ring.clone(),
-                read,
-                encrypted_snapshot,
-            )));
-        }
-        let Some(handle) = inflight.pop_front() else {
-            break;
-        };
-        let blobs = handle
-            .await
-            .map_err(|e| Error::Invalid(format!("restore task failed: {e}")))?;
-        for b in blobs {
-            if blob_tx.send(b).await.is_err() {
-                send_failed = true;
-                break;
+    let mut stopped = false;
+    'run: loop {
+        // Start reads up to the bound, taking further pages as they are ready (waiting for
+        // one only when nothing else is under way).
+        while reads_inflight < READS_IN_FLIGHT {
+            if steps.is_empty() && !pages_done {
+                let page = if inflight.is_empty() {
+                    pages.recv().await
+                } else {
+                    match pages.try_recv() {
+                        Ok(p) => Some(p),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                    }
+                };
+                match page {
+                    Some(page) => steps = page_steps(&mut router, page),
+                    None => pages_done = true,
+                }
+            }
+            match steps.pop_front() {
+                Some(Step::Pages(shares)) => inflight.push_back(InFlight::Pages(shares)),
+                Some(Step::Read(read, owners)) => {
+                    let handle = tokio::spawn(fetch_range(
+                        repo.storage.clone(),
+                        ring.clone(),
+                        read,
+                        encrypted_snapshot,
+                    ));
+                    inflight.push_back(InFlight::Read(handle, owners));
+                    reads_inflight += 1;
+                }
+                None => break,
             }
         }
-        if send_failed || cancel.is_cancelled() {
+        let Some(front) = inflight.pop_front() else {
+            if pages_done && steps.is_empty() {
+                break;
+            }
+            continue;
+        };
+        match front {
+            InFlight::Pages(shares) => {
+                for (w, msg) in shares {
+                    if to_writers[w].send(msg).await.is_err() {
+                        stopped = true;
+                        break 'run;
+                    }
+                }
+            }
+            InFlight::Read(handle, owners) => {
+                reads_inflight -= 1;
+                let blobs = handle
+                    .await
+                    .map_err(|e| Error::Invalid(format!("restore task failed: {e}")))?;
+                let mut batches: Vec<Vec<BlobResult>> = vec![Vec::new(); to_writers.len()];
+                for (b, w) in blobs.into_iter().zip(owners) {
+                    batches[w].push(b);
+                }
+                for (w, batch) in batches.into_iter().enumerate() {
+                    if !batch.is_empty()
+                        && to_writers[w].send(ToWriter::Blobs(batch)).await.is_err()
+                    {
+                        stopped = true;
+                        break 'run;
+                    }
+                }
+            }
+        }
+        if cancel.is_cancelled() {
             break;
         }
         if last_report.elapsed() > Duration::from_millis(250) {
@@ -1223,13 +1406,24 @@ async fn fetch_and_write(
             last_report = Instant::now();
         }
     }
-    for h in inflight {
-        h.abort();
+    for step in inflight {
+        if let InFlight::Read(h, _) = step {
+            h.abort();
+        }
     }
-    drop(blob_tx);
-    writer
-        .await
-        .map_err(|e| Error::Invalid(format!("restore writer failed: {e}")))
+    drop(to_writers);
+    drop(pages);
+    let mut outcome = Outcome::default();
+    for w in writers {
+        outcome.merge(
+            w.await
+                .map_err(|e| Error::Invalid(format!("restore writer failed: {e}")))?,
+        );
+    }
+    if stopped && outcome.failures.is_empty() && !cancel.is_cancelled() {
+        return Err(Error::Invalid("a restore writer stopped early".into()));
+    }
+    Ok(outcome)
 }
 
 /// Reads one range and opens its blobs. With copies in several lanes, a copy that fails
@@ -1306,7 +1500,8 @@ async fn fetch_copy(
         read.blobs
             .iter()
             .map(|b| {
-                let sealed = &data[b.offset_in_read..b.offset_in_read + b.length];
+                let at = (b.offset - read.offset) as usize;
+                let sealed = &data[at..at + b.length];
                 let shown = || format!("chunk {} in pack {}", &b.id.to_hex()[..12], read.obj.name);
                 let (_, opened) = keys
                     .open_chunk(sealed, MAX_BLOB, &b.id)
@@ -1335,33 +1530,62 @@ struct ParentCache {
     fd: Option<std::os::fd::OwnedFd>,
 }
 
-/// Writes files from blobs arriving in file order. Each file goes to a temporary name in its
-/// folder (opened beneath the target, never through a symlink) and is renamed there only once
-/// its size and SHA-256 match. A file that fails is reported and the others go on.
-fn write_files(
-    ctx: &WriteContext,
-    files: &[usize],
-    mut blobs: tokio::sync::mpsc::Receiver<BlobResult>,
-) -> Outcome {
+/// The blobs a writer receives, one batch at a time.
+struct BlobQueue {
+    rx: tokio::sync::mpsc::Receiver<ToWriter>,
+    batch: std::vec::IntoIter<BlobResult>,
+}
+
+impl BlobQueue {
+    /// The next blob of the files being written (`None`: the fetchers stopped).
+    fn next(&mut self) -> Option<BlobResult> {
+        loop {
+            if let Some(b) = self.batch.next() {
+                return Some(b);
+            }
+            match self.rx.blocking_recv()? {
+                ToWriter::Blobs(batch) => self.batch = batch.into_iter(),
+                // A page's share always follows every blob of the share before.
+                ToWriter::Page(..) => return None,
+            }
+        }
+    }
+}
+
+/// A writer: writes its share of each page's files from blobs arriving in file order. Each
+/// file goes to a temporary name in its folder (opened beneath the target, never through a
+/// symlink) and is renamed there only once its size and SHA-256 match. A file that fails is
+/// reported and the others go on.
+fn write_files(ctx: &WriterShared, rx: tokio::sync::mpsc::Receiver<ToWriter>) -> Outcome {
     let mut outcome = Outcome::default();
     let mut owners = Owners::new(ctx.same_owner);
     let mut parent = ParentCache {
         rel: None,
         fd: None,
     };
-    for &i in files {
-        let p = &ctx.plan[i];
-        if ctx.cancel.is_cancelled() {
+    let mut blobs = BlobQueue {
+        rx,
+        batch: Vec::new().into_iter(),
+    };
+    while let Some(msg) = blobs.rx.blocking_recv() {
+        let ToWriter::Page(plan, files) = msg else {
+            outcome.fail("", "restore writer: blobs without their files");
             return outcome;
+        };
+        for &i in &files {
+            let p = &plan[i];
+            if ctx.cancel.is_cancelled() {
+                return outcome;
+            }
+            let result = write_one(ctx, p, &mut parent, &mut blobs, &mut owners, &mut outcome);
+            match result {
+                Ok(()) => {}
+                Err(WriteError::Failed(reason)) => outcome.fail(&p.entry.path, reason),
+                // The fetcher stopped (cancelled or failed): abandon the rest.
+                Err(WriteError::Stopped) => return outcome,
+            }
+            Counters::add(&ctx.counters.files_done, 1);
         }
-        let result = write_one(ctx, p, &mut parent, &mut blobs, &mut owners, &mut outcome);
-        match result {
-            Ok(()) => {}
-            Err(WriteError::Failed(reason)) => outcome.fail(&p.entry.path, reason),
-            // The fetcher stopped (cancelled or failed): abandon the rest.
-            Err(WriteError::Stopped) => return outcome,
-        }
-        Counters::add(&ctx.counters.files_done, 1);
     }
     outcome
 }
@@ -1374,10 +1598,10 @@ enum WriteError {
 /// Receives the blobs of one file (all of them, whatever happens, so the next file starts at
 /// its own first blob) and writes them to a temporary file that becomes the file.
 fn write_one(
-    ctx: &WriteContext,
+    ctx: &WriterShared,
     p: &Planned,
     parent: &mut ParentCache,
-    blobs: &mut tokio::sync::mpsc::Receiver<BlobResult>,
+    blobs: &mut BlobQueue,
     owners: &mut Owners,
     outcome: &mut Outcome,
 ) -> Result<(), WriteError> {
@@ -1419,7 +1643,7 @@ fn write_one(
     let mut sha = Sha256::new();
     let mut written = 0u64;
     for _ in &p.chunks {
-        let Some(blob) = blobs.blocking_recv() else {
+        let Some(blob) = blobs.next() else {
             if let (Some(dir), Some(_)) = (&parent.fd, &out) {
                 let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::empty());
             }
@@ -1477,6 +1701,49 @@ fn write_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Blobs of one pack that a backup's threads stored slightly out of file order are read
+    /// together; a far blob, another pack or a read over its size bound starts a new read.
+    #[test]
+    fn neighbouring_blobs_of_a_pack_are_read_together_in_any_order() {
+        let loc = |pack: &str, offset: u64, length: u64| ChunkLoc {
+            id: ChunkId::from_slice(&[offset as u8; 32]).unwrap(),
+            pack_id: pack.into(),
+            location: String::new(),
+            offset,
+            length,
+            raw_length: length,
+        };
+        let chunks = [
+            loc("p", 1000, 100),
+            loc("p", 0, 1000), // before the first: same read
+            loc("p", 1200, 50),
+            loc("p", 1100, 100),
+            loc("p", 10 << 20, 10), // far away
+            loc("q", 10 << 20, 10), // another pack
+            loc("q", (10 << 20) + 10, MAX_READ),
+        ];
+        let reads = merge_reads(chunks.iter());
+        let shape: Vec<(&str, u64, u64, usize)> = reads
+            .iter()
+            .map(|r| (r.obj.name.as_str(), r.offset, r.len, r.blobs.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("p.enc", 0, 1250, 4),
+                ("p.enc", 10 << 20, 10, 1),
+                ("q.enc", 10 << 20, 10, 1),
+                ("q.enc", (10 << 20) + 10, MAX_READ, 1),
+            ]
+        );
+        // The blobs stay in the order they are wanted.
+        let offsets: Vec<u64> = reads[0].blobs.iter().map(|b| b.offset).collect();
+        assert_eq!(offsets, vec![1000, 0, 1200, 1100]);
+        // A read wastes at most MAX_GAP, or as much as it uses.
+        let sparse = [loc("p", 0, 10), loc("p", MAX_GAP + 100, 10)];
+        assert_eq!(merge_reads(sparse.iter()).len(), 2);
+    }
 
     #[test]
     fn safe_paths() {
