@@ -271,7 +271,7 @@ async fn backup_shows_queued_progress_and_summary() {
         .count();
     assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
     let commands = h.api.commands();
-    assert_eq!(commands.as_array().unwrap().len(), 23);
+    assert_eq!(commands.as_array().unwrap().len(), 24);
     for name in ["forget", "prune"] {
         assert!(
             commands
