@@ -723,6 +723,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outbox_dir: cfg.outbox_dir(),
                 courier,
                 host: Some(host_registration(&cfg)),
+                // Leases name the host, so the job table shows where each job runs.
+                worker_id: format!("{}-{}", cfg.host, std::process::id()),
                 ..Default::default()
             };
             let unattended = crate::daemon::Unattended::from_config(&cfg, &jobs)?;
