@@ -263,6 +263,49 @@ async fn one_bot_two_hosts_each_hosts_jobs_run_on_its_own_worker() {
         assert_eq!(ran_on(&j), j.host.as_deref().unwrap(), "{j:?}");
     }
 
+    // A job that reached the wrong host anyway (a stale route) is refused by its worker,
+    // which checks the folder against its own roots.
+    let stray = site
+        .jobs
+        .enqueue_on(
+            USER,
+            USER,
+            &JobArgs::Backup {
+                path: site.path("web1/data"),
+                encrypt: true,
+            },
+            Some("web2"),
+        )
+        .await
+        .unwrap();
+    let j = site.wait_final(stray.id).await;
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert!(
+        j.error
+            .as_deref()
+            .is_some_and(|e| e.contains("outside the folders I may back up")),
+        "{j:?}"
+    );
+
+    // The command line lists the same hosts.
+    let out = site.worker("web1").args(["hosts", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web1", "web2"]);
+    assert_eq!(
+        listed[1]["backup_roots"],
+        serde_json::json!([site.path("shared"), site.path("web2")])
+    );
+    let out = site.worker("web1").arg("hosts").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("web2 ") && l.contains(" s ago")), "{text}");
+
     // A restore of web2's folder runs on web2 and writes there.
     let back = site.path("web2/back");
     let text = ask(
