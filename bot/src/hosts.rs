@@ -76,7 +76,11 @@ pub(crate) async fn restore_path(
 
 /// One host or none: the route, where a lone host that registered no backup roots takes
 /// what the bot's own roots allow (a worker configured before its roots mattered).
-fn only_host(hosts: &[HostInfo], named: Option<&str>, path: &str) -> Result<Option<String>, String> {
+fn only_host(
+    hosts: &[HostInfo],
+    named: Option<&str>,
+    path: &str,
+) -> Result<Option<String>, String> {
     if let [h] = hosts
         && h.backup_roots.is_empty()
         && named.is_none_or(|n| n == h.name)

@@ -677,7 +677,13 @@ pub(crate) async fn start_job_on(
     // Taken before anything can await, so the notifier can't post a second message for a
     // job that finishes before its first message is out.
     let _busy = Busy::claim(app, job.id);
-    tracing::info!(job = job.id, user_id, kind = args.kind(), host, "job queued");
+    tracing::info!(
+        job = job.id,
+        user_id,
+        kind = args.kind(),
+        host,
+        "job queued"
+    );
     let text = render::progress(&job);
     let msg = app.outbox.text(chat, text, None).await?;
     app.jobs.set_progress_message(job.id, msg.id.0).await?;

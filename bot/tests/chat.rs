@@ -945,7 +945,10 @@ async fn commands_are_routed_to_the_host_that_serves_the_path() {
     let root = h.root.display().to_string();
     let data = format!("{root}/data");
     let reply = h.say(USER, "/hosts").await;
-    assert!(reply.contains("No storage host has registered yet"), "{reply}");
+    assert!(
+        reply.contains("No storage host has registered yet"),
+        "{reply}"
+    );
     let register = |name: &str, backup: &[&str], restore: &[&str]| Registration {
         name: name.into(),
         backup_roots: backup.iter().map(|s| s.to_string()).collect(),
@@ -1014,16 +1017,26 @@ async fn commands_are_routed_to_the_host_that_serves_the_path() {
     let reply = h
         .say(USER, &format!("/schedule web2:{data} daily 03:00"))
         .await;
-    assert!(reply.contains(&format!("web2:{data} · daily 03:00")), "{reply}");
-    let schedules =
-        storinator_shared::Schedules::new(h.jobs.clone(), jiff::tz::TimeZone::UTC);
+    assert!(
+        reply.contains(&format!("web2:{data} · daily 03:00")),
+        "{reply}"
+    );
+    let schedules = storinator_shared::Schedules::new(h.jobs.clone(), jiff::tz::TimeZone::UTC);
     let list = schedules.list("tg:7").await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].host.as_deref(), Some("web2"));
+    let reply = h.say(USER, "/schedules").await;
+    assert!(
+        reply.contains(&format!("web2:{data} · daily 03:00")),
+        "{reply}"
+    );
 
     let reply = h.say(USER, "/hosts").await;
     assert!(reply.contains("Storage hosts (2)"), "{reply}");
-    assert!(reply.contains(&format!("• web1 — {root} · seen ")), "{reply}");
+    assert!(
+        reply.contains(&format!("• web1 — {root} · seen ")),
+        "{reply}"
+    );
     assert!(
         reply.contains(&format!("• web2 — {data} · seen ")) && reply.contains(&outside),
         "{reply}"

@@ -203,7 +203,13 @@ async fn the_first_host_adopts_schedules_made_before_hosts_a_second_one_does_not
         .await
         .unwrap();
     assert_eq!(
-        schedules.get(old.id).await.unwrap().unwrap().host.as_deref(),
+        schedules
+            .get(old.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .host
+            .as_deref(),
         Some("web1"),
         "a single host's old schedules become its own"
     );
@@ -238,7 +244,12 @@ async fn workers_claim_only_their_hosts_jobs_each_exactly_once() {
         expected.insert(job.id, host);
     }
     let mut tasks = Vec::new();
-    for (worker, host) in [("a1", "web1"), ("a2", "web1"), ("b1", "web2"), ("b2", "web2")] {
+    for (worker, host) in [
+        ("a1", "web1"),
+        ("a2", "web1"),
+        ("b1", "web2"),
+        ("b2", "web2"),
+    ] {
         let jobs = w.other().await;
         tasks.push(tokio::spawn(async move {
             let mut ran = Vec::new();
@@ -270,7 +281,10 @@ async fn workers_claim_only_their_hosts_jobs_each_exactly_once() {
         }
     }
     assert_eq!(seen.len(), 30, "every job ran");
-    assert!(by_host["web1"] >= 10 && by_host["web2"] >= 10, "{by_host:?}");
+    assert!(
+        by_host["web1"] >= 10 && by_host["web2"] >= 10,
+        "{by_host:?}"
+    );
     for id in expected.keys() {
         let j = w.jobs.get(*id).await.unwrap().unwrap();
         assert_eq!(j.state, JobState::Done);
@@ -332,7 +346,13 @@ async fn a_dead_workers_job_goes_to_another_worker_of_the_same_host() {
     ));
     w.jobs.finish(&lease, &done()).await.unwrap();
     assert_eq!(
-        w.jobs.get(job.id).await.unwrap().unwrap().lease_owner.as_deref(),
+        w.jobs
+            .get(job.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .lease_owner
+            .as_deref(),
         Some("a2")
     );
 }
@@ -421,4 +441,42 @@ async fn a_confirmed_overwrite_stays_on_its_host() {
         panic!("{outcome:?}")
     };
     assert_eq!(new.host.as_deref(), Some("web2"));
+}
+
+#[tokio::test]
+async fn a_host_gone_for_good_is_forgotten_once_its_jobs_are_settled() {
+    let w = World::new().await;
+    w.jobs
+        .register_host(&reg("old", &["/srv"], &["/srv"]))
+        .await
+        .unwrap();
+    w.jobs
+        .register_host(&reg("new", &["/srv"], &[]))
+        .await
+        .unwrap();
+    let job = w
+        .jobs
+        .enqueue_on(7, 7, &backup("/srv/a"), Some("old"))
+        .await
+        .unwrap();
+    let e = w.jobs.forget_host("old").await.unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "host old still has 1 job queued or running (#{})\nhint: cancel them first (/cancel <id>), or let them finish",
+            job.id
+        )
+    );
+    w.jobs.request_cancel(job.id, 7).await.unwrap();
+    assert!(w.jobs.forget_host("old").await.unwrap());
+    assert!(!w.jobs.forget_host("old").await.unwrap(), "gone already");
+    let hosts = w.jobs.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 1);
+    // /srv is no longer ambiguous.
+    assert_eq!(
+        route(&hosts, None, "/srv/a", RootKind::Backup)
+            .unwrap()
+            .as_deref(),
+        Some("new")
+    );
 }

@@ -193,6 +193,10 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Remove this host, gone for good (renamed or retired), so its folders stop being
+        /// routed to it. Stop its workers first; refused while it has queued or running jobs.
+        #[arg(long, value_name = "HOST")]
+        forget: Option<String>,
     },
     /// Check that every pack the catalog references is in storage and intact.
     ///
@@ -519,9 +523,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(anyhow::Error::new(e).context(format!("restore of {path} failed"))),
             }
         }
-        Command::Hosts { json } => {
+        Command::Hosts { json, forget } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let jobs = storinator_shared::Jobs::new(catalog.pool().clone());
+            if let Some(name) = forget {
+                if !jobs.forget_host(&name).await? {
+                    bail!(
+                        "no storage host is called {name}\nhint: `storinator-worker hosts` lists them"
+                    );
+                }
+                println!("forgot host {name}; its folders are no longer routed to it");
+                return Ok(ExitCode::SUCCESS);
+            }
             let hosts = jobs.hosts().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&hosts)?);
@@ -531,7 +544,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 let now = jobs.now_ms();
-                println!("{:<20}  {:<16}  {:<24}  restores into", "host", "last seen", "backs up");
+                println!(
+                    "{:<20}  {:<16}  {:<24}  restores into",
+                    "host", "last seen", "backs up"
+                );
                 for h in hosts {
                     println!(
                         "{:<20}  {:<16}  {:<24}  {}",

@@ -153,7 +153,10 @@ fn ran_on(j: &Job) -> &str {
 async fn start_bot(
     api: &FakeBotApi,
     site: &Site,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let vars = [
         (
             "TELOXIDE_TOKEN",
@@ -176,9 +179,11 @@ async fn start_bot(
     let task = tokio::spawn(storinator_bot::run(cfg, async move {
         let _ = rx.await;
     }));
-    api.wait_for(WAIT, |a| (!a.calls_of("getUpdates").is_empty()).then_some(()))
-        .await
-        .expect("bot polls");
+    api.wait_for(WAIT, |a| {
+        (!a.calls_of("getUpdates").is_empty()).then_some(())
+    })
+    .await
+    .expect("bot polls");
     (tx, task)
 }
 
@@ -228,7 +233,11 @@ async fn one_bot_two_hosts_each_hosts_jobs_run_on_its_own_worker() {
     // Each host's own folder goes to that host, without naming it.
     let mut ran = Vec::new();
     for host in ["web1", "web2"] {
-        let text = ask(&api, &format!("/backup {}", site.path(&format!("{host}/data")))).await;
+        let text = ask(
+            &api,
+            &format!("/backup {}", site.path(&format!("{host}/data"))),
+        )
+        .await;
         assert!(!text.contains("🚫"), "{text}");
         let job = newest(&site).await;
         assert_eq!(job.host.as_deref(), Some(host));
@@ -288,8 +297,16 @@ async fn one_bot_two_hosts_each_hosts_jobs_run_on_its_own_worker() {
     );
 
     // The command line lists the same hosts.
-    let out = site.worker("web1").args(["hosts", "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = site
+        .worker("web1")
+        .args(["hosts", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = listed
         .as_array()
@@ -304,7 +321,19 @@ async fn one_bot_two_hosts_each_hosts_jobs_run_on_its_own_worker() {
     );
     let out = site.worker("web1").arg("hosts").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.lines().any(|l| l.starts_with("web2 ") && l.contains(" s ago")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web2 ") && l.contains(" s ago")),
+        "{text}"
+    );
+    let out = site
+        .worker("web1")
+        .args(["hosts", "--forget", "web9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no storage host is called web9"), "{err}");
 
     // A restore of web2's folder runs on web2 and writes there.
     let back = site.path("web2/back");

@@ -162,6 +162,37 @@ impl Jobs {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Removes a host that is gone for good (renamed, retired), with its roots, so that its
+    /// folders stop being routed to it. Refused while it has queued or running jobs (they
+    /// would wait for it forever: cancel them first). A worker of that host still running
+    /// registers it again at its next heartbeat. Returns whether the host existed.
+    pub async fn forget_host(&self, name: &str) -> std::result::Result<bool, ForgetHostError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let pending: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE host = ? AND state IN ('queued', 'running') ORDER BY id",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !pending.is_empty() {
+            return Err(ForgetHostError::Busy {
+                host: name.to_string(),
+                jobs: pending,
+            });
+        }
+        sqlx::query("DELETE FROM host_roots WHERE host = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let gone = sqlx::query("DELETE FROM hosts WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(gone == 1)
+    }
+
     /// Every registered host with its roots, by name. One query: the bot's `/hosts`, its
     /// routing and the CLI's `hosts` all read this.
     pub async fn hosts(&self) -> Result<Vec<HostInfo>> {
@@ -193,6 +224,19 @@ impl Jobs {
         }
         Ok(hosts.into_values().collect())
     }
+}
+
+/// Why a host could not be forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetHostError {
+    #[error(
+        "host {host} still has {} queued or running (#{})\nhint: cancel them first (/cancel <id>), or let them finish",
+        crate::plural(.jobs.len() as u64, "job", "jobs"),
+        .jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(", #")
+    )]
+    Busy { host: String, jobs: Vec<i64> },
+    #[error("hosts: {0}")]
+    Db(#[from] sqlx::Error),
 }
 
 /// Why a path could not be routed to a host. The texts name the path and the hosts.
@@ -334,7 +378,10 @@ mod tests {
         assert_eq!(r(None, "/home/ann").unwrap().as_deref(), Some("web1"));
         assert_eq!(r(None, "/opt").unwrap().as_deref(), Some("web2"));
         // By component, not by text: /srvx is not under /srv.
-        assert!(matches!(r(None, "/srvx"), Err(RouteError::NotServed { .. })));
+        assert!(matches!(
+            r(None, "/srvx"),
+            Err(RouteError::NotServed { .. })
+        ));
         // Two hosts serve it: ambiguous, naming both and showing the prefix form.
         let e = r(None, "/srv/data/photos").unwrap_err();
         assert_eq!(

@@ -948,11 +948,7 @@ impl Jobs {
         if let Some(host) = host {
             q = q.bind(host);
         }
-        let row = q
-            .bind(now)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = q.bind(now).bind(now).fetch_optional(&self.pool).await?;
         let Some(row) = row else { return Ok(None) };
         let job = Job::from_row(&row)?;
         let lease = Lease {

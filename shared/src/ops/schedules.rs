@@ -839,8 +839,9 @@ impl Schedules {
             Some(_) => "AND (host IS NULL OR host = ?)",
             None => "",
         };
-        let sql =
-            format!("SELECT * FROM schedules WHERE paused = 0 AND next_slot <= ? {mine} ORDER BY id");
+        let sql = format!(
+            "SELECT * FROM schedules WHERE paused = 0 AND next_slot <= ? {mine} ORDER BY id"
+        );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
         if let Some(host) = &rules.host {
             q = q.bind(host);
