@@ -692,8 +692,27 @@ pub(crate) async fn start_job_on(
 }
 
 async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult {
+    // Every tap gets an answer, a failure too: an unanswered one leaves the user's button
+    // spinning with no word of what happened.
+    let answer = match callback_answer(&q, &app).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(user_id = q.from.id.0, "a button press failed: {e:#}");
+            Some(format!("That did not work: {e}. Try again."))
+        }
+    };
+    let mut req = bot.answer_callback_query(q.id.clone());
+    if let Some(text) = answer {
+        req = req.text(render::toast(&text));
+    }
+    req.await?;
+    Ok(())
+}
+
+/// What a tap does, and the toast it is answered with.
+async fn callback_answer(q: &CallbackQuery, app: &Arc<App>) -> anyhow::Result<Option<String>> {
     let user_id = q.from.id.0;
-    let answer = if !app.cfg.is_allowed(user_id) {
+    Ok(if !app.cfg.is_allowed(user_id) {
         // Not a message: answering costs none of the message budget.
         tracing::debug!(user_id, "refused a button press from an unauthorized user");
         Some("You are not allowed to use this bot.".to_string())
@@ -701,26 +720,20 @@ async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult
         let data = q.data.clone().unwrap_or_default();
         let at = q.regular_message().map(|m| (m.chat.id, m.id));
         match data.split_once(':') {
-            Some(("ow", id)) => conflict_answer(&app, user_id, id, Answer::Overwrite, at).await?,
-            Some(("keep", id)) => conflict_answer(&app, user_id, id, Answer::Keep, at).await?,
-            Some((forget::CONFIRM, id)) => forget::answer(&app, user_id, id, true, at).await?,
-            Some((forget::CANCEL, id)) => forget::answer(&app, user_id, id, false, at).await?,
-            Some((prune::CONFIRM, id)) => prune::answer(&app, user_id, id, true, at).await?,
-            Some((prune::CANCEL, id)) => prune::answer(&app, user_id, id, false, at).await?,
+            Some(("ow", id)) => conflict_answer(app, user_id, id, Answer::Overwrite, at).await?,
+            Some(("keep", id)) => conflict_answer(app, user_id, id, Answer::Keep, at).await?,
+            Some((forget::CONFIRM, id)) => forget::answer(app, user_id, id, true, at).await?,
+            Some((forget::CANCEL, id)) => forget::answer(app, user_id, id, false, at).await?,
+            Some((prune::CONFIRM, id)) => prune::answer(app, user_id, id, true, at).await?,
+            Some((prune::CANCEL, id)) => prune::answer(app, user_id, id, false, at).await?,
             _ => match at {
                 Some((chat, message)) => {
-                    browse::on_button(&app, user_id, chat, message, &data).await?
+                    browse::on_button(app, user_id, chat, message, &data).await?
                 }
                 None => Some(browse::STALE.to_string()),
             },
         }
-    };
-    let mut req = bot.answer_callback_query(q.id.clone());
-    if let Some(text) = answer {
-        req = req.text(text);
-    }
-    req.await?;
-    Ok(())
+    })
 }
 
 /// The answer to a restore-conflict prompt, acted on once (the job table keeps it).

@@ -12,6 +12,26 @@ pub use storinator_shared::human_bytes as bytes;
 pub use storinator_shared::{dedup_figure, plural};
 
 /// `/usage`: the user's folders, then the repository's totals and what a prune would free.
+/// A callback answer's text as Telegram takes it: at most 200 characters (UTF-16 units),
+/// cut with an ellipsis when longer (a longer one is refused and the tap left unanswered).
+pub fn toast(text: &str) -> String {
+    const MAX: usize = 200;
+    if text.encode_utf16().count() <= MAX {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    let mut units = 0;
+    for c in text.chars() {
+        if units + c.len_utf16() > MAX - 1 {
+            break;
+        }
+        units += c.len_utf16();
+        out.push(c);
+    }
+    out.push('…');
+    out
+}
+
 pub fn usage(u: &storinator_shared::UsageReport) -> String {
     if u.roots.is_empty() {
         return "No backups yet. /backup <path> makes one.".into();
@@ -842,6 +862,19 @@ pub fn job_line(job: &Job, now_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toasts_are_cut_to_telegrams_200_characters() {
+        assert_eq!(toast("Kept."), "Kept.");
+        let fits = "a".repeat(200);
+        assert_eq!(toast(&fits), fits);
+        // 😀 is two UTF-16 units: 150 of them are 300 units, cut to 99 plus the ellipsis.
+        let cut = toast(&"😀".repeat(150));
+        assert_eq!(cut.encode_utf16().count(), 199);
+        assert!(cut.ends_with("😀…"), "{cut}");
+        let cut = toast(&"b".repeat(500));
+        assert_eq!(cut.encode_utf16().count(), 200);
+    }
 
     /// A running job of `args`, started at 0, last updated at `updated_at`.
     fn running(args: JobArgs, updated_at: i64) -> Job {

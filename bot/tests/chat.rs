@@ -649,6 +649,29 @@ async fn restore_conflicts_ask_before_overwriting() {
     h.stop().await;
 }
 
+/// A tap whose handling fails (here the prompt table is gone) is still answered, with what
+/// went wrong, instead of leaving the button spinning; the bot carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_tap_is_answered_with_the_failure() {
+    let h = start(None).await;
+    sqlx::query("ALTER TABLE forget_prompts RENAME TO forget_prompts_gone")
+        .execute(h.jobs.pool())
+        .await
+        .unwrap();
+    let tap = h.api.push_callback(USER, CHAT, 1, "fg:1");
+    let answer = h
+        .api
+        .wait_for(WAIT, |a| a.callback_answer(&tap))
+        .await
+        .expect("the tap is answered");
+    assert!(answer.starts_with("That did not work: "), "{answer}");
+    assert!(answer.contains("forget_prompts"), "{answer}");
+    assert_eq!(h.job_count().await, 0);
+    let reply = h.say(USER, "/jobs").await;
+    assert!(!reply.is_empty());
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_existing_keeps_the_files_and_queues_nothing() {
     let h = start(None).await;

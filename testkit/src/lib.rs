@@ -7,4 +7,5 @@ pub mod botapi;
 pub mod fixtures;
 pub mod fuzz;
 pub mod mtproto;
+pub mod pg;
 pub mod trees;

@@ -785,7 +785,8 @@ impl Jobs {
         answer: Answer,
     ) -> Result<AnswerOutcome> {
         let now = self.now_ms();
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE: read then write (see `answer_prompt` for why a deferred one fails).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row =
             sqlx::query("SELECT *, answer AS prior_answer FROM jobs WHERE id = ? AND user_id = ?")
                 .bind(id)
@@ -1387,9 +1388,8 @@ mod tests {
             match t.await.unwrap() {
                 Ok(AnswerOutcome::Overwriting(new)) => started.push(*new),
                 Ok(AnswerOutcome::AlreadyAnswered) => {}
-                // A tap that lost the race for the write lock may see SQLITE_BUSY: it did
-                // nothing, which is what matters.
-                Err(JobError::Db(_)) => {}
+                // No tap fails: each waits its turn for the write lock (a deferred
+                // transaction's stale read used to fail some with SQLITE_BUSY).
                 other => panic!("{other:?}"),
             }
         }

@@ -145,7 +145,11 @@ impl Jobs {
     ) -> Result<PromptOutcome> {
         let table = kind.table();
         let now = self.now_ms();
-        let mut tx = self.pool().begin().await?;
+        // IMMEDIATE: this transaction reads, then writes. Begun deferred, its read snapshot
+        // goes stale as soon as another connection commits (the daemon writes job progress
+        // all the time), and SQLite refuses the upgrade to a write with SQLITE_BUSY at once,
+        // without waiting: the tap would go unanswered.
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT * FROM {table} WHERE id = ? AND user_id = ?"
         )))
@@ -318,6 +322,36 @@ mod tests {
                 PromptOutcome::AlreadyAnswered
             );
         }
+        assert_eq!(job_count(&jobs).await, 1);
+    }
+
+    /// A tap while another connection is writing (the daemon records progress all the time):
+    /// the answer waits for the write lock instead of failing on a stale read snapshot.
+    #[tokio::test]
+    async fn an_answer_during_another_write_waits_and_succeeds() {
+        let (_d, jobs, _c) = setup().await;
+        let id = prompt(&jobs).await;
+        let mut other = jobs.pool().acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO forget_prompts (user_id, chat_id, root, policy, snapshots, created_at)
+             VALUES (8, 80, '/x', 'keep last 1', '[]', 0)",
+        )
+        .execute(&mut *other)
+        .await
+        .unwrap();
+        let answering = {
+            let jobs = jobs.clone();
+            tokio::spawn(async move { jobs.answer_forget_prompt(id, 7, true).await })
+        };
+        // Long enough for a deferred transaction to have read before the other commits.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        sqlx::query("COMMIT").execute(&mut *other).await.unwrap();
+        let outcome = answering.await.unwrap().unwrap();
+        assert!(matches!(outcome, PromptOutcome::Queued(_)), "{outcome:?}");
         assert_eq!(job_count(&jobs).await, 1);
     }
 

@@ -403,7 +403,11 @@ impl FakeBotApi {
     pub fn callback_answer(&self, callback_id: &str) -> Option<String> {
         self.calls_of("answerCallbackQuery")
             .into_iter()
-            .find(|c| c.fault.is_none() && c.params["callback_query_id"] == callback_id)
+            .find(|c| {
+                c.fault.is_none()
+                    && !toast_too_long(&c.params)
+                    && c.params["callback_query_id"] == callback_id
+            })
             .map(|c| {
                 c.params
                     .get("text")
@@ -572,6 +576,14 @@ fn push_update(inner: &mut Inner, kind: &str, payload: Value) {
     let id = inner.next_update_id;
     inner.next_update_id += 1;
     inner.pending.push(json!({"update_id": id, kind: payload}));
+}
+
+/// Telegram shows 0-200 characters of a callback answer's text and refuses a longer one.
+fn toast_too_long(params: &Value) -> bool {
+    params
+        .get("text")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.encode_utf16().count() > 200)
 }
 
 const METHODS: &[&str] = &[
@@ -848,6 +860,8 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Respon
         }
         "senddocument" => send_document(&shared, &params, uploads),
         "answercallbackquery" => match params.get("callback_query_id") {
+            // Telegram takes 0-200 characters of toast; a longer one is refused outright.
+            Some(_) if toast_too_long(&params) => bad_request("MESSAGE_TOO_LONG"),
             Some(_) => ok(json!(true)),
             None => bad_request("callback_query_id is required"),
         },

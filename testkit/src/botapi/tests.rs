@@ -155,6 +155,34 @@ async fn injected_faults_hit_the_chosen_call_only() {
 }
 
 #[tokio::test]
+async fn a_callback_answer_over_200_characters_is_refused() {
+    let api = FakeBotApi::start().await.unwrap();
+    let long = "é".repeat(201);
+    let (s, b) = call(
+        &api,
+        "answerCallbackQuery",
+        json!({"callback_query_id": "x", "text": long}),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(b["description"], "Bad Request: MESSAGE_TOO_LONG");
+    assert_eq!(
+        api.callback_answer("x"),
+        None,
+        "a refused answer is no answer"
+    );
+    let fits = "é".repeat(200);
+    let (s, _) = call(
+        &api,
+        "answerCallbackQuery",
+        json!({"callback_query_id": "x", "text": fits}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(api.callback_answer("x"), Some("é".repeat(200)));
+}
+
+#[tokio::test]
 async fn callbacks_carry_the_message_and_data() {
     let api = FakeBotApi::start().await.unwrap();
     let markup = json!({"inline_keyboard": [[{"text": "Yes", "callback_data": "ok:1"}]]});

@@ -1,0 +1,67 @@
+//! The throwaway PostgreSQL cluster: starts from the system's binaries, answers on
+//! 127.0.0.1 only, is gone after drop, and a cluster left by a killed test is reaped.
+
+use std::net::TcpStream;
+
+use sqlx::Connection;
+use storinator_testkit::pg::PgCluster;
+
+async fn query_one(url: &str, sql: &str) -> String {
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    let v: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    v
+}
+
+#[tokio::test]
+async fn a_cluster_serves_on_loopback_and_is_removed_on_drop() {
+    let pg = PgCluster::start().expect("a throwaway PostgreSQL cluster");
+    let url = pg.create_database("t1").unwrap();
+    assert_eq!(
+        query_one(&url, "SELECT current_database()::text").await,
+        "t1"
+    );
+    assert_eq!(
+        query_one(&url, "SELECT current_setting('listen_addresses')").await,
+        "127.0.0.1"
+    );
+    let (dir, port) = (pg.dir().to_path_buf(), pg.port());
+    drop(pg);
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the server still listens on {port}"
+    );
+}
+
+/// A test process killed with SIGKILL can't stop its cluster; the next start does.
+#[tokio::test]
+async fn a_cluster_whose_maker_died_is_stopped_and_removed_by_the_next_start() {
+    let orphan = PgCluster::start().unwrap();
+    let (dir, port) = (orphan.dir().to_path_buf(), orphan.port());
+    // A pid that is certainly gone: a child that has exited and been waited for.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::write(dir.join("owner.pid"), dead.to_string()).unwrap();
+    std::mem::forget(orphan);
+
+    let next = PgCluster::start().unwrap();
+    assert!(
+        !dir.exists(),
+        "the orphan's folder {} is left",
+        dir.display()
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the orphan still listens on {port}"
+    );
+    // The new one works.
+    assert_eq!(
+        query_one(&next.url("postgres"), "SELECT current_user::text").await,
+        storinator_testkit::pg::USER
+    );
+}
