@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use storinator_shared::ops::hosts::{HostInfo, RootKind, route, split_host};
+use storinator_shared::ops::hosts::{HostInfo, RootKind, RouteError, route, split_host};
 
 use crate::{App, args};
 
@@ -53,7 +53,9 @@ pub(crate) async fn backup_path(
     Ok(several(&hosts, named, path))
 }
 
-/// Routes a path to restore (a backed-up path: by the hosts' backup roots).
+/// Routes a path to restore: to the host named (`web2:/srv/data` restores there, whichever
+/// host made the backup: a lost server's data onto another), else by the hosts' backup
+/// roots. With one host (or none registered), to it, as before hosts.
 pub(crate) async fn restore_path(
     app: &Arc<App>,
     raw: &str,
@@ -64,14 +66,33 @@ pub(crate) async fn restore_path(
         Err(e) => return Ok(Err(e)),
     };
     let hosts = app.jobs.hosts().await?;
-    if hosts.len() <= 1 {
-        return Ok(only_host(&hosts, named, &path).map(|host| Routed {
+    if let Some(name) = named {
+        let Some(h) = hosts.iter().find(|h| h.name == name) else {
+            return Ok(Err(RouteError::UnknownHost {
+                host: name.to_string(),
+                hosts: hosts.iter().map(|h| h.name.clone()).collect(),
+            }
+            .to_string()));
+        };
+        return Ok(Ok(Routed {
             path,
-            host,
-            info: None,
+            host: Some(h.name.clone()),
+            info: (hosts.len() > 1).then(|| h.clone()),
         }));
     }
-    Ok(several(&hosts, named, path))
+    Ok(match &hosts[..] {
+        [] => Ok(Routed {
+            path,
+            host: None,
+            info: None,
+        }),
+        [h] => Ok(Routed {
+            path,
+            host: Some(h.name.clone()),
+            info: None,
+        }),
+        _ => several(&hosts, None, path),
+    })
 }
 
 /// One host or none: the route, where a lone host that registered no backup roots takes

@@ -1035,6 +1035,24 @@ async fn commands_are_routed_to_the_host_that_serves_the_path() {
     );
     let reply = h.say(USER, &format!("/restore {data}")).await;
     assert!(reply.contains("is on 2 hosts"), "{reply}");
+    // A named host restores there even when it does not serve the path (a lost server's
+    // data onto another), into its restore roots.
+    let root_file = format!("{root}/file.txt");
+    h.jobs
+        .register_host(&register("web3", &[&root_file], &[&outside]))
+        .await
+        .unwrap();
+    h.say(USER, &format!("/restore web3:{data} to {outside}/r3"))
+        .await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().pop().unwrap();
+    assert_eq!(job.host.as_deref(), Some("web3"));
+    let reply = h
+        .say(USER, &format!("/restore web9:{data} to {outside}/r"))
+        .await;
+    assert!(
+        reply.contains("no storage host is called web9 (known: web1, web2, web3)"),
+        "{reply}"
+    );
 
     // Schedules carry their host.
     let reply = h
@@ -1055,7 +1073,7 @@ async fn commands_are_routed_to_the_host_that_serves_the_path() {
     );
 
     let reply = h.say(USER, "/hosts").await;
-    assert!(reply.contains("Storage hosts (2)"), "{reply}");
+    assert!(reply.contains("Storage hosts (3)"), "{reply}");
     assert!(
         reply.contains(&format!("• web1 — {root} · seen ")),
         "{reply}"

@@ -231,7 +231,7 @@ impl Jobs {
 pub enum ForgetHostError {
     #[error(
         "host {host} still has {} queued or running (#{})\nhint: cancel them first (/cancel <id>), or let them finish",
-        crate::plural(.jobs.len() as u64, "job", "jobs"),
+        crate::progress::plural(.jobs.len() as u64, "job", "jobs"),
         .jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(", #")
     )]
     Busy { host: String, jobs: Vec<i64> },
