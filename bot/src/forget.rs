@@ -13,7 +13,7 @@ use storinator_shared::{
     Error as EngineError, ForgetOptions, KeepPolicy, NewForgetPrompt, PromptOutcome,
 };
 
-use crate::{App, Busy, args, edit_quietly, owner, render};
+use crate::{App, args, owner, render};
 
 /// The answer to a button that is not (or no longer) this user's prompt.
 pub(crate) const STALE: &str = "This button is out of date. Send /forget again.";
@@ -181,21 +181,11 @@ pub(crate) async fn settle(
             format!("{} Cancelled: {}.", w.icon, w.nothing),
         ),
         PromptOutcome::Queued(job) => {
-            let _busy = Busy::claim(app, job.id);
-            let msg = app
-                .outbox
-                .text(ChatId(job.chat_id), render::progress(&job), None)
-                .await?;
-            app.jobs.set_progress_message(job.id, msg.id.0).await?;
-            app.jobs.mark_shown(job.id, job.updated_at).await?;
-            (
-                w.queued.to_string(),
-                format!("{} {}: queued.", w.icon, render::title(&job)),
-            )
+            let text = format!("{} {}: queued.", w.icon, render::title(&job));
+            crate::follow_up(app, Some(*job), prompt, text);
+            return Ok(Some(w.queued.to_string()));
         }
     };
-    if let Some((c, m)) = prompt {
-        edit_quietly(app, c, m, text).await;
-    }
+    crate::follow_up(app, None, prompt, text);
     Ok(Some(toast))
 }

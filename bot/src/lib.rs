@@ -684,11 +684,7 @@ pub(crate) async fn start_job_on(
         host,
         "job queued"
     );
-    let text = render::progress(&job);
-    let msg = app.outbox.text(chat, text, None).await?;
-    app.jobs.set_progress_message(job.id, msg.id.0).await?;
-    app.jobs.mark_shown(job.id, job.updated_at).await?;
-    Ok(())
+    post_progress(app, &job).await
 }
 
 async fn on_callback(bot: Bot, q: CallbackQuery, app: Arc<App>) -> HandlerResult {
@@ -760,23 +756,51 @@ async fn conflict_answer(
             format!("✋ {title}: kept the existing files; nothing was overwritten."),
         ),
         AnswerOutcome::Overwriting(new) => {
-            let _busy = Busy::claim(app, new.id);
-            let msg = app
-                .outbox
-                .text(ChatId(new.chat_id), render::progress(&new), None)
-                .await?;
-            app.jobs.set_progress_message(new.id, msg.id.0).await?;
-            app.jobs.mark_shown(new.id, new.updated_at).await?;
-            (
-                "Overwriting.",
-                format!("✋ {title}: overwriting — restore #{} queued.", new.id),
-            )
+            let text = format!("✋ {title}: overwriting — restore #{} queued.", new.id);
+            follow_up(app, Some(*new), prompt, text);
+            return Ok(Some("Overwriting.".into()));
         }
     };
-    if let Some((c, m)) = prompt {
-        edit_quietly(app, c, m, text).await;
-    }
+    follow_up(app, None, prompt, text);
     Ok(Some(toast.into()))
+}
+
+/// What a tap changes in the chat, sent after the tap is answered: a queued job's progress
+/// message, then the prompt's new text (its buttons gone). Both go through the outbox, which
+/// may wait out Telegram's rate limits; the tap's answer must not wait with them, or the
+/// button spins on the user's screen meanwhile.
+pub(crate) fn follow_up(
+    app: &Arc<App>,
+    queued: Option<storinator_shared::Job>,
+    prompt: Option<(ChatId, MessageId)>,
+    text: String,
+) {
+    // Claimed now, before the tap's answer: the notifier must not post a second progress
+    // message for a job that finishes before this one is out.
+    let busy = queued.as_ref().map(|job| Busy::claim(app, job.id));
+    let app = app.clone();
+    tokio::spawn(async move {
+        let _busy = busy;
+        if let Some(job) = queued
+            && let Err(e) = post_progress(&app, &job).await
+        {
+            tracing::warn!(job = job.id, "posting the progress message: {e:#}");
+        }
+        if let Some((c, m)) = prompt {
+            edit_quietly(&app, c, m, text).await;
+        }
+    });
+}
+
+/// Posts a new job's progress message and records it as the one to edit.
+async fn post_progress(app: &App, job: &storinator_shared::Job) -> anyhow::Result<()> {
+    let msg = app
+        .outbox
+        .text(ChatId(job.chat_id), render::progress(job), None)
+        .await?;
+    app.jobs.set_progress_message(job.id, msg.id.0).await?;
+    app.jobs.mark_shown(job.id, job.updated_at).await?;
+    Ok(())
 }
 
 /// Replace a prompt's text (dropping its buttons); failures only cost a stale prompt.

@@ -604,6 +604,8 @@ async fn restore_conflicts_ask_before_overwriting() {
         vec![format!("ow:{}", job.id), format!("keep:{}", job.id)]
     );
 
+    // Telegram makes the new restore's progress message wait: the tap is answered anyway.
+    h.api.fail_next_call("sendMessage", Fault::RetryAfter(1));
     // A stranger's tap and another user's tap do nothing; the user's double tap acts once.
     let data = format!("ow:{}", job.id);
     let stranger = h.api.push_callback(99, CHAT, prompt.message_id, &data);
@@ -632,6 +634,21 @@ async fn restore_conflicts_ask_before_overwriting() {
     );
     assert_eq!(h.api.callback_answer(&first).unwrap(), "Overwriting.");
     assert_eq!(h.api.callback_answer(&second).unwrap(), "Already answered.");
+    let calls = h.api.calls();
+    let answered = calls
+        .iter()
+        .position(|c| {
+            c.method == "answerCallbackQuery" && c.params["callback_query_id"] == first.as_str()
+        })
+        .unwrap();
+    let posted = calls
+        .iter()
+        .rposition(|c| c.method == "sendMessage" && c.fault.is_none())
+        .unwrap();
+    assert!(
+        answered < posted,
+        "the tap was answered only after the progress message was out"
+    );
     let new = h.jobs.list_for_user(USER, 1).await.unwrap().remove(0);
     assert_ne!(new.id, job.id);
     // Pinned to the snapshot the conflict was found in.

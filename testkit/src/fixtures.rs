@@ -148,6 +148,9 @@ pub type PutHook = Box<dyn Fn(&str, usize) + Send + Sync>;
 pub struct InstrumentedStorage<S> {
     pub inner: S,
     pub delay_ms: Arc<AtomicU64>,
+    /// Uploads wait here while it is closed (hold a job mid-way until the test has seen
+    /// what it waits for, instead of hoping a delay is long enough).
+    pub gate: Arc<Gate>,
     pub fail_puts_after: Arc<AtomicUsize>,
     pub puts: Arc<Mutex<Vec<String>>>,
     /// The next this-many uploads are answered with `put_fault` (default: a flood wait).
@@ -171,6 +174,7 @@ impl<S> InstrumentedStorage<S> {
         InstrumentedStorage {
             inner,
             delay_ms: Default::default(),
+            gate: Default::default(),
             fail_puts_after: Arc::new(AtomicUsize::new(usize::MAX)),
             puts: Default::default(),
             put_faults: Default::default(),
@@ -200,6 +204,7 @@ impl<S> InstrumentedStorage<S> {
         InstrumentedStorage {
             inner,
             delay_ms: other.delay_ms.clone(),
+            gate: other.gate.clone(),
             fail_puts_after: other.fail_puts_after.clone(),
             puts: other.puts.clone(),
             put_faults: other.put_faults.clone(),
@@ -221,6 +226,37 @@ impl<S> InstrumentedStorage<S> {
     /// Call `hook` after every successful upload.
     pub fn on_put(&self, hook: impl Fn(&str, usize) + Send + Sync + 'static) {
         *self.after_put.lock().unwrap() = Some(Box::new(hook));
+    }
+}
+
+/// A gate that uploads pass only while it is open (the default).
+#[derive(Default)]
+pub struct Gate {
+    closed: std::sync::atomic::AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl Gate {
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    /// Returns once the gate is open.
+    pub async fn pass(&self) {
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if !self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            opened.await;
+        }
     }
 }
 
@@ -256,6 +292,7 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
     ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
         self.refused(name)?;
         let _flight = InFlight::enter(&self.in_flight, &self.max_in_flight);
+        self.gate.pass().await;
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;

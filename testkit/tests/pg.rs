@@ -65,3 +65,52 @@ async fn a_cluster_whose_maker_died_is_stopped_and_removed_by_the_next_start() {
         storinator_testkit::pg::USER
     );
 }
+
+/// The port's premise (issue 13): one SQL text with numbered `$N` placeholders, even used out
+/// of order and twice, binds the same on SQLite (sqlx binds `$N` by its number) and on
+/// PostgreSQL, so the engine's queries need one text for both databases.
+#[tokio::test]
+async fn numbered_placeholders_bind_alike_on_sqlite_and_postgresql() {
+    const CREATE: &str =
+        "CREATE TABLE t (id BIGINT PRIMARY KEY, name TEXT NOT NULL, n BIGINT NOT NULL)";
+    const INSERT: &str = "INSERT INTO t (n, name, id) VALUES ($3, $2, $1) \
+                          ON CONFLICT (id) DO UPDATE SET n = t.n + $3";
+    const SELECT: &str = "SELECT name || ':' || CAST(n AS TEXT) FROM t WHERE id = $1 AND $1 > 0";
+
+    let pg = PgCluster::start().unwrap();
+    let url = pg.create_database("placeholders").unwrap();
+    let mut p = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut s = sqlx::SqliteConnection::connect("sqlite::memory:")
+        .await
+        .unwrap();
+    sqlx::query(CREATE).execute(&mut p).await.unwrap();
+    sqlx::query(CREATE).execute(&mut s).await.unwrap();
+    for _ in 0..2 {
+        sqlx::query(INSERT)
+            .bind(7_i64)
+            .bind("seven")
+            .bind(5_i64)
+            .execute(&mut p)
+            .await
+            .unwrap();
+        sqlx::query(INSERT)
+            .bind(7_i64)
+            .bind("seven")
+            .bind(5_i64)
+            .execute(&mut s)
+            .await
+            .unwrap();
+    }
+    let on_pg: String = sqlx::query_scalar(SELECT)
+        .bind(7_i64)
+        .fetch_one(&mut p)
+        .await
+        .unwrap();
+    let on_sqlite: String = sqlx::query_scalar(SELECT)
+        .bind(7_i64)
+        .fetch_one(&mut s)
+        .await
+        .unwrap();
+    assert_eq!(on_pg, "seven:10");
+    assert_eq!(on_sqlite, on_pg);
+}

@@ -16,7 +16,9 @@ use storinator_shared::{
     RestoreOptions, human_bytes, plural,
 };
 use storinator_testkit::botapi::{self, ChatMessage, FakeBotApi, Fault};
-use storinator_testkit::fixtures::{InstrumentedStorage, duplicate_data_chunks, stored_packs};
+use storinator_testkit::fixtures::{
+    Gate, InstrumentedStorage, duplicate_data_chunks, stored_packs,
+};
 use storinator_worker::daemon::{self, DaemonConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -38,6 +40,7 @@ struct World {
     db_url: String,
     jobs: Jobs,
     delay_ms: Arc<AtomicU64>,
+    gate: Arc<Gate>,
     puts: Arc<Mutex<Vec<String>>>,
     bot: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
     worker: Option<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
@@ -109,6 +112,7 @@ impl World {
             db_url,
             jobs,
             delay_ms: Arc::new(AtomicU64::new(60)),
+            gate: Default::default(),
             puts: Arc::default(),
             bot: None,
             worker: None,
@@ -180,6 +184,7 @@ impl World {
         let mut storage =
             InstrumentedStorage::new(DirStorage::open(self.dir.path().join("store")).unwrap());
         storage.delay_ms = self.delay_ms.clone();
+        storage.gate = self.gate.clone();
         storage.puts = self.puts.clone();
         self.worker_alive = Some(storage.fail_puts_after.clone());
         let repo = Repo::open(catalog, Arc::new(storage), PASS, Self::settings())
@@ -1437,9 +1442,9 @@ async fn prune_from_the_chat_shows_the_dry_run_and_prunes_once_after_confirmatio
         "nothing was deleted"
     );
 
-    // Confirmed: exactly one prune job, whose progress and summary reach the chat. Uploads
-    // are slowed so the repack shows its progress.
-    w.delay_ms.store(400, Ordering::Relaxed);
+    // Confirmed: exactly one prune job, whose progress and summary reach the chat. The
+    // repack's uploads are held until its progress has been shown.
+    w.gate.close();
     let p = w.press(m2.message_id, "Prune, frees");
     let answer = w.api.wait_for(WAIT, |a| a.callback_answer(&p)).await;
     assert_eq!(answer.as_deref(), Some("Pruning."));
@@ -1450,11 +1455,12 @@ async fn prune_from_the_chat_shows_the_dry_run_and_prunes_once_after_confirmatio
                 .into_iter()
                 .find(|x| x.history().iter().any(|t| t.contains("Phase: pruning")))
         })
-        .await
-        .unwrap_or_else(|| panic!("no progress shown:\n{}", w.api.transcript_text(CHAT)));
+        .await;
+    w.gate.open();
+    let progress =
+        progress.unwrap_or_else(|| panic!("no progress shown:\n{}", w.api.transcript_text(CHAT)));
     let done = w.wait_text("Prune #").await;
     let notice = w.wait_text("done: deleted").await;
-    w.delay_ms.store(0, Ordering::Relaxed);
     let job = w.latest_job().await;
     assert_eq!(job.state, JobState::Done, "{:?}", job.error);
     let Some(JobResult::Prune {

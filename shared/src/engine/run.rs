@@ -28,9 +28,6 @@ use crate::storage::{ObjectRef, Storage, with_retry};
 pub(crate) const LEASE_MS: i64 = 120_000;
 /// How often a live run renews its lease.
 const RENEW_EVERY: Duration = Duration::from_secs(30);
-/// A half-created spool folder (a crash between creating it and locking it) older than this
-/// is abandoned: creating one takes microseconds.
-const NEW_RUN_GRACE: Duration = Duration::from_secs(600);
 /// Longest pause between two looks at a busy root lock.
 const LOCK_POLL_MAX: Duration = Duration::from_secs(2);
 
@@ -128,9 +125,13 @@ fn random_id() -> String {
 }
 
 /// Creates `<spool>/run-<id>/` with its lock file already locked. It is built under a name the
-/// sweeper ignores and renamed into place, so no other run ever sees it unlocked.
+/// sweeper ignores and renamed into place, so no other run ever sees it unlocked. The spool
+/// folder itself is locked meanwhile: a sweeper that can lock it knows that every
+/// `.new-run-<id>` it sees was left by a creator that died half-way.
 fn create_spool(spool: &Path, id: &str) -> Result<(PathBuf, File), Error> {
     std::fs::create_dir_all(spool).map_err(|e| Error::io(spool, e))?;
+    let creating = File::open(spool).map_err(|e| Error::io(spool, e))?;
+    creating.lock().map_err(|e| Error::io(spool, e))?;
     let tmp = spool.join(format!(".new-run-{id}"));
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let lock_path = tmp.join("lock");
@@ -316,9 +317,14 @@ async fn delete_unfinished(
     catalog.forget_unfinished_pack(pack, run_id).await
 }
 
-/// Removes the spool folders of runs that are gone from this host (their lock is free).
-/// Returns how many it removed. Files of other kinds in the spool are left alone.
+/// Removes the spool folders of runs that are gone from this host (their lock is free), and
+/// half-made ones (`.new-run-<id>`) when no run is being created (the spool's own lock is
+/// free, see [`create_spool`]). Returns how many it removed. Files of other kinds in the
+/// spool are left alone.
 fn sweep_spool(spool: &Path) -> usize {
+    // Held for the whole sweep: a run created meanwhile waits, so no `.new-run-` folder seen
+    // below can belong to a living creator.
+    let quiet = File::open(spool).ok().filter(|f| f.try_lock().is_ok());
     let Ok(entries) = std::fs::read_dir(spool) else {
         return 0;
     };
@@ -328,14 +334,8 @@ fn sweep_spool(spool: &Path) -> usize {
         let path = e.path();
         let abandoned = if name.starts_with("run-") {
             lock_is_held(&path.join("lock")) == Some(false)
-        } else if name.starts_with(".new-run-") {
-            e.metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > NEW_RUN_GRACE)
         } else {
-            false
+            name.starts_with(".new-run-") && quiet.is_some()
         };
         if abandoned && e.file_type().is_ok_and(|t| t.is_dir()) {
             tracing::info!("removing abandoned spool {}", path.display());
@@ -390,9 +390,12 @@ mod tests {
         std::fs::write(live.join("p.partial"), b"in flight").unwrap();
         std::fs::write(dead.join("p.partial"), b"left behind").unwrap();
         drop(dead_lock);
-        // A folder being created right now, and a file of another kind.
+        // A folder whose creator is still at work (it holds the spool's lock), and a file of
+        // another kind.
         std::fs::create_dir(dir.path().join(".new-run-young")).unwrap();
         std::fs::write(dir.path().join("key-1.enc.tmp"), b"x").unwrap();
+        let creating = File::open(dir.path()).unwrap();
+        creating.lock().unwrap();
         assert_eq!(sweep_spool(dir.path()), 1);
         assert!(
             live.join("p.partial").exists(),
@@ -401,5 +404,35 @@ mod tests {
         assert!(!dead.exists());
         assert!(dir.path().join(".new-run-young").exists());
         assert!(dir.path().join("key-1.enc.tmp").exists());
+        // Its creator died half-way (the lock went with it): the next sweep removes it at
+        // once, with no grace period to wait out.
+        drop(creating);
+        assert_eq!(sweep_spool(dir.path()), 1);
+        assert!(!dir.path().join(".new-run-young").exists());
+        assert!(dir.path().join("key-1.enc.tmp").exists());
+        assert!(live.join("p.partial").exists());
+    }
+
+    /// A run being created while a sweep runs is never half-seen: one or the other waits.
+    #[test]
+    fn runs_created_during_sweeps_survive_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().to_path_buf();
+        let sweeper = {
+            let spool = spool.clone();
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    sweep_spool(&spool);
+                }
+            })
+        };
+        let mut made = Vec::new();
+        for i in 0..300 {
+            made.push(create_spool(&spool, &format!("r{i}")).unwrap());
+        }
+        sweeper.join().unwrap();
+        for (dir, _lock) in &made {
+            assert!(dir.join("lock").exists(), "{} was swept", dir.display());
+        }
     }
 }

@@ -29,19 +29,14 @@
 //! cycle is run again, up to three times the kills asked for. The exit code is 0 only when
 //! every check held. A new operation is one more entry in [`OPS`].
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
 use sha2::Digest;
-
-/// `.new-run-` folders already told of (each once).
-static NOTED_UNBORN: Mutex<BTreeSet<OsString>> = Mutex::new(BTreeSet::new());
 
 #[derive(Parser)]
 #[command(about = "kill -9 the storinator worker at random points and check what it leaves")]
@@ -587,8 +582,7 @@ impl Drill {
     }
 
     /// True once a run's spool folder exists and is locked (`run-<id>`; the spool is empty
-    /// between operations). A kill while it is still `.new-run-<id>` would leave a folder the
-    /// engine reclaims only after a grace of minutes, by design.
+    /// between operations).
     fn run_started(&self) -> bool {
         std::fs::read_dir(&self.spool).is_ok_and(|rd| {
             rd.flatten()
@@ -735,19 +729,8 @@ impl Drill {
             Ok(rd) => rd.flatten().map(|e| e.file_name()).collect(),
             Err(_) => Vec::new(),
         };
-        // A kill between a run creating its folder and locking it leaves `.new-run-<id>`,
-        // which the engine reclaims only after a grace of minutes (it cannot tell a dead
-        // creator from one still starting). Told, not failed: it holds no data.
-        let (unborn, spool): (Vec<_>, Vec<_>) = spool
-            .into_iter()
-            .partition(|n| n.to_string_lossy().starts_with(".new-run-"));
-        for n in unborn {
-            if NOTED_UNBORN.lock().unwrap().insert(n.clone()) {
-                eprintln!(
-                    "note: a kill left {n:?} in the spool (reclaimed after the engine's grace, by design)"
-                );
-            }
-        }
+        // A kill between a run creating its folder and locking it leaves `.new-run-<id>`; the
+        // next run's sweep removes it (no run is being created then), so it is a failure too.
         ensure!(spool.is_empty(), "spool not empty: {spool:?}");
         let temps = temp_files(&self.work);
         ensure!(temps.is_empty(), "restore temporaries left: {temps:?}");
