@@ -10,6 +10,7 @@ mod browse;
 pub mod config;
 pub mod db;
 mod forget;
+mod hosts;
 mod notifier;
 pub mod outbox;
 mod prune;
@@ -51,9 +52,11 @@ pub enum Command {
     Start,
     #[command(description = "this help")]
     Help,
-    #[command(description = "back up a folder: /backup <path> [unencrypted]")]
+    #[command(
+        description = "back up a folder: /backup [host:]<path> [unencrypted] (host: when two servers have that folder)"
+    )]
     Backup(String),
-    #[command(description = "restore: /restore <path> [to <dir>] [snapshot <id>]")]
+    #[command(description = "restore: /restore [host:]<path> [to <dir>] [snapshot <id>]")]
     Restore(String),
     #[command(description = "list your snapshots: /snapshots [path]")]
     Snapshots(String),
@@ -67,6 +70,8 @@ pub enum Command {
     Versions(String),
     #[command(description = "what is running now")]
     Status,
+    #[command(description = "the storage hosts: the folders each serves, when it was last seen")]
+    Hosts,
     #[command(description = "your recent jobs")]
     Jobs,
     #[command(description = "stop a job: /cancel <job id>")]
@@ -186,7 +191,7 @@ pub(crate) fn owner(user_id: u64) -> String {
 
 fn help_text() -> String {
     format!(
-        "{}\n\nPaths may contain spaces; put a path in double quotes if it contains the words \" to \" or \" snapshot \". Job ids are shown in every progress message.",
+        "{}\n\nPaths may contain spaces; put a path in double quotes if it contains the words \" to \" or \" snapshot \". When two servers have the same folder, name one: /backup web1:/srv/data (/hosts lists them). Job ids are shown in every progress message.",
         Command::descriptions()
     )
 }
@@ -266,25 +271,22 @@ async fn command(
                 Ok(a) => a,
                 Err(e) => return Ok(Some(e)),
             };
-            let path = match args::check_backup_path(&a.path, &app.cfg.backup_roots) {
-                Ok(p) => p,
+            let routed = match hosts::backup_path(app, &a.path).await? {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::info!(user_id, path = a.path, "backup refused: {e}");
                     return Ok(Some(format!("🚫 Can't back up: {e}")));
                 }
             };
-            let path = path
-                .to_str()
-                .context("backup path is not UTF-8")?
-                .to_string();
-            start_job(
+            start_job_on(
                 app,
                 uid,
                 chat,
                 JobArgs::Backup {
-                    path,
+                    path: routed.path,
                     encrypt: a.encrypt,
                 },
+                routed.host.as_deref(),
             )
             .await?;
             return Ok(None);
@@ -294,34 +296,37 @@ async fn command(
                 Ok(a) => a,
                 Err(e) => return Ok(Some(e)),
             };
-            let path = match args::normalize_restore_path(&a.path) {
-                Ok(p) => p,
+            let routed = match hosts::restore_path(app, &a.path).await? {
+                Ok(r) => r,
                 Err(e) => {
                     return Ok(Some(format!(
-                        "🚫 {e}. Usage: /restore <path> [to <dir>] [snapshot <id>]"
+                        "🚫 {e}. Usage: /restore [host:]<path> [to <dir>] [snapshot <id>]"
                     )));
                 }
+            };
+            let path = routed.path.clone();
+            // Where it may write: the bot's own restore roots with one host (it sees that
+            // host's folders), the routed host's registered ones with several.
+            let target = |dir: &str| match &routed.info {
+                Some(h) => hosts::check_remote_target(dir, h),
+                None => args::check_restore_target(dir, &app.cfg.restore_roots).and_then(|p| {
+                    p.to_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("{dir}: not UTF-8"))
+                }),
             };
             let to = match &a.to {
                 // In place: the folder it came from must be one restores may write into.
                 None => {
-                    let parent = std::path::Path::new(&path)
-                        .parent()
-                        .and_then(|p| p.to_str())
-                        .unwrap_or("/");
-                    if let Err(e) = args::check_restore_target(parent, &app.cfg.restore_roots) {
+                    if let Err(e) = target(hosts::parent_of(&path)) {
                         return Ok(Some(format!(
                             "🚫 Can't restore {path} in place: {e}. Add `to <dir>`."
                         )));
                     }
                     None
                 }
-                Some(dir) => match args::check_restore_target(dir, &app.cfg.restore_roots) {
-                    Ok(p) => Some(
-                        p.to_str()
-                            .context("restore target is not UTF-8")?
-                            .to_string(),
-                    ),
+                Some(dir) => match target(dir) {
+                    Ok(p) => Some(p),
                     Err(e) => return Ok(Some(format!("🚫 Can't restore there: {e}"))),
                 },
             };
@@ -346,7 +351,7 @@ async fn command(
                 snapshot: a.snapshot,
                 overwrite: false,
             };
-            start_job(app, uid, chat, args).await?;
+            start_job_on(app, uid, chat, args, routed.host.as_deref()).await?;
             return Ok(None);
         }
         Command::Verify(raw) => {
@@ -502,6 +507,7 @@ async fn command(
         Command::Browse(raw) => return browse::command(app, user_id, chat, &raw).await,
         Command::Get(raw) => return browse::get_command(app, user_id, chat, &raw).await,
         Command::Versions(raw) => return browse::versions_command(app, user_id, chat, &raw).await,
+        Command::Hosts => render::hosts(&app.jobs.hosts().await?, app.jobs.now_ms()),
         Command::Status => {
             let active = app.jobs.active_for_user(uid).await?;
             if active.is_empty() {
@@ -563,14 +569,10 @@ async fn schedule(app: &Arc<App>, user_id: u64, chat: ChatId, raw: &str) -> anyh
         Ok(r) => r,
         Err(e) => return Ok(format!("🗓 {e}")),
     };
-    let path = match args::check_backup_path(&req.path, &app.cfg.backup_roots) {
-        Ok(p) => p,
+    let routed = match hosts::backup_path(app, &req.path).await? {
+        Ok(r) => r,
         Err(e) => return Ok(format!("🚫 Can't schedule: {e}")),
     };
-    let path = path
-        .to_str()
-        .context("backup path is not UTF-8")?
-        .to_string();
     let s = app
         .alerts
         .schedules()
@@ -578,16 +580,18 @@ async fn schedule(app: &Arc<App>, user_id: u64, chat: ChatId, raw: &str) -> anyh
             owner: owner(user_id),
             user_id: user_id as i64,
             chat_id: chat.0,
-            path,
+            path: routed.path,
             when: req.when,
             encrypt: req.encrypt,
             retention: req.retention,
+            host: routed.host,
         })
         .await?;
     let tz = app.alerts.tz();
     let mut text = format!(
-        "🗓 Schedule #{}: {} · {}{} ({}).\nFirst run: {}.",
+        "🗓 Schedule #{}: {}{} · {}{} ({}).\nFirst run: {}.",
         s.id,
+        render::on_host(s.host.as_deref()),
         s.path,
         s.spec,
         if s.encrypt { "" } else { " · unencrypted" },
@@ -651,18 +655,35 @@ where
     }
 }
 
-/// Queue a job and post its progress message.
+/// Queue a job for any worker and post its progress message.
 pub(crate) async fn start_job(
     app: &Arc<App>,
     user_id: i64,
     chat: ChatId,
     args: JobArgs,
 ) -> anyhow::Result<()> {
-    let job = app.jobs.enqueue(user_id, chat.0, &args).await?;
+    start_job_on(app, user_id, chat, args, None).await
+}
+
+/// Queue a job for the workers of `host` (`None`: any worker) and post its progress message.
+pub(crate) async fn start_job_on(
+    app: &Arc<App>,
+    user_id: i64,
+    chat: ChatId,
+    args: JobArgs,
+    host: Option<&str>,
+) -> anyhow::Result<()> {
+    let job = app.jobs.enqueue_on(user_id, chat.0, &args, host).await?;
     // Taken before anything can await, so the notifier can't post a second message for a
     // job that finishes before its first message is out.
     let _busy = Busy::claim(app, job.id);
-    tracing::info!(job = job.id, user_id, kind = args.kind(), "job queued");
+    tracing::info!(
+        job = job.id,
+        user_id,
+        kind = args.kind(),
+        host,
+        "job queued"
+    );
     post_progress(app, &job).await
 }
 
@@ -893,10 +914,14 @@ mod tests {
     #[test]
     fn the_command_menu_lists_every_command() {
         let menu = Command::bot_commands();
-        assert_eq!(menu.len(), 23);
+        assert_eq!(menu.len(), 24);
         assert!(
             menu.iter().any(|c| c.command == "/prune"),
             "/prune in the menu"
+        );
+        assert!(
+            menu.iter().any(|c| c.command == "/hosts"),
+            "/hosts in the menu"
         );
         let help = help_text();
         let mut seen = std::collections::HashSet::new();

@@ -127,6 +127,43 @@ pub fn start(first_root: &str) -> String {
     )
 }
 
+/// `web1:` before a path that runs on host web1; nothing when any worker runs it.
+pub fn on_host(host: Option<&str>) -> String {
+    host.map(|h| format!("{h}:")).unwrap_or_default()
+}
+
+/// The answer to `/hosts`: each storage host, its folders and when it was last seen.
+pub fn hosts(hosts: &[storinator_shared::ops::hosts::HostInfo], now_ms: i64) -> String {
+    use storinator_shared::ops::hosts::seen_ago;
+    if hosts.is_empty() {
+        return "No storage host has registered yet: a worker registers its host when it starts (storinator-worker run).".into();
+    }
+    let mut lines = vec![format!("🖥 Storage hosts ({}):", hosts.len())];
+    for h in hosts {
+        let folders = if h.backup_roots.is_empty() {
+            "no folders".to_string()
+        } else {
+            h.backup_roots.join(", ")
+        };
+        let mut line = format!(
+            "• {} — {folders} · seen {}",
+            h.name,
+            seen_ago(now_ms, h.last_seen)
+        );
+        if !h.restore_roots.is_empty() && h.restore_roots != h.backup_roots {
+            line.push_str(&format!(" · restores into {}", h.restore_roots.join(", ")));
+        }
+        lines.push(line);
+    }
+    if hosts.len() > 1 {
+        lines.push(format!(
+            "When two hosts have the same folder, name one: /backup {}:/path",
+            hosts[0].name
+        ));
+    }
+    lines.join("\n")
+}
+
 /// The answer to text that is not a command.
 pub const STRAY_TEXT: &str = "I only understand commands. /help lists them.";
 
@@ -814,9 +851,10 @@ pub fn job_line(job: &Job, now_ms: i64) -> String {
         job.state.as_str().to_string()
     };
     format!(
-        "#{} {} · {} · {state}",
+        "#{} {} · {}{} · {state}",
         job.id,
         job.args.kind(),
+        on_host(job.host.as_deref()),
         subject(job)
     )
 }
@@ -874,6 +912,7 @@ mod tests {
             throttle: None,
             schedule_id: None,
             owner: None,
+            host: None,
         }
     }
 

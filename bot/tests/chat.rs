@@ -271,7 +271,7 @@ async fn backup_shows_queued_progress_and_summary() {
         .count();
     assert!(progress_edits >= 2, "{}", h.api.transcript_text(CHAT));
     let commands = h.api.commands();
-    assert_eq!(commands.as_array().unwrap().len(), 23);
+    assert_eq!(commands.as_array().unwrap().len(), 24);
     for name in ["forget", "prune"] {
         assert!(
             commands
@@ -971,5 +971,133 @@ async fn usage_shows_the_users_own_folders_and_what_a_prune_would_free() {
     // Another user's backups are not shown.
     let reply = h.say(OTHER_USER, "/usage").await;
     assert!(reply.contains("No backups yet"), "{reply}");
+    h.stop().await;
+}
+
+/// Routing by the hosts the workers registered: with none, as before; with one, the bot still
+/// checks the folder on its own file system and the job carries the host; with two serving
+/// the same folder, the user names one (`web2:/path`), restores are bound by that host's
+/// restore roots, and schedules carry their host. `/hosts` lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_routed_to_the_host_that_serves_the_path() {
+    use storinator_shared::ops::hosts::Registration;
+    let h = start(None).await;
+    let root = h.root.display().to_string();
+    let data = format!("{root}/data");
+    let reply = h.say(USER, "/hosts").await;
+    assert!(
+        reply.contains("No storage host has registered yet"),
+        "{reply}"
+    );
+    let register = |name: &str, backup: &[&str], restore: &[&str]| Registration {
+        name: name.into(),
+        backup_roots: backup.iter().map(|s| s.to_string()).collect(),
+        restore_roots: restore.iter().map(|s| s.to_string()).collect(),
+    };
+
+    // One host: the bot still checks the folder itself, and the job goes to that host.
+    h.jobs
+        .register_host(&register("web1", &[&root], &[&root]))
+        .await
+        .unwrap();
+    h.say(USER, &format!("/backup {data}")).await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().pop().unwrap();
+    assert_eq!(job.host.as_deref(), Some("web1"));
+    let reply = h.say(USER, &format!("/backup {root}/missing")).await;
+    assert!(reply.contains("does not exist"), "{reply}");
+    let reply = h.say(USER, &format!("/backup web9:{data}")).await;
+    assert!(
+        reply.contains("no storage host is called web9 (known: web1)"),
+        "{reply}"
+    );
+
+    // Two hosts serving the folder: name one.
+    let outside = h.outside.display().to_string();
+    h.jobs
+        .register_host(&register("web2", &[&data], &[&outside]))
+        .await
+        .unwrap();
+    let reply = h.say(USER, &format!("/backup {data}")).await;
+    assert!(
+        reply.contains(&format!("{data} is on 2 hosts: web1, web2")),
+        "{reply}"
+    );
+    assert!(reply.contains(&format!("like web1:{data}")), "{reply}");
+    h.say(USER, &format!("/backup web2:{data}")).await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().pop().unwrap();
+    assert_eq!(job.host.as_deref(), Some("web2"));
+    assert!(matches!(job.args, JobArgs::Backup { ref path, .. } if *path == data));
+    let reply = h.say(USER, "/jobs").await;
+    assert!(reply.contains(&format!("web2:{data}")), "{reply}");
+
+    // Restores: routed the same way, written only into the chosen host's restore roots.
+    backup_as(h.jobs.pool(), h.root.parent().unwrap(), &h.root, "tg:7").await;
+    let reply = h
+        .say(USER, &format!("/restore web2:{data} to {root}/back"))
+        .await;
+    assert!(
+        reply.contains(&format!(
+            "{root}/back is outside the folders web2 may restore into ({outside})"
+        )),
+        "{reply}"
+    );
+    let before = h.job_count().await;
+    h.say(USER, &format!("/restore web2:{data} to {outside}/r"))
+        .await;
+    assert_eq!(h.job_count().await, before + 1);
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().pop().unwrap();
+    assert_eq!(job.host.as_deref(), Some("web2"));
+    assert!(
+        matches!(job.args, JobArgs::Restore { ref to, .. } if to.as_deref() == Some(&*format!("{outside}/r")))
+    );
+    let reply = h.say(USER, &format!("/restore {data}")).await;
+    assert!(reply.contains("is on 2 hosts"), "{reply}");
+    // A named host restores there even when it does not serve the path (a lost server's
+    // data onto another), into its restore roots.
+    let root_file = format!("{root}/file.txt");
+    h.jobs
+        .register_host(&register("web3", &[&root_file], &[&outside]))
+        .await
+        .unwrap();
+    h.say(USER, &format!("/restore web3:{data} to {outside}/r3"))
+        .await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().pop().unwrap();
+    assert_eq!(job.host.as_deref(), Some("web3"));
+    let reply = h
+        .say(USER, &format!("/restore web9:{data} to {outside}/r"))
+        .await;
+    assert!(
+        reply.contains("no storage host is called web9 (known: web1, web2, web3)"),
+        "{reply}"
+    );
+
+    // Schedules carry their host.
+    let reply = h
+        .say(USER, &format!("/schedule web2:{data} daily 03:00"))
+        .await;
+    assert!(
+        reply.contains(&format!("web2:{data} · daily 03:00")),
+        "{reply}"
+    );
+    let schedules = storinator_shared::Schedules::new(h.jobs.clone(), jiff::tz::TimeZone::UTC);
+    let list = schedules.list("tg:7").await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].host.as_deref(), Some("web2"));
+    let reply = h.say(USER, "/schedules").await;
+    assert!(
+        reply.contains(&format!("web2:{data} · daily 03:00")),
+        "{reply}"
+    );
+
+    let reply = h.say(USER, "/hosts").await;
+    assert!(reply.contains("Storage hosts (3)"), "{reply}");
+    assert!(
+        reply.contains(&format!("• web1 — {root} · seen ")),
+        "{reply}"
+    );
+    assert!(
+        reply.contains(&format!("• web2 — {data} · seen ")) && reply.contains(&outside),
+        "{reply}"
+    );
     h.stop().await;
 }

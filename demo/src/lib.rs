@@ -148,6 +148,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             restore_roots: vec![restore_to.clone()],
             outbox_dir: work.join("outbox"),
             courier: Some(courier),
+            host: None,
+            host_heartbeat: Duration::from_secs(30),
             ..Default::default()
         },
         stopped(stop_rx.clone()),

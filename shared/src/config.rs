@@ -192,6 +192,9 @@ pub struct Config {
     /// `STORINATOR_RESTORE_ROOTS` (default: the backup roots): where restores from the chat
     /// may write. The worker enforces them on the handle it writes through.
     pub restore_roots: Vec<PathBuf>,
+    /// `STORINATOR_HOST` (default the machine's hostname): the storage host this worker
+    /// serves; the bot routes the jobs of this host's roots to its workers.
+    pub host: String,
     pub telegram: TelegramSettings,
     pub unattended: UnattendedSettings,
 }
@@ -342,6 +345,27 @@ impl Config {
             })
         };
         let backup_roots = roots("STORINATOR_BACKUP_ROOTS")?.unwrap_or_default();
+        let host = match var("STORINATOR_HOST") {
+            Some(h) => {
+                check_host_name(&h).map_err(|reason| ConfigError::Invalid {
+                    var: "STORINATOR_HOST",
+                    value: h.clone(),
+                    reason,
+                })?;
+                h
+            }
+            None => {
+                let h = machine_hostname();
+                check_host_name(&h).map_err(|reason| ConfigError::Invalid {
+                    var: "STORINATOR_HOST",
+                    value: h.clone(),
+                    reason: format!(
+                        "unset, and the machine's hostname is not usable: {reason}\nhint: set STORINATOR_HOST"
+                    ),
+                })?;
+                h
+            }
+        };
         let restore_roots =
             roots("STORINATOR_RESTORE_ROOTS")?.unwrap_or_else(|| backup_roots.clone());
         let api_id = match var("TELEGRAM_API_ID") {
@@ -467,6 +491,7 @@ impl Config {
             allowed_users,
             backup_roots,
             restore_roots,
+            host,
             telegram,
             unattended,
         })
@@ -479,6 +504,37 @@ impl Config {
 
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
+    }
+}
+
+/// The machine's hostname (what snapshots record, and the default `STORINATOR_HOST`).
+pub fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Longest host name accepted (a DNS name's limit).
+pub const MAX_HOST_NAME: usize = 253;
+
+/// Checks a storage host's name: 1 to 253 ASCII letters, digits, `.`, `-` or `_`, starting
+/// with a letter or digit (so `web1:/srv` is never mistaken for a path, nor a path for a host).
+pub fn check_host_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_HOST_NAME
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a host name\nhint: 1 to {MAX_HOST_NAME} letters, digits, '.', '-' or '_', starting with a letter or digit"
+        ))
     }
 }
 

@@ -78,6 +78,7 @@ impl World {
                 when: parse_when(when).unwrap(),
                 encrypt: true,
                 retention: None,
+                host: None,
             })
             .await
             .unwrap()

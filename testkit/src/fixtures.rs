@@ -424,3 +424,29 @@ pub fn duplicate_data_chunks(packs: &[StoredPack]) -> Vec<(ChunkId, usize)> {
         .map(|(id, n)| (ChunkId(id), n))
         .collect()
 }
+
+/// Text-like data: slow to compress at zstd level 19, so a job is easy to catch mid-way.
+pub fn words(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let vocab: Vec<String> = (0..2000)
+        .map(|_| {
+            let n = 2 + (next() % 8) as usize;
+            (0..n)
+                .map(|_| (b'a' + (next() % 26) as u8) as char)
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        out.extend_from_slice(vocab[(next() % 2000) as usize].as_bytes());
+        out.push(if next() % 10 == 0 { b'\n' } else { b' ' });
+    }
+    out.truncate(len);
+    out
+}

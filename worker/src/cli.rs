@@ -187,6 +187,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the storage hosts that share this job database: the folders each serves and
+    /// when one of its workers was last seen (the chat's /hosts).
+    Hosts {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Remove this host, gone for good (renamed or retired), so its folders stop being
+        /// routed to it. Stop its workers first; refused while it has queued or running jobs.
+        #[arg(long, value_name = "HOST")]
+        forget: Option<String>,
+    },
     /// Check that every pack the catalog references is in storage and intact.
     ///
     /// Without --read-data: presence, size and each pack's trailer. With it: every chunk is
@@ -512,6 +523,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(anyhow::Error::new(e).context(format!("restore of {path} failed"))),
             }
         }
+        Command::Hosts { json, forget } => {
+            let catalog = Catalog::open(&cfg.database_url).await?;
+            let jobs = storinator_shared::Jobs::new(catalog.pool().clone());
+            if let Some(name) = forget {
+                if !jobs.forget_host(&name).await? {
+                    bail!(
+                        "no storage host is called {name}\nhint: `storinator-worker hosts` lists them"
+                    );
+                }
+                println!("forgot host {name}; its folders are no longer routed to it");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let hosts = jobs.hosts().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&hosts)?);
+            } else if hosts.is_empty() {
+                println!(
+                    "no storage host has registered yet (a worker registers when `storinator-worker run` starts)"
+                );
+            } else {
+                let now = jobs.now_ms();
+                println!(
+                    "{:<20}  {:<16}  {:<24}  restores into",
+                    "host", "last seen", "backs up"
+                );
+                for h in hosts {
+                    println!(
+                        "{:<20}  {:<16}  {:<24}  {}",
+                        h.name,
+                        storinator_shared::ops::hosts::seen_ago(now, h.last_seen),
+                        h.backup_roots.join(", "),
+                        h.restore_roots.join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Snapshots { path, json, owner } => {
             let catalog = Catalog::open(&cfg.database_url).await?;
             let list =
@@ -690,6 +738,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 restore_roots: cfg.restore_roots.clone(),
                 outbox_dir: cfg.outbox_dir(),
                 courier,
+                host: Some(host_registration(&cfg)),
+                // Leases name the host, so the job table shows where each job runs.
+                worker_id: format!("{}-{}", cfg.host, std::process::id()),
                 ..Default::default()
             };
             let unattended = crate::daemon::Unattended::from_config(&cfg, &jobs)?;
@@ -738,5 +789,26 @@ fn kdf_params() -> KdfParams {
         KdfParams::fast_for_tests()
     } else {
         KdfParams::interactive()
+    }
+}
+
+/// What `run` registers for its host: `STORINATOR_HOST` and the canonical roots (as
+/// schedules check them when they fire).
+fn host_registration(cfg: &Config) -> storinator_shared::ops::hosts::Registration {
+    let canonical = |roots: &[PathBuf]| {
+        roots
+            .iter()
+            .map(|r| {
+                r.canonicalize()
+                    .unwrap_or_else(|_| r.clone())
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    };
+    storinator_shared::ops::hosts::Registration {
+        name: cfg.host.clone(),
+        backup_roots: canonical(&cfg.backup_roots),
+        restore_roots: canonical(&cfg.restore_roots),
     }
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use storinator_shared::engine::restore::resolve;
+use storinator_shared::ops::hosts::Registration;
 use storinator_shared::ops::rules::FireRules;
 use storinator_shared::ops::schedules::RunOutcome;
 use storinator_shared::{
@@ -50,6 +51,12 @@ pub struct DaemonConfig {
     /// Sends files over the Bot API's limit through the worker's own Telegram account
     /// (`None` with directory storage: such files are refused with a hint).
     pub courier: Option<Arc<dyn Courier>>,
+    /// The storage host this daemon serves (`STORINATOR_HOST` and its roots): registered with
+    /// a heartbeat, and only its jobs (and those of no host) are claimed. `None`: a daemon of
+    /// no particular host, which claims only jobs of no host (see `ops::hosts`).
+    pub host: Option<Registration>,
+    /// How often the host's heartbeat (`last_seen`, shown by `/hosts`) is renewed.
+    pub host_heartbeat: Duration,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -59,6 +66,7 @@ impl std::fmt::Debug for DaemonConfig {
             .field("concurrency", &self.concurrency)
             .field("outbox_dir", &self.outbox_dir)
             .field("courier", &self.courier.is_some())
+            .field("host", &self.host)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +99,8 @@ impl Default for DaemonConfig {
             restore_roots: Vec::new(),
             outbox_dir: std::env::temp_dir().join("storinator-outbox"),
             courier: None,
+            host: None,
+            host_heartbeat: Duration::from_secs(30),
         }
     }
 }
@@ -156,8 +166,21 @@ pub async fn run_with(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut running = JoinSet::new();
     tokio::pin!(shutdown);
+    let host = cfg.host.as_ref().map(|h| h.name.clone());
+    let _host_beat = match &cfg.host {
+        Some(reg) => {
+            jobs.register_host(reg).await?;
+            Some(AbortOnDrop(tokio::spawn(host_heartbeat(
+                jobs.clone(),
+                reg.clone(),
+                cfg.host_heartbeat,
+            ))))
+        }
+        None => None,
+    };
     tracing::info!(
         worker = cfg.worker_id,
+        host,
         concurrency = cfg.concurrency,
         "worker daemon started"
     );
@@ -185,6 +208,11 @@ pub async fn run_with(
             .map(|u| u.scrub_bytes)
             .unwrap_or(storinator_shared::config::DEFAULT_SCRUB_BYTES_PER_DAY),
         restore_roots: cfg.restore_roots.clone(),
+        backup_roots: cfg
+            .host
+            .as_ref()
+            .map(|h| h.backup_roots.iter().map(PathBuf::from).collect())
+            .unwrap_or_default(),
         tz: unattended
             .as_ref()
             .map(|u| u.schedules.tz().clone())
@@ -203,7 +231,7 @@ pub async fn run_with(
             _ = &mut shutdown => break,
             p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
         };
-        match jobs.claim(&cfg.worker_id).await {
+        match jobs.claim_on(&cfg.worker_id, host.as_deref()).await {
             Ok(Some((job, lease))) => {
                 tracing::info!(
                     job = job.id,
@@ -254,6 +282,25 @@ pub async fn run_with(
     }
     tracing::info!("worker daemon stopped");
     Ok(())
+}
+
+/// Renews the host's heartbeat every `every` until aborted; registers again if the host row
+/// is gone. Errors are logged and retried next time.
+async fn host_heartbeat(jobs: Jobs, reg: Registration, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is now: registration just marked the host seen
+    loop {
+        tick.tick().await;
+        let renewed = match jobs.host_heartbeat(&reg.name).await {
+            Ok(true) => Ok(()),
+            Ok(false) => jobs.register_host(&reg).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = renewed {
+            tracing::warn!(host = reg.name, "renewing the host's heartbeat failed: {e}");
+        }
+    }
 }
 
 /// Probes the storage lanes when a day has passed since the last probe (by the schedules'
@@ -308,6 +355,9 @@ struct JobContext {
     scrub_bytes: u64,
     /// See [`DaemonConfig::restore_roots`].
     restore_roots: Vec<PathBuf>,
+    /// The host's backup roots: a chat user's backup is checked against them here, where
+    /// the folder is (the bot, routing by registered roots, may not see it). Empty: no check.
+    backup_roots: Vec<PathBuf>,
     /// The schedules' time zone: keep policies count days and weeks in it (UTC without
     /// unattended settings).
     tz: jiff::tz::TimeZone,
@@ -679,8 +729,16 @@ async fn execute(
             })
         }
         JobArgs::Backup { path, encrypt } => {
+            // A chat user's folder must be inside this host's roots, after resolving `..`
+            // and symlinks (the CLI's own backups are not bound to the chat's roots).
+            let path = if owner.starts_with("tg:") && !ctx.backup_roots.is_empty() {
+                storinator_shared::ops::rules::check_backup_path(path, &ctx.backup_roots)
+                    .map_err(Error::Invalid)?
+            } else {
+                PathBuf::from(path)
+            };
             let opts = BackupOptions {
-                path: PathBuf::from(path),
+                path,
                 owner: owner.to_string(),
                 encrypt: *encrypt,
             };

@@ -71,6 +71,8 @@ pub async fn run(owner: &str, cfg: &Config, command: ScheduleCommand) -> anyhow:
                     when,
                     encrypt: !no_encrypt,
                     retention,
+                    // Made on this host, for its folder: its daemons fire it.
+                    host: Some(cfg.host.clone()),
                 })
                 .await?;
             println!(

@@ -78,6 +78,8 @@ async fn get_of_a_60_mb_file_goes_through_the_worker_account() {
             restore_roots: vec![root.clone()],
             outbox_dir: dir.path().join("outbox"),
             courier: Some(Arc::new(telegram.clone())),
+            host: None,
+            host_heartbeat: Duration::from_secs(30),
         },
         async move {
             let _ = wrx.await;

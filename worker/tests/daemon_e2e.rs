@@ -198,6 +198,8 @@ impl World {
             restore_roots: vec![self.root.clone()],
             outbox_dir: self.dir.path().join("outbox"),
             courier: None,
+            host: None,
+            host_heartbeat: Duration::from_secs(30),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(Arc::new(repo), jobs, cfg, async move {

@@ -432,3 +432,70 @@ async fn a_prune_job_and_a_backup_job_run_side_by_side() {
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     d.stop().await;
 }
+
+/// A daemon of a host registers it with its roots at start, renews its heartbeat while it
+/// runs, and registers again if the host's row disappears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_registers_its_host_and_keeps_its_heartbeat() {
+    use storinator_shared::ops::hosts::Registration;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open_file(&dir.path().join("storinator.db"))
+        .await
+        .unwrap();
+    let storage = DirStorage::open(dir.path().join("store")).unwrap();
+    Repo::init(&catalog, &storage, PASS, KdfParams::fast_for_tests())
+        .await
+        .unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let jobs = Jobs::new(catalog.pool().clone()).with_clock(Arc::new(clock.clone()));
+    let repo = Repo::open(catalog, Arc::new(storage), PASS, EngineSettings::default())
+        .await
+        .unwrap();
+    let reg = Registration {
+        name: "web1".into(),
+        backup_roots: vec!["/srv".into()],
+        restore_roots: vec!["/srv/restore".into()],
+    };
+    let cfg = DaemonConfig {
+        worker_id: "web1-1".into(),
+        poll_interval: Duration::from_millis(20),
+        host: Some(reg.clone()),
+        host_heartbeat: Duration::from_millis(20),
+        ..DaemonConfig::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(daemon::run(Arc::new(repo), jobs.clone(), cfg, async move {
+        let _ = stopped.await;
+    }));
+    let seen = |at: i64| {
+        let jobs = jobs.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let hosts = jobs.hosts().await.unwrap();
+                if let [h] = &hosts[..]
+                    && h.last_seen >= at
+                {
+                    return h.clone();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{hosts:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let h = seen(clock.now_ms()).await;
+    assert_eq!(h.name, "web1");
+    assert_eq!(h.backup_roots, ["/srv"]);
+    assert_eq!(h.restore_roots, ["/srv/restore"]);
+    clock.advance(60_000);
+    seen(clock.now_ms()).await;
+    // Someone removed the host: the next heartbeat registers it again, roots and all.
+    sqlx::query("DELETE FROM hosts")
+        .execute(jobs.pool())
+        .await
+        .unwrap();
+    let h = seen(clock.now_ms()).await;
+    assert_eq!(h.backup_roots, ["/srv"]);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

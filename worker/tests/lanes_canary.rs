@@ -103,6 +103,7 @@ async fn the_daemon_probes_each_lane_daily_and_a_lost_or_silent_lane_is_alerted_
             backup_roots: vec![d.to_path_buf()],
             allowed_users: vec![7],
             jitter_ms: 0,
+            host: None,
         },
         tick: Duration::from_millis(20),
         healthcheck: None,

@@ -324,6 +324,8 @@ async fn the_command_line_refuses_a_folder_the_daemon_is_backing_up_naming_its_r
             restore_roots: Vec::new(),
             outbox_dir: dir.join("outbox"),
             courier: None,
+            host: None,
+            host_heartbeat: Duration::from_secs(30),
         },
         async move {
             let _ = stop_rx.await;

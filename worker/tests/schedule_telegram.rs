@@ -78,6 +78,7 @@ async fn a_schedule_made_in_chat_backs_up_by_itself_through_loopback_telegram() 
             backup_roots: vec![root.clone()],
             allowed_users: vec![USER],
             jitter_ms: 0,
+            host: None,
         },
         tick: Duration::from_millis(50),
         healthcheck: None,

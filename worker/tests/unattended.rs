@@ -86,6 +86,7 @@ impl World {
                 encrypt: true,
                 retention: keep
                     .map(|k| storinator_shared::ops::schedules::parse_retention(k).unwrap()),
+                host: None,
             })
             .await
             .unwrap()
@@ -126,6 +127,7 @@ impl World {
                 backup_roots: vec![self.data.parent().unwrap().to_path_buf()],
                 allowed_users: vec![7],
                 jitter_ms: 0,
+                host: None,
             },
             tick: Duration::from_millis(20),
             healthcheck: healthcheck.map(|u| Healthcheck::new(u).unwrap()),

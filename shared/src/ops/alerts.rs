@@ -84,7 +84,12 @@ impl ScheduleStatus {
     /// (Mon 30 Mar 03:01 CEST) · ok`: one line for the CLI and the chat alike.
     pub fn line(&self, tz: &TimeZone) -> String {
         let s = &self.schedule;
-        let mut parts = vec![format!("#{} {}", s.id, s.path), s.spec.clone()];
+        let host = s
+            .host
+            .as_deref()
+            .map(|h| format!("{h}:"))
+            .unwrap_or_default();
+        let mut parts = vec![format!("#{} {host}{}", s.id, s.path), s.spec.clone()];
         if !s.encrypt {
             parts.push("unencrypted".into());
         }

@@ -346,6 +346,8 @@ pub struct Job {
     pub schedule_id: Option<i64>,
     /// Whose job it is when not `tg:<user_id>` (`local` for the CLI's schedules).
     pub owner: Option<String>,
+    /// The storage host whose workers may claim it; `None`: any worker (see [`super::hosts`]).
+    pub host: Option<String>,
 }
 
 impl Job {
@@ -414,6 +416,7 @@ impl Job {
             final_notified: row.try_get::<i64, _>("final_notified")? != 0,
             stall_notified: row.try_get::<i64, _>("stall_notified")? != 0,
             schedule_id: row.try_get("schedule_id")?,
+            host: row.try_get("host")?,
             owner: row.try_get("owner")?,
         })
     }
@@ -440,6 +443,8 @@ pub(crate) struct NewJob<'a> {
     pub owner: Option<&'a str>,
     /// Not claimable before this time (a schedule's jitter).
     pub not_before: i64,
+    /// Only this host's workers may claim it (`None`: any worker).
+    pub host: Option<&'a str>,
 }
 
 /// Proof that a worker holds a running job. Every worker-side write is fenced by it.
@@ -552,6 +557,17 @@ impl Jobs {
 
     /// Queue a new job for `user_id`, answering in `chat_id`.
     pub async fn enqueue(&self, user_id: i64, chat_id: i64, args: &JobArgs) -> Result<Job> {
+        self.enqueue_on(user_id, chat_id, args, None).await
+    }
+
+    /// [`Jobs::enqueue`] for the workers of `host` only (`None`: any worker).
+    pub async fn enqueue_on(
+        &self,
+        user_id: i64,
+        chat_id: i64,
+        args: &JobArgs,
+        host: Option<&str>,
+    ) -> Result<Job> {
         let new = NewJob {
             user_id,
             chat_id,
@@ -559,6 +575,7 @@ impl Jobs {
             schedule_id: None,
             owner: None,
             not_before: 0,
+            host,
         };
         self.insert(&self.pool, &new).await
     }
@@ -574,8 +591,8 @@ impl Jobs {
         let json = serde_json::to_string(new.args).expect("job args serialise");
         let row = sqlx::query(
             "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at,
-                               not_before, schedule_id, owner, final_notified)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9 IS NOT NULL) RETURNING *",
+                               not_before, schedule_id, owner, final_notified, host)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9 IS NOT NULL, ?11) RETURNING *",
         )
         .bind(new.args.kind())
         .bind(json)
@@ -587,6 +604,7 @@ impl Jobs {
         .bind(new.not_before)
         .bind(new.schedule_id)
         .bind(new.owner)
+        .bind(new.host)
         .fetch_one(conn)
         .await?;
         Job::from_row(&row)
@@ -814,9 +832,11 @@ impl Jobs {
                     overwrite: true,
                 };
                 let json = serde_json::to_string(&args).expect("job args serialise");
+                // On the host the conflict was found on: that is where the files are.
                 let row = sqlx::query(
-                    "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                    "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at,
+                                       updated_at, host)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 )
                 .bind(args.kind())
                 .bind(json)
@@ -825,6 +845,7 @@ impl Jobs {
                 .bind(self.policy.max_attempts)
                 .bind(now)
                 .bind(now)
+                .bind(&job.host)
                 .fetch_one(&mut *tx)
                 .await?;
                 let new = Job::from_row(&row)?;
@@ -891,30 +912,44 @@ impl Jobs {
         Ok(())
     }
 
-    /// Claim the oldest runnable job for `owner`: a queued job whose backoff has passed, or a
-    /// running job whose lease expired (its worker died; the job resumes). One statement.
+    /// Claim the oldest runnable job for `owner`, a worker of no particular host: only jobs
+    /// left to any worker. See [`Jobs::claim_on`].
     pub async fn claim(&self, owner: &str) -> Result<Option<(Job, Lease)>> {
+        self.claim_on(owner, None).await
+    }
+
+    /// Claim the oldest runnable job for `owner`, a worker of `host`: a queued job whose
+    /// backoff has passed, or a running job whose lease expired (its worker died; the job
+    /// resumes), among the jobs of that host and those left to any worker (`host IS NULL`).
+    /// One statement, so the claim stays atomic and the attempt counter stays its fence.
+    pub async fn claim_on(&self, owner: &str, host: Option<&str>) -> Result<Option<(Job, Lease)>> {
         let now = self.now_ms();
         self.sweep_expired(now).await?;
-        let row = sqlx::query(
+        let mine = match host {
+            Some(_) => "(host IS NULL OR host = ?)",
+            None => "host IS NULL",
+        };
+        let sql = format!(
             "UPDATE jobs SET state = 'running', lease_owner = ?, lease_until = ?,
                     attempt = attempt + 1, started_at = coalesce(started_at, ?),
                     updated_at = ?, stall_notified = 0, throttle = NULL
               WHERE id = (SELECT id FROM jobs
-                           WHERE (state = 'queued' AND not_before <= ?)
-                              OR (state = 'running' AND lease_until < ?
-                                  AND cancel_requested = 0 AND attempt < max_attempts)
+                           WHERE {mine}
+                             AND ((state = 'queued' AND not_before <= ?)
+                                  OR (state = 'running' AND lease_until < ?
+                                      AND cancel_requested = 0 AND attempt < max_attempts))
                            ORDER BY id LIMIT 1)
-              RETURNING *",
-        )
-        .bind(owner)
-        .bind(now + self.policy.lease_ms)
-        .bind(now)
-        .bind(now)
-        .bind(now)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
+              RETURNING *"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now + self.policy.lease_ms)
+            .bind(now)
+            .bind(now);
+        if let Some(host) = host {
+            q = q.bind(host);
+        }
+        let row = q.bind(now).bind(now).fetch_optional(&self.pool).await?;
         let Some(row) = row else { return Ok(None) };
         let job = Job::from_row(&row)?;
         let lease = Lease {

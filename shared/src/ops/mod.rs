@@ -7,6 +7,7 @@
 //! and the foundation modules); nothing below imports ops.
 
 pub mod alerts;
+pub mod hosts;
 pub mod jobs;
 pub mod prompts;
 pub mod rules;

@@ -202,6 +202,7 @@ impl Jobs {
                     args: &args,
                     schedule_id: None,
                     owner: None,
+                    host: None,
                     not_before: 0,
                 },
             )

@@ -61,6 +61,9 @@ pub struct FireRules {
     pub allowed_users: Vec<i64>,
     /// A scheduled job waits a random time up to this long after its slot.
     pub jitter_ms: i64,
+    /// The host of the daemon that fires schedules: it fires only its host's schedules and
+    /// those of no host (`None`: every schedule, a daemon of no particular host).
+    pub host: Option<String>,
 }
 
 impl FireRules {
@@ -74,6 +77,7 @@ impl FireRules {
                 .collect(),
             allowed_users: cfg.allowed_users.clone(),
             jitter_ms: cfg.unattended.jitter_ms,
+            host: Some(cfg.host.clone()),
         }
     }
 
@@ -121,6 +125,7 @@ mod tests {
             backup_roots: vec![root.clone()],
             allowed_users: vec![7],
             jitter_ms: 0,
+            host: None,
         };
         assert!(rules.check("tg:7", &data).is_ok());
         assert!(

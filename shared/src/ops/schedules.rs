@@ -506,6 +506,9 @@ pub struct Schedule {
     pub missed_alert_at: Option<i64>,
     pub failures_reported: u64,
     pub failure_alert_at: Option<i64>,
+    /// The storage host whose daemons fire it and whose workers run its jobs (`None`: any;
+    /// see [`super::hosts`]).
+    pub host: Option<String>,
 }
 
 impl Schedule {
@@ -554,6 +557,7 @@ impl Schedule {
             missed_alert_at: row.try_get("missed_alert_at")?,
             failures_reported: u("failures_reported")?,
             failure_alert_at: row.try_get("failure_alert_at")?,
+            host: row.try_get("host")?,
         })
     }
 
@@ -584,6 +588,8 @@ pub struct NewSchedule {
     pub when: When,
     pub encrypt: bool,
     pub retention: Option<RetentionPolicy>,
+    /// The host that serves the path (`None`: any worker; see [`super::hosts::route`]).
+    pub host: Option<String>,
 }
 
 /// What happened to a slot.
@@ -664,8 +670,8 @@ impl Schedules {
         let row = sqlx::query(
             "INSERT INTO schedules (kind, owner, user_id, chat_id, path, spec, cron, every_ms,
                                     anchor_at, encrypt, retention, created_at, baseline_at,
-                                    next_slot)
-             VALUES ('backup', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                                    next_slot, host)
+             VALUES ('backup', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(&new.owner)
         .bind(new.user_id)
@@ -680,6 +686,7 @@ impl Schedules {
         .bind(now)
         .bind(now)
         .bind(next)
+        .bind(&new.host)
         .fetch_one(self.pool())
         .await?;
         Schedule::from_row(&row)
@@ -824,13 +831,22 @@ impl Schedules {
     /// Fires every schedule whose slot has come: queues its job (exactly once per slot),
     /// skips a slot whose previous job is still active, refuses one whose owner may no longer
     /// back up its path. Returns what it did.
+    /// A daemon of a host fires only the schedules of its host and those of no host (the
+    /// path checks it repeats look at its own file system).
     pub async fn fire_due(&self, rules: &FireRules) -> Result<Vec<Fired>> {
         let now = self.now_ms();
-        let rows =
-            sqlx::query("SELECT * FROM schedules WHERE paused = 0 AND next_slot <= ? ORDER BY id")
-                .bind(now)
-                .fetch_all(self.pool())
-                .await?;
+        let mine = match rules.host {
+            Some(_) => "AND (host IS NULL OR host = ?)",
+            None => "",
+        };
+        let sql = format!(
+            "SELECT * FROM schedules WHERE paused = 0 AND next_slot <= ? {mine} ORDER BY id"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        if let Some(host) = &rules.host {
+            q = q.bind(host);
+        }
+        let rows = q.fetch_all(self.pool()).await?;
         let mut fired = Vec::new();
         for row in &rows {
             let s = match Schedule::from_row(row) {
@@ -919,6 +935,12 @@ impl Schedules {
                 0
             };
             let owner = (!s.owner.starts_with("tg:")).then_some(s.owner.as_str());
+            // A backup runs where its path was checked: the schedule's host, or for a schedule
+            // of no host, the host of the daemon that fired it. The scrub runs anywhere.
+            let host = match s.kind {
+                ScheduleKind::Backup => s.host.as_deref().or(rules.host.as_deref()),
+                ScheduleKind::Scrub => None,
+            };
             let job = self
                 .jobs
                 .insert(
@@ -930,6 +952,7 @@ impl Schedules {
                         schedule_id: Some(s.id),
                         owner,
                         not_before: now + jitter,
+                        host,
                     },
                 )
                 .await?;
