@@ -159,10 +159,15 @@ async fn the_daemon_probes_each_lane_daily_and_a_lost_or_silent_lane_is_alerted_
     assert_eq!(told[0].probe.missing, 1);
     alerts.ack_lane(&told[0]).await.unwrap();
     assert!(alerts.lane_alerts().await.unwrap().is_empty(), "told once");
-    assert!(
-        d.join("lane-b").join(&pack).exists(),
-        "the lost copy healed"
-    );
+    // The probe's finding is recorded first, then the copy is healed: wait for the heal.
+    let healed = d.join("lane-b").join(&pack);
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while !healed.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the lost copy healed");
 
     // Lane a stops answering (its folder is gone); lane b is whole again.
     std::fs::remove_dir_all(d.join("lane-a")).unwrap();
