@@ -207,23 +207,30 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let data = self.data();
-        if data.join("postmaster.pid").exists() {
-            let _ = self.run(
-                "pg_ctl",
-                [
-                    OsStr::new("stop"),
-                    OsStr::new("-m"),
-                    OsStr::new("immediate"),
-                    OsStr::new("-w"),
-                    OsStr::new("-D"),
-                    data.as_os_str(),
-                ],
-            );
-        }
+        stop_server(&self.bin, self.run_as, &self.data());
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();
         }
+    }
+}
+
+/// Stops the server of cluster folder `data`, if one runs there (nothing worth a clean
+/// shutdown is in a throwaway cluster).
+fn stop_server(bin: &Path, run_as: Option<(Uid, Gid)>, data: &Path) {
+    if data.join("postmaster.pid").exists() {
+        let _ = run_tool(
+            bin,
+            run_as,
+            "pg_ctl",
+            [
+                OsStr::new("stop"),
+                OsStr::new("-m"),
+                OsStr::new("immediate"),
+                OsStr::new("-w"),
+                OsStr::new("-D"),
+                data.as_os_str(),
+            ],
+        );
     }
 }
 
@@ -338,22 +345,7 @@ fn reap_orphans(bin: &Path, run_as: Option<(Uid, Gid)>) {
         if owner.is_none() || alive {
             continue;
         }
-        let data = dir.join("data");
-        if data.join("postmaster.pid").exists() {
-            let _ = run_tool(
-                bin,
-                run_as,
-                "pg_ctl",
-                [
-                    OsStr::new("stop"),
-                    OsStr::new("-m"),
-                    OsStr::new("immediate"),
-                    OsStr::new("-w"),
-                    OsStr::new("-D"),
-                    data.as_os_str(),
-                ],
-            );
-        }
+        stop_server(bin, run_as, &dir.join("data"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
