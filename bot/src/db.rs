@@ -2,9 +2,9 @@
 //! keys, migrations): one code path, in the shared catalog module.
 
 use anyhow::Context;
-use sqlx::SqlitePool;
+use storinator_shared::catalog::Pool;
 
-pub async fn open(url: &str) -> anyhow::Result<SqlitePool> {
+pub async fn open(url: &str) -> anyhow::Result<Pool> {
     storinator_shared::catalog::open_pool(url)
         .await
         .with_context(|| format!("opening the database (DATABASE_URL {url})"))

@@ -31,7 +31,12 @@ struct Harness {
 }
 
 /// A real snapshot of `root/data` for `owner`, in the bot's database (directory storage).
-async fn backup_as(pool: &sqlx::SqlitePool, dir: &Path, root: &Path, owner: &str) -> String {
+async fn backup_as(
+    pool: &storinator_shared::catalog::Pool,
+    dir: &Path,
+    root: &Path,
+    owner: &str,
+) -> String {
     let catalog = Catalog::from_pool(pool.clone());
     let store = DirStorage::open(dir.join("store")).unwrap();
     if catalog.user_key(KEY_USER).await.unwrap().is_none() {

@@ -199,14 +199,17 @@ async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
     }
     let db = dir.path().join("catalog.db");
     let url = format!("sqlite://{}?mode=rwc", db.display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::any::install_default_drivers();
+    let pool = storinator_shared::catalog::Pool::connect(&url)
+        .await
+        .unwrap();
     sqlx::migrate::Migrator::new(old.as_path())
         .await
         .unwrap()
         .run(&pool)
         .await
         .unwrap();
-    let index = |pool: sqlx::SqlitePool| async move {
+    let index = |pool: storinator_shared::catalog::Pool| async move {
         sqlx::query_scalar::<_, i64>(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'entries_current'",
         )

@@ -7,6 +7,7 @@
 //! the engine lives here, so a second database backend has one place to change.
 
 pub mod browse;
+mod db;
 mod keys;
 mod lanes;
 mod packs;
@@ -15,6 +16,7 @@ mod runs;
 mod scrub;
 mod snapshots;
 
+pub use db::{Conn, DbRow, Dialect, Pool, Tx, begin_write, flag, open_pool};
 pub use keys::OwnerKeyRow;
 pub use lanes::{LaneHealth, LaneProbe, LaneState};
 pub use retention::{ForgetOutcome, PackUsage, RootUsage};
@@ -24,14 +26,10 @@ pub use scrub::{
 };
 pub use snapshots::{NewContent, NewEntry, PrevFile, SnapshotCommit};
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 
 use crate::error::Error;
 pub use crate::format::EntryKind;
@@ -60,63 +58,6 @@ pub(crate) fn db(context: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
         context: context.to_string(),
         source,
     }
-}
-
-/// An I/O error on the data directory or the catalog, naming the setting that chose them.
-fn data_dir_error(path: &Path, e: std::io::Error) -> Error {
-    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-        "\nhint: STORINATOR_DATA_DIR (or DATABASE_URL) must name a folder this user may write"
-    } else {
-        ""
-    };
-    Error::Invalid(format!("{}: {e}{hint}", path.display()))
-}
-
-/// Opens (creating if needed) the SQLite database at `url`, in WAL mode with a busy
-/// timeout and foreign keys on, and brings its schema up to date.
-pub async fn open_pool(url: &str) -> Result<SqlitePool, Error> {
-    let opts = SqliteConnectOptions::from_str(url)
-        .map_err(|e| Error::Invalid(format!("invalid DATABASE_URL {url:?}: {e}")))?;
-    let file = opts.get_filename().to_path_buf();
-    if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
-        // The catalog lists every backed-up path: its folder and file are the owner's alone.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(|e| data_dir_error(parent, e))?;
-    }
-    if file.as_os_str() != ":memory:" && !file.as_os_str().is_empty() {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&file)
-        {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(data_dir_error(&file, e)),
-        }
-    }
-    let opts = opts
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(30))
-        .foreign_keys(true);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(opts)
-        .await
-        .map_err(|source| Error::Db {
-            context: format!("opening {url}"),
-            source,
-        })?;
-    sqlx::migrate!("../migrations")
-        .run(&pool)
-        .await
-        .map_err(|e| Error::Invalid(format!("migrating the catalog at {url}: {e}")))?;
-    Ok(pool)
 }
 
 /// The packs whose chunks may be deduplicated against and referenced by a new snapshot, as a
@@ -211,20 +152,20 @@ pub struct ChunkLoc {
 /// The catalog.
 #[derive(Clone)]
 pub struct Catalog {
-    pool: SqlitePool,
+    pool: Pool,
 }
 
 pub(crate) const SNAPSHOT_COLUMNS: &str = "s.short_id, r.owner, r.path, s.seq, s.hostname, s.encrypted, s.started_at, \
      s.finished_at, s.files, s.dirs, s.bytes, s.bytes_read, s.new_chunks, s.bytes_stored, s.warnings";
 
-pub(crate) fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotInfo {
+pub(crate) fn snapshot_from_row(r: &DbRow) -> SnapshotInfo {
     SnapshotInfo {
         short_id: r.get(0),
         owner: r.get(1),
         root: r.get(2),
         seq: r.get(3),
         hostname: r.get(4),
-        encrypted: r.get(5),
+        encrypted: flag(r, 5),
         started_at: r.get(6),
         finished_at: r.get(7),
         files: r.get::<i64, _>(8) as u64,
@@ -240,7 +181,7 @@ pub(crate) fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotInfo {
 pub(crate) const ENTRY_COLUMNS: &str = "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target, \
      e.uid, e.gid, e.user_name, e.group_name";
 
-pub(crate) fn entry_from_row(r: &sqlx::sqlite::SqliteRow) -> EntryRow {
+pub(crate) fn entry_from_row(r: &DbRow) -> EntryRow {
     let sha: Option<Vec<u8>> = r.get(8);
     EntryRow {
         id: r.get(0),
@@ -274,11 +215,11 @@ impl Catalog {
         Catalog::open(&crate::config::sqlite_url(path)).await
     }
 
-    pub fn from_pool(pool: SqlitePool) -> Catalog {
+    pub fn from_pool(pool: Pool) -> Catalog {
         Catalog { pool }
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 }
@@ -339,7 +280,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("taken"), "{e}");
-        let denied = super::data_dir_error(
+        let denied = super::db::data_dir_error(
             &d.path().join("x"),
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         )

@@ -2,8 +2,9 @@
 
 use std::collections::HashMap;
 
+use crate::catalog::Conn;
 use futures_util::TryStreamExt;
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 
 use super::{Catalog, ChunkLoc, DAMAGED_CHUNK, PackRow, USABLE_PACK, db, now_ms};
 use crate::error::Error;
@@ -46,9 +47,7 @@ impl Catalog {
         entries: &[PackEntry],
     ) -> Result<(), Error> {
         const WHAT: &str = "storing a pack";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
         let done = sqlx::query(
@@ -82,9 +81,7 @@ impl Catalog {
         location: &str,
         entries: &[PackEntry],
     ) -> Result<(), Error> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db("storing a pack"))?;
         sqlx::query(
@@ -370,11 +367,7 @@ impl Catalog {
 /// keeps its first home; one in a pack known to be missing, or found damaged by a scrub, moves
 /// here, and so does a format-1 unencrypted one (no MAC, flags 0) when this copy is
 /// authenticated. Damaged chunks that now live here are healed.
-async fn index_blobs(
-    tx: &mut SqliteConnection,
-    pack_id: &str,
-    entries: &[PackEntry],
-) -> Result<(), Error> {
+async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Result<(), Error> {
     // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
     let sql = format!(
         "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
@@ -412,12 +405,12 @@ async fn index_blobs(
 }
 
 /// The columns `id, state, size, encrypted, location` of a `packs` row.
-pub(super) fn pack_from_row(r: &sqlx::sqlite::SqliteRow) -> PackRow {
+pub(super) fn pack_from_row(r: &crate::catalog::DbRow) -> PackRow {
     PackRow {
         id: r.get(0),
         state: r.get(1),
         size: r.get::<i64, _>(2) as u64,
-        encrypted: r.get(3),
+        encrypted: super::flag(r, 3),
         location: r.get(4),
     }
 }

@@ -7,7 +7,8 @@
 //! inside the write transaction that records the decision, so a snapshot committed a moment
 //! earlier is always seen.
 
-use sqlx::{Row, SqliteConnection};
+use crate::catalog::Conn;
+use sqlx::Row;
 
 use super::{Catalog, PackRow, db, now_ms};
 use crate::error::Error;
@@ -48,7 +49,7 @@ pub struct PackUsage {
 
 /// Records the listing chunks of a snapshot just inserted (inside its commit).
 pub(super) async fn record_listing(
-    tx: &mut SqliteConnection,
+    tx: &mut Conn,
     root_id: i64,
     seq: i64,
     listing: &[ChunkId],
@@ -62,11 +63,7 @@ pub(super) async fn record_listing(
     insert_listing(tx, id, listing).await
 }
 
-async fn insert_listing(
-    tx: &mut SqliteConnection,
-    snapshot_id: i64,
-    listing: &[ChunkId],
-) -> Result<(), Error> {
+async fn insert_listing(tx: &mut Conn, snapshot_id: i64, listing: &[ChunkId]) -> Result<(), Error> {
     const WHAT: &str = "recording a snapshot's listing";
     for (i, c) in listing.iter().enumerate() {
         sqlx::query(
@@ -99,9 +96,7 @@ impl Catalog {
         short_ids: &[String],
     ) -> Result<ForgetOutcome, Error> {
         const WHAT: &str = "forgetting snapshots";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
         let root_id: i64 = sqlx::query_scalar("SELECT id FROM roots WHERE owner = ? AND path = ?")
@@ -197,7 +192,7 @@ impl Catalog {
             .map(|r| PackUsage {
                 id: r.get(0),
                 size: r.get::<i64, _>(1) as u64,
-                encrypted: r.get(2),
+                encrypted: super::flag(r, 2),
                 location: r.get(3),
                 created_at: r.get(4),
                 chunks: r.get::<i64, _>(5) as u64,
@@ -231,9 +226,7 @@ impl Catalog {
         moves: &[(String, crate::format::pack::PackEntry)],
     ) -> Result<(), Error> {
         const WHAT: &str = "repointing repacked chunks";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
         for (old, e) in moves {
@@ -260,9 +253,7 @@ impl Catalog {
     /// commit guard refuses any snapshot after it that would). Returns the condemned ones.
     pub async fn condemn_unused_packs(&self, packs: &[String]) -> Result<Vec<String>, Error> {
         const WHAT: &str = "condemning unused packs";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
         let check =
@@ -316,9 +307,7 @@ impl Catalog {
     /// leaving a dangling reference.
     pub async fn drop_condemned_pack(&self, id: &str) -> Result<(), Error> {
         const WHAT: &str = "dropping a deleted pack";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
         for sql in [

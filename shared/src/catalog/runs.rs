@@ -4,7 +4,8 @@
 //! its unfinished packs name it. Deciding whether a run is still alive needs the file system
 //! (its flock), so that lives in the engine (`engine::run`); the catalog only stores and fences.
 
-use sqlx::{Row, SqliteConnection};
+use crate::catalog::Conn;
+use sqlx::Row;
 
 use super::{Catalog, db};
 use crate::error::Error;
@@ -25,7 +26,7 @@ pub struct RunRow {
 
 const RUN_COLUMNS: &str = "r.id, r.host, r.pid, r.lock_path, r.started_at, r.lease_until";
 
-fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
+fn run_from_row(r: &crate::catalog::DbRow) -> RunRow {
     RunRow {
         id: r.get(0),
         host: r.get(1),
@@ -96,9 +97,7 @@ impl Catalog {
         now: i64,
     ) -> Result<Option<RunRow>, Error> {
         const WHAT: &str = "locking a backup root";
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
         sqlx::query(
@@ -166,7 +165,7 @@ impl Catalog {
 /// Fails unless `run_id` holds the lock of the root (inside a write transaction, so the answer
 /// holds until it commits).
 pub(super) async fn check_root_lock(
-    tx: &mut SqliteConnection,
+    tx: &mut Conn,
     owner: &str,
     root: &str,
     run_id: &str,

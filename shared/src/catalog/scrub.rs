@@ -33,7 +33,7 @@ pub struct BlobRow {
 }
 
 /// The columns `id, offset, length, raw_length, kind, flags` of a `chunks` row.
-pub(super) fn blob_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<BlobRow, Error> {
+pub(super) fn blob_from_row(r: &crate::catalog::DbRow) -> Result<BlobRow, Error> {
     Ok(BlobRow {
         id: ChunkId::from_slice(&r.get::<Vec<u8>, _>(0))?,
         offset: r.get::<i64, _>(1) as u64,
@@ -437,7 +437,7 @@ impl Catalog {
         .map_err(db("recording a scrub"))
     }
 
-    fn scrub_run(r: &sqlx::sqlite::SqliteRow) -> Result<ScrubRun, Error> {
+    fn scrub_run(r: &crate::catalog::DbRow) -> Result<ScrubRun, Error> {
         let id: i64 = r.get(0);
         let json: String = r.get(1);
         let report = serde_json::from_str(&json).map_err(|e| {

@@ -3,8 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::catalog::Conn;
 use futures_util::TryStreamExt;
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 
 use super::{
     Catalog, DAMAGED_CHUNK, ENTRY_COLUMNS, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo,
@@ -304,9 +305,7 @@ impl Catalog {
         blob_id: &ChunkId,
         listing: &[ChunkId],
     ) -> Result<SnapshotCommit, Error> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(COMMIT))?;
         super::runs::check_root_lock(&mut tx, &info.owner, &info.root, run_id).await?;
@@ -340,7 +339,7 @@ impl Catalog {
 /// the ranges cover every path exactly once and a previous row in none of the batches (the
 /// file is gone) is closed too. Dropped unfinished, it rolls back and nothing is recorded.
 pub struct SnapshotCommit {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: crate::catalog::Tx,
     root_id: i64,
     seq: i64,
     encrypted: bool,
@@ -444,7 +443,7 @@ struct Unusable {
 }
 
 impl Unusable {
-    async fn load(tx: &mut SqliteConnection) -> Result<Unusable, Error> {
+    async fn load(tx: &mut Conn) -> Result<Unusable, Error> {
         let sql = format!(
             "SELECT id FROM chunks WHERE pack_id IN (SELECT p.id FROM packs p WHERE NOT ({USABLE_PACK})) \
              UNION SELECT c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
@@ -476,7 +475,7 @@ impl Unusable {
 /// The current entries of a root, by path, as seen on `conn` (inside a commit's transaction:
 /// what it is about to change). Read row by row: only the map is held.
 async fn current_entries(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     root_id: i64,
     what: &str,
 ) -> Result<HashMap<String, EntryRow>, Error> {
@@ -498,7 +497,7 @@ async fn current_entries(
 /// The current entries of a root with a path after `after` (all if `None`) up to and
 /// including `upto` (no end if `None`), by path.
 async fn current_entries_in(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     root_id: i64,
     after: Option<&str>,
     upto: Option<&str>,
@@ -548,11 +547,7 @@ fn gone_or_db(e: sqlx::Error) -> Error {
 }
 
 /// The root's id (creating the root) and the sequence number its next snapshot gets.
-async fn root_and_next_seq(
-    tx: &mut SqliteConnection,
-    owner: &str,
-    root: &str,
-) -> Result<(i64, i64), Error> {
+async fn root_and_next_seq(tx: &mut Conn, owner: &str, root: &str) -> Result<(i64, i64), Error> {
     sqlx::query(
         "INSERT INTO roots (owner, path) VALUES (?, ?) ON CONFLICT (owner, path) DO NOTHING",
     )
@@ -580,7 +575,7 @@ async fn root_and_next_seq(
 /// with identical files, which keep the first chunk list recorded, unless that list uses
 /// unusable chunks: then the freshly stored list replaces it).
 async fn content_id(
-    tx: &mut SqliteConnection,
+    tx: &mut Conn,
     content: &NewContent,
     (encrypted, key_id): (bool, &str),
     unusable: &mut Unusable,
@@ -668,7 +663,7 @@ async fn content_id(
 
 /// A new entry row, valid from snapshot `seq` on.
 async fn insert_entry(
-    tx: &mut SqliteConnection,
+    tx: &mut Conn,
     root_id: i64,
     seq: i64,
     item: &NewEntry,
@@ -699,7 +694,7 @@ async fn insert_entry(
 }
 
 async fn insert_snapshot(
-    tx: &mut SqliteConnection,
+    tx: &mut Conn,
     root_id: i64,
     seq: i64,
     info: &SnapshotInfo,
@@ -770,7 +765,7 @@ pub struct NewEntry {
 /// Ends a current entry row's validity at snapshot `seq` (it changed or disappeared there).
 /// Only a current row is closed: a row someone else closed means the catalog changed under
 /// this commit.
-async fn close_entry(tx: &mut SqliteConnection, id: i64, seq: i64) -> Result<(), Error> {
+async fn close_entry(tx: &mut Conn, id: i64, seq: i64) -> Result<(), Error> {
     let done = sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ? AND to_seq IS NULL")
         .bind(seq)
         .bind(id)

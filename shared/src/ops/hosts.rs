@@ -109,7 +109,7 @@ impl Jobs {
         let now = self.now_ms();
         // Read-then-write: take the write lock first (a deferred transaction could fail to
         // upgrade its read lock under a concurrent writer).
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = crate::catalog::begin_write(self.pool()).await?;
         sqlx::query(
             "INSERT INTO hosts (name, registered_at, last_seen) VALUES (?, ?, ?)
              ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen",
@@ -167,7 +167,7 @@ impl Jobs {
     /// would wait for it forever: cancel them first). A worker of that host still running
     /// registers it again at its next heartbeat. Returns whether the host existed.
     pub async fn forget_host(&self, name: &str) -> std::result::Result<bool, ForgetHostError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = crate::catalog::begin_write(self.pool()).await?;
         let pending: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM jobs WHERE host = ? AND state IN ('queued', 'running') ORDER BY id",
         )

@@ -19,9 +19,10 @@
 
 use std::sync::Arc;
 
+use crate::catalog::DbRow;
+use crate::catalog::Pool;
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::progress::{Phase, ProgressReport, Throttle};
@@ -351,7 +352,7 @@ pub struct Job {
 }
 
 impl Job {
-    fn from_row(row: &SqliteRow) -> Result<Job> {
+    fn from_row(row: &DbRow) -> Result<Job> {
         let id: JobId = row.try_get("id")?;
         let corrupt = |field: &'static str, message: String| JobError::Corrupt {
             job_id: id,
@@ -511,7 +512,7 @@ impl JobPolicy {
 /// The job table over a SQLite pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Jobs {
-    pool: SqlitePool,
+    pool: Pool,
     clock: SharedClock,
     policy: JobPolicy,
 }
@@ -519,7 +520,7 @@ pub struct Jobs {
 const FENCE: &str = "id = ? AND lease_owner = ? AND attempt = ? AND state = 'running'";
 
 impl Jobs {
-    pub fn new(pool: SqlitePool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Jobs {
             pool,
             clock: Arc::new(SystemClock),
@@ -541,7 +542,7 @@ impl Jobs {
         &self.policy
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -585,7 +586,7 @@ impl Jobs {
     /// is born `final_notified`.
     pub(crate) async fn insert<'c, E>(&self, conn: E, new: &NewJob<'_>) -> Result<Job>
     where
-        E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+        E: sqlx::Executor<'c, Database = sqlx::Any>,
     {
         let now = self.now_ms();
         let json = serde_json::to_string(new.args).expect("job args serialise");
@@ -786,7 +787,7 @@ impl Jobs {
     ) -> Result<AnswerOutcome> {
         let now = self.now_ms();
         // IMMEDIATE: read then write (see `answer_prompt` for why a deferred one fails).
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = crate::catalog::begin_write(&self.pool).await?;
         let row =
             sqlx::query("SELECT *, answer AS prior_answer FROM jobs WHERE id = ? AND user_id = ?")
                 .bind(id)
@@ -1046,9 +1047,8 @@ impl Jobs {
         lease: &Lease,
         sql: String,
         bind: impl FnOnce(
-            sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
-        )
-            -> sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+            sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>,
+        ) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>,
     ) -> Result<()> {
         let now = self.now_ms();
         let q = bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
@@ -1135,27 +1135,13 @@ impl Jobs {
 mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock};
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-    use std::str::FromStr;
-    use std::time::Duration;
 
     const T0: i64 = 1_700_000_000_000;
 
-    async fn pool(dir: &tempfile::TempDir) -> SqlitePool {
-        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
-        let opts = SqliteConnectOptions::from_str(&url)
-            .unwrap()
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
+    async fn pool(dir: &tempfile::TempDir) -> Pool {
+        crate::catalog::open_pool(&crate::config::sqlite_url(&dir.path().join("jobs.db")))
             .await
-            .unwrap();
-        sqlx::migrate!("../migrations").run(&pool).await.unwrap();
-        pool
+            .unwrap()
     }
 
     async fn setup() -> (tempfile::TempDir, Jobs, ManualClock) {

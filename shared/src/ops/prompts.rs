@@ -3,8 +3,8 @@
 //! the answer is checked against the asker and acted on once, whatever the taps, bot
 //! processes or restarts.
 
+use crate::catalog::DbRow;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
 use super::jobs::{Job, JobArgs, JobError, Jobs, NewJob, Result};
 
@@ -141,7 +141,7 @@ impl Jobs {
         id: i64,
         user_id: i64,
         confirm: bool,
-        args: impl FnOnce(&SqliteRow) -> Result<JobArgs>,
+        args: impl FnOnce(&DbRow) -> Result<JobArgs>,
     ) -> Result<PromptOutcome> {
         let table = kind.table();
         let now = self.now_ms();
@@ -149,7 +149,7 @@ impl Jobs {
         // goes stale as soon as another connection commits (the daemon writes job progress
         // all the time), and SQLite refuses the upgrade to a write with SQLITE_BUSY at once,
         // without waiting: the tap would go unanswered.
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = crate::catalog::begin_write(self.pool()).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT * FROM {table} WHERE id = ? AND user_id = ?"
         )))

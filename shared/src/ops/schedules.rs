@@ -17,12 +17,13 @@
 
 use std::sync::Arc;
 
+use crate::catalog::DbRow;
+use crate::catalog::Pool;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 
 use crate::clock::SharedClock;
 use crate::ops::jobs::{Job, JobArgs, JobError, Jobs, NewJob};
@@ -512,7 +513,7 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<Schedule> {
+    pub(crate) fn from_row(row: &DbRow) -> Result<Schedule> {
         let id: i64 = row.try_get("id")?;
         let kind = match row.try_get::<String, _>("kind")?.as_str() {
             "backup" => ScheduleKind::Backup,
@@ -639,7 +640,7 @@ impl Schedules {
         Schedules { jobs, tz }
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &Pool {
         self.jobs.pool()
     }
 

@@ -1,0 +1,190 @@
+//! The database behind the catalog and the job table: SQLite by default (one file beside the
+//! data), or PostgreSQL when `DATABASE_URL` is `postgres://…` (several hosts behind one bot).
+//!
+//! Both go through sqlx's `Any` driver, so every query is written once and runs on both. The
+//! SQL they share is the common ground of the two dialects: `$N` placeholders (SQLite binds
+//! `$1` by number too), `ON CONFLICT … DO NOTHING/UPDATE`, `RETURNING`, `CASE` instead of
+//! SQLite's two-argument `max`/`min`, integers as BIGINT, blobs as BYTEA, text in byte order
+//! (`COLLATE "C"` in the PostgreSQL schema, SQLite's default BINARY here). Booleans are
+//! stored as 0/1 integers in both, so they are bound and read as `i64`.
+//!
+//! The few places where the dialects cannot meet ask [`Dialect`].
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Executor, Row};
+
+use crate::error::Error;
+
+/// A pool of connections to the catalog's database, whichever it is.
+pub type Pool = sqlx::AnyPool;
+/// One connection (or a transaction's), for helpers that run inside a caller's transaction.
+pub type Conn = sqlx::AnyConnection;
+/// A row as read from either database.
+pub type DbRow = sqlx::any::AnyRow;
+/// A transaction on the pool.
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Which database a pool talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The dialect of a `DATABASE_URL`, or an error naming it.
+    pub fn of_url(url: &str) -> Result<Dialect, Error> {
+        if url.starts_with("sqlite:") {
+            Ok(Dialect::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Dialect::Postgres)
+        } else {
+            Err(Error::Invalid(format!(
+                "invalid DATABASE_URL {url:?}: neither sqlite: nor postgres://\nhint: sqlite://path/to/storinator.db, or postgres://user@host/database"
+            )))
+        }
+    }
+
+    /// The dialect of an open pool.
+    pub fn of(pool: &Pool) -> Dialect {
+        match pool.connect_options().database_url.scheme() {
+            "sqlite" => Dialect::Sqlite,
+            _ => Dialect::Postgres,
+        }
+    }
+}
+
+/// Opens the database at `url` (creating a SQLite file if needed: its folder and file private
+/// to this user, WAL mode, a busy timeout, foreign keys on) and brings its schema up to date.
+pub async fn open_pool(url: &str) -> Result<Pool, Error> {
+    sqlx::any::install_default_drivers();
+    let dialect = Dialect::of_url(url)?;
+    let url = match dialect {
+        Dialect::Sqlite => sqlite_prepare(url)?,
+        Dialect::Postgres => url.to_string(),
+    };
+    let pool = AnyPoolOptions::new()
+        .max_connections(match dialect {
+            // SQLite has one writer at a time: more connections only wait on its lock.
+            Dialect::Sqlite => 4,
+            Dialect::Postgres => 8,
+        })
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if dialect == Dialect::Sqlite {
+                    // Per connection: WAL lets readers run beside the one writer; NORMAL
+                    // syncs at checkpoints (a crash may lose the last commits, never corrupt);
+                    // a writer waits up to 30 s for the lock instead of failing at once.
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .map_err(|source| Error::Db {
+            context: format!("opening {}", redact(&url)),
+            source,
+        })?;
+    let migrated = match dialect {
+        Dialect::Sqlite => sqlx::migrate!("../migrations").run(&pool).await,
+        Dialect::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await,
+    };
+    migrated
+        .map_err(|e| Error::Invalid(format!("migrating the catalog at {}: {e}", redact(&url))))?;
+    Ok(pool)
+}
+
+/// Begins a transaction that will write after it reads: it holds the database's write lock
+/// from its first statement, so what it read is still true when it writes.
+///
+/// SQLite: `BEGIN IMMEDIATE` (a deferred transaction whose snapshot went stale is refused the
+/// upgrade to a write at once, without waiting). PostgreSQL: a transaction-scoped advisory
+/// lock taken first, which serialises these transactions the same way (each later statement
+/// of a READ COMMITTED transaction sees everything committed before it).
+pub async fn begin_write(pool: &Pool) -> Result<Tx, sqlx::Error> {
+    match Dialect::of(pool) {
+        Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+        Dialect::Postgres => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(WRITE_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            Ok(tx)
+        }
+    }
+}
+
+/// The advisory lock key of [`begin_write`] ("stor" in ASCII): any constant works, as long as
+/// every writer uses the same one.
+const WRITE_LOCK: i64 = 0x7374_6f72;
+
+/// Reads a column holding a 0/1 flag.
+pub fn flag(row: &DbRow, column: usize) -> bool {
+    row.get::<i64, _>(column) != 0
+}
+
+/// Hides a password in a URL meant for an error message.
+fn redact(url: &str) -> String {
+    match sqlx::any::AnyConnectOptions::from_str(url) {
+        Ok(opts) if opts.database_url.password().is_some() => {
+            let mut u = opts.database_url;
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Makes the SQLite file's folder (0700) and the file (0600) before sqlx opens it, and returns
+/// the URL sqlx should open (created if missing).
+fn sqlite_prepare(url: &str) -> Result<String, Error> {
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .map_err(|e| Error::Invalid(format!("invalid DATABASE_URL {url:?}: {e}")))?;
+    let file = opts.get_filename().to_path_buf();
+    let in_memory = file.as_os_str() == ":memory:" || file.as_os_str().is_empty();
+    if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // The catalog lists every backed-up path: its folder and file are the owner's alone.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| data_dir_error(parent, e))?;
+    }
+    if !in_memory {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(data_dir_error(&file, e)),
+        }
+    }
+    if url.contains('?') || in_memory {
+        Ok(url.to_string())
+    } else {
+        Ok(format!("{url}?mode=rwc"))
+    }
+}
+
+/// An I/O error on the data directory or the catalog, naming the setting that chose them.
+pub(super) fn data_dir_error(path: &Path, e: std::io::Error) -> Error {
+    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        "\nhint: STORINATOR_DATA_DIR (or DATABASE_URL) must name a folder this user may write"
+    } else {
+        ""
+    };
+    Error::Invalid(format!("{}: {e}{hint}", path.display()))
+}
