@@ -264,7 +264,9 @@ async fn a_flipped_byte_fails_the_restore_naming_the_file_and_writes_nothing_cor
 #[tokio::test]
 async fn wrong_passphrase_is_a_clear_error() {
     let f = Fixture::new().await;
-    let catalog = Catalog::open_file(&f.path("catalog.db")).await.unwrap();
+    let catalog = Catalog::open(&storinator_testkit::db::url_for(&f.path("catalog.db")))
+        .await
+        .unwrap();
     let err = Repo::open(catalog, f.storage.clone(), "not the passphrase", settings())
         .await
         .err()
@@ -272,7 +274,9 @@ async fn wrong_passphrase_is_a_clear_error() {
     assert!(matches!(err, Error::WrongPassphrase), "{err}");
     assert_eq!(err.to_string(), "wrong passphrase");
     // No key at all is a different, equally clear error.
-    let empty = Catalog::open_file(&f.path("other.db")).await.unwrap();
+    let empty = Catalog::open(&storinator_testkit::db::url_for(&f.path("other.db")))
+        .await
+        .unwrap();
     let err = Repo::open(empty, f.storage.clone(), PASS, settings())
         .await
         .err()
@@ -644,7 +648,9 @@ async fn recover_rebuilds_the_catalog_from_storage_alone() {
         .unwrap();
 
     // A new machine: empty catalog, same storage, the passphrase.
-    let fresh = Catalog::open_file(&f.path("new-machine.db")).await.unwrap();
+    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("new-machine.db")))
+        .await
+        .unwrap();
     let wrong = storinator_shared::recover(
         fresh.clone(),
         f.storage.clone(),
@@ -994,7 +1000,9 @@ async fn passphrase_change_rewraps_without_touching_data() {
     .await
     .unwrap();
     assert_eq!(f.storage.put_count(), packs_before, "no pack is rewritten");
-    let catalog = Catalog::open_file(&f.path("catalog.db")).await.unwrap();
+    let catalog = Catalog::open(&storinator_testkit::db::url_for(&f.path("catalog.db")))
+        .await
+        .unwrap();
     assert!(
         Repo::open(catalog.clone(), f.storage.clone(), PASS, settings())
             .await
@@ -1011,7 +1019,9 @@ async fn passphrase_change_rewraps_without_touching_data() {
     .await
     .unwrap();
     // Recovery on a new machine uses the new passphrase too, and only the new one.
-    let fresh = Catalog::open_file(&f.path("fresh.db")).await.unwrap();
+    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("fresh.db")))
+        .await
+        .unwrap();
     let old = storinator_shared::recover(
         fresh.clone(),
         f.storage.clone(),
@@ -1198,7 +1208,9 @@ async fn recover_twice_changes_nothing_the_second_time() {
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    let fresh = Catalog::open_file(&f.path("new-machine.db")).await.unwrap();
+    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("new-machine.db")))
+        .await
+        .unwrap();
     let (repo, first) = storinator_shared::recover(
         fresh.clone(),
         f.storage.clone(),

@@ -32,7 +32,9 @@ impl World {
     }
 
     async fn open(dir: &tempfile::TempDir, clock: &ManualClock) -> Jobs {
-        let catalog = Catalog::open_file(&dir.path().join("st.db")).await.unwrap();
+        let catalog = Catalog::open(&storinator_testkit::db::url_for(&dir.path().join("st.db")))
+            .await
+            .unwrap();
         Jobs::new(catalog.pool().clone())
             .with_clock(Arc::new(clock.clone()))
             .with_policy(JobPolicy {

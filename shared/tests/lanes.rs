@@ -32,9 +32,11 @@ async fn two_lanes() -> Two {
     )
     .unwrap();
     let storage: Arc<dyn Storage> = Arc::new(lanes);
-    let catalog = Catalog::open_file(&dir.path().join("catalog.db"))
-        .await
-        .unwrap();
+    let catalog = Catalog::open(&storinator_testkit::db::url_for(
+        &dir.path().join("catalog.db"),
+    ))
+    .await
+    .unwrap();
     Repo::init(
         &catalog,
         storage.as_ref(),

@@ -276,7 +276,9 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
     assert_eq!(again.deleted_objects, 0, "{again:?}");
 
     // Recover from storage alone: the forgotten snapshots stay forgotten.
-    let fresh = Catalog::open_file(&f.path("fresh.db")).await.unwrap();
+    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("fresh.db")))
+        .await
+        .unwrap();
     let (repo, report) =
         storinator_shared::recover(fresh, f.storage.clone(), PASS, settings(), &NoProgress)
             .await
@@ -311,7 +313,9 @@ async fn recover_after_forget_alone_honours_the_tombstone_and_ignores_a_forged_o
         .await
         .unwrap();
     // No prune: s1's snapshot object is still in storage.
-    let fresh = Catalog::open_file(&f.path("fresh.db")).await.unwrap();
+    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("fresh.db")))
+        .await
+        .unwrap();
     let (repo, report) =
         storinator_shared::recover(fresh, f.storage.clone(), PASS, settings(), &NoProgress)
             .await
@@ -469,7 +473,9 @@ async fn repack_rewrites_sparse_packs_within_the_budget() {
     assert_consistent(&f).await;
     assert_all_restore(&f, &src, &trees).await;
     // And recover reads the new packs.
-    let fresh = Catalog::open_file(&f.path("fresh.db")).await.unwrap();
+    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("fresh.db")))
+        .await
+        .unwrap();
     let (repo, report) =
         storinator_shared::recover(fresh, f.storage.clone(), PASS, settings(), &NoProgress)
             .await

@@ -43,7 +43,9 @@ struct World {
 impl World {
     async fn new(start: i64) -> World {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open_file(&dir.path().join("st.db")).await.unwrap();
+        let catalog = Catalog::open(&storinator_testkit::db::url_for(&dir.path().join("st.db")))
+            .await
+            .unwrap();
         let clock = ManualClock::new(start);
         let jobs = Jobs::new(catalog.pool().clone()).with_clock(Arc::new(clock.clone()));
         let schedules = Schedules::new(jobs.clone(), berlin());
@@ -61,9 +63,11 @@ impl World {
 
     /// A second scheduler on its own connection pool, as another daemon process would have.
     async fn other_scheduler(&self) -> Schedules {
-        let catalog = Catalog::open_file(&self.dir.path().join("st.db"))
-            .await
-            .unwrap();
+        let catalog = Catalog::open(&storinator_testkit::db::url_for(
+            &self.dir.path().join("st.db"),
+        ))
+        .await
+        .unwrap();
         let jobs = Jobs::new(catalog.pool().clone()).with_clock(Arc::new(self.clock.clone()));
         Schedules::new(jobs, berlin())
     }

@@ -167,7 +167,9 @@ async fn a_forged_pack_in_storage_is_skipped_by_recover_and_never_becomes_a_snap
         .unwrap();
 
     // The server burns; recover on a new machine.
-    let catalog = Catalog::open_file(&f.path("new-catalog.db")).await.unwrap();
+    let catalog = Catalog::open(&storinator_testkit::db::url_for(&f.path("new-catalog.db")))
+        .await
+        .unwrap();
     let (repo, report) = recover(catalog, f.storage.clone(), PASS, settings(), &NoProgress)
         .await
         .unwrap();
@@ -250,7 +252,9 @@ async fn planted_key_objects_are_skipped_with_a_problem_and_never_stop_recover()
     for (name, bytes) in &planted {
         f.storage.put_bytes(name, bytes.clone()).await.unwrap();
     }
-    let catalog = Catalog::open_file(&f.path("new.db")).await.unwrap();
+    let catalog = Catalog::open(&storinator_testkit::db::url_for(&f.path("new.db")))
+        .await
+        .unwrap();
     let started = Instant::now();
     let (_, report) = recover(catalog, f.storage.clone(), PASS, settings(), &NoProgress)
         .await

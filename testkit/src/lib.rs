@@ -4,6 +4,7 @@
 //! benchmarks measure (`trees`).
 
 pub mod botapi;
+pub mod db;
 pub mod fixtures;
 pub mod fuzz;
 pub mod mtproto;

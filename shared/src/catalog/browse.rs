@@ -49,7 +49,7 @@ impl Catalog {
         // characters, so the start of the child's name is counted in characters too.
         let end = format!("{dir}0");
         let name_at = dir.chars().count() as i64 + 2;
-        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        let total: i64 = sqlx::query_scalar(crate::catalog::sql(format!(
             "SELECT COUNT(*) FROM entries e WHERE {CHILDREN}"
         )))
         .bind(root_id)
@@ -60,7 +60,7 @@ impl Catalog {
         .fetch_one(self.pool())
         .await
         .map_err(db("counting a folder's entries"))?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query(crate::catalog::sql(format!(
             "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
              WHERE {CHILDREN} ORDER BY e.kind <> 'dir', e.path LIMIT ?6 OFFSET ?7"
         )))
@@ -87,7 +87,7 @@ impl Catalog {
         seq: i64,
         id: i64,
     ) -> Result<Option<EntryRow>, Error> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let row = sqlx::query(crate::catalog::sql(format!(
             "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
              WHERE e.id = ?3 AND e.root_id = ?1 AND e.from_seq <= ?2 \
              AND (e.to_seq IS NULL OR e.to_seq > ?2)"
@@ -108,7 +108,7 @@ impl Catalog {
         seq: i64,
         path: &str,
     ) -> Result<Option<EntryRow>, Error> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let row = sqlx::query(crate::catalog::sql(format!(
             "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
              WHERE e.root_id = ?1 AND e.path = ?3 AND e.from_seq <= ?2 \
              AND (e.to_seq IS NULL OR e.to_seq > ?2)"
@@ -125,7 +125,7 @@ impl Catalog {
     /// Every version of the entry at `path` in a root, newest first. Versions whose
     /// snapshots are all gone are left out.
     pub async fn versions(&self, root_id: i64, path: &str) -> Result<Vec<Version>, Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query(crate::catalog::sql(format!(
             "SELECT {ENTRY_COLUMNS}, e.from_seq, e.to_seq FROM entries e \
              LEFT JOIN contents c ON c.id = e.content_id \
              WHERE e.root_id = ? AND e.path = ? ORDER BY e.from_seq DESC"
@@ -139,7 +139,7 @@ impl Catalog {
         for r in &rows {
             let from: i64 = r.get("from_seq");
             let to: Option<i64> = r.get("to_seq");
-            let snaps = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let snaps = sqlx::query(crate::catalog::sql(format!(
                 "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN roots r ON r.id = s.root_id \
                  WHERE s.root_id = ?1 AND s.seq >= ?2 AND (?3 IS NULL OR s.seq < ?3) \
                  ORDER BY s.seq"

@@ -188,3 +188,70 @@ pub(super) fn data_dir_error(path: &Path, e: std::io::Error) -> Error {
     };
     Error::Invalid(format!("{}: {e}{hint}", path.display()))
 }
+
+/// A query built at run time, its placeholders in the form both databases read: every `?N`
+/// becomes `$N`, and a bare `?` the next number after the largest so far (SQLite's own rule,
+/// so the text means what it meant to SQLite). Quoted text is left alone.
+pub fn sql(text: impl Into<String>) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(numbered(&text.into()))
+}
+
+fn numbered(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut chars = text.chars().peekable();
+    let mut largest = 0u32;
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        if let Some(q) = quote {
+            out.push(c);
+            if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            '?' | '$' => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    digits.push(*d);
+                    chars.next();
+                }
+                let n = match digits.parse::<u32>() {
+                    Ok(n) => n,
+                    Err(_) if c == '?' => largest + 1,
+                    Err(_) => {
+                        out.push(c);
+                        continue;
+                    }
+                };
+                largest = largest.max(n);
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered;
+
+    #[test]
+    fn placeholders_are_numbered_the_way_sqlite_numbers_them() {
+        assert_eq!(numbered("a = ? AND b = ?"), "a = $1 AND b = $2");
+        assert_eq!(
+            numbered("a = ?2 AND b = ? AND c = ?1"),
+            "a = $2 AND b = $3 AND c = $1"
+        );
+        assert_eq!(numbered("x = $1 OR y = ?"), "x = $1 OR y = $2");
+        assert_eq!(numbered("p LIKE '?%' AND q = ?"), "p LIKE '?%' AND q = $1");
+        assert_eq!(numbered("\"a?\" = ?"), "\"a?\" = $1");
+        assert_eq!(numbered("no placeholders"), "no placeholders");
+    }
+}

@@ -9,7 +9,7 @@ use crate::format::crypto::{KdfParams, WrappedKey};
 impl Catalog {
     pub async fn user_key(&self, name: &str) -> Result<Option<WrappedKey>, Error> {
         let row = sqlx::query(
-            "SELECT key_id, kdf_salt, kdf_m_kib, kdf_t_cost, kdf_p_cost, wrapped_key FROM users WHERE name = ?",
+            "SELECT key_id, kdf_salt, kdf_m_kib, kdf_t_cost, kdf_p_cost, wrapped_key FROM users WHERE name = $1",
         )
         .bind(name)
         .fetch_optional(&self.pool)
@@ -31,7 +31,7 @@ impl Catalog {
     pub async fn put_user_key(&self, name: &str, key: &WrappedKey) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO users (name, key_id, kdf_salt, kdf_m_kib, kdf_t_cost, kdf_p_cost, wrapped_key, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, kdf_salt = excluded.kdf_salt, \
              kdf_m_kib = excluded.kdf_m_kib, kdf_t_cost = excluded.kdf_t_cost, kdf_p_cost = excluded.kdf_p_cost, \
              wrapped_key = excluded.wrapped_key",
@@ -65,7 +65,7 @@ impl Catalog {
     pub async fn owner_keys(&self, owner: Option<&str>) -> Result<Vec<OwnerKeyRow>, Error> {
         let rows = match owner {
             Some(o) => sqlx::query(
-                "SELECT key_id, owner, sealed FROM owner_keys WHERE owner = ? ORDER BY id",
+                "SELECT key_id, owner, sealed FROM owner_keys WHERE owner = $1 ORDER BY id",
             )
             .bind(o),
             None => sqlx::query("SELECT key_id, owner, sealed FROM owner_keys ORDER BY id"),
@@ -86,7 +86,7 @@ impl Catalog {
     /// Records an owner key (already stored in storage); a key recorded before is kept.
     pub async fn add_owner_key(&self, key: &OwnerKeyRow) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO owner_keys (key_id, owner, sealed, created_at) VALUES (?, ?, ?, ?) \
+            "INSERT INTO owner_keys (key_id, owner, sealed, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (key_id) DO NOTHING",
         )
         .bind(&key.key_id)

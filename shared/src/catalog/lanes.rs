@@ -75,7 +75,7 @@ impl Catalog {
     pub async fn record_lane_probe(&self, p: &LaneProbe, now: i64) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO lane_health (lane, state, detail, since, checked_at, copies, missing) \
-             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6) \
+             VALUES ($1, $2, $3, $4, $4, $5, $6) \
              ON CONFLICT (lane) DO UPDATE SET \
                 since = CASE WHEN lane_health.state = excluded.state THEN lane_health.since ELSE excluded.since END, \
                 state = excluded.state, detail = excluded.detail, checked_at = excluded.checked_at, \
@@ -124,7 +124,7 @@ impl Catalog {
 
     /// Records what chat users were told about a lane.
     pub async fn lane_told(&self, lane: &str, state: LaneState, missing: u64) -> Result<(), Error> {
-        sqlx::query("UPDATE lane_health SET told_state = ?, told_missing = ? WHERE lane = ?")
+        sqlx::query("UPDATE lane_health SET told_state = $1, told_missing = $2 WHERE lane = $3")
             .bind(state.as_str())
             .bind(missing as i64)
             .bind(lane)

@@ -22,7 +22,7 @@ impl Catalog {
         run_id: &str,
     ) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO packs (id, state, size, encrypted, created_at, run_id) VALUES (?, 'uploading', ?, ?, ?, ?)",
+            "INSERT INTO packs (id, state, size, encrypted, created_at, run_id) VALUES ($1, 'uploading', $2, $3, $4, $5)",
         )
         .bind(id)
         .bind(size as i64)
@@ -51,8 +51,8 @@ impl Catalog {
             .await
             .map_err(db(WHAT))?;
         let done = sqlx::query(
-            "UPDATE packs SET state = 'stored', size = ?, location = ?, run_id = NULL \
-             WHERE id = ? AND run_id = ?",
+            "UPDATE packs SET state = 'stored', size = $1, location = $2, run_id = NULL \
+             WHERE id = $3 AND run_id = $4",
         )
         .bind(size as i64)
         .bind(location)
@@ -85,7 +85,7 @@ impl Catalog {
             .await
             .map_err(db("storing a pack"))?;
         sqlx::query(
-            "INSERT INTO packs (id, state, size, encrypted, location, created_at) VALUES (?, 'stored', ?, ?, ?, ?) \
+            "INSERT INTO packs (id, state, size, encrypted, location, created_at) VALUES ($1, 'stored', $2, $3, $4, $5) \
              ON CONFLICT (id) DO UPDATE SET state = 'stored', size = excluded.size, location = excluded.location",
         )
         .bind(id)
@@ -119,7 +119,7 @@ impl Catalog {
         to: &str,
     ) -> Result<bool, Error> {
         let done = sqlx::query(
-            "UPDATE packs SET run_id = ? WHERE id = ? AND state = 'uploading' AND run_id IS ?",
+            "UPDATE packs SET run_id = $1 WHERE id = $2 AND state = 'uploading' AND run_id IS $3",
         )
         .bind(to)
         .bind(id)
@@ -133,7 +133,7 @@ impl Catalog {
     /// Forgets an unfinished pack of `run_id` once its object is gone from storage.
     pub async fn forget_unfinished_pack(&self, id: &str, run_id: &str) -> Result<(), Error> {
         sqlx::query(
-            "DELETE FROM packs WHERE id = ? AND run_id = ? AND state = 'uploading' \
+            "DELETE FROM packs WHERE id = $1 AND run_id = $2 AND state = 'uploading' \
              AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = packs.id)",
         )
         .bind(id)
@@ -148,7 +148,7 @@ impl Catalog {
     /// them were stored again elsewhere). True if it was forgotten.
     pub async fn forget_unused_pack(&self, id: &str) -> Result<bool, Error> {
         let done = sqlx::query(
-            "DELETE FROM packs WHERE id = ? AND state <> 'uploading' \
+            "DELETE FROM packs WHERE id = $1 AND state <> 'uploading' \
              AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = packs.id)",
         )
         .bind(id)
@@ -159,7 +159,7 @@ impl Catalog {
     }
 
     pub async fn set_pack_state(&self, id: &str, state: &str) -> Result<(), Error> {
-        sqlx::query("UPDATE packs SET state = ? WHERE id = ?")
+        sqlx::query("UPDATE packs SET state = $1 WHERE id = $2")
             .bind(state)
             .bind(id)
             .execute(&self.pool)
@@ -171,7 +171,7 @@ impl Catalog {
     /// One pack's row.
     pub async fn pack(&self, id: &str) -> Result<Option<PackRow>, Error> {
         let row =
-            sqlx::query("SELECT id, state, size, encrypted, location FROM packs WHERE id = ?")
+            sqlx::query("SELECT id, state, size, encrypted, location FROM packs WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await
@@ -182,7 +182,7 @@ impl Catalog {
     /// Records where a pack's copies are now (a copy healed into a lane). Only a pack still
     /// at `old` is changed: a prune or another heal in between wins.
     pub async fn set_pack_location(&self, id: &str, old: &str, new: &str) -> Result<bool, Error> {
-        let done = sqlx::query("UPDATE packs SET location = ? WHERE id = ? AND location = ?")
+        let done = sqlx::query("UPDATE packs SET location = $1 WHERE id = $2 AND location = $3")
             .bind(new)
             .bind(id)
             .bind(old)
@@ -210,7 +210,7 @@ impl Catalog {
             "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE {USABLE_PACK} \
              AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK})"
         );
-        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&self.pool);
+        let mut rows = sqlx::query(crate::catalog::sql(sql)).fetch(&self.pool);
         let mut out = Vec::new();
         while let Some(r) = rows
             .try_next()
@@ -228,7 +228,7 @@ impl Catalog {
     pub async fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, Error> {
         let row = sqlx::query(
             "SELECT c.pack_id, p.location, c.offset, c.length, c.raw_length FROM chunks c \
-             JOIN packs p ON p.id = c.pack_id WHERE c.id = ?",
+             JOIN packs p ON p.id = c.pack_id WHERE c.id = $1",
         )
         .bind(&id.0[..])
         .fetch_optional(&self.pool)
@@ -258,7 +258,7 @@ impl Catalog {
                  FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.id = c.pack_id \
                  WHERE cc.content_id IN ({marks}) ORDER BY cc.content_id, cc.seq"
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query(crate::catalog::sql(sql));
             for id in batch {
                 q = q.bind(id);
             }
@@ -283,8 +283,8 @@ impl Catalog {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(DISTINCT c.pack_id) FROM entries e \
              JOIN content_chunks cc ON cc.content_id = e.content_id JOIN chunks c ON c.id = cc.chunk_id \
-             WHERE e.root_id = ? AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
-             AND (e.path = ? OR (e.path >= ? AND e.path < ?))",
+             WHERE e.root_id = $1 AND e.from_seq <= $2 AND (e.to_seq IS NULL OR e.to_seq > $3) \
+             AND (e.path = $4 OR (e.path >= $5 AND e.path < $6))",
         )
         .bind(root_id)
         .bind(seq)
@@ -307,7 +307,7 @@ impl Catalog {
         let rows = sqlx::query(
             "SELECT DISTINCT r.path, e.path FROM entries e JOIN roots r ON r.id = e.root_id \
              WHERE e.content_id IN (SELECT cc.content_id FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id \
-             WHERE c.pack_id = ?) ORDER BY e.path LIMIT ?",
+             WHERE c.pack_id = $1) ORDER BY e.path LIMIT $2",
         )
         .bind(pack_id)
         .bind(limit)
@@ -333,7 +333,7 @@ impl Catalog {
                  UNION SELECT s.blob_id, r.path, 'snapshot ' || s.short_id FROM snapshots s \
                  JOIN roots r ON r.id = s.root_id WHERE s.blob_id IN ({marks}) ORDER BY 2, 3"
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query(crate::catalog::sql(sql));
             for _ in 0..2 {
                 for id in batch {
                     q = q.bind(&id.0[..]);
@@ -355,7 +355,7 @@ impl Catalog {
 
     /// The blobs the catalog places in a pack, as (id, offset, sealed length).
     pub async fn blobs_in_pack(&self, pack_id: &str) -> Result<Vec<(Vec<u8>, i64, i64)>, Error> {
-        sqlx::query_as("SELECT id, offset, length FROM chunks WHERE pack_id = ?")
+        sqlx::query_as("SELECT id, offset, length FROM chunks WHERE pack_id = $1")
             .bind(pack_id)
             .fetch_all(&self.pool)
             .await
@@ -379,7 +379,7 @@ async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Res
                         AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)"
     );
     for e in entries {
-        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+        sqlx::query(crate::catalog::sql(sql.clone()))
             .bind(&e.id.0[..])
             .bind(pack_id)
             .bind(e.offset as i64)
@@ -392,8 +392,8 @@ async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Res
             .map_err(db("indexing a pack"))?;
     }
     sqlx::query(
-        "UPDATE damaged_chunks SET healed_at = ?, healed_pack = ? \
-         WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_id = ?)",
+        "UPDATE damaged_chunks SET healed_at = $1, healed_pack = $2 \
+         WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_id = $3)",
     )
     .bind(now_ms())
     .bind(pack_id)

@@ -54,7 +54,7 @@ pub(super) async fn record_listing(
     seq: i64,
     listing: &[ChunkId],
 ) -> Result<(), Error> {
-    let id: i64 = sqlx::query_scalar("SELECT id FROM snapshots WHERE root_id = ? AND seq = ?")
+    let id: i64 = sqlx::query_scalar("SELECT id FROM snapshots WHERE root_id = $1 AND seq = $2")
         .bind(root_id)
         .bind(seq)
         .fetch_one(&mut *tx)
@@ -67,7 +67,7 @@ async fn insert_listing(tx: &mut Conn, snapshot_id: i64, listing: &[ChunkId]) ->
     const WHAT: &str = "recording a snapshot's listing";
     for (i, c) in listing.iter().enumerate() {
         sqlx::query(
-            "INSERT INTO snapshot_listing (snapshot_id, seq, chunk_id) VALUES (?, ?, ?) \
+            "INSERT INTO snapshot_listing (snapshot_id, seq, chunk_id) VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
         )
         .bind(snapshot_id)
@@ -77,7 +77,7 @@ async fn insert_listing(tx: &mut Conn, snapshot_id: i64, listing: &[ChunkId]) ->
         .await
         .map_err(db(WHAT))?;
     }
-    sqlx::query("UPDATE snapshots SET listing_known = 1 WHERE id = ?")
+    sqlx::query("UPDATE snapshots SET listing_known = 1 WHERE id = $1")
         .bind(snapshot_id)
         .execute(&mut *tx)
         .await
@@ -99,17 +99,18 @@ impl Catalog {
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
-        let root_id: i64 = sqlx::query_scalar("SELECT id FROM roots WHERE owner = ? AND path = ?")
-            .bind(owner)
-            .bind(root)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db(WHAT))?
-            .ok_or_else(|| Error::NotFound(format!("no backups of {root} (owner {owner})")))?;
+        let root_id: i64 =
+            sqlx::query_scalar("SELECT id FROM roots WHERE owner = $1 AND path = $2")
+                .bind(owner)
+                .bind(root)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(WHAT))?
+                .ok_or_else(|| Error::NotFound(format!("no backups of {root} (owner {owner})")))?;
         let mut out = ForgetOutcome::default();
         for id in short_ids {
             out.snapshots +=
-                sqlx::query("DELETE FROM snapshots WHERE root_id = ? AND short_id = ?")
+                sqlx::query("DELETE FROM snapshots WHERE root_id = $1 AND short_id = $2")
                     .bind(root_id)
                     .bind(id)
                     .execute(&mut *tx)
@@ -121,7 +122,7 @@ impl Catalog {
         // only forgotten with everything else, so current rows go only when the root is
         // emptied, and the next backup starts afresh.)
         out.entries = sqlx::query(
-            "DELETE FROM entries WHERE root_id = ? AND NOT EXISTS (SELECT 1 FROM snapshots s \
+            "DELETE FROM entries WHERE root_id = $1 AND NOT EXISTS (SELECT 1 FROM snapshots s \
              WHERE s.root_id = entries.root_id AND s.seq >= entries.from_seq \
              AND (entries.to_seq IS NULL OR s.seq < entries.to_seq))",
         )
@@ -182,7 +183,7 @@ impl Catalog {
              AND p.id NOT IN (SELECT pack_id FROM condemned_packs) \
              GROUP BY p.id ORDER BY p.created_at, p.id"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(before)
             .fetch_all(&self.pool)
             .await
@@ -209,7 +210,7 @@ impl Catalog {
             "SELECT id, offset, length, raw_length, kind, flags FROM chunks \
              WHERE pack_id = ? AND id IN ({LIVE_CHUNKS}) ORDER BY offset"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(pack_id)
             .fetch_all(&self.pool)
             .await
@@ -231,8 +232,8 @@ impl Catalog {
             .map_err(db(WHAT))?;
         for (old, e) in moves {
             sqlx::query(
-                "UPDATE chunks SET pack_id = ?, offset = ?, length = ?, raw_length = ?, flags = ? \
-                 WHERE id = ? AND pack_id = ?",
+                "UPDATE chunks SET pack_id = $1, offset = $2, length = $3, raw_length = $4, flags = $5 \
+                 WHERE id = $6 AND pack_id = $7",
             )
             .bind(new)
             .bind(e.offset as i64)
@@ -260,20 +261,20 @@ impl Catalog {
             format!("SELECT COUNT(*) FROM chunks WHERE pack_id = ? AND id IN ({LIVE_CHUNKS})");
         let mut out = Vec::new();
         for p in packs {
-            let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(check.clone()))
+            let live: i64 = sqlx::query_scalar(crate::catalog::sql(check.clone()))
                 .bind(p)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db(WHAT))?;
             let stored: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM packs WHERE id = ? AND state = 'stored'")
+                sqlx::query_scalar("SELECT COUNT(*) FROM packs WHERE id = $1 AND state = 'stored'")
                     .bind(p)
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(db(WHAT))?;
             if live == 0 && stored == 1 {
                 sqlx::query(
-                    "INSERT INTO condemned_packs (pack_id, condemned_at) VALUES (?, ?) \
+                    "INSERT INTO condemned_packs (pack_id, condemned_at) VALUES ($1, $2) \
                      ON CONFLICT DO NOTHING",
                 )
                 .bind(p)
@@ -336,7 +337,7 @@ impl Catalog {
     ) -> Result<Vec<(String, ChunkId)>, Error> {
         let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT s.short_id, s.blob_id FROM snapshots s JOIN roots r ON r.id = s.root_id \
-             WHERE r.owner = ? AND r.path = ?",
+             WHERE r.owner = $1 AND r.path = $2",
         )
         .bind(owner)
         .bind(root)

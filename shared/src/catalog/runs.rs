@@ -41,7 +41,7 @@ impl Catalog {
     /// Registers a run (before it writes anything).
     pub async fn run_started(&self, run: &RunRow) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO runs (id, host, pid, lock_path, started_at, lease_until) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs (id, host, pid, lock_path, started_at, lease_until) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&run.id)
         .bind(&run.host)
@@ -58,7 +58,7 @@ impl Catalog {
     /// Extends a run's lease. False when the run is no longer registered (another process
     /// found it dead and reclaimed its work): the run must stop.
     pub async fn run_renewed(&self, id: &str, lease_until: i64) -> Result<bool, Error> {
-        let done = sqlx::query("UPDATE runs SET lease_until = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE runs SET lease_until = $1 WHERE id = $2")
             .bind(lease_until)
             .bind(id)
             .execute(&self.pool)
@@ -69,7 +69,7 @@ impl Catalog {
 
     /// Unregisters a run; the root locks it held go with it.
     pub async fn run_ended(&self, id: &str) -> Result<(), Error> {
-        sqlx::query("DELETE FROM runs WHERE id = ?")
+        sqlx::query("DELETE FROM runs WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await
@@ -80,7 +80,7 @@ impl Catalog {
     /// Every registered run.
     pub async fn runs(&self) -> Result<Vec<RunRow>, Error> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs r ORDER BY r.started_at");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(crate::catalog::sql(sql))
             .fetch_all(&self.pool)
             .await
             .map_err(db("listing runs"))?;
@@ -101,7 +101,7 @@ impl Catalog {
             .await
             .map_err(db(WHAT))?;
         sqlx::query(
-            "INSERT INTO root_locks (owner, root, run_id, acquired_at) VALUES (?, ?, ?, ?) \
+            "INSERT INTO root_locks (owner, root, run_id, acquired_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (owner, root) DO NOTHING",
         )
         .bind(owner)
@@ -115,7 +115,7 @@ impl Catalog {
             "SELECT {RUN_COLUMNS} FROM root_locks l JOIN runs r ON r.id = l.run_id \
              WHERE l.owner = ? AND l.root = ?"
         );
-        let holder = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let holder = sqlx::query(crate::catalog::sql(sql))
             .bind(owner)
             .bind(root)
             .fetch_optional(&mut *tx)
@@ -136,7 +136,7 @@ impl Catalog {
         now: i64,
     ) -> Result<bool, Error> {
         let done = sqlx::query(
-            "UPDATE root_locks SET run_id = ?, acquired_at = ? WHERE owner = ? AND root = ? AND run_id = ?",
+            "UPDATE root_locks SET run_id = $1, acquired_at = $2 WHERE owner = $3 AND root = $4 AND run_id = $5",
         )
         .bind(to)
         .bind(now)
@@ -151,7 +151,7 @@ impl Catalog {
 
     /// Releases a root lock held by `run_id`.
     pub async fn unlock_root(&self, owner: &str, root: &str, run_id: &str) -> Result<(), Error> {
-        sqlx::query("DELETE FROM root_locks WHERE owner = ? AND root = ? AND run_id = ?")
+        sqlx::query("DELETE FROM root_locks WHERE owner = $1 AND root = $2 AND run_id = $3")
             .bind(owner)
             .bind(root)
             .bind(run_id)
@@ -171,7 +171,7 @@ pub(super) async fn check_root_lock(
     run_id: &str,
 ) -> Result<(), Error> {
     let holder: Option<String> =
-        sqlx::query_scalar("SELECT run_id FROM root_locks WHERE owner = ? AND root = ?")
+        sqlx::query_scalar("SELECT run_id FROM root_locks WHERE owner = $1 AND root = $2")
             .bind(owner)
             .bind(root)
             .fetch_optional(&mut *tx)

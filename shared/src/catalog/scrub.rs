@@ -202,7 +202,7 @@ impl Catalog {
     pub async fn blobs_from(&self, pack_id: &str, from: u64) -> Result<Vec<BlobRow>, Error> {
         let rows = sqlx::query(
             "SELECT id, offset, length, raw_length, kind, flags FROM chunks
-              WHERE pack_id = ? AND offset >= ? ORDER BY offset",
+              WHERE pack_id = $1 AND offset >= $2 ORDER BY offset",
         )
         .bind(pack_id)
         .bind(from as i64)
@@ -223,10 +223,10 @@ impl Catalog {
     ) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO scrub_packs (pack_id, last_read_at, cursor, last_result)
-             VALUES (?1, CASE WHEN ?2 THEN ?3 END, ?4, ?5)
+             VALUES ($1, CASE WHEN $2 THEN $3 END, $4, $5)
              ON CONFLICT (pack_id) DO UPDATE SET
-                last_read_at = CASE WHEN ?2 THEN ?3 ELSE scrub_packs.last_read_at END,
-                cursor = ?4, last_result = ?5",
+                last_read_at = CASE WHEN $2 THEN $3 ELSE scrub_packs.last_read_at END,
+                cursor = $4, last_result = $5",
         )
         .bind(pack_id)
         .bind(done)
@@ -261,7 +261,7 @@ impl Catalog {
                     "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at)
                      SELECT id, pack_id, ?, ? FROM chunks WHERE pack_id = ? AND true{UPSERT}"
                 );
-                n += sqlx::query(sqlx::AssertSqlSafe(sql))
+                n += sqlx::query(crate::catalog::sql(sql))
                     .bind(reason)
                     .bind(now)
                     .bind(pack_id)
@@ -276,7 +276,7 @@ impl Catalog {
                      SELECT id, pack_id, ?, ? FROM chunks WHERE id = ? AND pack_id = ?{UPSERT}"
                 );
                 for id in ids {
-                    n += sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                    n += sqlx::query(crate::catalog::sql(sql.clone()))
                         .bind(reason)
                         .bind(now)
                         .bind(&id.0[..])
@@ -323,7 +323,7 @@ impl Catalog {
     ) -> Result<Vec<(i64, [u8; 32], u64, bool)>, Error> {
         let rows = sqlx::query(
             "SELECT DISTINCT c.id, c.sha256, c.size, c.encrypted FROM contents c
-               JOIN content_chunks cc ON cc.content_id = c.id WHERE cc.chunk_id = ?",
+               JOIN content_chunks cc ON cc.content_id = c.id WHERE cc.chunk_id = $1",
         )
         .bind(&chunk.0[..])
         .fetch_all(&self.pool)
@@ -347,7 +347,7 @@ impl Catalog {
     pub async fn content_layout(&self, content_id: i64) -> Result<Vec<(ChunkId, u64)>, Error> {
         let rows = sqlx::query(
             "SELECT cc.chunk_id, c.raw_length FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id
-              WHERE cc.content_id = ? ORDER BY cc.seq",
+              WHERE cc.content_id = $1 ORDER BY cc.seq",
         )
         .bind(content_id)
         .fetch_all(&self.pool)
@@ -372,7 +372,7 @@ impl Catalog {
                             AND s.seq >= e.from_seq AND (e.to_seq IS NULL OR s.seq < e.to_seq)
                           ORDER BY s.seq) s)
                FROM entries e JOIN roots r ON r.id = e.root_id
-              WHERE e.content_id = ? ORDER BY r.owner, r.path, e.path, e.from_seq",
+              WHERE e.content_id = $1 ORDER BY r.owner, r.path, e.path, e.from_seq",
         )
         .bind(content_id)
         .fetch_all(&self.pool)
@@ -411,7 +411,7 @@ impl Catalog {
     ) -> Result<Vec<(String, String, String)>, Error> {
         let rows = sqlx::query(
             "SELECT r.owner, r.path, s.short_id FROM snapshots s JOIN roots r ON r.id = s.root_id
-              WHERE s.blob_id = ?",
+              WHERE s.blob_id = $1",
         )
         .bind(&blob.0[..])
         .fetch_all(&self.pool)
@@ -427,7 +427,7 @@ impl Catalog {
     pub async fn record_scrub(&self, report: &ScrubReport) -> Result<i64, Error> {
         let json = serde_json::to_string(report).expect("scrub report serializes");
         sqlx::query_scalar(
-            "INSERT INTO scrub_runs (started_at, finished_at, report) VALUES (?, ?, ?) RETURNING id",
+            "INSERT INTO scrub_runs (started_at, finished_at, report) VALUES ($1, $2, $3) RETURNING id",
         )
         .bind(report.started_at)
         .bind(report.finished_at)
@@ -465,7 +465,7 @@ impl Catalog {
     }
 
     pub async fn mark_scrub_alerted(&self, id: i64) -> Result<(), Error> {
-        sqlx::query("UPDATE scrub_runs SET alerted = 1 WHERE id = ?")
+        sqlx::query("UPDATE scrub_runs SET alerted = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await
@@ -481,7 +481,7 @@ impl Catalog {
     ) -> Result<Option<(String, i64)>, Error> {
         let row = sqlx::query(
             "SELECT s.short_id, s.finished_at FROM snapshots s JOIN roots r ON r.id = s.root_id
-              WHERE r.owner = ? AND r.path = ? ORDER BY s.finished_at DESC, s.seq DESC LIMIT 1",
+              WHERE r.owner = $1 AND r.path = $2 ORDER BY s.finished_at DESC, s.seq DESC LIMIT 1",
         )
         .bind(owner)
         .bind(root)
@@ -494,10 +494,10 @@ impl Catalog {
     /// `owner`'s snapshots finished in `[from, to)`: (count, bytes stored), and over all time.
     pub async fn owner_stats(&self, owner: &str, from: i64, to: i64) -> Result<OwnerStats, Error> {
         let r = sqlx::query(
-            "SELECT count(*) FILTER (WHERE s.finished_at >= ?2 AND s.finished_at < ?3),
-                    coalesce(sum(s.bytes_stored) FILTER (WHERE s.finished_at >= ?2 AND s.finished_at < ?3), 0),
+            "SELECT count(*) FILTER (WHERE s.finished_at >= $2 AND s.finished_at < $3),
+                    coalesce(sum(s.bytes_stored) FILTER (WHERE s.finished_at >= $2 AND s.finished_at < $3), 0),
                     count(*), coalesce(sum(s.bytes_stored), 0)
-               FROM snapshots s JOIN roots r ON r.id = s.root_id WHERE r.owner = ?1",
+               FROM snapshots s JOIN roots r ON r.id = s.root_id WHERE r.owner = $1",
         )
         .bind(owner)
         .bind(from)

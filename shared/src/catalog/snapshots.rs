@@ -17,7 +17,7 @@ use crate::format::crypto::ChunkId;
 
 impl Catalog {
     pub async fn root_id(&self, owner: &str, path: &str) -> Result<Option<i64>, Error> {
-        sqlx::query_scalar("SELECT id FROM roots WHERE owner = ? AND path = ?")
+        sqlx::query_scalar("SELECT id FROM roots WHERE owner = $1 AND path = $2")
             .bind(owner)
             .bind(path)
             .fetch_optional(&self.pool)
@@ -27,7 +27,7 @@ impl Catalog {
 
     /// Roots of an owner, as (id, absolute path).
     pub async fn roots(&self, owner: &str) -> Result<Vec<(i64, String)>, Error> {
-        let rows = sqlx::query("SELECT id, path FROM roots WHERE owner = ? ORDER BY path")
+        let rows = sqlx::query("SELECT id, path FROM roots WHERE owner = $1 ORDER BY path")
             .bind(owner)
             .fetch_all(&self.pool)
             .await
@@ -38,7 +38,7 @@ impl Catalog {
     /// Highest committed snapshot sequence number of a root (0 if none).
     pub async fn latest_seq(&self, root_id: i64) -> Result<i64, Error> {
         let seq: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(seq) FROM snapshots WHERE root_id = ?")
+            sqlx::query_scalar("SELECT MAX(seq) FROM snapshots WHERE root_id = $1")
                 .bind(root_id)
                 .fetch_one(&self.pool)
                 .await
@@ -56,7 +56,7 @@ impl Catalog {
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN roots r ON r.id = s.root_id \
              WHERE r.owner = ? AND (? IS NULL OR r.path = ?) ORDER BY s.finished_at, s.id"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(owner)
             .bind(root)
             .bind(root)
@@ -79,7 +79,7 @@ impl Catalog {
             "SELECT {SNAPSHOT_COLUMNS}, s.root_id FROM snapshots s JOIN roots r ON r.id = s.root_id \
              WHERE r.owner = ? AND s.short_id LIKE ? || '%' LIMIT 2"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(owner)
             .bind(short_id.to_ascii_lowercase())
             .fetch_all(&self.pool)
@@ -126,7 +126,7 @@ impl Catalog {
             "SELECT e.path, e.size, e.mtime_ns, e.inode, e.content_id, c.sha256 FROM entries e \
              JOIN contents c ON c.id = e.content_id WHERE {range}"
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root_id);
+        let mut q = sqlx::query(crate::catalog::sql(sql)).bind(root_id);
         for bound in after.into_iter().chain([upto]) {
             q = q.bind(bound);
         }
@@ -151,7 +151,7 @@ impl Catalog {
              JOIN content_chunks cc ON cc.content_id = e.content_id WHERE {range} \
              ORDER BY e.path, cc.seq"
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root_id);
+        let mut q = sqlx::query(crate::catalog::sql(sql)).bind(root_id);
         for bound in after.into_iter().chain([upto]) {
             q = q.bind(bound);
         }
@@ -177,7 +177,7 @@ impl Catalog {
              WHERE e.root_id = ? AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
              AND (e.path = ? OR (e.path >= ? AND e.path < ?)) ORDER BY e.path"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(root_id)
             .bind(seq)
             .bind(seq)
@@ -224,7 +224,7 @@ impl Catalog {
                  ORDER BY e.path LIMIT ?",
                 if strict { ">" } else { ">=" }
             );
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            let rows = sqlx::query(crate::catalog::sql(sql))
                 .bind(root_id)
                 .bind(&from)
                 .bind(format!("{prefix}0"))
@@ -448,7 +448,7 @@ impl Unusable {
             "SELECT id FROM chunks WHERE pack_id IN (SELECT p.id FROM packs p WHERE NOT ({USABLE_PACK})) \
              UNION SELECT c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
         );
-        let ids: Vec<Vec<u8>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar(crate::catalog::sql(sql))
             .fetch_all(&mut *tx)
             .await
             .map_err(db(COMMIT))?;
@@ -462,7 +462,7 @@ impl Unusable {
             let sql = format!(
                 "SELECT DISTINCT content_id FROM content_chunks WHERE chunk_id IN ({marks})"
             );
-            let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query_scalar::<_, i64>(crate::catalog::sql(sql));
             for id in batch {
                 q = q.bind(&id[..]);
             }
@@ -483,7 +483,7 @@ async fn current_entries(
         "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
          WHERE e.root_id = ? AND e.to_seq IS NULL"
     );
-    let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let mut rows = sqlx::query(crate::catalog::sql(sql))
         .bind(root_id)
         .fetch(&mut *conn);
     let mut out = HashMap::new();
@@ -518,7 +518,7 @@ async fn current_entries_in(
             ""
         },
     );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root_id);
+    let mut q = sqlx::query(crate::catalog::sql(sql)).bind(root_id);
     for bound in [after, upto].into_iter().flatten() {
         q = q.bind(bound);
     }
@@ -549,21 +549,21 @@ fn gone_or_db(e: sqlx::Error) -> Error {
 /// The root's id (creating the root) and the sequence number its next snapshot gets.
 async fn root_and_next_seq(tx: &mut Conn, owner: &str, root: &str) -> Result<(i64, i64), Error> {
     sqlx::query(
-        "INSERT INTO roots (owner, path) VALUES (?, ?) ON CONFLICT (owner, path) DO NOTHING",
+        "INSERT INTO roots (owner, path) VALUES ($1, $2) ON CONFLICT (owner, path) DO NOTHING",
     )
     .bind(owner)
     .bind(root)
     .execute(&mut *tx)
     .await
     .map_err(db(COMMIT))?;
-    let root_id: i64 = sqlx::query_scalar("SELECT id FROM roots WHERE owner = ? AND path = ?")
+    let root_id: i64 = sqlx::query_scalar("SELECT id FROM roots WHERE owner = $1 AND path = $2")
         .bind(owner)
         .bind(root)
         .fetch_one(&mut *tx)
         .await
         .map_err(db(COMMIT))?;
     let seq: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots WHERE root_id = ?")
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots WHERE root_id = $1")
             .bind(root_id)
             .fetch_one(&mut *tx)
             .await
@@ -590,7 +590,7 @@ async fn content_id(
         } => (sha256, size, chunks),
     };
     let inserted = sqlx::query(
-        "INSERT INTO contents (sha256, size, encrypted, key_id) VALUES (?, ?, ?, ?) \
+        "INSERT INTO contents (sha256, size, encrypted, key_id) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (sha256, size, encrypted, key_id) DO NOTHING",
     )
     .bind(&sha256[..])
@@ -602,7 +602,7 @@ async fn content_id(
     .map_err(db(COMMIT))?
     .rows_affected();
     let id: i64 = sqlx::query_scalar(
-        "SELECT id FROM contents WHERE sha256 = ? AND size = ? AND encrypted = ? AND key_id = ?",
+        "SELECT id FROM contents WHERE sha256 = $1 AND size = $2 AND encrypted = $3 AND key_id = $4",
     )
     .bind(&sha256[..])
     .bind(*size as i64)
@@ -629,7 +629,7 @@ async fn content_id(
     let on_format1: i64 = if inserted == 0 && !chunks.is_empty() {
         sqlx::query_scalar(
             "SELECT COUNT(*) FROM content_chunks cc JOIN chunks ch ON ch.id = cc.chunk_id \
-             WHERE cc.content_id = ? AND ch.flags & 3 = 0",
+             WHERE cc.content_id = $1 AND ch.flags & 3 = 0",
         )
         .bind(id)
         .fetch_one(&mut *tx)
@@ -640,7 +640,7 @@ async fn content_id(
     };
     let replace = repair || on_format1 > 0;
     if replace {
-        sqlx::query("DELETE FROM content_chunks WHERE content_id = ?")
+        sqlx::query("DELETE FROM content_chunks WHERE content_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await
@@ -649,13 +649,15 @@ async fn content_id(
     }
     if inserted == 1 || replace {
         for (i, c) in chunks.iter().enumerate() {
-            sqlx::query("INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES (?, ?, ?)")
-                .bind(id)
-                .bind(i as i64)
-                .bind(&c.0[..])
-                .execute(&mut *tx)
-                .await
-                .map_err(gone_or_db)?;
+            sqlx::query(
+                "INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES ($1, $2, $3)",
+            )
+            .bind(id)
+            .bind(i as i64)
+            .bind(&c.0[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(gone_or_db)?;
         }
     }
     Ok(Some(id))
@@ -671,7 +673,7 @@ async fn insert_entry(
 ) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq, \
-         uid, gid, user_name, group_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         uid, gid, user_name, group_name) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(root_id)
     .bind(&item.path)
@@ -703,7 +705,7 @@ async fn insert_snapshot(
     sqlx::query(
         "INSERT INTO snapshots (root_id, seq, short_id, blob_id, hostname, encrypted, started_at, finished_at, \
          files, dirs, bytes, bytes_read, new_chunks, bytes_stored, warnings) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(root_id)
     .bind(seq)
@@ -766,7 +768,7 @@ pub struct NewEntry {
 /// Only a current row is closed: a row someone else closed means the catalog changed under
 /// this commit.
 async fn close_entry(tx: &mut Conn, id: i64, seq: i64) -> Result<(), Error> {
-    let done = sqlx::query("UPDATE entries SET to_seq = ? WHERE id = ? AND to_seq IS NULL")
+    let done = sqlx::query("UPDATE entries SET to_seq = $1 WHERE id = $2 AND to_seq IS NULL")
         .bind(seq)
         .bind(id)
         .execute(tx)

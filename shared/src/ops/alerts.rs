@@ -334,7 +334,7 @@ impl Alerts {
     pub async fn streak(&self, s: &Schedule) -> Result<Option<Streak>> {
         let pool = self.schedules.pool();
         let last_ok: Option<i64> = sqlx::query_scalar(
-            "SELECT max(finished_at) FROM jobs WHERE schedule_id = ? AND state = 'done'",
+            "SELECT max(finished_at) FROM jobs WHERE schedule_id = $1 AND state = 'done'",
         )
         .bind(s.id)
         .fetch_one(pool)
@@ -342,10 +342,10 @@ impl Alerts {
         let last_ok = last_ok.unwrap_or(0);
         let rows = sqlx::query(
             "SELECT finished_at AS at, coalesce(error, 'failed') AS why FROM jobs
-              WHERE schedule_id = ?1 AND state = 'failed' AND finished_at > ?2
+              WHERE schedule_id = $1 AND state = 'failed' AND finished_at > $2
              UNION ALL
              SELECT created_at, coalesce(detail, 'refused') FROM schedule_runs
-              WHERE schedule_id = ?1 AND outcome = 'refused' AND created_at > ?2
+              WHERE schedule_id = $1 AND outcome = 'refused' AND created_at > $2
              ORDER BY at",
         )
         .bind(s.id)
@@ -502,21 +502,21 @@ impl Alerts {
         let pool = self.schedules.pool();
         let q = match &alert.kind {
             AlertKind::Missed { .. } => {
-                sqlx::query("UPDATE schedules SET missed_alert_at = ? WHERE id = ?").bind(now)
+                sqlx::query("UPDATE schedules SET missed_alert_at = $1 WHERE id = $2").bind(now)
             }
             AlertKind::BackToNormal { .. } => {
-                sqlx::query("UPDATE schedules SET missed_alert_at = NULL WHERE id = ?")
+                sqlx::query("UPDATE schedules SET missed_alert_at = NULL WHERE id = $1")
             }
             AlertKind::Failed { streak, .. } => sqlx::query(
-                "UPDATE schedules SET failures_reported = ?, failure_alert_at = ? WHERE id = ?",
+                "UPDATE schedules SET failures_reported = $1, failure_alert_at = $2 WHERE id = $3",
             )
             .bind(streak.count as i64)
             .bind(now),
             AlertKind::Recovered { .. } => sqlx::query(
-                "UPDATE schedules SET failures_reported = 0, failure_alert_at = NULL WHERE id = ?",
+                "UPDATE schedules SET failures_reported = 0, failure_alert_at = NULL WHERE id = $1",
             ),
             AlertKind::ForgetFailed { id, .. } => {
-                sqlx::query("UPDATE forget_failures SET alerted_at = ? WHERE id = ?")
+                sqlx::query("UPDATE forget_failures SET alerted_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(*id)
                     .execute(pool)
@@ -603,7 +603,7 @@ impl Alerts {
     pub async fn set_digest(&self, owner: &str, chat_id: i64, on: bool) -> Result<()> {
         let slot = self.digest_slot()?.unwrap_or(0);
         sqlx::query(
-            "INSERT INTO user_settings (owner, chat_id, digest, last_digest_at) VALUES (?, ?, ?, ?)
+            "INSERT INTO user_settings (owner, chat_id, digest, last_digest_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (owner) DO UPDATE SET chat_id = excluded.chat_id, digest = excluded.digest",
         )
         .bind(owner)
@@ -618,7 +618,7 @@ impl Alerts {
     /// Whether `owner` gets the digest.
     pub async fn digest_on(&self, owner: &str) -> Result<bool> {
         let on: Option<i64> =
-            sqlx::query_scalar("SELECT digest FROM user_settings WHERE owner = ?")
+            sqlx::query_scalar("SELECT digest FROM user_settings WHERE owner = $1")
                 .bind(owner)
                 .fetch_optional(self.schedules.pool())
                 .await?;
@@ -650,7 +650,7 @@ impl Alerts {
                 continue;
             };
             sqlx::query(
-                "INSERT INTO user_settings (owner, chat_id, last_digest_at) VALUES (?, ?, ?)
+                "INSERT INTO user_settings (owner, chat_id, last_digest_at) VALUES ($1, $2, $3)
                  ON CONFLICT (owner) DO NOTHING",
             )
             .bind(&owner)
@@ -659,7 +659,7 @@ impl Alerts {
             .execute(pool)
             .await?;
             let row = sqlx::query(
-                "SELECT chat_id, digest, last_digest_at FROM user_settings WHERE owner = ?",
+                "SELECT chat_id, digest, last_digest_at FROM user_settings WHERE owner = $1",
             )
             .bind(&owner)
             .fetch_one(pool)
@@ -709,7 +709,7 @@ impl Alerts {
     /// Records that a digest went out.
     pub async fn ack_digest(&self, d: &Digest) -> Result<()> {
         sqlx::query(
-            "UPDATE user_settings SET last_digest_at = max(last_digest_at, ?) WHERE owner = ?",
+            "UPDATE user_settings SET last_digest_at = max(last_digest_at, $1) WHERE owner = $2",
         )
         .bind(d.slot)
         .bind(&d.owner)

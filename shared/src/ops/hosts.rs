@@ -111,7 +111,7 @@ impl Jobs {
         // upgrade its read lock under a concurrent writer).
         let mut tx = crate::catalog::begin_write(self.pool()).await?;
         sqlx::query(
-            "INSERT INTO hosts (name, registered_at, last_seen) VALUES (?, ?, ?)
+            "INSERT INTO hosts (name, registered_at, last_seen) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen",
         )
         .bind(&r.name)
@@ -119,7 +119,7 @@ impl Jobs {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM host_roots WHERE host = ?")
+        sqlx::query("DELETE FROM host_roots WHERE host = $1")
             .bind(&r.name)
             .execute(&mut *tx)
             .await?;
@@ -129,7 +129,7 @@ impl Jobs {
         ] {
             for root in roots {
                 sqlx::query(
-                    "INSERT INTO host_roots (host, kind, path) VALUES (?, ?, ?)
+                    "INSERT INTO host_roots (host, kind, path) VALUES ($1, $2, $3)
                      ON CONFLICT (host, kind, path) DO NOTHING",
                 )
                 .bind(&r.name)
@@ -140,8 +140,8 @@ impl Jobs {
             }
         }
         sqlx::query(
-            "UPDATE schedules SET host = ? WHERE host IS NULL AND kind = 'backup'
-               AND NOT EXISTS (SELECT 1 FROM hosts WHERE name <> ?)",
+            "UPDATE schedules SET host = $1 WHERE host IS NULL AND kind = 'backup'
+               AND NOT EXISTS (SELECT 1 FROM hosts WHERE name <> $2)",
         )
         .bind(&r.name)
         .bind(&r.name)
@@ -154,7 +154,7 @@ impl Jobs {
     /// Renews a host's heartbeat. False when the host is not registered (someone removed
     /// it): the worker registers again.
     pub async fn host_heartbeat(&self, name: &str) -> Result<bool> {
-        let done = sqlx::query("UPDATE hosts SET last_seen = ? WHERE name = ?")
+        let done = sqlx::query("UPDATE hosts SET last_seen = $1 WHERE name = $2")
             .bind(self.now_ms())
             .bind(name)
             .execute(self.pool())
@@ -169,7 +169,7 @@ impl Jobs {
     pub async fn forget_host(&self, name: &str) -> std::result::Result<bool, ForgetHostError> {
         let mut tx = crate::catalog::begin_write(self.pool()).await?;
         let pending: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE host = ? AND state IN ('queued', 'running') ORDER BY id",
+            "SELECT id FROM jobs WHERE host = $1 AND state IN ('queued', 'running') ORDER BY id",
         )
         .bind(name)
         .fetch_all(&mut *tx)
@@ -180,11 +180,11 @@ impl Jobs {
                 jobs: pending,
             });
         }
-        sqlx::query("DELETE FROM host_roots WHERE host = ?")
+        sqlx::query("DELETE FROM host_roots WHERE host = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
-        let gone = sqlx::query("DELETE FROM hosts WHERE name = ?")
+        let gone = sqlx::query("DELETE FROM hosts WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?

@@ -593,7 +593,7 @@ impl Jobs {
         let row = sqlx::query(
             "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at,
                                not_before, schedule_id, owner, final_notified, host)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?9 IS NOT NULL, ?11) RETURNING *",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9 IS NOT NULL, $11) RETURNING *",
         )
         .bind(new.args.kind())
         .bind(json)
@@ -612,7 +612,7 @@ impl Jobs {
     }
 
     pub async fn get(&self, id: JobId) -> Result<Option<Job>> {
-        let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM jobs WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -621,7 +621,7 @@ impl Jobs {
 
     /// A job by id, only if it belongs to `user_id` (users see only their own jobs).
     pub async fn get_for_user(&self, id: JobId, user_id: i64) -> Result<Option<Job>> {
-        let row = sqlx::query("SELECT * FROM jobs WHERE id = ? AND user_id = ?")
+        let row = sqlx::query("SELECT * FROM jobs WHERE id = $1 AND user_id = $2")
             .bind(id)
             .bind(user_id)
             .fetch_optional(&self.pool)
@@ -631,7 +631,7 @@ impl Jobs {
 
     /// The newest `limit` jobs of a user, newest first.
     pub async fn list_for_user(&self, user_id: i64, limit: i64) -> Result<Vec<Job>> {
-        let rows = sqlx::query("SELECT * FROM jobs WHERE user_id = ? ORDER BY id DESC LIMIT ?")
+        let rows = sqlx::query("SELECT * FROM jobs WHERE user_id = $1 ORDER BY id DESC LIMIT $2")
             .bind(user_id)
             .bind(limit)
             .fetch_all(&self.pool)
@@ -642,7 +642,7 @@ impl Jobs {
     /// Queued and running jobs of a user, oldest first.
     pub async fn active_for_user(&self, user_id: i64) -> Result<Vec<Job>> {
         let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE user_id = ? AND state IN ('queued', 'running') ORDER BY id",
+            "SELECT * FROM jobs WHERE user_id = $1 AND state IN ('queued', 'running') ORDER BY id",
         )
         .bind(user_id)
         .fetch_all(&self.pool)
@@ -652,7 +652,7 @@ impl Jobs {
 
     /// Remember the chat message that shows this job's progress.
     pub async fn set_progress_message(&self, id: JobId, message_id: i32) -> Result<()> {
-        let done = sqlx::query("UPDATE jobs SET progress_message_id = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE jobs SET progress_message_id = $1 WHERE id = $2")
             .bind(i64::from(message_id))
             .bind(id)
             .execute(&self.pool)
@@ -676,7 +676,7 @@ impl Jobs {
 
     /// Record that the progress message now reflects the job as of `updated_at`.
     pub async fn mark_shown(&self, id: JobId, updated_at: i64) -> Result<()> {
-        sqlx::query("UPDATE jobs SET shown_at = max(shown_at, ?) WHERE id = ?")
+        sqlx::query("UPDATE jobs SET shown_at = max(shown_at, $1) WHERE id = $2")
             .bind(updated_at)
             .bind(id)
             .execute(&self.pool)
@@ -698,7 +698,7 @@ impl Jobs {
     }
 
     pub async fn mark_final_notified(&self, id: JobId) -> Result<()> {
-        sqlx::query("UPDATE jobs SET final_notified = 1 WHERE id = ?")
+        sqlx::query("UPDATE jobs SET final_notified = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -709,7 +709,7 @@ impl Jobs {
     /// was not told yet (scheduled jobs excepted, as in [`Jobs::finished_unnotified`]).
     pub async fn stalled_unnotified(&self) -> Result<Vec<Job>> {
         let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE state = 'running' AND lease_until < ?
+            "SELECT * FROM jobs WHERE state = 'running' AND lease_until < $1
                AND stall_notified = 0 AND schedule_id IS NULL ORDER BY id",
         )
         .bind(self.now_ms())
@@ -721,7 +721,7 @@ impl Jobs {
     /// Every running job whose lease expired.
     pub async fn stalled(&self) -> Result<Vec<Job>> {
         let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE state = 'running' AND lease_until < ? ORDER BY id",
+            "SELECT * FROM jobs WHERE state = 'running' AND lease_until < $1 ORDER BY id",
         )
         .bind(self.now_ms())
         .fetch_all(&self.pool)
@@ -730,7 +730,7 @@ impl Jobs {
     }
 
     pub async fn mark_stall_notified(&self, id: JobId) -> Result<()> {
-        sqlx::query("UPDATE jobs SET stall_notified = 1 WHERE id = ?")
+        sqlx::query("UPDATE jobs SET stall_notified = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -742,9 +742,9 @@ impl Jobs {
     pub async fn request_cancel(&self, id: JobId, user_id: i64) -> Result<CancelOutcome> {
         let now = self.now_ms();
         let queued = sqlx::query(
-            "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ?,
-                    updated_at = ?, lease_owner = NULL, lease_until = NULL
-              WHERE id = ? AND user_id = ? AND state = 'queued'",
+            "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = $1,
+                    updated_at = $2, lease_owner = NULL, lease_until = NULL
+              WHERE id = $3 AND user_id = $4 AND state = 'queued'",
         )
         .bind(now)
         .bind(now)
@@ -756,8 +756,8 @@ impl Jobs {
             return Ok(CancelOutcome::Cancelled);
         }
         let running = sqlx::query(
-            "UPDATE jobs SET cancel_requested = 1, updated_at = ?
-              WHERE id = ? AND user_id = ? AND state = 'running'",
+            "UPDATE jobs SET cancel_requested = 1, updated_at = $1
+              WHERE id = $2 AND user_id = $3 AND state = 'running'",
         )
         .bind(now)
         .bind(id)
@@ -788,12 +788,13 @@ impl Jobs {
         let now = self.now_ms();
         // IMMEDIATE: read then write (see `answer_prompt` for why a deferred one fails).
         let mut tx = crate::catalog::begin_write(&self.pool).await?;
-        let row =
-            sqlx::query("SELECT *, answer AS prior_answer FROM jobs WHERE id = ? AND user_id = ?")
-                .bind(id)
-                .bind(user_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row = sqlx::query(
+            "SELECT *, answer AS prior_answer FROM jobs WHERE id = $1 AND user_id = $2",
+        )
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = row else {
             return Ok(AnswerOutcome::NotWaiting);
         };
@@ -812,7 +813,7 @@ impl Jobs {
         if prior.is_some() {
             return Ok(AnswerOutcome::AlreadyAnswered);
         }
-        let marked = sqlx::query("UPDATE jobs SET answer = ? WHERE id = ? AND answer IS NULL")
+        let marked = sqlx::query("UPDATE jobs SET answer = $1 WHERE id = $2 AND answer IS NULL")
             .bind(answer.as_str())
             .bind(id)
             .execute(&mut *tx)
@@ -837,7 +838,7 @@ impl Jobs {
                 let row = sqlx::query(
                     "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at,
                                        updated_at, host)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
                 )
                 .bind(args.kind())
                 .bind(json)
@@ -850,7 +851,7 @@ impl Jobs {
                 .fetch_one(&mut *tx)
                 .await?;
                 let new = Job::from_row(&row)?;
-                sqlx::query("UPDATE jobs SET answer_job = ? WHERE id = ?")
+                sqlx::query("UPDATE jobs SET answer_job = $1 WHERE id = $2")
                     .bind(new.id)
                     .bind(id)
                     .execute(&mut *tx)
@@ -865,7 +866,7 @@ impl Jobs {
     /// Whether `user_id` agreed to `what` before.
     pub async fn has_consent(&self, user_id: i64, what: &str) -> Result<bool> {
         let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM consents WHERE user_id = ? AND what = ?")
+            sqlx::query_scalar("SELECT COUNT(*) FROM consents WHERE user_id = $1 AND what = $2")
                 .bind(user_id)
                 .bind(what)
                 .fetch_one(&self.pool)
@@ -875,7 +876,7 @@ impl Jobs {
 
     /// Records that `user_id` agreed to `what`.
     pub async fn give_consent(&self, user_id: i64, what: &str) -> Result<()> {
-        sqlx::query("INSERT OR IGNORE INTO consents (user_id, what, at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT OR IGNORE INTO consents (user_id, what, at) VALUES ($1, $2, $3)")
             .bind(user_id)
             .bind(what)
             .bind(self.now_ms())
@@ -890,9 +891,9 @@ impl Jobs {
     /// user, or out of attempts. Called before each claim.
     async fn sweep_expired(&self, now: i64) -> Result<()> {
         sqlx::query(
-            "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?,
+            "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $2,
                     lease_owner = NULL, lease_until = NULL
-              WHERE state = 'running' AND lease_until < ? AND cancel_requested = 1",
+              WHERE state = 'running' AND lease_until < $3 AND cancel_requested = 1",
         )
         .bind(now)
         .bind(now)
@@ -900,10 +901,10 @@ impl Jobs {
         .execute(&self.pool)
         .await?;
         sqlx::query(
-            "UPDATE jobs SET state = 'failed', finished_at = ?, updated_at = ?,
+            "UPDATE jobs SET state = 'failed', finished_at = $1, updated_at = $2,
                     lease_owner = NULL, lease_until = NULL,
                     error = 'the worker stopped responding ' || attempt || ' times; giving up'
-              WHERE state = 'running' AND lease_until < ? AND attempt >= max_attempts",
+              WHERE state = 'running' AND lease_until < $3 AND attempt >= max_attempts",
         )
         .bind(now)
         .bind(now)
@@ -942,7 +943,7 @@ impl Jobs {
                            ORDER BY id LIMIT 1)
               RETURNING *"
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let mut q = sqlx::query(crate::catalog::sql(sql))
             .bind(owner)
             .bind(now + self.policy.lease_ms)
             .bind(now)
@@ -984,7 +985,7 @@ impl Jobs {
             "UPDATE jobs SET lease_until = ?, stall_notified = 0 WHERE {FENCE}
              RETURNING cancel_requested"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let row = sqlx::query(crate::catalog::sql(sql))
             .bind(now + self.policy.lease_ms)
             .bind(lease.job_id)
             .bind(&lease.owner)
@@ -1008,7 +1009,7 @@ impl Jobs {
                     stall_notified = 0
               WHERE {FENCE} RETURNING cancel_requested"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let row = sqlx::query(crate::catalog::sql(sql))
             .bind(phase)
             .bind(p.files_done as i64)
             .bind(p.files_total as i64)
@@ -1051,7 +1052,7 @@ impl Jobs {
         ) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments>,
     ) -> Result<()> {
         let now = self.now_ms();
-        let q = bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        let q = bind(sqlx::query(crate::catalog::sql(sql)))
             .bind(now)
             .bind(lease.job_id)
             .bind(lease.owner.clone())
@@ -1139,9 +1140,11 @@ mod tests {
     const T0: i64 = 1_700_000_000_000;
 
     async fn pool(dir: &tempfile::TempDir) -> Pool {
-        crate::catalog::open_pool(&crate::config::sqlite_url(&dir.path().join("jobs.db")))
-            .await
-            .unwrap()
+        crate::catalog::open_pool(&storinator_testkit::db::url_for(
+            &dir.path().join("jobs.db"),
+        ))
+        .await
+        .unwrap()
     }
 
     async fn setup() -> (tempfile::TempDir, Jobs, ManualClock) {

@@ -60,7 +60,7 @@ impl Jobs {
         let snaps = serde_json::to_string(p.snapshots).expect("short ids serialise");
         let id = sqlx::query_scalar(
             "INSERT INTO forget_prompts (user_id, chat_id, root, policy, snapshots, created_at)
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
         .bind(p.user_id)
         .bind(p.chat_id)
@@ -100,7 +100,7 @@ impl Jobs {
     pub async fn create_prune_prompt(&self, p: &NewPrunePrompt) -> Result<i64> {
         let id = sqlx::query_scalar(
             "INSERT INTO prune_prompts (user_id, chat_id, max_repack, repack_below, created_at)
-             VALUES (?, ?, ?, ?, ?) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
         .bind(p.user_id)
         .bind(p.chat_id)
@@ -150,7 +150,7 @@ impl Jobs {
         // all the time), and SQLite refuses the upgrade to a write with SQLITE_BUSY at once,
         // without waiting: the tap would go unanswered.
         let mut tx = crate::catalog::begin_write(self.pool()).await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let row = sqlx::query(crate::catalog::sql(format!(
             "SELECT * FROM {table} WHERE id = ? AND user_id = ?"
         )))
         .bind(id)
@@ -178,7 +178,7 @@ impl Jobs {
                 return Ok(PromptOutcome::Busy(job));
             }
         }
-        let marked = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let marked = sqlx::query(crate::catalog::sql(format!(
             "UPDATE {table} SET answer = ? WHERE id = ? AND answer IS NULL"
         )))
         .bind(if confirm { kind.verb() } else { "cancel" })
@@ -207,7 +207,7 @@ impl Jobs {
                 },
             )
             .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        sqlx::query(crate::catalog::sql(format!(
             "UPDATE {table} SET answer_job = ? WHERE id = ?"
         )))
         .bind(job.id)
@@ -261,7 +261,7 @@ mod tests {
 
     async fn setup() -> (tempfile::TempDir, Jobs, ManualClock) {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let url = storinator_testkit::db::url_for(&dir.path().join("p.db"));
         let catalog = Catalog::open(&url).await.unwrap();
         let clock = ManualClock::new(1_700_000_000_000);
         let jobs = Jobs::new(catalog.pool().clone()).with_clock(Arc::new(clock.clone()));

@@ -672,7 +672,7 @@ impl Schedules {
             "INSERT INTO schedules (kind, owner, user_id, chat_id, path, spec, cron, every_ms,
                                     anchor_at, encrypt, retention, created_at, baseline_at,
                                     next_slot, host)
-             VALUES ('backup', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+             VALUES ('backup', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING *",
         )
         .bind(&new.owner)
         .bind(new.user_id)
@@ -697,7 +697,7 @@ impl Schedules {
     /// (the backup stands); the bot tells the owner ([`super::alerts::AlertKind::ForgetFailed`]).
     pub async fn record_forget_failure(&self, id: i64, job_id: i64, error: &str) -> Result<()> {
         sqlx::query(
-            "INSERT INTO forget_failures (schedule_id, job_id, error, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO forget_failures (schedule_id, job_id, error, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(id)
         .bind(job_id)
@@ -709,7 +709,7 @@ impl Schedules {
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Schedule>> {
-        let row = sqlx::query("SELECT * FROM schedules WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM schedules WHERE id = $1")
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
@@ -719,7 +719,7 @@ impl Schedules {
     /// The backup schedules of `owner`, oldest first.
     pub async fn list(&self, owner: &str) -> Result<Vec<Schedule>> {
         let rows =
-            sqlx::query("SELECT * FROM schedules WHERE owner = ? AND kind = 'backup' ORDER BY id")
+            sqlx::query("SELECT * FROM schedules WHERE owner = $1 AND kind = 'backup' ORDER BY id")
                 .bind(owner)
                 .fetch_all(self.pool())
                 .await?;
@@ -738,7 +738,7 @@ impl Schedules {
     /// stay in the job table.
     pub async fn remove(&self, id: i64, owner: &str) -> Result<Schedule> {
         let row = sqlx::query(
-            "DELETE FROM schedules WHERE id = ? AND owner = ? AND kind = 'backup' RETURNING *",
+            "DELETE FROM schedules WHERE id = $1 AND owner = $2 AND kind = 'backup' RETURNING *",
         )
         .bind(id)
         .bind(owner)
@@ -769,10 +769,10 @@ impl Schedules {
                 .unwrap_or(current.next_slot)
         };
         let row = sqlx::query(
-            "UPDATE schedules SET paused = ?, next_slot = ?,
-                    baseline_at = CASE WHEN ? THEN baseline_at ELSE ? END,
+            "UPDATE schedules SET paused = $1, next_slot = $2,
+                    baseline_at = CASE WHEN $3 THEN baseline_at ELSE $4 END,
                     missed_alert_at = NULL, failures_reported = 0, failure_alert_at = NULL
-              WHERE id = ? RETURNING *",
+              WHERE id = $5 RETURNING *",
         )
         .bind(paused)
         .bind(next)
@@ -810,7 +810,7 @@ impl Schedules {
         sqlx::query(
             "INSERT INTO schedules (kind, owner, user_id, chat_id, path, spec, cron, anchor_at,
                                     created_at, baseline_at, next_slot)
-             VALUES ('scrub', 'system', 0, 0, '', ?, ?, ?, ?, ?, ?)
+             VALUES ('scrub', 'system', 0, 0, '', $1, $2, $3, $4, $5, $6)
              ON CONFLICT (kind) WHERE kind = 'scrub' DO UPDATE
                 SET spec = excluded.spec, cron = excluded.cron, next_slot = excluded.next_slot
               WHERE schedules.cron IS NOT excluded.cron",
@@ -843,7 +843,7 @@ impl Schedules {
         let sql = format!(
             "SELECT * FROM schedules WHERE paused = 0 AND next_slot <= ? {mine} ORDER BY id"
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        let mut q = sqlx::query(crate::catalog::sql(sql)).bind(now);
         if let Some(host) = &rules.host {
             q = q.bind(host);
         }
@@ -875,7 +875,7 @@ impl Schedules {
             Some(slot) if slot >= s.next_slot => slot,
             // The cadence moved under us (a time zone change): no slot is due, only move on.
             _ => {
-                sqlx::query("UPDATE schedules SET next_slot = max(next_slot, ?) WHERE id = ?")
+                sqlx::query("UPDATE schedules SET next_slot = max(next_slot, $1) WHERE id = $2")
                     .bind(next)
                     .bind(s.id)
                     .execute(self.pool())
@@ -895,8 +895,8 @@ impl Schedules {
         // The first statement writes, so the transaction holds the write lock from here on.
         let claimed = sqlx::query(
             "INSERT INTO schedule_runs (schedule_id, slot, outcome, catch_up, created_at)
-             SELECT ?, ?, 'queued', ?, ? WHERE EXISTS
-                    (SELECT 1 FROM schedules WHERE id = ? AND paused = 0)
+             SELECT $1, $2, 'queued', $3, $4 WHERE EXISTS
+                    (SELECT 1 FROM schedules WHERE id = $5 AND paused = 0)
              ON CONFLICT (schedule_id, slot) DO NOTHING",
         )
         .bind(s.id)
@@ -910,7 +910,7 @@ impl Schedules {
             == 1;
         if !claimed {
             // Another scheduler handled this slot (or the schedule is gone or paused).
-            sqlx::query("UPDATE schedules SET next_slot = max(next_slot, ?) WHERE id = ?")
+            sqlx::query("UPDATE schedules SET next_slot = max(next_slot, $1) WHERE id = $2")
                 .bind(next)
                 .bind(s.id)
                 .execute(&mut *tx)
@@ -919,7 +919,7 @@ impl Schedules {
             return Ok(None);
         }
         let active: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE schedule_id = ? AND state IN ('queued', 'running')",
+            "SELECT count(*) FROM jobs WHERE schedule_id = $1 AND state IN ('queued', 'running')",
         )
         .bind(s.id)
         .fetch_one(&mut *tx)
@@ -960,8 +960,8 @@ impl Schedules {
             (RunOutcome::Queued, Some(job.id), None)
         };
         sqlx::query(
-            "UPDATE schedule_runs SET outcome = ?, job_id = ?, detail = ?
-              WHERE schedule_id = ? AND slot = ?",
+            "UPDATE schedule_runs SET outcome = $1, job_id = $2, detail = $3
+              WHERE schedule_id = $4 AND slot = $5",
         )
         .bind(outcome.as_str())
         .bind(job_id)
@@ -971,8 +971,8 @@ impl Schedules {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE schedules SET next_slot = max(next_slot, ?), missed = missed + ?,
-                    skipped = skipped + ? WHERE id = ?",
+            "UPDATE schedules SET next_slot = max(next_slot, $1), missed = missed + $2,
+                    skipped = skipped + $3 WHERE id = $4",
         )
         .bind(next)
         .bind(missed as i64)
@@ -1004,7 +1004,7 @@ impl Schedules {
     pub async fn runs(&self, schedule_id: i64, limit: i64) -> Result<Vec<Fired>> {
         let rows = sqlx::query(
             "SELECT slot, outcome, job_id, catch_up, detail FROM schedule_runs
-              WHERE schedule_id = ? ORDER BY slot DESC LIMIT ?",
+              WHERE schedule_id = $1 ORDER BY slot DESC LIMIT $2",
         )
         .bind(schedule_id)
         .bind(limit)
@@ -1033,7 +1033,7 @@ impl Schedules {
     /// The newest job a schedule fired.
     pub async fn last_job(&self, schedule_id: i64) -> Result<Option<Job>> {
         let id: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE schedule_id = ? ORDER BY id DESC LIMIT 1",
+            "SELECT id FROM jobs WHERE schedule_id = $1 ORDER BY id DESC LIMIT 1",
         )
         .bind(schedule_id)
         .fetch_optional(self.pool())

@@ -36,7 +36,9 @@ impl Fixture {
     }
 
     pub async fn open_repo(dir: &Path, storage: Arc<CountingStorage>, init: bool) -> Repo {
-        let catalog = Catalog::open_file(&dir.join("catalog.db")).await.unwrap();
+        let catalog = Catalog::open(&storinator_testkit::db::url_for(&dir.join("catalog.db")))
+            .await
+            .unwrap();
         if init {
             Repo::init(
                 &catalog,
