@@ -159,7 +159,7 @@ impl Harness {
             )
             .await
             .unwrap();
-        sqlx::query("UPDATE snapshots SET finished_at = ? WHERE short_id = ?")
+        sqlx::query("UPDATE snapshots SET finished_at = $1 WHERE short_id = $2")
             .bind(self.clock.now_ms())
             .bind(&s.snapshot.short_id)
             .execute(self.jobs.pool())

@@ -682,11 +682,13 @@ pub fn database_location(
     };
     let database_url = match var("DATABASE_URL") {
         Some(url) => {
-            if !url.starts_with("sqlite:") {
+            let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+            if !url.starts_with("sqlite:") && !postgres {
                 return Err(ConfigError::Invalid {
                     var: "DATABASE_URL",
                     value: url,
-                    reason: "only SQLite is supported (sqlite://path/to/file.db)".into(),
+                    reason: "expected sqlite://path/to/file.db or postgres://user@host/database"
+                        .into(),
                 });
             }
             url
@@ -1047,7 +1049,7 @@ mod tests {
             ("STORINATOR_BACKUP_ROOTS", "relative/path"),
             ("STORINATOR_COMPRESSION", "zstd:99"),
             ("TELEGRAM_API_ID", "abc"),
-            ("DATABASE_URL", "postgres://x"),
+            ("DATABASE_URL", "mysql://x"),
             ("STORINATOR_MESSAGE_RATE", "0"),
         ] {
             let err = cfg(&[(k, v)]).unwrap_err().to_string();

@@ -205,12 +205,27 @@ impl Error {
     }
 }
 
-/// True for database failures another attempt may not meet: a timeout, an I/O hiccup, or
-/// SQLite's "database is busy / locked" (which the busy timeout does not always absorb, e.g.
+/// True for database failures another attempt may not meet: a timeout, an I/O hiccup,
+/// PostgreSQL's serialization failures and connection troubles, or SQLite's "database is busy
+/// / locked" (which the busy timeout does not always absorb, e.g.
 /// when a read transaction must be upgraded after another writer committed).
 fn db_is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(d)
+            if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some() =>
+        {
+            // SQLSTATE: a serialization failure or deadlock (the transaction may be run again),
+            // a lost connection, too many connections or a server shutting down.
+            d.code().is_some_and(|c| {
+                c == "40001"
+                    || c == "40P01"
+                    || c.starts_with("08")
+                    || c.starts_with("53")
+                    || c.starts_with("57P")
+            })
+        }
         sqlx::Error::Database(d) => d
             .code()
             .and_then(|c| c.parse::<i32>().ok())

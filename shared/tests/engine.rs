@@ -295,7 +295,7 @@ async fn restore_refuses_a_crafted_path_that_escapes_the_target() {
         .await
         .unwrap();
     for evil in ["data/../../escaped.txt", "data/../escaped.txt"] {
-        sqlx::query("UPDATE entries SET path = ? WHERE path LIKE 'data/%'")
+        sqlx::query("UPDATE entries SET path = $1 WHERE path LIKE 'data/%'")
             .bind(evil)
             .execute(f.repo.catalog.pool())
             .await
@@ -779,7 +779,7 @@ fn touch(file: &std::path::Path, secs: i64) {
 async fn pack_of(f: &Fixture, path: &str) -> String {
     sqlx::query_scalar(
         "SELECT c.pack_id FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id WHERE e.path = ? ORDER BY cc.seq LIMIT 1",
+         JOIN chunks c ON c.id = cc.chunk_id WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
     .fetch_one(f.repo.catalog.pool())
@@ -791,7 +791,7 @@ async fn pack_of(f: &Fixture, path: &str) -> String {
 async fn files_in_pack(f: &Fixture, pack: &str) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id WHERE c.pack_id = ? ORDER BY e.path",
+         JOIN chunks c ON c.id = cc.chunk_id WHERE c.pack_id = $1 ORDER BY e.path",
     )
     .bind(pack)
     .fetch_all(f.repo.catalog.pool())
@@ -1255,10 +1255,10 @@ async fn recover_twice_changes_nothing_the_second_time() {
 /// Where the first chunk of `path` (in the current snapshot) is stored: pack id and offset.
 async fn first_chunk_of(f: &Fixture, path: &str) -> (String, i64) {
     sqlx::query_as(
-        "SELECT c.pack_id, c.offset FROM entries e
+        "SELECT c.pack_id, c.\"offset\" FROM entries e
            JOIN content_chunks cc ON cc.content_id = e.content_id AND cc.seq = 0
            JOIN chunks c ON c.id = cc.chunk_id
-          WHERE e.path = ? AND e.to_seq IS NULL",
+          WHERE e.path = $1 AND e.to_seq IS NULL",
     )
     .bind(path)
     .fetch_one(f.repo.catalog.pool())
@@ -1327,9 +1327,10 @@ async fn content_whose_size_or_sha256_does_not_match_is_rejected() {
         .unwrap();
     // The recorded values no longer match the (authentic) data: a's SHA-256 and b's size.
     sqlx::query(
-        "UPDATE contents SET sha256 = zeroblob(32)
+        "UPDATE contents SET sha256 = $1
           WHERE id = (SELECT content_id FROM entries WHERE path = 'data/a.bin')",
     )
+    .bind(vec![0u8; 32])
     .execute(f.repo.catalog.pool())
     .await
     .unwrap();

@@ -171,7 +171,7 @@ async fn an_unencrypted_backup_after_the_upgrade_relies_on_no_format1_blob() {
     let unauthenticated: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM chunks ch JOIN content_chunks cc ON cc.chunk_id = ch.id \
          JOIN entries e ON e.content_id = cc.content_id JOIN roots r ON r.id = e.root_id \
-         WHERE r.path = ? AND ch.flags & 3 = 0",
+         WHERE r.path = $1 AND ch.flags & 3 = 0",
     )
     .bind(&s.snapshot.root)
     .fetch_one(repo.catalog.pool())

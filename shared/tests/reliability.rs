@@ -261,7 +261,7 @@ async fn work_of_a_dead_run_is_reclaimed_and_a_live_runs_is_left_alone() {
     fake_run(&f, "dead", None).await;
     let dead_pack = unfinished_pack(&f, "dead", 2).await;
     let legacy_pack = unfinished_pack(&f, "dead", 3).await;
-    sqlx::query("UPDATE packs SET run_id = NULL WHERE id = ?")
+    sqlx::query("UPDATE packs SET run_id = NULL WHERE id = $1")
         .bind(&legacy_pack)
         .execute(f.repo.catalog.pool())
         .await
@@ -421,8 +421,8 @@ async fn verify_lists_objects_the_catalog_does_not_know_and_leaves_them() {
 /// The pack and offset of the first chunk of `path`'s content.
 async fn chunk_of(f: &Fixture, path: &str) -> (String, i64) {
     sqlx::query_as(
-        "SELECT c.pack_id, c.offset FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id WHERE e.path = ? ORDER BY cc.seq LIMIT 1",
+        "SELECT c.pack_id, c.\"offset\" FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+         JOIN chunks c ON c.id = cc.chunk_id WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
     .fetch_one(f.repo.catalog.pool())

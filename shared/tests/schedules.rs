@@ -236,7 +236,7 @@ async fn two_schedulers_fire_each_slot_exactly_once() {
     // A daemon restarted with a stale view (its next slot still the one just fired) does not
     // fire that slot again: the (schedule, slot) key is taken.
     let last = runs[0].slot;
-    sqlx::query("UPDATE schedules SET next_slot = ? WHERE id = ?")
+    sqlx::query("UPDATE schedules SET next_slot = $1 WHERE id = $2")
         .bind(last)
         .bind(s.id)
         .execute(w.jobs.pool())

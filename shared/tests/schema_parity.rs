@@ -175,7 +175,7 @@ async fn sqlite_schema(pool: &SqlitePool) -> Schema {
         // SQLite keeps the CREATE TABLE text (with the columns later migrations added); its
         // CHECK clauses are read from it, comments left out.
         let sql: String =
-            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1")
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = $1")
                 .bind(&name)
                 .fetch_one(pool)
                 .await
@@ -208,7 +208,7 @@ struct SqliteColumn {
 async fn sqlite_columns(pool: &SqlitePool, table: &str, without_rowid: bool) -> Table {
     let cols: Vec<SqliteColumn> = sqlx::query_as(
         "SELECT name, type AS declared, \"notnull\" AS not_null, dflt_value AS \"default\", pk \
-         FROM pragma_table_info(?1) ORDER BY cid",
+         FROM pragma_table_info($1) ORDER BY cid",
     )
     .bind(table)
     .fetch_all(pool)
@@ -256,7 +256,7 @@ async fn sqlite_indexes(
     indexes: &mut BTreeMap<String, Index>,
 ) {
     let list: Vec<(String, bool, String, bool)> = sqlx::query_as(
-        "SELECT name, \"unique\", origin, partial FROM pragma_index_list(?1) ORDER BY name",
+        "SELECT name, \"unique\", origin, partial FROM pragma_index_list($1) ORDER BY name",
     )
     .bind(table)
     .fetch_all(pool)
@@ -264,7 +264,7 @@ async fn sqlite_indexes(
     .unwrap();
     for (index, unique, origin, partial) in list {
         let columns: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")
+            sqlx::query_scalar("SELECT name FROM pragma_index_info($1) ORDER BY seqno")
                 .bind(&index)
                 .fetch_all(pool)
                 .await
@@ -277,7 +277,7 @@ async fn sqlite_indexes(
             _ => {
                 let predicate = if partial {
                     let sql: String = sqlx::query_scalar(
-                        "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                        "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = $1",
                     )
                     .bind(&index)
                     .fetch_one(pool)
@@ -303,7 +303,7 @@ async fn sqlite_indexes(
 
 async fn sqlite_foreign_keys(pool: &SqlitePool, table: &str) -> BTreeSet<ForeignKey> {
     let rows: Vec<(i64, String, String, String, String)> = sqlx::query_as(
-        "SELECT id, \"table\", \"from\", \"to\", on_delete FROM pragma_foreign_key_list(?1) \
+        "SELECT id, \"table\", \"from\", \"to\", on_delete FROM pragma_foreign_key_list($1) \
          ORDER BY id, seq",
     )
     .bind(table)

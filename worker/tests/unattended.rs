@@ -220,7 +220,7 @@ async fn two_daemons_fire_each_slot_once_and_a_restarted_one_does_not_repeat() {
     let runs = w.schedules.runs(id, 100).await.unwrap();
     assert_eq!(runs.len(), 4);
     let done: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'done' AND schedule_id = ?")
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'done' AND schedule_id = $1")
             .bind(id)
             .fetch_one(w.jobs.pool())
             .await

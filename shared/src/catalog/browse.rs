@@ -31,7 +31,7 @@ pub struct Version {
 
 /// Entries of snapshot `?2` of root `?1` that are direct children of `?3` (`dir/`).
 const CHILDREN: &str = "e.root_id = ?1 AND e.from_seq <= ?2 AND (e.to_seq IS NULL OR e.to_seq > ?2) \
-     AND e.path >= ?3 AND e.path < ?4 AND instr(substr(e.path, ?5), '/') = 0";
+     AND e.path >= ?3 AND e.path < ?4 AND substr(e.path, CAST(?5 AS INTEGER)) NOT LIKE '%/%'";
 
 impl Catalog {
     /// Direct children of the folder at entry path `dir` in snapshot `seq` of a root,

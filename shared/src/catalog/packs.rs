@@ -26,7 +26,7 @@ impl Catalog {
         )
         .bind(id)
         .bind(size as i64)
-        .bind(encrypted)
+        .bind(i64::from(encrypted))
         .bind(now_ms())
         .bind(run_id)
         .execute(&self.pool)
@@ -90,7 +90,7 @@ impl Catalog {
         )
         .bind(id)
         .bind(size as i64)
-        .bind(encrypted)
+        .bind(i64::from(encrypted))
         .bind(location)
         .bind(now_ms())
         .execute(&mut *tx)
@@ -119,7 +119,7 @@ impl Catalog {
         to: &str,
     ) -> Result<bool, Error> {
         let done = sqlx::query(
-            "UPDATE packs SET run_id = $1 WHERE id = $2 AND state = 'uploading' AND run_id IS $3",
+            "UPDATE packs SET run_id = $1 WHERE id = $2 AND state = 'uploading' AND run_id IS NOT DISTINCT FROM $3",
         )
         .bind(to)
         .bind(id)
@@ -227,7 +227,7 @@ impl Catalog {
     /// Where a blob lives.
     pub async fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, Error> {
         let row = sqlx::query(
-            "SELECT c.pack_id, p.location, c.offset, c.length, c.raw_length FROM chunks c \
+            "SELECT c.pack_id, p.location, c.\"offset\", c.length, c.raw_length FROM chunks c \
              JOIN packs p ON p.id = c.pack_id WHERE c.id = $1",
         )
         .bind(&id.0[..])
@@ -254,7 +254,7 @@ impl Catalog {
         for batch in contents.chunks(500) {
             let marks = vec!["?"; batch.len()].join(", ");
             let sql = format!(
-                "SELECT cc.content_id, c.id, c.pack_id, p.location, c.offset, c.length, c.raw_length \
+                "SELECT cc.content_id, c.id, c.pack_id, p.location, c.\"offset\", c.length, c.raw_length \
                  FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.id = c.pack_id \
                  WHERE cc.content_id IN ({marks}) ORDER BY cc.content_id, cc.seq"
             );
@@ -355,7 +355,7 @@ impl Catalog {
 
     /// The blobs the catalog places in a pack, as (id, offset, sealed length).
     pub async fn blobs_in_pack(&self, pack_id: &str) -> Result<Vec<(Vec<u8>, i64, i64)>, Error> {
-        sqlx::query_as("SELECT id, offset, length FROM chunks WHERE pack_id = $1")
+        sqlx::query_as("SELECT id, \"offset\", length FROM chunks WHERE pack_id = $1")
             .bind(pack_id)
             .fetch_all(&self.pool)
             .await
@@ -370,8 +370,8 @@ impl Catalog {
 async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Result<(), Error> {
     // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
     let sql = format!(
-        "INSERT INTO chunks (id, pack_id, offset, length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset, \
+        "INSERT INTO chunks (id, pack_id, \"offset\", length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, \"offset\" = excluded.\"offset\", \
              length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
              WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = chunks.pack_id AND {USABLE_PACK}) \
              OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \

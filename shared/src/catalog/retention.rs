@@ -175,9 +175,9 @@ impl Catalog {
         let sql = format!(
             "WITH live(id) AS ({LIVE_CHUNKS}) \
              SELECT p.id, p.size, p.encrypted, p.location, p.created_at, COUNT(c.id), \
-             COALESCE(SUM(c.id IN (SELECT id FROM live)), 0), \
-             COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN c.length ELSE 0 END), 0), \
-             COALESCE(SUM(c.flags & 3 = 0), 0) \
+             CAST(COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN c.length ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN c.flags & 3 = 0 THEN 1 ELSE 0 END), 0) AS BIGINT) \
              FROM packs p LEFT JOIN chunks c ON c.pack_id = p.id \
              WHERE p.state = 'stored' AND p.created_at < ? \
              AND p.id NOT IN (SELECT pack_id FROM condemned_packs) \
@@ -207,8 +207,8 @@ impl Catalog {
     /// The live blobs the catalog places in a pack, in pack order.
     pub async fn live_blobs_in_pack(&self, pack_id: &str) -> Result<Vec<super::BlobRow>, Error> {
         let sql = format!(
-            "SELECT id, offset, length, raw_length, kind, flags FROM chunks \
-             WHERE pack_id = ? AND id IN ({LIVE_CHUNKS}) ORDER BY offset"
+            "SELECT id, \"offset\", length, raw_length, kind, flags FROM chunks \
+             WHERE pack_id = ? AND id IN ({LIVE_CHUNKS}) ORDER BY \"offset\""
         );
         let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(pack_id)
@@ -232,7 +232,7 @@ impl Catalog {
             .map_err(db(WHAT))?;
         for (old, e) in moves {
             sqlx::query(
-                "UPDATE chunks SET pack_id = $1, offset = $2, length = $3, raw_length = $4, flags = $5 \
+                "UPDATE chunks SET pack_id = $1, \"offset\" = $2, length = $3, raw_length = $4, flags = $5 \
                  WHERE id = $6 AND pack_id = $7",
             )
             .bind(new)
@@ -312,11 +312,11 @@ impl Catalog {
             .await
             .map_err(db(WHAT))?;
         for sql in [
-            "DELETE FROM damaged_chunks WHERE pack_id = ?",
-            "DELETE FROM scrub_packs WHERE pack_id = ?",
-            "DELETE FROM chunks WHERE pack_id = ?",
-            "DELETE FROM packs WHERE id = ? AND id IN (SELECT pack_id FROM condemned_packs)",
-            "DELETE FROM condemned_packs WHERE pack_id = ?",
+            "DELETE FROM damaged_chunks WHERE pack_id = $1",
+            "DELETE FROM scrub_packs WHERE pack_id = $1",
+            "DELETE FROM chunks WHERE pack_id = $1",
+            "DELETE FROM packs WHERE id = $1 AND id IN (SELECT pack_id FROM condemned_packs)",
+            "DELETE FROM condemned_packs WHERE pack_id = $1",
         ] {
             sqlx::query(sql)
                 .bind(id)
@@ -371,7 +371,7 @@ impl Catalog {
             "SELECT r.owner, r.path, COUNT(s.id), \
              COALESCE((SELECT s2.bytes FROM snapshots s2 WHERE s2.root_id = r.id \
                        ORDER BY s2.seq DESC LIMIT 1), 0), \
-             COALESCE(SUM(s.bytes), 0), COALESCE(SUM(s.bytes_stored), 0) \
+             CAST(COALESCE(SUM(s.bytes), 0) AS BIGINT), CAST(COALESCE(SUM(s.bytes_stored), 0) AS BIGINT) \
              FROM roots r LEFT JOIN snapshots s ON s.root_id = r.id \
              GROUP BY r.id ORDER BY r.owner, r.path",
         )

@@ -201,8 +201,8 @@ impl Catalog {
     /// Blobs the catalog places in a pack, by offset, from `from` on.
     pub async fn blobs_from(&self, pack_id: &str, from: u64) -> Result<Vec<BlobRow>, Error> {
         let rows = sqlx::query(
-            "SELECT id, offset, length, raw_length, kind, flags FROM chunks
-              WHERE pack_id = $1 AND offset >= $2 ORDER BY offset",
+            "SELECT id, \"offset\", length, raw_length, kind, flags FROM chunks
+              WHERE pack_id = $1 AND \"offset\" >= $2 ORDER BY \"offset\"",
         )
         .bind(pack_id)
         .bind(from as i64)
@@ -297,7 +297,7 @@ impl Catalog {
         let rows = sqlx::query(
             "SELECT d.chunk_id, d.pack_id, d.reason, c.kind, c.flags, c.raw_length
                FROM damaged_chunks d JOIN chunks c ON c.id = d.chunk_id
-              WHERE d.healed_at IS NULL AND c.pack_id = d.pack_id ORDER BY d.pack_id, c.offset",
+              WHERE d.healed_at IS NULL AND c.pack_id = d.pack_id ORDER BY d.pack_id, c.\"offset\"",
         )
         .fetch_all(&self.pool)
         .await
@@ -367,7 +367,7 @@ impl Catalog {
     pub async fn files_with_content(&self, content_id: i64) -> Result<Vec<AffectedFile>, Error> {
         let rows = sqlx::query(
             "SELECT r.owner, r.path, e.path,
-                    (SELECT group_concat(s.short_id, ',') FROM
+                    (SELECT string_agg(s.short_id, ',') FROM
                         (SELECT short_id FROM snapshots s WHERE s.root_id = e.root_id
                             AND s.seq >= e.from_seq AND (e.to_seq IS NULL OR s.seq < e.to_seq)
                           ORDER BY s.seq) s)
@@ -495,8 +495,8 @@ impl Catalog {
     pub async fn owner_stats(&self, owner: &str, from: i64, to: i64) -> Result<OwnerStats, Error> {
         let r = sqlx::query(
             "SELECT count(*) FILTER (WHERE s.finished_at >= $2 AND s.finished_at < $3),
-                    coalesce(sum(s.bytes_stored) FILTER (WHERE s.finished_at >= $2 AND s.finished_at < $3), 0),
-                    count(*), coalesce(sum(s.bytes_stored), 0)
+                    CAST(coalesce(sum(s.bytes_stored) FILTER (WHERE s.finished_at >= $2 AND s.finished_at < $3), 0) AS BIGINT),
+                    count(*), CAST(coalesce(sum(s.bytes_stored), 0) AS BIGINT)
                FROM snapshots s JOIN roots r ON r.id = s.root_id WHERE r.owner = $1",
         )
         .bind(owner)

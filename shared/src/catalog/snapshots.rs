@@ -595,7 +595,7 @@ async fn content_id(
     )
     .bind(&sha256[..])
     .bind(*size as i64)
-    .bind(encrypted)
+    .bind(i64::from(encrypted))
     .bind(key_id)
     .execute(&mut *tx)
     .await
@@ -606,7 +606,7 @@ async fn content_id(
     )
     .bind(&sha256[..])
     .bind(*size as i64)
-    .bind(encrypted)
+    .bind(i64::from(encrypted))
     .bind(key_id)
     .fetch_one(&mut *tx)
     .await
@@ -712,7 +712,7 @@ async fn insert_snapshot(
     .bind(&info.short_id)
     .bind(&blob_id.0[..])
     .bind(&info.hostname)
-    .bind(info.encrypted)
+    .bind(i64::from(info.encrypted))
     .bind(info.started_at)
     .bind(info.finished_at)
     .bind(info.files as i64)

@@ -709,7 +709,7 @@ impl Alerts {
     /// Records that a digest went out.
     pub async fn ack_digest(&self, d: &Digest) -> Result<()> {
         sqlx::query(
-            "UPDATE user_settings SET last_digest_at = max(last_digest_at, $1) WHERE owner = $2",
+            "UPDATE user_settings SET last_digest_at = CASE WHEN last_digest_at > $1 THEN last_digest_at ELSE $1 END WHERE owner = $2",
         )
         .bind(d.slot)
         .bind(&d.owner)

@@ -19,8 +19,7 @@
 
 use std::sync::Arc;
 
-use crate::catalog::DbRow;
-use crate::catalog::Pool;
+use crate::catalog::{DbRow, Dialect, Pool};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -593,7 +592,7 @@ impl Jobs {
         let row = sqlx::query(
             "INSERT INTO jobs (kind, args, user_id, chat_id, max_attempts, created_at, updated_at,
                                not_before, schedule_id, owner, final_notified, host)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9 IS NOT NULL, $11) RETURNING *",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $9 IS NULL THEN 0 ELSE 1 END, $11) RETURNING *",
         )
         .bind(new.args.kind())
         .bind(json)
@@ -676,7 +675,7 @@ impl Jobs {
 
     /// Record that the progress message now reflects the job as of `updated_at`.
     pub async fn mark_shown(&self, id: JobId, updated_at: i64) -> Result<()> {
-        sqlx::query("UPDATE jobs SET shown_at = max(shown_at, $1) WHERE id = $2")
+        sqlx::query("UPDATE jobs SET shown_at = CASE WHEN shown_at > $1 THEN shown_at ELSE $1 END WHERE id = $2")
             .bind(updated_at)
             .bind(id)
             .execute(&self.pool)
@@ -876,12 +875,14 @@ impl Jobs {
 
     /// Records that `user_id` agreed to `what`.
     pub async fn give_consent(&self, user_id: i64, what: &str) -> Result<()> {
-        sqlx::query("INSERT OR IGNORE INTO consents (user_id, what, at) VALUES ($1, $2, $3)")
-            .bind(user_id)
-            .bind(what)
-            .bind(self.now_ms())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO consents (user_id, what, at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(what)
+        .bind(self.now_ms())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -928,30 +929,37 @@ impl Jobs {
         let now = self.now_ms();
         self.sweep_expired(now).await?;
         let mine = match host {
-            Some(_) => "(host IS NULL OR host = ?)",
+            Some(_) => "(host IS NULL OR host = $4)",
             None => "host IS NULL",
         };
+        let runnable = format!(
+            "{mine} AND ((state = 'queued' AND not_before <= $3)
+                         OR (state = 'running' AND lease_until < $3
+                             AND cancel_requested = 0 AND attempt < max_attempts))"
+        );
+        // PostgreSQL runs claims side by side: a concurrent claimer skips the row another
+        // one holds, and the outer condition, checked again on the row's newest version,
+        // refuses a job claimed since this statement's snapshot. SQLite has one writer.
+        let lock = match Dialect::of(&self.pool) {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        };
         let sql = format!(
-            "UPDATE jobs SET state = 'running', lease_owner = ?, lease_until = ?,
-                    attempt = attempt + 1, started_at = coalesce(started_at, ?),
-                    updated_at = ?, stall_notified = 0, throttle = NULL
-              WHERE id = (SELECT id FROM jobs
-                           WHERE {mine}
-                             AND ((state = 'queued' AND not_before <= ?)
-                                  OR (state = 'running' AND lease_until < ?
-                                      AND cancel_requested = 0 AND attempt < max_attempts))
-                           ORDER BY id LIMIT 1)
+            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_until = $2,
+                    attempt = attempt + 1, started_at = coalesce(started_at, $3),
+                    updated_at = $3, stall_notified = 0, throttle = NULL
+              WHERE id = (SELECT id FROM jobs WHERE {runnable} ORDER BY id LIMIT 1{lock})
+                AND {runnable}
               RETURNING *"
         );
         let mut q = sqlx::query(crate::catalog::sql(sql))
             .bind(owner)
             .bind(now + self.policy.lease_ms)
-            .bind(now)
             .bind(now);
         if let Some(host) = host {
             q = q.bind(host);
         }
-        let row = q.bind(now).bind(now).fetch_optional(&self.pool).await?;
+        let row = q.fetch_optional(&self.pool).await?;
         let Some(row) = row else { return Ok(None) };
         let job = Job::from_row(&row)?;
         let lease = Lease {

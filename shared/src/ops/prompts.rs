@@ -331,11 +331,7 @@ mod tests {
     async fn an_answer_during_another_write_waits_and_succeeds() {
         let (_d, jobs, _c) = setup().await;
         let id = prompt(&jobs).await;
-        let mut other = jobs.pool().acquire().await.unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *other)
-            .await
-            .unwrap();
+        let mut other = crate::catalog::begin_write(jobs.pool()).await.unwrap();
         sqlx::query(
             "INSERT INTO forget_prompts (user_id, chat_id, root, policy, snapshots, created_at)
              VALUES (8, 80, '/x', 'keep last 1', '[]', 0)",
@@ -349,7 +345,7 @@ mod tests {
         };
         // Long enough for a deferred transaction to have read before the other commits.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        sqlx::query("COMMIT").execute(&mut *other).await.unwrap();
+        other.commit().await.unwrap();
         let outcome = answering.await.unwrap().unwrap();
         assert!(matches!(outcome, PromptOutcome::Queued(_)), "{outcome:?}");
         assert_eq!(job_count(&jobs).await, 1);

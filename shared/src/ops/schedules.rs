@@ -682,7 +682,7 @@ impl Schedules {
         .bind(&new.when.cron)
         .bind(new.when.every_ms)
         .bind(now)
-        .bind(new.encrypt)
+        .bind(i64::from(new.encrypt))
         .bind(new.retention.as_ref().map(|r| r.to_string()))
         .bind(now)
         .bind(now)
@@ -770,13 +770,13 @@ impl Schedules {
         };
         let row = sqlx::query(
             "UPDATE schedules SET paused = $1, next_slot = $2,
-                    baseline_at = CASE WHEN $3 THEN baseline_at ELSE $4 END,
+                    baseline_at = CASE WHEN $3 = 1 THEN baseline_at ELSE $4 END,
                     missed_alert_at = NULL, failures_reported = 0, failure_alert_at = NULL
               WHERE id = $5 RETURNING *",
         )
-        .bind(paused)
+        .bind(i64::from(paused))
         .bind(next)
-        .bind(paused)
+        .bind(i64::from(paused))
         .bind(now)
         .bind(id)
         .fetch_optional(self.pool())
@@ -875,7 +875,7 @@ impl Schedules {
             Some(slot) if slot >= s.next_slot => slot,
             // The cadence moved under us (a time zone change): no slot is due, only move on.
             _ => {
-                sqlx::query("UPDATE schedules SET next_slot = max(next_slot, $1) WHERE id = $2")
+                sqlx::query("UPDATE schedules SET next_slot = CASE WHEN next_slot > $1 THEN next_slot ELSE $1 END WHERE id = $2")
                     .bind(next)
                     .bind(s.id)
                     .execute(self.pool())
@@ -901,7 +901,7 @@ impl Schedules {
         )
         .bind(s.id)
         .bind(slot)
-        .bind(catch_up)
+        .bind(i64::from(catch_up))
         .bind(now)
         .bind(s.id)
         .execute(&mut *tx)
@@ -910,7 +910,7 @@ impl Schedules {
             == 1;
         if !claimed {
             // Another scheduler handled this slot (or the schedule is gone or paused).
-            sqlx::query("UPDATE schedules SET next_slot = max(next_slot, $1) WHERE id = $2")
+            sqlx::query("UPDATE schedules SET next_slot = CASE WHEN next_slot > $1 THEN next_slot ELSE $1 END WHERE id = $2")
                 .bind(next)
                 .bind(s.id)
                 .execute(&mut *tx)
@@ -971,7 +971,7 @@ impl Schedules {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE schedules SET next_slot = max(next_slot, $1), missed = missed + $2,
+            "UPDATE schedules SET next_slot = CASE WHEN next_slot > $1 THEN next_slot ELSE $1 END, missed = missed + $2,
                     skipped = skipped + $3 WHERE id = $4",
         )
         .bind(next)
