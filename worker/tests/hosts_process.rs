@@ -1,5 +1,6 @@
 //! Several storage hosts behind one bot, as processes: `storinator-worker run` processes
-//! with their own `STORINATOR_HOST` and roots share one SQLite job database and one store;
+//! with their own `STORINATOR_HOST` and roots share one job database (SQLite, and again on a
+//! throwaway PostgreSQL cluster, the database made for several machines) and one store;
 //! the real bot (in-process, against the fake Bot API) routes chat commands by the roots the
 //! workers registered. Each host's jobs run on its own workers only, and a worker killed with
 //! `kill -9` mid-job leaves its job to another worker of the same host, never to another
@@ -13,6 +14,7 @@ use storinator_bot::BotConfig;
 use storinator_shared::{Catalog, Job, JobArgs, JobState, Jobs};
 use storinator_testkit::botapi::{self, FakeBotApi};
 use storinator_testkit::fixtures::words;
+use storinator_testkit::pg::PgCluster;
 use tokio::sync::oneshot;
 
 const USER: i64 = 7;
@@ -25,12 +27,20 @@ struct Site {
     db_url: String,
     jobs: Jobs,
     children: Vec<Child>,
+    /// The PostgreSQL server of a site on PostgreSQL (stopped after the workers).
+    _pg: Option<PgCluster>,
+}
+
+#[derive(Clone, Copy)]
+enum Db {
+    Sqlite,
+    Postgres,
 }
 
 impl Site {
     /// A database and a store with a key, and the folders: `web1/`, `web2/` (one host each)
     /// and `shared/` (both hosts serve it).
-    async fn new() -> Site {
+    async fn new(db: Db) -> Site {
         let dir = tempfile::tempdir().unwrap();
         let top = dir.path().canonicalize().unwrap().join("top");
         for d in ["web1/data", "web2/data", "shared/data", "elsewhere"] {
@@ -39,13 +49,23 @@ impl Site {
         std::fs::write(top.join("web1/data/a.txt"), b"on web1").unwrap();
         std::fs::write(top.join("web2/data/b.txt"), b"on web2").unwrap();
         std::fs::write(top.join("shared/data/c.txt"), b"on both").unwrap();
-        let db_url = format!("sqlite://{}", dir.path().join("storinator.db").display());
+        let (db_url, pg) = match db {
+            Db::Sqlite => (
+                format!("sqlite://{}", dir.path().join("storinator.db").display()),
+                None,
+            ),
+            Db::Postgres => {
+                let pg = PgCluster::start().unwrap();
+                (pg.create_database("storinator").unwrap(), Some(pg))
+            }
+        };
         let mut site = Site {
             jobs: Jobs::new(Catalog::open(&db_url).await.unwrap().pool().clone()),
             dir,
             top,
             db_url,
             children: Vec::new(),
+            _pg: pg,
         };
         let st = site.worker("web1").arg("init").output().unwrap();
         assert!(
@@ -209,7 +229,16 @@ async fn newest(site: &Site) -> Job {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bot_two_hosts_each_hosts_jobs_run_on_its_own_worker() {
-    let mut site = Site::new().await;
+    one_bot_two_hosts(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_one_bot_two_hosts_each_hosts_jobs_run_on_its_own_worker() {
+    one_bot_two_hosts(Db::Postgres).await;
+}
+
+async fn one_bot_two_hosts(db: Db) {
+    let mut site = Site::new(db).await;
     let api = FakeBotApi::start_with(botapi::Limits::telegram().faster(5))
         .await
         .unwrap();
@@ -363,7 +392,16 @@ async fn one_bot_two_hosts_each_hosts_jobs_run_on_its_own_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_leaves_it_to_its_own_host() {
-    let mut site = Site::new().await;
+    killed_mid_job(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_worker_killed_mid_job_leaves_it_to_its_own_host() {
+    killed_mid_job(Db::Postgres).await;
+}
+
+async fn killed_mid_job(db: Db) {
+    let mut site = Site::new(db).await;
     let src = site.top.join("web1/big");
     std::fs::create_dir_all(&src).unwrap();
     // Twelve one-chunk files, each in a pack of its own (64 KiB packs).
@@ -418,7 +456,7 @@ async fn a_worker_killed_mid_job_leaves_it_to_its_own_host() {
 
     // The lease is the daemon's 30 s: rather than wait it out, end it now, as time would.
     // Then web2's worker, polling every second, must still leave the job alone.
-    sqlx::query("UPDATE jobs SET lease_until = 0 WHERE id = ?")
+    sqlx::query("UPDATE jobs SET lease_until = 0 WHERE id = $1")
         .bind(job.id)
         .execute(site.jobs.pool())
         .await

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use sqlx::any::AnyPoolOptions;
-use sqlx::{Executor, Row};
+use sqlx::{Connection, Executor, Row};
 
 use crate::error::Error;
 
@@ -67,6 +67,16 @@ pub async fn open_pool(url: &str) -> Result<Pool, Error> {
         Dialect::Sqlite => sqlite_prepare(url)?,
         Dialect::Postgres => url.to_string(),
     };
+    let opening = |source| Error::Db {
+        context: format!("opening {}", redact(&url)),
+        source,
+    };
+    if dialect == Dialect::Postgres {
+        // One plain connection first: a server that is down or refuses us fails here at once
+        // with its own answer, where the pool would retry quietly for its whole timeout.
+        let conn = sqlx::AnyConnection::connect(&url).await.map_err(opening)?;
+        let _ = conn.close().await;
+    }
     let pool = AnyPoolOptions::new()
         .max_connections(match dialect {
             // SQLite has one writer at a time: more connections only wait on its lock.
@@ -90,10 +100,7 @@ pub async fn open_pool(url: &str) -> Result<Pool, Error> {
         })
         .connect(&url)
         .await
-        .map_err(|source| Error::Db {
-            context: format!("opening {}", redact(&url)),
-            source,
-        })?;
+        .map_err(opening)?;
     let migrated = match dialect {
         Dialect::Sqlite => sqlx::migrate!("../migrations").run(&pool).await,
         Dialect::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await,
