@@ -1,16 +1,18 @@
 //! Routing chat commands to the storage host that serves their path (see
 //! `storinator_shared::ops::hosts`), and `/hosts`.
 //!
-//! With one storage host (or none registered yet) the bot sees that host's folders, as it
-//! always did: it checks a path on its own file system (canonical, existing, inside
-//! `STORINATOR_BACKUP_ROOTS`). With several, a path lives on another machine: the bot checks it
-//! by text (absolute, no `.` or `..`) and against the roots the hosts registered, and the
-//! host's worker checks the folder itself when the job runs.
+//! With one storage host (or none registered yet) on SQLite the bot sees that host's folders,
+//! as it always did: it checks a path on its own file system (canonical, existing, inside
+//! `STORINATOR_BACKUP_ROOTS`). With several, or on PostgreSQL (the database for a bot on a
+//! machine of its own), a path lives on another machine: the bot checks it by text
+//! (absolute, no `.` or `..`) and against the roots the hosts registered, and the host's
+//! worker checks the folder itself when the job runs.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use storinator_shared::catalog::Dialect;
 use storinator_shared::ops::hosts::{HostInfo, RootKind, RouteError, route, split_host};
 
 use crate::{App, args};
@@ -24,6 +26,12 @@ pub(crate) struct Routed {
     pub info: Option<HostInfo>,
 }
 
+/// Whether the hosts' folders are elsewhere than the bot's file system: with several hosts,
+/// or any number on PostgreSQL.
+fn remote(app: &App, hosts: &[HostInfo]) -> bool {
+    hosts.len() > 1 || Dialect::of(app.jobs.pool()) == Dialect::Postgres
+}
+
 /// Routes a folder to back up (or schedule). `Err` is the text to answer with.
 pub(crate) async fn backup_path(
     app: &Arc<App>,
@@ -31,7 +39,7 @@ pub(crate) async fn backup_path(
 ) -> anyhow::Result<Result<Routed, String>> {
     let (named, path) = split_host(raw);
     let hosts = app.jobs.hosts().await?;
-    if hosts.len() <= 1 {
+    if !remote(app, &hosts) {
         let canon = match args::check_backup_path(path, &app.cfg.backup_roots) {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
@@ -77,7 +85,7 @@ pub(crate) async fn restore_path(
         return Ok(Ok(Routed {
             path,
             host: Some(h.name.clone()),
-            info: (hosts.len() > 1).then(|| h.clone()),
+            info: remote(app, &hosts).then(|| h.clone()),
         }));
     }
     Ok(match &hosts[..] {
@@ -89,7 +97,7 @@ pub(crate) async fn restore_path(
         [h] => Ok(Routed {
             path,
             host: Some(h.name.clone()),
-            info: None,
+            info: remote(app, &hosts).then(|| h.clone()),
         }),
         _ => several(&hosts, None, path),
     })

@@ -305,8 +305,8 @@ async fn command(
                 }
             };
             let path = routed.path.clone();
-            // Where it may write: the bot's own restore roots with one host (it sees that
-            // host's folders), the routed host's registered ones with several.
+            // Where it may write: the bot's own restore roots with one host on SQLite (it sees
+            // that host's folders), the routed host's registered ones otherwise.
             let target = |dir: &str| match &routed.info {
                 Some(h) => hosts::check_remote_target(dir, h),
                 None => args::check_restore_target(dir, &app.cfg.restore_roots).and_then(|p| {

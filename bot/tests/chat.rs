@@ -28,6 +28,8 @@ struct Harness {
     outside: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The PostgreSQL server of a bot on PostgreSQL.
+    _pg: Option<storinator_testkit::pg::PgCluster>,
 }
 
 /// A real snapshot of `root/data` for `owner`, in the bot's database (directory storage).
@@ -68,6 +70,15 @@ async fn start(clock: Option<ManualClock>) -> Harness {
 
 /// The bot with its minimum interval between edits of one progress message.
 async fn start_with(clock: Option<ManualClock>, edit_interval_ms: u64) -> Harness {
+    start_on(clock, edit_interval_ms, None).await
+}
+
+/// The bot on `pg`'s database instead of a SQLite file.
+async fn start_on(
+    clock: Option<ManualClock>,
+    edit_interval_ms: u64,
+    pg: Option<storinator_testkit::pg::PgCluster>,
+) -> Harness {
     let api = FakeBotApi::start_with(botapi::Limits::telegram().faster(SPEED))
         .await
         .unwrap();
@@ -80,7 +91,10 @@ async fn start_with(clock: Option<ManualClock>, edit_interval_ms: u64) -> Harnes
     std::fs::write(root.join("file.txt"), b"x").unwrap();
     let root = root.canonicalize().unwrap();
     let outside = outside.canonicalize().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("st.db").display());
+    let db = match &pg {
+        Some(pg) => pg.create_database("storinator").unwrap(),
+        None => format!("sqlite://{}", dir.path().join("st.db").display()),
+    };
     let vars = [
         (
             "TELOXIDE_TOKEN".to_string(),
@@ -127,6 +141,7 @@ async fn start_with(clock: Option<ManualClock>, edit_interval_ms: u64) -> Harnes
         outside,
         stop: Some(stop),
         task: Some(task),
+        _pg: pg,
     }
 }
 
@@ -976,6 +991,39 @@ async fn usage_shows_the_users_own_folders_and_what_a_prune_would_free() {
     // Another user's backups are not shown.
     let reply = h.say(OTHER_USER, "/usage").await;
     assert!(reply.contains("No backups yet"), "{reply}");
+    h.stop().await;
+}
+
+/// On PostgreSQL the bot is on a machine of its own: even with a single host it checks a path
+/// by its text and the host's registered roots, not on its own file system (where the
+/// folder does not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_on_postgres_routes_a_lone_hosts_paths_by_their_text() {
+    use storinator_shared::ops::hosts::Registration;
+    let pg = storinator_testkit::pg::PgCluster::start().unwrap();
+    let h = start_on(None, 100, Some(pg)).await;
+    h.jobs
+        .register_host(&Registration {
+            name: "web1".into(),
+            backup_roots: vec!["/srv/elsewhere".into()],
+            restore_roots: vec!["/srv/restore".into()],
+        })
+        .await
+        .unwrap();
+    // Not a folder of the bot's machine: routed by text to web1.
+    h.say(USER, "/backup /srv/elsewhere/data").await;
+    let job = h.jobs.list_for_user(USER, 1).await.unwrap().pop().unwrap();
+    assert_eq!(job.host.as_deref(), Some("web1"));
+    assert_eq!(
+        job.args,
+        JobArgs::Backup {
+            path: "/srv/elsewhere/data".into(),
+            encrypt: true
+        }
+    );
+    let reply = h.say(USER, "/backup /opt/app").await;
+    assert!(reply.contains("/opt/app"), "{reply}");
+    assert_eq!(h.jobs.list_for_user(USER, 10).await.unwrap().len(), 1);
     h.stop().await;
 }
 
