@@ -116,18 +116,25 @@ impl PgCluster {
     /// Creates an empty database `name` and returns its URL: one per test keeps tests sharing
     /// a cluster apart.
     pub fn create_database(&self, name: &str) -> Result<String, PgError> {
-        self.run(
-            "createdb",
-            [
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                USER,
-                name,
-            ],
-        )?;
+        self.createdb(name, None)
+    }
+
+    /// Creates database `name` as a copy of database `template` (`CREATE DATABASE … TEMPLATE`)
+    /// and returns its URL: a snapshot of a catalog, as copying a SQLite file is. PostgreSQL
+    /// refuses while another session is connected to `template` (it waits a few seconds for
+    /// sessions that are closing).
+    pub fn create_database_from(&self, name: &str, template: &str) -> Result<String, PgError> {
+        self.createdb(name, Some(template))
+    }
+
+    fn createdb(&self, name: &str, template: Option<&str>) -> Result<String, PgError> {
+        let port = self.port.to_string();
+        let mut args = vec!["-h", "127.0.0.1", "-p", &port, "-U", USER];
+        if let Some(template) = template {
+            args.extend(["-T", template]);
+        }
+        args.push(name);
+        self.run("createdb", args)?;
         Ok(self.url(name))
     }
 

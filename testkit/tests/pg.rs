@@ -37,6 +37,38 @@ async fn a_cluster_serves_on_loopback_and_is_removed_on_drop() {
     );
 }
 
+/// A database made from a template holds the template's data at that moment (the crash
+/// drill's reference catalog is such a copy), and the two are independent afterwards.
+#[tokio::test]
+async fn a_database_made_from_a_template_is_a_copy_of_it() {
+    let pg = PgCluster::start().unwrap();
+    let url = pg.create_database("original").unwrap();
+    let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+    for sql in [
+        "CREATE TABLE k (v TEXT NOT NULL)",
+        "INSERT INTO k VALUES ('key')",
+    ] {
+        sqlx::query(sql).execute(&mut c).await.unwrap();
+    }
+    c.close().await.unwrap();
+
+    let copy = pg.create_database_from("copy", "original").unwrap();
+    assert_eq!(
+        query_one(&copy, "SELECT string_agg(v, ',') FROM k").await,
+        "key"
+    );
+    let mut c = sqlx::PgConnection::connect(&copy).await.unwrap();
+    sqlx::query("INSERT INTO k VALUES ('more')")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    assert_eq!(
+        query_one(&url, "SELECT string_agg(v, ',') FROM k").await,
+        "key"
+    );
+}
+
 /// A test process killed with SIGKILL can't stop its cluster; the next start does.
 #[tokio::test]
 async fn a_cluster_whose_maker_died_is_stopped_and_removed_by_the_next_start() {

@@ -6,6 +6,7 @@
 //! target/release/crash-drill --store dir --kills backup=30,restore=10,verify=10,recover=10
 //! target/release/crash-drill --store telegram --kills backup=30,restore=10,verify=10,recover=10
 //! target/release/crash-drill --store dir --kills prune=20
+//! target/release/crash-drill --db postgres --store dir --kills backup=15,prune=15
 //! ```
 //!
 //! For every operation, the first run is a clean one that measures how long the operation
@@ -28,15 +29,22 @@
 //! A kill that came after the process had already finished is counted as missed and the
 //! cycle is run again, up to three times the kills asked for. The exit code is 0 only when
 //! every check held. A new operation is one more entry in [`OPS`].
+//!
+//! The catalogs are SQLite files by default; `--db postgres` puts each in a database of its
+//! own on a throwaway PostgreSQL cluster that the drill starts (see [`Catalogs`]) and stops at
+//! its end, or at SIGINT, SIGTERM or SIGHUP (a drill killed with SIGKILL leaves it to be
+//! reaped by the next cluster start on the machine).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
 use sha2::Digest;
+use storinator_testkit::pg::PgCluster;
 
 #[derive(Parser)]
 #[command(about = "kill -9 the storinator worker at random points and check what it leaves")]
@@ -44,6 +52,10 @@ struct Args {
     /// Where packs go: `dir` (a directory store) or `telegram` (the loopback Telegram).
     #[arg(long, default_value = "dir")]
     store: String,
+    /// Where the catalogs live: `sqlite` (files in the work dir) or `postgres` (databases of
+    /// a throwaway cluster the drill starts; `--keep` does not keep them).
+    #[arg(long, value_enum, default_value_t = DbKind::Sqlite)]
+    db: DbKind,
     /// Kills per operation, e.g. `backup=30,restore=10,verify=10,recover=10,prune=20`.
     #[arg(
         long,
@@ -71,6 +83,194 @@ struct Args {
     /// Keep the drill's files in this directory (default: a temporary one, removed).
     #[arg(long)]
     keep: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+/// A catalog the drill's commands use: a SQLite file, or a database of the drill's cluster.
+#[derive(Clone, PartialEq, Eq)]
+enum CatalogAt {
+    File(PathBuf),
+    Postgres(String),
+}
+
+impl CatalogAt {
+    fn url(&self) -> String {
+        match self {
+            CatalogAt::File(path) => format!("sqlite://{}", path.display()),
+            CatalogAt::Postgres(url) => url.clone(),
+        }
+    }
+
+    /// False for a SQLite file not made yet (a recover killed before it opened its catalog):
+    /// opening it would create it. A PostgreSQL database exists from the moment it is named.
+    fn exists(&self) -> bool {
+        match self {
+            CatalogAt::File(path) => path.exists(),
+            CatalogAt::Postgres(_) => true,
+        }
+    }
+
+    async fn open(&self) -> Result<storinator_shared::Catalog> {
+        Ok(storinator_shared::Catalog::open(&self.url()).await?)
+    }
+}
+
+/// Makes the drill's catalogs, on the database chosen with `--db`.
+enum Catalogs {
+    /// Files in the work dir.
+    Sqlite,
+    /// Databases of the cluster in [`CLUSTER`], one per catalog.
+    Postgres,
+}
+
+/// The drill's PostgreSQL cluster: a static, so the signal thread can stop it.
+static CLUSTER: Mutex<Option<PgCluster>> = Mutex::new(None);
+
+fn with_cluster<T>(f: impl FnOnce(&PgCluster) -> T) -> Result<T> {
+    let held = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = held
+        .as_ref()
+        .ok_or_else(|| anyhow!("the PostgreSQL cluster is stopped"))?;
+    Ok(f(cluster))
+}
+
+/// Stops the cluster (if running) and deletes its folder.
+fn stop_cluster() {
+    let mut held = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    drop(held.take());
+}
+
+/// Stops the cluster when dropped: at the drill's end, however `main` returns.
+struct ClusterGuard;
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        stop_cluster();
+    }
+}
+
+impl Catalogs {
+    /// Starts the cluster for `--db postgres`, with a thread that stops it if the drill is
+    /// interrupted (the worker children of a Ctrl-C die with it; the cluster's server runs in
+    /// a session of its own and would not).
+    fn start(kind: DbKind) -> Result<(Catalogs, Option<ClusterGuard>)> {
+        if kind == DbKind::Sqlite {
+            return Ok((Catalogs::Sqlite, None));
+        }
+        stop_on_signals()?;
+        let cluster = PgCluster::start().context("starting the PostgreSQL cluster")?;
+        println!(
+            "catalogs on PostgreSQL: a throwaway cluster on 127.0.0.1:{} in {}",
+            cluster.port(),
+            cluster.dir().display()
+        );
+        *CLUSTER.lock().unwrap_or_else(|e| e.into_inner()) = Some(cluster);
+        Ok((Catalogs::Postgres, Some(ClusterGuard)))
+    }
+
+    /// A new, empty catalog: the file `file` or a database named `name`.
+    fn create(&self, file: PathBuf, name: &str) -> Result<CatalogAt> {
+        match self {
+            Catalogs::Sqlite => Ok(CatalogAt::File(file)),
+            Catalogs::Postgres => Ok(CatalogAt::Postgres(with_cluster(|c| {
+                c.create_database(name)
+            })??)),
+        }
+    }
+
+    /// A copy of catalog `from` as it is now, while nothing has it open: the SQLite file with
+    /// its WAL copied to `file`, or a database `name` made from it as a template (the same
+    /// rows, keys and sequences).
+    fn copy(&self, from: &CatalogAt, file: PathBuf, name: &str) -> Result<CatalogAt> {
+        match (self, from) {
+            (Catalogs::Sqlite, CatalogAt::File(db)) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let from = PathBuf::from(format!("{}{suffix}", db.display()));
+                    if from.exists() {
+                        std::fs::copy(&from, format!("{}{suffix}", file.display()))?;
+                    }
+                }
+                Ok(CatalogAt::File(file))
+            }
+            (Catalogs::Postgres, CatalogAt::Postgres(url)) => {
+                let template = url
+                    .rsplit_once('/')
+                    .map(|(_, db)| db.to_string())
+                    .ok_or_else(|| anyhow!("no database name in {url}"))?;
+                Ok(CatalogAt::Postgres(with_cluster(|c| {
+                    c.create_database_from(name, &template)
+                })??))
+            }
+            _ => bail!("a catalog copied across databases"),
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: stop the cluster, then exit as the signal would have (the
+/// work dir is left, as it is without a cluster).
+fn stop_on_signals() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered here, before the cluster starts: a signal from now on reaches the thread.
+    let (mut int, mut term, mut hup) = {
+        let _in = rt.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        )
+    };
+    std::thread::spawn(move || {
+        let (name, code) = rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => ("SIGINT", 130),
+                _ = term.recv() => ("SIGTERM", 143),
+                _ = hup.recv() => ("SIGHUP", 129),
+            }
+        });
+        // The lock stays held to the exit: the main thread, whose commands now fail, waits
+        // on it (its `ClusterGuard`) instead of exiting first with their errors while the
+        // cluster's folder is half deleted.
+        let mut held = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+        // A SIGTERM reaches the drill alone: its worker would go on retrying a database that
+        // is going away (and the loopback Telegram would stay).
+        kill_children();
+        drop(held.take());
+        eprintln!("crash drill: {name}: the PostgreSQL cluster is stopped");
+        std::process::exit(code);
+    });
+    Ok(())
+}
+
+/// SIGKILLs this process's children (the running worker, the loopback Telegram).
+fn kill_children() {
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(me) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
 }
 
 /// An operation the drill kills. `prepare` runs before each cycle (a backup needs changes to
@@ -199,10 +399,14 @@ struct Drill {
     rng: u64,
     /// Data dir and store of the reference repository (clean backups only).
     reference: PathBuf,
-    /// The database the next command uses (a recover cycle points it at a fresh file).
-    database: PathBuf,
-    /// The repository's own database.
-    main_database: PathBuf,
+    /// Makes the catalogs below.
+    catalogs: Catalogs,
+    /// The catalog the next command uses (a recover cycle points it at a fresh one).
+    database: CatalogAt,
+    /// The repository's own catalog.
+    main_database: CatalogAt,
+    /// The reference repository's catalog (made by `init`).
+    reference_database: Option<CatalogAt>,
     spool: PathBuf,
     /// Dir store root, if the store is a directory.
     dir_store: Option<PathBuf>,
@@ -253,7 +457,9 @@ fn main() -> Result<()> {
         args.store,
         work.display()
     );
-    let mut drill = Drill::new(&args, work, seed)?;
+    // Declared after the work dir: dropped (the cluster stopped) before it is removed.
+    let (catalogs, _cluster) = Catalogs::start(args.db)?;
+    let mut drill = Drill::new(&args, work, seed, catalogs)?;
     let mut results = Vec::new();
     for (name, kills) in plan {
         let op = OPS
@@ -263,7 +469,7 @@ fn main() -> Result<()> {
         let tally = drill.run_op(op, kills)?;
         results.push((name, kills, tally));
     }
-    print_summary(&args.store, &results, drill.pack_size);
+    print_summary(&args.store, args.db, &results, drill.pack_size);
     println!(
         "recover found up to {} snapshot(s) beyond the catalog's (backups killed after storing \
          their snapshot object, before recording it)",
@@ -293,7 +499,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 impl Drill {
-    fn new(args: &Args, work: PathBuf, seed: u64) -> Result<Drill> {
+    fn new(args: &Args, work: PathBuf, seed: u64, catalogs: Catalogs) -> Result<Drill> {
         let worker = match &args.worker {
             Some(w) => w.clone(),
             None => sibling("storinator-worker")?,
@@ -349,10 +555,13 @@ impl Drill {
             }
             other => bail!("--store must be dir or telegram, not {other:?}"),
         };
+        let main_database = catalogs.create(data.join("storinator.db"), "main")?;
         let mut drill = Drill {
             src: work.join("src/data"),
-            database: data.join("storinator.db"),
-            main_database: data.join("storinator.db"),
+            catalogs,
+            database: main_database.clone(),
+            main_database,
+            reference_database: None,
             reference: work.join("reference"),
             work,
             worker,
@@ -384,12 +593,10 @@ impl Drill {
         );
         let ref_data = self.reference.join("data");
         std::fs::create_dir_all(&ref_data)?;
-        for suffix in ["", "-wal", "-shm"] {
-            let from = PathBuf::from(format!("{}{suffix}", self.database.display()));
-            if from.exists() {
-                std::fs::copy(&from, ref_data.join(format!("storinator.db{suffix}")))?;
-            }
-        }
+        let reference =
+            self.catalogs
+                .copy(&self.database, ref_data.join("storinator.db"), "reference")?;
+        self.reference_database = Some(reference.clone());
         let files = (size / (512 << 10)).max(4);
         for i in 0..files {
             let len = 256 * 1024 + self.next() % (512 * 1024);
@@ -403,17 +610,10 @@ impl Drill {
         // first makes the owner's key; the reference is given it, so it seals the same chunks.
         let backup = ["backup".to_string(), self.src.display().to_string()];
         run_to_end(self.command(&backup), &[0, 3]).context("first backup")?;
-        let (ours, theirs) = (
-            format!("sqlite://{}", self.database.display()),
-            format!("sqlite://{}", ref_data.join("storinator.db").display()),
-        );
+        let ours = self.database.clone();
         block_on(async {
-            let to = storinator_shared::Catalog::open(&theirs).await?;
-            for row in storinator_shared::Catalog::open(&ours)
-                .await?
-                .owner_keys(None)
-                .await?
-            {
+            let to = reference.open().await?;
+            for row in ours.open().await?.owner_keys(None).await? {
                 to.add_owner_key(&row).await?;
             }
             Ok::<_, anyhow::Error>(())
@@ -446,10 +646,7 @@ impl Drill {
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env(
-                "DATABASE_URL",
-                format!("sqlite://{}", self.database.display()),
-            )
+            .env("DATABASE_URL", self.database.url())
             .args(args)
             .current_dir(&self.work)
             .stdin(Stdio::null());
@@ -460,11 +657,12 @@ impl Drill {
     fn reference_command(&self, args: &[String]) -> Command {
         let mut c = self.command(args);
         let data = self.reference.join("data");
+        let catalog = self
+            .reference_database
+            .as_ref()
+            .expect("made by init, before any reference command");
         c.env("STORINATOR_DATA_DIR", &data)
-            .env(
-                "DATABASE_URL",
-                format!("sqlite://{}", data.join("storinator.db").display()),
-            )
+            .env("DATABASE_URL", catalog.url())
             .env(
                 "STORINATOR_STORAGE",
                 format!("dir:{}", self.reference.join("store").display()),
@@ -657,12 +855,8 @@ impl Drill {
 
     /// What the process just killed left for the resume to reclaim.
     fn leftovers(&self) -> Result<Leftovers> {
-        let url = format!("sqlite://{}", self.database.display());
         let unfinished = if self.database.exists() {
-            block_on(async {
-                let c = storinator_shared::Catalog::open(&url).await?;
-                Ok(c.unfinished_packs().await?)
-            })?
+            block_on(async { Ok(self.database.open().await?.unfinished_packs().await?) })?
         } else {
             Vec::new()
         };
@@ -708,9 +902,8 @@ impl Drill {
 
     /// Storage holds exactly the catalog's packs and the key; nothing is unfinished.
     fn check_orphans(&self) -> Result<()> {
-        let url = format!("sqlite://{}", self.database.display());
         let (packs, unfinished) = block_on(async {
-            let c = storinator_shared::Catalog::open(&url).await?;
+            let c = self.database.open().await?;
             Ok::<_, anyhow::Error>((c.packs().await?, c.unfinished_packs().await?))
         })?;
         ensure!(unfinished.is_empty(), "unfinished packs: {unfinished:?}");
@@ -802,12 +995,8 @@ fn disk_bytes(store: &Path) -> Result<u64> {
 }
 
 /// Sum of the pack sizes a catalog knows (storage holds exactly these: `check_orphans`).
-fn catalog_bytes(db: &Path) -> Result<u64> {
-    let url = format!("sqlite://{}", db.display());
-    block_on(async {
-        let c = storinator_shared::Catalog::open(&url).await?;
-        Ok(c.packs().await?.iter().map(|p| p.size).sum())
-    })
+fn catalog_bytes(db: &CatalogAt) -> Result<u64> {
+    block_on(async { Ok(db.open().await?.packs().await?.iter().map(|p| p.size).sum()) })
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
@@ -894,7 +1083,10 @@ fn check_restore(d: &mut Drill) -> Result<()> {
 
 /// Recover: into a fresh catalog each cycle.
 fn prepare_recover(d: &mut Drill) -> Result<()> {
-    d.database = d.work.join(format!("data/recovered-{}.db", d.cycle));
+    d.database = d.catalogs.create(
+        d.work.join(format!("data/recovered-{}.db", d.cycle)),
+        &format!("recovered_{}", d.cycle),
+    )?;
     Ok(())
 }
 
@@ -1141,9 +1333,13 @@ fn start_loopback(bin: &Path, work: &Path) -> Result<(Child, PathBuf)> {
     Ok((child, session))
 }
 
-fn print_summary(store: &str, results: &[(String, u64, Tally)], pack_size: u64) {
+fn print_summary(store: &str, db: DbKind, results: &[(String, u64, Tally)], pack_size: u64) {
+    let on = match db {
+        DbKind::Sqlite => "",
+        DbKind::Postgres => ", catalogs on PostgreSQL",
+    };
     println!(
-        "\ncrash drill on the {store} store (pack size {} KiB):",
+        "\ncrash drill on the {store} store (pack size {} KiB{on}):",
         pack_size / 1024
     );
     println!(
