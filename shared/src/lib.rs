@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `error`, `config`, `clock`, `progress` | the crate's vocabulary: errors, settings, time, progress |
 //! | [`format`] | bytes in, bytes out: crypto, chunking, packs, stored snapshot objects; no I/O beyond a pack file, no database |
-//! | [`storage`], [`catalog`] | where packs live (the storage trait and its backends); the SQLite schema and its queries |
+//! | [`storage`], [`catalog`] | where packs live (the storage trait and its backends); the schema and its queries (SQLite or PostgreSQL) |
 //! | [`engine`] | the operations on a repository: backup, restore, verify, recover |
 //! | [`ops`] | work between processes: the job table, schedules, alerts and the digest |
 

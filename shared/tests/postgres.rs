@@ -128,3 +128,62 @@ async fn a_database_that_cannot_be_reached_is_named_without_its_password() {
     let e = open_pool("mysql://x@y/z").await.unwrap_err().to_string();
     assert!(e.contains("mysql://x@y/z"), "{e}");
 }
+
+/// PostgreSQL's errors are told apart like SQLite's: a deadlock (one transaction is chosen to
+/// fail; running it again succeeds) is worth another attempt, a broken constraint is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_is_retryable_and_a_constraint_is_not() {
+    use storinator_shared::Error;
+    let pg = PgCluster::start().unwrap();
+    let url = database(&pg, "errors").await;
+    let pool: Pool = open_pool(&url).await.unwrap();
+    sqlx::query("CREATE TABLE t (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t (id, n) VALUES (1, 0), (2, 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let as_error = |source: sqlx::Error| Error::Db {
+        context: "testing".into(),
+        source,
+    };
+    let dup = sqlx::query("INSERT INTO t (id, n) VALUES (1, 0)")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(!as_error(dup).is_retryable());
+
+    // Two transactions take the two rows in opposite orders.
+    let (go_a, wait_a) = tokio::sync::oneshot::channel::<()>();
+    let (go_b, wait_b) = tokio::sync::oneshot::channel::<()>();
+    let cross = |first: i64,
+                 second: i64,
+                 locked: tokio::sync::oneshot::Sender<()>,
+                 other: tokio::sync::oneshot::Receiver<()>| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query("UPDATE t SET n = n + 1 WHERE id = $1")
+                .bind(first)
+                .execute(&mut *tx)
+                .await?;
+            let _ = locked.send(());
+            let _ = other.await;
+            sqlx::query("UPDATE t SET n = n + 1 WHERE id = $1")
+                .bind(second)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        })
+    };
+    let a = cross(1, 2, go_b, wait_a);
+    let b = cross(2, 1, go_a, wait_b);
+    let results = [a.await.unwrap(), b.await.unwrap()];
+    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let e = as_error(failed.into_iter().next().unwrap());
+    assert!(e.to_string().contains("deadlock"), "{e}");
+    assert!(e.is_retryable(), "{e}");
+}

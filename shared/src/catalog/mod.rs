@@ -1,10 +1,11 @@
-//! The catalog layer: the schema and its queries. SQLite holds the wrapped key, packs,
-//! chunks, snapshots and their entries (and the job table, see `ops::jobs`). It is a cache of
-//! what storage holds; `engine::recover` rebuilds it from storage.
+//! The catalog layer: the schema and its queries. The database (SQLite, or PostgreSQL; see
+//! `db.rs`) holds the wrapped key, packs, chunks, snapshots and their entries (and the job
+//! table, see `ops::jobs`). It is a cache of what storage holds; `engine::recover` rebuilds
+//! it from storage.
 //!
 //! Layer rules: the catalog may import `format` and the crate-level foundation modules
 //! (`error`, `config`, `clock`, `progress`), never `engine` or `ops`. Every SQL statement of
-//! the engine lives here, so a second database backend has one place to change.
+//! the engine lives here, written once for both databases.
 
 pub mod browse;
 mod db;
