@@ -203,7 +203,9 @@ pub fn sql(text: impl Into<String>) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(numbered(&text.into()))
 }
 
-fn numbered(text: &str) -> String {
+/// The text [`sql`] would run: for a statement run many times, number it once, outside the
+/// loop.
+pub fn numbered(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 8);
     let mut chars = text.chars().peekable();
     let mut largest = 0u32;

@@ -17,7 +17,7 @@ mod runs;
 mod scrub;
 mod snapshots;
 
-pub use db::{Conn, DbRow, Dialect, Pool, Tx, begin_write, flag, open_pool, sql};
+pub use db::{Conn, DbRow, Dialect, Pool, Tx, begin_write, flag, numbered, open_pool, sql};
 pub use keys::OwnerKeyRow;
 pub use lanes::{LaneHealth, LaneProbe, LaneState};
 pub use retention::{ForgetOutcome, PackUsage, RootUsage};

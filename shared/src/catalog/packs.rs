@@ -369,7 +369,7 @@ impl Catalog {
 /// authenticated. Damaged chunks that now live here are healed.
 async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Result<(), Error> {
     // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
-    let sql = format!(
+    let sql = crate::catalog::numbered(&format!(
         "INSERT INTO chunks (id, pack_id, \"offset\", length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, \"offset\" = excluded.\"offset\", \
              length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
@@ -377,9 +377,9 @@ async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Res
              OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
              OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
                         AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)"
-    );
+    ));
     for e in entries {
-        sqlx::query(crate::catalog::sql(sql.clone()))
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
             .bind(&e.id.0[..])
             .bind(pack_id)
             .bind(e.offset as i64)

@@ -257,11 +257,12 @@ impl Catalog {
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
-        let check =
-            format!("SELECT COUNT(*) FROM chunks WHERE pack_id = ? AND id IN ({LIVE_CHUNKS})");
+        let check = crate::catalog::numbered(&format!(
+            "SELECT COUNT(*) FROM chunks WHERE pack_id = ? AND id IN ({LIVE_CHUNKS})"
+        ));
         let mut out = Vec::new();
         for p in packs {
-            let live: i64 = sqlx::query_scalar(crate::catalog::sql(check.clone()))
+            let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(check.clone()))
                 .bind(p)
                 .fetch_one(&mut *tx)
                 .await

@@ -271,12 +271,12 @@ impl Catalog {
                     .rows_affected();
             }
             Some(ids) => {
-                let sql = format!(
+                let sql = crate::catalog::numbered(&format!(
                     "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at)
                      SELECT id, pack_id, ?, ? FROM chunks WHERE id = ? AND pack_id = ?{UPSERT}"
-                );
+                ));
                 for id in ids {
-                    n += sqlx::query(crate::catalog::sql(sql.clone()))
+                    n += sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                         .bind(reason)
                         .bind(now)
                         .bind(&id.0[..])
