@@ -84,7 +84,15 @@ impl Catalog {
     }
 
     /// Records an owner key (already stored in storage); a key recorded before is kept.
+    ///
+    /// The insert runs under the write lock so that ids are handed out in commit order: every
+    /// host takes an owner's *first* key (lowest id), and on PostgreSQL an identity value
+    /// taken outside the lock can commit after a higher one, letting two hosts that create a
+    /// key at once each see their own as the first.
     pub async fn add_owner_key(&self, key: &OwnerKeyRow) -> Result<(), Error> {
+        let mut tx = crate::catalog::begin_write(&self.pool)
+            .await
+            .map_err(db("recording an owner key"))?;
         sqlx::query(
             "INSERT INTO owner_keys (key_id, owner, sealed, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (key_id) DO NOTHING",
@@ -93,9 +101,9 @@ impl Catalog {
         .bind(&key.owner)
         .bind(&key.sealed)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("recording an owner key"))?;
-        Ok(())
+        tx.commit().await.map_err(db("recording an owner key"))
     }
 }
