@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use common::*;
 use storinator_shared::{BackupOptions, CancelFlag, Catalog, NoProgress, RestoreOptions};
@@ -357,4 +358,144 @@ async fn restore_writers_get_each_files_blobs_across_pages_and_folders() {
     want.remove("d4/f2");
     assert_eq!(restored(&to), want);
     assert!(temp_files(&to).is_empty());
+}
+
+/// A memory store that says how much to read ahead and records the range reads under way
+/// at once. Each read waits until that much is requested (or, so that a restore asking for
+/// less still ends, a while), so that the reads a restore keeps requested overlap for sure.
+/// (The test runs on one thread: what a restore has started is registered before the
+/// reads are let go.)
+struct ReadAheadProbe {
+    inner: storinator_shared::MemoryStorage,
+    read_ahead: u64,
+    now: std::sync::Mutex<(usize, u64)>,
+    /// The most reads and bytes under way at once, and the longest read.
+    peak: std::sync::Mutex<(usize, u64, u64)>,
+    enough: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl storinator_shared::Storage for ReadAheadProbe {
+    fn describe(&self) -> String {
+        "read-ahead probe".into()
+    }
+    fn spool_dir(&self) -> &Path {
+        self.inner.spool_dir()
+    }
+    async fn put_file(
+        &self,
+        name: &str,
+        path: &Path,
+    ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
+        self.inner.put_file(name, path).await
+    }
+    async fn put_bytes(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<storinator_shared::Location, storinator_shared::StorageError> {
+        self.inner.put_bytes(name, data).await
+    }
+    async fn get_range(
+        &self,
+        obj: &storinator_shared::storage::ObjectRef,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, storinator_shared::StorageError> {
+        let enough = self.enough.notified();
+        let reached = {
+            let mut now = self.now.lock().unwrap();
+            now.0 += 1;
+            now.1 += len;
+            let mut peak = self.peak.lock().unwrap();
+            *peak = (peak.0.max(now.0), peak.1.max(now.1), peak.2.max(len));
+            now.1 >= self.read_ahead
+        };
+        if reached {
+            // Let every read already started register first: a restore that started more
+            // than it should is seen doing so.
+            for _ in 0..32 {
+                tokio::task::yield_now().await;
+            }
+            self.enough.notify_waiters();
+        } else {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(300), enough).await;
+        }
+        let r = self.inner.get_range(obj, offset, len).await;
+        let mut now = self.now.lock().unwrap();
+        now.0 -= 1;
+        now.1 -= len;
+        r
+    }
+    async fn list(
+        &self,
+    ) -> Result<Vec<storinator_shared::storage::ObjectInfo>, storinator_shared::StorageError> {
+        self.inner.list().await
+    }
+    async fn remove(
+        &self,
+        obj: &storinator_shared::storage::ObjectRef,
+    ) -> Result<(), storinator_shared::StorageError> {
+        self.inner.remove(obj).await
+    }
+    fn read_ahead(&self) -> u64 {
+        self.read_ahead
+    }
+}
+
+/// A restore keeps as many range reads requested as the storage asks to read ahead (a far
+/// backend needs more than its bandwidth-delay product requested: reads finish in any order
+/// and are used in order), and no more than that plus one read (what it holds is bounded).
+#[tokio::test]
+async fn restore_keeps_the_storages_read_ahead_requested_and_no_more() {
+    const READ_AHEAD: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(ReadAheadProbe {
+        inner: storinator_shared::MemoryStorage::new(dir.path().join("spool")),
+        read_ahead: READ_AHEAD,
+        now: Default::default(),
+        peak: Default::default(),
+        enough: Default::default(),
+    });
+    let catalog = Catalog::open(&storinator_testkit::db::url_for(&dir.path().join("c.db")))
+        .await
+        .unwrap();
+    storinator_shared::Repo::init(
+        &catalog,
+        storage.as_ref(),
+        PASS,
+        storinator_shared::KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
+    let repo = storinator_shared::Repo::open(catalog, storage.clone(), PASS, settings())
+        .await
+        .unwrap();
+    // Incompressible files in packs of 256 KiB (the test settings): each range read is at
+    // most one pack, so the read-ahead takes more reads than the four a restore once kept.
+    let src = dir.path().join("src/data");
+    for i in 0..6u64 {
+        write(&src, &format!("f{i}"), &bytes(1 << 20, i + 1));
+    }
+    let want = describe_tree(&src);
+    repo.backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let to = dir.path().join("out");
+    let (opts, cancel) = (restore_opts(&src, &to, None), CancelFlag::new());
+    let done = repo.restore(&opts, &NoProgress, &cancel);
+    tokio::time::timeout(std::time::Duration::from_secs(60), done)
+        .await
+        .expect("restore took too long")
+        .unwrap();
+    assert_eq!(describe_tree(&to.join("data")), want);
+    let (reads, bytes, longest) = *storage.peak.lock().unwrap();
+    assert!(
+        bytes >= READ_AHEAD,
+        "only {bytes} bytes in {reads} reads requested at once"
+    );
+    assert!(
+        bytes < READ_AHEAD + longest,
+        "{bytes} bytes in {reads} reads requested at once: more than the read-ahead and a read"
+    );
 }

@@ -134,27 +134,38 @@ async fn one_run(bin: &str, link: &Link, mib: u64, window: usize) -> anyhow::Res
     let loc = storage.put_file(name, &path).await?;
     let (c1, up) = (cpu_self(), w0.elapsed().as_secs_f64());
 
-    // Read back the way a restore does: several ranges of a few MiB in flight at once.
+    // Read back the way a restore does: ranges of up to 4 MiB (restore's largest read),
+    // as many requested as the storage's read-ahead, used in order.
     let w1 = Instant::now();
     let obj = ObjectRef::new(name, loc);
-    let step = 8 * 1024 * 1024;
-    let ranges: Vec<(u64, u64)> = (0..size)
+    let step = 4 * 1024 * 1024;
+    let read_ahead = storage.read_ahead();
+    let mut ranges = (0..size)
         .step_by(step as usize)
-        .map(|off| (off, step.min(size - off)))
-        .collect();
+        .map(|off| (off, step.min(size - off)));
+    let mut inflight = std::collections::VecDeque::new();
+    let mut requested = 0u64;
     let mut check = 0u64;
-    for group in ranges.chunks(4) {
-        let reads = group.iter().map(|&(off, len)| {
+    loop {
+        while inflight.is_empty() || requested < read_ahead {
+            let Some((off, len)) = ranges.next() else {
+                break;
+            };
             let (storage, obj) = (storage.clone(), obj.clone());
-            tokio::spawn(async move { (off, len, storage.get_range(&obj, off, len).await) })
-        });
-        for r in reads.collect::<Vec<_>>() {
-            let (off, len, bytes) = r.await?;
-            let bytes = bytes?;
-            anyhow::ensure!(bytes.len() as u64 == len, "short read at {off}");
-            // A spot check; byte identity is what the integration tests assert.
-            check = check.wrapping_add(u64::from(bytes[0]) + u64::from(bytes[bytes.len() - 1]));
+            requested += len;
+            inflight.push_back(tokio::spawn(async move {
+                (off, len, storage.get_range(&obj, off, len).await)
+            }));
         }
+        let Some(read) = inflight.pop_front() else {
+            break;
+        };
+        let (off, len, bytes) = read.await?;
+        requested -= len;
+        let bytes = bytes?;
+        anyhow::ensure!(bytes.len() as u64 == len, "short read at {off}");
+        // A spot check; byte identity is what the integration tests assert.
+        check = check.wrapping_add(u64::from(bytes[0]) + u64::from(bytes[bytes.len() - 1]));
     }
     let (c2, s2, down) = (cpu_self(), cpu_of(server.id()), w1.elapsed().as_secs_f64());
     let stats = storage.scheduler().stats();

@@ -160,3 +160,43 @@ async fn a_flood_wait_halves_the_part_window() {
     })
     .await;
 }
+
+/// Connections open for the parts a transfer announces, all at once (one at a time, at
+/// three round trips each, they would trail a window that doubles every round trip), and
+/// only as many as those parts need: a one-part object opens one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_together_for_the_parts_announced() {
+    bounded(60, async {
+        let f = start_with(LoopbackOptions::default(), false, |c| {
+            c.part_concurrency = 32
+        })
+        .await;
+        put(
+            &f.storage,
+            "00112233445566778899aabbccddee02.enc",
+            &data(1000, 5),
+        )
+        .await;
+        let s = f.storage.scheduler().stats();
+        assert_eq!(s.part_connections, 1, "one part, one connection: {s:?}");
+
+        // 8 MiB: 16 parts, four connections' worth, opened together.
+        let f = start_with(LoopbackOptions::default(), false, |c| {
+            c.part_concurrency = 32
+        })
+        .await;
+        let bytes = data(8 * MIB, 6);
+        let loc = put(&f.storage, PACK, &bytes).await;
+        let s = f.storage.scheduler().stats();
+        assert_eq!(s.part_connections, 4, "{s:?}");
+        assert!(
+            s.peak_connections_opening >= 2,
+            "the three beside the first opened together: {s:?}"
+        );
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
+    })
+    .await;
+}

@@ -1109,8 +1109,6 @@ const MAX_READ: u64 = 4 << 20;
 /// Bytes between blobs that are cheaper to read through than to skip (a read may also waste
 /// up to as much as it uses).
 const MAX_GAP: u64 = 64 << 10;
-/// Range reads in flight.
-const READS_IN_FLIGHT: usize = 4;
 
 /// One blob of a range read, destined for a file.
 #[derive(Clone)]
@@ -1261,7 +1259,17 @@ enum Step {
 /// A step under way.
 enum InFlight {
     Pages(Vec<(usize, ToWriter)>),
-    Read(tokio::task::JoinHandle<Vec<BlobResult>>, Vec<usize>),
+    /// A range read under way: its task, the writer of each blob, its length.
+    Read(tokio::task::JoinHandle<Vec<BlobResult>>, Vec<usize>, u64),
+}
+
+/// Whether another range read may start with `reads` of `bytes` under way: always one, then
+/// as long as less than the storage's read-ahead is requested. Reads finish in any order but
+/// are used in order, so a far backend needs more than its bandwidth-delay product asked for
+/// (see [`crate::storage::Storage::read_ahead`]); the read-ahead also bounds what the fetched
+/// blobs waiting for the writers hold (at most it plus one read).
+fn may_start_read(reads: usize, bytes: u64, read_ahead: u64) -> bool {
+    reads == 0 || bytes < read_ahead
 }
 
 /// The steps of one page: the writers' shares, then the range reads over its files' blobs
@@ -1326,14 +1334,15 @@ async fn fetch_and_write(
 
     let mut steps: VecDeque<Step> = VecDeque::new();
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
-    let mut reads_inflight = 0;
+    let read_ahead = repo.storage.read_ahead();
+    let (mut reads_inflight, mut bytes_inflight) = (0usize, 0u64);
     let mut pages_done = false;
     let mut last_report = Instant::now();
     let mut stopped = false;
     'run: loop {
         // Start reads up to the bound, taking further pages as they are ready (waiting for
         // one only when nothing else is under way).
-        while reads_inflight < READS_IN_FLIGHT {
+        while may_start_read(reads_inflight, bytes_inflight, read_ahead) {
             if steps.is_empty() && !pages_done {
                 let page = if inflight.is_empty() {
                     pages.recv().await
@@ -1352,14 +1361,16 @@ async fn fetch_and_write(
             match steps.pop_front() {
                 Some(Step::Pages(shares)) => inflight.push_back(InFlight::Pages(shares)),
                 Some(Step::Read(read, owners)) => {
+                    let len = read.len;
                     let handle = tokio::spawn(fetch_range(
                         repo.storage.clone(),
                         ring.clone(),
                         read,
                         encrypted_snapshot,
                     ));
-                    inflight.push_back(InFlight::Read(handle, owners));
+                    inflight.push_back(InFlight::Read(handle, owners, len));
                     reads_inflight += 1;
+                    bytes_inflight += len;
                 }
                 None => break,
             }
@@ -1379,8 +1390,9 @@ async fn fetch_and_write(
                     }
                 }
             }
-            InFlight::Read(handle, owners) => {
+            InFlight::Read(handle, owners, len) => {
                 reads_inflight -= 1;
+                bytes_inflight -= len;
                 let blobs = handle
                     .await
                     .map_err(|e| Error::Invalid(format!("restore task failed: {e}")))?;
@@ -1407,7 +1419,7 @@ async fn fetch_and_write(
         }
     }
     for step in inflight {
-        if let InFlight::Read(h, _) = step {
+        if let InFlight::Read(h, ..) = step {
             h.abort();
         }
     }

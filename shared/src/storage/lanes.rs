@@ -964,6 +964,16 @@ impl Storage for Lanes {
         self.lanes.len().div_ceil(self.copies).max(1)
     }
 
+    /// Each read goes to one lane, and the lanes' links are apart: what they each want.
+    fn read_ahead(&self) -> u64 {
+        self.lanes
+            .iter()
+            .filter_map(|l| l.connected())
+            .map(|b| b.read_ahead())
+            .sum::<u64>()
+            .max(super::DEFAULT_READ_AHEAD)
+    }
+
     fn as_lanes(&self) -> Option<&Lanes> {
         Some(self)
     }

@@ -126,6 +126,13 @@ pub trait Storage: Send + Sync + 'static {
         1
     }
 
+    /// Bytes of range reads worth having requested at once (a restore keeps this much read
+    /// ahead). A backend far away needs more than its bandwidth-delay product requested, or
+    /// the link idles between reads: the default suits local disks.
+    fn read_ahead(&self) -> u64 {
+        DEFAULT_READ_AHEAD
+    }
+
     /// The lanes, when this store is several (copies to check, heal and probe one by one).
     fn as_lanes(&self) -> Option<&Lanes> {
         None
@@ -138,6 +145,9 @@ pub struct Pushback {
     pub flood_waits: u64,
     pub premium_waits: u64,
 }
+
+/// [`Storage::read_ahead`] of a backend that does not say (local disks: a few reads at once).
+pub const DEFAULT_READ_AHEAD: u64 = 16 << 20;
 
 /// Most objects handed to one [`Storage::remove_many`] call (Telegram's limit for one
 /// messages.deleteMessages / channels.deleteMessages).

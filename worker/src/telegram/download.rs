@@ -343,6 +343,7 @@ impl Inner {
         let mut results: Vec<Option<Vec<u8>>> = vec![None; windows.len()];
         let mut next = 0;
         let mut emitted = 0;
+        let mut queued = self.sched.queue_parts(windows.len());
         // Windows go out as the part window lets them (other reads and uploads of this
         // storage share it) and are appended in order.
         while emitted < windows.len() {
@@ -355,6 +356,7 @@ impl Inner {
                     results[i] = Some(r?);
                 }
                 slot = self.sched.part_slot(), if next < windows.len() => {
+                    queued.started();
                     let (s, l) = windows[next];
                     let me = self.clone();
                     let name = obj.name.clone();

@@ -84,6 +84,8 @@ pub struct SchedulerStats {
     pub peak_parts_per_connection: u64,
     /// Part connections opened.
     pub part_connections: u64,
+    /// The most part connections that were opening in the background at once.
+    pub peak_connections_opening: u64,
 }
 
 /// How long the measured transfer rate looks back.
@@ -151,6 +153,34 @@ pub struct Scheduler {
     stats: Mutex<SchedulerStats>,
     meter: Mutex<Meter>,
     premium: Mutex<Option<Episode>>,
+    /// Part connections opening in the background now.
+    opening: AtomicU64,
+    /// Parts announced by transfers under way and not sent yet.
+    queued: AtomicU64,
+}
+
+/// Parts a transfer announced and has not sent yet (see [`Scheduler::queue_parts`]).
+pub struct Queued<'a> {
+    sched: &'a Scheduler,
+    left: usize,
+}
+
+impl Queued<'_> {
+    /// One of the parts got its slot.
+    pub fn started(&mut self) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.sched.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.sched
+            .queued
+            .fetch_sub(self.left as u64, Ordering::Relaxed);
+    }
 }
 
 pub const PART_SIZE: u64 = 512 * 1024;
@@ -177,6 +207,8 @@ impl Scheduler {
             stats: Mutex::new(SchedulerStats::default()),
             meter: Mutex::new(Meter::default()),
             premium: Mutex::new(None),
+            opening: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
         }
     }
 
@@ -270,6 +302,26 @@ impl Scheduler {
         self.window.slot().await
     }
 
+    /// Announces `parts` a transfer is about to send, so that connections open for them
+    /// before the window has grown (see [`Scheduler::parts_wanted`]). Each part taken off with
+    /// [`Queued::started`]; what is left is withdrawn when the guard drops.
+    pub fn queue_parts(&self, parts: usize) -> Queued<'_> {
+        self.queued.fetch_add(parts as u64, Ordering::Relaxed);
+        Queued {
+            sched: self,
+            left: parts,
+        }
+    }
+
+    /// Parts worth having connections for: those in flight and those announced (within the
+    /// window's bound), at least the window.
+    pub fn parts_wanted(&self) -> usize {
+        let demand = self.window.in_flight() + self.queued.load(Ordering::Relaxed) as usize;
+        demand
+            .min(self.cfg.max_part_concurrency)
+            .max(self.window.size())
+    }
+
     /// A part transfer went through: measure it and let the window grow.
     pub fn transfer_ok(&self, bytes: u64, took: Duration) {
         self.meter.lock().unwrap().add(Instant::now(), bytes);
@@ -298,6 +350,16 @@ impl Scheduler {
     pub fn note_part_sent(&self, on_connection: usize) {
         let mut s = self.stats.lock().unwrap();
         s.peak_parts_per_connection = s.peak_parts_per_connection.max(on_connection as u64);
+    }
+
+    /// A part connection started (`+1`) or finished (`-1`) opening in the background.
+    pub fn note_connection_opening(&self, delta: i64) {
+        let now = self
+            .opening
+            .fetch_add(delta as u64, Ordering::Relaxed)
+            .wrapping_add(delta as u64);
+        let mut s = self.stats.lock().unwrap();
+        s.peak_connections_opening = s.peak_connections_opening.max(now);
     }
 
     pub fn note_part_connection(&self) {
@@ -371,6 +433,35 @@ pub fn estimate_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn announced_parts_are_wanted_within_the_bound_until_sent_or_withdrawn() {
+        let s = Scheduler::new(SchedulerConfig {
+            max_part_concurrency: 32,
+            ..Default::default()
+        });
+        assert_eq!(s.parts_wanted(), 4, "nothing announced: the window");
+        let mut big = s.queue_parts(1000);
+        assert_eq!(s.parts_wanted(), 32, "a big transfer: the bound at once");
+        {
+            let _small = s.queue_parts(1);
+            assert_eq!(s.parts_wanted(), 32);
+        }
+        for _ in 0..995 {
+            big.started();
+        }
+        assert_eq!(s.parts_wanted(), 5, "five left to send");
+        let _slot = s.part_slot().await;
+        big.started();
+        assert_eq!(s.parts_wanted(), 5, "four announced and one in flight");
+        drop(big);
+        assert_eq!(s.parts_wanted(), 4, "withdrawn: the window again");
+        let mut one = s.queue_parts(1);
+        one.started();
+        one.started();
+        drop(one);
+        assert_eq!(s.queued.load(Ordering::Relaxed), 0, "never taken twice");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn bucket_limits_message_calls_per_minute() {

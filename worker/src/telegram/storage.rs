@@ -696,6 +696,13 @@ impl Storage for TelegramStorage {
         self.inner.remove_objs(objs).await
     }
 
+    /// Twice what the part window lets into flight: a restore's reads finish in any order
+    /// but are used in order, so with only a window's worth requested the window would idle
+    /// while a finished read waits for the one before it.
+    fn read_ahead(&self) -> u64 {
+        2 * self.inner.sched.config().max_part_concurrency as u64 * super::scheduler::PART_SIZE
+    }
+
     fn pushback(&self) -> storinator_shared::storage::Pushback {
         let s = self.inner.sched.stats();
         storinator_shared::storage::Pushback {

@@ -3,9 +3,10 @@
 //! Every part in flight holds a slot of the storage's window (see `window`); the parts go out
 //! on pipelined connections (see `pipe`) to the data centre they concern, several per data
 //! centre: one more is opened whenever each has [`PARTS_PER_CONNECTION`] parts on it and the
-//! window allows more (8 connections for the default window of 32). Several connections matter
-//! because Telegram
-//! (like any TCP path) limits what one connection carries; several parts per connection
+//! parts wanted allow more (8 connections for the default window of 32), several at once
+//! (opening one takes three round trips: one after the other, eight would take 24, over a far
+//! link more than two seconds at a fraction of the speed). Several connections matter
+//! because Telegram (like any TCP path) limits what one connection carries; several parts per connection
 //! because each part otherwise costs a whole round trip. A part goes to the connection with the
 //! fewest parts on it. Failures follow the storage's one retry policy: waits pause the class
 //! and shrink the window, transient failures are retried on a fresh connection with backoff.
@@ -29,14 +30,19 @@ use super::storage::{CallError, Failure, Inner, rpc_error};
 /// up to 8 connections per data centre, as the default window here does).
 pub(super) const PARTS_PER_CONNECTION: usize = 4;
 
+/// How many connections to have open for `parts` in flight: [`PARTS_PER_CONNECTION`] each.
+pub(super) fn connections_for(parts: usize) -> usize {
+    parts.div_ceil(PARTS_PER_CONNECTION).max(1)
+}
+
 /// The part connections of each data centre.
 #[derive(Default)]
 pub(super) struct Pipes {
     by_dc: Mutex<HashMap<i32, Vec<Arc<Pipe>>>>,
     /// With no connection open, one part opens it while the others wait.
     opening: tokio::sync::Mutex<()>,
-    /// Data centres where another connection is opening in the background.
-    background: Mutex<std::collections::HashSet<i32>>,
+    /// Connections of each data centre opening now.
+    opening_now: Mutex<HashMap<i32, usize>>,
 }
 
 impl Pipes {
@@ -50,6 +56,31 @@ impl Pipes {
         (any || best.load() < PARTS_PER_CONNECTION || pipes.len() >= wanted).then(|| best.clone())
     }
 
+    /// Counts one more connection to `dc` as opening, unless those open and opening already
+    /// make `wanted`.
+    fn start_opening(&self, dc: i32, wanted: usize) -> bool {
+        let open = self
+            .by_dc
+            .lock()
+            .unwrap()
+            .get(&dc)
+            .map_or(0, |p| p.iter().filter(|p| !p.is_closed()).count());
+        let mut opening_now = self.opening_now.lock().unwrap();
+        let opening = opening_now.entry(dc).or_default();
+        if open + *opening >= wanted {
+            return false;
+        }
+        *opening += 1;
+        true
+    }
+
+    /// One connection to `dc` finished opening (or failed to).
+    fn done_opening(&self, dc: i32) {
+        let mut opening_now = self.opening_now.lock().unwrap();
+        let opening = opening_now.entry(dc).or_default();
+        *opening = opening.saturating_sub(1);
+    }
+
     fn add(&self, dc: i32, pipe: Arc<Pipe>) {
         self.by_dc.lock().unwrap().entry(dc).or_default().push(pipe);
     }
@@ -60,6 +91,18 @@ impl Pipes {
         if let Some(pipes) = self.by_dc.lock().unwrap().get_mut(&dc) {
             pipes.retain(|p| !Arc::ptr_eq(p, pipe));
         }
+    }
+}
+
+/// Counts a connection as opening until dropped (however the opening ends).
+struct Opening<'a> {
+    pipes: &'a Pipes,
+    dc: i32,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.pipes.done_opening(self.dc);
     }
 }
 
@@ -121,25 +164,36 @@ impl Inner {
     }
 
     /// A connection to `dc` for one more part. When every connection is busy and the window
-    /// allows more, another one opens in the background (two round trips: the first message
-    /// of a connection learns the server salt) while the part goes on the least busy one; only
-    /// with no connection at all does the part wait for one to open.
+    /// allows more, another one opens in the background while the part goes on the least busy
+    /// one; only with no connection at all does the part wait for one to open.
+    ///
+    /// Opening takes three round trips (the first message learns the server salt, grammers'
+    /// MTProto layer then fetches future salts before it sends anything else, then the
+    /// initConnection call), while a growing window doubles every round trip: so connections
+    /// open for the parts transfers have announced (within the window's bound), all at once,
+    /// or they would trail the window (see
+    /// [`super::scheduler::Scheduler::parts_wanted`]).
     async fn pipe_for(self: &Arc<Self>, dc: i32) -> Result<Arc<Pipe>, Failure> {
-        let wanted = self
-            .sched
-            .part_concurrency()
-            .div_ceil(PARTS_PER_CONNECTION)
-            .max(1);
+        let wanted = connections_for(self.sched.parts_wanted());
         if let Some(p) = self.pipes.pick(dc, wanted, false) {
             return Ok(p);
         }
         if let Some(p) = self.pipes.pick(dc, wanted, true) {
-            self.open_in_background(dc);
+            self.open_in_background(dc, wanted);
             return Ok(p);
         }
         let _one_at_a_time = self.pipes.opening.lock().await;
         if let Some(p) = self.pipes.pick(dc, wanted, true) {
             return Ok(p);
+        }
+        // None open: this part waits for one, and the others wanted open beside it.
+        self.pipes.start_opening(dc, usize::MAX);
+        let _counted = Opening {
+            pipes: &self.pipes,
+            dc,
+        };
+        for _ in 1..wanted {
+            self.open_in_background(dc, wanted);
         }
         self.open_and_add(dc).await
     }
@@ -158,14 +212,20 @@ impl Inner {
         Ok(pipe)
     }
 
-    /// Opens one more connection to `dc` unless one is opening already; a failure only
-    /// means the parts stay on the connections there are.
-    fn open_in_background(self: &Arc<Self>, dc: i32) {
-        if !self.pipes.background.lock().unwrap().insert(dc) {
+    /// Opens one more connection to `dc` unless those open and opening already make `wanted`
+    /// (so while the window grows, several open at once); a failure only means the parts stay
+    /// on the connections there are.
+    fn open_in_background(self: &Arc<Self>, dc: i32, wanted: usize) {
+        if !self.pipes.start_opening(dc, wanted) {
             return;
         }
+        self.sched.note_connection_opening(1);
         let me = self.clone();
         tokio::spawn(async move {
+            let counted = Opening {
+                pipes: &me.pipes,
+                dc,
+            };
             let why = match me.open_and_add(dc).await {
                 Ok(_) => None,
                 Err(Failure::Again(why)) => Some(why),
@@ -175,7 +235,8 @@ impl Inner {
             if let Some(why) = why {
                 tracing::debug!(dc, "another part connection did not open: {why}");
             }
-            me.pipes.background.lock().unwrap().remove(&dc);
+            drop(counted);
+            me.sched.note_connection_opening(-1);
         });
     }
 

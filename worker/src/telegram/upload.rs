@@ -99,6 +99,7 @@ impl Inner {
         let file = std::fs::File::open(path).map_err(|e| StorageError::io(path, e))?;
         let pending = Pending::new(&self.pending_upload, size);
         let mut set: JoinSet<Result<u64, StorageError>> = JoinSet::new();
+        let mut queued = self.sched.queue_parts(parts as usize);
         let mut next = 0i32;
         loop {
             tokio::select! {
@@ -117,6 +118,7 @@ impl Inner {
                     }
                 }
                 slot = self.sched.part_slot(), if next < parts => {
+                    queued.started();
                     let off = next as u64 * PART_SIZE;
                     let len = (size - off).min(PART_SIZE) as usize;
                     let mut buf = vec![0u8; len];

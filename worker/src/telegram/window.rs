@@ -105,6 +105,11 @@ impl Window {
         self.state.lock().unwrap().size as usize
     }
 
+    /// Parts in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().unwrap().in_flight
+    }
+
     /// The bound the window never exceeds.
     pub fn max(&self) -> usize {
         self.max
