@@ -1408,3 +1408,105 @@ async fn restore_never_writes_through_a_symlink_it_created_itself() {
         assert!(temp_files(&elsewhere).is_empty());
     }
 }
+
+/// One scalar from the catalog.
+async fn count(catalog: &Catalog, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(catalog.pool())
+        .await
+        .unwrap()
+}
+
+/// Every content's chunk list covers its bytes exactly once, in order from 0.
+async fn chunk_lists_are_whole(catalog: &Catalog) {
+    let broken = count(
+        catalog,
+        "SELECT COUNT(*) FROM (SELECT c.id FROM contents c \
+         LEFT JOIN content_chunks cc ON cc.content_id = c.id \
+         LEFT JOIN chunks ch ON ch.id = cc.chunk_id GROUP BY c.id, c.size \
+         HAVING c.size <> CAST(COALESCE(SUM(ch.raw_length), 0) AS BIGINT) \
+         OR COUNT(cc.seq) <> COALESCE(MAX(cc.seq) + 1, 0)) AS t",
+    )
+    .await;
+    assert_eq!(broken, 0, "contents whose chunk list does not add up");
+}
+
+/// The catalog writes rows many to a statement (`catalog::bulk`, 128 rows each): a backup
+/// of hundreds of files, some of them copies of each other and some empty, records each
+/// content once with its whole chunk list, and a re-backup closes and adds rows across
+/// statement boundaries.
+#[tokio::test]
+async fn a_commit_of_hundreds_of_files_records_every_row_once() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    let write = |i: usize, seed: u64| {
+        let dir = src.join(format!("d{}", i % 3));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Files i and i + 150 are copies; every 50th file is empty; some span chunks.
+        let len = if i % 50 == 7 {
+            0
+        } else {
+            1_000 + (i % 150) * 997 % 90_000
+        };
+        std::fs::write(
+            dir.join(format!("f{i:03}")),
+            bytes(len, seed + (i % 150) as u64),
+        )
+        .unwrap();
+    };
+    for i in 0..300 {
+        write(i, 1);
+    }
+    let v1 = describe_tree(&src);
+    let opts = backup_opts(&src);
+    let s1 = f
+        .repo
+        .backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(s1.snapshot.files, 300);
+    let catalog = &f.repo.catalog;
+    // 150 distinct contents, the empty one among them.
+    assert_eq!(count(catalog, "SELECT COUNT(*) FROM contents").await, 148);
+    chunk_lists_are_whole(catalog).await;
+    let rows1 = catalog.entry_row_count().await.unwrap();
+    assert_eq!(rows1, 304, "300 files, 3 folders and the root");
+
+    // Change 200 files (new content) and delete 20: 220 rows closed, 200 added.
+    for i in 0..200 {
+        write(i, 1_000);
+    }
+    for i in 280..300 {
+        std::fs::remove_file(src.join(format!("d{}", i % 3)).join(format!("f{i:03}"))).unwrap();
+    }
+    let v2 = describe_tree(&src);
+    let s2 = f
+        .repo
+        .backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(s2.snapshot.files, 280);
+    chunk_lists_are_whole(catalog).await;
+    assert_eq!(
+        count(catalog, "SELECT COUNT(*) FROM entries WHERE to_seq IS NULL").await,
+        284
+    );
+    // The three folders changed too (their mtimes), the root did not.
+    assert_eq!(catalog.entry_row_count().await.unwrap(), rows1 + 200 + 3);
+
+    for (s, want) in [(&s1, &v1), (&s2, &v2)] {
+        let to = f.path(&format!("out-{}", s.snapshot.seq));
+        let mut o = restore_opts(&src, &to);
+        o.snapshot = Some(s.snapshot.short_id.clone());
+        f.repo
+            .restore(&o, &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            &describe_tree(&to.join("data")),
+            want,
+            "snapshot {}",
+            s.snapshot.seq
+        );
+    }
+}

@@ -49,6 +49,14 @@ impl Dialect {
         }
     }
 
+    /// The dialect of an open connection.
+    pub fn of_conn(conn: &Conn) -> Dialect {
+        match conn.backend_name() {
+            "SQLite" => Dialect::Sqlite,
+            _ => Dialect::Postgres,
+        }
+    }
+
     /// The dialect of an open pool.
     pub fn of(pool: &Pool) -> Dialect {
         match pool.connect_options().database_url.scheme() {
@@ -91,7 +99,7 @@ pub async fn open_pool(url: &str) -> Result<Pool, Error> {
                     // a writer waits up to 30 s for the lock instead of failing at once.
                     conn.execute(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                         PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON;",
+                         PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384;",
                     )
                     .await?;
                 }

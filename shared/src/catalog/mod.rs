@@ -8,6 +8,7 @@
 //! the engine lives here, written once for both databases.
 
 pub mod browse;
+mod bulk;
 mod db;
 mod keys;
 mod lanes;

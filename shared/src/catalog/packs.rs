@@ -1,6 +1,6 @@
 //! Packs and the chunks they hold.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::catalog::Conn;
 use futures_util::TryStreamExt;
@@ -369,28 +369,30 @@ impl Catalog {
 /// authenticated. Damaged chunks that now live here are healed.
 async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Result<(), Error> {
     // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
-    let sql = crate::catalog::numbered(&format!(
-        "INSERT INTO chunks (id, pack_id, \"offset\", length, raw_length, kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, \"offset\" = excluded.\"offset\", \
-             length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
-             WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = chunks.pack_id AND {USABLE_PACK}) \
-             OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
-             OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
-                        AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)"
-    ));
-    for e in entries {
-        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .bind(&e.id.0[..])
+    let tail = format!(
+        "ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, \"offset\" = excluded.\"offset\", \
+         length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
+         WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = chunks.pack_id AND {USABLE_PACK}) \
+         OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
+         OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
+                    AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)"
+    );
+    // One row per id and statement (PostgreSQL refuses to update a row twice in one): a
+    // repeated blob adds nothing, its first copy is the one indexed, as row by row.
+    let mut seen = HashSet::new();
+    let unique: Vec<&PackEntry> = entries.iter().filter(|e| seen.insert(e.id)).collect();
+    let head = "INSERT INTO chunks (id, pack_id, \"offset\", length, raw_length, kind, flags)";
+    super::bulk::insert(tx, (head, 7, &tail), &unique, |q, e| {
+        q.bind(&e.id.0[..])
             .bind(pack_id)
             .bind(e.offset as i64)
             .bind(i64::from(e.length))
             .bind(i64::from(e.raw_length))
             .bind(e.kind as u8 as i64)
             .bind(i64::from(e.flags))
-            .execute(&mut *tx)
-            .await
-            .map_err(db("indexing a pack"))?;
-    }
+    })
+    .await
+    .map_err(db("indexing a pack"))?;
     sqlx::query(
         "UPDATE damaged_chunks SET healed_at = $1, healed_pack = $2 \
          WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_id = $3)",

@@ -369,49 +369,38 @@ impl SnapshotCommit {
         }
         let mut previous =
             current_entries_in(&mut self.tx, self.root_id, self.last.as_deref(), Some(&hi)).await?;
-        for item in items {
-            self.record(item, previous.remove(&item.path)).await?;
-        }
-        for p in previous.values() {
-            close_entry(&mut self.tx, p.id, self.seq).await?;
-        }
-        self.last = Some(hi);
-        Ok(())
-    }
-
-    /// One entry: unchanged (no row written), or its previous row closed and a new one added.
-    async fn record(&mut self, item: &NewEntry, prev: Option<EntryRow>) -> Result<(), Error> {
-        let tx = &mut *self.tx;
-        let content_id = content_id(
-            tx,
-            &item.content,
+        let contents = content_ids(
+            &mut self.tx,
+            items,
             (self.encrypted, &self.key_id),
             &mut self.unusable,
         )
         .await?;
-        if content_id.is_some_and(|c| self.unusable.contents.contains(&c)) {
-            return Err(Error::Changed(format!(
-                "{} references chunks of a pack known to be missing",
-                item.path
-            )));
+        let mut closed = Vec::new();
+        let mut added = Vec::new();
+        for (item, content_id) in items.iter().zip(contents) {
+            if content_id.is_some_and(|c| self.unusable.contents.contains(&c)) {
+                return Err(Error::Changed(format!(
+                    "{} references chunks of a pack known to be missing",
+                    item.path
+                )));
+            }
+            let prev = previous.remove(&item.path);
+            if prev
+                .as_ref()
+                .is_some_and(|p| unchanged(p, item, content_id))
+            {
+                continue; // no row written
+            }
+            closed.extend(prev.map(|p| p.id));
+            added.push((*item, content_id));
         }
-        let same = prev.as_ref().is_some_and(|p| {
-            p.kind == item.kind
-                && p.size == item.size
-                && p.mtime_ns == item.mtime_ns
-                && p.mode == item.mode
-                && p.inode == item.inode
-                && p.content_id == content_id
-                && p.target == item.target
-                && p.owner == item.owner
-        });
-        if same {
-            return Ok(());
-        }
-        if let Some(p) = prev {
-            close_entry(tx, p.id, self.seq).await?;
-        }
-        insert_entry(tx, self.root_id, self.seq, item, content_id).await
+        // What no item of the batch named is gone since the previous snapshot.
+        closed.extend(previous.values().map(|p| p.id));
+        close_entries(&mut self.tx, &closed, self.seq).await?;
+        insert_entries(&mut self.tx, self.root_id, self.seq, &added).await?;
+        self.last = Some(hi);
+        Ok(())
     }
 
     /// Closes what no batch named (gone since the previous snapshot), records the snapshot
@@ -424,9 +413,8 @@ impl SnapshotCommit {
     ) -> Result<i64, Error> {
         let gone =
             current_entries_in(&mut self.tx, self.root_id, self.last.as_deref(), None).await?;
-        for p in gone.values() {
-            close_entry(&mut self.tx, p.id, self.seq).await?;
-        }
+        let gone: Vec<i64> = gone.values().map(|p| p.id).collect();
+        close_entries(&mut self.tx, &gone, self.seq).await?;
         let tx = &mut *self.tx;
         insert_snapshot(tx, self.root_id, self.seq, info, blob_id).await?;
         super::retention::record_listing(tx, self.root_id, self.seq, listing).await?;
@@ -571,125 +559,246 @@ async fn root_and_next_seq(tx: &mut Conn, owner: &str, root: &str) -> Result<(i6
     Ok((root_id, seq))
 }
 
-/// The content row of an entry: an existing one, or a new one with its chunk list (shared
-/// with identical files, which keep the first chunk list recorded, unless that list uses
-/// unusable chunks: then the freshly stored list replaces it).
-async fn content_id(
+/// A file content's identity within a key: its SHA-256 and size.
+type ContentKey = ([u8; 32], u64);
+
+/// A batch's new contents, each with its chunk list.
+type NewContents<'a> = HashMap<ContentKey, &'a [ChunkId]>;
+
+/// The content row of each item (`None`: not a file): a reused one as it is, a new one
+/// looked up by its SHA-256 and size among the contents of the snapshot's key, or recorded
+/// with its chunk list. A few statements per batch, not several per file (see `bulk`).
+async fn content_ids(
     tx: &mut Conn,
-    content: &NewContent,
+    items: &[&NewEntry],
     (encrypted, key_id): (bool, &str),
     unusable: &mut Unusable,
-) -> Result<Option<i64>, Error> {
-    let (sha256, size, chunks) = match content {
-        NewContent::None => return Ok(None),
-        NewContent::Existing(id) => return Ok(Some(*id)),
-        NewContent::New {
+) -> Result<Vec<Option<i64>>, Error> {
+    // The batch's new contents, each once (the first item's chunk list stands for its
+    // copies: the same bytes are cut and named the same way).
+    let mut new: NewContents<'_> = HashMap::new();
+    for item in items {
+        if let NewContent::New {
             sha256,
             size,
             chunks,
-        } => (sha256, size, chunks),
-    };
-    let inserted = sqlx::query(
-        "INSERT INTO contents (sha256, size, encrypted, key_id) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (sha256, size, encrypted, key_id) DO NOTHING",
-    )
-    .bind(&sha256[..])
-    .bind(*size as i64)
-    .bind(i64::from(encrypted))
-    .bind(key_id)
-    .execute(&mut *tx)
-    .await
-    .map_err(db(COMMIT))?
-    .rows_affected();
-    let id: i64 = sqlx::query_scalar(
-        "SELECT id FROM contents WHERE sha256 = $1 AND size = $2 AND encrypted = $3 AND key_id = $4",
-    )
-    .bind(&sha256[..])
-    .bind(*size as i64)
-    .bind(i64::from(encrypted))
-    .bind(key_id)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db(COMMIT))?;
-    // A content whose recorded chunk list uses unusable chunks (lost or damaged) takes the
-    // list just stored.
-    // A new content must not be built on unusable chunks either (a backup that deduplicated
-    // against a pack prune condemned since: it stores that data again and retries).
-    if inserted == 1 && chunks.iter().any(|c| unusable.chunks.contains(c)) {
+        } = &item.content
+        {
+            new.entry((*sha256, *size)).or_insert(chunks);
+        }
+    }
+    let mut ids = existing_contents(tx, &new, (encrypted, key_id)).await?;
+    let existing: HashSet<i64> = ids.values().copied().collect();
+    let recorded = record_contents(tx, &new, &ids, (encrypted, key_id), unusable).await?;
+    ids.extend(recorded);
+    repair_contents(tx, &new, &ids, &existing, unusable).await?;
+    Ok(items
+        .iter()
+        .map(|item| match &item.content {
+            NewContent::None => None,
+            NewContent::Existing(id) => Some(*id),
+            NewContent::New { sha256, size, .. } => ids.get(&(*sha256, *size)).copied(),
+        })
+        .collect())
+}
+
+/// The ids of the contents of `new` recorded already (for the snapshot's key).
+async fn existing_contents(
+    tx: &mut Conn,
+    new: &NewContents<'_>,
+    (encrypted, key_id): (bool, &str),
+) -> Result<HashMap<ContentKey, i64>, Error> {
+    let keys: Vec<&ContentKey> = new.keys().collect();
+    let mut ids = HashMap::new();
+    for part in keys.chunks(super::bulk::ROWS) {
+        let sql = format!(
+            "SELECT id, sha256, size FROM contents WHERE encrypted = $1 AND key_id = $2 \
+             AND sha256 IN ({})",
+            super::bulk::marks(3, part.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(i64::from(encrypted))
+            .bind(key_id);
+        for (sha256, _) in part {
+            q = q.bind(&sha256[..]);
+        }
+        for r in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
+            let sha256: Vec<u8> = r.get(1);
+            let Ok(sha256) = <[u8; 32]>::try_from(sha256.as_slice()) else {
+                continue; // not a content of this batch
+            };
+            let key = (sha256, r.get::<i64, _>(2) as u64);
+            if new.contains_key(&key) {
+                ids.insert(key, r.get::<i64, _>(0));
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Records the contents of `new` not in `known`, with their chunk lists; returns their ids.
+/// A new content must not be built on unusable chunks (a backup that deduplicated against a
+/// pack prune condemned since: it stores that data again and retries).
+async fn record_contents(
+    tx: &mut Conn,
+    new: &NewContents<'_>,
+    known: &HashMap<ContentKey, i64>,
+    (encrypted, key_id): (bool, &str),
+    unusable: &Unusable,
+) -> Result<HashMap<ContentKey, i64>, Error> {
+    let fresh: Vec<(&ContentKey, &&[ChunkId])> = new
+        .iter()
+        .filter(|(k, _)| !known.contains_key(*k))
+        .collect();
+    if let Some(((sha256, _), _)) = fresh
+        .iter()
+        .find(|(_, chunks)| chunks.iter().any(|c| unusable.chunks.contains(c)))
+    {
         return Err(Error::Changed(format!(
             "file content {} uses a chunk of a pack that is not stored",
             hex::encode(&sha256[..6])
         )));
     }
-    let repair = inserted == 0
-        && unusable.contents.contains(&id)
-        && !chunks.iter().any(|c| unusable.chunks.contains(c));
-    // A content first recorded on format-1 unencrypted blobs (checksums only, which `recover`
-    // won't index) takes the new chunk list, stored authenticated: same bytes, same SHA-256.
-    let on_format1: i64 = if inserted == 0 && !chunks.is_empty() {
-        sqlx::query_scalar(
-            "SELECT COUNT(*) FROM content_chunks cc JOIN chunks ch ON ch.id = cc.chunk_id \
-             WHERE cc.content_id = $1 AND ch.flags & 3 = 0",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db(COMMIT))?
-    } else {
-        0
-    };
-    let replace = repair || on_format1 > 0;
-    if replace {
-        sqlx::query("DELETE FROM content_chunks WHERE content_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(COMMIT))?;
-        unusable.contents.remove(&id);
-    }
-    if inserted == 1 || replace {
-        for (i, c) in chunks.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO content_chunks (content_id, seq, chunk_id) VALUES ($1, $2, $3)",
-            )
-            .bind(id)
-            .bind(i as i64)
-            .bind(&c.0[..])
-            .execute(&mut *tx)
-            .await
-            .map_err(gone_or_db)?;
+    let mut ids = HashMap::new();
+    for part in fresh.chunks(super::bulk::ROWS) {
+        let sql = super::bulk::values(
+            super::Dialect::of_conn(tx),
+            "INSERT INTO contents (sha256, size, encrypted, key_id)",
+            4,
+            part.len(),
+            "RETURNING id, sha256, size",
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((sha256, size), _) in part {
+            q = q
+                .bind(&sha256[..])
+                .bind(*size as i64)
+                .bind(i64::from(encrypted))
+                .bind(key_id);
+        }
+        for r in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
+            let sha256: Vec<u8> = r.get(1);
+            let sha256 = <[u8; 32]>::try_from(sha256.as_slice())
+                .map_err(|_| Error::Invalid("a content was recorded without its SHA-256".into()))?;
+            ids.insert((sha256, r.get::<i64, _>(2) as u64), r.get::<i64, _>(0));
         }
     }
-    Ok(Some(id))
+    let lists: Vec<(i64, &[ChunkId])> = fresh
+        .iter()
+        .map(|(k, chunks)| (ids[*k], **chunks))
+        .collect();
+    insert_chunk_lists(tx, &lists).await?;
+    Ok(ids)
 }
 
-/// A new entry row, valid from snapshot `seq` on.
-async fn insert_entry(
+/// Gives a recorded content the chunk list just stored when its own can't be used: it uses
+/// unusable chunks (lost or damaged), or format-1 unencrypted blobs (checksums only, which
+/// `recover` won't index), and the new list can (same bytes, same SHA-256).
+async fn repair_contents(
+    tx: &mut Conn,
+    new: &NewContents<'_>,
+    ids: &HashMap<ContentKey, i64>,
+    existing: &HashSet<i64>,
+    unusable: &mut Unusable,
+) -> Result<(), Error> {
+    let existing_ids: Vec<i64> = existing.iter().copied().collect();
+    let on_format1 = contents_on_format1(tx, &existing_ids).await?;
+    let mut lists = Vec::new();
+    for (key, chunks) in new {
+        let id = ids[key];
+        if !existing.contains(&id) {
+            continue;
+        }
+        let repair =
+            unusable.contents.contains(&id) && !chunks.iter().any(|c| unusable.chunks.contains(c));
+        if repair || !chunks.is_empty() && on_format1.contains(&id) {
+            sqlx::query("DELETE FROM content_chunks WHERE content_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(COMMIT))?;
+            unusable.contents.remove(&id);
+            lists.push((id, *chunks));
+        }
+    }
+    insert_chunk_lists(tx, &lists).await
+}
+
+/// Which of `contents` have a chunk on a format-1 unencrypted blob.
+async fn contents_on_format1(tx: &mut Conn, contents: &[i64]) -> Result<HashSet<i64>, Error> {
+    let mut out = HashSet::new();
+    for part in contents.chunks(super::bulk::ROWS) {
+        let sql = format!(
+            "SELECT DISTINCT cc.content_id FROM content_chunks cc JOIN chunks ch ON ch.id = cc.chunk_id \
+             WHERE ch.flags & 3 = 0 AND cc.content_id IN ({})",
+            super::bulk::marks(1, part.len())
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+        for id in part {
+            q = q.bind(*id);
+        }
+        out.extend(q.fetch_all(&mut *tx).await.map_err(db(COMMIT))?);
+    }
+    Ok(out)
+}
+
+/// Records contents' chunk lists (content id, its chunks in order).
+async fn insert_chunk_lists(tx: &mut Conn, lists: &[(i64, &[ChunkId])]) -> Result<(), Error> {
+    let rows: Vec<(i64, i64, &ChunkId)> = lists
+        .iter()
+        .flat_map(|(id, chunks)| {
+            chunks
+                .iter()
+                .enumerate()
+                .map(move |(i, c)| (*id, i as i64, c))
+        })
+        .collect();
+    let head = "INSERT INTO content_chunks (content_id, seq, chunk_id)";
+    super::bulk::insert(tx, (head, 3, ""), &rows, |q, (id, i, c)| {
+        q.bind(*id).bind(*i).bind(&c.0[..])
+    })
+    .await
+    .map_err(gone_or_db)?;
+    Ok(())
+}
+
+/// Whether a previous row says all an item says (then no row is written).
+fn unchanged(p: &EntryRow, item: &NewEntry, content_id: Option<i64>) -> bool {
+    p.kind == item.kind
+        && p.size == item.size
+        && p.mtime_ns == item.mtime_ns
+        && p.mode == item.mode
+        && p.inode == item.inode
+        && p.content_id == content_id
+        && p.target == item.target
+        && p.owner == item.owner
+}
+
+/// New entry rows, valid from snapshot `seq` on.
+async fn insert_entries(
     tx: &mut Conn,
     root_id: i64,
     seq: i64,
-    item: &NewEntry,
-    content_id: Option<i64>,
+    items: &[(&NewEntry, Option<i64>)],
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, from_seq, \
-         uid, gid, user_name, group_name) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-    )
-    .bind(root_id)
-    .bind(&item.path)
-    .bind(item.kind.as_str())
-    .bind(item.size as i64)
-    .bind(item.mtime_ns)
-    .bind(i64::from(item.mode))
-    .bind(item.inode as i64)
-    .bind(content_id)
-    .bind(&item.target)
-    .bind(seq)
-    .bind(item.owner.uid.map(i64::from))
-    .bind(item.owner.gid.map(i64::from))
-    .bind(&item.owner.user)
-    .bind(&item.owner.group)
-    .execute(&mut *tx)
+    let head = "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, \
+                from_seq, uid, gid, user_name, group_name)";
+    super::bulk::insert(tx, (head, 14, ""), items, |q, (item, content_id)| {
+        q.bind(root_id)
+            .bind(&item.path)
+            .bind(item.kind.as_str())
+            .bind(item.size as i64)
+            .bind(item.mtime_ns)
+            .bind(i64::from(item.mode))
+            .bind(item.inode as i64)
+            .bind(*content_id)
+            .bind(&item.target)
+            .bind(seq)
+            .bind(item.owner.uid.map(i64::from))
+            .bind(item.owner.gid.map(i64::from))
+            .bind(&item.owner.user)
+            .bind(&item.owner.group)
+    })
     .await
     .map_err(db(COMMIT))?;
     Ok(())
@@ -764,20 +873,26 @@ pub struct NewEntry {
     pub content: NewContent,
 }
 
-/// Ends a current entry row's validity at snapshot `seq` (it changed or disappeared there).
-/// Only a current row is closed: a row someone else closed means the catalog changed under
-/// this commit.
-async fn close_entry(tx: &mut Conn, id: i64, seq: i64) -> Result<(), Error> {
-    let done = sqlx::query("UPDATE entries SET to_seq = $1 WHERE id = $2 AND to_seq IS NULL")
-        .bind(seq)
-        .bind(id)
-        .execute(tx)
-        .await
-        .map_err(db(COMMIT))?;
-    if done.rows_affected() != 1 {
-        return Err(Error::Changed(format!(
-            "entry {id} was closed by another writer during this commit"
-        )));
+/// Ends current entry rows' validity at snapshot `seq` (they changed or disappeared
+/// there). Only current rows are closed: a row someone else closed means the catalog changed
+/// under this commit.
+async fn close_entries(tx: &mut Conn, ids: &[i64], seq: i64) -> Result<(), Error> {
+    for part in ids.chunks(super::bulk::ROWS) {
+        let sql = format!(
+            "UPDATE entries SET to_seq = $1 WHERE to_seq IS NULL AND id IN ({})",
+            super::bulk::marks(2, part.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(seq);
+        for id in part {
+            q = q.bind(*id);
+        }
+        let done = q.execute(&mut *tx).await.map_err(db(COMMIT))?;
+        if done.rows_affected() != part.len() as u64 {
+            return Err(Error::Changed(format!(
+                "{} of the entries {part:?} were closed by another writer during this commit",
+                part.len() as u64 - done.rows_affected()
+            )));
+        }
     }
     Ok(())
 }
