@@ -324,6 +324,9 @@ impl Inner {
         len: u64,
     ) -> Result<Vec<u8>, StorageError> {
         check_name(&obj.name)?;
+        // This range's windows go before those of ranges asked for after it (a restore uses
+        // its ranges in the order it asked for them).
+        let order = self.sched.part_order();
         let doc = self.locate(obj).await?;
         let end = offset
             .checked_add(len)
@@ -355,7 +358,7 @@ impl Inner {
                         .map_err(|e| StorageError::Fatal(format!("download task: {e}")))?;
                     results[i] = Some(r?);
                 }
-                slot = self.sched.part_slot(), if next < windows.len() => {
+                slot = self.sched.part_slot_in_order(order), if next < windows.len() => {
                     queued.started();
                     let (s, l) = windows[next];
                     let me = self.clone();

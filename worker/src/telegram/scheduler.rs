@@ -302,6 +302,17 @@ impl Scheduler {
         self.window.slot().await
     }
 
+    /// A place in line for a transfer starting now (see [`Window::order`]).
+    pub fn part_order(&self) -> u64 {
+        self.window.order()
+    }
+
+    /// Waits for room for one more part of the transfer with place `order`: parts of
+    /// transfers that started earlier go first.
+    pub async fn part_slot_in_order(&self, order: u64) -> Slot {
+        self.window.slot_in_order(order).await
+    }
+
     /// Announces `parts` a transfer is about to send, so that connections open for them
     /// before the window has grown (see [`Scheduler::parts_wanted`]). Each part taken off with
     /// [`Queued::started`]; what is left is withdrawn when the guard drops.

@@ -100,6 +100,8 @@ impl Inner {
         let pending = Pending::new(&self.pending_upload, size);
         let mut set: JoinSet<Result<u64, StorageError>> = JoinSet::new();
         let mut queued = self.sched.queue_parts(parts as usize);
+        // This pack's parts go before those of packs started after it.
+        let order = self.sched.part_order();
         let mut next = 0i32;
         loop {
             tokio::select! {
@@ -117,7 +119,7 @@ impl Inner {
                         }
                     }
                 }
-                slot = self.sched.part_slot(), if next < parts => {
+                slot = self.sched.part_slot_in_order(order), if next < parts => {
                     queued.started();
                     let off = next as u64 * PART_SIZE;
                     let len = (size - off).min(PART_SIZE) as usize;

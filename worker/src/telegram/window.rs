@@ -7,7 +7,15 @@
 //! window's worth of answers; a FLOOD_WAIT, a timeout or a lost connection halves it, once per
 //! round trip however many parts the same trouble hit. It never exceeds its bound
 //! (`STORINATOR_PART_CONCURRENCY`) nor goes below one part.
+//!
+//! Room goes to the parts waiting in their order: a transfer takes a place in line when it
+//! starts ([`Window::order`]) and each of its parts waits behind every part of the transfers
+//! that started before it. A restore uses its ranges in the order it asked for them, so the
+//! first range must not starve behind later ones: handing room to whichever waiter wakes
+//! first let the later ranges finish while the first one still had parts to send, and the
+//! window drained while the restore waited for it.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +37,11 @@ struct State {
     last_cut: Option<Instant>,
     cuts: u64,
     peak: usize,
+    /// Parts waiting for room, by (order of their transfer, arrival).
+    waiting: BTreeSet<(u64, u64)>,
+    /// The next transfer's order, and the next arrival.
+    next_order: u64,
+    next_arrival: u64,
 }
 
 pub struct Window {
@@ -46,6 +59,21 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.window.state.lock().unwrap().in_flight -= 1;
         self.window.freed.notify_waiters();
+    }
+}
+
+/// A part's place in line; leaving it (a cancelled wait) lets the next one go.
+struct InLine<'a> {
+    window: &'a Window,
+    key: Option<(u64, u64)>,
+}
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.window.state.lock().unwrap().waiting.remove(&key);
+            self.window.freed.notify_waiters();
+        }
     }
 }
 
@@ -69,28 +97,81 @@ impl Window {
                 last_cut: None,
                 cuts: 0,
                 peak: 0,
+                waiting: BTreeSet::new(),
+                next_order: 0,
+                next_arrival: 0,
             }),
             freed: Notify::new(),
         })
     }
 
-    /// Waits for room for one more part. Cancel-safe: dropping the future takes nothing.
+    /// A place in line for a transfer starting now: its parts get room after those of every
+    /// transfer that took its place before.
+    pub fn order(&self) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_order += 1;
+        s.next_order
+    }
+
+    /// Waits for room for one more part, behind every part waiting before it. Cancel-safe:
+    /// dropping the future takes nothing and leaves the line.
     pub async fn slot(self: &Arc<Self>) -> Slot {
+        let order = self.order();
+        self.slot_in_order(order).await
+    }
+
+    /// Waits for room for one more part of the transfer with place `order` (see
+    /// [`Window::order`]): parts of earlier transfers go first, then those that came first.
+    /// Cancel-safe like [`Window::slot`].
+    pub async fn slot_in_order(self: &Arc<Self>, order: u64) -> Slot {
+        let key = {
+            let mut s = self.state.lock().unwrap();
+            s.next_arrival += 1;
+            let key = (order, s.next_arrival);
+            s.waiting.insert(key);
+            key
+        };
+        let mut in_line = InLine {
+            window: self,
+            key: Some(key),
+        };
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(s) = self.try_slot() {
+            if let Some(s) = self.take_if_first(key) {
+                in_line.key = None;
                 return s;
             }
             freed.await;
         }
     }
 
-    /// Room for one more part, if there is some now.
+    /// Room for the part waiting as `key`, if it is first in line and there is room.
+    fn take_if_first(self: &Arc<Self>, key: (u64, u64)) -> Option<Slot> {
+        let more = {
+            let mut s = self.state.lock().unwrap();
+            if s.waiting.first() != Some(&key) || s.in_flight >= s.size as usize {
+                return None;
+            }
+            s.waiting.remove(&key);
+            s.in_flight += 1;
+            s.peak = s.peak.max(s.in_flight);
+            s.in_flight < s.size as usize && !s.waiting.is_empty()
+        };
+        if more {
+            // The next in line may fit too.
+            self.freed.notify_waiters();
+        }
+        Some(Slot {
+            window: self.clone(),
+        })
+    }
+
+    /// Room for one more part, if there is some now and no part is waiting for it.
     pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
         let mut s = self.state.lock().unwrap();
-        if s.in_flight >= s.size as usize {
+        if s.in_flight >= s.size as usize || !s.waiting.is_empty() {
             return None;
         }
         s.in_flight += 1;
@@ -213,6 +294,38 @@ mod tests {
             w.on_trouble();
         }
         assert_eq!(w.size(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_goes_to_the_earliest_transfer_and_a_cancelled_wait_leaves_the_line() {
+        use futures_util::FutureExt;
+        use std::pin::pin;
+        let w = Window::new(1);
+        let (first, second) = (w.order(), w.order());
+        let held = w.slot().await;
+        // A part of the later transfer comes first, then one of the earlier transfer that
+        // gives up, then another of the earlier transfer.
+        let mut late = pin!(w.slot_in_order(second));
+        assert!(late.as_mut().now_or_never().is_none(), "no room yet");
+        {
+            let mut gives_up = pin!(w.slot_in_order(first));
+            assert!(gives_up.as_mut().now_or_never().is_none());
+        }
+        let mut early = pin!(w.slot_in_order(first));
+        assert!(early.as_mut().now_or_never().is_none());
+        assert!(w.try_slot().is_none(), "no room taken past the line");
+        drop(held);
+        // Whichever is polled first, the room is the earlier transfer's.
+        assert!(
+            late.as_mut().now_or_never().is_none(),
+            "the later transfer waits behind the earlier one"
+        );
+        let got = early
+            .as_mut()
+            .now_or_never()
+            .expect("the earlier transfer's part goes first, the cancelled one out of the way");
+        drop(got);
+        assert!(late.as_mut().now_or_never().is_some(), "then the later one");
     }
 
     #[tokio::test(start_paused = true)]
