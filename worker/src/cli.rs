@@ -321,7 +321,21 @@ fn parse_owner(s: &str) -> Result<String, String> {
 /// Exit code for "snapshot saved, but some files were left out".
 pub const EXIT_WARNINGS: u8 = 3;
 
+/// Two malloc arenas, not glibc's default of eight per core. The engine's threads (readers,
+/// sealers, writers, the runtime's) each allocate and free chunk-sized buffers; every arena
+/// keeps what was freed in it, so the process's peak memory grew with the number of threads
+/// that ever ran rather than with what it holds. Measured on a first backup of 300,000 small
+/// files: 111 MB peak with the default, 82 MB with two arenas, at the same speed.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 pub fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     init_tracing(cli.global.verbose + 1);
     let rt = match tokio::runtime::Runtime::new() {

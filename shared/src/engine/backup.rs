@@ -402,6 +402,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// its path range (the walk goes in the catalog's path order, so the ranges follow each
 /// other): unchanged files keep their content, the others are to be read. The items go to
 /// a spool file; returned: its reader and the totals.
+///
+/// The file system and the catalog work side by side: while a batch's previous files are
+/// read from the catalog, a blocking thread spools the batch before it and walks the next.
 async fn scan(
     repo: &Repo,
     source: &Source,
@@ -411,36 +414,51 @@ async fn scan(
     warnings: &mut Vec<Warning>,
     cancel: &CancelFlag,
 ) -> Result<(SpoolReader<Item>, Totals), Error> {
-    let mut walk = Walk {
-        walker: Walker::new(source.path.clone()),
-        src: source.path.clone(),
-        name: source.name.clone(),
-        names: OwnerNames::default(),
-        warnings: Vec::new(),
+    let mut side = ScanSide {
+        walk: Walk {
+            walker: Walker::new(source.path.clone()),
+            src: source.path.clone(),
+            name: source.name.clone(),
+            names: OwnerNames::default(),
+            warnings: Vec::new(),
+        },
+        out: SpoolWriter::create(&spool.join(ITEMS_SPOOL))?,
     };
-    let mut out = SpoolWriter::create(&spool.join(ITEMS_SPOOL))?;
     let mut totals = Totals::default();
     let mut after: Option<String> = None;
-    loop {
-        let (cancel, n) = (cancel.clone(), repo.batch());
-        let (w, batch) = blocking(move || {
-            let batch = walk.batch(n, &cancel);
-            (walk, batch)
-        })
-        .await?;
-        walk = w;
-        let mut batch = batch?;
-        let Some(last) = batch.last().map(|i| i.line.path.clone()) else {
-            break;
-        };
+    let (n, cancel) = (repo.batch(), cancel.clone());
+    let (s, walked) = blocking({
+        let cancel = cancel.clone();
+        move || side.walk_next(n, &cancel)
+    })
+    .await?;
+    side = s;
+    let mut batch = walked?;
+    // Decided items waiting to be spooled.
+    let mut decided = Vec::new();
+    while let Some(last) = batch.last().map(|i| i.line.path.clone()) {
+        let background = tokio::task::spawn_blocking({
+            let cancel = cancel.clone();
+            move || {
+                let pushed = side.push_all(&decided);
+                let (side, walked) = side.walk_next(n, &cancel);
+                (side, pushed, walked)
+            }
+        });
         let previous = match root_id {
             Some(id) => {
                 repo.catalog
                     .previous_files(id, after.as_deref(), &last)
-                    .await?
+                    .await
             }
-            None => HashMap::new(),
+            None => Ok(HashMap::new()),
         };
+        let (s, pushed, walked) = background
+            .await
+            .map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))?;
+        side = s;
+        pushed?;
+        let previous = previous?;
         {
             let stored = pipeline.known.lock().unwrap();
             for item in &mut batch {
@@ -454,15 +472,36 @@ async fn scan(
                 }
             }
         }
-        out = blocking(move || {
-            batch.iter().try_for_each(|i| out.push(i))?;
-            Ok::<_, Error>(out)
-        })
-        .await??;
+        decided = std::mem::replace(&mut batch, walked?);
         after = Some(last);
     }
+    let ScanSide { mut walk, mut out } = side;
     warnings.append(&mut walk.warnings);
-    Ok((blocking(move || out.finish()).await??, totals))
+    let out = blocking(move || {
+        decided.iter().try_for_each(|i| out.push(i))?;
+        out.finish()
+    });
+    Ok((out.await??, totals))
+}
+
+/// The file-system side of [`scan`], run on a blocking thread beside the catalog's reads:
+/// the walk, and the items' spool file.
+struct ScanSide {
+    walk: Walk,
+    out: SpoolWriter<Item>,
+}
+
+impl ScanSide {
+    /// The walk's next batch.
+    fn walk_next(mut self, n: usize, cancel: &CancelFlag) -> (Self, Result<Vec<Item>, Error>) {
+        let batch = self.walk.batch(n, cancel);
+        (self, batch)
+    }
+
+    /// Spools decided items.
+    fn push_all(&mut self, items: &[Item]) -> Result<(), Error> {
+        items.iter().try_for_each(|i| self.out.push(i))
+    }
 }
 
 /// Decides what becomes of a walked file's content. An unchanged file (same size, time and
@@ -604,28 +643,34 @@ async fn commit(
     (info, key_id): (&SnapshotInfo, &str),
     snapshot_id: &ChunkId,
     listing: &[ChunkId],
-    mut entries: SpoolReader<Item>,
+    entries: SpoolReader<Item>,
 ) -> Result<i64, Error> {
     let mut commit = repo
         .catalog
         .begin_snapshot_commit(run_id, (info, key_id), snapshot_id, listing)
         .await?;
+    // The next batch is read from the spool while this one is written to the catalog.
+    let n = repo.batch();
+    let read = move |mut entries: SpoolReader<Item>| {
+        let batch = entries.next_batch(n).and_then(|items| {
+            items
+                .into_iter()
+                .map(new_entry)
+                .collect::<Result<Vec<_>, _>>()
+        });
+        (entries, batch)
+    };
+    let (mut entries, mut batch) = blocking(move || read(entries)).await?;
     loop {
-        let n = repo.batch();
-        let (r, batch) = blocking(move || {
-            let batch = entries.next_batch(n);
-            (entries, batch)
-        })
-        .await?;
-        entries = r;
-        let batch = batch?
-            .into_iter()
-            .map(new_entry)
-            .collect::<Result<Vec<_>, _>>()?;
-        if batch.is_empty() {
+        let batch_now = batch?;
+        if batch_now.is_empty() {
             break;
         }
-        commit.add(&batch.iter().collect::<Vec<_>>()).await?;
+        let next = tokio::task::spawn_blocking(move || read(entries));
+        commit.add(&batch_now.iter().collect::<Vec<_>>()).await?;
+        (entries, batch) = next
+            .await
+            .map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))?;
     }
     commit.finish(info, snapshot_id, listing).await
 }

@@ -39,6 +39,9 @@ type ChunkList = Arc<Mutex<Vec<ChunkId>>>;
 /// A read file before its chunk ids are all known.
 type PendingOutcome = Result<(FileData, ChunkList, Option<Warning>), String>;
 
+/// Files up to this size are sealed by the thread that reads them (see `read_file`).
+const SEAL_INLINE_MAX: u64 = 256 * 1024;
+
 /// A chunk on its way to a sealer.
 struct SealJob {
     data: Vec<u8>,
@@ -186,8 +189,9 @@ impl Pipeline {
 
     /// A reader thread: takes the next file until none are left or the backup failed.
     fn reader(&self, shared: &Shared<'_>, seal_tx: mpsc::SyncSender<SealJob>) {
-        // One chunk buffer for every file this thread reads.
+        // One chunk buffer for every file this thread reads, and one for sealing.
         let mut buf = None;
+        let mut sealed = Vec::new();
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 break;
@@ -196,7 +200,8 @@ impl Pipeline {
             let Some((path, rel, size)) = shared.files.get(i) else {
                 break;
             };
-            match self.read_file(path, rel, *size, &seal_tx, &mut buf) {
+            let bufs = (&mut buf, &mut sealed);
+            match self.read_file(shared, (path, rel, *size), &seal_tx, bufs) {
                 Err(ReadError::Fatal(e)) => {
                     self.fail(shared, e);
                     break;
@@ -221,18 +226,23 @@ impl Pipeline {
             }
             let id = self.blob_id(&job.data);
             job.list.lock().unwrap()[job.index] = id;
-            if !self.known.lock().unwrap().insert(id) {
-                continue; // already stored, or being stored by this run
-            }
-            self.new_chunks.fetch_add(1, Ordering::Relaxed);
-            self.new_bytes
-                .fetch_add(job.data.len() as u64, Ordering::Relaxed);
-            buf.clear();
-            crypto::seal_into(&mut buf, self.mode(), &job.data, self.compression);
-            let mut packer = shared.packer.lock().unwrap();
-            if let Err(e) = self.append(&mut packer, BlobKind::Data, id, &buf, job.data.len()) {
-                self.fail(shared, e);
-            }
+            self.store_chunk(shared, id, &job.data, &mut buf);
+        }
+    }
+
+    /// Dedups, seals and packs one chunk (`id` is its name); `buf` is scratch space.
+    fn store_chunk(&self, shared: &Shared<'_>, id: ChunkId, data: &[u8], buf: &mut Vec<u8>) {
+        if !self.known.lock().unwrap().insert(id) {
+            return; // already stored, or being stored by this run
+        }
+        self.new_chunks.fetch_add(1, Ordering::Relaxed);
+        self.new_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        buf.clear();
+        crypto::seal_into(buf, self.mode(), data, self.compression);
+        let mut packer = shared.packer.lock().unwrap();
+        if let Err(e) = self.append(&mut packer, BlobKind::Data, id, buf, data.len()) {
+            self.fail(shared, e);
         }
     }
 
@@ -286,14 +296,17 @@ impl Pipeline {
         Ok(ids)
     }
 
+    /// Reads, chunks and hashes one file. The chunks of a small file are sealed right here:
+    /// handing each to a sealer thread cost two thread wake-ups per file, more than sealing
+    /// a few KiB. A large file's chunks go to the sealers, so that it keeps every core busy.
     fn read_file(
         &self,
-        path: &Path,
-        rel: &str,
-        expected: u64,
+        shared: &Shared<'_>,
+        (path, rel, expected): (&Path, &str, u64),
         seal_tx: &mpsc::SyncSender<SealJob>,
-        buf: &mut Option<ChunkBuf>,
+        (buf, sealed): (&mut Option<ChunkBuf>, &mut Vec<u8>),
     ) -> Result<(FileData, ChunkList, Option<Warning>), ReadError> {
+        let inline = expected <= SEAL_INLINE_MAX;
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 ReadError::Skip("skipped: vanished before it could be read".into())
@@ -323,6 +336,12 @@ impl Pipeline {
             sha.update(chunk);
             size += chunk.len() as u64;
             Counters::add(&self.counters.bytes_done, chunk.len() as u64);
+            if inline {
+                let id = self.blob_id(chunk);
+                list.lock().unwrap().push(id);
+                self.store_chunk(shared, id, chunk, sealed);
+                continue;
+            }
             let index = {
                 let mut l = list.lock().unwrap();
                 l.push(ChunkId([0; 32]));
