@@ -499,3 +499,18 @@ async fn restore_keeps_the_storages_read_ahead_requested_and_no_more() {
         "{bytes} bytes in {reads} reads requested at once: more than the read-ahead and a read"
     );
 }
+
+/// The test kit's instrumented store reads ahead as much as the store it wraps: tests that
+/// wrap a store restore the way the store itself is restored.
+#[test]
+fn the_instrumented_store_reads_ahead_as_the_store_it_wraps() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapped = InstrumentedStorage::new(ReadAheadProbe {
+        inner: storinator_shared::MemoryStorage::new(dir.path().join("spool")),
+        read_ahead: 3 << 20,
+        now: Default::default(),
+        peak: Default::default(),
+        enough: Default::default(),
+    });
+    assert_eq!(storinator_shared::Storage::read_ahead(&wrapped), 3 << 20);
+}

@@ -359,6 +359,14 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
     ) -> Result<(), storinator_shared::StorageError> {
         self.inner.remove_many(objs).await
     }
+    // The inner store's transfer shape, so that an instrumented store is restored and
+    // uploaded to the way the store itself would be.
+    fn parallel_uploads(&self) -> usize {
+        self.inner.parallel_uploads()
+    }
+    fn read_ahead(&self) -> u64 {
+        self.inner.read_ahead()
+    }
 }
 
 /// One stored pack as its trailer describes it.
