@@ -86,6 +86,8 @@ pub struct SchedulerStats {
     pub part_connections: u64,
     /// The most part connections that were opening in the background at once.
     pub peak_connections_opening: u64,
+    /// Part bytes answered so far (uploaded or downloaded).
+    pub part_bytes: u64,
 }
 
 /// How long the measured transfer rate looks back.
@@ -336,6 +338,7 @@ impl Scheduler {
     /// A part transfer went through: measure it and let the window grow.
     pub fn transfer_ok(&self, bytes: u64, took: Duration) {
         self.meter.lock().unwrap().add(Instant::now(), bytes);
+        self.stats.lock().unwrap().part_bytes += bytes;
         self.window.on_success(took);
         let secs = took.as_secs_f64();
         if secs > 0.0 {
@@ -355,6 +358,11 @@ impl Scheduler {
     /// Parts allowed in flight now.
     pub fn part_concurrency(&self) -> usize {
         self.window.size()
+    }
+
+    /// Parts in flight now.
+    pub fn parts_in_flight(&self) -> usize {
+        self.window.in_flight()
     }
 
     /// A part was handed to a connection that then held `on_connection` of them.
