@@ -326,13 +326,12 @@ impl Scheduler {
         }
     }
 
-    /// Parts worth having connections for: those in flight and those announced (within the
-    /// window's bound), at least the window.
+    /// Parts worth having connections for: those in flight and those announced, within the
+    /// window's bound (every transfer announces its parts, so a one-part object opens one
+    /// connection however large the window).
     pub fn parts_wanted(&self) -> usize {
         let demand = self.window.in_flight() + self.queued.load(Ordering::Relaxed) as usize;
-        demand
-            .min(self.cfg.max_part_concurrency)
-            .max(self.window.size())
+        demand.min(self.cfg.max_part_concurrency).max(1)
     }
 
     /// A part transfer went through: measure it and let the window grow.
@@ -459,7 +458,7 @@ mod tests {
             max_part_concurrency: 32,
             ..Default::default()
         });
-        assert_eq!(s.parts_wanted(), 4, "nothing announced: the window");
+        assert_eq!(s.parts_wanted(), 1, "nothing announced: one connection");
         let mut big = s.queue_parts(1000);
         assert_eq!(s.parts_wanted(), 32, "a big transfer: the bound at once");
         {
@@ -474,7 +473,7 @@ mod tests {
         big.started();
         assert_eq!(s.parts_wanted(), 5, "four announced and one in flight");
         drop(big);
-        assert_eq!(s.parts_wanted(), 4, "withdrawn: the window again");
+        assert_eq!(s.parts_wanted(), 1, "withdrawn: the one in flight");
         let mut one = s.queue_parts(1);
         one.started();
         one.started();
