@@ -9,7 +9,7 @@
 //! cargo run --release -p storinator-worker --example tg_bench -- \
 //!     [--rtt-ms 0,50,100] [--cap-mbs 100,20] [--conn-mbps 200] [--jitter-ms 0] \
 //!     [--seconds 6] [--mib N] [--concurrency 32] [--server target/release/loopback-telegram] \
-//!     [--packs 1] [--timeline]
+//!     [--packs 1] [--parallel N] [--timeline]
 //! ```
 //! `--packs N` uploads the same bytes as N packs, as many at once as the storage takes (a
 //! backup's packer does the same); `--timeline` prints where the upload's time went: when the
@@ -178,7 +178,11 @@ async fn one_run(
     let first_size = std::fs::metadata(&pack_paths[0])?.len();
     let sampler = Sampler::start(storage.clone());
     let (c0, s0, w0) = (cpu_self(), cpu_of(server.id()), Instant::now());
-    let parallel = storage.parallel_uploads().max(1);
+    // `--parallel N` overrides the storage's packs at once, to compare.
+    let parallel = arg("--parallel").map_or(storage.parallel_uploads(), |v| {
+        v.parse().expect("--parallel N")
+    });
+    let parallel = parallel.max(1);
     let mut uploads = futures_util::stream::iter(names.iter().zip(&pack_paths).map(|(n, p)| {
         let storage = storage.clone();
         async move {
