@@ -342,11 +342,11 @@ async fn the_next_pack_goes_up_while_the_last_one_is_published() {
         std::fs::write(src.join("big.bin"), bytes(14 << 20, 21)).unwrap();
         let counters = e.server.counters();
         let sends = counters.get("messages.sendMedia");
-        // Under the storage's request timeout (2 s), so the send is answered, late.
+        // Well under the storage's request timeout (2 s), so the send is answered, late.
         e.server.faults().on_call(
             "messages.sendMedia",
             1,
-            Fault::Delay(Duration::from_millis(1500)),
+            Fault::Delay(Duration::from_millis(1000)),
         );
         let docs = e.server.documents().len();
         let parts = || counters.get("upload.saveFilePart") + counters.get("upload.saveBigFilePart");
