@@ -306,7 +306,8 @@ async fn two_backups_at_once_spread_over_two_lanes() {
         let env = Env::start().await;
         let cfg = env.config("a=telegram:{dir}/a.session,b=telegram:{dir}/b.session", 1);
         let storage = storinator_worker::lanes::open(&cfg).await.unwrap();
-        assert_eq!(storage.parallel_uploads(), 2);
+        // Two packs at once on each of the two Telegram lanes.
+        assert_eq!(storage.parallel_uploads(), 4);
         let repo = env.repo(storage.clone(), "catalog.db", true).await;
         let (src1, src2) = (
             env.dir.path().join("one/data"),

@@ -959,9 +959,17 @@ impl Storage for Lanes {
             })
     }
 
-    /// One pack per set of `copies` lanes at once: that is what spreads the work.
+    /// As many packs at once as the lanes take together, each pack taking `copies` of them:
+    /// that spreads the work, and a lane that keeps its link busy with two packs (Telegram:
+    /// the next pack's parts fill the window while the last one is published) keeps doing so
+    /// behind the lanes. A lane not connected counts for one.
     fn parallel_uploads(&self) -> usize {
-        self.lanes.len().div_ceil(self.copies).max(1)
+        self.lanes
+            .iter()
+            .map(|l| l.connected().map_or(1, |b| b.parallel_uploads().max(1)))
+            .sum::<usize>()
+            .div_ceil(self.copies)
+            .max(1)
     }
 
     /// Each read goes to one lane, and the lanes' links are apart: what they each want.
@@ -1030,6 +1038,8 @@ mod tests {
         inner: MemoryStorage,
         floods: AtomicU64,
         premium: AtomicU64,
+        /// Packs it takes at once.
+        uploads: usize,
     }
 
     #[async_trait]
@@ -1066,15 +1076,26 @@ mod tests {
                 premium_waits: self.premium.load(Ordering::Relaxed),
             }
         }
+        fn parallel_uploads(&self) -> usize {
+            self.uploads
+        }
     }
 
     fn lanes(n: usize, copies: usize, dir: &Path) -> (Lanes, Vec<Arc<Pushy>>) {
-        let stores: Vec<Arc<Pushy>> = (0..n)
-            .map(|i| {
+        lanes_taking(&vec![1; n], copies, dir)
+    }
+
+    /// Lanes whose stores take `uploads[i]` packs at once.
+    fn lanes_taking(uploads: &[usize], copies: usize, dir: &Path) -> (Lanes, Vec<Arc<Pushy>>) {
+        let stores: Vec<Arc<Pushy>> = uploads
+            .iter()
+            .enumerate()
+            .map(|(i, &uploads)| {
                 Arc::new(Pushy {
                     inner: MemoryStorage::new(dir.join(format!("spool{i}"))),
                     floods: AtomicU64::new(0),
                     premium: AtomicU64::new(0),
+                    uploads,
                 })
             })
             .collect();
@@ -1300,6 +1321,22 @@ mod tests {
             "no lane answers: the listing fails"
         );
         assert!(l.describe().contains("a (telegram session /a.session)"));
+    }
+
+    #[test]
+    fn lanes_upload_as_many_packs_as_their_stores_take_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (&[1, 1][..], 1, 2),
+            (&[1, 1, 1][..], 2, 2),
+            (&[2, 2][..], 1, 4),
+            (&[2, 2][..], 2, 2),
+            (&[2, 1, 1][..], 2, 2),
+        ];
+        for (i, (uploads, copies, want)) in cases.into_iter().enumerate() {
+            let (l, _) = lanes_taking(uploads, copies, &dir.path().join(i.to_string()));
+            assert_eq!(l.parallel_uploads(), want, "{uploads:?} × {copies} copies");
+        }
     }
 
     #[tokio::test]
