@@ -8,8 +8,13 @@
 //! cargo build --release -p storinator-testkit --bin loopback-telegram
 //! cargo run --release -p storinator-worker --example tg_bench -- \
 //!     [--rtt-ms 0,50,100] [--cap-mbs 100,20] [--conn-mbps 200] [--jitter-ms 0] \
-//!     [--seconds 6] [--mib N] [--concurrency 32] [--server target/release/loopback-telegram]
+//!     [--seconds 6] [--mib N] [--concurrency 32] [--server target/release/loopback-telegram] \
+//!     [--packs 1] [--parallel N] [--timeline]
 //! ```
+//! `--packs N` uploads the same bytes as N packs, as many at once as the storage takes (a
+//! backup's packer does the same); `--timeline` prints where the upload's time went: when the
+//! first part was answered, how the rate ramped up, the steady rate, when each pack's parts
+//! were all answered and when it was published.
 //! `--cap-mbs 0` runs without a shared cap (then `--mib`, default 512, sets the size); with a
 //! cap the pack is about `--seconds` worth of it.
 
@@ -17,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use storinator_shared::storage::{ObjectRef, Storage};
 use storinator_worker::telegram::{SchedulerStats, TelegramConfig, TelegramStorage};
 
@@ -88,6 +94,21 @@ async fn start_server(bin: &str, dir: &Path, link: &Link) -> anyhow::Result<(Chi
     Ok((server, session))
 }
 
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn write_pack(path: &Path, mib: u64) -> anyhow::Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -115,9 +136,18 @@ struct Run {
     stats: SchedulerStats,
 }
 
-async fn one_run(bin: &str, link: &Link, mib: u64, window: usize) -> anyhow::Result<Run> {
+async fn one_run(
+    bin: &str,
+    link: &Link,
+    mib: u64,
+    window: usize,
+    packs: usize,
+    timeline: bool,
+) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
-    let (mut server, session) = start_server(bin, dir.path(), link).await?;
+    let (server, session) = start_server(bin, dir.path(), link).await?;
+    // Stopped however the run ends.
+    let server = KillOnDrop(server);
     let mut cfg = TelegramConfig::new(1, "bench", session, dir.path().join("spool"));
     cfg.part_concurrency = window;
     // `--gzip` uploads the way grammers does by default, to measure what skipping it saves.
@@ -128,16 +158,58 @@ async fn one_run(bin: &str, link: &Link, mib: u64, window: usize) -> anyhow::Res
     write_pack(&path, mib)?;
     let gib = size as f64 / (1u64 << 30) as f64;
     let mb = size as f64 / 1e6;
-    let name = "0000000000000000000000000000bench.enc";
 
+    // The same bytes as `packs` packs, uploaded the way a backup's packer does: as many at
+    // once as the storage takes, each started when one finishes.
+    let names: Vec<String> = (0..packs).map(|i| format!("{i:032x}.enc")).collect();
+    let pack_paths: Vec<PathBuf> = if packs == 1 {
+        vec![path.clone()]
+    } else {
+        let per = size.div_ceil(packs as u64);
+        let all = std::fs::read(&path)?;
+        let mut v = Vec::new();
+        for (i, piece) in all.chunks(per as usize).enumerate() {
+            let p = storage.spool_dir().join(format!("pack{i}"));
+            std::fs::write(&p, piece)?;
+            v.push(p);
+        }
+        v
+    };
+    let first_size = std::fs::metadata(&pack_paths[0])?.len();
+    let sampler = Sampler::start(storage.clone());
     let (c0, s0, w0) = (cpu_self(), cpu_of(server.id()), Instant::now());
-    let loc = storage.put_file(name, &path).await?;
+    // `--parallel N` overrides the storage's packs at once, to compare.
+    let parallel = arg("--parallel").map_or(storage.parallel_uploads(), |v| {
+        v.parse().expect("--parallel N")
+    });
+    let parallel = parallel.max(1);
+    let mut uploads = futures_util::stream::iter(names.iter().zip(&pack_paths).map(|(n, p)| {
+        let storage = storage.clone();
+        async move {
+            let t0 = w0.elapsed();
+            let loc = storage.put_file(n, p).await;
+            (n.clone(), t0, w0.elapsed(), loc)
+        }
+    }))
+    .buffered(parallel);
+    let mut packs_done = Vec::new();
+    while let Some((n, t0, t1, loc)) = uploads.next().await {
+        packs_done.push((n, t0, t1, loc?));
+    }
+    drop(uploads);
     let (c1, up) = (cpu_self(), w0.elapsed().as_secs_f64());
+    let samples = sampler.stop().await;
+    if timeline {
+        print_timeline(&samples, &packs_done, link, size);
+    }
+    let loc = packs_done[0].3.clone();
+    let name = packs_done[0].0.clone();
+    let size = first_size;
 
     // Read back the way a restore does: ranges of up to 4 MiB (restore's largest read),
     // as many requested as the storage's read-ahead, used in order.
     let w1 = Instant::now();
-    let obj = ObjectRef::new(name, loc);
+    let obj = ObjectRef::new(&name, loc);
     let step = 4 * 1024 * 1024;
     let read_ahead = storage.read_ahead();
     let mut ranges = (0..size)
@@ -170,15 +242,14 @@ async fn one_run(bin: &str, link: &Link, mib: u64, window: usize) -> anyhow::Res
     let (c2, s2, down) = (cpu_self(), cpu_of(server.id()), w1.elapsed().as_secs_f64());
     let stats = storage.scheduler().stats();
     drop(storage);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     std::hint::black_box(check);
     Ok(Run {
         up_mbs: mb / up,
-        down_mbs: mb / down,
+        down_mbs: size as f64 / 1e6 / down,
         up_cpu: (c1 - c0) / gib,
-        down_cpu: (c2 - c1) / gib,
-        server_cpu: (s2 - s0) / (2.0 * gib),
+        down_cpu: (c2 - c1) / (size as f64 / (1u64 << 30) as f64),
+        server_cpu: (s2 - s0) / (gib + size as f64 / (1u64 << 30) as f64),
         stats,
     })
 }
@@ -203,6 +274,8 @@ async fn main() -> anyhow::Result<()> {
     let jitter_ms: u64 = arg("--jitter-ms").map_or(0, |v| v.parse().expect("--jitter-ms"));
     let seconds: f64 = arg("--seconds").map_or(6.0, |v| v.parse().expect("--seconds"));
     let fixed_mib: Option<u64> = arg("--mib").map(|v| v.parse().expect("--mib N"));
+    let packs: usize = arg("--packs").map_or(1, |v| v.parse().expect("--packs N"));
+    let timeline = std::env::args().any(|a| a == "--timeline");
     println!(
         "part window up to {window}, per-connection cap {conn_mbps} Mbit/s ({:.1} MB/s), jitter {jitter_ms} ms",
         conn_mbps / 8.0
@@ -221,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
                 conn_mbps,
                 cap,
             };
-            let r = one_run(&server_bin, &link, mib, window).await?;
+            let r = one_run(&server_bin, &link, mib, window, packs, timeline).await?;
             let of_cap = |v: f64| {
                 if cap_mbs > 0.0 {
                     format!(" ({:3.0} % of cap)", 100.0 * v / cap_mbs)
@@ -252,4 +325,156 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One look at the transfer: when, part bytes answered so far, parts in flight, window.
+#[derive(Clone, Copy)]
+struct Sample {
+    at: Duration,
+    bytes: u64,
+    in_flight: usize,
+    window: usize,
+}
+
+/// Samples the scheduler every 5 ms while an upload runs.
+struct Sampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+}
+
+impl Sampler {
+    fn start(storage: TelegramStorage) -> Sampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let base = storage.scheduler().stats().part_bytes;
+            let mut v = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tick.tick() => {
+                        let s = storage.scheduler();
+                        v.push(Sample {
+                            at: t0.elapsed(),
+                            bytes: s.stats().part_bytes - base,
+                            in_flight: s.parts_in_flight(),
+                            window: s.part_concurrency(),
+                        });
+                    }
+                }
+            }
+            v
+        });
+        Sampler { stop, task }
+    }
+
+    async fn stop(self) -> Vec<Sample> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Where the upload's time went, against the ideal (every byte at the cap from the start).
+fn print_timeline(
+    samples: &[Sample],
+    packs: &[(
+        String,
+        Duration,
+        Duration,
+        storinator_shared::storage::Location,
+    )],
+    link: &Link,
+    size: u64,
+) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let cap = link.cap as f64;
+    let when = |bytes: u64| samples.iter().find(|s| s.bytes >= bytes).map(|s| s.at);
+    let first = when(1).unwrap_or_default();
+    let all = when(size).unwrap_or_default();
+    let end = packs.last().map(|p| p.2).unwrap_or_default();
+    println!(
+        "  timeline: first part answered {:.0} ms, all parts answered {:.0} ms, done {:.0} ms, ideal {:.0} ms",
+        ms(first),
+        ms(all),
+        ms(end),
+        if cap > 0.0 {
+            size as f64 / cap * 1e3
+        } else {
+            0.0
+        }
+    );
+    // The rate in 100 ms buckets for the first second and a half, as a share of the cap.
+    let mut line = String::from("  ramp (% of cap per 100 ms):");
+    let at = |t: Duration| {
+        samples
+            .iter()
+            .take_while(|s| s.at <= t)
+            .last()
+            .map_or(0, |s| s.bytes)
+    };
+    for i in 0..15u32 {
+        let (a, b) = (
+            Duration::from_millis(100) * i,
+            Duration::from_millis(100) * (i + 1),
+        );
+        let rate = (at(b) - at(a)) as f64 / 0.1;
+        line += &format!(
+            " {:.0}",
+            if cap > 0.0 {
+                100.0 * rate / cap
+            } else {
+                rate / 1e6
+            }
+        );
+    }
+    println!("{line}");
+    // The steady rate: from 1 s in to 200 ms before the last part was answered.
+    let (a, b) = (
+        Duration::from_secs(1),
+        all.saturating_sub(Duration::from_millis(200)),
+    );
+    if b > a && cap > 0.0 {
+        let rate = (at(b) - at(a)) as f64 / (b - a).as_secs_f64();
+        let mid: Vec<&Sample> = samples.iter().filter(|s| s.at >= a && s.at <= b).collect();
+        let avg = |f: fn(&Sample) -> usize| {
+            mid.iter().map(|s| f(s) as f64).sum::<f64>() / mid.len().max(1) as f64
+        };
+        println!(
+            "  steady {:.0} % of cap, {:.1} parts in flight on average (window {:.1})",
+            100.0 * rate / cap,
+            avg(|s| s.in_flight),
+            avg(|s| s.window)
+        );
+    }
+    for (name, t0, t1, _) in packs {
+        // The moment this pack's last part was answered is not visible from here; the gaps
+        // between packs are (the rate dips there).
+        println!(
+            "  pack {}: {:.0} .. {:.0} ms",
+            &name[24..32],
+            ms(*t0),
+            ms(*t1)
+        );
+    }
+    // Dips: 100 ms buckets under 80 % of the cap after the ramp.
+    if cap > 0.0 {
+        let mut dips = Vec::new();
+        let mut t = Duration::from_millis(600);
+        while t + Duration::from_millis(100) < all {
+            let rate = (at(t + Duration::from_millis(100)) - at(t)) as f64 / 0.1;
+            if rate < 0.8 * cap {
+                dips.push(format!("{:.0}ms:{:.0}%", ms(t), 100.0 * rate / cap));
+            }
+            t += Duration::from_millis(100);
+        }
+        println!(
+            "  dips after 600 ms: {}",
+            if dips.is_empty() {
+                "none".into()
+            } else {
+                dips.join(" ")
+            }
+        );
+    }
 }

@@ -207,14 +207,55 @@ async fn start_bot(
     (tx, task)
 }
 
-/// Sends `text` and returns the bot's first message after it.
+/// Sends `text` and returns the bot's first message after it that answers it: an earlier
+/// job's final notice ("✅ Backup #3 done: …") can go out between the command and its answer,
+/// since the jobs run on their own hosts meanwhile.
 async fn ask(api: &FakeBotApi, text: &str) -> String {
     let before = api.bot_messages(USER).len();
     api.push_message(USER, USER, text);
-    api.wait_for(WAIT, |a| a.bot_messages(USER).get(before).cloned())
-        .await
-        .unwrap_or_else(|| panic!("no answer to {text}"))
-        .text
+    api.wait_for(WAIT, |a| {
+        a.bot_messages(USER)
+            .into_iter()
+            .skip(before)
+            // As first sent: a progress message's last edit reads like a final notice.
+            .find(|m| !is_final_notice(m.edits.first().unwrap_or(&m.text)))
+    })
+    .await
+    .unwrap_or_else(|| panic!("no answer to {text}"))
+    .text
+}
+
+/// Whether a bot message is a job's final notice (`render::final_notice`): "✅ Backup #3
+/// done: …", "❌ Restore #4 failed: …", "🛑 Verify #5 cancelled.".
+fn is_final_notice(text: &str) -> bool {
+    let Some(rest) = ["✅ ", "❌ ", "🛑 "]
+        .iter()
+        .find_map(|mark| text.strip_prefix(mark))
+    else {
+        return false;
+    };
+    let Some((kind, tail)) = rest.split_once(" #") else {
+        return false;
+    };
+    let after_id = tail.trim_start_matches(|c: char| c.is_ascii_digit());
+    [
+        "Backup", "Restore", "Verify", "File", "Scrub", "Forget", "Prune",
+    ]
+    .contains(&kind)
+        && after_id.len() < tail.len()
+        && [" done", " failed", " cancelled"]
+            .iter()
+            .any(|end| after_id.starts_with(end))
+}
+
+#[test]
+fn final_notices_are_told_from_answers() {
+    assert!(is_final_notice("✅ Backup #3 done: snapshot ab12, 2 files"));
+    assert!(is_final_notice("❌ Backup #12 failed: outside the folders"));
+    assert!(is_final_notice("🛑 Verify #5 cancelled."));
+    assert!(!is_final_notice("❌ no storage host serves /x"));
+    assert!(!is_final_notice("⏳ Backup #3 queued"));
+    assert!(!is_final_notice("✅ Backup # done"));
 }
 
 /// The newest job of the user (the one a command just queued).

@@ -319,3 +319,96 @@ async fn a_new_machine_recovers_everything_from_telegram_and_the_passphrase() {
     })
     .await;
 }
+
+/// The next pack goes up while the last one is published: with packs uploaded one after the
+/// other, the link idles at every pack boundary (the last parts' answers, then the sendMedia
+/// round trip). The first pack's sendMedia is held up for a while; parts of the next pack
+/// must reach Telegram before it completes, and the window shared by both stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_pack_goes_up_while_the_last_one_is_published() {
+    bounded(120, async {
+        let e = env(LoopbackOptions::default(), false, 4 << 20).await;
+        // A first backup stores what a repository's first backup stores besides packs (its
+        // owner's key), so that the next backup's first send is a pack's.
+        let warm = e.dir.path().join("src/warm");
+        std::fs::create_dir_all(&warm).unwrap();
+        std::fs::write(warm.join("small"), bytes(1000, 20)).unwrap();
+        e.repo
+            .backup(&backup(&warm), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        let src = e.dir.path().join("src/data");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("big.bin"), bytes(14 << 20, 21)).unwrap();
+        let counters = e.server.counters();
+        let sends = counters.get("messages.sendMedia");
+        // Well under the storage's request timeout (2 s), so the send is answered, late.
+        e.server.faults().on_call(
+            "messages.sendMedia",
+            1,
+            Fault::Delay(Duration::from_millis(1000)),
+        );
+        let docs = e.server.documents().len();
+        let parts = || counters.get("upload.saveFilePart") + counters.get("upload.saveBigFilePart");
+        // Watched from a thread of its own: the backup's future does CPU work between its
+        // awaits, and a watcher polled beside it would miss the moment.
+        let watch = || {
+            // Parts counted when the first send reached the server, and the most counted
+            // while it was still pending (read before the documents, so no later part counts).
+            let (mut at_send, mut during) = (None, 0);
+            loop {
+                let p = parts();
+                if e.server.documents().len() > docs {
+                    break;
+                }
+                if counters.get("messages.sendMedia") > sends {
+                    at_send.get_or_insert(p);
+                    during = p;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (at_send, during)
+        };
+        let (opts, cancel) = (backup(&src), CancelFlag::new());
+        let (s, (at_send, during)) = tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let watcher = scope.spawn(watch);
+                let s = tokio::runtime::Handle::current().block_on(e.repo.backup(
+                    &opts,
+                    &NoProgress,
+                    &cancel,
+                ));
+                (s, watcher.join().unwrap())
+            })
+        });
+        let s = s.unwrap();
+        assert!(s.packs >= 3, "{} packs", s.packs);
+        assert_eq!(e.server.faults().fired_on("messages.sendMedia"), 1);
+        let at_send = at_send.unwrap_or_else(|| {
+            panic!(
+                "the first send was not seen pending: {:?}, {} documents before",
+                counters.snapshot(),
+                docs
+            )
+        });
+        assert!(
+            during > at_send,
+            "no part went up while the first pack was published ({at_send} parts before, \
+             {during} during): packs went one at a time"
+        );
+        let stats = e.tg.scheduler().stats();
+        let bound = e.tg.scheduler().config().max_part_concurrency as u64;
+        assert!(
+            stats.peak_parts_in_flight <= bound,
+            "the packs share one bounded window: {stats:?}"
+        );
+        let out = e.dir.path().join("out");
+        e.repo
+            .restore(&restore(&src, &out), &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+        e.server.shutdown().await;
+    })
+    .await;
+}

@@ -200,3 +200,53 @@ async fn connections_open_together_for_the_parts_announced() {
     })
     .await;
 }
+
+/// A new part connection's initConnection rides on its first parts instead of costing a round
+/// trip of its own (a help.getConfig answered before any part could go), and until the server
+/// has first answered (bad_server_salt, on a new connection) only one message is out: parts
+/// sent under the wrong salt would each be refused after crossing the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_sends_its_initconnection_with_its_first_parts() {
+    bounded(60, async {
+        let f = start(
+            LoopbackOptions {
+                net: link(),
+                ..Default::default()
+            },
+            false,
+        )
+        .await;
+        let c = f.server.counters();
+        let (configs, salts, layers) = (
+            c.get("help.getConfig"),
+            c.get("bad_server_salt"),
+            c.get("layer:230"),
+        );
+        let bytes = data(12 * MIB, 9);
+        let loc = put(&f.storage, PACK, &bytes).await;
+        let s = f.storage.scheduler().stats();
+        assert!(s.part_connections >= 2, "{s:?}");
+        assert_eq!(
+            c.get("help.getConfig") - configs,
+            0,
+            "a part connection spent a round trip on its own initConnection: {:?}",
+            c.snapshot()
+        );
+        assert!(
+            c.get("layer:230") - layers >= s.part_connections,
+            "each part connection was initialised: {:?}",
+            c.snapshot()
+        );
+        assert_eq!(
+            c.get("bad_server_salt") - salts,
+            s.part_connections,
+            "one message refused per new connection, not parts: {:?}",
+            c.snapshot()
+        );
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
+    })
+    .await;
+}

@@ -9,6 +9,14 @@
 //! go out back to back, their answers are matched to them by message id, and messages the
 //! server refused for a bad salt or a bad message id are sent again, as grammers does.
 //!
+//! A new connection must begin with initConnection (wrapped in invokeWithLayer). Sent as a
+//! call of its own, it cost a round trip before any part could go; instead each call made
+//! before the connection has answered one is wrapped in it (initConnection's `query` is the
+//! call itself, and the answer is the call's), as the first call of a connection is in
+//! Telegram's own clients. Until the server has said anything (its first answer to a new
+//! connection is bad_server_salt, then grammers fetches the future salts) only one call goes
+//! out: parts sent under the wrong salt would be refused after crossing the link.
+//!
 //! One task owns the socket. Callers hand it calls through a channel and wait for their
 //! answer; when the connection fails every call on it fails with [`PipeError::Lost`], and a
 //! call handed to a connection that already ended fails with [`PipeError::Closed`] (it never
@@ -83,12 +91,14 @@ impl Drop for OnPipe {
 }
 
 impl Pipe {
-    /// Opens a TCP connection to `addr` speaking MTProto under `key`. `gzip` compresses
-    /// requests of 512 bytes or more the way grammers does by default (only to measure what
-    /// that would cost).
+    /// Opens a TCP connection to `addr` speaking MTProto under `key`. `init` is the
+    /// invokeWithLayer(initConnection(...)) prefix each call carries until the connection has
+    /// answered one (see the module's comment). `gzip` compresses requests of 512 bytes or
+    /// more the way grammers does by default (only to measure what that would cost).
     pub(super) async fn connect(
         addr: SocketAddr,
         key: [u8; 256],
+        init: Vec<u8>,
         gzip: bool,
     ) -> std::io::Result<Pipe> {
         let stream = TcpStream::connect(addr).await?;
@@ -107,6 +117,9 @@ impl Pipe {
             written: 0,
             read: vec![0; MAX_PACKET],
             read_len: 0,
+            init,
+            inited: false,
+            heard: false,
         };
         let task = tokio::spawn(driver.run(rx));
         Ok(Pipe {
@@ -155,6 +168,8 @@ enum State {
 struct InFlight {
     call: Call,
     state: State,
+    /// Sent wrapped in the connection's initConnection.
+    wrapped: bool,
 }
 
 impl InFlight {
@@ -182,6 +197,12 @@ struct Driver {
     read: Vec<u8>,
     /// Bytes of `read` received and not consumed yet.
     read_len: usize,
+    /// invokeWithLayer(initConnection(...)) without its query: the prefix of a wrapped call.
+    init: Vec<u8>,
+    /// A wrapped call was answered: the connection is initialised.
+    inited: bool,
+    /// The server has sent something (so the salt is being settled).
+    heard: bool,
 }
 
 impl Driver {
@@ -208,7 +229,11 @@ impl Driver {
             let step = tokio::select! {
                 call = rx.recv() => match call {
                     Some(call) => {
-                        self.calls.push(InFlight { call, state: State::Queued });
+                        self.calls.push(InFlight {
+                            call,
+                            state: State::Queued,
+                            wrapped: false,
+                        });
                         Ok(())
                     }
                     None => Err("closed by its owner".to_string()),
@@ -234,21 +259,42 @@ impl Driver {
     }
 
     /// Serializes queued calls into one packet (as many as fit), plus whatever the protocol
-    /// owes the server (acknowledgements, a salts request).
+    /// owes the server (acknowledgements, a salts request). Calls are wrapped in the
+    /// initConnection until one of them is answered; before the server has said anything,
+    /// only one call is out.
     fn fill(&mut self) {
+        let probing = !self.heard;
+        if probing && self.calls.iter().any(|c| !matches!(c.state, State::Queued)) {
+            return;
+        }
         for c in self
             .calls
             .iter_mut()
             .filter(|c| matches!(c.state, State::Queued))
         {
-            match self.mtp.push(&mut self.write, &c.call.body) {
+            let wrapped;
+            let pushed = if self.inited {
+                wrapped = false;
+                self.mtp.push(&mut self.write, &c.call.body)
+            } else {
+                wrapped = true;
+                let mut body = Vec::with_capacity(self.init.len() + c.call.body.len());
+                body.extend_from_slice(&self.init);
+                body.extend_from_slice(&c.call.body);
+                self.mtp.push(&mut self.write, &body)
+            };
+            match pushed {
                 Some(msg) => {
                     c.state = State::Serialized {
                         msg,
                         container: msg,
-                    }
+                    };
+                    c.wrapped = wrapped;
                 }
                 None => break,
+            }
+            if probing {
+                break;
             }
         }
         if let Some(container) = self.mtp.finalize(&mut self.write) {
@@ -289,6 +335,7 @@ impl Driver {
                 .mtp
                 .deserialize(payload)
                 .map_err(|e| format!("bad message from telegram: {e}"))?;
+            self.heard = true;
             for r in results {
                 self.on_message(r);
             }
@@ -311,6 +358,8 @@ impl Driver {
         match d {
             Deserialization::RpcResult(r) => {
                 if let Some(c) = self.take(r.msg_id) {
+                    // initConnection went through with it: no more wrapping.
+                    self.inited |= c.wrapped;
                     c.answer(Ok(r.body));
                 }
             }

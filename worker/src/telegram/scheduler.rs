@@ -86,6 +86,8 @@ pub struct SchedulerStats {
     pub part_connections: u64,
     /// The most part connections that were opening in the background at once.
     pub peak_connections_opening: u64,
+    /// Part bytes answered so far (uploaded or downloaded).
+    pub part_bytes: u64,
 }
 
 /// How long the measured transfer rate looks back.
@@ -324,18 +326,18 @@ impl Scheduler {
         }
     }
 
-    /// Parts worth having connections for: those in flight and those announced (within the
-    /// window's bound), at least the window.
+    /// Parts worth having connections for: those in flight and those announced, within the
+    /// window's bound (every transfer announces its parts, so a one-part object opens one
+    /// connection however large the window).
     pub fn parts_wanted(&self) -> usize {
         let demand = self.window.in_flight() + self.queued.load(Ordering::Relaxed) as usize;
-        demand
-            .min(self.cfg.max_part_concurrency)
-            .max(self.window.size())
+        demand.min(self.cfg.max_part_concurrency).max(1)
     }
 
     /// A part transfer went through: measure it and let the window grow.
     pub fn transfer_ok(&self, bytes: u64, took: Duration) {
         self.meter.lock().unwrap().add(Instant::now(), bytes);
+        self.stats.lock().unwrap().part_bytes += bytes;
         self.window.on_success(took);
         let secs = took.as_secs_f64();
         if secs > 0.0 {
@@ -355,6 +357,11 @@ impl Scheduler {
     /// Parts allowed in flight now.
     pub fn part_concurrency(&self) -> usize {
         self.window.size()
+    }
+
+    /// Parts in flight now.
+    pub fn parts_in_flight(&self) -> usize {
+        self.window.in_flight()
     }
 
     /// A part was handed to a connection that then held `on_connection` of them.
@@ -451,7 +458,7 @@ mod tests {
             max_part_concurrency: 32,
             ..Default::default()
         });
-        assert_eq!(s.parts_wanted(), 4, "nothing announced: the window");
+        assert_eq!(s.parts_wanted(), 1, "nothing announced: one connection");
         let mut big = s.queue_parts(1000);
         assert_eq!(s.parts_wanted(), 32, "a big transfer: the bound at once");
         {
@@ -466,7 +473,7 @@ mod tests {
         big.started();
         assert_eq!(s.parts_wanted(), 5, "four announced and one in flight");
         drop(big);
-        assert_eq!(s.parts_wanted(), 4, "withdrawn: the window again");
+        assert_eq!(s.parts_wanted(), 1, "withdrawn: the one in flight");
         let mut one = s.queue_parts(1);
         one.started();
         one.started();

@@ -39,6 +39,9 @@ use super::errors::{self, Action};
 use super::scheduler::{CallClass, Scheduler, SchedulerConfig};
 use super::session::FileSession;
 
+/// Packs uploaded at once (see [`Storage::parallel_uploads`] for [`TelegramStorage`]).
+pub const PARALLEL_UPLOADS: usize = 2;
+
 /// Where packs live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StorageChat {
@@ -694,6 +697,15 @@ impl Storage for TelegramStorage {
 
     async fn remove_many(&self, objs: &[ObjectRef]) -> Result<(), StorageError> {
         self.inner.remove_objs(objs).await
+    }
+
+    /// Two packs at once: the part window is shared and gives room in the order transfers
+    /// started, so the second pack's parts only take the room the first one leaves while its
+    /// last parts are answered and its sendMedia publishes it. Uploaded one after the other,
+    /// the link would idle for about two round trips at every pack boundary. A third pack
+    /// would only wait behind the other two (and hold another pack in the spool folder).
+    fn parallel_uploads(&self) -> usize {
+        PARALLEL_UPLOADS
     }
 
     /// Twice what the part window lets into flight: a restore's reads finish in any order

@@ -4,7 +4,8 @@
 //! on pipelined connections (see `pipe`) to the data centre they concern, several per data
 //! centre: one more is opened whenever each has [`PARTS_PER_CONNECTION`] parts on it and the
 //! parts wanted allow more (8 connections for the default window of 32), several at once
-//! (opening one takes three round trips: one after the other, eight would take 24, over a far
+//! (a new one spends two round trips settling the server salt before its first part goes, the
+//! initConnection riding on that part: one after the other, eight would take 16, over a far
 //! link more than two seconds at a fraction of the speed). Several connections matter
 //! because Telegram (like any TCP path) limits what one connection carries; several parts per connection
 //! because each part otherwise costs a whole round trip. A part goes to the connection with the
@@ -16,14 +17,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use grammers_session::Session;
-use grammers_tl_types::{self as tl, Deserializable, Serializable};
+use grammers_tl_types::{self as tl, Serializable};
 use storinator_shared::error::StorageError;
 use tokio::time::{Instant, timeout};
 
-use super::errors::{self, Action};
+use super::errors;
 use super::pipe::{Body, Pipe, PipeError};
 use super::scheduler::CallClass;
-use super::storage::{CallError, Failure, Inner, rpc_error};
+use super::storage::{CallError, Failure, Inner};
 
 /// Parts on one connection before another connection is worth opening (2 MiB of 512 KiB
 /// parts, what Telegram Desktop's downloader keeps waiting per connection at most; it uses
@@ -167,11 +168,11 @@ impl Inner {
     /// allows more, another one opens in the background while the part goes on the least busy
     /// one; only with no connection at all does the part wait for one to open.
     ///
-    /// Opening takes three round trips (the first message learns the server salt, grammers'
-    /// MTProto layer then fetches future salts before it sends anything else, then the
-    /// initConnection call), while a growing window doubles every round trip: so connections
-    /// open for the parts transfers have announced (within the window's bound), all at once,
-    /// or they would trail the window (see
+    /// A new connection spends two round trips before its parts go (the first message learns
+    /// the server salt, grammers' MTProto layer then fetches future salts; the initConnection
+    /// rides on the first parts, see `pipe`), while a growing window doubles every round trip:
+    /// so connections open for the parts transfers have announced (within the window's bound),
+    /// all at once, or they would trail the window (see
     /// [`super::scheduler::Scheduler::parts_wanted`]).
     async fn pipe_for(self: &Arc<Self>, dc: i32) -> Result<Arc<Pipe>, Failure> {
         let wanted = connections_for(self.sched.parts_wanted());
@@ -254,9 +255,21 @@ impl Inner {
             ))));
         };
         let addr = SocketAddr::V4(option.ipv4);
-        let pipe = Pipe::connect(addr, option.auth_key.unwrap(), self.cfg.compress_parts)
-            .await
-            .map_err(|e| Failure::Again(format!("connect to {addr}: {e}")))?;
+        Pipe::connect(
+            addr,
+            option.auth_key.unwrap(),
+            self.init_prefix(),
+            self.cfg.compress_parts,
+        )
+        .await
+        .map_err(|e| Failure::Again(format!("connect to {addr}: {e}")))
+    }
+
+    /// invokeWithLayer(initConnection(...)) without its query, for a new connection's first
+    /// calls to carry (see `pipe`): both wrappers end with their query, so it is the wrapper
+    /// around help.getConfig less getConfig's constructor (it has no fields).
+    fn init_prefix(&self) -> Vec<u8> {
+        use tl::Identifiable;
         let init = tl::functions::InvokeWithLayer {
             layer: tl::LAYER,
             query: tl::functions::InitConnection {
@@ -272,19 +285,12 @@ impl Inner {
                 query: tl::functions::help::GetConfig {},
             },
         };
-        match pipe.call(Arc::new(init.to_bytes())).await {
-            Ok(answer) => {
-                tl::enums::Config::from_bytes(&answer).map_err(|e| {
-                    Failure::Again(format!("unreadable answer to initConnection: {e}"))
-                })?;
-                Ok(pipe)
-            }
-            Err(PipeError::Rpc(e)) if errors::classify(&e) != Action::Retry => Err(Failure::Fatal(
-                rpc_error(&e, Some("opening a part connection")),
-            )),
-            Err(PipeError::Rpc(e)) => Err(Failure::Again(errors::describe(&e))),
-            Err(PipeError::Lost(why)) => Err(Failure::Again(format!("init connection: {why}"))),
-            Err(PipeError::Closed) => Err(Failure::Again("init connection: closed".into())),
-        }
+        let mut bytes = init.to_bytes();
+        let tail = bytes.split_off(bytes.len() - 4);
+        debug_assert_eq!(
+            tail,
+            tl::functions::help::GetConfig::CONSTRUCTOR_ID.to_le_bytes()
+        );
+        bytes
     }
 }
