@@ -778,8 +778,9 @@ fn touch(file: &std::path::Path, secs: i64) {
 /// The pack holding the first chunk of `path`'s content.
 async fn pack_of(f: &Fixture, path: &str) -> String {
     sqlx::query_scalar(
-        "SELECT c.pack_id FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
+        "SELECT p.id FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+         JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+         WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
     .fetch_one(f.repo.catalog.pool())
@@ -791,7 +792,8 @@ async fn pack_of(f: &Fixture, path: &str) -> String {
 async fn files_in_pack(f: &Fixture, pack: &str) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id WHERE c.pack_id = $1 ORDER BY e.path",
+         JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+         WHERE p.id = $1 ORDER BY e.path",
     )
     .bind(pack)
     .fetch_all(f.repo.catalog.pool())
@@ -1255,9 +1257,9 @@ async fn recover_twice_changes_nothing_the_second_time() {
 /// Where the first chunk of `path` (in the current snapshot) is stored: pack id and offset.
 async fn first_chunk_of(f: &Fixture, path: &str) -> (String, i64) {
     sqlx::query_as(
-        "SELECT c.pack_id, c.\"offset\" FROM entries e
+        "SELECT p.id, c.\"offset\" FROM entries e
            JOIN content_chunks cc ON cc.content_id = e.content_id AND cc.seq = 0
-           JOIN chunks c ON c.id = cc.chunk_id
+           JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no
           WHERE e.path = $1 AND e.to_seq IS NULL",
     )
     .bind(path)

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -253,4 +254,308 @@ async fn unchanged_files_on_format1_unencrypted_chunks_are_read_again() {
         .await
         .unwrap();
     assert_eq!(fourth.snapshot.bytes_read, 0, "{}", fourth.line());
+}
+
+/// A catalog written before migration 0017 (`tests/fixtures/two-keys`: chunks name their pack
+/// by its 32-hex id, contents their key by its 32-hex key id, three keys over five packs).
+fn copy_two_keys(to: &Path) -> (PathBuf, PathBuf) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/two-keys");
+    let store = to.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    for e in std::fs::read_dir(src.join("store")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), store.join(e.file_name())).unwrap();
+    }
+    let db = to.join("catalog.db");
+    std::fs::copy(src.join("catalog.db"), &db).unwrap();
+    (store, db)
+}
+
+/// Each chunk's pack id and each content's key id ('' for the installation key).
+#[derive(Debug, PartialEq, Eq)]
+struct Links {
+    chunk_packs: BTreeMap<Vec<u8>, String>,
+    content_keys: BTreeMap<i64, Option<String>>,
+}
+
+/// The links as the old catalog holds them, read without migrating it.
+async fn old_links(db: &Path) -> Links {
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    let chunk_packs: Vec<(Vec<u8>, String)> = sqlx::query_as("SELECT id, pack_id FROM chunks")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let content_keys: Vec<(i64, String)> = sqlx::query_as("SELECT id, key_id FROM contents")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    Links {
+        chunk_packs: chunk_packs.into_iter().collect(),
+        content_keys: content_keys
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect(),
+    }
+}
+
+/// The links as the converted catalog holds them (by pack and key number).
+async fn new_links(catalog: &Catalog) -> Links {
+    let pool = catalog.pool();
+    let chunk_packs: Vec<(Vec<u8>, String)> =
+        sqlx::query_as("SELECT c.id, p.id FROM chunks c JOIN packs p ON p.no = c.pack_no")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let content_keys: Vec<(i64, Option<String>)> = sqlx::query_as(
+        "SELECT c.id, CASE WHEN c.key_no = 0 THEN '' ELSE k.key_id END FROM contents c \
+         LEFT JOIN owner_keys k ON k.id = c.key_no",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    Links {
+        chunk_packs: chunk_packs.into_iter().collect(),
+        content_keys: content_keys.into_iter().collect(),
+    }
+}
+
+/// Restores every snapshot of both owners and compares each with the tree it was made of: the
+/// newest from `two-keys/expected` (owner keys), the older from `single-key/expected`.
+async fn two_keys_restore(repo: &Repo, out: &Path) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (owner, name, count) in [("local", "docs", 2), ("tg:42", "notes", 3)] {
+        let mut snaps = repo.snapshots(owner, None).await.unwrap();
+        snaps.retain(|s| s.root.starts_with("/tmp/legacygen/"));
+        assert_eq!(snaps.len(), count, "{owner}");
+        for (i, s) in snaps.iter().enumerate() {
+            let to = out.join(&s.short_id);
+            let opts = RestoreOptions {
+                snapshot: Some(s.short_id.clone()),
+                owner: owner.into(),
+                ..restore_opts(&s.root, &to)
+            };
+            repo.restore(&opts, &NoProgress, &CancelFlag::new())
+                .await
+                .unwrap();
+            let made_of = if i + 1 == count {
+                "two-keys"
+            } else {
+                "single-key"
+            };
+            assert_eq!(
+                tree_of(&to.join(name)),
+                tree_of(&fixtures.join(made_of).join("expected").join(name)),
+                "{owner} snapshot {}",
+                s.short_id
+            );
+        }
+    }
+}
+
+/// Files of a tree by relative path, with their bytes.
+fn tree_of(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            let rel = e.path().strip_prefix(root).unwrap().to_path_buf();
+            (rel, std::fs::read(e.path()).unwrap())
+        })
+        .collect()
+}
+
+const TWO_KEYS_PASS: &str = "single key passphrase";
+
+/// What must hold of the two-keys fixture once its catalog is converted: the links `before`
+/// (read from the old catalog), every snapshot restoring byte-identical, and a new backup of
+/// `local` reusing the content its owner key recorded before (same bytes, same key), none of
+/// another key's. Returns the repository and the links after that backup.
+async fn converted_two_keys_hold(
+    catalog: Catalog,
+    store: &Path,
+    before: &Links,
+    dir: &Path,
+) -> (Repo, Links) {
+    assert_eq!(&new_links(&catalog).await, before);
+    let storage = Arc::new(DirStorage::open(store).unwrap());
+    let repo = Repo::open(catalog, storage, TWO_KEYS_PASS, fixture_settings())
+        .await
+        .unwrap();
+    two_keys_restore(&repo, &dir.join("out1")).await;
+    assert!(
+        repo.verify(true, &NoProgress)
+            .await
+            .unwrap()
+            .problems
+            .is_empty()
+    );
+    let tree = dir.join("docs");
+    std::fs::create_dir_all(&tree).unwrap();
+    let same = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/two-keys/expected/docs/same.txt");
+    std::fs::copy(same, tree.join("same.txt")).unwrap();
+    std::fs::write(tree.join("new.txt"), "after the upgrade\n").unwrap();
+    let opts = BackupOptions {
+        path: tree,
+        owner: "local".into(),
+        encrypt: true,
+    };
+    repo.backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let upgraded = new_links(&repo.catalog).await;
+    let added: Vec<_> = upgraded
+        .content_keys
+        .iter()
+        .filter(|(id, _)| !before.content_keys.contains_key(id))
+        .collect();
+    let local_key = repo.catalog.owner_keys(Some("local")).await.unwrap()[0]
+        .key_id
+        .clone();
+    assert_eq!(added.len(), 1, "new.txt only: {added:?}");
+    assert_eq!(added[0].1.as_deref(), Some(local_key.as_str()));
+    (repo, upgraded)
+}
+
+#[tokio::test]
+async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, db) = copy_two_keys(dir.path());
+    let before = old_links(&db).await;
+    assert_eq!(before.chunk_packs.len(), 24);
+    let keys: BTreeSet<_> = before.content_keys.values().collect();
+    assert_eq!(keys.len(), 3, "the installation key and two owner keys");
+
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    let (repo, upgraded) = converted_two_keys_hold(catalog, &store, &before, dir.path()).await;
+    repo.catalog.pool().close().await;
+    drop(repo);
+
+    // The migration runs again, as it would should its bookkeeping row be lost, and changes
+    // nothing.
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 17")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(forgot.rows_affected(), 1);
+    pool.close().await;
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    assert_eq!(new_links(&catalog).await, upgraded);
+    let storage = Arc::new(DirStorage::open(&store).unwrap());
+    let repo = Repo::open(catalog, storage, TWO_KEYS_PASS, fixture_settings())
+        .await
+        .unwrap();
+    two_keys_restore(&repo, &dir.path().join("out2")).await;
+}
+
+/// The same catalog as a PostgreSQL one made before `postgres/0002_lean_catalog.sql`: the
+/// fixture's rows copied into the schema of `postgres/0001_schema.sql` alone, then the rest of
+/// the migrations applied.
+#[tokio::test]
+async fn a_postgres_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, db) = copy_two_keys(dir.path());
+    let before = old_links(&db).await;
+    let cluster = storinator_testkit::pg::PgCluster::start().unwrap();
+    let url = cluster.create_database("lean").unwrap();
+    let pg = sqlx::PgPool::connect(&url).await.unwrap();
+    let first = dir.path().join("pg-first");
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres/0001_schema.sql"),
+        first.join("0001_schema.sql"),
+    )
+    .unwrap();
+    sqlx::migrate::Migrator::new(first.as_path())
+        .await
+        .unwrap()
+        .run(&pg)
+        .await
+        .unwrap();
+    copy_catalog_rows(&db, &pg).await;
+    sqlx::migrate!("../migrations/postgres")
+        .run(&pg)
+        .await
+        .unwrap();
+    pg.close().await;
+    let catalog = Catalog::open(&url).await.unwrap();
+    let (repo, _) = converted_two_keys_hold(catalog, &store, &before, dir.path()).await;
+    repo.catalog.pool().close().await;
+}
+
+/// Copies the catalog tables of a SQLite file (migrated up to 0016) into a PostgreSQL database
+/// of the same schema, in foreign-key order, each value as the type its column declares, and
+/// moves each identity past the ids copied (as a catalog that made them would have), except
+/// that of `contents`, which the migration must see to.
+async fn copy_catalog_rows(db: &Path, pg: &sqlx::PgPool) {
+    use sqlx::Row;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let lite = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    let tables = [
+        "users",
+        "owner_keys",
+        "packs",
+        "chunks",
+        "contents",
+        "content_chunks",
+        "roots",
+        "snapshots",
+        "entries",
+        "snapshot_listing",
+    ];
+    for table in tables {
+        let columns: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, type FROM pragma_table_info($1) ORDER BY cid")
+                .bind(table)
+                .fetch_all(&lite)
+                .await
+                .unwrap();
+        let names: Vec<String> = columns.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+        let marks: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+        let insert = format!(
+            "INSERT INTO {table} ({}) VALUES ({})",
+            names.join(", "),
+            marks.join(", ")
+        );
+        let select = format!("SELECT {} FROM {table}", names.join(", "));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(select))
+            .fetch_all(&lite)
+            .await
+            .unwrap();
+        for row in &rows {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert.as_str()));
+            for (i, (_, declared)) in columns.iter().enumerate() {
+                q = match declared.as_str() {
+                    "INTEGER" => q.bind(row.get::<Option<i64>, _>(i)),
+                    "TEXT" => q.bind(row.get::<Option<String>, _>(i)),
+                    "BLOB" => q.bind(row.get::<Option<Vec<u8>>, _>(i)),
+                    "REAL" => q.bind(row.get::<Option<f64>, _>(i)),
+                    other => panic!("{table}: column type {other}"),
+                };
+            }
+            q.execute(pg).await.unwrap();
+        }
+        assert!(!rows.is_empty() || table == "snapshot_listing", "{table}");
+        let identity = columns.iter().any(|(n, t)| n == "id" && t == "INTEGER");
+        if identity && table != "contents" {
+            let setval = format!(
+                "SELECT setval(pg_get_serial_sequence('{table}', 'id'), \
+                 (SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(setval))
+                .execute(pg)
+                .await
+                .unwrap();
+        }
+    }
+    lite.close().await;
 }

@@ -421,8 +421,9 @@ async fn verify_lists_objects_the_catalog_does_not_know_and_leaves_them() {
 /// The pack and offset of the first chunk of `path`'s content.
 async fn chunk_of(f: &Fixture, path: &str) -> (String, i64) {
     sqlx::query_as(
-        "SELECT c.pack_id, c.\"offset\" FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
+        "SELECT p.id, c.\"offset\" FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+         JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+         WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
     .fetch_one(f.repo.catalog.pool())

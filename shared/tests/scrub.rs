@@ -84,9 +84,9 @@ async fn scrub(repo: &Repo, budget: u64, now: i64, heal: bool) -> Result<ScrubRe
 /// Where the first chunk of a stored file lives: (chunk id, pack, offset, length).
 async fn first_chunk_of(f: &Fixture, path: &str) -> (Vec<u8>, String, i64, i64) {
     let r = sqlx::query(
-        "SELECT c.id, c.pack_id, c.\"offset\", c.length FROM entries e
+        "SELECT c.id, p.id, c.\"offset\", c.length FROM entries e
            JOIN content_chunks cc ON cc.content_id = e.content_id
-           JOIN chunks c ON c.id = cc.chunk_id
+           JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no
           WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
@@ -101,7 +101,7 @@ async fn first_chunk_of(f: &Fixture, path: &str) -> (Vec<u8>, String, i64, i64) 
 async fn files_in_pack(f: &Fixture, pack: &str) -> BTreeSet<String> {
     sqlx::query_scalar(
         "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id
-           JOIN chunks c ON c.id = cc.chunk_id WHERE c.pack_id = $1",
+           JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no WHERE p.id = $1",
     )
     .bind(pack)
     .fetch_all(f.repo.catalog.pool())
@@ -401,11 +401,13 @@ async fn a_heal_whose_upload_fails_or_dies_leaves_the_catalog_pointing_at_what_e
     let home = |f: &Fixture, chunk: Vec<u8>| {
         let pool = f.repo.catalog.pool().clone();
         async move {
-            sqlx::query_scalar::<_, String>("SELECT pack_id FROM chunks WHERE id = $1")
-                .bind(chunk)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
+            sqlx::query_scalar::<_, String>(
+                "SELECT p.id FROM chunks c JOIN packs p ON p.no = c.pack_no WHERE c.id = $1",
+            )
+            .bind(chunk)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
         }
     };
     let stored_packs = |f: &Fixture| {

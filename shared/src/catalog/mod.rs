@@ -68,8 +68,10 @@ pub(crate) fn db(context: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
 pub(crate) const USABLE_PACK: &str =
     "p.state = 'stored' AND NOT EXISTS (SELECT 1 FROM condemned_packs k WHERE k.pack_id = p.id)";
 /// A chunk `c` whose copy a scrub found damaged (`damaged_chunks d` with `d.chunk_id = c.id`)
-/// and that was not stored again since: not usable either, wherever its pack is.
-pub(crate) const DAMAGED_CHUNK: &str = "d.pack_id = c.pack_id AND d.healed_at IS NULL";
+/// and that was not stored again since: not usable either, wherever its pack is. (Damage names
+/// its pack by id, a chunk by number: few rows, looked up by key.)
+pub(crate) const DAMAGED_CHUNK: &str =
+    "d.healed_at IS NULL AND d.pack_id = (SELECT dp.id FROM packs dp WHERE dp.no = c.pack_no)";
 
 /// Checks an owner name: `local` (the CLI's own backups) or `tg:<Telegram user id>` (a chat
 /// user's), the id a positive decimal number. Every entry point (command line, job, engine)

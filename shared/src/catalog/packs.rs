@@ -50,23 +50,23 @@ impl Catalog {
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
-        let done = sqlx::query(
+        let no: Option<i64> = sqlx::query_scalar(
             "UPDATE packs SET state = 'stored', size = $1, location = $2, run_id = NULL \
-             WHERE id = $3 AND run_id = $4",
+             WHERE id = $3 AND run_id = $4 RETURNING no",
         )
         .bind(size as i64)
         .bind(location)
         .bind(id)
         .bind(run_id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db(WHAT))?;
-        if done.rows_affected() != 1 {
+        let Some(no) = no else {
             return Err(Error::Changed(format!(
                 "pack {id} was reclaimed by another process while this run uploaded it"
             )));
-        }
-        index_blobs(&mut tx, id, entries).await?;
+        };
+        index_blobs(&mut tx, (id, no), entries).await?;
         tx.commit().await.map_err(db(WHAT))?;
         Ok(())
     }
@@ -84,19 +84,20 @@ impl Catalog {
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db("storing a pack"))?;
-        sqlx::query(
+        let no: i64 = sqlx::query_scalar(
             "INSERT INTO packs (id, state, size, encrypted, location, created_at) VALUES ($1, 'stored', $2, $3, $4, $5) \
-             ON CONFLICT (id) DO UPDATE SET state = 'stored', size = excluded.size, location = excluded.location",
+             ON CONFLICT (id) DO UPDATE SET state = 'stored', size = excluded.size, location = excluded.location \
+             RETURNING no",
         )
         .bind(id)
         .bind(size as i64)
         .bind(i64::from(encrypted))
         .bind(location)
         .bind(now_ms())
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db("storing a pack"))?;
-        index_blobs(&mut tx, id, entries).await?;
+        index_blobs(&mut tx, (id, no), entries).await?;
         tx.commit().await.map_err(db("storing a pack"))?;
         Ok(())
     }
@@ -134,7 +135,7 @@ impl Catalog {
     pub async fn forget_unfinished_pack(&self, id: &str, run_id: &str) -> Result<(), Error> {
         sqlx::query(
             "DELETE FROM packs WHERE id = $1 AND run_id = $2 AND state = 'uploading' \
-             AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = packs.id)",
+             AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_no = packs.no)",
         )
         .bind(id)
         .bind(run_id)
@@ -149,7 +150,7 @@ impl Catalog {
     pub async fn forget_unused_pack(&self, id: &str) -> Result<bool, Error> {
         let done = sqlx::query(
             "DELETE FROM packs WHERE id = $1 AND state <> 'uploading' \
-             AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_id = packs.id)",
+             AND NOT EXISTS (SELECT 1 FROM chunks WHERE pack_no = packs.no)",
         )
         .bind(id)
         .execute(&self.pool)
@@ -207,7 +208,7 @@ impl Catalog {
     /// it. Read row by row: only the ids are held (the backup's dedup index).
     pub async fn stored_chunk_ids(&self, keep: impl Fn(u8) -> bool) -> Result<Vec<ChunkId>, Error> {
         let sql = format!(
-            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.id = c.pack_id WHERE {USABLE_PACK} \
+            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.no = c.pack_no WHERE {USABLE_PACK} \
              AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK})"
         );
         let mut rows = sqlx::query(crate::catalog::sql(sql)).fetch(&self.pool);
@@ -227,8 +228,8 @@ impl Catalog {
     /// Where a blob lives.
     pub async fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, Error> {
         let row = sqlx::query(
-            "SELECT c.pack_id, p.location, c.\"offset\", c.length, c.raw_length FROM chunks c \
-             JOIN packs p ON p.id = c.pack_id WHERE c.id = $1",
+            "SELECT p.id, p.location, c.\"offset\", c.length, c.raw_length FROM chunks c \
+             JOIN packs p ON p.no = c.pack_no WHERE c.id = $1",
         )
         .bind(&id.0[..])
         .fetch_optional(&self.pool)
@@ -254,8 +255,8 @@ impl Catalog {
         for batch in contents.chunks(500) {
             let marks = vec!["?"; batch.len()].join(", ");
             let sql = format!(
-                "SELECT cc.content_id, c.id, c.pack_id, p.location, c.\"offset\", c.length, c.raw_length \
-                 FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.id = c.pack_id \
+                "SELECT cc.content_id, c.id, p.id, p.location, c.\"offset\", c.length, c.raw_length \
+                 FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
                  WHERE cc.content_id IN ({marks}) ORDER BY cc.content_id, cc.seq"
             );
             let mut q = sqlx::query(crate::catalog::sql(sql));
@@ -281,7 +282,7 @@ impl Catalog {
     /// below it (a restore's transfer estimate).
     pub async fn packs_under(&self, root_id: i64, seq: i64, prefix: &str) -> Result<u64, Error> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(DISTINCT c.pack_id) FROM entries e \
+            "SELECT COUNT(DISTINCT c.pack_no) FROM entries e \
              JOIN content_chunks cc ON cc.content_id = e.content_id JOIN chunks c ON c.id = cc.chunk_id \
              WHERE e.root_id = $1 AND e.from_seq <= $2 AND (e.to_seq IS NULL OR e.to_seq > $3) \
              AND (e.path = $4 OR (e.path >= $5 AND e.path < $6))",
@@ -307,7 +308,7 @@ impl Catalog {
         let rows = sqlx::query(
             "SELECT DISTINCT r.path, e.path FROM entries e JOIN roots r ON r.id = e.root_id \
              WHERE e.content_id IN (SELECT cc.content_id FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id \
-             WHERE c.pack_id = $1) ORDER BY e.path LIMIT $2",
+             WHERE c.pack_no = (SELECT no FROM packs WHERE id = $1)) ORDER BY e.path LIMIT $2",
         )
         .bind(pack_id)
         .bind(limit)
@@ -355,7 +356,9 @@ impl Catalog {
 
     /// The blobs the catalog places in a pack, as (id, offset, sealed length).
     pub async fn blobs_in_pack(&self, pack_id: &str) -> Result<Vec<(Vec<u8>, i64, i64)>, Error> {
-        sqlx::query_as("SELECT id, \"offset\", length FROM chunks WHERE pack_id = $1")
+        sqlx::query_as(
+            "SELECT id, \"offset\", length FROM chunks WHERE pack_no = (SELECT no FROM packs WHERE id = $1)",
+        )
             .bind(pack_id)
             .fetch_all(&self.pool)
             .await
@@ -367,24 +370,28 @@ impl Catalog {
 /// keeps its first home; one in a pack known to be missing, or found damaged by a scrub, moves
 /// here, and so does a format-1 unencrypted one (no MAC, flags 0) when this copy is
 /// authenticated. Damaged chunks that now live here are healed.
-async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Result<(), Error> {
+async fn index_blobs(
+    tx: &mut Conn,
+    (pack_id, pack_no): (&str, i64),
+    entries: &[PackEntry],
+) -> Result<(), Error> {
     // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
     let tail = format!(
-        "ON CONFLICT (id) DO UPDATE SET pack_id = excluded.pack_id, \"offset\" = excluded.\"offset\", \
+        "ON CONFLICT (id) DO UPDATE SET pack_no = excluded.pack_no, \"offset\" = excluded.\"offset\", \
          length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
-         WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = chunks.pack_id AND {USABLE_PACK}) \
+         WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.no = chunks.pack_no AND {USABLE_PACK}) \
          OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
-         OR EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = chunks.id \
-                    AND d.pack_id = chunks.pack_id AND d.healed_at IS NULL)"
+         OR EXISTS (SELECT 1 FROM damaged_chunks d JOIN packs dp ON dp.id = d.pack_id \
+                    WHERE d.chunk_id = chunks.id AND dp.no = chunks.pack_no AND d.healed_at IS NULL)"
     );
     // One row per id and statement (PostgreSQL refuses to update a row twice in one): a
     // repeated blob adds nothing, its first copy is the one indexed, as row by row.
     let mut seen = HashSet::new();
     let unique: Vec<&PackEntry> = entries.iter().filter(|e| seen.insert(e.id)).collect();
-    let head = "INSERT INTO chunks (id, pack_id, \"offset\", length, raw_length, kind, flags)";
+    let head = "INSERT INTO chunks (id, pack_no, \"offset\", length, raw_length, kind, flags)";
     super::bulk::insert(tx, (head, 7, &tail), &unique, |q, e| {
         q.bind(&e.id.0[..])
-            .bind(pack_id)
+            .bind(pack_no)
             .bind(e.offset as i64)
             .bind(i64::from(e.length))
             .bind(i64::from(e.raw_length))
@@ -395,11 +402,11 @@ async fn index_blobs(tx: &mut Conn, pack_id: &str, entries: &[PackEntry]) -> Res
     .map_err(db("indexing a pack"))?;
     sqlx::query(
         "UPDATE damaged_chunks SET healed_at = $1, healed_pack = $2 \
-         WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_id = $3)",
+         WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_no = $3)",
     )
     .bind(now_ms())
     .bind(pack_id)
-    .bind(pack_id)
+    .bind(pack_no)
     .execute(&mut *tx)
     .await
     .map_err(db("recording healed chunks"))?;

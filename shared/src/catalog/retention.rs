@@ -178,10 +178,10 @@ impl Catalog {
              CAST(COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN c.length ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN c.flags & 3 = 0 THEN 1 ELSE 0 END), 0) AS BIGINT) \
-             FROM packs p LEFT JOIN chunks c ON c.pack_id = p.id \
+             FROM packs p LEFT JOIN chunks c ON c.pack_no = p.no \
              WHERE p.state = 'stored' AND p.created_at < ? \
              AND p.id NOT IN (SELECT pack_id FROM condemned_packs) \
-             GROUP BY p.id ORDER BY p.created_at, p.id"
+             GROUP BY p.no ORDER BY p.created_at, p.id"
         );
         let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(before)
@@ -208,7 +208,8 @@ impl Catalog {
     pub async fn live_blobs_in_pack(&self, pack_id: &str) -> Result<Vec<super::BlobRow>, Error> {
         let sql = format!(
             "SELECT id, \"offset\", length, raw_length, kind, flags FROM chunks \
-             WHERE pack_id = ? AND id IN ({LIVE_CHUNKS}) ORDER BY \"offset\""
+             WHERE pack_no = (SELECT no FROM packs WHERE id = ?) AND id IN ({LIVE_CHUNKS}) \
+             ORDER BY \"offset\""
         );
         let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(pack_id)
@@ -230,12 +231,18 @@ impl Catalog {
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
+        let new_no: i64 = sqlx::query_scalar("SELECT no FROM packs WHERE id = $1")
+            .bind(new)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db(WHAT))?
+            .ok_or_else(|| Error::Invalid(format!("repacked pack {new} is not in the catalog")))?;
         for (old, e) in moves {
             sqlx::query(
-                "UPDATE chunks SET pack_id = $1, \"offset\" = $2, length = $3, raw_length = $4, flags = $5 \
-                 WHERE id = $6 AND pack_id = $7",
+                "UPDATE chunks SET pack_no = $1, \"offset\" = $2, length = $3, raw_length = $4, flags = $5 \
+                 WHERE id = $6 AND pack_no = (SELECT no FROM packs WHERE id = $7)",
             )
-            .bind(new)
+            .bind(new_no)
             .bind(e.offset as i64)
             .bind(i64::from(e.length))
             .bind(i64::from(e.raw_length))
@@ -258,7 +265,8 @@ impl Catalog {
             .await
             .map_err(db(WHAT))?;
         let check = crate::catalog::numbered(&format!(
-            "SELECT COUNT(*) FROM chunks WHERE pack_id = ? AND id IN ({LIVE_CHUNKS})"
+            "SELECT COUNT(*) FROM chunks WHERE pack_no = (SELECT no FROM packs WHERE id = ?) \
+             AND id IN ({LIVE_CHUNKS})"
         ));
         let mut out = Vec::new();
         for p in packs {
@@ -315,7 +323,7 @@ impl Catalog {
         for sql in [
             "DELETE FROM damaged_chunks WHERE pack_id = $1",
             "DELETE FROM scrub_packs WHERE pack_id = $1",
-            "DELETE FROM chunks WHERE pack_id = $1",
+            "DELETE FROM chunks WHERE pack_no = (SELECT no FROM packs WHERE id = $1)",
             "DELETE FROM packs WHERE id = $1 AND id IN (SELECT pack_id FROM condemned_packs)",
             "DELETE FROM condemned_packs WHERE pack_id = $1",
         ] {

@@ -202,7 +202,8 @@ impl Catalog {
     pub async fn blobs_from(&self, pack_id: &str, from: u64) -> Result<Vec<BlobRow>, Error> {
         let rows = sqlx::query(
             "SELECT id, \"offset\", length, raw_length, kind, flags FROM chunks
-              WHERE pack_id = $1 AND \"offset\" >= $2 ORDER BY \"offset\"",
+              WHERE pack_no = (SELECT no FROM packs WHERE id = $1) AND \"offset\" >= $2
+              ORDER BY \"offset\"",
         )
         .bind(pack_id)
         .bind(from as i64)
@@ -259,7 +260,8 @@ impl Catalog {
             None => {
                 let sql = format!(
                     "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at)
-                     SELECT id, pack_id, ?, ? FROM chunks WHERE pack_id = ? AND true{UPSERT}"
+                     SELECT c.id, p.id, ?, ? FROM chunks c JOIN packs p ON p.no = c.pack_no
+                      WHERE p.id = ? AND true{UPSERT}"
                 );
                 n += sqlx::query(crate::catalog::sql(sql))
                     .bind(reason)
@@ -273,7 +275,8 @@ impl Catalog {
             Some(ids) => {
                 let sql = crate::catalog::numbered(&format!(
                     "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at)
-                     SELECT id, pack_id, ?, ? FROM chunks WHERE id = ? AND pack_id = ?{UPSERT}"
+                     SELECT c.id, p.id, ?, ? FROM chunks c JOIN packs p ON p.no = c.pack_no
+                      WHERE c.id = ? AND p.id = ?{UPSERT}"
                 ));
                 for id in ids {
                     n += sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
@@ -297,7 +300,8 @@ impl Catalog {
         let rows = sqlx::query(
             "SELECT d.chunk_id, d.pack_id, d.reason, c.kind, c.flags, c.raw_length
                FROM damaged_chunks d JOIN chunks c ON c.id = d.chunk_id
-              WHERE d.healed_at IS NULL AND c.pack_id = d.pack_id ORDER BY d.pack_id, c.\"offset\"",
+               JOIN packs p ON p.no = c.pack_no
+              WHERE d.healed_at IS NULL AND p.id = d.pack_id ORDER BY d.pack_id, c.\"offset\"",
         )
         .fetch_all(&self.pool)
         .await
@@ -526,7 +530,8 @@ impl Catalog {
         let r = sqlx::query(
             "SELECT (SELECT count(*) FROM packs WHERE state = 'missing'),
                     (SELECT count(*) FROM damaged_chunks d JOIN chunks c ON c.id = d.chunk_id
-                      WHERE d.healed_at IS NULL AND c.pack_id = d.pack_id)",
+                      JOIN packs p ON p.no = c.pack_no
+                      WHERE d.healed_at IS NULL AND p.id = d.pack_id)",
         )
         .fetch_one(&self.pool)
         .await

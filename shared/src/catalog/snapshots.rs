@@ -310,6 +310,7 @@ impl Catalog {
             .map_err(db(COMMIT))?;
         super::runs::check_root_lock(&mut tx, &info.owner, &info.root, run_id).await?;
         let (root_id, seq) = root_and_next_seq(&mut tx, &info.owner, &info.root).await?;
+        let key_no = key_no(&mut tx, key_id).await?;
         let unusable = Unusable::load(&mut tx).await?;
         if let Some(c) = std::iter::once(blob_id)
             .chain(listing)
@@ -325,7 +326,7 @@ impl Catalog {
             root_id,
             seq,
             encrypted: info.encrypted,
-            key_id: key_id.to_string(),
+            key_no,
             unusable,
             last: None,
         })
@@ -343,8 +344,8 @@ pub struct SnapshotCommit {
     root_id: i64,
     seq: i64,
     encrypted: bool,
-    /// The key of the snapshot's chunk ids (empty: the installation key).
-    key_id: String,
+    /// The key of the snapshot's chunk ids, by number (see [`key_no`]).
+    key_no: i64,
     unusable: Unusable,
     /// The last path recorded so far.
     last: Option<String>,
@@ -372,7 +373,7 @@ impl SnapshotCommit {
         let contents = content_ids(
             &mut self.tx,
             items,
-            (self.encrypted, &self.key_id),
+            (self.encrypted, self.key_no),
             &mut self.unusable,
         )
         .await?;
@@ -433,7 +434,7 @@ struct Unusable {
 impl Unusable {
     async fn load(tx: &mut Conn) -> Result<Unusable, Error> {
         let sql = format!(
-            "SELECT id FROM chunks WHERE pack_id IN (SELECT p.id FROM packs p WHERE NOT ({USABLE_PACK})) \
+            "SELECT id FROM chunks WHERE pack_no IN (SELECT p.no FROM packs p WHERE NOT ({USABLE_PACK})) \
              UNION SELECT c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
         );
         let ids: Vec<Vec<u8>> = sqlx::query_scalar(crate::catalog::sql(sql))
@@ -559,6 +560,25 @@ async fn root_and_next_seq(tx: &mut Conn, owner: &str, root: &str) -> Result<(i6
     Ok((root_id, seq))
 }
 
+/// The number `contents.key_no` gives the key `key_id` names: 0 for the installation key (an
+/// empty id), otherwise the owner key's row in `owner_keys` (recorded before anything is
+/// sealed with it, so a key id without a row is an error, never filed under another key).
+async fn key_no(tx: &mut Conn, key_id: &str) -> Result<i64, Error> {
+    if key_id.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query_scalar("SELECT id FROM owner_keys WHERE key_id = $1")
+        .bind(key_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "owner key {key_id} is not recorded in the catalog\nhint: `recover` imports the owner keys storage holds"
+            ))
+        })
+}
+
 /// A file content's identity within a key: its SHA-256 and size.
 type ContentKey = ([u8; 32], u64);
 
@@ -571,7 +591,7 @@ type NewContents<'a> = HashMap<ContentKey, &'a [ChunkId]>;
 async fn content_ids(
     tx: &mut Conn,
     items: &[&NewEntry],
-    (encrypted, key_id): (bool, &str),
+    (encrypted, key_no): (bool, i64),
     unusable: &mut Unusable,
 ) -> Result<Vec<Option<i64>>, Error> {
     // The batch's new contents, each once (the first item's chunk list stands for its
@@ -587,9 +607,9 @@ async fn content_ids(
             new.entry((*sha256, *size)).or_insert(chunks);
         }
     }
-    let mut ids = existing_contents(tx, &new, (encrypted, key_id)).await?;
+    let mut ids = existing_contents(tx, &new, (encrypted, key_no)).await?;
     let existing: HashSet<i64> = ids.values().copied().collect();
-    let recorded = record_contents(tx, &new, &ids, (encrypted, key_id), unusable).await?;
+    let recorded = record_contents(tx, &new, &ids, (encrypted, key_no), unusable).await?;
     ids.extend(recorded);
     repair_contents(tx, &new, &ids, &existing, unusable).await?;
     Ok(items
@@ -606,19 +626,19 @@ async fn content_ids(
 async fn existing_contents(
     tx: &mut Conn,
     new: &NewContents<'_>,
-    (encrypted, key_id): (bool, &str),
+    (encrypted, key_no): (bool, i64),
 ) -> Result<HashMap<ContentKey, i64>, Error> {
     let keys: Vec<&ContentKey> = new.keys().collect();
     let mut ids = HashMap::new();
     for part in keys.chunks(super::bulk::ROWS) {
         let sql = format!(
-            "SELECT id, sha256, size FROM contents WHERE encrypted = $1 AND key_id = $2 \
+            "SELECT id, sha256, size FROM contents WHERE encrypted = $1 AND key_no = $2 \
              AND sha256 IN ({})",
             super::bulk::marks(3, part.len())
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(i64::from(encrypted))
-            .bind(key_id);
+            .bind(key_no);
         for (sha256, _) in part {
             q = q.bind(&sha256[..]);
         }
@@ -643,7 +663,7 @@ async fn record_contents(
     tx: &mut Conn,
     new: &NewContents<'_>,
     known: &HashMap<ContentKey, i64>,
-    (encrypted, key_id): (bool, &str),
+    (encrypted, key_no): (bool, i64),
     unusable: &Unusable,
 ) -> Result<HashMap<ContentKey, i64>, Error> {
     let fresh: Vec<(&ContentKey, &&[ChunkId])> = new
@@ -663,7 +683,7 @@ async fn record_contents(
     for part in fresh.chunks(super::bulk::ROWS) {
         let sql = super::bulk::values(
             super::Dialect::of_conn(tx),
-            "INSERT INTO contents (sha256, size, encrypted, key_id)",
+            "INSERT INTO contents (sha256, size, encrypted, key_no)",
             4,
             part.len(),
             "RETURNING id, sha256, size",
@@ -674,7 +694,7 @@ async fn record_contents(
                 .bind(&sha256[..])
                 .bind(*size as i64)
                 .bind(i64::from(encrypted))
-                .bind(key_id);
+                .bind(key_no);
         }
         for r in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
             let sha256: Vec<u8> = r.get(1);
