@@ -559,3 +559,48 @@ async fn copy_catalog_rows(db: &Path, pg: &sqlx::PgPool) {
     }
     lite.close().await;
 }
+
+/// The bot and the worker start together after an upgrade, and both open the old catalog:
+/// its migrations run once, whichever process gets there first, and every opener gets a
+/// converted catalog (no "table already exists" or duplicate bookkeeping row for the late
+/// ones). Each open is its own pool, as in separate processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_openers_of_an_old_catalog_at_once_all_get_it_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, db) = copy_two_keys(dir.path());
+    let before = old_links(&db).await;
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { Catalog::open_file(&db).await })
+        })
+        .collect();
+    let mut catalogs = Vec::new();
+    for open in opens {
+        catalogs.push(open.await.unwrap().expect("every opener gets the catalog"));
+    }
+    let first = new_links(&catalogs[0]).await;
+    assert_eq!(first.chunk_packs, before.chunk_packs);
+    for c in &catalogs {
+        assert_eq!(new_links(c).await, first);
+    }
+    let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = 17")
+        .fetch_one(catalogs[0].pool())
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+
+    // A first start makes a new catalog the same way.
+    let fresh = dir.path().join("fresh/catalog.db");
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let db = fresh.clone();
+            tokio::spawn(async move { Catalog::open_file(&db).await })
+        })
+        .collect();
+    for open in opens {
+        open.await
+            .unwrap()
+            .expect("every opener gets the new catalog");
+    }
+}

@@ -11,7 +11,7 @@
 //! The few places where the dialects cannot meet ask [`Dialect`].
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use sqlx::any::AnyPoolOptions;
@@ -71,9 +71,9 @@ impl Dialect {
 pub async fn open_pool(url: &str) -> Result<Pool, Error> {
     sqlx::any::install_default_drivers();
     let dialect = Dialect::of_url(url)?;
-    let url = match dialect {
+    let (url, folder) = match dialect {
         Dialect::Sqlite => sqlite_prepare(url)?,
-        Dialect::Postgres => url.to_string(),
+        Dialect::Postgres => (url.to_string(), None),
     };
     let opening = |source| Error::Db {
         context: format!("opening {}", redact(&url)),
@@ -109,13 +109,34 @@ pub async fn open_pool(url: &str) -> Result<Pool, Error> {
         .connect(&url)
         .await
         .map_err(opening)?;
+    // sqlx takes a lock around migrations on PostgreSQL (an advisory lock) but none on
+    // SQLite, where two processes opening an old catalog at once (the bot and the worker,
+    // started together after an upgrade) would both migrate it, and the later one fail.
+    let guard = match folder {
+        Some(folder) => Some(lock_folder(folder).await?),
+        None => None,
+    };
     let migrated = match dialect {
         Dialect::Sqlite => sqlx::migrate!("../migrations").run(&pool).await,
         Dialect::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await,
     };
+    drop(guard);
     migrated
         .map_err(|e| Error::Invalid(format!("migrating the catalog at {}: {e}", redact(&url))))?;
     Ok(pool)
+}
+
+/// Waits for an exclusive lock on `folder` (an flock, which the kernel drops with the process)
+/// and returns what holds it. The catalog's folder, not its file: closing any other handle
+/// on a SQLite file drops SQLite's own locks on it.
+async fn lock_folder(folder: PathBuf) -> Result<std::fs::File, Error> {
+    tokio::task::spawn_blocking(move || {
+        let dir = std::fs::File::open(&folder).map_err(|e| data_dir_error(&folder, e))?;
+        dir.lock().map_err(|e| data_dir_error(&folder, e))?;
+        Ok(dir)
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("locking the catalog's folder: {e}")))?
 }
 
 /// Begins a transaction that will write after it reads: it holds the database's write lock
@@ -161,8 +182,9 @@ fn redact(url: &str) -> String {
 }
 
 /// Makes the SQLite file's folder (0700) and the file (0600) before sqlx opens it, and returns
-/// the URL sqlx should open (created if missing).
-fn sqlite_prepare(url: &str) -> Result<String, Error> {
+/// the URL sqlx should open (created if missing) and the folder (none for a database in
+/// memory), locked while the migrations run.
+fn sqlite_prepare(url: &str) -> Result<(String, Option<PathBuf>), Error> {
     let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
         .map_err(|e| Error::Invalid(format!("invalid DATABASE_URL {url:?}: {e}")))?;
     let file = opts.get_filename().to_path_buf();
@@ -187,10 +209,14 @@ fn sqlite_prepare(url: &str) -> Result<String, Error> {
             Err(e) => return Err(data_dir_error(&file, e)),
         }
     }
+    let folder = (!in_memory).then(|| match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    });
     if url.contains('?') || in_memory {
-        Ok(url.to_string())
+        Ok((url.to_string(), folder))
     } else {
-        Ok(format!("{url}?mode=rwc"))
+        Ok((format!("{url}?mode=rwc"), folder))
     }
 }
 
