@@ -224,3 +224,25 @@ async fn futures_join<F: std::future::Future>(fs: impl IntoIterator<Item = F>) -
     out.extend(results.into_iter().map(|r| r.unwrap()));
     out
 }
+
+/// A new connection pays TCP's handshake, a round trip before the client's first bytes can go
+/// out, as on a real link: a fresh grammers client's first call takes five round trips (the
+/// handshake, then four of MTProto's: the salt, the salts fetched, the call), the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_pays_the_tcp_handshake() {
+    let rtt = Duration::from_millis(100);
+    let server = LoopbackTelegram::start(LoopbackOptions {
+        net: NetProfile::with_rtt(rtt),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (c, _r) = client(&server);
+    let first = round_trip(&c).await;
+    let next = round_trip(&c).await;
+    assert!(
+        first >= rtt * 5 && first < rtt * 5 + Duration::from_millis(400),
+        "a new connection's first call took {first:?}"
+    );
+    assert!(next < rtt * 2, "the next call took {next:?}");
+}

@@ -54,7 +54,9 @@ async fn connection(stream: TcpStream, server: Arc<Server>, dc: i32) {
     let (kill_tx, mut kill_rx) = watch::channel(false);
     let (deadline_tx, mut deadline_rx) = watch::channel::<Option<Instant>>(None);
     let mut drop_all = server.drop_all.subscribe();
+    let profile = *server.net.lock().unwrap();
     let link = Arc::new(Mutex::new(Link {
+        up: Lane::after_handshake(Instant::now(), &profile),
         rng: super::server::rnd_i64() as u64 | 1,
         ..Link::default()
     }));

@@ -56,6 +56,16 @@ pub(crate) struct Lane {
 }
 
 impl Lane {
+    /// The client→server lane of a connection accepted at `accepted`. TCP's handshake (SYN,
+    /// SYN-ACK) takes a round trip before the client's first bytes can go out; the loopback's
+    /// kernel completes it at once, so the lane stays busy for that long instead.
+    pub(crate) fn after_handshake(accepted: Instant, p: &NetProfile) -> Lane {
+        Lane {
+            free_at: Some(accepted + p.rtt),
+            last_arrival: None,
+        }
+    }
+
     /// When a message of `bytes` handed to the lane at `sent` reaches the other end.
     pub(crate) fn schedule(
         &mut self,
@@ -155,6 +165,25 @@ mod tests {
             let at = lane.schedule(&p, t0, 100, &mut rng);
             assert_eq!(at - t0, Duration::from_millis(50));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connections_first_bytes_wait_for_the_handshake() {
+        let p = NetProfile::with_rtt(Duration::from_millis(100));
+        let t0 = Instant::now();
+        let mut lane = Lane::after_handshake(t0, &p);
+        let mut rng = 1;
+        // Sent at once, they go out after the handshake's round trip and cross in half one.
+        assert_eq!(
+            lane.schedule(&p, t0, 100, &mut rng) - t0,
+            Duration::from_millis(150)
+        );
+        // Later messages only cross.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            lane.schedule(&p, later, 100, &mut rng) - later,
+            Duration::from_millis(50)
+        );
     }
 
     #[tokio::test(start_paused = true)]
