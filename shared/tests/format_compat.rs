@@ -29,7 +29,14 @@ fn fixture_settings() -> EngineSettings {
 
 /// A copy of the format-1 repository (opening it migrates the catalog).
 fn copy_fixture(to: &Path) -> (PathBuf, PathBuf) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format1");
+    copy_repo("format1", to)
+}
+
+/// A copy of the fixture repository `name` (its store and catalog) in `to`.
+fn copy_repo(name: &str, to: &Path) -> (PathBuf, PathBuf) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let store = to.join("store");
     std::fs::create_dir_all(&store).unwrap();
     for e in std::fs::read_dir(src.join("store")).unwrap() {
@@ -259,16 +266,7 @@ async fn unchanged_files_on_format1_unencrypted_chunks_are_read_again() {
 /// A catalog written before migration 0017 (`tests/fixtures/two-keys`: chunks name their pack
 /// by its 32-hex id, contents their key by its 32-hex key id, three keys over five packs).
 fn copy_two_keys(to: &Path) -> (PathBuf, PathBuf) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/two-keys");
-    let store = to.join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    for e in std::fs::read_dir(src.join("store")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), store.join(e.file_name())).unwrap();
-    }
-    let db = to.join("catalog.db");
-    std::fs::copy(src.join("catalog.db"), &db).unwrap();
-    (store, db)
+    copy_repo("two-keys", to)
 }
 
 /// Each chunk's pack id and each content's key id ('' for the installation key).
