@@ -146,6 +146,75 @@ async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     assert_eq!(summary.dirs, 14);
 }
 
+/// A re-backup keeps an entry's row only when every recorded field is as before: a change of
+/// mode or owner alone (size, time and inode as they were, so the file is not read) is
+/// recorded, whether its batch is one the commit keeps without reading its rows or one it
+/// compares row by row.
+#[tokio::test]
+async fn a_rebackup_records_mode_and_owner_changes_that_keep_size_time_and_inode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut f = Fixture::new().await;
+    f.repo = f.repo.with_batch(3);
+    let src = f.path("src/data");
+    first_tree(&src);
+    let opts = backup_opts(&src);
+    let cancel = CancelFlag::new();
+    f.repo.backup(&opts, &NoProgress, &cancel).await.unwrap();
+    let rows1 = f.repo.catalog.entry_row_count().await.unwrap();
+    let mtime = |rel: &str| {
+        std::fs::symlink_metadata(src.join(rel))
+            .unwrap()
+            .mtime_nsec()
+    };
+    let before = (mtime("a0"), mtime("a/x"));
+    let chmod = |rel: &str, mode| {
+        std::fs::set_permissions(src.join(rel), std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    chmod("a0", 0o604);
+    chmod("a/x", 0o701);
+    chmod("z/y", 0o640);
+    let as_root = nix::unistd::geteuid().is_root();
+    if as_root {
+        std::os::unix::fs::lchown(src.join("B"), Some(4321), Some(4322)).unwrap();
+    }
+    assert_eq!((mtime("a0"), mtime("a/x")), before, "times as they were");
+    let s2 = f.repo.backup(&opts, &NoProgress, &cancel).await.unwrap();
+    assert_eq!(s2.snapshot.bytes_read, 0, "nothing to read");
+
+    let root = std::fs::canonicalize(&src).unwrap();
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", root.to_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let entries = f
+        .repo
+        .catalog
+        .entries_under(root_id, s2.snapshot.seq, "data")
+        .await
+        .unwrap();
+    let entry = |p: &str| entries.iter().find(|e| e.path == p).unwrap();
+    assert_eq!(entry("data/a0").mode, 0o604);
+    assert_eq!(entry("data/a/x").mode, 0o701);
+    assert_eq!(entry("data/z/y").mode, 0o640);
+    let changed = if as_root {
+        assert_eq!(entry("data/B").owner.uid, Some(4321));
+        assert_eq!(entry("data/B").owner.gid, Some(4322));
+        4
+    } else {
+        3
+    };
+    // A row for each changed entry, none for the others.
+    let rows2 = f.repo.catalog.entry_row_count().await.unwrap();
+    assert_eq!(rows2, rows1 + changed);
+    let to = f.path("out");
+    let o = restore_opts(&src, &to, Some(&s2.snapshot.short_id));
+    f.repo.restore(&o, &NoProgress, &cancel).await.unwrap();
+    assert_eq!(restored(&to), describe_tree(&src));
+}
+
 #[tokio::test]
 async fn a_restore_in_pages_checks_everything_before_writing_anything() {
     let mut f = Fixture::new().await;

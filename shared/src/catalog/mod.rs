@@ -26,6 +26,7 @@ pub use runs::RunRow;
 pub use scrub::{
     AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
 };
+pub(crate) use snapshots::unchanged;
 pub use snapshots::{NewContent, NewEntry, PrevFile, SnapshotCommit};
 
 use std::path::Path;

@@ -104,8 +104,9 @@ impl Catalog {
         current_entries(&mut conn, root_id, "loading the previous snapshot").await
     }
 
-    /// What a backup needs of the files current in a root to skip unchanged ones: by path,
-    /// the metadata it compares and the content with its chunk list, for the paths after
+    /// What a backup needs of the entries current in a root to skip unchanged ones: by path,
+    /// the current row (every kind: the backup tells the commit which items it found
+    /// identical, see [`NewEntry::same_as`]) and a file's chunk list, for the paths after
     /// `after` (all if `None`) up to and including `upto`. A backup asks for one range per
     /// batch of its walk (which goes in path order), so only a batch's worth is ever held.
     pub async fn previous_files(
@@ -116,15 +117,15 @@ impl Catalog {
     ) -> Result<HashMap<String, PrevFile>, Error> {
         const WHAT: &str = "loading the previous snapshot";
         let range = if after.is_some() {
-            "e.root_id = ? AND e.to_seq IS NULL AND e.kind = 'file' AND e.path > ? AND e.path <= ?"
+            "e.root_id = ? AND e.to_seq IS NULL AND e.path > ? AND e.path <= ?"
         } else {
-            "e.root_id = ? AND e.to_seq IS NULL AND e.kind = 'file' AND e.path <= ?"
+            "e.root_id = ? AND e.to_seq IS NULL AND e.path <= ?"
         };
         let mut conn = self.pool.acquire().await.map_err(db(WHAT))?;
         let mut files = HashMap::new();
         let sql = format!(
-            "SELECT e.path, e.size, e.mtime_ns, e.inode, e.content_id, c.sha256 FROM entries e \
-             JOIN contents c ON c.id = e.content_id WHERE {range}"
+            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE {range}"
         );
         let mut q = sqlx::query(crate::catalog::sql(sql)).bind(root_id);
         for bound in after.into_iter().chain([upto]) {
@@ -132,18 +133,12 @@ impl Catalog {
         }
         let mut rows = q.fetch(&mut *conn);
         while let Some(r) = rows.try_next().await.map_err(db(WHAT))? {
-            let Ok(sha256) = <[u8; 32]>::try_from(r.get::<&[u8], _>(5)) else {
-                continue;
-            };
+            let entry = entry_from_row(&r);
             let file = PrevFile {
-                size: r.get::<i64, _>(1) as u64,
-                mtime_ns: r.get(2),
-                inode: r.get::<i64, _>(3) as u64,
-                content_id: r.get(4),
-                sha256,
+                entry,
                 chunks: Vec::new(),
             };
-            files.insert(r.get::<String, _>(0), file);
+            files.insert(file.entry.path.clone(), file);
         }
         drop(rows);
         let sql = format!(
@@ -368,8 +363,13 @@ impl SnapshotCommit {
             }
             after = Some(&item.path);
         }
-        let mut previous =
-            current_entries_in(&mut self.tx, self.root_id, self.last.as_deref(), Some(&hi)).await?;
+        let range = (self.last.as_deref(), Some(hi.as_str()));
+        let trusted = trusts_same_as(&mut self.tx, self.root_id, items, range).await?;
+        let mut previous = if trusted {
+            HashMap::new()
+        } else {
+            current_entries_in(&mut self.tx, self.root_id, range.0, range.1).await?
+        };
         let contents = content_ids(
             &mut self.tx,
             items,
@@ -385,6 +385,9 @@ impl SnapshotCommit {
                     "{} references chunks of a pack known to be missing",
                     item.path
                 )));
+            }
+            if trusted && item.same_as.is_some() {
+                continue; // its current row stays
             }
             let prev = previous.remove(&item.path);
             if prev
@@ -422,6 +425,33 @@ impl SnapshotCommit {
         self.tx.commit().await.map_err(db(COMMIT))?;
         Ok(self.seq)
     }
+}
+
+/// Whether the batch's items that the backup found identical to a current row
+/// ([`NewEntry::same_as`]) account for every current row of their path range: then the
+/// range's rows need no reading (they stay, and the other items are new paths). The
+/// backup compared them while holding the root's lock, which this transaction found it
+/// still holds, so no other writer changed the root's rows since (backups, forget and
+/// recover all take that lock). Counting is a walk of the index, not a row per entry
+/// through the driver. Otherwise (a path changed, appeared or went) the range is
+/// compared row by row.
+async fn trusts_same_as(
+    tx: &mut Conn,
+    root_id: i64,
+    items: &[&NewEntry],
+    (after, upto): (Option<&str>, Option<&str>),
+) -> Result<bool, Error> {
+    let same = items.iter().filter(|i| i.same_as.is_some()).count() as i64;
+    let sql = format!(
+        "SELECT COUNT(*) FROM entries e WHERE e.root_id = ? AND e.to_seq IS NULL{}",
+        path_range(after, upto)
+    );
+    let mut q = sqlx::query_scalar::<_, i64>(crate::catalog::sql(sql)).bind(root_id);
+    for bound in [after, upto].into_iter().flatten() {
+        q = q.bind(bound);
+    }
+    let current = q.fetch_one(&mut *tx).await.map_err(db(COMMIT))?;
+    Ok(current == same)
 }
 
 /// What a snapshot must not reference: chunks whose pack is not stored, and the contents
@@ -491,21 +521,10 @@ async fn current_entries_in(
     after: Option<&str>,
     upto: Option<&str>,
 ) -> Result<HashMap<String, EntryRow>, Error> {
-    // Bounds as plain comparisons (not `? IS NULL OR ...`), so SQLite reads just the range
-    // from the (root_id, path) index.
     let sql = format!(
         "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
-         WHERE e.root_id = ? AND e.to_seq IS NULL{}{}",
-        if after.is_some() {
-            " AND e.path > ?"
-        } else {
-            ""
-        },
-        if upto.is_some() {
-            " AND e.path <= ?"
-        } else {
-            ""
-        },
+         WHERE e.root_id = ? AND e.to_seq IS NULL{}",
+        path_range(after, upto)
     );
     let mut q = sqlx::query(crate::catalog::sql(sql)).bind(root_id);
     for bound in [after, upto].into_iter().flatten() {
@@ -518,6 +537,18 @@ async fn current_entries_in(
         out.insert(e.path.clone(), e);
     }
     Ok(out)
+}
+
+/// The bounds of a path range after `after` up to and including `upto`, as plain
+/// comparisons (not `? IS NULL OR ...`), so SQLite reads just the range from the
+/// (root_id, path) index.
+fn path_range(after: Option<&str>, upto: Option<&str>) -> &'static str {
+    match (after.is_some(), upto.is_some()) {
+        (true, true) => " AND e.path > ? AND e.path <= ?",
+        (true, false) => " AND e.path > ?",
+        (false, true) => " AND e.path <= ?",
+        (false, false) => "",
+    }
 }
 
 const COMMIT: &str = "committing the snapshot";
@@ -783,7 +814,7 @@ async fn insert_chunk_lists(tx: &mut Conn, lists: &[(i64, &[ChunkId])]) -> Resul
 }
 
 /// Whether a previous row says all an item says (then no row is written).
-fn unchanged(p: &EntryRow, item: &NewEntry, content_id: Option<i64>) -> bool {
+pub(crate) fn unchanged(p: &EntryRow, item: &NewEntry, content_id: Option<i64>) -> bool {
     p.kind == item.kind
         && p.size == item.size
         && p.mtime_ns == item.mtime_ns
@@ -868,15 +899,12 @@ pub enum NewContent {
     },
 }
 
-/// A file of a root's latest snapshot, as a backup compares it with the file on disk.
+/// An entry of a root's latest snapshot, as a backup compares it with what is on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrevFile {
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub inode: u64,
-    pub content_id: i64,
-    pub sha256: [u8; 32],
-    /// The content's chunks in order.
+    /// Its current row.
+    pub entry: EntryRow,
+    /// A file's content's chunks in order.
     pub chunks: Vec<ChunkId>,
 }
 
@@ -891,6 +919,10 @@ pub struct NewEntry {
     pub target: Option<String>,
     pub owner: Owner,
     pub content: NewContent,
+    /// The id of the root's current row the backup found this entry identical to (every
+    /// field [`unchanged`] compares; the content reused as it was), while it held the root's
+    /// lock. The commit trusts it: see [`SnapshotCommit::add`].
+    pub same_as: Option<i64>,
 }
 
 /// Ends current entry rows' validity at snapshot `seq` (they changed or disappeared

@@ -112,6 +112,9 @@ struct Item {
     /// A file to read.
     #[serde(rename = "r", default, skip_serializing_if = "is_false")]
     read: bool,
+    /// Identical to the root's current row of this id (the commit keeps that row).
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    same: Option<i64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -504,35 +507,77 @@ impl ScanSide {
     }
 }
 
+/// Decides what becomes of a walked item: a file's content (see [`decide_content`]), and
+/// whether the item is identical to its current row in the catalog (every field the commit
+/// compares, the content reused as it was). The scan holds the root's lock, so the commit
+/// may keep such a row without reading it again.
+fn decide(item: &mut Item, previous: Option<&PrevFile>, stored: &ChunkSet) -> Result<(), Error> {
+    if item.line.kind == EntryKind::File {
+        decide_content(item, previous, stored)?;
+    }
+    let Some(p) = previous.filter(|_| !item.read) else {
+        return Ok(());
+    };
+    let line = &item.line;
+    let now = NewEntry {
+        path: String::new(), // the same path: `previous` is this path's row
+        kind: line.kind,
+        size: line.size,
+        mtime_ns: line.mtime_ns,
+        mode: line.mode,
+        inode: line.inode,
+        target: line.target.clone(),
+        owner: Owner {
+            uid: line.uid,
+            gid: line.gid,
+            user: line.user.clone(),
+            group: line.group.clone(),
+        },
+        content: NewContent::None,
+        same_as: None,
+    };
+    if crate::catalog::unchanged(&p.entry, &now, item.reused) {
+        item.same = Some(p.entry.id);
+    }
+    Ok(())
+}
+
 /// Decides what becomes of a walked file's content. An unchanged file (same size, time and
 /// inode as in the previous snapshot) keeps its content and chunk list, but only if every
 /// chunk of it is among the stored ones this backup may rely on; otherwise (a chunk of a
 /// pack known to be missing, one a scrub found damaged, a format-1 unencrypted chunk) it is
 /// read and stored again, unchanged or not (invariant 1).
-fn decide(item: &mut Item, previous: Option<&PrevFile>, stored: &ChunkSet) -> Result<(), Error> {
+fn decide_content(
+    item: &mut Item,
+    previous: Option<&PrevFile>,
+    stored: &ChunkSet,
+) -> Result<(), Error> {
     let line = &mut item.line;
-    if line.kind != EntryKind::File {
-        return Ok(());
-    }
-    let unchanged = previous
-        .filter(|p| p.size == line.size && p.mtime_ns == line.mtime_ns && p.inode == line.inode);
-    let Some(p) = unchanged else {
+    let unchanged = previous.map(|p| &p.entry).filter(|p| {
+        p.kind == EntryKind::File
+            && p.size == line.size
+            && p.mtime_ns == line.mtime_ns
+            && p.inode == line.inode
+    });
+    let Some((p, content_id, sha256)) =
+        unchanged.and_then(|p| Some((previous?, p.content_id?, p.sha256?)))
+    else {
         item.read = true;
         return Ok(());
     };
     if p.chunks.is_empty() && line.size > 0 {
         return Err(Error::Invalid(format!(
             "catalog has no chunk list for {} (content {})\nhint: run `storinator-worker verify`",
-            line.path, p.content_id
+            line.path, content_id
         )));
     }
     if line.size > 0 && !p.chunks.iter().all(|id| stored.contains(id)) {
         item.read = true;
         return Ok(());
     }
-    line.sha256 = Some(hex::encode(p.sha256));
+    line.sha256 = Some(hex::encode(sha256));
     line.chunks = p.chunks.clone();
-    item.reused = Some(p.content_id);
+    item.reused = Some(content_id);
     Ok(())
 }
 
@@ -712,6 +757,7 @@ fn new_entry(item: Item) -> Result<NewEntry, Error> {
             group: line.group,
         },
         content,
+        same_as: item.same,
     })
 }
 
@@ -923,6 +969,7 @@ fn walked_item(
         },
         reused: None,
         read: false,
+        same: None,
     })
 }
 

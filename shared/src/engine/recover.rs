@@ -222,6 +222,7 @@ async fn restore_snapshot(
                 group: e.group,
             },
             content,
+            same_as: None,
         });
     }
     let info = SnapshotInfo {
