@@ -624,9 +624,15 @@ async fn read_and_list(
         };
         let kept = with_results(batch, results, warnings, &mut listed);
         (listing, entries) = blocking(move || {
-            for item in &kept {
+            for mut item in kept {
                 listing.push(&item.line)?;
-                entries.push(item)?;
+                if item.reused.is_some() {
+                    // The catalog has this content with its chunk list: the commit names it
+                    // by its row.
+                    item.line.sha256 = None;
+                    item.line.chunks = Vec::new();
+                }
+                entries.push(&item)?;
             }
             Ok::<_, Error>((listing, entries))
         })
