@@ -1537,3 +1537,35 @@ async fn a_commit_of_hundreds_of_files_records_every_row_once() {
         );
     }
 }
+
+/// verify --read-data reads a large pack in ranges of several MiB, as many requested at once
+/// as the storage's read-ahead holds: over a far link (Telegram is 50–150 ms away) one range
+/// at a time would leave it idle for a round trip per range.
+#[tokio::test]
+async fn verify_reads_a_large_packs_ranges_several_at_once() {
+    let f = Fixture::new().await;
+    let mut settings = settings();
+    settings.pack_size = 40 << 20;
+    let repo = Repo::open(f.repo.catalog.clone(), f.storage.clone(), PASS, settings)
+        .await
+        .unwrap();
+    let src = f.path("big");
+    std::fs::create_dir_all(&src).unwrap();
+    // Incompressible: three 8 MiB ranges' worth in one pack.
+    std::fs::write(src.join("blob.bin"), bytes(20 << 20, 42)).unwrap();
+    repo.backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let usage = repo.catalog.pack_usage(i64::MAX).await.unwrap();
+    assert!(usage.iter().any(|p| p.size > 16 << 20), "{usage:?}");
+    f.storage.read_delay_ms.store(20, Ordering::SeqCst);
+    let report = repo.verify(true, &NoProgress).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // The memory store reads 16 MiB ahead: two 8 MiB ranges at once, never more.
+    assert_eq!(f.storage.read_ahead(), 16 << 20);
+    assert_eq!(
+        f.storage.max_reads_in_flight.load(Ordering::SeqCst),
+        2,
+        "ranges read at once"
+    );
+}
