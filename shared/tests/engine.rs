@@ -1538,11 +1538,11 @@ async fn a_commit_of_hundreds_of_files_records_every_row_once() {
     }
 }
 
-/// verify --read-data reads a large pack in ranges of several MiB, as many requested at once
-/// as the storage's read-ahead holds: over a far link (Telegram is 50–150 ms away) one range
-/// at a time would leave it idle for a round trip per range.
+/// verify --read-data and a scrub read a large pack in ranges of several MiB, as many
+/// requested at once as the storage's read-ahead holds: over a far link (Telegram is 50-150 ms
+/// away) one range at a time would leave it idle for a round trip per range.
 #[tokio::test]
-async fn verify_reads_a_large_packs_ranges_several_at_once() {
+async fn verify_and_scrub_read_a_large_packs_ranges_several_at_once() {
     let f = Fixture::new().await;
     let mut settings = settings();
     settings.pack_size = 40 << 20;
@@ -1567,5 +1567,22 @@ async fn verify_reads_a_large_packs_ranges_several_at_once() {
         f.storage.max_reads_in_flight.load(Ordering::SeqCst),
         2,
         "ranges read at once"
+    );
+    // A scrub whose budget covers the pack reads it the same way.
+    f.storage.max_reads_in_flight.store(0, Ordering::SeqCst);
+    let opts = storinator_shared::ScrubOptions {
+        budget: 64 << 20,
+        now_ms: 1,
+        heal: false,
+    };
+    let r = repo
+        .scrub(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(r.bytes_read >= 20 << 20, "{r:?}");
+    assert_eq!(
+        f.storage.max_reads_in_flight.load(Ordering::SeqCst),
+        2,
+        "ranges a scrub read at once"
     );
 }
