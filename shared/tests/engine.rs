@@ -1586,3 +1586,39 @@ async fn verify_and_scrub_read_a_large_packs_ranges_several_at_once() {
         "ranges a scrub read at once"
     );
 }
+
+/// Recover reads a snapshot's listing chunks several at once: a large tree's listing is many
+/// chunks, and over a far link one read at a time costs a round trip each.
+#[tokio::test]
+async fn recover_reads_a_listings_chunks_several_at_once() {
+    let f = Fixture::new().await;
+    let src = f.path("src/many");
+    std::fs::create_dir_all(&src).unwrap();
+    // Enough entries for a listing of several (small test) chunks.
+    for i in 0..800 {
+        std::fs::write(src.join(format!("file-{i:04}.txt")), format!("{i}")).unwrap();
+    }
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("new-machine.db")))
+        .await
+        .unwrap();
+    f.storage.read_delay_ms.store(10, Ordering::SeqCst);
+    let (repo, report) =
+        storinator_shared::recover(fresh, f.storage.clone(), PASS, settings(), &NoProgress)
+            .await
+            .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(
+        f.storage.max_reads_in_flight.load(Ordering::SeqCst) >= 2,
+        "listing chunks read one at a time"
+    );
+    f.storage.read_delay_ms.store(0, Ordering::SeqCst);
+    let out = f.path("out");
+    repo.restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("many")));
+}
