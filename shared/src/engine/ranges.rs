@@ -65,7 +65,13 @@ pub(crate) fn coalesce(blobs: &[(u64, u64)]) -> Vec<BlobRange> {
 
 /// How many ranges to keep requested at once on `storage`.
 pub(crate) fn reads_ahead(storage: &dyn Storage) -> usize {
-    (storage.read_ahead() / RANGE_MAX).max(1) as usize
+    reads_ahead_of(storage, RANGE_MAX)
+}
+
+/// How many reads of about `bytes` each to keep requested at once on `storage`: as many as
+/// its read-ahead holds, at least one, at most 64.
+pub(crate) fn reads_ahead_of(storage: &dyn Storage, bytes: u64) -> usize {
+    (storage.read_ahead() / bytes.max(1)).clamp(1, 64) as usize
 }
 
 /// Reads `ranges` of `obj` in order, [`reads_ahead`] of them requested at once, each with the
