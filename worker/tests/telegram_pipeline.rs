@@ -162,8 +162,8 @@ async fn a_flood_wait_halves_the_part_window() {
 }
 
 /// Connections open for the parts a transfer announces, all at once (one at a time, at
-/// three round trips each, they would trail a window that doubles every round trip), and
-/// only as many as those parts need: a one-part object opens one.
+/// two round trips each, they would trail a window that doubles every round trip), only as
+/// many as those parts need (a one-part object opens one), and the parts spread over them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_open_together_for_the_parts_announced() {
     bounded(60, async {
@@ -180,10 +180,16 @@ async fn connections_open_together_for_the_parts_announced() {
         let s = f.storage.scheduler().stats();
         assert_eq!(s.part_connections, 1, "one part, one connection: {s:?}");
 
-        // 8 MiB: 16 parts, four connections' worth, opened together.
-        let f = start_with(LoopbackOptions::default(), false, |c| {
-            c.part_concurrency = 32
-        })
+        // 8 MiB: 16 parts, four connections' worth, opened together (a round trip away, so
+        // opening takes a while, as over any real link).
+        let f = start_with(
+            LoopbackOptions {
+                net: NetProfile::with_rtt(Duration::from_millis(40)),
+                ..Default::default()
+            },
+            false,
+            |c| c.part_concurrency = 32,
+        )
         .await;
         let bytes = data(8 * MIB, 6);
         let loc = put(&f.storage, PACK, &bytes).await;
@@ -192,6 +198,11 @@ async fn connections_open_together_for_the_parts_announced() {
         assert!(
             s.peak_connections_opening >= 2,
             "the three beside the first opened together: {s:?}"
+        );
+        // The parts waited for the connections opening rather than crowd the first one open.
+        assert!(
+            s.peak_parts_per_connection <= 4,
+            "parts piled on one connection while others opened: {s:?}"
         );
         assert_eq!(
             get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
@@ -202,9 +213,10 @@ async fn connections_open_together_for_the_parts_announced() {
 }
 
 /// A new part connection's initConnection rides on its first parts instead of costing a round
-/// trip of its own (a help.getConfig answered before any part could go), and until the server
-/// has first answered (bad_server_salt, on a new connection) only one message is out: parts
-/// sent under the wrong salt would each be refused after crossing the link.
+/// trip of its own (a help.getConfig answered before any part could go), and its first parts
+/// go under the salt the data centre gave when the storage connected: none is refused for a
+/// wrong salt (each would have crossed the link for nothing), and none waits for the server's
+/// first answer to learn the salt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_connection_sends_its_initconnection_with_its_first_parts() {
     bounded(60, async {
@@ -239,8 +251,40 @@ async fn a_new_connection_sends_its_initconnection_with_its_first_parts() {
         );
         assert_eq!(
             c.get("bad_server_salt") - salts,
-            s.part_connections,
-            "one message refused per new connection, not parts: {:?}",
+            0,
+            "a part connection began under a wrong salt: {:?}",
+            c.snapshot()
+        );
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
+    })
+    .await;
+}
+
+/// Salts that went stale (the server moved on since the storage fetched them) cost a resend:
+/// each part refused for its salt goes again under the right one, and the transfer completes
+/// byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_under_a_stale_salt_are_sent_again() {
+    bounded(60, async {
+        let f = start(
+            LoopbackOptions {
+                net: link(),
+                ..Default::default()
+            },
+            false,
+        )
+        .await;
+        f.server.rotate_salts();
+        let c = f.server.counters();
+        let salts = c.get("bad_server_salt");
+        let bytes = data(6 * MIB + 777, 10);
+        let loc = put(&f.storage, PACK, &bytes).await;
+        assert!(
+            c.get("bad_server_salt") > salts,
+            "the stale salt was used and refused: {:?}",
             c.snapshot()
         );
         assert_eq!(

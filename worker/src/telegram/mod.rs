@@ -21,6 +21,7 @@ mod download;
 pub mod errors;
 mod login;
 mod pipe;
+mod salts;
 pub mod scheduler;
 pub mod session;
 mod storage;

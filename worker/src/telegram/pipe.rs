@@ -13,9 +13,11 @@
 //! call of its own, it cost a round trip before any part could go; instead each call made
 //! before the connection has answered one is wrapped in it (initConnection's `query` is the
 //! call itself, and the answer is the call's), as the first call of a connection is in
-//! Telegram's own clients. Until the server has said anything (its first answer to a new
-//! connection is bad_server_salt, then grammers fetches the future salts) only one call goes
-//! out: parts sent under the wrong salt would be refused after crossing the link.
+//! Telegram's own clients. A connection opened with a salt the data centre gave for its key
+//! (see `salts`) sends its calls at once; one opened without (its first message then goes
+//! under salt 0) sends only one call until the server has said anything (its first answer is
+//! bad_server_salt, then grammers fetches the future salts): parts sent under the wrong salt
+//! would be refused after crossing the link.
 //!
 //! One task owns the socket. Callers hand it calls through a channel and wait for their
 //! answer; when the connection fails every call on it fails with [`PipeError::Lost`], and a
@@ -36,6 +38,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use super::salts::SaltBook;
+
 /// The most one transport packet may hold, either way (Telegram's limit is about 1 MiB).
 const MAX_PACKET: usize = 1024 * 1024 + 8 * 1024;
 /// Room in front of a packet for the headers the MTProto layer and the transport prepend.
@@ -43,6 +47,8 @@ const HEADROOM: usize = mtp::MAX_TRANSPORT_HEADER_LEN
     + mtp::ENCRYPTED_PACKET_HEADER_LEN
     + mtp::PLAIN_PACKET_HEADER_LEN
     + mtp::MESSAGE_CONTAINER_HEADER_LEN;
+/// bad_msg_notification's code for a message under a wrong server salt.
+const BAD_SERVER_SALT: i32 = 48;
 /// A connection idle this long closes (Telegram drops idle connections after a while anyway;
 /// a fresh one costs a round trip).
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
@@ -91,20 +97,26 @@ impl Drop for OnPipe {
 }
 
 impl Pipe {
-    /// Opens a TCP connection to `addr` speaking MTProto under `key`. `init` is the
-    /// invokeWithLayer(initConnection(...)) prefix each call carries until the connection has
-    /// answered one (see the module's comment). `gzip` compresses requests of 512 bytes or
-    /// more the way grammers does by default (only to measure what that would cost).
+    /// Opens a TCP connection to data centre `dc` at `addr` speaking MTProto under `key`.
+    /// `init` is the invokeWithLayer(initConnection(...)) prefix each call carries until the
+    /// connection has answered one (see the module's comment). The connection starts under
+    /// the salt `salts` knows for `dc`, if any, and makes `salts` forget the data centre's
+    /// salts if the server refuses one. `gzip` compresses requests of 512 bytes or more the
+    /// way grammers does by default (only to measure what that would cost).
     pub(super) async fn connect(
+        dc: i32,
         addr: SocketAddr,
         key: [u8; 256],
         init: Vec<u8>,
+        salts: Arc<SaltBook>,
         gzip: bool,
     ) -> std::io::Result<Pipe> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        let salt = salts.current(dc);
         let mtp = mtp::Encrypted::build()
             .compression_threshold(gzip.then_some(512))
+            .first_salt(salt.unwrap_or(0))
             .finish(key);
         let (tx, rx) = mpsc::unbounded_channel();
         let load = Arc::new(AtomicUsize::new(0));
@@ -119,7 +131,8 @@ impl Pipe {
             read_len: 0,
             init,
             inited: false,
-            heard: false,
+            heard: salt.is_some(),
+            salt_from_book: salt.is_some().then_some((dc, salts)),
         };
         let task = tokio::spawn(driver.run(rx));
         Ok(Pipe {
@@ -201,8 +214,11 @@ struct Driver {
     init: Vec<u8>,
     /// A wrapped call was answered: the connection is initialised.
     inited: bool,
-    /// The server has sent something (so the salt is being settled).
+    /// The server has sent something (so the salt is being settled), or the connection began
+    /// under a salt the data centre gave: calls need not go one at a time.
     heard: bool,
+    /// The data centre and the book whose salt this connection began under.
+    salt_from_book: Option<(i32, Arc<SaltBook>)>,
 }
 
 impl Driver {
@@ -378,6 +394,12 @@ impl Driver {
                 }
             }
             Deserialization::BadMessage(bad) => {
+                if bad.code == BAD_SERVER_SALT
+                    && let Some((dc, salts)) = self.salt_from_book.take()
+                {
+                    tracing::debug!(dc, "the salt the data centre gave was refused");
+                    salts.forget(dc);
+                }
                 let mut i = 0;
                 while i < self.calls.len() {
                     let hit = match self.calls[i].state {

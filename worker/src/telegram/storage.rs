@@ -220,15 +220,17 @@ impl TelegramStorage {
             dcs_authorized: tokio::sync::Mutex::new(HashSet::new()),
             pending_upload: AtomicU64::new(0),
         };
-        // One cheap call proves the key and the login before any job relies on them.
-        inner
-            .call(
-                CallClass::Transfer,
-                &tl::functions::users::GetUsers {
-                    id: vec![tl::enums::InputUser::UserSelf],
-                },
-            )
-            .await?;
+        // One cheap call proves the key and the login before any job relies on them; beside
+        // it, the home data centre's coming salts, so part connections start under a good one
+        // (see `salts`) at no extra round trip.
+        let get_me = tl::functions::users::GetUsers {
+            id: vec![tl::enums::InputUser::UserSelf],
+        };
+        let (me, ()) = tokio::join!(
+            inner.call(CallClass::Transfer, &get_me),
+            inner.fetch_salts(None),
+        );
+        me?;
         let raw = inner.cfg.storage_chat.clone().unwrap_or_default();
         inner.chat = match spec {
             ChatSpec::SavedMessages => StorageChat::SavedMessages,
@@ -320,15 +322,16 @@ impl Inner {
                 &tl::functions::auth::ExportAuthorization { dc_id: dc },
             )
             .await?;
-        self.call_with_policy(
-            Some(dc),
-            CallClass::Transfer,
-            &tl::functions::auth::ImportAuthorization {
-                id: exported.id,
-                bytes: exported.bytes,
-            },
-        )
-        .await?;
+        // Beside the import, that data centre's salts for the part connections to come.
+        let import = tl::functions::auth::ImportAuthorization {
+            id: exported.id,
+            bytes: exported.bytes,
+        };
+        let (imported, ()) = tokio::join!(
+            self.call_with_policy(Some(dc), CallClass::Transfer, &import),
+            self.fetch_salts(Some(dc)),
+        );
+        imported?;
         tracing::debug!(dc, "authorization imported");
         done.insert(dc);
         Ok(())

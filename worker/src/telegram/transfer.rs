@@ -4,25 +4,29 @@
 //! on pipelined connections (see `pipe`) to the data centre they concern, several per data
 //! centre: one more is opened whenever each has [`PARTS_PER_CONNECTION`] parts on it and the
 //! parts wanted allow more (8 connections for the default window of 32), several at once
-//! (a new one spends two round trips settling the server salt before its first part goes, the
-//! initConnection riding on that part: one after the other, eight would take 16, over a far
-//! link more than two seconds at a fraction of the speed). Several connections matter
-//! because Telegram (like any TCP path) limits what one connection carries; several parts per connection
-//! because each part otherwise costs a whole round trip. A part goes to the connection with the
-//! fewest parts on it. Failures follow the storage's one retry policy: waits pause the class
+//! (a new one spends a round trip on TCP's handshake, and another settling the server salt
+//! unless the data centre's salts are known (see `salts`), before its first parts go with the
+//! initConnection riding on them: one after the other, eight would take up to 16, over a far
+//! link more than a second at a fraction of the speed). Several connections matter because
+//! Telegram (like any TCP path) limits what one connection carries; several parts per
+//! connection because each part otherwise costs a whole round trip. A part goes to the
+//! connection with the fewest parts on it, or waits for one opening rather than crowd a full
+//! one. Failures follow the storage's one retry policy: waits pause the class
 //! and shrink the window, transient failures are retried on a fresh connection with backoff.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use grammers_session::Session;
 use grammers_tl_types::{self as tl, Serializable};
 use storinator_shared::error::StorageError;
+use tokio::sync::Notify;
 use tokio::time::{Instant, timeout};
 
 use super::errors;
 use super::pipe::{Body, Pipe, PipeError};
+use super::salts::{self, SaltBook};
 use super::scheduler::CallClass;
 use super::storage::{CallError, Failure, Inner};
 
@@ -40,21 +44,53 @@ pub(super) fn connections_for(parts: usize) -> usize {
 #[derive(Default)]
 pub(super) struct Pipes {
     by_dc: Mutex<HashMap<i32, Vec<Arc<Pipe>>>>,
-    /// With no connection open, one part opens it while the others wait.
-    opening: tokio::sync::Mutex<()>,
     /// Connections of each data centre opening now.
     opening_now: Mutex<HashMap<i32, usize>>,
+    /// Woken whenever a connection finishes opening (or fails to).
+    changed: Notify,
+    /// The salts each data centre gave (see `salts`).
+    pub(super) salts: Arc<SaltBook>,
+    /// Data centres whose salts are being fetched again.
+    refreshing: Mutex<HashSet<i32>>,
+}
+
+/// Where a part goes, given the parts on each open connection (see [`Inner::pipe_for`]).
+#[derive(Debug, PartialEq)]
+enum Placement {
+    /// On the connection at this index.
+    Take(usize),
+    /// Wait for a connection opening now.
+    Wait,
+    /// None open and none opening: open one.
+    Open,
+}
+
+/// The least loaded connection if it has room or no more are wanted; otherwise wait for one
+/// opening; a busy one only when none is opening.
+fn place(loads: &[usize], wanted: usize, opening: usize) -> Placement {
+    let best = (0..loads.len()).min_by_key(|&i| loads[i]);
+    match best {
+        Some(i) if loads[i] < PARTS_PER_CONNECTION || loads.len() >= wanted => Placement::Take(i),
+        _ if opening > 0 => Placement::Wait,
+        Some(i) => Placement::Take(i),
+        None => Placement::Open,
+    }
 }
 
 impl Pipes {
-    /// The least loaded open connection to `dc`, if it has room or no more are wanted;
-    /// `any` takes it whatever its load.
-    fn pick(&self, dc: i32, wanted: usize, any: bool) -> Option<Arc<Pipe>> {
+    /// Where a part for `dc` goes now (see [`place`]), with the connection to take.
+    fn place(&self, dc: i32, wanted: usize) -> (Placement, Option<Arc<Pipe>>) {
+        let opening = self.opening(dc);
         let mut by_dc = self.by_dc.lock().unwrap();
         let pipes = by_dc.entry(dc).or_default();
         pipes.retain(|p| !p.is_closed());
-        let best = pipes.iter().min_by_key(|p| p.load())?;
-        (any || best.load() < PARTS_PER_CONNECTION || pipes.len() >= wanted).then(|| best.clone())
+        let loads: Vec<usize> = pipes.iter().map(|p| p.load()).collect();
+        let placement = place(&loads, wanted, opening);
+        let pipe = match placement {
+            Placement::Take(i) => Some(pipes[i].clone()),
+            _ => None,
+        };
+        (placement, pipe)
     }
 
     /// Counts one more connection to `dc` as opening, unless those open and opening already
@@ -77,9 +113,21 @@ impl Pipes {
 
     /// One connection to `dc` finished opening (or failed to).
     fn done_opening(&self, dc: i32) {
-        let mut opening_now = self.opening_now.lock().unwrap();
-        let opening = opening_now.entry(dc).or_default();
-        *opening = opening.saturating_sub(1);
+        {
+            let mut opening_now = self.opening_now.lock().unwrap();
+            let opening = opening_now.entry(dc).or_default();
+            *opening = opening.saturating_sub(1);
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn opening(&self, dc: i32) -> usize {
+        self.opening_now
+            .lock()
+            .unwrap()
+            .get(&dc)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn add(&self, dc: i32, pipe: Arc<Pipe>) {
@@ -164,39 +212,92 @@ impl Inner {
         }
     }
 
-    /// A connection to `dc` for one more part. When every connection is busy and the window
-    /// allows more, another one opens in the background while the part goes on the least busy
-    /// one; only with no connection at all does the part wait for one to open.
+    /// A connection to `dc` for one more part: the least busy one, if it has room or no more
+    /// connections are wanted. Otherwise more open in the background (see
+    /// [`Inner::open_in_background`]) and the part waits for the next one to open rather than
+    /// crowd a busy one: connections opened together finish opening together, and parts
+    /// piled on the first one would cross the link at one connection's speed while the others
+    /// stand idle (Telegram limits what one connection carries). A part takes a busy
+    /// connection only when none is opening; with none open either, it opens one itself and
+    /// meets that attempt's error.
     ///
-    /// A new connection spends two round trips before its parts go (the first message learns
-    /// the server salt, grammers' MTProto layer then fetches future salts; the initConnection
-    /// rides on the first parts, see `pipe`), while a growing window doubles every round trip:
-    /// so connections open for the parts transfers have announced (within the window's bound),
-    /// all at once, or they would trail the window (see
-    /// [`super::scheduler::Scheduler::parts_wanted`]).
+    /// A new connection spends a round trip on TCP's handshake, and one more learning the
+    /// server salt unless the data centre's salts are known (see `salts`), while a growing
+    /// window doubles every round trip: so connections open for the parts transfers have
+    /// announced (within the window's bound), all at once, or they would trail the window
+    /// (see [`super::scheduler::Scheduler::parts_wanted`]).
     async fn pipe_for(self: &Arc<Self>, dc: i32) -> Result<Arc<Pipe>, Failure> {
-        let wanted = connections_for(self.sched.parts_wanted());
-        if let Some(p) = self.pipes.pick(dc, wanted, false) {
-            return Ok(p);
+        self.refresh_salts_if_unknown(dc);
+        // A part asks for connections once; if it wakes to find none open and none opening
+        // (they failed), it opens one itself, which reports the failure to the retry policy.
+        let mut waited = false;
+        loop {
+            // Registered before looking, so an opening that ends meanwhile still wakes it.
+            let changed = self.pipes.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let wanted = connections_for(self.sched.parts_wanted());
+            let mut placed = self.pipes.place(dc, wanted);
+            if !waited && placed.1.is_none() {
+                self.open_in_background(dc, wanted);
+                placed = self.pipes.place(dc, wanted);
+            }
+            match placed {
+                (_, Some(pipe)) => return Ok(pipe),
+                (Placement::Wait, _) => {
+                    changed.await;
+                    waited = true;
+                }
+                _ => return self.open_here(dc).await,
+            }
         }
-        if let Some(p) = self.pipes.pick(dc, wanted, true) {
-            self.open_in_background(dc, wanted);
-            return Ok(p);
-        }
-        let _one_at_a_time = self.pipes.opening.lock().await;
-        if let Some(p) = self.pipes.pick(dc, wanted, true) {
-            return Ok(p);
-        }
-        // None open: this part waits for one, and the others wanted open beside it.
+    }
+
+    /// Opens a connection to `dc` for the calling part, counted as opening meanwhile.
+    async fn open_here(&self, dc: i32) -> Result<Arc<Pipe>, Failure> {
         self.pipes.start_opening(dc, usize::MAX);
         let _counted = Opening {
             pipes: &self.pipes,
             dc,
         };
-        for _ in 1..wanted {
-            self.open_in_background(dc, wanted);
-        }
         self.open_and_add(dc).await
+    }
+
+    /// With no salt of `dc` known (never fetched, run out, or refused), fetches them again in
+    /// the background, once at a time: the connections opening meanwhile learn theirs the slow
+    /// way.
+    fn refresh_salts_if_unknown(self: &Arc<Self>, dc: i32) {
+        if self.pipes.salts.current(dc).is_some()
+            || !self.pipes.refreshing.lock().unwrap().insert(dc)
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let at = (dc != me.home_dc()).then_some(dc);
+            me.fetch_salts(at).await;
+            me.pipes.refreshing.lock().unwrap().remove(&dc);
+        });
+    }
+
+    /// Asks data centre `dc` (`None`: the home one) for its coming server salts and keeps
+    /// them for part connections. One attempt: without them connections only start slower.
+    pub(super) async fn fetch_salts(&self, dc: Option<i32>) {
+        let req = tl::functions::GetFutureSalts {
+            num: salts::ASK_FOR,
+        };
+        let invoke = async {
+            match dc {
+                None => self.client.invoke(&req).await,
+                Some(dc) => self.client.invoke_in_dc(dc, &req).await,
+            }
+        };
+        let at = dc.unwrap_or_else(|| self.home_dc());
+        match timeout(self.cfg.request_timeout, invoke).await {
+            Ok(Ok(answer)) => self.pipes.salts.learn(at, answer),
+            Ok(Err(e)) => tracing::debug!(dc = at, "no future salts: {e}"),
+            Err(_) => tracing::debug!(dc = at, "no future salts within the timeout"),
+        }
     }
 
     async fn open_and_add(&self, dc: i32) -> Result<Arc<Pipe>, Failure> {
@@ -213,32 +314,31 @@ impl Inner {
         Ok(pipe)
     }
 
-    /// Opens one more connection to `dc` unless those open and opening already make `wanted`
-    /// (so while the window grows, several open at once); a failure only means the parts stay
+    /// Opens connections to `dc` in the background until those open and opening make `wanted`
+    /// (so they open together, see [`Inner::pipe_for`]); a failure only means the parts stay
     /// on the connections there are.
     fn open_in_background(self: &Arc<Self>, dc: i32, wanted: usize) {
-        if !self.pipes.start_opening(dc, wanted) {
-            return;
+        while self.pipes.start_opening(dc, wanted) {
+            self.sched.note_connection_opening(1);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let counted = Opening {
+                    pipes: &me.pipes,
+                    dc,
+                };
+                let why = match me.open_and_add(dc).await {
+                    Ok(_) => None,
+                    Err(Failure::Again(why)) => Some(why),
+                    Err(Failure::Fatal(e)) => Some(e.to_string()),
+                    Err(Failure::Rpc(e)) => Some(errors::describe(&e)),
+                };
+                if let Some(why) = why {
+                    tracing::debug!(dc, "another part connection did not open: {why}");
+                }
+                drop(counted);
+                me.sched.note_connection_opening(-1);
+            });
         }
-        self.sched.note_connection_opening(1);
-        let me = self.clone();
-        tokio::spawn(async move {
-            let counted = Opening {
-                pipes: &me.pipes,
-                dc,
-            };
-            let why = match me.open_and_add(dc).await {
-                Ok(_) => None,
-                Err(Failure::Again(why)) => Some(why),
-                Err(Failure::Fatal(e)) => Some(e.to_string()),
-                Err(Failure::Rpc(e)) => Some(errors::describe(&e)),
-            };
-            if let Some(why) = why {
-                tracing::debug!(dc, "another part connection did not open: {why}");
-            }
-            drop(counted);
-            me.sched.note_connection_opening(-1);
-        });
     }
 
     /// Connects to `dc` with the session's key for it and initialises the connection.
@@ -256,9 +356,11 @@ impl Inner {
         };
         let addr = SocketAddr::V4(option.ipv4);
         Pipe::connect(
+            dc,
             addr,
             option.auth_key.unwrap(),
             self.init_prefix(),
+            self.pipes.salts.clone(),
             self.cfg.compress_parts,
         )
         .await
@@ -292,5 +394,28 @@ impl Inner {
             tl::functions::help::GetConfig::CONSTRUCTOR_ID.to_le_bytes()
         );
         bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_takes_the_least_loaded_connection_with_room() {
+        assert_eq!(place(&[3, 1, 2], 4, 0), Placement::Take(1));
+        // Full, but all the connections wanted are open: the least loaded.
+        assert_eq!(place(&[5, 4, 6, 4], 4, 0), Placement::Take(1));
+    }
+
+    #[test]
+    fn a_part_waits_for_a_connection_opening_rather_than_crowd_a_full_one() {
+        // Connections opened together finish together: piling the parts on the first one
+        // open would send them at one connection's speed.
+        assert_eq!(place(&[4], 4, 3), Placement::Wait);
+        assert_eq!(place(&[], 4, 4), Placement::Wait);
+        // Nothing opening (they failed, or the bound is reached): a busy one, or open one.
+        assert_eq!(place(&[4, 5], 4, 0), Placement::Take(0));
+        assert_eq!(place(&[], 4, 0), Placement::Open);
     }
 }
