@@ -432,6 +432,7 @@ async fn repack_rewrites_sparse_packs_within_the_budget() {
         .map(|p| p.live_bytes)
         .min()
         .unwrap();
+    let reads = f.storage.reads.load(Ordering::SeqCst);
     let r = f
         .repo
         .prune(
@@ -446,6 +447,8 @@ async fn repack_rewrites_sparse_packs_within_the_budget() {
         .unwrap();
     assert!(r.repacked_bytes <= budget, "{r:?}");
     assert_eq!(r.repacked_packs, 1, "{r:?}");
+    // The pack's live blobs came in one range read, not one read (a round trip) each.
+    assert_eq!(f.storage.reads.load(Ordering::SeqCst) - reads, 1, "{r:?}");
     assert!(r.sparse_left >= 1, "{r:?}");
     assert_consistent(&f).await;
     assert_all_restore(&f, &src, &trees).await;

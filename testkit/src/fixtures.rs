@@ -168,6 +168,12 @@ pub struct InstrumentedStorage<S> {
     /// Refuse (fatally) every upload whose object name starts with this, while it is set
     /// (say `forget-`: a forget whose tombstone cannot be stored).
     pub refuse_named: Arc<Mutex<Option<String>>>,
+    /// Range reads so far, those in flight now and the most at once; each read waits
+    /// `read_delay_ms` first (a far storage), so reads requested together overlap.
+    pub reads: Arc<AtomicUsize>,
+    pub reads_in_flight: Arc<AtomicUsize>,
+    pub max_reads_in_flight: Arc<AtomicUsize>,
+    pub read_delay_ms: Arc<AtomicU64>,
 }
 
 impl<S> InstrumentedStorage<S> {
@@ -186,6 +192,10 @@ impl<S> InstrumentedStorage<S> {
             max_in_flight: Default::default(),
             after_put: Default::default(),
             refuse_named: Default::default(),
+            reads: Default::default(),
+            reads_in_flight: Default::default(),
+            max_reads_in_flight: Default::default(),
+            read_delay_ms: Default::default(),
         }
     }
 
@@ -216,6 +226,10 @@ impl<S> InstrumentedStorage<S> {
             max_in_flight: other.max_in_flight.clone(),
             after_put: other.after_put.clone(),
             refuse_named: other.refuse_named.clone(),
+            reads: other.reads.clone(),
+            reads_in_flight: other.reads_in_flight.clone(),
+            max_reads_in_flight: other.max_reads_in_flight.clone(),
+            read_delay_ms: other.read_delay_ms.clone(),
         }
     }
 
@@ -336,6 +350,12 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, storinator_shared::StorageError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let _flight = InFlight::enter(&self.reads_in_flight, &self.max_reads_in_flight);
+        let delay = self.read_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         self.inner.get_range(obj, offset, len).await
     }
     async fn list(

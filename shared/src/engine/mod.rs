@@ -16,6 +16,7 @@ mod packer;
 mod pipeline;
 pub mod policy;
 pub mod prune;
+mod ranges;
 pub mod recover;
 pub mod repo;
 pub mod restore;

@@ -35,10 +35,12 @@
 
 use std::collections::HashMap;
 
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::packer::upload_packs;
+use super::ranges;
 use super::repo::Repo;
 use super::run::{Run, reclaim};
 use crate::catalog::{Catalog, PackUsage, now_ms};
@@ -370,63 +372,80 @@ async fn repack(
     let mut open: HashMap<(usize, bool), Refill> = HashMap::new();
     let mut done_sources = Vec::new();
     for src in sparse {
-        let blobs = repo.catalog.live_blobs_in_pack(&src.id).await?;
+        let mut blobs = repo.catalog.live_blobs_in_pack(&src.id).await?;
+        blobs.sort_by_key(|b| b.offset);
         let obj = ObjectRef::new(format!("{}.enc", src.id), src.location.clone());
-        for b in &blobs {
-            if b.length > MAX_SEALED_BLOB {
-                return Err(Error::Invalid(format!(
-                    "blob {} of pack {} is larger than a blob may be",
-                    &b.id.to_hex()[..12],
-                    src.id
-                )));
-            }
-            let sealed = with_retry(&format!("reading {}.enc", src.id), || {
-                repo.storage.get_range(&obj, b.offset, b.length)
-            })
-            .await?;
-            // Hostile until authenticated: the copy must be the chunk the catalog names.
-            let (slot, opened) = ring.open_chunk(&sealed, MAX_BLOB, &b.id).map_err(|e| {
+        if let Some(b) = blobs.iter().find(|b| b.length > MAX_SEALED_BLOB) {
+            return Err(Error::Invalid(format!(
+                "blob {} of pack {} is larger than a blob may be",
+                &b.id.to_hex()[..12],
+                src.id
+            )));
+        }
+        // The live blobs in ranges, several requested at once (one read per blob would cost
+        // a round trip each; see `ranges`).
+        let spans: Vec<(u64, u64)> = blobs.iter().map(|b| (b.offset, b.length)).collect();
+        let what = format!("reading {}.enc", src.id);
+        let mut reads = std::pin::pin!(ranges::read(
+            repo.storage.as_ref(),
+            &obj,
+            ranges::coalesce(&spans),
+            &what,
+        ));
+        while let Some((range, data)) = reads.next().await {
+            let data = data?;
+            for b in &blobs[range.blobs.clone()] {
+                let sealed = data.get(range.slice(b.offset, b.length)).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "pack {}: the storage returned fewer bytes than asked for blob {}",
+                        src.id,
+                        &b.id.to_hex()[..12]
+                    ))
+                })?;
+                // Hostile until authenticated: the copy must be the chunk the catalog names.
+                let (slot, opened) = ring.open_chunk(sealed, MAX_BLOB, &b.id).map_err(|e| {
                 Error::Invalid(format!(
                     "blob {} of pack {}: {e}\nhint: run `storinator-worker scrub` to find and heal damaged packs",
                     &b.id.to_hex()[..12],
                     src.id
                 ))
             })?;
-            let encrypted = b.flags & pack::FLAG_ENCRYPTED != 0;
-            if opened.encrypted != encrypted {
-                return Err(Error::Invalid(format!(
-                    "blob {} of pack {} is not sealed the way the catalog says",
-                    &b.id.to_hex()[..12],
-                    src.id
-                )));
+                let encrypted = b.flags & pack::FLAG_ENCRYPTED != 0;
+                if opened.encrypted != encrypted {
+                    return Err(Error::Invalid(format!(
+                        "blob {} of pack {} is not sealed the way the catalog says",
+                        &b.id.to_hex()[..12],
+                        src.id
+                    )));
+                }
+                let kind = BlobKind::from_u8(b.kind).unwrap_or(BlobKind::Data);
+                let group = (slot, encrypted);
+                if let Some(r) = open.get(&group)
+                    && !r.writer.is_empty()
+                    && r.writer.size_with(sealed.len()) > repo.settings.pack_size
+                {
+                    let full = open.remove(&group).expect("present");
+                    shown.bytes_done += full.bytes;
+                    let keys = &ring.get(slot).keys;
+                    upload_refill(repo, run, full, (keys, encrypted), report).await?;
+                    progress.report(shown);
+                }
+                let refill = match open.entry(group) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => v.insert(Refill {
+                        writer: PackWriter::create(run.spool())
+                            .map_err(|e| Error::io(run.spool(), e))?,
+                        sources: Vec::new(),
+                        bytes: 0,
+                    }),
+                };
+                refill
+                    .writer
+                    .add(kind, b.id, sealed, b.raw_length as usize, encrypted)
+                    .map_err(|e| Error::io(refill.writer.path(), e))?;
+                refill.sources.push(src.id.clone());
+                refill.bytes += b.length;
             }
-            let kind = BlobKind::from_u8(b.kind).unwrap_or(BlobKind::Data);
-            let group = (slot, encrypted);
-            if let Some(r) = open.get(&group)
-                && !r.writer.is_empty()
-                && r.writer.size_with(sealed.len()) > repo.settings.pack_size
-            {
-                let full = open.remove(&group).expect("present");
-                shown.bytes_done += full.bytes;
-                let keys = &ring.get(slot).keys;
-                upload_refill(repo, run, full, (keys, encrypted), report).await?;
-                progress.report(shown);
-            }
-            let refill = match open.entry(group) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => v.insert(Refill {
-                    writer: PackWriter::create(run.spool())
-                        .map_err(|e| Error::io(run.spool(), e))?,
-                    sources: Vec::new(),
-                    bytes: 0,
-                }),
-            };
-            refill
-                .writer
-                .add(kind, b.id, &sealed, b.raw_length as usize, encrypted)
-                .map_err(|e| Error::io(refill.writer.path(), e))?;
-            refill.sources.push(src.id.clone());
-            refill.bytes += b.length;
         }
         report.repacked_bytes += src.live_bytes;
         done_sources.push(src);

@@ -3,8 +3,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use futures_util::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 
+use super::ranges;
 use super::repo::{EngineSettings, KEY_USER, Repo, unwrap_key};
 use super::run::{Run, lock_root, reclaim};
 use crate::catalog::{Catalog, NewContent, NewEntry, Owner, OwnerKeyRow, SnapshotInfo};
@@ -160,7 +162,7 @@ async fn restore_snapshot(
     (id, key_id): (&ChunkId, &str),
     s: &SnapshotObject,
 ) -> Result<(), Error> {
-    let mut listing = Vec::new();
+    let mut reads = Vec::with_capacity(s.listing.len());
     for chunk in &s.listing {
         let loc = repo.catalog.chunk(chunk).await?.ok_or_else(|| {
             Error::NotFound(format!(
@@ -168,19 +170,33 @@ async fn restore_snapshot(
                 &chunk.to_hex()[..12]
             ))
         })?;
-        let obj = ObjectRef::new(format!("{}.enc", loc.pack_id), loc.location.clone());
         if loc.length > MAX_SEALED_BLOB {
             return Err(Error::Invalid(format!(
                 "listing chunk {} is larger than a blob may be",
                 &chunk.to_hex()[..12]
             )));
         }
-        let sealed = with_retry("reading a listing", || {
-            repo.storage.get_range(&obj, loc.offset, loc.length)
+        let obj = ObjectRef::new(format!("{}.enc", loc.pack_id), loc.location.clone());
+        reads.push((chunk, obj, loc.offset, loc.length));
+    }
+    // Several listing chunks requested at once (each read is a round trip; a large tree's
+    // listing is many chunks), within the storage's read-ahead, used in order.
+    let bytes: u64 = reads.iter().map(|r| r.3).sum();
+    let ahead = ranges::reads_ahead_of(repo.storage.as_ref(), bytes / reads.len().max(1) as u64);
+    let storage = repo.storage.as_ref();
+    let mut fetched = stream::iter(&reads)
+        .map(|(chunk, obj, offset, length)| async move {
+            let sealed = with_retry("reading a listing", || {
+                storage.get_range(obj, *offset, *length)
+            })
+            .await;
+            (*chunk, sealed)
         })
-        .await?;
+        .buffered(ahead);
+    let mut listing = Vec::new();
+    while let Some((chunk, sealed)) = fetched.next().await {
         // The authenticated snapshot object vouches for the listing chunk's id.
-        let (_, opened) = ring.open_chunk(&sealed, MAX_BLOB, chunk)?;
+        let (_, opened) = ring.open_chunk(&sealed?, MAX_BLOB, chunk)?;
         if s.encrypted && !opened.encrypted {
             return Err(Error::Invalid(format!(
                 "listing chunk {} of an encrypted snapshot is not encrypted",

@@ -22,10 +22,12 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Instant;
 
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::packer::{Packer, upload_packs};
+use super::ranges;
 use super::repo::Repo;
 use super::run::Run;
 use crate::catalog::{AffectedFile, BlobRow, Damage, PackFinding, ScrubPack, ScrubReport};
@@ -34,10 +36,7 @@ use crate::format::crypto::{self, ChunkId, SealMode};
 use crate::format::keyring::KeyRing;
 use crate::format::pack::{self, BlobKind, FinishedPack};
 use crate::progress::{CancelFlag, Counters, Phase, Progress};
-use crate::storage::{Lanes, ObjectInfo, ObjectRef, with_retry};
-
-/// Most bytes fetched by one range read.
-const READ_WINDOW: u64 = 8 << 20;
+use crate::storage::{Lanes, ObjectInfo, ObjectRef};
 
 /// What a scrub run may do.
 #[derive(Clone, Debug)]
@@ -298,20 +297,17 @@ async fn read_copy(
     let mut bad: Vec<(ChunkId, String)> = Vec::new();
     let ring = repo.ring_all().await?;
     let ring = &ring;
-    let mut i = 0;
-    while i < blobs.len() {
-        let remaining = budget.saturating_sub(report.bytes_read);
-        if remaining == 0 {
-            break;
-        }
-        let j = window_end(blobs, i, remaining);
-        let start = blobs[i].offset;
-        let end = blobs[j - 1].offset + blobs[j - 1].length;
-        let data = match with_retry("scrubbing a pack", || {
-            repo.storage.get_range(obj, start, end - start)
-        })
-        .await
-        {
+    let plan = plan_reads(blobs, budget.saturating_sub(report.bytes_read));
+    let mut i = plan.first().map_or(0, |r| r.blobs.start);
+    // Several ranges requested at once (see `ranges`), used in order.
+    let mut reads = std::pin::pin!(ranges::read(
+        repo.storage.as_ref(),
+        obj,
+        plan,
+        "scrubbing a pack"
+    ));
+    while let Some((range, data)) = reads.next().await {
+        let data = match data {
             Ok(d) => d,
             Err(StorageError::NotFound { .. }) => {
                 // Vanished since the listing: the whole pack is damage.
@@ -331,18 +327,37 @@ async fn read_copy(
         };
         report.bytes_read += data.len() as u64;
         Counters::add(&counters.bytes_done, data.len() as u64);
-        for b in &blobs[i..j] {
-            let s = (b.offset - start) as usize;
-            let sealed = data.get(s..s + b.length as usize).unwrap_or(&[]);
+        for b in &blobs[range.blobs.clone()] {
+            let sealed = data.get(range.slice(b.offset, b.length)).unwrap_or(&[]);
             if let Err(why) = authenticate(ring, b, sealed) {
                 bad.push((b.id, why));
             }
             report.chunks_checked += 1;
         }
-        i = j;
+        i = range.blobs.end;
         progress.report(&counters.report());
     }
     Ok((i, bad))
+}
+
+/// The range reads of `blobs` that spend `remaining` bytes of the budget (see
+/// [`window_end`]), in order.
+fn plan_reads(blobs: &[BlobRow], mut remaining: u64) -> Vec<ranges::BlobRange> {
+    let mut plan = Vec::new();
+    let mut i = 0;
+    while i < blobs.len() && remaining > 0 {
+        let j = window_end(blobs, i, remaining);
+        let start = blobs[i].offset;
+        let end = blobs[j - 1].offset + blobs[j - 1].length;
+        remaining = remaining.saturating_sub(end - start);
+        plan.push(ranges::BlobRange {
+            start,
+            end,
+            blobs: i..j,
+        });
+        i = j;
+    }
+    plan
 }
 
 /// The end (exclusive) of the window of blobs starting at `i`: blobs are added while the
@@ -355,7 +370,7 @@ fn window_end(blobs: &[BlobRow], i: usize, remaining: u64) -> usize {
     while j < blobs.len() {
         let before = blobs[j].offset - start;
         let span = blobs[j].offset + blobs[j].length - start;
-        if j > i && (before >= remaining || span > READ_WINDOW) {
+        if j > i && (before >= remaining || span > ranges::RANGE_MAX) {
             break;
         }
         j += 1;

@@ -4,6 +4,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
+use futures_util::StreamExt;
+
+use super::ranges;
 use super::repo::{Repo, VerifyReport};
 use super::run::is_alive;
 use crate::catalog::{PackRow, now_ms};
@@ -14,8 +17,6 @@ use crate::format::pack::{self, BlobKind, PACK_TAIL_LEN, PackEntry, PackId};
 use crate::progress::{Counters, Phase, Progress};
 use crate::storage::{Lanes, ObjectRef, with_retry};
 
-/// Bytes per range read when reading whole packs.
-const READ_WINDOW: u64 = 8 << 20;
 /// Files named per problem; the rest are counted.
 const NAMED_FILES: usize = 20;
 
@@ -421,7 +422,8 @@ fn misplaced(
     Ok(out)
 }
 
-/// Reads the given blobs of a pack (in windows of whole blobs) and authenticates each.
+/// Reads the given blobs of a pack (in ranges of whole blobs, several requested at once, see
+/// `ranges`) and authenticates each.
 async fn read_blobs(
     repo: &Repo,
     ring: &KeyRing,
@@ -432,26 +434,22 @@ async fn read_blobs(
 ) -> Vec<Damage> {
     let mut damaged = Vec::new();
     sorted.sort_by_key(|e| e.offset);
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i].offset;
-        let mut j = i;
-        while j < sorted.len()
-            && (j == i || sorted[j].offset + u64::from(sorted[j].length) - start <= READ_WINDOW)
-        {
-            j += 1;
-        }
-        let window = &sorted[i..j];
-        i = j;
-        let end = window[window.len() - 1].offset + u64::from(window[window.len() - 1].length);
-        let data = match with_retry("reading a pack", || {
-            repo.storage.get_range(obj, start, end - start)
-        })
-        .await
-        {
+    let spans: Vec<(u64, u64)> = sorted
+        .iter()
+        .map(|e| (e.offset, u64::from(e.length)))
+        .collect();
+    let mut reads = std::pin::pin!(ranges::read(
+        repo.storage.as_ref(),
+        obj,
+        ranges::coalesce(&spans),
+        "reading a pack",
+    ));
+    while let Some((range, data)) = reads.next().await {
+        let blobs = &sorted[range.blobs.clone()];
+        let data = match data {
             Ok(d) => d,
             Err(e) => {
-                damaged.extend(window.iter().map(|b| Damage {
+                damaged.extend(blobs.iter().map(|b| Damage {
                     id: b.id,
                     kind: Some(b.kind),
                     error: format!("cannot be read: {e}"),
@@ -461,10 +459,17 @@ async fn read_blobs(
         };
         report.bytes_read += data.len() as u64;
         Counters::add(&counters.bytes_done, data.len() as u64);
-        for e in window {
-            let s = (e.offset - start) as usize;
-            match check_blob(ring, e, &data[s..s + e.length as usize]) {
-                Ok(()) => report.blobs_checked += 1,
+        for e in blobs {
+            let sealed = data.get(range.slice(e.offset, u64::from(e.length)));
+            match sealed.ok_or_else(|| "the storage returned fewer bytes than asked".to_string()) {
+                Ok(sealed) => match check_blob(ring, e, sealed) {
+                    Ok(()) => report.blobs_checked += 1,
+                    Err(error) => damaged.push(Damage {
+                        id: e.id,
+                        kind: Some(e.kind),
+                        error,
+                    }),
+                },
                 Err(error) => damaged.push(Damage {
                     id: e.id,
                     kind: Some(e.kind),
