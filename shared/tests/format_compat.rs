@@ -269,11 +269,51 @@ fn copy_two_keys(to: &Path) -> (PathBuf, PathBuf) {
     copy_repo("two-keys", to)
 }
 
-/// Each chunk's pack id and each content's key id ('' for the installation key).
+/// Each chunk's pack id and each content's key id ('' for the installation key), what each
+/// content is (SHA-256, size, encrypted) and its chunk list, and each entry's content.
 #[derive(Debug, PartialEq, Eq)]
 struct Links {
     chunk_packs: BTreeMap<Vec<u8>, String>,
     content_keys: BTreeMap<i64, Option<String>>,
+    contents: BTreeMap<i64, (Vec<u8>, i64, i64)>,
+    content_chunks: BTreeMap<(i64, i64), Vec<u8>>,
+    entry_contents: BTreeMap<i64, Option<i64>>,
+}
+
+/// The links every catalog version holds alike: contents, chunk lists, entries' contents.
+type SameLinks = (
+    BTreeMap<i64, (Vec<u8>, i64, i64)>,
+    BTreeMap<(i64, i64), Vec<u8>>,
+    BTreeMap<i64, Option<i64>>,
+);
+
+async fn same_links(pool: &sqlx::AnyPool) -> SameLinks {
+    let contents: Vec<(i64, Vec<u8>, i64, i64)> =
+        sqlx::query_as("SELECT id, sha256, size, encrypted FROM contents")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let lists: Vec<(i64, i64, Vec<u8>)> =
+        sqlx::query_as("SELECT content_id, seq, chunk_id FROM content_chunks")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let entries: Vec<(i64, Option<i64>)> = sqlx::query_as("SELECT id, content_id FROM entries")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert!(!contents.is_empty() && !lists.is_empty() && !entries.is_empty());
+    (
+        contents
+            .into_iter()
+            .map(|(id, sha, size, enc)| (id, (sha, size, enc)))
+            .collect(),
+        lists
+            .into_iter()
+            .map(|(c, seq, ch)| ((c, seq), ch))
+            .collect(),
+        entries.into_iter().collect(),
+    )
 }
 
 /// The links as the old catalog holds them, read without migrating it.
@@ -291,12 +331,20 @@ async fn old_links(db: &Path) -> Links {
         .await
         .unwrap();
     pool.close().await;
+    sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let (contents, content_chunks, entry_contents) = same_links(&pool).await;
+    pool.close().await;
     Links {
         chunk_packs: chunk_packs.into_iter().collect(),
         content_keys: content_keys
             .into_iter()
             .map(|(k, v)| (k, Some(v)))
             .collect(),
+        contents,
+        content_chunks,
+        entry_contents,
     }
 }
 
@@ -315,9 +363,13 @@ async fn new_links(catalog: &Catalog) -> Links {
     .fetch_all(pool)
     .await
     .unwrap();
+    let (contents, content_chunks, entry_contents) = same_links(pool).await;
     Links {
         chunk_packs: chunk_packs.into_iter().collect(),
         content_keys: content_keys.into_iter().collect(),
+        contents,
+        content_chunks,
+        entry_contents,
     }
 }
 
@@ -430,27 +482,38 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     assert_eq!(keys.len(), 3, "the installation key and two owner keys");
 
     let catalog = Catalog::open_file(&db).await.unwrap();
+    assert_eq!(contents_indexes(&catalog).await, ["contents_by_sha256"]);
     let (repo, upgraded) = converted_two_keys_hold(catalog, &store, &before, dir.path()).await;
     repo.catalog.pool().close().await;
     drop(repo);
 
-    // The migration runs again, as it would should its bookkeeping row be lost, and changes
-    // nothing.
+    // The migrations run again, as they would should their bookkeeping rows be lost, and
+    // change nothing.
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
     let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 17")
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (17, 18)")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(forgot.rows_affected(), 1);
+    assert_eq!(forgot.rows_affected(), 2);
     pool.close().await;
     let catalog = Catalog::open_file(&db).await.unwrap();
     assert_eq!(new_links(&catalog).await, upgraded);
+    assert_eq!(contents_indexes(&catalog).await, ["contents_by_sha256"]);
     let storage = Arc::new(DirStorage::open(&store).unwrap());
     let repo = Repo::open(catalog, storage, TWO_KEYS_PASS, fixture_settings())
         .await
         .unwrap();
     two_keys_restore(&repo, &dir.path().join("out2")).await;
+}
+
+/// The indexes on `contents` (SQLite): migration 0018 leaves the prefix index alone, without
+/// the UNIQUE constraint's index that held whole SHA-256s.
+async fn contents_indexes(catalog: &Catalog) -> Vec<String> {
+    sqlx::query_scalar("SELECT name FROM pragma_index_list('contents') ORDER BY name")
+        .fetch_all(catalog.pool())
+        .await
+        .unwrap()
 }
 
 /// The same catalog as a PostgreSQL one made before `postgres/0002_lean_catalog.sql`: the
@@ -482,6 +545,26 @@ async fn a_postgres_catalog_from_before_the_lean_schema_is_converted_with_its_li
         .run(&pg)
         .await
         .unwrap();
+    let indexes = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'contents' ORDER BY 1",
+        )
+        .fetch_all(&pg)
+        .await
+        .unwrap()
+    };
+    assert_eq!(indexes().await, ["contents_by_sha256", "contents_pkey"]);
+    // 0003 runs again, as it would should its bookkeeping row be lost, and changes nothing.
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 3")
+        .execute(&pg)
+        .await
+        .unwrap();
+    assert_eq!(forgot.rows_affected(), 1);
+    sqlx::migrate!("../migrations/postgres")
+        .run(&pg)
+        .await
+        .unwrap();
+    assert_eq!(indexes().await, ["contents_by_sha256", "contents_pkey"]);
     pg.close().await;
     let catalog = Catalog::open(&url).await.unwrap();
     let (repo, _) = converted_two_keys_hold(catalog, &store, &before, dir.path()).await;

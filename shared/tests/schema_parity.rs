@@ -7,9 +7,9 @@
 //! default, and whether the column is the generated row id; the primary key; unique
 //! constraints; foreign keys with their ON DELETE action; CHECK constraints (column and allowed
 //! values); the rows the migrations insert (counts); and the explicitly created indexes by name,
-//! with table, columns, uniqueness and partial-index predicate. PostgreSQL-only rules are
-//! checked too: integers are BIGINT, and every text column uses the "C" collation (SQLite's byte
-//! order).
+//! with table, columns (or key expressions), uniqueness and partial-index predicate.
+//! PostgreSQL-only rules are checked too: integers are BIGINT, and every text column uses the
+//! "C" collation (SQLite's byte order).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -82,6 +82,28 @@ fn normalise_check(expr: &str) -> String {
 
 /// A default or a partial index's predicate without PostgreSQL's casts and outer parentheses:
 /// `'queued'::text` -> `'queued'`, `(state = 'uploading'::text)` -> `state = 'uploading'`.
+/// The keys of `CREATE INDEX name ON table (key, ...) [WHERE ...]`, each normalised.
+fn index_keys(create: &str) -> Vec<String> {
+    let open = create.find('(').unwrap();
+    let (mut depth, mut keys, mut key) = (0, vec![], String::new());
+    for c in create[open + 1..].chars() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth == 0 => break,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                keys.push(normalise_expr(&key));
+                key.clear();
+                continue;
+            }
+            _ => {}
+        }
+        key.push(c);
+    }
+    keys.push(normalise_expr(&key));
+    keys
+}
+
 fn normalise_expr(expr: &str) -> String {
     let mut s = expr.trim().to_string();
     for cast in [
@@ -263,12 +285,25 @@ async fn sqlite_indexes(
     .await
     .unwrap();
     for (index, unique, origin, partial) in list {
-        let columns: Vec<String> =
+        let named: Vec<Option<String>> =
             sqlx::query_scalar("SELECT name FROM pragma_index_info($1) ORDER BY seqno")
                 .bind(&index)
                 .fetch_all(pool)
                 .await
                 .unwrap();
+        // An expression has no name: the keys are then read from the index's CREATE text.
+        let columns: Vec<String> = if named.iter().all(Option::is_some) {
+            named.into_iter().flatten().collect()
+        } else {
+            let sql: String = sqlx::query_scalar(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = $1",
+            )
+            .bind(&index)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            index_keys(&sql)
+        };
         match origin.as_str() {
             "pk" => {}
             "u" => {
@@ -517,9 +552,11 @@ struct PgIndex {
 async fn pg_indexes(pool: &PgPool, table: &str, into: &mut BTreeMap<String, Index>) {
     let indexes: Vec<PgIndex> = sqlx::query_as(
         "SELECT ic.relname::text AS name, i.indisunique AS \"unique\", \
-                (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                (SELECT array_agg(CASE WHEN k.n = 0 \
+                                       THEN pg_get_indexdef(i.indexrelid, k.ord::int, true) \
+                                       ELSE a.attname::text END ORDER BY k.ord) \
                  FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(n, ord) \
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n) AS columns, \
+                 LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n) AS columns, \
                 pg_get_expr(i.indpred, i.indrelid) AS predicate \
          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
          WHERE i.indrelid = $1::regclass AND NOT EXISTS ( \

@@ -653,7 +653,10 @@ async fn content_ids(
         .collect())
 }
 
-/// The ids of the contents of `new` recorded already (for the snapshot's key).
+/// The ids of the contents of `new` recorded already (for the snapshot's key). They are found
+/// by the first bytes of their SHA-256 (`SHA256_PREFIX`, the expression of the index
+/// `contents_by_sha256`); a row whose whole SHA-256 and size are not one of `new`'s is
+/// another content that shares the prefix.
 async fn existing_contents(
     tx: &mut Conn,
     new: &NewContents<'_>,
@@ -662,16 +665,11 @@ async fn existing_contents(
     let keys: Vec<&ContentKey> = new.keys().collect();
     let mut ids = HashMap::new();
     for part in keys.chunks(super::bulk::ROWS) {
-        let sql = format!(
-            "SELECT id, sha256, size FROM contents WHERE encrypted = $1 AND key_no = $2 \
-             AND sha256 IN ({})",
-            super::bulk::marks(3, part.len())
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(existing_contents_sql(part.len())))
             .bind(i64::from(encrypted))
             .bind(key_no);
         for (sha256, _) in part {
-            q = q.bind(&sha256[..]);
+            q = q.bind(&sha256[..PREFIX_BYTES]);
         }
         for r in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
             let sha256: Vec<u8> = r.get(1);
@@ -686,6 +684,21 @@ async fn existing_contents(
     }
     Ok(ids)
 }
+
+/// The lookup of `existing_contents` for `n` SHA-256 prefixes (after the encryption and key).
+fn existing_contents_sql(n: usize) -> String {
+    format!(
+        "SELECT id, sha256, size FROM contents WHERE encrypted = $1 AND key_no = $2 \
+         AND {SHA256_PREFIX} IN ({})",
+        super::bulk::marks(3, n)
+    )
+}
+
+/// The expression `contents` are indexed by (`contents_by_sha256`, migrations 0018 and
+/// postgres/0003): the first `PREFIX_BYTES` of the SHA-256, the same text in both dialects so
+/// that each planner matches it with the index.
+const SHA256_PREFIX: &str = "substr(sha256, 1, 8)";
+const PREFIX_BYTES: usize = 8;
 
 /// Records the contents of `new` not in `known`, with their chunk lists; returns their ids.
 /// A new content must not be built on unusable chunks (a backup that deduplicated against a
@@ -947,4 +960,33 @@ async fn close_entries(tx: &mut Conn, ids: &[i64], seq: i64) -> Result<(), Error
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The lookup of recorded contents goes through the prefix index: its expression and the
+    /// index's must be the same text, or SQLite scans every content of the catalog.
+    #[tokio::test]
+    async fn recorded_contents_are_looked_up_by_the_prefix_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = super::super::Catalog::open_file(&dir.path().join("c.db"))
+            .await
+            .unwrap();
+        let sql = format!("EXPLAIN QUERY PLAN {}", super::existing_contents_sql(2));
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(1_i64)
+            .bind(0_i64)
+            .bind(&[1_u8; 8][..])
+            .bind(&[2_u8; 8][..])
+            .fetch_all(catalog.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, 3))
+            .collect();
+        assert!(
+            plan.iter().any(|p| p.contains("INDEX contents_by_sha256")),
+            "{plan:?}"
+        );
+    }
 }
