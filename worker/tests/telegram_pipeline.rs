@@ -179,6 +179,16 @@ async fn connections_open_together_for_the_parts_announced() {
         .await;
         let s = f.storage.scheduler().stats();
         assert_eq!(s.part_connections, 1, "one part, one connection: {s:?}");
+        // A larger transfer after it opens the connections its parts need beside that one,
+        // even though that one keeps answering (a part goes on it while it has room).
+        let bytes = data(8 * MIB, 7);
+        let loc = put(&f.storage, PACK, &bytes).await;
+        let s = f.storage.scheduler().stats();
+        assert_eq!(s.part_connections, 4, "{s:?}");
+        assert_eq!(
+            get_all(&f.storage, PACK, &loc, bytes.len() as u64).await,
+            bytes
+        );
 
         // 8 MiB: 16 parts, four connections' worth, opened together (a round trip away, so
         // opening takes a while, as over any real link).

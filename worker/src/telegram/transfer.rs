@@ -57,10 +57,13 @@ pub(super) struct Pipes {
 /// Where a part goes, given the parts on each open connection (see [`Inner::pipe_for`]).
 #[derive(Debug, PartialEq)]
 enum Placement {
-    /// On the connection at this index.
+    /// On the connection at this index: it has room, or no more connections are wanted.
     Take(usize),
-    /// Wait for a connection opening now.
+    /// Every open connection is full and more are wanted: wait for one opening now.
     Wait,
+    /// Every open connection is full, more are wanted and none is opening: on the least busy
+    /// one at this index (more should open).
+    Busy(usize),
     /// None open and none opening: open one.
     Open,
 }
@@ -72,7 +75,7 @@ fn place(loads: &[usize], wanted: usize, opening: usize) -> Placement {
     match best {
         Some(i) if loads[i] < PARTS_PER_CONNECTION || loads.len() >= wanted => Placement::Take(i),
         _ if opening > 0 => Placement::Wait,
-        Some(i) => Placement::Take(i),
+        Some(i) => Placement::Busy(i),
         None => Placement::Open,
     }
 }
@@ -87,8 +90,8 @@ impl Pipes {
         let loads: Vec<usize> = pipes.iter().map(|p| p.load()).collect();
         let placement = place(&loads, wanted, opening);
         let pipe = match placement {
-            Placement::Take(i) => Some(pipes[i].clone()),
-            _ => None,
+            Placement::Take(i) | Placement::Busy(i) => Some(pipes[i].clone()),
+            Placement::Wait | Placement::Open => None,
         };
         (placement, pipe)
     }
@@ -238,17 +241,17 @@ impl Inner {
             changed.as_mut().enable();
             let wanted = connections_for(self.sched.parts_wanted());
             let mut placed = self.pipes.place(dc, wanted);
-            if !waited && placed.1.is_none() {
+            if !waited && !matches!(placed.0, Placement::Take(_)) {
                 self.open_in_background(dc, wanted);
                 placed = self.pipes.place(dc, wanted);
             }
             match placed {
-                (_, Some(pipe)) => return Ok(pipe),
                 (Placement::Wait, _) => {
                     changed.await;
                     waited = true;
                 }
-                _ => return self.open_here(dc).await,
+                (_, Some(pipe)) => return Ok(pipe),
+                (_, None) => return self.open_here(dc).await,
             }
         }
     }
@@ -414,8 +417,8 @@ mod tests {
         // open would send them at one connection's speed.
         assert_eq!(place(&[4], 4, 3), Placement::Wait);
         assert_eq!(place(&[], 4, 4), Placement::Wait);
-        // Nothing opening (they failed, or the bound is reached): a busy one, or open one.
-        assert_eq!(place(&[4, 5], 4, 0), Placement::Take(0));
+        // Nothing opening (they failed): a busy one, or open one.
+        assert_eq!(place(&[4, 5], 4, 0), Placement::Busy(0));
         assert_eq!(place(&[], 4, 0), Placement::Open);
     }
 }
