@@ -17,6 +17,13 @@ fn backup_opts(path: &std::path::Path) -> BackupOptions {
     }
 }
 
+/// An empty catalog beside the fixture's: a new machine after a disaster.
+async fn new_machine_catalog(f: &Fixture) -> Catalog {
+    Catalog::open(&storinator_testkit::db::url_for(&f.path("new-machine.db")))
+        .await
+        .unwrap()
+}
+
 fn restore_opts(path: &std::path::Path, to: &std::path::Path) -> RestoreOptions {
     RestoreOptions {
         path: path.to_string_lossy().into_owned(),
@@ -648,9 +655,7 @@ async fn recover_rebuilds_the_catalog_from_storage_alone() {
         .unwrap();
 
     // A new machine: empty catalog, same storage, the passphrase.
-    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("new-machine.db")))
-        .await
-        .unwrap();
+    let fresh = new_machine_catalog(&f).await;
     let wrong = storinator_shared::recover(
         fresh.clone(),
         f.storage.clone(),
@@ -1235,9 +1240,7 @@ async fn recover_twice_changes_nothing_the_second_time() {
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("new-machine.db")))
-        .await
-        .unwrap();
+    let fresh = new_machine_catalog(&f).await;
     let (repo, first) = storinator_shared::recover(
         fresh.clone(),
         f.storage.clone(),
@@ -1602,9 +1605,7 @@ async fn recover_reads_a_listings_chunks_several_at_once() {
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    let fresh = Catalog::open(&storinator_testkit::db::url_for(&f.path("new-machine.db")))
-        .await
-        .unwrap();
+    let fresh = new_machine_catalog(&f).await;
     f.storage.read_delay_ms.store(10, Ordering::SeqCst);
     let (repo, report) =
         storinator_shared::recover(fresh, f.storage.clone(), PASS, settings(), &NoProgress)

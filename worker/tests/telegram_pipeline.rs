@@ -19,6 +19,18 @@ async fn bounded<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
         .expect("test took too long");
 }
 
+/// A fixture whose loopback has [`link`]'s round trip and jitter.
+async fn start_on_link() -> Fixture {
+    start(
+        LoopbackOptions {
+            net: link(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await
+}
+
 fn link() -> NetProfile {
     NetProfile {
         rtt: Duration::from_millis(40),
@@ -30,14 +42,7 @@ fn link() -> NetProfile {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_parts_come_back_identical_under_jitter_and_faults() {
     bounded(120, async {
-        let f = start(
-            LoopbackOptions {
-                net: link(),
-                ..Default::default()
-            },
-            false,
-        )
-        .await;
+        let f = start_on_link().await;
         let faults = f.server.faults();
         // Late enough that the window has opened up first.
         faults.on_call("upload.saveBigFilePart", 30, Fault::DropConnection);
@@ -230,14 +235,7 @@ async fn connections_open_together_for_the_parts_announced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_connection_sends_its_initconnection_with_its_first_parts() {
     bounded(60, async {
-        let f = start(
-            LoopbackOptions {
-                net: link(),
-                ..Default::default()
-            },
-            false,
-        )
-        .await;
+        let f = start_on_link().await;
         let c = f.server.counters();
         let (configs, salts, layers) = (
             c.get("help.getConfig"),
@@ -279,14 +277,7 @@ async fn a_new_connection_sends_its_initconnection_with_its_first_parts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parts_under_a_stale_salt_are_sent_again() {
     bounded(60, async {
-        let f = start(
-            LoopbackOptions {
-                net: link(),
-                ..Default::default()
-            },
-            false,
-        )
-        .await;
+        let f = start_on_link().await;
         f.server.rotate_salts();
         let c = f.server.counters();
         let salts = c.get("bad_server_salt");
@@ -294,7 +285,7 @@ async fn parts_under_a_stale_salt_are_sent_again() {
         let loc = put(&f.storage, PACK, &bytes).await;
         assert!(
             c.get("bad_server_salt") > salts,
-            "the stale salt was used and refused: {:?}",
+            "the server refused messages under the stale salt: {:?}",
             c.snapshot()
         );
         assert_eq!(
