@@ -6,7 +6,9 @@ use crate::catalog::Conn;
 use futures_util::TryStreamExt;
 use sqlx::Row;
 
-use super::{Catalog, ChunkLoc, DAMAGED_CHUNK, PackRow, USABLE_PACK, db, now_ms};
+use super::{
+    Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PackRow, USABLE_PACK, db, json_rows, now_ms,
+};
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
 use crate::format::pack::PackEntry;
@@ -251,27 +253,32 @@ impl Catalog {
         &self,
         contents: &[i64],
     ) -> Result<HashMap<i64, Vec<ChunkLoc>>, Error> {
+        let dialect = Dialect::of(&self.pool);
+        let id = json_rows::hex(dialect, "c.id");
         let mut out: HashMap<i64, Vec<ChunkLoc>> = HashMap::new();
         for batch in contents.chunks(500) {
             let marks = vec!["?"; batch.len()].join(", ");
-            let sql = format!(
-                "SELECT cc.content_id, c.id, p.id, p.location, c.\"offset\", c.length, c.raw_length \
+            let inner = format!(
+                "SELECT cc.content_id AS c0, {id} AS c1, p.id AS c2, p.location AS c3, \
+                 c.\"offset\" AS c4, c.length AS c5, c.raw_length AS c6, cc.seq AS c7 \
                  FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
-                 WHERE cc.content_id IN ({marks}) ORDER BY cc.content_id, cc.seq"
+                 WHERE cc.content_id IN ({marks})"
             );
+            let sql = json_rows::statement(dialect, &inner, 8, "s.c0, s.c7");
             let mut q = sqlx::query(crate::catalog::sql(sql));
             for id in batch {
                 q = q.bind(id);
             }
-            let mut rows = q.fetch(&self.pool);
-            while let Some(r) = rows.try_next().await.map_err(db("loading chunk lists"))? {
-                out.entry(r.get(0)).or_default().push(ChunkLoc {
-                    id: ChunkId::from_slice(r.get::<&[u8], _>(1))?,
-                    pack_id: r.get(2),
-                    location: r.get(3),
-                    offset: r.get::<i64, _>(4) as u64,
-                    length: r.get::<i64, _>(5) as u64,
-                    raw_length: r.get::<i64, _>(6) as u64,
+            type Row = (i64, String, String, String, i64, i64, i64, i64);
+            let rows: Vec<Row> = json_rows::fetch(q, &self.pool, "loading chunk lists").await?;
+            for (content, id, pack_id, location, offset, length, raw_length, _) in rows {
+                out.entry(content).or_default().push(ChunkLoc {
+                    id: ChunkId::from_hex(&id)?,
+                    pack_id,
+                    location,
+                    offset: offset as u64,
+                    length: length as u64,
+                    raw_length: raw_length as u64,
                 });
             }
         }
