@@ -258,6 +258,16 @@ async fn restore_pages_read_as_json_hold_what_the_rows_hold() {
     let f = Fixture::new().await;
     let src = f.path("src/data");
     first_tree(&src);
+    // Names JSON must escape.
+    for name in [
+        "q\"uote",
+        "new\nline",
+        "tab\there",
+        "back\\slash",
+        "bell\u{7}",
+    ] {
+        write(&src, &format!("a/{name}"), name.as_bytes());
+    }
     let s = f
         .repo
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
@@ -338,6 +348,13 @@ async fn restore_pages_read_as_json_hold_what_the_rows_hold() {
             e.path
         );
     }
+    let to = f.path("out");
+    let o = restore_opts(&src, &to, None);
+    f.repo
+        .restore(&o, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert_eq!(restored(&to), describe_tree(&src));
 }
 
 /// Into an empty place a restore checks only the paths before writing (nothing there can
