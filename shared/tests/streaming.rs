@@ -81,6 +81,18 @@ fn restored(to: &Path) -> BTreeMap<String, String> {
     describe_tree(&to.join("data"))
 }
 
+/// The chunk ids of a snapshot's stored listing, in order: equal ids, equal listings.
+async fn listing_of(catalog: &Catalog, short_id: &str) -> Vec<Vec<u8>> {
+    sqlx::query_scalar(
+        "SELECT l.chunk_id FROM snapshot_listing l JOIN snapshots s ON s.id = l.snapshot_id \
+         WHERE s.short_id = $1 ORDER BY l.seq",
+    )
+    .bind(short_id)
+    .fetch_all(catalog.pool())
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     let mut f = Fixture::new().await;
@@ -95,6 +107,14 @@ async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     assert!(s1.warnings.is_empty(), "{:?}", s1.warnings);
     let rows1 = f.repo.catalog.entry_row_count().await.unwrap();
     assert_eq!(rows1 as usize, v1.len(), "one row per item");
+    // The listing of a tree read entirely and of the same tree unchanged, listed entirely
+    // as the scan decides it, is the same (not a line more, less or moved).
+    let listing1 = listing_of(&f.repo.catalog, &s1.snapshot.short_id).await;
+    let s1b = run().await.unwrap();
+    assert_eq!(s1b.snapshot.bytes_read, 0);
+    let listing1b = listing_of(&f.repo.catalog, &s1b.snapshot.short_id).await;
+    assert!(!listing1.is_empty());
+    assert_eq!(listing1b, listing1);
 
     second_tree(&src);
     let v2 = describe_tree(&src);
@@ -114,6 +134,12 @@ async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     let s3 = run().await.unwrap();
     assert_eq!(f.repo.catalog.entry_row_count().await.unwrap(), rows2);
     assert_eq!(s3.snapshot.bytes_read, 0);
+    // Its listing (all listed as decided) is the one of the re-backup before, whose first
+    // items were listed as decided and the rest after reading.
+    assert_eq!(
+        listing_of(&f.repo.catalog, &s3.snapshot.short_id).await,
+        listing_of(&f.repo.catalog, &s2.snapshot.short_id).await
+    );
 
     for (snapshot, want) in [(&s1, &v1), (&s2, &v2), (&s3, &v2)] {
         let to = f.path(&format!("out-{}", snapshot.snapshot.short_id));
