@@ -354,6 +354,154 @@ async fn a_restore_in_pages_checks_everything_before_writing_anything() {
     );
 }
 
+/// A restore's pages come from the database as one JSON document each (the catalog's
+/// `json_rows`); they must hold exactly what the row-by-row query reads: every column, NULLs
+/// (folders have no content or hash, files no symlink target), hashes, non-ASCII names, and
+/// the paging across the prefix's siblings (`data-x` sorts inside `data`'s range).
+#[tokio::test]
+async fn restore_pages_read_as_json_hold_what_the_rows_hold() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    first_tree(&src);
+    let s = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let root = std::fs::canonicalize(&src).unwrap();
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", root.to_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let seq = s.snapshot.seq;
+    // `data/a` has siblings inside its range (`data/a+`, `data/a-b`, `data/a.txt` sort before
+    // `data/a/`): pages skip them.
+    for prefix in ["data", "data/a"] {
+        let rows = f
+            .repo
+            .catalog
+            .entries_under(root_id, seq, prefix)
+            .await
+            .unwrap();
+        assert!(rows.iter().any(|e| e.sha256.is_none()), "{prefix}");
+        assert!(rows.iter().any(|e| e.sha256.is_some()), "{prefix}");
+        for limit in [1, 3, 1000] {
+            let (mut paged, mut outlines, mut after) = (Vec::new(), Vec::new(), None::<String>);
+            loop {
+                let catalog = &f.repo.catalog;
+                let page = catalog
+                    .entries_page(root_id, seq, prefix, after.as_deref(), limit)
+                    .await
+                    .unwrap();
+                let outline = catalog
+                    .entry_outlines_page(root_id, seq, prefix, after.as_deref(), limit)
+                    .await
+                    .unwrap();
+                let Some(last) = page.last() else {
+                    assert!(outline.is_empty());
+                    break;
+                };
+                after = Some(last.path.clone());
+                paged.extend(page);
+                outlines.extend(outline);
+            }
+            assert_eq!(paged, rows, "{prefix} in pages of {limit}");
+            let want: Vec<_> = rows
+                .iter()
+                .map(|e| (e.path.clone(), e.kind, e.size))
+                .collect();
+            let got: Vec<_> = outlines
+                .into_iter()
+                .map(|o| (o.path, o.kind, o.size))
+                .collect();
+            assert_eq!(got, want, "{prefix}: outlines in pages of {limit}");
+        }
+    }
+    let rows = f
+        .repo
+        .catalog
+        .entries_under(root_id, seq, "data")
+        .await
+        .unwrap();
+    assert!(rows.iter().any(|e| e.target.is_some()));
+    // The chunk lists, as the rows say.
+    let contents: Vec<i64> = rows.iter().filter_map(|e| e.content_id).collect();
+    let lists = f.repo.catalog.content_chunks_of(&contents).await.unwrap();
+    let leaf = rows.iter().find(|e| e.path.ends_with("/leaf")).unwrap();
+    let chunks = &lists[&leaf.content_id.unwrap()];
+    assert!(!chunks.is_empty());
+    assert_eq!(chunks.iter().map(|c| c.raw_length).sum::<u64>(), leaf.size);
+    for e in rows.iter().filter(|e| e.size > 0 && e.content_id.is_some()) {
+        let list = &lists[&e.content_id.unwrap()];
+        assert_eq!(
+            list.iter().map(|c| c.raw_length).sum::<u64>(),
+            e.size,
+            "{}",
+            e.path
+        );
+    }
+}
+
+/// Into an empty place a restore checks only the paths before writing (nothing there can
+/// differ), reading the entries' paths, kinds and sizes: a crafted path in the last page must
+/// still refuse the restore before the first page is written.
+#[tokio::test]
+async fn a_restore_into_an_empty_place_refuses_a_bad_last_path_before_writing_anything() {
+    let mut f = Fixture::new().await;
+    f.repo = f.repo.with_batch(2);
+    let src = f.path("src/data");
+    first_tree(&src);
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // `data/é` sorts last; so does what it becomes.
+    sqlx::query("UPDATE entries SET path = $1 WHERE path = $2")
+        .bind("data/\u{e9}/../../escaped")
+        .bind("data/\u{e9}")
+        .execute(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    let to = f.path("out");
+    let e = f
+        .repo
+        .restore(
+            &restore_opts(&src, &to, None),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("would leave the target"), "{e}");
+    assert!(
+        !to.join("data").exists(),
+        "nothing written before the check"
+    );
+    assert!(!f.path("escaped").exists());
+
+    // The same snapshot, its path mended, restores whole into the empty place.
+    sqlx::query("UPDATE entries SET path = $1 WHERE path = $2")
+        .bind("data/\u{e9}")
+        .bind("data/\u{e9}/../../escaped")
+        .execute(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    let summary = f
+        .repo
+        .restore(
+            &restore_opts(&src, &to, None),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(restored(&to), describe_tree(&src));
+    assert_eq!(summary.files, 13);
+}
+
 /// A catalog made by the migrations before 0013 (the old layout, with the `entries_current`
 /// index) takes the new one and keeps working: backups compare against its rows, restores
 /// read them.

@@ -64,26 +64,6 @@ impl Dialect {
             _ => Dialect::Postgres,
         }
     }
-
-    /// An aggregate of the rows a query selects as one text value, a JSON array with an
-    /// array of `values` for each row (`[[1, "a"], [2, "b"]]`; in no particular order). Many
-    /// small rows read this way cost one row through the driver, not one each (see
-    /// `previous.rs`). Of no rows: `[]` in SQLite, null in PostgreSQL.
-    pub(crate) fn json_rows(self, values: &str) -> String {
-        match self {
-            Dialect::Sqlite => format!("json_group_array(json_array({values}))"),
-            Dialect::Postgres => format!("json_agg(json_build_array({values}))::text"),
-        }
-    }
-
-    /// A blob as hex text (either case), null for null: JSON has no blobs.
-    pub(crate) fn hex(self, blob: &str) -> String {
-        match self {
-            // SQLite's `hex` of null is the empty text.
-            Dialect::Sqlite => format!("nullif(hex({blob}), '')"),
-            Dialect::Postgres => format!("encode({blob}, 'hex')"),
-        }
-    }
 }
 
 /// Opens the database at `url` (creating a SQLite file if needed: its folder and file private

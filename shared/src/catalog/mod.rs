@@ -10,6 +10,7 @@
 pub mod browse;
 mod bulk;
 mod db;
+mod json_rows;
 mod keys;
 mod lanes;
 mod packs;
@@ -97,6 +98,14 @@ pub fn check_owner(owner: &str) -> Result<(), Error> {
             "invalid owner {owner:?}: owners are `local` or `tg:<numeric Telegram user id>`\nhint: a chat user's backups are `tg:123456789` (the id the bot shows)"
         )))
     }
+}
+
+/// An entry's path, kind and size ([`Catalog::entry_outlines_page`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryOutline {
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
 }
 
 /// One entry of a snapshot as the catalog holds it.

@@ -3,10 +3,11 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::catalog::Conn;
-use futures_util::TryStreamExt;
 use sqlx::Row;
 
-use super::{Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PackRow, USABLE_PACK, db, now_ms};
+use super::{
+    Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PackRow, USABLE_PACK, db, json_rows, now_ms,
+};
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
 use crate::format::pack::PackEntry;
@@ -205,9 +206,9 @@ impl Catalog {
     /// Ids of blobs that are safely stored and can be deduplicated against, whose trailer
     /// flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`) pass `keep`; a chunk a scrub
     /// found damaged is not: the next backup that meets its data stores it again, which heals
-    /// it. Read a page of ids at a time, each page one JSON value ([`Dialect::json_rows`]:
-    /// a row each through the driver cost a backup more than the rest of its start): only
-    /// the ids are held (the backup's dedup index).
+    /// it. Read a page of ids at a time, each page one JSON value (see [`json_rows`]: a row
+    /// each through the driver cost a backup more than the rest of its start): only the ids
+    /// are held (the backup's dedup index).
     pub async fn stored_chunk_ids(&self, keep: impl Fn(u8) -> bool) -> Result<Vec<ChunkId>, Error> {
         self.stored_chunk_ids_in_pages(keep, CHUNK_PAGE).await
     }
@@ -224,17 +225,11 @@ impl Catalog {
         let mut out = Vec::new();
         let mut after: Vec<u8> = Vec::new();
         loop {
-            let json: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(&after[..])
-                .bind(page_size as i64)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(db(WHAT))?;
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(after.clone())
+                .bind(page_size as i64);
+            let page: Vec<(String, i64)> = json_rows::fetch(q, &self.pool, WHAT).await?;
             let bad = |why: String| Error::Invalid(format!("{WHAT}: {why}"));
-            let page: Vec<(&str, i64)> = match json.as_deref() {
-                Some(json) => serde_json::from_str(json).map_err(|e| bad(e.to_string()))?,
-                None => Vec::new(),
-            };
             let mut last: Option<ChunkId> = None;
             for (hex, flags) in &page {
                 let id = ChunkId::from_hex(hex).map_err(|e| bad(e.to_string()))?;
@@ -276,27 +271,32 @@ impl Catalog {
         &self,
         contents: &[i64],
     ) -> Result<HashMap<i64, Vec<ChunkLoc>>, Error> {
+        let dialect = Dialect::of(&self.pool);
+        let id = json_rows::hex(dialect, "c.id");
         let mut out: HashMap<i64, Vec<ChunkLoc>> = HashMap::new();
         for batch in contents.chunks(500) {
             let marks = vec!["?"; batch.len()].join(", ");
-            let sql = format!(
-                "SELECT cc.content_id, c.id, p.id, p.location, c.\"offset\", c.length, c.raw_length \
+            let inner = format!(
+                "SELECT cc.content_id AS c0, {id} AS c1, p.id AS c2, p.location AS c3, \
+                 c.\"offset\" AS c4, c.length AS c5, c.raw_length AS c6, cc.seq AS c7 \
                  FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
-                 WHERE cc.content_id IN ({marks}) ORDER BY cc.content_id, cc.seq"
+                 WHERE cc.content_id IN ({marks})"
             );
+            let sql = json_rows::statement(dialect, &inner, 8, "s.c0, s.c7");
             let mut q = sqlx::query(crate::catalog::sql(sql));
             for id in batch {
                 q = q.bind(id);
             }
-            let mut rows = q.fetch(&self.pool);
-            while let Some(r) = rows.try_next().await.map_err(db("loading chunk lists"))? {
-                out.entry(r.get(0)).or_default().push(ChunkLoc {
-                    id: ChunkId::from_slice(r.get::<&[u8], _>(1))?,
-                    pack_id: r.get(2),
-                    location: r.get(3),
-                    offset: r.get::<i64, _>(4) as u64,
-                    length: r.get::<i64, _>(5) as u64,
-                    raw_length: r.get::<i64, _>(6) as u64,
+            type Row = (i64, String, String, String, i64, i64, i64, i64);
+            let rows: Vec<Row> = json_rows::fetch(q, &self.pool, "loading chunk lists").await?;
+            for (content, id, pack_id, location, offset, length, raw_length, _) in rows {
+                out.entry(content).or_default().push(ChunkLoc {
+                    id: ChunkId::from_hex(&id)?,
+                    pack_id,
+                    location,
+                    offset: offset as u64,
+                    length: length as u64,
+                    raw_length: raw_length as u64,
                 });
             }
         }
@@ -453,15 +453,17 @@ pub(super) fn pack_from_row(r: &crate::catalog::DbRow) -> PackRow {
 const CHUNK_PAGE: usize = 65_536;
 
 /// The usable chunks after the id `$1` (in id order, the chunks' primary key), at most `$2`
-/// of them, as JSON pairs of hex id and flags.
+/// of them, as JSON pairs of hex id and flags (in no particular order: the reader finds the
+/// page's last id itself).
 fn stored_chunks_sql(dialect: Dialect) -> String {
-    format!(
-        "SELECT {} FROM (SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.no = c.pack_no \
+    let inner = format!(
+        "SELECT {} AS c0, c.flags AS c1 FROM chunks c JOIN packs p ON p.no = c.pack_no \
          WHERE c.id > $1 AND {USABLE_PACK} \
          AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK}) \
-         ORDER BY c.id LIMIT $2) c",
-        dialect.json_rows(&format!("{}, c.flags", dialect.hex("c.id")))
-    )
+         ORDER BY c.id LIMIT $2",
+        json_rows::hex(dialect, "c.id")
+    );
+    json_rows::statement(dialect, &inner, 2, "")
 }
 
 #[cfg(test)]

@@ -5,14 +5,14 @@
 //! chunk was a row handed from sqlx's SQLite thread to the runtime, copied into the `Any`
 //! driver's row and decoded again; at 100,000 small files those hand-offs were most of an
 //! unchanged re-backup's time. So the database builds the whole range as one JSON array
-//! ([`Dialect::json_rows`]), returned as a single text value and parsed here with serde.
+//! (see [`json_rows`]), returned as a single text value and parsed here with serde.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use serde::Deserialize;
 
-use super::{Catalog, Dialect, EntryRow, Owner, db};
+use super::{Catalog, Dialect, EntryRow, Owner, json_rows};
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
@@ -39,75 +39,69 @@ impl Catalog {
         upto: &str,
     ) -> Result<HashMap<String, PrevFile>, Error> {
         let sql = previous_sql(Dialect::of(&self.pool), after.is_some());
-        let mut q = sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(sql)).bind(root_id);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root_id);
         for bound in after.into_iter().chain([upto]) {
-            q = q.bind(bound);
+            q = q.bind(bound.to_string());
         }
-        let json = q.fetch_one(&self.pool).await.map_err(db(WHAT))?;
-        match json {
-            Some(json) => previous_from_json(&json),
-            // PostgreSQL's aggregate of no rows.
-            None => Ok(HashMap::new()),
-        }
+        previous_from_rows(json_rows::fetch(q, &self.pool, WHAT).await?)
     }
 }
 
 const WHAT: &str = "loading the previous snapshot";
 
-/// The statement of [`Catalog::previous_files`]: one element per current entry of the range
+/// The statement of [`Catalog::previous_files`]: one row per current entry of the range
 /// and chunk of its content (an entry without chunks once, its chunk fields null), in the
-/// order of [`PrevRow`]'s fields.
+/// order of [`PrevRow`]'s fields, in no particular order (see [`previous_from_rows`]).
 fn previous_sql(dialect: Dialect, after: bool) -> String {
     let range = if after {
         "e.path > $2 AND e.path <= $3"
     } else {
         "e.path <= $2"
     };
-    let values = format!(
-        "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, {}, e.target, \
-         e.uid, e.gid, e.user_name, e.group_name, cc.seq, {}",
-        dialect.hex("c.sha256"),
-        dialect.hex("cc.chunk_id")
-    );
-    format!(
-        "SELECT {} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+    let inner = format!(
+        "SELECT e.id AS c0, e.path AS c1, e.kind AS c2, e.size AS c3, e.mtime_ns AS c4, \
+         e.mode AS c5, e.inode AS c6, e.content_id AS c7, {} AS c8, e.target AS c9, \
+         e.uid AS c10, e.gid AS c11, e.user_name AS c12, e.group_name AS c13, \
+         cc.seq AS c14, {} AS c15 \
+         FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
          LEFT JOIN content_chunks cc ON cc.content_id = e.content_id \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
-        dialect.json_rows(&values)
-    )
+        json_rows::hex(dialect, "c.sha256"),
+        json_rows::hex(dialect, "cc.chunk_id")
+    );
+    json_rows::statement(dialect, &inner, 16, "")
 }
 
-/// One element of [`previous_sql`]'s array: an entry's columns (as in `ENTRY_COLUMNS`), then
-/// one chunk of its content (its position in the list and its id), if it has any.
+/// One row of [`previous_sql`]: an entry's columns (as in `ENTRY_COLUMNS`), then one chunk
+/// of its content (its position in the list and its id), if it has any.
 #[derive(Deserialize)]
-struct PrevRow<'a>(
+struct PrevRow(
     i64,
     String,
-    &'a str,
+    String,
     i64,
     i64,
     i64,
     i64,
-    Option<i64>,
-    Option<&'a str>,
-    Option<String>,
-    Option<i64>,
     Option<i64>,
     Option<String>,
     Option<String>,
     Option<i64>,
-    Option<&'a str>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
 );
 
-/// The entries of a range from its JSON array, by path, each with its chunks in order.
-fn previous_from_json(json: &str) -> Result<HashMap<String, PrevFile>, Error> {
+/// The entries of a range from its rows, by path, each with its chunks in order.
+fn previous_from_rows(rows: Vec<PrevRow>) -> Result<HashMap<String, PrevFile>, Error> {
     let bad = |why: String| Error::Invalid(format!("{WHAT}: {why}"));
-    let rows: Vec<PrevRow<'_>> = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
     let mut files: HashMap<String, PrevFile> = HashMap::with_capacity(rows.len());
     // Chunks that came after a later one of their list (the database may join in any order).
     let mut late: Vec<(String, i64, ChunkId)> = Vec::new();
     for r in rows {
-        let chunk = match (r.14, r.15) {
+        let chunk = match (r.14, &r.15) {
             (Some(seq), Some(id)) => {
                 Some((seq, ChunkId::from_hex(id).map_err(|e| bad(e.to_string()))?))
             }
@@ -119,13 +113,13 @@ fn previous_from_json(json: &str) -> Result<HashMap<String, PrevFile>, Error> {
                 let entry = EntryRow {
                     id: r.0,
                     path: v.key().clone(),
-                    kind: EntryKind::parse(r.2).unwrap_or(EntryKind::File),
+                    kind: EntryKind::parse(&r.2).unwrap_or(EntryKind::File),
                     size: r.3 as u64,
                     mtime_ns: r.4,
                     mode: r.5 as u32,
                     inode: r.6 as u64,
                     content_id: r.7,
-                    sha256: match r.8 {
+                    sha256: match &r.8 {
                         Some(h) => Some(sha256_from_hex(h).map_err(bad)?),
                         None => None,
                     },
@@ -225,7 +219,7 @@ mod tests {
             row("c", None, None),
         ])
         .to_string();
-        let files = previous_from_json(&json).unwrap();
+        let files = previous_from_rows(serde_json::from_str(&json).unwrap()).unwrap();
         assert_eq!(files["a"].chunks, vec![id(10), id(11), id(12)]);
         assert_eq!(files["b"].chunks, vec![id(20)]);
         assert!(files["c"].chunks.is_empty());
@@ -250,7 +244,9 @@ mod tests {
             ],
         ] {
             let json = serde_json::Value::Array(rows).to_string();
-            let e = previous_from_json(&json).unwrap_err().to_string();
+            let e = previous_from_rows(serde_json::from_str(&json).unwrap())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("chunk list of a"), "{e}");
         }
     }

@@ -8,12 +8,31 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
-    Catalog, DAMAGED_CHUNK, ENTRY_COLUMNS, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo,
-    USABLE_PACK, db, entry_from_row, snapshot_from_row,
+    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, EntryOutline, EntryRow, Owner,
+    SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_row, json_rows, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
+
+/// An entry as [`Catalog::entries_page`] reads it: path, id, kind, size, mtime, mode, inode,
+/// content, SHA-256 (hex), symlink target, uid, gid, user and group names.
+type EntryTuple = (
+    String,
+    i64,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
 
 impl Catalog {
     pub async fn root_id(&self, owner: &str, path: &str) -> Result<Option<i64>, Error> {
@@ -147,6 +166,112 @@ impl Catalog {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<EntryRow>, Error> {
+        let dialect = Dialect::of(&self.pool);
+        let sha = json_rows::hex(dialect, "c.sha256");
+        let columns = [
+            "e.path",
+            "e.id",
+            "e.kind",
+            "e.size",
+            "e.mtime_ns",
+            "e.mode",
+            "e.inode",
+            "e.content_id",
+            &sha,
+            "e.target",
+            "e.uid",
+            "e.gid",
+            "e.user_name",
+            "e.group_name",
+        ];
+        let from = "entries e LEFT JOIN contents c ON c.id = e.content_id";
+        let entry = |r: EntryTuple| {
+            let (path, id, kind, size, mtime_ns, mode, inode, content_id, sha, target) =
+                (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9);
+            let sha256 = match sha {
+                None => None,
+                Some(h) => {
+                    let mut out = [0u8; 32];
+                    hex::decode_to_slice(&h, &mut out).map_err(|_| {
+                        Error::Invalid(format!("catalog: the SHA-256 of {path:?} is malformed"))
+                    })?;
+                    Some(out)
+                }
+            };
+            Ok(EntryRow {
+                id,
+                kind: EntryKind::parse(&kind).unwrap_or(EntryKind::File),
+                path,
+                size: size as u64,
+                mtime_ns,
+                mode: mode as u32,
+                inode: inode as u64,
+                content_id,
+                sha256,
+                target,
+                owner: Owner {
+                    uid: r.10.map(|v| v as u32),
+                    gid: r.11.map(|v| v as u32),
+                    user: r.12,
+                    group: r.13,
+                },
+            })
+        };
+        self.page_of(
+            &columns,
+            from,
+            (root_id, seq, prefix, after, limit),
+            entry,
+            |e| &e.path,
+        )
+        .await
+    }
+
+    /// [`Catalog::entries_page`] with each entry's path, kind and size only: what a restore
+    /// into an empty place checks before it writes anything (every path valid, the totals),
+    /// without the contents join or the other columns.
+    pub async fn entry_outlines_page(
+        &self,
+        root_id: i64,
+        seq: i64,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EntryOutline>, Error> {
+        let outline = |(path, kind, size): (String, String, i64)| {
+            Ok(EntryOutline {
+                path,
+                kind: EntryKind::parse(&kind).unwrap_or(EntryKind::File),
+                size: size as u64,
+            })
+        };
+        self.page_of(
+            &["e.path", "e.kind", "e.size"],
+            "entries e",
+            (root_id, seq, prefix, after, limit),
+            outline,
+            |o| &o.path,
+        )
+        .await
+    }
+
+    /// The paging of [`Catalog::entries_page`]: `columns` (the path first) of `from` (whose
+    /// entries are `e`), read as rows `R` (see [`json_rows`]) and made `T` by `map`.
+    async fn page_of<R: serde::de::DeserializeOwned, T>(
+        &self,
+        columns: &[&str],
+        from_clause: &str,
+        (root_id, seq, prefix, after, limit): (i64, i64, &str, Option<&str>, usize),
+        map: impl Fn(R) -> Result<T, Error>,
+        path_of: impl Fn(&T) -> &str,
+    ) -> Result<Vec<T>, Error> {
+        let dialect = Dialect::of(&self.pool);
+        let selected = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} AS c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         // The range [prefix, prefix0) from the (root_id, path) index: the prefix itself, its
         // descendants (`prefix/...`) and siblings that continue with a byte below '/'
         // (`prefix-x`), filtered out here. '0' follows '/' in byte order.
@@ -157,28 +282,30 @@ impl Catalog {
         // Rows of the skipped siblings count against the limit: page on until a page holds
         // wanted rows or the range ends.
         loop {
-            let sql = format!(
-                "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+            let inner = format!(
+                "SELECT {selected} FROM {from_clause} \
                  WHERE e.root_id = ? AND e.path {} ? AND e.path < ? \
                  AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
                  ORDER BY e.path LIMIT ?",
                 if strict { ">" } else { ">=" }
             );
-            let rows = sqlx::query(crate::catalog::sql(sql))
+            let sql = json_rows::statement(dialect, &inner, columns.len(), "s.c0");
+            let query = sqlx::query(crate::catalog::sql(sql))
                 .bind(root_id)
-                .bind(&from)
+                .bind(from.clone())
                 .bind(format!("{prefix}0"))
                 .bind(seq)
                 .bind(seq)
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("listing snapshot entries"))?;
+                .bind(limit as i64);
+            let rows: Vec<R> =
+                json_rows::fetch(query, &self.pool, "listing snapshot entries").await?;
             let full = rows.len() == limit;
-            for r in &rows {
-                let e = entry_from_row(r);
-                from.clone_from(&e.path);
-                if e.path == prefix || e.path.starts_with(&below) {
+            for r in rows {
+                let e = map(r)?;
+                let path = path_of(&e);
+                from.clear();
+                from.push_str(path);
+                if path == prefix || path.starts_with(&below) {
                     page.push(e);
                 }
             }

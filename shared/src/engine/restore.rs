@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::repo::Repo;
 use super::target::{self, Target};
-use crate::catalog::{Catalog, ChunkLoc, EntryKind, EntryRow, Owner, SnapshotInfo};
+use crate::catalog::{Catalog, ChunkLoc, EntryKind, EntryOutline, EntryRow, Owner, SnapshotInfo};
 use crate::error::Error;
 use crate::format::crypto::{ChunkId, Keys};
 use crate::format::keyring::KeyRing;
@@ -280,9 +280,7 @@ struct Pages<'a> {
     resolved: &'a Resolved,
     after: Option<String>,
     page: usize,
-    /// Symlinks the restore creates so far: a later path may not pass through one (in path
-    /// order a symlink comes before anything that would lie under it).
-    links: std::collections::HashSet<String>,
+    paths: PathCheck,
 }
 
 impl<'a> Pages<'a> {
@@ -292,7 +290,7 @@ impl<'a> Pages<'a> {
             resolved,
             after: None,
             page: repo.batch(),
-            links: Default::default(),
+            paths: PathCheck::new(&resolved.prefix),
         }
     }
 
@@ -312,7 +310,30 @@ impl<'a> Pages<'a> {
         if let Some(last) = page.last() {
             self.after = Some(last.path.clone());
         }
-        plan_paths(page, &r.prefix, &mut self.links)
+        plan_paths(page, &mut self.paths)
+    }
+
+    /// The next page's paths, kinds and sizes, each path validated (empty at the end): the
+    /// checking pass of a restore into an empty place, which needs nothing else.
+    async fn next_outlines(&mut self) -> Result<Vec<EntryOutline>, Error> {
+        let r = self.resolved;
+        let page = self
+            .catalog
+            .entry_outlines_page(
+                r.root_id,
+                r.snapshot.seq,
+                &r.prefix,
+                self.after.as_deref(),
+                self.page,
+            )
+            .await?;
+        if let Some(last) = page.last() {
+            self.after = Some(last.path.clone());
+        }
+        for o in &page {
+            self.paths.rel(&o.path, o.kind)?;
+        }
+        Ok(page)
     }
 }
 
@@ -349,7 +370,13 @@ pub(crate) async fn run(
         let (to, within) = (opts.to.clone(), opts.within.clone());
         Arc::new(blocking(move || Target::open(&to, within.as_deref())).await??)
     };
-    let checked = check_all(repo, &resolved, &target, opts.overwrite).await?;
+    let fresh = {
+        let (target, name) = (target.clone(), landing_name(&resolved.prefix));
+        !blocking(move || target.holds(OsStr::new(&name)))
+            .await?
+            .map_err(|e| Error::io(opts.to.join(landing_name(&resolved.prefix)), e))?
+    };
+    let checked = check_all(repo, &resolved, &target, opts.overwrite, fresh).await?;
     if checked.skip.is_empty() {
         return Err(Error::NotFound(format!(
             "{} is not in snapshot {}",
@@ -420,9 +447,7 @@ pub(crate) async fn run(
     let unchanged = checked.skip.iter().filter(|s| **s).count() as u64;
     Ok(RestoreSummary {
         snapshot: resolved.snapshot,
-        target: target
-            .path()
-            .join(resolved.prefix.rsplit('/').next().unwrap_or("")),
+        target: target.path().join(landing_name(&resolved.prefix)),
         files,
         dirs: dir_count,
         symlinks,
@@ -435,16 +460,33 @@ pub(crate) async fn run(
 }
 
 /// The checking pass: every path validated and compared with what the target holds, before
-/// anything is written.
+/// anything is written. When nothing is where the selected item lands (`fresh`), nothing
+/// below it can differ: only the paths are validated and the totals counted, from the
+/// entries' paths, kinds and sizes.
 async fn check_all(
     repo: &Repo,
     resolved: &Resolved,
     target: &Arc<Target>,
     overwrite: bool,
+    fresh: bool,
 ) -> Result<Checked, Error> {
     let mut checked = Checked::default();
     let mut pages = Pages::new(repo, resolved);
     loop {
+        if fresh {
+            let outlines = pages.next_outlines().await?;
+            if outlines.is_empty() {
+                return Ok(checked);
+            }
+            for o in outlines.iter().filter(|o| o.kind == EntryKind::File) {
+                checked.files += 1;
+                checked.bytes += o.size;
+            }
+            checked
+                .skip
+                .resize(checked.skip.len() + outlines.len(), false);
+            continue;
+        }
         let plan = pages.next().await?;
         if plan.is_empty() {
             return Ok(checked);
@@ -584,6 +626,11 @@ async fn write_all(
     Ok(written)
 }
 
+/// The name the selected item (entry path `prefix`) gets in the target.
+fn landing_name(prefix: &str) -> String {
+    prefix.rsplit('/').next().unwrap_or(prefix).to_string()
+}
+
 /// Runs blocking file system work off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
@@ -596,44 +643,11 @@ fn running_as_root() -> bool {
 }
 
 /// Maps a page of entries (in path order) to their paths below the target, validating every
-/// path. The selected item (`prefix`) lands at `<to>/<its own name>`. `links` holds the
-/// symlinks of the pages before: no path may pass through a symlink the restore itself
-/// creates.
-fn plan_paths(
-    entries: Vec<EntryRow>,
-    prefix: &str,
-    links: &mut std::collections::HashSet<String>,
-) -> Result<Vec<Planned>, Error> {
-    let selected_parent = match prefix.rfind('/') {
-        Some(i) => &prefix[..i + 1],
-        None => "",
-    };
+/// path (see [`PathCheck`]).
+fn plan_paths(entries: Vec<EntryRow>, paths: &mut PathCheck) -> Result<Vec<Planned>, Error> {
     let mut plan = Vec::with_capacity(entries.len());
     for entry in entries {
-        let rel = entry
-            .path
-            .strip_prefix(selected_parent)
-            .and_then(safe_relative)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "refusing to restore {:?}: the path would leave the target directory",
-                    entry.path
-                ))
-            })?;
-        // In path order a symlink comes before anything under it: check each ancestor.
-        let mut ancestor = entry.path.as_str();
-        while let Some(i) = ancestor.rfind('/') {
-            ancestor = &ancestor[..i];
-            if links.contains(ancestor) {
-                return Err(Error::Invalid(format!(
-                    "refusing to restore {:?}: it lies under the symlink {ancestor:?}",
-                    entry.path
-                )));
-            }
-        }
-        if entry.kind == EntryKind::Symlink {
-            links.insert(entry.path.clone());
-        }
+        let rel = paths.rel(&entry.path, entry.kind)?;
         plan.push(Planned {
             entry,
             rel,
@@ -641,6 +655,53 @@ fn plan_paths(
         });
     }
     Ok(plan)
+}
+
+/// Validates a restore's paths in path order. The selected item (`prefix`) lands at
+/// `<to>/<its own name>`; no path may leave the target, and none may pass through a symlink
+/// the restore itself creates (in path order a symlink comes before anything that would lie
+/// under it, so the symlinks seen so far are enough).
+struct PathCheck {
+    /// `prefix` up to and with its last `/` (empty at the top).
+    selected_parent: String,
+    links: std::collections::HashSet<String>,
+}
+
+impl PathCheck {
+    fn new(prefix: &str) -> PathCheck {
+        PathCheck {
+            selected_parent: prefix
+                .rfind('/')
+                .map_or("", |i| &prefix[..i + 1])
+                .to_string(),
+            links: Default::default(),
+        }
+    }
+
+    /// Where the entry `path` of kind `kind` goes, relative to the target.
+    fn rel(&mut self, path: &str, kind: EntryKind) -> Result<PathBuf, Error> {
+        let rel = path
+            .strip_prefix(self.selected_parent.as_str())
+            .and_then(safe_relative)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "refusing to restore {path:?}: the path would leave the target directory"
+                ))
+            })?;
+        let mut ancestor = path;
+        while let Some(i) = ancestor.rfind('/') {
+            ancestor = &ancestor[..i];
+            if self.links.contains(ancestor) {
+                return Err(Error::Invalid(format!(
+                    "refusing to restore {path:?}: it lies under the symlink {ancestor:?}"
+                )));
+            }
+        }
+        if kind == EntryKind::Symlink {
+            self.links.insert(path.to_string());
+        }
+        Ok(rel)
+    }
 }
 
 /// Compares what already exists with a page of the plan: identical items are skipped

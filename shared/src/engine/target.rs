@@ -94,6 +94,15 @@ impl Target {
         Ok(Some(File::from(fd)))
     }
 
+    /// Whether anything (of any kind, a symlink included) is at `name` in the target.
+    pub(crate) fn holds(&self, name: &OsStr) -> io::Result<bool> {
+        match rfs::statat(&self.root, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Ok(true),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Opens directory `rel`, creating it and any missing parent (mode 0700: writable by the
     /// restore until its recorded mode is applied) one component at a time, never through a
     /// symlink. Returns the handle and whether the last component was created.
