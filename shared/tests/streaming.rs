@@ -81,6 +81,18 @@ fn restored(to: &Path) -> BTreeMap<String, String> {
     describe_tree(&to.join("data"))
 }
 
+/// The chunk ids of a snapshot's stored listing, in order: equal ids, equal listings.
+async fn listing_of(catalog: &Catalog, short_id: &str) -> Vec<Vec<u8>> {
+    sqlx::query_scalar(
+        "SELECT l.chunk_id FROM snapshot_listing l JOIN snapshots s ON s.id = l.snapshot_id \
+         WHERE s.short_id = $1 ORDER BY l.seq",
+    )
+    .bind(short_id)
+    .fetch_all(catalog.pool())
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     let mut f = Fixture::new().await;
@@ -95,6 +107,14 @@ async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     assert!(s1.warnings.is_empty(), "{:?}", s1.warnings);
     let rows1 = f.repo.catalog.entry_row_count().await.unwrap();
     assert_eq!(rows1 as usize, v1.len(), "one row per item");
+    // The listing of a tree read entirely and of the same tree unchanged, listed entirely
+    // as the scan decides it, is the same (not a line more, less or moved).
+    let listing1 = listing_of(&f.repo.catalog, &s1.snapshot.short_id).await;
+    let s1b = run().await.unwrap();
+    assert_eq!(s1b.snapshot.bytes_read, 0);
+    let listing1b = listing_of(&f.repo.catalog, &s1b.snapshot.short_id).await;
+    assert!(!listing1.is_empty());
+    assert_eq!(listing1b, listing1);
 
     second_tree(&src);
     let v2 = describe_tree(&src);
@@ -114,6 +134,12 @@ async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     let s3 = run().await.unwrap();
     assert_eq!(f.repo.catalog.entry_row_count().await.unwrap(), rows2);
     assert_eq!(s3.snapshot.bytes_read, 0);
+    // Its listing (all listed as decided) is the one of the re-backup before, whose first
+    // items were listed as decided and the rest after reading.
+    assert_eq!(
+        listing_of(&f.repo.catalog, &s3.snapshot.short_id).await,
+        listing_of(&f.repo.catalog, &s2.snapshot.short_id).await
+    );
 
     for (snapshot, want) in [(&s1, &v1), (&s2, &v2), (&s3, &v2)] {
         let to = f.path(&format!("out-{}", snapshot.snapshot.short_id));
@@ -213,6 +239,85 @@ async fn a_rebackup_records_mode_and_owner_changes_that_keep_size_time_and_inode
     let o = restore_opts(&src, &to, Some(&s2.snapshot.short_id));
     f.repo.restore(&o, &NoProgress, &cancel).await.unwrap();
     assert_eq!(restored(&to), describe_tree(&src));
+}
+
+/// What a re-backup compares its walk with (the previous snapshot's current rows and chunk
+/// lists, read a path range at a time in one statement each) is every field of every row, as
+/// a restore reads them row by row: names and targets that need escaping, a file of several
+/// chunks, an empty one, folders and links; and ranges that meet cover each path once.
+#[tokio::test]
+async fn the_previous_snapshot_reads_back_every_field_of_every_entry() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    first_tree(&src);
+    for (rel, data) in [
+        ("q\"uote", &b"quote"[..]),
+        ("back\\slash", b"backslash"),
+        ("new\nline\ttab\u{1}", b"controls"),
+        ("\u{1f600}/empty", b""),
+    ] {
+        write(&src, rel, data);
+    }
+    write(&src, "several", &bytes(200_000, 7));
+    std::os::unix::fs::symlink("../\"odd\"\\target\n", src.join("odd-link")).unwrap();
+    std::fs::set_permissions(src.join("a/x"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let s = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    let root = std::fs::canonicalize(&src).unwrap();
+    let catalog = &f.repo.catalog;
+    let root_id = catalog
+        .root_id("local", root.to_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = catalog
+        .entries_under(root_id, s.snapshot.seq, "data")
+        .await
+        .unwrap();
+    let contents: Vec<i64> = rows.iter().filter_map(|e| e.content_id).collect();
+    let chunks = catalog.content_chunks_of(&contents).await.unwrap();
+    let all = catalog
+        .previous_files(root_id, None, "\u{10ffff}")
+        .await
+        .unwrap();
+    assert_eq!(all.len(), rows.len());
+    for row in &rows {
+        let prev = &all[&row.path];
+        assert_eq!(&prev.entry, row);
+        let want: Vec<_> = row
+            .content_id
+            .and_then(|c| chunks.get(&c))
+            .map(|l| l.iter().map(|c| c.id).collect())
+            .unwrap_or_default();
+        assert_eq!(prev.chunks, want, "{}", row.path);
+    }
+    assert!(all["data/several"].chunks.len() > 2, "several chunks");
+    assert!(all["data/\u{1f600}/empty"].chunks.is_empty());
+    assert_eq!(
+        all["data/odd-link"].entry.target.as_deref(),
+        Some("../\"odd\"\\target\n")
+    );
+
+    // Ranges that meet, as a backup's batches ask for them.
+    let mut paths: Vec<&String> = all.keys().collect();
+    paths.sort();
+    let mut seen = BTreeMap::new();
+    let mut after: Option<&str> = None;
+    for upto in paths.iter().skip(4).step_by(5).chain(paths.last()) {
+        let range = catalog.previous_files(root_id, after, upto).await.unwrap();
+        for (path, prev) in range {
+            assert!(after.is_none_or(|a| path.as_str() > a) && &path <= *upto);
+            assert!(seen.insert(path, prev).is_none(), "one range each");
+        }
+        after = Some(upto.as_str());
+    }
+    assert_eq!(seen.len(), all.len());
+    assert!(seen.iter().all(|(p, prev)| all[p] == *prev));
 }
 
 #[tokio::test]

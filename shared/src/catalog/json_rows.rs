@@ -15,8 +15,9 @@ use crate::error::Error;
 
 /// The statement that returns the rows of `inner` as one JSON text, ordered by `order`.
 /// `inner` is a SELECT whose `columns` result columns are named `c0`, `c1`, ...; `order`
-/// names them as `s.c0`, ... Bytes must be given as hex text (see [`hex`]): JSON has no
-/// bytes.
+/// names them as `s.c0`, ... (empty: in no particular order, for a reader that orders
+/// the rows itself and would pay for the database's sort). Bytes must be given as hex text
+/// (see [`hex`]): JSON has no bytes.
 pub(crate) fn statement(dialect: Dialect, inner: &str, columns: usize, order: &str) -> String {
     let list = (0..columns)
         .map(|i| format!("s.c{i}"))
@@ -26,7 +27,12 @@ pub(crate) fn statement(dialect: Dialect, inner: &str, columns: usize, order: &s
         Dialect::Sqlite => ("json_group_array", "json_array"),
         Dialect::Postgres => ("json_agg", "json_build_array"),
     };
-    format!("SELECT CAST({agg}({array}({list}) ORDER BY {order}) AS TEXT) FROM ({inner}) s")
+    let order = if order.is_empty() {
+        String::new()
+    } else {
+        format!(" ORDER BY {order}")
+    };
+    format!("SELECT CAST({agg}({array}({list}){order}) AS TEXT) FROM ({inner}) s")
 }
 
 /// `expr` (bytes) as hex text, in the statement's dialect; NULL stays NULL (SQLite's `hex`
@@ -74,6 +80,11 @@ mod tests {
         assert_eq!(
             statement(Dialect::Postgres, inner, 2, "s.c0"),
             "SELECT CAST(json_agg(json_build_array(s.c0, s.c1) ORDER BY s.c0) AS TEXT) \
+             FROM (SELECT e.path AS c0, e.size AS c1 FROM entries e) s"
+        );
+        assert_eq!(
+            statement(Dialect::Sqlite, inner, 2, ""),
+            "SELECT CAST(json_group_array(json_array(s.c0, s.c1)) AS TEXT) \
              FROM (SELECT e.path AS c0, e.size AS c1 FROM entries e) s"
         );
         assert_eq!(hex(Dialect::Postgres, "c.id"), "encode(c.id, 'hex')");

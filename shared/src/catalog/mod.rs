@@ -14,6 +14,7 @@ mod json_rows;
 mod keys;
 mod lanes;
 mod packs;
+mod previous;
 mod retention;
 mod runs;
 mod scrub;
@@ -22,13 +23,14 @@ mod snapshots;
 pub use db::{Conn, DbRow, Dialect, Pool, Tx, begin_write, flag, numbered, open_pool, sql};
 pub use keys::OwnerKeyRow;
 pub use lanes::{LaneHealth, LaneProbe, LaneState};
+pub use previous::PrevFile;
 pub use retention::{ForgetOutcome, PackUsage, RootUsage};
 pub use runs::RunRow;
 pub use scrub::{
     AffectedFile, BlobRow, Damage, OwnerStats, PackFinding, ScrubPack, ScrubReport, ScrubRun,
 };
 pub(crate) use snapshots::unchanged;
-pub use snapshots::{NewContent, NewEntry, PrevFile, SnapshotCommit};
+pub use snapshots::{NewContent, NewEntry, SnapshotCommit};
 
 use std::path::Path;
 

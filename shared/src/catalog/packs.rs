@@ -3,7 +3,6 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::catalog::Conn;
-use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
@@ -207,24 +206,43 @@ impl Catalog {
     /// Ids of blobs that are safely stored and can be deduplicated against, whose trailer
     /// flags (see `format::pack::FLAG_ENCRYPTED`, `FLAG_MAC`) pass `keep`; a chunk a scrub
     /// found damaged is not: the next backup that meets its data stores it again, which heals
-    /// it. Read row by row: only the ids are held (the backup's dedup index).
+    /// it. Read a page of ids at a time, each page one JSON value (see [`json_rows`]: a row
+    /// each through the driver cost a backup more than the rest of its start): only the ids
+    /// are held (the backup's dedup index).
     pub async fn stored_chunk_ids(&self, keep: impl Fn(u8) -> bool) -> Result<Vec<ChunkId>, Error> {
-        let sql = format!(
-            "SELECT c.id, c.flags FROM chunks c JOIN packs p ON p.no = c.pack_no WHERE {USABLE_PACK} \
-             AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK})"
-        );
-        let mut rows = sqlx::query(crate::catalog::sql(sql)).fetch(&self.pool);
+        self.stored_chunk_ids_in_pages(keep, CHUNK_PAGE).await
+    }
+
+    /// [`Catalog::stored_chunk_ids`], `page` ids per statement (tests use tiny pages).
+    async fn stored_chunk_ids_in_pages(
+        &self,
+        keep: impl Fn(u8) -> bool,
+        page_size: usize,
+    ) -> Result<Vec<ChunkId>, Error> {
+        const WHAT: &str = "loading the chunk index";
+        let dialect = Dialect::of(&self.pool);
+        let sql = stored_chunks_sql(dialect);
         let mut out = Vec::new();
-        while let Some(r) = rows
-            .try_next()
-            .await
-            .map_err(db("loading the chunk index"))?
-        {
-            if keep(r.get::<i64, _>(1) as u8) {
-                out.push(ChunkId::from_slice(r.get::<&[u8], _>(0))?);
+        let mut after: Vec<u8> = Vec::new();
+        loop {
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(after.clone())
+                .bind(page_size as i64);
+            let page: Vec<(String, i64)> = json_rows::fetch(q, &self.pool, WHAT).await?;
+            let bad = |why: String| Error::Invalid(format!("{WHAT}: {why}"));
+            let mut last: Option<ChunkId> = None;
+            for (hex, flags) in &page {
+                let id = ChunkId::from_hex(hex).map_err(|e| bad(e.to_string()))?;
+                last = last.max(Some(id));
+                if keep(*flags as u8) {
+                    out.push(id);
+                }
+            }
+            match last {
+                Some(last) if page.len() == page_size => after = last.0.to_vec(),
+                _ => return Ok(out),
             }
         }
-        Ok(out)
     }
 
     /// Where a blob lives.
@@ -428,5 +446,80 @@ pub(super) fn pack_from_row(r: &crate::catalog::DbRow) -> PackRow {
         size: r.get::<i64, _>(2) as u64,
         encrypted: super::flag(r, 3),
         location: r.get(4),
+    }
+}
+
+/// Chunk ids per page of [`Catalog::stored_chunk_ids`]: about 5 MB of JSON.
+const CHUNK_PAGE: usize = 65_536;
+
+/// The usable chunks after the id `$1` (in id order, the chunks' primary key), at most `$2`
+/// of them, as JSON pairs of hex id and flags (in no particular order: the reader finds the
+/// page's last id itself).
+fn stored_chunks_sql(dialect: Dialect) -> String {
+    let inner = format!(
+        "SELECT {} AS c0, c.flags AS c1 FROM chunks c JOIN packs p ON p.no = c.pack_no \
+         WHERE c.id > $1 AND {USABLE_PACK} \
+         AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK}) \
+         ORDER BY c.id LIMIT $2",
+        json_rows::hex(dialect, "c.id")
+    );
+    json_rows::statement(dialect, &inner, 2, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::pack::{BlobKind, FLAG_ENCRYPTED, FLAG_MAC};
+
+    fn entry(n: u8, flags: u8) -> PackEntry {
+        PackEntry {
+            kind: BlobKind::Data,
+            flags,
+            id: ChunkId([n; 32]),
+            offset: u64::from(n) * 10,
+            length: 10,
+            raw_length: 10,
+        }
+    }
+
+    /// Page after page, every usable chunk exactly once: not those of a missing pack, not a
+    /// damaged one, only those whose flags pass.
+    #[tokio::test]
+    async fn the_chunk_index_comes_page_by_page_without_the_unusable_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = storinator_testkit::db::url_for(&dir.path().join("c.db"));
+        let catalog = Catalog::open(&url).await.unwrap();
+        let enc = FLAG_ENCRYPTED;
+        let stored: Vec<PackEntry> = (1..=9)
+            .map(|n| entry(n * 20, if n == 4 { FLAG_MAC } else { enc }))
+            .collect();
+        catalog
+            .pack_stored("p1", 1000, true, "l1", &stored)
+            .await
+            .unwrap();
+        let lost = [entry(50, enc), entry(255, enc)];
+        catalog
+            .pack_stored("p2", 100, true, "l2", &lost)
+            .await
+            .unwrap();
+        catalog.set_pack_state("p2", "missing").await.unwrap();
+        sqlx::query(
+            "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at) VALUES ($1, 'p1', 'test', 1)",
+        )
+        .bind(&[140_u8; 32][..])
+        .execute(catalog.pool())
+        .await
+        .unwrap();
+        let want: Vec<ChunkId> = [20, 40, 60, 100, 120, 160, 180]
+            .map(|n| ChunkId([n; 32]))
+            .to_vec();
+        for page in [1, 2, 3, 7, 8, 1000] {
+            let mut got = catalog
+                .stored_chunk_ids_in_pages(|f| f & FLAG_ENCRYPTED != 0, page)
+                .await
+                .unwrap();
+            got.sort();
+            assert_eq!(got, want, "pages of {page}");
+        }
     }
 }

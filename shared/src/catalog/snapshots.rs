@@ -123,61 +123,6 @@ impl Catalog {
         current_entries(&mut conn, root_id, "loading the previous snapshot").await
     }
 
-    /// What a backup needs of the entries current in a root to skip unchanged ones: by path,
-    /// the current row (every kind: the backup tells the commit which items it found
-    /// identical, see [`NewEntry::same_as`]) and a file's chunk list, for the paths after
-    /// `after` (all if `None`) up to and including `upto`. A backup asks for one range per
-    /// batch of its walk (which goes in path order), so only a batch's worth is ever held.
-    pub async fn previous_files(
-        &self,
-        root_id: i64,
-        after: Option<&str>,
-        upto: &str,
-    ) -> Result<HashMap<String, PrevFile>, Error> {
-        const WHAT: &str = "loading the previous snapshot";
-        let range = if after.is_some() {
-            "e.root_id = ? AND e.to_seq IS NULL AND e.path > ? AND e.path <= ?"
-        } else {
-            "e.root_id = ? AND e.to_seq IS NULL AND e.path <= ?"
-        };
-        let mut conn = self.pool.acquire().await.map_err(db(WHAT))?;
-        let mut files = HashMap::new();
-        let sql = format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
-             WHERE {range}"
-        );
-        let mut q = sqlx::query(crate::catalog::sql(sql)).bind(root_id);
-        for bound in after.into_iter().chain([upto]) {
-            q = q.bind(bound);
-        }
-        let mut rows = q.fetch(&mut *conn);
-        while let Some(r) = rows.try_next().await.map_err(db(WHAT))? {
-            let entry = entry_from_row(&r);
-            let file = PrevFile {
-                entry,
-                chunks: Vec::new(),
-            };
-            files.insert(file.entry.path.clone(), file);
-        }
-        drop(rows);
-        let sql = format!(
-            "SELECT e.path, cc.chunk_id FROM entries e \
-             JOIN content_chunks cc ON cc.content_id = e.content_id WHERE {range} \
-             ORDER BY e.path, cc.seq"
-        );
-        let mut q = sqlx::query(crate::catalog::sql(sql)).bind(root_id);
-        for bound in after.into_iter().chain([upto]) {
-            q = q.bind(bound);
-        }
-        let mut rows = q.fetch(&mut *conn);
-        while let Some(r) = rows.try_next().await.map_err(db(WHAT))? {
-            if let Some(file) = files.get_mut(r.get::<&str, _>(0)) {
-                file.chunks.push(ChunkId::from_slice(r.get::<&[u8], _>(1))?);
-            }
-        }
-        Ok(files)
-    }
-
     /// Entries of snapshot `seq` of a root at `prefix` or below it, sorted by path.
     pub async fn entries_under(
         &self,
@@ -1037,15 +982,6 @@ pub enum NewContent {
         size: u64,
         chunks: Vec<ChunkId>,
     },
-}
-
-/// An entry of a root's latest snapshot, as a backup compares it with what is on disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PrevFile {
-    /// Its current row.
-    pub entry: EntryRow,
-    /// A file's content's chunks in order.
-    pub chunks: Vec<ChunkId>,
 }
 
 /// An entry to commit.

@@ -286,7 +286,7 @@ async fn run_locked(
     ));
     let spool = run.spool();
     let mut warnings = Vec::new();
-    let (items, totals) = scan(
+    let (items, lister, totals) = scan(
         repo,
         source,
         root_id,
@@ -317,7 +317,7 @@ async fn run_locked(
         &pipeline,
         source,
         items,
-        spool,
+        lister,
         packer,
         &mut warnings,
         progress,
@@ -403,11 +403,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// The walk, a batch at a time, each batch compared with the previous snapshot's files of
 /// its path range (the walk goes in the catalog's path order, so the ranges follow each
-/// other): unchanged files keep their content, the others are to be read. The items go to
-/// a spool file; returned: its reader and the totals.
+/// other): unchanged files keep their content, the others are to be read. Until the first
+/// item to read, the items are listed at once (see [`ScanSide::push_all`]); from there on
+/// they go to a spool file for [`read_and_list`]. Returned: that spool's reader, the
+/// listing so far and the totals.
 ///
 /// The file system and the catalog work side by side: while a batch's previous files are
-/// read from the catalog, a blocking thread spools the batch before it and walks the next.
+/// read from the catalog, a blocking thread spools (or lists) the batch before it and walks
+/// the next.
 async fn scan(
     repo: &Repo,
     source: &Source,
@@ -416,7 +419,7 @@ async fn scan(
     spool: &Path,
     warnings: &mut Vec<Warning>,
     cancel: &CancelFlag,
-) -> Result<(SpoolReader<Item>, Totals), Error> {
+) -> Result<(SpoolReader<Item>, Lister, Totals), Error> {
     let mut side = ScanSide {
         walk: Walk {
             walker: Walker::new(source.path.clone()),
@@ -426,6 +429,8 @@ async fn scan(
             warnings: Vec::new(),
         },
         out: SpoolWriter::create(&spool.join(ITEMS_SPOOL))?,
+        lister: Lister::create(spool)?,
+        listing_ahead: true,
     };
     let mut totals = Totals::default();
     let mut after: Option<String> = None;
@@ -443,7 +448,7 @@ async fn scan(
         let background = tokio::task::spawn_blocking({
             let cancel = cancel.clone();
             move || {
-                let pushed = side.push_all(&decided);
+                let pushed = side.push_all(decided);
                 let (side, walked) = side.walk_next(n, &cancel);
                 (side, pushed, walked)
             }
@@ -478,20 +483,23 @@ async fn scan(
         decided = std::mem::replace(&mut batch, walked?);
         after = Some(last);
     }
-    let ScanSide { mut walk, mut out } = side;
-    warnings.append(&mut walk.warnings);
-    let out = blocking(move || {
-        decided.iter().try_for_each(|i| out.push(i))?;
-        out.finish()
-    });
-    Ok((out.await??, totals))
+    warnings.append(&mut side.walk.warnings);
+    let (items, lister) = blocking(move || {
+        side.push_all(decided)?;
+        Ok::<_, Error>((side.out.finish()?, side.lister))
+    })
+    .await??;
+    Ok((items, lister, totals))
 }
 
 /// The file-system side of [`scan`], run on a blocking thread beside the catalog's reads:
-/// the walk, and the items' spool file.
+/// the walk, and the items' spool file (or the listing).
 struct ScanSide {
     walk: Walk,
     out: SpoolWriter<Item>,
+    lister: Lister,
+    /// No item so far is to be read: the items can be listed as they are decided.
+    listing_ahead: bool,
 }
 
 impl ScanSide {
@@ -501,9 +509,20 @@ impl ScanSide {
         (self, batch)
     }
 
-    /// Spools decided items.
-    fn push_all(&mut self, items: &[Item]) -> Result<(), Error> {
-        items.iter().try_for_each(|i| self.out.push(i))
+    /// Takes decided items: lists them while none so far is to be read (their listing lines
+    /// are final, and the listing goes in path order), spools them from the first one to read
+    /// on. An unchanged tree is listed entirely here, beside the catalog's reads, and never
+    /// spooled and read back.
+    fn push_all(&mut self, items: Vec<Item>) -> Result<(), Error> {
+        for item in items {
+            self.listing_ahead &= !item.read;
+            if self.listing_ahead {
+                self.lister.list(item)?;
+            } else {
+                self.out.push(&item)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -582,23 +601,19 @@ fn decide_content(
 }
 
 /// Reads what needs reading, a batch of items at a time, and lists every item that made it
-/// (unreadable files become warnings): the listing's lines to one spool file, the catalog's
-/// entries to another. Returns the packer (the listing and snapshot object go in after),
-/// what was listed and the entries' reader.
+/// (unreadable files become warnings) after those the scan listed. Returns the packer (the
+/// listing and snapshot object go in after), what was listed and the entries' reader.
 #[allow(clippy::too_many_arguments)]
 async fn read_and_list(
     batch_size: usize,
     pipeline: &Arc<Pipeline>,
     source: &Source,
     mut items: SpoolReader<Item>,
-    spool: &Path,
+    mut lister: Lister,
     mut packer: Packer,
     warnings: &mut Vec<Warning>,
     progress: &dyn Progress,
 ) -> Result<(Packer, Listed, SpoolReader<Item>), Error> {
-    let mut listing = SpoolWriter::<ListingEntry>::create(&spool.join(LISTING_SPOOL))?;
-    let mut entries = SpoolWriter::<Item>::create(&spool.join(ENTRIES_SPOOL))?;
-    let mut listed = Listed::default();
     loop {
         let (r, batch) = blocking(move || {
             let batch = items.next_batch(batch_size);
@@ -622,31 +637,22 @@ async fn read_and_list(
             packer = p;
             results
         };
-        let kept = with_results(batch, results, warnings, &mut listed);
-        (listing, entries) = blocking(move || {
-            for mut item in kept {
-                listing.push(&item.line)?;
-                if item.reused.is_some() {
-                    // The catalog has this content with its chunk list: the commit names it
-                    // by its row.
-                    item.line.sha256 = None;
-                    item.line.chunks = Vec::new();
-                }
-                entries.push(&item)?;
-            }
-            Ok::<_, Error>((listing, entries))
+        let kept = with_results(batch, results, warnings, &mut lister.listed);
+        lister = blocking(move || {
+            kept.into_iter().try_for_each(|item| lister.list(item))?;
+            Ok::<_, Error>(lister)
         })
         .await??;
     }
     blocking(move || {
-        listing.close()?;
-        Ok((packer, listed, entries.finish()?))
+        let (listed, entries) = lister.finish()?;
+        Ok((packer, listed, entries))
     })
     .await?
 }
 
 /// Fills the read items' content from what reading produced, in order; leaves out the
-/// files that could not be read (as warnings). Counts what is kept.
+/// files that could not be read (as warnings). Counts the bytes read.
 fn with_results(
     batch: Vec<Item>,
     results: Vec<FileOutcome>,
@@ -674,17 +680,55 @@ fn with_results(
                 }
             }
         }
-        match item.line.kind {
-            EntryKind::File => {
-                listed.files += 1;
-                listed.bytes += item.line.size;
-            }
-            EntryKind::Dir => listed.dirs += 1,
-            EntryKind::Symlink => {}
-        }
         kept.push(item);
     }
     kept
+}
+
+/// What becomes of the items that make it into the snapshot, in path order: the listing's
+/// lines (one spool file, stored as the snapshot's listing) and the catalog's entries
+/// (another, the commit's input), and the counts.
+struct Lister {
+    listing: SpoolWriter<ListingEntry>,
+    entries: SpoolWriter<Item>,
+    listed: Listed,
+}
+
+impl Lister {
+    fn create(spool: &Path) -> Result<Lister, Error> {
+        Ok(Lister {
+            listing: SpoolWriter::create(&spool.join(LISTING_SPOOL))?,
+            entries: SpoolWriter::create(&spool.join(ENTRIES_SPOOL))?,
+            listed: Listed::default(),
+        })
+    }
+
+    /// Lists an item whose content is known (reused or read).
+    fn list(&mut self, mut item: Item) -> Result<(), Error> {
+        match item.line.kind {
+            EntryKind::File => {
+                self.listed.files += 1;
+                self.listed.bytes += item.line.size;
+            }
+            EntryKind::Dir => self.listed.dirs += 1,
+            EntryKind::Symlink => {}
+        }
+        self.listing.push(&item.line)?;
+        if item.reused.is_some() {
+            // The catalog has this content with its chunk list: the commit names it by its
+            // row.
+            item.line.sha256 = None;
+            item.line.chunks = Vec::new();
+        }
+        self.entries.push(&item)
+    }
+
+    /// Closes the listing (left for the snapshot's store) and opens the entries for the
+    /// commit.
+    fn finish(self) -> Result<(Listed, SpoolReader<Item>), Error> {
+        self.listing.close()?;
+        Ok((self.listed, self.entries.finish()?))
+    }
 }
 
 /// Records the snapshot in the catalog from the spooled entries, a batch at a time.
