@@ -197,6 +197,69 @@ pub(crate) fn snapshot_from_row(r: &DbRow) -> SnapshotInfo {
 pub(crate) const ENTRY_COLUMNS: &str = "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target, \
      e.uid, e.gid, e.user_name, e.group_name";
 
+/// [`ENTRY_COLUMNS`] for a [`json_rows`] statement: the same columns in the same order, named
+/// `c0`, `c1`, ... (the path is `c1`), the hash as hex.
+pub(crate) fn entry_json_columns(dialect: Dialect) -> String {
+    ENTRY_COLUMNS
+        .split(", ")
+        .enumerate()
+        .map(|(i, c)| match c {
+            "c.sha256" => format!("{} AS c{i}", json_rows::hex(dialect, c)),
+            _ => format!("{c} AS c{i}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An entry as [`entry_json_columns`] reads it through [`json_rows`].
+pub(crate) type EntryJson = (
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The entry of an [`EntryJson`] row, or why its hash is unreadable.
+pub(crate) fn entry_from_json(r: EntryJson) -> Result<EntryRow, String> {
+    let sha256 = match &r.8 {
+        None => None,
+        Some(h) => {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(h, &mut out)
+                .map_err(|e| format!("the SHA-256 {h:?} of {:?}: {e}", r.1))?;
+            Some(out)
+        }
+    };
+    Ok(EntryRow {
+        id: r.0,
+        path: r.1,
+        kind: EntryKind::parse(&r.2).unwrap_or(EntryKind::File),
+        size: r.3 as u64,
+        mtime_ns: r.4,
+        mode: r.5 as u32,
+        inode: r.6 as u64,
+        content_id: r.7,
+        sha256,
+        target: r.9,
+        owner: Owner {
+            uid: r.10.map(|v| v as u32),
+            gid: r.11.map(|v| v as u32),
+            user: r.12,
+            group: r.13,
+        },
+    })
+}
+
 pub(crate) fn entry_from_row(r: &DbRow) -> EntryRow {
     let sha: Option<Vec<u8>> = r.get(8);
     EntryRow {

@@ -12,9 +12,8 @@ use std::collections::hash_map::Entry;
 
 use serde::Deserialize;
 
-use super::{Catalog, Dialect, EntryRow, Owner, json_rows};
+use super::{Catalog, Dialect, EntryRow, entry_from_json, entry_json_columns, json_rows};
 use crate::error::Error;
-use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
 
 /// An entry of a root's latest snapshot, as a backup compares it with what is on disk.
@@ -59,14 +58,11 @@ fn previous_sql(dialect: Dialect, after: bool) -> String {
         "e.path <= $2"
     };
     let inner = format!(
-        "SELECT e.id AS c0, e.path AS c1, e.kind AS c2, e.size AS c3, e.mtime_ns AS c4, \
-         e.mode AS c5, e.inode AS c6, e.content_id AS c7, {} AS c8, e.target AS c9, \
-         e.uid AS c10, e.gid AS c11, e.user_name AS c12, e.group_name AS c13, \
-         cc.seq AS c14, {} AS c15 \
+        "SELECT {}, cc.seq AS c14, {} AS c15 \
          FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
          LEFT JOIN content_chunks cc ON cc.content_id = e.content_id \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
-        json_rows::hex(dialect, "c.sha256"),
+        entry_json_columns(dialect),
         json_rows::hex(dialect, "cc.chunk_id")
     );
     json_rows::statement(dialect, &inner, 16, "")
@@ -107,32 +103,14 @@ fn previous_from_rows(rows: Vec<PrevRow>) -> Result<HashMap<String, PrevFile>, E
             }
             _ => None,
         };
-        let file = match files.entry(r.1) {
+        let file = match files.entry(r.1.clone()) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {
-                let entry = EntryRow {
-                    id: r.0,
-                    path: v.key().clone(),
-                    kind: EntryKind::parse(&r.2).unwrap_or(EntryKind::File),
-                    size: r.3 as u64,
-                    mtime_ns: r.4,
-                    mode: r.5 as u32,
-                    inode: r.6 as u64,
-                    content_id: r.7,
-                    sha256: match &r.8 {
-                        Some(h) => Some(sha256_from_hex(h).map_err(bad)?),
-                        None => None,
-                    },
-                    target: r.9,
-                    owner: Owner {
-                        uid: r.10.map(|v| v as u32),
-                        gid: r.11.map(|v| v as u32),
-                        user: r.12,
-                        group: r.13,
-                    },
-                };
+                let entry = (
+                    r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11, r.12, r.13,
+                );
                 v.insert(PrevFile {
-                    entry,
+                    entry: entry_from_json(entry).map_err(bad)?,
                     chunks: Vec::new(),
                 })
             }
@@ -171,12 +149,6 @@ fn place_late_chunks(
         file.chunks.push(id);
     }
     Ok(())
-}
-
-fn sha256_from_hex(h: &str) -> Result<[u8; 32], String> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(h, &mut out).map_err(|e| format!("a content's SHA-256 {h:?}: {e}"))?;
-    Ok(out)
 }
 
 #[cfg(test)]

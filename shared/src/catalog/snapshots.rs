@@ -8,31 +8,13 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
-    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, EntryOutline, EntryRow, Owner,
-    SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_row, json_rows, snapshot_from_row,
+    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, EntryJson, EntryOutline, EntryRow, Owner,
+    SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_json, entry_from_row,
+    entry_json_columns, json_rows, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
 use crate::format::crypto::ChunkId;
-
-/// An entry as [`Catalog::entries_page`] reads it: path, id, kind, size, mtime, mode, inode,
-/// content, SHA-256 (hex), symlink target, uid, gid, user and group names.
-type EntryTuple = (
-    String,
-    i64,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-);
 
 impl Catalog {
     pub async fn root_id(&self, owner: &str, path: &str) -> Result<Option<i64>, Error> {
@@ -166,65 +148,13 @@ impl Catalog {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<EntryRow>, Error> {
-        let dialect = Dialect::of(&self.pool);
-        let sha = json_rows::hex(dialect, "c.sha256");
-        let columns = [
-            "e.path",
-            "e.id",
-            "e.kind",
-            "e.size",
-            "e.mtime_ns",
-            "e.mode",
-            "e.inode",
-            "e.content_id",
-            &sha,
-            "e.target",
-            "e.uid",
-            "e.gid",
-            "e.user_name",
-            "e.group_name",
-        ];
+        let columns = entry_json_columns(Dialect::of(&self.pool));
         let from = "entries e LEFT JOIN contents c ON c.id = e.content_id";
-        let entry = |r: EntryTuple| {
-            let (path, id, kind, size, mtime_ns, mode, inode, content_id, sha, target) =
-                (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9);
-            let sha256 = match sha {
-                None => None,
-                Some(h) => {
-                    let mut out = [0u8; 32];
-                    hex::decode_to_slice(&h, &mut out).map_err(|_| {
-                        Error::Invalid(format!("catalog: the SHA-256 of {path:?} is malformed"))
-                    })?;
-                    Some(out)
-                }
-            };
-            Ok(EntryRow {
-                id,
-                kind: EntryKind::parse(&kind).unwrap_or(EntryKind::File),
-                path,
-                size: size as u64,
-                mtime_ns,
-                mode: mode as u32,
-                inode: inode as u64,
-                content_id,
-                sha256,
-                target,
-                owner: Owner {
-                    uid: r.10.map(|v| v as u32),
-                    gid: r.11.map(|v| v as u32),
-                    user: r.12,
-                    group: r.13,
-                },
-            })
-        };
-        self.page_of(
-            &columns,
-            from,
-            (root_id, seq, prefix, after, limit),
-            entry,
-            |e| &e.path,
-        )
-        .await
+        let entry =
+            |r: EntryJson| entry_from_json(r).map_err(|e| Error::Invalid(format!("catalog: {e}")));
+        let page = (root_id, seq, prefix, after, limit);
+        self.page_of((&columns, 14, "s.c1"), from, page, entry, |e| &e.path)
+            .await
     }
 
     /// [`Catalog::entries_page`] with each entry's path, kind and size only: what a restore
@@ -246,7 +176,7 @@ impl Catalog {
             })
         };
         self.page_of(
-            &["e.path", "e.kind", "e.size"],
+            ("e.path AS c0, e.kind AS c1, e.size AS c2", 3, "s.c0"),
             "entries e",
             (root_id, seq, prefix, after, limit),
             outline,
@@ -255,23 +185,18 @@ impl Catalog {
         .await
     }
 
-    /// The paging of [`Catalog::entries_page`]: `columns` (the path first) of `from` (whose
-    /// entries are `e`), read as rows `R` (see [`json_rows`]) and made `T` by `map`.
+    /// The paging of [`Catalog::entries_page`]: `width` columns named `c0`, ... (`path`
+    /// the one that orders them, as `s.cN`) of `from` (whose entries are `e`), read as rows
+    /// `R` (see [`json_rows`]) and made `T` by `map`.
     async fn page_of<R: serde::de::DeserializeOwned, T>(
         &self,
-        columns: &[&str],
+        (selected, width, path): (&str, usize, &str),
         from_clause: &str,
         (root_id, seq, prefix, after, limit): (i64, i64, &str, Option<&str>, usize),
         map: impl Fn(R) -> Result<T, Error>,
         path_of: impl Fn(&T) -> &str,
     ) -> Result<Vec<T>, Error> {
         let dialect = Dialect::of(&self.pool);
-        let selected = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c} AS c{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         // The range [prefix, prefix0) from the (root_id, path) index: the prefix itself, its
         // descendants (`prefix/...`) and siblings that continue with a byte below '/'
         // (`prefix-x`), filtered out here. '0' follows '/' in byte order.
@@ -289,7 +214,7 @@ impl Catalog {
                  ORDER BY e.path LIMIT ?",
                 if strict { ">" } else { ">=" }
             );
-            let sql = json_rows::statement(dialect, &inner, columns.len(), "s.c0");
+            let sql = json_rows::statement(dialect, &inner, width, path);
             let query = sqlx::query(crate::catalog::sql(sql))
                 .bind(root_id)
                 .bind(from.clone())
