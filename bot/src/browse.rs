@@ -39,6 +39,8 @@ struct Place {
     root_id: i64,
     snap: SnapshotInfo,
     entry: EntryRow,
+    /// The handle of the entry's path, which buttons name it by.
+    handle: i64,
 }
 
 /// The absolute path of an entry (`data/a.txt` of `/srv/data` is `/srv/data/a.txt`).
@@ -68,24 +70,29 @@ async fn place(app: &App, user_id: u64, snap: &str, entry: &str) -> anyhow::Resu
     let Some((root_id, snap)) = found else {
         return Ok(None);
     };
-    let entry = app.catalog.entry_in(root_id, snap.seq, entry).await?;
-    Ok(entry.map(|entry| Place {
+    let found = app.catalog.entry_in(root_id, snap.seq, entry).await?;
+    Ok(found.map(|found| Place {
         root_id,
         snap,
-        entry,
+        entry: found,
+        handle: entry,
     }))
 }
 
-/// The entry id of the folder holding `place.entry`, if it has one in the snapshot.
-async fn parent_id(app: &App, p: &Place) -> anyhow::Result<Option<i64>> {
+/// The handle of the folder holding `place.entry`, if it has one in the snapshot.
+async fn parent_handle(app: &App, p: &Place) -> anyhow::Result<Option<i64>> {
     let Some((parent, _)) = p.entry.path.rsplit_once('/') else {
         return Ok(None);
     };
-    Ok(app
+    if app
         .catalog
         .entry_at(p.root_id, p.snap.seq, parent)
         .await?
-        .map(|e| e.id))
+        .is_none()
+    {
+        return Ok(None);
+    }
+    Ok(app.catalog.entry_handles(p.root_id, &[parent]).await?.pop())
 }
 
 /// A folder, one page of it.
@@ -124,32 +131,35 @@ async fn folder_view(
     if pages > 1 {
         text.push_str(&format!(" · page {} of {pages}", page + 1));
     }
+    let paths: Vec<&str> = listing.entries.iter().map(|e| e.path.as_str()).collect();
+    let handles = app.catalog.entry_handles(p.root_id, &paths).await?;
     let mut rows: Vec<Vec<InlineKeyboardButton>> = listing
         .entries
         .iter()
-        .map(|e| {
+        .zip(handles)
+        .map(|(e, handle)| {
             let label = render::entry_line(e);
             let data = match e.kind {
-                EntryKind::Dir => format!("b:{snap}:{}:0", e.id),
-                _ => format!("f:{snap}:{}", e.id),
+                EntryKind::Dir => format!("b:{snap}:{handle}:0"),
+                _ => format!("f:{snap}:{handle}"),
             };
             vec![button(label, data)]
         })
         .collect();
     let mut nav = Vec::new();
-    if let Some(up) = parent_id(app, p).await? {
+    if let Some(up) = parent_handle(app, p).await? {
         nav.push(button("⬆️ Up", format!("b:{snap}:{up}:0")));
     }
     if page > 0 {
         nav.push(button(
             "◀️ Previous",
-            format!("b:{snap}:{}:{}", p.entry.id, page - 1),
+            format!("b:{snap}:{}:{}", p.handle, page - 1),
         ));
     }
     if page + 1 < pages {
         nav.push(button(
             "Next ▶️",
-            format!("b:{snap}:{}:{}", p.entry.id, page + 1),
+            format!("b:{snap}:{}:{}", p.handle, page + 1),
         ));
     }
     if !nav.is_empty() {
@@ -172,12 +182,15 @@ async fn card_view(app: &App, p: &Place) -> anyhow::Result<(String, InlineKeyboa
             format_time(p.snap.finished_at)
         ));
         rows.push(vec![
-            button("📨 Send me this file", format!("g:{snap}:{}", e.id)),
-            button("♻️ Restore here", format!("r:{snap}:{}", e.id)),
+            button("📨 Send me this file", format!("g:{snap}:{}", p.handle)),
+            button("♻️ Restore here", format!("r:{snap}:{}", p.handle)),
         ]);
-        rows.push(vec![button("🕘 Versions", format!("v:{snap}:{}", e.id))]);
+        rows.push(vec![button(
+            "🕘 Versions",
+            format!("v:{snap}:{}", p.handle),
+        )]);
     }
-    if let Some(up) = parent_id(app, p).await? {
+    if let Some(up) = parent_handle(app, p).await? {
         rows.push(vec![button(
             "⬆️ Back to the folder",
             format!("b:{snap}:{up}:0"),
@@ -208,11 +221,11 @@ async fn versions_view(app: &App, p: &Place) -> anyhow::Result<(String, InlineKe
             rows.push(vec![
                 button(
                     format!("📨 Send {n}"),
-                    format!("g:{}:{}", v.last.short_id, v.entry.id),
+                    format!("g:{}:{}", v.last.short_id, p.handle),
                 ),
                 button(
                     format!("♻️ Restore {n}"),
-                    format!("r:{}:{}", v.last.short_id, v.entry.id),
+                    format!("r:{}:{}", v.last.short_id, p.handle),
                 ),
             ]);
         }
@@ -237,7 +250,7 @@ async fn send_file(
         let keyboard = InlineKeyboardMarkup::new(vec![vec![
             button(
                 "Yes, send it",
-                format!("cg:{}:{}", p.snap.short_id, p.entry.id),
+                format!("cg:{}:{}", p.snap.short_id, p.handle),
             ),
             button("No", "x:".into()),
         ]]);
@@ -339,6 +352,12 @@ async fn resolve_place(
         .await?;
     Ok(match entry {
         Some(entry) => Ok(Place {
+            handle: app
+                .catalog
+                .entry_handles(r.root_id, &[&r.prefix])
+                .await?
+                .pop()
+                .expect("one handle per path"),
             root_id: r.root_id,
             snap: r.snapshot,
             entry,
@@ -381,7 +400,7 @@ pub(crate) async fn command(
                     if let Ok(p) = resolve_place(app, user_id, &s.root, usage).await? {
                         rows.push(vec![button(
                             format!("📁 {}", s.root),
-                            format!("b:{}:{}:0", s.short_id, p.entry.id),
+                            format!("b:{}:{}:0", s.short_id, p.handle),
                         )]);
                     }
                 }

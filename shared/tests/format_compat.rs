@@ -277,14 +277,14 @@ struct Links {
     content_keys: BTreeMap<i64, Option<String>>,
     contents: BTreeMap<i64, (Vec<u8>, i64, i64)>,
     content_chunks: BTreeMap<(i64, i64), Vec<u8>>,
-    entry_contents: BTreeMap<i64, Option<i64>>,
+    entry_contents: BTreeMap<(i64, String, i64), Option<i64>>,
 }
 
 /// The links every catalog version holds alike: contents, chunk lists, entries' contents.
 type SameLinks = (
     BTreeMap<i64, (Vec<u8>, i64, i64)>,
     BTreeMap<(i64, i64), Vec<u8>>,
-    BTreeMap<i64, Option<i64>>,
+    BTreeMap<(i64, String, i64), Option<i64>>,
 );
 
 async fn same_links(pool: &sqlx::AnyPool) -> SameLinks {
@@ -298,10 +298,12 @@ async fn same_links(pool: &sqlx::AnyPool) -> SameLinks {
             .fetch_all(pool)
             .await
             .unwrap();
-    let entries: Vec<(i64, Option<i64>)> = sqlx::query_as("SELECT id, content_id FROM entries")
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    // Entries by their key: (root, path, first snapshot); they have no other since 0019.
+    let entries: Vec<(i64, String, i64, Option<i64>)> =
+        sqlx::query_as("SELECT root_id, path, from_seq, content_id FROM entries")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     assert!(!contents.is_empty() && !lists.is_empty() && !entries.is_empty());
     (
         contents
@@ -312,7 +314,10 @@ async fn same_links(pool: &sqlx::AnyPool) -> SameLinks {
             .into_iter()
             .map(|(c, seq, ch)| ((c, seq), ch))
             .collect(),
-        entries.into_iter().collect(),
+        entries
+            .into_iter()
+            .map(|(root, path, from, content)| ((root, path, from), content))
+            .collect(),
     )
 }
 

@@ -539,7 +539,7 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
         target: None,
         owner: file.owner.clone(),
         content: NewContent::Existing(file.content_id.unwrap()),
-        same_as: None,
+        same: false,
     };
     let blob = storinator_shared::ChunkId::from_slice(&snapshot_blob).unwrap();
     // Without the root's lock nothing is committed at all.

@@ -619,6 +619,179 @@ async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
     assert_eq!(restored(&to), v1);
 }
 
+/// Every entry row, in key order, as one JSON text: all the columns a row keeps.
+async fn entry_rows(pool: &storinator_shared::catalog::Pool) -> String {
+    sqlx::query_scalar(
+        "SELECT json_group_array(json_array(root_id, path, kind, size, mtime_ns, mode, inode, \
+         content_id, target, from_seq, to_seq, uid, gid, user_name, group_name)) \
+         FROM (SELECT * FROM entries ORDER BY root_id, path, from_seq)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Migration 0019 stores entries clustered by (root, path, first snapshot) instead of by
+/// rowid with an index: a catalog of the layout before it, holding current and closed rows of
+/// three snapshots, keeps every row, and each snapshot restores as it was. The next backup
+/// closes the rows of what changed by path, and the handle of a path names its entry in every
+/// snapshot that has it.
+#[tokio::test]
+async fn entries_keyed_by_path_keep_every_row_and_snapshot_through_their_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).unwrap();
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for e in std::fs::read_dir(&all).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.as_str() < "0019" {
+            std::fs::copy(e.path(), old.join(&name)).unwrap();
+        }
+    }
+    let db = dir.path().join("catalog.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    sqlx::any::install_default_drivers();
+    let pool = storinator_shared::catalog::Pool::connect(&url)
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let layout = |pool: storinator_shared::catalog::Pool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT group_concat(name || ': ' || coalesce(sql, ''), '; ') FROM sqlite_master \
+             WHERE tbl_name = 'entries' ORDER BY name",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = layout(pool.clone()).await;
+    assert!(before.contains("entries_by_root") && !before.contains("WITHOUT ROWID"));
+
+    let storage = Arc::new(InstrumentedStorage::new(
+        storinator_shared::MemoryStorage::new(dir.path().join("spool")),
+    ));
+    let src = dir.path().join("src/data");
+    let opts = backup_opts(&src);
+    let mut trees = Vec::new();
+    let mut shots = Vec::new();
+    {
+        let catalog = Catalog::from_pool(pool.clone());
+        storinator_shared::Repo::init(
+            &catalog,
+            storage.as_ref(),
+            PASS,
+            storinator_shared::KdfParams::fast_for_tests(),
+        )
+        .await
+        .unwrap();
+        let repo = storinator_shared::Repo::open(catalog, storage.clone(), PASS, settings())
+            .await
+            .unwrap()
+            .with_batch(3);
+        for change in [first_tree, second_tree] {
+            change(&src);
+            trees.push(describe_tree(&src));
+            let s = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
+            shots.push(s.unwrap().snapshot.short_id);
+        }
+    }
+    let rows = entry_rows(&pool).await;
+    assert!(
+        rows.contains("\"data/a-b\""),
+        "the first snapshot's rows: {rows}"
+    );
+    pool.close().await;
+
+    // Opened by this version: migrated, every row as it was.
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    let after = layout(catalog.pool().clone()).await;
+    assert!(
+        after.contains("WITHOUT ROWID") && !after.contains("entries_by_root"),
+        "{after}"
+    );
+    assert_eq!(entry_rows(catalog.pool()).await, rows);
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(catalog.pool())
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+
+    // A third snapshot: a file changed, one gone, one added; their rows close by path.
+    let repo = storinator_shared::Repo::open(catalog, storage, PASS, settings())
+        .await
+        .unwrap()
+        .with_batch(3);
+    write(&src, "a0", b"zero, changed once more");
+    std::fs::remove_file(src.join("b")).unwrap();
+    write(&src, "b2", b"new");
+    trees.push(describe_tree(&src));
+    let third = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
+    shots.push(third.unwrap().snapshot.short_id);
+    let current: Vec<String> = sqlx::query_scalar(
+        "SELECT path FROM entries WHERE to_seq IS NULL AND path IN ('data/a0', 'data/b', 'data/b2') \
+         ORDER BY path",
+    )
+    .fetch_all(repo.catalog.pool())
+    .await
+    .unwrap();
+    assert_eq!(current, ["data/a0", "data/b2"]);
+    for (short_id, want) in shots.iter().zip(&trees) {
+        let to = dir.path().join(format!("out-{short_id}"));
+        let opts = restore_opts(&src, &to, Some(short_id));
+        repo.restore(&opts, &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(&restored(&to), want, "snapshot {short_id}");
+    }
+
+    // One handle per path, the same every time; it names the path's entry of each snapshot.
+    let (root_id, _) = repo
+        .catalog
+        .snapshot_by_id("local", &shots[0])
+        .await
+        .unwrap()
+        .unwrap();
+    let handles = repo
+        .catalog
+        .entry_handles(root_id, &["data/a0", "data/b", "data/a0"])
+        .await
+        .unwrap();
+    assert_eq!(handles[0], handles[2]);
+    assert_ne!(handles[0], handles[1]);
+    let again = repo.catalog.entry_handles(root_id, &["data/b"]).await;
+    assert_eq!(again.unwrap(), [handles[1]]);
+    let mut sizes = Vec::new();
+    for short_id in &shots {
+        let (_, snap) = repo
+            .catalog
+            .snapshot_by_id("local", short_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let a0 = repo.catalog.entry_in(root_id, snap.seq, handles[0]).await;
+        sizes.push(a0.unwrap().unwrap().size);
+        let b = repo.catalog.entry_in(root_id, snap.seq, handles[1]).await;
+        assert_eq!(
+            b.unwrap().is_some(),
+            short_id != &shots[2],
+            "b in {short_id}"
+        );
+        // Another root's handle, or none, names nothing here.
+        let elsewhere = repo
+            .catalog
+            .entry_in(root_id + 1, snap.seq, handles[0])
+            .await;
+        assert_eq!(elsewhere.unwrap(), None);
+    }
+    assert_eq!(sizes, [4, 16, 23]);
+}
+
 /// The restore's writers (several, one folder at a time each) get every file's blobs in
 /// order while range reads run across page boundaries: many folders, pages that end in the
 /// middle of a folder, files of several chunks in several packs next to empty files and

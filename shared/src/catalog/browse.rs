@@ -1,6 +1,10 @@
 //! Queries for looking around in snapshots without restoring anything: a folder's children a
-//! page at a time, one entry by id, the versions of a file across snapshots. The chat's
+//! page at a time, one entry by handle, the versions of a file across snapshots. The chat's
 //! `/browse` and `/versions` and the CLI answer from these.
+//!
+//! A handle is a small number standing for a path of a root (`entry_handles`), for places
+//! where a path does not fit (Telegram's callback data holds 64 bytes). It names the same path
+//! in every snapshot of the root; which entry it means depends on the snapshot it is used with.
 
 use sqlx::Row;
 
@@ -9,6 +13,8 @@ use super::{
     snapshot_from_row,
 };
 use crate::error::Error;
+
+const HANDLES: &str = "naming entries for the chat";
 
 /// One page of a folder's children.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,21 +86,51 @@ impl Catalog {
         })
     }
 
-    /// The entry with row id `id`, if it belongs to snapshot `seq` of the root.
+    /// The handles of `paths` of a root (see the module's doc), made for those that have none.
+    pub async fn entry_handles(&self, root_id: i64, paths: &[&str]) -> Result<Vec<i64>, Error> {
+        let mut out = Vec::with_capacity(paths.len());
+        let mut tx = self.pool().begin().await.map_err(db(HANDLES))?;
+        for path in paths {
+            sqlx::query(
+                "INSERT INTO entry_handles (root_id, path) VALUES ($1, $2) \
+                 ON CONFLICT (root_id, path) DO NOTHING",
+            )
+            .bind(root_id)
+            .bind(*path)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(HANDLES))?;
+            let id: i64 =
+                sqlx::query_scalar("SELECT id FROM entry_handles WHERE root_id = $1 AND path = $2")
+                    .bind(root_id)
+                    .bind(*path)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db(HANDLES))?;
+            out.push(id);
+        }
+        tx.commit().await.map_err(db(HANDLES))?;
+        Ok(out)
+    }
+
+    /// The entry whose path has handle `handle`, if the path is part of snapshot `seq` of the
+    /// root.
     pub async fn entry_in(
         &self,
         root_id: i64,
         seq: i64,
-        id: i64,
+        handle: i64,
     ) -> Result<Option<EntryRow>, Error> {
         let row = sqlx::query(crate::catalog::sql(format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
-             WHERE e.id = ?3 AND e.root_id = ?1 AND e.from_seq <= ?2 \
+            "SELECT {ENTRY_COLUMNS} FROM entry_handles h \
+             JOIN entries e ON e.root_id = h.root_id AND e.path = h.path \
+             LEFT JOIN contents c ON c.id = e.content_id \
+             WHERE h.id = ?3 AND h.root_id = ?1 AND e.from_seq <= ?2 \
              AND (e.to_seq IS NULL OR e.to_seq > ?2)"
         )))
         .bind(root_id)
         .bind(seq)
-        .bind(id)
+        .bind(handle)
         .fetch_optional(self.pool())
         .await
         .map_err(db("looking up an entry"))?;

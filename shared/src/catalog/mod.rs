@@ -111,7 +111,6 @@ pub struct EntryOutline {
 /// One entry of a snapshot as the catalog holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRow {
-    pub id: i64,
     pub path: String,
     pub kind: EntryKind,
     pub size: u64,
@@ -194,11 +193,11 @@ pub(crate) fn snapshot_from_row(r: &DbRow) -> SnapshotInfo {
     }
 }
 
-pub(crate) const ENTRY_COLUMNS: &str = "e.id, e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target, \
+pub(crate) const ENTRY_COLUMNS: &str = "e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target, \
      e.uid, e.gid, e.user_name, e.group_name";
 
 /// [`ENTRY_COLUMNS`] for a [`json_rows`] statement: the same columns in the same order, named
-/// `c0`, `c1`, ... (the path is `c1`), the hash as hex.
+/// `c0`, `c1`, ... (the path is `c0`), the hash as hex.
 pub(crate) fn entry_json_columns(dialect: Dialect) -> String {
     ENTRY_COLUMNS
         .split(", ")
@@ -213,7 +212,6 @@ pub(crate) fn entry_json_columns(dialect: Dialect) -> String {
 
 /// An entry as [`entry_json_columns`] reads it through [`json_rows`].
 pub(crate) type EntryJson = (
-    i64,
     String,
     String,
     i64,
@@ -231,53 +229,51 @@ pub(crate) type EntryJson = (
 
 /// The entry of an [`EntryJson`] row, or why its hash is unreadable.
 pub(crate) fn entry_from_json(r: EntryJson) -> Result<EntryRow, String> {
-    let sha256 = match &r.8 {
+    let sha256 = match &r.7 {
         None => None,
         Some(h) => {
             let mut out = [0u8; 32];
             hex::decode_to_slice(h, &mut out)
-                .map_err(|e| format!("the SHA-256 {h:?} of {:?}: {e}", r.1))?;
+                .map_err(|e| format!("the SHA-256 {h:?} of {:?}: {e}", r.0))?;
             Some(out)
         }
     };
     Ok(EntryRow {
-        id: r.0,
-        path: r.1,
-        kind: EntryKind::parse(&r.2).unwrap_or(EntryKind::File),
-        size: r.3 as u64,
-        mtime_ns: r.4,
-        mode: r.5 as u32,
-        inode: r.6 as u64,
-        content_id: r.7,
+        path: r.0,
+        kind: EntryKind::parse(&r.1).unwrap_or(EntryKind::File),
+        size: r.2 as u64,
+        mtime_ns: r.3,
+        mode: r.4 as u32,
+        inode: r.5 as u64,
+        content_id: r.6,
         sha256,
-        target: r.9,
+        target: r.8,
         owner: Owner {
-            uid: r.10.map(|v| v as u32),
-            gid: r.11.map(|v| v as u32),
-            user: r.12,
-            group: r.13,
+            uid: r.9.map(|v| v as u32),
+            gid: r.10.map(|v| v as u32),
+            user: r.11,
+            group: r.12,
         },
     })
 }
 
 pub(crate) fn entry_from_row(r: &DbRow) -> EntryRow {
-    let sha: Option<Vec<u8>> = r.get(8);
+    let sha: Option<Vec<u8>> = r.get(7);
     EntryRow {
-        id: r.get(0),
-        path: r.get(1),
-        kind: EntryKind::parse(r.get::<&str, _>(2)).unwrap_or(EntryKind::File),
-        size: r.get::<i64, _>(3) as u64,
-        mtime_ns: r.get(4),
-        mode: r.get::<i64, _>(5) as u32,
-        inode: r.get::<i64, _>(6) as u64,
-        content_id: r.get(7),
+        path: r.get(0),
+        kind: EntryKind::parse(r.get::<&str, _>(1)).unwrap_or(EntryKind::File),
+        size: r.get::<i64, _>(2) as u64,
+        mtime_ns: r.get(3),
+        mode: r.get::<i64, _>(4) as u32,
+        inode: r.get::<i64, _>(5) as u64,
+        content_id: r.get(6),
         sha256: sha.and_then(|s| s.try_into().ok()),
-        target: r.get(9),
+        target: r.get(8),
         owner: Owner {
-            uid: r.get::<Option<i64>, _>(10).map(|v| v as u32),
-            gid: r.get::<Option<i64>, _>(11).map(|v| v as u32),
-            user: r.get(12),
-            group: r.get(13),
+            uid: r.get::<Option<i64>, _>(9).map(|v| v as u32),
+            gid: r.get::<Option<i64>, _>(10).map(|v| v as u32),
+            user: r.get(11),
+            group: r.get(12),
         },
     }
 }

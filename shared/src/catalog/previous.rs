@@ -28,7 +28,7 @@ pub struct PrevFile {
 impl Catalog {
     /// What a backup needs of the entries current in a root to skip unchanged ones: by path,
     /// the current row (every kind: the backup tells the commit which items it found
-    /// identical, see [`super::NewEntry::same_as`]) and a file's chunk list, for the paths
+    /// identical, see [`super::NewEntry::same`]) and a file's chunk list, for the paths
     /// after `after` (all if `None`) up to and including `upto`. A backup asks for one range
     /// per batch of its walk (which goes in path order), so only a batch's worth is ever held.
     pub async fn previous_files(
@@ -58,21 +58,20 @@ fn previous_sql(dialect: Dialect, after: bool) -> String {
         "e.path <= $2"
     };
     let inner = format!(
-        "SELECT {}, cc.seq AS c14, {} AS c15 \
+        "SELECT {}, cc.seq AS c13, {} AS c14 \
          FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
          LEFT JOIN content_chunks cc ON cc.content_id = e.content_id \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
         entry_json_columns(dialect),
         json_rows::hex(dialect, "cc.chunk_id")
     );
-    json_rows::statement(dialect, &inner, 16, "")
+    json_rows::statement(dialect, &inner, 15, "")
 }
 
 /// One row of [`previous_sql`]: an entry's columns (as in `ENTRY_COLUMNS`), then one chunk
 /// of its content (its position in the list and its id), if it has any.
 #[derive(Deserialize)]
 struct PrevRow(
-    i64,
     String,
     String,
     i64,
@@ -97,17 +96,17 @@ fn previous_from_rows(rows: Vec<PrevRow>) -> Result<HashMap<String, PrevFile>, E
     // Chunks that came after a later one of their list (the database may join in any order).
     let mut late: Vec<(String, i64, ChunkId)> = Vec::new();
     for r in rows {
-        let chunk = match (r.14, &r.15) {
+        let chunk = match (r.13, &r.14) {
             (Some(seq), Some(id)) => {
                 Some((seq, ChunkId::from_hex(id).map_err(|e| bad(e.to_string()))?))
             }
             _ => None,
         };
-        let file = match files.entry(r.1.clone()) {
+        let file = match files.entry(r.0.clone()) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {
                 let entry = (
-                    r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11, r.12, r.13,
+                    r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11, r.12,
                 );
                 v.insert(PrevFile {
                     entry: entry_from_json(entry).map_err(bad)?,
@@ -162,7 +161,6 @@ mod tests {
     fn row(path: &str, seq: Option<i64>, chunk: Option<u8>) -> serde_json::Value {
         let chunk = chunk.map(|n| hex::encode_upper(id(n).0));
         serde_json::json!([
-            7,
             path,
             "file",
             10,

@@ -153,7 +153,7 @@ impl Catalog {
         let entry =
             |r: EntryJson| entry_from_json(r).map_err(|e| Error::Invalid(format!("catalog: {e}")));
         let page = (root_id, seq, prefix, after, limit);
-        self.page_of((&columns, 14, "s.c1"), from, page, entry, |e| &e.path)
+        self.page_of((&columns, 13, "s.c0"), from, page, entry, |e| &e.path)
             .await
     }
 
@@ -383,7 +383,7 @@ impl SnapshotCommit {
                     item.path
                 )));
             }
-            if trusted && item.same_as.is_some() {
+            if trusted && item.same {
                 continue; // its current row stays
             }
             let prev = previous.remove(&item.path);
@@ -393,12 +393,12 @@ impl SnapshotCommit {
             {
                 continue; // no row written
             }
-            closed.extend(prev.map(|p| p.id));
+            closed.extend(prev.map(|p| p.path));
             added.push((*item, content_id));
         }
         // What no item of the batch named is gone since the previous snapshot.
-        closed.extend(previous.values().map(|p| p.id));
-        close_entries(&mut self.tx, &closed, self.seq).await?;
+        closed.extend(previous.into_keys());
+        close_entries(&mut self.tx, self.root_id, &closed, self.seq).await?;
         insert_entries(&mut self.tx, self.root_id, self.seq, &added).await?;
         self.last = Some(hi);
         Ok(())
@@ -414,8 +414,8 @@ impl SnapshotCommit {
     ) -> Result<i64, Error> {
         let gone =
             current_entries_in(&mut self.tx, self.root_id, self.last.as_deref(), None).await?;
-        let gone: Vec<i64> = gone.values().map(|p| p.id).collect();
-        close_entries(&mut self.tx, &gone, self.seq).await?;
+        let gone: Vec<String> = gone.into_keys().collect();
+        close_entries(&mut self.tx, self.root_id, &gone, self.seq).await?;
         let tx = &mut *self.tx;
         insert_snapshot(tx, self.root_id, self.seq, info, blob_id).await?;
         super::retention::record_listing(tx, self.root_id, self.seq, listing).await?;
@@ -425,7 +425,7 @@ impl SnapshotCommit {
 }
 
 /// Whether the batch's items that the backup found identical to a current row
-/// ([`NewEntry::same_as`]) account for every current row of their path range: then the
+/// ([`NewEntry::same`]) account for every current row of their path range: then the
 /// range's rows need no reading (they stay, and the other items are new paths). The
 /// backup compared them while holding the root's lock, which this transaction found it
 /// still holds, so no other writer changed the root's rows since (backups, forget and
@@ -438,7 +438,7 @@ async fn trusts_same_as(
     items: &[&NewEntry],
     (after, upto): (Option<&str>, Option<&str>),
 ) -> Result<bool, Error> {
-    let same = items.iter().filter(|i| i.same_as.is_some()).count() as i64;
+    let same = items.iter().filter(|i| i.same).count() as i64;
     let sql = format!(
         "SELECT COUNT(*) FROM entries e WHERE e.root_id = ? AND e.to_seq IS NULL{}",
         path_range(after, upto)
@@ -920,24 +920,31 @@ pub struct NewEntry {
     pub target: Option<String>,
     pub owner: Owner,
     pub content: NewContent,
-    /// The id of the root's current row the backup found this entry identical to (every
+    /// The backup found this entry identical to the root's current row of its path (every
     /// field [`unchanged`] compares; the content reused as it was), while it held the root's
     /// lock. The commit trusts it: see [`SnapshotCommit::add`].
-    pub same_as: Option<i64>,
+    pub same: bool,
 }
 
-/// Ends current entry rows' validity at snapshot `seq` (they changed or disappeared
-/// there). Only current rows are closed: a row someone else closed means the catalog changed
-/// under this commit.
-async fn close_entries(tx: &mut Conn, ids: &[i64], seq: i64) -> Result<(), Error> {
-    for part in ids.chunks(super::bulk::ROWS) {
+/// Ends the validity of a root's current rows at `paths` at snapshot `seq` (they changed or
+/// disappeared there). Only current rows are closed: a row someone else closed means the
+/// catalog changed under this commit.
+async fn close_entries(
+    tx: &mut Conn,
+    root_id: i64,
+    paths: &[String],
+    seq: i64,
+) -> Result<(), Error> {
+    for part in paths.chunks(super::bulk::ROWS) {
         let sql = format!(
-            "UPDATE entries SET to_seq = $1 WHERE to_seq IS NULL AND id IN ({})",
-            super::bulk::marks(2, part.len())
+            "UPDATE entries SET to_seq = $1 WHERE root_id = $2 AND to_seq IS NULL AND path IN ({})",
+            super::bulk::marks(3, part.len())
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(seq);
-        for id in part {
-            q = q.bind(*id);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(seq)
+            .bind(root_id);
+        for path in part {
+            q = q.bind(path);
         }
         let done = q.execute(&mut *tx).await.map_err(db(COMMIT))?;
         if done.rows_affected() != part.len() as u64 {

@@ -112,9 +112,9 @@ struct Item {
     /// A file to read.
     #[serde(rename = "r", default, skip_serializing_if = "is_false")]
     read: bool,
-    /// Identical to the root's current row of this id (the commit keeps that row).
-    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
-    same: Option<i64>,
+    /// Identical to the root's current row of its path (the commit keeps that row).
+    #[serde(rename = "s", default, skip_serializing_if = "is_false")]
+    same: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -553,10 +553,10 @@ fn decide(item: &mut Item, previous: Option<&PrevFile>, stored: &ChunkSet) -> Re
             group: line.group.clone(),
         },
         content: NewContent::None,
-        same_as: None,
+        same: false,
     };
     if crate::catalog::unchanged(&p.entry, &now, item.reused) {
-        item.same = Some(p.entry.id);
+        item.same = true;
     }
     Ok(())
 }
@@ -807,7 +807,7 @@ fn new_entry(item: Item) -> Result<NewEntry, Error> {
             group: line.group,
         },
         content,
-        same_as: item.same,
+        same: item.same,
     })
 }
 
@@ -1019,7 +1019,7 @@ fn walked_item(
         },
         reused: None,
         read: false,
-        same: None,
+        same: false,
     })
 }
 

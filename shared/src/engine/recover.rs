@@ -238,7 +238,7 @@ async fn restore_snapshot(
                 group: e.group,
             },
             content,
-            same_as: None,
+            same: false,
         });
     }
     let info = SnapshotInfo {
