@@ -1990,7 +1990,6 @@ mod tests {
 
     fn file_entry(mode: u32, mtime_ns: i64) -> EntryRow {
         EntryRow {
-            id: 1,
             path: "/data/f".into(),
             kind: EntryKind::File,
             size: 0,
