@@ -1623,3 +1623,56 @@ async fn recover_reads_a_listings_chunks_several_at_once() {
         .unwrap();
     assert_eq!(describe_tree(&src), describe_tree(&out.join("many")));
 }
+
+/// Records the transfer estimates a job announces.
+#[derive(Default)]
+struct Estimates(std::sync::Mutex<Vec<storinator_shared::TransferEstimate>>);
+
+impl storinator_shared::Progress for Estimates {
+    fn estimate(&self, estimate: &storinator_shared::TransferEstimate) {
+        self.0.lock().unwrap().push(estimate.clone());
+    }
+}
+
+/// A backend that announces estimates gets the restore's bytes and its packs counted; one
+/// that announces none (a local one) is asked nothing, and the restore skips the count.
+#[tokio::test]
+async fn a_restore_counts_its_packs_only_for_a_backend_that_estimates() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    make_tree(&src);
+    let summary = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+
+    f.storage.estimates.store(true, Ordering::SeqCst);
+    let seen = Estimates::default();
+    let r = f
+        .repo
+        .restore(
+            &restore_opts(&src, &f.path("out")),
+            &seen,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    let seen = seen.0.into_inner().unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    // The instrumented backend answers with the objects and bytes it was asked about.
+    assert_eq!(seen[0].message_calls, summary.packs);
+    assert_eq!(seen[0].part_calls, r.bytes);
+
+    f.storage.estimates.store(false, Ordering::SeqCst);
+    let seen = Estimates::default();
+    f.repo
+        .restore(
+            &restore_opts(&src, &f.path("out2")),
+            &seen,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    assert!(seen.0.into_inner().unwrap().is_empty());
+}

@@ -596,6 +596,61 @@ async fn owners_are_restored_as_root_and_setuid_bits_only_with_them() {
     );
 }
 
+/// A file created by root already has root's owner and its recorded mode, so the restore
+/// leaves them; but in a set-group-id folder it gets the folder's group, which the restore
+/// must still correct to the recorded one (as it does any other owner).
+#[tokio::test]
+async fn files_created_with_another_group_in_a_setgid_folder_get_their_recorded_owner() {
+    if !is_root() {
+        eprintln!("skipped: restoring owners needs root");
+        return;
+    }
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    for name in ["plain", "theirs", "private"] {
+        std::fs::write(src.join(name), name).unwrap();
+    }
+    let own = |p: &Path, u: u32, g: u32| std::os::unix::fs::lchown(p, Some(u), Some(g)).unwrap();
+    own(&src, 0, 0);
+    own(&src.join("plain"), 0, 0);
+    own(&src.join("theirs"), 4321, 4322);
+    own(&src.join("private"), 0, 0);
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    mode(&src.join("plain"), 0o644).unwrap();
+    mode(&src.join("theirs"), 0o644).unwrap();
+    mode(&src.join("private"), 0o640).unwrap();
+    f.repo
+        .backup(
+            &backup_opts(&src, "local", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+
+    let out = f.path("shared-out");
+    std::fs::create_dir_all(&out).unwrap();
+    own(&out, 0, 4444);
+    mode(&out, 0o2775).unwrap();
+    f.repo
+        .restore(
+            &restore_opts(&src, &out, "local"),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    let m = |p: &str| {
+        let m = std::fs::symlink_metadata(out.join(p)).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(m("data/plain"), (0, 0, 0o644));
+    assert_eq!(m("data/theirs"), (4321, 4322, 0o644));
+    assert_eq!(m("data/private"), (0, 0, 0o640));
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+}
+
 #[tokio::test]
 async fn names_of_255_bytes_and_read_only_folders_restore() {
     let f = Fixture::new().await;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::Digest;
@@ -174,6 +174,9 @@ pub struct InstrumentedStorage<S> {
     pub reads_in_flight: Arc<AtomicUsize>,
     pub max_reads_in_flight: Arc<AtomicUsize>,
     pub read_delay_ms: Arc<AtomicU64>,
+    /// While set, the backend announces transfer estimates (as a rate-limited one does): the
+    /// objects asked about as `message_calls`, the bytes as `part_calls`.
+    pub estimates: Arc<AtomicBool>,
 }
 
 impl<S> InstrumentedStorage<S> {
@@ -196,6 +199,7 @@ impl<S> InstrumentedStorage<S> {
             reads_in_flight: Default::default(),
             max_reads_in_flight: Default::default(),
             read_delay_ms: Default::default(),
+            estimates: Default::default(),
         }
     }
 
@@ -230,6 +234,7 @@ impl<S> InstrumentedStorage<S> {
             reads_in_flight: other.reads_in_flight.clone(),
             max_reads_in_flight: other.max_reads_in_flight.clone(),
             read_delay_ms: other.read_delay_ms.clone(),
+            estimates: other.estimates.clone(),
         }
     }
 
@@ -378,6 +383,15 @@ impl<S: storinator_shared::Storage> storinator_shared::Storage for InstrumentedS
         objs: &[storinator_shared::ObjectRef],
     ) -> Result<(), storinator_shared::StorageError> {
         self.inner.remove_many(objs).await
+    }
+    fn estimate(&self, bytes: u64, objects: u64) -> Option<storinator_shared::TransferEstimate> {
+        self.estimates
+            .load(Ordering::SeqCst)
+            .then_some(storinator_shared::TransferEstimate {
+                message_calls: objects,
+                part_calls: bytes,
+                seconds: 0.0,
+            })
     }
     // The inner store's transfer shape, so that an instrumented store is restored and
     // uploaded to the way the store itself would be.

@@ -392,12 +392,16 @@ pub(crate) async fn run(
     counters.bytes_total.store(checked.bytes, Ordering::Relaxed);
     counters.set_phase(Phase::Downloading);
     progress.report(&counters.report());
-    let packs = repo
-        .catalog
-        .packs_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
-        .await?;
-    if let Some(estimate) = repo.storage.estimate(checked.bytes, packs) {
-        progress.estimate(&estimate);
+    // Counting the packs is a query over every chunk of the restore, on the way to the first
+    // write: only for backends that announce an estimate (local ones give none).
+    if repo.storage.estimate(checked.bytes, 0).is_some() {
+        let packs = repo
+            .catalog
+            .packs_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
+            .await?;
+        if let Some(estimate) = repo.storage.estimate(checked.bytes, packs) {
+            progress.estimate(&estimate);
+        }
     }
 
     let same_owner = opts.same_owner.unwrap_or_else(running_as_root);
@@ -815,11 +819,12 @@ fn make_symlinks(
     outcome: &mut Outcome,
 ) -> u64 {
     let mut made = 0;
+    let mut temps = TempNames::new();
     for (i, p) in plan.iter().enumerate() {
         if p.entry.kind != EntryKind::Symlink || skip[i] {
             continue;
         }
-        match restore_symlink(target, p, keys, owners) {
+        match restore_symlink(target, p, keys, &mut temps, owners) {
             Ok(()) => made += 1,
             Err(e) => outcome.fail(&p.entry.path, e),
         }
@@ -831,6 +836,7 @@ fn restore_symlink(
     target: &Target,
     p: &Planned,
     keys: &Keys,
+    temps: &mut TempNames,
     owners: &mut Owners,
 ) -> Result<(), String> {
     let (parent, name) = split_rel(&p.rel);
@@ -838,7 +844,7 @@ fn restore_symlink(
         .make_dirs(parent)
         .map_err(|e| dir_error(target, parent, e))?;
     let link_target = p.entry.target.as_deref().unwrap_or("");
-    let tmp = temp_name(keys, name.as_bytes());
+    let tmp = temps.name(keys, name.as_bytes());
     let tmp = OsStr::from_bytes(&tmp);
     let shown = || target.display(&p.rel).display().to_string();
     rustix::fs::symlinkat(link_target, &dir, tmp).map_err(|e| format!("{}: {e}", shown()))?;
@@ -932,7 +938,7 @@ impl Owners {
             return None;
         }
         let uid = match &owner.user {
-            Some(name) => *self.users.entry(name.clone()).or_insert_with(|| {
+            Some(name) => cached(&mut self.users, name, |name| {
                 nix::unistd::User::from_name(name)
                     .ok()
                     .flatten()
@@ -942,7 +948,7 @@ impl Owners {
         }
         .or(owner.uid)?;
         let gid = match &owner.group {
-            Some(name) => *self.groups.entry(name.clone()).or_insert_with(|| {
+            Some(name) => cached(&mut self.groups, name, |name| {
                 nix::unistd::Group::from_name(name)
                     .ok()
                     .flatten()
@@ -956,6 +962,21 @@ impl Owners {
             rustix::fs::Gid::from_raw(gid),
         ))
     }
+}
+
+/// The id of a user or group name, looked up once (a hit costs no copy of the name: this
+/// runs for every file).
+fn cached(
+    ids: &mut HashMap<String, Option<u32>>,
+    name: &str,
+    look_up: impl FnOnce(&str) -> Option<u32>,
+) -> Option<u32> {
+    if let Some(id) = ids.get(name) {
+        return *id;
+    }
+    let id = look_up(name);
+    ids.insert(name.to_string(), id);
+    id
 }
 
 /// Owner, then mode, then time, on an open handle (ownership first: `chown` clears the
@@ -991,6 +1012,45 @@ fn apply_metadata(
 }
 
 const SUID_SGID: u32 = 0o6000;
+
+/// The mode a file is created with: its recorded mode where having it before the content is
+/// verified gives nobody anything the finished file would not (no setuid, setgid or sticky
+/// bit; nobody but the owner may write; the owner may read and write; the group, whose id may
+/// still change, gets nothing everyone does not, and everyone nothing the owner does not);
+/// otherwise 0600 until [`apply_metadata`] sets it. A created mode that is already right
+/// spares the `chmod`.
+fn creation_mode(mode: u32) -> u32 {
+    let mode = mode & 0o7777;
+    let (owner, group, other) = ((mode >> 6) & 0o7, (mode >> 3) & 0o7, mode & 0o7);
+    let safe =
+        mode & 0o7022 == 0 && owner & 0o6 == 0o6 && group & !other == 0 && other & !owner == 0;
+    if safe { mode } else { 0o600 }
+}
+
+/// A written file's metadata. Where it was created with its recorded mode and an `fstat`
+/// shows that mode and the owner it should have (the umask, a default ACL, a set-group-id
+/// folder or the filesystem may have decided otherwise), only the time is left to set;
+/// otherwise all of it is applied, as for any item.
+fn finish_file(
+    fd: BorrowedFd<'_>,
+    entry: &EntryRow,
+    created_mode: u32,
+    owners: &mut Owners,
+    shown: &Path,
+    warnings: &mut Vec<String>,
+) -> std::io::Result<()> {
+    if created_mode == entry.mode & 0o7777 {
+        let st = rustix::fs::fstat(fd)?;
+        let owner_right = owners
+            .ids(&entry.owner)
+            .is_none_or(|(uid, gid)| st.st_uid == uid.as_raw() && st.st_gid == gid.as_raw());
+        if owner_right && st.st_mode & 0o7777 == created_mode {
+            rustix::fs::futimens(fd, &times(entry.mtime_ns))?;
+            return Ok(());
+        }
+    }
+    apply_metadata(fd, entry, owners, shown, warnings)
+}
 
 /// Sets `mode` through `chmod`. Where the system refuses setuid/setgid bits (systemd's
 /// `RestrictSUIDSGID=yes` makes such a chmod fail with EPERM), the rest of the mode is set
@@ -1106,10 +1166,29 @@ fn temp_name_with(keys: &Keys, nonce: &[u8; 4], name: &[u8]) -> Vec<u8> {
     .into_bytes()
 }
 
-fn temp_name(keys: &Keys, name: &[u8]) -> Vec<u8> {
-    let mut nonce = [0u8; 4];
-    getrandom::fill(&mut nonce).expect("operating system random source failed");
-    temp_name_with(keys, &nonce, name)
+/// Where the nonces of temporary names come from: a random start drawn once per writer, then
+/// counted up, instead of the system's random source per file. The keyed tag, not the nonce,
+/// makes a name impossible to guess (or plant) without the key; the nonce only keeps apart
+/// two restores writing the same name, which a random start does as well as per-file draws.
+struct TempNames {
+    next: u32,
+}
+
+impl TempNames {
+    fn new() -> TempNames {
+        let mut start = [0u8; 4];
+        getrandom::fill(&mut start).expect("operating system random source failed");
+        TempNames {
+            next: u32::from_le_bytes(start),
+        }
+    }
+
+    /// A fresh temporary name for the final name `name`.
+    fn name(&mut self, keys: &Keys, name: &[u8]) -> Vec<u8> {
+        let nonce = self.next.to_le_bytes();
+        self.next = self.next.wrapping_add(1);
+        temp_name_with(keys, &nonce, name)
+    }
 }
 
 /// The nonce of a name shaped like a temporary one.
@@ -1632,6 +1711,7 @@ impl BlobQueue {
 fn write_files(ctx: &WriterShared, rx: tokio::sync::mpsc::Receiver<ToWriter>) -> Outcome {
     let mut outcome = Outcome::default();
     let mut owners = Owners::new(ctx.same_owner);
+    let mut temps = TempNames::new();
     let mut parent = ParentCache {
         rel: None,
         fd: None,
@@ -1650,7 +1730,15 @@ fn write_files(ctx: &WriterShared, rx: tokio::sync::mpsc::Receiver<ToWriter>) ->
             if ctx.cancel.is_cancelled() {
                 return outcome;
             }
-            let result = write_one(ctx, p, &mut parent, &mut blobs, &mut owners, &mut outcome);
+            let result = write_one(
+                ctx,
+                p,
+                &mut parent,
+                &mut blobs,
+                &mut temps,
+                &mut owners,
+                &mut outcome,
+            );
             match result {
                 Ok(()) => {}
                 Err(WriteError::Failed(reason)) => outcome.fail(&p.entry.path, reason),
@@ -1675,6 +1763,7 @@ fn write_one(
     p: &Planned,
     parent: &mut ParentCache,
     blobs: &mut BlobQueue,
+    temps: &mut TempNames,
     owners: &mut Owners,
     outcome: &mut Outcome,
 ) -> Result<(), WriteError> {
@@ -1693,8 +1782,9 @@ fn write_one(
             ctx.target.display(parent_rel).display()
         ));
     }
-    let tmp = temp_name(&ctx.keys, name.as_bytes());
+    let tmp = temps.name(&ctx.keys, name.as_bytes());
     let tmp = OsStr::from_bytes(&tmp);
+    let created_mode = creation_mode(p.entry.mode);
     let mut out: Option<File> = None;
     if failure.is_none() {
         let dir = parent.fd.as_ref().expect("opened above");
@@ -1702,7 +1792,7 @@ fn write_one(
             dir,
             tmp,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o600),
+            rustix::fs::Mode::from_raw_mode(created_mode),
         ) {
             Ok(fd) => out = Some(File::from(fd)),
             Err(e) => {
@@ -1750,9 +1840,10 @@ fn write_one(
         return Err(WriteError::Failed(failure.unwrap_or_default()));
     };
     let finish = || -> std::io::Result<()> {
-        apply_metadata(
+        finish_file(
             out.as_fd(),
             &p.entry,
+            created_mode,
             owners,
             &ctx.target.display(&p.rel),
             &mut outcome.warnings,
@@ -1864,16 +1955,75 @@ mod tests {
     fn temp_names_are_short_keyed_and_recognised() {
         let keys = Keys::derive(&crate::format::crypto::MasterSecret::generate());
         let long = "n".repeat(255);
-        let t = temp_name(&keys, long.as_bytes());
+        let mut temps = TempNames::new();
+        let t = temps.name(&keys, long.as_bytes());
         assert_eq!(t.len(), 41);
         let nonce = temp_nonce(&t).unwrap();
         assert_eq!(temp_name_with(&keys, &nonce, long.as_bytes()), t);
+        // The next name for the same final name is another one, and recognised as well.
+        let again = temps.name(&keys, long.as_bytes());
+        assert_ne!(again, t);
+        let nonce = temp_nonce(&again).unwrap();
+        assert_eq!(temp_name_with(&keys, &nonce, long.as_bytes()), again);
         // Another name, another key, or a look-alike are not ours.
         assert_ne!(temp_name_with(&keys, &nonce, b"other"), t);
         let other = Keys::derive(&crate::format::crypto::MasterSecret::generate());
         assert_ne!(temp_name_with(&other, &nonce, long.as_bytes()), t);
         assert!(temp_nonce(b".storinator-zz-0000000000000000.tmp").is_none());
         assert!(temp_nonce(b"photo.jpg").is_none());
+    }
+
+    /// A file is created with its recorded mode only where that shows nobody anything early:
+    /// never special bits, write access beyond the owner, a group allowed more than everyone,
+    /// everyone allowed more than the owner, or an owner who cannot write.
+    #[test]
+    fn files_are_created_with_their_mode_only_where_it_is_safe() {
+        for mode in [0o644, 0o755, 0o600, 0o700, 0o604, 0o100644] {
+            assert_eq!(creation_mode(mode), mode & 0o7777, "{mode:o}");
+        }
+        for mode in [
+            0o640, 0o750, 0o664, 0o666, 0o646, 0o444, 0o400, 0o4755, 0o2755, 0o1644, 0o614,
+        ] {
+            assert_eq!(creation_mode(mode), 0o600, "{mode:o}");
+        }
+    }
+
+    fn file_entry(mode: u32, mtime_ns: i64) -> EntryRow {
+        EntryRow {
+            path: "/data/f".into(),
+            kind: EntryKind::File,
+            size: 0,
+            mtime_ns,
+            mode,
+            inode: 0,
+            content_id: None,
+            sha256: None,
+            target: None,
+            owner: Owner::default(),
+        }
+    }
+
+    /// Where the created mode is not the recorded one after all (a umask or a default ACL took
+    /// bits away), the mode is set; where it is, only the time is.
+    #[test]
+    fn a_created_mode_that_came_out_otherwise_is_set() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for (created, want) in [(0o600, 0o644), (0o644, 0o644)] {
+            let f = File::create(&path).unwrap();
+            f.set_permissions(std::fs::Permissions::from_mode(created))
+                .unwrap();
+            let entry = file_entry(want, 1_234_567_890_123_456_789);
+            let mut warnings = Vec::new();
+            let mut owners = Owners::new(false);
+            finish_file(f.as_fd(), &entry, 0o644, &mut owners, &path, &mut warnings).unwrap();
+            let m = std::fs::metadata(&path).unwrap();
+            assert_eq!(m.mode() & 0o7777, want);
+            assert_eq!((m.mtime(), m.mtime_nsec()), (1_234_567_890, 123_456_789));
+            assert!(warnings.is_empty());
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     #[test]
