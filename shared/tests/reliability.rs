@@ -422,7 +422,7 @@ async fn verify_lists_objects_the_catalog_does_not_know_and_leaves_them() {
 async fn chunk_of(f: &Fixture, path: &str) -> (String, i64) {
     sqlx::query_as(
         "SELECT p.id, c.\"offset\" FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+         JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
          WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
