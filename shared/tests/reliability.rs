@@ -639,3 +639,50 @@ async fn a_failed_upload_leaves_no_object_row_or_spool_behind() {
     stored.sort();
     assert_eq!(objects, stored, "every object is a known pack");
 }
+
+/// The chat names the entries it shows by handles. Handles it made before are read, not
+/// written: a page shown again doesn't wait for the write lock a committing backup holds
+/// (seconds, for a big one), only a path shown for the first time does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_made_before_are_read_while_another_writer_holds_the_lock() {
+    let f = Fixture::new().await;
+    let src = f.path("src/a");
+    make_folder(&src, 3, 100, 7);
+    backup(&f.repo, &src).await.unwrap();
+    let root = src.to_string_lossy().into_owned();
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", &root)
+        .await
+        .unwrap()
+        .unwrap();
+    let catalog = &f.repo.catalog;
+    let made = catalog
+        .entry_handles(root_id, &["a/f00.bin", "a/f01.bin", "a/f00.bin"])
+        .await
+        .unwrap();
+    assert_eq!(made[0], made[2]);
+    assert_ne!(made[0], made[1]);
+
+    let writer = storinator_shared::catalog::begin_write(catalog.pool())
+        .await
+        .unwrap();
+    // Bounded only so that a broken build fails instead of waiting out the busy timeout.
+    let again = tokio::time::timeout(
+        Duration::from_secs(20),
+        catalog.entry_handles(root_id, &["a/f01.bin", "a/f00.bin"]),
+    )
+    .await
+    .expect("handles made before waited for the write lock");
+    assert_eq!(again.unwrap(), [made[1], made[0]]);
+    writer.rollback().await.unwrap();
+
+    // A path not shown before gets a new handle, beside the old ones, once the lock is free.
+    let mixed = catalog
+        .entry_handles(root_id, &["a/f02.bin", "a/f00.bin"])
+        .await
+        .unwrap();
+    assert_eq!(mixed[1], made[0]);
+    assert!(!made.contains(&mixed[0]), "{mixed:?} {made:?}");
+}
