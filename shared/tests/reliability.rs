@@ -558,13 +558,46 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
     let e = f
         .repo
         .catalog
-        .commit_snapshot("late", (&info, ""), &blob, &[], &[item])
+        .commit_snapshot("late", (&info, ""), &blob, &[], std::slice::from_ref(&item))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Changed(_)), "{e}");
     assert!(e.is_retryable());
     assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 1);
     assert!(duplicate_current_rows(&f).await.is_empty());
+
+    // A new content on a chunk the catalog has no row for (a prune deleted it after the
+    // backup stored or found it) is refused the same way, before anything is written.
+    f.repo
+        .catalog
+        .set_pack_state(&pack, "stored")
+        .await
+        .unwrap();
+    let on_a_lost_chunk = NewEntry {
+        path: "data/new.bin".into(),
+        size: 5,
+        owner: item.owner.clone(),
+        content: NewContent::New {
+            sha256: [7; 32],
+            size: 5,
+            chunks: vec![storinator_shared::ChunkId([9; 32])],
+        },
+        ..item
+    };
+    let e = f
+        .repo
+        .catalog
+        .commit_snapshot("late", (&info, ""), &blob, &[], &[on_a_lost_chunk])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("deleted by a prune"), "{e}");
+    assert!(e.is_retryable());
+    assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 1);
+    let contents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM contents WHERE size = 5")
+        .fetch_one(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    assert_eq!(contents, 0, "the refused content was recorded");
 }
 
 #[tokio::test]
