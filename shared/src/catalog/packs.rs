@@ -223,23 +223,23 @@ impl Catalog {
         let dialect = Dialect::of(&self.pool);
         let sql = stored_chunks_sql(dialect);
         let mut out = Vec::new();
-        let mut after: Vec<u8> = Vec::new();
+        let mut after: i64 = 0;
         loop {
             let q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(after.clone())
+                .bind(after)
                 .bind(page_size as i64);
-            let page: Vec<(String, i64)> = json_rows::fetch(q, &self.pool, WHAT).await?;
+            let page: Vec<(String, i64, i64)> = json_rows::fetch(q, &self.pool, WHAT).await?;
             let bad = |why: String| Error::Invalid(format!("{WHAT}: {why}"));
-            let mut last: Option<ChunkId> = None;
-            for (hex, flags) in &page {
+            let mut last: Option<i64> = None;
+            for (hex, flags, no) in &page {
                 let id = ChunkId::from_hex(hex).map_err(|e| bad(e.to_string()))?;
-                last = last.max(Some(id));
+                last = last.max(Some(*no));
                 if keep(*flags as u8) {
                     out.push(id);
                 }
             }
             match last {
-                Some(last) if page.len() == page_size => after = last.0.to_vec(),
+                Some(last) if page.len() == page_size => after = last,
                 _ => return Ok(out),
             }
         }
@@ -452,18 +452,19 @@ pub(super) fn pack_from_row(r: &crate::catalog::DbRow) -> PackRow {
 /// Chunk ids per page of [`Catalog::stored_chunk_ids`]: about 5 MB of JSON.
 const CHUNK_PAGE: usize = 65_536;
 
-/// The usable chunks after the id `$1` (in id order, the chunks' primary key), at most `$2`
-/// of them, as JSON pairs of hex id and flags (in no particular order: the reader finds the
-/// page's last id itself).
+/// The usable chunks numbered after `$1` (in number order, the chunks' primary key: one walk
+/// of the table, in the order the rows are stored), at most `$2` of them, as JSON triples of
+/// hex id, flags and number (in no particular order: the reader finds the page's last number
+/// itself).
 fn stored_chunks_sql(dialect: Dialect) -> String {
     let inner = format!(
-        "SELECT {} AS c0, c.flags AS c1 FROM chunks c JOIN packs p ON p.no = c.pack_no \
-         WHERE c.id > $1 AND {USABLE_PACK} \
+        "SELECT {} AS c0, c.flags AS c1, c.no AS c2 FROM chunks c JOIN packs p ON p.no = c.pack_no \
+         WHERE c.no > $1 AND {USABLE_PACK} \
          AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk_id = c.id AND {DAMAGED_CHUNK}) \
-         ORDER BY c.id LIMIT $2",
+         ORDER BY c.no LIMIT $2",
         json_rows::hex(dialect, "c.id")
     );
-    json_rows::statement(dialect, &inner, 2, "")
+    json_rows::statement(dialect, &inner, 3, "")
 }
 
 #[cfg(test)]
