@@ -795,7 +795,7 @@ fn touch(file: &std::path::Path, secs: i64) {
 async fn pack_of(f: &Fixture, path: &str) -> String {
     sqlx::query_scalar(
         "SELECT p.id FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+         JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
          WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
@@ -822,7 +822,7 @@ async fn holds_snapshot_objects(f: &Fixture, pack: &str) -> bool {
 async fn files_in_pack(f: &Fixture, pack: &str) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+         JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
          WHERE p.id = $1 ORDER BY e.path",
     )
     .bind(pack)
@@ -1287,7 +1287,7 @@ async fn first_chunk_of(f: &Fixture, path: &str) -> (String, i64) {
     sqlx::query_as(
         "SELECT p.id, c.\"offset\" FROM entries e
            JOIN content_chunks cc ON cc.content_id = e.content_id AND cc.seq = 0
-           JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no
+           JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no
           WHERE e.path = $1 AND e.to_seq IS NULL",
     )
     .bind(path)
@@ -1453,7 +1453,7 @@ async fn chunk_lists_are_whole(catalog: &Catalog) {
         catalog,
         "SELECT COUNT(*) FROM (SELECT c.id FROM contents c \
          LEFT JOIN content_chunks cc ON cc.content_id = c.id \
-         LEFT JOIN chunks ch ON ch.id = cc.chunk_id GROUP BY c.id, c.size \
+         LEFT JOIN chunks ch ON ch.no = cc.chunk_no GROUP BY c.id, c.size \
          HAVING c.size <> CAST(COALESCE(SUM(ch.raw_length), 0) AS BIGINT) \
          OR COUNT(cc.seq) <> COALESCE(MAX(cc.seq) + 1, 0)) AS t",
     )

@@ -177,7 +177,7 @@ async fn an_unencrypted_backup_after_the_upgrade_relies_on_no_format1_blob() {
     // stored again all the same, authenticated.
     assert!(s.new_data_chunks >= 3, "{}", s.line());
     let unauthenticated: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM chunks ch JOIN content_chunks cc ON cc.chunk_id = ch.id \
+        "SELECT COUNT(*) FROM chunks ch JOIN content_chunks cc ON cc.chunk_no = ch.no \
          JOIN entries e ON e.content_id = cc.content_id JOIN roots r ON r.id = e.root_id \
          WHERE r.path = $1 AND ch.flags & 3 = 0",
     )
@@ -287,17 +287,18 @@ type SameLinks = (
     BTreeMap<(i64, String, i64), Option<i64>>,
 );
 
-async fn same_links(pool: &sqlx::AnyPool) -> SameLinks {
+/// `lists`: the statement of the chunk lists as (content id, seq, chunk id), which name chunks
+/// by id before migration 0022 and by number since.
+async fn same_links(pool: &sqlx::AnyPool, lists: &str) -> SameLinks {
     let contents: Vec<(i64, Vec<u8>, i64, i64)> =
         sqlx::query_as("SELECT id, sha256, size, encrypted FROM contents")
             .fetch_all(pool)
             .await
             .unwrap();
-    let lists: Vec<(i64, i64, Vec<u8>)> =
-        sqlx::query_as("SELECT content_id, seq, chunk_id FROM content_chunks")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let lists: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(lists.to_string()))
+        .fetch_all(pool)
+        .await
+        .unwrap();
     // Entries by their key: (root, path, first snapshot); they have no other since 0019.
     let entries: Vec<(i64, String, i64, Option<i64>)> =
         sqlx::query_as("SELECT root_id, path, from_seq, content_id FROM entries")
@@ -339,7 +340,11 @@ async fn old_links(db: &Path) -> Links {
     sqlx::any::install_default_drivers();
     let url = format!("sqlite://{}?mode=ro", db.display());
     let pool = sqlx::AnyPool::connect(&url).await.unwrap();
-    let (contents, content_chunks, entry_contents) = same_links(&pool).await;
+    let (contents, content_chunks, entry_contents) = same_links(
+        &pool,
+        "SELECT content_id, seq, chunk_id FROM content_chunks",
+    )
+    .await;
     pool.close().await;
     Links {
         chunk_packs: chunk_packs.into_iter().collect(),
@@ -368,7 +373,11 @@ async fn new_links(catalog: &Catalog) -> Links {
     .fetch_all(pool)
     .await
     .unwrap();
-    let (contents, content_chunks, entry_contents) = same_links(pool).await;
+    let (contents, content_chunks, entry_contents) = same_links(
+        pool,
+        "SELECT cc.content_id, cc.seq, c.id FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no",
+    )
+    .await;
     Links {
         chunk_packs: chunk_packs.into_iter().collect(),
         content_keys: content_keys.into_iter().collect(),
@@ -486,30 +495,105 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     let keys: BTreeSet<_> = before.content_keys.values().collect();
     assert_eq!(keys.len(), 3, "the installation key and two owner keys");
 
-    let catalog = Catalog::open_file(&db).await.unwrap();
-    assert_eq!(contents_indexes(&catalog).await, ["contents_by_sha256"]);
-    let (repo, upgraded) = converted_two_keys_hold(catalog, &store, &before, dir.path()).await;
-    repo.catalog.pool().close().await;
-    drop(repo);
-
-    // The migrations run again, as they would should their bookkeeping rows be lost, and
-    // change nothing.
+    // Migrations 0017 and 0018 run outside a transaction: should a kill lose their
+    // bookkeeping rows, they run again on the next open, before any later migration. Then
+    // they change nothing.
+    let migrator = migrations_before("0020", dir.path()).await;
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
     let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    migrator.run(&pool).await.unwrap();
     let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (17, 18)")
         .execute(&pool)
         .await
         .unwrap();
     assert_eq!(forgot.rows_affected(), 2);
+    migrator.run(&pool).await.unwrap();
+    pool.close().await;
+
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    assert_eq!(contents_indexes(&catalog).await, ["contents_by_sha256"]);
+    let numbers = chunks_numbered_in_pack_order(&catalog).await;
+    assert_eq!(numbers.len(), 24);
+    let (repo, upgraded) = converted_two_keys_hold(catalog, &store, &before, dir.path()).await;
+    let numbers = chunks_numbered_in_pack_order(&repo.catalog).await;
+    assert!(
+        numbers.len() > 24,
+        "the backup after the upgrade stored chunks"
+    );
+    repo.catalog.pool().close().await;
+    drop(repo);
+
+    // The chunk numbering (0022) runs outside a transaction too, and again should its
+    // bookkeeping row be lost: it changes nothing, links nor each chunk's number, also those
+    // of the chunks stored since.
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 22")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(forgot.rows_affected(), 1);
     pool.close().await;
     let catalog = Catalog::open_file(&db).await.unwrap();
     assert_eq!(new_links(&catalog).await, upgraded);
+    assert_eq!(chunks_numbered_in_pack_order(&catalog).await, numbers);
     assert_eq!(contents_indexes(&catalog).await, ["contents_by_sha256"]);
     let storage = Arc::new(DirStorage::open(&store).unwrap());
     let repo = Repo::open(catalog, storage, TWO_KEYS_PASS, fixture_settings())
         .await
         .unwrap();
     two_keys_restore(&repo, &dir.path().join("out2")).await;
+}
+
+/// A migrator of this version's SQLite migrations older than `version` (copied under `dir`).
+async fn migrations_before(version: &str, dir: &Path) -> sqlx::migrate::Migrator {
+    let old = dir.join(format!("migrations-before-{version}"));
+    std::fs::create_dir(&old).unwrap();
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for e in std::fs::read_dir(&all).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().as_ref() < version {
+            std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(old.as_path()).await.unwrap()
+}
+
+/// Each chunk's number by id (SQLite), once it is checked that chunk lists name chunks by
+/// number (migration 0022), that numbers follow pack order (a pack's chunks are neighbours),
+/// and that the catalog is whole (integrity and foreign keys).
+async fn chunks_numbered_in_pack_order(catalog: &Catalog) -> BTreeMap<Vec<u8>, i64> {
+    let pool = catalog.pool();
+    let columns: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM pragma_table_info('content_chunks') ORDER BY cid")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(columns, ["content_id", "seq", "chunk_no"]);
+    let in_pack_order: Vec<i64> =
+        sqlx::query_scalar("SELECT no FROM chunks ORDER BY pack_no, \"offset\"")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert!(
+        in_pack_order.windows(2).all(|w| w[0] < w[1]),
+        "{in_pack_order:?}"
+    );
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    let dangling: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pragma_foreign_key_check")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(dangling, 0);
+    let numbers: Vec<(Vec<u8>, i64)> = sqlx::query_as("SELECT id, no FROM chunks")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    numbers.into_iter().collect()
 }
 
 /// The indexes on `contents` (SQLite): migration 0018 leaves the prefix index alone, without
@@ -689,4 +773,142 @@ async fn several_openers_of_an_old_catalog_at_once_all_get_it_converted() {
             .unwrap()
             .expect("every opener gets the new catalog");
     }
+}
+
+/// `postgres/0006_lean_entries_owners.sql` on a catalog of the layout before it: each entry
+/// keeps its kind and its owner, whatever the owner holds (names unknown, an empty name that
+/// is not the unknown one, no owner at all), closed rows as current ones, each owner one row;
+/// and a commit after it finds the rows the migration made (the code's key is the migration's).
+#[tokio::test]
+async fn postgres_entries_keep_their_kind_and_owner_through_the_lean_migration() {
+    type Row = (
+        String,
+        String,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = storinator_testkit::pg::PgCluster::start().unwrap();
+    let url = cluster.create_database("owners").unwrap();
+    let pg = sqlx::PgPool::connect(&url).await.unwrap();
+    let before = dir.path().join("pg-before");
+    std::fs::create_dir_all(&before).unwrap();
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres");
+    for e in std::fs::read_dir(&all).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.as_str() < "0006" {
+            std::fs::copy(all.join(&name), before.join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(before.as_path())
+        .await
+        .unwrap();
+    migrator.run(&pg).await.unwrap();
+    let root: i64 =
+        sqlx::query_scalar("INSERT INTO roots (owner, path) VALUES ('local', '/r') RETURNING id")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    let rows: Vec<Row> = [
+        ("d", "dir", Some(0), Some(0), Some("root"), Some("root")),
+        ("d/a", "file", Some(1234), Some(1234), None, None),
+        ("d/b", "symlink", Some(1234), Some(1234), Some(""), None),
+        ("d/c", "file", Some(1234), Some(1234), None, Some("")),
+        ("d/e", "file", None, None, None, None),
+        ("d/f", "file", Some(0), Some(0), Some("root"), Some("root")),
+    ]
+    .into_iter()
+    .map(|(p, k, u, g, un, gn)| {
+        (
+            p.into(),
+            k.into(),
+            u,
+            g,
+            un.map(Into::into),
+            gn.map(Into::into),
+        )
+    })
+    .collect();
+    for (i, r) in rows.iter().enumerate() {
+        // Even rows closed at snapshot 2, odd ones current.
+        sqlx::query(
+            "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, from_seq, \
+             to_seq, uid, gid, user_name, group_name) \
+             VALUES ($1, $2, $3, 0, 0, 0, 0, 1, $4, $5, $6, $7, $8)",
+        )
+        .bind(root)
+        .bind(&r.0)
+        .bind(&r.1)
+        .bind((i % 2 == 0).then_some(2_i64))
+        .bind(r.2)
+        .bind(r.3)
+        .bind(&r.4)
+        .bind(&r.5)
+        .execute(&pg)
+        .await
+        .unwrap();
+    }
+    sqlx::migrate!("../migrations/postgres")
+        .run(&pg)
+        .await
+        .unwrap();
+    let read = || async {
+        sqlx::query_as::<_, Row>(
+            "SELECT e.path, CASE e.kind WHEN 0 THEN 'file' WHEN 1 THEN 'dir' \
+             WHEN 2 THEN 'symlink' END, o.uid, o.gid, o.user_name, o.group_name \
+             FROM entries e LEFT JOIN owners o ON o.no = e.owner_no ORDER BY e.path",
+        )
+        .fetch_all(&pg)
+        .await
+        .unwrap()
+    };
+    assert_eq!(read().await, rows);
+    let owners = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM owners")
+            .fetch_one(&pg)
+            .await
+            .unwrap()
+    };
+    assert_eq!(owners().await, 4);
+
+    // A backup after it names its owner by the row the migration made for it, if it is one
+    // of those (the tests run as root/root): the code makes keys as the migration did.
+    let catalog = Catalog::open(&url).await.unwrap();
+    let storage = Arc::new(storinator_shared::MemoryStorage::new(
+        dir.path().join("spool"),
+    ));
+    let kdf = storinator_shared::KdfParams::fast_for_tests();
+    Repo::init(&catalog, storage.as_ref(), PASS, kdf)
+        .await
+        .unwrap();
+    let repo = Repo::open(catalog, storage, PASS, settings())
+        .await
+        .unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("f"), "f").unwrap();
+    let opts = BackupOptions {
+        path: tree,
+        owner: "local".into(),
+        encrypt: true,
+    };
+    repo.backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM owners GROUP BY uid, gid, user_name, group_name \
+         HAVING COUNT(*) > 1) t",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "an owner with two rows");
+    assert_eq!(
+        read().await[..rows.len()],
+        rows[..],
+        "the migrated rows stay"
+    );
+    pg.close().await;
 }

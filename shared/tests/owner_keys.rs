@@ -193,24 +193,24 @@ async fn one_owners_key_cannot_open_another_owners_data() {
     // A catalog pointing owner A's file at owner B's chunks: the restore refuses the file,
     // naming it and the failed authentication, and writes nothing as good.
     let pool = f.repo.catalog.pool();
-    let q = "SELECT cc.chunk_id FROM entries e JOIN roots r ON r.id = e.root_id \
+    let q = "SELECT cc.chunk_no FROM entries e JOIN roots r ON r.id = e.root_id \
              JOIN content_chunks cc ON cc.content_id = e.content_id \
              JOIN contents c ON c.id = e.content_id \
              WHERE r.owner = $1 AND e.path = 'data/small.txt' AND c.encrypted = 1";
-    let a_chunk: Vec<u8> = sqlx::query_scalar(q)
+    let a_chunk: i64 = sqlx::query_scalar(q)
         .bind("local")
         .fetch_one(pool)
         .await
         .unwrap();
-    let b_chunk: Vec<u8> = sqlx::query_scalar(q)
+    let b_chunk: i64 = sqlx::query_scalar(q)
         .bind("tg:1001")
         .fetch_one(pool)
         .await
         .unwrap();
     assert_ne!(a_chunk, b_chunk);
-    sqlx::query("UPDATE content_chunks SET chunk_id = $1 WHERE chunk_id = $2")
-        .bind(&b_chunk)
-        .bind(&a_chunk)
+    sqlx::query("UPDATE content_chunks SET chunk_no = $1 WHERE chunk_no = $2")
+        .bind(b_chunk)
+        .bind(a_chunk)
         .execute(pool)
         .await
         .unwrap();

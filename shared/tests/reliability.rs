@@ -422,7 +422,7 @@ async fn verify_lists_objects_the_catalog_does_not_know_and_leaves_them() {
 async fn chunk_of(f: &Fixture, path: &str) -> (String, i64) {
     sqlx::query_as(
         "SELECT p.id, c.\"offset\" FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
-         JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+         JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
          WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
@@ -669,14 +669,13 @@ async fn entry_owners_are_stored_once_each_and_read_back_as_they_were() {
         .try_lock_root("local", root, "owners", 1)
         .await
         .unwrap();
-    let owner = |uid: Option<u32>, gid: Option<u32>, user: Option<&str>, group: Option<&str>| {
-        Owner {
+    let owner =
+        |uid: Option<u32>, gid: Option<u32>, user: Option<&str>, group: Option<&str>| Owner {
             uid,
             gid,
             user: user.map(str::to_string),
             group: group.map(str::to_string),
-        }
-    };
+        };
     let owners = [
         owner(Some(0), Some(0), Some("root"), Some("root")),
         owner(Some(BIG), Some(BIG), None, None),
@@ -728,7 +727,13 @@ async fn entry_owners_are_stored_once_each_and_read_back_as_they_were() {
         let seq = catalog.commit_snapshot("owners", (&info, ""), &blob, &[], &items);
         commits.push((seq.await.unwrap(), items));
     }
-    let root_id = f.repo.catalog.root_id("local", root).await.unwrap().unwrap();
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", root)
+        .await
+        .unwrap()
+        .unwrap();
     for (seq, items) in &commits {
         let rows = f.repo.catalog.entries_under(root_id, *seq, "d").await;
         let got: Vec<_> = rows
@@ -738,7 +743,15 @@ async fn entry_owners_are_stored_once_each_and_read_back_as_they_were() {
             .collect();
         let want: Vec<_> = items
             .iter()
-            .map(|i| (i.path.clone(), i.kind, i.mtime_ns, i.target.clone(), i.owner.clone()))
+            .map(|i| {
+                (
+                    i.path.clone(),
+                    i.kind,
+                    i.mtime_ns,
+                    i.target.clone(),
+                    i.owner.clone(),
+                )
+            })
             .collect();
         assert_eq!(got, want, "snapshot {seq}");
     }

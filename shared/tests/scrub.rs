@@ -86,7 +86,7 @@ async fn first_chunk_of(f: &Fixture, path: &str) -> (Vec<u8>, String, i64, i64) 
     let r = sqlx::query(
         "SELECT c.id, p.id, c.\"offset\", c.length FROM entries e
            JOIN content_chunks cc ON cc.content_id = e.content_id
-           JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no
+           JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no
           WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
     )
     .bind(path)
@@ -101,7 +101,7 @@ async fn first_chunk_of(f: &Fixture, path: &str) -> (Vec<u8>, String, i64, i64) 
 async fn files_in_pack(f: &Fixture, pack: &str) -> BTreeSet<String> {
     sqlx::query_scalar(
         "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id
-           JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no WHERE p.id = $1",
+           JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no WHERE p.id = $1",
     )
     .bind(pack)
     .fetch_all(f.repo.catalog.pool())

@@ -274,7 +274,7 @@ async fn planted_key_objects_are_skipped_with_a_problem_and_never_stop_recover()
 async fn chunk_lengths(repo: &Repo, sha: &[u8]) -> Vec<i64> {
     sqlx::query_scalar(
         "SELECT ch.raw_length FROM contents c JOIN content_chunks cc ON cc.content_id = c.id \
-         JOIN chunks ch ON ch.id = cc.chunk_id WHERE c.sha256 = $1 ORDER BY c.encrypted, cc.seq",
+         JOIN chunks ch ON ch.no = cc.chunk_no WHERE c.sha256 = $1 ORDER BY c.encrypted, cc.seq",
     )
     .bind(sha)
     .fetch_all(repo.catalog.pool())

@@ -534,9 +534,11 @@ async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
         .await
         .unwrap();
     repo.catalog.pool().close().await;
-    // (And 0015, owner keys, and 0017, the lean catalog: independent of the entries' layout
-    // this test is about.)
-    let keep = |name: &str| name < "0013" || name.starts_with("0015") || name.starts_with("0017");
+    // (And 0015, owner keys, 0017, the lean catalog, and 0020 and 0022, chunk lists by number:
+    // independent of the entries' layout this test is about, and the layout of the tables
+    // this version's rows are copied into.)
+    let also = ["0015", "0017", "0020", "0022"];
+    let keep = |name: &str| name < "0013" || also.iter().any(|n| name.starts_with(n));
     let current = dir.path().join("current.db");
     let (pool, db) = old_layout_catalog(dir.path(), keep, &current).await;
     let index = |pool: storinator_shared::catalog::Pool| async move {
@@ -586,11 +588,10 @@ async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
 /// Every entry row, in key order, as one JSON text: all the columns a row keeps, in the
 /// layout before 0021 (a kind word, the owner's four columns) whichever layout the catalog has.
 async fn entry_rows(pool: &storinator_shared::catalog::Pool) -> String {
-    let lean: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'owners'")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+    let lean: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'owners'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     let rows = if lean == 1 {
         "SELECT e.root_id, e.path, CASE e.kind WHEN 0 THEN 'file' WHEN 1 THEN 'dir' \
          ELSE 'symlink' END AS kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, \
@@ -631,7 +632,10 @@ async fn entries_keyed_by_path_keep_every_row_and_snapshot_through_their_migrati
     }
     repo.catalog.pool().close().await;
     let current = dir.path().join("current.db");
-    let (pool, db) = old_layout_catalog(dir.path(), |name| name < "0019", &current).await;
+    // (And 0020 and 0022, chunk lists by number: the layout this version's rows are copied
+    // into, independent of the entries'.)
+    let keep = |name: &str| name < "0019" || name.starts_with("0020") || name.starts_with("0022");
+    let (pool, db) = old_layout_catalog(dir.path(), keep, &current).await;
     let layout = |pool: storinator_shared::catalog::Pool| async move {
         sqlx::query_scalar::<_, String>(
             "SELECT group_concat(name || ': ' || coalesce(sql, ''), '; ') FROM sqlite_master \
@@ -781,7 +785,15 @@ async fn old_entries_of(pool: &storinator_shared::catalog::Pool, seq: i64) -> Ve
     .await
     .unwrap();
     // (Debug stops at tuples of 12.)
-    let text = |r: Old| format!("{:?}", ((r.0, r.1, r.2, r.3, r.4, r.5), (r.6, r.7, r.8, r.9, r.10, r.11, r.12)));
+    let text = |r: Old| {
+        format!(
+            "{:?}",
+            (
+                (r.0, r.1, r.2, r.3, r.4, r.5),
+                (r.6, r.7, r.8, r.9, r.10, r.11, r.12)
+            )
+        )
+    };
     rows.into_iter().map(text).collect()
 }
 
@@ -804,7 +816,15 @@ fn entry_fields(e: &storinator_shared::catalog::EntryRow) -> String {
         e.owner.user.clone(),
         e.owner.group.clone(),
     );
-    format!("{:?}", (fields.0, (fields.1, fields.2, fields.3, fields.4, fields.5, fields.6, fields.7)))
+    format!(
+        "{:?}",
+        (
+            fields.0,
+            (
+                fields.1, fields.2, fields.3, fields.4, fields.5, fields.6, fields.7
+            )
+        )
+    )
 }
 
 /// Migration 0021 stores an entry's kind as a number and its owner as a row of `owners`: a
@@ -830,7 +850,9 @@ async fn lean_entries_keep_every_field_and_owner_through_their_migration() {
     }
     repo.catalog.pool().close().await;
     let current = dir.path().join("current.db");
-    let (pool, db) = old_layout_catalog(dir.path(), |name| name < "0021", &current).await;
+    // (And 0022, chunk lists by number, which came after 0021 was numbered.)
+    let keep = |name: &str| name < "0021" || name.starts_with("0022");
+    let (pool, db) = old_layout_catalog(dir.path(), keep, &current).await;
     for sql in OWNERS {
         let done = sqlx::query(sql).execute(&pool).await.unwrap();
         assert!(done.rows_affected() > 0, "{sql}");
@@ -868,7 +890,11 @@ async fn lean_entries_keep_every_field_and_owner_through_their_migration() {
         let (want, rows) = (want.clone(), rows.clone());
         let shots = shots.clone();
         async move {
-            let (root_id, _) = catalog.snapshot_by_id("local", &shots[0]).await.unwrap().unwrap();
+            let (root_id, _) = catalog
+                .snapshot_by_id("local", &shots[0])
+                .await
+                .unwrap()
+                .unwrap();
             for (seq, want) in [1, 2].into_iter().zip(&want) {
                 let under = catalog.entries_under(root_id, seq, "data").await.unwrap();
                 let got: Vec<String> = under.iter().map(entry_fields).collect();
@@ -882,7 +908,10 @@ async fn lean_entries_keep_every_field_and_owner_through_their_migration() {
                 .await
                 .unwrap();
             assert_eq!(check, "ok");
-            let broken = count("SELECT COUNT(*) FROM pragma_foreign_key_check", catalog.clone());
+            let broken = count(
+                "SELECT COUNT(*) FROM pragma_foreign_key_check",
+                catalog.clone(),
+            );
             assert_eq!(broken.await, 0);
             assert_eq!(count("SELECT COUNT(*) FROM owners", catalog).await, owners);
         }
@@ -916,9 +945,18 @@ async fn lean_entries_keep_every_field_and_owner_through_their_migration() {
     let again = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
     assert_eq!(again.unwrap().snapshot.bytes_read, 0, "unchanged");
     assert_eq!(repo.catalog.entry_row_count().await.unwrap(), rows);
-    let (root_id, _) = repo.catalog.snapshot_by_id("local", &shots[2]).await.unwrap().unwrap();
+    let (root_id, _) = repo
+        .catalog
+        .snapshot_by_id("local", &shots[2])
+        .await
+        .unwrap()
+        .unwrap();
     let link = std::fs::symlink_metadata(src.join("a-link")).unwrap();
-    let now = repo.catalog.entries_under(root_id, 3, "data/a-link").await.unwrap();
+    let now = repo
+        .catalog
+        .entries_under(root_id, 3, "data/a-link")
+        .await
+        .unwrap();
     let owner = &now[0].owner;
     assert_eq!((owner.uid, owner.gid), (Some(link.uid()), Some(link.gid())));
     for (short_id, want) in shots.iter().zip(&trees) {

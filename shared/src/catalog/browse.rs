@@ -9,8 +9,8 @@
 use sqlx::Row;
 
 use super::{
-    Catalog, ENTRY_COLUMNS, ENTRY_FROM, EntryKind, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
-    kind_no, snapshot_from_row,
+    Catalog, ENTRY_COLUMNS, ENTRY_FROM, EntryKind, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db,
+    entry_from_row, kind_no, snapshot_from_row,
 };
 use crate::error::Error;
 

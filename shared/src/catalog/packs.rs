@@ -279,7 +279,7 @@ impl Catalog {
             let inner = format!(
                 "SELECT cc.content_id AS c0, {id} AS c1, p.id AS c2, p.location AS c3, \
                  c.\"offset\" AS c4, c.length AS c5, c.raw_length AS c6, cc.seq AS c7 \
-                 FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id JOIN packs p ON p.no = c.pack_no \
+                 FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
                  WHERE cc.content_id IN ({marks})"
             );
             let sql = json_rows::statement(dialect, &inner, 8, "s.c0, s.c7");
@@ -308,7 +308,7 @@ impl Catalog {
     pub async fn packs_under(&self, root_id: i64, seq: i64, prefix: &str) -> Result<u64, Error> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(DISTINCT c.pack_no) FROM entries e \
-             JOIN content_chunks cc ON cc.content_id = e.content_id JOIN chunks c ON c.id = cc.chunk_id \
+             JOIN content_chunks cc ON cc.content_id = e.content_id JOIN chunks c ON c.no = cc.chunk_no \
              WHERE e.root_id = $1 AND e.from_seq <= $2 AND (e.to_seq IS NULL OR e.to_seq > $3) \
              AND (e.path = $4 OR (e.path >= $5 AND e.path < $6))",
         )
@@ -332,7 +332,7 @@ impl Catalog {
     ) -> Result<Vec<(String, String)>, Error> {
         let rows = sqlx::query(
             "SELECT DISTINCT r.path, e.path FROM entries e JOIN roots r ON r.id = e.root_id \
-             WHERE e.content_id IN (SELECT cc.content_id FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id \
+             WHERE e.content_id IN (SELECT cc.content_id FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no \
              WHERE c.pack_no = (SELECT no FROM packs WHERE id = $1)) ORDER BY e.path LIMIT $2",
         )
         .bind(pack_id)
@@ -353,9 +353,9 @@ impl Catalog {
         for batch in ids.chunks(400) {
             let marks = vec!["?"; batch.len()].join(", ");
             let sql = format!(
-                "SELECT DISTINCT cc.chunk_id, r.path, e.path FROM content_chunks cc \
-                 JOIN entries e ON e.content_id = cc.content_id JOIN roots r ON r.id = e.root_id \
-                 WHERE cc.chunk_id IN ({marks}) \
+                "SELECT DISTINCT c.id, r.path, e.path FROM content_chunks cc \
+                 JOIN chunks c ON c.no = cc.chunk_no JOIN entries e ON e.content_id = cc.content_id JOIN roots r ON r.id = e.root_id \
+                 WHERE c.id IN ({marks}) \
                  UNION SELECT s.blob_id, r.path, 'snapshot ' || s.short_id FROM snapshots s \
                  JOIN roots r ON r.id = s.root_id WHERE s.blob_id IN ({marks}) ORDER BY 2, 3"
             );

@@ -63,9 +63,10 @@ fn previous_sql(dialect: Dialect, after: bool) -> String {
         "SELECT {}, cc.seq AS c13, {} AS c14 \
          FROM {ENTRY_FROM} \
          LEFT JOIN content_chunks cc ON cc.content_id = e.content_id \
+         LEFT JOIN chunks ch ON ch.no = cc.chunk_no \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
         entry_json_columns(dialect),
-        json_rows::hex(dialect, "cc.chunk_id")
+        json_rows::hex(dialect, "ch.id")
     );
     json_rows::statement(dialect, &inner, 15, "")
 }

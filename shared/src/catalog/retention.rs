@@ -15,7 +15,8 @@ use crate::error::Error;
 use crate::format::crypto::ChunkId;
 
 /// Ids of the live chunks, as a subquery.
-const LIVE_CHUNKS: &str = "SELECT cc.chunk_id FROM content_chunks cc WHERE cc.content_id IN \
+const LIVE_CHUNKS: &str = "SELECT ch.id FROM content_chunks cc JOIN chunks ch ON ch.no = cc.chunk_no \
+     WHERE cc.content_id IN \
      (SELECT e.content_id FROM entries e WHERE e.content_id IS NOT NULL AND EXISTS \
         (SELECT 1 FROM snapshots s WHERE s.root_id = e.root_id AND s.seq >= e.from_seq \
          AND (e.to_seq IS NULL OR s.seq < e.to_seq))) \

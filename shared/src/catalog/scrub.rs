@@ -327,7 +327,8 @@ impl Catalog {
     ) -> Result<Vec<(i64, [u8; 32], u64, bool)>, Error> {
         let rows = sqlx::query(
             "SELECT DISTINCT c.id, c.sha256, c.size, c.encrypted FROM contents c
-               JOIN content_chunks cc ON cc.content_id = c.id WHERE cc.chunk_id = $1",
+               JOIN content_chunks cc ON cc.content_id = c.id
+              WHERE cc.chunk_no = (SELECT no FROM chunks WHERE id = $1)",
         )
         .bind(&chunk.0[..])
         .fetch_all(&self.pool)
@@ -350,7 +351,7 @@ impl Catalog {
     /// A content's chunks in order, with their plaintext lengths.
     pub async fn content_layout(&self, content_id: i64) -> Result<Vec<(ChunkId, u64)>, Error> {
         let rows = sqlx::query(
-            "SELECT cc.chunk_id, c.raw_length FROM content_chunks cc JOIN chunks c ON c.id = cc.chunk_id
+            "SELECT c.id, c.raw_length FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no
               WHERE cc.content_id = $1 ORDER BY cc.seq",
         )
         .bind(content_id)

@@ -8,8 +8,8 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
-    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson, EntryOutline, EntryRow, Owner,
-    SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_json, entry_from_row,
+    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson, EntryOutline, EntryRow,
+    Owner, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_json, entry_from_row,
     entry_json_columns, json_rows, kind_no, kind_of, snapshot_from_row,
 };
 use crate::error::Error;
@@ -469,26 +469,26 @@ struct Unusable {
 impl Unusable {
     async fn load(tx: &mut Conn) -> Result<Unusable, Error> {
         let sql = format!(
-            "SELECT id FROM chunks WHERE pack_no IN (SELECT p.no FROM packs p WHERE NOT ({USABLE_PACK})) \
-             UNION SELECT c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
+            "SELECT no, id FROM chunks WHERE pack_no IN (SELECT p.no FROM packs p WHERE NOT ({USABLE_PACK})) \
+             UNION SELECT c.no, c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
         );
-        let ids: Vec<Vec<u8>> = sqlx::query_scalar(crate::catalog::sql(sql))
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(crate::catalog::sql(sql))
             .fetch_all(&mut *tx)
             .await
             .map_err(db(COMMIT))?;
-        let chunks = ids
+        let chunks = rows
             .iter()
-            .map(|id| ChunkId::from_slice(id))
+            .map(|(_, id)| ChunkId::from_slice(id))
             .collect::<Result<HashSet<_>, _>>()?;
         let mut contents = HashSet::new();
-        for batch in ids.chunks(500) {
+        for batch in rows.chunks(500) {
             let marks = vec!["?"; batch.len()].join(", ");
             let sql = format!(
-                "SELECT DISTINCT content_id FROM content_chunks WHERE chunk_id IN ({marks})"
+                "SELECT DISTINCT content_id FROM content_chunks WHERE chunk_no IN ({marks})"
             );
             let mut q = sqlx::query_scalar::<_, i64>(crate::catalog::sql(sql));
-            for id in batch {
-                q = q.bind(&id[..]);
+            for (no, _) in batch {
+                q = q.bind(*no);
             }
             contents.extend(q.fetch_all(&mut *tx).await.map_err(db(COMMIT))?);
         }
@@ -564,11 +564,11 @@ const COMMIT: &str = "committing the snapshot";
 fn gone_or_db(e: sqlx::Error) -> Error {
     let fk = matches!(&e, sqlx::Error::Database(d)
         if d.kind() == sqlx::error::ErrorKind::ForeignKeyViolation);
-    if fk {
-        Error::Changed("a chunk this snapshot uses was deleted by a prune meanwhile".into())
-    } else {
-        db(COMMIT)(e)
-    }
+    if fk { chunk_gone() } else { db(COMMIT)(e) }
+}
+
+fn chunk_gone() -> Error {
+    Error::Changed("a chunk this snapshot uses was deleted by a prune meanwhile".into())
 }
 
 /// The root's id (creating the root) and the sequence number its next snapshot gets.
@@ -798,7 +798,7 @@ async fn contents_on_format1(tx: &mut Conn, contents: &[i64]) -> Result<HashSet<
     let mut out = HashSet::new();
     for part in contents.chunks(super::bulk::ROWS) {
         let sql = format!(
-            "SELECT DISTINCT cc.content_id FROM content_chunks cc JOIN chunks ch ON ch.id = cc.chunk_id \
+            "SELECT DISTINCT cc.content_id FROM content_chunks cc JOIN chunks ch ON ch.no = cc.chunk_no \
              WHERE ch.flags & 3 = 0 AND cc.content_id IN ({})",
             super::bulk::marks(1, part.len())
         );
@@ -811,24 +811,49 @@ async fn contents_on_format1(tx: &mut Conn, contents: &[i64]) -> Result<HashSet<
     Ok(out)
 }
 
-/// Records contents' chunk lists (content id, its chunks in order).
+/// Records contents' chunk lists (content id, its chunks in order), each chunk named by its
+/// number (migration 0022).
 async fn insert_chunk_lists(tx: &mut Conn, lists: &[(i64, &[ChunkId])]) -> Result<(), Error> {
-    let rows: Vec<(i64, i64, &ChunkId)> = lists
-        .iter()
-        .flat_map(|(id, chunks)| {
-            chunks
-                .iter()
-                .enumerate()
-                .map(move |(i, c)| (*id, i as i64, c))
-        })
-        .collect();
-    let head = "INSERT INTO content_chunks (content_id, seq, chunk_id)";
-    super::bulk::insert(tx, (head, 3, ""), &rows, |q, (id, i, c)| {
-        q.bind(*id).bind(*i).bind(&c.0[..])
+    let ids: Vec<&ChunkId> = lists.iter().flat_map(|(_, chunks)| chunks.iter()).collect();
+    let numbers = chunk_numbers(tx, &ids).await?;
+    let mut rows: Vec<(i64, i64, i64)> = Vec::with_capacity(ids.len());
+    for (id, chunks) in lists {
+        for (i, c) in chunks.iter().enumerate() {
+            // No row: a prune deleted the chunk since the backup stored or found it (on
+            // PostgreSQL it may still do so before the insert: the foreign key catches that).
+            let no = numbers.get(c).ok_or_else(chunk_gone)?;
+            rows.push((*id, i as i64, *no));
+        }
+    }
+    let head = "INSERT INTO content_chunks (content_id, seq, chunk_no)";
+    super::bulk::insert(tx, (head, 3, ""), &rows, |q, (id, i, no)| {
+        q.bind(*id).bind(*i).bind(*no)
     })
     .await
     .map_err(gone_or_db)?;
     Ok(())
+}
+
+/// The numbers of those of the chunks `ids` that have a row, each looked up once, a few
+/// hundred to a statement.
+async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkId, i64>, Error> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    let unique: Vec<&ChunkId> = ids.iter().copied().filter(|c| seen.insert(**c)).collect();
+    let mut out = HashMap::with_capacity(unique.len());
+    for part in unique.chunks(super::bulk::ROWS) {
+        let sql = format!(
+            "SELECT id, no FROM chunks WHERE id IN ({})",
+            super::bulk::marks(1, part.len())
+        );
+        let mut q = sqlx::query_as::<_, (Vec<u8>, i64)>(sqlx::AssertSqlSafe(sql));
+        for id in part {
+            q = q.bind(&id.0[..]);
+        }
+        for (id, no) in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
+            out.insert(ChunkId::from_slice(&id)?, no);
+        }
+    }
+    Ok(out)
 }
 
 /// Whether a previous row says all an item says (then no row is written).
@@ -894,19 +919,24 @@ async fn insert_entries(
 ) -> Result<(), Error> {
     let head = "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, \
                 from_seq, owner_no)";
-    super::bulk::insert(tx, (head, 11, ""), items, |q, (item, content_id, owner_no)| {
-        q.bind(root_id)
-            .bind(&item.path)
-            .bind(kind_no(item.kind))
-            .bind(item.size as i64)
-            .bind(item.mtime_ns)
-            .bind(i64::from(item.mode))
-            .bind(item.inode as i64)
-            .bind(*content_id)
-            .bind(&item.target)
-            .bind(seq)
-            .bind(*owner_no)
-    })
+    super::bulk::insert(
+        tx,
+        (head, 11, ""),
+        items,
+        |q, (item, content_id, owner_no)| {
+            q.bind(root_id)
+                .bind(&item.path)
+                .bind(kind_no(item.kind))
+                .bind(item.size as i64)
+                .bind(item.mtime_ns)
+                .bind(i64::from(item.mode))
+                .bind(item.inode as i64)
+                .bind(*content_id)
+                .bind(&item.target)
+                .bind(seq)
+                .bind(*owner_no)
+        },
+    )
     .await
     .map_err(db(COMMIT))?;
     Ok(())

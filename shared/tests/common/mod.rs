@@ -115,9 +115,14 @@ pub async fn recording_repo(dir: &Path) -> (Repo, Arc<CountingStorage>) {
     let catalog = Catalog::open(&format!("sqlite://{}?mode=rwc", db.display()))
         .await
         .unwrap();
-    Repo::init(&catalog, storage.as_ref(), PASS, KdfParams::fast_for_tests())
-        .await
-        .unwrap();
+    Repo::init(
+        &catalog,
+        storage.as_ref(),
+        PASS,
+        KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
     let repo = Repo::open(catalog, storage.clone(), PASS, settings())
         .await
         .unwrap();
@@ -136,7 +141,11 @@ pub async fn old_layout_catalog(
     let (pool, db) = catalog_migrated_by(dir, keep).await;
     let mut conn = pool.acquire().await.unwrap();
     let attach = format!("ATTACH DATABASE '{}' AS a", current.display());
-    for sql in ["PRAGMA foreign_keys = OFF".to_string(), attach, "BEGIN".into()] {
+    for sql in [
+        "PRAGMA foreign_keys = OFF".to_string(),
+        attach,
+        "BEGIN".into(),
+    ] {
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&mut *conn)
             .await
@@ -190,8 +199,21 @@ pub async fn old_layout_catalog(
 
 /// The columns of an entry before migration 0021.
 const OLD_ENTRY_COLUMNS: [&str; 15] = [
-    "root_id", "path", "kind", "size", "mtime_ns", "mode", "inode", "content_id", "target",
-    "from_seq", "to_seq", "uid", "gid", "user_name", "group_name",
+    "root_id",
+    "path",
+    "kind",
+    "size",
+    "mtime_ns",
+    "mode",
+    "inode",
+    "content_id",
+    "target",
+    "from_seq",
+    "to_seq",
+    "uid",
+    "gid",
+    "user_name",
+    "group_name",
 ];
 
 /// This version's entries (of the attached catalog `a`) as they were before migration 0021.
