@@ -558,13 +558,46 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
     let e = f
         .repo
         .catalog
-        .commit_snapshot("late", (&info, ""), &blob, &[], &[item])
+        .commit_snapshot("late", (&info, ""), &blob, &[], std::slice::from_ref(&item))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Changed(_)), "{e}");
     assert!(e.is_retryable());
     assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 1);
     assert!(duplicate_current_rows(&f).await.is_empty());
+
+    // A new content on a chunk the catalog has no row for (a prune deleted it after the
+    // backup stored or found it) is refused the same way, before anything is written.
+    f.repo
+        .catalog
+        .set_pack_state(&pack, "stored")
+        .await
+        .unwrap();
+    let on_a_lost_chunk = NewEntry {
+        path: "data/new.bin".into(),
+        size: 5,
+        owner: item.owner.clone(),
+        content: NewContent::New {
+            sha256: [7; 32],
+            size: 5,
+            chunks: vec![storinator_shared::ChunkId([9; 32])],
+        },
+        ..item
+    };
+    let e = f
+        .repo
+        .catalog
+        .commit_snapshot("late", (&info, ""), &blob, &[], &[on_a_lost_chunk])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("deleted by a prune"), "{e}");
+    assert!(e.is_retryable());
+    assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 1);
+    let contents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM contents WHERE size = 5")
+        .fetch_one(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    assert_eq!(contents, 0, "the refused content was recorded");
 }
 
 #[tokio::test]
@@ -765,4 +798,51 @@ async fn entry_owners_are_stored_once_each_and_read_back_as_they_were() {
     .await
     .unwrap();
     assert_eq!(stored, [6, 1], "one row per owner named, none for no owner");
+}
+
+/// The chat names the entries it shows by handles. Handles it made before are read, not
+/// written: a page shown again doesn't wait for the write lock a committing backup holds
+/// (seconds, for a big one), only a path shown for the first time does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_made_before_are_read_while_another_writer_holds_the_lock() {
+    let f = Fixture::new().await;
+    let src = f.path("src/a");
+    make_folder(&src, 3, 100, 7);
+    backup(&f.repo, &src).await.unwrap();
+    let root = src.to_string_lossy().into_owned();
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", &root)
+        .await
+        .unwrap()
+        .unwrap();
+    let catalog = &f.repo.catalog;
+    let made = catalog
+        .entry_handles(root_id, &["a/f00.bin", "a/f01.bin", "a/f00.bin"])
+        .await
+        .unwrap();
+    assert_eq!(made[0], made[2]);
+    assert_ne!(made[0], made[1]);
+
+    let writer = storinator_shared::catalog::begin_write(catalog.pool())
+        .await
+        .unwrap();
+    // Bounded only so that a broken build fails instead of waiting out the busy timeout.
+    let again = tokio::time::timeout(
+        Duration::from_secs(20),
+        catalog.entry_handles(root_id, &["a/f01.bin", "a/f00.bin"]),
+    )
+    .await
+    .expect("handles made before waited for the write lock");
+    assert_eq!(again.unwrap(), [made[1], made[0]]);
+    writer.rollback().await.unwrap();
+
+    // A path not shown before gets a new handle, beside the old ones, once the lock is free.
+    let mixed = catalog
+        .entry_handles(root_id, &["a/f02.bin", "a/f00.bin"])
+        .await
+        .unwrap();
+    assert_eq!(mixed[1], made[0]);
+    assert!(!made.contains(&mixed[0]), "{mixed:?} {made:?}");
 }

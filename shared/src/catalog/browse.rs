@@ -16,6 +16,27 @@ use crate::error::Error;
 
 const HANDLES: &str = "naming entries for the chat";
 
+/// The recorded handles of `paths` (of root `root_id`), by path.
+async fn handles_of(
+    conn: &mut super::Conn,
+    root_id: i64,
+    paths: &[&str],
+) -> Result<std::collections::HashMap<String, i64>, Error> {
+    let mut out = std::collections::HashMap::with_capacity(paths.len());
+    for part in paths.chunks(super::bulk::ROWS) {
+        let sql = format!(
+            "SELECT path, id FROM entry_handles WHERE root_id = $1 AND path IN ({})",
+            super::bulk::marks(2, part.len())
+        );
+        let mut q = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql)).bind(root_id);
+        for path in part {
+            q = q.bind(*path);
+        }
+        out.extend(q.fetch_all(&mut *conn).await.map_err(db(HANDLES))?);
+    }
+    Ok(out)
+}
+
 /// One page of a folder's children.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Page {
@@ -89,29 +110,38 @@ impl Catalog {
 
     /// The handles of `paths` of a root (see the module's doc), made for those that have none.
     pub async fn entry_handles(&self, root_id: i64, paths: &[&str]) -> Result<Vec<i64>, Error> {
-        let mut out = Vec::with_capacity(paths.len());
-        let mut tx = self.pool().begin().await.map_err(db(HANDLES))?;
-        for path in paths {
-            sqlx::query(
-                "INSERT INTO entry_handles (root_id, path) VALUES ($1, $2) \
-                 ON CONFLICT (root_id, path) DO NOTHING",
-            )
-            .bind(root_id)
-            .bind(*path)
-            .execute(&mut *tx)
+        // Read first: a page shown before needs no write, so it doesn't wait for the write
+        // lock while a backup commits (a big commit holds it for seconds).
+        let mut conn = self.pool().acquire().await.map_err(db(HANDLES))?;
+        let mut known = handles_of(&mut conn, root_id, paths).await?;
+        drop(conn);
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<&str> = paths
+            .iter()
+            .copied()
+            .filter(|p| !known.contains_key(*p) && seen.insert(*p))
+            .collect();
+        if !missing.is_empty() {
+            let mut tx = super::begin_write(self.pool()).await.map_err(db(HANDLES))?;
+            let head = "INSERT INTO entry_handles (root_id, path)";
+            let tail = "ON CONFLICT (root_id, path) DO NOTHING";
+            super::bulk::insert(&mut tx, (head, 2, tail), &missing, |q, path| {
+                q.bind(root_id).bind(*path)
+            })
             .await
             .map_err(db(HANDLES))?;
-            let id: i64 =
-                sqlx::query_scalar("SELECT id FROM entry_handles WHERE root_id = $1 AND path = $2")
-                    .bind(root_id)
-                    .bind(*path)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db(HANDLES))?;
-            out.push(id);
+            known.extend(handles_of(&mut tx, root_id, &missing).await?);
+            tx.commit().await.map_err(db(HANDLES))?;
         }
-        tx.commit().await.map_err(db(HANDLES))?;
-        Ok(out)
+        paths
+            .iter()
+            .map(|p| {
+                known
+                    .get(*p)
+                    .copied()
+                    .ok_or_else(|| Error::Invalid(format!("no handle was recorded for {p:?}")))
+            })
+            .collect()
     }
 
     /// The entry whose path has handle `handle`, if the path is part of snapshot `seq` of the

@@ -106,7 +106,7 @@ pub async fn open_pool(url: &str) -> Result<Pool, Error> {
                 Ok(())
             })
         })
-        .connect(&url)
+        .connect_with(connect_options(&url).map_err(opening)?)
         .await
         .map_err(opening)?;
     // sqlx takes a lock around migrations on PostgreSQL (an advisory lock) but none on
@@ -124,6 +124,16 @@ pub async fn open_pool(url: &str) -> Result<Pool, Error> {
     migrated
         .map_err(|e| Error::Invalid(format!("migrating the catalog at {}: {e}", redact(&url))))?;
     Ok(pool)
+}
+
+/// The options of `url`'s connections. sqlx warns of every statement slower than a second,
+/// on the terminal of whoever runs a command. A statement that waited for SQLite's write lock
+/// while a big backup commits (20 s for a million files) is expected there, and the warning
+/// would only alarm: slow statements are logged at debug level (`-vvv`, or `RUST_LOG=sqlx=debug`).
+fn connect_options(url: &str) -> Result<sqlx::any::AnyConnectOptions, sqlx::Error> {
+    use sqlx::ConnectOptions;
+    Ok(sqlx::any::AnyConnectOptions::from_str(url)?
+        .log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1)))
 }
 
 /// Waits for an exclusive lock on `folder` (an flock, which the kernel drops with the process)
@@ -284,6 +294,23 @@ pub fn numbered(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::numbered;
+
+    /// A statement that waits for the write lock is not announced on the user's terminal: the
+    /// catalog's connections log slow statements at debug level, which the CLI shows from
+    /// `-vvv` on, and the default filters leave out.
+    #[tokio::test]
+    async fn slow_statements_are_logged_at_debug_level_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let pool = super::open_pool(&url).await.unwrap();
+        let settings = &pool.connect_options().log_settings;
+        assert_eq!(settings.slow_statements_level, log::LevelFilter::Debug);
+        // Still measured, so that RUST_LOG=sqlx=debug shows them.
+        assert_eq!(
+            settings.slow_statements_duration,
+            std::time::Duration::from_secs(1)
+        );
+    }
 
     #[test]
     fn placeholders_are_numbered_the_way_sqlite_numbers_them() {

@@ -834,8 +834,8 @@ async fn insert_chunk_lists(tx: &mut Conn, lists: &[(i64, &[ChunkId])]) -> Resul
     Ok(())
 }
 
-/// The numbers of those of the chunks `ids` that have a row, each looked up once, a few
-/// hundred to a statement.
+/// The numbers of those of the chunks `ids` that have a row, each looked up once,
+/// [`ROWS`](super::bulk::ROWS) to a statement.
 async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkId, i64>, Error> {
     let mut seen = HashSet::with_capacity(ids.len());
     let unique: Vec<&ChunkId> = ids.iter().copied().filter(|c| seen.insert(**c)).collect();
