@@ -774,3 +774,141 @@ async fn several_openers_of_an_old_catalog_at_once_all_get_it_converted() {
             .expect("every opener gets the new catalog");
     }
 }
+
+/// `postgres/0006_lean_entries_owners.sql` on a catalog of the layout before it: each entry
+/// keeps its kind and its owner, whatever the owner holds (names unknown, an empty name that
+/// is not the unknown one, no owner at all), closed rows as current ones, each owner one row;
+/// and a commit after it finds the rows the migration made (the code's key is the migration's).
+#[tokio::test]
+async fn postgres_entries_keep_their_kind_and_owner_through_the_lean_migration() {
+    type Row = (
+        String,
+        String,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = storinator_testkit::pg::PgCluster::start().unwrap();
+    let url = cluster.create_database("owners").unwrap();
+    let pg = sqlx::PgPool::connect(&url).await.unwrap();
+    let before = dir.path().join("pg-before");
+    std::fs::create_dir_all(&before).unwrap();
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres");
+    for e in std::fs::read_dir(&all).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.as_str() < "0006" {
+            std::fs::copy(all.join(&name), before.join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(before.as_path())
+        .await
+        .unwrap();
+    migrator.run(&pg).await.unwrap();
+    let root: i64 =
+        sqlx::query_scalar("INSERT INTO roots (owner, path) VALUES ('local', '/r') RETURNING id")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    let rows: Vec<Row> = [
+        ("d", "dir", Some(0), Some(0), Some("root"), Some("root")),
+        ("d/a", "file", Some(1234), Some(1234), None, None),
+        ("d/b", "symlink", Some(1234), Some(1234), Some(""), None),
+        ("d/c", "file", Some(1234), Some(1234), None, Some("")),
+        ("d/e", "file", None, None, None, None),
+        ("d/f", "file", Some(0), Some(0), Some("root"), Some("root")),
+    ]
+    .into_iter()
+    .map(|(p, k, u, g, un, gn)| {
+        (
+            p.into(),
+            k.into(),
+            u,
+            g,
+            un.map(Into::into),
+            gn.map(Into::into),
+        )
+    })
+    .collect();
+    for (i, r) in rows.iter().enumerate() {
+        // Even rows closed at snapshot 2, odd ones current.
+        sqlx::query(
+            "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, from_seq, \
+             to_seq, uid, gid, user_name, group_name) \
+             VALUES ($1, $2, $3, 0, 0, 0, 0, 1, $4, $5, $6, $7, $8)",
+        )
+        .bind(root)
+        .bind(&r.0)
+        .bind(&r.1)
+        .bind((i % 2 == 0).then_some(2_i64))
+        .bind(r.2)
+        .bind(r.3)
+        .bind(&r.4)
+        .bind(&r.5)
+        .execute(&pg)
+        .await
+        .unwrap();
+    }
+    sqlx::migrate!("../migrations/postgres")
+        .run(&pg)
+        .await
+        .unwrap();
+    let read = || async {
+        sqlx::query_as::<_, Row>(
+            "SELECT e.path, CASE e.kind WHEN 0 THEN 'file' WHEN 1 THEN 'dir' \
+             WHEN 2 THEN 'symlink' END, o.uid, o.gid, o.user_name, o.group_name \
+             FROM entries e LEFT JOIN owners o ON o.no = e.owner_no ORDER BY e.path",
+        )
+        .fetch_all(&pg)
+        .await
+        .unwrap()
+    };
+    assert_eq!(read().await, rows);
+    let owners = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM owners")
+            .fetch_one(&pg)
+            .await
+            .unwrap()
+    };
+    assert_eq!(owners().await, 4);
+
+    // A backup after it names its owner by the row the migration made for it, if it is one
+    // of those (the tests run as root/root): the code makes keys as the migration did.
+    let catalog = Catalog::open(&url).await.unwrap();
+    let storage = Arc::new(storinator_shared::MemoryStorage::new(
+        dir.path().join("spool"),
+    ));
+    let kdf = storinator_shared::KdfParams::fast_for_tests();
+    Repo::init(&catalog, storage.as_ref(), PASS, kdf)
+        .await
+        .unwrap();
+    let repo = Repo::open(catalog, storage, PASS, settings())
+        .await
+        .unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("f"), "f").unwrap();
+    let opts = BackupOptions {
+        path: tree,
+        owner: "local".into(),
+        encrypt: true,
+    };
+    repo.backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM owners GROUP BY uid, gid, user_name, group_name \
+         HAVING COUNT(*) > 1) t",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "an owner with two rows");
+    assert_eq!(
+        read().await[..rows.len()],
+        rows[..],
+        "the migrated rows stay"
+    );
+    pg.close().await;
+}

@@ -673,6 +673,133 @@ async fn a_failed_upload_leaves_no_object_row_or_spool_behind() {
     assert_eq!(objects, stored, "every object is a known pack");
 }
 
+/// Each owner the entries of a commit name is stored once (a row of `owners`) and read back as
+/// it was, whatever it holds: names unknown, an empty name (which is not the unknown one),
+/// user and group swapped, a group without a user, no owner at all (no row). A later commit
+/// names the same rows again. On PostgreSQL too (`STORINATOR_TEST_DB=postgres`).
+#[tokio::test]
+async fn entry_owners_are_stored_once_each_and_read_back_as_they_were() {
+    use storinator_shared::catalog::Owner;
+    // A uid above i32's range.
+    const BIG: u32 = 4_000_000_001;
+    let f = Fixture::new().await;
+    // A stored snapshot's object, for the commits below to name as theirs.
+    let src = f.path("src/data");
+    make_folder(&src, 1, 1, 11);
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let blob: Vec<u8> = sqlx::query_scalar("SELECT blob_id FROM snapshots")
+        .fetch_one(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    let blob = storinator_shared::ChunkId::from_slice(&blob).unwrap();
+    fake_run(&f, "owners", None).await;
+    let root = "/owners";
+    f.repo
+        .catalog
+        .try_lock_root("local", root, "owners", 1)
+        .await
+        .unwrap();
+    let owner =
+        |uid: Option<u32>, gid: Option<u32>, user: Option<&str>, group: Option<&str>| Owner {
+            uid,
+            gid,
+            user: user.map(str::to_string),
+            group: group.map(str::to_string),
+        };
+    let owners = [
+        owner(Some(0), Some(0), Some("root"), Some("root")),
+        owner(Some(BIG), Some(BIG), None, None),
+        owner(Some(BIG), Some(BIG), Some(""), None),
+        owner(Some(BIG), Some(BIG), None, Some("")),
+        owner(Some(BIG), Some(4321), Some("u"), Some("g")),
+        owner(Some(BIG), Some(4321), Some("g"), Some("u")),
+        Owner::default(),
+        owner(None, Some(7), None, Some("seven")),
+        owner(Some(0), Some(0), Some("root"), Some("root")),
+    ];
+    let kinds = [EntryKind::Dir, EntryKind::File, EntryKind::Symlink];
+    let mut commits = Vec::new();
+    for n in 1..=2u8 {
+        let items: Vec<NewEntry> = owners
+            .iter()
+            .enumerate()
+            .map(|(i, o)| NewEntry {
+                path: format!("d/p{i}"),
+                kind: kinds[i % 3],
+                size: 0,
+                mtime_ns: i64::from(n),
+                mode: 0o644,
+                inode: i as u64,
+                target: (kinds[i % 3] == EntryKind::Symlink).then(|| "t".to_string()),
+                owner: o.clone(),
+                content: NewContent::None,
+                same: false,
+            })
+            .collect();
+        let info = SnapshotInfo {
+            short_id: format!("{n:0>12}"),
+            owner: "local".into(),
+            root: root.into(),
+            seq: 0,
+            hostname: "test".into(),
+            encrypted: true,
+            started_at: 0,
+            finished_at: i64::from(n),
+            files: 0,
+            dirs: 0,
+            bytes: 0,
+            bytes_read: 0,
+            new_chunks: 0,
+            bytes_stored: 0,
+            warnings: 0,
+        };
+        let catalog = &f.repo.catalog;
+        let seq = catalog.commit_snapshot("owners", (&info, ""), &blob, &[], &items);
+        commits.push((seq.await.unwrap(), items));
+    }
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", root)
+        .await
+        .unwrap()
+        .unwrap();
+    for (seq, items) in &commits {
+        let rows = f.repo.catalog.entries_under(root_id, *seq, "d").await;
+        let got: Vec<_> = rows
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.path, e.kind, e.mtime_ns, e.target, e.owner))
+            .collect();
+        let want: Vec<_> = items
+            .iter()
+            .map(|i| {
+                (
+                    i.path.clone(),
+                    i.kind,
+                    i.mtime_ns,
+                    i.target.clone(),
+                    i.owner.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "snapshot {seq}");
+    }
+    // (The backup above recorded the test's own user: the root/root row is counted apart.)
+    let stored: Vec<i64> = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM owners WHERE uid IS NULL OR uid = $1 \
+         UNION ALL SELECT COUNT(*) FROM owners WHERE uid = 0 AND user_name = 'root'",
+    )
+    .bind(i64::from(BIG))
+    .fetch_all(f.repo.catalog.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored, [6, 1], "one row per owner named, none for no owner");
+}
+
 /// The chat names the entries it shows by handles. Handles it made before are read, not
 /// written: a page shown again doesn't wait for the write lock a committing backup holds
 /// (seconds, for a big one), only a path shown for the first time does.

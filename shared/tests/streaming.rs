@@ -525,36 +525,22 @@ async fn a_restore_into_an_empty_place_refuses_a_bad_last_path_before_writing_an
 #[tokio::test]
 async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
     let dir = tempfile::tempdir().unwrap();
-    let old = dir.path().join("old-migrations");
-    std::fs::create_dir(&old).unwrap();
-    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
-    for e in std::fs::read_dir(&all).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        // (And 0015, owner keys, and 0017, the lean catalog: the engine that records the
-        // old-layout snapshot below needs their tables and columns; they are independent of
-        // the entries' layout this test is about.)
-        // Chunk lists by number (0020, 0022): this version's code writes no other.
-        if name.as_str() < "0013"
-            || ["0015", "0017", "0020", "0022"]
-                .iter()
-                .any(|n| name.starts_with(n))
-        {
-            std::fs::copy(e.path(), old.join(&name)).unwrap();
-        }
-    }
-    let db = dir.path().join("catalog.db");
-    let url = format!("sqlite://{}?mode=rwc", db.display());
-    sqlx::any::install_default_drivers();
-    let pool = storinator_shared::catalog::Pool::connect(&url)
+    // A snapshot recorded by this version, copied into the old layout.
+    let (repo, storage) = recording_repo(dir.path()).await;
+    let src = dir.path().join("src/data");
+    first_tree(&src);
+    let v1 = describe_tree(&src);
+    repo.backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
-    sqlx::migrate::Migrator::new(old.as_path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
+    repo.catalog.pool().close().await;
+    // (And 0015, owner keys, 0017, the lean catalog, and 0020 and 0022, chunk lists by number:
+    // independent of the entries' layout this test is about, and the layout of the tables
+    // this version's rows are copied into.)
+    let also = ["0015", "0017", "0020", "0022"];
+    let keep = |name: &str| name < "0013" || also.iter().any(|n| name.starts_with(n));
+    let current = dir.path().join("current.db");
+    let (pool, db) = old_layout_catalog(dir.path(), keep, &current).await;
     let index = |pool: storinator_shared::catalog::Pool| async move {
         sqlx::query_scalar::<_, i64>(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'entries_current'",
@@ -564,31 +550,6 @@ async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
         .unwrap()
     };
     assert_eq!(index(pool.clone()).await, 1, "the old layout");
-
-    // A snapshot recorded in the old layout.
-    let storage = std::sync::Arc::new(InstrumentedStorage::new(
-        storinator_shared::MemoryStorage::new(dir.path().join("spool")),
-    ));
-    let src = dir.path().join("src/data");
-    first_tree(&src);
-    let v1 = describe_tree(&src);
-    {
-        let catalog = Catalog::from_pool(pool.clone());
-        storinator_shared::Repo::init(
-            &catalog,
-            storage.as_ref(),
-            PASS,
-            storinator_shared::KdfParams::fast_for_tests(),
-        )
-        .await
-        .unwrap();
-        let repo = storinator_shared::Repo::open(catalog, storage.clone(), PASS, settings())
-            .await
-            .unwrap();
-        repo.backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
-            .await
-            .unwrap();
-    }
     pool.close().await;
 
     // Opened by this version: migrated.
@@ -624,13 +585,26 @@ async fn a_catalog_of_the_old_layout_migrates_and_its_snapshots_still_work() {
     assert_eq!(restored(&to), v1);
 }
 
-/// Every entry row, in key order, as one JSON text: all the columns a row keeps.
+/// Every entry row, in key order, as one JSON text: all the columns a row keeps, in the
+/// layout before 0021 (a kind word, the owner's four columns) whichever layout the catalog has.
 async fn entry_rows(pool: &storinator_shared::catalog::Pool) -> String {
-    sqlx::query_scalar(
+    let lean: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'owners'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let rows = if lean == 1 {
+        "SELECT e.root_id, e.path, CASE e.kind WHEN 0 THEN 'file' WHEN 1 THEN 'dir' \
+         ELSE 'symlink' END AS kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, \
+         e.target, e.from_seq, e.to_seq, o.uid, o.gid, o.user_name, o.group_name \
+         FROM entries e LEFT JOIN owners o ON o.no = e.owner_no"
+    } else {
+        "SELECT * FROM entries"
+    };
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT json_group_array(json_array(root_id, path, kind, size, mtime_ns, mode, inode, \
          content_id, target, from_seq, to_seq, uid, gid, user_name, group_name)) \
-         FROM (SELECT * FROM entries ORDER BY root_id, path, from_seq)",
-    )
+         FROM ({rows} ORDER BY root_id, path, from_seq)"
+    )))
     .fetch_one(pool)
     .await
     .unwrap()
@@ -644,29 +618,24 @@ async fn entry_rows(pool: &storinator_shared::catalog::Pool) -> String {
 #[tokio::test]
 async fn entries_keyed_by_path_keep_every_row_and_snapshot_through_their_migration() {
     let dir = tempfile::tempdir().unwrap();
-    let old = dir.path().join("old-migrations");
-    std::fs::create_dir(&old).unwrap();
-    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
-    for e in std::fs::read_dir(&all).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        // Chunk lists by number (0020, 0022): this version's code writes no other.
-        if name.as_str() < "0019" || name.starts_with("0020") || name.starts_with("0022") {
-            std::fs::copy(e.path(), old.join(&name)).unwrap();
-        }
+    let (repo, storage) = recording_repo(dir.path()).await;
+    let repo = repo.with_batch(3);
+    let src = dir.path().join("src/data");
+    let opts = backup_opts(&src);
+    let mut trees = Vec::new();
+    let mut shots = Vec::new();
+    for change in [first_tree, second_tree] {
+        change(&src);
+        trees.push(describe_tree(&src));
+        let s = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
+        shots.push(s.unwrap().snapshot.short_id);
     }
-    let db = dir.path().join("catalog.db");
-    let url = format!("sqlite://{}?mode=rwc", db.display());
-    sqlx::any::install_default_drivers();
-    let pool = storinator_shared::catalog::Pool::connect(&url)
-        .await
-        .unwrap();
-    sqlx::migrate::Migrator::new(old.as_path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
+    repo.catalog.pool().close().await;
+    let current = dir.path().join("current.db");
+    // (And 0020 and 0022, chunk lists by number: the layout this version's rows are copied
+    // into, independent of the entries'.)
+    let keep = |name: &str| name < "0019" || name.starts_with("0020") || name.starts_with("0022");
+    let (pool, db) = old_layout_catalog(dir.path(), keep, &current).await;
     let layout = |pool: storinator_shared::catalog::Pool| async move {
         sqlx::query_scalar::<_, String>(
             "SELECT group_concat(name || ': ' || coalesce(sql, ''), '; ') FROM sqlite_master \
@@ -678,35 +647,6 @@ async fn entries_keyed_by_path_keep_every_row_and_snapshot_through_their_migrati
     };
     let before = layout(pool.clone()).await;
     assert!(before.contains("entries_by_root") && !before.contains("WITHOUT ROWID"));
-
-    let storage = Arc::new(InstrumentedStorage::new(
-        storinator_shared::MemoryStorage::new(dir.path().join("spool")),
-    ));
-    let src = dir.path().join("src/data");
-    let opts = backup_opts(&src);
-    let mut trees = Vec::new();
-    let mut shots = Vec::new();
-    {
-        let catalog = Catalog::from_pool(pool.clone());
-        storinator_shared::Repo::init(
-            &catalog,
-            storage.as_ref(),
-            PASS,
-            storinator_shared::KdfParams::fast_for_tests(),
-        )
-        .await
-        .unwrap();
-        let repo = storinator_shared::Repo::open(catalog, storage.clone(), PASS, settings())
-            .await
-            .unwrap()
-            .with_batch(3);
-        for change in [first_tree, second_tree] {
-            change(&src);
-            trees.push(describe_tree(&src));
-            let s = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
-            shots.push(s.unwrap().snapshot.short_id);
-        }
-    }
     let rows = entry_rows(&pool).await;
     assert!(
         rows.contains("\"data/a-b\""),
@@ -796,6 +736,237 @@ async fn entries_keyed_by_path_keep_every_row_and_snapshot_through_their_migrati
         assert_eq!(elsewhere.unwrap(), None);
     }
     assert_eq!(sizes, [4, 16, 23]);
+}
+
+/// Owners the backups here cannot make (they record the test's own user), set on rows of the
+/// layout before 0021: names unknown (a uid without a passwd entry), an empty name (which must
+/// not become the unknown one), no owner recorded at all (rows from before 0004), on current
+/// and closed rows of files, a folder and a symlink.
+const OWNERS: [&str; 6] = [
+    "UPDATE entries SET uid = 1234, gid = 1234, user_name = NULL, group_name = NULL \
+     WHERE path = 'data/a0' AND to_seq IS NULL",
+    "UPDATE entries SET uid = 5, gid = 5, user_name = 'five', group_name = 'five' \
+     WHERE path = 'data/a0' AND to_seq IS NOT NULL",
+    "UPDATE entries SET uid = 1234, gid = 1234, user_name = '', group_name = NULL \
+     WHERE path = 'data/a-link'",
+    "UPDATE entries SET uid = 1234, gid = 1234, user_name = NULL, group_name = '' \
+     WHERE path = 'data/a-b'",
+    "UPDATE entries SET uid = NULL, gid = NULL, user_name = NULL, group_name = NULL \
+     WHERE path IN ('data/a', 'data/z/y')",
+    "UPDATE entries SET uid = 0, gid = 1234, user_name = 'root', group_name = NULL \
+     WHERE path = 'data/b'",
+];
+
+/// The entries of snapshot `seq` in the layout before 0021, each as its fields' text.
+async fn old_entries_of(pool: &storinator_shared::catalog::Pool, seq: i64) -> Vec<String> {
+    type Old = (
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Old> = sqlx::query_as(
+        "SELECT e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, \
+         nullif(hex(c.sha256), ''), e.target, e.uid, e.gid, e.user_name, e.group_name \
+         FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+         WHERE e.from_seq <= $1 AND (e.to_seq IS NULL OR e.to_seq > $1) ORDER BY e.path",
+    )
+    .bind(seq)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    // (Debug stops at tuples of 12.)
+    let text = |r: Old| {
+        format!(
+            "{:?}",
+            (
+                (r.0, r.1, r.2, r.3, r.4, r.5),
+                (r.6, r.7, r.8, r.9, r.10, r.11, r.12)
+            )
+        )
+    };
+    rows.into_iter().map(text).collect()
+}
+
+/// An entry as the catalog reads it, as [`old_entries_of`] writes it.
+fn entry_fields(e: &storinator_shared::catalog::EntryRow) -> String {
+    let fields = (
+        (
+            e.path.clone(),
+            e.kind.as_str().to_string(),
+            e.size as i64,
+            e.mtime_ns,
+            e.mode as i64,
+            e.inode as i64,
+        ),
+        e.content_id,
+        e.sha256.map(hex::encode_upper),
+        e.target.clone(),
+        e.owner.uid.map(i64::from),
+        e.owner.gid.map(i64::from),
+        e.owner.user.clone(),
+        e.owner.group.clone(),
+    );
+    format!(
+        "{:?}",
+        (
+            fields.0,
+            (
+                fields.1, fields.2, fields.3, fields.4, fields.5, fields.6, fields.7
+            )
+        )
+    )
+}
+
+/// Migration 0021 stores an entry's kind as a number and its owner as a row of `owners`: a
+/// catalog of the layout before it, two snapshots of current and closed rows with the owners
+/// of [`OWNERS`], reads back every field of every entry of each snapshot as it was (through
+/// both of the catalog's read paths), each distinct owner one row. Run again, the migration
+/// changes nothing. A backup after it compares against the migrated rows (an unchanged one
+/// reads nothing and adds no row) and every snapshot restores as it was.
+#[tokio::test]
+async fn lean_entries_keep_every_field_and_owner_through_their_migration() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, storage) = recording_repo(dir.path()).await;
+    let repo = repo.with_batch(3);
+    let src = dir.path().join("src/data");
+    let opts = backup_opts(&src);
+    let (mut trees, mut shots) = (Vec::new(), Vec::new());
+    for change in [first_tree, second_tree] {
+        change(&src);
+        trees.push(describe_tree(&src));
+        let s = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
+        shots.push(s.unwrap().snapshot.short_id);
+    }
+    repo.catalog.pool().close().await;
+    let current = dir.path().join("current.db");
+    // (And 0022, chunk lists by number, which came after 0021 was numbered.)
+    let keep = |name: &str| name < "0021" || name.starts_with("0022");
+    let (pool, db) = old_layout_catalog(dir.path(), keep, &current).await;
+    for sql in OWNERS {
+        let done = sqlx::query(sql).execute(&pool).await.unwrap();
+        assert!(done.rows_affected() > 0, "{sql}");
+    }
+    let owners: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT DISTINCT uid, gid, user_name, group_name FROM entries \
+         WHERE uid IS NOT NULL OR gid IS NOT NULL OR user_name IS NOT NULL \
+         OR group_name IS NOT NULL)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(owners >= 6, "{owners} owners");
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT DISTINCT kind FROM entries ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["dir", "file", "symlink"]);
+    let mut want = Vec::new();
+    for seq in [1, 2] {
+        want.push(old_entries_of(&pool, seq).await);
+    }
+    let rows = entry_rows(&pool).await;
+    pool.close().await;
+
+    // Opened by this version: migrated, every field of every entry as it was.
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    let count = |sql: &'static str, catalog: Catalog| async move {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(catalog.pool())
+            .await
+            .unwrap()
+    };
+    let migrated = |catalog: Catalog| {
+        let (want, rows) = (want.clone(), rows.clone());
+        let shots = shots.clone();
+        async move {
+            let (root_id, _) = catalog
+                .snapshot_by_id("local", &shots[0])
+                .await
+                .unwrap()
+                .unwrap();
+            for (seq, want) in [1, 2].into_iter().zip(&want) {
+                let under = catalog.entries_under(root_id, seq, "data").await.unwrap();
+                let got: Vec<String> = under.iter().map(entry_fields).collect();
+                assert_eq!(&got, want, "snapshot {seq}");
+                let page = catalog.entries_page(root_id, seq, "data", None, 1000).await;
+                assert_eq!(page.unwrap(), under, "snapshot {seq} read as JSON");
+            }
+            assert_eq!(entry_rows(catalog.pool()).await, rows);
+            let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+                .fetch_one(catalog.pool())
+                .await
+                .unwrap();
+            assert_eq!(check, "ok");
+            let broken = count(
+                "SELECT COUNT(*) FROM pragma_foreign_key_check",
+                catalog.clone(),
+            );
+            assert_eq!(broken.await, 0);
+            assert_eq!(count("SELECT COUNT(*) FROM owners", catalog).await, owners);
+        }
+    };
+    migrated(catalog.clone()).await;
+    catalog.pool().close().await;
+
+    // Run again, as it would be should its bookkeeping row be lost: nothing changes.
+    let opts_db = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let lite = sqlx::SqlitePool::connect_with(opts_db).await.unwrap();
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 21")
+        .execute(&lite)
+        .await
+        .unwrap();
+    assert_eq!(forgot.rows_affected(), 1);
+    lite.close().await;
+    let catalog = Catalog::open_file(&db).await.unwrap();
+    migrated(catalog.clone()).await;
+
+    // The next backup records this tree's owners where they differ from the rows' (the
+    // owners set above); the one after it finds everything unchanged.
+    let repo = storinator_shared::Repo::open(catalog, storage, PASS, settings())
+        .await
+        .unwrap()
+        .with_batch(3);
+    write(&src, "a0", b"zero, changed once more");
+    trees.push(describe_tree(&src));
+    let third = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
+    shots.push(third.unwrap().snapshot.short_id);
+    let rows = repo.catalog.entry_row_count().await.unwrap();
+    let again = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
+    assert_eq!(again.unwrap().snapshot.bytes_read, 0, "unchanged");
+    assert_eq!(repo.catalog.entry_row_count().await.unwrap(), rows);
+    let (root_id, _) = repo
+        .catalog
+        .snapshot_by_id("local", &shots[2])
+        .await
+        .unwrap()
+        .unwrap();
+    let link = std::fs::symlink_metadata(src.join("a-link")).unwrap();
+    let now = repo
+        .catalog
+        .entries_under(root_id, 3, "data/a-link")
+        .await
+        .unwrap();
+    let owner = &now[0].owner;
+    assert_eq!((owner.uid, owner.gid), (Some(link.uid()), Some(link.gid())));
+    for (short_id, want) in shots.iter().zip(&trees) {
+        let to = dir.path().join(format!("out-{short_id}"));
+        let opts = restore_opts(&src, &to, Some(short_id));
+        repo.restore(&opts, &NoProgress, &CancelFlag::new())
+            .await
+            .unwrap();
+        assert_eq!(&restored(&to), want, "snapshot {short_id}");
+    }
 }
 
 /// The restore's writers (several, one folder at a time each) get every file's blobs in

@@ -9,8 +9,8 @@
 use sqlx::Row;
 
 use super::{
-    Catalog, ENTRY_COLUMNS, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db, entry_from_row,
-    snapshot_from_row,
+    Catalog, ENTRY_COLUMNS, ENTRY_FROM, EntryKind, EntryRow, SNAPSHOT_COLUMNS, SnapshotInfo, db,
+    entry_from_row, kind_no, snapshot_from_row,
 };
 use crate::error::Error;
 
@@ -88,8 +88,9 @@ impl Catalog {
         .await
         .map_err(db("counting a folder's entries"))?;
         let rows = sqlx::query(crate::catalog::sql(format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
-             WHERE {CHILDREN} ORDER BY e.kind <> 'dir', e.path LIMIT ?6 OFFSET ?7"
+            "SELECT {ENTRY_COLUMNS} FROM {ENTRY_FROM} \
+             WHERE {CHILDREN} ORDER BY e.kind <> {DIR}, e.path LIMIT ?6 OFFSET ?7",
+            DIR = kind_no(EntryKind::Dir)
         )))
         .bind(root_id)
         .bind(seq)
@@ -154,7 +155,7 @@ impl Catalog {
         let row = sqlx::query(crate::catalog::sql(format!(
             "SELECT {ENTRY_COLUMNS} FROM entry_handles h \
              JOIN entries e ON e.root_id = h.root_id AND e.path = h.path \
-             LEFT JOIN contents c ON c.id = e.content_id \
+             LEFT JOIN contents c ON c.id = e.content_id LEFT JOIN owners o ON o.no = e.owner_no \
              WHERE h.id = ?3 AND h.root_id = ?1 AND e.from_seq <= ?2 \
              AND (e.to_seq IS NULL OR e.to_seq > ?2)"
         )))
@@ -175,7 +176,7 @@ impl Catalog {
         path: &str,
     ) -> Result<Option<EntryRow>, Error> {
         let row = sqlx::query(crate::catalog::sql(format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+            "SELECT {ENTRY_COLUMNS} FROM {ENTRY_FROM} \
              WHERE e.root_id = ?1 AND e.path = ?3 AND e.from_seq <= ?2 \
              AND (e.to_seq IS NULL OR e.to_seq > ?2)"
         )))
@@ -192,8 +193,7 @@ impl Catalog {
     /// snapshots are all gone are left out.
     pub async fn versions(&self, root_id: i64, path: &str) -> Result<Vec<Version>, Error> {
         let rows = sqlx::query(crate::catalog::sql(format!(
-            "SELECT {ENTRY_COLUMNS}, e.from_seq, e.to_seq FROM entries e \
-             LEFT JOIN contents c ON c.id = e.content_id \
+            "SELECT {ENTRY_COLUMNS}, e.from_seq, e.to_seq FROM {ENTRY_FROM} \
              WHERE e.root_id = ? AND e.path = ? ORDER BY e.from_seq DESC"
         )))
         .bind(root_id)

@@ -43,7 +43,7 @@ use crate::format::crypto::ChunkId;
 
 /// Who owns an entry, as recorded at backup (all `None` for entries from before owners were
 /// recorded).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -194,7 +194,32 @@ pub(crate) fn snapshot_from_row(r: &DbRow) -> SnapshotInfo {
 }
 
 pub(crate) const ENTRY_COLUMNS: &str = "e.path, e.kind, e.size, e.mtime_ns, e.mode, e.inode, e.content_id, c.sha256, e.target, \
-     e.uid, e.gid, e.user_name, e.group_name";
+     o.uid, o.gid, o.user_name, o.group_name";
+
+/// What [`ENTRY_COLUMNS`] reads from: the entries `e` with their contents `c` and owners `o`
+/// (migration 0021: an entry names its owner by number; none recorded, no row).
+pub(crate) const ENTRY_FROM: &str = "entries e LEFT JOIN contents c ON c.id = e.content_id \
+     LEFT JOIN owners o ON o.no = e.owner_no";
+
+/// `entries.kind` as the catalog stores it (migration 0021): a small integer, not the word
+/// the snapshot format in storage uses.
+pub(crate) fn kind_no(kind: EntryKind) -> i64 {
+    match kind {
+        EntryKind::File => 0,
+        EntryKind::Dir => 1,
+        EntryKind::Symlink => 2,
+    }
+}
+
+/// The kind of an `entries.kind` number (the column's CHECK allows no other; a file if it
+/// somehow were, as an unknown word read before).
+pub(crate) fn kind_of(no: i64) -> EntryKind {
+    match no {
+        1 => EntryKind::Dir,
+        2 => EntryKind::Symlink,
+        _ => EntryKind::File,
+    }
+}
 
 /// [`ENTRY_COLUMNS`] for a [`json_rows`] statement: the same columns in the same order, named
 /// `c0`, `c1`, ... (the path is `c0`), the hash as hex.
@@ -213,7 +238,7 @@ pub(crate) fn entry_json_columns(dialect: Dialect) -> String {
 /// An entry as [`entry_json_columns`] reads it through [`json_rows`].
 pub(crate) type EntryJson = (
     String,
-    String,
+    i64,
     i64,
     i64,
     i64,
@@ -240,7 +265,7 @@ pub(crate) fn entry_from_json(r: EntryJson) -> Result<EntryRow, String> {
     };
     Ok(EntryRow {
         path: r.0,
-        kind: EntryKind::parse(&r.1).unwrap_or(EntryKind::File),
+        kind: kind_of(r.1),
         size: r.2 as u64,
         mtime_ns: r.3,
         mode: r.4 as u32,
@@ -261,7 +286,7 @@ pub(crate) fn entry_from_row(r: &DbRow) -> EntryRow {
     let sha: Option<Vec<u8>> = r.get(7);
     EntryRow {
         path: r.get(0),
-        kind: EntryKind::parse(r.get::<&str, _>(1)).unwrap_or(EntryKind::File),
+        kind: kind_of(r.get(1)),
         size: r.get::<i64, _>(2) as u64,
         mtime_ns: r.get(3),
         mode: r.get::<i64, _>(4) as u32,

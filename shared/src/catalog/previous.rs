@@ -12,7 +12,9 @@ use std::collections::hash_map::Entry;
 
 use serde::Deserialize;
 
-use super::{Catalog, Dialect, EntryRow, entry_from_json, entry_json_columns, json_rows};
+use super::{
+    Catalog, Dialect, ENTRY_FROM, EntryRow, entry_from_json, entry_json_columns, json_rows,
+};
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
 
@@ -59,7 +61,7 @@ fn previous_sql(dialect: Dialect, after: bool) -> String {
     };
     let inner = format!(
         "SELECT {}, cc.seq AS c13, {} AS c14 \
-         FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+         FROM {ENTRY_FROM} \
          LEFT JOIN content_chunks cc ON cc.content_id = e.content_id \
          LEFT JOIN chunks ch ON ch.no = cc.chunk_no \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
@@ -74,7 +76,7 @@ fn previous_sql(dialect: Dialect, after: bool) -> String {
 #[derive(Deserialize)]
 struct PrevRow(
     String,
-    String,
+    i64,
     i64,
     i64,
     i64,
@@ -163,7 +165,7 @@ mod tests {
         let chunk = chunk.map(|n| hex::encode_upper(id(n).0));
         serde_json::json!([
             path,
-            "file",
+            0,
             10,
             5,
             420,

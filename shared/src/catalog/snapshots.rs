@@ -8,9 +8,9 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
-    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, EntryJson, EntryOutline, EntryRow, Owner,
-    SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_json, entry_from_row,
-    entry_json_columns, json_rows, snapshot_from_row,
+    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson, EntryOutline, EntryRow,
+    Owner, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_json, entry_from_row,
+    entry_json_columns, json_rows, kind_no, kind_of, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -114,7 +114,7 @@ impl Catalog {
     ) -> Result<Vec<EntryRow>, Error> {
         // `prefix/` .. `prefix0` is every path below prefix ('0' follows '/' in byte order).
         let sql = format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+            "SELECT {ENTRY_COLUMNS} FROM {ENTRY_FROM} \
              WHERE e.root_id = ? AND e.from_seq <= ? AND (e.to_seq IS NULL OR e.to_seq > ?) \
              AND (e.path = ? OR (e.path >= ? AND e.path < ?)) ORDER BY e.path"
         );
@@ -149,7 +149,7 @@ impl Catalog {
         limit: usize,
     ) -> Result<Vec<EntryRow>, Error> {
         let columns = entry_json_columns(Dialect::of(&self.pool));
-        let from = "entries e LEFT JOIN contents c ON c.id = e.content_id";
+        let from = ENTRY_FROM;
         let entry =
             |r: EntryJson| entry_from_json(r).map_err(|e| Error::Invalid(format!("catalog: {e}")));
         let page = (root_id, seq, prefix, after, limit);
@@ -168,10 +168,10 @@ impl Catalog {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<EntryOutline>, Error> {
-        let outline = |(path, kind, size): (String, String, i64)| {
+        let outline = |(path, kind, size): (String, i64, i64)| {
             Ok(EntryOutline {
                 path,
-                kind: EntryKind::parse(&kind).unwrap_or(EntryKind::File),
+                kind: kind_of(kind),
                 size: size as u64,
             })
         };
@@ -321,6 +321,7 @@ impl Catalog {
             key_no,
             unusable,
             last: None,
+            owners: HashMap::new(),
         })
     }
 }
@@ -341,6 +342,8 @@ pub struct SnapshotCommit {
     unusable: Unusable,
     /// The last path recorded so far.
     last: Option<String>,
+    /// The `owners` row of each owner this commit recorded entries of (see [`owner_no`]).
+    owners: HashMap<Owner, i64>,
 }
 
 impl SnapshotCommit {
@@ -399,7 +402,12 @@ impl SnapshotCommit {
         // What no item of the batch named is gone since the previous snapshot.
         closed.extend(previous.into_keys());
         close_entries(&mut self.tx, self.root_id, &closed, self.seq).await?;
-        insert_entries(&mut self.tx, self.root_id, self.seq, &added).await?;
+        let mut rows = Vec::with_capacity(added.len());
+        for (item, content_id) in added {
+            let owner = owner_no(&mut self.tx, &mut self.owners, &item.owner).await?;
+            rows.push((item, content_id, owner));
+        }
+        insert_entries(&mut self.tx, self.root_id, self.seq, &rows).await?;
         self.last = Some(hi);
         Ok(())
     }
@@ -496,7 +504,7 @@ async fn current_entries(
     what: &str,
 ) -> Result<HashMap<String, EntryRow>, Error> {
     let sql = format!(
-        "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+        "SELECT {ENTRY_COLUMNS} FROM {ENTRY_FROM} \
          WHERE e.root_id = ? AND e.to_seq IS NULL"
     );
     let mut rows = sqlx::query(crate::catalog::sql(sql))
@@ -519,7 +527,7 @@ async fn current_entries_in(
     upto: Option<&str>,
 ) -> Result<HashMap<String, EntryRow>, Error> {
     let sql = format!(
-        "SELECT {ENTRY_COLUMNS} FROM entries e LEFT JOIN contents c ON c.id = e.content_id \
+        "SELECT {ENTRY_COLUMNS} FROM {ENTRY_FROM} \
          WHERE e.root_id = ? AND e.to_seq IS NULL{}",
         path_range(after, upto)
     );
@@ -860,31 +868,75 @@ pub(crate) fn unchanged(p: &EntryRow, item: &NewEntry, content_id: Option<i64>) 
         && p.owner == item.owner
 }
 
-/// New entry rows, valid from snapshot `seq` on.
+/// The `owners` row of `owner` (`None`: nothing recorded, no row), found or made, each
+/// owner looked up once per commit (`known`). The row is unique by its key, the owner as a
+/// JSON array made by the database (the expression migration 0021 keys its rows with):
+/// a concurrent PostgreSQL writer that made it first makes this insert do nothing.
+async fn owner_no(
+    tx: &mut Conn,
+    known: &mut HashMap<Owner, i64>,
+    owner: &Owner,
+) -> Result<Option<i64>, Error> {
+    if *owner == Owner::default() {
+        return Ok(None);
+    }
+    if let Some(no) = known.get(owner) {
+        return Ok(Some(*no));
+    }
+    let key = match Dialect::of_conn(tx) {
+        Dialect::Sqlite => "json_array($1, $2, $3, $4)",
+        Dialect::Postgres => "json_build_array($1::bigint, $2::bigint, $3::text, $4::text)::text",
+    };
+    let bound = |sql: String| {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner.uid.map(i64::from))
+            .bind(owner.gid.map(i64::from))
+            .bind(owner.user.clone())
+            .bind(owner.group.clone())
+    };
+    bound(format!(
+        "INSERT INTO owners (uid, gid, user_name, group_name, key) \
+         VALUES ($1, $2, $3, $4, {key}) ON CONFLICT (key) DO NOTHING"
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(db(COMMIT))?;
+    let no: i64 = bound(format!("SELECT no FROM owners WHERE key = {key}"))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?
+        .get(0);
+    known.insert(owner.clone(), no);
+    Ok(Some(no))
+}
+
+/// New entry rows, valid from snapshot `seq` on: each item with its content and owner row.
 async fn insert_entries(
     tx: &mut Conn,
     root_id: i64,
     seq: i64,
-    items: &[(&NewEntry, Option<i64>)],
+    items: &[(&NewEntry, Option<i64>, Option<i64>)],
 ) -> Result<(), Error> {
     let head = "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, target, \
-                from_seq, uid, gid, user_name, group_name)";
-    super::bulk::insert(tx, (head, 14, ""), items, |q, (item, content_id)| {
-        q.bind(root_id)
-            .bind(&item.path)
-            .bind(item.kind.as_str())
-            .bind(item.size as i64)
-            .bind(item.mtime_ns)
-            .bind(i64::from(item.mode))
-            .bind(item.inode as i64)
-            .bind(*content_id)
-            .bind(&item.target)
-            .bind(seq)
-            .bind(item.owner.uid.map(i64::from))
-            .bind(item.owner.gid.map(i64::from))
-            .bind(&item.owner.user)
-            .bind(&item.owner.group)
-    })
+                from_seq, owner_no)";
+    super::bulk::insert(
+        tx,
+        (head, 11, ""),
+        items,
+        |q, (item, content_id, owner_no)| {
+            q.bind(root_id)
+                .bind(&item.path)
+                .bind(kind_no(item.kind))
+                .bind(item.size as i64)
+                .bind(item.mtime_ns)
+                .bind(i64::from(item.mode))
+                .bind(item.inode as i64)
+                .bind(*content_id)
+                .bind(&item.target)
+                .bind(seq)
+                .bind(*owner_no)
+        },
+    )
     .await
     .map_err(db(COMMIT))?;
     Ok(())

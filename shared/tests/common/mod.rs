@@ -71,3 +71,154 @@ pub use storinator_testkit::fixtures::{
 
 /// The engine tests' storage: memory, instrumented.
 pub type CountingStorage = InstrumentedStorage<MemoryStorage>;
+
+/// A SQLite catalog in `dir` (`catalog.db`) made by the migrations whose file names `keep`
+/// accepts: the layout of an older version, for a migration's test. Empty: see
+/// [`old_layout_catalog`] for one that holds snapshots.
+pub async fn catalog_migrated_by(
+    dir: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> (storinator_shared::catalog::Pool, PathBuf) {
+    let old = dir.join("old-migrations");
+    std::fs::create_dir(&old).unwrap();
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for e in std::fs::read_dir(&all).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_file() && keep(&name) {
+            std::fs::copy(e.path(), old.join(&name)).unwrap();
+        }
+    }
+    let db = dir.join("catalog.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    sqlx::any::install_default_drivers();
+    let pool = storinator_shared::catalog::Pool::connect(&url)
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    (pool, db)
+}
+
+/// A repository whose catalog (`current.db` in `dir`, SQLite, this version's layout) records
+/// what a migration's test then copies into an older layout ([`old_layout_catalog`]): this
+/// version writes only its own layout.
+pub async fn recording_repo(dir: &Path) -> (Repo, Arc<CountingStorage>) {
+    let storage = Arc::new(InstrumentedStorage::new(MemoryStorage::new(
+        dir.join("spool"),
+    )));
+    let db = dir.join("current.db");
+    let catalog = Catalog::open(&format!("sqlite://{}?mode=rwc", db.display()))
+        .await
+        .unwrap();
+    Repo::init(
+        &catalog,
+        storage.as_ref(),
+        PASS,
+        KdfParams::fast_for_tests(),
+    )
+    .await
+    .unwrap();
+    let repo = Repo::open(catalog, storage.clone(), PASS, settings())
+        .await
+        .unwrap();
+    (repo, storage)
+}
+
+/// The catalog of [`catalog_migrated_by`] holding every row of the catalog `current` (made
+/// by [`recording_repo`], closed): each table the old layout has gets the rows of the same
+/// table, by the columns both have; the entries in the layout before migration 0021 (the
+/// kind as a word, the owner's four columns; the row ids of older layouts in key order).
+pub async fn old_layout_catalog(
+    dir: &Path,
+    keep: impl Fn(&str) -> bool,
+    current: &Path,
+) -> (storinator_shared::catalog::Pool, PathBuf) {
+    let (pool, db) = catalog_migrated_by(dir, keep).await;
+    let mut conn = pool.acquire().await.unwrap();
+    let attach = format!("ATTACH DATABASE '{}' AS a", current.display());
+    for sql in [
+        "PRAGMA foreign_keys = OFF".to_string(),
+        attach,
+        "BEGIN".into(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    // Each table of the old layout that this version has too, with the columns of each.
+    let pairs: Vec<(String, String)> = sqlx::query_as(
+        "SELECT m.name, c.name FROM main.sqlite_master m, pragma_table_info(m.name, 'main') c \
+         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name <> '_sqlx_migrations' \
+         AND (m.name = 'entries' OR c.name IN \
+              (SELECT n.name FROM pragma_table_info(m.name, 'a') n)) ORDER BY m.name, c.cid",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let mut tables: Vec<(String, Vec<String>)> = Vec::new();
+    for (table, column) in pairs {
+        match tables.last_mut() {
+            Some((t, columns)) if *t == table => columns.push(column),
+            _ => tables.push((table, vec![column])),
+        }
+    }
+    for (table, mut columns) in tables {
+        let source = if table == "entries" {
+            columns.retain(|c| OLD_ENTRY_COLUMNS.contains(&c.as_str()));
+            format!("({OLD_ENTRIES} ORDER BY e.root_id, e.path, e.from_seq)")
+        } else {
+            format!("a.\"{table}\"")
+        };
+        let columns = columns
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // The rows the migrations inserted are this version's too: replaced by its rows.
+        for sql in [
+            format!("DELETE FROM main.\"{table}\""),
+            format!("INSERT INTO main.\"{table}\" ({columns}) SELECT {columns} FROM {source}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        }
+    }
+    for sql in ["COMMIT", "DETACH DATABASE a", "PRAGMA foreign_keys = ON"] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    (pool, db)
+}
+
+/// The columns of an entry before migration 0021.
+const OLD_ENTRY_COLUMNS: [&str; 15] = [
+    "root_id",
+    "path",
+    "kind",
+    "size",
+    "mtime_ns",
+    "mode",
+    "inode",
+    "content_id",
+    "target",
+    "from_seq",
+    "to_seq",
+    "uid",
+    "gid",
+    "user_name",
+    "group_name",
+];
+
+/// This version's entries (of the attached catalog `a`) as they were before migration 0021.
+const OLD_ENTRIES: &str = "SELECT e.root_id, e.path, \
+     CASE e.kind WHEN 0 THEN 'file' WHEN 1 THEN 'dir' WHEN 2 THEN 'symlink' END AS kind, \
+     e.size, e.mtime_ns, e.mode, e.inode, e.content_id, e.target, e.from_seq, e.to_seq, \
+     o.uid, o.gid, o.user_name, o.group_name \
+     FROM a.entries e LEFT JOIN a.owners o ON o.no = e.owner_no";
