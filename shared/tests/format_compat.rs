@@ -498,7 +498,7 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     // Migrations 0017 and 0018 run outside a transaction: should a kill lose their
     // bookkeeping rows, they run again on the next open, before any later migration. Then
     // they change nothing.
-    let migrator = migrations_before("0020", dir.path()).await;
+    let migrator = migrator_of(dir.path(), |name| name < "0020").await;
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
     let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
     migrator.run(&pool).await.unwrap();
@@ -543,20 +543,6 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
         .await
         .unwrap();
     two_keys_restore(&repo, &dir.path().join("out2")).await;
-}
-
-/// A migrator of this version's SQLite migrations older than `version` (copied under `dir`).
-async fn migrations_before(version: &str, dir: &Path) -> sqlx::migrate::Migrator {
-    let old = dir.join(format!("migrations-before-{version}"));
-    std::fs::create_dir(&old).unwrap();
-    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
-    for e in std::fs::read_dir(&all).unwrap() {
-        let e = e.unwrap();
-        if e.file_name().to_string_lossy().as_ref() < version {
-            std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
-        }
-    }
-    sqlx::migrate::Migrator::new(old.as_path()).await.unwrap()
 }
 
 /// Each chunk's number by id (SQLite), once it is checked that chunk lists name chunks by

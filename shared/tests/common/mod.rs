@@ -79,6 +79,20 @@ pub async fn catalog_migrated_by(
     dir: &Path,
     keep: impl Fn(&str) -> bool,
 ) -> (storinator_shared::catalog::Pool, PathBuf) {
+    let migrator = migrator_of(dir, keep).await;
+    let db = dir.join("catalog.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    sqlx::any::install_default_drivers();
+    let pool = storinator_shared::catalog::Pool::connect(&url)
+        .await
+        .unwrap();
+    migrator.run(&pool).await.unwrap();
+    (pool, db)
+}
+
+/// A migrator of this version's SQLite migrations whose file names `keep` accepts (copied
+/// into `dir`/old-migrations).
+pub async fn migrator_of(dir: &Path, keep: impl Fn(&str) -> bool) -> sqlx::migrate::Migrator {
     let old = dir.join("old-migrations");
     std::fs::create_dir(&old).unwrap();
     let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
@@ -89,19 +103,7 @@ pub async fn catalog_migrated_by(
             std::fs::copy(e.path(), old.join(&name)).unwrap();
         }
     }
-    let db = dir.join("catalog.db");
-    let url = format!("sqlite://{}?mode=rwc", db.display());
-    sqlx::any::install_default_drivers();
-    let pool = storinator_shared::catalog::Pool::connect(&url)
-        .await
-        .unwrap();
-    sqlx::migrate::Migrator::new(old.as_path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
-    (pool, db)
+    sqlx::migrate::Migrator::new(old.as_path()).await.unwrap()
 }
 
 /// A repository whose catalog (`current.db` in `dir`, SQLite, this version's layout) records
