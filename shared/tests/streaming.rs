@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
@@ -610,6 +610,40 @@ async fn entry_rows(pool: &storinator_shared::catalog::Pool) -> String {
     .unwrap()
 }
 
+/// Two snapshots ([`first_tree`], then [`second_tree`], batches of 3) recorded by this
+/// version ([`recording_repo`], closed), for a migration's test to copy into an older layout.
+struct Recorded {
+    storage: Arc<CountingStorage>,
+    src: PathBuf,
+    /// Each snapshot's tree, as [`describe_tree`] gives it.
+    trees: Vec<BTreeMap<String, String>>,
+    shots: Vec<String>,
+    /// The recording catalog.
+    current: PathBuf,
+}
+
+async fn two_snapshots_recorded(dir: &Path) -> Recorded {
+    let (repo, storage) = recording_repo(dir).await;
+    let repo = repo.with_batch(3);
+    let src = dir.join("src/data");
+    let opts = backup_opts(&src);
+    let (mut trees, mut shots) = (Vec::new(), Vec::new());
+    for change in [first_tree, second_tree] {
+        change(&src);
+        trees.push(describe_tree(&src));
+        let s = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
+        shots.push(s.unwrap().snapshot.short_id);
+    }
+    repo.catalog.pool().close().await;
+    Recorded {
+        storage,
+        src,
+        trees,
+        shots,
+        current: dir.join("current.db"),
+    }
+}
+
 /// Migration 0019 stores entries clustered by (root, path, first snapshot) instead of by
 /// rowid with an index: a catalog of the layout before it, holding current and closed rows of
 /// three snapshots, keeps every row, and each snapshot restores as it was. The next backup
@@ -618,20 +652,14 @@ async fn entry_rows(pool: &storinator_shared::catalog::Pool) -> String {
 #[tokio::test]
 async fn entries_keyed_by_path_keep_every_row_and_snapshot_through_their_migration() {
     let dir = tempfile::tempdir().unwrap();
-    let (repo, storage) = recording_repo(dir.path()).await;
-    let repo = repo.with_batch(3);
-    let src = dir.path().join("src/data");
+    let Recorded {
+        storage,
+        src,
+        mut trees,
+        mut shots,
+        current,
+    } = two_snapshots_recorded(dir.path()).await;
     let opts = backup_opts(&src);
-    let mut trees = Vec::new();
-    let mut shots = Vec::new();
-    for change in [first_tree, second_tree] {
-        change(&src);
-        trees.push(describe_tree(&src));
-        let s = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
-        shots.push(s.unwrap().snapshot.short_id);
-    }
-    repo.catalog.pool().close().await;
-    let current = dir.path().join("current.db");
     // (And 0020 and 0022, chunk lists by number: the layout this version's rows are copied
     // into, independent of the entries'.)
     let keep = |name: &str| name < "0019" || name.starts_with("0020") || name.starts_with("0022");
@@ -837,19 +865,14 @@ fn entry_fields(e: &storinator_shared::catalog::EntryRow) -> String {
 async fn lean_entries_keep_every_field_and_owner_through_their_migration() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
-    let (repo, storage) = recording_repo(dir.path()).await;
-    let repo = repo.with_batch(3);
-    let src = dir.path().join("src/data");
+    let Recorded {
+        storage,
+        src,
+        mut trees,
+        mut shots,
+        current,
+    } = two_snapshots_recorded(dir.path()).await;
     let opts = backup_opts(&src);
-    let (mut trees, mut shots) = (Vec::new(), Vec::new());
-    for change in [first_tree, second_tree] {
-        change(&src);
-        trees.push(describe_tree(&src));
-        let s = repo.backup(&opts, &NoProgress, &CancelFlag::new()).await;
-        shots.push(s.unwrap().snapshot.short_id);
-    }
-    repo.catalog.pool().close().await;
-    let current = dir.path().join("current.db");
     // (And 0022, chunk lists by number, which came after 0021 was numbered.)
     let keep = |name: &str| name < "0021" || name.starts_with("0022");
     let (pool, db) = old_layout_catalog(dir.path(), keep, &current).await;
