@@ -523,21 +523,23 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     repo.catalog.pool().close().await;
     drop(repo);
 
-    // The chunk numbering (0022) runs outside a transaction too, and again should its
-    // bookkeeping row be lost: it changes nothing, links nor each chunk's number, also those
-    // of the chunks stored since.
+    // The chunk numbering (0022) and the chunk id's prefix index (0023) run outside a
+    // transaction too, and again should their bookkeeping rows be lost: they change nothing,
+    // links nor each chunk's number, also those of the chunks stored since, nor snapshots.
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
     let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 22")
+    let snapshots = snapshot_rows(&db).await;
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23)")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(forgot.rows_affected(), 1);
+    assert_eq!(forgot.rows_affected(), 2);
     pool.close().await;
     let catalog = Catalog::open_file(&db).await.unwrap();
     assert_eq!(new_links(&catalog).await, upgraded);
     assert_eq!(chunks_numbered_in_pack_order(&catalog).await, numbers);
     assert_eq!(contents_indexes(&catalog).await, ["contents_by_sha256"]);
+    assert_eq!(snapshot_rows(&db).await, snapshots);
     let storage = Arc::new(DirStorage::open(&store).unwrap());
     let repo = Repo::open(catalog, storage, TWO_KEYS_PASS, fixture_settings())
         .await
@@ -545,9 +547,26 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     two_keys_restore(&repo, &dir.path().join("out2")).await;
 }
 
+/// Every snapshot row of the SQLite catalog `db`, as text.
+async fn snapshot_rows(db: &std::path::Path) -> Vec<String> {
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(db);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    let rows = sqlx::query_scalar(
+        "SELECT json_array(id, root_id, seq, short_id, hex(blob_id), hostname, encrypted, \
+         started_at, finished_at, files, dirs, bytes, bytes_read, new_chunks, bytes_stored, \
+         warnings, listing_known) FROM snapshots ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows
+}
+
 /// Each chunk's number by id (SQLite), once it is checked that chunk lists name chunks by
 /// number (migration 0022), that numbers follow pack order (a pack's chunks are neighbours),
-/// and that the catalog is whole (integrity and foreign keys).
+/// that the catalog is whole (integrity and foreign keys), and that chunks are found by their
+/// id's prefix, one row per id.
 async fn chunks_numbered_in_pack_order(catalog: &Catalog) -> BTreeMap<Vec<u8>, i64> {
     let pool = catalog.pool();
     let columns: Vec<String> =
@@ -575,10 +594,20 @@ async fn chunks_numbered_in_pack_order(catalog: &Catalog) -> BTreeMap<Vec<u8>, i
         .await
         .unwrap();
     assert_eq!(dangling, 0);
+    // Found by their id's prefix (migration 0023), one row per id.
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'chunks' ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["chunks_by_id", "chunks_by_pack"]);
     let numbers: Vec<(Vec<u8>, i64)> = sqlx::query_as("SELECT id, no FROM chunks")
         .fetch_all(pool)
         .await
         .unwrap();
+    let ids: BTreeSet<&Vec<u8>> = numbers.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), numbers.len(), "two rows for one chunk id");
     numbers.into_iter().collect()
 }
 

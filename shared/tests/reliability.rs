@@ -566,13 +566,33 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
     assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 1);
     assert!(duplicate_current_rows(&f).await.is_empty());
 
-    // A new content on a chunk the catalog has no row for (a prune deleted it after the
-    // backup stored or found it) is refused the same way, before anything is written.
     f.repo
         .catalog
         .set_pack_state(&pack, "stored")
         .await
         .unwrap();
+    // A snapshot whose own object has no chunk row (a prune deleted it after the backup
+    // stored it; a foreign key refused it until migration 0023) is refused the same way.
+    let e = f
+        .repo
+        .catalog
+        .commit_snapshot(
+            "late",
+            (&info, ""),
+            &storinator_shared::ChunkId([8; 32]),
+            &[],
+            std::slice::from_ref(&item),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("own data was deleted by a prune"),
+        "{e}"
+    );
+    assert!(e.is_retryable());
+    assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 1);
+
+    // So is a new content on a chunk the catalog has no row for, before anything is written.
     let on_a_lost_chunk = NewEntry {
         path: "data/new.bin".into(),
         size: 5,

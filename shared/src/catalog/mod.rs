@@ -77,6 +77,31 @@ pub(crate) const USABLE_PACK: &str =
 pub(crate) const DAMAGED_CHUNK: &str =
     "d.healed_at IS NULL AND d.pack_id = (SELECT dp.id FROM packs dp WHERE dp.no = c.pack_no)";
 
+/// The chunk `c` is among those a scrub found damaged and that were not healed: a term on
+/// `chunks_by_id` (migration 0023) that makes a join of damage and chunks start from the few
+/// damaged rows. Without it SQLite reads every chunk and looks each up among the damaged.
+pub(crate) const AMONG_DAMAGED: &str = "substr(c.id, 1, 8) IN \
+     (SELECT substr(dd.chunk_id, 1, 8) FROM damaged_chunks dd WHERE dd.healed_at IS NULL)";
+
+/// The chunk row `col` (`c.id`) is the chunk `id` (an SQL expression: a numbered mark, or
+/// another table's column): the 8-byte prefix that `chunks_by_id` indexes (migration 0023),
+/// then the whole id. Every lookup of a chunk by its id names it so: without the prefix term
+/// a lookup reads the whole table.
+pub(crate) fn chunk_id_is(col: &str, id: &str) -> String {
+    format!("substr({col}, 1, 8) = substr({id}, 1, 8) AND {col} = {id}")
+}
+
+/// The chunk row `col` is one of `n` chunks whose ids are bound from mark `first` on, after
+/// their `n` prefixes: bind `&id.0[..8]` for each id, then `&id.0[..]` for each. What
+/// [`chunk_id_is`] is for one id.
+pub(crate) fn chunk_id_in(col: &str, first: usize, n: usize) -> String {
+    format!(
+        "substr({col}, 1, 8) IN ({}) AND {col} IN ({})",
+        bulk::marks(first, n),
+        bulk::marks(first + n, n)
+    )
+}
+
 /// Checks an owner name: `local` (the CLI's own backups) or `tg:<Telegram user id>` (a chat
 /// user's), the id a positive decimal number. Every entry point (command line, job, engine)
 /// checks it, so the catalog never holds an owner nobody can name again.
@@ -327,6 +352,90 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    /// Every statement that finds chunks by id goes through `chunks_by_id`, the index on their
+    /// prefix (migration 0023): the prefix term and the index must name the same expression,
+    /// or SQLite reads every chunk of the catalog for each id.
+    #[tokio::test]
+    async fn chunks_are_found_by_id_through_the_prefix_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = super::Catalog::open_file(&dir.path().join("c.db"))
+            .await
+            .unwrap();
+        // (what, statement, the name the plan gives `chunks`, whether it is reached by id)
+        let statements = [
+            (
+                "chunk numbers",
+                super::snapshots::chunk_numbers_sql(3),
+                "chunks",
+                true,
+            ),
+            (
+                "unusable chunks",
+                super::snapshots::unusable_chunks_sql(),
+                "c",
+                true,
+            ),
+            ("a chunk's place", super::packs::chunk_sql(), "c", true),
+            // Reached from the entries, by number: no index leads from a chunk to its
+            // contents (nothing else needs one), so this damage report reads the entries.
+            (
+                "users of chunks",
+                super::packs::users_of_chunks_sql(3),
+                "c",
+                false,
+            ),
+            (
+                "homes of chunks",
+                super::packs::chunk_homes_sql(3),
+                "c",
+                true,
+            ),
+            (
+                "repointing",
+                super::retention::repoint_sql(),
+                "chunks",
+                true,
+            ),
+            ("damage", super::scrub::record_damage_sql(), "c", true),
+            (
+                "unhealed damage",
+                super::scrub::unhealed_damage_sql(),
+                "c",
+                true,
+            ),
+            (
+                "contents of a chunk",
+                super::scrub::contents_using_sql(),
+                "ch",
+                true,
+            ),
+            ("anomalies", super::scrub::anomalies_sql(), "c", true),
+        ];
+        for (what, sql, chunks, by_id) in statements {
+            let sql = format!("EXPLAIN QUERY PLAN {}", super::numbered(&sql));
+            let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(catalog.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| sqlx::Row::get::<String, _>(r, 3))
+                .collect();
+            let index = format!("SEARCH {chunks} USING INDEX chunks_by_id ");
+            assert_eq!(
+                plan.iter().any(|p| p.starts_with(&index)),
+                by_id,
+                "{what}: {plan:?}"
+            );
+            let scan = format!("SCAN {chunks}");
+            assert!(
+                !plan
+                    .iter()
+                    .any(|p| *p == scan || p.starts_with(&format!("{scan} "))),
+                "{what}: {plan:?}"
+            );
+        }
+    }
 
     #[test]
     fn owners_are_local_or_tg_and_a_positive_number() {

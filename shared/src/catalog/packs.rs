@@ -6,7 +6,8 @@ use crate::catalog::Conn;
 use sqlx::Row;
 
 use super::{
-    Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PackRow, USABLE_PACK, db, json_rows, now_ms,
+    Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PackRow, USABLE_PACK, chunk_id_in, chunk_id_is, db,
+    json_rows, now_ms,
 };
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
@@ -247,14 +248,11 @@ impl Catalog {
 
     /// Where a blob lives.
     pub async fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, Error> {
-        let row = sqlx::query(
-            "SELECT p.id, p.location, c.\"offset\", c.length, c.raw_length FROM chunks c \
-             JOIN packs p ON p.no = c.pack_no WHERE c.id = $1",
-        )
-        .bind(&id.0[..])
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("looking up a chunk"))?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(chunk_sql()))
+            .bind(&id.0[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("looking up a chunk"))?;
         Ok(row.map(|r| ChunkLoc {
             id: *id,
             pack_id: r.get(0),
@@ -351,15 +349,11 @@ impl Catalog {
     ) -> Result<HashMap<ChunkId, Vec<(String, String)>>, Error> {
         let mut out: HashMap<ChunkId, Vec<(String, String)>> = HashMap::new();
         for batch in ids.chunks(400) {
-            let marks = vec!["?"; batch.len()].join(", ");
-            let sql = format!(
-                "SELECT DISTINCT c.id, r.path, e.path FROM content_chunks cc \
-                 JOIN chunks c ON c.no = cc.chunk_no JOIN entries e ON e.content_id = cc.content_id JOIN roots r ON r.id = e.root_id \
-                 WHERE c.id IN ({marks}) \
-                 UNION SELECT s.blob_id, r.path, 'snapshot ' || s.short_id FROM snapshots s \
-                 JOIN roots r ON r.id = s.root_id WHERE s.blob_id IN ({marks}) ORDER BY 2, 3"
-            );
-            let mut q = sqlx::query(crate::catalog::sql(sql));
+            let mut q = sqlx::query(crate::catalog::sql(users_of_chunks_sql(batch.len())));
+            // The prefixes first, for `chunks_by_id` (migration 0023), then the ids twice.
+            for id in batch {
+                q = q.bind(&id.0[..8]);
+            }
             for _ in 0..2 {
                 for id in batch {
                     q = q.bind(&id.0[..]);
@@ -391,30 +385,71 @@ impl Catalog {
     }
 }
 
+/// Where the chunk `$1` lives: its pack's id and location, its offset and lengths.
+pub(super) fn chunk_sql() -> String {
+    format!(
+        "SELECT p.id, p.location, c.\"offset\", c.length, c.raw_length FROM chunks c \
+         JOIN packs p ON p.no = c.pack_no WHERE {}",
+        chunk_id_is("c.id", "$1")
+    )
+}
+
+/// The files and snapshots using any of `n` chunks: bind their prefixes, then their ids
+/// twice.
+pub(super) fn users_of_chunks_sql(n: usize) -> String {
+    let marks = vec!["?"; n].join(", ");
+    format!(
+        "SELECT DISTINCT c.id, r.path, e.path FROM content_chunks cc \
+         JOIN chunks c ON c.no = cc.chunk_no JOIN entries e ON e.content_id = cc.content_id \
+         JOIN roots r ON r.id = e.root_id \
+         WHERE substr(c.id, 1, 8) IN ({marks}) AND c.id IN ({marks}) \
+         UNION SELECT s.blob_id, r.path, 'snapshot ' || s.short_id FROM snapshots s \
+         JOIN roots r ON r.id = s.root_id WHERE s.blob_id IN ({marks}) ORDER BY 2, 3"
+    )
+}
+
 /// Indexes the blobs of a stored pack. A chunk that already lives in another (stored) pack
 /// keeps its first home; one in a pack known to be missing, or found damaged by a scrub, moves
 /// here, and so does a format-1 unencrypted one (no MAC, flags 0) when this copy is
 /// authenticated. Damaged chunks that now live here are healed.
+///
+/// Never two rows for one id (no unique constraint says so since migration 0023): the rows the
+/// ids have are looked up first, inside the caller's write transaction, which no other writer
+/// shares (SQLite's write lock, PostgreSQL's advisory write lock).
 async fn index_blobs(
     tx: &mut Conn,
     (pack_id, pack_no): (&str, i64),
     entries: &[PackEntry],
 ) -> Result<(), Error> {
-    // A chunk whose pack is no longer usable (missing, or condemned by prune) moves here too.
-    let tail = format!(
-        "ON CONFLICT (id) DO UPDATE SET pack_no = excluded.pack_no, \"offset\" = excluded.\"offset\", \
-         length = excluded.length, raw_length = excluded.raw_length, flags = excluded.flags \
-         WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.no = chunks.pack_no AND {USABLE_PACK}) \
-         OR (chunks.flags & 3 = 0 AND excluded.flags & 3 <> 0) \
-         OR EXISTS (SELECT 1 FROM damaged_chunks d JOIN packs dp ON dp.id = d.pack_id \
-                    WHERE d.chunk_id = chunks.id AND dp.no = chunks.pack_no AND d.healed_at IS NULL)"
-    );
-    // One row per id and statement (PostgreSQL refuses to update a row twice in one): a
-    // repeated blob adds nothing, its first copy is the one indexed, as row by row.
+    const WHAT: &str = "indexing a pack";
+    // A repeated blob adds nothing: its first copy is the one indexed, as row by row.
     let mut seen = HashSet::new();
     let unique: Vec<&PackEntry> = entries.iter().filter(|e| seen.insert(e.id)).collect();
+    let homes = chunk_homes(tx, &unique).await?;
+    let mut new = Vec::new();
+    for e in unique {
+        match homes.get(&e.id) {
+            None => new.push(e),
+            Some(home) if home.unusable || (home.flags & 3 == 0 && e.flags & 3 != 0) => {
+                sqlx::query(
+                    "UPDATE chunks SET pack_no = $1, \"offset\" = $2, length = $3, raw_length = $4, \
+                     flags = $5 WHERE no = $6",
+                )
+                .bind(pack_no)
+                .bind(e.offset as i64)
+                .bind(i64::from(e.length))
+                .bind(i64::from(e.raw_length))
+                .bind(i64::from(e.flags))
+                .bind(home.no)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(WHAT))?;
+            }
+            Some(_) => {}
+        }
+    }
     let head = "INSERT INTO chunks (id, pack_no, \"offset\", length, raw_length, kind, flags)";
-    super::bulk::insert(tx, (head, 7, &tail), &unique, |q, e| {
+    super::bulk::insert(tx, (head, 7, ""), &new, |q, e| {
         q.bind(&e.id.0[..])
             .bind(pack_no)
             .bind(e.offset as i64)
@@ -424,7 +459,7 @@ async fn index_blobs(
             .bind(i64::from(e.flags))
     })
     .await
-    .map_err(db("indexing a pack"))?;
+    .map_err(db(WHAT))?;
     sqlx::query(
         "UPDATE damaged_chunks SET healed_at = $1, healed_pack = $2 \
          WHERE healed_at IS NULL AND chunk_id IN (SELECT id FROM chunks WHERE pack_no = $3)",
@@ -436,6 +471,56 @@ async fn index_blobs(
     .await
     .map_err(db("recording healed chunks"))?;
     Ok(())
+}
+
+/// Where a chunk the catalog has lives: its row's number, its flags, and whether its copy is
+/// unusable (its pack missing or condemned, or the copy found damaged and not healed).
+struct ChunkHome {
+    no: i64,
+    flags: u8,
+    unusable: bool,
+}
+
+/// The rows of those of `entries` the catalog has, by id.
+async fn chunk_homes(
+    tx: &mut Conn,
+    entries: &[&PackEntry],
+) -> Result<HashMap<ChunkId, ChunkHome>, Error> {
+    let mut out = HashMap::with_capacity(entries.len());
+    for part in entries.chunks(super::bulk::ROWS) {
+        let sql = chunk_homes_sql(part.len());
+        let mut q = sqlx::query_as::<_, (Vec<u8>, i64, i64, i64)>(sqlx::AssertSqlSafe(sql));
+        for e in part {
+            q = q.bind(&e.id.0[..8]);
+        }
+        for e in part {
+            q = q.bind(&e.id.0[..]);
+        }
+        for (id, no, flags, unusable) in
+            q.fetch_all(&mut *tx).await.map_err(db("indexing a pack"))?
+        {
+            let home = ChunkHome {
+                no,
+                flags: flags as u8,
+                unusable: unusable != 0,
+            };
+            out.insert(ChunkId::from_slice(&id)?, home);
+        }
+    }
+    Ok(out)
+}
+
+/// The (id, number, flags, unusable) of those of `n` chunks (bound as [`chunk_id_in`] says)
+/// that have a row.
+pub(super) fn chunk_homes_sql(n: usize) -> String {
+    format!(
+        "SELECT c.id, c.no, c.flags, CASE WHEN EXISTS \
+           (SELECT 1 FROM packs p WHERE p.no = c.pack_no AND {USABLE_PACK}) \
+         AND NOT EXISTS (SELECT 1 FROM damaged_chunks d JOIN packs dp ON dp.id = d.pack_id \
+           WHERE d.chunk_id = c.id AND dp.no = c.pack_no AND d.healed_at IS NULL) \
+         THEN 0 ELSE 1 END FROM chunks c WHERE {}",
+        chunk_id_in("c.id", 1, n)
+    )
 }
 
 /// The columns `id, state, size, encrypted, location` of a `packs` row.
@@ -481,6 +566,95 @@ mod tests {
             length: 10,
             raw_length: 10,
         }
+    }
+
+    /// Chunks whose ids share their first 8 bytes (what `chunks_by_id` indexes, migration
+    /// 0023) are told apart by every lookup, and indexing a chunk again never adds a second
+    /// row for its id: a second copy in a stored pack leaves the first home, a copy indexed
+    /// after its pack went missing moves the row (keeping its number).
+    #[tokio::test]
+    async fn chunks_sharing_a_prefix_are_told_apart_and_each_has_one_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = storinator_testkit::db::url_for(&dir.path().join("c.db"));
+        let catalog = Catalog::open(&url).await.unwrap();
+        let twin = |last: u8, offset: u64| {
+            let mut id = [7_u8; 32];
+            id[31] = last;
+            PackEntry {
+                id: ChunkId(id),
+                offset,
+                ..entry(1, FLAG_ENCRYPTED)
+            }
+        };
+        let (a, b) = (twin(1, 0), twin(2, 100));
+        catalog
+            .pack_stored("p1", 1000, true, "l1", &[a.clone(), b.clone()])
+            .await
+            .unwrap();
+        let rows = || async {
+            let mut rows: Vec<(Vec<u8>, i64, i64)> =
+                sqlx::query_as("SELECT id, no, \"offset\" FROM chunks")
+                    .fetch_all(catalog.pool())
+                    .await
+                    .unwrap();
+            rows.sort();
+            rows
+        };
+        let first = rows().await;
+        assert_eq!(first.len(), 2);
+        let place = |id: ChunkId| {
+            let catalog = &catalog;
+            async move {
+                catalog
+                    .chunk(&id)
+                    .await
+                    .unwrap()
+                    .map(|l| (l.pack_id, l.offset))
+            }
+        };
+        assert_eq!(place(a.id).await, Some(("p1".to_string(), 0)));
+        assert_eq!(place(b.id).await, Some(("p1".to_string(), 100)));
+        assert_eq!(
+            place(twin(3, 0).id).await,
+            None,
+            "a third id of the same prefix"
+        );
+
+        // A second copy of `a` in another stored pack: `a` stays where it is.
+        let a_again = PackEntry {
+            offset: 40,
+            ..a.clone()
+        };
+        catalog
+            .pack_stored("p2", 1000, true, "l2", &[a_again.clone(), twin(4, 60)])
+            .await
+            .unwrap();
+        let second = rows().await;
+        assert_eq!(second.len(), 3);
+        assert_eq!(place(a.id).await, Some(("p1".to_string(), 0)));
+        assert_eq!(place(twin(4, 0).id).await, Some(("p2".to_string(), 60)));
+
+        // p1 goes missing: a copy indexed now moves `a` and `b` there, numbers kept.
+        catalog.set_pack_state("p1", "missing").await.unwrap();
+        let b_again = PackEntry {
+            offset: 80,
+            ..b.clone()
+        };
+        catalog
+            .pack_stored("p3", 1000, true, "l3", &[a_again, b_again, twin(1, 999)])
+            .await
+            .unwrap();
+        assert_eq!(place(a.id).await, Some(("p3".to_string(), 40)));
+        assert_eq!(place(b.id).await, Some(("p3".to_string(), 80)));
+        let third = rows().await;
+        assert_eq!(third.len(), 3, "{third:?}");
+        let numbers = |rows: &[(Vec<u8>, i64, i64)]| -> Vec<(Vec<u8>, i64)> {
+            rows.iter().map(|(id, no, _)| (id.clone(), *no)).collect()
+        };
+        assert_eq!(numbers(&third), numbers(&second));
+        let mut ids = catalog.stored_chunk_ids(|_| true).await.unwrap();
+        ids.sort();
+        assert_eq!(ids, vec![a.id, b.id, twin(4, 0).id]);
     }
 
     /// Page after page, every usable chunk exactly once: not those of a missing pack, not a

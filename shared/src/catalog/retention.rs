@@ -23,6 +23,16 @@ const LIVE_CHUNKS: &str = "SELECT ch.id FROM content_chunks cc JOIN chunks ch ON
      UNION SELECT blob_id FROM snapshots \
      UNION SELECT chunk_id FROM snapshot_listing";
 
+/// Points the chunk `$6` at pack number `$1`, offset `$2`, lengths `$3`, `$4` and flags `$5`,
+/// if it still lives in pack `$7` (a pack id).
+pub(super) fn repoint_sql() -> String {
+    format!(
+        "UPDATE chunks SET pack_no = $1, \"offset\" = $2, length = $3, raw_length = $4, flags = $5 \
+         WHERE {} AND pack_no = (SELECT no FROM packs WHERE id = $7)",
+        super::chunk_id_is("id", "$6")
+    )
+}
+
 /// What a forget removed from the catalog.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ForgetOutcome {
@@ -238,21 +248,19 @@ impl Catalog {
             .await
             .map_err(db(WHAT))?
             .ok_or_else(|| Error::Invalid(format!("repacked pack {new} is not in the catalog")))?;
+        let sql = repoint_sql();
         for (old, e) in moves {
-            sqlx::query(
-                "UPDATE chunks SET pack_no = $1, \"offset\" = $2, length = $3, raw_length = $4, flags = $5 \
-                 WHERE id = $6 AND pack_no = (SELECT no FROM packs WHERE id = $7)",
-            )
-            .bind(new_no)
-            .bind(e.offset as i64)
-            .bind(i64::from(e.length))
-            .bind(i64::from(e.raw_length))
-            .bind(i64::from(e.flags))
-            .bind(&e.id.0[..])
-            .bind(old)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(WHAT))?;
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(new_no)
+                .bind(e.offset as i64)
+                .bind(i64::from(e.length))
+                .bind(i64::from(e.raw_length))
+                .bind(i64::from(e.flags))
+                .bind(&e.id.0[..])
+                .bind(old)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(WHAT))?;
         }
         tx.commit().await.map_err(db(WHAT))
     }

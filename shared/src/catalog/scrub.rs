@@ -249,19 +249,14 @@ impl Catalog {
         reason: &str,
         now: i64,
     ) -> Result<u64, Error> {
-        // Damage already known (unhealed, in the same pack) keeps its first finding and
-        // doesn't count: the number returned is what this call newly found.
-        const UPSERT: &str = " ON CONFLICT (chunk_id) DO UPDATE SET pack_id = excluded.pack_id,
-              reason = excluded.reason, found_at = excluded.found_at, healed_at = NULL,
-              healed_pack = NULL
-              WHERE damaged_chunks.healed_at IS NOT NULL OR damaged_chunks.pack_id <> excluded.pack_id";
+        // Damage already known keeps its first finding and doesn't count (DAMAGE_UPSERT).
         let mut n = 0;
         match ids {
             None => {
                 let sql = format!(
                     "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at)
                      SELECT c.id, p.id, ?, ? FROM chunks c JOIN packs p ON p.no = c.pack_no
-                      WHERE p.id = ? AND true{UPSERT}"
+                      WHERE p.id = ? AND true{DAMAGE_UPSERT}"
                 );
                 n += sqlx::query(crate::catalog::sql(sql))
                     .bind(reason)
@@ -273,11 +268,7 @@ impl Catalog {
                     .rows_affected();
             }
             Some(ids) => {
-                let sql = crate::catalog::numbered(&format!(
-                    "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at)
-                     SELECT c.id, p.id, ?, ? FROM chunks c JOIN packs p ON p.no = c.pack_no
-                      WHERE c.id = ? AND p.id = ?{UPSERT}"
-                ));
+                let sql = crate::catalog::numbered(&record_damage_sql());
                 for id in ids {
                     n += sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                         .bind(reason)
@@ -297,15 +288,10 @@ impl Catalog {
     /// Damaged chunks not stored again yet (whose catalog row still points at the damaged
     /// pack).
     pub async fn unhealed_damage(&self) -> Result<Vec<Damage>, Error> {
-        let rows = sqlx::query(
-            "SELECT d.chunk_id, d.pack_id, d.reason, c.kind, c.flags, c.raw_length
-               FROM damaged_chunks d JOIN chunks c ON c.id = d.chunk_id
-               JOIN packs p ON p.no = c.pack_no
-              WHERE d.healed_at IS NULL AND p.id = d.pack_id ORDER BY d.pack_id, c.\"offset\"",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("listing damaged chunks"))?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(unhealed_damage_sql()))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing damaged chunks"))?;
         rows.iter()
             .map(|r| {
                 Ok(Damage {
@@ -325,15 +311,11 @@ impl Catalog {
         &self,
         chunk: &ChunkId,
     ) -> Result<Vec<(i64, [u8; 32], u64, bool)>, Error> {
-        let rows = sqlx::query(
-            "SELECT DISTINCT c.id, c.sha256, c.size, c.encrypted FROM contents c
-               JOIN content_chunks cc ON cc.content_id = c.id
-              WHERE cc.chunk_no = (SELECT no FROM chunks WHERE id = $1)",
-        )
-        .bind(&chunk.0[..])
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("finding contents of a chunk"))?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(contents_using_sql()))
+            .bind(&chunk.0[..])
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("finding contents of a chunk"))?;
         Ok(rows
             .iter()
             .filter_map(|r| {
@@ -528,17 +510,66 @@ impl Catalog {
 
     /// Storage-side anomalies: packs known missing, chunks damaged and not healed.
     pub async fn anomalies(&self) -> Result<(u64, u64), Error> {
-        let r = sqlx::query(
-            "SELECT (SELECT count(*) FROM packs WHERE state = 'missing'),
-                    (SELECT count(*) FROM damaged_chunks d JOIN chunks c ON c.id = d.chunk_id
-                      JOIN packs p ON p.no = c.pack_no
-                      WHERE d.healed_at IS NULL AND p.id = d.pack_id)",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db("counting anomalies"))?;
+        let r = sqlx::query(sqlx::AssertSqlSafe(anomalies_sql()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting anomalies"))?;
         Ok((r.get::<i64, _>(0) as u64, r.get::<i64, _>(1) as u64))
     }
+}
+
+/// Records the chunk `?3` of pack `?4` as damaged (`?1` the reason, `?2` the time), if the
+/// catalog places it in that pack. (The chunk found by id, its pack compared after: a pack
+/// holds thousands of chunks.)
+pub(super) fn record_damage_sql() -> String {
+    format!(
+        "INSERT INTO damaged_chunks (chunk_id, pack_id, reason, found_at)
+         SELECT c.id, ?4, ?1, ?2 FROM chunks c
+          WHERE {} AND c.pack_no = (SELECT p.no FROM packs p WHERE p.id = ?4){DAMAGE_UPSERT}",
+        super::chunk_id_is("c.id", "?3")
+    )
+}
+
+/// Damage already known (unhealed, in the same pack) keeps its first finding and doesn't
+/// count: [`Catalog::record_damage`] returns what it newly found.
+const DAMAGE_UPSERT: &str = " ON CONFLICT (chunk_id) DO UPDATE SET pack_id = excluded.pack_id,
+              reason = excluded.reason, found_at = excluded.found_at, healed_at = NULL,
+              healed_pack = NULL
+              WHERE damaged_chunks.healed_at IS NOT NULL OR damaged_chunks.pack_id <> excluded.pack_id";
+
+/// Damaged chunks whose row still points at the damaged pack, in pack order.
+pub(super) fn unhealed_damage_sql() -> String {
+    format!(
+        "SELECT d.chunk_id, d.pack_id, d.reason, c.kind, c.flags, c.raw_length
+           FROM damaged_chunks d JOIN chunks c ON {}
+           JOIN packs p ON p.no = c.pack_no
+          WHERE {} AND d.healed_at IS NULL AND p.id = d.pack_id
+          ORDER BY d.pack_id, c.\"offset\"",
+        super::chunk_id_is("c.id", "d.chunk_id"),
+        super::AMONG_DAMAGED
+    )
+}
+
+/// The contents whose chunk list uses the chunk `$1`.
+pub(super) fn contents_using_sql() -> String {
+    format!(
+        "SELECT DISTINCT c.id, c.sha256, c.size, c.encrypted FROM contents c
+           JOIN content_chunks cc ON cc.content_id = c.id
+          WHERE cc.chunk_no = (SELECT ch.no FROM chunks ch WHERE {})",
+        super::chunk_id_is("ch.id", "$1")
+    )
+}
+
+/// Packs known missing, and damaged chunks not healed.
+pub(super) fn anomalies_sql() -> String {
+    format!(
+        "SELECT (SELECT count(*) FROM packs WHERE state = 'missing'),
+                (SELECT count(*) FROM damaged_chunks d JOIN chunks c ON {}
+                  JOIN packs p ON p.no = c.pack_no
+                  WHERE {} AND d.healed_at IS NULL AND p.id = d.pack_id)",
+        super::chunk_id_is("c.id", "d.chunk_id"),
+        super::AMONG_DAMAGED
+    )
 }
 
 /// Per-owner snapshot figures for the digest.

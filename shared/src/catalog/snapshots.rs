@@ -8,9 +8,10 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
-    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson, EntryOutline, EntryRow,
-    Owner, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, db, entry_from_json, entry_from_row,
-    entry_json_columns, json_rows, kind_no, kind_of, snapshot_from_row,
+    AMONG_DAMAGED, Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson,
+    EntryOutline, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, chunk_id_in,
+    chunk_id_is, db, entry_from_json, entry_from_row, entry_json_columns, json_rows, kind_no,
+    kind_of, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -468,11 +469,7 @@ struct Unusable {
 
 impl Unusable {
     async fn load(tx: &mut Conn) -> Result<Unusable, Error> {
-        let sql = format!(
-            "SELECT no, id FROM chunks WHERE pack_no IN (SELECT p.no FROM packs p WHERE NOT ({USABLE_PACK})) \
-             UNION SELECT c.no, c.id FROM chunks c JOIN damaged_chunks d ON d.chunk_id = c.id WHERE {DAMAGED_CHUNK}"
-        );
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(crate::catalog::sql(sql))
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(crate::catalog::sql(unusable_chunks_sql()))
             .fetch_all(&mut *tx)
             .await
             .map_err(db(COMMIT))?;
@@ -494,6 +491,16 @@ impl Unusable {
         }
         Ok(Unusable { chunks, contents })
     }
+}
+
+/// The chunks [`Unusable`] names, as (number, id).
+pub(super) fn unusable_chunks_sql() -> String {
+    format!(
+        "SELECT no, id FROM chunks WHERE pack_no IN (SELECT p.no FROM packs p WHERE NOT ({USABLE_PACK})) \
+         UNION SELECT c.no, c.id FROM damaged_chunks d JOIN chunks c ON {} \
+         WHERE {AMONG_DAMAGED} AND {DAMAGED_CHUNK}",
+        chunk_id_is("c.id", "d.chunk_id")
+    )
 }
 
 /// The current entries of a root, by path, as seen on `conn` (inside a commit's transaction:
@@ -841,11 +848,11 @@ async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkI
     let unique: Vec<&ChunkId> = ids.iter().copied().filter(|c| seen.insert(**c)).collect();
     let mut out = HashMap::with_capacity(unique.len());
     for part in unique.chunks(super::bulk::ROWS) {
-        let sql = format!(
-            "SELECT id, no FROM chunks WHERE id IN ({})",
-            super::bulk::marks(1, part.len())
-        );
+        let sql = chunk_numbers_sql(part.len());
         let mut q = sqlx::query_as::<_, (Vec<u8>, i64)>(sqlx::AssertSqlSafe(sql));
+        for id in part {
+            q = q.bind(&id.0[..8]);
+        }
         for id in part {
             q = q.bind(&id.0[..]);
         }
@@ -854,6 +861,14 @@ async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkI
         }
     }
     Ok(out)
+}
+
+/// The (id, number) of those of `n` chunks (bound as [`chunk_id_in`] says) that have a row.
+pub(super) fn chunk_numbers_sql(n: usize) -> String {
+    format!(
+        "SELECT id, no FROM chunks WHERE {}",
+        chunk_id_in("id", 1, n)
+    )
 }
 
 /// Whether a previous row says all an item says (then no row is written).
@@ -949,6 +964,13 @@ async fn insert_snapshot(
     info: &SnapshotInfo,
     blob_id: &ChunkId,
 ) -> Result<(), Error> {
+    // The snapshot's blob must have a row (what a foreign key checked before migration 0023):
+    // a prune may have deleted it since the backup stored it.
+    if chunk_numbers(tx, &[blob_id]).await?.is_empty() {
+        return Err(Error::Changed(
+            "the snapshot's own data was deleted by a prune meanwhile".into(),
+        ));
+    }
     sqlx::query(
         "INSERT INTO snapshots (root_id, seq, short_id, blob_id, hostname, encrypted, started_at, finished_at, \
          files, dirs, bytes, bytes_read, new_chunks, bytes_stored, warnings) \
@@ -971,7 +993,7 @@ async fn insert_snapshot(
     .bind(info.warnings as i64)
     .execute(&mut *tx)
     .await
-    .map_err(gone_or_db)?;
+    .map_err(db(COMMIT))?;
     Ok(())
 }
 
