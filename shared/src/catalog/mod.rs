@@ -77,26 +77,31 @@ pub(crate) const USABLE_PACK: &str =
 pub(crate) const DAMAGED_CHUNK: &str =
     "d.healed_at IS NULL AND d.pack_id = (SELECT dp.id FROM packs dp WHERE dp.no = c.pack_no)";
 
+/// How many leading bytes of a chunk's id (`chunks_by_id`, migration 0023) and of a content's
+/// SHA-256 (`contents_by_sha256`, 0024) their indexes hold: the `substr(…, 1, 4)` of every
+/// lookup, whose text must be the index's for the planner to use it (tests ask for the plans).
+pub(crate) const PREFIX_BYTES: usize = 4;
+
 /// The chunk `c` is among those a scrub found damaged and that were not healed: a term on
 /// `chunks_by_id` (migration 0023) that makes a join of damage and chunks start from the few
 /// damaged rows. Without it SQLite reads every chunk and looks each up among the damaged.
-pub(crate) const AMONG_DAMAGED: &str = "substr(c.id, 1, 8) IN \
-     (SELECT substr(dd.chunk_id, 1, 8) FROM damaged_chunks dd WHERE dd.healed_at IS NULL)";
+pub(crate) const AMONG_DAMAGED: &str = "substr(c.id, 1, 4) IN \
+     (SELECT substr(dd.chunk_id, 1, 4) FROM damaged_chunks dd WHERE dd.healed_at IS NULL)";
 
 /// The chunk row `col` (`c.id`) is the chunk `id` (an SQL expression: a numbered mark, or
-/// another table's column): the 8-byte prefix that `chunks_by_id` indexes (migration 0023),
+/// another table's column): the prefix that `chunks_by_id` indexes (migration 0023),
 /// then the whole id. Every lookup of a chunk by its id names it so: without the prefix term
 /// a lookup reads the whole table.
 pub(crate) fn chunk_id_is(col: &str, id: &str) -> String {
-    format!("substr({col}, 1, 8) = substr({id}, 1, 8) AND {col} = {id}")
+    format!("substr({col}, 1, 4) = substr({id}, 1, 4) AND {col} = {id}")
 }
 
 /// The chunk row `col` is one of `n` chunks whose ids are bound from mark `first` on, after
-/// their `n` prefixes: bind `&id.0[..8]` for each id, then `&id.0[..]` for each. What
+/// their `n` prefixes: bind `&id.0[..PREFIX_BYTES]` for each id, then `&id.0[..]` for each. What
 /// [`chunk_id_is`] is for one id.
 pub(crate) fn chunk_id_in(col: &str, first: usize, n: usize) -> String {
     format!(
-        "substr({col}, 1, 8) IN ({}) AND {col} IN ({})",
+        "substr({col}, 1, 4) IN ({}) AND {col} IN ({})",
         bulk::marks(first, n),
         bulk::marks(first + n, n)
     )

@@ -6,8 +6,8 @@ use crate::catalog::Conn;
 use sqlx::Row;
 
 use super::{
-    Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PackRow, USABLE_PACK, chunk_id_in, chunk_id_is, db,
-    json_rows, now_ms,
+    Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PREFIX_BYTES, PackRow, USABLE_PACK, chunk_id_in,
+    chunk_id_is, db, json_rows, now_ms,
 };
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
@@ -352,7 +352,7 @@ impl Catalog {
             let mut q = sqlx::query(crate::catalog::sql(users_of_chunks_sql(batch.len())));
             // The prefixes first, for `chunks_by_id` (migration 0023), then the ids twice.
             for id in batch {
-                q = q.bind(&id.0[..8]);
+                q = q.bind(&id.0[..PREFIX_BYTES]);
             }
             for _ in 0..2 {
                 for id in batch {
@@ -402,7 +402,7 @@ pub(super) fn users_of_chunks_sql(n: usize) -> String {
         "SELECT DISTINCT c.id, r.path, e.path FROM content_chunks cc \
          JOIN chunks c ON c.no = cc.chunk_no JOIN entries e ON e.content_id = cc.content_id \
          JOIN roots r ON r.id = e.root_id \
-         WHERE substr(c.id, 1, 8) IN ({marks}) AND c.id IN ({marks}) \
+         WHERE substr(c.id, 1, 4) IN ({marks}) AND c.id IN ({marks}) \
          UNION SELECT s.blob_id, r.path, 'snapshot ' || s.short_id FROM snapshots s \
          JOIN roots r ON r.id = s.root_id WHERE s.blob_id IN ({marks}) ORDER BY 2, 3"
     )
@@ -491,7 +491,7 @@ async fn chunk_homes(
         let sql = chunk_homes_sql(part.len());
         let mut q = sqlx::query_as::<_, (Vec<u8>, i64, i64, i64)>(sqlx::AssertSqlSafe(sql));
         for e in part {
-            q = q.bind(&e.id.0[..8]);
+            q = q.bind(&e.id.0[..PREFIX_BYTES]);
         }
         for e in part {
             q = q.bind(&e.id.0[..]);
@@ -568,7 +568,7 @@ mod tests {
         }
     }
 
-    /// Chunks whose ids share their first 8 bytes (what `chunks_by_id` indexes, migration
+    /// Chunks whose ids share their first bytes (what `chunks_by_id` indexes, migration
     /// 0023) are told apart by every lookup, and indexing a chunk again never adds a second
     /// row for its id: a second copy in a stored pack leaves the first home, a copy indexed
     /// after its pack went missing moves the row (keeping its number).

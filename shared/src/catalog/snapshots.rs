@@ -9,9 +9,9 @@ use sqlx::Row;
 
 use super::{
     AMONG_DAMAGED, Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson,
-    EntryOutline, EntryRow, Owner, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, chunk_id_in,
-    chunk_id_is, db, entry_from_json, entry_from_row, entry_json_columns, json_rows, kind_no,
-    kind_of, snapshot_from_row,
+    EntryOutline, EntryRow, Owner, PREFIX_BYTES, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK,
+    chunk_id_in, chunk_id_is, db, entry_from_json, entry_from_row, entry_json_columns, json_rows,
+    kind_no, kind_of, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -706,11 +706,10 @@ fn existing_contents_sql(n: usize) -> String {
     )
 }
 
-/// The expression `contents` are indexed by (`contents_by_sha256`, migrations 0018 and
-/// postgres/0003): the first `PREFIX_BYTES` of the SHA-256, the same text in both dialects so
-/// that each planner matches it with the index.
-const SHA256_PREFIX: &str = "substr(sha256, 1, 8)";
-const PREFIX_BYTES: usize = 8;
+/// The expression `contents` are indexed by (`contents_by_sha256`, migrations 0018 and 0024,
+/// postgres/0003 and 0008): the first [`PREFIX_BYTES`] of the SHA-256, the same text in both
+/// dialects so that each planner matches it with the index.
+const SHA256_PREFIX: &str = "substr(sha256, 1, 4)";
 
 /// Records the contents of `new` not in `known`, with their chunk lists; returns their ids.
 /// A new content must not be built on unusable chunks (a backup that deduplicated against a
@@ -851,7 +850,7 @@ async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkI
         let sql = chunk_numbers_sql(part.len());
         let mut q = sqlx::query_as::<_, (Vec<u8>, i64)>(sqlx::AssertSqlSafe(sql));
         for id in part {
-            q = q.bind(&id.0[..8]);
+            q = q.bind(&id.0[..PREFIX_BYTES]);
         }
         for id in part {
             q = q.bind(&id.0[..]);
