@@ -356,14 +356,20 @@ async fn the_next_pack_goes_up_while_the_last_one_is_published() {
         let watch = || {
             // Parts counted when the first send reached the server, and the most counted
             // while it was still pending (read before the documents, so no later part counts).
+            // The send is looked for before the documents: with two packs in flight, the next
+            // pack's send may arrive and publish its document between two looks, while the
+            // first send is still delayed; the first send was pending all the same.
             let (mut at_send, mut during) = (None, 0);
             loop {
                 let p = parts();
+                let sent = counters.get("messages.sendMedia") > sends;
+                if sent {
+                    at_send.get_or_insert(p);
+                }
                 if e.server.documents().len() > docs {
                     break;
                 }
-                if counters.get("messages.sendMedia") > sends {
-                    at_send.get_or_insert(p);
+                if sent {
                     during = p;
                 }
                 std::thread::sleep(Duration::from_millis(1));
