@@ -96,14 +96,19 @@ pub(crate) fn chunk_id_is(col: &str, id: &str) -> String {
     format!("substr({col}, 1, 4) = substr({id}, 1, 4) AND {col} = {id}")
 }
 
-/// The chunk row `col` is one of `n` chunks whose ids are bound from mark `first` on, after
-/// their `n` prefixes: bind `&id.0[..PREFIX_BYTES]` for each id, then `&id.0[..]` for each. What
-/// [`chunk_id_is`] is for one id.
-pub(crate) fn chunk_id_in(col: &str, first: usize, n: usize) -> String {
+/// The chunk row `col` is one of `n` chunks whose ids are bound after their `n` prefixes:
+/// bind `&id.0[..PREFIX_BYTES]` for each id, then `&id.0[..]` for each, and no other value.
+/// What [`chunk_id_is`] is for one id. The marks are bare on SQLite, as [`bulk::values`] says
+/// why: these statements run once per 128 chunks a backup stores or records.
+pub(crate) fn chunk_id_in(dialect: Dialect, col: &str, n: usize) -> String {
+    let marks = |first: usize| match dialect {
+        Dialect::Sqlite => vec!["?"; n].join(", "),
+        Dialect::Postgres => bulk::marks(first, n),
+    };
     format!(
         "substr({col}, 1, 4) IN ({}) AND {col} IN ({})",
-        bulk::marks(first, n),
-        bulk::marks(first + n, n)
+        marks(1),
+        marks(n + 1)
     )
 }
 
@@ -371,7 +376,7 @@ mod tests {
         let statements = [
             (
                 "chunk numbers",
-                super::snapshots::chunk_numbers_sql(3),
+                super::snapshots::chunk_numbers_sql(super::Dialect::Sqlite, 3),
                 "chunks",
                 true,
             ),
@@ -392,7 +397,7 @@ mod tests {
             ),
             (
                 "homes of chunks",
-                super::packs::chunk_homes_sql(3),
+                super::packs::chunk_homes_sql(super::Dialect::Sqlite, 3),
                 "c",
                 true,
             ),

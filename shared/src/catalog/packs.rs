@@ -488,7 +488,7 @@ async fn chunk_homes(
 ) -> Result<HashMap<ChunkId, ChunkHome>, Error> {
     let mut out = HashMap::with_capacity(entries.len());
     for part in entries.chunks(super::bulk::ROWS) {
-        let sql = chunk_homes_sql(part.len());
+        let sql = chunk_homes_sql(Dialect::of_conn(tx), part.len());
         let mut q = sqlx::query_as::<_, (Vec<u8>, i64, i64, i64)>(sqlx::AssertSqlSafe(sql));
         for e in part {
             q = q.bind(&e.id.0[..PREFIX_BYTES]);
@@ -512,14 +512,14 @@ async fn chunk_homes(
 
 /// The (id, number, flags, unusable) of those of `n` chunks (bound as [`chunk_id_in`] says)
 /// that have a row.
-pub(super) fn chunk_homes_sql(n: usize) -> String {
+pub(super) fn chunk_homes_sql(dialect: Dialect, n: usize) -> String {
     format!(
         "SELECT c.id, c.no, c.flags, CASE WHEN EXISTS \
            (SELECT 1 FROM packs p WHERE p.no = c.pack_no AND {USABLE_PACK}) \
          AND NOT EXISTS (SELECT 1 FROM damaged_chunks d JOIN packs dp ON dp.id = d.pack_id \
            WHERE d.chunk_id = c.id AND dp.no = c.pack_no AND d.healed_at IS NULL) \
          THEN 0 ELSE 1 END FROM chunks c WHERE {}",
-        chunk_id_in("c.id", 1, n)
+        chunk_id_in(dialect, "c.id", n)
     )
 }
 

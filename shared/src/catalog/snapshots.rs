@@ -847,7 +847,7 @@ async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkI
     let unique: Vec<&ChunkId> = ids.iter().copied().filter(|c| seen.insert(**c)).collect();
     let mut out = HashMap::with_capacity(unique.len());
     for part in unique.chunks(super::bulk::ROWS) {
-        let sql = chunk_numbers_sql(part.len());
+        let sql = chunk_numbers_sql(Dialect::of_conn(tx), part.len());
         let mut q = sqlx::query_as::<_, (Vec<u8>, i64)>(sqlx::AssertSqlSafe(sql));
         for id in part {
             q = q.bind(&id.0[..PREFIX_BYTES]);
@@ -863,10 +863,10 @@ async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkI
 }
 
 /// The (id, number) of those of `n` chunks (bound as [`chunk_id_in`] says) that have a row.
-pub(super) fn chunk_numbers_sql(n: usize) -> String {
+pub(super) fn chunk_numbers_sql(dialect: Dialect, n: usize) -> String {
     format!(
         "SELECT id, no FROM chunks WHERE {}",
-        chunk_id_in("id", 1, n)
+        chunk_id_in(dialect, "id", n)
     )
 }
 
