@@ -78,22 +78,32 @@ pub(crate) const DAMAGED_CHUNK: &str =
     "d.healed_at IS NULL AND d.pack_id = (SELECT dp.id FROM packs dp WHERE dp.no = c.pack_no)";
 
 /// How many leading bytes of a chunk's id (`chunks_by_id`, migration 0023) and of a content's
-/// SHA-256 (`contents_by_sha256`, 0024) their indexes hold: the `substr(…, 1, 4)` of every
-/// lookup, whose text must be the index's for the planner to use it (tests ask for the plans).
+/// SHA-256 (`contents_by_sha256`, 0024) their indexes hold, and the lookups bind.
 pub(crate) const PREFIX_BYTES: usize = 4;
+
+/// The prefix of `expr` as those indexes name it, `substr(expr, 1, 4)`: a lookup's text must
+/// be the index's for the planner to use it (tests ask for the plans).
+pub(crate) fn prefix_of(expr: &str) -> String {
+    format!("substr({expr}, 1, {PREFIX_BYTES})")
+}
 
 /// The chunk `c` is among those a scrub found damaged and that were not healed: a term on
 /// `chunks_by_id` (migration 0023) that makes a join of damage and chunks start from the few
 /// damaged rows. Without it SQLite reads every chunk and looks each up among the damaged.
-pub(crate) const AMONG_DAMAGED: &str = "substr(c.id, 1, 4) IN \
-     (SELECT substr(dd.chunk_id, 1, 4) FROM damaged_chunks dd WHERE dd.healed_at IS NULL)";
+pub(crate) fn among_damaged() -> String {
+    format!(
+        "{} IN (SELECT {} FROM damaged_chunks dd WHERE dd.healed_at IS NULL)",
+        prefix_of("c.id"),
+        prefix_of("dd.chunk_id")
+    )
+}
 
 /// The chunk row `col` (`c.id`) is the chunk `id` (an SQL expression: a numbered mark, or
 /// another table's column): the prefix that `chunks_by_id` indexes (migration 0023),
 /// then the whole id. Every lookup of a chunk by its id names it so: without the prefix term
 /// a lookup reads the whole table.
 pub(crate) fn chunk_id_is(col: &str, id: &str) -> String {
-    format!("substr({col}, 1, 4) = substr({id}, 1, 4) AND {col} = {id}")
+    format!("{} = {} AND {col} = {id}", prefix_of(col), prefix_of(id))
 }
 
 /// The chunk row `col` is one of `n` chunks whose ids are bound after their `n` prefixes:
@@ -106,7 +116,8 @@ pub(crate) fn chunk_id_in(dialect: Dialect, col: &str, n: usize) -> String {
         Dialect::Postgres => bulk::marks(first, n),
     };
     format!(
-        "substr({col}, 1, 4) IN ({}) AND {col} IN ({})",
+        "{} IN ({}) AND {col} IN ({})",
+        prefix_of(col),
         marks(1),
         marks(n + 1)
     )
@@ -360,8 +371,20 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    /// What SQLite's `EXPLAIN QUERY PLAN` says of `sql` on `catalog`, one line per step.
+    pub(crate) async fn query_plan(catalog: &super::Catalog, sql: &str) -> Vec<String> {
+        let sql = format!("EXPLAIN QUERY PLAN {}", super::numbered(sql));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(catalog.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, 3))
+            .collect()
+    }
 
     /// Every statement that finds chunks by id goes through `chunks_by_id`, the index on their
     /// prefix (migration 0023): the prefix term and the index must name the same expression,
@@ -423,14 +446,7 @@ mod tests {
             ("anomalies", super::scrub::anomalies_sql(), "c", true),
         ];
         for (what, sql, chunks, by_id) in statements {
-            let sql = format!("EXPLAIN QUERY PLAN {}", super::numbered(&sql));
-            let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .fetch_all(catalog.pool())
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| sqlx::Row::get::<String, _>(r, 3))
-                .collect();
+            let plan = query_plan(&catalog, &sql).await;
             let index = format!("SEARCH {chunks} USING INDEX chunks_by_id ");
             assert_eq!(
                 plan.iter().any(|p| p.starts_with(&index)),

@@ -398,11 +398,12 @@ pub(super) fn chunk_sql() -> String {
 /// twice.
 pub(super) fn users_of_chunks_sql(n: usize) -> String {
     let marks = vec!["?"; n].join(", ");
+    let prefix = super::prefix_of("c.id");
     format!(
         "SELECT DISTINCT c.id, r.path, e.path FROM content_chunks cc \
          JOIN chunks c ON c.no = cc.chunk_no JOIN entries e ON e.content_id = cc.content_id \
          JOIN roots r ON r.id = e.root_id \
-         WHERE substr(c.id, 1, 4) IN ({marks}) AND c.id IN ({marks}) \
+         WHERE {prefix} IN ({marks}) AND c.id IN ({marks}) \
          UNION SELECT s.blob_id, r.path, 'snapshot ' || s.short_id FROM snapshots s \
          JOIN roots r ON r.id = s.root_id WHERE s.blob_id IN ({marks}) ORDER BY 2, 3"
     )

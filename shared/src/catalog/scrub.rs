@@ -546,7 +546,7 @@ pub(super) fn unhealed_damage_sql() -> String {
           WHERE {} AND d.healed_at IS NULL AND p.id = d.pack_id
           ORDER BY d.pack_id, c.\"offset\"",
         super::chunk_id_is("c.id", "d.chunk_id"),
-        super::AMONG_DAMAGED
+        super::among_damaged()
     )
 }
 
@@ -568,7 +568,7 @@ pub(super) fn anomalies_sql() -> String {
                   JOIN packs p ON p.no = c.pack_no
                   WHERE {} AND d.healed_at IS NULL AND p.id = d.pack_id)",
         super::chunk_id_is("c.id", "d.chunk_id"),
-        super::AMONG_DAMAGED
+        super::among_damaged()
     )
 }
 

@@ -8,10 +8,10 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
-    AMONG_DAMAGED, Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson,
-    EntryOutline, EntryRow, Owner, PREFIX_BYTES, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK,
-    chunk_id_in, chunk_id_is, db, entry_from_json, entry_from_row, entry_json_columns, json_rows,
-    kind_no, kind_of, snapshot_from_row,
+    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson, EntryOutline, EntryRow,
+    Owner, PREFIX_BYTES, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, chunk_id_in, chunk_id_is, db,
+    entry_from_json, entry_from_row, entry_json_columns, json_rows, kind_no, kind_of,
+    snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -498,8 +498,9 @@ pub(super) fn unusable_chunks_sql() -> String {
     format!(
         "SELECT no, id FROM chunks WHERE pack_no IN (SELECT p.no FROM packs p WHERE NOT ({USABLE_PACK})) \
          UNION SELECT c.no, c.id FROM damaged_chunks d JOIN chunks c ON {} \
-         WHERE {AMONG_DAMAGED} AND {DAMAGED_CHUNK}",
-        chunk_id_is("c.id", "d.chunk_id")
+         WHERE {} AND {DAMAGED_CHUNK}",
+        chunk_id_is("c.id", "d.chunk_id"),
+        super::among_damaged()
     )
 }
 
@@ -666,8 +667,8 @@ async fn content_ids(
 }
 
 /// The ids of the contents of `new` recorded already (for the snapshot's key). They are found
-/// by the first bytes of their SHA-256 (`SHA256_PREFIX`, the expression of the index
-/// `contents_by_sha256`); a row whose whole SHA-256 and size are not one of `new`'s is
+/// by the first bytes of their SHA-256 (the expression of the index `contents_by_sha256`,
+/// migrations 0018 and 0024, postgres/0003 and 0008); a row whose whole SHA-256 and size are not one of `new`'s is
 /// another content that shares the prefix.
 async fn existing_contents(
     tx: &mut Conn,
@@ -701,15 +702,11 @@ async fn existing_contents(
 fn existing_contents_sql(n: usize) -> String {
     format!(
         "SELECT id, sha256, size FROM contents WHERE encrypted = $1 AND key_no = $2 \
-         AND {SHA256_PREFIX} IN ({})",
+         AND {} IN ({})",
+        super::prefix_of("sha256"),
         super::bulk::marks(3, n)
     )
 }
-
-/// The expression `contents` are indexed by (`contents_by_sha256`, migrations 0018 and 0024,
-/// postgres/0003 and 0008): the first [`PREFIX_BYTES`] of the SHA-256, the same text in both
-/// dialects so that each planner matches it with the index.
-const SHA256_PREFIX: &str = "substr(sha256, 1, 4)";
 
 /// Records the contents of `new` not in `known`, with their chunk lists; returns their ids.
 /// A new content must not be built on unusable chunks (a backup that deduplicated against a
@@ -1065,18 +1062,8 @@ mod tests {
         let catalog = super::super::Catalog::open_file(&dir.path().join("c.db"))
             .await
             .unwrap();
-        let sql = format!("EXPLAIN QUERY PLAN {}", super::existing_contents_sql(2));
-        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(1_i64)
-            .bind(0_i64)
-            .bind(&[1_u8; 8][..])
-            .bind(&[2_u8; 8][..])
-            .fetch_all(catalog.pool())
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| sqlx::Row::get::<String, _>(r, 3))
-            .collect();
+        let plan =
+            super::super::tests::query_plan(&catalog, &super::existing_contents_sql(2)).await;
         assert!(
             plan.iter().any(|p| p.contains("INDEX contents_by_sha256")),
             "{plan:?}"
