@@ -523,17 +523,18 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     repo.catalog.pool().close().await;
     drop(repo);
 
-    // The chunk numbering (0022) and the chunk id's prefix index (0023) run outside a
-    // transaction too, and again should their bookkeeping rows be lost: they change nothing,
-    // links nor each chunk's number, also those of the chunks stored since, nor snapshots.
+    // The chunk numbering (0022), the chunk id's prefix index (0023) and the tables without
+    // the keys whose deletes scanned (0025) run outside a transaction too, and again should
+    // their bookkeeping rows be lost: they change nothing, links nor each chunk's number, also
+    // those of the chunks stored since, nor snapshots.
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
     let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
     let snapshots = snapshot_rows(&db).await;
-    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23)")
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23, 25)")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(forgot.rows_affected(), 2);
+    assert_eq!(forgot.rows_affected(), 3);
     pool.close().await;
     let catalog = Catalog::open_file(&db).await.unwrap();
     assert_eq!(new_links(&catalog).await, upgraded);
@@ -594,6 +595,22 @@ async fn chunks_numbered_in_pack_order(catalog: &Catalog) -> BTreeMap<Vec<u8>, i
         .await
         .unwrap();
     assert_eq!(dangling, 0);
+    // Deleting a content or a chunk checks no key without an index (migration 0025).
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT m.name || '.' || f.\"from\" FROM sqlite_schema m, pragma_foreign_key_list(m.name) f \
+         WHERE m.name IN ('entries', 'content_chunks') ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        keys,
+        [
+            "content_chunks.content_id",
+            "entries.owner_no",
+            "entries.root_id"
+        ]
+    );
     // Found by their id's prefix (migration 0023), one row per id.
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'chunks' ORDER BY name",

@@ -463,6 +463,55 @@ pub(crate) mod tests {
         }
     }
 
+    /// A foreign key is checked when its parent row is deleted, by looking for child rows:
+    /// without an index leading with the child columns, each deleted parent is a scan of the
+    /// child table (migration 0025: a forget scanned every entry per content it deleted, a
+    /// prune every chunk list per chunk). Every key of the catalog has its index, or a parent
+    /// that is never deleted in bulk.
+    #[tokio::test]
+    async fn every_foreign_key_is_checked_through_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = super::Catalog::open_file(&dir.path().join("c.db"))
+            .await
+            .unwrap();
+        let keys: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT m.name, f.\"table\", group_concat(f.\"from\", ',') \
+             FROM sqlite_schema m, pragma_foreign_key_list(m.name) f \
+             WHERE m.type = 'table' GROUP BY m.name, f.id",
+        )
+        .fetch_all(catalog.pool())
+        .await
+        .unwrap();
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT m.name, (SELECT group_concat(COALESCE(name, '(expression)'), ',') FROM \
+               (SELECT name FROM pragma_index_info(i.name) ORDER BY seqno)) \
+             FROM sqlite_schema m, pragma_index_list(m.name) i WHERE m.type = 'table'",
+        )
+        .fetch_all(catalog.pool())
+        .await
+        .unwrap();
+        // (child table, parent): why a scan is fine there.
+        let exempt = [
+            // Owners are never deleted (migration 0021).
+            ("entries", "owners"),
+            // A schedule's failed forgets: a few rows.
+            ("forget_failures", "schedules"),
+        ];
+        assert!(keys.iter().any(|k| k.0 == "content_chunks"), "{keys:?}");
+        for (table, parent, columns) in &keys {
+            if exempt.contains(&(table.as_str(), parent.as_str())) {
+                continue;
+            }
+            let led = indexes.iter().any(|(t, cols)| {
+                t == table && (cols == columns || cols.starts_with(&format!("{columns},")))
+            });
+            assert!(
+                led,
+                "{table}({columns}) -> {parent}: no index leads with it"
+            );
+        }
+    }
+
     #[test]
     fn owners_are_local_or_tg_and_a_positive_number() {
         for ok in ["local", "tg:1", "tg:123456789", "tg:9223372036854775807"] {

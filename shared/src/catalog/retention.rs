@@ -321,14 +321,31 @@ impl Catalog {
     }
 
     /// Forgets a condemned pack whose object is gone from storage: its chunk rows (those
-    /// still placed in it), its scrub records and the pack. A foreign key still naming one of
-    /// its chunks (which the condemnation rules out) fails the transaction rather than
-    /// leaving a dangling reference.
+    /// still placed in it), its scrub records and the pack. A chunk list still naming one of
+    /// its chunks (which the condemnation rules out) fails it rather than leaving a dangling
+    /// reference: the check a foreign key made before migration 0025, once per chunk and by
+    /// a scan of every chunk list each time, made once per pack here.
     pub async fn drop_condemned_pack(&self, id: &str) -> Result<(), Error> {
         const WHAT: &str = "dropping a deleted pack";
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
+        let used: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM content_chunks WHERE chunk_no IN \
+             (SELECT c.no FROM chunks c JOIN packs p ON p.no = c.pack_no WHERE p.id = $1)",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(WHAT))?;
+        if used > 0 {
+            return Err(Error::Invalid(format!(
+                "pack {id} is deleted from storage, but {used} chunk list entr{} of the catalog \
+                 still name its chunks: its rows are kept\nhint: `storinator-worker verify` names \
+                 the files that used it",
+                if used == 1 { "y" } else { "ies" }
+            )));
+        }
         for sql in [
             "DELETE FROM damaged_chunks WHERE pack_id = $1",
             "DELETE FROM scrub_packs WHERE pack_id = $1",
@@ -416,5 +433,81 @@ impl Catalog {
             .await
             .map_err(db("counting snapshots"))?;
         Ok(n as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::pack::{BlobKind, FLAG_ENCRYPTED, FLAG_MAC, PackEntry};
+
+    /// Dropping a condemned pack is refused while a chunk list still names one of its chunks
+    /// (what the foreign key on `content_chunks.chunk_no` refused before migration 0025), and
+    /// every row stays; once no list names them, the pack goes with its chunks.
+    #[tokio::test]
+    async fn a_pack_whose_chunks_a_content_names_is_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = storinator_testkit::db::url_for(&dir.path().join("c.db"));
+        let catalog = Catalog::open(&url).await.unwrap();
+        let entry = |n: u8| PackEntry {
+            kind: BlobKind::Data,
+            flags: FLAG_ENCRYPTED | FLAG_MAC,
+            id: ChunkId([n; 32]),
+            offset: u64::from(n) * 10,
+            length: 10,
+            raw_length: 10,
+        };
+        catalog
+            .pack_stored("p1", 100, true, "l1", &[entry(1), entry(2)])
+            .await
+            .unwrap();
+        let pool = catalog.pool();
+        let run = |sql: &'static str| async move {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        };
+        sqlx::query(
+            "INSERT INTO contents (id, sha256, size, encrypted, key_no) VALUES (1, $1, 10, 1, 0)",
+        )
+        .bind(&[9_u8; 32][..])
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO content_chunks (content_id, seq, chunk_no) \
+             SELECT 1, 0, no FROM chunks WHERE id = $1",
+        )
+        .bind(&entry(2).id.0[..])
+        .execute(pool)
+        .await
+        .unwrap();
+        run("INSERT INTO condemned_packs (pack_id, condemned_at) VALUES ('p1', 0)").await;
+        let count = |sql: &'static str| async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        };
+        let rows = || async {
+            (
+                count("SELECT COUNT(*) FROM chunks").await,
+                count("SELECT COUNT(*) FROM packs WHERE id = 'p1'").await,
+                count("SELECT COUNT(*) FROM condemned_packs").await,
+            )
+        };
+
+        let err = catalog.drop_condemned_pack("p1").await.unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("pack p1 is deleted from storage, but 1 chunk list entry"),
+            "{err}"
+        );
+        assert_eq!(rows().await, (2, 1, 1));
+
+        // The content is forgotten: nothing names the pack's chunks any more.
+        run("DELETE FROM content_chunks").await;
+        run("DELETE FROM contents").await;
+        catalog.drop_condemned_pack("p1").await.unwrap();
+        assert_eq!(rows().await, (0, 0, 0));
     }
 }

@@ -566,15 +566,8 @@ fn path_range(after: Option<&str>, upto: Option<&str>) -> &'static str {
 
 const COMMIT: &str = "committing the snapshot";
 
-/// A foreign key failing while a snapshot commits means a chunk it uses is no longer in the
-/// catalog at all: a prune deleted it after this backup deduplicated against it. Worth a
-/// retry (which stores that data again), like the guard's refusals.
-fn gone_or_db(e: sqlx::Error) -> Error {
-    let fk = matches!(&e, sqlx::Error::Database(d)
-        if d.kind() == sqlx::error::ErrorKind::ForeignKeyViolation);
-    if fk { chunk_gone() } else { db(COMMIT)(e) }
-}
-
+/// A chunk a snapshot names has no row: a prune deleted it after this backup deduplicated
+/// against it. Worth a retry (which stores that data again), like the guard's refusals.
 fn chunk_gone() -> Error {
     Error::Changed("a chunk this snapshot uses was deleted by a prune meanwhile".into())
 }
@@ -822,8 +815,8 @@ async fn insert_chunk_lists(tx: &mut Conn, lists: &[(i64, &[ChunkId])]) -> Resul
     let mut rows: Vec<(i64, i64, i64)> = Vec::with_capacity(ids.len());
     for (id, chunks) in lists {
         for (i, c) in chunks.iter().enumerate() {
-            // No row: a prune deleted the chunk since the backup stored or found it (on
-            // PostgreSQL it may still do so before the insert: the foreign key catches that).
+            // No row: a prune deleted the chunk since the backup stored or found it. (It
+            // can't between this lookup and the insert: a prune writes under the same lock.)
             let no = numbers.get(c).ok_or_else(chunk_gone)?;
             rows.push((*id, i as i64, *no));
         }
@@ -833,7 +826,7 @@ async fn insert_chunk_lists(tx: &mut Conn, lists: &[(i64, &[ChunkId])]) -> Resul
         q.bind(*id).bind(*i).bind(*no)
     })
     .await
-    .map_err(gone_or_db)?;
+    .map_err(db(COMMIT))?;
     Ok(())
 }
 
