@@ -5,6 +5,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::*;
+use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::{
     BackupOptions, CancelFlag, Catalog, Error, NoProgress, Repo, RestoreOptions, Storage,
 };
@@ -793,11 +794,11 @@ fn touch(file: &std::path::Path, secs: i64) {
 
 /// The pack holding the first chunk of `path`'s content.
 async fn pack_of(f: &Fixture, path: &str) -> String {
-    sqlx::query_scalar(
-        "SELECT p.id FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT p.id FROM entries e JOIN {CHUNK_LISTS} cc ON cc.content_id = e.content_id \
          JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
-         WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
-    )
+         WHERE e.path = $1 ORDER BY cc.seq LIMIT 1"
+    )))
     .bind(path)
     .fetch_one(f.repo.catalog.pool())
     .await
@@ -820,11 +821,11 @@ async fn holds_snapshot_objects(f: &Fixture, pack: &str) -> bool {
 
 /// Files whose content has a chunk in `pack`.
 async fn files_in_pack(f: &Fixture, pack: &str) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT DISTINCT e.path FROM entries e JOIN {CHUNK_LISTS} cc ON cc.content_id = e.content_id \
          JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
-         WHERE p.id = $1 ORDER BY e.path",
-    )
+         WHERE p.id = $1 ORDER BY e.path"
+    )))
     .bind(pack)
     .fetch_all(f.repo.catalog.pool())
     .await
@@ -1284,12 +1285,12 @@ async fn recover_twice_changes_nothing_the_second_time() {
 
 /// Where the first chunk of `path` (in the current snapshot) is stored: pack id and offset.
 async fn first_chunk_of(f: &Fixture, path: &str) -> (String, i64) {
-    sqlx::query_as(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT p.id, c.\"offset\" FROM entries e
-           JOIN content_chunks cc ON cc.content_id = e.content_id AND cc.seq = 0
+           JOIN {CHUNK_LISTS} cc ON cc.content_id = e.content_id AND cc.seq = 0
            JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no
-          WHERE e.path = $1 AND e.to_seq IS NULL",
-    )
+          WHERE e.path = $1 AND e.to_seq IS NULL"
+    )))
     .bind(path)
     .fetch_one(f.repo.catalog.pool())
     .await
@@ -1451,11 +1452,13 @@ async fn count(catalog: &Catalog, sql: &str) -> i64 {
 async fn chunk_lists_are_whole(catalog: &Catalog) {
     let broken = count(
         catalog,
-        "SELECT COUNT(*) FROM (SELECT c.id FROM contents c \
-         LEFT JOIN content_chunks cc ON cc.content_id = c.id \
+        &format!(
+            "SELECT COUNT(*) FROM (SELECT c.id FROM contents c \
+         LEFT JOIN {CHUNK_LISTS} cc ON cc.content_id = c.id \
          LEFT JOIN chunks ch ON ch.no = cc.chunk_no GROUP BY c.id, c.size \
          HAVING c.size <> CAST(COALESCE(SUM(ch.raw_length), 0) AS BIGINT) \
-         OR COUNT(cc.seq) <> COALESCE(MAX(cc.seq) + 1, 0)) AS t",
+         OR COUNT(cc.seq) <> COALESCE(MAX(cc.seq) + 1, 0)) AS t"
+        ),
     )
     .await;
     assert_eq!(broken, 0, "contents whose chunk list does not add up");

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
+use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::{
     BackupOptions, CancelFlag, Catalog, ChunkerParams, DirStorage, EngineSettings, NoProgress,
     Repo, RestoreOptions, recover,
@@ -176,11 +177,11 @@ async fn an_unencrypted_backup_after_the_upgrade_relies_on_no_format1_blob() {
     // c.txt and a.txt are one chunk each, with the same SHA-256 id as their format-1 blobs:
     // stored again all the same, authenticated.
     assert!(s.new_data_chunks >= 3, "{}", s.line());
-    let unauthenticated: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM chunks ch JOIN content_chunks cc ON cc.chunk_no = ch.no \
+    let unauthenticated: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM chunks ch JOIN {CHUNK_LISTS} cc ON cc.chunk_no = ch.no \
          JOIN entries e ON e.content_id = cc.content_id JOIN roots r ON r.id = e.root_id \
-         WHERE r.path = $1 AND ch.flags & 3 = 0",
-    )
+         WHERE r.path = $1 AND ch.flags & 3 = 0"
+    )))
     .bind(&s.snapshot.root)
     .fetch_one(repo.catalog.pool())
     .await
@@ -375,7 +376,9 @@ async fn new_links(catalog: &Catalog) -> Links {
     .unwrap();
     let (contents, content_chunks, entry_contents) = same_links(
         pool,
-        "SELECT cc.content_id, cc.seq, c.id FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no",
+        &format!(
+            "SELECT cc.content_id, cc.seq, c.id FROM {CHUNK_LISTS} cc JOIN chunks c ON c.no = cc.chunk_no"
+        ),
     )
     .await;
     Links {
@@ -523,18 +526,19 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     repo.catalog.pool().close().await;
     drop(repo);
 
-    // The chunk numbering (0022), the chunk id's prefix index (0023) and the tables without
-    // the keys whose deletes scanned (0025) run outside a transaction too, and again should
-    // their bookkeeping rows be lost: they change nothing, links nor each chunk's number, also
-    // those of the chunks stored since, nor snapshots.
+    // The chunk numbering (0022), the chunk id's prefix index (0023), the tables without the
+    // keys whose deletes scanned (0025) and one-chunk lists in their contents' rows (0026) run
+    // outside a transaction too, and again should their bookkeeping rows be lost: they change
+    // nothing, links nor each chunk's number, also those of the chunks stored since, nor
+    // snapshots.
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
     let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
     let snapshots = snapshot_rows(&db).await;
-    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23, 25)")
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23, 25, 26)")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(forgot.rows_affected(), 3);
+    assert_eq!(forgot.rows_affected(), 4);
     pool.close().await;
     let catalog = Catalog::open_file(&db).await.unwrap();
     assert_eq!(new_links(&catalog).await, upgraded);
@@ -595,6 +599,19 @@ async fn chunks_numbered_in_pack_order(catalog: &Catalog) -> BTreeMap<Vec<u8>, i
         .await
         .unwrap();
     assert_eq!(dangling, 0);
+    // A list of one chunk is in its content's row (migration 0026), never in `content_chunks`.
+    let (single, misplaced): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM contents WHERE chunk_no IS NOT NULL), \
+                (SELECT COUNT(*) FROM (SELECT content_id FROM content_chunks GROUP BY content_id \
+                                       HAVING COUNT(*) < 2) t) \
+              + (SELECT COUNT(*) FROM contents c WHERE c.chunk_no IS NOT NULL \
+                 AND EXISTS (SELECT 1 FROM content_chunks cc WHERE cc.content_id = c.id))",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(single > 0);
+    assert_eq!(misplaced, 0);
     // Deleting a content or a chunk checks no key without an index (migration 0025).
     let keys: Vec<String> = sqlx::query_scalar(
         "SELECT m.name || '.' || f.\"from\" FROM sqlite_schema m, pragma_foreign_key_list(m.name) f \

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
+use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::format::crypto::CryptoError;
 use storinator_shared::format::keyring::{KeyRing, RingKey, owner_key_id_of};
 use storinator_shared::{
@@ -193,27 +194,27 @@ async fn one_owners_key_cannot_open_another_owners_data() {
     // A catalog pointing owner A's file at owner B's chunks: the restore refuses the file,
     // naming it and the failed authentication, and writes nothing as good.
     let pool = f.repo.catalog.pool();
-    let q = "SELECT cc.chunk_no FROM entries e JOIN roots r ON r.id = e.root_id \
-             JOIN content_chunks cc ON cc.content_id = e.content_id \
-             JOIN contents c ON c.id = e.content_id \
-             WHERE r.owner = $1 AND e.path = 'data/small.txt' AND c.encrypted = 1";
-    let a_chunk: i64 = sqlx::query_scalar(q)
-        .bind("local")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let b_chunk: i64 = sqlx::query_scalar(q)
-        .bind("tg:1001")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let q = format!(
+        "SELECT cc.chunk_no FROM entries e JOIN roots r ON r.id = e.root_id \
+         JOIN {CHUNK_LISTS} cc ON cc.content_id = e.content_id \
+         JOIN contents c ON c.id = e.content_id \
+         WHERE r.owner = $1 AND e.path = 'data/small.txt' AND c.encrypted = 1"
+    );
+    let q = || sqlx::query_scalar(sqlx::AssertSqlSafe(q.clone()));
+    let a_chunk: i64 = q().bind("local").fetch_one(pool).await.unwrap();
+    let b_chunk: i64 = q().bind("tg:1001").fetch_one(pool).await.unwrap();
     assert_ne!(a_chunk, b_chunk);
-    sqlx::query("UPDATE content_chunks SET chunk_no = $1 WHERE chunk_no = $2")
+    // (A content of one chunk names it itself, a longer one in `content_chunks`.)
+    for table in ["contents", "content_chunks"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {table} SET chunk_no = $1 WHERE chunk_no = $2"
+        )))
         .bind(b_chunk)
         .bind(a_chunk)
         .execute(pool)
         .await
         .unwrap();
+    }
     let snaps = f.repo.snapshots("local", None).await.unwrap();
     let encrypted = snaps.iter().find(|s| s.encrypted).unwrap();
     let out = f.path("out");

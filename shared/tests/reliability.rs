@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
+use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::catalog::{NewContent, NewEntry, RunRow};
 use storinator_shared::{
     BackupOptions, CancelFlag, EntryKind, Error, NoProgress, RestoreOptions, SnapshotInfo, Storage,
@@ -420,11 +421,11 @@ async fn verify_lists_objects_the_catalog_does_not_know_and_leaves_them() {
 
 /// The pack and offset of the first chunk of `path`'s content.
 async fn chunk_of(f: &Fixture, path: &str) -> (String, i64) {
-    sqlx::query_as(
-        "SELECT p.id, c.\"offset\" FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id \
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT p.id, c.\"offset\" FROM entries e JOIN {CHUNK_LISTS} cc ON cc.content_id = e.content_id \
          JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
-         WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
-    )
+         WHERE e.path = $1 ORDER BY cc.seq LIMIT 1"
+    )))
     .bind(path)
     .fetch_one(f.repo.catalog.pool())
     .await

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use sqlx::Row;
+use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::ops::alerts::{AlertPolicy, Alerts};
 use storinator_shared::{
     BackupOptions, CancelFlag, Error, Jobs, NoProgress, Repo, RestoreOptions, Schedules,
@@ -83,12 +84,12 @@ async fn scrub(repo: &Repo, budget: u64, now: i64, heal: bool) -> Result<ScrubRe
 
 /// Where the first chunk of a stored file lives: (chunk id, pack, offset, length).
 async fn first_chunk_of(f: &Fixture, path: &str) -> (Vec<u8>, String, i64, i64) {
-    let r = sqlx::query(
+    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT c.id, p.id, c.\"offset\", c.length FROM entries e
-           JOIN content_chunks cc ON cc.content_id = e.content_id
+           JOIN {CHUNK_LISTS} cc ON cc.content_id = e.content_id
            JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no
-          WHERE e.path = $1 ORDER BY cc.seq LIMIT 1",
-    )
+          WHERE e.path = $1 ORDER BY cc.seq LIMIT 1"
+    )))
     .bind(path)
     .fetch_one(f.repo.catalog.pool())
     .await
@@ -99,10 +100,10 @@ async fn first_chunk_of(f: &Fixture, path: &str) -> (Vec<u8>, String, i64, i64) 
 /// Stored paths of the files whose content uses a chunk in `pack` (the files that pack's
 /// damage affects), from the catalog.
 async fn files_in_pack(f: &Fixture, pack: &str) -> BTreeSet<String> {
-    sqlx::query_scalar(
-        "SELECT DISTINCT e.path FROM entries e JOIN content_chunks cc ON cc.content_id = e.content_id
-           JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no WHERE p.id = $1",
-    )
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT DISTINCT e.path FROM entries e JOIN {CHUNK_LISTS} cc ON cc.content_id = e.content_id
+           JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no WHERE p.id = $1"
+    )))
     .bind(pack)
     .fetch_all(f.repo.catalog.pool())
     .await

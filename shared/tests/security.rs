@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sha2::Digest;
+use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::format::pack::{BlobKind, PACK_MAGIC, PackEntry, encode_trailer};
 use storinator_shared::format::snapshot::{ListingEntry, SnapshotObject};
 use storinator_shared::{
@@ -272,10 +273,10 @@ async fn planted_key_objects_are_skipped_with_a_problem_and_never_stop_recover()
 
 /// Chunk plaintext lengths of the file `name`'s content, in order.
 async fn chunk_lengths(repo: &Repo, sha: &[u8]) -> Vec<i64> {
-    sqlx::query_scalar(
-        "SELECT ch.raw_length FROM contents c JOIN content_chunks cc ON cc.content_id = c.id \
-         JOIN chunks ch ON ch.no = cc.chunk_no WHERE c.sha256 = $1 ORDER BY c.encrypted, cc.seq",
-    )
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT ch.raw_length FROM contents c JOIN {CHUNK_LISTS} cc ON cc.content_id = c.id \
+         JOIN chunks ch ON ch.no = cc.chunk_no WHERE c.sha256 = $1 ORDER BY c.encrypted, cc.seq"
+    )))
     .bind(sha)
     .fetch_all(repo.catalog.pool())
     .await

@@ -247,6 +247,15 @@ pub(crate) const ENTRY_COLUMNS: &str = "e.path, e.kind, e.size, e.mtime_ns, e.mo
 pub(crate) const ENTRY_FROM: &str = "entries e LEFT JOIN contents c ON c.id = e.content_id \
      LEFT JOIN owners o ON o.no = e.owner_no";
 
+/// Every content's chunk list as rows `(content_id, seq, chunk_no)`: a content of one chunk
+/// names it in its own row (`contents.chunk_no`, migration 0026), longer lists are rows of
+/// `content_chunks`. For statements that filter the lists by content or by chunk (the filter
+/// reaches both halves). A join from the entries to the chunks names both tables instead:
+/// `ch.no = COALESCE(c.chunk_no, cc.chunk_no)`, as [`previous`] reads a backup's range.
+pub const CHUNK_LISTS: &str = "(SELECT id AS content_id, 0 AS seq, chunk_no FROM contents \
+     WHERE chunk_no IS NOT NULL \
+     UNION ALL SELECT content_id, seq, chunk_no FROM content_chunks)";
+
 /// `entries.kind` as the catalog stores it (migration 0021): a small integer, not the word
 /// the snapshot format in storage uses.
 pub(crate) fn kind_no(kind: EntryKind) -> i64 {
@@ -410,13 +419,13 @@ pub(crate) mod tests {
                 true,
             ),
             ("a chunk's place", super::packs::chunk_sql(), "c", true),
-            // Reached from the entries, by number: no index leads from a chunk to its
-            // contents (nothing else needs one), so this damage report reads the entries.
+            // No index leads from a chunk to the contents using it (nothing else needs one),
+            // so this damage report reads the chunk lists and the entries.
             (
                 "users of chunks",
                 super::packs::users_of_chunks_sql(3),
                 "c",
-                false,
+                true,
             ),
             (
                 "homes of chunks",
@@ -458,6 +467,49 @@ pub(crate) mod tests {
                 !plan
                     .iter()
                     .any(|p| *p == scan || p.starts_with(&format!("{scan} "))),
+                "{what}: {plan:?}"
+            );
+        }
+    }
+
+    /// A restore's chunk lists and a backup's previous-snapshot range reach both kinds of
+    /// list (a one-chunk content's row, `content_chunks`; migration 0026) by key, never
+    /// reading a whole table.
+    #[tokio::test]
+    async fn chunk_lists_are_read_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = super::Catalog::open_file(&dir.path().join("c.db"))
+            .await
+            .unwrap();
+        // (what, statement, the searches that reach the two tables)
+        let statements = [
+            (
+                "a restore's chunk lists",
+                super::packs::chunk_lists_sql(super::Dialect::Sqlite, 3),
+                [
+                    "SEARCH k USING INTEGER PRIMARY KEY",
+                    "SEARCH cc USING PRIMARY KEY",
+                ],
+            ),
+            (
+                "a backup's previous range",
+                super::previous::previous_sql(super::Dialect::Sqlite, true),
+                [
+                    "SEARCH c USING INTEGER PRIMARY KEY",
+                    "SEARCH cc USING PRIMARY KEY",
+                ],
+            ),
+        ];
+        for (what, sql, searches) in statements {
+            let plan = query_plan(&catalog, &sql).await;
+            for search in searches {
+                assert!(
+                    plan.iter().any(|p| p.starts_with(search)),
+                    "{what}: no {search}: {plan:?}"
+                );
+            }
+            assert!(
+                plan.iter().all(|p| !p.starts_with("SCAN ")),
                 "{what}: {plan:?}"
             );
         }

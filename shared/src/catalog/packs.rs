@@ -6,8 +6,8 @@ use crate::catalog::Conn;
 use sqlx::Row;
 
 use super::{
-    Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PREFIX_BYTES, PackRow, USABLE_PACK, chunk_id_in,
-    chunk_id_is, db, json_rows, now_ms,
+    CHUNK_LISTS, Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PREFIX_BYTES, PackRow, USABLE_PACK,
+    chunk_id_in, chunk_id_is, db, json_rows, now_ms,
 };
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
@@ -270,17 +270,9 @@ impl Catalog {
         contents: &[i64],
     ) -> Result<HashMap<i64, Vec<ChunkLoc>>, Error> {
         let dialect = Dialect::of(&self.pool);
-        let id = json_rows::hex(dialect, "c.id");
         let mut out: HashMap<i64, Vec<ChunkLoc>> = HashMap::new();
         for batch in contents.chunks(500) {
-            let marks = vec!["?"; batch.len()].join(", ");
-            let inner = format!(
-                "SELECT cc.content_id AS c0, {id} AS c1, p.id AS c2, p.location AS c3, \
-                 c.\"offset\" AS c4, c.length AS c5, c.raw_length AS c6, cc.seq AS c7 \
-                 FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no JOIN packs p ON p.no = c.pack_no \
-                 WHERE cc.content_id IN ({marks})"
-            );
-            let sql = json_rows::statement(dialect, &inner, 8, "s.c0, s.c7");
+            let sql = chunk_lists_sql(dialect, batch.len());
             let mut q = sqlx::query(crate::catalog::sql(sql));
             for id in batch {
                 q = q.bind(id);
@@ -305,8 +297,9 @@ impl Catalog {
     /// below it (a restore's transfer estimate).
     pub async fn packs_under(&self, root_id: i64, seq: i64, prefix: &str) -> Result<u64, Error> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(DISTINCT c.pack_no) FROM entries e \
-             JOIN content_chunks cc ON cc.content_id = e.content_id JOIN chunks c ON c.no = cc.chunk_no \
+            "SELECT COUNT(DISTINCT c.pack_no) FROM entries e JOIN contents k ON k.id = e.content_id \
+             LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.chunk_no IS NULL \
+             JOIN chunks c ON c.no = COALESCE(k.chunk_no, cc.chunk_no) \
              WHERE e.root_id = $1 AND e.from_seq <= $2 AND (e.to_seq IS NULL OR e.to_seq > $3) \
              AND (e.path = $4 OR (e.path >= $5 AND e.path < $6))",
         )
@@ -328,11 +321,12 @@ impl Catalog {
         pack_id: &str,
         limit: i64,
     ) -> Result<Vec<(String, String)>, Error> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT DISTINCT r.path, e.path FROM entries e JOIN roots r ON r.id = e.root_id \
-             WHERE e.content_id IN (SELECT cc.content_id FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no \
-             WHERE c.pack_no = (SELECT no FROM packs WHERE id = $1)) ORDER BY e.path LIMIT $2",
-        )
+             WHERE e.content_id IN (SELECT l.content_id FROM {CHUNK_LISTS} l WHERE l.chunk_no IN \
+             (SELECT c.no FROM chunks c WHERE c.pack_no = (SELECT no FROM packs WHERE id = $1))) \
+             ORDER BY e.path LIMIT $2"
+        )))
         .bind(pack_id)
         .bind(limit)
         .fetch_all(&self.pool)
@@ -385,6 +379,24 @@ impl Catalog {
     }
 }
 
+/// The chunk lists of `n` contents (bound), each chunk with where it lives, as one JSON
+/// value ([`json_rows`]).
+pub(super) fn chunk_lists_sql(dialect: Dialect, n: usize) -> String {
+    let marks = vec!["?"; n].join(", ");
+    // From the contents, so a one-chunk content's number (migration 0026) comes with its row.
+    let inner = format!(
+        "SELECT k.id AS c0, {} AS c1, p.id AS c2, p.location AS c3, \
+         c.\"offset\" AS c4, c.length AS c5, c.raw_length AS c6, COALESCE(cc.seq, 0) AS c7 \
+         FROM contents k \
+         LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.chunk_no IS NULL \
+         JOIN chunks c ON c.no = COALESCE(k.chunk_no, cc.chunk_no) \
+         JOIN packs p ON p.no = c.pack_no \
+         WHERE k.id IN ({marks})",
+        json_rows::hex(dialect, "c.id")
+    );
+    json_rows::statement(dialect, &inner, 8, "s.c0, s.c7")
+}
+
 /// Where the chunk `$1` lives: its pack's id and location, its offset and lengths.
 pub(super) fn chunk_sql() -> String {
     format!(
@@ -400,7 +412,7 @@ pub(super) fn users_of_chunks_sql(n: usize) -> String {
     let marks = vec!["?"; n].join(", ");
     let prefix = super::prefix_of("c.id");
     format!(
-        "SELECT DISTINCT c.id, r.path, e.path FROM content_chunks cc \
+        "SELECT DISTINCT c.id, r.path, e.path FROM {CHUNK_LISTS} cc \
          JOIN chunks c ON c.no = cc.chunk_no JOIN entries e ON e.content_id = cc.content_id \
          JOIN roots r ON r.id = e.root_id \
          WHERE {prefix} IN ({marks}) AND c.id IN ({marks}) \

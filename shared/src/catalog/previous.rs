@@ -53,17 +53,17 @@ const WHAT: &str = "loading the previous snapshot";
 /// The statement of [`Catalog::previous_files`]: one row per current entry of the range
 /// and chunk of its content (an entry without chunks once, its chunk fields null), in the
 /// order of [`PrevRow`]'s fields, in no particular order (see [`previous_from_rows`]).
-fn previous_sql(dialect: Dialect, after: bool) -> String {
+pub(super) fn previous_sql(dialect: Dialect, after: bool) -> String {
     let range = if after {
         "e.path > $2 AND e.path <= $3"
     } else {
         "e.path <= $2"
     };
     let inner = format!(
-        "SELECT {}, cc.seq AS c13, {} AS c14 \
+        "SELECT {}, CASE WHEN c.chunk_no IS NULL THEN cc.seq ELSE 0 END AS c13, {} AS c14 \
          FROM {ENTRY_FROM} \
-         LEFT JOIN content_chunks cc ON cc.content_id = e.content_id \
-         LEFT JOIN chunks ch ON ch.no = cc.chunk_no \
+         LEFT JOIN content_chunks cc ON cc.content_id = e.content_id AND c.chunk_no IS NULL \
+         LEFT JOIN chunks ch ON ch.no = COALESCE(c.chunk_no, cc.chunk_no) \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
         entry_json_columns(dialect),
         json_rows::hex(dialect, "ch.id")

@@ -1,7 +1,7 @@
 //! Retention: forgetting snapshots, and what prune needs (which chunks are live, which packs
 //! hold them, condemning and dropping packs, repointing chunks to their new pack).
 //!
-//! Liveness has one definition here ([`LIVE_CHUNKS`]): a chunk is live when a snapshot in the
+//! Liveness has one definition here ([`live_chunks`]): a chunk is live when a snapshot in the
 //! catalog uses it, as file content (through an entry valid in that snapshot), as a listing
 //! chunk or as the snapshot object itself. Every decision to delete is re-checked against it
 //! inside the write transaction that records the decision, so a snapshot committed a moment
@@ -10,18 +10,22 @@
 use crate::catalog::Conn;
 use sqlx::Row;
 
-use super::{Catalog, PackRow, db, now_ms};
+use super::{CHUNK_LISTS, Catalog, PackRow, db, now_ms};
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
 
 /// Ids of the live chunks, as a subquery.
-const LIVE_CHUNKS: &str = "SELECT ch.id FROM content_chunks cc JOIN chunks ch ON ch.no = cc.chunk_no \
-     WHERE cc.content_id IN \
-     (SELECT e.content_id FROM entries e WHERE e.content_id IS NOT NULL AND EXISTS \
-        (SELECT 1 FROM snapshots s WHERE s.root_id = e.root_id AND s.seq >= e.from_seq \
-         AND (e.to_seq IS NULL OR s.seq < e.to_seq))) \
-     UNION SELECT blob_id FROM snapshots \
-     UNION SELECT chunk_id FROM snapshot_listing";
+fn live_chunks() -> String {
+    format!(
+        "SELECT ch.id FROM {CHUNK_LISTS} cc JOIN chunks ch ON ch.no = cc.chunk_no \
+         WHERE cc.content_id IN \
+         (SELECT e.content_id FROM entries e WHERE e.content_id IS NOT NULL AND EXISTS \
+            (SELECT 1 FROM snapshots s WHERE s.root_id = e.root_id AND s.seq >= e.from_seq \
+             AND (e.to_seq IS NULL OR s.seq < e.to_seq))) \
+         UNION SELECT blob_id FROM snapshots \
+         UNION SELECT chunk_id FROM snapshot_listing"
+    )
+}
 
 /// Points the chunk `$6` at pack number `$1`, offset `$2`, lengths `$3`, `$4` and flags `$5`,
 /// if it still lives in pack `$7` (a pack id).
@@ -184,7 +188,7 @@ impl Catalog {
     /// share. Packs created since may belong to a backup that has not committed yet.
     pub async fn pack_usage(&self, before: i64) -> Result<Vec<PackUsage>, Error> {
         let sql = format!(
-            "WITH live(id) AS ({LIVE_CHUNKS}) \
+            "WITH live(id) AS ({}) \
              SELECT p.id, p.size, p.encrypted, p.location, p.created_at, COUNT(c.id), \
              CAST(COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN c.id IN (SELECT id FROM live) THEN c.length ELSE 0 END), 0) AS BIGINT), \
@@ -192,7 +196,8 @@ impl Catalog {
              FROM packs p LEFT JOIN chunks c ON c.pack_no = p.no \
              WHERE p.state = 'stored' AND p.created_at < ? \
              AND p.id NOT IN (SELECT pack_id FROM condemned_packs) \
-             GROUP BY p.no ORDER BY p.created_at, p.id"
+             GROUP BY p.no ORDER BY p.created_at, p.id",
+            live_chunks()
         );
         let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(before)
@@ -219,8 +224,9 @@ impl Catalog {
     pub async fn live_blobs_in_pack(&self, pack_id: &str) -> Result<Vec<super::BlobRow>, Error> {
         let sql = format!(
             "SELECT id, \"offset\", length, raw_length, kind, flags FROM chunks \
-             WHERE pack_no = (SELECT no FROM packs WHERE id = ?) AND id IN ({LIVE_CHUNKS}) \
-             ORDER BY \"offset\""
+             WHERE pack_no = (SELECT no FROM packs WHERE id = ?) AND id IN ({}) \
+             ORDER BY \"offset\"",
+            live_chunks()
         );
         let rows = sqlx::query(crate::catalog::sql(sql))
             .bind(pack_id)
@@ -275,7 +281,8 @@ impl Catalog {
             .map_err(db(WHAT))?;
         let check = crate::catalog::numbered(&format!(
             "SELECT COUNT(*) FROM chunks WHERE pack_no = (SELECT no FROM packs WHERE id = ?) \
-             AND id IN ({LIVE_CHUNKS})"
+             AND id IN ({})",
+            live_chunks()
         ));
         let mut out = Vec::new();
         for p in packs {
@@ -330,10 +337,10 @@ impl Catalog {
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
-        let used: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM content_chunks WHERE chunk_no IN \
-             (SELECT c.no FROM chunks c JOIN packs p ON p.no = c.pack_no WHERE p.id = $1)",
-        )
+        let used: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {CHUNK_LISTS} l WHERE l.chunk_no IN \
+             (SELECT c.no FROM chunks c JOIN packs p ON p.no = c.pack_no WHERE p.id = $1)"
+        )))
         .bind(id)
         .fetch_one(&mut *tx)
         .await
@@ -441,9 +448,10 @@ mod tests {
     use super::*;
     use crate::format::pack::{BlobKind, FLAG_ENCRYPTED, FLAG_MAC, PackEntry};
 
-    /// Dropping a condemned pack is refused while a chunk list still names one of its chunks
-    /// (what the foreign key on `content_chunks.chunk_no` refused before migration 0025), and
-    /// every row stays; once no list names them, the pack goes with its chunks.
+    /// Dropping a condemned pack is refused while a chunk list, of either kind, still names one
+    /// of its chunks (what the foreign key on `content_chunks.chunk_no` refused before
+    /// migration 0025), and every row stays; once no list names them, the pack goes with its
+    /// chunks.
     #[tokio::test]
     async fn a_pack_whose_chunks_a_content_names_is_not_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -504,8 +512,21 @@ mod tests {
         );
         assert_eq!(rows().await, (2, 1, 1));
 
-        // The content is forgotten: nothing names the pack's chunks any more.
+        // A content of one chunk names it in its own row (migration 0026): the same.
         run("DELETE FROM content_chunks").await;
+        sqlx::query("UPDATE contents SET chunk_no = (SELECT no FROM chunks WHERE id = $1)")
+            .bind(&entry(1).id.0[..])
+            .execute(pool)
+            .await
+            .unwrap();
+        let err = catalog.drop_condemned_pack("p1").await.unwrap_err();
+        assert!(
+            err.to_string().contains(", but 1 chunk list entry"),
+            "{err}"
+        );
+        assert_eq!(rows().await, (2, 1, 1));
+
+        // The content is forgotten: nothing names the pack's chunks any more.
         run("DELETE FROM contents").await;
         catalog.drop_condemned_pack("p1").await.unwrap();
         assert_eq!(rows().await, (0, 0, 0));

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use super::{Catalog, db};
+use super::{CHUNK_LISTS, Catalog, db};
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
 
@@ -332,10 +332,10 @@ impl Catalog {
 
     /// A content's chunks in order, with their plaintext lengths.
     pub async fn content_layout(&self, content_id: i64) -> Result<Vec<(ChunkId, u64)>, Error> {
-        let rows = sqlx::query(
-            "SELECT c.id, c.raw_length FROM content_chunks cc JOIN chunks c ON c.no = cc.chunk_no
-              WHERE cc.content_id = $1 ORDER BY cc.seq",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT c.id, c.raw_length FROM {CHUNK_LISTS} cc JOIN chunks c ON c.no = cc.chunk_no
+              WHERE cc.content_id = $1 ORDER BY cc.seq"
+        )))
         .bind(content_id)
         .fetch_all(&self.pool)
         .await
@@ -554,7 +554,7 @@ pub(super) fn unhealed_damage_sql() -> String {
 pub(super) fn contents_using_sql() -> String {
     format!(
         "SELECT DISTINCT c.id, c.sha256, c.size, c.encrypted FROM contents c
-           JOIN content_chunks cc ON cc.content_id = c.id
+           JOIN {CHUNK_LISTS} cc ON cc.content_id = c.id
           WHERE cc.chunk_no = (SELECT ch.no FROM chunks ch WHERE {})",
         super::chunk_id_is("ch.id", "$1")
     )

@@ -8,10 +8,10 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{
-    Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson, EntryOutline, EntryRow,
-    Owner, PREFIX_BYTES, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK, chunk_id_in, chunk_id_is, db,
-    entry_from_json, entry_from_row, entry_json_columns, json_rows, kind_no, kind_of,
-    snapshot_from_row,
+    CHUNK_LISTS, Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson,
+    EntryOutline, EntryRow, Owner, PREFIX_BYTES, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK,
+    chunk_id_in, chunk_id_is, db, entry_from_json, entry_from_row, entry_json_columns, json_rows,
+    kind_no, kind_of, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -481,7 +481,7 @@ impl Unusable {
         for batch in rows.chunks(500) {
             let marks = vec!["?"; batch.len()].join(", ");
             let sql = format!(
-                "SELECT DISTINCT content_id FROM content_chunks WHERE chunk_no IN ({marks})"
+                "SELECT DISTINCT l.content_id FROM {CHUNK_LISTS} l WHERE l.chunk_no IN ({marks})"
             );
             let mut q = sqlx::query_scalar::<_, i64>(crate::catalog::sql(sql));
             for (no, _) in batch {
@@ -724,22 +724,30 @@ async fn record_contents(
             hex::encode(&sha256[..6])
         )));
     }
+    // A content of one chunk names it in its own row (migration 0026), so the numbers come
+    // first.
+    let numbers = chunk_numbers(
+        tx,
+        &fresh.iter().flat_map(|(_, c)| c.iter()).collect::<Vec<_>>(),
+    )
+    .await?;
     let mut ids = HashMap::new();
     for part in fresh.chunks(super::bulk::ROWS) {
         let sql = super::bulk::values(
             super::Dialect::of_conn(tx),
-            "INSERT INTO contents (sha256, size, encrypted, key_no)",
-            4,
+            "INSERT INTO contents (sha256, size, encrypted, key_no, chunk_no)",
+            5,
             part.len(),
             "RETURNING id, sha256, size",
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for ((sha256, size), _) in part {
+        for ((sha256, size), chunks) in part {
             q = q
                 .bind(&sha256[..])
                 .bind(*size as i64)
                 .bind(i64::from(encrypted))
-                .bind(key_no);
+                .bind(key_no)
+                .bind(one_chunk(chunks, &numbers)?);
         }
         for r in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
             let sha256: Vec<u8> = r.get(1);
@@ -752,8 +760,17 @@ async fn record_contents(
         .iter()
         .map(|(k, chunks)| (ids[*k], **chunks))
         .collect();
-    insert_chunk_lists(tx, &lists).await?;
+    insert_chunk_lists(tx, &lists, &numbers).await?;
     Ok(ids)
+}
+
+/// The number of the chunk of a one-chunk list, for its content's row (`contents.chunk_no`,
+/// migration 0026); `None` for a list of none or several, which `content_chunks` holds.
+fn one_chunk(chunks: &[ChunkId], numbers: &HashMap<ChunkId, i64>) -> Result<Option<i64>, Error> {
+    match chunks {
+        [only] => numbers.get(only).copied().map(Some).ok_or_else(chunk_gone),
+        _ => Ok(None),
+    }
 }
 
 /// Gives a recorded content the chunk list just stored when its own can't be used: it uses
@@ -777,16 +794,26 @@ async fn repair_contents(
         let repair =
             unusable.contents.contains(&id) && !chunks.iter().any(|c| unusable.chunks.contains(c));
         if repair || !chunks.is_empty() && on_format1.contains(&id) {
-            sqlx::query("DELETE FROM content_chunks WHERE content_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db(COMMIT))?;
             unusable.contents.remove(&id);
             lists.push((id, *chunks));
         }
     }
-    insert_chunk_lists(tx, &lists).await
+    let ids: Vec<&ChunkId> = lists.iter().flat_map(|(_, c)| c.iter()).collect();
+    let numbers = chunk_numbers(tx, &ids).await?;
+    for (id, chunks) in &lists {
+        sqlx::query("DELETE FROM content_chunks WHERE content_id = $1")
+            .bind(*id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(COMMIT))?;
+        sqlx::query("UPDATE contents SET chunk_no = $1 WHERE id = $2")
+            .bind(one_chunk(chunks, &numbers)?)
+            .bind(*id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(COMMIT))?;
+    }
+    insert_chunk_lists(tx, &lists, &numbers).await
 }
 
 /// Which of `contents` have a chunk on a format-1 unencrypted blob.
@@ -794,8 +821,8 @@ async fn contents_on_format1(tx: &mut Conn, contents: &[i64]) -> Result<HashSet<
     let mut out = HashSet::new();
     for part in contents.chunks(super::bulk::ROWS) {
         let sql = format!(
-            "SELECT DISTINCT cc.content_id FROM content_chunks cc JOIN chunks ch ON ch.no = cc.chunk_no \
-             WHERE ch.flags & 3 = 0 AND cc.content_id IN ({})",
+            "SELECT DISTINCT l.content_id FROM {CHUNK_LISTS} l JOIN chunks ch ON ch.no = l.chunk_no \
+             WHERE ch.flags & 3 = 0 AND l.content_id IN ({})",
             super::bulk::marks(1, part.len())
         );
         let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
@@ -807,13 +834,16 @@ async fn contents_on_format1(tx: &mut Conn, contents: &[i64]) -> Result<HashSet<
     Ok(out)
 }
 
-/// Records contents' chunk lists (content id, its chunks in order), each chunk named by its
-/// number (migration 0022).
-async fn insert_chunk_lists(tx: &mut Conn, lists: &[(i64, &[ChunkId])]) -> Result<(), Error> {
-    let ids: Vec<&ChunkId> = lists.iter().flat_map(|(_, chunks)| chunks.iter()).collect();
-    let numbers = chunk_numbers(tx, &ids).await?;
-    let mut rows: Vec<(i64, i64, i64)> = Vec::with_capacity(ids.len());
-    for (id, chunks) in lists {
+/// Records the chunk lists of two chunks or more (content id, its chunks in order) in
+/// `content_chunks`, each chunk named by its number (migration 0022), from `numbers`. (A list
+/// of one is in its content's row: [`one_chunk`].)
+async fn insert_chunk_lists(
+    tx: &mut Conn,
+    lists: &[(i64, &[ChunkId])],
+    numbers: &HashMap<ChunkId, i64>,
+) -> Result<(), Error> {
+    let mut rows: Vec<(i64, i64, i64)> = Vec::new();
+    for (id, chunks) in lists.iter().filter(|(_, chunks)| chunks.len() > 1) {
         for (i, c) in chunks.iter().enumerate() {
             // No row: a prune deleted the chunk since the backup stored or found it. (It
             // can't between this lookup and the insert: a prune writes under the same lock.)

@@ -134,7 +134,8 @@ pub async fn recording_repo(dir: &Path) -> (Repo, Arc<CountingStorage>) {
 /// The catalog of [`catalog_migrated_by`] holding every row of the catalog `current` (made
 /// by [`recording_repo`], closed): each table the old layout has gets the rows of the same
 /// table, by the columns both have; the entries in the layout before migration 0021 (the
-/// kind as a word, the owner's four columns; the row ids of older layouts in key order).
+/// kind as a word, the owner's four columns; the row ids of older layouts in key order), and
+/// every chunk list in `content_chunks` before 0026.
 pub async fn old_layout_catalog(
     dir: &Path,
     keep: impl Fn(&str) -> bool,
@@ -163,6 +164,10 @@ pub async fn old_layout_catalog(
     .fetch_all(&mut *conn)
     .await
     .unwrap();
+    // One-chunk lists are in their contents' rows since 0026; an older layout lists them.
+    let lists_in_contents = pairs
+        .iter()
+        .any(|(t, c)| t == "contents" && c == "chunk_no");
     let mut tables: Vec<(String, Vec<String>)> = Vec::new();
     for (table, column) in pairs {
         match tables.last_mut() {
@@ -174,6 +179,11 @@ pub async fn old_layout_catalog(
         let source = if table == "entries" {
             columns.retain(|c| OLD_ENTRY_COLUMNS.contains(&c.as_str()));
             format!("({OLD_ENTRIES} ORDER BY e.root_id, e.path, e.from_seq)")
+        } else if table == "content_chunks" && !lists_in_contents {
+            "(SELECT id AS content_id, 0 AS seq, chunk_no FROM a.contents \
+              WHERE chunk_no IS NOT NULL \
+              UNION ALL SELECT content_id, seq, chunk_no FROM a.content_chunks)"
+                .to_string()
         } else {
             format!("a.\"{table}\"")
         };
