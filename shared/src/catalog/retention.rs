@@ -7,6 +7,8 @@
 //! inside the write transaction that records the decision, so a snapshot committed a moment
 //! earlier is always seen.
 
+use std::collections::HashSet;
+
 use crate::catalog::Conn;
 use sqlx::Row;
 
@@ -279,25 +281,31 @@ impl Catalog {
         let mut tx = crate::catalog::begin_write(&self.pool)
             .await
             .map_err(db(WHAT))?;
-        let check = crate::catalog::numbered(&format!(
-            "SELECT COUNT(*) FROM chunks WHERE pack_no = (SELECT no FROM packs WHERE id = ?) \
-             AND id IN ({})",
-            live_chunks()
-        ));
+        // Which of them hold a live chunk: one statement per batch of packs, not per pack
+        // (the live set is a pass over the catalog, seconds at a million files).
+        let mut holding = HashSet::new();
+        for part in packs.chunks(super::bulk::ROWS) {
+            let sql = format!(
+                "SELECT DISTINCT p.id FROM packs p JOIN chunks c ON c.pack_no = p.no \
+                 WHERE p.id IN ({}) AND c.id IN ({})",
+                super::bulk::marks(1, part.len()),
+                live_chunks()
+            );
+            let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+            for p in part {
+                q = q.bind(p);
+            }
+            holding.extend(q.fetch_all(&mut *tx).await.map_err(db(WHAT))?);
+        }
         let mut out = Vec::new();
-        for p in packs {
-            let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(check.clone()))
-                .bind(p)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db(WHAT))?;
+        for p in packs.iter().filter(|p| !holding.contains(*p)) {
             let stored: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM packs WHERE id = $1 AND state = 'stored'")
                     .bind(p)
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(db(WHAT))?;
-            if live == 0 && stored == 1 {
+            if stored == 1 {
                 sqlx::query(
                     "INSERT INTO condemned_packs (pack_id, condemned_at) VALUES ($1, $2) \
                      ON CONFLICT DO NOTHING",
@@ -447,6 +455,98 @@ impl Catalog {
 mod tests {
     use super::*;
     use crate::format::pack::{BlobKind, FLAG_ENCRYPTED, FLAG_MAC, PackEntry};
+
+    /// Of several packs, only those holding no live chunk are condemned, checked together: a
+    /// chunk is live as a snapshot's object, as a listing chunk or in a content an entry of a
+    /// snapshot uses (a one-chunk content's own row, or `content_chunks`).
+    #[tokio::test]
+    async fn only_packs_without_a_live_chunk_are_condemned() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = storinator_testkit::db::url_for(&dir.path().join("c.db"));
+        let catalog = Catalog::open(&url).await.unwrap();
+        let entry = |n: u8| PackEntry {
+            kind: BlobKind::Data,
+            flags: FLAG_ENCRYPTED | FLAG_MAC,
+            id: ChunkId([n; 32]),
+            offset: u64::from(n) * 10,
+            length: 10,
+            raw_length: 10,
+        };
+        // p1: the snapshot's object; p2: a one-chunk content's chunk; p3: the second chunk of
+        // a two-chunk content (the first is in p2); p4: a content no entry uses; p5: nothing.
+        for (pack, n) in [("p1", 1), ("p2", 2), ("p3", 3), ("p4", 4), ("p5", 5)] {
+            catalog
+                .pack_stored(pack, 100, true, pack, &[entry(n), entry(n + 10)])
+                .await
+                .unwrap();
+        }
+        let pool = catalog.pool();
+        let no = |n: u8| async move {
+            sqlx::query_scalar::<_, i64>("SELECT no FROM chunks WHERE id = $1")
+                .bind(&entry(n).id.0[..])
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        };
+        let content = |id: i64, chunk_no: Option<i64>| async move {
+            sqlx::query(
+                "INSERT INTO contents (id, sha256, size, encrypted, key_no, chunk_no) \
+                 VALUES ($1, $2, 10, 1, 0, $3)",
+            )
+            .bind(id)
+            .bind(&[id as u8; 32][..])
+            .bind(chunk_no)
+            .execute(pool)
+            .await
+            .unwrap();
+        };
+        content(1, Some(no(2).await)).await;
+        content(2, None).await;
+        content(3, Some(no(4).await)).await;
+        for (seq, n) in [(0, 12), (1, 3)] {
+            sqlx::query(
+                "INSERT INTO content_chunks (content_id, seq, chunk_no) VALUES (2, $1, $2)",
+            )
+            .bind(seq)
+            .bind(no(n).await)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query("INSERT INTO roots (owner, path) VALUES ('local', '/r')")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO snapshots (root_id, seq, short_id, blob_id, hostname, encrypted, \
+             started_at, finished_at, files, dirs, bytes, bytes_read, new_chunks, bytes_stored, \
+             warnings) SELECT id, 1, 'abcd', $1, 'h', 1, 0, 0, 2, 0, 20, 20, 0, 0, 0 FROM roots",
+        )
+        .bind(&entry(1).id.0[..])
+        .execute(pool)
+        .await
+        .unwrap();
+        for (path, content) in [("/r/a", 1), ("/r/b", 2)] {
+            sqlx::query(
+                "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, \
+                 from_seq) SELECT id, $1, 0, 10, 0, 420, 1, $2, 1 FROM roots",
+            )
+            .bind(path)
+            .bind(content)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        let packs: Vec<String> = ["p1", "p2", "p3", "p4", "p5"].map(String::from).to_vec();
+        let condemned = catalog.condemn_unused_packs(&packs).await.unwrap();
+        assert_eq!(condemned, ["p4", "p5"]);
+        let recorded: Vec<String> =
+            sqlx::query_scalar("SELECT pack_id FROM condemned_packs ORDER BY pack_id")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(recorded, ["p4", "p5"]);
+    }
 
     /// Dropping a condemned pack is refused while a chunk list, of either kind, still names one
     /// of its chunks (what the foreign key on `content_chunks.chunk_no` refused before
