@@ -456,22 +456,30 @@ mod tests {
     use super::*;
     use crate::format::pack::{BlobKind, FLAG_ENCRYPTED, FLAG_MAC, PackEntry};
 
-    /// Of several packs, only those holding no live chunk are condemned, checked together: a
-    /// chunk is live as a snapshot's object, as a listing chunk or in a content an entry of a
-    /// snapshot uses (a one-chunk content's own row, or `content_chunks`).
-    #[tokio::test]
-    async fn only_packs_without_a_live_chunk_are_condemned() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn catalog_in(dir: &tempfile::TempDir) -> Catalog {
         let url = storinator_testkit::db::url_for(&dir.path().join("c.db"));
-        let catalog = Catalog::open(&url).await.unwrap();
-        let entry = |n: u8| PackEntry {
+        Catalog::open(&url).await.unwrap()
+    }
+
+    /// An authenticated data chunk of id `[n; 32]`, 10 bytes at offset `10 n`.
+    fn entry(n: u8) -> PackEntry {
+        PackEntry {
             kind: BlobKind::Data,
             flags: FLAG_ENCRYPTED | FLAG_MAC,
             id: ChunkId([n; 32]),
             offset: u64::from(n) * 10,
             length: 10,
             raw_length: 10,
-        };
+        }
+    }
+
+    /// Of several packs, only those holding no live chunk are condemned, checked together: a
+    /// chunk is live as a snapshot's object, as a listing chunk or in a content an entry of a
+    /// snapshot uses (a one-chunk content's own row, or `content_chunks`).
+    #[tokio::test]
+    async fn only_packs_without_a_live_chunk_are_condemned() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = catalog_in(&dir).await;
         // p1: the snapshot's object; p2: a one-chunk content's chunk; p3: the second chunk of
         // a two-chunk content (the first is in p2); p4: a content no entry uses; p5: nothing.
         for (pack, n) in [("p1", 1), ("p2", 2), ("p3", 3), ("p4", 4), ("p5", 5)] {
@@ -555,16 +563,7 @@ mod tests {
     #[tokio::test]
     async fn a_pack_whose_chunks_a_content_names_is_not_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let url = storinator_testkit::db::url_for(&dir.path().join("c.db"));
-        let catalog = Catalog::open(&url).await.unwrap();
-        let entry = |n: u8| PackEntry {
-            kind: BlobKind::Data,
-            flags: FLAG_ENCRYPTED | FLAG_MAC,
-            id: ChunkId([n; 32]),
-            offset: u64::from(n) * 10,
-            length: 10,
-            raw_length: 10,
-        };
+        let catalog = catalog_in(&dir).await;
         catalog
             .pack_stored("p1", 100, true, "l1", &[entry(1), entry(2)])
             .await
