@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::catalog::{NewContent, NewEntry, RunRow};
+use storinator_shared::format::pack::{BlobKind, FLAG_ENCRYPTED, FLAG_MAC, PackEntry};
 use storinator_shared::{
     BackupOptions, CancelFlag, EntryKind, Error, NoProgress, RestoreOptions, SnapshotInfo, Storage,
 };
@@ -619,6 +620,75 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
         .await
         .unwrap();
     assert_eq!(contents, 0, "the refused content was recorded");
+
+    // The file's pack is found missing again, and the file stored again (here as one chunk of
+    // another id, as the catalog sees it): its content's list of several chunks in
+    // `content_chunks` is replaced by the one chunk its own row names (migration 0026).
+    f.repo
+        .catalog
+        .set_pack_state(&pack, "missing")
+        .await
+        .unwrap();
+    let (again, object) = (
+        storinator_shared::ChunkId([6; 32]),
+        storinator_shared::ChunkId([5; 32]),
+    );
+    let stored = |id, offset| PackEntry {
+        kind: BlobKind::Data,
+        flags: FLAG_ENCRYPTED | FLAG_MAC,
+        id,
+        offset,
+        length: 100,
+        raw_length: 90,
+    };
+    f.repo
+        .catalog
+        .pack_stored(
+            "again",
+            200,
+            true,
+            "again",
+            &[stored(again, 0), stored(object, 100)],
+        )
+        .await
+        .unwrap();
+    let content = file.content_id.unwrap();
+    let before = f.repo.catalog.content_chunks_of(&[content]).await.unwrap();
+    assert!(before[&content].len() > 1, "several chunks: {before:?}");
+    let stored_again = NewEntry {
+        path: file.path.clone(),
+        kind: EntryKind::File,
+        size: file.size,
+        mtime_ns: file.mtime_ns + 2,
+        mode: file.mode,
+        inode: file.inode,
+        target: None,
+        owner: file.owner.clone(),
+        content: NewContent::New {
+            sha256: file.sha256.unwrap(),
+            size: file.size,
+            chunks: vec![again],
+        },
+        same: false,
+    };
+    // (Under the key the content was recorded with: the owner's.)
+    let key = f.repo.catalog.owner_keys(Some("local")).await.unwrap()[0]
+        .key_id
+        .clone();
+    f.repo
+        .catalog
+        .commit_snapshot("late", (&info, &key), &object, &[], &[stored_again])
+        .await
+        .unwrap();
+    let after = f.repo.catalog.content_chunks_of(&[content]).await.unwrap();
+    let ids: Option<Vec<_>> = after
+        .get(&content)
+        .map(|l| l.iter().map(|c| c.id).collect());
+    assert_eq!(
+        ids,
+        Some(vec![again]),
+        "the repaired content keeps its id and names the new chunk"
+    );
 }
 
 #[tokio::test]
