@@ -357,10 +357,13 @@ async fn random_drops_and_floods_still_round_trip() {
             .iter()
             .filter(|x| matches!(x.fault, Fault::RpcError { .. }))
             .count() as u64;
-        assert_eq!(stats.flood_waits, floods, "{stats:?} {fired:?}");
+        // A refusal's answer can be lost with its connection (several parts share one, and
+        // connections close on drops, hangs and cuts of the window): its part is then sent
+        // again like a dropped one. So every fault was either waited out or retried.
+        assert!(stats.flood_waits <= floods, "{stats:?} {fired:?}");
         assert!(
-            stats.retries >= fired.len() as u64 - floods,
-            "every drop and hang was retried: {stats:?} {fired:?}"
+            stats.retries >= fired.len() as u64 - stats.flood_waits,
+            "every drop, hang and unanswered refusal was retried: {stats:?} {fired:?}"
         );
     })
     .await;
