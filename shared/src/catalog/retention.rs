@@ -354,10 +354,18 @@ impl Catalog {
         .await
         .map_err(db(WHAT))?;
         if used > 0 {
+            drop(tx);
+            let paths = self.paths_using_pack(id, 3).await?;
+            let names: Vec<&str> = paths.iter().map(|(_, p)| p.as_str()).collect();
+            let users = if names.is_empty() {
+                String::new()
+            } else {
+                format!(" (files {})", names.join(", "))
+            };
             return Err(Error::Invalid(format!(
                 "pack {id} is deleted from storage, but {used} chunk list entr{} of the catalog \
-                 still name its chunks: its rows are kept\nhint: `storinator-worker verify` names \
-                 the files that used it",
+                 still name its chunks{users}: its rows are kept\nhint: back up those folders \
+                 again (a backup stores the data of a condemned pack again), then prune",
                 if used == 1 { "y" } else { "ies" }
             )));
         }
@@ -607,6 +615,11 @@ mod tests {
         assert!(
             err.to_string()
                 .starts_with("pack p1 is deleted from storage, but 1 chunk list entry"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("\nhint: back up those folders again"),
             "{err}"
         );
         assert_eq!(rows().await, (2, 1, 1));
