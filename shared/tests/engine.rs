@@ -1464,6 +1464,47 @@ async fn chunk_lists_are_whole(catalog: &Catalog) {
     assert_eq!(broken, 0, "contents whose chunk list does not add up");
 }
 
+/// Contents are numbered as migration 0027 says: a content of one chunk has that chunk's
+/// number as its id and no rows in `content_chunks`; every other content (several chunks, or
+/// none) has an id below 0, counting down from -1 without a gap. Returns how many there are
+/// of each (one chunk, other).
+async fn contents_are_numbered_by_their_chunks(catalog: &Catalog) -> (i64, i64) {
+    let misnumbered = count(
+        catalog,
+        "SELECT COUNT(*) FROM contents c WHERE c.id > 0 \
+         AND NOT EXISTS (SELECT 1 FROM chunks ch WHERE ch.no = c.id)",
+    )
+    .await;
+    assert_eq!(
+        misnumbered, 0,
+        "a content above 0 that is no chunk's number"
+    );
+    let listed = count(
+        catalog,
+        "SELECT COUNT(*) FROM content_chunks WHERE content_id > 0",
+    )
+    .await;
+    assert_eq!(
+        listed, 0,
+        "a content numbered as its chunk with a list besides"
+    );
+    let single_listed = count(
+        catalog,
+        "SELECT COUNT(*) FROM contents c WHERE c.id < 0 \
+         AND (SELECT COUNT(*) FROM content_chunks cc WHERE cc.content_id = c.id) = 1",
+    )
+    .await;
+    assert_eq!(single_listed, 0, "a one-chunk content with an id below 0");
+    let single = count(catalog, "SELECT COUNT(*) FROM contents WHERE id > 0").await;
+    let other = count(catalog, "SELECT COUNT(*) FROM contents WHERE id < 0").await;
+    assert_eq!(
+        count(catalog, "SELECT COALESCE(MIN(id), 0) FROM contents").await,
+        -other,
+        "the ids below 0 have a gap"
+    );
+    (single, other)
+}
+
 /// The catalog writes rows many to a statement (`catalog::bulk`, 128 rows each): a backup
 /// of hundreds of files, some of them copies of each other and some empty, records each
 /// content once with its whole chunk list, and a re-backup closes and adds rows across
@@ -1502,6 +1543,11 @@ async fn a_commit_of_hundreds_of_files_records_every_row_once() {
     // 150 distinct contents, the empty one among them.
     assert_eq!(count(catalog, "SELECT COUNT(*) FROM contents").await, 148);
     chunk_lists_are_whole(catalog).await;
+    let (single, other) = contents_are_numbered_by_their_chunks(catalog).await;
+    assert!(
+        single > 0 && other > 1,
+        "{single} of one chunk, {other} others"
+    );
     let rows1 = catalog.entry_row_count().await.unwrap();
     assert_eq!(rows1, 304, "300 files, 3 folders and the root");
 
@@ -1520,12 +1566,46 @@ async fn a_commit_of_hundreds_of_files_records_every_row_once() {
         .unwrap();
     assert_eq!(s2.snapshot.files, 280);
     chunk_lists_are_whole(catalog).await;
+    contents_are_numbered_by_their_chunks(catalog).await;
     assert_eq!(
         count(catalog, "SELECT COUNT(*) FROM entries WHERE to_seq IS NULL").await,
         284
     );
     // The three folders changed too (their mtimes), the root did not.
     assert_eq!(catalog.entry_row_count().await.unwrap(), rows1 + 200 + 3);
+
+    // Files touched but not changed are read again and found among the recorded contents:
+    // one of one chunk by its chunk's number, any other by its SHA-256.
+    let ids = || async {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT path, content_id FROM entries WHERE to_seq IS NULL AND kind = 0 ORDER BY path",
+        )
+        .fetch_all(catalog.pool())
+        .await
+        .unwrap()
+    };
+    let (contents, before) = (
+        count(catalog, "SELECT COUNT(*) FROM contents").await,
+        ids().await,
+    );
+    for i in 200..280 {
+        touch(
+            &src.join(format!("d{}", i % 3)).join(format!("f{i:03}")),
+            1_600_000_000 + i as i64,
+        );
+    }
+    let s3 = f
+        .repo
+        .backup(&opts, &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(s3.snapshot.bytes_read > 0, "the touched files were read");
+    assert_eq!(s3.snapshot.new_chunks, 0);
+    assert_eq!(
+        count(catalog, "SELECT COUNT(*) FROM contents").await,
+        contents
+    );
+    assert_eq!(ids().await, before);
 
     for (s, want) in [(&s1, &v1), (&s2, &v2)] {
         let to = f.path(&format!("out-{}", s.snapshot.seq));

@@ -270,15 +270,17 @@ fn copy_two_keys(to: &Path) -> (PathBuf, PathBuf) {
     copy_repo("two-keys", to)
 }
 
-/// Each chunk's pack id and each content's key id ('' for the installation key), what each
-/// content is (SHA-256, size, encrypted) and its chunk list, and each entry's content.
+/// A content as every catalog version can name it, whatever its id (migration 0027 numbers
+/// them anew): its SHA-256, size, whether encrypted, and its key id ('' for the installation
+/// key).
+type ContentName = (Vec<u8>, i64, i64, Option<String>);
+
+/// Each chunk's pack id, each content's chunk list (by chunk id), and each entry's content.
 #[derive(Debug, PartialEq, Eq)]
 struct Links {
     chunk_packs: BTreeMap<Vec<u8>, String>,
-    content_keys: BTreeMap<i64, Option<String>>,
-    contents: BTreeMap<i64, (Vec<u8>, i64, i64)>,
-    content_chunks: BTreeMap<(i64, i64), Vec<u8>>,
-    entry_contents: BTreeMap<(i64, String, i64), Option<i64>>,
+    contents: BTreeMap<ContentName, Vec<Vec<u8>>>,
+    entry_contents: BTreeMap<(i64, String, i64), Option<ContentName>>,
 }
 
 /// The links every catalog version holds alike: contents, chunk lists, entries' contents.
@@ -287,6 +289,35 @@ type SameLinks = (
     BTreeMap<(i64, i64), Vec<u8>>,
     BTreeMap<(i64, String, i64), Option<i64>>,
 );
+
+impl Links {
+    /// The links of `same` with each content named by what it is, not by its id (`keys`: each
+    /// content's key id). No two contents have one name.
+    fn of(
+        chunk_packs: BTreeMap<Vec<u8>, String>,
+        keys: BTreeMap<i64, Option<String>>,
+        (contents, lists, entries): SameLinks,
+    ) -> Links {
+        let names: BTreeMap<i64, ContentName> = contents
+            .into_iter()
+            .map(|(id, (sha, size, enc))| (id, (sha, size, enc, keys[&id].clone())))
+            .collect();
+        let mut by_name: BTreeMap<ContentName, Vec<Vec<u8>>> =
+            names.values().map(|n| (n.clone(), Vec::new())).collect();
+        assert_eq!(by_name.len(), names.len(), "two contents with one name");
+        for ((content, _), chunk) in lists {
+            by_name.get_mut(&names[&content]).unwrap().push(chunk);
+        }
+        Links {
+            chunk_packs,
+            contents: by_name,
+            entry_contents: entries
+                .into_iter()
+                .map(|(k, c)| (k, c.map(|c| names[&c].clone())))
+                .collect(),
+        }
+    }
+}
 
 /// `lists`: the statement of the chunk lists as (content id, seq, chunk id), which name chunks
 /// by id before migration 0022 and by number since.
@@ -341,22 +372,17 @@ async fn old_links(db: &Path) -> Links {
     sqlx::any::install_default_drivers();
     let url = format!("sqlite://{}?mode=ro", db.display());
     let pool = sqlx::AnyPool::connect(&url).await.unwrap();
-    let (contents, content_chunks, entry_contents) = same_links(
+    let same = same_links(
         &pool,
-        "SELECT content_id, seq, chunk_id FROM content_chunks",
+        "SELECT content_id, seq, chunk_id FROM content_chunks ORDER BY content_id, seq",
     )
     .await;
     pool.close().await;
-    Links {
-        chunk_packs: chunk_packs.into_iter().collect(),
-        content_keys: content_keys
-            .into_iter()
-            .map(|(k, v)| (k, Some(v)))
-            .collect(),
-        contents,
-        content_chunks,
-        entry_contents,
-    }
+    let keys = content_keys
+        .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+    Links::of(chunk_packs.into_iter().collect(), keys, same)
 }
 
 /// The links as the converted catalog holds them (by pack and key number).
@@ -374,20 +400,19 @@ async fn new_links(catalog: &Catalog) -> Links {
     .fetch_all(pool)
     .await
     .unwrap();
-    let (contents, content_chunks, entry_contents) = same_links(
+    let same = same_links(
         pool,
         &format!(
-            "SELECT cc.content_id, cc.seq, c.id FROM {CHUNK_LISTS} cc JOIN chunks c ON c.no = cc.chunk_no"
+            "SELECT cc.content_id, cc.seq, c.id FROM {CHUNK_LISTS} cc \
+             JOIN chunks c ON c.no = cc.chunk_no ORDER BY cc.content_id, cc.seq"
         ),
     )
     .await;
-    Links {
-        chunk_packs: chunk_packs.into_iter().collect(),
-        content_keys: content_keys.into_iter().collect(),
-        contents,
-        content_chunks,
-        entry_contents,
-    }
+    Links::of(
+        chunk_packs.into_iter().collect(),
+        content_keys.into_iter().collect(),
+        same,
+    )
 }
 
 /// Restores every snapshot of both owners and compares each with the tree it was made of: the
@@ -477,15 +502,15 @@ async fn converted_two_keys_hold(
         .unwrap();
     let upgraded = new_links(&repo.catalog).await;
     let added: Vec<_> = upgraded
-        .content_keys
-        .iter()
-        .filter(|(id, _)| !before.content_keys.contains_key(id))
+        .contents
+        .keys()
+        .filter(|name| !before.contents.contains_key(*name))
         .collect();
     let local_key = repo.catalog.owner_keys(Some("local")).await.unwrap()[0]
         .key_id
         .clone();
     assert_eq!(added.len(), 1, "new.txt only: {added:?}");
-    assert_eq!(added[0].1.as_deref(), Some(local_key.as_str()));
+    assert_eq!(added[0].3.as_deref(), Some(local_key.as_str()));
     (repo, upgraded)
 }
 
@@ -495,7 +520,7 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     let (store, db) = copy_two_keys(dir.path());
     let before = old_links(&db).await;
     assert_eq!(before.chunk_packs.len(), 24);
-    let keys: BTreeSet<_> = before.content_keys.values().collect();
+    let keys: BTreeSet<_> = before.contents.keys().map(|name| &name.3).collect();
     assert_eq!(keys.len(), 3, "the installation key and two owner keys");
 
     // Migrations 0017 and 0018 run outside a transaction: should a kill lose their
@@ -510,6 +535,19 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
         .await
         .unwrap();
     assert_eq!(forgot.rows_affected(), 2);
+    migrator.run(&pool).await.unwrap();
+    // So do 0022, 0023, 0025 and 0026 (one-chunk lists in their contents' rows), in the
+    // layout they leave, before 0027 numbers those contents as their chunks. (Only the last
+    // migration a kill interrupts can lose its row: none runs again after a later one.)
+    let later = dir.path().join("later");
+    std::fs::create_dir(&later).unwrap();
+    let migrator = migrator_of(&later, |name| name < "0027").await;
+    migrator.run(&pool).await.unwrap();
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23, 25, 26)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(forgot.rows_affected(), 4);
     migrator.run(&pool).await.unwrap();
     pool.close().await;
 
@@ -527,14 +565,15 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     drop(repo);
 
     // The chunk numbering (0022), the chunk id's prefix index (0023), the tables without the
-    // keys whose deletes scanned (0025) and one-chunk lists in their contents' rows (0026) run
+    // keys whose deletes scanned (0025) and the contents numbered as their chunks (0027) run
     // outside a transaction too, and again should their bookkeeping rows be lost: they change
-    // nothing, links nor each chunk's number, also those of the chunks stored since, nor
+    // nothing, links nor each chunk's number or content's id, also those stored since, nor
     // snapshots.
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
     let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
     let snapshots = snapshot_rows(&db).await;
-    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23, 25, 26)")
+    let ids = content_ids(&pool).await;
+    let forgot = sqlx::query("DELETE FROM _sqlx_migrations WHERE version IN (22, 23, 25, 27)")
         .execute(&pool)
         .await
         .unwrap();
@@ -542,6 +581,10 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
     pool.close().await;
     let catalog = Catalog::open_file(&db).await.unwrap();
     assert_eq!(new_links(&catalog).await, upgraded);
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+    assert_eq!(content_ids(&pool).await, ids);
+    pool.close().await;
     assert_eq!(chunks_numbered_in_pack_order(&catalog).await, numbers);
     assert_eq!(contents_indexes(&catalog).await, ["contents_by_sha256"]);
     assert_eq!(snapshot_rows(&db).await, snapshots);
@@ -550,6 +593,20 @@ async fn a_catalog_from_before_the_lean_schema_is_converted_with_its_links() {
         .await
         .unwrap();
     two_keys_restore(&repo, &dir.path().join("out2")).await;
+}
+
+/// Every content's id with its SHA-256, and each entry's content id, in key order.
+async fn content_ids(pool: &sqlx::SqlitePool) -> (Vec<(i64, Vec<u8>)>, Vec<Option<i64>>) {
+    let contents = sqlx::query_as("SELECT id, sha256 FROM contents ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let entries =
+        sqlx::query_scalar("SELECT content_id FROM entries ORDER BY root_id, path, from_seq")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    (contents, entries)
 }
 
 /// Every snapshot row of the SQLite catalog `db`, as text.
@@ -599,13 +656,13 @@ async fn chunks_numbered_in_pack_order(catalog: &Catalog) -> BTreeMap<Vec<u8>, i
         .await
         .unwrap();
     assert_eq!(dangling, 0);
-    // A list of one chunk is in its content's row (migration 0026), never in `content_chunks`.
+    // A content of one chunk is numbered as its chunk (migration 0027): it has no rows in
+    // `content_chunks`, and its chunk has a row.
     let (single, misplaced): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM contents WHERE chunk_no IS NOT NULL), \
-                (SELECT COUNT(*) FROM (SELECT content_id FROM content_chunks GROUP BY content_id \
-                                       HAVING COUNT(*) < 2) t) \
-              + (SELECT COUNT(*) FROM contents c WHERE c.chunk_no IS NOT NULL \
-                 AND EXISTS (SELECT 1 FROM content_chunks cc WHERE cc.content_id = c.id))",
+        "SELECT (SELECT COUNT(*) FROM contents WHERE id > 0), \
+                (SELECT COUNT(*) FROM content_chunks WHERE content_id > 0) \
+              + (SELECT COUNT(*) FROM contents c WHERE c.id > 0 \
+                 AND NOT EXISTS (SELECT 1 FROM chunks ch WHERE ch.no = c.id))",
     )
     .fetch_one(pool)
     .await

@@ -204,16 +204,21 @@ async fn one_owners_key_cannot_open_another_owners_data() {
     let a_chunk: i64 = q().bind("local").fetch_one(pool).await.unwrap();
     let b_chunk: i64 = q().bind("tg:1001").fetch_one(pool).await.unwrap();
     assert_ne!(a_chunk, b_chunk);
-    // (A content of one chunk names it itself, a longer one in `content_chunks`.)
-    for table in ["contents", "content_chunks"] {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {table} SET chunk_no = $1 WHERE chunk_no = $2"
-        )))
-        .bind(b_chunk)
-        .bind(a_chunk)
-        .execute(pool)
-        .await
-        .unwrap();
+    // A content of one chunk is numbered as its chunk (migration 0027): A's becomes a content
+    // whose list, in `content_chunks`, names B's chunk.
+    for (sql, chunk) in [
+        ("UPDATE contents SET id = -1000 WHERE id = $1", a_chunk),
+        (
+            "UPDATE entries SET content_id = -1000 WHERE content_id = $1",
+            a_chunk,
+        ),
+        (
+            "INSERT INTO content_chunks (content_id, seq, chunk_no) VALUES (-1000, 0, $1)",
+            b_chunk,
+        ),
+    ] {
+        let done = sqlx::query(sql).bind(chunk).execute(pool).await.unwrap();
+        assert!(done.rows_affected() > 0, "{sql}");
     }
     let snaps = f.repo.snapshots("local", None).await.unwrap();
     let encrypted = snaps.iter().find(|s| s.encrypted).unwrap();

@@ -622,8 +622,9 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
     assert_eq!(contents, 0, "the refused content was recorded");
 
     // The file's pack is found missing again, and the file stored again (here as one chunk of
-    // another id, as the catalog sees it): its content's list of several chunks in
-    // `content_chunks` is replaced by the one chunk its own row names (migration 0026).
+    // another id, as the catalog sees it): its content (found by its SHA-256) keeps its id,
+    // below 0, and its list in `content_chunks` is replaced by the one new chunk (a content
+    // numbered as its chunk, migration 0027, is one recorded as one chunk from the start).
     f.repo
         .catalog
         .set_pack_state(&pack, "missing")
@@ -689,6 +690,103 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
         Some(vec![again]),
         "the repaired content keeps its id and names the new chunk"
     );
+}
+
+/// A content of one chunk is numbered as its chunk (migration 0027) and a commit finds it by
+/// that number: an item said to be that one chunk but with another SHA-256 than the content
+/// recorded for it is refused, naming the content, and nothing is committed.
+#[tokio::test]
+async fn an_item_whose_one_chunk_is_another_files_content_is_refused() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    make_folder(&src, 1, 1_000, 10);
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let root = src.canonicalize().unwrap().display().to_string();
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", &root)
+        .await
+        .unwrap()
+        .unwrap();
+    let entries = f.repo.catalog.current_entries(root_id).await.unwrap();
+    let file = &entries["data/f00.bin"];
+    let content = file.content_id.unwrap();
+    let pool = f.repo.catalog.pool();
+    let chunk: Vec<u8> = sqlx::query_scalar("SELECT id FROM chunks WHERE no = $1")
+        .bind(content)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let snapshot_blob: Vec<u8> = sqlx::query_scalar("SELECT blob_id FROM snapshots")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    fake_run(&f, "late", None).await;
+    f.repo
+        .catalog
+        .try_lock_root("local", &root, "late", 1)
+        .await
+        .unwrap();
+    let info = SnapshotInfo {
+        short_id: "feedfeedfeed".into(),
+        owner: "local".into(),
+        root,
+        seq: 0,
+        hostname: "test".into(),
+        encrypted: true,
+        started_at: 0,
+        finished_at: 0,
+        files: 1,
+        dirs: 0,
+        bytes: file.size,
+        bytes_read: file.size,
+        new_chunks: 0,
+        bytes_stored: 0,
+        warnings: 0,
+    };
+    let item = NewEntry {
+        path: "data/other.bin".into(),
+        kind: EntryKind::File,
+        size: file.size,
+        mtime_ns: file.mtime_ns,
+        mode: file.mode,
+        inode: file.inode + 1,
+        target: None,
+        owner: file.owner.clone(),
+        content: NewContent::New {
+            sha256: [7; 32],
+            size: file.size,
+            chunks: vec![storinator_shared::ChunkId::from_slice(&chunk).unwrap()],
+        },
+        same: false,
+    };
+    let key = f.repo.catalog.owner_keys(Some("local")).await.unwrap()[0]
+        .key_id
+        .clone();
+    let blob = storinator_shared::ChunkId::from_slice(&snapshot_blob).unwrap();
+    let e = f
+        .repo
+        .catalog
+        .commit_snapshot("late", (&info, &key), &blob, &[], &[item])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e}");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "content {content} of the catalog is not the file content 070707"
+        )),
+        "{e}"
+    );
+    assert_eq!(f.repo.snapshots("local", None).await.unwrap().len(), 1);
+    let recorded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM contents")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 1);
 }
 
 #[tokio::test]

@@ -247,13 +247,15 @@ pub(crate) const ENTRY_COLUMNS: &str = "e.path, e.kind, e.size, e.mtime_ns, e.mo
 pub(crate) const ENTRY_FROM: &str = "entries e LEFT JOIN contents c ON c.id = e.content_id \
      LEFT JOIN owners o ON o.no = e.owner_no";
 
-/// Every content's chunk list as rows `(content_id, seq, chunk_no)`: a content of one chunk
-/// names it in its own row (`contents.chunk_no`, migration 0026), longer lists are rows of
-/// `content_chunks`. For statements that filter the lists by content or by chunk (the filter
-/// reaches both halves). A join from the entries to the chunks names both tables instead:
-/// `ch.no = COALESCE(c.chunk_no, cc.chunk_no)`, as [`previous`] reads a backup's range.
-pub const CHUNK_LISTS: &str = "(SELECT id AS content_id, 0 AS seq, chunk_no FROM contents \
-     WHERE chunk_no IS NOT NULL \
+/// Every content's chunk list as rows `(content_id, seq, chunk_no)`. A content of one chunk
+/// takes that chunk's number as its id (migration 0027): an id above 0 is its own list.
+/// Every other content has an id below 0 and its list in `content_chunks` (an empty file's
+/// is empty). For statements that filter the lists by content or by chunk (the filter
+/// reaches both halves, and the first searches `contents` by its key). A join from the
+/// entries to the chunks names both tables instead: `ch.no = CASE WHEN c.id > 0 THEN c.id
+/// ELSE cc.chunk_no END`, as [`previous`] reads a backup's range.
+pub const CHUNK_LISTS: &str = "(SELECT id AS content_id, 0 AS seq, id AS chunk_no FROM contents \
+     WHERE id > 0 \
      UNION ALL SELECT content_id, seq, chunk_no FROM content_chunks)";
 
 /// `entries.kind` as the catalog stores it (migration 0021): a small integer, not the word

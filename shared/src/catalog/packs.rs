@@ -298,8 +298,8 @@ impl Catalog {
     pub async fn packs_under(&self, root_id: i64, seq: i64, prefix: &str) -> Result<u64, Error> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(DISTINCT c.pack_no) FROM entries e JOIN contents k ON k.id = e.content_id \
-             LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.chunk_no IS NULL \
-             JOIN chunks c ON c.no = COALESCE(k.chunk_no, cc.chunk_no) \
+             LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.id < 0 \
+             JOIN chunks c ON c.no = CASE WHEN k.id > 0 THEN k.id ELSE cc.chunk_no END \
              WHERE e.root_id = $1 AND e.from_seq <= $2 AND (e.to_seq IS NULL OR e.to_seq > $3) \
              AND (e.path = $4 OR (e.path >= $5 AND e.path < $6))",
         )
@@ -383,13 +383,13 @@ impl Catalog {
 /// value ([`json_rows`]).
 pub(super) fn chunk_lists_sql(dialect: Dialect, n: usize) -> String {
     let marks = vec!["?"; n].join(", ");
-    // From the contents, so a one-chunk content's number (migration 0026) comes with its row.
+    // From the contents: a one-chunk content's id is its chunk's number (migration 0027).
     let inner = format!(
         "SELECT k.id AS c0, {} AS c1, p.id AS c2, p.location AS c3, \
          c.\"offset\" AS c4, c.length AS c5, c.raw_length AS c6, COALESCE(cc.seq, 0) AS c7 \
          FROM contents k \
-         LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.chunk_no IS NULL \
-         JOIN chunks c ON c.no = COALESCE(k.chunk_no, cc.chunk_no) \
+         LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.id < 0 \
+         JOIN chunks c ON c.no = CASE WHEN k.id > 0 THEN k.id ELSE cc.chunk_no END \
          JOIN packs p ON p.no = c.pack_no \
          WHERE k.id IN ({marks})",
         json_rows::hex(dialect, "c.id")

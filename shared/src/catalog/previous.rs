@@ -60,10 +60,10 @@ pub(super) fn previous_sql(dialect: Dialect, after: bool) -> String {
         "e.path <= $2"
     };
     let inner = format!(
-        "SELECT {}, CASE WHEN c.chunk_no IS NULL THEN cc.seq ELSE 0 END AS c13, {} AS c14 \
+        "SELECT {}, CASE WHEN c.id > 0 THEN 0 ELSE cc.seq END AS c13, {} AS c14 \
          FROM {ENTRY_FROM} \
-         LEFT JOIN content_chunks cc ON cc.content_id = e.content_id AND c.chunk_no IS NULL \
-         LEFT JOIN chunks ch ON ch.no = COALESCE(c.chunk_no, cc.chunk_no) \
+         LEFT JOIN content_chunks cc ON cc.content_id = e.content_id AND c.id < 0 \
+         LEFT JOIN chunks ch ON ch.no = CASE WHEN c.id > 0 THEN c.id ELSE cc.chunk_no END \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
         entry_json_columns(dialect),
         json_rows::hex(dialect, "ch.id")

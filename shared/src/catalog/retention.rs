@@ -483,7 +483,7 @@ mod tests {
 
     /// Of several packs, only those holding no live chunk are condemned, checked together: a
     /// chunk is live as a snapshot's object, as a listing chunk or in a content an entry of a
-    /// snapshot uses (a one-chunk content's own row, or `content_chunks`).
+    /// snapshot uses (a one-chunk content, numbered as its chunk, or `content_chunks`).
     #[tokio::test]
     async fn only_packs_without_a_live_chunk_are_condemned() {
         let dir = tempfile::tempdir().unwrap();
@@ -504,24 +504,26 @@ mod tests {
                 .await
                 .unwrap()
         };
-        let content = |id: i64, chunk_no: Option<i64>| async move {
+        // A content of one chunk is numbered as its chunk (migration 0027); the list of
+        // another (its id below 0) is in `content_chunks`.
+        let content = |id: i64| async move {
             sqlx::query(
-                "INSERT INTO contents (id, sha256, size, encrypted, key_no, chunk_no) \
-                 VALUES ($1, $2, 10, 1, 0, $3)",
+                "INSERT INTO contents (id, sha256, size, encrypted, key_no) \
+                 VALUES ($1, $2, 10, 1, 0)",
             )
             .bind(id)
             .bind(&[id as u8; 32][..])
-            .bind(chunk_no)
             .execute(pool)
             .await
             .unwrap();
         };
-        content(1, Some(no(2).await)).await;
-        content(2, None).await;
-        content(3, Some(no(4).await)).await;
+        let single = no(2).await;
+        content(single).await;
+        content(-1).await;
+        content(no(4).await).await;
         for (seq, n) in [(0, 12), (1, 3)] {
             sqlx::query(
-                "INSERT INTO content_chunks (content_id, seq, chunk_no) VALUES (2, $1, $2)",
+                "INSERT INTO content_chunks (content_id, seq, chunk_no) VALUES (-1, $1, $2)",
             )
             .bind(seq)
             .bind(no(n).await)
@@ -542,7 +544,7 @@ mod tests {
         .execute(pool)
         .await
         .unwrap();
-        for (path, content) in [("/r/a", 1), ("/r/b", 2)] {
+        for (path, content) in [("/r/a", single), ("/r/b", -1)] {
             sqlx::query(
                 "INSERT INTO entries (root_id, path, kind, size, mtime_ns, mode, inode, content_id, \
                  from_seq) SELECT id, $1, 0, 10, 0, 420, 1, $2, 1 FROM roots",
@@ -581,7 +583,7 @@ mod tests {
             sqlx::query(sql).execute(pool).await.unwrap();
         };
         sqlx::query(
-            "INSERT INTO contents (id, sha256, size, encrypted, key_no) VALUES (1, $1, 10, 1, 0)",
+            "INSERT INTO contents (id, sha256, size, encrypted, key_no) VALUES (-1, $1, 10, 1, 0)",
         )
         .bind(&[9_u8; 32][..])
         .execute(pool)
@@ -589,7 +591,7 @@ mod tests {
         .unwrap();
         sqlx::query(
             "INSERT INTO content_chunks (content_id, seq, chunk_no) \
-             SELECT 1, 0, no FROM chunks WHERE id = $1",
+             SELECT -1, 0, no FROM chunks WHERE id = $1",
         )
         .bind(&entry(2).id.0[..])
         .execute(pool)
@@ -624,9 +626,9 @@ mod tests {
         );
         assert_eq!(rows().await, (2, 1, 1));
 
-        // A content of one chunk names it in its own row (migration 0026): the same.
+        // A content of one chunk is numbered as it (migration 0027): the same.
         run("DELETE FROM content_chunks").await;
-        sqlx::query("UPDATE contents SET chunk_no = (SELECT no FROM chunks WHERE id = $1)")
+        sqlx::query("UPDATE contents SET id = (SELECT no FROM chunks WHERE id = $1)")
             .bind(&entry(1).id.0[..])
             .execute(pool)
             .await

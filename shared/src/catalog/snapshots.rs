@@ -623,12 +623,14 @@ type ContentKey = ([u8; 32], u64);
 type NewContents<'a> = HashMap<ContentKey, &'a [ChunkId]>;
 
 /// The content row of each item (`None`: not a file): a reused one as it is, a new one
-/// looked up by its SHA-256 and size among the contents of the snapshot's key, or recorded
-/// with its chunk list. A few statements per batch, not several per file (see `bulk`).
+/// found among the contents of the snapshot's key, or recorded with its chunk list. A
+/// content of one chunk has that chunk's number as its id (migration 0027), so it is found
+/// by the number (which the commit looks up anyway); any other by its SHA-256 and size. A
+/// few statements per batch, not several per file (see `bulk`).
 async fn content_ids(
     tx: &mut Conn,
     items: &[&NewEntry],
-    (encrypted, key_no): (bool, i64),
+    key: (bool, i64),
     unusable: &mut Unusable,
 ) -> Result<Vec<Option<i64>>, Error> {
     // The batch's new contents, each once (the first item's chunk list stands for its
@@ -644,9 +646,11 @@ async fn content_ids(
             new.entry((*sha256, *size)).or_insert(chunks);
         }
     }
-    let mut ids = existing_contents(tx, &new, (encrypted, key_no)).await?;
+    let singles: Vec<&ChunkId> = new.values().filter_map(|c| only_chunk(c)).collect();
+    let mut numbers = chunk_numbers(tx, &singles).await?;
+    let mut ids = existing_contents(tx, &new, &numbers, key).await?;
     let existing: HashSet<i64> = ids.values().copied().collect();
-    let recorded = record_contents(tx, &new, &ids, (encrypted, key_no), unusable).await?;
+    let recorded = record_contents(tx, &new, &ids, &mut numbers, key, unusable).await?;
     ids.extend(recorded);
     repair_contents(tx, &new, &ids, &existing, unusable).await?;
     Ok(items
@@ -659,17 +663,54 @@ async fn content_ids(
         .collect())
 }
 
-/// The ids of the contents of `new` recorded already (for the snapshot's key). They are found
-/// by the first bytes of their SHA-256 (the expression of the index `contents_by_sha256`,
-/// migrations 0018 and 0024, postgres/0003 and 0008); a row whose whole SHA-256 and size are not one of `new`'s is
-/// another content that shares the prefix.
+/// The chunk of a list of one.
+fn only_chunk(chunks: &[ChunkId]) -> Option<&ChunkId> {
+    match chunks {
+        [only] => Some(only),
+        _ => None,
+    }
+}
+
+/// The ids of the contents of `new` recorded already (for the snapshot's key). A content of
+/// one chunk is the one numbered as its chunk (`numbers`: the chunks of those lists that have
+/// a row). The others (and a one-chunk content that an older catalog listed in
+/// `content_chunks`, migration 0027) are found by the first bytes of their SHA-256 among the
+/// ids below 0 (the partial index `contents_by_sha256`); a row whose whole SHA-256 and size
+/// are not one of `new`'s is another content that shares the prefix.
 async fn existing_contents(
     tx: &mut Conn,
     new: &NewContents<'_>,
+    numbers: &HashMap<ChunkId, i64>,
     (encrypted, key_no): (bool, i64),
 ) -> Result<HashMap<ContentKey, i64>, Error> {
-    let keys: Vec<&ContentKey> = new.keys().collect();
     let mut ids = HashMap::new();
+    let by_number: HashMap<i64, &ContentKey> = new
+        .iter()
+        .filter_map(|(k, chunks)| Some((*numbers.get(only_chunk(chunks)?)?, k)))
+        .collect();
+    let nos: Vec<i64> = by_number.keys().copied().collect();
+    for part in nos.chunks(super::bulk::ROWS) {
+        let sql = format!(
+            "SELECT id, sha256, size, encrypted, key_no FROM contents WHERE id IN ({})",
+            super::bulk::marks(1, part.len())
+        );
+        let mut q = sqlx::query_as::<_, (i64, Vec<u8>, i64, i64, i64)>(sqlx::AssertSqlSafe(sql));
+        for no in part {
+            q = q.bind(*no);
+        }
+        for (id, sha256, size, enc, key) in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
+            let want = by_number[&id];
+            if sha256 != want.0 || size as u64 != want.1 || (enc != 0) != encrypted || key != key_no
+            {
+                return Err(Error::Invalid(format!(
+                    "content {id} of the catalog is not the file content {} its chunk holds",
+                    hex::encode(&want.0[..6])
+                )));
+            }
+            ids.insert(*want, id);
+        }
+    }
+    let keys: Vec<&ContentKey> = new.keys().filter(|k| !ids.contains_key(*k)).collect();
     for part in keys.chunks(super::bulk::ROWS) {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(existing_contents_sql(part.len())))
             .bind(i64::from(encrypted))
@@ -691,10 +732,11 @@ async fn existing_contents(
     Ok(ids)
 }
 
-/// The lookup of `existing_contents` for `n` SHA-256 prefixes (after the encryption and key).
+/// The lookup by SHA-256 of `existing_contents` for `n` prefixes (after the encryption and
+/// key): the contents with an id below 0, which the partial index holds.
 fn existing_contents_sql(n: usize) -> String {
     format!(
-        "SELECT id, sha256, size FROM contents WHERE encrypted = $1 AND key_no = $2 \
+        "SELECT id, sha256, size FROM contents WHERE id < 0 AND encrypted = $1 AND key_no = $2 \
          AND {} IN ({})",
         super::prefix_of("sha256"),
         super::bulk::marks(3, n)
@@ -702,12 +744,15 @@ fn existing_contents_sql(n: usize) -> String {
 }
 
 /// Records the contents of `new` not in `known`, with their chunk lists; returns their ids.
+/// A content of one chunk takes the chunk's number; the others take ids below 0, counting
+/// down, and their lists go to `content_chunks`. `numbers` gains the chunks of those lists.
 /// A new content must not be built on unusable chunks (a backup that deduplicated against a
 /// pack prune condemned since: it stores that data again and retries).
 async fn record_contents(
     tx: &mut Conn,
     new: &NewContents<'_>,
     known: &HashMap<ContentKey, i64>,
+    numbers: &mut HashMap<ChunkId, i64>,
     (encrypted, key_no): (bool, i64),
     unusable: &Unusable,
 ) -> Result<HashMap<ContentKey, i64>, Error> {
@@ -724,58 +769,55 @@ async fn record_contents(
             hex::encode(&sha256[..6])
         )));
     }
-    // A content of one chunk names it in its own row (migration 0026), so the numbers come
-    // first.
-    let numbers = chunk_numbers(
-        tx,
-        &fresh.iter().flat_map(|(_, c)| c.iter()).collect::<Vec<_>>(),
-    )
-    .await?;
-    let mut ids = HashMap::new();
-    for part in fresh.chunks(super::bulk::ROWS) {
-        let sql = super::bulk::values(
-            super::Dialect::of_conn(tx),
-            "INSERT INTO contents (sha256, size, encrypted, key_no, chunk_no)",
-            5,
-            part.len(),
-            "RETURNING id, sha256, size",
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for ((sha256, size), chunks) in part {
-            q = q
-                .bind(&sha256[..])
-                .bind(*size as i64)
-                .bind(i64::from(encrypted))
-                .bind(key_no)
-                .bind(one_chunk(chunks, &numbers)?);
-        }
-        for r in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
-            let sha256: Vec<u8> = r.get(1);
-            let sha256 = <[u8; 32]>::try_from(sha256.as_slice())
-                .map_err(|_| Error::Invalid("a content was recorded without its SHA-256".into()))?;
-            ids.insert((sha256, r.get::<i64, _>(2) as u64), r.get::<i64, _>(0));
-        }
-    }
-    let lists: Vec<(i64, &[ChunkId])> = fresh
+    let more: Vec<&ChunkId> = fresh
         .iter()
-        .map(|(k, chunks)| (ids[*k], **chunks))
+        .flat_map(|(_, c)| c.iter())
+        .filter(|c| !numbers.contains_key(*c))
         .collect();
-    insert_chunk_lists(tx, &lists, &numbers).await?;
-    Ok(ids)
-}
-
-/// The number of the chunk of a one-chunk list, for its content's row (`contents.chunk_no`,
-/// migration 0026); `None` for a list of none or several, which `content_chunks` holds.
-fn one_chunk(chunks: &[ChunkId], numbers: &HashMap<ChunkId, i64>) -> Result<Option<i64>, Error> {
-    match chunks {
-        [only] => numbers.get(only).copied().map(Some).ok_or_else(chunk_gone),
-        _ => Ok(None),
+    numbers.extend(chunk_numbers(tx, &more).await?);
+    // Under the commit's write lock, so no other writer takes these ids meanwhile.
+    let lowest: i64 = sqlx::query_scalar("SELECT COALESCE(MIN(id), 0) FROM contents")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(COMMIT))?;
+    let mut next = lowest.min(0);
+    let mut ids = HashMap::new();
+    let mut rows = Vec::with_capacity(fresh.len());
+    let mut lists = Vec::new();
+    for (key, chunks) in fresh {
+        let id = match only_chunk(chunks) {
+            // No row: a prune deleted the chunk since the backup stored or found it.
+            Some(only) => *numbers.get(only).ok_or_else(chunk_gone)?,
+            None => {
+                next -= 1;
+                lists.push((next, *chunks));
+                next
+            }
+        };
+        ids.insert(*key, id);
+        rows.push((id, key));
     }
+    // In the order of their ids, which is the table's: rows added at its end fill its pages
+    // (a small file's chunk number grows with the backup, as its pack is indexed).
+    rows.sort_unstable_by_key(|(id, _)| *id);
+    let head = "INSERT INTO contents (id, sha256, size, encrypted, key_no)";
+    super::bulk::insert(tx, (head, 5, ""), &rows, |q, (id, (sha256, size))| {
+        q.bind(*id)
+            .bind(&sha256[..])
+            .bind(*size as i64)
+            .bind(i64::from(encrypted))
+            .bind(key_no)
+    })
+    .await
+    .map_err(db(COMMIT))?;
+    insert_chunk_lists(tx, &lists, numbers).await?;
+    Ok(ids)
 }
 
 /// Gives a recorded content the chunk list just stored when its own can't be used: it uses
 /// unusable chunks (lost or damaged), or format-1 unencrypted blobs (checksums only, which
-/// `recover` won't index), and the new list can (same bytes, same SHA-256).
+/// `recover` won't index), and the new list can (same bytes, same SHA-256). A content of one
+/// chunk keeps its list, its id: the chunk's row moved when the backup stored it again.
 async fn repair_contents(
     tx: &mut Conn,
     new: &NewContents<'_>,
@@ -783,8 +825,8 @@ async fn repair_contents(
     existing: &HashSet<i64>,
     unusable: &mut Unusable,
 ) -> Result<(), Error> {
-    let existing_ids: Vec<i64> = existing.iter().copied().collect();
-    let on_format1 = contents_on_format1(tx, &existing_ids).await?;
+    let listed: Vec<i64> = existing.iter().copied().filter(|id| *id < 0).collect();
+    let on_format1 = contents_on_format1(tx, &listed).await?;
     let mut lists = Vec::new();
     for (key, chunks) in new {
         let id = ids[key];
@@ -793,21 +835,17 @@ async fn repair_contents(
         }
         let repair =
             unusable.contents.contains(&id) && !chunks.iter().any(|c| unusable.chunks.contains(c));
-        if repair || !chunks.is_empty() && on_format1.contains(&id) {
+        if repair {
             unusable.contents.remove(&id);
+        }
+        if id < 0 && (repair || !chunks.is_empty() && on_format1.contains(&id)) {
             lists.push((id, *chunks));
         }
     }
     let ids: Vec<&ChunkId> = lists.iter().flat_map(|(_, c)| c.iter()).collect();
     let numbers = chunk_numbers(tx, &ids).await?;
-    for (id, chunks) in &lists {
+    for (id, _) in &lists {
         sqlx::query("DELETE FROM content_chunks WHERE content_id = $1")
-            .bind(*id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(COMMIT))?;
-        sqlx::query("UPDATE contents SET chunk_no = $1 WHERE id = $2")
-            .bind(one_chunk(chunks, &numbers)?)
             .bind(*id)
             .execute(&mut *tx)
             .await
@@ -834,16 +872,16 @@ async fn contents_on_format1(tx: &mut Conn, contents: &[i64]) -> Result<HashSet<
     Ok(out)
 }
 
-/// Records the chunk lists of two chunks or more (content id, its chunks in order) in
-/// `content_chunks`, each chunk named by its number (migration 0022), from `numbers`. (A list
-/// of one is in its content's row: [`one_chunk`].)
+/// Records the chunk lists of the contents with ids below 0 (content id, its chunks in
+/// order) in `content_chunks`, each chunk named by its number (migration 0022), from
+/// `numbers`. (A content of one chunk is numbered as it: migration 0027.)
 async fn insert_chunk_lists(
     tx: &mut Conn,
     lists: &[(i64, &[ChunkId])],
     numbers: &HashMap<ChunkId, i64>,
 ) -> Result<(), Error> {
     let mut rows: Vec<(i64, i64, i64)> = Vec::new();
-    for (id, chunks) in lists.iter().filter(|(_, chunks)| chunks.len() > 1) {
+    for (id, chunks) in lists {
         for (i, c) in chunks.iter().enumerate() {
             // No row: a prune deleted the chunk since the backup stored or found it. (It
             // can't between this lookup and the insert: a prune writes under the same lock.)

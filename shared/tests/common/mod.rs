@@ -135,7 +135,8 @@ pub async fn recording_repo(dir: &Path) -> (Repo, Arc<CountingStorage>) {
 /// by [`recording_repo`], closed): each table the old layout has gets the rows of the same
 /// table, by the columns both have; the entries in the layout before migration 0021 (the
 /// kind as a word, the owner's four columns; the row ids of older layouts in key order), and
-/// every chunk list in `content_chunks` before 0026.
+/// every chunk list in `content_chunks` before 0026 (from 0026 to 0027, a one-chunk content
+/// names its chunk in its row).
 pub async fn old_layout_catalog(
     dir: &Path,
     keep: impl Fn(&str) -> bool,
@@ -158,13 +159,14 @@ pub async fn old_layout_catalog(
     let pairs: Vec<(String, String)> = sqlx::query_as(
         "SELECT m.name, c.name FROM main.sqlite_master m, pragma_table_info(m.name, 'main') c \
          WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name <> '_sqlx_migrations' \
-         AND (m.name = 'entries' OR c.name IN \
+         AND (m.name = 'entries' OR (m.name = 'contents' AND c.name = 'chunk_no') OR c.name IN \
               (SELECT n.name FROM pragma_table_info(m.name, 'a') n)) ORDER BY m.name, c.cid",
     )
     .fetch_all(&mut *conn)
     .await
     .unwrap();
-    // One-chunk lists are in their contents' rows since 0026; an older layout lists them.
+    // A content of one chunk is numbered as its chunk since 0027; from 0026 its row names
+    // it, and an older layout lists it in `content_chunks`.
     let lists_in_contents = pairs
         .iter()
         .any(|(t, c)| t == "contents" && c == "chunk_no");
@@ -180,10 +182,11 @@ pub async fn old_layout_catalog(
             columns.retain(|c| OLD_ENTRY_COLUMNS.contains(&c.as_str()));
             format!("({OLD_ENTRIES} ORDER BY e.root_id, e.path, e.from_seq)")
         } else if table == "content_chunks" && !lists_in_contents {
-            "(SELECT id AS content_id, 0 AS seq, chunk_no FROM a.contents \
-              WHERE chunk_no IS NOT NULL \
+            "(SELECT id AS content_id, 0 AS seq, id AS chunk_no FROM a.contents WHERE id > 0 \
               UNION ALL SELECT content_id, seq, chunk_no FROM a.content_chunks)"
                 .to_string()
+        } else if table == "contents" && lists_in_contents {
+            "(SELECT *, CASE WHEN id > 0 THEN id END AS chunk_no FROM a.contents)".to_string()
         } else {
             format!("a.\"{table}\"")
         };
