@@ -475,7 +475,7 @@ pub(crate) mod tests {
     }
 
     /// A restore's chunk lists and a backup's previous-snapshot range reach both kinds of
-    /// list (a one-chunk content's row, `content_chunks`; migration 0026) by key, never
+    /// list (a content numbered as its chunk, `content_chunks`; migration 0027) by key, never
     /// reading a whole table.
     #[tokio::test]
     async fn chunk_lists_are_read_by_key() {
