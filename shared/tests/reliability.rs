@@ -484,6 +484,28 @@ async fn verify_read_data_names_exactly_the_files_of_each_bad_chunk_and_checks_e
     assert_eq!(report.blobs_checked, clean.blobs_checked - 2);
 }
 
+/// The snapshot a run of `local` named "late" commits by hand: one encrypted file of `bytes`
+/// under `root`.
+fn late_snapshot(root: String, bytes: u64) -> SnapshotInfo {
+    SnapshotInfo {
+        short_id: "feedfeedfeed".into(),
+        owner: "local".into(),
+        root,
+        seq: 0,
+        hostname: "test".into(),
+        encrypted: true,
+        started_at: 0,
+        finished_at: 0,
+        files: 1,
+        dirs: 0,
+        bytes,
+        bytes_read: 0,
+        new_chunks: 0,
+        bytes_stored: 0,
+        warnings: 0,
+    }
+}
+
 #[tokio::test]
 async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() {
     let f = Fixture::new().await;
@@ -514,23 +536,7 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
         .await
         .unwrap();
     fake_run(&f, "late", None).await;
-    let info = SnapshotInfo {
-        short_id: "feedfeedfeed".into(),
-        owner: "local".into(),
-        root: src.canonicalize().unwrap().display().to_string(),
-        seq: 0,
-        hostname: "test".into(),
-        encrypted: true,
-        started_at: 0,
-        finished_at: 0,
-        files: 1,
-        dirs: 0,
-        bytes: 50_000,
-        bytes_read: 0,
-        new_chunks: 0,
-        bytes_stored: 0,
-        warnings: 0,
-    };
+    let info = late_snapshot(src.canonicalize().unwrap().display().to_string(), 50_000);
     let item = NewEntry {
         path: file.path.clone(),
         kind: EntryKind::File,
@@ -731,23 +737,7 @@ async fn an_item_whose_one_chunk_is_another_files_content_is_refused() {
         .try_lock_root("local", &root, "late", 1)
         .await
         .unwrap();
-    let info = SnapshotInfo {
-        short_id: "feedfeedfeed".into(),
-        owner: "local".into(),
-        root,
-        seq: 0,
-        hostname: "test".into(),
-        encrypted: true,
-        started_at: 0,
-        finished_at: 0,
-        files: 1,
-        dirs: 0,
-        bytes: file.size,
-        bytes_read: file.size,
-        new_chunks: 0,
-        bytes_stored: 0,
-        warnings: 0,
-    };
+    let info = late_snapshot(root, file.size);
     let item = NewEntry {
         path: "data/other.bin".into(),
         kind: EntryKind::File,
