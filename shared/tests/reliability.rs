@@ -484,6 +484,41 @@ async fn verify_read_data_names_exactly_the_files_of_each_bad_chunk_and_checks_e
     assert_eq!(report.blobs_checked, clean.blobs_checked - 2);
 }
 
+/// Backs up `src` as `local`: its root, the entry of `data/f00.bin` and the snapshot's object,
+/// what the tests that commit a snapshot by hand start from.
+async fn backed_up(
+    f: &Fixture,
+    src: &std::path::Path,
+) -> (
+    String,
+    storinator_shared::EntryRow,
+    storinator_shared::ChunkId,
+) {
+    f.repo
+        .backup(&backup_opts(src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let root = src.canonicalize().unwrap().display().to_string();
+    let root_id = f
+        .repo
+        .catalog
+        .root_id("local", &root)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut entries = f.repo.catalog.current_entries(root_id).await.unwrap();
+    let file = entries.remove("data/f00.bin").unwrap();
+    let blob: Vec<u8> = sqlx::query_scalar("SELECT blob_id FROM snapshots")
+        .fetch_one(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    (
+        root,
+        file,
+        storinator_shared::ChunkId::from_slice(&blob).unwrap(),
+    )
+}
+
 /// The snapshot a run of `local` named "late" commits by hand: one encrypted file of `bytes`
 /// under `root`.
 fn late_snapshot(root: String, bytes: u64) -> SnapshotInfo {
@@ -511,24 +546,8 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
     let f = Fixture::new().await;
     let src = f.path("src/data");
     make_folder(&src, 1, 50_000, 10);
-    f.repo
-        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
-        .await
-        .unwrap();
+    let (root, file, blob) = backed_up(&f, &src).await;
     let (pack, _) = chunk_of(&f, "data/f00.bin").await;
-    let root_id = f
-        .repo
-        .catalog
-        .root_id("local", &src.canonicalize().unwrap().display().to_string())
-        .await
-        .unwrap()
-        .unwrap();
-    let entries = f.repo.catalog.current_entries(root_id).await.unwrap();
-    let file = &entries["data/f00.bin"];
-    let snapshot_blob: Vec<u8> = sqlx::query_scalar("SELECT blob_id FROM snapshots")
-        .fetch_one(f.repo.catalog.pool())
-        .await
-        .unwrap();
     // Verify found the pack missing between this run's start and its commit.
     f.repo
         .catalog
@@ -536,7 +555,7 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
         .await
         .unwrap();
     fake_run(&f, "late", None).await;
-    let info = late_snapshot(src.canonicalize().unwrap().display().to_string(), 50_000);
+    let info = late_snapshot(root, 50_000);
     let item = NewEntry {
         path: file.path.clone(),
         kind: EntryKind::File,
@@ -549,7 +568,6 @@ async fn a_snapshot_referencing_a_pack_known_to_be_missing_is_never_committed() 
         content: NewContent::Existing(file.content_id.unwrap()),
         same: false,
     };
-    let blob = storinator_shared::ChunkId::from_slice(&snapshot_blob).unwrap();
     // Without the root's lock nothing is committed at all.
     let e = f
         .repo
@@ -706,28 +724,11 @@ async fn an_item_whose_one_chunk_is_another_files_content_is_refused() {
     let f = Fixture::new().await;
     let src = f.path("src/data");
     make_folder(&src, 1, 1_000, 10);
-    f.repo
-        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
-        .await
-        .unwrap();
-    let root = src.canonicalize().unwrap().display().to_string();
-    let root_id = f
-        .repo
-        .catalog
-        .root_id("local", &root)
-        .await
-        .unwrap()
-        .unwrap();
-    let entries = f.repo.catalog.current_entries(root_id).await.unwrap();
-    let file = &entries["data/f00.bin"];
+    let (root, file, blob) = backed_up(&f, &src).await;
     let content = file.content_id.unwrap();
     let pool = f.repo.catalog.pool();
     let chunk: Vec<u8> = sqlx::query_scalar("SELECT id FROM chunks WHERE no = $1")
         .bind(content)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let snapshot_blob: Vec<u8> = sqlx::query_scalar("SELECT blob_id FROM snapshots")
         .fetch_one(pool)
         .await
         .unwrap();
@@ -757,7 +758,6 @@ async fn an_item_whose_one_chunk_is_another_files_content_is_refused() {
     let key = f.repo.catalog.owner_keys(Some("local")).await.unwrap()[0]
         .key_id
         .clone();
-    let blob = storinator_shared::ChunkId::from_slice(&snapshot_blob).unwrap();
     let e = f
         .repo
         .catalog

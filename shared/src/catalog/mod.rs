@@ -252,11 +252,23 @@ pub(crate) const ENTRY_FROM: &str = "entries e LEFT JOIN contents c ON c.id = e.
 /// Every other content has an id below 0 and its list in `content_chunks` (an empty file's
 /// is empty). For statements that filter the lists by content or by chunk (the filter
 /// reaches both halves, and the first searches `contents` by its key). A join from the
-/// entries to the chunks names both tables instead: `ch.no = CASE WHEN c.id > 0 THEN c.id
-/// ELSE cc.chunk_no END`, as [`previous`] reads a backup's range.
+/// contents to their chunks uses [`list_chunks_join`] instead.
 pub const CHUNK_LISTS: &str = "(SELECT id AS content_id, 0 AS seq, id AS chunk_no FROM contents \
      WHERE id > 0 \
      UNION ALL SELECT content_id, seq, chunk_no FROM content_chunks)";
+
+/// Joins the contents aliased `content` to the chunks of their lists, aliased `chunks`
+/// (`join`: `""` for an inner join, `"LEFT"` to keep a row without chunks), each list row
+/// of `content_chunks` as `cc` (none for a content numbered as its chunk: migration 0027).
+/// Both tables are searched by key, which `CHUNK_LISTS` in a join would not promise; a test
+/// asks SQLite for the plans of the statements that use it.
+pub(crate) fn list_chunks_join(content: &str, join: &str, chunks: &str) -> String {
+    format!(
+        "LEFT JOIN content_chunks cc ON cc.content_id = {content}.id AND {content}.id < 0 \
+         {join} JOIN chunks {chunks} \
+         ON {chunks}.no = CASE WHEN {content}.id > 0 THEN {content}.id ELSE cc.chunk_no END"
+    )
+}
 
 /// `entries.kind` as the catalog stores it (migration 0021): a small integer, not the word
 /// the snapshot format in storage uses.

@@ -7,7 +7,7 @@ use sqlx::Row;
 
 use super::{
     CHUNK_LISTS, Catalog, ChunkLoc, DAMAGED_CHUNK, Dialect, PREFIX_BYTES, PackRow, USABLE_PACK,
-    chunk_id_in, chunk_id_is, db, json_rows, now_ms,
+    chunk_id_in, chunk_id_is, db, json_rows, list_chunks_join, now_ms,
 };
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
@@ -296,13 +296,12 @@ impl Catalog {
     /// How many packs hold the chunks of the files of snapshot `seq` of a root at `prefix` or
     /// below it (a restore's transfer estimate).
     pub async fn packs_under(&self, root_id: i64, seq: i64, prefix: &str) -> Result<u64, Error> {
-        let n: i64 = sqlx::query_scalar(
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT COUNT(DISTINCT c.pack_no) FROM entries e JOIN contents k ON k.id = e.content_id \
-             LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.id < 0 \
-             JOIN chunks c ON c.no = CASE WHEN k.id > 0 THEN k.id ELSE cc.chunk_no END \
-             WHERE e.root_id = $1 AND e.from_seq <= $2 AND (e.to_seq IS NULL OR e.to_seq > $3) \
+             {} WHERE e.root_id = $1 AND e.from_seq <= $2 AND (e.to_seq IS NULL OR e.to_seq > $3) \
              AND (e.path = $4 OR (e.path >= $5 AND e.path < $6))",
-        )
+            list_chunks_join("k", "", "c")
+        )))
         .bind(root_id)
         .bind(seq)
         .bind(seq)
@@ -383,16 +382,13 @@ impl Catalog {
 /// value ([`json_rows`]).
 pub(super) fn chunk_lists_sql(dialect: Dialect, n: usize) -> String {
     let marks = vec!["?"; n].join(", ");
-    // From the contents: a one-chunk content's id is its chunk's number (migration 0027).
     let inner = format!(
         "SELECT k.id AS c0, {} AS c1, p.id AS c2, p.location AS c3, \
          c.\"offset\" AS c4, c.length AS c5, c.raw_length AS c6, COALESCE(cc.seq, 0) AS c7 \
-         FROM contents k \
-         LEFT JOIN content_chunks cc ON cc.content_id = k.id AND k.id < 0 \
-         JOIN chunks c ON c.no = CASE WHEN k.id > 0 THEN k.id ELSE cc.chunk_no END \
-         JOIN packs p ON p.no = c.pack_no \
+         FROM contents k {} JOIN packs p ON p.no = c.pack_no \
          WHERE k.id IN ({marks})",
-        json_rows::hex(dialect, "c.id")
+        json_rows::hex(dialect, "c.id"),
+        list_chunks_join("k", "", "c")
     );
     json_rows::statement(dialect, &inner, 8, "s.c0, s.c7")
 }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::{
     Catalog, Dialect, ENTRY_FROM, EntryRow, entry_from_json, entry_json_columns, json_rows,
+    list_chunks_join,
 };
 use crate::error::Error;
 use crate::format::crypto::ChunkId;
@@ -61,12 +62,11 @@ pub(super) fn previous_sql(dialect: Dialect, after: bool) -> String {
     };
     let inner = format!(
         "SELECT {}, CASE WHEN c.id > 0 THEN 0 ELSE cc.seq END AS c13, {} AS c14 \
-         FROM {ENTRY_FROM} \
-         LEFT JOIN content_chunks cc ON cc.content_id = e.content_id AND c.id < 0 \
-         LEFT JOIN chunks ch ON ch.no = CASE WHEN c.id > 0 THEN c.id ELSE cc.chunk_no END \
+         FROM {ENTRY_FROM} {} \
          WHERE e.root_id = $1 AND e.to_seq IS NULL AND {range}",
         entry_json_columns(dialect),
-        json_rows::hex(dialect, "ch.id")
+        json_rows::hex(dialect, "ch.id"),
+        list_chunks_join("c", "LEFT", "ch")
     );
     json_rows::statement(dialect, &inner, 15, "")
 }
