@@ -51,8 +51,22 @@ pub(crate) async fn fetch<R: DeserializeOwned>(
     pool: &Pool,
     what: &'static str,
 ) -> Result<Vec<R>, Error> {
-    use sqlx::Row;
     let row = query.fetch_one(pool).await.map_err(db(what))?;
+    from_row(&row, what)
+}
+
+/// [`fetch`] on a connection (a transaction's).
+pub(crate) async fn fetch_on<R: DeserializeOwned>(
+    query: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+    conn: &mut super::Conn,
+    what: &'static str,
+) -> Result<Vec<R>, Error> {
+    let row = query.fetch_one(conn).await.map_err(db(what))?;
+    from_row(&row, what)
+}
+
+fn from_row<R: DeserializeOwned>(row: &sqlx::any::AnyRow, what: &str) -> Result<Vec<R>, Error> {
+    use sqlx::Row;
     // PostgreSQL aggregates no rows to NULL, SQLite to "[]".
     let Some(text) = row.try_get::<Option<String>, _>(0).map_err(db(what))? else {
         return Ok(Vec::new());

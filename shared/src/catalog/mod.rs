@@ -423,7 +423,7 @@ pub(crate) mod tests {
             (
                 "chunk numbers",
                 super::snapshots::chunk_numbers_sql(super::Dialect::Sqlite, 3),
-                "chunks",
+                "ch",
                 true,
             ),
             (

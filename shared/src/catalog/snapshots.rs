@@ -10,8 +10,8 @@ use sqlx::Row;
 use super::{
     CHUNK_LISTS, Catalog, DAMAGED_CHUNK, Dialect, ENTRY_COLUMNS, ENTRY_FROM, EntryJson,
     EntryOutline, EntryRow, Owner, PREFIX_BYTES, SNAPSHOT_COLUMNS, SnapshotInfo, USABLE_PACK,
-    chunk_id_in, chunk_id_is, db, entry_from_json, entry_from_row, entry_json_columns, json_rows,
-    kind_no, kind_of, snapshot_from_row,
+    chunk_id_is, db, entry_from_json, entry_from_row, entry_json_columns, json_rows, kind_no,
+    kind_of, snapshot_from_row,
 };
 use crate::error::Error;
 use crate::format::EntryKind;
@@ -899,33 +899,52 @@ async fn insert_chunk_lists(
 }
 
 /// The numbers of those of the chunks `ids` that have a row, each looked up once,
-/// [`ROWS`](super::bulk::ROWS) to a statement.
+/// [`NUMBERS_AT_ONCE`] to a statement. The chunks go in as the rows of a `VALUES` list and
+/// the found ones come back as one JSON text of (position, number): a first backup of small
+/// files looks up every chunk it stored, and read back as rows of blobs (each handed across
+/// sqlx's thread and converted for the `Any` driver) that took most of its commit's time.
 async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkId, i64>, Error> {
     let mut seen = HashSet::with_capacity(ids.len());
     let unique: Vec<&ChunkId> = ids.iter().copied().filter(|c| seen.insert(**c)).collect();
     let mut out = HashMap::with_capacity(unique.len());
-    for part in unique.chunks(super::bulk::ROWS) {
+    for part in unique.chunks(NUMBERS_AT_ONCE) {
         let sql = chunk_numbers_sql(Dialect::of_conn(tx), part.len());
-        let mut q = sqlx::query_as::<_, (Vec<u8>, i64)>(sqlx::AssertSqlSafe(sql));
-        for id in part {
-            q = q.bind(&id.0[..PREFIX_BYTES]);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (i, id) in part.iter().enumerate() {
+            q = q.bind(i as i64).bind(&id.0[..PREFIX_BYTES]).bind(&id.0[..]);
         }
-        for id in part {
-            q = q.bind(&id.0[..]);
-        }
-        for (id, no) in q.fetch_all(&mut *tx).await.map_err(db(COMMIT))? {
-            out.insert(ChunkId::from_slice(&id)?, no);
+        let found: Vec<(usize, i64)> = json_rows::fetch_on(q, &mut *tx, COMMIT).await?;
+        for (i, no) in found {
+            let id = part.get(i).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "catalog: {COMMIT}: chunk position {i} out of range"
+                ))
+            })?;
+            out.insert(**id, no);
         }
     }
     Ok(out)
 }
 
-/// The (id, number) of those of `n` chunks (bound as [`chunk_id_in`] says) that have a row.
+/// Chunks looked up by one statement of [`chunk_numbers`] (three values each).
+const NUMBERS_AT_ONCE: usize = 4 * super::bulk::ROWS;
+
+/// The (position, number) of those of `n` chunks that have a row, as one JSON text; the chunks
+/// are bound as `n` rows of (position, id prefix, id). `CROSS JOIN` makes SQLite go from the
+/// list to the chunks: with a plain join its planner read every chunk for each statement,
+/// through a Bloom filter of the list (PostgreSQL takes it as a plain join).
 pub(super) fn chunk_numbers_sql(dialect: Dialect, n: usize) -> String {
-    format!(
-        "SELECT id, no FROM chunks WHERE {}",
-        chunk_id_in(dialect, "id", n)
-    )
+    let inner = super::bulk::values(
+        dialect,
+        "SELECT q.column1 AS c0, ch.no AS c1 FROM (",
+        3,
+        n,
+        &format!(
+            ") q CROSS JOIN chunks ch WHERE {} = q.column2 AND ch.id = q.column3",
+            super::prefix_of("ch.id")
+        ),
+    );
+    json_rows::statement(dialect, &inner, 2, "")
 }
 
 /// Whether a previous row says all an item says (then no row is written).
