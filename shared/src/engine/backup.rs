@@ -296,6 +296,7 @@ async fn run_locked(
         cancel,
     )
     .await?;
+    tracing::debug!(elapsed = ?started.elapsed(), "backup: scan done");
     announce(repo, &totals, &counters, progress);
 
     // Uploader: stores finished packs, then indexes them in the catalog.
@@ -335,6 +336,7 @@ async fn run_locked(
         }
     };
 
+    tracing::debug!(elapsed = ?started.elapsed(), "backup: files read");
     counters.set_phase(Phase::Committing);
     progress.report(&counters.report());
     let object = SnapshotObject {
@@ -359,6 +361,7 @@ async fn run_locked(
     // An upload failure also stops the snapshot's store: report the cause first.
     let packs = uploader.join().await?;
     let (snapshot_id, object) = stored?;
+    tracing::debug!(elapsed = ?started.elapsed(), packs, "backup: every pack stored");
     // Nothing more is stored: free the dedup index before the commit.
     if let Ok(mut ids) = pipeline.known.lock() {
         *ids = ChunkSet::default();
@@ -377,6 +380,7 @@ async fn run_locked(
         entries,
     )
     .await?;
+    tracing::debug!(elapsed = ?started.elapsed(), "backup: snapshot committed");
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
     Ok(BackupSummary {
@@ -396,9 +400,7 @@ const LISTING_SPOOL: &str = "listing.jsonl";
 
 /// Runs blocking work (file system, spool files) off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))
+    joined(tokio::task::spawn_blocking(f).await)
 }
 
 /// The walk, a batch at a time, each batch compared with the previous snapshot's files of
@@ -603,28 +605,37 @@ fn decide_content(
 /// Reads what needs reading, a batch of items at a time, and lists every item that made it
 /// (unreadable files become warnings) after those the scan listed. Returns the packer (the
 /// listing and snapshot object go in after), what was listed and the entries' reader.
+///
+/// Taking a batch from the items' spool and listing a read batch are one thread's work each,
+/// so they run beside the reading threads: the next batch is taken while this one is read,
+/// and this one is listed while the next is read (in order: one listing at a time).
 #[allow(clippy::too_many_arguments)]
 async fn read_and_list(
     batch_size: usize,
     pipeline: &Arc<Pipeline>,
     source: &Source,
-    mut items: SpoolReader<Item>,
-    mut lister: Lister,
+    items: SpoolReader<Item>,
+    lister: Lister,
     mut packer: Packer,
     warnings: &mut Vec<Warning>,
     progress: &dyn Progress,
 ) -> Result<(Packer, Listed, SpoolReader<Item>), Error> {
-    loop {
-        let (r, batch) = blocking(move || {
-            let batch = items.next_batch(batch_size);
-            (items, batch)
-        })
-        .await?;
-        items = r;
-        let batch = batch?;
+    let take = move |mut items: SpoolReader<Item>| {
+        let batch = items.next_batch(batch_size);
+        (items, batch)
+    };
+    let mut next = tokio::task::spawn_blocking(move || take(items));
+    let mut listing = tokio::task::spawn_blocking(move || Ok::<_, Error>(lister));
+    let mut bytes_read = 0;
+    let outcome = loop {
+        let (items, batch) = match joined(next.await) {
+            Ok((items, Ok(batch))) => (items, batch),
+            Ok((_, Err(e))) | Err(e) => break Err(e),
+        };
         if batch.is_empty() {
-            break;
+            break Ok(items);
         }
+        next = tokio::task::spawn_blocking(move || take(items));
         let to_read: Vec<(PathBuf, String, u64)> = batch
             .iter()
             .filter(|i| i.read)
@@ -633,22 +644,46 @@ async fn read_and_list(
         let results = if to_read.is_empty() {
             Vec::new()
         } else {
-            let (results, p) = read_files(pipeline, to_read, packer, progress).await?;
-            packer = p;
-            results
+            match read_files(pipeline, to_read, packer, progress).await {
+                Ok((results, p)) => {
+                    packer = p;
+                    results
+                }
+                Err(e) => {
+                    // Let the spool threads finish before the run's folder goes.
+                    let _ = next.await;
+                    let _ = listing.await;
+                    return Err(e);
+                }
+            }
         };
-        let kept = with_results(batch, results, warnings, &mut lister.listed);
-        lister = blocking(move || {
+        let kept = with_results(batch, results, warnings, &mut bytes_read);
+        let mut lister = match joined(listing.await).and_then(|r| r) {
+            Ok(lister) => lister,
+            Err(e) => {
+                let _ = next.await;
+                return Err(e);
+            }
+        };
+        listing = tokio::task::spawn_blocking(move || {
             kept.into_iter().try_for_each(|item| lister.list(item))?;
-            Ok::<_, Error>(lister)
-        })
-        .await??;
-    }
+            Ok(lister)
+        });
+    };
+    let mut lister = joined(listing.await).and_then(|r| r)?;
+    let items = outcome?;
+    drop(items);
+    lister.listed.bytes_read += bytes_read;
     blocking(move || {
         let (listed, entries) = lister.finish()?;
         Ok((packer, listed, entries))
     })
     .await?
+}
+
+/// A blocking task's result, its panic an error.
+fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, Error> {
+    r.map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))
 }
 
 /// Fills the read items' content from what reading produced, in order; leaves out the
@@ -657,7 +692,7 @@ fn with_results(
     batch: Vec<Item>,
     results: Vec<FileOutcome>,
     warnings: &mut Vec<Warning>,
-    listed: &mut Listed,
+    bytes_read: &mut u64,
 ) -> Vec<Item> {
     let mut results = results.into_iter();
     let mut kept = Vec::with_capacity(batch.len());
@@ -669,7 +704,7 @@ fn with_results(
                     item.line.sha256 = Some(hex::encode(data.sha256));
                     item.line.size = data.size;
                     item.line.chunks = data.chunks;
-                    listed.bytes_read += data.size;
+                    *bytes_read += data.size;
                 }
                 Err(message) => {
                     warnings.push(Warning {
