@@ -183,6 +183,55 @@ async fn unchanged_rebackup_reads_nothing_and_stores_no_chunks() {
     }
 }
 
+/// Chunks are sealed several at a time (a reader's small files, what waits in a sealer's
+/// queue): a chunk that repeats within one such set is stored once, none is left unsealed
+/// when the reading ends, and the tree restores byte for byte.
+#[tokio::test]
+async fn chunks_sealed_together_are_each_stored_once_and_restore() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    let big = bytes(1_000_000, 7);
+    std::fs::write(src.join("big-a.bin"), &big).unwrap();
+    let first = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    assert!(first.new_data_chunks > 8, "{}", first.new_data_chunks);
+    let same = bytes(1000, 1);
+    // In path order the shared content comes first, so that each reader's last set (the
+    // one sealed when reading ends) holds contents of their own.
+    for i in 0..9u8 {
+        std::fs::write(src.join(format!("a-same-{i}.txt")), &same).unwrap();
+        let own = bytes(1000 + usize::from(i), 10 + u64::from(i));
+        std::fs::write(src.join(format!("z-own-{i}.txt")), own).unwrap();
+    }
+    std::fs::write(src.join("big-b.bin"), &big).unwrap();
+    let second = f
+        .repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    // Nine files of their own and one content nine files share; the large copy's chunks are
+    // the first file's.
+    assert_eq!(second.new_data_chunks, 10, "{}", second.snapshot.short_id);
+    let out = f.path("out");
+    f.repo
+        .restore(&restore_opts(&src, &out), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert_eq!(
+            std::fs::read(out.join("data").join(&name)).unwrap(),
+            std::fs::read(src.join(&name)).unwrap(),
+            "{name:?}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(out.join("data")).unwrap().count(), 20);
+}
+
 #[tokio::test]
 async fn a_small_edit_stores_only_the_affected_chunks() {
     let f = Fixture::new().await;

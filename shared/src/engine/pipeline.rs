@@ -42,6 +42,23 @@ type PendingOutcome = Result<(FileData, ChunkList, Option<Warning>), String>;
 /// Files up to this size are sealed by the thread that reads them (see `read_file`).
 const SEAL_INLINE_MAX: u64 = 256 * 1024;
 
+/// Chunks a sealer takes at once when that many wait: sealed together, their encryption runs
+/// side by side, about four times as fast as one after another (see `crypto::seal_many_into`).
+/// The queue holds as many per sealer, so that each finds a full set while the readers keep
+/// ahead.
+const SEAL_AT_ONCE: usize = 4;
+
+/// A reader's small-file chunks waiting to be sealed [`SEAL_AT_ONCE`] at a time, as a sealer
+/// seals a large file's (a small file is one chunk, so one file alone has none to go with):
+/// copies of the chunks (the chunker's buffer goes on to the next file), their buffers kept
+/// for the next ones, and the sealed blobs' buffers.
+#[derive(Default)]
+struct Unsealed {
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    spare: Vec<Vec<u8>>,
+    sealed: Vec<Vec<u8>>,
+}
+
 /// A chunk on its way to a sealer.
 struct SealJob {
     data: Vec<u8>,
@@ -80,6 +97,20 @@ struct Shared<'a> {
     results: Mutex<Vec<Option<PendingOutcome>>>,
     packer: Mutex<Packer>,
     fatal: Mutex<Option<Error>>,
+}
+
+/// The next chunk to seal (waiting for it), and as many more as are queued, up to
+/// [`SEAL_AT_ONCE`]; `None` once the readers are done and the queue is empty.
+fn take_jobs(seal_rx: &Mutex<mpsc::Receiver<SealJob>>) -> Option<Vec<SealJob>> {
+    let rx = seal_rx.lock().unwrap();
+    let mut jobs = vec![rx.recv().ok()?];
+    while jobs.len() < SEAL_AT_ONCE {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
 }
 
 impl Pipeline {
@@ -143,7 +174,7 @@ impl Pipeline {
             packer: Mutex::new(packer),
             fatal: Mutex::new(None),
         };
-        let (seal_tx, seal_rx) = mpsc::sync_channel::<SealJob>(self.threads * 2);
+        let (seal_tx, seal_rx) = mpsc::sync_channel::<SealJob>(self.threads * SEAL_AT_ONCE);
         let seal_rx = Mutex::new(seal_rx);
         std::thread::scope(|s| {
             let readers: Vec<_> = (0..self.threads)
@@ -189,9 +220,10 @@ impl Pipeline {
 
     /// A reader thread: takes the next file until none are left or the backup failed.
     fn reader(&self, shared: &Shared<'_>, seal_tx: mpsc::SyncSender<SealJob>) {
-        // One chunk buffer for every file this thread reads, and one for sealing.
+        // One chunk buffer for every file this thread reads, and the small files' chunks
+        // waiting to be sealed together.
         let mut buf = None;
-        let mut sealed = Vec::new();
+        let mut sealed = Unsealed::default();
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 break;
@@ -211,38 +243,90 @@ impl Pipeline {
             }
             Counters::add(&self.counters.files_done, 1);
         }
+        if !self.failed.load(Ordering::Relaxed) {
+            self.seal_waiting(shared, &mut sealed);
+        }
+    }
+
+    /// Keeps a small file's chunk for sealing with the next ones (see [`Unsealed`]).
+    fn seal_later(&self, shared: &Shared<'_>, unsealed: &mut Unsealed, id: ChunkId, data: &[u8]) {
+        let mut copy = unsealed.spare.pop().unwrap_or_default();
+        copy.extend_from_slice(data);
+        unsealed.chunks.push((id, copy));
+        if unsealed.chunks.len() >= SEAL_AT_ONCE {
+            self.seal_waiting(shared, unsealed);
+        }
+    }
+
+    /// Seals and packs the chunks [`Pipeline::seal_later`] kept.
+    fn seal_waiting(&self, shared: &Shared<'_>, unsealed: &mut Unsealed) {
+        let chunks: Vec<(ChunkId, &[u8])> = unsealed
+            .chunks
+            .iter()
+            .map(|(id, data)| (*id, &data[..]))
+            .collect();
+        self.store_chunks(shared, &chunks, &mut unsealed.sealed);
+        for (_, mut data) in unsealed.chunks.drain(..) {
+            data.clear();
+            unsealed.spare.push(data);
+        }
     }
 
     /// A sealer thread: ids, dedups, seals and packs chunks until the readers are done.
     fn sealer(&self, shared: &Shared<'_>, seal_rx: &Mutex<mpsc::Receiver<SealJob>>) {
-        let mut buf = Vec::new();
-        loop {
-            let job = match seal_rx.lock().unwrap().recv() {
-                Ok(j) => j,
-                Err(_) => break,
-            };
+        let mut bufs = Vec::new();
+        while let Some(jobs) = take_jobs(seal_rx) {
             if self.failed.load(Ordering::Relaxed) {
                 continue; // drain so readers never block
             }
-            let id = self.blob_id(&job.data);
-            job.list.lock().unwrap()[job.index] = id;
-            self.store_chunk(shared, id, &job.data, &mut buf);
+            let chunks: Vec<(ChunkId, &[u8])> = jobs
+                .iter()
+                .map(|job| {
+                    let id = self.blob_id(&job.data);
+                    job.list.lock().unwrap()[job.index] = id;
+                    (id, &job.data[..])
+                })
+                .collect();
+            self.store_chunks(shared, &chunks, &mut bufs);
         }
     }
 
-    /// Dedups, seals and packs one chunk (`id` is its name); `buf` is scratch space.
-    fn store_chunk(&self, shared: &Shared<'_>, id: ChunkId, data: &[u8], buf: &mut Vec<u8>) {
-        if !self.known.lock().unwrap().insert(id) {
-            return; // already stored, or being stored by this run
+    /// Dedups, seals and packs chunks (each with its id); `bufs` is scratch space.
+    fn store_chunks(
+        &self,
+        shared: &Shared<'_>,
+        chunks: &[(ChunkId, &[u8])],
+        bufs: &mut Vec<Vec<u8>>,
+    ) {
+        let new: Vec<(ChunkId, &[u8])> = {
+            let mut known = self.known.lock().unwrap();
+            // Not those already stored, or being stored by this run.
+            chunks
+                .iter()
+                .filter(|(id, _)| known.insert(*id))
+                .copied()
+                .collect()
+        };
+        if new.is_empty() {
+            return;
         }
-        self.new_chunks.fetch_add(1, Ordering::Relaxed);
-        self.new_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        buf.clear();
-        crypto::seal_into(buf, self.mode(), data, self.compression);
+        let bytes: usize = new.iter().map(|(_, data)| data.len()).sum();
+        self.new_chunks
+            .fetch_add(new.len() as u64, Ordering::Relaxed);
+        self.new_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        if bufs.len() < new.len() {
+            bufs.resize_with(new.len(), Vec::new);
+        }
+        let sealed = &mut bufs[..new.len()];
+        sealed.iter_mut().for_each(Vec::clear);
+        let plain: Vec<&[u8]> = new.iter().map(|(_, data)| *data).collect();
+        crypto::seal_many_into(sealed, self.mode(), &plain, self.compression);
         let mut packer = shared.packer.lock().unwrap();
-        if let Err(e) = self.append(&mut packer, BlobKind::Data, id, buf, data.len()) {
-            self.fail(shared, e);
+        for ((id, data), blob) in new.iter().zip(sealed.iter()) {
+            if let Err(e) = self.append(&mut packer, BlobKind::Data, *id, blob, data.len()) {
+                self.fail(shared, e);
+                return;
+            }
         }
     }
 
@@ -304,7 +388,7 @@ impl Pipeline {
         shared: &Shared<'_>,
         (path, rel, expected): (&Path, &str, u64),
         seal_tx: &mpsc::SyncSender<SealJob>,
-        (buf, sealed): (&mut Option<ChunkBuf>, &mut Vec<u8>),
+        (buf, sealed): (&mut Option<ChunkBuf>, &mut Unsealed),
     ) -> Result<(FileData, ChunkList, Option<Warning>), ReadError> {
         let inline = expected <= SEAL_INLINE_MAX;
         let file = File::open(path).map_err(|e| match e.kind() {
@@ -339,7 +423,7 @@ impl Pipeline {
             if inline {
                 let id = self.blob_id(chunk);
                 list.lock().unwrap().push(id);
-                self.store_chunk(shared, id, chunk, sealed);
+                self.seal_later(shared, sealed, id, chunk);
                 continue;
             }
             let index = {
@@ -358,7 +442,9 @@ impl Pipeline {
         };
         *buf = Some(chunker.into_buffer());
         read?;
-        let after = std::fs::symlink_metadata(path).ok();
+        // The file read, not whatever its path names now: a file replaced since was read
+        // whole as it was (its new inode makes the next backup read the path again).
+        let after = file.metadata().ok();
         let changed = size != expected
             || after.is_none_or(|a| a.len() != before.len() || mtime_ns(&a) != mtime_ns(&before));
         let warning = changed.then(|| Warning {
