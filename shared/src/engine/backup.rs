@@ -400,7 +400,9 @@ const LISTING_SPOOL: &str = "listing.jsonl";
 
 /// Runs blocking work (file system, spool files) off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
-    joined(tokio::task::spawn_blocking(f).await)
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))
 }
 
 /// The walk, a batch at a time, each batch compared with the previous snapshot's files of
@@ -605,37 +607,28 @@ fn decide_content(
 /// Reads what needs reading, a batch of items at a time, and lists every item that made it
 /// (unreadable files become warnings) after those the scan listed. Returns the packer (the
 /// listing and snapshot object go in after), what was listed and the entries' reader.
-///
-/// Taking a batch from the items' spool and listing a read batch are one thread's work each,
-/// so they run beside the reading threads: the next batch is taken while this one is read,
-/// and this one is listed while the next is read (in order: one listing at a time).
 #[allow(clippy::too_many_arguments)]
 async fn read_and_list(
     batch_size: usize,
     pipeline: &Arc<Pipeline>,
     source: &Source,
-    items: SpoolReader<Item>,
-    lister: Lister,
+    mut items: SpoolReader<Item>,
+    mut lister: Lister,
     mut packer: Packer,
     warnings: &mut Vec<Warning>,
     progress: &dyn Progress,
 ) -> Result<(Packer, Listed, SpoolReader<Item>), Error> {
-    let take = move |mut items: SpoolReader<Item>| {
-        let batch = items.next_batch(batch_size);
-        (items, batch)
-    };
-    let mut next = tokio::task::spawn_blocking(move || take(items));
-    let mut listing = tokio::task::spawn_blocking(move || Ok::<_, Error>(lister));
-    let mut bytes_read = 0;
-    let outcome = loop {
-        let (items, batch) = match joined(next.await) {
-            Ok((items, Ok(batch))) => (items, batch),
-            Ok((_, Err(e))) | Err(e) => break Err(e),
-        };
+    loop {
+        let (r, batch) = blocking(move || {
+            let batch = items.next_batch(batch_size);
+            (items, batch)
+        })
+        .await?;
+        items = r;
+        let batch = batch?;
         if batch.is_empty() {
-            break Ok(items);
+            break;
         }
-        next = tokio::task::spawn_blocking(move || take(items));
         let to_read: Vec<(PathBuf, String, u64)> = batch
             .iter()
             .filter(|i| i.read)
@@ -644,46 +637,22 @@ async fn read_and_list(
         let results = if to_read.is_empty() {
             Vec::new()
         } else {
-            match read_files(pipeline, to_read, packer, progress).await {
-                Ok((results, p)) => {
-                    packer = p;
-                    results
-                }
-                Err(e) => {
-                    // Let the spool threads finish before the run's folder goes.
-                    let _ = next.await;
-                    let _ = listing.await;
-                    return Err(e);
-                }
-            }
+            let (results, p) = read_files(pipeline, to_read, packer, progress).await?;
+            packer = p;
+            results
         };
-        let kept = with_results(batch, results, warnings, &mut bytes_read);
-        let mut lister = match joined(listing.await).and_then(|r| r) {
-            Ok(lister) => lister,
-            Err(e) => {
-                let _ = next.await;
-                return Err(e);
-            }
-        };
-        listing = tokio::task::spawn_blocking(move || {
+        let kept = with_results(batch, results, warnings, &mut lister.listed);
+        lister = blocking(move || {
             kept.into_iter().try_for_each(|item| lister.list(item))?;
-            Ok(lister)
-        });
-    };
-    let mut lister = joined(listing.await).and_then(|r| r)?;
-    let items = outcome?;
-    drop(items);
-    lister.listed.bytes_read += bytes_read;
+            Ok::<_, Error>(lister)
+        })
+        .await??;
+    }
     blocking(move || {
         let (listed, entries) = lister.finish()?;
         Ok((packer, listed, entries))
     })
     .await?
-}
-
-/// A blocking task's result, its panic an error.
-fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, Error> {
-    r.map_err(|e| Error::Invalid(format!("backup thread failed: {e}")))
 }
 
 /// Fills the read items' content from what reading produced, in order; leaves out the
@@ -692,7 +661,7 @@ fn with_results(
     batch: Vec<Item>,
     results: Vec<FileOutcome>,
     warnings: &mut Vec<Warning>,
-    bytes_read: &mut u64,
+    listed: &mut Listed,
 ) -> Vec<Item> {
     let mut results = results.into_iter();
     let mut kept = Vec::with_capacity(batch.len());
@@ -704,7 +673,7 @@ fn with_results(
                     item.line.sha256 = Some(hex::encode(data.sha256));
                     item.line.size = data.size;
                     item.line.chunks = data.chunks;
-                    *bytes_read += data.size;
+                    listed.bytes_read += data.size;
                 }
                 Err(message) => {
                     warnings.push(Warning {
