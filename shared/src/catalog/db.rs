@@ -99,7 +99,7 @@ pub async fn open_pool(url: &str) -> Result<Pool, Error> {
                     // a writer waits up to 30 s for the lock instead of failing at once.
                     conn.execute(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                         PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
+                         PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON;",
                     )
                     .await?;
                 }
