@@ -48,11 +48,16 @@ struct Sample {
 
 /// Runs `cmd` to completion, its output appended to `log`, and measures it with wait4
 /// (the kernel's own accounting of that process: CPU time and peak resident set).
+///
+/// Dirty pages are written back first (`sync`), so that no phase of either tool pays for
+/// what the phase before it, or the tree's build, left for the kernel to write.
 fn measure(cmd: &mut Command, log: &Path, ok_codes: &[i32]) -> anyhow::Result<Sample> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     let t = Instant::now();
     let child = cmd
         .stdin(Stdio::null())
