@@ -17,6 +17,9 @@
 //!
 //! Compression (zstd) happens before encryption and only when it makes the payload smaller.
 //! `open` checks the MAC (constant time) before it decrypts or decompresses anything.
+//! [`seal_many_into`] seals several blobs at once, their CBC chains encrypted side by side
+//! (`cbc_encrypt_chains`); each comes out byte for byte as the `cbc` crate's encryptor makes
+//! it alone (tested against it and against NIST's vectors), and is opened by that crate.
 //!
 //! Keys: a random [`MasterSecret`] per user, wrapped under a passphrase with Argon2id
 //! ([`WrappedKey`]); subkeys for encryption, MAC, chunk ids, the two chunker seeds and restore
