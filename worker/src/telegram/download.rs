@@ -358,8 +358,7 @@ impl Inner {
                         .map_err(|e| StorageError::Fatal(format!("download task: {e}")))?;
                     results[i] = Some(r?);
                 }
-                slot = self.sched.part_slot_in_order(order), if next < windows.len() => {
-                    queued.started();
+                slot = queued.slot(order), if next < windows.len() => {
                     let (s, l) = windows[next];
                     let me = self.clone();
                     let name = obj.name.clone();

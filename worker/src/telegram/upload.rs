@@ -119,8 +119,7 @@ impl Inner {
                         }
                     }
                 }
-                slot = self.sched.part_slot_in_order(order), if next < parts => {
-                    queued.started();
+                slot = queued.slot(order), if next < parts => {
                     let off = next as u64 * PART_SIZE;
                     let len = (size - off).min(PART_SIZE) as usize;
                     let mut buf = vec![0u8; len];

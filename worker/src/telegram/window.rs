@@ -37,6 +37,8 @@ struct State {
     /// Size below which the window still grows fast.
     threshold: f64,
     in_flight: usize,
+    /// Parts transfers have announced and not yet taken room for (see [`Window::announce`]).
+    announced: usize,
     /// Smoothed time from sending a part to its answer.
     round_trip: Option<Duration>,
     last_cut: Option<Instant>,
@@ -98,6 +100,7 @@ impl Window {
                 size: INITIAL.min(max as f64),
                 threshold: max as f64,
                 in_flight: 0,
+                announced: 0,
                 round_trip: None,
                 last_cut: None,
                 cuts: 0,
@@ -129,6 +132,17 @@ impl Window {
     /// [`Window::order`]): parts of earlier transfers go first, then those that came first.
     /// Cancel-safe like [`Window::slot`].
     pub async fn slot_in_order(self: &Arc<Self>, order: u64) -> Slot {
+        self.wait_in_order(order, false).await
+    }
+
+    /// [`Window::slot_in_order`] for one of the parts announced with [`Window::announce`]: it
+    /// leaves the announced parts in the same step as it takes its room, so that
+    /// [`Window::demand`] never counts it twice.
+    pub async fn announced_slot_in_order(self: &Arc<Self>, order: u64) -> Slot {
+        self.wait_in_order(order, true).await
+    }
+
+    async fn wait_in_order(self: &Arc<Self>, order: u64, announced: bool) -> Slot {
         let key = {
             let mut s = self.state.lock().unwrap();
             s.next_arrival += 1;
@@ -144,7 +158,7 @@ impl Window {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(s) = self.take_if_first(key) {
+            if let Some(s) = self.take_if_first(key, announced) {
                 in_line.key = None;
                 return s;
             }
@@ -153,13 +167,16 @@ impl Window {
     }
 
     /// Room for the part waiting as `key`, if it is first in line and there is room.
-    fn take_if_first(self: &Arc<Self>, key: (u64, u64)) -> Option<Slot> {
+    fn take_if_first(self: &Arc<Self>, key: (u64, u64), announced: bool) -> Option<Slot> {
         let more = {
             let mut s = self.state.lock().unwrap();
             if s.waiting.first() != Some(&key) || s.in_flight >= s.size as usize {
                 return None;
             }
             s.waiting.remove(&key);
+            if announced {
+                s.announced = s.announced.saturating_sub(1);
+            }
             s.in_flight += 1;
             s.peak = s.peak.max(s.in_flight);
             s.in_flight < s.size as usize && !s.waiting.is_empty()
@@ -189,6 +206,24 @@ impl Window {
     /// Parts allowed in flight now.
     pub fn size(&self) -> usize {
         self.state.lock().unwrap().size as usize
+    }
+
+    /// Announces `parts` a transfer is about to send (see [`Window::demand`]).
+    pub fn announce(&self, parts: usize) {
+        self.state.lock().unwrap().announced += parts;
+    }
+
+    /// Withdraws announced parts that will not be sent after all.
+    pub fn withdraw(&self, parts: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.announced = s.announced.saturating_sub(parts);
+    }
+
+    /// Parts in flight and parts announced, read together: a part moving from one to the
+    /// other is counted once, whichever thread looks.
+    pub fn demand(&self) -> usize {
+        let s = self.state.lock().unwrap();
+        s.in_flight + s.announced
     }
 
     /// Parts in flight now.
