@@ -499,13 +499,7 @@ async fn backed_up(
         .await
         .unwrap();
     let root = src.canonicalize().unwrap().display().to_string();
-    let root_id = f
-        .repo
-        .catalog
-        .root_id("local", &root)
-        .await
-        .unwrap()
-        .unwrap();
+    let root_id = f.root_id(&root).await;
     let mut entries = f.repo.catalog.current_entries(root_id).await.unwrap();
     let file = entries.remove("data/f00.bin").unwrap();
     let blob: Vec<u8> = sqlx::query_scalar("SELECT blob_id FROM snapshots")
@@ -939,13 +933,7 @@ async fn entry_owners_are_stored_once_each_and_read_back_as_they_were() {
         let seq = catalog.commit_snapshot("owners", (&info, ""), &blob, &[], &items);
         commits.push((seq.await.unwrap(), items));
     }
-    let root_id = f
-        .repo
-        .catalog
-        .root_id("local", root)
-        .await
-        .unwrap()
-        .unwrap();
+    let root_id = f.root_id(root).await;
     for (seq, items) in &commits {
         let rows = f.repo.catalog.entries_under(root_id, *seq, "d").await;
         let got: Vec<_> = rows
@@ -988,14 +976,7 @@ async fn handles_made_before_are_read_while_another_writer_holds_the_lock() {
     let src = f.path("src/a");
     make_folder(&src, 3, 100, 7);
     backup(&f.repo, &src).await.unwrap();
-    let root = src.to_string_lossy().into_owned();
-    let root_id = f
-        .repo
-        .catalog
-        .root_id("local", &root)
-        .await
-        .unwrap()
-        .unwrap();
+    let root_id = f.root_id(&src.to_string_lossy()).await;
     let catalog = &f.repo.catalog;
     let made = catalog
         .entry_handles(root_id, &["a/f00.bin", "a/f01.bin", "a/f00.bin"])

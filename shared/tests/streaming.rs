@@ -208,13 +208,7 @@ async fn a_rebackup_records_mode_and_owner_changes_that_keep_size_time_and_inode
     assert_eq!(s2.snapshot.bytes_read, 0, "nothing to read");
 
     let root = std::fs::canonicalize(&src).unwrap();
-    let root_id = f
-        .repo
-        .catalog
-        .root_id("local", root.to_str().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let root_id = f.root_id(root.to_str().unwrap()).await;
     let entries = f
         .repo
         .catalog
@@ -270,11 +264,7 @@ async fn the_previous_snapshot_reads_back_every_field_of_every_entry() {
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     let root = std::fs::canonicalize(&src).unwrap();
     let catalog = &f.repo.catalog;
-    let root_id = catalog
-        .root_id("local", root.to_str().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let root_id = f.root_id(root.to_str().unwrap()).await;
     let rows = catalog
         .entries_under(root_id, s.snapshot.seq, "data")
         .await
@@ -379,13 +369,7 @@ async fn restore_pages_read_as_json_hold_what_the_rows_hold() {
         .await
         .unwrap();
     let root = std::fs::canonicalize(&src).unwrap();
-    let root_id = f
-        .repo
-        .catalog
-        .root_id("local", root.to_str().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let root_id = f.root_id(root.to_str().unwrap()).await;
     let seq = s.snapshot.seq;
     // `data/a` has siblings inside its range (`data/a+`, `data/a-b`, `data/a.txt` sort before
     // `data/a/`): pages skip them.

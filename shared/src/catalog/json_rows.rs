@@ -10,7 +10,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{Dialect, Pool, db};
+use super::{Dialect, db};
 use crate::error::Error;
 
 /// The statement that returns the rows of `inner` as one JSON text, ordered by `order`.
@@ -44,24 +44,20 @@ pub(crate) fn hex(dialect: Dialect, expr: &str) -> String {
     }
 }
 
-/// Runs a [`statement`] (its arguments bound) and reads its rows as `R` (a tuple in column
-/// order). `what` names the query in errors.
-pub(crate) async fn fetch<R: DeserializeOwned>(
-    query: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
-    pool: &Pool,
+/// Runs a [`statement`] (its arguments bound) on `on` (the pool, or a transaction's
+/// connection) and reads its rows as `R` (a tuple in column order). `what` names the query
+/// in errors.
+pub(crate) async fn fetch<'q, 'c, R, E>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    on: E,
     what: &'static str,
-) -> Result<Vec<R>, Error> {
-    let row = query.fetch_one(pool).await.map_err(db(what))?;
-    from_row(&row, what)
-}
-
-/// [`fetch`] on a connection (a transaction's).
-pub(crate) async fn fetch_on<R: DeserializeOwned>(
-    query: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
-    conn: &mut super::Conn,
-    what: &'static str,
-) -> Result<Vec<R>, Error> {
-    let row = query.fetch_one(conn).await.map_err(db(what))?;
+) -> Result<Vec<R>, Error>
+where
+    R: DeserializeOwned,
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+    'q: 'c,
+{
+    let row = query.fetch_one(on).await.map_err(db(what))?;
     from_row(&row, what)
 }
 

@@ -913,7 +913,7 @@ async fn chunk_numbers(tx: &mut Conn, ids: &[&ChunkId]) -> Result<HashMap<ChunkI
         for (i, id) in part.iter().enumerate() {
             q = q.bind(i as i64).bind(&id.0[..PREFIX_BYTES]).bind(&id.0[..]);
         }
-        let found: Vec<(usize, i64)> = json_rows::fetch_on(q, &mut *tx, COMMIT).await?;
+        let found: Vec<(usize, i64)> = json_rows::fetch(q, &mut *tx, COMMIT).await?;
         for (i, no) in found {
             let id = part.get(i).ok_or_else(|| {
                 Error::Invalid(format!(

@@ -1155,7 +1155,7 @@ mod tests {
                            39f23369a9d9bacfa530e26304231461 b2eb05e2c39be9fcda6c19078c6a9d1b";
 
     #[test]
-    fn kat_nist_cbc_aes256_encrypt() {
+    fn kat_nist_cbc_aes256_encrypt_by_our_chains() {
         let (key, iv, pt) = (h(NIST_KEY), h(NIST_IV), h(NIST_PT));
         assert_eq!((key.len(), iv.len(), pt.len()), (32, 16, 64));
         let key: [u8; 32] = key.try_into().unwrap();

@@ -57,6 +57,14 @@ impl Fixture {
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
+
+    /// The id of `local`'s root at `root`, the path its backup was given.
+    // Each test crate uses its own subset.
+    #[allow(dead_code)]
+    pub async fn root_id(&self, root: &str) -> i64 {
+        let id = self.repo.catalog.root_id("local", root).await.unwrap();
+        id.unwrap_or_else(|| panic!("no root {root} in the catalog"))
+    }
 }
 
 // Each test crate uses its own subset.
