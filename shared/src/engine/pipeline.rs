@@ -110,12 +110,7 @@ struct Shared<'a> {
 fn take_jobs(seal_rx: &Mutex<mpsc::Receiver<SealJob>>) -> Option<Vec<SealJob>> {
     let rx = seal_rx.lock().unwrap();
     let mut jobs = vec![rx.recv().ok()?];
-    while jobs.len() < SEAL_AT_ONCE {
-        match rx.recv() {
-            Ok(job) => jobs.push(job),
-            Err(_) => break,
-        }
-    }
+    jobs.extend(rx.iter().take(SEAL_AT_ONCE - 1));
     Some(jobs)
 }
 
