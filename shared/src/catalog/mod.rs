@@ -427,6 +427,12 @@ pub(crate) mod tests {
                 true,
             ),
             (
+                "chunks of one-chunk contents",
+                super::snapshots::single_chunks_sql(super::Dialect::Sqlite, 3),
+                "ch",
+                true,
+            ),
+            (
                 "unusable chunks",
                 super::snapshots::unusable_chunks_sql(),
                 "c",
