@@ -329,9 +329,9 @@ pub const EXIT_WARNINGS: u8 = 3;
 ///   ever ran rather than with what it holds. Measured on a first backup of 300,000 small
 ///   files: 111 MB peak with the default, 82 MB with two arenas, at the same speed.
 /// - Blocks of 4 MiB and more straight from the kernel, and back to it when freed. By default
-///   glibc raises that threshold to the size of each such block freed (up to 32 MiB), so the
-///   dedup index's growing vector, a listing's buffers and the like end up in the heap, where
-///   what is freed stays resident. A first backup of 1,000,000 small files peaked at 107 to
+///   glibc raises that threshold to the size of each such block freed (up to 32 MiB), so
+///   later blocks of several MiB come from the heap, where what is freed stays resident
+///   (while a backup reads, its anonymous memory swung between 53 and 99 MB). A first backup of 1,000,000 small files peaked at 107 to
 ///   131 MiB (over the 128 MiB goal in 2 runs of 14) and at 84 to 95 MiB with the threshold
 ///   fixed at 4 MiB. Lower costs the large files: chunks (256 KiB to 4 MiB) would each be
 ///   mapped and faulted in afresh; at 1 MiB a 2 GiB file's backup took 16 % longer.
