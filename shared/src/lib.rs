@@ -34,7 +34,7 @@ pub use engine::policy::KeepPolicy;
 pub use engine::prune::{PruneOptions, PruneReport, UsageReport};
 pub use engine::recover::{RecoverReport, recover};
 pub use engine::repo::{
-    EngineSettings, Repo, VerifyReport, format_entry, format_time, list_snapshots, ls,
+    EngineSettings, Repo, Unlocking, VerifyReport, format_entry, format_time, list_snapshots, ls,
 };
 pub use engine::restore::{RestoreOptions, RestoreSummary};
 pub use engine::scrub::ScrubOptions;

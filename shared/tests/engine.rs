@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use common::*;
 use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::{
-    BackupOptions, CancelFlag, Catalog, Error, NoProgress, Repo, RestoreOptions, Storage,
+    BackupOptions, CancelFlag, Catalog, Error, NoProgress, Repo, RestoreOptions, Storage, Unlocking,
 };
 
 fn backup_opts(path: &std::path::Path) -> BackupOptions {
@@ -339,6 +339,58 @@ async fn wrong_passphrase_is_a_clear_error() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("storinator-worker init"), "{err}");
+}
+
+/// The fixture's repository opened again, its key still being unwrapped.
+async fn unlocking(f: &Fixture, pass: &str) -> Unlocking {
+    let catalog = Catalog::open(&storinator_testkit::db::url_for(&f.path("catalog.db")))
+        .await
+        .unwrap();
+    Repo::begin_open(catalog, f.storage.clone(), pass, settings())
+        .await
+        .unwrap()
+}
+
+/// The command line's restore runs its checking pass while the key is unwrapped: it restores
+/// what `Repo::restore` does, and with a wrong passphrase it reports that, before anything the
+/// pass found, and writes nothing.
+#[tokio::test]
+async fn a_restore_checked_while_the_key_is_unwrapped_writes_only_with_the_key() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    make_tree(&src);
+    f.repo
+        .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
+        .await
+        .unwrap();
+    let restore = |pass: &'static str, opts: RestoreOptions| {
+        let f = &f;
+        async move {
+            unlocking(f, pass)
+                .await
+                .restore(&opts, &NoProgress, &CancelFlag::new())
+                .await
+        }
+    };
+    let out = f.path("out");
+    let err = restore("not the passphrase", restore_opts(&src, &out))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongPassphrase), "{err}");
+    assert!(!out.join("data").exists(), "written without the key");
+    // What the pass finds comes second: a path that is not in the snapshot.
+    let missing = restore_opts(&src.join("no such file"), &out);
+    let err = restore("not the passphrase", missing.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongPassphrase), "{err}");
+    let err = restore(PASS, missing).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+
+    let r = restore(PASS, restore_opts(&src, &out)).await.unwrap();
+    assert_eq!(r.files, 36);
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("data")));
+    assert!(temp_files(&out).is_empty());
 }
 
 #[tokio::test]

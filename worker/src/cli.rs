@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use storinator_shared::{
     BackupOptions, CancelFlag, Catalog, Config, EngineSettings, Error, KdfParams, Repo,
-    RestoreOptions, Storage, format_entry, format_time, human_bytes, plural,
+    RestoreOptions, Storage, Unlocking, format_entry, format_time, human_bytes, plural,
 };
 
 use crate::ui::Bar;
@@ -429,10 +429,16 @@ fn prompt(what: &str, confirm: bool) -> anyhow::Result<String> {
 }
 
 pub(crate) async fn open_repo(pass: &Pass, cfg: &Config) -> anyhow::Result<Repo> {
+    Ok(begin_open_repo(pass, cfg).await?.finish().await?)
+}
+
+/// [`open_repo`] with the key still being unwrapped: for a command that has work needing
+/// only the catalog to do meanwhile.
+async fn begin_open_repo(pass: &Pass, cfg: &Config) -> anyhow::Result<Unlocking> {
     let catalog = Catalog::open(&cfg.database_url).await?;
     let storage = open_storage(cfg).await?;
     let pass = passphrase(pass, cfg, false)?;
-    Ok(Repo::open(catalog, storage, &pass, EngineSettings::from_config(cfg)).await?)
+    Ok(Repo::begin_open(catalog, storage, &pass, EngineSettings::from_config(cfg)).await?)
 }
 
 /// Cancels the flag on Ctrl-C so long commands stop at a safe point.
@@ -516,7 +522,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             owner,
             pass,
         } => {
-            let repo = open_repo(&pass, &cfg).await?;
+            // The checking pass runs while the key is unwrapped.
+            let repo = begin_open_repo(&pass, &cfg).await?;
             let cancel = cancel_on_ctrl_c();
             let bar = Bar::new(&format!("restoring {path}"));
             let opts = RestoreOptions {

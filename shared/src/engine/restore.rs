@@ -284,12 +284,12 @@ struct Pages<'a> {
 }
 
 impl<'a> Pages<'a> {
-    fn new(repo: &'a Repo, resolved: &'a Resolved) -> Pages<'a> {
+    fn new(catalog: &'a Catalog, page: usize, resolved: &'a Resolved) -> Pages<'a> {
         Pages {
-            catalog: &repo.catalog,
+            catalog,
             resolved,
             after: None,
-            page: repo.batch(),
+            page,
             paths: PathCheck::new(&resolved.prefix),
         }
     }
@@ -339,7 +339,7 @@ impl<'a> Pages<'a> {
 
 /// What the checking pass found.
 #[derive(Default)]
-struct Checked {
+struct Found {
     /// Per entry in path order: already there and identical (left alone).
     skip: Vec<bool>,
     conflicts: Vec<PathBuf>,
@@ -347,25 +347,31 @@ struct Checked {
     bytes: u64,
 }
 
-/// Runs a restore. Called through [`Repo::restore`].
-pub(crate) async fn run(
-    repo: &Repo,
+/// A restore whose checking pass is done ([`check`]), ready for [`write`].
+pub(crate) struct Checked {
+    started: Instant,
+    counters: Arc<Counters>,
+    resolved: Resolved,
+    target: Arc<Target>,
+    /// Per entry in path order: already there and identical (left alone).
+    skip: Vec<bool>,
+}
+
+/// A restore's first pass, which needs no key: the path resolved, the target opened (created
+/// if missing) and every entry's path validated and compared with what the target holds.
+/// Called through [`Repo::restore`] and [`super::repo::Unlocking::restore`].
+pub(crate) async fn check(
+    catalog: &Catalog,
+    batch: usize,
     opts: &RestoreOptions,
     progress: &dyn Progress,
-    cancel: &CancelFlag,
-) -> Result<RestoreSummary, Error> {
+) -> Result<Checked, Error> {
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
     counters.set_phase(Phase::Scanning);
     progress.report(&counters.report());
 
-    let resolved = resolve(
-        &repo.catalog,
-        &opts.owner,
-        &opts.path,
-        opts.snapshot.as_deref(),
-    )
-    .await?;
+    let resolved = resolve(catalog, &opts.owner, &opts.path, opts.snapshot.as_deref()).await?;
     let target = {
         let (to, within) = (opts.to.clone(), opts.within.clone());
         Arc::new(blocking(move || Target::open(&to, within.as_deref())).await??)
@@ -376,44 +382,63 @@ pub(crate) async fn run(
             .await?
             .map_err(|e| Error::io(opts.to.join(landing_name(&resolved.prefix)), e))?
     };
-    let checked = check_all(repo, &resolved, &target, opts.overwrite, fresh).await?;
-    if checked.skip.is_empty() {
+    let pages = Pages::new(catalog, batch, &resolved);
+    let found = check_all(pages, &target, opts.overwrite, fresh).await?;
+    if found.skip.is_empty() {
         return Err(Error::NotFound(format!(
             "{} is not in snapshot {}",
             opts.path, resolved.snapshot.short_id
         )));
     }
-    if !checked.conflicts.is_empty() {
+    if !found.conflicts.is_empty() {
         return Err(Error::Conflicts {
-            paths: checked.conflicts,
+            paths: found.conflicts,
         });
     }
-    counters.files_total.store(checked.files, Ordering::Relaxed);
-    counters.bytes_total.store(checked.bytes, Ordering::Relaxed);
+    counters.files_total.store(found.files, Ordering::Relaxed);
+    counters.bytes_total.store(found.bytes, Ordering::Relaxed);
+    Ok(Checked {
+        started,
+        counters,
+        resolved,
+        target,
+        skip: found.skip,
+    })
+}
+
+/// A restore's writing pass, after [`check`].
+pub(crate) async fn write(
+    repo: &Repo,
+    opts: &RestoreOptions,
+    checked: Checked,
+    progress: &dyn Progress,
+    cancel: &CancelFlag,
+) -> Result<RestoreSummary, Error> {
+    let Checked {
+        started,
+        counters,
+        resolved,
+        target,
+        skip,
+    } = checked;
     counters.set_phase(Phase::Downloading);
     progress.report(&counters.report());
     // Counting the packs is a query over every chunk of the restore, on the way to the first
     // write: only for backends that announce an estimate (local ones give none).
-    if repo.storage.estimate(checked.bytes, 0).is_some() {
+    let bytes = counters.bytes_total.load(Ordering::Relaxed);
+    if repo.storage.estimate(bytes, 0).is_some() {
         let packs = repo
             .catalog
             .packs_under(resolved.root_id, resolved.snapshot.seq, &resolved.prefix)
             .await?;
-        if let Some(estimate) = repo.storage.estimate(checked.bytes, packs) {
+        if let Some(estimate) = repo.storage.estimate(bytes, packs) {
             progress.estimate(&estimate);
         }
     }
 
     let same_owner = opts.same_owner.unwrap_or_else(running_as_root);
     let written = write_all(
-        repo,
-        &resolved,
-        &target,
-        &checked.skip,
-        same_owner,
-        &counters,
-        progress,
-        cancel,
+        repo, &resolved, &target, &skip, same_owner, &counters, progress, cancel,
     )
     .await?;
     let Written {
@@ -448,7 +473,7 @@ pub(crate) async fn run(
     }
     counters.set_phase(Phase::Done);
     progress.report(&counters.report());
-    let unchanged = checked.skip.iter().filter(|s| **s).count() as u64;
+    let unchanged = skip.iter().filter(|s| **s).count() as u64;
     Ok(RestoreSummary {
         snapshot: resolved.snapshot,
         target: target.path().join(landing_name(&resolved.prefix)),
@@ -468,14 +493,12 @@ pub(crate) async fn run(
 /// below it can differ: only the paths are validated and the totals counted, from the
 /// entries' paths, kinds and sizes.
 async fn check_all(
-    repo: &Repo,
-    resolved: &Resolved,
+    mut pages: Pages<'_>,
     target: &Arc<Target>,
     overwrite: bool,
     fresh: bool,
-) -> Result<Checked, Error> {
-    let mut checked = Checked::default();
-    let mut pages = Pages::new(repo, resolved);
+) -> Result<Found, Error> {
+    let mut checked = Found::default();
     loop {
         if fresh {
             let outlines = pages.next_outlines().await?;
@@ -564,7 +587,7 @@ async fn write_all(
     let encrypted = resolved.snapshot.encrypted;
     let fetch = fetch_and_write(repo, shared, page_rx, encrypted, progress);
     let prepare = async {
-        let mut pages = Pages::new(repo, resolved);
+        let mut pages = Pages::new(&repo.catalog, repo.batch(), resolved);
         let mut done = 0;
         loop {
             let mut plan = pages.next().await?;
