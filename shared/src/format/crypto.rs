@@ -1709,17 +1709,19 @@ mod tests {
         }
     }
 
+    /// `n` random bytes: a plaintext no compressor can shrink.
+    fn random(n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        getrandom::fill(&mut v[..]).unwrap();
+        v
+    }
+
     /// A large plaintext is compressed when any probe sample compresses, wherever in it that
     /// is; one that no sample finds compressible is stored as it is, without the whole-chunk
     /// attempt.
     #[test]
     fn large_plaintexts_are_probed_before_compressing() {
         let k = keys();
-        let random = |n: usize| -> Vec<u8> {
-            let mut v = vec![0u8; n];
-            getrandom::fill(&mut v[..]).unwrap();
-            v
-        };
         let len = 1 << 20;
         let mut comp = zstd::bulk::Compressor::new(1).unwrap();
         let noise = random(len);
@@ -1753,11 +1755,6 @@ mod tests {
     #[test]
     fn small_plaintexts_are_compressed_when_uneven_or_repeating() {
         let k = keys();
-        let random = |n: usize| -> Vec<u8> {
-            let mut v = vec![0u8; n];
-            getrandom::fill(&mut v[..]).unwrap();
-            v
-        };
         let mut comp = zstd::bulk::Compressor::new(3).unwrap();
         let sealed_compressed = |plaintext: &[u8]| {
             let s = seal(SealMode::Encrypted(&k), plaintext, Some(3));
