@@ -149,6 +149,75 @@ async fn a_restore_reads_past_a_damaged_copy_and_heals_it() {
     assert!(v.problems.is_empty(), "{:?}", v.problems);
 }
 
+/// Lane a's copy of a pack holds two of its blobs swapped: each authentic (every MAC passes),
+/// each another chunk than the catalog says. A restore reads lane a first without checking
+/// ids, finds the two files' SHA-256 differ, reads them again checking ids, takes lane b's
+/// copy, and stores the good copy in lane a again.
+#[tokio::test]
+async fn a_copy_holding_authentic_blobs_of_other_chunks_gives_way_and_is_healed() {
+    let t = two_lanes().await;
+    // Small files of one length (one chunk each, incompressible): blobs of one length.
+    let src = t.dir.path().join("src/small");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(src.join(format!("s{i}")), bytes(3000, 100 + i)).unwrap();
+    }
+    t.repo
+        .backup(
+            &BackupOptions {
+                path: src.clone(),
+                owner: "local".into(),
+                encrypt: true,
+            },
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    let blobs: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT p.id, c.\"offset\", c.length FROM chunks c JOIN packs p ON p.no = c.pack_no \
+         WHERE c.raw_length = 3000 ORDER BY c.\"offset\"",
+    )
+    .fetch_all(t.repo.catalog.pool())
+    .await
+    .unwrap();
+    let [(ref pack, a, len), (ref pack_b, b, len_b), ..] = blobs[..] else {
+        panic!("the small files' blobs: {blobs:?}")
+    };
+    assert_eq!((pack, len), (pack_b, len_b), "{blobs:?}");
+    let name = format!("{pack}.enc");
+    let good = t.lane_bytes(0, &name).await;
+    let (a, b, len) = (a as usize, b as usize, len as usize);
+    let mut swapped = good.clone();
+    swapped[a..a + len].copy_from_slice(&good[b..b + len]);
+    swapped[b..b + len].copy_from_slice(&good[a..a + len]);
+    t.mem[0].put_bytes(&name, swapped).await.unwrap();
+
+    let out = t.dir.path().join("out-small");
+    t.repo
+        .restore(
+            &RestoreOptions {
+                path: src.to_string_lossy().into_owned(),
+                to: out.clone(),
+                snapshot: None,
+                owner: "local".into(),
+                overwrite: false,
+                within: None,
+                same_owner: None,
+            },
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(describe_tree(&src), describe_tree(&out.join("small")));
+    assert_eq!(
+        t.lane_bytes(0, &name).await,
+        good,
+        "the wrong copy was stored again"
+    );
+}
+
 #[tokio::test]
 async fn verify_and_the_scrub_check_every_copy_and_heal_a_bad_one() {
     let t = two_lanes().await;

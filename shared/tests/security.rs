@@ -321,6 +321,114 @@ async fn encrypted_and_unencrypted_snapshots_cut_chunks_with_unrelated_seeds() {
     assert_ne!(plain, enc, "same cut points: the chunker seed is shared");
 }
 
+/// The catalog points two chunks at each other's blobs (as a catalog gone wrong, or storage
+/// that moved authentic blobs around, would): every MAC passes, and neither file may be
+/// written. A restore does not check ids at first; it finds both files' SHA-256 differ, reads
+/// them again checking ids, and reports each by path with the chunk at fault. The rest of the
+/// tree is restored, and nothing of the two files is left in the target.
+#[tokio::test]
+async fn authentic_blobs_of_other_chunks_are_found_and_never_written() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    // One chunk each (under the chunker's minimum), incompressible, all the same length.
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("f{i}")), bytes(3000, i + 1)).unwrap();
+    }
+    f.repo
+        .backup(
+            &backup_opts(&src, "local", true),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    let chunk_of = |name: &str| {
+        let sha = sha2::Sha256::digest(std::fs::read(src.join(name)).unwrap()).to_vec();
+        let pool = f.repo.catalog.pool().clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
+                "SELECT ch.no, ch.\"offset\", ch.length FROM contents c \
+                 JOIN {CHUNK_LISTS} cc ON cc.content_id = c.id \
+                 JOIN chunks ch ON ch.no = cc.chunk_no WHERE c.sha256 = $1"
+            )))
+            .bind(sha)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // A restore while the catalog is right: how many range reads the tree takes.
+    let reads = || f.storage.reads.load(Ordering::SeqCst);
+    let before = reads();
+    f.repo
+        .restore(
+            &restore_opts(&src, &f.path("clean"), "local"),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap();
+    let clean_reads = reads() - before;
+    let (a, b) = (chunk_of("f1").await, chunk_of("f4").await);
+    assert_eq!(a.2, b.2, "blobs of one length");
+    for (no, (offset, length)) in [(a.0, (b.1, b.2)), (b.0, (a.1, a.2))] {
+        sqlx::query("UPDATE chunks SET \"offset\" = $1, length = $2 WHERE no = $3")
+            .bind(offset)
+            .bind(length)
+            .bind(no)
+            .execute(f.repo.catalog.pool())
+            .await
+            .unwrap();
+    }
+
+    let out = f.path("out");
+    let before = reads();
+    let err = f
+        .repo
+        .restore(
+            &restore_opts(&src, &out, "local"),
+            &NoProgress,
+            &CancelFlag::new(),
+        )
+        .await
+        .unwrap_err();
+    let Error::RestoreFailed { failures } = err else {
+        panic!("{err}")
+    };
+    let mut paths: Vec<&str> = failures.iter().map(|(p, _)| p.as_str()).collect();
+    paths.sort();
+    assert_eq!(paths, ["data/f1", "data/f4"], "{failures:?}");
+    // The first pass took the blobs unchecked; the two files were read a second time.
+    assert!(
+        reads() - before > clean_reads,
+        "{} reads against {clean_reads}: no second pass",
+        reads() - before
+    );
+    for (_, reason) in &failures {
+        assert!(
+            reason.contains("other data than its id says"),
+            "the chunk at fault is named: {failures:?}"
+        );
+    }
+    let mut left: Vec<String> = std::fs::read_dir(out.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["f0", "f2", "f3", "f5"],
+        "no temporary, no wrong file"
+    );
+    for name in &left {
+        assert_eq!(
+            std::fs::read(out.join("data").join(name)).unwrap(),
+            std::fs::read(src.join(name)).unwrap()
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Restore and local users
 

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, OFlags};
@@ -243,6 +243,7 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 }
 
 /// One planned item.
+#[derive(Clone)]
 struct Planned {
     entry: EntryRow,
     /// Where it goes, relative to the target (a plain relative path).
@@ -257,6 +258,9 @@ struct Planned {
 struct Outcome {
     failures: Vec<(String, String)>,
     warnings: Vec<String>,
+    /// Files whose content did not match their SHA-256 while blob ids went unchecked, to
+    /// write again with them checked (see [`IdChecks`]).
+    recheck: Vec<Planned>,
 }
 
 impl Outcome {
@@ -269,6 +273,7 @@ impl Outcome {
     fn merge(&mut self, other: Outcome) {
         self.failures.extend(other.failures);
         self.warnings.extend(other.warnings);
+        self.recheck.extend(other.recheck);
     }
 }
 
@@ -583,9 +588,10 @@ async fn write_all(
         same_owner,
         counters: counters.clone(),
         cancel: cancel.clone(),
+        ids: Arc::new(IdChecks::new()),
     };
     let encrypted = resolved.snapshot.encrypted;
-    let fetch = fetch_and_write(repo, shared, page_rx, encrypted, progress);
+    let fetch = fetch_and_write(repo, shared.clone(), page_rx, encrypted, progress);
     let prepare = async {
         let mut pages = Pages::new(&repo.catalog, repo.batch(), resolved);
         let mut done = 0;
@@ -643,14 +649,47 @@ async fn write_all(
         Ok::<(), Error>(())
     };
     let (fetched, prepared) = tokio::join!(fetch, prepare);
-    let outcome = fetched?;
+    let mut outcome = fetched?;
     prepared?;
+    let recheck = std::mem::take(&mut outcome.recheck);
     written.outcome.merge(outcome);
+    if !recheck.is_empty() && !cancel.is_cancelled() {
+        let again = write_again(repo, shared, recheck, encrypted, progress).await?;
+        written.outcome.merge(again);
+    }
     if cancel.is_cancelled() {
         return Err(Error::Cancelled);
     }
     written.removed_temp.sort();
     Ok(written)
+}
+
+/// Writes again, with every blob's id checked, the files whose content did not match their
+/// SHA-256 in the first pass (see [`IdChecks`]): a copy holding the wrong chunk now gives way
+/// to another lane's, and a file that still fails is reported with the chunk at fault.
+async fn write_again(
+    repo: &Repo,
+    shared: WriterShared,
+    files: Vec<Planned>,
+    encrypted: bool,
+    progress: &dyn Progress,
+) -> Result<Outcome, Error> {
+    tracing::warn!(
+        files = files.len(),
+        "restore: content that did not match its SHA-256; reading it again with every chunk checked"
+    );
+    let shared = WriterShared {
+        ids: Arc::new(IdChecks::rechecking()),
+        ..shared
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<ReadyPage>(1);
+    let page = ReadyPage {
+        files: (0..files.len()).collect(),
+        plan: Arc::new(files),
+    };
+    tx.send(page).await.expect("the receiver is held below");
+    drop(tx);
+    fetch_and_write(repo, shared, rx, encrypted, progress).await
 }
 
 /// The name the selected item (entry path `prefix`) gets in the target.
@@ -1367,6 +1406,47 @@ struct WriterShared {
     same_owner: bool,
     counters: Arc<Counters>,
     cancel: CancelFlag,
+    ids: Arc<IdChecks>,
+}
+
+/// Whether the fetchers check each blob's id ([`KeyRing::open_chunk`]) or only authenticate
+/// it ([`KeyRing::open_unbound`]).
+///
+/// A restore starts without: every file is hashed before its rename anyway, and recomputing
+/// the keyed id is one more SHA-256 pass over every byte (the third, with the MAC's and the
+/// file's). A blob that authenticates but holds another chunk (a catalog pointing at the
+/// wrong place, or storage that moved authentic blobs around) then shows as a file whose
+/// SHA-256 differs. The first such file turns the checks on for the reads started after it,
+/// and the files that differed are written again with them ([`write_again`]), where a wrong
+/// copy gives way to another lane's, as a damaged one always did.
+struct IdChecks {
+    on: AtomicBool,
+    /// This pass writes files that differed once: a difference now is a failure.
+    rechecking: bool,
+}
+
+/// Files to write again that one writer keeps: past it, a file that differs fails at once
+/// (the checks are on by then; this bounds memory when much of the storage is wrong).
+const RECHECK_AT_MOST: usize = 1024;
+
+impl IdChecks {
+    fn new() -> IdChecks {
+        IdChecks {
+            on: AtomicBool::new(false),
+            rechecking: false,
+        }
+    }
+
+    fn rechecking() -> IdChecks {
+        IdChecks {
+            on: AtomicBool::new(true),
+            rechecking: true,
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
 }
 
 /// Writers working side by side. A file's creation and rename hold its folder's lock in the
@@ -1479,6 +1559,7 @@ async fn fetch_and_write(
     let counters = shared.counters.clone();
     let cancel = shared.cancel.clone();
     let ring = shared.ring.clone();
+    let ids = shared.ids.clone();
     let mut to_writers = Vec::new();
     let mut writers = Vec::new();
     for _ in 0..writer_count() {
@@ -1525,11 +1606,15 @@ async fn fetch_and_write(
                 Some(Step::Pages(shares)) => inflight.push_back(InFlight::Pages(shares)),
                 Some(Step::Read(read, owners)) => {
                     let len = read.len;
+                    let opening = Opening {
+                        encrypted_snapshot,
+                        check_ids: ids.on(),
+                    };
                     let handle = tokio::spawn(fetch_range(
                         repo.storage.clone(),
                         ring.clone(),
                         read,
-                        encrypted_snapshot,
+                        opening,
                     ));
                     inflight.push_back(InFlight::Read(handle, owners, len));
                     reads_inflight += 1;
@@ -1608,15 +1693,9 @@ async fn fetch_range(
     storage: Arc<dyn Storage>,
     keys: Arc<KeyRing>,
     read: RangeRead,
-    encrypted_snapshot: bool,
+    opening: Opening,
 ) -> Vec<BlobResult> {
-    let first = fetch_copy(
-        storage.clone(),
-        keys.clone(),
-        read.clone(),
-        encrypted_snapshot,
-    )
-    .await;
+    let first = fetch_copy(storage.clone(), keys.clone(), read.clone(), opening).await;
     if first.iter().all(Result::is_ok) {
         return first;
     }
@@ -1628,7 +1707,7 @@ async fn fetch_range(
             obj,
             ..read.clone()
         };
-        let got = fetch_copy(storage.clone(), keys.clone(), one, encrypted_snapshot).await;
+        let got = fetch_copy(storage.clone(), keys.clone(), one, opening).await;
         if got.iter().all(Result::is_ok) {
             return got;
         }
@@ -1641,14 +1720,23 @@ async fn fetch_range(
     first
 }
 
-/// Reads one range of one object and opens its blobs (checking each MAC and id: the catalog,
-/// which holds only what authenticated sources said, vouches for the ids). An encrypted
-/// snapshot takes no unencrypted blob.
+/// How [`fetch_copy`] opens blobs.
+#[derive(Clone, Copy)]
+struct Opening {
+    /// An encrypted snapshot takes no unencrypted blob.
+    encrypted_snapshot: bool,
+    /// See [`IdChecks`].
+    check_ids: bool,
+}
+
+/// Reads one range of one object and opens its blobs: each MAC checked, and each id when
+/// `opening` says so (the catalog, which holds only what authenticated sources said, vouches
+/// for the ids).
 async fn fetch_copy(
     storage: Arc<dyn Storage>,
     keys: Arc<KeyRing>,
     read: RangeRead,
-    encrypted_snapshot: bool,
+    opening: Opening,
 ) -> Vec<BlobResult> {
     let what = format!("reading {}", read.obj.name);
     let data = with_retry(&what, || {
@@ -1678,13 +1766,16 @@ async fn fetch_copy(
                 let at = (b.offset - read.offset) as usize;
                 let sealed = &data[at..at + b.length];
                 let shown = || format!("chunk {} in pack {}", &b.id.to_hex()[..12], read.obj.name);
-                let (_, opened) = keys
-                    .open_chunk(sealed, MAX_BLOB, &b.id)
-                    .map_err(|e| format!("{}: {e}", shown()))?;
+                let opened = if opening.check_ids {
+                    keys.open_chunk(sealed, MAX_BLOB, &b.id)
+                } else {
+                    keys.open_unbound(sealed, MAX_BLOB)
+                };
+                let (_, opened) = opened.map_err(|e| format!("{}: {e}", shown()))?;
                 if opened.plaintext.len() != b.raw_length {
                     return Err(format!("{} holds the wrong data", shown()));
                 }
-                if encrypted_snapshot && !opened.encrypted {
+                if opening.encrypted_snapshot && !opened.encrypted {
                     return Err(format!(
                         "{} is not encrypted, in an encrypted snapshot",
                         shown()
@@ -1765,6 +1856,11 @@ fn write_files(ctx: &WriterShared, rx: tokio::sync::mpsc::Receiver<ToWriter>) ->
             match result {
                 Ok(()) => {}
                 Err(WriteError::Failed(reason)) => outcome.fail(&p.entry.path, reason),
+                Err(WriteError::Differs) if outcome.recheck.len() < RECHECK_AT_MOST => {
+                    outcome.recheck.push(p.clone());
+                    continue; // counted when written again
+                }
+                Err(WriteError::Differs) => outcome.fail(&p.entry.path, DIFFERS),
                 // The fetcher stopped (cancelled or failed): abandon the rest.
                 Err(WriteError::Stopped) => return outcome,
             }
@@ -1776,8 +1872,12 @@ fn write_files(ctx: &WriterShared, rx: tokio::sync::mpsc::Receiver<ToWriter>) ->
 
 enum WriteError {
     Failed(String),
+    /// The content read does not match the file's SHA-256, and blob ids went unchecked.
+    Differs,
     Stopped,
 }
+
+const DIFFERS: &str = "content does not match its recorded SHA-256";
 
 /// Receives the blobs of one file (all of them, whatever happens, so the next file starts at
 /// its own first blob) and writes them to a temporary file that becomes the file.
@@ -1856,12 +1956,23 @@ fn write_one(
         }
     }
     let digest: [u8; 32] = sha.finalize().into();
-    if failure.is_none() && (written != p.entry.size || Some(digest) != p.entry.sha256) {
-        failure = Some("content does not match its recorded SHA-256".into());
+    let differs = failure.is_none() && (written != p.entry.size || Some(digest) != p.entry.sha256);
+    if differs {
+        failure = Some(DIFFERS.into());
     }
     let (Some(dir), Some(out)) = (parent.fd.as_ref(), out) else {
         return Err(WriteError::Failed(failure.unwrap_or_default()));
     };
+    if differs && !ctx.ids.rechecking {
+        // Perhaps an authentic blob of another chunk: checks on, and this file again later.
+        ctx.ids.on.store(true, Ordering::Relaxed);
+        drop(out);
+        let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::empty());
+        ctx.counters
+            .bytes_done
+            .fetch_sub(written, Ordering::Relaxed);
+        return Err(WriteError::Differs);
+    }
     let finish = || -> std::io::Result<()> {
         finish_file(
             out.as_fd(),

@@ -152,6 +152,18 @@ impl KeyRing {
         )
     }
 
+    /// [`crypto::open_unbound`] under whichever key of the ring sealed the blob.
+    pub fn open_unbound(
+        &self,
+        sealed: &[u8],
+        max_plain: usize,
+    ) -> Result<(usize, Opened), CryptoError> {
+        self.try_each(
+            |k| crypto::open_unbound(k, sealed, max_plain),
+            |e| matches!(e, CryptoError::MacMismatch),
+        )
+    }
+
     /// [`crypto::open`] under whichever key of the ring sealed the blob.
     pub fn open(&self, sealed: &[u8], max_plain: usize) -> Result<(usize, Vec<u8>), CryptoError> {
         self.try_each(
