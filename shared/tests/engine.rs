@@ -1781,14 +1781,21 @@ async fn recover_reads_a_listings_chunks_several_at_once() {
     let f = Fixture::new().await;
     let src = f.path("src/many");
     std::fs::create_dir_all(&src).unwrap();
-    // Enough entries for a listing of several (small test) chunks.
-    for i in 0..800 {
+    // Enough entries for a listing of more chunks than the backup seals at once: their ids
+    // must come back in order over the batches.
+    for i in 0..5000 {
         std::fs::write(src.join(format!("file-{i:04}.txt")), format!("{i}")).unwrap();
     }
     f.repo
         .backup(&backup_opts(&src), &NoProgress, &CancelFlag::new())
         .await
         .unwrap();
+    let listing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshot_listing")
+        .fetch_one(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    // More chunks than are sealed at once (`pipeline::LISTING_BATCH`, 8).
+    assert!(listing > 8, "{listing} listing chunks");
     let fresh = new_machine_catalog(&f).await;
     f.storage.read_delay_ms.store(10, Ordering::SeqCst);
     let (repo, report) =

@@ -89,6 +89,10 @@ pub(super) struct Pipeline {
     pub new_bytes: AtomicU64,
 }
 
+/// Listing chunks [`Pipeline::store_bytes`] seals at once (a batch is held twice, as chunks
+/// and sealed: at most 4 MiB with [`LISTING_CHUNKS`]).
+const LISTING_BATCH: usize = 8;
+
 /// The state the reader and sealer threads share during [`Pipeline::read_all`].
 struct Shared<'a> {
     files: &'a [(PathBuf, String, u64)],
@@ -361,6 +365,10 @@ impl Pipeline {
     }
 
     /// Chunks `data` (a listing) into blobs; returns their ids in order.
+    ///
+    /// The chunks are named and sealed [`LISTING_BATCH`] at a time on every thread: the
+    /// listing is the last thing a backup stores, and sealed on one thread it kept the other
+    /// cores waiting (100,000 files: a 27 MB listing, about 0.3 s of one core).
     pub(super) fn store_bytes(
         &self,
         packer: &mut Packer,
@@ -370,15 +378,62 @@ impl Pipeline {
         let mut ids = Vec::new();
         let cutter = Cutter::new(LISTING_CHUNKS, self.cdc_seed());
         let mut chunker = Chunker::new(data, &cutter, ChunkBuf::new(&cutter));
-        while let Some(chunk) = chunker
-            .next_chunk()
-            .map_err(|e| Error::Invalid(format!("chunking listing: {e}")))?
-        {
-            let id = self.blob_id(chunk);
-            self.add_blob(packer, kind, id, chunk)?;
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let chunk = chunker
+                .next_chunk()
+                .map_err(|e| Error::Invalid(format!("chunking listing: {e}")))?;
+            let end = chunk.is_none();
+            if let Some(chunk) = chunk {
+                batch.push(chunk.to_vec());
+            }
+            if end || batch.len() == LISTING_BATCH {
+                self.store_batch(packer, kind, &batch, &mut ids)?;
+                batch.clear();
+            }
+            if end {
+                return Ok(ids);
+            }
+        }
+    }
+
+    /// Names, dedups and seals `batch` across the threads, then packs the new blobs in order.
+    fn store_batch(
+        &self,
+        packer: &mut Packer,
+        kind: BlobKind,
+        batch: &[Vec<u8>],
+        ids: &mut Vec<ChunkId>,
+    ) -> Result<(), Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let per_thread = batch.len().div_ceil(self.threads);
+        let seal = |data: &Vec<u8>| {
+            let id = self.blob_id(data);
+            let new = self.known.lock().unwrap().insert(id);
+            (
+                id,
+                new.then(|| crypto::seal(self.mode(), data, Some(META_COMPRESSION))),
+            )
+        };
+        let done: Vec<Vec<(ChunkId, Option<Vec<u8>>)>> = std::thread::scope(|s| {
+            let parts: Vec<_> = batch
+                .chunks(per_thread)
+                .map(|part| s.spawn(move || part.iter().map(seal).collect()))
+                .collect();
+            parts
+                .into_iter()
+                .map(|p| p.join().expect("a sealing thread panicked"))
+                .collect()
+        });
+        for ((id, sealed), data) in done.into_iter().flatten().zip(batch) {
+            if let Some(sealed) = sealed {
+                self.append(packer, kind, id, &sealed, data.len())?;
+            }
             ids.push(id);
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Reads, chunks and hashes one file. The chunks of a small file are sealed right here:

@@ -226,5 +226,8 @@ pub const LISTING_CHUNKS: ChunkerParams = ChunkerParams {
     avg: 64 * 1024,
     max: 256 * 1024,
 };
-/// zstd level for listings and snapshot objects (JSON compresses well).
-pub const META_COMPRESSION: i32 = 3;
+/// zstd level for listings and snapshot objects (JSON compresses well). Level 1, not 3: on
+/// listings in 64 KiB blocks (`zstd -b -B65536`; 117,410 paths of `/usr` with random hashes),
+/// level 1 compressed 283 MB/s to 3.81:1 and level 3 172 MB/s to 3.69:1. Hex hashes, most of a
+/// listing, gain nothing from level 3's longer search.
+pub const META_COMPRESSION: i32 = 1;
