@@ -53,6 +53,12 @@ async fn two_lanes() -> Two {
     for i in 0..6u64 {
         std::fs::write(src.join(format!("f{i}")), bytes(200 << 10, i)).unwrap();
     }
+    backup(&repo, src).await;
+    Two { dir, mem, repo }
+}
+
+/// An encrypted backup of `src` for `local`.
+async fn backup(repo: &Repo, src: std::path::PathBuf) {
     repo.backup(
         &BackupOptions {
             path: src,
@@ -64,7 +70,6 @@ async fn two_lanes() -> Two {
     )
     .await
     .unwrap();
-    Two { dir, mem, repo }
 }
 
 impl Two {
@@ -74,11 +79,17 @@ impl Two {
 
     async fn restores_identically(&self, to: &str) {
         let out = self.dir.path().join(to);
+        self.restore(&self.src(), &out).await;
+        assert_eq!(describe_tree(&self.src()), describe_tree(&out.join("data")));
+    }
+
+    /// Restores `src` (the path it was backed up from) into `out`.
+    async fn restore(&self, src: &std::path::Path, out: &std::path::Path) {
         self.repo
             .restore(
                 &RestoreOptions {
-                    path: self.src().to_string_lossy().into_owned(),
-                    to: out.clone(),
+                    path: src.to_string_lossy().into_owned(),
+                    to: out.to_path_buf(),
                     snapshot: None,
                     owner: "local".into(),
                     overwrite: false,
@@ -90,7 +101,6 @@ impl Two {
             )
             .await
             .unwrap();
-        assert_eq!(describe_tree(&self.src()), describe_tree(&out.join("data")));
     }
 
     /// The packs of lane `i` with their bytes.
@@ -162,18 +172,7 @@ async fn a_copy_holding_authentic_blobs_of_other_chunks_gives_way_and_is_healed(
     for i in 0..4u64 {
         std::fs::write(src.join(format!("s{i}")), bytes(3000, 100 + i)).unwrap();
     }
-    t.repo
-        .backup(
-            &BackupOptions {
-                path: src.clone(),
-                owner: "local".into(),
-                encrypt: true,
-            },
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&t.repo, src.clone()).await;
     let blobs: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT p.id, c.\"offset\", c.length FROM chunks c JOIN packs p ON p.no = c.pack_no \
          WHERE c.raw_length = 3000 ORDER BY c.\"offset\"",
@@ -194,22 +193,7 @@ async fn a_copy_holding_authentic_blobs_of_other_chunks_gives_way_and_is_healed(
     t.mem[0].put_bytes(&name, swapped).await.unwrap();
 
     let out = t.dir.path().join("out-small");
-    t.repo
-        .restore(
-            &RestoreOptions {
-                path: src.to_string_lossy().into_owned(),
-                to: out.clone(),
-                snapshot: None,
-                owner: "local".into(),
-                overwrite: false,
-                within: None,
-                same_owner: None,
-            },
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    t.restore(&src, &out).await;
     assert_eq!(describe_tree(&src), describe_tree(&out.join("small")));
     assert_eq!(
         t.lane_bytes(0, &name).await,

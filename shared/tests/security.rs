@@ -15,8 +15,8 @@ use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::format::pack::{BlobKind, PACK_MAGIC, PackEntry, encode_trailer};
 use storinator_shared::format::snapshot::{ListingEntry, SnapshotObject};
 use storinator_shared::{
-    BackupOptions, CancelFlag, Catalog, ChunkId, Error, NoProgress, Repo, RestoreOptions, Storage,
-    recover,
+    BackupOptions, CancelFlag, Catalog, ChunkId, Error, NoProgress, Repo, RestoreOptions,
+    RestoreSummary, Storage, recover,
 };
 
 fn backup_opts(path: &Path, owner: &str, encrypt: bool) -> BackupOptions {
@@ -37,6 +37,16 @@ fn restore_opts(path: &Path, to: &Path, owner: &str) -> RestoreOptions {
         within: None,
         same_owner: None,
     }
+}
+
+/// Restores `src` (the path it was backed up from) of `local` into `to`.
+async fn restore_to(repo: &Repo, src: &Path, to: &Path) -> Result<RestoreSummary, Error> {
+    repo.restore(
+        &restore_opts(src, to, "local"),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,14 +371,7 @@ async fn authentic_blobs_of_other_chunks_are_found_and_never_written() {
     // A restore while the catalog is right: how many range reads the tree takes.
     let reads = || f.storage.reads.load(Ordering::SeqCst);
     let before = reads();
-    f.repo
-        .restore(
-            &restore_opts(&src, &f.path("clean"), "local"),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    restore_to(&f.repo, &src, &f.path("clean")).await.unwrap();
     let clean_reads = reads() - before;
     let (a, b) = (chunk_of("f1").await, chunk_of("f4").await);
     assert_eq!(a.2, b.2, "blobs of one length");
@@ -384,15 +387,7 @@ async fn authentic_blobs_of_other_chunks_are_found_and_never_written() {
 
     let out = f.path("out");
     let before = reads();
-    let err = f
-        .repo
-        .restore(
-            &restore_opts(&src, &out, "local"),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap_err();
+    let err = restore_to(&f.repo, &src, &out).await.unwrap_err();
     let Error::RestoreFailed { failures } = err else {
         panic!("{err}")
     };
