@@ -15,8 +15,8 @@ use storinator_shared::catalog::CHUNK_LISTS;
 use storinator_shared::format::pack::{BlobKind, PACK_MAGIC, PackEntry, encode_trailer};
 use storinator_shared::format::snapshot::{ListingEntry, SnapshotObject};
 use storinator_shared::{
-    BackupOptions, CancelFlag, Catalog, ChunkId, Error, NoProgress, Repo, RestoreOptions,
-    RestoreSummary, Storage, recover,
+    BackupOptions, BackupSummary, CancelFlag, Catalog, ChunkId, Error, NoProgress, Repo,
+    RestoreOptions, RestoreSummary, Storage, recover,
 };
 
 fn backup_opts(path: &Path, owner: &str, encrypt: bool) -> BackupOptions {
@@ -37,6 +37,17 @@ fn restore_opts(path: &Path, to: &Path, owner: &str) -> RestoreOptions {
         within: None,
         same_owner: None,
     }
+}
+
+/// Backs up `src` for `owner`.
+async fn backup(repo: &Repo, src: &Path, owner: &str, encrypt: bool) -> BackupSummary {
+    repo.backup(
+        &backup_opts(src, owner, encrypt),
+        &NoProgress,
+        &CancelFlag::new(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Restores `src` (the path it was backed up from) of `local` into `to`.
@@ -153,15 +164,7 @@ async fn a_forged_pack_in_storage_is_skipped_by_recover_and_never_becomes_a_snap
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("real.txt"), b"the user's own file\n").unwrap();
     let owner = "tg:42";
-    let real = f
-        .repo
-        .backup(
-            &backup_opts(&src, owner, true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    let real = backup(&f.repo, &src, owner, true).await;
     let root = real.snapshot.root.clone();
 
     // The attacker posts packs into the storage chat: one in format 1 (bare checksums, what
@@ -227,14 +230,7 @@ async fn planted_key_objects_are_skipped_with_a_problem_and_never_stop_recover()
     let src = f.path("src/data");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a"), b"a").unwrap();
-    f.repo
-        .backup(
-            &backup_opts(&src, "local", true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&f.repo, &src, "local", true).await;
     // Names that sort before the real key, so recover meets them first.
     let real: storinator_shared::WrappedKey =
         f.repo.catalog.user_key("default").await.unwrap().unwrap();
@@ -302,14 +298,7 @@ async fn encrypted_and_unencrypted_snapshots_cut_chunks_with_unrelated_seeds() {
         let src = f.path(dir);
         std::fs::create_dir_all(&src).unwrap();
         std::fs::write(src.join("big"), &content).unwrap();
-        f.repo
-            .backup(
-                &backup_opts(&src, "local", encrypt),
-                &NoProgress,
-                &CancelFlag::new(),
-            )
-            .await
-            .unwrap();
+        backup(&f.repo, &src, "local", encrypt).await;
     }
     let all = chunk_lengths(&f.repo, &sha).await;
     let total: i64 = content.len() as i64;
@@ -345,14 +334,7 @@ async fn authentic_blobs_of_other_chunks_are_found_and_never_written() {
     for i in 0..6u64 {
         std::fs::write(src.join(format!("f{i}")), bytes(3000, i + 1)).unwrap();
     }
-    f.repo
-        .backup(
-            &backup_opts(&src, "local", true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&f.repo, &src, "local", true).await;
     let chunk_of = |name: &str| {
         let sha = sha2::Sha256::digest(std::fs::read(src.join(name)).unwrap()).to_vec();
         let pool = f.repo.catalog.pool().clone();
@@ -448,14 +430,7 @@ async fn a_folder_swapped_for_a_symlink_mid_restore_never_leads_outside() {
         filetime::FileTime::from_unix_time(1000, 0),
     )
     .unwrap();
-    f.repo
-        .backup(
-            &backup_opts(&src, "local", true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&f.repo, &src, "local", true).await;
 
     // The sentinel: an outside folder holding files named like restored ones.
     let sentinel = f.path("sentinel");
@@ -574,14 +549,7 @@ async fn a_chat_restore_stays_inside_the_restore_roots() {
     let src = f.path("src/data");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("x"), b"x").unwrap();
-    f.repo
-        .backup(
-            &backup_opts(&src, "tg:7", true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&f.repo, &src, "tg:7", true).await;
     let root = f.path("restores");
     let outside = f.path("outside");
     std::fs::create_dir_all(&root).unwrap();
@@ -642,14 +610,7 @@ async fn owners_are_restored_as_root_and_setuid_bits_only_with_them() {
     // chown clears the bits: set them after.
     std::fs::set_permissions(src.join("tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::fs::set_permissions(src.join("shared"), std::fs::Permissions::from_mode(0o2775)).unwrap();
-    f.repo
-        .backup(
-            &backup_opts(&src, "local", true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&f.repo, &src, "local", true).await;
 
     // As root: owners, then modes (setuid and setgid kept).
     let out = f.path("as-root");
@@ -724,14 +685,7 @@ async fn files_created_with_another_group_in_a_setgid_folder_get_their_recorded_
     mode(&src.join("plain"), 0o644).unwrap();
     mode(&src.join("theirs"), 0o644).unwrap();
     mode(&src.join("private"), 0o640).unwrap();
-    f.repo
-        .backup(
-            &backup_opts(&src, "local", true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&f.repo, &src, "local", true).await;
 
     let out = f.path("shared-out");
     std::fs::create_dir_all(&out).unwrap();
@@ -770,14 +724,7 @@ async fn names_of_255_bytes_and_read_only_folders_restore() {
         std::fs::Permissions::from_mode(0o000),
     )
     .unwrap();
-    f.repo
-        .backup(
-            &backup_opts(&src, "local", true),
-            &NoProgress,
-            &CancelFlag::new(),
-        )
-        .await
-        .unwrap();
+    backup(&f.repo, &src, "local", true).await;
     let out = f.path("out");
     f.repo
         .restore(

@@ -378,23 +378,19 @@ impl Pipeline {
         let mut ids = Vec::new();
         let cutter = Cutter::new(LISTING_CHUNKS, self.cdc_seed());
         let mut chunker = Chunker::new(data, &cutter, ChunkBuf::new(&cutter));
-        let mut batch: Vec<Vec<u8>> = Vec::new();
-        loop {
-            let chunk = chunker
-                .next_chunk()
-                .map_err(|e| Error::Invalid(format!("chunking listing: {e}")))?;
-            let end = chunk.is_none();
-            if let Some(chunk) = chunk {
-                batch.push(chunk.to_vec());
-            }
-            if end || batch.len() == LISTING_BATCH {
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(LISTING_BATCH);
+        while let Some(chunk) = chunker
+            .next_chunk()
+            .map_err(|e| Error::Invalid(format!("chunking listing: {e}")))?
+        {
+            batch.push(chunk.to_vec());
+            if batch.len() == LISTING_BATCH {
                 self.store_batch(packer, kind, &batch, &mut ids)?;
                 batch.clear();
             }
-            if end {
-                return Ok(ids);
-            }
         }
+        self.store_batch(packer, kind, &batch, &mut ids)?;
+        Ok(ids)
     }
 
     /// Names, dedups and seals `batch` across the threads, then packs the new blobs in order.
