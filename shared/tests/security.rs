@@ -406,6 +406,81 @@ async fn authentic_blobs_of_other_chunks_are_found_and_never_written() {
     }
 }
 
+/// When storage is wrong for more files than a writer keeps to read again (1,024), the files
+/// past that bound fail at once as differing, instead of piling up in memory: every file is
+/// still reported by path and none is written. Small files of one folder, one pack: a single
+/// range read brings more than the bound to one writer before the checks turn on.
+#[tokio::test]
+async fn files_past_the_recheck_bound_fail_at_once_and_none_is_written() {
+    const FILES: u64 = 1_100;
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..FILES {
+        std::fs::write(src.join(format!("f{i:04}")), bytes(1500, i + 1)).unwrap();
+    }
+    std::fs::write(src.join("kept"), bytes(1700, 0)).unwrap();
+    backup(&f.repo, &src, "local", true).await;
+    // Every file's chunk (one each, all of one length) trades places with its neighbour's.
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT ch.no, ch.\"offset\", ch.length FROM contents c \
+         JOIN {CHUNK_LISTS} cc ON cc.content_id = c.id \
+         JOIN chunks ch ON ch.no = cc.chunk_no WHERE c.size = 1500 ORDER BY ch.no"
+    )))
+    .fetch_all(f.repo.catalog.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len() as u64, FILES);
+    let mut tx = f.repo.catalog.pool().begin().await.unwrap();
+    for pair in rows.chunks(2) {
+        let [a, b] = pair else { unreachable!() };
+        for (no, (_, offset, length)) in [(a.0, b), (b.0, a)] {
+            sqlx::query("UPDATE chunks SET \"offset\" = $1, length = $2 WHERE no = $3")
+                .bind(offset)
+                .bind(length)
+                .bind(no)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+
+    let out = f.path("out");
+    let err = restore_to(&f.repo, &src, &out).await.unwrap_err();
+    let Error::RestoreFailed { failures } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        failures.len() as u64,
+        FILES,
+        "every swapped file is reported"
+    );
+    let by_id = failures
+        .iter()
+        .filter(|(_, r)| r.contains("other data than its id says"))
+        .count();
+    let at_once = failures
+        .iter()
+        .filter(|(_, r)| r.contains("does not match its recorded SHA-256"))
+        .count();
+    assert_eq!(by_id + at_once, failures.len(), "{:?}", &failures[..3]);
+    assert!(by_id >= 1024, "the first 1,024 are read again: {by_id}");
+    assert!(
+        at_once > 0,
+        "past the bound, files fail at once: {by_id} by id"
+    );
+    let left: Vec<_> = std::fs::read_dir(out.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["kept"], "no temporary, no wrong file");
+    assert_eq!(
+        std::fs::read(out.join("data/kept")).unwrap(),
+        std::fs::read(src.join("kept")).unwrap()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Restore and local users
 
