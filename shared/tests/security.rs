@@ -406,6 +406,65 @@ async fn authentic_blobs_of_other_chunks_are_found_and_never_written() {
     }
 }
 
+/// Large files are hashed on a thread beside their writer's, one after another on the same
+/// thread: each file's digest is its own. Of three large files in one folder (one writer), the
+/// middle one's recorded SHA-256 is wrong: it alone is reported and not written, and the files
+/// before and after it are restored identical.
+#[tokio::test]
+async fn large_files_hashed_beside_their_writer_are_each_checked() {
+    let f = Fixture::new().await;
+    let src = f.path("src/data");
+    std::fs::create_dir_all(&src).unwrap();
+    for (i, mib) in [5usize, 6, 7].into_iter().enumerate() {
+        std::fs::write(
+            src.join(format!("large{i}")),
+            bytes(mib << 20, 40 + i as u64),
+        )
+        .unwrap();
+    }
+    std::fs::write(src.join("small"), bytes(2000, 9)).unwrap();
+    backup(&f.repo, &src, "local", true).await;
+    let sha = sha2::Sha256::digest(std::fs::read(src.join("large1")).unwrap()).to_vec();
+    let changed = sqlx::query("UPDATE contents SET sha256 = $1 WHERE sha256 = $2")
+        .bind(sha2::Sha256::digest(b"another content").to_vec())
+        .bind(sha)
+        .execute(f.repo.catalog.pool())
+        .await
+        .unwrap();
+    assert_eq!(changed.rows_affected(), 1);
+
+    let out = f.path("out");
+    let err = restore_to(&f.repo, &src, &out).await.unwrap_err();
+    let Error::RestoreFailed { failures } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].0, "data/large1");
+    assert!(
+        failures[0]
+            .1
+            .contains("does not match its recorded SHA-256"),
+        "{failures:?}"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(out.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["large0", "large2", "small"],
+        "no temporary, no wrong file"
+    );
+    for name in &left {
+        assert!(
+            std::fs::read(out.join("data").join(name)).unwrap()
+                == std::fs::read(src.join(name)).unwrap(),
+            "{name} restored identical"
+        );
+    }
+}
+
 /// When storage is wrong for more files than a writer keeps to read again (1,024), the files
 /// past that bound fail at once as differing, instead of piling up in memory: every file is
 /// still reported by path and none is written. Small files of one folder, one pack: a single
