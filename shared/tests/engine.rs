@@ -728,11 +728,7 @@ async fn special_files_and_non_utf8_names_are_warnings_not_failures() {
         std::fs::read_link(out.join("data/loop")).unwrap(),
         std::path::Path::new("loop")
     );
-    let mut restored: Vec<String> = std::fs::read_dir(out.join("data"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    restored.sort();
+    let restored = names_in(&out.join("data"));
     assert_eq!(
         restored,
         vec!["loop", "ok.txt"],

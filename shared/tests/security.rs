@@ -388,11 +388,7 @@ async fn authentic_blobs_of_other_chunks_are_found_and_never_written() {
             "the chunk at fault is named: {failures:?}"
         );
     }
-    let mut left: Vec<String> = std::fs::read_dir(out.join("data"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    left.sort();
+    let left = names_in(&out.join("data"));
     assert_eq!(
         left,
         ["f0", "f2", "f3", "f5"],
@@ -446,11 +442,7 @@ async fn large_files_hashed_beside_their_writer_are_each_checked() {
             .contains("does not match its recorded SHA-256"),
         "{failures:?}"
     );
-    let mut left: Vec<String> = std::fs::read_dir(out.join("data"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    left.sort();
+    let left = names_in(&out.join("data"));
     assert_eq!(
         left,
         ["large0", "large2", "small"],
@@ -529,10 +521,7 @@ async fn files_past_the_recheck_bound_fail_at_once_and_none_is_written() {
         at_once > 0,
         "past the bound, files fail at once: {by_id} by id"
     );
-    let left: Vec<_> = std::fs::read_dir(out.join("data"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let left = names_in(&out.join("data"));
     assert_eq!(left, ["kept"], "no temporary, no wrong file");
     assert_eq!(
         std::fs::read(out.join("data/kept")).unwrap(),

@@ -245,3 +245,14 @@ const OLD_ENTRIES: &str = "SELECT e.root_id, e.path, \
      e.size, e.mtime_ns, e.mode, e.inode, e.content_id, e.target, e.from_seq, e.to_seq, \
      o.uid, o.gid, o.user_name, o.group_name \
      FROM a.entries e LEFT JOIN a.owners o ON o.no = e.owner_no";
+
+/// The names in folder `dir`, sorted: what a restore left there (no temporaries, no wrong
+/// files).
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
