@@ -20,16 +20,30 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use storinator_shared::storage::{Lane, Lanes, Storage};
 use storinator_worker::telegram::{TelegramConfig, TelegramStorage};
 
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}: cannot parse {v:?}"))
-        })
-        .unwrap_or(default)
+/// Upload throughput of one lane against two (see the top of worker/examples/lanes_bench.rs).
+#[derive(clap::Parser)]
+struct Args {
+    /// Each account's bandwidth cap in MB/s
+    #[arg(long, default_value_t = 10.0)]
+    cap_mbs: f64,
+    /// Per-connection cap in Mbit/s
+    #[arg(long, default_value_t = 200.0)]
+    conn_mbps: f64,
+    /// Round-trip time to emulate, in ms
+    #[arg(long, default_value_t = 20)]
+    rtt_ms: u64,
+    /// Packs per run
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    packs: u64,
+    /// Each pack's size in MiB
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pack_mib: u64,
+    /// Pairs of runs (one lane, then two)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    pairs: u64,
+    /// The loopback-telegram to run (default: the one of this build)
+    #[arg(long, value_name = "PATH")]
+    server: Option<String>,
 }
 
 /// One loopback account with its own cap.
@@ -151,16 +165,17 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|p| Some(p.parent()?.parent()?.join("loopback-telegram")))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "target/release/loopback-telegram".into());
-    let cap_mbs: f64 = arg("--cap-mbs", 10.0);
+    let args = <Args as clap::Parser>::parse();
+    let cap_mbs = args.cap_mbs;
     let s = Setup {
-        bin: arg("--server", default_bin),
+        bin: args.server.unwrap_or(default_bin),
         cap: (cap_mbs * 1e6) as u64,
-        conn_mbps: arg("--conn-mbps", 200.0),
-        rtt_ms: arg("--rtt-ms", 20),
-        packs: arg("--packs", 8),
-        pack_mib: arg("--pack-mib", 16),
+        conn_mbps: args.conn_mbps,
+        rtt_ms: args.rtt_ms,
+        packs: args.packs,
+        pack_mib: args.pack_mib,
     };
-    let pairs: usize = arg("--pairs", 2);
+    let pairs = args.pairs as usize;
     println!(
         "per-account cap {cap_mbs} MB/s, per-connection cap {} Mbit/s, rtt {} ms, {} packs of {} MiB",
         s.conn_mbps, s.rtt_ms, s.packs, s.pack_mib

@@ -44,19 +44,46 @@ fn cpu_of(pid: u32) -> f64 {
     (t(11) + t(12)) / ticks
 }
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn list(name: &str, default: &str) -> Vec<f64> {
-    arg(name)
-        .unwrap_or_else(|| default.into())
-        .split(',')
-        .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{name}: {v}")))
-        .collect()
+/// Upload and download throughput of the Telegram backend against the loopback Telegram on
+/// emulated links (see the top of worker/examples/tg_bench.rs).
+#[derive(clap::Parser)]
+struct Args {
+    /// Round-trip times to emulate, in ms, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "0,50,100")]
+    rtt_ms: Vec<u64>,
+    /// Shared bandwidth caps in MB/s, comma-separated (0: no cap)
+    #[arg(long, value_delimiter = ',', default_value = "100,20")]
+    cap_mbs: Vec<f64>,
+    /// Per-connection cap in Mbit/s
+    #[arg(long, default_value_t = 200.0)]
+    conn_mbps: f64,
+    /// Random extra delay per message, up to this many ms
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Size the pack to about this many seconds of the cap
+    #[arg(long, default_value_t = 6.0)]
+    seconds: f64,
+    /// The pack's size in MiB (instead of --seconds; without a cap, default 512)
+    #[arg(long, value_name = "N")]
+    mib: Option<u64>,
+    /// Parts in flight at most (default: the storage's window)
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
+    /// The loopback-telegram to run (default: the one of this build)
+    #[arg(long, value_name = "PATH")]
+    server: Option<String>,
+    /// Upload the same bytes as N packs
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    packs: u64,
+    /// Packs uploaded at once (default: as many as the storage takes)
+    #[arg(long, value_name = "N")]
+    parallel: Option<usize>,
+    /// Print where the upload's time went
+    #[arg(long)]
+    timeline: bool,
+    /// Compress parts the way grammers does by default, to measure what skipping it saves
+    #[arg(long)]
+    gzip: bool,
 }
 
 struct Link {
@@ -137,13 +164,13 @@ struct Run {
 }
 
 async fn one_run(
+    args: &Args,
     bin: &str,
     link: &Link,
     mib: u64,
     window: usize,
-    packs: usize,
-    timeline: bool,
 ) -> anyhow::Result<Run> {
+    let (packs, timeline) = (args.packs as usize, args.timeline);
     let dir = tempfile::tempdir()?;
     let (server, session) = start_server(bin, dir.path(), link).await?;
     // Stopped however the run ends.
@@ -151,7 +178,7 @@ async fn one_run(
     let mut cfg = TelegramConfig::new(1, "bench", session, dir.path().join("spool"));
     cfg.part_concurrency = window;
     // `--gzip` uploads the way grammers does by default, to measure what skipping it saves.
-    cfg.compress_parts = std::env::args().any(|a| a == "--gzip");
+    cfg.compress_parts = args.gzip;
     let storage = TelegramStorage::connect(cfg).await?;
     let size = mib * 1024 * 1024;
     let path = storage.spool_dir().join("pack");
@@ -179,10 +206,7 @@ async fn one_run(
     let sampler = Sampler::start(storage.clone());
     let (c0, s0, w0) = (cpu_self(), cpu_of(server.id()), Instant::now());
     // `--parallel N` overrides the storage's packs at once, to compare.
-    let parallel = arg("--parallel").map_or(storage.parallel_uploads(), |v| {
-        v.parse().expect("--parallel N")
-    });
-    let parallel = parallel.max(1);
+    let parallel = args.parallel.unwrap_or(storage.parallel_uploads()).max(1);
     let mut uploads = futures_util::stream::iter(names.iter().zip(&pack_paths).map(|(n, p)| {
         let storage = storage.clone();
         async move {
@@ -257,44 +281,37 @@ async fn one_run(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Default: the server binary of the same build, next to `examples/`.
-    let server_bin = arg("--server").unwrap_or_else(|| {
+    let args = <Args as clap::Parser>::parse();
+    let server_bin = args.server.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
             .and_then(|p| Some(p.parent()?.parent()?.join("loopback-telegram")))
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "target/release/loopback-telegram".into())
     });
-    let window: usize = arg("--concurrency").map_or(
-        storinator_worker::telegram::scheduler::DEFAULT_PART_WINDOW,
-        |v| v.parse().expect("--concurrency N"),
-    );
-    let rtts = list("--rtt-ms", "0,50,100");
-    let caps = list("--cap-mbs", "100,20");
-    let conn_mbps: f64 = arg("--conn-mbps").map_or(200.0, |v| v.parse().expect("--conn-mbps"));
-    let jitter_ms: u64 = arg("--jitter-ms").map_or(0, |v| v.parse().expect("--jitter-ms"));
-    let seconds: f64 = arg("--seconds").map_or(6.0, |v| v.parse().expect("--seconds"));
-    let fixed_mib: Option<u64> = arg("--mib").map(|v| v.parse().expect("--mib N"));
-    let packs: usize = arg("--packs").map_or(1, |v| v.parse().expect("--packs N"));
-    let timeline = std::env::args().any(|a| a == "--timeline");
+    let window = args
+        .concurrency
+        .unwrap_or(storinator_worker::telegram::scheduler::DEFAULT_PART_WINDOW);
+    let (conn_mbps, jitter_ms, seconds) = (args.conn_mbps, args.jitter_ms, args.seconds);
     println!(
         "part window up to {window}, per-connection cap {conn_mbps} Mbit/s ({:.1} MB/s), jitter {jitter_ms} ms",
         conn_mbps / 8.0
     );
-    for &cap_mbs in &caps {
-        for &rtt in &rtts {
+    for &cap_mbs in &args.cap_mbs {
+        for &rtt in &args.rtt_ms {
             let cap = (cap_mbs * 1e6) as u64;
-            let mib = fixed_mib.unwrap_or(if cap_mbs > 0.0 {
+            let mib = args.mib.unwrap_or(if cap_mbs > 0.0 {
                 (cap_mbs * seconds * 1e6 / (1 << 20) as f64).ceil() as u64
             } else {
                 512
             });
             let link = Link {
-                rtt_ms: rtt as u64,
+                rtt_ms: rtt,
                 jitter_ms,
                 conn_mbps,
                 cap,
             };
-            let r = one_run(&server_bin, &link, mib, window, packs, timeline).await?;
+            let r = one_run(&args, &server_bin, &link, mib, window).await?;
             let of_cap = |v: f64| {
                 if cap_mbs > 0.0 {
                     format!(" ({:3.0} % of cap)", 100.0 * v / cap_mbs)
@@ -309,7 +326,7 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     "none".into()
                 },
-                rtt as u64,
+                rtt,
                 r.up_mbs,
                 of_cap(r.up_mbs),
                 r.down_mbs,

@@ -33,11 +33,37 @@ use storinator_testkit::trees::{self, TreeStats};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+/// Storinator against restic: first backup, unchanged re-backup and restore per tree shape
+/// (see the top of worker/examples/vs_restic.rs).
+#[derive(clap::Parser)]
+struct Args {
+    /// Where the trees, stores and restores go (default: the temp dir)
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Tree shapes, comma-separated: small1k, small100k, small1m, mixed1g, fileNg (one file
+    /// of N GiB)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "small100k,mixed1g,file8g",
+        value_parser = shape
+    )]
+    shapes: Vec<String>,
+    /// Rounds per shape (each alternates which tool goes first)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Run storinator only
+    #[arg(long)]
+    no_restic: bool,
+    /// Make the one-file shapes repeat every N GiB, so each store needs only N GiB
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    period_gib: Option<u64>,
+    /// The storinator-worker to run (default: the one of this build)
+    #[arg(long, value_name = "PATH")]
+    worker: Option<PathBuf>,
+    /// The restic to run
+    #[arg(long, value_name = "PATH", default_value = "restic")]
+    restic: PathBuf,
 }
 
 /// What one process cost.
@@ -232,6 +258,22 @@ async fn run_tool(
     Ok(phases)
 }
 
+/// A shape `build_tree` knows, checked before any is built.
+fn shape(s: &str) -> Result<String, String> {
+    let one_file = s
+        .strip_prefix("file")
+        .and_then(|g| g.strip_suffix('g'))
+        .and_then(|g| g.parse::<u64>().ok())
+        .is_some_and(|g| g > 0);
+    if one_file || ["small1k", "small100k", "small1m", "mixed1g"].contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown shape {s:?}\nhint: small1k, small100k, small1m, mixed1g or fileNg (N GiB)"
+        ))
+    }
+}
+
 fn build_tree(shape: &str, root: &Path, period: u64) -> anyhow::Result<TreeStats> {
     Ok(match shape {
         "small1k" => trees::small_files(root, 1_000, 1024, 16 * 1024, 1),
@@ -274,17 +316,17 @@ async fn main() -> anyhow::Result<()> {
         .parent()
         .and_then(Path::parent)
         .unwrap_or(Path::new("."));
+    let args = <Args as clap::Parser>::parse();
     let bins = Bins {
-        worker: arg("--worker").map_or_else(|| release.join("storinator-worker"), PathBuf::from),
-        restic: arg("--restic").map_or_else(|| PathBuf::from("restic"), PathBuf::from),
+        worker: args
+            .worker
+            .unwrap_or_else(|| release.join("storinator-worker")),
+        restic: args.restic,
     };
-    let with_restic = !std::env::args().any(|a| a == "--no-restic");
-    let rounds: usize = arg("--rounds").map_or(2, |v| v.parse().expect("--rounds N"));
-    let shapes = arg("--shapes").unwrap_or_else(|| "small100k,mixed1g,file8g".into());
-    let period: u64 = arg("--period-gib").map_or(u64::MAX, |v| {
-        v.parse::<u64>().expect("--period-gib N") << 30
-    });
-    let base = match arg("--dir") {
+    let with_restic = !args.no_restic;
+    let rounds = args.rounds as usize;
+    let period = args.period_gib.map_or(u64::MAX, |g| g << 30);
+    let base = match &args.dir {
         Some(d) => tempfile::tempdir_in(d)?,
         None => tempfile::tempdir()?,
     };
@@ -300,7 +342,8 @@ async fn main() -> anyhow::Result<()> {
         },
         load_average()
     );
-    for shape in shapes.split(',') {
+    for shape in &args.shapes {
+        let shape = shape.as_str();
         let tree = base.path().join(shape);
         let stats = build_tree(shape, &tree, period)?;
         let gib = stats.bytes as f64 / GIB;
