@@ -10,7 +10,8 @@
 //! ```text
 //! bench/run                     # builds, installs restic if missing, runs this and tg_bench
 //! target/release/examples/vs_restic [--dir DIR] [--shapes small100k,mixed1g,file8g]
-//!     [--rounds 2] [--no-restic] [--period-gib N] [--worker PATH] [--restic PATH]
+//!     [--rounds 2] [--no-restic] [--period-gib N] [--restore-dir DIR] [--worker PATH]
+//!     [--restic PATH]
 //! ```
 //! Shapes: `small100k` (100,000 files of 1-16 KiB), `mixed1g` (1 GiB: one large file, 230
 //! medium ones, about 13,000 of 4-64 KiB), `file8g` and `file16g` (one file; any `fileNg` for N GiB), `small1m`
@@ -61,6 +62,12 @@ struct Args {
     /// The storinator-worker to run (default: the one of this build)
     #[arg(long, value_name = "PATH")]
     worker: Option<PathBuf>,
+    /// Restore (and copy the tree) into this folder instead of beside the stores: a tmpfs
+    /// such as /dev/shm leaves out the disk, and ext4's cost of allocating inodes freed in the
+    /// last minutes (see the top of this file), which made restores of many files vary by
+    /// several times from run to run
+    #[arg(long, value_name = "DIR")]
+    restore_dir: Option<PathBuf>,
     /// The restic to run
     #[arg(long, value_name = "PATH", default_value = "restic")]
     restic: PathBuf,
@@ -194,18 +201,24 @@ async fn catalog_bytes(data: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// Runs the three phases of `tool`; the restored tree is moved to `keep` (deleted with the
-/// shape) when given, so that the next runs don't allocate over thousands of just-freed inodes.
+/// Where a run restores to: `out`, then moved to `keep` (deleted with the shape) when given,
+/// so that the next runs don't allocate over thousands of just-freed inodes; else deleted.
+struct Restored<'a> {
+    out: &'a Path,
+    keep: Option<&'a Path>,
+}
+
+/// Runs the three phases of `tool`, restoring as `restored` says.
 async fn run_tool(
     tool: Tool,
     bins: &Bins,
     tree: &Path,
     work: &Path,
-    keep: Option<&Path>,
+    restored: Restored<'_>,
 ) -> anyhow::Result<Phases> {
     std::fs::create_dir_all(work)?;
     let log = work.with_extension("log");
-    let out = work.join("restored");
+    let out = restored.out;
     let phases = match tool {
         Tool::Storinator => {
             std::fs::create_dir_all(work.join("data"))?;
@@ -251,8 +264,9 @@ async fn run_tool(
             }
         }
     };
-    if let Some(keep) = keep {
-        std::fs::rename(&out, keep)?;
+    match restored.keep {
+        Some(keep) => std::fs::rename(out, keep)?,
+        None => std::fs::remove_dir_all(out)?,
     }
     std::fs::remove_dir_all(work)?;
     Ok(phases)
@@ -330,6 +344,13 @@ async fn main() -> anyhow::Result<()> {
         Some(d) => tempfile::tempdir_in(d)?,
         None => tempfile::tempdir()?,
     };
+    let restore_base = match &args.restore_dir {
+        Some(d) => Some(
+            tempfile::tempdir_in(d)
+                .map_err(|e| anyhow::anyhow!("--restore-dir {}: {e}", d.display()))?,
+        ),
+        None => None,
+    };
     println!(
         "storinator {} vs {}; {rounds} rounds; load average {}",
         bins.worker.display(),
@@ -364,7 +385,10 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(&kept)?;
         let mut copies = Vec::new();
         for round in 0..rounds {
-            let copy = copy_tree(&tree, &kept, round, stats.files >= 1000)?;
+            let copy = match &restore_base {
+                Some(r) => copy_tree(&tree, r.path(), round, false)?,
+                None => copy_tree(&tree, &kept, round, stats.files >= 1000)?,
+            };
             println!(
                 "round {} copy of the tree (cp -a) {:7.2} s",
                 round + 1,
@@ -378,9 +402,19 @@ async fn main() -> anyhow::Result<()> {
             };
             for tool in order {
                 let work = base.path().join(format!("{}-{round}", tool.name()));
-                let keep =
-                    (stats.files >= 1000).then(|| kept.join(format!("{}-{round}", tool.name())));
-                let p = run_tool(tool, &bins, &tree, &work, keep.as_deref()).await?;
+                let name = format!("{}-{round}", tool.name());
+                let (out, keep) = match &restore_base {
+                    Some(r) => (r.path().join(&name), None),
+                    None => (
+                        work.join("restored"),
+                        (stats.files >= 1000).then(|| kept.join(&name)),
+                    ),
+                };
+                let restored = Restored {
+                    out: &out,
+                    keep: keep.as_deref(),
+                };
+                let p = run_tool(tool, &bins, &tree, &work, restored).await?;
                 println!(
                     "round {} {:<10} backup {:7.2} s {:6.2} CPU s/GiB {:6.0} MiB | re-backup {:7.2} s {:6.0} MiB | restore {:7.2} s {:6.2} CPU s/GiB {:6.0} MiB{}",
                     round + 1,
@@ -414,8 +448,8 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The tree copied with `cp -a` (read from the page cache, written to this disk), into the
-/// kept folder (`keep`) or deleted at once. A restore of one large file writes every byte the
+/// The tree copied with `cp -a` (read from the page cache, written to this disk or to
+/// `--restore-dir`), into `kept` and left there (`keep`) or deleted at once. A restore of one large file writes every byte the
 /// copy does, through the same page cache, and does more (decrypting, hashing): when the copy
 /// takes more than half of restic's restore, half of restic's time is out of reach here. (Not
 /// so for many small files: `cp` creates them one at a time, a restore several at once.)
@@ -423,7 +457,7 @@ fn copy_tree(tree: &Path, kept: &Path, round: usize, keep: bool) -> anyhow::Resu
     let to = kept.join(format!("copy-{round}"));
     let mut cp = Command::new("cp");
     cp.arg("-a").arg("--reflink=never").arg(tree).arg(&to);
-    let copy = measure(&mut cp, &kept.with_extension("log"), &[0])?;
+    let copy = measure(&mut cp, &kept.join("cp.log"), &[0])?;
     if !keep {
         std::fs::remove_dir_all(&to)?;
     }
