@@ -49,7 +49,7 @@ struct Args {
         default_value = "small100k,mixed1g,file8g",
         value_parser = shape
     )]
-    shapes: Vec<String>,
+    shapes: Vec<Shape>,
     /// Rounds per shape (each alternates which tool goes first)
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
@@ -272,40 +272,73 @@ async fn run_tool(
     Ok(phases)
 }
 
-/// A shape `build_tree` knows, checked before any is built.
-fn shape(s: &str) -> Result<String, String> {
-    let one_file = s
-        .strip_prefix("file")
-        .and_then(|g| g.strip_suffix('g'))
-        .and_then(|g| g.parse::<u64>().ok())
-        .is_some_and(|g| g > 0);
-    if one_file || ["small1k", "small100k", "small1m", "mixed1g"].contains(&s) {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "unknown shape {s:?}\nhint: small1k, small100k, small1m, mixed1g or fileNg (N GiB)"
-        ))
-    }
+/// A tree shape, by the name it is given and printed under.
+#[derive(Clone)]
+struct Shape {
+    name: String,
+    kind: ShapeKind,
 }
 
-fn build_tree(shape: &str, root: &Path, period: u64) -> anyhow::Result<TreeStats> {
-    Ok(match shape {
-        "small1k" => trees::small_files(root, 1_000, 1024, 16 * 1024, 1),
-        "small100k" => trees::small_files(root, 100_000, 1024, 16 * 1024, 100),
-        "small1m" => trees::small_files(root, 1_000_000, 1024, 2048, 1000),
-        "mixed1g" => trees::mixed(root, 1 << 30),
-        // `file8g`, `file16g`, or any `fileNg` (one file of N GiB).
+#[derive(Clone, Copy)]
+enum ShapeKind {
+    /// `files` files of `min`..`max` bytes, from noise seeded with `seed`.
+    Small {
+        files: u64,
+        min: u64,
+        max: u64,
+        seed: u64,
+    },
+    Mixed1g,
+    /// One file of this many GiB.
+    File(u64),
+}
+
+/// `--shapes`' names, checked before any tree is built.
+fn shape(s: &str) -> Result<Shape, String> {
+    let small = |files, max, seed| ShapeKind::Small {
+        files,
+        min: 1024,
+        max,
+        seed,
+    };
+    let kind = match s {
+        "small1k" => small(1_000, 16 * 1024, 1),
+        "small100k" => small(100_000, 16 * 1024, 100),
+        "small1m" => small(1_000_000, 2048, 1000),
+        "mixed1g" => ShapeKind::Mixed1g,
+        // `file8g`, `file16g`, or any `fileNg`.
         other => match other
             .strip_prefix("file")
             .and_then(|g| g.strip_suffix('g'))
             .and_then(|g| g.parse::<u64>().ok())
         {
-            Some(g) if g > 0 => {
-                trees::large_file(&root.join("disk.img"), g << 30, period.min(g << 30))
+            Some(g) if g > 0 => ShapeKind::File(g),
+            _ => {
+                return Err(format!(
+                    "unknown shape {s:?}\nhint: small1k, small100k, small1m, mixed1g or fileNg (N GiB)"
+                ));
             }
-            _ => anyhow::bail!("unknown shape {other}"),
         },
+    };
+    Ok(Shape {
+        name: s.to_string(),
+        kind,
     })
+}
+
+fn build_tree(shape: ShapeKind, root: &Path, period: u64) -> TreeStats {
+    match shape {
+        ShapeKind::Small {
+            files,
+            min,
+            max,
+            seed,
+        } => trees::small_files(root, files, min, max, seed),
+        ShapeKind::Mixed1g => trees::mixed(root, 1 << 30),
+        ShapeKind::File(g) => {
+            trees::large_file(&root.join("disk.img"), g << 30, period.min(g << 30))
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -363,10 +396,9 @@ async fn main() -> anyhow::Result<()> {
         },
         load_average()
     );
-    for shape in &args.shapes {
-        let shape = shape.as_str();
+    for Shape { name: shape, kind } in &args.shapes {
         let tree = base.path().join(shape);
-        let stats = build_tree(shape, &tree, period)?;
+        let stats = build_tree(*kind, &tree, period);
         let gib = stats.bytes as f64 / GIB;
         println!(
             "\n== {shape}: {} files, {:.2} GiB (load average {})",
