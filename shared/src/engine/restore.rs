@@ -2105,6 +2105,44 @@ fn write_one(
 mod tests {
     use super::*;
 
+    fn hash_file(beside: &mut Option<HashBeside>, size: u64, blobs: &[&[u8]]) -> Option<[u8; 32]> {
+        let mut h = FileHash::new(size, beside);
+        for b in blobs {
+            let back = h.update(b.to_vec());
+            assert_eq!(&back[..], *b, "the blob comes back for writing as it was");
+        }
+        h.finalize()
+    }
+
+    /// Small files are hashed here, large ones on one thread beside the writer; either way
+    /// each file's digest is its own, with no state carried from the file before.
+    #[test]
+    fn each_file_gets_its_own_digest_here_or_beside() {
+        let digest = |parts: &[&[u8]]| -> [u8; 32] { Sha256::digest(parts.concat()).into() };
+        let big = HASH_BESIDE_FROM;
+        let mut beside = None;
+        let (a, b, c): (&[u8], &[u8], &[u8]) = (b"first file ", b"second part", b"other");
+        assert_eq!(hash_file(&mut beside, 10, &[a, b]), Some(digest(&[a, b])));
+        assert!(beside.is_none(), "a small file starts no thread");
+        assert_eq!(hash_file(&mut beside, big, &[a, b]), Some(digest(&[a, b])));
+        assert!(beside.is_some(), "a large file starts the writer's thread");
+        assert_eq!(hash_file(&mut beside, big, &[c]), Some(digest(&[c])));
+        assert_eq!(hash_file(&mut beside, big, &[]), Some(digest(&[])));
+        assert_eq!(hash_file(&mut beside, 10, &[c]), Some(digest(&[c])));
+    }
+
+    /// A hashing thread that is gone gives no digest (the writer fails that file) rather
+    /// than a wrong one or a hang.
+    #[test]
+    fn a_lost_hashing_thread_gives_no_digest() {
+        let (data, data_rx) = std::sync::mpsc::sync_channel(2);
+        let (digest_tx, digests) = std::sync::mpsc::channel::<[u8; 32]>();
+        drop((data_rx, digest_tx));
+        let mut beside = Some(HashBeside { data, digests });
+        assert_eq!(hash_file(&mut beside, HASH_BESIDE_FROM, &[b"blob"]), None);
+        assert_eq!(hash_file(&mut beside, HASH_BESIDE_FROM, &[]), None);
+    }
+
     /// Blobs of one pack that a backup's threads stored slightly out of file order are read
     /// together; a far blob, another pack or a read over its size bound starts a new read.
     #[test]
