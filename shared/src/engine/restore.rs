@@ -1807,9 +1807,9 @@ const HASH_BESIDE_FROM: u64 = 4 << 20;
 /// 6.3 s, the writes as much again), with the other core half idle.
 enum FileHash<'a> {
     Here(Sha256),
-    Beside(&'a HashBeside),
-    /// The hashing thread is gone (it could not be started, or it died): no digest.
-    Lost,
+    /// The writer's hashing thread; `None` once it is gone (it died, or its channels broke):
+    /// this file gets no digest, and the writer's next large file starts another thread.
+    Beside(&'a mut Option<HashBeside>),
 }
 
 impl<'a> FileHash<'a> {
@@ -1821,7 +1821,7 @@ impl<'a> FileHash<'a> {
             *beside = HashBeside::start();
         }
         match beside {
-            Some(b) => FileHash::Beside(b),
+            Some(_) => FileHash::Beside(beside),
             None => FileHash::Here(Sha256::new()),
         }
     }
@@ -1831,12 +1831,13 @@ impl<'a> FileHash<'a> {
         let data = Arc::new(data);
         match self {
             FileHash::Here(sha) => sha.update(&data[..]),
-            FileHash::Beside(b) => {
-                if b.data.send(Some(data.clone())).is_err() {
-                    *self = FileHash::Lost;
+            FileHash::Beside(slot) => {
+                if let Some(b) = slot.as_ref()
+                    && b.data.send(Some(data.clone())).is_err()
+                {
+                    **slot = None;
                 }
             }
-            FileHash::Lost => {}
         }
         data
     }
@@ -1845,11 +1846,16 @@ impl<'a> FileHash<'a> {
     fn finalize(self) -> Option<[u8; 32]> {
         match self {
             FileHash::Here(sha) => Some(sha.finalize().into()),
-            FileHash::Beside(b) => {
-                b.data.send(None).ok()?;
-                b.digests.recv().ok()
+            FileHash::Beside(slot) => {
+                let digest = slot.as_ref().and_then(|b| {
+                    b.data.send(None).ok()?;
+                    b.digests.recv().ok()
+                });
+                if digest.is_none() {
+                    *slot = None;
+                }
+                digest
             }
-            FileHash::Lost => None,
         }
     }
 }
@@ -2058,7 +2064,6 @@ fn write_one(
     }
     let digest = sha.finalize();
     if digest.is_none() {
-        *beside = None; // the next large file starts another
         failure.get_or_insert_with(|| "restore: the file's hashing thread stopped".into());
     }
     let differs = failure.is_none() && (written != p.entry.size || digest != p.entry.sha256);
@@ -2140,7 +2145,22 @@ mod tests {
         drop((data_rx, digest_tx));
         let mut beside = Some(HashBeside { data, digests });
         assert_eq!(hash_file(&mut beside, HASH_BESIDE_FROM, &[b"blob"]), None);
+        assert!(beside.is_none(), "the lost thread is let go");
+        // The writer's next large file hashes on a new thread, to its own digest.
+        let want: [u8; 32] = Sha256::digest(b"next").into();
+        assert_eq!(
+            hash_file(&mut beside, HASH_BESIDE_FROM, &[b"next"]),
+            Some(want)
+        );
+        assert!(beside.is_some(), "a new thread took over");
+
+        // A thread that dies between two files: its end is seen when the digest is asked.
+        let (data, data_rx) = std::sync::mpsc::sync_channel(2);
+        let (_digest_tx, digests) = std::sync::mpsc::channel::<[u8; 32]>();
+        drop(data_rx);
+        let mut beside = Some(HashBeside { data, digests });
         assert_eq!(hash_file(&mut beside, HASH_BESIDE_FROM, &[]), None);
+        assert!(beside.is_none(), "the lost thread is let go");
     }
 
     /// Blobs of one pack that a backup's threads stored slightly out of file order are read
