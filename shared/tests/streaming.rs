@@ -77,6 +77,22 @@ fn second_tree(src: &Path) {
     write(src, "\u{e9}\u{e9}", b"two e acutes");
 }
 
+/// The regular files under `root` and their bytes (symlinks not followed).
+fn files_and_bytes(root: &Path) -> (u64, u64) {
+    let mut total = (0, 0);
+    for e in std::fs::read_dir(root).unwrap() {
+        let e = e.unwrap();
+        let meta = e.path().symlink_metadata().unwrap();
+        if meta.is_dir() {
+            let (f, b) = files_and_bytes(&e.path());
+            total = (total.0 + f, total.1 + b);
+        } else if meta.is_file() {
+            total = (total.0 + 1, total.1 + meta.len());
+        }
+    }
+    total
+}
+
 fn restored(to: &Path) -> BTreeMap<String, String> {
     describe_tree(&to.join("data"))
 }
@@ -105,6 +121,11 @@ async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     let run = || f.repo.backup(&opts, &NoProgress, &cancel);
     let s1 = run().await.unwrap();
     assert!(s1.warnings.is_empty(), "{:?}", s1.warnings);
+    // Every batch's files read and listed once (the listing of a batch overlaps the reading
+    // of the next): the counts add up across the boundaries.
+    let (files, bytes) = files_and_bytes(&src);
+    assert_eq!((s1.snapshot.files, s1.snapshot.bytes_read), (files, bytes));
+    assert_eq!(s1.snapshot.bytes, bytes);
     let rows1 = f.repo.catalog.entry_row_count().await.unwrap();
     assert_eq!(rows1 as usize, v1.len(), "one row per item");
     // The listing of a tree read entirely and of the same tree unchanged, listed entirely
