@@ -374,7 +374,9 @@ async fn main() -> anyhow::Result<()> {
     let rounds = args.rounds as usize;
     let period = args.period_gib.map_or(u64::MAX, |g| g << 30);
     let base = match &args.dir {
-        Some(d) => tempfile::tempdir_in(d)?,
+        Some(d) => {
+            tempfile::tempdir_in(d).map_err(|e| anyhow::anyhow!("--dir {}: {e}", d.display()))?
+        }
         None => tempfile::tempdir()?,
     };
     let restore_base = match &args.restore_dir {
