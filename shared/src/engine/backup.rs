@@ -607,11 +607,12 @@ fn decide_content(
 /// Reads what needs reading, a batch of items at a time, and lists every item that made it
 /// (unreadable files become warnings) after those the scan listed. Returns the packer (the
 /// listing and snapshot object go in after), what was listed and the entries' reader.
-/// Reads the files of each batch of items and lists the batch. The listing of a batch and
-/// the fetch of the next one from the spool run on blocking threads while the batch after
-/// is read: one after the other, they left the readers idle between batches (a quarter of
-/// a small-file backup's reading time had one core busy). Items are listed in path order,
-/// a batch at a time, as before; at most three batches are held.
+///
+/// The listing of a batch and the fetch of the next one from the spool run on blocking
+/// threads while the batch between them is read. Done one after the other, they left the
+/// readers idle between batches: about 1.2 of 2 cores were busy while a backup of 100,000
+/// small files read them. Items are still listed in path order, a batch at a time; at most
+/// three batches are held.
 #[allow(clippy::too_many_arguments)]
 async fn read_and_list(
     batch_size: usize,
