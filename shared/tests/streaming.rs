@@ -79,18 +79,11 @@ fn second_tree(src: &Path) {
 
 /// The regular files under `root` and their bytes (symlinks not followed).
 fn files_and_bytes(root: &Path) -> (u64, u64) {
-    let mut total = (0, 0);
-    for e in std::fs::read_dir(root).unwrap() {
-        let e = e.unwrap();
-        let meta = e.path().symlink_metadata().unwrap();
-        if meta.is_dir() {
-            let (f, b) = files_and_bytes(&e.path());
-            total = (total.0 + f, total.1 + b);
-        } else if meta.is_file() {
-            total = (total.0 + 1, total.1 + meta.len());
-        }
-    }
-    total
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(|e| e.unwrap().metadata().unwrap())
+        .filter(|m| m.is_file())
+        .fold((0, 0), |(files, bytes), m| (files + 1, bytes + m.len()))
 }
 
 fn restored(to: &Path) -> BTreeMap<String, String> {
