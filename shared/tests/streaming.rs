@@ -114,8 +114,7 @@ async fn rebackups_across_batch_boundaries_restore_every_snapshot_exactly() {
     let run = || f.repo.backup(&opts, &NoProgress, &cancel);
     let s1 = run().await.unwrap();
     assert!(s1.warnings.is_empty(), "{:?}", s1.warnings);
-    // Every batch's files read and listed once (the listing of a batch overlaps the reading
-    // of the next): the counts add up across the boundaries.
+    // Every batch's files read and listed once: the counts add up across the boundaries.
     let (files, bytes) = files_and_bytes(&src);
     assert_eq!((s1.snapshot.files, s1.snapshot.bytes_read), (files, bytes));
     assert_eq!(s1.snapshot.bytes, bytes);
