@@ -607,50 +607,74 @@ fn decide_content(
 /// Reads what needs reading, a batch of items at a time, and lists every item that made it
 /// (unreadable files become warnings) after those the scan listed. Returns the packer (the
 /// listing and snapshot object go in after), what was listed and the entries' reader.
+///
+/// The listing of a batch and the fetch of the next one from the spool run on blocking
+/// threads while the batch between them is read. Done one after the other, they left the
+/// readers idle between batches (a backup of 100,000 small files kept 1.3 to 1.65 of 2 cores
+/// busy while reading, about 1.65 since). Items are still listed in path order, a batch at a
+/// time; at most three batches are held.
 #[allow(clippy::too_many_arguments)]
 async fn read_and_list(
     batch_size: usize,
     pipeline: &Arc<Pipeline>,
     source: &Source,
-    mut items: SpoolReader<Item>,
+    items: SpoolReader<Item>,
     mut lister: Lister,
     mut packer: Packer,
     warnings: &mut Vec<Warning>,
     progress: &dyn Progress,
 ) -> Result<(Packer, Listed, SpoolReader<Item>), Error> {
-    loop {
-        let (r, batch) = blocking(move || {
+    let fetch = move |mut items: SpoolReader<Item>| {
+        blocking(move || {
             let batch = items.next_batch(batch_size);
             (items, batch)
         })
-        .await?;
-        items = r;
-        let batch = batch?;
-        if batch.is_empty() {
+    };
+    let (mut items, mut batch) = fetch(items).await?;
+    // The batch read last, with its results, waiting to be listed.
+    let mut unlisted: Vec<Item> = Vec::new();
+    loop {
+        let batch_now = batch?;
+        if batch_now.is_empty() {
             break;
         }
-        let to_read: Vec<(PathBuf, String, u64)> = batch
+        let to_read: Vec<(PathBuf, String, u64)> = batch_now
             .iter()
             .filter(|i| i.read)
             .map(|i| (source.abs(&i.line.path), i.line.path.clone(), i.line.size))
             .collect();
-        let results = if to_read.is_empty() {
-            Vec::new()
-        } else {
-            let (results, p) = read_files(pipeline, to_read, packer, progress).await?;
-            packer = p;
-            results
+        let reading = async {
+            if to_read.is_empty() {
+                Ok((Vec::new(), packer))
+            } else {
+                read_files(pipeline, to_read, packer, progress).await
+            }
         };
-        let kept = with_results(batch, results, warnings, &mut lister.listed);
-        lister = blocking(move || {
-            kept.into_iter().try_for_each(|item| lister.list(item))?;
-            Ok::<_, Error>(lister)
-        })
-        .await??;
+        let listing = list(lister, std::mem::take(&mut unlisted));
+        let (read, listed, fetched) = tokio::join!(reading, listing, fetch(items));
+        // A failure to read is the one to report when several stages failed.
+        let (results, p) = read?;
+        packer = p;
+        lister = listed?;
+        (items, batch) = fetched?;
+        unlisted = with_results(batch_now, results, warnings, &mut lister.listed);
     }
+    let lister = list(lister, unlisted).await?;
     blocking(move || {
         let (listed, entries) = lister.finish()?;
         Ok((packer, listed, entries))
+    })
+    .await?
+}
+
+/// Lists `items` (in order) on a blocking thread.
+async fn list(mut lister: Lister, items: Vec<Item>) -> Result<Lister, Error> {
+    if items.is_empty() {
+        return Ok(lister);
+    }
+    blocking(move || {
+        items.into_iter().try_for_each(|item| lister.list(item))?;
+        Ok::<_, Error>(lister)
     })
     .await?
 }
