@@ -67,7 +67,7 @@ pub fn small_files(root: &Path, count: u64, min: u64, max: u64, seed: u64) -> Tr
 }
 
 /// A mixed tree of about `total` bytes: 40 % in one large file, 30 % in 30 files, 20 % in
-/// 200 files, 10 % in files of 4 to 64 KiB (about 13,000 of them for 1 GiB).
+/// 200 files, 10 % in files of 4 to 64 KiB (about 3,100 of them for 1 GiB).
 pub fn mixed(root: &Path, total: u64) -> TreeStats {
     let mut noise = Noise(0x1234_5678_9abc_def1);
     let mut block = vec![0u8; 1 << 16];

@@ -14,7 +14,7 @@
 //!     [--restic PATH]
 //! ```
 //! Shapes: `small100k` (100,000 files of 1-16 KiB), `mixed1g` (1 GiB: one large file, 230
-//! medium ones, about 13,000 of 4-64 KiB), `file8g` and `file16g` (one file; any `fileNg` for N GiB), `small1m`
+//! medium ones, about 3,100 of 4-64 KiB), `file8g` and `file16g` (one file; any `fileNg` for N GiB), `small1m`
 //! (1,000,000 files of 1-2 KiB), `small1k` (1,000 files of 1-16 KiB, to try the bench out). `--period-gib N` makes the one-file shapes repeat every N GiB
 //! so that the stores need only N GiB each (the rest deduplicates). Each tree is built in
 //! `--dir` (default: the temp dir), and everything is deleted after its shape.
