@@ -142,11 +142,19 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
     let mut trees = BTreeMap::new();
     // 1: files that only the first snapshot has, big enough for packs of their own. Which
     // chunks share a pack depends on how the reader threads interleave, so the layout is
-    // made certain by counting: the old files fill at least 7 packs of 256 KiB, and the 4
-    // kept files are one chunk each (under the chunker's 4 KiB minimum), so they can touch
-    // at most 4 of those packs and at least 3 hold old data alone.
-    write_files(&src, "old", 3, 600_000, 1);
-    write_files(&src, "keep", 4, 3_000, 2);
+    // made certain by counting: no pack passes the pack size, so the old files fill at
+    // least `old_packs`; each kept file is one chunk (under the chunker's minimum), so they
+    // touch at most 4 of those and the rest hold old data alone.
+    let (old_bytes, keep_bytes) = (600_000, 3_000);
+    assert!(
+        keep_bytes < settings().chunker.min,
+        "a kept file is one chunk"
+    );
+    let old_packs = (3 * old_bytes as u64).div_ceil(settings().pack_size);
+    let old_alone = old_packs.saturating_sub(4);
+    assert!(old_alone >= 3, "the old files fill {old_packs} packs");
+    write_files(&src, "old", 3, old_bytes, 1);
+    write_files(&src, "keep", 4, keep_bytes, 2);
     let s1 = backup(&f.repo, &src).await;
     trees.insert(s1.clone(), describe_tree(&src));
     let packs_of_s1 = catalog_packs(&f.repo.catalog).await;
@@ -268,7 +276,7 @@ async fn prune_deletes_exactly_the_unreferenced_packs_and_what_is_left_restores(
     let usage = f.repo.catalog.pack_usage(i64::MAX).await.unwrap();
     assert!(usage.iter().all(|p| p.live_chunks > 0), "{usage:?}");
     assert!(
-        deleted.iter().filter(|p| packs_of_s1.contains(*p)).count() >= 3,
+        deleted.iter().filter(|p| packs_of_s1.contains(*p)).count() as u64 >= old_alone,
         "the packs holding old data alone: {deleted:?}"
     );
     assert_consistent(&f).await;
