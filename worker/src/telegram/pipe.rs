@@ -152,13 +152,43 @@ impl Pipe {
         self.calls.is_closed()
     }
 
+    /// Takes a place for one call on `pipe`: the call counts in the pipe's load from now, not
+    /// from when it is sent, so parts choosing a connection at the same moment see each
+    /// other's choice (the chooser takes the place while it still holds the lock it looked at
+    /// the loads under, see `transfer`).
+    pub(super) fn seat(pipe: &Arc<Pipe>) -> Seat {
+        let load = pipe.load.fetch_add(1, Ordering::Relaxed) + 1;
+        Seat {
+            pipe: pipe.clone(),
+            load,
+            _on: OnPipe(pipe.load.clone()),
+        }
+    }
+}
+
+/// One call's place on a pipe (see [`Pipe::seat`]), counted in its load until the call is
+/// answered or abandoned.
+pub(super) struct Seat {
+    pipe: Arc<Pipe>,
+    load: usize,
+    _on: OnPipe,
+}
+
+impl Seat {
+    pub(super) fn pipe(&self) -> &Arc<Pipe> {
+        &self.pipe
+    }
+
+    /// The calls on the pipe, this one included, when the place was taken.
+    pub(super) fn load_when_taken(&self) -> usize {
+        self.load
+    }
+
     /// Sends `body` and waits for its answer (the raw result body). Dropping the future
     /// abandons the call (its answer, if any, is thrown away).
-    pub(super) async fn call(&self, body: Body) -> Result<Vec<u8>, PipeError> {
-        self.load.fetch_add(1, Ordering::Relaxed);
-        let _on = OnPipe(self.load.clone());
+    pub(super) async fn call(self, body: Body) -> Result<Vec<u8>, PipeError> {
         let (reply, answer) = oneshot::channel();
-        if self.calls.send(Call { body, reply }).is_err() {
+        if self.pipe.calls.send(Call { body, reply }).is_err() {
             return Err(PipeError::Closed);
         }
         answer

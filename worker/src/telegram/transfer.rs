@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout};
 
 use super::errors;
-use super::pipe::{Body, Pipe, PipeError};
+use super::pipe::{Body, Pipe, PipeError, Seat};
 use super::salts::{self, SaltBook};
 use super::scheduler::CallClass;
 use super::storage::{CallError, Failure, Inner};
@@ -43,15 +43,25 @@ pub(super) fn connections_for(parts: usize) -> usize {
 /// The part connections of each data centre.
 #[derive(Default)]
 pub(super) struct Pipes {
-    by_dc: Mutex<HashMap<i32, Vec<Arc<Pipe>>>>,
-    /// Connections of each data centre opening now.
-    opening_now: Mutex<HashMap<i32, usize>>,
+    /// Open and opening under one lock: a connection is added before it stops counting as
+    /// opening, so whoever reads both at once may count it twice but never misses it (read
+    /// apart, a connection that finished in between went uncounted and a fifth opened for
+    /// four wanted).
+    by_dc: Mutex<HashMap<i32, DcPipes>>,
     /// Woken whenever a connection finishes opening (or fails to).
     changed: Notify,
     /// The salts each data centre gave (see `salts`).
     pub(super) salts: Arc<SaltBook>,
     /// Data centres whose salts are being fetched again.
     refreshing: Mutex<HashSet<i32>>,
+}
+
+/// One data centre's part connections.
+#[derive(Default)]
+struct DcPipes {
+    open: Vec<Arc<Pipe>>,
+    /// Connections opening now.
+    opening: usize,
 }
 
 /// Where a part goes, given the parts on each open connection (see [`Inner::pipe_for`]).
@@ -81,67 +91,59 @@ fn place(loads: &[usize], wanted: usize, opening: usize) -> Placement {
 }
 
 impl Pipes {
-    /// Where a part for `dc` goes now (see [`place`]), with the connection to take.
-    fn place(&self, dc: i32, wanted: usize) -> (Placement, Option<Arc<Pipe>>) {
-        let opening = self.opening(dc);
+    /// Where a part for `dc` goes now (see [`place`]), with its place on the connection to
+    /// take: taken under the same lock as the loads were read, so two parts placed at once
+    /// never both see the same room.
+    fn place(&self, dc: i32, wanted: usize) -> (Placement, Option<Seat>) {
         let mut by_dc = self.by_dc.lock().unwrap();
-        let pipes = by_dc.entry(dc).or_default();
-        pipes.retain(|p| !p.is_closed());
-        let loads: Vec<usize> = pipes.iter().map(|p| p.load()).collect();
-        let placement = place(&loads, wanted, opening);
-        let pipe = match placement {
-            Placement::Take(i) | Placement::Busy(i) => Some(pipes[i].clone()),
+        let dc = by_dc.entry(dc).or_default();
+        dc.open.retain(|p| !p.is_closed());
+        let loads: Vec<usize> = dc.open.iter().map(|p| p.load()).collect();
+        let placement = place(&loads, wanted, dc.opening);
+        let seat = match placement {
+            Placement::Take(i) | Placement::Busy(i) => Some(Pipe::seat(&dc.open[i])),
             Placement::Wait | Placement::Open => None,
         };
-        (placement, pipe)
+        (placement, seat)
     }
 
     /// Counts one more connection to `dc` as opening, unless those open and opening already
     /// make `wanted`.
     fn start_opening(&self, dc: i32, wanted: usize) -> bool {
-        let open = self
-            .by_dc
-            .lock()
-            .unwrap()
-            .get(&dc)
-            .map_or(0, |p| p.iter().filter(|p| !p.is_closed()).count());
-        let mut opening_now = self.opening_now.lock().unwrap();
-        let opening = opening_now.entry(dc).or_default();
-        if open + *opening >= wanted {
+        let mut by_dc = self.by_dc.lock().unwrap();
+        let dc = by_dc.entry(dc).or_default();
+        let open = dc.open.iter().filter(|p| !p.is_closed()).count();
+        if open + dc.opening >= wanted {
             return false;
         }
-        *opening += 1;
+        dc.opening += 1;
         true
     }
 
     /// One connection to `dc` finished opening (or failed to).
     fn done_opening(&self, dc: i32) {
         {
-            let mut opening_now = self.opening_now.lock().unwrap();
-            let opening = opening_now.entry(dc).or_default();
-            *opening = opening.saturating_sub(1);
+            let mut by_dc = self.by_dc.lock().unwrap();
+            let dc = by_dc.entry(dc).or_default();
+            dc.opening = dc.opening.saturating_sub(1);
         }
         self.changed.notify_waiters();
     }
 
-    fn opening(&self, dc: i32) -> usize {
-        self.opening_now
-            .lock()
-            .unwrap()
-            .get(&dc)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn add(&self, dc: i32, pipe: Arc<Pipe>) {
-        self.by_dc.lock().unwrap().entry(dc).or_default().push(pipe);
+    /// Adds a newly opened connection to `dc`; with `seated`, takes the first place on it
+    /// for the part that opened it before any other part can see it.
+    fn add(&self, dc: i32, pipe: Arc<Pipe>, seated: bool) -> Option<Seat> {
+        let mut by_dc = self.by_dc.lock().unwrap();
+        let seat = seated.then(|| Pipe::seat(&pipe));
+        by_dc.entry(dc).or_default().open.push(pipe);
+        seat
     }
 
     /// Stops giving `pipe` new parts (it timed out and may be wedged); the parts already on
     /// it finish or fail there.
     fn retire(&self, dc: i32, pipe: &Arc<Pipe>) {
-        if let Some(pipes) = self.by_dc.lock().unwrap().get_mut(&dc) {
-            pipes.retain(|p| !Arc::ptr_eq(p, pipe));
+        if let Some(dc) = self.by_dc.lock().unwrap().get_mut(&dc) {
+            dc.open.retain(|p| !Arc::ptr_eq(p, pipe));
         }
     }
 }
@@ -189,10 +191,11 @@ impl Inner {
         body: &Body,
         bytes: u64,
     ) -> Result<Vec<u8>, Failure> {
-        let pipe = self.pipe_for(dc).await?;
-        self.sched.note_part_sent(pipe.load() + 1);
+        let seat = self.pipe_for(dc).await?;
+        self.sched.note_part_sent(seat.load_when_taken());
+        let pipe = seat.pipe().clone();
         let started = Instant::now();
-        match timeout(self.cfg.request_timeout, pipe.call(body.clone())).await {
+        match timeout(self.cfg.request_timeout, seat.call(body.clone())).await {
             Ok(Ok(answer)) => {
                 self.sched.transfer_ok(bytes, started.elapsed());
                 Ok(answer)
@@ -229,7 +232,7 @@ impl Inner {
     /// window doubles every round trip: so connections open for the parts transfers have
     /// announced (within the window's bound), all at once, or they would trail the window
     /// (see [`super::scheduler::Scheduler::parts_wanted`]).
-    async fn pipe_for(self: &Arc<Self>, dc: i32) -> Result<Arc<Pipe>, Failure> {
+    async fn pipe_for(self: &Arc<Self>, dc: i32) -> Result<Seat, Failure> {
         self.refresh_salts_if_unknown(dc);
         // A part asks for connections once; if it wakes to find none open and none opening
         // (they failed), it opens one itself, which reports the failure to the retry policy.
@@ -250,20 +253,21 @@ impl Inner {
                     changed.await;
                     waited = true;
                 }
-                (_, Some(pipe)) => return Ok(pipe),
+                (_, Some(seat)) => return Ok(seat),
                 (_, None) => return self.open_here(dc).await,
             }
         }
     }
 
     /// Opens a connection to `dc` for the calling part, counted as opening meanwhile.
-    async fn open_here(&self, dc: i32) -> Result<Arc<Pipe>, Failure> {
+    async fn open_here(&self, dc: i32) -> Result<Seat, Failure> {
         self.pipes.start_opening(dc, usize::MAX);
         let _counted = Opening {
             pipes: &self.pipes,
             dc,
         };
-        self.open_and_add(dc).await
+        let seat = self.open_and_add(dc, true).await?;
+        Ok(seat.expect("a seated connection"))
     }
 
     /// With no salt of `dc` known (never fetched, run out, or refused), fetches them again in
@@ -303,7 +307,9 @@ impl Inner {
         }
     }
 
-    async fn open_and_add(&self, dc: i32) -> Result<Arc<Pipe>, Failure> {
+    /// Opens a connection to `dc` and adds it to those parts go on (with `seated`, with the
+    /// first place on it taken, see [`Pipes::add`]).
+    async fn open_and_add(&self, dc: i32, seated: bool) -> Result<Option<Seat>, Failure> {
         let pipe = match timeout(self.cfg.request_timeout, self.open_pipe(dc)).await {
             Ok(r) => Arc::new(r?),
             Err(_) => {
@@ -313,8 +319,7 @@ impl Inner {
             }
         };
         self.sched.note_part_connection();
-        self.pipes.add(dc, pipe.clone());
-        Ok(pipe)
+        Ok(self.pipes.add(dc, pipe, seated))
     }
 
     /// Opens connections to `dc` in the background until those open and opening make `wanted`
@@ -329,7 +334,7 @@ impl Inner {
                     pipes: &me.pipes,
                     dc,
                 };
-                let why = match me.open_and_add(dc).await {
+                let why = match me.open_and_add(dc, false).await {
                     Ok(_) => None,
                     Err(Failure::Again(why)) => Some(why),
                     Err(Failure::Fatal(e)) => Some(e.to_string()),
@@ -420,5 +425,91 @@ mod tests {
         // Nothing opening (they failed): a busy one, or open one.
         assert_eq!(place(&[4, 5], 4, 0), Placement::Busy(0));
         assert_eq!(place(&[], 4, 0), Placement::Open);
+    }
+
+    /// Two connections to a listener that never answers, as part connections of one data
+    /// centre.
+    async fn two_idle_pipes() -> (Pipes, tokio::net::TcpListener) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pipes = Pipes::default();
+        for _ in 0..2 {
+            let pipe = Pipe::connect(2, addr, [7; 256], Vec::new(), pipes.salts.clone(), false)
+                .await
+                .unwrap();
+            pipes.add(2, Arc::new(pipe), false);
+        }
+        (pipes, listener)
+    }
+
+    #[tokio::test]
+    async fn connections_open_only_until_open_and_opening_make_those_wanted() {
+        let (pipes, _listener) = two_idle_pipes().await;
+        assert!(pipes.start_opening(2, 4));
+        assert!(pipes.start_opening(2, 4));
+        assert!(
+            !pipes.start_opening(2, 4),
+            "two open and two opening make four"
+        );
+        // One finishes: added first, counted as opening until its guard drops, so that a look
+        // at both in between counts it twice rather than not at all.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pipe = Pipe::connect(2, addr, [7; 256], Vec::new(), pipes.salts.clone(), false)
+            .await
+            .unwrap();
+        pipes.add(2, Arc::new(pipe), false);
+        assert!(!pipes.start_opening(2, 4));
+        pipes.done_opening(2);
+        assert!(!pipes.start_opening(2, 4), "three open and one opening");
+        pipes.done_opening(2);
+        assert!(
+            pipes.start_opening(2, 4),
+            "three open, none opening: one more"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_part_placed_counts_on_its_connection_before_it_is_sent() {
+        // Parts placed one after the other, none sent yet: each sees the places taken before
+        // it. (When the count began only at sending, two parts placed at once could both see
+        // room on one connection: five parts on a connection of four in CI.)
+        let (pipes, _listener) = two_idle_pipes().await;
+        let mut seats = Vec::new();
+        for _ in 0..8 {
+            let (placement, seat) = pipes.place(2, 2);
+            assert!(matches!(placement, Placement::Take(_)), "{placement:?}");
+            seats.push(seat.unwrap());
+        }
+        let mut loads: Vec<usize> = seats.iter().map(|s| s.load_when_taken()).collect();
+        loads.sort();
+        assert_eq!(
+            loads,
+            [1, 1, 2, 2, 3, 3, 4, 4],
+            "spread over both, one at a time"
+        );
+        // A ninth part: both are full and no more are wanted, so the least loaded takes it.
+        let (placement, _ninth) = pipes.place(2, 2);
+        assert!(matches!(placement, Placement::Take(_)), "{placement:?}");
+        // A place given up frees its room.
+        drop(seats.pop());
+        drop(seats.pop());
+        let (_, seat) = pipes.place(2, 2);
+        assert!(seat.unwrap().load_when_taken() <= 4);
+        // A connection that opened for a part comes with that part's place already taken.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pipe = Pipe::connect(
+            2,
+            listener.local_addr().unwrap(),
+            [7; 256],
+            Vec::new(),
+            pipes.salts.clone(),
+            false,
+        )
+        .await
+        .unwrap();
+        let first = pipes.add(2, Arc::new(pipe), true).unwrap();
+        assert_eq!(first.load_when_taken(), 1);
+        assert_eq!(first.pipe().load(), 1);
     }
 }
