@@ -70,8 +70,14 @@ pub struct ReadTarget {
 struct Health {
     /// Bytes assigned to the lane and not stored yet.
     queued: u64,
-    /// Bytes per second its finished uploads achieved (moving average).
+    /// Bytes per second the lane moves (moving average of its finished uploads, each
+    /// weighed by the uploads it shared the lane with, see [`Health::upload_ended`]).
     rate: Option<f64>,
+    /// Uploads in flight now, and the upload-seconds they have spent so far (the time
+    /// integral of that count, brought up to date at each start and end).
+    uploading: usize,
+    upload_seconds: f64,
+    counted_to: Option<Instant>,
     /// The backend's push-back counters when last looked at.
     seen: Pushback,
     /// FLOOD_WAITs seen within the recovery window.
@@ -82,6 +88,86 @@ struct Health {
     failed: Option<(Instant, String)>,
     /// The seeds (the wrapped keys) this process has stored in, or found in, this lane.
     seeded: std::collections::HashSet<String>,
+}
+
+impl Health {
+    /// Brings the upload-seconds up to `now`.
+    fn count_to(&mut self, now: Instant) {
+        if let Some(from) = self.counted_to {
+            self.upload_seconds += self.uploading as f64 * now.duration_since(from).as_secs_f64();
+        }
+        self.counted_to = Some(now);
+    }
+
+    /// An upload starts: returns its start and the upload-seconds so far.
+    fn upload_started(&mut self, now: Instant) -> (Instant, f64) {
+        self.count_to(now);
+        self.uploading += 1;
+        (now, self.upload_seconds)
+    }
+
+    /// An upload of `size` bytes that started at `start` (see [`Health::upload_started`])
+    /// ended; with `ok`, it tells the lane's rate. Alone on the lane it took `took`: the lane
+    /// moved `size` in that time. Beside others (a lane uploads several packs at once, and
+    /// they share its link), it took longer for the same bytes because the lane was moving
+    /// theirs too: the lane's rate is its own times the uploads it had beside it on average,
+    /// or a lane taking two at a time would look half as fast as it is, and get half the
+    /// work it should.
+    fn upload_ended(
+        &mut self,
+        now: Instant,
+        (start, seconds_at_start): (Instant, f64),
+        size: u64,
+        ok: bool,
+    ) {
+        self.count_to(now);
+        self.uploading = self.uploading.saturating_sub(1);
+        if !ok {
+            return;
+        }
+        let took = now.duration_since(start).as_secs_f64().max(1e-3);
+        let sharing = ((self.upload_seconds - seconds_at_start) / took).max(1.0);
+        let sample = size as f64 * sharing / took;
+        self.rate = Some(self.rate.map_or(sample, |r| r * 0.7 + sample * 0.3));
+    }
+}
+
+/// An upload counted on its lane (see [`Health::upload_started`]) until it ends, however it
+/// ends (a dropped upload too).
+struct Uploading<'a> {
+    health: &'a Mutex<Health>,
+    start: Option<(Instant, f64)>,
+}
+
+impl<'a> Uploading<'a> {
+    fn start(health: &'a Mutex<Health>) -> Uploading<'a> {
+        let start = health.lock().unwrap().upload_started(Instant::now());
+        Uploading {
+            health,
+            start: Some(start),
+        }
+    }
+
+    /// The upload of `size` bytes went through: the lane learns its rate from it.
+    fn succeeded(mut self, size: u64) {
+        if let Some(start) = self.start.take() {
+            self.health
+                .lock()
+                .unwrap()
+                .upload_ended(Instant::now(), start, size, true);
+        }
+    }
+}
+
+impl Drop for Uploading<'_> {
+    fn drop(&mut self) {
+        if let Some(start) = self.start.take() {
+            self.health
+                .lock()
+                .unwrap()
+                .upload_ended(Instant::now(), start, 0, false);
+        }
+    }
 }
 
 /// One backend of a [`Lanes`] store.
@@ -304,23 +390,22 @@ impl Lane {
         size: u64,
         seeds: &[(String, Vec<u8>)],
     ) -> Result<Location, StorageError> {
-        let result: Result<(Location, Duration), StorageError> = async {
+        let result: Result<Location, StorageError> = async {
             let b = self.backend().await?;
             self.ensure_seed(&b, seeds).await?;
-            let started = Instant::now();
+            let uploading = Uploading::start(&self.health);
             let loc = with_retry(&format!("uploading {name} to lane {}", self.name), || {
                 b.put_file(name, path)
             })
             .await?;
-            Ok((loc, started.elapsed()))
+            uploading.succeeded(size);
+            Ok(loc)
         }
         .await;
         let mut h = self.health.lock().unwrap();
         h.queued = h.queued.saturating_sub(size);
         match result {
-            Ok((loc, took)) => {
-                let sample = size as f64 / took.as_secs_f64().max(1e-3);
-                h.rate = Some(h.rate.map_or(sample, |r| r * 0.7 + sample * 0.3));
+            Ok(loc) => {
                 h.failed = None;
                 Ok(loc)
             }
@@ -1349,5 +1434,38 @@ mod tests {
             .to_string();
         assert!(e.contains("2 copies need at least 2 lanes"), "{e}");
         assert!(e.contains("STORINATOR_COPIES"), "{e}");
+    }
+
+    /// Two lanes that each move 1 MB/s: one uploads its packs one at a time, the other two at
+    /// a time (each then at half the speed). Both are measured at 1 MB/s; measured per upload,
+    /// the second looked half as fast and got half the work it should.
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_uploading_several_at_once_is_measured_at_its_whole_rate() {
+        let step = Duration::from_secs(1);
+        let serial = Mutex::new(Health::default());
+        for _ in 0..3 {
+            let u = Uploading::start(&serial);
+            tokio::time::advance(step).await;
+            u.succeeded(1_000_000);
+        }
+        let parallel = Mutex::new(Health::default());
+        for _ in 0..3 {
+            let (a, b) = (Uploading::start(&parallel), Uploading::start(&parallel));
+            tokio::time::advance(step * 2).await;
+            a.succeeded(1_000_000);
+            b.succeeded(1_000_000);
+        }
+        for h in [&serial, &parallel] {
+            let rate = h.lock().unwrap().rate.unwrap();
+            assert!((rate - 1e6).abs() < 1.0, "{rate}");
+        }
+        // An upload that fails or is dropped stops counting, and tells nothing of the rate.
+        {
+            let _dropped = Uploading::start(&parallel);
+            tokio::time::advance(step * 10).await;
+        }
+        let h = parallel.lock().unwrap();
+        assert_eq!(h.uploading, 0);
+        assert!((h.rate.unwrap() - 1e6).abs() < 1.0);
     }
 }
