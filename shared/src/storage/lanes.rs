@@ -71,7 +71,7 @@ struct Health {
     /// Bytes assigned to the lane and not stored yet.
     queued: u64,
     /// Bytes per second the lane moves (moving average of its finished uploads, each
-    /// weighed by the uploads it shared the lane with, see [`Health::upload_ended`]).
+    /// scaled by the uploads it shared the lane with, see [`Health::upload_ended`]).
     rate: Option<f64>,
     /// Uploads in flight now, and the upload-seconds they have spent so far (the time
     /// integral of that count, brought up to date at each start and end).
@@ -112,7 +112,9 @@ impl Health {
     /// they share its link), it took longer for the same bytes because the lane was moving
     /// theirs too: the lane's rate is its own times the uploads it had beside it on average,
     /// or a lane taking two at a time would look half as fast as it is, and get half the
-    /// work it should.
+    /// work it should. An upload asleep in a retry's backoff or a flood wait counts as
+    /// sharing too, so a lane being pushed back is measured a little fast; such a lane's
+    /// share is cut anyway (see [`Lane::share`]).
     fn upload_ended(
         &mut self,
         now: Instant,
