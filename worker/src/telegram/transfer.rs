@@ -130,11 +130,22 @@ impl Pipes {
         self.changed.notify_waiters();
     }
 
-    /// Adds a newly opened connection to `dc`; with `seated`, takes the first place on it
-    /// for the part that opened it before any other part can see it.
-    fn add(&self, dc: i32, pipe: Arc<Pipe>, seated: bool) -> Option<Seat> {
+    /// Adds a newly opened connection to `dc`.
+    fn add(&self, dc: i32, pipe: Arc<Pipe>) {
+        self.by_dc
+            .lock()
+            .unwrap()
+            .entry(dc)
+            .or_default()
+            .open
+            .push(pipe);
+    }
+
+    /// Adds a connection a part opened for itself, with that part's place on it taken before
+    /// any other part can see it.
+    fn add_seated(&self, dc: i32, pipe: Arc<Pipe>) -> Seat {
         let mut by_dc = self.by_dc.lock().unwrap();
-        let seat = seated.then(|| Pipe::seat(&pipe));
+        let seat = Pipe::seat(&pipe);
         by_dc.entry(dc).or_default().open.push(pipe);
         seat
     }
@@ -269,8 +280,8 @@ impl Inner {
             pipes: &self.pipes,
             dc,
         };
-        let seat = self.open_and_add(dc, true).await?;
-        Ok(seat.expect("a seated connection"))
+        let pipe = self.open_counted(dc).await?;
+        Ok(self.pipes.add_seated(dc, pipe))
     }
 
     /// With no salt of `dc` known (never fetched, run out, or refused), fetches them again in
@@ -310,9 +321,8 @@ impl Inner {
         }
     }
 
-    /// Opens a connection to `dc` and adds it to those parts go on (with `seated`, with the
-    /// first place on it taken, see [`Pipes::add`]).
-    async fn open_and_add(&self, dc: i32, seated: bool) -> Result<Option<Seat>, Failure> {
+    /// Opens a connection to `dc` for parts, counted in the statistics.
+    async fn open_counted(&self, dc: i32) -> Result<Arc<Pipe>, Failure> {
         let pipe = match timeout(self.cfg.request_timeout, self.open_pipe(dc)).await {
             Ok(r) => Arc::new(r?),
             Err(_) => {
@@ -322,7 +332,7 @@ impl Inner {
             }
         };
         self.sched.note_part_connection();
-        Ok(self.pipes.add(dc, pipe, seated))
+        Ok(pipe)
     }
 
     /// Opens connections to `dc` in the background until those open and opening make `wanted`
@@ -337,8 +347,11 @@ impl Inner {
                     pipes: &me.pipes,
                     dc,
                 };
-                let why = match me.open_and_add(dc, false).await {
-                    Ok(_) => None,
+                let why = match me.open_counted(dc).await {
+                    Ok(pipe) => {
+                        me.pipes.add(dc, pipe);
+                        None
+                    }
                     Err(Failure::Again(why)) => Some(why),
                     Err(Failure::Fatal(e)) => Some(e.to_string()),
                     Err(Failure::Rpc(e)) => Some(errors::describe(&e)),
@@ -430,19 +443,27 @@ mod tests {
         assert_eq!(place(&[], 4, 0), Placement::Open);
     }
 
-    /// Two connections to a listener that never answers, as part connections of one data
-    /// centre.
-    async fn two_idle_pipes() -> (Pipes, tokio::net::TcpListener) {
+    /// A connection to a listener that never answers (kept alive beside it), as a part
+    /// connection of data centre 2.
+    async fn idle_pipe(pipes: &Pipes) -> (Arc<Pipe>, tokio::net::TcpListener) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let pipe = Pipe::connect(2, addr, [7; 256], Vec::new(), pipes.salts.clone(), false)
+            .await
+            .unwrap();
+        (Arc::new(pipe), listener)
+    }
+
+    /// Two idle part connections of data centre 2, added to a pool.
+    async fn two_idle_pipes() -> (Pipes, Vec<tokio::net::TcpListener>) {
         let pipes = Pipes::default();
+        let mut listeners = Vec::new();
         for _ in 0..2 {
-            let pipe = Pipe::connect(2, addr, [7; 256], Vec::new(), pipes.salts.clone(), false)
-                .await
-                .unwrap();
-            pipes.add(2, Arc::new(pipe), false);
+            let (pipe, listener) = idle_pipe(&pipes).await;
+            pipes.add(2, pipe);
+            listeners.push(listener);
         }
-        (pipes, listener)
+        (pipes, listeners)
     }
 
     #[tokio::test]
@@ -458,12 +479,8 @@ mod tests {
         // at both in between counts it twice rather than not at all. (This checks the counting
         // rule; the race it guards against, a connection finishing between two reads under two
         // locks, is ruled out by the one lock and has no deterministic test here.)
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let pipe = Pipe::connect(2, addr, [7; 256], Vec::new(), pipes.salts.clone(), false)
-            .await
-            .unwrap();
-        pipes.add(2, Arc::new(pipe), false);
+        let (pipe, _third) = idle_pipe(&pipes).await;
+        pipes.add(2, pipe);
         assert!(!pipes.start_opening(2, 4));
         pipes.done_opening(2);
         assert!(!pipes.start_opening(2, 4), "three open and one opening");
@@ -502,18 +519,8 @@ mod tests {
         let (_, seat) = pipes.place(2, 2);
         assert!(seat.unwrap().load_when_taken() <= 4);
         // A connection that opened for a part comes with that part's place already taken.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pipe = Pipe::connect(
-            2,
-            listener.local_addr().unwrap(),
-            [7; 256],
-            Vec::new(),
-            pipes.salts.clone(),
-            false,
-        )
-        .await
-        .unwrap();
-        let first = pipes.add(2, Arc::new(pipe), true).unwrap();
+        let (pipe, _third) = idle_pipe(&pipes).await;
+        let first = pipes.add_seated(2, pipe);
         assert_eq!(first.load_when_taken(), 1);
         assert_eq!(first.pipe().load(), 1);
     }
